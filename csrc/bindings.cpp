@@ -1,0 +1,85 @@
+// The one Python module, dgemma._C. Each domain registers its functions; tensors arrive as any
+// object with torch's tensor attributes and are turned into TensorArg here, so no libtorch is linked.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "ops/info.h"
+#include "ops/norm.h"
+#include "ops/tensor_arg.h"
+
+namespace py = pybind11;
+
+namespace dgemma {
+namespace {
+
+DType parse_dtype(const std::string& s) {
+  if (s == "torch.float32") return DType::kFloat32;
+  if (s == "torch.bfloat16") return DType::kBFloat16;
+  if (s == "torch.float16") return DType::kFloat16;
+  if (s == "torch.float8_e4m3fn") return DType::kFloat8E4M3;
+  if (s == "torch.int32") return DType::kInt32;
+  if (s == "torch.int64") return DType::kInt64;
+  if (s == "torch.uint8") return DType::kUInt8;
+  if (s == "torch.bool") return DType::kBool;
+  return DType::kOther;
+}
+
+TensorArg to_arg(const py::handle& t, const char* name) {
+  if (!py::hasattr(t, "data_ptr") || !py::hasattr(t, "stride"))
+    throw std::invalid_argument(std::string(name) + " must be a torch.Tensor, got " +
+                                py::str(py::type::of(t)).cast<std::string>());
+  TensorArg a;
+  a.name = name;
+  a.data = reinterpret_cast<void*>(t.attr("data_ptr")().cast<std::uintptr_t>());
+  a.dtype = parse_dtype(py::str(t.attr("dtype")).cast<std::string>());
+  a.shape = t.attr("shape").cast<std::vector<int64_t>>();
+  a.strides = t.attr("stride")().cast<std::vector<int64_t>>();
+  py::object dev = t.attr("device");
+  a.device = dev.attr("type").cast<std::string>() == "cuda" ? dev.attr("index").cast<int>() : -1;
+  return a;
+}
+
+void register_info(py::module_& m) {
+  m.def("version", [] { return std::string(DGEMMA_VERSION); }, "Version of the compiled extension.");
+  m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled into this build.");
+  m.def("cuda_runtime_version", &cuda_runtime_version,
+        "CUDART_VERSION the extension was compiled against (e.g. 13000), 0 without CUDA.");
+  m.def(
+      "device_capability",
+      [](int device) {
+        DeviceCapability c = device_capability(device);
+        return py::make_tuple(c.major, c.minor, c.multiprocessors);
+      },
+      py::arg("device") = 0, "(major, minor, multiprocessor count) of a CUDA device.");
+}
+
+#ifdef DGEMMA_WITH_CUDA
+void register_norm(py::module_& m) {
+  m.def(
+      "rms_norm",
+      [](py::handle x, py::handle weight, py::handle out, double eps, std::uintptr_t stream) {
+        TensorArg xa = to_arg(x, "x");
+        TensorArg ya = to_arg(out, "out");
+        if (weight.is_none()) {
+          rms_norm(xa, nullptr, ya, eps, stream);
+        } else {
+          TensorArg wa = to_arg(weight, "weight");
+          rms_norm(xa, &wa, ya, eps, stream);
+        }
+      },
+      py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("eps"), py::arg("stream"));
+}
+#endif
+
+}  // namespace
+}  // namespace dgemma
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dgemma compiled kernels";
+  dgemma::register_info(m);
+#ifdef DGEMMA_WITH_CUDA
+  dgemma::register_norm(m);
+#endif
+}

@@ -1,0 +1,69 @@
+// RMSNorm over the last dimension: y = x * (mean(x^2) + eps)^-1/2 [* w], computed in fp32 and
+// rounded once to the output type. Covers the model's three variants: weighted (layer norms,
+// q/k norms), weightless (v_norm, router norm, self-conditioning post-norm) via weight == nullptr.
+// Torch-free: raw pointers and a stream; the launcher in csrc/ops validates every argument.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dgemma::kernels {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// NOTE: one warp per row. Rows are short (head_dim 256/512, hidden 2816), so a warp covers a row
+// in at most ~90 elements per lane; the second pass re-reads the row from L1.
+constexpr int kRmsNormWarpsPerBlock = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
+    rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ y, int64_t rows,
+                    int dim, int64_t x_row_stride, int64_t y_row_stride, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRmsNormWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const T* xr = x + row * x_row_stride;
+  T* yr = y + row * y_row_stride;
+
+  float sum_sq = 0.f;
+  for (int i = lane; i < dim; i += 32) {
+    const float v = to_float(xr[i]);
+    sum_sq = fmaf(v, v, sum_sq);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+
+  // Same formula as the reference: (mean + eps)^-0.5, not rsqrt of a differently rounded value.
+  const float inv_rms = rsqrtf(sum_sq / static_cast<float>(dim) + eps);
+  for (int i = lane; i < dim; i += 32) {
+    float v = to_float(xr[i]) * inv_rms;
+    if (weight != nullptr) v *= to_float(weight[i]);
+    yr[i] = from_float<T>(v);
+  }
+}
+
+template <typename T>
+cudaError_t rms_norm(const T* x, const T* weight, T* y, int64_t rows, int dim, int64_t x_row_stride,
+                     int64_t y_row_stride, float eps, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  const int64_t blocks = (rows + kRmsNormWarpsPerBlock - 1) / kRmsNormWarpsPerBlock;
+  rms_norm_kernel<T><<<static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream>>>(
+      x, weight, y, rows, dim, x_row_stride, y_row_stride, eps);
+  return cudaGetLastError();
+}
+
+}  // namespace dgemma::kernels
