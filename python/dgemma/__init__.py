@@ -1,1 +1,11 @@
+"""dgemma: fast inference for DiffusionGemma, Google's block-diffusion Mixture-of-Experts model."""
+
+from .cache import KVCache
+from .config import ModelConfig
+from .engine import Engine, load
+from .errors import BackendUnavailableError, CheckpointError, ConfigError, DgemmaError
+
 __version__ = "0.1.0"
+
+__all__ = ["BackendUnavailableError", "CheckpointError", "ConfigError", "DgemmaError", "Engine", "KVCache",
+           "ModelConfig", "__version__", "load"]

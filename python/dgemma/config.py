@@ -1,0 +1,253 @@
+"""Model configuration, read from a checkpoint's ``config.json`` (the single source of model facts)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+MODEL_TYPE = "diffusion_gemma"
+
+
+@dataclass(frozen=True, slots=True)
+class RopeSpec:
+    """Rotary embedding of one layer type.
+
+    ``kind`` is ``"default"`` (all of head_dim rotates) or ``"proportional"`` (the first
+    ``partial_rotary_factor`` of each half rotates with frequencies spaced over the *whole* head_dim;
+    the rest keep frequency 0, i.e. pass through unrotated).
+    """
+
+    kind: str
+    theta: float
+    partial_rotary_factor: float = 1.0
+    factor: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSpec:
+    index: int
+    kind: str  # SLIDING or FULL
+    head_dim: int
+    num_kv_heads: int
+    rope: RopeSpec
+    window: int | None  # attention window (keys a causal query sees, itself included); None for full layers
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.kind == SLIDING
+
+    @property
+    def k_eq_v(self) -> bool:
+        """Full layers have no v_proj: V = v_norm(k_proj(x)) while K = rope(k_norm(k_proj(x)))."""
+        return not self.is_sliding
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    final_logit_softcapping: float
+    canvas_length: int
+    layers: tuple[LayerSpec, ...]
+    pad_token_id: int | None
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def embed_scale(self) -> float:
+        return self.hidden_size**0.5
+
+    @property
+    def sliding_window(self) -> int | None:
+        return next((spec.window for spec in self.layers if spec.is_sliding), None)
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, source: str = "config") -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        model_type = raw.get("model_type")
+        if model_type != MODEL_TYPE:
+            raise ConfigError(f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r}")
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: missing 'text_config' object")
+        return _parse_text_config(text, raw, source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(raw, source=path)
+
+
+def _get(d: dict, key: str, source: str, kind: type | tuple, default=None, required: bool = True):
+    if key not in d or d[key] is None:
+        if default is not None or not required:
+            return default
+        raise ConfigError(f"{source}: text_config.{key} is missing")
+    v = d[key]
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise ConfigError(f"{source}: text_config.{key} = {v!r}, expected an integer")
+    if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        raise ConfigError(f"{source}: text_config.{key} = {v!r}, expected a finite number")
+    return float(v) if kind is float else v
+
+
+def _positive(v: int, key: str, source: str) -> int:
+    if v <= 0:
+        raise ConfigError(f"{source}: text_config.{key} = {v}, expected a positive integer")
+    return v
+
+
+def _parse_rope(params: dict | None, layer_type: str, source: str) -> RopeSpec:
+    defaults = {
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+        FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+    }
+    p = (params or defaults).get(layer_type)
+    if not isinstance(p, dict):
+        raise ConfigError(f"{source}: text_config.rope_parameters has no entry for {layer_type!r}")
+    kind = p.get("rope_type", "default")
+    if kind not in ("default", "proportional"):
+        raise ConfigError(
+            f"{source}: rope_type {kind!r} for {layer_type} is not supported (expected 'default' or 'proportional')"
+        )
+    theta = p.get("rope_theta")
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise ConfigError(f"{source}: rope_theta for {layer_type} = {theta!r}, expected a positive number")
+    partial = float(p.get("partial_rotary_factor", 1.0))
+    if not 0.0 < partial <= 1.0:
+        raise ConfigError(f"{source}: partial_rotary_factor for {layer_type} = {partial}, expected (0, 1]")
+    if kind == "default" and partial != 1.0:
+        raise ConfigError(f"{source}: partial rotary ({partial}) is only supported with rope_type 'proportional'")
+    factor = float(p.get("factor", 1.0))
+    if factor <= 0:
+        raise ConfigError(f"{source}: rope factor for {layer_type} = {factor}, expected a positive number")
+    return RopeSpec(kind=kind, theta=float(theta), partial_rotary_factor=partial, factor=factor)
+
+
+def _parse_text_config(t: dict, outer: dict, source: str) -> ModelConfig:
+    ints = {}
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "num_experts", "top_k_experts", "moe_intermediate_size"):
+        ints[key] = _positive(_get(t, key, source, int), key, source)
+    max_pos = _positive(_get(t, "max_position_embeddings", source, int, default=131_072), "max_position_embeddings",
+                        source)
+    eps = _get(t, "rms_norm_eps", source, float, default=1e-6)
+    if eps <= 0:
+        raise ConfigError(f"{source}: text_config.rms_norm_eps = {eps}, expected a positive number")
+    softcap = _get(t, "final_logit_softcapping", source, float, default=30.0)
+    if softcap <= 0:
+        raise ConfigError(f"{source}: text_config.final_logit_softcapping = {softcap}, expected a positive number")
+    act = t.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ConfigError(f"{source}: hidden_activation {act!r} is not supported (expected 'gelu_pytorch_tanh')")
+    if t.get("attention_bias"):
+        raise ConfigError(f"{source}: attention_bias = true is not supported (DiffusionGemma has no biases)")
+    bidir = t.get("use_bidirectional_attention")
+    if bidir not in (None, "vision"):
+        raise ConfigError(
+            f"{source}: use_bidirectional_attention = {bidir!r} is not supported (expected null or 'vision')"
+        )
+    if not outer.get("tie_word_embeddings", True) or not t.get("tie_word_embeddings", True):
+        raise ConfigError(f"{source}: tie_word_embeddings = false is not supported (lm_head is the embedding)")
+
+    n_layers = ints["num_hidden_layers"]
+    n_heads = ints["num_attention_heads"]
+    if ints["top_k_experts"] > ints["num_experts"]:
+        raise ConfigError(
+            f"{source}: top_k_experts = {ints['top_k_experts']} exceeds num_experts = {ints['num_experts']}"
+        )
+    layer_types = t.get("layer_types")
+    if layer_types is None:
+        layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers:
+        raise ConfigError(f"{source}: layer_types must list {n_layers} entries (num_hidden_layers)")
+    for i, lt in enumerate(layer_types):
+        if lt not in (SLIDING, FULL):
+            raise ConfigError(f"{source}: layer_types[{i}] = {lt!r}, expected {SLIDING!r} or {FULL!r}")
+    # NOTE: transformers forces the last layer to full attention; we follow it so logits agree.
+    layer_types = list(layer_types[:-1]) + [FULL]
+
+    window = None
+    if SLIDING in layer_types:
+        window = _get(t, "sliding_window", source, int)
+        if window < 2:
+            raise ConfigError(f"{source}: text_config.sliding_window = {window}, expected at least 2")
+
+    per_layer = _per_layer_overrides(t, layer_types, ints["num_key_value_heads"], source)
+    rope_params = t.get("rope_parameters")
+    ropes = {lt: _parse_rope(rope_params, lt, source) for lt in set(layer_types)}
+    specs = []
+    for i, lt in enumerate(layer_types):
+        over = per_layer.get(i, {})
+        head_dim = _positive(int(over.get("head_dim", ints["head_dim"])), f"per_layer_config.{i}.head_dim", source)
+        kv = _positive(int(over.get("num_key_value_heads", ints["num_key_value_heads"])),
+                       f"per_layer_config.{i}.num_key_value_heads", source)
+        if head_dim % 2:
+            raise ConfigError(f"{source}: layer {i} head_dim = {head_dim}, expected an even number (RoPE)")
+        if n_heads % kv:
+            raise ConfigError(
+                f"{source}: layer {i}: num_attention_heads = {n_heads} is not a multiple of its "
+                f"{kv} key/value heads"
+            )
+        specs.append(LayerSpec(index=i, kind=lt, head_dim=head_dim, num_kv_heads=kv, rope=ropes[lt],
+                               window=window if lt == SLIDING else None))
+
+    eos = t.get("eos_token_id", 1)
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    canvas = outer.get("canvas_length", 256)
+    if not isinstance(canvas, int) or canvas <= 0:
+        raise ConfigError(f"{source}: canvas_length = {canvas!r}, expected a positive integer")
+    return ModelConfig(
+        vocab_size=ints["vocab_size"], hidden_size=ints["hidden_size"], intermediate_size=ints["intermediate_size"],
+        num_layers=n_layers, num_heads=n_heads, num_experts=ints["num_experts"], top_k=ints["top_k_experts"],
+        moe_intermediate_size=ints["moe_intermediate_size"], rms_norm_eps=eps, max_position_embeddings=max_pos,
+        final_logit_softcapping=softcap, canvas_length=canvas, layers=tuple(specs),
+        pad_token_id=t.get("pad_token_id", 0), bos_token_id=t.get("bos_token_id", 2), eos_token_ids=eos_ids,
+    )
+
+
+def _per_layer_overrides(t: dict, layer_types: list[str], default_kv: int, source: str) -> dict[int, dict]:
+    """Head-dim / KV-head overrides of full-attention layers.
+
+    Checkpoints written by transformers carry ``per_layer_config`` ({"5": {"head_dim": 512, ...}});
+    hand-written ones may instead give ``global_head_dim`` / ``num_global_key_value_heads``.
+    """
+    plc = t.get("per_layer_config")
+    if plc is not None:
+        if not isinstance(plc, dict):
+            raise ConfigError(f"{source}: text_config.per_layer_config must be an object keyed by layer index")
+        out = {}
+        for k, v in plc.items():
+            try:
+                idx = int(k)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{source}: per_layer_config key {k!r} is not a layer index") from None
+            if not 0 <= idx < len(layer_types) or not isinstance(v, dict):
+                raise ConfigError(f"{source}: per_layer_config[{k!r}] does not name a layer with an object")
+            out[idx] = v
+        return out
+    head_dim = t.get("global_head_dim", 512)
+    kv = t.get("num_global_key_value_heads") or default_kv
+    return {i: {"head_dim": head_dim, "num_key_value_heads": kv} for i, lt in enumerate(layer_types) if lt == FULL}

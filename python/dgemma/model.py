@@ -1,0 +1,142 @@
+"""The DiffusionGemma text model, written against the ops interface.
+
+One set of layer weights serves both passes: the *encoder* runs causally over prompt tokens and
+committed canvases and writes the KV cache; the *decoder* runs bidirectionally over a canvas,
+attending to ``[cached prefix ; canvas]``, and never writes the cache. Only the layer scalars differ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache
+from .config import LayerSpec, ModelConfig
+from .ops import ReferenceOps
+from .rope import cos_sin, inverse_frequencies
+from .weights import AttentionWeights, LayerWeights, ModelWeights
+
+
+class DiffusionGemmaModel:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, ops: ReferenceOps):
+        self.cfg = cfg
+        self.w = weights
+        self.ops = ops
+        self.inv_freq = {spec.kind: inverse_frequencies(spec) for spec in cfg.layers}
+
+    # -- shared pieces -------------------------------------------------------------------------
+
+    def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {kind: cos_sin(inv, positions, dtype) for kind, inv in self.inv_freq.items()}
+
+    def _project_qkv(self, spec: LayerSpec, w: AttentionWeights, h: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, Hq, T, D], k and v [B, Hkv, T, D]: q/k RMSNorm (weighted) + RoPE, weightless v_norm."""
+        ops, eps = self.ops, self.cfg.rms_norm_eps
+        b, t, _ = h.shape
+        q = ops.linear(h, w.q_proj).view(b, t, -1, spec.head_dim)
+        q = ops.rope(ops.rms_norm(q, w.q_norm, eps), cos, sin)
+        k_raw = ops.linear(h, w.k_proj).view(b, t, -1, spec.head_dim)
+        v_raw = k_raw if w.v_proj is None else ops.linear(h, w.v_proj).view(b, t, -1, spec.head_dim)
+        k = ops.rope(ops.rms_norm(k_raw, w.k_norm, eps), cos, sin)
+        v = ops.rms_norm(v_raw, None, eps)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _feed_forward(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """post_ff_norm(post_mlp_norm(MLP(pre_ff_norm x)) + post_moe_norm(MoE(pre_moe_norm x, route(x))))."""
+        ops, eps, cfg = self.ops, self.cfg.rms_norm_eps, self.cfg
+        mlp = ops.gated_mlp(ops.rms_norm(x, w.pre_ff_norm, eps), w.mlp_gate, w.mlp_up, w.mlp_down)
+        mlp = ops.rms_norm(mlp, w.post_mlp_norm, eps)
+        flat = x.reshape(-1, x.shape[-1])
+        weights, ids = ops.route(flat, w.router_scale, w.router_proj, w.router_expert_scale, cfg.top_k, eps)
+        moe = ops.moe(ops.rms_norm(flat, w.pre_moe_norm, eps), ids, weights, w.experts_gate_up, w.experts_down)
+        moe = ops.rms_norm(moe.view_as(x), w.post_moe_norm, eps)
+        return ops.rms_norm(mlp + moe, w.post_ff_norm, eps)
+
+    def _layer(self, i: int, x: torch.Tensor, attend, scalar: torch.Tensor) -> torch.Tensor:
+        w, eps, ops = self.w.layers[i], self.cfg.rms_norm_eps, self.ops
+        attn = attend(i, ops.rms_norm(x, w.input_norm, eps))
+        x = x + ops.rms_norm(ops.linear(attn, w.attn.o_proj), w.post_attn_norm, eps)
+        x = x + self._feed_forward(w, x)
+        return x * scalar
+
+    # -- encoder -------------------------------------------------------------------------------
+
+    def encode(self, ids: torch.Tensor, cache: KVCache, token_mask: torch.Tensor | None = None) -> None:
+        """Run the causal encoder over ``ids`` [B, T] (positions continue the cache) and append their K/V.
+
+        ``token_mask`` [B, T] marks real tokens (False = padding never attended to). The caller has
+        validated shapes, ids and room; on return ``cache.length`` has grown by T.
+        """
+        b, t = ids.shape
+        start = cache.length
+        positions = torch.arange(start, start + t, device=ids.device)
+        ropes = self._rope_tables(positions[None], self.w.embed.dtype)
+        valid = cache.valid.clone()
+        valid[:, start:start + t] = True if token_mask is None else token_mask
+        x = self.ops.embed(ids, self.w.embed, self.cfg.embed_scale)
+        # NOTE: K/V are written only after every layer ran, so an interrupted call leaves the cache
+        # (in particular the sliding rings, which overwrite old slots) exactly as it was.
+        pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+        def attend(i: int, h: torch.Tensor) -> torch.Tensor:
+            spec = self.cfg.layers[i]
+            q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
+            past_k, past_v, past_pos = cache.read(i)
+            keys, values = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+            kpos = torch.cat((past_pos, positions))
+            mask = kpos[None, :] <= positions[:, None]
+            if spec.is_sliding:
+                mask &= kpos[None, :] > positions[:, None] - spec.window
+            mask = mask[None] & valid[:, kpos][:, None, :]
+            pending.append((i, k, v))
+            return self.ops.attention(q, keys, values, mask).reshape(b, t, -1)
+
+        last = len(self.w.layers) - 1
+        for i, lw in enumerate(self.w.layers[:-1]):
+            x = self._layer(i, x, attend, lw.encoder_scalar)
+        # Only the cache is kept from the encoder: the last layer contributes its K/V and nothing else.
+        spec = self.cfg.layers[last]
+        h = self.ops.rms_norm(x, self.w.layers[last].input_norm, self.cfg.rms_norm_eps)
+        _, k, v = self._project_qkv(spec, self.w.layers[last].attn, h, *ropes[spec.kind])
+        pending.append((last, k, v))
+        for i, k, v in pending:
+            cache.write(i, k, v, start)
+        cache.valid.copy_(valid)
+        cache.length = start + t
+
+    # -- decoder -------------------------------------------------------------------------------
+
+    def decoder_input(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None) -> torch.Tensor:
+        """post_norm(embed(canvas) + MLP_sc(pre_norm(soft))), soft = softmax(sc_logits) @ E * sqrt(H)."""
+        ops, w, eps = self.ops, self.w, self.cfg.rms_norm_eps
+        x = ops.embed(canvas, w.embed, self.cfg.embed_scale)
+        if sc_logits is not None:
+            soft = ops.soft_embedding(sc_logits, w.embed, self.cfg.embed_scale)
+            x = x + ops.gated_mlp(ops.rms_norm(soft, w.sc_pre_norm, eps), w.sc_gate, w.sc_up, w.sc_down)
+        # Without logits the signal is zeros, and the MLP of zeros is exactly zero: skip it.
+        return ops.rms_norm(x, None, eps)
+
+    def denoise(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None) -> torch.Tensor:
+        """fp32 softcapped logits [B, C, V] of the canvas; reads the cache, never writes it."""
+        b, c = canvas.shape
+        start = cache.length
+        positions = torch.arange(start, start + c, device=canvas.device)
+        ropes = self._rope_tables(positions[None], self.w.embed.dtype)
+        x = self.decoder_input(canvas, sc_logits)
+
+        def attend(i: int, h: torch.Tensor) -> torch.Tensor:
+            spec = self.cfg.layers[i]
+            q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
+            past_k, past_v, past_pos = cache.read(i)
+            keys, values = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+            past_valid = cache.valid[:, past_pos]
+            mask = None
+            if not bool(past_valid.all()):
+                canvas_valid = torch.ones(b, c, dtype=torch.bool, device=canvas.device)
+                mask = torch.cat((past_valid, canvas_valid), dim=1)[:, None, :].expand(b, c, -1)
+            return self.ops.attention(q, keys, values, mask).reshape(b, c, -1)
+
+        for i, lw in enumerate(self.w.layers):
+            x = self._layer(i, x, attend, lw.decoder_scalar)
+        h = self.ops.rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps)
+        return self.ops.lm_head_softcap(h, self.w.embed, self.cfg.final_logit_softcapping)

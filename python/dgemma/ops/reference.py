@@ -1,0 +1,104 @@
+"""PyTorch reference implementation of every op (the numerical oracle).
+
+Rounding follows the model's definition: norms, softmaxes and the router compute in fp32 and round
+once to the activation dtype; matmuls run in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class ReferenceOps:
+    name = "reference"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """x * (mean(x^2) + eps)^-1/2 [* weight] over the last dim; weight None = weightless variant."""
+        xf = x.float()
+        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+        if weight is not None:
+            y = y * weight.float()
+        return y.to(x.dtype)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+    def gated_mlp(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """down(gelu_tanh(gate(x)) * up(x))."""
+        return F.linear(F.gelu(F.linear(x, gate), approximate="tanh") * F.linear(x, up), down)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE on x [B, T, heads, D] with cos/sin [B|1, T, D]."""
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def embed(self, ids: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
+        """table[ids] * scale, with the scale rounded to the table dtype (sqrt(2816) is 53.0 in bf16)."""
+        return F.embedding(ids, table) * torch.tensor(scale, dtype=torch.float32).to(table.dtype)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Softmax attention with scale 1 (q/k norms make it so) and grouped KV heads.
+
+        q [B, Hq, Q, D]; k, v [B, Hkv, K, D]; mask bool [B, Q, K] (True = attend) or None.
+        Returns [B, Q, Hq, D].
+        """
+        b, hq, nq, d = q.shape
+        hkv = k.shape[1]
+        qg = q.view(b, hkv, hq // hkv, nq, d)
+        scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, rep, Q, K]
+        if mask is not None:
+            # A finite fill keeps fully masked rows (padding queries) finite rather than NaN.
+            fill = torch.finfo(scores.dtype).min
+            scores = scores.masked_fill(~mask[:, None, None], fill)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v.unsqueeze(2)).view(b, hq, nq, d)
+        return out.transpose(1, 2)
+
+    def route(self, x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, expert_scale: torch.Tensor,
+              top_k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router: weightless RMSNorm of the residual, * scale * hidden^-1/2, proj, fp32 softmax, top-k,
+        renormalise, * per-expert scale. Returns (weights fp32 [N, k], expert ids int64 [N, k])."""
+        h = self.rms_norm(x, None, eps)
+        h = h * scale * (x.shape[-1] ** -0.5)
+        probs = torch.softmax(F.linear(h, proj), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, k=top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * expert_scale[ids], ids
+
+    def moe(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+            down: torch.Tensor) -> torch.Tensor:
+        """Routed experts: sum_k weights[n,k] * down_e(gelu_tanh(gate_e x) * up_e x), e = ids[n,k].
+
+        Tokens are grouped by expert (a stable sort of the flattened ids, as a GPU dispatch would) and
+        accumulated expert by expert in ascending id order, in the activation dtype.
+        """
+        n, top_k = ids.shape
+        out = torch.zeros_like(x)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            sel = order[start:start + count]
+            start += count
+            rows = sel // top_k
+            gate, up = F.linear(x[rows], gate_up[expert]).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, down[expert])
+            y = y * weights.reshape(-1)[sel, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+    def soft_embedding(self, logits: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
+        """Self-conditioning input: softmax(logits) (fp32, then table dtype) @ table * scale."""
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(table.dtype)
+        return torch.matmul(probs, table) * torch.tensor(scale, dtype=torch.float32).to(table.dtype)
+
+    def lm_head_softcap(self, h: torch.Tensor, table: torch.Tensor, cap: float) -> torch.Tensor:
+        """fp32 logits = cap * tanh((h @ table^T) / cap)."""
+        logits = F.linear(h, table).float()
+        return torch.tanh(logits / cap) * cap

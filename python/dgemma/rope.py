@@ -1,0 +1,28 @@
+"""Rotary position embeddings: inverse frequencies per layer type and the cos/sin tables."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LayerSpec
+
+
+def inverse_frequencies(spec: LayerSpec) -> torch.Tensor:
+    """[head_dim/2] fp32 inverse frequencies. Proportional RoPE spaces the rotated frequencies over the
+    whole head_dim and pads the unrotated remainder with zeros (cos 1, sin 0: identity)."""
+    rope, head_dim = spec.rope, spec.head_dim
+    if rope.kind == "default":
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
+        return 1.0 / (rope.theta**exponents)
+    angles = int(rope.partial_rotary_factor * head_dim // 2)
+    exponents = torch.arange(0, 2 * angles, 2, dtype=torch.int64).to(torch.float) / head_dim
+    inv = 1.0 / (rope.theta**exponents)
+    inv = torch.cat((inv, torch.zeros(head_dim // 2 - angles, dtype=torch.float32)))
+    return inv / rope.factor
+
+
+def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [..., head_dim] for integer ``positions`` [...], computed in fp32, rounded to ``dtype``."""
+    freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -1,0 +1,146 @@
+"""The tensors of a DiffusionGemma checkpoint, under their Hugging Face names, and their shapes.
+
+Text weights live once under ``model.decoder.*``; the encoder shares them, except its own
+``model.encoder.language_model.layers.N.layer_scalar``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+
+DECODER = "model.decoder."
+ENCODER_LAYERS = "model.encoder.language_model.layers."
+
+LAYER_NORMS = (
+    "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+    "post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2",
+)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the text model needs, mapped to its shape."""
+    h, v, inter = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        DECODER + "embed_tokens.weight": (v, h),
+        DECODER + "norm.weight": (h,),
+        DECODER + "self_conditioning.pre_norm.weight": (h,),
+        DECODER + "self_conditioning.gate_proj.weight": (inter, h),
+        DECODER + "self_conditioning.up_proj.weight": (inter, h),
+        DECODER + "self_conditioning.down_proj.weight": (h, inter),
+    }
+    for spec in cfg.layers:
+        p = f"{DECODER}layers.{spec.index}."
+        q_out, kv_out = cfg.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        shapes[p + "self_attn.q_proj.weight"] = (q_out, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv_out, h)
+        if not spec.k_eq_v:
+            shapes[p + "self_attn.v_proj.weight"] = (kv_out, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q_out)
+        shapes[p + "self_attn.q_norm.weight"] = (spec.head_dim,)
+        shapes[p + "self_attn.k_norm.weight"] = (spec.head_dim,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+        for norm in LAYER_NORMS:
+            shapes[p + norm + ".weight"] = (h,)
+        shapes[p + "layer_scalar"] = (1,)
+        shapes[p + "router.proj.weight"] = (cfg.num_experts, h)
+        shapes[p + "router.scale"] = (h,)
+        shapes[p + "router.per_expert_scale"] = (cfg.num_experts,)
+        shapes[p + "experts.gate_up_proj"] = (cfg.num_experts, 2 * cfg.moe_intermediate_size, h)
+        shapes[p + "experts.down_proj"] = (cfg.num_experts, h, cfg.moe_intermediate_size)
+        shapes[f"{ENCODER_LAYERS}{spec.index}.layer_scalar"] = (1,)
+    return shapes
+
+
+def ignored_kind(key: str) -> str | None:
+    """Why a checkpoint tensor outside :func:`expected_shapes` may be skipped, or None if it is unexpected."""
+    if key.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")):
+        return "vision"
+    if key == "lm_head.weight":
+        return "tied"  # the lm_head is the embedding table
+    if key.startswith("model.encoder.language_model.") and not key.endswith("layer_scalar"):
+        return "tied"  # an untied save repeating the decoder's text weights
+    return None
+
+
+@dataclass(slots=True)
+class AttentionWeights:
+    q_proj: torch.Tensor
+    k_proj: torch.Tensor
+    v_proj: torch.Tensor | None  # None where V = v_norm(k_proj(x)) (full-attention layers)
+    o_proj: torch.Tensor
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    attn: AttentionWeights
+    input_norm: torch.Tensor
+    post_attn_norm: torch.Tensor
+    pre_ff_norm: torch.Tensor
+    post_ff_norm: torch.Tensor
+    post_mlp_norm: torch.Tensor  # post_feedforward_layernorm_1
+    post_moe_norm: torch.Tensor  # post_feedforward_layernorm_2
+    pre_moe_norm: torch.Tensor  # pre_feedforward_layernorm_2
+    mlp_gate: torch.Tensor
+    mlp_up: torch.Tensor
+    mlp_down: torch.Tensor
+    router_proj: torch.Tensor
+    router_scale: torch.Tensor
+    router_expert_scale: torch.Tensor
+    experts_gate_up: torch.Tensor  # [E, 2*I, H]: gate rows first, then up rows
+    experts_down: torch.Tensor  # [E, H, I]
+    decoder_scalar: torch.Tensor
+    encoder_scalar: torch.Tensor
+
+
+@dataclass(slots=True)
+class ModelWeights:
+    embed: torch.Tensor  # [V, H], also the lm_head
+    final_norm: torch.Tensor
+    sc_pre_norm: torch.Tensor
+    sc_gate: torch.Tensor
+    sc_up: torch.Tensor
+    sc_down: torch.Tensor
+    layers: list[LayerWeights]
+
+    @classmethod
+    def from_tensors(cls, cfg: ModelConfig, t: dict[str, torch.Tensor]) -> "ModelWeights":
+        layers = []
+        for spec in cfg.layers:
+            p = f"{DECODER}layers.{spec.index}."
+            attn = AttentionWeights(
+                q_proj=t[p + "self_attn.q_proj.weight"], k_proj=t[p + "self_attn.k_proj.weight"],
+                v_proj=t.get(p + "self_attn.v_proj.weight"), o_proj=t[p + "self_attn.o_proj.weight"],
+                q_norm=t[p + "self_attn.q_norm.weight"], k_norm=t[p + "self_attn.k_norm.weight"],
+            )
+            layers.append(LayerWeights(
+                attn=attn,
+                input_norm=t[p + "input_layernorm.weight"],
+                post_attn_norm=t[p + "post_attention_layernorm.weight"],
+                pre_ff_norm=t[p + "pre_feedforward_layernorm.weight"],
+                post_ff_norm=t[p + "post_feedforward_layernorm.weight"],
+                post_mlp_norm=t[p + "post_feedforward_layernorm_1.weight"],
+                post_moe_norm=t[p + "post_feedforward_layernorm_2.weight"],
+                pre_moe_norm=t[p + "pre_feedforward_layernorm_2.weight"],
+                mlp_gate=t[p + "mlp.gate_proj.weight"], mlp_up=t[p + "mlp.up_proj.weight"],
+                mlp_down=t[p + "mlp.down_proj.weight"],
+                router_proj=t[p + "router.proj.weight"], router_scale=t[p + "router.scale"],
+                router_expert_scale=t[p + "router.per_expert_scale"],
+                experts_gate_up=t[p + "experts.gate_up_proj"], experts_down=t[p + "experts.down_proj"],
+                decoder_scalar=t[p + "layer_scalar"],
+                encoder_scalar=t[f"{ENCODER_LAYERS}{spec.index}.layer_scalar"],
+            ))
+        d = DECODER
+        return cls(
+            embed=t[d + "embed_tokens.weight"], final_norm=t[d + "norm.weight"],
+            sc_pre_norm=t[d + "self_conditioning.pre_norm.weight"],
+            sc_gate=t[d + "self_conditioning.gate_proj.weight"], sc_up=t[d + "self_conditioning.up_proj.weight"],
+            sc_down=t[d + "self_conditioning.down_proj.weight"], layers=layers,
+        )
