@@ -1,0 +1,86 @@
+"""Random-weight DiffusionGemma checkpoints in the Hugging Face layout, for demos and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .weights import expected_shapes
+
+PRESETS = {
+    # Small enough to encode and denoise on a laptop CPU in well under a second.
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, sliding_window=32, num_experts=8, top_k_experts=2,
+                 moe_intermediate_size=24, max_position_embeddings=8192,
+                 per_layer_config={"5": {"head_dim": 32, "num_key_value_heads": 1}}),
+    # DiffusionGemma 26B-A4B's text model.
+    "26b-a4b": dict(vocab_size=262_144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                    num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=1024,
+                    num_experts=128, top_k_experts=8, moe_intermediate_size=704, max_position_embeddings=262_144,
+                    per_layer_config={str(i): {"head_dim": 512, "num_key_value_heads": 2} for i in range(5, 30, 6)}),
+}
+
+
+def preset_config(preset: str, *, canvas_length: int = 256) -> dict:
+    """The ``config.json`` contents of a preset."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}, expected one of {', '.join(PRESETS)}")
+    text = dict(PRESETS[preset])
+    n = text["num_hidden_layers"]
+    text.update(
+        model_type="diffusion_gemma_text", hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+        },
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True, attention_bias=False,
+        final_logit_softcapping=30.0,
+    )
+    return {"architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
+            "text_config": text, "canvas_length": canvas_length, "tie_word_embeddings": True}
+
+
+def random_tensors(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random values for every tensor: linear weights ~ N(0, 1/fan_in), norms and scales around 1."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in expected_shapes(cfg).items():
+        if len(shape) == 1:
+            t = 0.6 + 0.8 * torch.rand(shape, generator=g)
+        else:
+            t = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
+        out[key] = t.to(dtype)
+    return out
+
+
+def write_random_checkpoint(path: str | os.PathLike, preset: str = "tiny", *, seed: int = 0,
+                            dtype: torch.dtype = torch.float32, shards: int = 1, canvas_length: int = 256) -> str:
+    """Write ``config.json`` and random safetensors weights (``shards`` > 1: sharded with an index)."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    raw = preset_config(preset, canvas_length=canvas_length)
+    cfg = ModelConfig.from_dict(raw)
+    tensors = random_tensors(cfg, seed=seed, dtype=dtype)
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2)
+    keys = list(tensors)
+    if shards <= 1:
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return path
+    per = math.ceil(len(keys) / shards)
+    weight_map = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[s * per:(s + 1) * per]}
+        save_file(part, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return path

@@ -1,0 +1,204 @@
+"""Every way a checkpoint can be wrong gets an error naming the file, key or shape."""
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dgemma
+from dgemma.random_checkpoint import write_random_checkpoint
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    return write_random_checkpoint(tmp_path / "ck", "tiny", seed=1)
+
+
+def _edit_config(path, fn):
+    p = f"{path}/config.json"
+    with open(p) as f:
+        raw = json.load(f)
+    fn(raw)
+    with open(p, "w") as f:
+        json.dump(raw, f)
+
+
+def _rewrite_tensors(path, fn):
+    f = f"{path}/model.safetensors"
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(dgemma.CheckpointError, match=r"checkpoint directory not found: .*nope"):
+        dgemma.load(tmp_path / "nope")
+
+
+def test_missing_config(ckpt):
+    shutil.os.remove(f"{ckpt}/config.json")
+    with pytest.raises(dgemma.ConfigError, match=r"config file not found: .*config.json"):
+        dgemma.load(ckpt)
+
+
+def test_config_not_json(ckpt):
+    with open(f"{ckpt}/config.json", "w") as f:
+        f.write("{ not json")
+    with pytest.raises(dgemma.ConfigError, match=r"config.json: not valid JSON"):
+        dgemma.load(ckpt)
+
+
+def test_wrong_model_type(ckpt):
+    _edit_config(ckpt, lambda c: c.update(model_type="gemma3"))
+    with pytest.raises(dgemma.ConfigError, match=r"model_type is 'gemma3', expected 'diffusion_gemma'"):
+        dgemma.load(ckpt)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("hidden_size", -4, r"text_config.hidden_size = -4, expected a positive integer"),
+    ("num_attention_heads", "8", r"text_config.num_attention_heads = '8', expected an integer"),
+    ("hidden_activation", "relu", r"hidden_activation 'relu' is not supported"),
+    ("top_k_experts", 99, r"top_k_experts = 99 exceeds num_experts = 8"),
+    ("layer_types", ["sliding_attention"], r"layer_types must list 6 entries"),
+    ("sliding_window", 1, r"sliding_window = 1, expected at least 2"),
+    ("use_bidirectional_attention", "all", r"use_bidirectional_attention = 'all' is not supported"),
+])
+def test_invalid_text_config(ckpt, key, value, message):
+    _edit_config(ckpt, lambda c: c["text_config"].update({key: value}))
+    with pytest.raises(dgemma.ConfigError, match=message):
+        dgemma.load(ckpt)
+
+
+def test_missing_text_config_field(ckpt):
+    _edit_config(ckpt, lambda c: c["text_config"].pop("vocab_size"))
+    with pytest.raises(dgemma.ConfigError, match=r"text_config.vocab_size is missing"):
+        dgemma.load(ckpt)
+
+
+def test_no_weights(ckpt):
+    shutil.os.remove(f"{ckpt}/model.safetensors")
+    with pytest.raises(dgemma.CheckpointError, match=r"no model.safetensors or model.safetensors.index.json"):
+        dgemma.load(ckpt)
+
+
+def test_missing_shard(tmp_path):
+    path = write_random_checkpoint(tmp_path / "sh", "tiny", shards=3)
+    shutil.os.remove(f"{path}/model-00002-of-00003.safetensors")
+    with pytest.raises(dgemma.CheckpointError, match=r"missing shard model-00002-of-00003.safetensors"):
+        dgemma.load(path)
+
+
+def test_truncated_file(ckpt):
+    f = f"{ckpt}/model.safetensors"
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[: len(data) - 1000])
+    with pytest.raises(dgemma.CheckpointError, match=r"model.safetensors: truncated: tensor '.*' needs bytes up to"):
+        dgemma.load(ckpt)
+
+
+def test_empty_file(ckpt):
+    open(f"{ckpt}/model.safetensors", "wb").close()
+    with pytest.raises(dgemma.CheckpointError, match=r"truncated safetensors file \(0 bytes"):
+        dgemma.load(ckpt)
+
+
+def test_corrupt_header_length(ckpt):
+    f = f"{ckpt}/model.safetensors"
+    data = bytearray(open(f, "rb").read())
+    data[:8] = struct.pack("<Q", 1 << 40)
+    open(f, "wb").write(bytes(data))
+    with pytest.raises(dgemma.CheckpointError, match=r"corrupt safetensors header \(declares 1099511627776"):
+        dgemma.load(ckpt)
+
+
+def test_corrupt_header_json(ckpt):
+    f = f"{ckpt}/model.safetensors"
+    data = bytearray(open(f, "rb").read())
+    data[8:12] = b"\xff\xfe@@"
+    open(f, "wb").write(bytes(data))
+    with pytest.raises(dgemma.CheckpointError, match=r"corrupt safetensors header \(not valid JSON\)"):
+        dgemma.load(ckpt)
+
+
+def test_missing_tensor(ckpt):
+    _rewrite_tensors(ckpt, lambda t: t.pop("model.decoder.layers.3.router.scale"))
+    with pytest.raises(dgemma.CheckpointError, match=r"missing tensor 'model.decoder.layers.3.router.scale'"):
+        dgemma.load(ckpt)
+
+
+def test_missing_encoder_layer_scalar(ckpt):
+    _rewrite_tensors(ckpt, lambda t: t.pop("model.encoder.language_model.layers.0.layer_scalar"))
+    with pytest.raises(dgemma.CheckpointError, match=r"missing tensor 'model.encoder.language_model.layers.0.layer_"):
+        dgemma.load(ckpt)
+
+
+def test_unexpected_tensor(ckpt):
+    _rewrite_tensors(ckpt, lambda t: t.update({"model.decoder.layers.9.mlp.gate_proj.weight": torch.ones(2, 2)}))
+    with pytest.raises(dgemma.CheckpointError, match=r"unexpected tensor 'model.decoder.layers.9.mlp.gate_proj.weight'"
+                                                     r" \(shape \[2, 2\]\)"):
+        dgemma.load(ckpt)
+
+
+def test_wrong_shape(ckpt):
+    key = "model.decoder.layers.2.self_attn.q_proj.weight"
+    _rewrite_tensors(ckpt, lambda t: t.update({key: torch.ones(63, 64)}))
+    with pytest.raises(dgemma.CheckpointError, match=rf"tensor '{key}' has shape \[63, 64\], expected \[64, 64\]"):
+        dgemma.load(ckpt)
+
+
+def test_unsupported_dtype(ckpt):
+    key = "model.decoder.norm.weight"
+    _rewrite_tensors(ckpt, lambda t: t.update({key: torch.ones(64, dtype=torch.int32)}))
+    with pytest.raises(dgemma.CheckpointError, match=rf"tensor '{key}' has unsupported dtype I32"):
+        dgemma.load(ckpt)
+
+
+def test_vision_tensors_ignored_with_notice(ckpt, caplog):
+    _rewrite_tensors(ckpt, lambda t: t.update({"model.encoder.vision_tower.x.weight": torch.ones(3),
+                                               "model.encoder.embed_vision.y.weight": torch.ones(3)}))
+    with caplog.at_level("WARNING", logger="dgemma"):
+        eng = dgemma.load(ckpt)
+    assert "ignoring 2 vision-tower tensors" in caplog.text
+    assert eng.config.num_layers == 6
+
+
+def test_unsupported_load_arguments(ckpt):
+    with pytest.raises(dgemma.DgemmaError, match=r"dtype torch.float16 is not supported"):
+        dgemma.load(ckpt, dtype=torch.float16)
+    with pytest.raises(dgemma.DgemmaError, match=r"device 'tpu' is not a valid torch device|not supported"):
+        dgemma.load(ckpt, device="tpu")
+    with pytest.raises(dgemma.DgemmaError, match=r"backend 'fast' is not one of reference, cuda"):
+        dgemma.load(ckpt, backend="fast")
+
+
+def test_cuda_backend_unavailable_is_clear(ckpt):
+    from dgemma import _ext
+
+    if _ext.cuda_status() is None:
+        pytest.skip("CUDA is available here")
+    with pytest.raises(dgemma.BackendUnavailableError, match=r"backend 'cuda' is unavailable: "):
+        dgemma.load(ckpt, backend="cuda")
+
+
+def test_default_dtype_follows_checkpoint(tmp_path):
+    bf = write_random_checkpoint(tmp_path / "bf", "tiny", dtype=torch.bfloat16)
+    assert dgemma.load(bf).dtype == torch.bfloat16
+    fp = write_random_checkpoint(tmp_path / "fp", "tiny", dtype=torch.float32)
+    assert dgemma.load(fp).dtype == torch.float32
+
+
+def test_weights_are_memory_mapped_not_copied(ckpt):
+    from dgemma.checkpoint import read_header
+
+    eng = dgemma.load(ckpt, dtype=torch.float32)
+    entries = read_header(f"{ckpt}/model.safetensors")
+    a, b = "model.decoder.embed_tokens.weight", "model.decoder.norm.weight"
+    # Same dtype on the CPU: tensors are views of one mapping of the file, laid out as in the file.
+    gap = eng.model.w.embed.data_ptr() - eng.model.w.final_norm.data_ptr()
+    assert gap == entries[a].offset - entries[b].offset
+    # Converting keeps one (converted) copy per tensor.
+    eng16 = dgemma.load(ckpt, dtype=torch.bfloat16)
+    assert eng16.model.w.embed.dtype == torch.bfloat16
