@@ -55,7 +55,6 @@ void register_info(py::module_& m) {
       py::arg("device") = 0, "(major, minor, multiprocessor count) of a CUDA device.");
 }
 
-#ifdef DGEMMA_WITH_CUDA
 void register_norm(py::module_& m) {
   m.def(
       "rms_norm",
@@ -71,7 +70,6 @@ void register_norm(py::module_& m) {
       },
       py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("eps"), py::arg("stream"));
 }
-#endif
 
 }  // namespace
 }  // namespace dgemma
@@ -79,7 +77,5 @@ void register_norm(py::module_& m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dgemma compiled kernels";
   dgemma::register_info(m);
-#ifdef DGEMMA_WITH_CUDA
   dgemma::register_norm(m);
-#endif
 }
