@@ -4,6 +4,10 @@ Full-attention layers hold every position up to a capacity fixed at creation. Sl
 only the last ``window - 1`` positions in a ring buffer (slot = position mod ring size): a causal
 query sees ``window`` keys including itself, and the decoder's canvas sees those cached ``window - 1``
 plus itself. ``valid`` marks, per sequence, which cached positions are real tokens (not padding).
+
+A cache created with ``rollback=R`` keeps R extra ring slots, so that it can be truncated by up to
+R tokens (a chat re-encodes its last answer as the template renders it) without losing any position
+a sliding window still needs.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from .errors import DgemmaError
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, *, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, rollback: int = 0):
         if batch <= 0:
             raise DgemmaError(f"cache batch size {batch} must be positive")
         if capacity <= 0:
@@ -24,7 +28,10 @@ class KVCache:
         if capacity > cfg.max_position_embeddings:
             raise DgemmaError(f"cache capacity {capacity} exceeds max_position_embeddings "
                               f"{cfg.max_position_embeddings}")
+        if rollback < 0:
+            raise DgemmaError(f"cache rollback {rollback} must be >= 0")
         self.config = cfg
+        self.rollback = rollback
         self.batch = batch
         self.capacity = capacity
         self.dtype = dtype
@@ -34,7 +41,7 @@ class KVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for spec in cfg.layers:
-            slots = min(capacity, spec.window - 1) if spec.is_sliding else capacity
+            slots = min(capacity, spec.window - 1 + rollback) if spec.is_sliding else capacity
             shape = (batch, spec.num_kv_heads, slots, spec.head_dim)
             self.keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=self.device))
@@ -83,3 +90,13 @@ class KVCache:
                 f"cache capacity {self.capacity} exceeded: it holds {self.length} tokens and {new_tokens} more "
                 f"were given; create a larger one with engine.new_cache(batch, capacity=...)"
             )
+
+    def truncate(self, length: int) -> None:
+        """Drop every position from ``length`` on (e.g. to re-encode a differently rendered turn)."""
+        if not 0 <= length <= self.length:
+            raise DgemmaError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        if self.length - length > self.rollback and any(s.is_sliding for s in self.config.layers):
+            raise DgemmaError(f"cannot roll back {self.length - length} tokens: this cache keeps "
+                              f"{self.rollback} spare sliding-window slots (rollback=)")
+        self.valid[:, length:] = False
+        self.length = length

@@ -12,8 +12,13 @@ from .cache import KVCache
 from .checkpoint import checkpoint_dtype, load_tensors
 from .config import ModelConfig
 from .errors import BackendUnavailableError, CheckpointError, DgemmaError
+from .chat import ChatTemplate, load_chat_template, parse_response
+from .generation import GenerationResult, StreamEvent, drive, run_generation
 from .model import DiffusionGemmaModel
 from .ops import BACKENDS, get_ops
+from .prompts import Prompt, prepare
+from .sampler import GenerationSettings, read_generation_config
+from .tokenizer import Tokenizer
 from .weights import ModelWeights
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -76,8 +81,10 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
         dtype = dtype if dtype in SUPPORTED_DTYPES else torch.bfloat16
     elif dtype not in SUPPORTED_DTYPES:
         raise DgemmaError(f"dtype {dtype} is not supported (expected torch.float32 or torch.bfloat16)")
+    settings, special = read_generation_config(path)
     tensors = load_tensors(path, cfg, dtype=dtype, device=dev, progress=progress)
-    return Engine(cfg, ModelWeights.from_tensors(cfg, tensors), device=dev, dtype=dtype, backend=backend)
+    return Engine(cfg, ModelWeights.from_tensors(cfg, tensors), device=dev, dtype=dtype, backend=backend,
+                  path=path, generation_settings=settings, special_tokens=special)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +106,57 @@ class Engine:
     """
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, device: torch.device, dtype: torch.dtype,
-                 backend: str = "reference"):
+                 backend: str = "reference", path: str | None = None,
+                 generation_settings: GenerationSettings | None = None, special_tokens: dict | None = None):
         self.config = cfg
         self.device = device
         self.dtype = dtype
         self.backend = backend
+        self.path = path
         self.model = DiffusionGemmaModel(cfg, weights, get_ops(backend))
+        self.generation_settings = generation_settings or GenerationSettings()
+        special = special_tokens or {}
+        eos = special.get("eos_token_id", list(cfg.eos_token_ids))
+        self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
+        self.pad_token_id: int | None = special.get("pad_token_id", cfg.pad_token_id)
+        self.bos_token_id: int | None = special.get("bos_token_id", cfg.bos_token_id)
+        self._tokenizer: Tokenizer | None = None
+        self._chat_template: ChatTemplate | None = None
+
+    # -- text front end ------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The checkpoint's tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            if self.path is None:
+                raise DgemmaError("this engine has no checkpoint directory, so no tokenizer: pass token ids")
+            self._tokenizer = Tokenizer(self.path)
+        return self._tokenizer
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self.tokenizer.config.get("add_bos_token", True))
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The checkpoint's own chat template (``chat_template.jinja`` or ``tokenizer_config.json``)."""
+        if self._chat_template is None:
+            tok = self.tokenizer
+            source = load_chat_template(self.path, tok.config)
+            if source is None:
+                raise DgemmaError(f"{self.path}: the checkpoint has no chat template "
+                                  f"(chat_template.jinja or tokenizer_config.json's chat_template)")
+            self._chat_template = ChatTemplate(source, bos_token=tok.bos_token, eos_token=tok.eos_token)
+        return self._chat_template
+
+    def chat(self, *, system: str | None = None, tools: list[dict] | None = None, thinking: bool = False,
+             context: int | None = None, max_new_tokens: int | None = None):
+        """A multi-turn :class:`~dgemma.session.ChatSession` reusing one KV cache across turns."""
+        from .session import ChatSession
+
+        return ChatSession(self, system=system, tools=tools, thinking=thinking, context=context,
+                           max_new_tokens=max_new_tokens)
 
     @property
     def info(self) -> EngineInfo:
@@ -117,9 +169,10 @@ class Engine:
         return (f"Engine(layers={self.config.num_layers}, hidden={self.config.hidden_size}, "
                 f"params={i.parameters / 1e6:.1f}M, backend={i.backend}, device={i.device}, dtype={i.dtype})")
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens."""
-        return KVCache(self.config, batch, capacity, dtype=self.dtype, device=self.device)
+    def new_cache(self, batch: int, capacity: int, *, rollback: int = 0) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens (``rollback``: how many
+        trailing tokens :meth:`KVCache.truncate` may later drop)."""
+        return KVCache(self.config, batch, capacity, dtype=self.dtype, device=self.device, rollback=rollback)
 
     def _ids(self, ids, what: str) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor):
@@ -192,6 +245,121 @@ class Engine:
                 raise DgemmaError(f"self_conditioning_logits has shape {got}, expected a float tensor {expected}")
             sc = sc.to(self.device)
         return self.model.denoise(canvas, cache, sc)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, inputs, *, max_new_tokens: int | None = None, max_denoising_steps: int | None = None,
+                 entropy_bound: float | None = None, t_max: float | None = None, t_min: float | None = None,
+                 stability_threshold: int | None = None, confidence_threshold: float | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None, seed: int | None = None, stream=None,
+                 attention_mask=None, canvas=None, cache: KVCache | None = None, thinking: bool = False,
+                 tools: list[dict] | None = None) -> GenerationResult:
+        """Generate with the block-diffusion loop and the entropy-bounded sampler.
+
+        Args:
+            inputs: token ids ``[B, T]``, a string, a list of strings (left-padded into a batch), chat
+                messages (``[{"role": ..., "content": ...}, ...]``) or a list of conversations.
+            max_new_tokens: token budget, rounded up to whole canvases; generation also stops at EOS.
+            max_denoising_steps, entropy_bound, t_max, t_min, stability_threshold, confidence_threshold:
+                sampler settings; defaults come from the checkpoint's ``generation_config.json`` where set,
+                else 256 / 48 / 0.1 / 0.8 / 0.4 / 1 / 0.005.
+            eos_token_id, pad_token_id: default to the checkpoint's; tokens after the first EOS become pad.
+            generator / seed: the random stream (a seeded generator reproduces transformers' ``generate``
+                after ``torch.manual_seed`` on the reference backend); neither: torch's global generator.
+            stream: a callable receiving a :class:`StreamEvent` per draft and per committed block (see
+                :meth:`generate_stream` for an iterator).
+            attention_mask: ``[B, T]`` for id inputs with padding (1 = token).
+            canvas: the first block's starting canvas ``[B, canvas_length]`` (default: uniform random).
+            cache: continue a conversation held in this cache (``inputs`` are the new tokens only).
+            thinking, tools: for chat inputs, passed to the chat template.
+        Returns:
+            :class:`GenerationResult` with ``sequences``, ``texts``, per-row ``responses`` (chat),
+            ``steps_per_block``, ``tokens_per_forward`` and ``timings``.
+        """
+        prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools)
+        return self._generate(prompt, max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
+                              entropy_bound=entropy_bound, t_max=t_max, t_min=t_min,
+                              stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator, seed=seed,
+                              stream=stream, canvas=canvas, cache=cache)
+
+    def generate_stream(self, inputs, *, attention_mask=None, thinking: bool = False, tools=None, **kwargs):
+        """Like :meth:`generate`, as an iterator: a :class:`StreamEvent` per draft and per committed
+        block, then the :class:`GenerationResult`. Generation advances as the iterator is consumed."""
+        prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools)
+        yield from self._generate_iter(prompt, **kwargs)
+
+    def _resolve(self, prompt: Prompt, *, max_new_tokens=None, max_denoising_steps=None, entropy_bound=None,
+                 t_max=None, t_min=None, stability_threshold=None, confidence_threshold=None, eos_token_id=None,
+                 pad_token_id=None, generator=None, seed=None, canvas=None, cache=None):
+        settings = self.generation_settings.updated(
+            max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
+            t_max=t_max, t_min=t_min, stability_threshold=stability_threshold,
+            confidence_threshold=confidence_threshold)
+        b, t = prompt.ids.shape
+        cfg = self.config
+        past = 0 if cache is None else cache.length
+        blocks = -(-settings.max_new_tokens // cfg.canvas_length)
+        end = past + t + blocks * cfg.canvas_length
+        if end > cfg.max_position_embeddings:
+            raise DgemmaError(f"prompt ({past + t} tokens) + max_new_tokens {settings.max_new_tokens} (rounded to "
+                              f"{blocks} canvases of {cfg.canvas_length}) needs {end} positions, beyond "
+                              f"max_position_embeddings {cfg.max_position_embeddings}")
+        if cache is not None:
+            self._check_cache(cache, b)
+            cache.check_room(t + (blocks - 1) * cfg.canvas_length)
+        eos = self.eos_token_ids if eos_token_id is None else eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        pad = self.pad_token_id if pad_token_id is None else pad_token_id
+        for name, ids in (("eos_token_id", eos), ("pad_token_id", [] if pad is None else [pad])):
+            for i in ids:
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg.vocab_size:
+                    raise DgemmaError(f"{name} {i!r} is not a token id in [0, {cfg.vocab_size})")
+        if generator is not None and seed is not None:
+            raise DgemmaError("pass either generator= or seed=, not both")
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        if generator is not None and torch.device(generator.device).type != self.device.type:
+            raise DgemmaError(f"generator is on {generator.device}, expected the engine's device {self.device}")
+        if canvas is not None:
+            canvas = self._ids(canvas, "canvas")
+            if list(canvas.shape) != [b, cfg.canvas_length]:
+                raise DgemmaError(f"canvas has shape {list(canvas.shape)}, expected [{b}, {cfg.canvas_length}]")
+        return dict(settings=settings, eos_token_ids=eos, pad_token_id=pad, generator=generator, canvas=canvas,
+                    cache=cache)
+
+    @torch.inference_mode()
+    def _generate_iter(self, prompt: Prompt, **kwargs):
+        args = self._resolve(prompt, **kwargs)
+        for item in run_generation(self, prompt.ids, prompt.attention_mask, **args):
+            if isinstance(item, GenerationResult):
+                self._attach_text(item, prompt, args["eos_token_ids"], args["pad_token_id"])
+            yield item
+
+    def _generate(self, prompt: Prompt, *, stream=None, **kwargs) -> GenerationResult:
+        if stream is not None and not callable(stream):
+            raise DgemmaError(f"stream must be a callable taking a StreamEvent, got {type(stream).__name__}")
+        return drive(self._generate_iter(prompt, **kwargs), stream)
+
+    def _attach_text(self, result: GenerationResult, prompt: Prompt, eos: list[int], pad: int | None) -> None:
+        if self.path is None:
+            return
+        try:
+            tok = self.tokenizer
+        except DgemmaError:
+            return  # no tokenizer files: ids only
+        texts, responses = [], []
+        for row in result.new_tokens.tolist():
+            cut = next((i for i, x in enumerate(row) if x in eos), len(row))
+            ids = [x for x in row[:cut] if x != pad]
+            if prompt.is_chat:
+                resp = parse_response(tok.decode(ids))
+                responses.append(resp)
+                texts.append(resp.text)
+            else:
+                texts.append(tok.decode(ids, skip_special_tokens=True))
+        result.texts, result.responses = texts, responses
 
     def _check_cache(self, cache: KVCache, batch: int) -> None:
         if not isinstance(cache, KVCache):

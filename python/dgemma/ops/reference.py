@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..sampler import StepOutput, reference_sample_step
+
 
 class ReferenceOps:
     name = "reference"
@@ -46,16 +48,18 @@ class ReferenceOps:
         Returns [B, Q, Hq, D].
         """
         b, hq, nq, d = q.shape
-        hkv = k.shape[1]
-        qg = q.view(b, hkv, hq // hkv, nq, d)
-        scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, rep, Q, K]
+        hkv, nk = k.shape[1], k.shape[2]
+        rep = hq // hkv
+        # NOTE: K/V heads are expanded to the query heads (not grouped) so the matmuls have the same
+        # shapes, hence the same fp32 rounding, as the reference implementation's eager attention.
+        k = k[:, :, None].expand(b, hkv, rep, nk, d).reshape(b, hq, nk, d)
+        v = v[:, :, None].expand(b, hkv, rep, nk, d).reshape(b, hq, nk, d)
+        scores = torch.matmul(q, k.transpose(2, 3))  # [B, Hq, Q, K]
         if mask is not None:
             # A finite fill keeps fully masked rows (padding queries) finite rather than NaN.
-            fill = torch.finfo(scores.dtype).min
-            scores = scores.masked_fill(~mask[:, None, None], fill)
+            scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v.unsqueeze(2)).view(b, hq, nq, d)
-        return out.transpose(1, 2)
+        return torch.matmul(probs, v).transpose(1, 2)
 
     def route(self, x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, expert_scale: torch.Tensor,
               top_k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,24 +76,27 @@ class ReferenceOps:
             down: torch.Tensor) -> torch.Tensor:
         """Routed experts: sum_k weights[n,k] * down_e(gelu_tanh(gate_e x) * up_e x), e = ids[n,k].
 
-        Tokens are grouped by expert (a stable sort of the flattened ids, as a GPU dispatch would) and
-        accumulated expert by expert in ascending id order, in the activation dtype.
+        Tokens are grouped by expert with a stable sort of the k-major flattened ids (rows ordered by
+        slot, then token: the order the reference implementation gathers them in, which fixes the fp32
+        rounding of the expert GEMMs) and accumulated expert by expert in ascending id order, in the
+        activation dtype.
         """
         n, top_k = ids.shape
         out = torch.zeros_like(x)
-        flat = ids.reshape(-1)
+        flat = ids.t().reshape(-1)  # [k * n]: slot-major
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+        flat_weights = weights.t().reshape(-1)
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             sel = order[start:start + count]
             start += count
-            rows = sel // top_k
+            rows = sel % n
             gate, up = F.linear(x[rows], gate_up[expert]).chunk(2, dim=-1)
             y = F.linear(F.gelu(gate, approximate="tanh") * up, down[expert])
-            y = y * weights.reshape(-1)[sel, None]
+            y = y * flat_weights[sel, None]
             out.index_add_(0, rows, y.to(out.dtype))
         return out
 
@@ -102,3 +109,8 @@ class ReferenceOps:
         """fp32 logits = cap * tanh((h @ table^T) / cap)."""
         logits = F.linear(h, table).float()
         return torch.tanh(logits / cap) * cap
+
+    def sample_step(self, logits: torch.Tensor, canvas: torch.Tensor, temp: torch.Tensor, bound: float,
+                    generator: torch.Generator | None) -> StepOutput:
+        """One entropy-bounded sampler step on fp32 logits [B, C, V] (see :mod:`dgemma.sampler`)."""
+        return reference_sample_step(logits, canvas, temp, bound, generator)

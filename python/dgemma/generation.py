@@ -1,0 +1,157 @@
+"""The block-diffusion generation loop (backend-agnostic: it only calls the engine and its sampler op)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache
+from .errors import DgemmaError
+from .sampler import GenerationSettings, StableAndConfident, temperature
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """``kind`` is ``"draft"`` (the argmax canvas after a denoising step) or ``"block"`` (a committed
+    block, after EOS padding). ``tokens`` is [B, canvas]; ``step`` counts down N…1 within a block."""
+
+    kind: str
+    block: int
+    step: int | None
+    tokens: torch.Tensor
+    finished: torch.Tensor  # bool [B]: rows whose denoising (draft) or generation (block) has finished
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    sequences: torch.Tensor  # [B, prompt + blocks * canvas]: prompt followed by the new ids, like transformers
+    prompt_length: int
+    steps_per_block: list[list[int]]  # [block][row]: decoder passes that row used in that block
+    tokens_per_forward: torch.Tensor  # [B]: non-pad new tokens / decoder passes
+    timings: dict[str, float]
+    cache: KVCache | None = None
+    texts: list[str] | None = None
+    responses: list = field(default_factory=list)  # chat.Response per row, for chat inputs
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length:]
+
+    @property
+    def text(self) -> str | None:
+        return None if self.texts is None else self.texts[0]
+
+    @property
+    def thinking(self) -> str | None:
+        return self.responses[0].thinking if self.responses else None
+
+    @property
+    def tool_calls(self) -> list[dict]:
+        return self.responses[0].tool_calls if self.responses else []
+
+
+def _finalize_block(seq: torch.Tensor, finished: torch.Tensor, canvas: int, max_length: int,
+                    eos: torch.Tensor | None, pad: int | None) -> torch.Tensor:
+    """Mark rows that hit EOS (or the length budget) and pad what follows an EOS; rows finished
+    earlier get a block of pad."""
+    done_now = torch.zeros_like(finished)
+    if seq.shape[1] >= max_length:
+        done_now |= True
+    if eos is not None:
+        done_now |= torch.isin(seq[:, -canvas:], eos).any(dim=-1)
+    previously = finished
+    finished = previously | done_now
+    if pad is not None and bool(finished.any()):
+        seq[previously, -canvas:] = pad
+        if eos is not None and bool(done_now.any()):
+            new = seq[:, -canvas:]
+            is_eos = torch.isin(new, eos)
+            count = is_eos.cumsum(dim=-1)
+            new[(count > 0) & ~((count == 1) & is_eos)] = pad
+    return finished
+
+
+def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: GenerationSettings, *,
+                   eos_token_ids: list[int] | None, pad_token_id: int | None, generator: torch.Generator | None,
+                   canvas: torch.Tensor | None = None, cache: KVCache | None = None,
+                   ) -> Iterator[StreamEvent | GenerationResult]:
+    """Yield stream events, then the :class:`GenerationResult`. Inputs are already validated."""
+    cfg, device = engine.config, engine.device
+    b, t = ids.shape
+    c, v = cfg.canvas_length, cfg.vocab_size
+    past = 0 if cache is None else cache.length
+    n_blocks = math.ceil(settings.max_new_tokens / c)
+    max_length = t + past + settings.max_new_tokens
+    if cache is None:
+        cache = engine.new_cache(b, t + (n_blocks - 1) * c)
+    else:
+        cache.check_room(t + (n_blocks - 1) * c)
+    eos = torch.tensor(eos_token_ids, device=device) if eos_token_ids else None
+    sample = engine.model.ops.sample_step
+    sc_dtype = engine.model.w.embed.dtype
+    finished_seq = torch.zeros(b, dtype=torch.bool, device=device)
+    passes = torch.zeros(b, dtype=torch.int, device=device)
+    seq = ids
+    steps_per_block: list[list[int]] = []
+    timings = {"encode_s": 0.0, "denoise_s": 0.0}
+    start = time.perf_counter()
+    for block in range(n_blocks):
+        t0 = time.perf_counter()
+        if block == 0:
+            engine.encode(ids, cache=cache, attention_mask=attention_mask)
+        else:
+            engine.encode(seq[:, -c:], cache=cache)
+        timings["encode_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        # NOTE: the random canvas is drawn even when one is supplied, as the reference loop does, so
+        # that the rest of the random stream is unchanged.
+        current = torch.randint(0, v, (b, c), generator=generator, device=device)
+        if block == 0 and canvas is not None:
+            current = canvas
+        argmax = current
+        sc_logits = None
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
+        block_passes = torch.zeros(b, dtype=torch.int, device=device)
+        for step in range(settings.max_denoising_steps, 0, -1):
+            active = ~(finished | finished_seq)
+            passes += active
+            block_passes += active
+            logits = engine.denoise(cache, current, sc_logits)
+            out = sample(logits, current, temperature(step, settings, device), settings.entropy_bound, generator)
+            new_argmax, new_canvas, processed = out.argmax, out.next_canvas, out.processed_logits
+            if bool(finished.any()):  # finished rows keep their state while the others continue
+                new_argmax = torch.where(finished[:, None], argmax, new_argmax)
+                new_canvas = torch.where(finished[:, None], current, new_canvas)
+                processed = torch.where(finished[:, None, None], sc_logits, processed)
+            finished = finished | stopper(new_argmax, out.entropy)
+            sc_logits = processed.to(sc_dtype)
+            current, argmax = new_canvas, new_argmax
+            yield StreamEvent("draft", block, step, argmax, finished.clone())
+            if bool(finished.all()):
+                break
+        steps_per_block.append(block_passes.tolist())
+        timings["denoise_s"] += time.perf_counter() - t0
+        seq = torch.cat([seq, argmax], dim=-1)
+        finished_seq = _finalize_block(seq, finished_seq, c, max_length, eos, pad_token_id)
+        yield StreamEvent("block", block, None, seq[:, -c:], finished_seq.clone())
+        if bool(finished_seq.all()):
+            break
+    timings["total_s"] = time.perf_counter() - start
+    new = seq[:, t:]
+    valid = (new != pad_token_id).sum(dim=-1) if pad_token_id is not None else torch.full((b,), new.shape[1])
+    yield GenerationResult(sequences=seq, prompt_length=t, steps_per_block=steps_per_block,
+                           tokens_per_forward=valid / passes, timings=timings, cache=cache)
+
+
+def drive(events: Iterator, stream: Callable | None) -> GenerationResult:
+    for item in events:
+        if isinstance(item, GenerationResult):
+            return item
+        if stream is not None:
+            stream(item)
+    raise DgemmaError("generation ended without a result")  # unreachable: run_generation always yields one

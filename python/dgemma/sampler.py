@@ -1,0 +1,143 @@
+"""The entropy-bounded sampler of one denoising step, and the adaptive stopping rule.
+
+Per step n = N…1: temperature t = t_min + (t_max − t_min)·n/N; candidates are drawn from
+softmax(logits/t); positions are sorted by entropy and the prefix whose ``cumsum − current``
+stays within ``entropy_bound`` takes its candidate (always at least one); every other position is
+re-drawn uniformly from the vocabulary. A block stops when its argmax canvas has not changed for
+``stability_threshold`` steps and the mean entropy is below ``confidence_threshold``.
+
+The reference draws its random numbers in the same order, shapes and dtypes as transformers'
+``DiffusionGemmaForBlockDiffusion.generate`` (multinomial, then uniform ids, per step), so a seeded
+generator reproduces its sequences token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .errors import ConfigError, DgemmaError
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_max: float = 0.8
+    t_min: float = 0.4
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+
+    def validate(self) -> "GenerationSettings":
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise DgemmaError(f"{name} must be a positive integer, got {v!r}")
+
+        positive_int("max_new_tokens")
+        positive_int("max_denoising_steps")
+        for name in ("entropy_bound", "t_max", "t_min", "confidence_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise DgemmaError(f"{name} must be a finite number, got {v!r}")
+        if self.entropy_bound <= 0:
+            raise DgemmaError(f"entropy_bound must be positive, got {self.entropy_bound}")
+        if self.confidence_threshold <= 0:
+            raise DgemmaError(f"confidence_threshold must be positive, got {self.confidence_threshold}")
+        if self.t_min < 0:
+            raise DgemmaError(f"t_min must be >= 0, got {self.t_min}")
+        if self.t_max <= self.t_min:
+            raise DgemmaError(f"t_max ({self.t_max}) must be greater than t_min ({self.t_min})")
+        st = self.stability_threshold
+        if isinstance(st, bool) or not isinstance(st, int) or st < 0:
+            raise DgemmaError(f"stability_threshold must be an integer >= 0, got {st!r}")
+        return self
+
+    def updated(self, **overrides) -> "GenerationSettings":
+        """A copy with the non-None ``overrides`` applied, validated."""
+        known = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None and k in known}).validate()
+
+
+def read_generation_config(path: str) -> tuple[GenerationSettings, dict]:
+    """Defaults from a checkpoint's ``generation_config.json`` (where set) and its special-token ids."""
+    file = os.path.join(path, "generation_config.json")
+    settings = GenerationSettings()
+    if not os.path.isfile(file):
+        return settings, {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    sampler = raw.get("sampler_config") or {}
+    overrides = {f.name: raw.get(f.name) for f in fields(settings)}
+    overrides["entropy_bound"] = sampler.get("entropy_bound") if isinstance(sampler, dict) else None
+    try:
+        settings = settings.updated(**overrides)
+    except DgemmaError as e:
+        raise ConfigError(f"{file}: {e}") from None
+    tokens = {k: raw[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if raw.get(k) is not None}
+    return settings, tokens
+
+
+def temperature(step: int, settings: GenerationSettings, device) -> torch.Tensor:
+    """t = t_min + (t_max − t_min)·step/N, evaluated in fp32 tensor arithmetic as the reference does."""
+    cur = torch.tensor(step, device=device, dtype=torch.int32)
+    return settings.t_min + ((settings.t_max - settings.t_min) * (cur / settings.max_denoising_steps))
+
+
+@dataclass(slots=True)
+class StepOutput:
+    processed_logits: torch.Tensor  # logits / t, fp32 [B, C, V]
+    argmax: torch.Tensor  # [B, C]
+    next_canvas: torch.Tensor  # [B, C]: accepted candidates, other positions re-drawn
+    accepted: torch.Tensor  # bool [B, C]
+    entropy: torch.Tensor  # fp32 [B, C], of softmax(logits / t)
+
+
+def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
+    """Accept the lowest-entropy positions while ``cumsum − current <= bound`` (always >= 1)."""
+    sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
+    selected = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound
+    return torch.scatter(torch.zeros_like(selected), -1, order, selected)
+
+
+def reference_sample_step(logits: torch.Tensor, canvas: torch.Tensor, temp: torch.Tensor, bound: float,
+                          generator: torch.Generator | None) -> StepOutput:
+    b, c, v = logits.shape
+    processed = logits / temp
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+    candidates = torch.multinomial(probs.view(-1, v), num_samples=1, generator=generator).view(b, c)
+    argmax = torch.argmax(processed, dim=-1)
+    entropy = torch.distributions.Categorical(logits=processed).entropy()
+    accepted = entropy_bound_accept(entropy, bound)
+    kept = torch.where(accepted, candidates, canvas)
+    noise = torch.randint(0, v, (b, c), generator=generator, device=canvas.device)
+    return StepOutput(processed, argmax, torch.where(~accepted, noise, kept), accepted, entropy)
+
+
+class StableAndConfident:
+    """Stop a row when its argmax canvas equals each of the last ``stability`` ones and its mean entropy
+    is below ``confidence`` (stability 0: confidence alone)."""
+
+    def __init__(self, stability: int, confidence: float):
+        self.stability, self.confidence = stability, confidence
+        self.history: torch.Tensor | None = None
+
+    def __call__(self, argmax: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        if self.stability == 0:
+            stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
+        else:
+            if self.history is None:
+                self.history = torch.full((self.stability, *argmax.shape), -1, dtype=argmax.dtype,
+                                          device=argmax.device)
+            stable = (self.history == argmax[None]).all(dim=-1).all(dim=0)
+            self.history = torch.roll(self.history, shifts=-1, dims=0)
+            self.history[-1] = argmax
+        return stable & (entropy.mean(dim=-1) < self.confidence)

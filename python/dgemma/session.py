@@ -1,0 +1,71 @@
+"""Multi-turn chat over one KV cache: each turn encodes only what the cache does not already hold."""
+
+from __future__ import annotations
+
+import json
+
+from .chat import check_tools, parse_response
+from .errors import DgemmaError
+from .prompts import Prompt
+
+DEFAULT_CONTEXT = 32_768
+
+
+class ChatSession:
+    """A conversation with an engine.
+
+    >>> chat = eng.chat(system="Be brief.", thinking=True)
+    >>> reply = chat.send("Why is the sky blue?")
+    >>> reply.text, reply.thinking
+    """
+
+    def __init__(self, engine, *, system: str | None = None, tools: list[dict] | None = None,
+                 thinking: bool = False, context: int | None = None, max_new_tokens: int | None = None):
+        if tools is not None:
+            check_tools(tools)
+        self.engine = engine
+        self.tools = tools
+        self.thinking = thinking
+        self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
+        cfg = engine.config
+        self.context = min(context or DEFAULT_CONTEXT, cfg.max_position_embeddings)
+        budget = max_new_tokens or engine.generation_settings.max_new_tokens
+        self.budget = -(-budget // cfg.canvas_length) * cfg.canvas_length
+        self.cache = None
+        self.cached_ids: list[int] = []
+        self.reencoded_tokens = 0  # tokens encoded in the last turn (the new part of the conversation)
+
+    def _new_cache(self):
+        return self.engine.new_cache(1, self.context, rollback=self.budget)
+
+    def send(self, message: str | dict, **generate_kwargs):
+        """Add a user turn (a string) or any message dict (e.g. a tool result) and generate the reply."""
+        if isinstance(message, str):
+            message = {"role": "user", "content": message}
+        candidate = self.messages + [message]
+        ids = self.engine.tokenizer.encode(
+            self.engine.chat_template.render(candidate, tools=self.tools, thinking=self.thinking))
+        common = 0
+        for a, b in zip(self.cached_ids, ids):
+            if a != b:
+                break
+            common += 1
+        if self.cache is None or common == 0 or self.cache.length - common > self.cache.rollback:
+            self.cache, common = self._new_cache(), 0
+        else:
+            self.cache.truncate(common)
+        new_ids = ids[common:]
+        if not new_ids:
+            raise DgemmaError("the new message adds no tokens to the conversation")
+        prompt = Prompt(self.engine._ids([new_ids], "input_ids"), None, True)
+        result = self.engine._generate(prompt, cache=self.cache, **generate_kwargs)
+        self.reencoded_tokens = len(new_ids)
+        kept = self.cache.length - common
+        self.cached_ids = ids[:common] + new_ids + result.new_tokens[0, : kept - len(new_ids)].tolist()
+        self.messages = candidate + [result.responses[0].as_message()]
+        return result
+
+    def send_tool_result(self, name: str, result, **generate_kwargs):
+        """Send a tool's result back as a ``tool`` turn and generate the model's follow-up."""
+        content = result if isinstance(result, str) else json.dumps(result)
+        return self.send({"role": "tool", "name": name, "content": content}, **generate_kwargs)
