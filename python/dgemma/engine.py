@@ -253,8 +253,8 @@ class Engine:
                  stability_threshold: int | None = None, confidence_threshold: float | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None, stream=None,
-                 attention_mask=None, canvas=None, cache: KVCache | None = None, thinking: bool = False,
-                 tools: list[dict] | None = None) -> GenerationResult:
+                 attention_mask=None, canvas=None, cache: KVCache | None = None, capacity: int | None = None,
+                 thinking: bool = False, tools: list[dict] | None = None) -> GenerationResult:
         """Generate with the block-diffusion loop and the entropy-bounded sampler.
 
         Args:
@@ -272,6 +272,8 @@ class Engine:
             attention_mask: ``[B, T]`` for id inputs with padding (1 = token).
             canvas: the first block's starting canvas ``[B, canvas_length]`` (default: uniform random).
             cache: continue a conversation held in this cache (``inputs`` are the new tokens only).
+            capacity: size of the cache created when none is given (default: what this call needs, so
+                pass more to continue the conversation from ``result.cache`` later).
             thinking, tools: for chat inputs, passed to the chat template.
         Returns:
             :class:`GenerationResult` with ``sequences``, ``texts``, per-row ``responses`` (chat),
@@ -282,7 +284,7 @@ class Engine:
                               entropy_bound=entropy_bound, t_max=t_max, t_min=t_min,
                               stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator, seed=seed,
-                              stream=stream, canvas=canvas, cache=cache)
+                              stream=stream, canvas=canvas, cache=cache, capacity=capacity)
 
     def generate_stream(self, inputs, *, attention_mask=None, thinking: bool = False, tools=None, **kwargs):
         """Like :meth:`generate`, as an iterator: a :class:`StreamEvent` per draft and per committed
@@ -292,7 +294,7 @@ class Engine:
 
     def _resolve(self, prompt: Prompt, *, max_new_tokens=None, max_denoising_steps=None, entropy_bound=None,
                  t_max=None, t_min=None, stability_threshold=None, confidence_threshold=None, eos_token_id=None,
-                 pad_token_id=None, generator=None, seed=None, canvas=None, cache=None):
+                 pad_token_id=None, generator=None, seed=None, canvas=None, cache=None, capacity=None):
         settings = self.generation_settings.updated(
             max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
             t_max=t_max, t_min=t_min, stability_threshold=stability_threshold,
@@ -306,9 +308,17 @@ class Engine:
             raise DgemmaError(f"prompt ({past + t} tokens) + max_new_tokens {settings.max_new_tokens} (rounded to "
                               f"{blocks} canvases of {cfg.canvas_length}) needs {end} positions, beyond "
                               f"max_position_embeddings {cfg.max_position_embeddings}")
+        needed = t + (blocks - 1) * cfg.canvas_length
         if cache is not None:
+            if capacity is not None:
+                raise DgemmaError("capacity= sizes a new cache; it cannot be combined with cache=")
             self._check_cache(cache, b)
-            cache.check_room(t + (blocks - 1) * cfg.canvas_length)
+            cache.check_room(needed)
+        else:
+            if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
+                                         or capacity < needed):
+                raise DgemmaError(f"capacity {capacity!r} is too small: this call needs {needed} cache positions")
+            cache = self.new_cache(b, capacity or needed)
         eos = self.eos_token_ids if eos_token_id is None else eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos)
         pad = self.pad_token_id if pad_token_id is None else pad_token_id

@@ -77,19 +77,15 @@ def _finalize_block(seq: torch.Tensor, finished: torch.Tensor, canvas: int, max_
 
 def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: GenerationSettings, *,
                    eos_token_ids: list[int] | None, pad_token_id: int | None, generator: torch.Generator | None,
-                   canvas: torch.Tensor | None = None, cache: KVCache | None = None,
+                   canvas: torch.Tensor | None, cache: KVCache,
                    ) -> Iterator[StreamEvent | GenerationResult]:
     """Yield stream events, then the :class:`GenerationResult`. Inputs are already validated."""
     cfg, device = engine.config, engine.device
     b, t = ids.shape
     c, v = cfg.canvas_length, cfg.vocab_size
-    past = 0 if cache is None else cache.length
+    past = cache.length
     n_blocks = math.ceil(settings.max_new_tokens / c)
     max_length = t + past + settings.max_new_tokens
-    if cache is None:
-        cache = engine.new_cache(b, t + (n_blocks - 1) * c)
-    else:
-        cache.check_room(t + (n_blocks - 1) * c)
     eos = torch.tensor(eos_token_ids, device=device) if eos_token_ids else None
     sample = engine.model.ops.sample_step
     sc_dtype = engine.model.w.embed.dtype
