@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -43,12 +44,121 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .engine import load
+
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    return load(args.model, device=args.device, dtype=dtype)
+
+
+def _gen_kwargs(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps, "seed": args.seed}
+
+
+class _DraftPrinter:
+    """Shows the argmax canvas resolving: rewritten in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tok, self.out = tokenizer, out
+        self.tty = out.isatty()
+
+    def __call__(self, event) -> None:
+        if event.kind != "draft":
+            return
+        text = self.tok.decode(event.tokens[0].tolist(), skip_special_tokens=True).replace("\n", " ")
+        if self.tty:
+            self.out.write(f"\x1b[2K\r[block {event.block} step {event.step:>2}] {text[:200]}")
+            self.out.flush()
+        else:
+            print(f"[block {event.block} step {event.step}] {text}", file=self.out)
+
+    def done(self) -> None:
+        if self.tty:
+            self.out.write("\x1b[2K\r")
+
+
+def _print_reply(result, show_thinking: bool = True) -> None:
+    if show_thinking and result.thinking:
+        print(f"[thinking] {result.thinking}")
+    for call in result.tool_calls:
+        print(f"[tool call] {json.dumps(call)}")
+    print(result.text)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    eng = _load(args)
+    printer = _DraftPrinter(eng.tokenizer) if args.show_drafts else None
+    inputs = [{"role": "user", "content": args.prompt}] if args.chat or args.thinking else args.prompt
+    if not args.prompt:
+        raise DgemmaError("--prompt is empty")
+    result = eng.generate(inputs, thinking=args.thinking, stream=printer, **_gen_kwargs(args))
+    if printer is not None:
+        printer.done()
+    _print_reply(result)
+    steps = sum(max(block) for block in result.steps_per_block)
+    print(f"[{result.new_tokens.shape[1]} tokens in {len(result.steps_per_block)} blocks, {steps} denoising "
+          f"steps, {result.timings['total_s']:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    eng = _load(args)
+    session = eng.chat(system=args.system, thinking=args.thinking)
+    printer = _DraftPrinter(eng.tokenizer) if args.show_drafts else None
+    print("dgemma chat: type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            return 0
+        if line == "/reset":
+            session = eng.chat(system=args.system, thinking=args.thinking)
+            continue
+        try:
+            result = session.send(line, stream=printer, **_gen_kwargs(args))
+        except DgemmaError as e:  # a bad turn leaves the session usable
+            print(f"dgemma: error: {e}", file=sys.stderr)
+            continue
+        if printer is not None:
+            printer.done()
+        _print_reply(result)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights/activations dtype (default: the checkpoint's)")
+    p.add_argument("--thinking", action="store_true", help="let the model reason first (chat template's <|think|>)")
+    p.add_argument("--max-new-tokens", type=_positive, default=None,
+                   help="token budget, rounded up to whole canvases (default: generation_config.json or 256)")
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="maximum denoising steps per canvas (default: generation_config.json or 48)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible output")
+    p.add_argument("--show-drafts", action="store_true", help="show the canvas after every denoising step")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="dgemma", description="Fast inference for DiffusionGemma.")
+    p = _Parser(prog="dgemma", description="Fast inference for DiffusionGemma.")
     p.add_argument("--version", action="version", version=f"dgemma {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("demo", help="write a tiny random checkpoint, encode a prompt and denoise a canvas")
     d.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (default: tiny)")
     d.add_argument("--seed", type=int, default=0, help="seed for weights, prompt and canvas (default: 0)")
@@ -57,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive, default=8, help="at most this many denoising steps (default: 8)")
     d.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     d.set_defaults(func=_demo)
+
+    g = sub.add_parser("generate", help="generate from a prompt")
+    _add_model_options(g)
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    g.set_defaults(func=_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat (reuses the KV cache across turns)")
+    _add_model_options(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(func=_chat)
     return p
 
 
@@ -74,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        return 0
     except (DgemmaError, OSError) as e:
         print(f"dgemma: error: {e}", file=sys.stderr)
         return 2

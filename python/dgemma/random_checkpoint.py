@@ -26,11 +26,11 @@ PRESETS = {
 }
 
 
-def preset_config(preset: str, *, canvas_length: int = 256) -> dict:
-    """The ``config.json`` contents of a preset."""
+def preset_config(preset: str, *, canvas_length: int = 256, **overrides) -> dict:
+    """The ``config.json`` contents of a preset; ``overrides`` replace text_config fields."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}, expected one of {', '.join(PRESETS)}")
-    text = dict(PRESETS[preset])
+    text = dict(PRESETS[preset], **overrides)
     n = text["num_hidden_layers"]
     text.update(
         model_type="diffusion_gemma_text", hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
@@ -60,11 +60,13 @@ def random_tensors(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torc
 
 
 def write_random_checkpoint(path: str | os.PathLike, preset: str = "tiny", *, seed: int = 0,
-                            dtype: torch.dtype = torch.float32, shards: int = 1, canvas_length: int = 256) -> str:
-    """Write ``config.json`` and random safetensors weights (``shards`` > 1: sharded with an index)."""
+                            dtype: torch.dtype = torch.float32, shards: int = 1, canvas_length: int = 256,
+                            **overrides) -> str:
+    """Write ``config.json`` and random safetensors weights (``shards`` > 1: sharded with an index);
+    ``overrides`` replace text_config fields of the preset (e.g. ``vocab_size``)."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    raw = preset_config(preset, canvas_length=canvas_length)
+    raw = preset_config(preset, canvas_length=canvas_length, **overrides)
     cfg = ModelConfig.from_dict(raw)
     tensors = random_tensors(cfg, seed=seed, dtype=dtype)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:

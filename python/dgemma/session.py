@@ -29,8 +29,9 @@ class ChatSession:
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         cfg = engine.config
         self.context = min(context or DEFAULT_CONTEXT, cfg.max_position_embeddings)
-        budget = max_new_tokens or engine.generation_settings.max_new_tokens
-        self.budget = -(-budget // cfg.canvas_length) * cfg.canvas_length
+        self.max_new_tokens = max_new_tokens or engine.generation_settings.max_new_tokens
+        # Room to roll back one answer's committed blocks (see KVCache.truncate).
+        self.budget = -(-self.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
         self.cache = None
         self.cached_ids: list[int] = []
         self.reencoded_tokens = 0  # tokens encoded in the last turn (the new part of the conversation)
@@ -39,7 +40,13 @@ class ChatSession:
         return self.engine.new_cache(1, self.context, rollback=self.budget)
 
     def send(self, message: str | dict, **generate_kwargs):
-        """Add a user turn (a string) or any message dict (e.g. a tool result) and generate the reply."""
+        """Add a user turn (a string) or any message dict (e.g. a tool result) and generate the reply.
+
+        Only the tokens the cache does not already hold are encoded: the cache is rolled back to the
+        longest common prefix of what it holds and the newly rendered conversation. Where that is not
+        possible (history rewritten further back than one answer), the conversation is re-encoded.
+        """
+        generate_kwargs.setdefault("max_new_tokens", self.max_new_tokens)
         if isinstance(message, str):
             message = {"role": "user", "content": message}
         candidate = self.messages + [message]

@@ -1,0 +1,237 @@
+"""Chat front end: the checkpoint's template, thinking, tool calls, multi-turn sessions, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from chat_fixture import TURN_END, write_chat_checkpoint
+
+import dgemma
+from dgemma.chat import parse_response, parse_tool_call
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_chat_checkpoint(tmp_path_factory.mktemp("chat"))
+
+
+@pytest.fixture(scope="module")
+def eng(ckpt):
+    return dgemma.load(ckpt, dtype=torch.float32)
+
+
+def test_generation_config_defaults_are_read(eng):
+    s = eng.generation_settings
+    assert (s.max_new_tokens, s.max_denoising_steps, s.entropy_bound) == (32, 6, 0.5)
+    assert (s.t_max, s.t_min) == (0.8, 0.4)  # not in the file: the recommended defaults
+    assert eng.eos_token_ids == [1, TURN_END] and eng.pad_token_id == 0
+
+
+def test_template_thinking_and_tools(eng):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    plain = eng.chat_template.render(msgs)
+    assert plain == "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n"
+    thinking = eng.chat_template.render(msgs, thinking=True, tools=TOOLS)
+    assert thinking.startswith("<bos><|turn>system\n<|think|>Be brief.<|tool>{")
+    assert '"name": "get_weather"' in thinking
+    ids = eng.tokenizer.encode(thinking)
+    for control in ("<bos>", "<|turn>", "<|think|>", "<|tool>", "<tool|>", "<turn|>"):
+        assert eng.tokenizer.token_id(control) in ids  # control tokens are single ids
+
+
+def test_parse_thinking_text_and_tool_calls():
+    out = ('<|channel>thought\nThe user wants the weather.<channel|>Let me check.'
+           '<|tool_call>call:get_weather{city:<|"|>Paris, France<|"|>,days:3,scale:1.5,metric:true,'
+           'extra:null,tags:[<|"|>a<|"|>,2],opts:{deep:{x:-4}}}<tool_call|><turn|>garbage after the turn')
+    r = parse_response(out)
+    assert r.thinking == "The user wants the weather."
+    assert r.text == "Let me check."
+    assert r.tool_calls == [{"name": "get_weather", "arguments": {
+        "city": "Paris, France", "days": 3, "scale": 1.5, "metric": True, "extra": None, "tags": ["a", 2],
+        "opts": {"deep": {"x": -4}}}}]
+    assert isinstance(r.tool_calls[0]["arguments"]["days"], int)
+    assert r.as_message() == {"role": "assistant", "content": "Let me check.", "tool_calls": [
+        {"type": "function", "function": r.tool_calls[0]}]}  # thinking is not kept in the history
+
+
+def test_parse_survives_the_tokenizer_round_trip(eng):
+    text = '<|channel>thought\nhm<channel|>ok<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+    decoded = eng.tokenizer.decode(eng.tokenizer.encode(text))
+    assert parse_response(decoded).tool_calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+
+
+@pytest.mark.parametrize("body,message", [
+    ("get_weather{city:<|\"|>Paris}", "unterminated string"),
+    ("get_weather{city Paris}", "expected ':'"),
+    ("{city:1}", "expected a function name"),
+    ("f{a:1} trailing", "unexpected text after the arguments"),
+])
+def test_malformed_tool_calls(body, message):
+    with pytest.raises(dgemma.DgemmaError, match=message):
+        parse_tool_call(body)
+
+
+def test_generate_chat_returns_split_response(eng):
+    msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+    r = eng.generate(msgs, thinking=True, tools=TOOLS, seed=0)
+    assert r.sequences.shape[0] == 1 and len(r.responses) == 1
+    assert isinstance(r.text, str) and isinstance(r.tool_calls, list)
+    batch = eng.generate([msgs, [{"role": "user", "content": "Hi"}]], seed=0, max_new_tokens=16)
+    assert len(batch.texts) == 2 and batch.sequences.shape[0] == 2
+
+
+def test_text_prompts_get_bos_and_left_padding(eng):
+    r = eng.generate(["The sky is", "What is the weather in Paris today?"], seed=0, max_new_tokens=16)
+    bos = eng.tokenizer.token_id("<bos>")
+    short, long = eng.tokenizer.encode("The sky is"), eng.tokenizer.encode("What is the weather in Paris today?")
+    width = len(long) + 1
+    assert r.prompt_length == width
+    assert r.sequences[1, :width].tolist() == [bos] + long
+    assert r.sequences[0, :width].tolist() == [0] * (width - len(short) - 1) + [bos] + short
+    assert len(r.texts) == 2
+
+
+def test_session_encodes_only_new_tokens_and_matches_fresh(eng):
+    chat = eng.chat(system="Be brief.", thinking=True, tools=TOOLS)
+    chat.send("What is the weather in Paris?", seed=3)
+    assert chat.messages[-1]["role"] == "assistant" and "thinking" not in chat.messages[-1]
+    chat.send("And tomorrow?", seed=4)
+    full = eng.tokenizer.encode(eng.chat_template.render(chat.messages[:-1], tools=TOOLS, thinking=True))
+    assert 0 < chat.reencoded_tokens < len(full)  # the earlier turns came from the cache
+    assert chat.cached_ids[:len(full)] == full  # the cache holds the conversation as the template renders it
+    assert len(chat.cached_ids) == chat.cache.length
+    # The reused (truncated, then extended) cache scores a canvas like a fresh encoding of the same ids.
+    canvas = torch.randint(0, eng.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    ours = eng.denoise(chat.cache, canvas)
+    fresh = eng.denoise(eng.encode(torch.tensor([chat.cached_ids])), canvas)
+    torch.testing.assert_close(ours, fresh, rtol=0, atol=1e-4)
+
+
+def test_session_reencodes_from_where_history_diverges(eng):
+    chat = eng.chat(max_new_tokens=16)
+    chat.send("hello", seed=1)
+    held = list(chat.cached_ids)
+    chat.messages[0]["content"] = "goodbye"  # rewrite history inside the cached part
+    chat.send("again", seed=2)
+    full = eng.tokenizer.encode(eng.chat_template.render(chat.messages[:-1]))
+    common = next(i for i, (a, b) in enumerate(zip(held, full)) if a != b)
+    assert 0 < common and chat.reencoded_tokens == len(full) - common
+    assert chat.cached_ids[:len(full)] == full
+
+
+def test_session_falls_back_to_full_encoding(eng):
+    chat = eng.chat(max_new_tokens=16)  # rollback room for one 16-token canvas
+    chat.send("hello", seed=1, max_new_tokens=48)  # three canvases: two committed to the cache
+    chat.send("again", seed=2)
+    full = eng.tokenizer.encode(eng.chat_template.render(chat.messages[:-1]))
+    assert chat.reencoded_tokens == len(full)
+    assert chat.cached_ids[:len(full)] == full
+
+
+def test_tool_result_turn(eng):
+    chat = eng.chat(tools=TOOLS)
+    chat.send("Weather in Paris?", seed=1)
+    r = chat.send_tool_result("get_weather", {"temperature": 21})
+    assert chat.messages[-2] == {"role": "tool", "name": "get_weather", "content": json.dumps({"temperature": 21})}
+    rendered = eng.chat_template.render(chat.messages)
+    assert '<|tool_response>response:get_weather{"temperature": 21}<tool_response|>' in rendered
+    assert isinstance(r.text, str)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda e: e.generate(""), "prompt 0 is empty"),
+    (lambda e: e.generate([]), "inputs must be token ids"),
+    (lambda e: e.generate("hi", t_max=0.3, t_min=0.4), r"t_max \(0.3\) must be greater than t_min \(0.4\)"),
+    (lambda e: e.generate("hi", entropy_bound=0.0), "entropy_bound must be positive, got 0.0"),
+    (lambda e: e.generate("hi", entropy_bound=-1), "entropy_bound must be positive"),
+    (lambda e: e.generate("hi", max_denoising_steps=0), "max_denoising_steps must be a positive integer, got 0"),
+    (lambda e: e.generate("hi", max_new_tokens=-5), "max_new_tokens must be a positive integer, got -5"),
+    (lambda e: e.generate(torch.tensor([[3, 99999]])), r"token id 99999, outside the vocabulary"),
+    (lambda e: e.generate("hi", max_new_tokens=10**6), r"beyond max_position_embeddings 8192"),
+    (lambda e: e.generate([{"role": "wizard", "content": "x"}]), "unknown role 'wizard'"),
+    (lambda e: e.generate([{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {
+        "name": "bad name"}}]), "invalid function name 'bad name'"),
+    (lambda e: e.generate([{"role": "user", "content": "x"}], tools=[{"function": {
+        "name": "f", "parameters": {"type": "array"}}}]), "must be a JSON schema of type 'object'"),
+    (lambda e: e.generate([{"role": "user", "content": "x"}], tools=[{"function": {
+        "name": "f", "parameters": {"type": "object", "properties": {}, "required": ["q"]}}}]),
+     "'required' must list declared properties"),
+    (lambda e: e.generate("hi", seed=1, generator=torch.Generator()), "either generator= or seed="),
+    (lambda e: e.generate("hi", canvas=torch.zeros(1, 3, dtype=torch.long)), r"canvas has shape \[1, 3\]"),
+    (lambda e: e.generate("hi", eos_token_id=10**6), "eos_token_id 1000000 is not a token id"),
+    (lambda e: e.generate("hi", stream=42), "stream must be a callable"),
+])
+def test_bad_input_gets_clear_error_and_engine_stays_usable(eng, call, message):
+    with pytest.raises(dgemma.DgemmaError, match=message):
+        call(eng)
+    assert eng.generate("hi", seed=0, max_new_tokens=16, max_denoising_steps=2).sequences.shape[1] > 0
+
+
+def test_text_without_tokenizer_files(tmp_path):
+    from dgemma.random_checkpoint import write_random_checkpoint
+
+    e = dgemma.load(write_random_checkpoint(tmp_path / "nt", "tiny"))
+    with pytest.raises(dgemma.CheckpointError, match="no tokenizer.json; text input needs the checkpoint's "
+                                                     "tokenizer files"):
+        e.generate("hello")
+    r = e.generate(torch.tensor([[5, 6, 7]]), seed=0, max_new_tokens=8, max_denoising_steps=2)
+    assert r.texts is None and r.sequences.shape == (1, 3 + 256)
+
+
+def test_checkpoint_without_chat_template(tmp_path):
+    e = dgemma.load(write_chat_checkpoint(tmp_path / "nt", with_template=False))
+    with pytest.raises(dgemma.DgemmaError, match="the checkpoint has no chat template"):
+        e.generate([{"role": "user", "content": "hi"}])
+    assert e.generate("plain text works", seed=0).texts
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "dgemma", *args], capture_output=True, text=True, input=stdin,
+                          timeout=300)
+
+
+def test_cli_generate(ckpt):
+    r = cli("generate", "--model", ckpt, "--prompt", "Why is the sky blue?", "--chat", "--thinking", "--seed", "1",
+            "--steps", "3", "--show-drafts")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[block 0 step") == 3
+    assert "tokens in" in r.stderr
+    again = cli("generate", "--model", ckpt, "--prompt", "Why is the sky blue?", "--chat", "--thinking", "--seed",
+                "1", "--steps", "3", "--show-drafts")
+    assert again.stdout == r.stdout  # --seed makes it reproducible
+
+
+def test_cli_chat_multi_turn(ckpt):
+    r = cli("chat", "--model", ckpt, "--seed", "2", "--steps", "2", stdin="hello\nwhat next?\n/reset\nhi\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") >= 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--model", "/nonexistent", "--prompt", "x"], "checkpoint directory not found: /nonexistent"),
+    (["generate", "--model", "MODEL", "--prompt", "x", "--steps", "0"], "expected a positive integer, got 0"),
+    (["generate", "--model", "MODEL", "--prompt", ""], "--prompt is empty"),
+    (["generate", "--model", "MODEL"], "the following arguments are required: --prompt"),
+    (["chat"], "the following arguments are required: --model"),
+])
+def test_cli_errors_are_one_line(ckpt, args, message):
+    r = cli(*[ckpt if a == "MODEL" else a for a in args])
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_help_documents_every_option():
+    r = cli("generate", "--help")
+    for opt in ("--model", "--prompt", "--chat", "--thinking", "--max-new-tokens", "--steps", "--seed",
+                "--show-drafts"):
+        assert opt in r.stdout
+    assert "--system" in cli("chat", "--help").stdout
