@@ -7,6 +7,7 @@
 
 #include "ops/info.h"
 #include "ops/norm.h"
+#include "ops/registry.h"
 #include "ops/tensor_arg.h"
 
 namespace py = pybind11;
@@ -26,6 +27,8 @@ DType parse_dtype(const std::string& s) {
   return DType::kOther;
 }
 
+}  // namespace
+
 TensorArg to_arg(const py::handle& t, const char* name) {
   if (!py::hasattr(t, "data_ptr") || !py::hasattr(t, "stride"))
     throw std::invalid_argument(std::string(name) + " must be a torch.Tensor, got " +
@@ -40,6 +43,8 @@ TensorArg to_arg(const py::handle& t, const char* name) {
   a.device = dev.attr("type").cast<std::string>() == "cuda" ? dev.attr("index").cast<int>() : -1;
   return a;
 }
+
+namespace {
 
 void register_info(py::module_& m) {
   m.def("version", [] { return std::string(DGEMMA_VERSION); }, "Version of the compiled extension.");
@@ -78,4 +83,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "dgemma compiled kernels";
   dgemma::register_info(m);
   dgemma::register_norm(m);
+  dgemma::register_moe(m);
+  dgemma::register_attention(m);
+  dgemma::register_vocab_head(m);
 }

@@ -1,0 +1,74 @@
+"""Benchmark helpers: CUDA-event timing with L2 flushing, rooflines, and the result-file schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+
+import torch
+
+# Measured on the H100 80GB HBM3 we target (DESIGN.md): device copy bandwidth and dense peaks.
+HBM_BYTES_PER_S = 3.02e12
+BF16_FLOPS = 802e12
+FP8_FLOPS = 1471e12
+
+
+def roofline_ms(bytes_moved: float = 0.0, flops: float = 0.0, peak_flops: float = BF16_FLOPS) -> float:
+    """The larger of the memory time (bytes / 3.02 TB/s) and the compute time (flops / peak)."""
+    return max(bytes_moved / HBM_BYTES_PER_S, flops / peak_flops) * 1e3
+
+
+def time_cuda(fn: Callable[[], object], *, warmup: int = 5, iters: int = 30, flush_l2: bool = True) -> list[float]:
+    """Milliseconds per call, one CUDA-event pair per call; the L2 is flushed (a 256 MiB write)
+    before each call so weights come from HBM, as in a real step."""
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush_l2 else None
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("DGEMMA_COMMIT", "unknown")
+
+
+def write_results(path: str, results: list[dict]) -> None:
+    """Write ``{"device", "torch", "cuda", "commit", "command", "results"}`` to ``path``."""
+    doc = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": _commit(),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "results": results,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+    for r in results:
+        extra = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                          if k not in ("name", "median_ms", "roofline_ms"))
+        print(f"{r['name']:<32} {r.get('median_ms', float('nan')):9.4f} ms | roofline "
+              f"{r.get('roofline_ms', float('nan')):8.4f} ms | {extra}")
