@@ -195,3 +195,15 @@ def test_entropy_bound_acceptance_rule():
     assert entropy_bound_accept(e, 0.1).tolist() == [[True, True, True, False, True]]
     assert entropy_bound_accept(e, 0.02).tolist() == [[False, True, True, False, False]]
     assert entropy_bound_accept(e, 1e-9).tolist() == [[False, True, False, False, False]]  # at least one
+
+
+def test_global_generator_matches_transformers(models):
+    """Without generator= or seed=, both draw from torch's global generator."""
+    hf, eng = models()
+    p = prompts(eng, 2, 9)
+    kw = dict(max_new_tokens=16, max_denoising_steps=5, eos_token_id=[1], pad_token_id=0)
+    torch.manual_seed(123)
+    ref = hf.generate(p, **kw)
+    torch.manual_seed(123)
+    ours = eng.generate(p, **kw)
+    assert torch.equal(ours.sequences, ref.sequences)
