@@ -81,15 +81,8 @@ class DiffusionGemmaModel:
         def attend(i: int, h: torch.Tensor) -> torch.Tensor:
             spec = self.cfg.layers[i]
             q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
-            past_k, past_v, past_pos = cache.read(i)
-            keys, values = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
-            kpos = torch.cat((past_pos, positions))
-            mask = kpos[None, :] <= positions[:, None]
-            if spec.is_sliding:
-                mask &= kpos[None, :] > positions[:, None] - spec.window
-            mask = mask[None] & valid[:, kpos][:, None, :]
             pending.append((i, k, v))
-            return self.ops.attention(q, keys, values, mask).reshape(b, t, -1)
+            return self.ops.encoder_attention(q, k, v, cache, i, start, valid).reshape(b, t, -1)
 
         last = len(self.w.layers) - 1
         for i, lw in enumerate(self.w.layers[:-1]):
@@ -127,14 +120,7 @@ class DiffusionGemmaModel:
         def attend(i: int, h: torch.Tensor) -> torch.Tensor:
             spec = self.cfg.layers[i]
             q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
-            past_k, past_v, past_pos = cache.read(i)
-            keys, values = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
-            past_valid = cache.valid[:, past_pos]
-            mask = None
-            if not bool(past_valid.all()):
-                canvas_valid = torch.ones(b, c, dtype=torch.bool, device=canvas.device)
-                mask = torch.cat((past_valid, canvas_valid), dim=1)[:, None, :].expand(b, c, -1)
-            return self.ops.attention(q, keys, values, mask).reshape(b, c, -1)
+            return self.ops.decoder_attention(q, k, v, cache, i).reshape(b, c, -1)
 
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, x, attend, lw.decoder_scalar)

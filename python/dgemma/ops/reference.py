@@ -114,3 +114,40 @@ class ReferenceOps:
                     generator: torch.Generator | None) -> StepOutput:
         """One entropy-bounded sampler step on fp32 logits [B, C, V] (see :mod:`dgemma.sampler`)."""
         return reference_sample_step(logits, canvas, temp, bound, generator)
+
+    # -- attention over the KV cache -----------------------------------------------------------
+
+    def encoder_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, start: int,
+                          valid: torch.Tensor) -> torch.Tensor:
+        """Causal attention of new tokens at positions ``start..start+T-1`` over ``[cached ; new]``.
+
+        q [B, Hq, T, D]; k, v [B, Hkv, T, D] (not yet in the cache); ``valid`` [B, capacity] marks real
+        tokens, the new ones included. Sliding layers see keys with ``qpos - window < kpos <= qpos``.
+        Returns [B, T, Hq, D]. The cache is not written here.
+        """
+        t = q.shape[2]
+        past_k, past_v, past_pos = cache.read(layer)
+        keys, values = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+        positions = torch.arange(start, start + t, device=q.device)
+        kpos = torch.cat((past_pos, positions))
+        mask = kpos[None, :] <= positions[:, None]
+        window = cache.config.layers[layer].window
+        if window is not None:
+            mask &= kpos[None, :] > positions[:, None] - window
+        mask = mask[None] & valid[:, kpos][:, None, :]
+        return self.attention(q, keys, values, mask)
+
+    def decoder_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int) -> torch.Tensor:
+        """Bidirectional attention of the canvas over ``[cached prefix ; canvas]`` (padding excluded).
+
+        q [B, Hq, C, D]; k, v [B, Hkv, C, D]: the canvas's own K/V. Returns [B, C, Hq, D].
+        """
+        b, c = q.shape[0], q.shape[2]
+        past_k, past_v, past_pos = cache.read(layer)
+        keys, values = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+        past_valid = cache.valid[:, past_pos]
+        mask = None
+        if not bool(past_valid.all()):
+            canvas_valid = torch.ones(b, c, dtype=torch.bool, device=q.device)
+            mask = torch.cat((past_valid, canvas_valid), dim=1)[:, None, :].expand(b, c, -1)
+        return self.attention(q, keys, values, mask)
