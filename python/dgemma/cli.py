@@ -132,6 +132,35 @@ def _chat(args: argparse.Namespace) -> int:
         _print_reply(result)
 
 
+def _int_list(s: str) -> list[int]:
+    try:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {s!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {s!r}")
+    return vals
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchOptions, print_table, run, save_plot
+
+    opts = BenchOptions(preset=args.preset, device=args.device, dtype=args.precision, batch_sizes=args.batch,
+                        prompt_length=args.prompt_length, steps=args.steps, iters=args.iters,
+                        warmup=args.warmup, baseline=args.baseline, prefix_lengths=args.prefix_lengths or [],
+                        seed=args.seed)
+    report = run(opts, log=lambda m: print(m, file=sys.stderr))
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        save_plot(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -178,6 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(c)
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=_chat)
+
+    b = sub.add_parser("bench", help="benchmark denoising steps, blocks and prefill on random weights",
+                       description="Times a denoising step, 256-token blocks at 16 and 48 steps (with the commit "
+                                   "pass), prefill and time to first draft, each beside its HBM roofline. "
+                                   "Default: the 26B-A4B shapes on a GPU, a small preset on a CPU.")
+    b.add_argument("--preset", default="auto", choices=["auto", "tiny", "26b-a4b"],
+                   help="model shapes (default: 26b-a4b on a GPU, tiny on a CPU)")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    b.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="weights and activations (default: bfloat16)")
+    b.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default: 1)")
+    b.add_argument("--prompt-length", type=_positive, default=None,
+                   help="prompt tokens before the canvas (default: 1024 on 26b-a4b, 64 on tiny)")
+    b.add_argument("--steps", type=_int_list, default=[16, 48], help="denoising steps per block (default: 16,48)")
+    b.add_argument("--prefix-lengths", type=_int_list, default=None,
+                   help="also time a step after these prefix lengths (for --plot)")
+    b.add_argument("--iters", type=_positive, default=20, help="timed repetitions (default: 20)")
+    b.add_argument("--warmup", type=_positive, default=3, help="warm-up repetitions (default: 3)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
+    b.add_argument("--baseline", choices=["transformers"], default=None,
+                   help="also time transformers' model on the same weights and report the speed-up")
+    b.add_argument("--json", default=None, help="write the results to this JSON file")
+    b.add_argument("--plot", default=None, help="write a PNG: latency vs batch and vs prefix length, with roofline")
+    b.set_defaults(func=_bench)
     return p
 
 

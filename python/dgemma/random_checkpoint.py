@@ -46,17 +46,38 @@ def preset_config(preset: str, *, canvas_length: int = 256, **overrides) -> dict
             "text_config": text, "canvas_length": canvas_length, "tie_word_embeddings": True}
 
 
-def random_tensors(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Random values for every tensor: linear weights ~ N(0, 1/fan_in), norms and scales around 1."""
-    g = torch.Generator().manual_seed(seed)
+def random_tensors(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:
+    """Random values for every tensor: linear weights ~ N(0, 1/fan_in), norms and scales around 1.
+
+    Tensors are drawn one at a time directly on ``device`` in ``dtype`` (the 26B preset never exists
+    in fp32 or on the host)."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = expected_shapes(cfg)
     out = {}
-    for key, shape in expected_shapes(cfg).items():
+    for key, shape in tqdm(shapes.items(), desc="random weights", unit="tensor", disable=not progress):
         if len(shape) == 1:
-            t = 0.6 + 0.8 * torch.rand(shape, generator=g)
+            t = torch.rand(shape, generator=g, device=device, dtype=torch.float32).mul_(0.8).add_(0.6).to(dtype)
         else:
-            t = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
-        out[key] = t.to(dtype)
+            t = torch.randn(shape, generator=g, device=device, dtype=dtype).mul_(1.0 / math.sqrt(shape[-1]))
+        out[key] = t
     return out
+
+
+def random_engine(preset: str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu", backend: str = "reference", progress: bool = False,
+                  canvas_length: int = 256):
+    """An :class:`~dgemma.engine.Engine` with random weights at a preset's shapes, built in memory."""
+    from .engine import Engine
+    from .weights import ModelWeights
+
+    cfg = ModelConfig.from_dict(preset_config(preset, canvas_length=canvas_length))
+    tensors = random_tensors(cfg, seed=seed, dtype=dtype, device=device, progress=progress)
+    return Engine(cfg, ModelWeights.from_tensors(cfg, tensors), device=torch.device(device), dtype=dtype,
+                  backend=backend)
 
 
 def write_random_checkpoint(path: str | os.PathLike, preset: str = "tiny", *, seed: int = 0,

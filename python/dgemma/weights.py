@@ -144,3 +144,29 @@ class ModelWeights:
             sc_gate=t[d + "self_conditioning.gate_proj.weight"], sc_up=t[d + "self_conditioning.up_proj.weight"],
             sc_down=t[d + "self_conditioning.down_proj.weight"], layers=layers,
         )
+
+
+def named_tensors(cfg: ModelConfig, w: ModelWeights) -> dict[str, torch.Tensor]:
+    """The inverse of :meth:`ModelWeights.from_tensors`: every tensor under its Hugging Face name."""
+    d = DECODER
+    out = {d + "embed_tokens.weight": w.embed, d + "norm.weight": w.final_norm,
+           d + "self_conditioning.pre_norm.weight": w.sc_pre_norm, d + "self_conditioning.gate_proj.weight": w.sc_gate,
+           d + "self_conditioning.up_proj.weight": w.sc_up, d + "self_conditioning.down_proj.weight": w.sc_down}
+    for spec, lw in zip(cfg.layers, w.layers):
+        p = f"{DECODER}layers.{spec.index}."
+        a = lw.attn
+        out.update({p + "self_attn.q_proj.weight": a.q_proj, p + "self_attn.k_proj.weight": a.k_proj,
+                    p + "self_attn.o_proj.weight": a.o_proj, p + "self_attn.q_norm.weight": a.q_norm,
+                    p + "self_attn.k_norm.weight": a.k_norm})
+        if a.v_proj is not None:
+            out[p + "self_attn.v_proj.weight"] = a.v_proj
+        norms = (lw.input_norm, lw.post_attn_norm, lw.pre_ff_norm, lw.post_ff_norm, lw.post_mlp_norm,
+                 lw.post_moe_norm, lw.pre_moe_norm)
+        out.update({p + name + ".weight": t for name, t in zip(LAYER_NORMS, norms)})
+        out.update({p + "mlp.gate_proj.weight": lw.mlp_gate, p + "mlp.up_proj.weight": lw.mlp_up,
+                    p + "mlp.down_proj.weight": lw.mlp_down, p + "router.proj.weight": lw.router_proj,
+                    p + "router.scale": lw.router_scale, p + "router.per_expert_scale": lw.router_expert_scale,
+                    p + "experts.gate_up_proj": lw.experts_gate_up, p + "experts.down_proj": lw.experts_down,
+                    p + "layer_scalar": lw.decoder_scalar,
+                    f"{ENCODER_LAYERS}{spec.index}.layer_scalar": lw.encoder_scalar})
+    return out

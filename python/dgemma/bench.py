@@ -1,0 +1,253 @@
+"""``dgemma bench``: denoising-step latency, block throughput and prefill on random weights.
+
+On a GPU the default is the real 26B-A4B shapes; on a CPU-only machine a small preset, so the command
+always runs. Every time is printed beside its HBM roofline (bytes moved / 3.02 TB/s, the copy rate
+measured on the H100 we target).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import DgemmaError
+from .sampler import GenerationSettings, temperature
+
+HBM_BYTES_PER_S = 3.02e12
+
+
+@dataclass(slots=True)
+class BenchOptions:
+    preset: str = "auto"
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    prompt_length: int | None = None
+    steps: list[int] = field(default_factory=lambda: [16, 48])
+    iters: int = 20
+    warmup: int = 3
+    baseline: str | None = None
+    prefix_lengths: list[int] = field(default_factory=list)
+    seed: int = 0
+
+
+def _timer(device: torch.device):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def measure(fn, iters: int, warmup: int) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        sync()
+        out = []
+        for _ in range(iters):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    return measure
+
+
+def step_bytes(eng, batch: int, prefix: int) -> float:
+    """Bytes one denoising step must move: every weight it touches once, the vocabulary head's two
+    reads of the embedding, and the K/V it attends to."""
+    cfg, w = eng.config, eng.model.w
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    total = 0.0
+    tokens = batch * cfg.canvas_length
+    # Experts touched: all of them once tokens * top_k far exceeds the expert count.
+    hit = cfg.num_experts * (1 - (1 - 1 / cfg.num_experts) ** (tokens * cfg.top_k))
+    for spec, lw in zip(cfg.layers, w.layers):
+        a = lw.attn
+        total += sum(size(t) for t in (a.q_proj, a.k_proj, a.v_proj, a.o_proj) if t is not None)
+        total += size(lw.mlp_gate) + size(lw.mlp_up) + size(lw.mlp_down) + size(lw.router_proj)
+        total += (size(lw.experts_gate_up) + size(lw.experts_down)) * hit / cfg.num_experts
+        kv = min(prefix, spec.window - 1) if spec.is_sliding else prefix
+        total += 2 * batch * kv * spec.num_kv_heads * spec.head_dim * w.embed.element_size()
+    total += 2 * size(w.embed)  # lm_head and the self-conditioning soft embedding
+    total += size(w.sc_gate) + size(w.sc_up) + size(w.sc_down)
+    return total
+
+
+def _memory_peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _row(name: str, times: list[float] | float, roofline_ms: float | None = None, **extra) -> dict:
+    med = statistics.median(times) if isinstance(times, list) else times
+    row = {"name": name, "median_ms": med}
+    if roofline_ms is not None:
+        row["roofline_ms"] = roofline_ms
+        row["roofline_share"] = roofline_ms / med if med > 0 else float("nan")
+    row.update(extra)
+    return row
+
+
+def run(opts: BenchOptions, *, log=print) -> dict:
+    from .random_checkpoint import random_engine
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
+    preset = opts.preset if opts.preset != "auto" else ("26b-a4b" if device.type == "cuda" else "tiny")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(opts.dtype)
+    if dtype is None:
+        raise DgemmaError(f"precision {opts.dtype!r} is not supported here (expected bfloat16 or float32)")
+    prompt_len = opts.prompt_length or (1024 if preset == "26b-a4b" else 64)
+    if opts.baseline == "transformers" and 1 not in opts.batch_sizes:
+        raise DgemmaError("--baseline transformers compares batch 1: include 1 in --batch")
+    log(f"dgemma bench: preset {preset}, {opts.dtype}, device {device}, prompt {prompt_len}, "
+        f"batches {opts.batch_sizes}, steps {opts.steps}")
+    eng = random_engine(preset, seed=opts.seed, dtype=dtype, device=device, progress=True)
+    cfg = eng.config
+    c, v = cfg.canvas_length, cfg.vocab_size
+    measure = _timer(device)
+    g = torch.Generator(device=device).manual_seed(opts.seed)
+    settings = GenerationSettings(max_denoising_steps=max(opts.steps))
+    results = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    for b in opts.batch_sizes:
+        prompt = torch.randint(3, v, (b, prompt_len), generator=g, device=device)
+        prefill = measure(lambda: eng.encode(prompt, capacity=prompt_len + c), max(3, opts.iters // 4), 1)
+        enc_bytes = step_bytes(eng, 1, 0) - 2 * eng.model.w.embed.numel() * eng.model.w.embed.element_size()
+        results.append(_row(f"prefill_t{prompt_len}_b{b}", prefill, enc_bytes / HBM_BYTES_PER_S * 1e3))
+        cache = eng.new_cache(b, prompt_len + c, rollback=c)
+        eng.encode(prompt, cache=cache)
+        canvas = torch.randint(0, v, (b, c), generator=g, device=device)
+        sc = torch.randn(b, c, v, generator=g, device=device).to(dtype)
+        step_roof = step_bytes(eng, b, prompt_len) / HBM_BYTES_PER_S * 1e3
+
+        def one_step(sc_logits=sc, n=settings.max_denoising_steps):
+            logits = eng.denoise(cache, canvas, sc_logits)
+            return eng.model.ops.sample_step(logits, canvas, temperature(n, settings, device),
+                                             settings.entropy_bound, g)
+
+        step = measure(one_step, opts.iters, opts.warmup)
+        results.append(_row(f"denoise_step_{opts.dtype}_b{b}", step, step_roof, batch=b, prefix=prompt_len))
+        forward = measure(lambda: eng.denoise(cache, canvas, sc), opts.iters, opts.warmup)
+        results.append(_row(f"decoder_forward_{opts.dtype}_b{b}", forward, step_roof, batch=b))
+        first = measure(lambda: one_step(None), max(3, opts.iters // 4), 1)
+        results.append(_row(f"first_draft_{opts.dtype}_b{b}", first, step_roof))
+        for n in opts.steps:
+            def block(n=n):
+                out = one_step(None, n)
+                for k in range(n - 1, 0, -1):
+                    out = one_step(out.processed_logits.to(dtype), k)
+                eng.encode(out.argmax, cache=cache)  # the commit pass
+                cache.truncate(prompt_len)
+
+            ms = measure(block, max(2, opts.iters // 8), 1)
+            tok_s = b * c / (statistics.median(ms) / 1e3)
+            results.append(_row(f"block{n}_{opts.dtype}_b{b}", ms, step_roof * n, tok_per_s=tok_s, steps=n))
+        for prefix in opts.prefix_lengths:
+            pc = eng.encode(torch.randint(3, v, (b, prefix), generator=g, device=device), capacity=prefix + c)
+            t = measure(lambda pc=pc: eng.denoise(pc, canvas, sc), max(3, opts.iters // 4), 1)
+            results.append(_row(f"denoise_step_{opts.dtype}_b{b}_p{prefix}", t,
+                                step_bytes(eng, b, prefix) / HBM_BYTES_PER_S * 1e3, batch=b, prefix=prefix))
+
+    if opts.baseline == "transformers":
+        results.append(_baseline_transformers(eng, opts, prompt_len, device, measure, results))
+    results.append({"name": "peak_memory", "median_ms": 0.0, "peak_mib": _memory_peak_mib(device)})
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "commit": os.environ.get("DGEMMA_COMMIT", "unknown"),
+        "command": " ".join(["dgemma"] + sys.argv[1:]), "preset": preset, "results": results,
+    }
+
+
+def _baseline_transformers(eng, opts, prompt_len, device, measure, results) -> dict:
+    """transformers' bf16 model on the same random weights, its decoder step timed in this process."""
+    try:
+        from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    except ImportError:
+        raise DgemmaError("--baseline transformers needs transformers==5.23.0 (pip install 'dgemma[test]')") from None
+    from .random_checkpoint import preset_config
+    from .weights import named_tensors
+
+    raw = preset_config(opts.preset if opts.preset != "auto" else ("26b-a4b" if device.type == "cuda" else "tiny"),
+                        canvas_length=eng.config.canvas_length)
+    text = dict(raw["text_config"])
+    text.pop("model_type", None)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=8)
+    hf_cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=eng.config.canvas_length)
+    # NOTE: the baseline holds its own copy of the weights (bf16), built directly on the device.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(eng.dtype)
+    try:
+        with torch.device(device):
+            hf = DiffusionGemmaForBlockDiffusion(hf_cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    missing = hf.load_state_dict(named_tensors(eng.config, eng.model.w), strict=False).missing_keys
+    untied = [k for k in missing if "vision" not in k and not k.startswith(("model.encoder.language_model",
+                                                                              "lm_head"))]
+    if untied:
+        raise DgemmaError(f"baseline model has weights dgemma did not provide: {untied[:3]}")
+    hf.eval()
+    b, c, v = 1, eng.config.canvas_length, eng.config.vocab_size
+    g = torch.Generator(device=device).manual_seed(opts.seed)
+    prompt = torch.randint(3, v, (b, prompt_len), generator=g, device=device)
+    canvas = torch.randint(0, v, (b, c), generator=g, device=device)
+    with torch.no_grad():
+        past = hf(input_ids=prompt, decoder_input_ids=canvas).past_key_values
+        sc = torch.randn(b, c, v, generator=g, device=device).to(eng.dtype)
+        t = measure(lambda: hf(past_key_values=past, decoder_input_ids=canvas, self_conditioning_logits=sc),
+                    max(3, opts.iters // 4), 1)
+    # Like for like: transformers' decoder forward (logits included) against ours, same inputs.
+    ours = next(r for r in results if r["name"] == f"decoder_forward_{opts.dtype}_b1")
+    hf_ms = statistics.median(t)
+    return _row("hf_vs_dgemma_step_b1", hf_ms, speedup=hf_ms / ours["median_ms"], dgemma_ms=ours["median_ms"])
+
+
+def print_table(report: dict, out=sys.stdout) -> None:
+    print(f"{'name':<34} {'median ms':>11} {'roofline ms':>12} {'share':>7}  extra", file=out)
+    for r in report["results"]:
+        roof = r.get("roofline_ms")
+        share = r.get("roofline_share")
+        extra = "  ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                          if k not in ("name", "median_ms", "roofline_ms", "roofline_share"))
+        print(f"{r['name']:<34} {r['median_ms']:>11.3f} {roof if roof is not None else float('nan'):>12.3f} "
+              f"{share if share is not None else float('nan'):>7.1%}  {extra}", file=out)
+
+
+def save_plot(report: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DgemmaError("--plot needs matplotlib (pip install matplotlib)") from None
+    steps = [r for r in report["results"] if r["name"].startswith("denoise_step_") and "batch" in r]
+    by_batch = sorted((r for r in steps if "_p" not in r["name"]), key=lambda r: r["batch"])
+    by_prefix = sorted((r for r in steps if "_p" in r["name"] and r["batch"] == 1), key=lambda r: r["prefix"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, rows, key, label in ((axes[0], by_batch, "batch", "batch size"),
+                                 (axes[1], by_prefix, "prefix", "prefix length (tokens)")):
+        if rows:
+            xs = [r[key] for r in rows]
+            ax.plot(xs, [r["median_ms"] for r in rows], "o-", label="dgemma")
+            ax.plot(xs, [r["roofline_ms"] for r in rows], "k--", label="HBM roofline")
+        ax.set_xlabel(label)
+        ax.set_ylabel("denoising step (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"dgemma denoising step, {report['preset']} on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
