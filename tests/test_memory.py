@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+import dgemma
+from dgemma.memory import check_fits, kv_cache_bytes, plan
+from dgemma.random_checkpoint import preset_config, random_engine
+
+
+def test_kv_bytes_equal_the_allocated_cache():
+    eng = random_engine("tiny")
+    for batch, context, rollback in [(1, 10, 0), (2, 100, 0), (3, 77, 16)]:
+        cache = eng.new_cache(batch, context, rollback=rollback)
+        assert kv_cache_bytes(eng.config, batch, context, eng.dtype, rollback) == cache.nbytes() + batch * context
+
+
+def test_26b_plan_numbers():
+    cfg = dgemma.ModelConfig.from_dict(preset_config("26b-a4b"))
+    kv = kv_cache_bytes(cfg, 1, 32768, torch.bfloat16)
+    # 25 sliding layers x 2 x 8 heads x 1023 x 256 + 5 full layers x 2 x 2 heads x 32768 x 512, bf16
+    expected = 2 * (25 * 2 * 8 * 1023 * 256 + 5 * 2 * 2 * 32768 * 512) + 32768
+    assert kv == expected
+    p = plan(cfg, 26 * 2**30, 1, 32768, torch.bfloat16, fused_vocab_head=True)
+    assert p.total == p.weights + p.kv_cache + p.workspace
+    assert "GiB" in str(p)
+
+
+def test_refuses_with_numbers():
+    cfg = dgemma.ModelConfig.from_dict(preset_config("26b-a4b"))
+    p = plan(cfg, 26 * 2**30, 64, 131072, torch.bfloat16)
+    with pytest.raises(dgemma.DgemmaError, match=r"batch 64 x context 131072 does not fit: needs [\d.]+ GiB more"):
+        check_fits(p, 80 * 2**30)
+    check_fits(plan(cfg, 26 * 2**30, 1, 4096, torch.bfloat16, fused_vocab_head=True), 80 * 2**30)
+    with pytest.raises(dgemma.DgemmaError, match="context 300000 exceeds max_position_embeddings"):
+        plan(cfg, 0, 1, 300000, torch.bfloat16)
