@@ -16,7 +16,7 @@ from .chat import ChatTemplate, load_chat_template, parse_response
 from .generation import GenerationResult, StreamEvent, drive, run_generation
 from .model import DiffusionGemmaModel
 from .ops import BACKENDS, get_ops
-from .prompts import Prompt, prepare
+from .prompts import Prompt, check_attention_mask, prepare
 from .sampler import GenerationSettings, read_generation_config
 from .tokenizer import Tokenizer
 from .weights import ModelWeights
@@ -215,12 +215,7 @@ class Engine:
         else:
             self._check_cache(cache, b)
             cache.check_room(t)
-        mask = None
-        if attention_mask is not None:
-            mask = torch.as_tensor(attention_mask, device=self.device)
-            if mask.shape != ids.shape:
-                raise DgemmaError(f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)}")
-            mask = mask.bool()
+        mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
         self.model.encode(ids, cache, mask)
         return cache
 

@@ -31,19 +31,23 @@ def left_pad(rows: list[list[int]], pad_id: int) -> Prompt:
     return Prompt(ids, None if bool(mask.all()) else mask, False)
 
 
+def check_attention_mask(attention_mask, ids: torch.Tensor) -> torch.Tensor:
+    """A bool [B, T] mask matching ``ids``, with at least one real token per row."""
+    mask = torch.as_tensor(attention_mask, device=ids.device)
+    if mask.shape != ids.shape:
+        raise DgemmaError(f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)}")
+    mask = mask.bool()
+    if not bool(mask.any(dim=1).all()):
+        raise DgemmaError("attention_mask masks every token of some prompt: prompts must not be empty")
+    return mask
+
+
 def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tools=None) -> Prompt:
     """Ids [B, T] (+ mask) for any accepted input form; text needs the checkpoint's tokenizer."""
     if isinstance(inputs, torch.Tensor) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], list)
                                             and inputs[0] and isinstance(inputs[0][0], int)):
         ids = engine._ids(inputs, "input_ids")
-        mask = None
-        if attention_mask is not None:
-            mask = torch.as_tensor(attention_mask, device=ids.device)
-            if mask.shape != ids.shape:
-                raise DgemmaError(f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)}")
-            mask = mask.bool()
-            if not bool(mask.any(dim=1).all()):
-                raise DgemmaError("attention_mask masks every token of some prompt: prompts must not be empty")
+        mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
         if tools is not None or thinking:
             raise DgemmaError("thinking= and tools= apply to chat messages, not to token ids")
         return Prompt(ids, mask, False)
