@@ -99,23 +99,28 @@ class DiffusionGemmaModel:
 
     # -- decoder -------------------------------------------------------------------------------
 
-    def decoder_input(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None) -> torch.Tensor:
-        """post_norm(embed(canvas) + MLP_sc(pre_norm(soft))), soft = softmax(sc_logits) @ E * sqrt(H)."""
+    def decoder_input(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None = None,
+                      soft: torch.Tensor | None = None) -> torch.Tensor:
+        """post_norm(embed(canvas) + MLP_sc(pre_norm(soft))), soft = softmax(sc_logits) @ E * sqrt(H).
+
+        ``soft`` [B, C, H] may be given directly (a fused vocabulary head computes it); with neither it
+        is zeros, and the MLP of zeros is exactly zero, so it is skipped."""
         ops, w, eps = self.ops, self.w, self.cfg.rms_norm_eps
         x = ops.embed(canvas, w.embed, self.cfg.embed_scale)
-        if sc_logits is not None:
+        if soft is None and sc_logits is not None:
             soft = ops.soft_embedding(sc_logits, w.embed, self.cfg.embed_scale)
+        if soft is not None:
             x = x + ops.gated_mlp(ops.rms_norm(soft, w.sc_pre_norm, eps), w.sc_gate, w.sc_up, w.sc_down)
-        # Without logits the signal is zeros, and the MLP of zeros is exactly zero: skip it.
         return ops.rms_norm(x, None, eps)
 
-    def denoise(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None) -> torch.Tensor:
-        """fp32 softcapped logits [B, C, V] of the canvas; reads the cache, never writes it."""
+    def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
+                       soft: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed decoder hidden states [B, C, H] of the canvas; reads the cache, never writes it."""
         b, c = canvas.shape
         start = cache.length
         positions = torch.arange(start, start + c, device=canvas.device)
         ropes = self._rope_tables(positions[None], self.w.embed.dtype)
-        x = self.decoder_input(canvas, sc_logits)
+        x = self.decoder_input(canvas, sc_logits, soft)
 
         def attend(i: int, h: torch.Tensor) -> torch.Tensor:
             spec = self.cfg.layers[i]
@@ -124,5 +129,9 @@ class DiffusionGemmaModel:
 
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, x, attend, lw.decoder_scalar)
-        h = self.ops.rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps)
+        return self.ops.rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps)
+
+    def denoise(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None) -> torch.Tensor:
+        """fp32 softcapped logits [B, C, V] of the canvas; reads the cache, never writes it."""
+        h = self.denoise_hidden(canvas, cache, sc_logits)
         return self.ops.lm_head_softcap(h, self.w.embed, self.cfg.final_logit_softcapping)
