@@ -111,7 +111,12 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         raise DgemmaError("--baseline transformers compares batch 1: include 1 in --batch")
     log(f"dgemma bench: preset {preset}, {opts.dtype}, device {device}, prompt {prompt_len}, "
         f"batches {opts.batch_sizes}, steps {opts.steps}")
-    eng = random_engine(preset, seed=opts.seed, dtype=dtype, device=device, progress=True)
+    if preset == "26b-a4b" and device.type == "cpu":
+        raise DgemmaError("the 26b-a4b preset needs a GPU (its bf16 weights are 50 GB); use --preset tiny")
+    from . import _ext
+
+    backend = "cuda" if device.type == "cuda" and _ext.cuda_status() is None else "reference"
+    eng = random_engine(preset, seed=opts.seed, dtype=dtype, device=device, progress=True, backend=backend)
     cfg = eng.config
     c, v = cfg.canvas_length, cfg.vocab_size
     measure = _timer(device)
@@ -166,7 +171,8 @@ def run(opts: BenchOptions, *, log=print) -> dict:
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "commit": os.environ.get("DGEMMA_COMMIT", "unknown"),
-        "command": " ".join(["dgemma"] + sys.argv[1:]), "preset": preset, "results": results,
+        "command": " ".join(["dgemma"] + sys.argv[1:]), "preset": preset, "backend": eng.backend,
+        "results": results,
     }
 
 
