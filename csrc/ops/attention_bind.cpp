@@ -1,8 +1,103 @@
-// Python bindings of the attention domain (filled in with its kernels).
+// Python bindings of the attention domain: attention_forward, qkv_prep, attention_tile_shape.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "kernels/attention_tiles.cuh"
+#include "ops/attention.h"
 #include "ops/registry.h"
+
+namespace py = pybind11;
 
 namespace dgemma {
 
-void register_attention(pybind11::module_& m) { (void)m; }
+std::pair<int, int> attention_tile_shape(int64_t head_dim) {
+  if (head_dim > (1 << 20) || !kernels::attention_head_dim_supported(static_cast<int>(head_dim)))
+    throw std::invalid_argument("attention head_dim " + std::to_string(head_dim) +
+                                " is not supported (expected 256 or 512)");
+  const int d = static_cast<int>(head_dim);
+  return {kernels::attention_block_m(d), kernels::attention_block_n(d)};
+}
+
+namespace {
+
+#ifdef DGEMMA_WITH_CUDA
+// None -> no tensor; kept alive in `slot` so a pointer to it can be handed on.
+const TensorArg* optional_arg(py::handle h, const char* name, TensorArg& slot) {
+  if (h.is_none()) return nullptr;
+  slot = to_arg(h, name);
+  return &slot;
+}
+
+void attention_forward_py(py::handle q, py::handle cache_k, py::handle cache_v, py::handle tail_k, py::handle tail_v,
+                          py::handle prefix_lens, py::handle valid, py::handle out, py::handle part_o,
+                          py::handle part_lse, int64_t max_prefix, int64_t ring_size, int64_t window, bool causal,
+                          bool valid_tail, int64_t num_splits, int64_t split_tiles, std::uintptr_t stream) {
+  TensorArg valid_a, part_o_a, part_lse_a;
+  AttentionOptions opt;
+  opt.max_prefix = max_prefix;
+  opt.ring_size = ring_size;
+  opt.window = window;
+  opt.causal = causal;
+  opt.valid_tail = valid_tail;
+  opt.num_splits = num_splits;
+  opt.split_tiles = split_tiles;
+  attention_forward(to_arg(q, "q"), to_arg(cache_k, "cache_k"), to_arg(cache_v, "cache_v"), to_arg(tail_k, "tail_k"),
+                    to_arg(tail_v, "tail_v"), to_arg(prefix_lens, "prefix_lens"),
+                    optional_arg(valid, "valid", valid_a), to_arg(out, "out"),
+                    optional_arg(part_o, "part_o", part_o_a), optional_arg(part_lse, "part_lse", part_lse_a), opt,
+                    stream);
+}
+
+void qkv_prep_py(py::handle q_in, py::handle k_in, py::handle v_in, py::handle q_weight, py::handle k_weight,
+                 py::handle cos, py::handle sin, py::handle q_out, py::handle k_out, py::handle v_out,
+                 py::handle cache_k, py::handle cache_v, int64_t cache_start, int64_t ring_size, double eps,
+                 std::uintptr_t stream) {
+  TensorArg v_in_a, cache_k_a, cache_v_a;
+  qkv_prep(to_arg(q_in, "q_in"), to_arg(k_in, "k_in"), optional_arg(v_in, "v_in", v_in_a),
+           to_arg(q_weight, "q_weight"), to_arg(k_weight, "k_weight"), to_arg(cos, "cos"), to_arg(sin, "sin"),
+           to_arg(q_out, "q_out"), to_arg(k_out, "k_out"), to_arg(v_out, "v_out"),
+           optional_arg(cache_k, "cache_k", cache_k_a), optional_arg(cache_v, "cache_v", cache_v_a), cache_start,
+           ring_size, eps, stream);
+}
+#else
+[[noreturn]] void no_cuda(const char* op) {
+  throw std::runtime_error(std::string(op) + ": dgemma was built without CUDA (no CUDA toolkit at build time); "
+                           "reinstall on a machine with nvcc");
+}
+
+void attention_forward_py(py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
+                          py::handle, py::handle, py::handle, int64_t, int64_t, int64_t, bool, bool, int64_t, int64_t,
+                          std::uintptr_t) {
+  no_cuda("attention_forward");
+}
+
+void qkv_prep_py(py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
+                 py::handle, py::handle, py::handle, py::handle, int64_t, int64_t, double, std::uintptr_t) {
+  no_cuda("qkv_prep");
+}
+#endif
+
+}  // namespace
+
+void register_attention(py::module_& m) {
+  m.def(
+      "attention_tile_shape",
+      [](int64_t head_dim) {
+        auto [bm, bn] = attention_tile_shape(head_dim);
+        return py::make_tuple(bm, bn);
+      },
+      py::arg("head_dim"), "(block_m, block_n) of the attention kernel for a head dim (256 or 512).");
+  m.def("attention_forward", &attention_forward_py, py::arg("q"), py::arg("cache_k"), py::arg("cache_v"),
+        py::arg("tail_k"), py::arg("tail_v"), py::arg("prefix_lens"), py::arg("valid"), py::arg("out"),
+        py::arg("part_o"), py::arg("part_lse"), py::arg("max_prefix"), py::arg("ring_size"), py::arg("window"),
+        py::arg("causal"), py::arg("valid_tail"), py::arg("num_splits"), py::arg("split_tiles"), py::arg("stream"),
+        "Attention of q over [visible cached prefix ; tail]; see dgemma.ops.cuda_attention.");
+  m.def("qkv_prep", &qkv_prep_py, py::arg("q_in"), py::arg("k_in"), py::arg("v_in"), py::arg("q_weight"),
+        py::arg("k_weight"), py::arg("cos"), py::arg("sin"), py::arg("q_out"), py::arg("k_out"), py::arg("v_out"),
+        py::arg("cache_k"), py::arg("cache_v"), py::arg("cache_start"), py::arg("ring_size"), py::arg("eps"),
+        py::arg("stream"), "Fused q/k norms, RoPE, v_norm and cache write; see dgemma.ops.cuda_attention.");
+}
 
 }  // namespace dgemma

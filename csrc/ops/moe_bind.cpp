@@ -1,8 +1,138 @@
-// Python bindings of the moe domain (filled in with its kernels).
+// Python bindings of the moe domain: router, dispatch plan, FP8 MoE layer, FP8 linear and gated MLP.
+// Without CUDA the same names exist and raise, so the Python API is identical in both builds.
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
 #include "ops/registry.h"
+
+#ifdef DGEMMA_WITH_CUDA
+#include "ops/moe.h"
+#endif
+
+namespace py = pybind11;
 
 namespace dgemma {
 
-void register_moe(pybind11::module_& m) { (void)m; }
+#ifdef DGEMMA_WITH_CUDA
+
+void register_moe(py::module_& m) {
+  m.def(
+      "moe_route",
+      [](py::handle x, py::handle scale, py::handle proj, py::handle expert_scale, int top_k, double eps,
+         py::handle weights, py::handle ids, std::uintptr_t stream) {
+        moe_route(to_arg(x, "x"), to_arg(scale, "scale"), to_arg(proj, "proj"), to_arg(expert_scale, "expert_scale"),
+                  top_k, eps, to_arg(weights, "weights"), to_arg(ids, "ids"), stream);
+      },
+      py::arg("x"), py::arg("scale"), py::arg("proj"), py::arg("expert_scale"), py::arg("top_k"), py::arg("eps"),
+      py::arg("weights"), py::arg("ids"), py::arg("stream"));
+  m.def(
+      "moe_plan",
+      [](py::handle ids, int experts, py::handle offsets, py::handle row_of, py::handle row_expert,
+         std::uintptr_t stream) {
+        moe_plan(to_arg(ids, "ids"), experts, to_arg(offsets, "offsets"), to_arg(row_of, "row_of"),
+                 to_arg(row_expert, "row_expert"), stream);
+      },
+      py::arg("ids"), py::arg("experts"), py::arg("offsets"), py::arg("row_of"), py::arg("row_expert"),
+      py::arg("stream"));
+  m.def("moe_fp8_workspace_bytes", &moe_fp8_workspace_bytes, py::arg("tokens"), py::arg("top_k"), py::arg("hidden"),
+        py::arg("inter"), py::arg("experts"), py::arg("device"));
+  m.def(
+      "moe_fp8",
+      [](py::handle x, py::handle ids, py::handle weights, py::handle gate_up_q, py::handle gate_up_scale,
+         py::handle down_q, py::handle down_scale, py::handle out, py::handle workspace, std::uintptr_t stream) {
+        moe_fp8(to_arg(x, "x"), to_arg(ids, "ids"), to_arg(weights, "weights"), to_arg(gate_up_q, "gate_up.q"),
+                to_arg(gate_up_scale, "gate_up.scale"), to_arg(down_q, "down.q"), to_arg(down_scale, "down.scale"),
+                to_arg(out, "out"), to_arg(workspace, "workspace"), stream);
+      },
+      py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("gate_up_q"), py::arg("gate_up_scale"),
+      py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+  m.def(
+      "fp8_quantize_rows",
+      [](py::handle x, py::handle q, py::handle scale, std::uintptr_t stream) {
+        fp8_quantize_rows(to_arg(x, "x"), to_arg(q, "q"), to_arg(scale, "scale"), stream);
+      },
+      py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("stream"));
+  m.def("fp8_linear_workspace_bytes", &fp8_linear_workspace_bytes, py::arg("rows"), py::arg("n_out"), py::arg("k"),
+        py::arg("device"));
+  m.def(
+      "fp8_linear",
+      [](py::handle x, py::handle w_q, py::handle w_scale, py::handle out, py::handle workspace,
+         std::uintptr_t stream) {
+        fp8_linear(to_arg(x, "x"), to_arg(w_q, "weight.q"), to_arg(w_scale, "weight.scale"), to_arg(out, "out"),
+                   to_arg(workspace, "workspace"), stream);
+      },
+      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+  m.def("fp8_gated_mlp_workspace_bytes", &fp8_gated_mlp_workspace_bytes, py::arg("rows"), py::arg("hidden"),
+        py::arg("inter"), py::arg("device"));
+  m.def(
+      "fp8_gated_mlp",
+      [](py::handle x, py::handle gate_q, py::handle gate_scale, py::handle up_q, py::handle up_scale,
+         py::handle down_q, py::handle down_scale, py::handle out, py::handle workspace, std::uintptr_t stream) {
+        fp8_gated_mlp(to_arg(x, "x"), to_arg(gate_q, "gate.q"), to_arg(gate_scale, "gate.scale"),
+                      to_arg(up_q, "up.q"), to_arg(up_scale, "up.scale"), to_arg(down_q, "down.q"),
+                      to_arg(down_scale, "down.scale"), to_arg(out, "out"), to_arg(workspace, "workspace"), stream);
+      },
+      py::arg("x"), py::arg("gate_q"), py::arg("gate_scale"), py::arg("up_q"), py::arg("up_scale"), py::arg("down_q"),
+      py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+}
+
+#else
+
+namespace {
+
+[[noreturn]] void unavailable(const char* op) {
+  throw std::runtime_error(std::string(op) +
+                           ": dgemma was built without CUDA (no CUDA toolkit at build time); reinstall on a machine "
+                           "with nvcc to use the FP8/MoE kernels");
+}
+
+}  // namespace
+
+void register_moe(py::module_& m) {
+  m.def(
+      "moe_route",
+      [](py::handle, py::handle, py::handle, py::handle, int, double, py::handle, py::handle, std::uintptr_t) {
+        unavailable("moe_route");
+      },
+      py::arg("x"), py::arg("scale"), py::arg("proj"), py::arg("expert_scale"), py::arg("top_k"), py::arg("eps"),
+      py::arg("weights"), py::arg("ids"), py::arg("stream"));
+  m.def(
+      "moe_plan", [](py::handle, int, py::handle, py::handle, py::handle, std::uintptr_t) { unavailable("moe_plan"); },
+      py::arg("ids"), py::arg("experts"), py::arg("offsets"), py::arg("row_of"), py::arg("row_expert"),
+      py::arg("stream"));
+  m.def(
+      "moe_fp8_workspace_bytes",
+      [](int64_t, int, int, int, int, int) -> size_t { unavailable("moe_fp8_workspace_bytes"); }, py::arg("tokens"),
+      py::arg("top_k"), py::arg("hidden"), py::arg("inter"), py::arg("experts"), py::arg("device"));
+  m.def(
+      "moe_fp8",
+      [](py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
+         std::uintptr_t) { unavailable("moe_fp8"); },
+      py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("gate_up_q"), py::arg("gate_up_scale"),
+      py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+  m.def(
+      "fp8_quantize_rows", [](py::handle, py::handle, py::handle, std::uintptr_t) { unavailable("fp8_quantize_rows"); },
+      py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("stream"));
+  m.def(
+      "fp8_linear_workspace_bytes", [](int64_t, int, int, int) -> size_t { unavailable("fp8_linear_workspace_bytes"); },
+      py::arg("rows"), py::arg("n_out"), py::arg("k"), py::arg("device"));
+  m.def(
+      "fp8_linear",
+      [](py::handle, py::handle, py::handle, py::handle, py::handle, std::uintptr_t) { unavailable("fp8_linear"); },
+      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+  m.def(
+      "fp8_gated_mlp_workspace_bytes",
+      [](int64_t, int, int, int) -> size_t { unavailable("fp8_gated_mlp_workspace_bytes"); }, py::arg("rows"),
+      py::arg("hidden"), py::arg("inter"), py::arg("device"));
+  m.def(
+      "fp8_gated_mlp",
+      [](py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
+         std::uintptr_t) { unavailable("fp8_gated_mlp"); },
+      py::arg("x"), py::arg("gate_q"), py::arg("gate_scale"), py::arg("up_q"), py::arg("up_scale"), py::arg("down_q"),
+      py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+}
+
+#endif
 
 }  // namespace dgemma

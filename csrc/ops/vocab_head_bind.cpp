@@ -1,8 +1,98 @@
-// Python bindings of the vocab_head domain (filled in with its kernels).
+// Python bindings of the vocab_head domain: the fused vocabulary head of one denoising step.
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
 #include "ops/registry.h"
+#ifdef DGEMMA_WITH_CUDA
+#include "ops/vocab_head.h"
+#endif
+
+namespace py = pybind11;
 
 namespace dgemma {
 
-void register_vocab_head(pybind11::module_& m) { (void)m; }
+#ifdef DGEMMA_WITH_CUDA
+
+namespace {
+
+void bind_step(py::handle hidden, py::handle embed, py::handle prev_argmax, py::handle finished_in,
+               py::handle max_logit, py::handle lse, py::handle entropy, py::handle argmax, py::handle sample,
+               py::handle accepted, py::handle next_canvas, py::handle mean_entropy, py::handle stable,
+               py::handle finished_out,
+               py::handle soft, py::handle workspace, double temperature, double softcap, double entropy_bound,
+               double confidence, double soft_scale, uint64_t seed, uint32_t step, std::uintptr_t stream) {
+  VocabHeadArgs a;
+  a.hidden = to_arg(hidden, "hidden");
+  a.embed = to_arg(embed, "embed");
+  a.prev_argmax = to_arg(prev_argmax, "prev_argmax");
+  TensorArg finished_arg, soft_arg;
+  if (!finished_in.is_none()) {
+    finished_arg = to_arg(finished_in, "finished");
+    a.finished_in = &finished_arg;
+  }
+  a.max_logit = to_arg(max_logit, "max_logit");
+  a.lse = to_arg(lse, "lse");
+  a.entropy = to_arg(entropy, "entropy");
+  a.argmax = to_arg(argmax, "argmax");
+  a.sample = to_arg(sample, "sample");
+  a.accepted = to_arg(accepted, "accepted");
+  a.next_canvas = to_arg(next_canvas, "next_canvas");
+  a.mean_entropy = to_arg(mean_entropy, "mean_entropy");
+  a.stable = to_arg(stable, "stable");
+  a.finished_out = to_arg(finished_out, "finished_out");
+  if (!soft.is_none()) {
+    soft_arg = to_arg(soft, "soft");
+    a.soft = &soft_arg;
+  }
+  a.workspace = to_arg(workspace, "workspace");
+  VocabHeadScalars s;
+  s.temperature = temperature;
+  s.softcap = softcap;
+  s.entropy_bound = entropy_bound;
+  s.confidence = confidence;
+  s.soft_scale = soft_scale;
+  s.seed = seed;
+  s.step = step;
+  vocab_head_step(a, s, stream);
+}
+
+}  // namespace
+
+#else
+
+namespace {
+
+[[noreturn]] void no_cuda(const char* op) {
+  throw std::runtime_error(std::string(op) + ": dgemma was built without CUDA (no CUDA toolkit at build time); "
+                           "reinstall on a machine with nvcc");
+}
+
+void bind_step(py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
+               py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, double,
+               double, double, double, double, uint64_t, uint32_t, std::uintptr_t) {
+  no_cuda("vocab_head_step");
+}
+
+int64_t vocab_head_workspace_bytes(int64_t, int64_t, int64_t, int64_t, bool, int) {
+  no_cuda("vocab_head_workspace_bytes");
+}
+
+}  // namespace
+
+#endif
+
+void register_vocab_head(py::module_& m) {
+  m.def("vocab_head_workspace_bytes", &vocab_head_workspace_bytes, py::arg("batch"), py::arg("canvas"),
+        py::arg("vocab"), py::arg("hidden"), py::arg("with_soft"), py::arg("device"),
+        "Bytes of uint8 workspace one vocab_head_step call needs on a device.");
+  m.def("vocab_head_step", &bind_step, py::arg("hidden"), py::arg("embed"), py::arg("prev_argmax"),
+        py::arg("finished"), py::arg("max_logit"), py::arg("lse"), py::arg("entropy"), py::arg("argmax"),
+        py::arg("sample"), py::arg("accepted"), py::arg("next_canvas"), py::arg("mean_entropy"), py::arg("stable"),
+        py::arg("finished_out"), py::arg("soft"), py::arg("workspace"), py::arg("temperature"), py::arg("softcap"),
+        py::arg("entropy_bound"), py::arg("confidence"), py::arg("soft_scale"), py::arg("seed"), py::arg("step"),
+        py::arg("stream"),
+        "Fused vocabulary head of one denoising step (statistics, sample, acceptance, self-conditioning input).");
+}
 
 }  // namespace dgemma

@@ -103,10 +103,13 @@ def run(opts: BenchOptions, *, log=print) -> dict:
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
     preset = opts.preset if opts.preset != "auto" else ("26b-a4b" if device.type == "cuda" else "tiny")
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(opts.dtype)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "fp8": torch.bfloat16}.get(opts.dtype)
     if dtype is None:
-        raise DgemmaError(f"precision {opts.dtype!r} is not supported here (expected bfloat16 or float32)")
+        raise DgemmaError(f"precision {opts.dtype!r} is not supported (expected fp8, bfloat16 or float32)")
+    quantization = "fp8" if opts.dtype == "fp8" else None
     prompt_len = opts.prompt_length or (1024 if preset == "26b-a4b" else 64)
+    if opts.baseline == "transformers" and opts.dtype == "fp8":
+        raise DgemmaError("--baseline transformers runs bf16 weights: use --precision bfloat16 with it")
     if opts.baseline == "transformers" and 1 not in opts.batch_sizes:
         raise DgemmaError("--baseline transformers compares batch 1: include 1 in --batch")
     log(f"dgemma bench: preset {preset}, {opts.dtype}, device {device}, prompt {prompt_len}, "
@@ -116,7 +119,8 @@ def run(opts: BenchOptions, *, log=print) -> dict:
     from . import _ext
 
     backend = "cuda" if device.type == "cuda" and _ext.cuda_status() is None else "reference"
-    eng = random_engine(preset, seed=opts.seed, dtype=dtype, device=device, progress=True, backend=backend)
+    eng = random_engine(preset, seed=opts.seed, dtype=dtype, device=device, progress=True, backend=backend,
+                        quantization=quantization)
     cfg = eng.config
     c, v = cfg.canvas_length, cfg.vocab_size
     measure = _timer(device)

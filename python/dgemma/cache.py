@@ -38,6 +38,7 @@ class KVCache:
         self.device = torch.device(device)
         self.length = 0
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
+        self.has_padding = False  # whether any cached position is padding (lets kernels skip ``valid``)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for spec in cfg.layers:

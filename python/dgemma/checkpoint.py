@@ -11,6 +11,7 @@ import logging
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -154,11 +155,16 @@ def _tensor_from_entry(maps: _MappedFiles, e: TensorEntry) -> torch.Tensor:
 
 
 def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device,
-                 progress: bool | None = None) -> dict[str, torch.Tensor]:
+                 progress: bool | None = None,
+                 transform: Callable[[str, torch.Tensor], object | None] | None = None) -> dict[str, torch.Tensor]:
     """Validate a checkpoint against ``cfg`` and load its text-model tensors as ``dtype`` on ``device``.
 
     Each tensor is viewed from the memory-mapped file and converted (or moved) one at a time, so the
     peak is the loaded model plus one tensor, never two copies of the model.
+
+    ``transform(key, tensor)``, when given, sees each tensor as stored (memory-mapped, on the host, in
+    the file's dtype) before any conversion; a non-None result replaces the tensor (e.g. an FP8
+    :class:`~dgemma.quant.Fp8Weight`), None keeps the usual conversion. Streaming quantisation uses it.
     """
     entries = index_tensors(checkpoint_files(path))
     expected = expected_shapes(cfg)
@@ -192,9 +198,11 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
         for key in expected:
             e = entries[key]
             t = _tensor_from_entry(maps, e)
-            if t.dtype != dtype or t.device != device:
-                t = t.to(device=device, dtype=dtype)
-            out[key] = t
+            replaced = transform(key, t) if transform is not None else None
+            if replaced is not None:
+                out[key] = replaced
+            else:
+                out[key] = t if t.dtype == dtype and t.device == device else t.to(device=device, dtype=dtype)
             bar.update(e.nbytes)
     return out
 

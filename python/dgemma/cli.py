@@ -215,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", default="auto", choices=["auto", "tiny", "26b-a4b"],
                    help="model shapes (default: 26b-a4b on a GPU, tiny on a CPU)")
     b.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    b.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="weights and activations (default: bfloat16)")
+    b.add_argument("--precision", default="bfloat16", choices=["fp8", "bfloat16", "float32"],
+                   help="fp8: FP8 projections and experts with bf16 activations (default: bfloat16)")
     b.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default: 1)")
     b.add_argument("--prompt-length", type=_positive, default=None,
                    help="prompt tokens before the canvas (default: 1024 on 26b-a4b, 64 on tiny)")

@@ -58,7 +58,7 @@ def _resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None, backend: str | None = None,
-         progress: bool | None = None) -> "Engine":
+         progress: bool | None = None, quantization: str | None = None) -> "Engine":
     """Load a DiffusionGemma checkpoint (Hugging Face layout) into an :class:`Engine`.
 
     Args:
@@ -69,7 +69,17 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
         backend: ``"reference"`` (PyTorch) or ``"cuda"`` (dgemma kernels); default: ``"cuda"`` on a
             GPU when the extension has CUDA kernels, else ``"reference"``.
         progress: show a progress bar while loading; default: only for checkpoints over 1 GiB.
+        quantization: None (weights in ``dtype``) or ``"fp8"``: attention projections, the dense MLP and
+            every expert become FP8 E4M3 with one fp32 scale per output channel (quantised while
+            streaming, one tensor at a time); embedding/lm_head, router and self-conditioning stay in
+            ``dtype``. The CUDA backend runs FP8 kernels for bf16 activations; the reference backend
+            (any device/dtype) dequantises and computes in fp32.
     """
+    from .quant import QUANTIZATIONS, fp8_transform
+
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise DgemmaError(f"quantization {quantization!r} is not supported (expected None or "
+                          f"{', '.join(repr(q) for q in QUANTIZATIONS)})")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
@@ -82,7 +92,10 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
     elif dtype not in SUPPORTED_DTYPES:
         raise DgemmaError(f"dtype {dtype} is not supported (expected torch.float32 or torch.bfloat16)")
     settings, special = read_generation_config(path)
-    tensors = load_tensors(path, cfg, dtype=dtype, device=dev, progress=progress)
+    transform = None
+    if quantization == "fp8":
+        transform = lambda key, t: fp8_transform(key, t, dev)  # noqa: E731
+    tensors = load_tensors(path, cfg, dtype=dtype, device=dev, progress=progress, transform=transform)
     return Engine(cfg, ModelWeights.from_tensors(cfg, tensors), device=dev, dtype=dtype, backend=backend,
                   path=path, generation_settings=settings, special_tokens=special)
 

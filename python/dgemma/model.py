@@ -95,6 +95,7 @@ class DiffusionGemmaModel:
         for i, k, v in pending:
             cache.write(i, k, v, start)
         cache.valid.copy_(valid)
+        cache.has_padding = cache.has_padding or (token_mask is not None and not bool(token_mask.all()))
         cache.length = start + t
 
     # -- decoder -------------------------------------------------------------------------------

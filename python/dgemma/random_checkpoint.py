@@ -18,6 +18,12 @@ PRESETS = {
                  num_key_value_heads=2, head_dim=16, sliding_window=32, num_experts=8, top_k_experts=2,
                  moe_intermediate_size=24, max_position_embeddings=8192,
                  per_layer_config={"5": {"head_dim": 32, "num_key_value_heads": 1}}),
+    # The 26B-A4B's attention shapes (head_dim 256/512, 16 q heads, 8/2 KV heads) at a small width,
+    # with kernel-friendly sizes: for GPU tests of the CUDA engine against the reference.
+    "small": dict(vocab_size=4096, hidden_size=512, intermediate_size=512, num_hidden_layers=6,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=64,
+                  num_experts=32, top_k_experts=8, moe_intermediate_size=128, max_position_embeddings=8192,
+                  per_layer_config={"5": {"head_dim": 512, "num_key_value_heads": 2}}),
     # DiffusionGemma 26B-A4B's text model.
     "26b-a4b": dict(vocab_size=262_144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
                     num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=1024,
@@ -47,11 +53,12 @@ def preset_config(preset: str, *, canvas_length: int = 256, **overrides) -> dict
 
 
 def random_tensors(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:
+                   device: torch.device | str = "cpu", progress: bool = False, transform=None) -> dict:
     """Random values for every tensor: linear weights ~ N(0, 1/fan_in), norms and scales around 1.
 
     Tensors are drawn one at a time directly on ``device`` in ``dtype`` (the 26B preset never exists
-    in fp32 or on the host)."""
+    in fp32 or on the host); ``transform(key, tensor)`` may replace each one as it is made (e.g. by
+    its FP8 quantisation), so only the transformed model is ever held."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -63,19 +70,28 @@ def random_tensors(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torc
             t = torch.rand(shape, generator=g, device=device, dtype=torch.float32).mul_(0.8).add_(0.6).to(dtype)
         else:
             t = torch.randn(shape, generator=g, device=device, dtype=dtype).mul_(1.0 / math.sqrt(shape[-1]))
-        out[key] = t
+        replaced = transform(key, t) if transform is not None else None
+        out[key] = t if replaced is None else replaced
     return out
 
 
 def random_engine(preset: str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu", backend: str = "reference", progress: bool = False,
-                  canvas_length: int = 256):
-    """An :class:`~dgemma.engine.Engine` with random weights at a preset's shapes, built in memory."""
+                  canvas_length: int = 256, quantization: str | None = None):
+    """An :class:`~dgemma.engine.Engine` with random weights at a preset's shapes, built in memory
+    (``quantization="fp8"`` quantises them as :func:`dgemma.load` does)."""
     from .engine import Engine
     from .weights import ModelWeights
 
     cfg = ModelConfig.from_dict(preset_config(preset, canvas_length=canvas_length))
-    tensors = random_tensors(cfg, seed=seed, dtype=dtype, device=device, progress=progress)
+    transform = None
+    if quantization is not None:
+        from .quant import QUANTIZATIONS, fp8_transform
+
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization {quantization!r} is not supported (expected one of {QUANTIZATIONS})")
+        transform = lambda key, t: fp8_transform(key, t, torch.device(device))  # noqa: E731
+    tensors = random_tensors(cfg, seed=seed, dtype=dtype, device=device, progress=progress, transform=transform)
     return Engine(cfg, ModelWeights.from_tensors(cfg, tensors), device=torch.device(device), dtype=dtype,
                   backend=backend)
 

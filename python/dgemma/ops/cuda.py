@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from . import cuda_attention
+from .cuda_moe import Fp8MoeOpsMixin
 from .reference import ReferenceOps
 
 
@@ -27,7 +29,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, out: t
     return out
 
 
-class CudaOps(ReferenceOps):
+class AttentionOpsMixin:
+    """Cache-aware attention on the dgemma kernels for bf16 CUDA tensors of head_dim 256/512."""
+
+    @staticmethod
+    def _attention_fits(q: torch.Tensor) -> bool:
+        return q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] in (256, 512)
+
+    def encoder_attention(self, q, k, v, cache, layer, start, valid):
+        if not self._attention_fits(q):
+            return super().encoder_attention(q, k, v, cache, layer, start, valid)
+        spec = cache.config.layers[layer]
+        ring = cache.ring_size(layer) if spec.is_sliding else 0
+        padded = cache.has_padding or not bool(valid[:, start:start + q.shape[2]].all())
+        return cuda_attention.encoder_attention(q, k, v, cache.keys[layer], cache.values[layer], start, ring,
+                                                spec.window, valid=valid if padded else None)
+
+    def decoder_attention(self, q, k, v, cache, layer):
+        if not self._attention_fits(q):
+            return super().decoder_attention(q, k, v, cache, layer)
+        spec = cache.config.layers[layer]
+        ring = cache.ring_size(layer) if spec.is_sliding else 0
+        return cuda_attention.decoder_attention(q, cache.keys[layer], cache.values[layer], k, v, cache.length, ring,
+                                                spec.window, valid=cache.valid if cache.has_padding else None)
+
+
+class CudaOps(AttentionOpsMixin, Fp8MoeOpsMixin, ReferenceOps):
+    """Reference ops with the CUDA kernels swapped in where their inputs fit (mixins first)."""
+
     name = "cuda"
 
     def __init__(self):

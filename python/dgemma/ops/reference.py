@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quant import Fp8Weight, as_float
 from ..sampler import StepOutput, reference_sample_step
 
 
@@ -23,11 +24,19 @@ class ReferenceOps:
             y = y * weight.float()
         return y.to(x.dtype)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
+        """x @ weight^T; an FP8 weight is dequantised and the product computed in fp32."""
+        if isinstance(weight, Fp8Weight):
+            return F.linear(x.float(), weight.dequantize()).to(x.dtype)
         return F.linear(x, weight)
 
-    def gated_mlp(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        """down(gelu_tanh(gate(x)) * up(x))."""
+    def gated_mlp(self, x: torch.Tensor, gate: torch.Tensor | Fp8Weight, up: torch.Tensor | Fp8Weight,
+                  down: torch.Tensor | Fp8Weight) -> torch.Tensor:
+        """down(gelu_tanh(gate(x)) * up(x)); with FP8 weights: dequantised, computed in fp32."""
+        if any(isinstance(w, Fp8Weight) for w in (gate, up, down)):
+            xf = x.float()
+            g, u, d = (as_float(w, torch.float32) for w in (gate, up, down))
+            return F.linear(F.gelu(F.linear(xf, g), approximate="tanh") * F.linear(xf, u), d).to(x.dtype)
         return F.linear(F.gelu(F.linear(x, gate), approximate="tanh") * F.linear(x, up), down)
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -72,15 +81,20 @@ class ReferenceOps:
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * expert_scale[ids], ids
 
-    def moe(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-            down: torch.Tensor) -> torch.Tensor:
+    def moe(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor | Fp8Weight,
+            down: torch.Tensor | Fp8Weight) -> torch.Tensor:
         """Routed experts: sum_k weights[n,k] * down_e(gelu_tanh(gate_e x) * up_e x), e = ids[n,k].
 
         Tokens are grouped by expert with a stable sort of the k-major flattened ids (rows ordered by
         slot, then token: the order the reference implementation gathers them in, which fixes the fp32
         rounding of the expert GEMMs) and accumulated expert by expert in ascending id order, in the
-        activation dtype.
+        activation dtype. With FP8 weights each expert is dequantised and everything (the accumulation
+        included) runs in fp32, rounded once to x's dtype.
         """
+        fp8 = isinstance(gate_up, Fp8Weight) or isinstance(down, Fp8Weight)
+        out_dtype = x.dtype
+        if fp8:
+            x = x.float()
         n, top_k = ids.shape
         out = torch.zeros_like(x)
         flat = ids.t().reshape(-1)  # [k * n]: slot-major
@@ -94,11 +108,13 @@ class ReferenceOps:
             sel = order[start:start + count]
             start += count
             rows = sel % n
-            gate, up = F.linear(x[rows], gate_up[expert]).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, down[expert])
+            w_gate_up = as_float(gate_up[expert], torch.float32) if fp8 else gate_up[expert]
+            w_down = as_float(down[expert], torch.float32) if fp8 else down[expert]
+            gate, up = F.linear(x[rows], w_gate_up).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, w_down)
             y = y * flat_weights[sel, None]
             out.index_add_(0, rows, y.to(out.dtype))
-        return out
+        return out.to(out_dtype)
 
     def soft_embedding(self, logits: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
         """Self-conditioning input: softmax(logits) (fp32, then table dtype) @ table * scale."""

@@ -1,0 +1,121 @@
+// Consumers of the unscaled FP8 GEMM output D (sm90_fp8_grouped_gemm.cuh): they apply the per-token
+// activation scale and the per-output-channel weight scale, fused with what follows.
+//   scale_output:       y[r, c] = bf16(D[r, c] * a_scale[r] * w_scale[c])          (a plain linear)
+//   gelu_up_quantize:   h[r, c] = gelu_tanh(gate) * up, gate/up from D's two halves, then the per-row FP8
+//                       quantisation of h for the next GEMM                          (MLP / expert middle)
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/fp8_quant.cuh"
+
+namespace dgemma::kernels {
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the "gelu_pytorch_tanh" of the model.
+  const float inner = 0.7978845608028654f * fmaf(0.044715f * x, x * x, x);
+  return 0.5f * x * (1.0f + tanhf(inner));
+}
+
+__device__ __forceinline__ void store_bf16x8(__nv_bfloat16* p, const float (&v)[8]) {
+  uint4 raw;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+constexpr int kEpilogueThreads = 128;
+
+// Grid (rows, ceil(cols / (8 * kEpilogueThreads))). cols % 8 == 0; 16-byte aligned rows.
+static __global__ void __launch_bounds__(kEpilogueThreads)
+    scale_output_kernel(const __nv_bfloat16* __restrict__ d, int64_t ldd, const float* __restrict__ a_scale,
+                        const float* __restrict__ w_scale, int cols, __nv_bfloat16* __restrict__ y, int64_t ldy) {
+  const int64_t r = blockIdx.x;
+  const int c = 8 * (blockIdx.y * kEpilogueThreads + threadIdx.x);
+  if (c >= cols) return;
+  float v[8];
+  load_bf16x8(d + r * ldd + c, v);
+  const float as = a_scale[r];
+  const float4 w0 = *reinterpret_cast<const float4*>(w_scale + c);
+  const float4 w1 = *reinterpret_cast<const float4*>(w_scale + c + 4);
+  const float ws[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = v[i] * as * ws[i];
+  store_bf16x8(y + r * ldy + c, v);
+}
+
+inline cudaError_t scale_output(const __nv_bfloat16* d, int64_t ldd, const float* a_scale, const float* w_scale,
+                                int64_t rows, int cols, __nv_bfloat16* y, int64_t ldy, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(rows), (cols / 8 + kEpilogueThreads - 1) / kEpilogueThreads);
+  scale_output_kernel<<<grid, kEpilogueThreads, 0, stream>>>(d, ldd, a_scale, w_scale, cols, y, ldy);
+  return cudaGetLastError();
+}
+
+// Where gate_up_quantize finds each row's weight scales: row r belongs to group e = row_group[r]
+// (0 when row_group is null); its gate scales are gate_scale + e * group_stride, its up scales
+// up_scale + e * group_stride. Rows r >= *valid_rows (when given) are skipped.
+struct GeluUpScales {
+  const float* gate_scale;
+  const float* up_scale;
+  int64_t group_stride;
+  const int* row_group;
+  const int* valid_rows;
+};
+
+constexpr int kGeluUpMaxVecs = 4;
+constexpr int kGeluUpMaxInter = kEpilogueThreads * kGeluUpMaxVecs * 8;  // 4096
+
+// One block per row. d [rows, 2 * inter] bf16: gate in columns [0, inter), up in [inter, 2 * inter).
+// h_q [rows, inter] fp8 and h_scale [rows]. inter % 8 == 0, inter <= kGeluUpMaxInter.
+static __global__ void __launch_bounds__(kEpilogueThreads)
+    gelu_up_quantize_kernel(const __nv_bfloat16* __restrict__ d, const float* __restrict__ a_scale, int inter,
+                            GeluUpScales s, uint8_t* __restrict__ h_q, float* __restrict__ h_scale) {
+  __shared__ float red[32];
+  const int64_t r = blockIdx.x;
+  if (s.valid_rows != nullptr && r >= *s.valid_rows) return;  // uniform per block
+  const int64_t e = s.row_group ? s.row_group[r] : 0;
+  const float* gs = s.gate_scale + e * s.group_stride;
+  const float* us = s.up_scale + e * s.group_stride;
+  const __nv_bfloat16* dr = d + r * 2 * static_cast<int64_t>(inter);
+  const float as = a_scale[r];
+  const int vecs = inter / 8;
+  float h[kGeluUpMaxVecs][8];
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < kGeluUpMaxVecs; ++j) {
+    const int c = 8 * (threadIdx.x + j * kEpilogueThreads);
+    if (c < 8 * vecs) {
+      float g[8], u[8];
+      load_bf16x8(dr + c, g);
+      load_bf16x8(dr + inter + c, u);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        h[j][i] = gelu_tanh(g[i] * as * gs[c + i]) * (u[i] * as * us[c + i]);
+        amax = fmaxf(amax, fabsf(h[j][i]));
+      }
+    }
+  }
+  const float sc = fp8_scale_from_amax(block_max(amax, red));
+  uint8_t* qr = h_q + r * inter;
+#pragma unroll
+  for (int j = 0; j < kGeluUpMaxVecs; ++j) {
+    const int c = 8 * (threadIdx.x + j * kEpilogueThreads);
+    if (c < 8 * vecs) *reinterpret_cast<uint2*>(qr + c) = fp8x8(h[j], sc);
+  }
+  if (threadIdx.x == 0) h_scale[r] = sc;
+}
+
+inline cudaError_t gelu_up_quantize(const __nv_bfloat16* d, const float* a_scale, int64_t rows, int inter,
+                                    const GeluUpScales& s, uint8_t* h_q, float* h_scale, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  gelu_up_quantize_kernel<<<static_cast<unsigned>(rows), kEpilogueThreads, 0, stream>>>(d, a_scale, inter, s, h_q,
+                                                                                         h_scale);
+  return cudaGetLastError();
+}
+
+}  // namespace dgemma::kernels

@@ -1,0 +1,209 @@
+// MoE dispatch, entirely on the device (no host synchronisation; CUDA-graph safe):
+//   moe_plan:             per-expert offsets and each (token, slot)'s row in the expert-sorted order
+//   moe_gather_quantize:  per-token FP8 quantisation, written straight to the token's sorted rows
+//   moe_combine:          the weighted un-permute of the down projection back to token order
+//
+// Sorted order (python/dgemma/ops/cuda_moe.py `plan_dispatch` is the reference): rows are grouped by
+// expert in ascending id; within an expert they keep the slot-major order of (slot, token), i.e. a
+// stable sort of ids.t().flatten() — the order the reference gathers tokens in.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/fp8_epilogue.cuh"
+#include "kernels/fp8_quant.cuh"
+
+namespace dgemma::kernels {
+
+constexpr int kPlanThreads = 1024;
+constexpr int kPlanWarps = kPlanThreads / 32;
+constexpr int kPlanMaxExperts = 256;
+
+// One block. ids [tokens, top_k] int32. Outputs: offsets [experts + 1] (offsets[experts] = rows routed
+// to a valid expert), row_of [tokens * top_k] (sorted row of (token, slot) at token * top_k + slot; -1
+// when the id is outside [0, experts): such a slot contributes nothing), row_expert [tokens * top_k]
+// (expert of each sorted row; entries past offsets[experts] are not written).
+// NOTE: positions come from a chunked stable counting sort (warp match + per-warp prefix counts), so
+// they are identical run to run; only integer atomics on shared memory are used.
+static __global__ void __launch_bounds__(kPlanThreads)
+    moe_plan_kernel(const int32_t* __restrict__ ids, int tokens, int top_k, int experts, int32_t* __restrict__ offsets,
+                    int32_t* __restrict__ row_of, int32_t* __restrict__ row_expert) {
+  __shared__ int base[kPlanMaxExperts];
+  __shared__ int warp_count[kPlanWarps][kPlanMaxExperts];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int total = tokens * top_k;
+
+  for (int e = tid; e < experts; e += kPlanThreads) base[e] = 0;
+  __syncthreads();
+  for (int i = tid; i < total; i += kPlanThreads) {
+    const int e = ids[i];
+    if (e >= 0 && e < experts) atomicAdd(&base[e], 1);
+  }
+  __syncthreads();
+  // Exclusive scan of the counts by warp 0 (experts <= 256: at most 8 per lane).
+  if (warp == 0) {
+    const int per_lane = (experts + 31) / 32;
+    int local = 0;
+    for (int j = 0; j < per_lane; ++j) {
+      const int e = lane * per_lane + j;
+      if (e < experts) local += base[e];
+    }
+    int incl = local;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int n = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += n;
+    }
+    int run = incl - local;
+    for (int j = 0; j < per_lane; ++j) {
+      const int e = lane * per_lane + j;
+      if (e < experts) {
+        const int c = base[e];
+        base[e] = run;
+        offsets[e] = run;
+        run += c;
+      }
+    }
+    if (lane == 31) offsets[experts] = incl;
+  }
+  __syncthreads();
+
+  const unsigned lt_mask = (1u << lane) - 1u;
+  for (int c0 = 0; c0 < total; c0 += kPlanThreads) {
+    for (int j = tid; j < kPlanWarps * experts; j += kPlanThreads) warp_count[j / experts][j % experts] = 0;
+    const int i = c0 + tid;  // slot-major index: slot = i / tokens, token = i % tokens
+    int e = -1, src = 0;
+    if (i < total) {
+      src = (i % tokens) * top_k + i / tokens;
+      e = ids[src];
+      if (e < 0 || e >= experts) e = -1;
+    }
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int rank = __popc(peers & lt_mask);
+    __syncthreads();
+    if (e >= 0 && rank == 0) warp_count[warp][e] = __popc(peers);
+    __syncthreads();
+    for (int x = tid; x < experts; x += kPlanThreads) {
+      int run = base[x];
+      for (int w = 0; w < kPlanWarps; ++w) {
+        const int n = warp_count[w][x];
+        warp_count[w][x] = run;
+        run += n;
+      }
+      base[x] = run;
+    }
+    __syncthreads();
+    if (i < total) {
+      if (e >= 0) {
+        const int row = warp_count[warp][e] + rank;
+        row_of[src] = row;
+        row_expert[row] = e;
+      } else {
+        row_of[src] = -1;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+inline cudaError_t moe_plan(const int32_t* ids, int tokens, int top_k, int experts, int32_t* offsets, int32_t* row_of,
+                            int32_t* row_expert, cudaStream_t stream) {
+  moe_plan_kernel<<<1, kPlanThreads, 0, stream>>>(ids, tokens, top_k, experts, offsets, row_of, row_expert);
+  return cudaGetLastError();
+}
+
+constexpr int kGatherThreads = 128;
+constexpr int kGatherMaxVecs = 4;
+constexpr int kGatherMaxHidden = kGatherThreads * kGatherMaxVecs * 8;  // 4096
+
+// One block per token: quantise x[token] once (per-token scale), then write the FP8 row to each of the
+// token's sorted rows. hidden % 8 == 0, hidden <= kGatherMaxHidden, 16-byte aligned rows.
+static __global__ void __launch_bounds__(kGatherThreads)
+    moe_gather_quantize_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, int hidden, int top_k,
+                               const int32_t* __restrict__ row_of, uint8_t* __restrict__ xq,
+                               float* __restrict__ x_scale) {
+  __shared__ float red[32];
+  const int64_t t = blockIdx.x;
+  const __nv_bfloat16* xr = x + t * x_stride;
+  const int vecs = hidden / 8;
+  float v[kGatherMaxVecs][8];
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < kGatherMaxVecs; ++j) {
+    const int c = threadIdx.x + j * kGatherThreads;
+    if (c < vecs) {
+      load_bf16x8(xr + 8 * c, v[j]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[j][i]));
+    }
+  }
+  const float s = fp8_scale_from_amax(block_max(amax, red));
+  uint2 q[kGatherMaxVecs];
+#pragma unroll
+  for (int j = 0; j < kGatherMaxVecs; ++j) q[j] = threadIdx.x + j * kGatherThreads < vecs ? fp8x8(v[j], s) : uint2{};
+  for (int k = 0; k < top_k; ++k) {
+    const int row = row_of[t * top_k + k];
+    if (row < 0) continue;
+    uint8_t* out = xq + static_cast<int64_t>(row) * hidden;
+#pragma unroll
+    for (int j = 0; j < kGatherMaxVecs; ++j) {
+      const int c = threadIdx.x + j * kGatherThreads;
+      if (c < vecs) *reinterpret_cast<uint2*>(out + 8 * c) = q[j];
+    }
+    if (threadIdx.x == 0) x_scale[row] = s;
+  }
+}
+
+inline cudaError_t moe_gather_quantize(const __nv_bfloat16* x, int64_t x_stride, int64_t tokens, int hidden, int top_k,
+                                       const int32_t* row_of, uint8_t* xq, float* x_scale, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  moe_gather_quantize_kernel<<<static_cast<unsigned>(tokens), kGatherThreads, 0, stream>>>(x, x_stride, hidden, top_k,
+                                                                                            row_of, xq, x_scale);
+  return cudaGetLastError();
+}
+
+constexpr int kCombineThreads = 128;
+
+// Grid (tokens, ceil(hidden / (8 * kCombineThreads))). out[t, c] = bf16(sum_k weights[t, k] * h_scale[row]
+// * w_scale[e, c] * d[row, c]) with row = row_of[t, k], e = ids[t, k], summed in slot order in fp32:
+// deterministic, no atomics. d: [rows, hidden] bf16 (the unscaled down projection).
+static __global__ void __launch_bounds__(kCombineThreads)
+    moe_combine_kernel(const __nv_bfloat16* __restrict__ d, const float* __restrict__ h_scale,
+                       const float* __restrict__ w_scale, const int32_t* __restrict__ ids,
+                       const float* __restrict__ weights, const int32_t* __restrict__ row_of, int hidden, int top_k,
+                       __nv_bfloat16* __restrict__ out, int64_t out_stride) {
+  const int64_t t = blockIdx.x;
+  const int c = 8 * (blockIdx.y * kCombineThreads + threadIdx.x);
+  if (c >= hidden) return;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int k = 0; k < top_k; ++k) {
+    const int row = row_of[t * top_k + k];
+    if (row < 0) continue;
+    const int64_t e = ids[t * top_k + k];
+    const float a = weights[t * top_k + k] * h_scale[row];
+    float v[8];
+    load_bf16x8(d + static_cast<int64_t>(row) * hidden + c, v);
+    const float* ws = w_scale + e * hidden + c;
+    const float4 w0 = *reinterpret_cast<const float4*>(ws);
+    const float4 w1 = *reinterpret_cast<const float4*>(ws + 4);
+    const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = fmaf(a * wv[i], v[i], acc[i]);
+  }
+  store_bf16x8(out + t * out_stride + c, acc);
+}
+
+inline cudaError_t moe_combine(const __nv_bfloat16* d, const float* h_scale, const float* w_scale, const int32_t* ids,
+                               const float* weights, const int32_t* row_of, int64_t tokens, int hidden, int top_k,
+                               __nv_bfloat16* out, int64_t out_stride, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(tokens), (hidden / 8 + kCombineThreads - 1) / kCombineThreads);
+  moe_combine_kernel<<<grid, kCombineThreads, 0, stream>>>(d, h_scale, w_scale, ids, weights, row_of, hidden, top_k,
+                                                          out, out_stride);
+  return cudaGetLastError();
+}
+
+}  // namespace dgemma::kernels

@@ -1,0 +1,441 @@
+// Tensor-core attention over [cached prefix ; tail] for DiffusionGemma: bf16 Q/K/V, fp32 softmax,
+// scale 1, grouped KV heads. One kernel serves both passes:
+//   decoder: queries = the canvas, keys = visible prefix + the canvas's own K/V, bidirectional;
+//   encoder: queries = new tokens, keys = visible prefix + the new tokens' K/V, causal (+ window).
+// The prefix is read from the KV cache in place (a ring of `ring_size` slots for sliding layers,
+// slot = position % ring_size; position p at slot p otherwise); the tail comes from its own tensor
+// because the cache is written only after the layer ran.
+//
+// Algorithm: flash attention with mma.sync m16n8k16 (bf16 in, fp32 accumulate), online softmax,
+// cp.async double-buffered K/V tiles, optional split-KV with a combine kernel.
+// NOTE: a warp owns 16 query rows x a 128-wide slice of the head dim (see attention_tiles.cuh), so
+// the O accumulator stays at 64 registers per thread even for head_dim 512. The price is that the
+// QK^T partial sums of the NS slices of a row group are exchanged through shared memory every tile.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/attention_tiles.cuh"
+
+namespace dgemma::kernels {
+
+// Strides are in elements; the head dim is always contiguous.
+struct AttentionParams {
+  const __nv_bfloat16* q;  // [B, Hq, T, D]
+  int64_t q_sb, q_sh, q_st;
+  const __nv_bfloat16* cache_k;  // [B, Hkv, slots, D]
+  const __nv_bfloat16* cache_v;
+  int64_t ck_sb, ck_sh, ck_ss, cv_sb, cv_sh, cv_ss;
+  const __nv_bfloat16* tail_k;  // [B, Hkv, T, D]
+  const __nv_bfloat16* tail_v;
+  int64_t tk_sb, tk_sh, tk_st, tv_sb, tv_sh, tv_st;
+  const int32_t* prefix_lens;  // [B] cached tokens per sequence (clamped to max_prefix)
+  const uint8_t* valid;        // [B, >= valid_limit] or null: false positions are never attended
+  int64_t valid_sb;
+  __nv_bfloat16* out;  // [B, T, Hq, D]
+  int64_t o_sb, o_st, o_sh;
+  float* part_o;    // [num_splits, B, Hq, T, D] (num_splits > 1 only)
+  float* part_lse;  // [num_splits, B, Hq, T]
+  int batch, hq, hkv, t;
+  int max_prefix;     // upper bound of prefix_lens (sizes the grid; clamps device values)
+  int ring_size;      // 0: position p at slot p
+  int window;         // 0: none; else the prefix holds min(L, window-1) positions (and causal rows see window keys)
+  int causal;         // 1: encoder mask (key position <= query position)
+  int valid_tail;     // 1: `valid` also covers the tail's positions L..L+T-1
+  int num_splits;     // key tiles are cut into chunks of split_tiles, one per split
+  int split_tiles;
+};
+
+namespace attention_detail {
+
+template <int D>
+struct Shape {
+  static constexpr int kBlockM = attention_block_m(D);
+  static constexpr int kBlockN = attention_block_n(D);
+  static constexpr int kSlices = D / kAttentionSliceDim;
+  static constexpr int kRowGroups = kAttentionThreads / 32 / kSlices;
+  static constexpr int kChunksPerRow = D / 8;  // 16-byte chunks
+  static constexpr int kTileElems = kBlockN * D;
+  static constexpr int kSTiles = kBlockN / 8;  // n-tiles of a warp's S
+  static constexpr size_t kSmemBytes = 2 * 2 * kTileElems * sizeof(__nv_bfloat16) + 2 * kBlockN * sizeof(int) +
+                                       size_t(kAttentionThreads / 32) * kSTiles * 32 * sizeof(float4);
+  static_assert(kRowGroups * 16 == kBlockM, "block rows must match the warp layout");
+  static_assert(kAttentionThreads % kChunksPerRow == 0, "tile loader layout");
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+  const int n = pred ? 16 : 0;  // 0: zero-fill (rows past the key range must be finite zeros)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// NOTE: rows of a K/V tile are 512 or 1024 bytes, so unswizzled ldmatrix reads of 8 rows would all hit
+// the same banks. The 16-byte chunk index is XORed with (row % 8), a permutation within each 128-byte group.
+template <int D>
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+  return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+__device__ __forceinline__ uint32_t load_b32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Sequence-level key geometry: keys are indexed kv = 0..n_kv-1, prefix first; key kv has position pstart + kv.
+struct KeyRange {
+  int n_prefix, pstart, n_kv;
+};
+
+__device__ __forceinline__ KeyRange key_range(const AttentionParams& p, int b) {
+  int len = min(max(p.prefix_lens[b], 0), p.max_prefix);
+  KeyRange r;
+  r.n_prefix = p.window > 0 ? min(len, p.window - 1) : len;
+  r.pstart = len - r.n_prefix;
+  r.n_kv = r.n_prefix + p.t;
+  return r;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(const AttentionParams p) {
+  using S = Shape<D>;
+  constexpr int BM = S::kBlockM, BN = S::kBlockN, NS = S::kSlices, NTS = S::kSTiles;
+  constexpr int kQSteps = kAttentionSliceDim / 16;  // k-steps of Q K^T within a slice
+  constexpr int kOTiles = kAttentionSliceDim / 8;   // n-tiles of O within a slice
+  constexpr int kSliceChunks = kAttentionSliceDim / 8;
+
+  extern __shared__ __align__(128) uint8_t smem[];
+  __nv_bfloat16* sk = reinterpret_cast<__nv_bfloat16*>(smem);
+  __nv_bfloat16* sv = sk + 2 * S::kTileElems;
+  int* sok = reinterpret_cast<int*>(sv + 2 * S::kTileElems);
+  float4* ss = reinterpret_cast<float4*>(sok + 2 * BN);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int slice = warp % NS, rg = warp / NS;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int q0 = blockIdx.x * BM;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits;
+  const int kvh = h / (p.hq / p.hkv);
+  const KeyRange kr = key_range(p, b);
+
+  // Keys this query tile can see, intersected with this split's chunk of key tiles.
+  int kv_lo = 0, kv_hi = kr.n_kv;
+  if (p.causal) {
+    kv_hi = min(kr.n_kv, kr.n_prefix + q0 + BM);
+    if (p.window > 0) kv_lo = max(0, kr.n_prefix + q0 - p.window + 1);
+  }
+  const int tile_lo = max(kv_lo / BN, split * p.split_tiles);
+  const int tile_hi = min((kv_hi + BN - 1) / BN, (split + 1) * p.split_tiles);
+  const int valid_limit = kr.pstart + kr.n_prefix + (p.valid_tail ? p.t : 0);
+
+  const __nv_bfloat16* ck = p.cache_k + b * p.ck_sb + kvh * p.ck_sh;
+  const __nv_bfloat16* cv = p.cache_v + b * p.cv_sb + kvh * p.cv_sh;
+  const __nv_bfloat16* tk = p.tail_k + b * p.tk_sb + kvh * p.tk_sh;
+  const __nv_bfloat16* tv = p.tail_v + b * p.tv_sb + kvh * p.tv_sh;
+
+  auto load_tile = [&](int tile, int stage) {
+    const int kv0 = tile * BN;
+    __nv_bfloat16* dk = sk + stage * S::kTileElems;
+    __nv_bfloat16* dv = sv + stage * S::kTileElems;
+    const int chunk = tid % S::kChunksPerRow;
+    constexpr int kRowStep = kAttentionThreads / S::kChunksPerRow;
+#pragma unroll
+    for (int r = tid / S::kChunksPerRow; r < BN; r += kRowStep) {
+      const int kv = kv0 + r;
+      const bool in = kv < kr.n_kv;
+      const __nv_bfloat16* src_k = p.tail_k;
+      const __nv_bfloat16* src_v = p.tail_v;
+      if (kv < kr.n_prefix) {
+        const int pos = kr.pstart + kv;
+        const int64_t slot = p.ring_size > 0 ? pos % p.ring_size : pos;
+        src_k = ck + slot * p.ck_ss;
+        src_v = cv + slot * p.cv_ss;
+      } else if (in) {
+        const int64_t t = kv - kr.n_prefix;
+        src_k = tk + t * p.tk_st;
+        src_v = tv + t * p.tv_st;
+      }
+      const int off = tile_offset<D>(r, chunk);
+      cp_async16(smem_addr(dk + off), src_k + chunk * 8, in);
+      cp_async16(smem_addr(dv + off), src_v + chunk * 8, in);
+    }
+    if (tid < BN) {
+      const int kv = kv0 + tid;
+      int ok = kv < kr.n_kv;
+      const int pos = kr.pstart + kv;
+      if (ok && p.valid != nullptr && pos < valid_limit) ok = p.valid[b * p.valid_sb + pos] != 0;
+      sok[stage * BN + tid] = ok;
+    }
+  };
+
+  if (tile_lo < tile_hi) {
+    load_tile(tile_lo, 0);
+    cp_async_commit();
+  }
+
+  // Q fragments of this warp's 16 rows x 128-wide slice stay in registers for the whole key loop.
+  const int row0 = q0 + rg * 16 + gq, row1 = row0 + 8;
+  uint32_t qf[kQSteps][4];
+  {
+    const __nv_bfloat16* qb = p.q + b * p.q_sb + h * p.q_sh;
+    const __nv_bfloat16* q_r0 = qb + int64_t(row0) * p.q_st;
+    const __nv_bfloat16* q_r1 = qb + int64_t(row1) * p.q_st;
+#pragma unroll
+    for (int kk = 0; kk < kQSteps; ++kk) {
+      const int d = slice * kAttentionSliceDim + kk * 16 + 2 * tq;
+      qf[kk][0] = row0 < p.t ? load_b32(q_r0 + d) : 0u;
+      qf[kk][1] = row1 < p.t ? load_b32(q_r1 + d) : 0u;
+      qf[kk][2] = row0 < p.t ? load_b32(q_r0 + d + 8) : 0u;
+      qf[kk][3] = row1 < p.t ? load_b32(q_r1 + d + 8) : 0u;
+    }
+  }
+
+  float o[kOTiles][4];
+#pragma unroll
+  for (int i = 0; i < kOTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const int mi = lane >> 3, ri = lane & 7;  // ldmatrix: which 8x8 matrix / row this lane addresses
+
+  for (int tile = tile_lo; tile < tile_hi; ++tile) {
+    const int stage = (tile - tile_lo) & 1;
+    cp_async_wait_all();
+    __syncthreads();  // tile `tile` is visible; everyone is done with the other stage and with ss
+    if (tile + 1 < tile_hi) load_tile(tile + 1, stage ^ 1);
+    cp_async_commit();
+
+    // S = Q K^T over this warp's slice of the head dim.
+    float s[NTS][4];
+#pragma unroll
+    for (int i = 0; i < NTS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    const __nv_bfloat16* kt = sk + stage * S::kTileElems;
+#pragma unroll
+    for (int kk = 0; kk < kQSteps; ++kk) {
+      const int ch = slice * kSliceChunks + kk * 2 + (mi & 1);
+#pragma unroll
+      for (int nt = 0; nt < NTS; nt += 2) {
+        const int row = nt * 8 + (mi >> 1) * 8 + ri;
+        uint32_t r[4];
+        ldmatrix_x4(r, smem_addr(kt + tile_offset<D>(row, ch)));
+        mma_bf16(s[nt], qf[kk], r[0], r[1]);
+        mma_bf16(s[nt + 1], qf[kk], r[2], r[3]);
+      }
+    }
+    if constexpr (NS > 1) {
+      // Sum the slices' partial scores in a fixed order, so every warp of a row group gets identical S.
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt) ss[(warp * NTS + nt) * 32 + lane] = make_float4(s[nt][0], s[nt][1], s[nt][2], s[nt][3]);
+      __syncthreads();
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt) {
+        float4 acc = ss[((rg * NS) * NTS + nt) * 32 + lane];
+#pragma unroll
+        for (int j = 1; j < NS; ++j) {
+          const float4 v = ss[((rg * NS + j) * NTS + nt) * 32 + lane];
+          acc.x += v.x;
+          acc.y += v.y;
+          acc.z += v.z;
+          acc.w += v.w;
+        }
+        s[nt][0] = acc.x;
+        s[nt][1] = acc.y;
+        s[nt][2] = acc.z;
+        s[nt][3] = acc.w;
+      }
+    }
+
+    const int kv0 = tile * BN;
+    const bool need_mask = kv0 + BN > kr.n_kv || p.valid != nullptr ||
+                           (p.causal && (kv0 + BN - 1 > kr.n_prefix + q0 ||
+                                         (p.window > 0 && kv0 <= kr.n_prefix + q0 + BM - 1 - p.window)));
+    if (need_mask) {
+      const int* ok = sok + stage * BN;
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int n = nt * 8 + 2 * tq + (e & 1);
+          const int kv = kv0 + n;
+          const int last = kr.n_prefix + ((e >> 1) ? row1 : row0);  // last key index the row may see
+          bool keep = ok[n] != 0;
+          if (p.causal) keep = keep && kv <= last && (p.window == 0 || kv > last - p.window);
+          if (!keep) s[nt][e] = -INFINITY;
+        }
+      }
+    }
+
+    // Online softmax (fp32, base-2 exponentials). Rows are spread over the 4 lanes of a quad.
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < NTS; ++nt) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+    }
+    float ms[2], alpha[2], rowsum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      ms[i] = mx[i] == -INFINITY ? 0.f : mx[i] * kLog2e;  // fully masked so far: keep exp2 finite
+      alpha[i] = exp2f(fmaf(m[i], kLog2e, -ms[i]));
+      m[i] = mx[i];
+    }
+#pragma unroll
+    for (int nt = 0; nt < NTS; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(fmaf(s[nt][e], kLog2e, -ms[e >> 1]));
+        rowsum[e >> 1] += s[nt][e];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l[i] = l[i] * alpha[i] + rowsum[i];
+#pragma unroll
+    for (int nd = 0; nd < kOTiles; ++nd) {
+      o[nd][0] *= alpha[0];
+      o[nd][1] *= alpha[0];
+      o[nd][2] *= alpha[1];
+      o[nd][3] *= alpha[1];
+    }
+
+    // O += P V over this warp's slice; P is rounded to bf16 as the A operand.
+    const __nv_bfloat16* vt = sv + stage * S::kTileElems;
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+      const uint32_t a[4] = {pack_bf16(s[2 * ks][0], s[2 * ks][1]), pack_bf16(s[2 * ks][2], s[2 * ks][3]),
+                             pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                             pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+      const int row = ks * 16 + (mi & 1) * 8 + ri;
+#pragma unroll
+      for (int nd = 0; nd < kOTiles; nd += 2) {
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, smem_addr(vt + tile_offset<D>(row, slice * kSliceChunks + nd + (mi >> 1))));
+        mma_bf16(o[nd], a, r[0], r[1]);
+        mma_bf16(o[nd + 1], a, r[2], r[3]);
+      }
+    }
+  }
+  cp_async_wait_all();
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+  // A row that saw no key (padding, or an empty split) has l == 0: output 0, lse -inf.
+  const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
+  const int rows[2] = {row0, row1};
+  if (p.num_splits == 1) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (rows[i] >= p.t) continue;
+      __nv_bfloat16* orow = p.out + b * p.o_sb + int64_t(rows[i]) * p.o_st + h * p.o_sh;
+#pragma unroll
+      for (int nd = 0; nd < kOTiles; ++nd) {
+        const int d = slice * kAttentionSliceDim + nd * 8 + 2 * tq;
+        *reinterpret_cast<__nv_bfloat162*>(orow + d) =
+            __floats2bfloat162_rn(o[nd][2 * i] * inv[i], o[nd][2 * i + 1] * inv[i]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (rows[i] >= p.t) continue;
+      const int64_t prow = ((int64_t(split) * p.batch + b) * p.hq + h) * p.t + rows[i];
+      float* orow = p.part_o + prow * D;
+#pragma unroll
+      for (int nd = 0; nd < kOTiles; ++nd) {
+        const int d = slice * kAttentionSliceDim + nd * 8 + 2 * tq;
+        *reinterpret_cast<float2*>(orow + d) = make_float2(o[nd][2 * i] * inv[i], o[nd][2 * i + 1] * inv[i]);
+      }
+      if (slice == 0 && tq == 0) p.part_lse[prow] = l[i] > 0.f ? m[i] + logf(l[i]) : -INFINITY;
+    }
+  }
+}
+
+// out[b, t, h] = sum_s exp(lse_s - lse) * o_s over the splits. One block of D/4 threads per row.
+template <int D>
+__global__ void __launch_bounds__(D / 4) attention_combine_kernel(const AttentionParams p) {
+  const int64_t row = blockIdx.x;  // ((b * Hq) + h) * T + t
+  const int t = static_cast<int>(row % p.t);
+  const int h = static_cast<int>((row / p.t) % p.hq);
+  const int b = static_cast<int>(row / (int64_t(p.t) * p.hq));
+  const int64_t split_stride = int64_t(p.batch) * p.hq * p.t;
+  float lmax = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) lmax = fmaxf(lmax, p.part_lse[s * split_stride + row]);
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (lmax != -INFINITY) {
+    float wsum = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float lse = p.part_lse[s * split_stride + row];
+      if (lse == -INFINITY) continue;
+      const float w = expf(lse - lmax);
+      wsum += w;
+      const float4 v = reinterpret_cast<const float4*>(p.part_o + (s * split_stride + row) * D)[threadIdx.x];
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
+    }
+    const float iw = 1.f / wsum;
+    acc.x *= iw;
+    acc.y *= iw;
+    acc.z *= iw;
+    acc.w *= iw;
+  }
+  __nv_bfloat16* orow = p.out + b * p.o_sb + int64_t(t) * p.o_st + h * p.o_sh + threadIdx.x * 4;
+  reinterpret_cast<__nv_bfloat162*>(orow)[0] = __floats2bfloat162_rn(acc.x, acc.y);
+  reinterpret_cast<__nv_bfloat162*>(orow)[1] = __floats2bfloat162_rn(acc.z, acc.w);
+}
+
+}  // namespace attention_detail
+
+// Launches the attention (and the combine when num_splits > 1). The launcher has validated `p`.
+template <int D>
+cudaError_t attention_bf16(const AttentionParams& p, cudaStream_t stream) {
+  using S = attention_detail::Shape<D>;
+  if (p.t <= 0 || p.batch <= 0) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(attention_detail::attention_fwd_kernel<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmemBytes));
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.t + S::kBlockM - 1) / S::kBlockM, p.hq, p.batch * p.num_splits);
+  attention_detail::attention_fwd_kernel<D><<<grid, kAttentionThreads, S::kSmemBytes, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int64_t rows = int64_t(p.batch) * p.hq * p.t;
+  attention_detail::attention_combine_kernel<D><<<static_cast<unsigned>(rows), D / 4, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace dgemma::kernels

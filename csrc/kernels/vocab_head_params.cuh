@@ -1,0 +1,108 @@
+// The plain parameter struct of one fused vocabulary-head call and its workspace layout. Shared by the
+// kernels (device) and the launcher (host); torch-free.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dgemma::kernels::vocab_head {
+
+// Tile shape of both GEMMs (h·Eᵀ and P·E): 128x128 output tiles, 64-deep k slices, 8 warps as 4 (M) x 2
+// (N), each warp owning a 32x64 sub-tile. kStages-deep cp.async pipeline, one CTA per SM.
+constexpr int kBM = 128;
+constexpr int kBN = 128;
+constexpr int kBK = 64;
+constexpr int kStages = 4;
+constexpr int kThreads = 256;
+constexpr int kWarpM = 32;
+constexpr int kWarpN = 64;
+// NOTE: probabilities are stored per 64-column chunk relative to that chunk's row maximum (one warp's N
+// extent in the statistics pass, one k slice of the P·E pass), so the scale is one float per (chunk, row).
+constexpr int kChunk = kWarpN;
+static_assert(kChunk == kBK, "the P·E pass applies one scale per (row, k slice)");
+
+constexpr size_t kTileBytes = static_cast<size_t>(kBM) * kBK * sizeof(__nv_bfloat16);
+constexpr size_t kStatsSmemBytes = kStages * 2 * kTileBytes;
+constexpr size_t kSoftSmemBytes = kStages * (2 * kTileBytes + kBM * sizeof(float));
+
+// Per (row, split, warp column) partial of the statistics pass. The sums are relative to m:
+// s = Σ exp(z − m), t = Σ exp(z − m)·(z − m), so entropy = log s − t/s without cancellation.
+struct StatsPartial {
+  float m;
+  float s;
+  float t;
+  float argmax_value;
+  int32_t argmax_index;
+  float gumbel_value;
+  int32_t gumbel_index;
+  int32_t pad;
+};
+
+struct VocabHeadParams {
+  // inputs
+  const __nv_bfloat16* hidden;  // [rows, dim], rows = batch * canvas
+  const __nv_bfloat16* embed;   // [vocab, dim]
+  const int64_t* prev_argmax;   // [batch, canvas]
+  const bool* finished_in;      // [batch] or nullptr
+  int batch = 0, canvas = 0, vocab = 0, dim = 0;
+  float inv_temperature = 1.f;
+  float softcap = 30.f;
+  float entropy_bound = 0.1f;
+  float confidence = 0.005f;
+  float soft_scale = 1.f;
+  uint64_t seed = 0;
+  uint32_t step = 0;
+  // outputs ([batch, canvas] unless noted)
+  float* max_logit;
+  float* lse;
+  float* entropy;
+  int64_t* argmax;
+  int64_t* sample;
+  bool* accepted;
+  int64_t* next_canvas;
+  float* mean_entropy;    // [batch]
+  bool* stable;           // [batch]
+  bool* finished_out;     // [batch]
+  __nv_bfloat16* soft;    // [rows, dim] or nullptr (no self-conditioning pass)
+  // launch shape and workspace (see VocabHeadLayout)
+  int stats_splits = 1;   // vocab splits of the statistics pass
+  int soft_splits = 1;    // vocab splits of the P·E pass
+  void* workspace = nullptr;
+};
+
+constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Byte offsets into the one workspace buffer.
+struct VocabHeadLayout {
+  int64_t rows = 0, rows_pad = 0, vocab_pad = 0, chunks = 0;
+  size_t partials = 0, probs = 0, chunk_max = 0, soft_partial = 0, total = 0;
+
+  static VocabHeadLayout make(int batch, int canvas, int vocab, int dim, int stats_splits, int soft_splits,
+                              bool with_soft) {
+    VocabHeadLayout l;
+    l.rows = static_cast<int64_t>(batch) * canvas;
+    l.rows_pad = ceil_div(l.rows, kBM) * kBM;
+    l.vocab_pad = ceil_div(vocab, kBN) * kBN;
+    l.chunks = l.vocab_pad / kChunk;
+    size_t off = 0;
+    l.partials = off;
+    off = align_up(off + static_cast<size_t>(l.rows) * stats_splits * 2 * sizeof(StatsPartial), 256);
+    if (with_soft) {
+      // NOTE: bf16 probabilities exp(z − chunk max), [rows, vocab_pad]; fp32 chunk maxima [chunks, rows_pad]
+      // (chunk-major so one k slice of the P·E pass reads 128 consecutive floats); split-K partial sums.
+      l.probs = off;
+      off = align_up(off + static_cast<size_t>(l.rows) * l.vocab_pad * sizeof(__nv_bfloat16), 256);
+      l.chunk_max = off;
+      off = align_up(off + static_cast<size_t>(l.chunks) * l.rows_pad * sizeof(float), 256);
+      l.soft_partial = off;
+      off = align_up(off + static_cast<size_t>(soft_splits) * l.rows * dim * sizeof(float), 256);
+    }
+    l.total = off;
+    return l;
+  }
+};
+
+}  // namespace dgemma::kernels::vocab_head

@@ -1,0 +1,133 @@
+#include <stdexcept>
+#include <string>
+
+#include "kernels/sm90_attention_bf16.cuh"
+#include "ops/attention.h"
+#include "ops/attention_checks.h"
+
+namespace dgemma {
+
+namespace kernels {
+// Instantiated one per file (attention_sm90_d256.cu, attention_sm90_d512.cu) so builds parallelise.
+extern template cudaError_t attention_bf16<256>(const AttentionParams&, cudaStream_t);
+extern template cudaError_t attention_bf16<512>(const AttentionParams&, cudaStream_t);
+}  // namespace kernels
+
+using namespace attention_checks;
+
+void attention_forward(const TensorArg& q, const TensorArg& cache_k, const TensorArg& cache_v,
+                       const TensorArg& tail_k, const TensorArg& tail_v, const TensorArg& prefix_lens,
+                       const TensorArg* valid, const TensorArg& out, const TensorArg* part_o,
+                       const TensorArg* part_lse, const AttentionOptions& opt, std::uintptr_t stream) {
+  check_cuda(q);
+  const int dev = q.device;
+  check_bf16_rows(q, 4, dev);
+  const int64_t b = q.shape[0], hq = q.shape[1], t = q.shape[2], d = q.shape[3];
+  if (!kernels::attention_head_dim_supported(static_cast<int>(d)))
+    throw std::invalid_argument("q head_dim " + std::to_string(d) + " is not supported (expected 256 or 512)");
+  check_bf16_rows(cache_k, 4, dev);
+  check_bf16_rows(cache_v, 4, dev);
+  const int64_t hkv = cache_k.shape[1], slots = cache_k.shape[2];
+  check_shape(cache_k, {b, hkv, slots, d});
+  check_shape(cache_v, {b, hkv, slots, d});
+  if (hkv <= 0 || hq % hkv != 0)
+    throw std::invalid_argument("q heads " + std::to_string(hq) + " must be a multiple of the KV heads " +
+                                std::to_string(hkv) + " (cache_k dimension 1)");
+  check_bf16_rows(tail_k, 4, dev);
+  check_bf16_rows(tail_v, 4, dev);
+  check_shape(tail_k, {b, hkv, t, d});
+  check_shape(tail_v, {b, hkv, t, d});
+  check_bf16_rows(out, 4, dev);
+  check_shape(out, {b, t, hq, d});
+  check_cuda(prefix_lens);
+  check_same_device(q, prefix_lens);
+  check_dtype(prefix_lens, DType::kInt32);
+  check_ndim(prefix_lens, 1);
+  check_dim(prefix_lens, 0, b, "batch");
+  check_contiguous(prefix_lens);
+
+  check_range("batch", b, 1, 65535);
+  check_range("q heads", hq, 1, 65535);
+  check_range("queries (T)", t, 1, 1 << 24);
+  check_range("window", opt.window, 0, 1 << 30);
+  check_range("ring_size", opt.ring_size, 0, slots);
+  check_range("max_prefix", opt.max_prefix, 0, (1 << 30) - t);
+  const int64_t visible = opt.window > 0 ? std::min(opt.max_prefix, opt.window - 1) : opt.max_prefix;
+  if (opt.ring_size > 0 && visible > opt.ring_size)
+    throw std::invalid_argument("the ring of " + std::to_string(opt.ring_size) + " slots cannot hold the " +
+                                std::to_string(visible) + " visible prefix positions (window " +
+                                std::to_string(opt.window) + ", max_prefix " + std::to_string(opt.max_prefix) + ")");
+  if (opt.ring_size == 0 && opt.max_prefix > slots)
+    throw std::invalid_argument("max_prefix " + std::to_string(opt.max_prefix) + " exceeds the cache's " +
+                                std::to_string(slots) + " slots (cache_k dimension 2)");
+  if (valid != nullptr) {
+    check_cuda(*valid);
+    check_same_device(q, *valid);
+    if (valid->dtype != DType::kBool && valid->dtype != DType::kUInt8)
+      throw std::invalid_argument(valid->name + " has dtype " + dtype_name(valid->dtype) + ", expected bool or uint8");
+    check_ndim(*valid, 2);
+    check_dim(*valid, 0, b, "batch");
+    const int64_t need = opt.max_prefix + (opt.valid_tail ? t : 0);
+    if (valid->shape[1] < need)
+      throw std::invalid_argument(valid->name + " has " + std::to_string(valid->shape[1]) +
+                                  " positions, expected at least " + std::to_string(need));
+    if (valid->strides[1] != 1 && valid->shape[1] > 1)
+      throw std::invalid_argument(valid->name + " must be contiguous in its last dimension");
+  }
+
+  const int block_n = kernels::attention_block_n(static_cast<int>(d));
+  check_range("num_splits", opt.num_splits, 1, 65535 / b);
+  check_range("split_tiles", opt.split_tiles, 1, 1 << 30);
+  const int64_t key_tiles = (visible + t + block_n - 1) / block_n;
+  if (opt.num_splits * opt.split_tiles < key_tiles)
+    throw std::invalid_argument("num_splits " + std::to_string(opt.num_splits) + " x split_tiles " +
+                                std::to_string(opt.split_tiles) + " does not cover the " + std::to_string(key_tiles) +
+                                " key tiles of " + std::to_string(block_n) + " keys (see dgemma.attention_plan)");
+  if (opt.num_splits > 1) {
+    if (part_o == nullptr || part_lse == nullptr)
+      throw std::invalid_argument("num_splits > 1 needs the part_o and part_lse workspaces");
+    for (const TensorArg* w : {part_o, part_lse}) {
+      check_cuda(*w);
+      check_same_device(q, *w);
+      check_dtype(*w, DType::kFloat32);
+      check_contiguous(*w);
+    }
+    check_shape(*part_o, {opt.num_splits, b, hq, t, d});
+    check_shape(*part_lse, {opt.num_splits, b, hq, t});
+  }
+
+  kernels::AttentionParams p{};
+  p.q = static_cast<const __nv_bfloat16*>(q.data);
+  p.q_sb = q.strides[0], p.q_sh = q.strides[1], p.q_st = q.strides[2];
+  p.cache_k = static_cast<const __nv_bfloat16*>(cache_k.data);
+  p.cache_v = static_cast<const __nv_bfloat16*>(cache_v.data);
+  p.ck_sb = cache_k.strides[0], p.ck_sh = cache_k.strides[1], p.ck_ss = cache_k.strides[2];
+  p.cv_sb = cache_v.strides[0], p.cv_sh = cache_v.strides[1], p.cv_ss = cache_v.strides[2];
+  p.tail_k = static_cast<const __nv_bfloat16*>(tail_k.data);
+  p.tail_v = static_cast<const __nv_bfloat16*>(tail_v.data);
+  p.tk_sb = tail_k.strides[0], p.tk_sh = tail_k.strides[1], p.tk_st = tail_k.strides[2];
+  p.tv_sb = tail_v.strides[0], p.tv_sh = tail_v.strides[1], p.tv_st = tail_v.strides[2];
+  p.prefix_lens = static_cast<const int32_t*>(prefix_lens.data);
+  p.valid = valid ? static_cast<const uint8_t*>(valid->data) : nullptr;
+  p.valid_sb = valid ? valid->strides[0] : 0;
+  p.out = static_cast<__nv_bfloat16*>(out.data);
+  p.o_sb = out.strides[0], p.o_st = out.strides[1], p.o_sh = out.strides[2];
+  p.part_o = opt.num_splits > 1 ? static_cast<float*>(part_o->data) : nullptr;
+  p.part_lse = opt.num_splits > 1 ? static_cast<float*>(part_lse->data) : nullptr;
+  p.batch = static_cast<int>(b), p.hq = static_cast<int>(hq), p.hkv = static_cast<int>(hkv);
+  p.t = static_cast<int>(t);
+  p.max_prefix = static_cast<int>(opt.max_prefix);
+  p.ring_size = static_cast<int>(opt.ring_size);
+  p.window = static_cast<int>(opt.window);
+  p.causal = opt.causal ? 1 : 0;
+  p.valid_tail = opt.valid_tail ? 1 : 0;
+  p.num_splits = static_cast<int>(opt.num_splits);
+  p.split_tiles = static_cast<int>(std::min<int64_t>(opt.split_tiles, 1 << 30));
+
+  throw_if_failed(cudaSetDevice(dev), "cudaSetDevice");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const cudaError_t err = d == 256 ? kernels::attention_bf16<256>(p, s) : kernels::attention_bf16<512>(p, s);
+  throw_if_failed(err, "attention launch");
+}
+
+}  // namespace dgemma

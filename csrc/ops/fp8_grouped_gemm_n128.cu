@@ -1,0 +1,15 @@
+// The sm90 FP8 grouped GEMM with a 128-token tile (one CUTLASS instantiation per file).
+#include "kernels/sm90_fp8_grouped_gemm_impl.cuh"
+
+namespace dgemma::kernels {
+
+size_t sm90_fp8_grouped_gemm_n128_scratch_bytes(int groups, int sm_count, int device) {
+  return sm90_fp8::grouped_gemm_scratch_bytes<128>(groups, sm_count, device);
+}
+
+cudaError_t sm90_fp8_grouped_gemm_n128(const Fp8GroupedGemmProblem& p, void* scratch, size_t scratch_bytes,
+                                      int sm_count, int device, cudaStream_t stream) {
+  return sm90_fp8::grouped_gemm<128>(p, scratch, scratch_bytes, sm_count, device, stream);
+}
+
+}  // namespace dgemma::kernels

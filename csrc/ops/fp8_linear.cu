@@ -1,0 +1,233 @@
+// Launchers: per-row FP8 quantisation, the FP8 dense linear and the FP8 gated MLP (attention
+// projections, the dense MLP). Same scheme as the experts: per-output-channel weight scales,
+// per-token activation scales, the GEMM itself is sm90_fp8_grouped_gemm with 1 (or 2) groups.
+#include <stdexcept>
+#include <string>
+
+#include "kernels/fp8_epilogue.cuh"
+#include "kernels/fp8_quant.cuh"
+#include "kernels/sm90_fp8_grouped_gemm.cuh"
+#include "ops/moe.h"
+#include "ops/moe_checks.h"
+
+namespace dgemma {
+
+using moe_detail::Carver;
+using moe_detail::check_aligned;
+using moe_detail::check_matrix;
+using moe_detail::check_multiple;
+using moe_detail::throw_if_failed;
+
+namespace {
+
+// x [rows, k] bf16 with 16-byte aligned, evenly strided rows (last dim contiguous).
+int64_t check_activation(const TensorArg& x) {
+  check_cuda(x);
+  check_dtype(x, DType::kBFloat16);
+  check_ndim(x, 2);
+  if (x.strides[1] != 1) throw std::invalid_argument(x.name + " must be contiguous in its last dimension");
+  check_multiple(x.shape[1], 16, x.name + " last dimension");
+  if (x.shape[1] > kernels::kQuantMaxCols)
+    throw std::invalid_argument(x.name + " last dimension " + std::to_string(x.shape[1]) + " exceeds " +
+                                std::to_string(kernels::kQuantMaxCols));
+  check_multiple(x.shape[0] > 1 ? x.strides[0] : x.shape[1], 8, x.name + " row stride");
+  check_aligned(x, 16);
+  return x.shape[0] > 1 ? x.strides[0] : x.shape[1];
+}
+
+// w_q [n, k] float8_e4m3fn + w_scale [n] fp32 on x's device.
+void check_weight(const TensorArg& w_q, const TensorArg& w_scale, int64_t n, int64_t k, const TensorArg& x,
+                  const char* what_n) {
+  check_cuda(w_q);
+  check_same_device(x, w_q);
+  check_matrix(w_q, DType::kFloat8E4M3, n, k, what_n, "input features");
+  check_multiple(w_q.shape[0], 8, w_q.name + " rows (output features)");
+  check_aligned(w_q, 16);
+  check_cuda(w_scale);
+  check_same_device(x, w_scale);
+  check_dtype(w_scale, DType::kFloat32);
+  check_ndim(w_scale, 1);
+  check_dim(w_scale, 0, w_q.shape[0], "rows of the weight");
+  check_contiguous(w_scale);
+  check_aligned(w_scale, 16);
+}
+
+struct LinearBuffers {
+  uint8_t* xq;
+  float* x_scale;
+  __nv_bfloat16* d;
+  void* gemm;
+  size_t gemm_bytes, total;
+};
+
+LinearBuffers linear_buffers(void* base, int64_t rows, int n_out, int k, int sms, int device) {
+  Carver c(base);
+  LinearBuffers b;
+  b.xq = c.take<uint8_t>(static_cast<size_t>(rows) * k);
+  b.x_scale = c.take<float>(rows);
+  b.d = c.take<__nv_bfloat16>(static_cast<size_t>(rows) * n_out);
+  b.gemm_bytes = kernels::sm90_fp8_grouped_gemm_scratch_bytes(kernels::choose_fp8_gemm_tile(rows, 1, true), 1, sms,
+                                                              device);
+  b.gemm = c.take<uint8_t>(b.gemm_bytes);
+  b.total = c.used();
+  return b;
+}
+
+struct MlpBuffers {
+  uint8_t* xq;
+  float* x_scale;
+  __nv_bfloat16* gate_up;  // [rows, 2 * inter]
+  uint8_t* hq;
+  float* h_scale;
+  __nv_bfloat16* d;
+  void* gemm1;
+  void* gemm2;
+  size_t gemm1_bytes, gemm2_bytes, total;
+};
+
+MlpBuffers mlp_buffers(void* base, int64_t rows, int hidden, int inter, int sms, int device) {
+  const size_t r = static_cast<size_t>(rows);
+  const auto tile = kernels::choose_fp8_gemm_tile(rows, 1, true);
+  Carver c(base);
+  MlpBuffers b;
+  b.xq = c.take<uint8_t>(r * hidden);
+  b.x_scale = c.take<float>(r);
+  b.gate_up = c.take<__nv_bfloat16>(r * 2 * inter);
+  b.hq = c.take<uint8_t>(r * inter);
+  b.h_scale = c.take<float>(r);
+  b.d = c.take<__nv_bfloat16>(r * hidden);
+  b.gemm1_bytes = kernels::sm90_fp8_grouped_gemm_scratch_bytes(tile, 2, sms, device);
+  b.gemm1 = c.take<uint8_t>(b.gemm1_bytes);
+  b.gemm2_bytes = kernels::sm90_fp8_grouped_gemm_scratch_bytes(tile, 1, sms, device);
+  b.gemm2 = c.take<uint8_t>(b.gemm2_bytes);
+  b.total = c.used();
+  return b;
+}
+
+kernels::Fp8GroupedGemmProblem dense_problem(const TensorArg& w_q, const uint8_t* xq, int64_t rows,
+                                             __nv_bfloat16* d, int64_t ldd) {
+  kernels::Fp8GroupedGemmProblem p;
+  p.groups = 1;
+  p.n_out = static_cast<int>(w_q.shape[0]);
+  p.k = static_cast<int>(w_q.shape[1]);
+  p.weights = static_cast<const uint8_t*>(w_q.data);
+  p.activations = xq;
+  p.rows = static_cast<int>(rows);
+  p.out = d;
+  p.ldo = ldd;
+  return p;
+}
+
+void check_rows(int64_t rows, const TensorArg& x) {
+  if (rows >= (int64_t(1) << 31))
+    throw std::invalid_argument(x.name + " has " + std::to_string(rows) + " rows, expected < 2^31");
+}
+
+}  // namespace
+
+void fp8_quantize_rows(const TensorArg& x, const TensorArg& q, const TensorArg& scale, std::uintptr_t stream) {
+  const int64_t xs = check_activation(x);
+  const int64_t rows = x.shape[0], cols = x.shape[1];
+  check_rows(rows, x);
+  check_same_device(x, q);
+  check_matrix(q, DType::kFloat8E4M3, rows, cols, "rows of x", "columns of x");
+  check_aligned(q, 16);
+  check_same_device(x, scale);
+  check_cuda(scale);
+  check_dtype(scale, DType::kFloat32);
+  check_ndim(scale, 1);
+  check_dim(scale, 0, rows, "rows of x");
+  check_contiguous(scale);
+  throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
+  throw_if_failed(kernels::quantize_rows(static_cast<const __nv_bfloat16*>(x.data), xs, rows, static_cast<int>(cols),
+                                         static_cast<uint8_t*>(q.data), static_cast<float*>(scale.data),
+                                         reinterpret_cast<cudaStream_t>(stream)),
+                  "fp8_quantize_rows launch");
+}
+
+size_t fp8_linear_workspace_bytes(int64_t rows, int n_out, int k, int device) {
+  if (rows < 0 || n_out < 1 || k < 1) throw std::invalid_argument("fp8_linear_workspace_bytes: invalid sizes");
+  return linear_buffers(nullptr, rows, n_out, k, moe_detail::sm_count(device), device).total;
+}
+
+void fp8_linear(const TensorArg& x, const TensorArg& w_q, const TensorArg& w_scale, const TensorArg& out,
+                const TensorArg& workspace, std::uintptr_t stream) {
+  const int64_t xs = check_activation(x);
+  const int64_t rows = x.shape[0], k = x.shape[1];
+  check_rows(rows, x);
+  check_weight(w_q, w_scale, -1, k, x, "output features");
+  const int64_t n_out = w_q.shape[0];
+  check_same_device(x, out);
+  check_matrix(out, DType::kBFloat16, rows, n_out, "rows of x", "output features");
+  check_aligned(out, 16);
+  throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
+  const int sms = moe_detail::sm_count(x.device);
+  const int n = static_cast<int>(n_out), kk = static_cast<int>(k);
+  moe_detail::check_workspace(workspace, linear_buffers(nullptr, rows, n, kk, sms, x.device).total, x.device);
+  if (rows == 0) return;
+  const LinearBuffers b = linear_buffers(workspace.data, rows, n, kk, sms, x.device);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  throw_if_failed(kernels::quantize_rows(static_cast<const __nv_bfloat16*>(x.data), xs, rows, kk, b.xq, b.x_scale, s),
+                  "fp8 quantize launch");
+  const auto tile = kernels::choose_fp8_gemm_tile(rows, 1, true);
+  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, dense_problem(w_q, b.xq, rows, b.d, n_out), b.gemm,
+                                                 b.gemm_bytes, sms, x.device, s),
+                  "fp8 GEMM");
+  throw_if_failed(kernels::scale_output(b.d, n_out, b.x_scale, static_cast<const float*>(w_scale.data), rows, n,
+                                        static_cast<__nv_bfloat16*>(out.data), n_out, s),
+                  "fp8 scale_output launch");
+}
+
+size_t fp8_gated_mlp_workspace_bytes(int64_t rows, int hidden, int inter, int device) {
+  if (rows < 0 || hidden < 1 || inter < 1) throw std::invalid_argument("fp8_gated_mlp_workspace_bytes: invalid sizes");
+  return mlp_buffers(nullptr, rows, hidden, inter, moe_detail::sm_count(device), device).total;
+}
+
+void fp8_gated_mlp(const TensorArg& x, const TensorArg& gate_q, const TensorArg& gate_scale, const TensorArg& up_q,
+                   const TensorArg& up_scale, const TensorArg& down_q, const TensorArg& down_scale,
+                   const TensorArg& out, const TensorArg& workspace, std::uintptr_t stream) {
+  const int64_t xs = check_activation(x);
+  const int64_t rows = x.shape[0], hidden = x.shape[1];
+  check_rows(rows, x);
+  check_weight(gate_q, gate_scale, -1, hidden, x, "intermediate");
+  const int64_t inter = gate_q.shape[0];
+  check_multiple(inter, 16, gate_q.name + " rows (intermediate)");
+  if (inter > kernels::kGeluUpMaxInter)
+    throw std::invalid_argument(gate_q.name + " has " + std::to_string(inter) + " rows, expected at most " +
+                                std::to_string(kernels::kGeluUpMaxInter));
+  check_weight(up_q, up_scale, inter, hidden, x, "intermediate (rows of gate)");
+  check_weight(down_q, down_scale, hidden, inter, x, "hidden");
+  check_same_device(x, out);
+  check_matrix(out, DType::kBFloat16, rows, hidden, "rows of x", "hidden");
+  check_aligned(out, 16);
+  throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
+  const int sms = moe_detail::sm_count(x.device);
+  const int H = static_cast<int>(hidden), I = static_cast<int>(inter);
+  moe_detail::check_workspace(workspace, mlp_buffers(nullptr, rows, H, I, sms, x.device).total, x.device);
+  if (rows == 0) return;
+  const MlpBuffers b = mlp_buffers(workspace.data, rows, H, I, sms, x.device);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const auto tile = kernels::choose_fp8_gemm_tile(rows, 1, true);
+  throw_if_failed(kernels::quantize_rows(static_cast<const __nv_bfloat16*>(x.data), xs, rows, H, b.xq, b.x_scale, s),
+                  "fp8 quantize launch");
+  // gate and up as a 2-group problem over the same activations: gate into columns [0, I), up into [I, 2I).
+  kernels::Fp8GroupedGemmProblem g1 = dense_problem(gate_q, b.xq, rows, b.gate_up, 2 * inter);
+  g1.groups = 2;
+  g1.weight_group_stride = static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(up_q.data) -
+                                                reinterpret_cast<std::uintptr_t>(gate_q.data));
+  g1.out_group_stride = inter;
+  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, g1, b.gemm1, b.gemm1_bytes, sms, x.device, s),
+                  "fp8 GEMM gate/up");
+  const kernels::GeluUpScales scales{static_cast<const float*>(gate_scale.data),
+                                     static_cast<const float*>(up_scale.data), 0, nullptr, nullptr};
+  throw_if_failed(kernels::gelu_up_quantize(b.gate_up, b.x_scale, rows, I, scales, b.hq, b.h_scale, s),
+                  "gelu_up_quantize launch");
+  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, dense_problem(down_q, b.hq, rows, b.d, hidden), b.gemm2,
+                                                 b.gemm2_bytes, sms, x.device, s),
+                  "fp8 GEMM down");
+  throw_if_failed(kernels::scale_output(b.d, hidden, b.h_scale, static_cast<const float*>(down_scale.data), rows, H,
+                                        static_cast<__nv_bfloat16*>(out.data), hidden, s),
+                  "fp8 scale_output launch");
+}
+
+}  // namespace dgemma

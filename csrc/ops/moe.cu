@@ -1,0 +1,259 @@
+// Launchers: router, dispatch plan and the FP8 MoE layer
+//   plan -> gather+quantise -> grouped GEMM gate_up -> gelu·up+quantise -> grouped GEMM down -> combine.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/fp8_epilogue.cuh"
+#include "kernels/moe_dispatch.cuh"
+#include "kernels/moe_route.cuh"
+#include "kernels/sm90_fp8_grouped_gemm.cuh"
+#include "ops/moe.h"
+#include "ops/moe_checks.h"
+
+namespace dgemma {
+
+using moe_detail::Carver;
+using moe_detail::check_aligned;
+using moe_detail::check_matrix;
+using moe_detail::check_multiple;
+using moe_detail::throw_if_failed;
+
+namespace {
+
+void check_vector(const TensorArg& t, DType dtype, int64_t n, const char* what, const TensorArg& like) {
+  check_cuda(t);
+  check_same_device(like, t);
+  check_dtype(t, dtype);
+  check_ndim(t, 1);
+  check_dim(t, 0, n, what);
+  check_contiguous(t);
+}
+
+void check_ids(const TensorArg& ids, const TensorArg& like) {
+  check_cuda(ids);
+  check_same_device(like, ids);
+  check_dtype(ids, DType::kInt32);
+  check_ndim(ids, 2);
+  check_contiguous(ids);
+  if (ids.shape[1] < 1 || ids.shape[1] > kernels::kRouteMaxTopK)
+    throw std::invalid_argument(ids.name + " has shape " + ids.shape_str() + ": top_k must be in [1, " +
+                                std::to_string(kernels::kRouteMaxTopK) + "]");
+  if (ids.shape[0] * ids.shape[1] >= (int64_t(1) << 31))
+    throw std::invalid_argument(ids.name + " has " + std::to_string(ids.numel()) + " entries, expected < 2^31");
+}
+
+void check_experts(int experts) {
+  if (experts < 1 || experts > kernels::kPlanMaxExperts)
+    throw std::invalid_argument("experts is " + std::to_string(experts) + ", expected 1.." +
+                                std::to_string(kernels::kPlanMaxExperts));
+}
+
+// Every intermediate of the MoE layer, in one workspace.
+struct MoeBuffers {
+  int32_t* offsets;
+  int32_t* row_of;
+  int32_t* row_expert;
+  uint8_t* xq;
+  float* x_scale;
+  __nv_bfloat16* gate_up;
+  uint8_t* hq;
+  float* h_scale;
+  __nv_bfloat16* down;
+  void* gemm1;
+  void* gemm2;
+  size_t gemm1_bytes, gemm2_bytes, total;
+};
+
+MoeBuffers moe_buffers(void* base, int64_t tokens, int top_k, int hidden, int inter, int experts,
+                       kernels::Fp8GemmTile tile, int sms, int device) {
+  const size_t rows = static_cast<size_t>(tokens) * top_k;
+  Carver c(base);
+  MoeBuffers b;
+  b.offsets = c.take<int32_t>(experts + 1);
+  b.row_of = c.take<int32_t>(rows);
+  b.row_expert = c.take<int32_t>(rows);
+  b.xq = c.take<uint8_t>(rows * hidden);
+  b.x_scale = c.take<float>(rows);
+  b.gate_up = c.take<__nv_bfloat16>(rows * 2 * inter);
+  b.hq = c.take<uint8_t>(rows * inter);
+  b.h_scale = c.take<float>(rows);
+  b.down = c.take<__nv_bfloat16>(rows * hidden);
+  // Both GEMMs have `experts` groups and the same instantiation, hence the same scratch size.
+  b.gemm1_bytes = b.gemm2_bytes = kernels::sm90_fp8_grouped_gemm_scratch_bytes(tile, experts, sms, device);
+  b.gemm1 = c.take<uint8_t>(b.gemm1_bytes);
+  b.gemm2 = c.take<uint8_t>(b.gemm2_bytes);
+  b.total = c.used();
+  return b;
+}
+
+}  // namespace
+
+void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj, const TensorArg& expert_scale,
+               int top_k, double eps, const TensorArg& weights, const TensorArg& ids, std::uintptr_t stream) {
+  check_cuda(x);
+  check_dtype(x, DType::kBFloat16);
+  check_ndim(x, 2);
+  if (x.strides[1] != 1) throw std::invalid_argument(x.name + " must be contiguous in its last dimension");
+  const int64_t tokens = x.shape[0], hidden = x.shape[1];
+  check_multiple(hidden, 8, x.name + " last dimension (hidden)");
+  check_multiple(x.strides[0], 8, x.name + " row stride");
+  check_aligned(x, 16);
+  check_cuda(proj);
+  check_same_device(x, proj);
+  check_matrix(proj, DType::kBFloat16, -1, hidden, "", "hidden");
+  check_aligned(proj, 16);
+  const int64_t experts = proj.shape[0];
+  if (experts < 32 || experts > kernels::kRouteMaxExperts || experts % 32 != 0)
+    throw std::invalid_argument(proj.name + " has " + std::to_string(experts) +
+                                " experts (rows), expected a multiple of 32 up to " +
+                                std::to_string(kernels::kRouteMaxExperts));
+  check_vector(scale, DType::kBFloat16, hidden, "hidden", x);
+  check_vector(expert_scale, DType::kBFloat16, experts, "experts", x);
+  if (top_k < 1 || top_k > kernels::kRouteMaxTopK || top_k > experts)
+    throw std::invalid_argument("top_k is " + std::to_string(top_k) + ", expected 1.." +
+                                std::to_string(std::min<int64_t>(kernels::kRouteMaxTopK, experts)));
+  if (!(eps > 0.0)) throw std::invalid_argument("eps must be positive, got " + std::to_string(eps));
+  check_same_device(x, weights);
+  check_matrix(weights, DType::kFloat32, tokens, top_k, "tokens", "top_k");
+  check_same_device(x, ids);
+  check_matrix(ids, DType::kInt32, tokens, top_k, "tokens", "top_k");
+  if (kernels::route_smem_bytes(static_cast<int>(hidden), static_cast<int>(experts)) > 200 * 1024)
+    throw std::invalid_argument(x.name + " hidden size " + std::to_string(hidden) + " is too large for the router");
+
+  throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
+  const float inv_sqrt_hidden = static_cast<float>(std::pow(static_cast<double>(hidden), -0.5));
+  throw_if_failed(kernels::route(static_cast<const __nv_bfloat16*>(x.data), x.strides[0],
+                                 static_cast<const __nv_bfloat16*>(scale.data),
+                                 static_cast<const __nv_bfloat16*>(proj.data),
+                                 static_cast<const __nv_bfloat16*>(expert_scale.data), tokens,
+                                 static_cast<int>(hidden), static_cast<int>(experts), top_k, static_cast<float>(eps),
+                                 inv_sqrt_hidden, static_cast<float*>(weights.data), static_cast<int32_t*>(ids.data),
+                                 reinterpret_cast<cudaStream_t>(stream)),
+                  "moe_route launch");
+}
+
+void moe_plan(const TensorArg& ids, int experts, const TensorArg& offsets, const TensorArg& row_of,
+              const TensorArg& row_expert, std::uintptr_t stream) {
+  check_ids(ids, ids);
+  check_experts(experts);
+  check_vector(offsets, DType::kInt32, experts + 1, "experts + 1", ids);
+  check_same_device(ids, row_of);
+  check_matrix(row_of, DType::kInt32, ids.shape[0], ids.shape[1], "tokens", "top_k");
+  check_vector(row_expert, DType::kInt32, ids.numel(), "tokens * top_k", ids);
+  throw_if_failed(cudaSetDevice(ids.device), "cudaSetDevice");
+  throw_if_failed(kernels::moe_plan(static_cast<const int32_t*>(ids.data), static_cast<int>(ids.shape[0]),
+                                    static_cast<int>(ids.shape[1]), experts, static_cast<int32_t*>(offsets.data),
+                                    static_cast<int32_t*>(row_of.data), static_cast<int32_t*>(row_expert.data),
+                                    reinterpret_cast<cudaStream_t>(stream)),
+                  "moe_plan launch");
+}
+
+size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter, int experts, int device) {
+  if (tokens < 0 || top_k < 1 || hidden < 1 || inter < 1 || experts < 1)
+    throw std::invalid_argument("moe_fp8_workspace_bytes: sizes must be positive (tokens may be 0)");
+  const auto tile = kernels::choose_fp8_gemm_tile(tokens * top_k, experts, false);
+  return moe_buffers(nullptr, tokens, top_k, hidden, inter, experts, tile, moe_detail::sm_count(device), device)
+      .total;
+}
+
+void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights, const TensorArg& gate_up_q,
+             const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg& out,
+             const TensorArg& workspace, std::uintptr_t stream) {
+  check_matrix(x, DType::kBFloat16, -1, -1, "tokens", "hidden");
+  const int64_t tokens = x.shape[0], hidden = x.shape[1];
+  check_ids(ids, x);
+  check_dim(ids, 0, tokens, "tokens (rows of x)");
+  const int top_k = static_cast<int>(ids.shape[1]);
+  check_same_device(x, weights);
+  check_matrix(weights, DType::kFloat32, tokens, top_k, "tokens", "top_k");
+  check_cuda(gate_up_q);
+  check_same_device(x, gate_up_q);
+  check_dtype(gate_up_q, DType::kFloat8E4M3);
+  check_ndim(gate_up_q, 3);
+  check_contiguous(gate_up_q);
+  const int64_t experts = gate_up_q.shape[0], two_inter = gate_up_q.shape[1];
+  if (experts < 1 || experts > kernels::kPlanMaxExperts)
+    throw std::invalid_argument(gate_up_q.name + " has " + std::to_string(experts) + " experts, expected 1.." +
+                                std::to_string(kernels::kPlanMaxExperts));
+  check_dim(gate_up_q, 2, hidden, "hidden (columns of x)");
+  check_multiple(two_inter, 32, gate_up_q.name + " dimension 1 (2 * intermediate)");
+  const int64_t inter = two_inter / 2;  // a multiple of 16: the down GEMM's K (16-byte fp8 rows)
+  check_multiple(hidden, 16, x.name + " last dimension (hidden)");
+  if (hidden > kernels::kGatherMaxHidden)
+    throw std::invalid_argument(x.name + " hidden size " + std::to_string(hidden) + " exceeds " +
+                                std::to_string(kernels::kGatherMaxHidden));
+  if (inter > kernels::kGeluUpMaxInter)
+    throw std::invalid_argument(gate_up_q.name + " intermediate size " + std::to_string(inter) + " exceeds " +
+                                std::to_string(kernels::kGeluUpMaxInter));
+  check_same_device(x, gate_up_scale);
+  check_matrix(gate_up_scale, DType::kFloat32, experts, two_inter, "experts", "2 * intermediate");
+  check_cuda(down_q);
+  check_same_device(x, down_q);
+  check_dtype(down_q, DType::kFloat8E4M3);
+  check_ndim(down_q, 3);
+  check_contiguous(down_q);
+  check_dim(down_q, 0, experts, "experts");
+  check_dim(down_q, 1, hidden, "hidden");
+  check_dim(down_q, 2, inter, "intermediate");
+  check_same_device(x, down_scale);
+  check_matrix(down_scale, DType::kFloat32, experts, hidden, "experts", "hidden");
+  check_same_device(x, out);
+  check_matrix(out, DType::kBFloat16, tokens, hidden, "tokens", "hidden");
+  for (const TensorArg* t : {&x, &out, &gate_up_q, &down_q, &gate_up_scale, &down_scale}) check_aligned(*t, 16);
+
+  throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
+  const int sms = moe_detail::sm_count(x.device);
+  const int E = static_cast<int>(experts), H = static_cast<int>(hidden), I = static_cast<int>(inter);
+  const auto tile = kernels::choose_fp8_gemm_tile(tokens * top_k, E, false);
+  const MoeBuffers need = moe_buffers(nullptr, tokens, top_k, H, I, E, tile, sms, x.device);
+  moe_detail::check_workspace(workspace, need.total, x.device);
+  if (tokens == 0) return;
+  const MoeBuffers b = moe_buffers(workspace.data, tokens, top_k, H, I, E, tile, sms, x.device);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const auto* xp = static_cast<const __nv_bfloat16*>(x.data);
+  const auto* idp = static_cast<const int32_t*>(ids.data);
+
+  throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E, b.offsets, b.row_of, b.row_expert, s),
+                  "moe_plan launch");
+  throw_if_failed(kernels::moe_gather_quantize(xp, hidden, tokens, H, top_k, b.row_of, b.xq, b.x_scale, s),
+                  "moe_gather_quantize launch");
+
+  kernels::Fp8GroupedGemmProblem g1;
+  g1.groups = E;
+  g1.n_out = 2 * I;
+  g1.k = H;
+  g1.weights = static_cast<const uint8_t*>(gate_up_q.data);
+  g1.weight_group_stride = two_inter * hidden;
+  g1.activations = b.xq;
+  g1.row_offsets = b.offsets;
+  g1.rows = static_cast<int>(tokens * top_k);
+  g1.out = b.gate_up;
+  g1.ldo = two_inter;
+  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, g1, b.gemm1, b.gemm1_bytes, sms, x.device, s),
+                  "grouped GEMM gate_up");
+
+  const auto* gus = static_cast<const float*>(gate_up_scale.data);
+  const kernels::GeluUpScales scales{gus, gus + I, two_inter, b.row_expert, b.offsets + E};
+  throw_if_failed(kernels::gelu_up_quantize(b.gate_up, b.x_scale, tokens * top_k, I, scales, b.hq, b.h_scale, s),
+                  "gelu_up_quantize launch");
+
+  kernels::Fp8GroupedGemmProblem g2 = g1;
+  g2.n_out = H;
+  g2.k = I;
+  g2.weights = static_cast<const uint8_t*>(down_q.data);
+  g2.weight_group_stride = hidden * inter;
+  g2.activations = b.hq;
+  g2.out = b.down;
+  g2.ldo = hidden;
+  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, g2, b.gemm2, b.gemm2_bytes, sms, x.device, s),
+                  "grouped GEMM down");
+
+  throw_if_failed(kernels::moe_combine(b.down, b.h_scale, static_cast<const float*>(down_scale.data), idp,
+                                       static_cast<const float*>(weights.data), b.row_of, tokens, H, top_k,
+                                       static_cast<__nv_bfloat16*>(out.data), hidden, s),
+                  "moe_combine launch");
+}
+
+}  // namespace dgemma

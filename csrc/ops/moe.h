@@ -1,0 +1,51 @@
+// Launchers of the moe domain: the router, the device-side dispatch plan, the FP8 MoE layer and the
+// FP8 dense linear / gated MLP. Every function validates its arguments (std::invalid_argument naming
+// the argument) and enqueues work on `stream` without synchronising.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "ops/tensor_arg.h"
+
+namespace dgemma {
+
+// Router. x [tokens, hidden] bf16 (rows may be strided); scale [hidden], proj [experts, hidden],
+// expert_scale [experts] bf16. Writes weights [tokens, top_k] fp32 and ids [tokens, top_k] int32.
+void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj, const TensorArg& expert_scale,
+               int top_k, double eps, const TensorArg& weights, const TensorArg& ids, std::uintptr_t stream);
+
+// Dispatch plan of ids [tokens, top_k] int32: offsets [experts + 1], row_of [tokens, top_k] and
+// row_expert [tokens * top_k], all int32 (see kernels/moe_dispatch.cuh for the order).
+void moe_plan(const TensorArg& ids, int experts, const TensorArg& offsets, const TensorArg& row_of,
+              const TensorArg& row_expert, std::uintptr_t stream);
+
+// Bytes of the uint8 workspace moe_fp8 needs for these sizes on `device`.
+size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter, int experts, int device);
+
+// Routed experts in FP8: out [tokens, hidden] bf16 = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]).
+// x [tokens, hidden] bf16; ids [tokens, top_k] int32; weights [tokens, top_k] fp32;
+// gate_up_q [experts, 2 * inter, hidden] float8_e4m3fn + gate_up_scale [experts, 2 * inter] fp32 (gate rows
+// first); down_q [experts, hidden, inter] + down_scale [experts, hidden]; workspace uint8 of at least
+// moe_fp8_workspace_bytes(...). Activations are quantised per token inside the pipeline.
+void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights, const TensorArg& gate_up_q,
+             const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg& out,
+             const TensorArg& workspace, std::uintptr_t stream);
+
+// Per-row FP8 quantisation: x [rows, cols] bf16 -> q [rows, cols] float8_e4m3fn, scale [rows] fp32.
+void fp8_quantize_rows(const TensorArg& x, const TensorArg& q, const TensorArg& scale, std::uintptr_t stream);
+
+size_t fp8_linear_workspace_bytes(int64_t rows, int n_out, int k, int device);
+
+// out [rows, n_out] bf16 = x [rows, k] bf16 . dequant(w_q [n_out, k], w_scale [n_out])^T, x quantised per row.
+void fp8_linear(const TensorArg& x, const TensorArg& w_q, const TensorArg& w_scale, const TensorArg& out,
+                const TensorArg& workspace, std::uintptr_t stream);
+
+size_t fp8_gated_mlp_workspace_bytes(int64_t rows, int hidden, int inter, int device);
+
+// out [rows, hidden] = down(gelu_tanh(gate(x)) * up(x)) with FP8 weights (q [n, k] + scale [n] each).
+void fp8_gated_mlp(const TensorArg& x, const TensorArg& gate_q, const TensorArg& gate_scale, const TensorArg& up_q,
+                   const TensorArg& up_scale, const TensorArg& down_q, const TensorArg& down_scale,
+                   const TensorArg& out, const TensorArg& workspace, std::uintptr_t stream);
+
+}  // namespace dgemma

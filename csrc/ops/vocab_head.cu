@@ -1,0 +1,156 @@
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/vocab_head.cuh"
+#include "ops/vocab_head.h"
+
+namespace dgemma {
+namespace {
+
+namespace vh = kernels::vocab_head;
+
+void throw_if_failed(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(err));
+}
+
+int multiprocessors(int device) {
+  int sms = 0;
+  throw_if_failed(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return sms;
+}
+
+void check_tensor(const TensorArg& t, const TensorArg& ref, DType dtype, std::initializer_list<int64_t> shape) {
+  check_cuda(t);
+  check_same_device(ref, t);
+  check_dtype(t, dtype);
+  check_ndim(t, shape.size());
+  size_t d = 0;
+  for (int64_t s : shape) {
+    check_dim(t, d, s, "see the documented shape");
+    ++d;
+  }
+  check_contiguous(t);
+}
+
+void check_aligned(const TensorArg& t, size_t bytes) {
+  if (reinterpret_cast<std::uintptr_t>(t.data) % bytes != 0)
+    throw std::invalid_argument(t.name + " must be " + std::to_string(bytes) +
+                                "-byte aligned (a view at an odd offset? call .clone())");
+}
+
+void check_finite(double v, const char* name, bool positive) {
+  if (!std::isfinite(v) || (positive && !(v > 0)))
+    throw std::invalid_argument(std::string(name) + " must be a " + (positive ? "positive " : "") +
+                                "finite number, got " + std::to_string(v));
+}
+
+void check_problem(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden) {
+  if (batch < 1 || batch > (1 << 28))
+    throw std::invalid_argument("batch " + std::to_string(batch) + " must be in [1, 268435456]");
+  if (canvas < 1 || canvas > vh::kMaxCanvas)
+    throw std::invalid_argument("canvas length " + std::to_string(canvas) + " must be in [1, " +
+                                std::to_string(vh::kMaxCanvas) + "] (one CTA ranks a sequence's positions)");
+  if (vocab < 1 || vocab > (1 << 30))
+    throw std::invalid_argument("vocab size " + std::to_string(vocab) + " must be in [1, 1073741824]");
+  if (hidden < vh::kBK || hidden % vh::kBK != 0 || hidden > (1 << 16))
+    throw std::invalid_argument("hidden size " + std::to_string(hidden) + " must be a positive multiple of " +
+                                std::to_string(vh::kBK) + " up to 65536");
+}
+
+vh::VocabHeadLayout layout_for(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,
+                               int sms, vh::VocabHeadSplits* splits_out) {
+  const vh::VocabHeadSplits splits = vh::choose_splits(batch * canvas, static_cast<int>(vocab),
+                                                       static_cast<int>(hidden), sms);
+  if (splits_out != nullptr) *splits_out = splits;
+  return vh::VocabHeadLayout::make(static_cast<int>(batch), static_cast<int>(canvas), static_cast<int>(vocab),
+                                   static_cast<int>(hidden), splits.stats, splits.soft, with_soft);
+}
+
+}  // namespace
+
+int64_t vocab_head_workspace_bytes(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,
+                                   int device) {
+  check_problem(batch, canvas, vocab, hidden);
+  const int sms = multiprocessors(device);
+  return static_cast<int64_t>(layout_for(batch, canvas, vocab, hidden, with_soft, sms, nullptr).total);
+}
+
+void vocab_head_step(const VocabHeadArgs& a, const VocabHeadScalars& s, std::uintptr_t stream) {
+  const TensorArg& h = a.hidden;
+  check_cuda(h);
+  check_dtype(h, DType::kBFloat16);
+  check_ndim(h, 3);
+  check_contiguous(h);
+  const int64_t batch = h.shape[0], canvas = h.shape[1], hidden = h.shape[2];
+  check_tensor(a.embed, h, DType::kBFloat16, {a.embed.shape.empty() ? 0 : a.embed.shape[0], hidden});
+  const int64_t vocab = a.embed.shape[0];
+  check_problem(batch, canvas, vocab, hidden);
+  check_aligned(h, 16);
+  check_aligned(a.embed, 16);
+  check_tensor(a.prev_argmax, h, DType::kInt64, {batch, canvas});
+  if (a.finished_in != nullptr) check_tensor(*a.finished_in, h, DType::kBool, {batch});
+  for (const TensorArg* t : {&a.max_logit, &a.lse, &a.entropy}) check_tensor(*t, h, DType::kFloat32, {batch, canvas});
+  for (const TensorArg* t : {&a.argmax, &a.sample, &a.next_canvas}) check_tensor(*t, h, DType::kInt64, {batch, canvas});
+  check_tensor(a.accepted, h, DType::kBool, {batch, canvas});
+  check_tensor(a.mean_entropy, h, DType::kFloat32, {batch});
+  check_tensor(a.stable, h, DType::kBool, {batch});
+  check_tensor(a.finished_out, h, DType::kBool, {batch});
+  if (a.soft != nullptr) {
+    check_tensor(*a.soft, h, DType::kBFloat16, {batch, canvas, hidden});
+    check_aligned(*a.soft, 16);
+  }
+  check_finite(s.temperature, "temperature", true);
+  check_finite(s.softcap, "softcap", true);
+  check_finite(s.entropy_bound, "entropy_bound", false);
+  check_finite(s.confidence, "confidence", false);
+  check_finite(s.soft_scale, "soft_scale", false);
+
+  throw_if_failed(cudaSetDevice(h.device), "cudaSetDevice");
+  vh::VocabHeadSplits splits;
+  const vh::VocabHeadLayout l =
+      layout_for(batch, canvas, vocab, hidden, a.soft != nullptr, multiprocessors(h.device), &splits);
+  const TensorArg& ws = a.workspace;
+  check_cuda(ws);
+  check_same_device(h, ws);
+  check_dtype(ws, DType::kUInt8);
+  check_contiguous(ws);
+  check_aligned(ws, 256);
+  if (ws.numel() < static_cast<int64_t>(l.total))
+    throw std::invalid_argument(ws.name + " has " + std::to_string(ws.numel()) + " bytes, expected at least " +
+                                std::to_string(l.total) + " (vocab_head_workspace_bytes)");
+
+  vh::VocabHeadParams p;
+  p.hidden = static_cast<const __nv_bfloat16*>(h.data);
+  p.embed = static_cast<const __nv_bfloat16*>(a.embed.data);
+  p.prev_argmax = static_cast<const int64_t*>(a.prev_argmax.data);
+  p.finished_in = a.finished_in != nullptr ? static_cast<const bool*>(a.finished_in->data) : nullptr;
+  p.batch = static_cast<int>(batch);
+  p.canvas = static_cast<int>(canvas);
+  p.vocab = static_cast<int>(vocab);
+  p.dim = static_cast<int>(hidden);
+  p.inv_temperature = static_cast<float>(1.0 / static_cast<double>(static_cast<float>(s.temperature)));
+  p.softcap = static_cast<float>(s.softcap);
+  p.entropy_bound = static_cast<float>(s.entropy_bound);
+  p.confidence = static_cast<float>(s.confidence);
+  p.soft_scale = static_cast<float>(s.soft_scale);
+  p.seed = s.seed;
+  p.step = s.step;
+  p.max_logit = static_cast<float*>(a.max_logit.data);
+  p.lse = static_cast<float*>(a.lse.data);
+  p.entropy = static_cast<float*>(a.entropy.data);
+  p.argmax = static_cast<int64_t*>(a.argmax.data);
+  p.sample = static_cast<int64_t*>(a.sample.data);
+  p.accepted = static_cast<bool*>(a.accepted.data);
+  p.next_canvas = static_cast<int64_t*>(a.next_canvas.data);
+  p.mean_entropy = static_cast<float*>(a.mean_entropy.data);
+  p.stable = static_cast<bool*>(a.stable.data);
+  p.finished_out = static_cast<bool*>(a.finished_out.data);
+  p.soft = a.soft != nullptr ? static_cast<__nv_bfloat16*>(a.soft->data) : nullptr;
+  p.stats_splits = splits.stats;
+  p.soft_splits = splits.soft;
+  p.workspace = ws.data;
+  throw_if_failed(vh::vocab_head_step(p, reinterpret_cast<cudaStream_t>(stream)), "vocab_head_step launch");
+}
+
+}  // namespace dgemma

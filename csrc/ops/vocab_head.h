@@ -1,0 +1,38 @@
+#pragma once
+
+#include <cstdint>
+
+#include "ops/tensor_arg.h"
+
+namespace dgemma {
+
+// The tensors of one fused vocabulary-head call (see csrc/kernels/vocab_head.cuh). B = batch, C = canvas,
+// V = vocab, H = hidden. All CUDA tensors on one device, contiguous.
+struct VocabHeadArgs {
+  TensorArg hidden;        // bf16 [B, C, H], H a multiple of 64
+  TensorArg embed;         // bf16 [V, H]
+  TensorArg prev_argmax;   // int64 [B, C]
+  const TensorArg* finished_in = nullptr;  // bool [B] or absent
+  TensorArg max_logit, lse, entropy;       // fp32 [B, C]
+  TensorArg argmax, sample, next_canvas;   // int64 [B, C]
+  TensorArg accepted;                      // bool [B, C]
+  TensorArg mean_entropy;                  // fp32 [B]
+  TensorArg stable, finished_out;          // bool [B]
+  const TensorArg* soft = nullptr;         // bf16 [B, C, H] or absent (no self-conditioning pass)
+  TensorArg workspace;                     // uint8 [>= vocab_head_workspace_bytes(...)]
+};
+
+struct VocabHeadScalars {
+  double temperature = 1.0, softcap = 30.0, entropy_bound = 0.1, confidence = 0.005, soft_scale = 1.0;
+  uint64_t seed = 0;
+  uint32_t step = 0;
+};
+
+// Bytes of workspace one call needs on `device` (split counts depend on its SM count).
+int64_t vocab_head_workspace_bytes(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,
+                                   int device);
+
+// Validates every argument (ValueError naming it) and enqueues the fused head on `stream`.
+void vocab_head_step(const VocabHeadArgs& args, const VocabHeadScalars& scalars, std::uintptr_t stream);
+
+}  // namespace dgemma

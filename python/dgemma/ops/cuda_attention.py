@@ -1,0 +1,154 @@
+"""Attention kernels on the GPU: decoder attention of the canvas over ``[cached prefix ; canvas]``,
+causal encoder attention over ``[cached prefix ; new tokens]``, and the fused q/k/v preparation.
+
+Layouts match :class:`dgemma.cache.KVCache`: ``cache_k``/``cache_v`` are ``[B, Hkv, slots, D]``; a
+sliding layer's cache is a ring of ``ring_size`` slots (position p at slot ``p % ring_size``), a full
+layer's stores position p at slot p (``ring_size=0``). Scale is 1 (q/k norms make it so), softmax is
+fp32, K/V heads are grouped (query head h uses KV head ``h // (Hq // Hkv)``). head_dim 256 or 512.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _ext
+from ..attention_plan import SplitPlan, plan_splits
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def _prefix_tensor(prefix_lens: int | Sequence[int] | torch.Tensor, batch: int, device: torch.device,
+                   max_prefix: int | None) -> tuple[torch.Tensor, int]:
+    """int32 [B] device tensor of prefix lengths and an upper bound of them (a host sync only when a
+    device tensor is given without ``max_prefix``)."""
+    if isinstance(prefix_lens, torch.Tensor):
+        lens = prefix_lens.to(device=device, dtype=torch.int32).contiguous()
+        bound = int(lens.max()) if max_prefix is None else max_prefix
+    else:
+        if isinstance(prefix_lens, int):
+            if prefix_lens < 0:
+                raise ValueError(f"prefix length {prefix_lens} must be >= 0")
+            # A fill kernel, not a host-to-device copy: keeps the call asynchronous.
+            lens = torch.full((batch,), prefix_lens, dtype=torch.int32, device=device)
+            return lens, prefix_lens if max_prefix is None else max_prefix
+        values = [int(x) for x in prefix_lens]
+        if len(values) != batch:
+            raise ValueError(f"prefix_lens has {len(values)} entries, expected {batch} (the batch)")
+        if min(values) < 0:
+            raise ValueError(f"prefix lengths {values} must be >= 0")
+        lens = torch.tensor(values, dtype=torch.int32, device=device)
+        bound = max(values) if max_prefix is None else max_prefix
+    return lens, bound
+
+
+def _attention(q, cache_k, cache_v, tail_k, tail_v, prefix_lens, ring_size, window, *, causal, valid, out,
+               max_prefix, num_splits) -> torch.Tensor:
+    lib = _ext.require_cuda()
+    b, hq, t, d = q.shape
+    lens, bound = _prefix_tensor(prefix_lens, b, q.device, max_prefix)
+    block_m, block_n = lib.attention_tile_shape(d)
+    plan: SplitPlan = plan_splits(batch=b, q_heads=hq, queries=t, max_prefix=bound, window=window or None,
+                                  block_m=block_m, block_n=block_n, num_sms=_num_sms(q.device), causal=causal,
+                                  num_splits=num_splits)
+    if out is None:
+        out = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device)
+    part_o = part_lse = None
+    shapes = plan.workspace_shapes(b, hq, t, d)
+    if shapes is not None:
+        part_o = torch.empty(shapes[0], dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(shapes[1], dtype=torch.float32, device=q.device)
+    if valid is not None and valid.dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"valid has dtype {valid.dtype}, expected torch.bool")
+    lib.attention_forward(q, cache_k, cache_v, tail_k, tail_v, lens, valid, out, part_o, part_lse, int(bound),
+                          int(ring_size), int(window or 0), bool(causal), bool(causal), plan.num_splits,
+                          plan.split_tiles, torch.cuda.current_stream(q.device).cuda_stream)
+    return out
+
+
+def decoder_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, canvas_k: torch.Tensor,
+                      canvas_v: torch.Tensor, prefix_lens: int | Sequence[int] | torch.Tensor, ring_size: int,
+                      window: int | None, *, valid: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                      max_prefix: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Bidirectional attention of the canvas over ``[visible cached prefix ; canvas]``.
+
+    Args:
+        q: ``[B, Hq, C, D]`` bf16 canvas queries (any strides with a contiguous last dim, e.g. the
+            ``transpose(1, 2)`` view of a ``[B, C, Hq, D]`` projection).
+        cache_k, cache_v: ``[B, Hkv, slots, D]`` bf16 layer cache, read in place.
+        canvas_k, canvas_v: ``[B, Hkv, C, D]`` bf16: the canvas's own K/V (never written to the cache).
+        prefix_lens: cached tokens per sequence (int, list or int32 tensor ``[B]``); sequences may differ.
+        ring_size: ring slots of a sliding layer (``cache.ring_size(layer)``), 0 for a full layer.
+        window: the sliding window (the last ``window - 1`` cached positions are visible), None or 0 for
+            a full layer (the whole prefix).
+        valid: optional bool ``[B, >= max prefix]`` (``cache.valid``): False positions are never attended.
+        out: optional ``[B, C, Hq, D]`` bf16 output (contiguous last dim).
+        max_prefix: an upper bound of ``prefix_lens`` (avoids a host sync for a device tensor; larger
+            device values are clamped to it).
+        num_splits: force the split-KV count (default: :func:`dgemma.attention_plan.plan_splits`).
+    Returns:
+        ``out`` ``[B, C, Hq, D]``.
+    """
+    return _attention(q, cache_k, cache_v, canvas_k, canvas_v, prefix_lens, ring_size, window, causal=False,
+                      valid=valid, out=out, max_prefix=max_prefix, num_splits=num_splits)
+
+
+def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+                      cache_v: torch.Tensor, start: int | Sequence[int] | torch.Tensor, ring_size: int,
+                      window: int | None, *, valid: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                      max_prefix: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Causal attention of T new tokens (positions ``start..start+T-1``) over ``[cached ; new]``.
+
+    A query at position p sees keys at positions ``<= p`` (and ``> p - window`` on sliding layers).
+    The new tokens' K/V come from ``k``/``v`` ``[B, Hkv, T, D]``, not from the cache, so the cache may
+    be written after this call (a ring write before it would overwrite positions still in the window).
+    Arguments as in :func:`decoder_attention`; ``valid`` (bool ``[B, >= start + T]``) also covers the
+    new tokens. Rows that see no key (left padding) are 0. Returns ``out`` ``[B, T, Hq, D]``.
+    """
+    return _attention(q, cache_k, cache_v, k, v, start, ring_size, window, causal=True, valid=valid, out=out,
+                      max_prefix=max_prefix, num_splits=num_splits)
+
+
+def qkv_prep(q_proj: torch.Tensor, k_proj: torch.Tensor, v_proj: torch.Tensor | None, q_norm: torch.Tensor,
+             k_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, *,
+             cache_k: torch.Tensor | None = None, cache_v: torch.Tensor | None = None, start: int = 0,
+             ring_size: int = 0, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused attention input preparation, one read of each projection row.
+
+    ``q = rope(rms_norm(q_proj, q_norm))``, ``k = rope(rms_norm(k_proj, k_norm))``,
+    ``v = rms_norm(v_proj or k_proj)`` (weightless; ``v_proj`` None: full layers, V from k_proj),
+    rounded exactly like the reference ops (norm in fp32 rounded once; RoPE as three bf16 ops).
+
+    Args:
+        q_proj: ``[B, T, Hq * D]`` bf16 projection output (rows may be strided: a column slice of a
+            fused QKV projection works).
+        k_proj, v_proj: ``[B, T, Hkv * D]`` bf16.
+        q_norm, k_norm: ``[D]`` bf16 norm weights.
+        cos, sin: ``[B or 1, T, D]`` bf16 tables (:func:`dgemma.rope.cos_sin`).
+        cache_k, cache_v: optional ``[B, Hkv, slots, D]`` cache to also receive k/v at positions
+            ``start..start+T-1`` (ring caches, ``ring_size > 0``, keep only the last ``ring_size``).
+            NOTE: on sliding layers do this only after the layer's attention read the prefix.
+        out: optional ``(q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, D])`` contiguous outputs.
+    Returns:
+        ``(q, k, v)`` as ``[B, T, heads, D]``; ``.transpose(1, 2)`` gives the attention layout.
+    """
+    lib = _ext.require_cuda()
+    b, t, _ = q_proj.shape
+    d = q_norm.shape[0]
+    if out is None:
+        hq, hkv = q_proj.shape[2] // d, k_proj.shape[2] // d
+        out = (torch.empty(b, t, hq, d, dtype=q_proj.dtype, device=q_proj.device),
+               torch.empty(b, t, hkv, d, dtype=q_proj.dtype, device=q_proj.device),
+               torch.empty(b, t, hkv, d, dtype=q_proj.dtype, device=q_proj.device))
+    lib.qkv_prep(q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, out[0], out[1], out[2], cache_k, cache_v,
+                 int(start), int(ring_size), float(eps), torch.cuda.current_stream(q_proj.device).cuda_stream)
+    return out

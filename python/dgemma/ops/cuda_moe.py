@@ -1,0 +1,213 @@
+"""FP8 Mixture-of-Experts and FP8 linear layers on Hopper (``dgemma._C``'s moe domain).
+
+The MoE layer runs as one device-side pipeline with no host synchronisation (CUDA-graph safe):
+router -> dispatch plan (per-expert offsets, token permutation) -> per-token FP8 quantisation of the
+gathered rows -> grouped FP8 GEMM gate_up (CUTLASS sm90 pointer-array) -> gelu_tanh(gate)·up + FP8
+quantisation -> grouped FP8 GEMM down -> weighted, deterministic un-permute into bf16.
+
+Weights are :class:`~dgemma.quant.Fp8Weight` (E4M3 + one fp32 scale per output channel); activations
+are quantised per token inside the pipeline. :func:`plan_dispatch` is the reference of the device plan.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..quant import Fp8Weight
+
+_workspaces: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
+    """A cached uint8 scratch buffer of at least ``nbytes`` on ``device``, reused by every call on the
+    current stream (grown, never shrunk; capture a CUDA graph only after a warm-up call has sized it)."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    ws = _workspaces.get(key)
+    if ws is None or ws.numel() < nbytes:
+        ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+        _workspaces[key] = ws
+    return ws
+
+
+def plan_dispatch(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of the device dispatch plan (any device, int32 outputs).
+
+    Routed rows are grouped by expert in ascending id; inside an expert they keep the slot-major order
+    of (slot, token) — a stable sort of ``ids.t().flatten()``, the order :meth:`ReferenceOps.moe`
+    gathers tokens in. Ids outside ``[0, num_experts)`` are dropped (their row is -1).
+
+    Returns:
+        offsets ``[E + 1]``: expert e owns sorted rows ``offsets[e] .. offsets[e+1]-1``;
+        row_of ``[N, k]``: the sorted row of (token, slot), or -1;
+        row_expert ``[offsets[E]]``: the expert of each sorted row.
+    """
+    n, k = ids.shape
+    flat = ids.t().reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    row = torch.empty_like(flat)
+    row[order] = torch.arange(flat.numel(), device=ids.device)
+    row = torch.where(valid, row, torch.full_like(row, -1))
+    row_of = row.view(k, n).t().contiguous()
+    row_expert = flat[order][: int(offsets[-1])]
+    return offsets.int(), row_of.int(), row_expert.int()
+
+
+def route(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, expert_scale: torch.Tensor, top_k: int,
+          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE router on the GPU (same roundings as ``ReferenceOps.route``).
+
+    Args:
+        x: residual stream ``[N, hidden]`` bf16 (last dimension contiguous; hidden % 8 == 0).
+        scale: ``[hidden]`` bf16; proj: ``[E, hidden]`` bf16 (E a multiple of 32, at most 256);
+        expert_scale: ``[E]`` bf16; top_k: 1..16; eps: the RMSNorm epsilon.
+    Returns:
+        (weights fp32 ``[N, top_k]``, ids int32 ``[N, top_k]``), by descending probability.
+    """
+    lib = _ext.require_cuda()
+    n = x.shape[0]
+    weights = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
+    lib.moe_route(x, scale, proj.contiguous(), expert_scale, int(top_k), float(eps), weights, ids, _stream(x.device))
+    return weights, ids
+
+
+def plan(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device dispatch plan of int32 ``ids`` ``[N, k]``: (offsets ``[E+1]``, row_of ``[N, k]``,
+    row_expert ``[N*k]``), all int32, computed without a host synchronisation. Entries of row_expert
+    past ``offsets[E]`` are left unwritten. See :func:`plan_dispatch` for the order."""
+    lib = _ext.require_cuda()
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
+    row_of = torch.empty(ids.shape, dtype=torch.int32, device=ids.device)
+    row_expert = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
+    lib.moe_plan(ids, int(num_experts), offsets, row_of, row_expert, _stream(ids.device))
+    return offsets, row_of, row_expert
+
+
+def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight, down: Fp8Weight, *,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Routed experts with FP8 weights: ``sum_k weights[n,k] * down_e(gelu_tanh(gate_e x) * up_e x)``.
+
+    Args:
+        x: ``[N, hidden]`` bf16, contiguous (the pre-MoE-normed tokens).
+        ids: ``[N, k]`` expert ids (int32 used as is; other integer dtypes are converted).
+        weights: ``[N, k]`` routing weights (converted to fp32).
+        gate_up: FP8 ``[E, 2*I, hidden]`` (gate rows first) with scales ``[E, 2*I]``.
+        down: FP8 ``[E, hidden, I]`` with scales ``[E, hidden]``.
+        out: optional ``[N, hidden]`` bf16 output.
+    Returns:
+        ``out``; deterministic (fixed-order fp32 sums, no float atomics).
+    """
+    lib = _ext.require_cuda()
+    n, hidden = x.shape
+    e, two_i, _ = gate_up.q.shape
+    ids = ids if ids.dtype == torch.int32 else ids.int()
+    weights = weights if weights.dtype == torch.float32 else weights.float()
+    if out is None:
+        out = torch.empty(n, hidden, dtype=torch.bfloat16, device=x.device)
+    nbytes = lib.moe_fp8_workspace_bytes(n, ids.shape[1], hidden, two_i // 2, e, _device_index(x.device))
+    lib.moe_fp8(x, ids.contiguous(), weights.contiguous(), gate_up.q, gate_up.scale, down.q, down.scale, out,
+                _workspace(x.device, nbytes), _stream(x.device))
+    return out
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row FP8 quantisation on the GPU; bit-identical to :func:`dgemma.quant.quantize_rows`.
+
+    Args:
+        x: ``[rows, cols]`` bf16, cols a multiple of 16 and at most 8192.
+    Returns:
+        (q float8_e4m3fn ``[rows, cols]``, scale fp32 ``[rows]``).
+    """
+    lib = _ext.require_cuda()
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    lib.fp8_quantize_rows(x, q, scale, _stream(x.device))
+    return q, scale
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 and x2.data_ptr() % 16 == 0 else x2.contiguous()
+
+
+def linear_fp8(x: torch.Tensor, weight: Fp8Weight, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(weight)^T`` with FP8 operands: x is quantised per token, fp32 accumulation, bf16 out.
+
+    Args:
+        x: ``[..., in]`` bf16 (in a multiple of 16, at most 8192).
+        weight: FP8 ``[out, in]`` (out a multiple of 8) with scales ``[out]``.
+        out: optional contiguous ``[..., out]`` bf16.
+    """
+    lib = _ext.require_cuda()
+    x2 = _rows(x)
+    n_out, k = weight.q.shape
+    if out is None:
+        out = torch.empty(*x.shape[:-1], n_out, dtype=torch.bfloat16, device=x.device)
+    nbytes = lib.fp8_linear_workspace_bytes(x2.shape[0], n_out, k, _device_index(x.device))
+    lib.fp8_linear(x2, weight.q, weight.scale, out.view(-1, n_out), _workspace(x.device, nbytes), _stream(x.device))
+    return out
+
+
+def gated_mlp_fp8(x: torch.Tensor, gate: Fp8Weight, up: Fp8Weight, down: Fp8Weight, *,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """``down(gelu_tanh(gate(x)) * up(x))`` with FP8 weights; gelu·up and the re-quantisation of the
+    intermediate are fused in one kernel between the two GEMMs.
+
+    Args:
+        x: ``[..., hidden]`` bf16; gate, up: FP8 ``[I, hidden]``; down: FP8 ``[hidden, I]``.
+        out: optional contiguous ``[..., hidden]`` bf16.
+    """
+    lib = _ext.require_cuda()
+    x2 = _rows(x)
+    hidden = x.shape[-1]
+    inter = gate.q.shape[0]
+    if out is None:
+        out = torch.empty(*x.shape[:-1], hidden, dtype=torch.bfloat16, device=x.device)
+    nbytes = lib.fp8_gated_mlp_workspace_bytes(x2.shape[0], hidden, inter, _device_index(x.device))
+    lib.fp8_gated_mlp(x2, gate.q, gate.scale, up.q, up.scale, down.q, down.scale, out.view(-1, hidden),
+                      _workspace(x.device, nbytes), _stream(x.device))
+    return out
+
+
+def _kernel_ready(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype == torch.bfloat16 and x.numel() > 0
+
+
+class Fp8MoeOpsMixin:
+    """Overrides of ``linear``, ``gated_mlp``, ``route`` and ``moe`` that run the FP8/MoE kernels when
+    their inputs fit (bf16 CUDA activations, FP8 weights) and defer to the next class otherwise.
+    Use as ``class CudaOps(Fp8MoeOpsMixin, ReferenceOps)``."""
+
+    def linear(self, x, weight):
+        if isinstance(weight, Fp8Weight) and _kernel_ready(x):
+            return linear_fp8(x, weight)
+        return super().linear(x, weight)
+
+    def gated_mlp(self, x, gate, up, down):
+        if all(isinstance(w, Fp8Weight) for w in (gate, up, down)) and _kernel_ready(x):
+            return gated_mlp_fp8(x, gate, up, down)
+        return super().gated_mlp(x, gate, up, down)
+
+    def route(self, x, scale, proj, expert_scale, top_k, eps):
+        if _kernel_ready(x) and proj.dtype == torch.bfloat16 and proj.shape[0] % 32 == 0 and proj.shape[0] <= 256:
+            return route(x, scale, proj, expert_scale, top_k, eps)
+        return super().route(x, scale, proj, expert_scale, top_k, eps)
+
+    def moe(self, x, ids, weights, gate_up, down):
+        if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _kernel_ready(x):
+            return moe_fp8(x.contiguous(), ids, weights, gate_up, down)
+        return super().moe(x, ids, weights, gate_up, down)

@@ -1,0 +1,98 @@
+"""Python wrappers of the fused vocabulary head (``csrc/ops/vocab_head.cu``).
+
+:func:`vocab_head_step` replaces, for one denoising step, the lm_head GEMM, the softcap, the fp32
+softmax, the multinomial draw, the entropy, the acceptance sort and the self-conditioning
+``softmax(logits) @ E`` with five kernel launches that never write fp32 logits. Its random stream is
+dgemma's own Philox stream (documented in :mod:`dgemma.vocab_head`, which holds the CPU reference).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..vocab_head import VocabHeadStep, seed_key
+
+
+def workspace_bytes(batch: int, canvas: int, vocab: int, hidden: int, *, self_conditioning: bool = True,
+                    device: torch.device | None = None) -> int:
+    """Bytes of the uint8 workspace one :func:`vocab_head_step` call needs (split counts follow the
+    device's multiprocessor count). With self-conditioning it holds the bf16 probabilities,
+    ``batch·canvas·vocab·2`` bytes (134 MB per 256-token sequence at vocab 262144)."""
+    lib = _ext.require_cuda()
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return int(lib.vocab_head_workspace_bytes(batch, canvas, vocab, hidden, self_conditioning, index))
+
+
+def _bf16_scale(scale: float) -> float:
+    # The reference multiplies by the scale rounded to the table dtype (sqrt(2816) is 53.0 in bf16).
+    return float(torch.tensor(scale, dtype=torch.float32).to(torch.bfloat16))
+
+
+def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | torch.Tensor, seed: int, step: int,
+                    canvas: torch.Tensor, prev_argmax: torch.Tensor | None, entropy_bound: float, *,
+                    confidence_threshold: float = 0.005, finished: torch.Tensor | None = None,
+                    softcap: float = 30.0, soft_scale: float | None = None, self_conditioning: bool = True,
+                    workspace: torch.Tensor | None = None, out: VocabHeadStep | None = None) -> VocabHeadStep:
+    """One denoising step's vocabulary head on the GPU.
+
+    Args:
+        h: final-normed decoder hidden states, bf16 CUDA ``[B, C, H]`` (H a multiple of 64, C <= 1024).
+        embed: the tied embedding table E, bf16 ``[V, H]`` on h's device.
+        temperature: t of this step (a float, or a one-element tensor, read once on the host); the
+            processed logits are ``z = softcap·tanh((h·Eᵀ)/softcap) / t``.
+        seed, step: key and step counter of the Philox stream; ``step`` must differ between calls that
+            share a seed (count every denoising step of the generation, across blocks).
+        canvas: the current canvas, int64 ``[B, C]``; rows of ``finished`` sequences keep it.
+        prev_argmax: the previous step's argmax canvas, int64 ``[B, C]``, or None on a block's first step
+            (then no sequence is stable).
+        entropy_bound: acceptance bound on ``cumsum − current`` of the sorted entropies.
+        confidence_threshold: a sequence finishes when stable and its mean entropy is below this.
+        finished: bool ``[B]`` of sequences already finished (their canvas and argmax are kept), or None.
+        softcap: the final logit softcap (30 for the model).
+        soft_scale: scale of the self-conditioning input, rounded to bf16 like the reference
+            (default ``sqrt(H)``, the model's embed scale).
+        self_conditioning: compute ``soft = softmax(z)·E·scale`` (bf16 ``[B, C, H]``) for the next step.
+        workspace: optional uint8 CUDA buffer of at least :func:`workspace_bytes` bytes.
+        out: optional preallocated outputs (shapes and dtypes as returned); written in place, except that
+            ``next_canvas``/``argmax`` are replaced by new tensors when ``finished`` is given.
+    Returns:
+        :class:`dgemma.vocab_head.VocabHeadStep` of CUDA tensors (``soft`` None without self-conditioning).
+    """
+    lib = _ext.require_cuda()
+    if h.dim() != 3:
+        raise ValueError(f"hidden has shape {list(h.shape)}, expected [batch, canvas, hidden]")
+    b, c, hidden = h.shape
+    device = h.device
+    seed_key(seed)
+    if not 0 <= step < 2**32:
+        raise ValueError(f"step {step} must be in [0, 2**32)")
+    if isinstance(temperature, torch.Tensor):
+        temperature = float(temperature)
+    if prev_argmax is None:
+        prev_argmax = torch.full((b, c), -1, dtype=torch.int64, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    i64 = dict(dtype=torch.int64, device=device)
+    flag = dict(dtype=torch.bool, device=device)
+    out = out or VocabHeadStep(argmax=torch.empty(b, c, **i64), sample=torch.empty(b, c, **i64),
+                        next_canvas=torch.empty(b, c, **i64), accepted=torch.empty(b, c, **flag),
+                        entropy=torch.empty(b, c, **f32), max_logit=torch.empty(b, c, **f32),
+                        lse=torch.empty(b, c, **f32), mean_entropy=torch.empty(b, **f32),
+                        stable=torch.empty(b, **flag), finished=torch.empty(b, **flag),
+                        soft=torch.empty(b, c, hidden, dtype=torch.bfloat16, device=device)
+                        if self_conditioning else None)
+    if (out.soft is not None) != self_conditioning:
+        raise ValueError("out.soft must be given exactly when self_conditioning is True")
+    if workspace is None:
+        size = workspace_bytes(b, c, embed.shape[0], hidden, self_conditioning=self_conditioning, device=device)
+        workspace = torch.empty(size, dtype=torch.uint8, device=device)
+    scale = _bf16_scale(hidden ** 0.5 if soft_scale is None else soft_scale)
+    lib.vocab_head_step(h, embed, prev_argmax, finished, out.max_logit, out.lse, out.entropy, out.argmax, out.sample,
+                        out.accepted, out.next_canvas, out.mean_entropy, out.stable, out.finished, out.soft,
+                        workspace, float(temperature), float(softcap), float(entropy_bound),
+                        float(confidence_threshold), scale, int(seed), int(step),
+                        torch.cuda.current_stream(device).cuda_stream)
+    if finished is not None:
+        out.next_canvas = torch.where(finished[:, None], canvas, out.next_canvas)
+        out.argmax = torch.where(finished[:, None], prev_argmax, out.argmax)
+    return out

@@ -1,0 +1,131 @@
+"""FP8 (E4M3) quantisation: the CPU reference of the scheme dgemma's FP8 kernels use.
+
+Weights: one fp32 scale per output channel (row of a ``[..., out, in]`` weight); activations: one
+fp32 scale per token (row), computed dynamically. For a row ``x``::
+
+    scale = max(amax(|x|), 1e-12) / 448
+    q     = float8_e4m3fn(clamp(x / scale, -448, 448))      # round to nearest even
+    x    ~= float(q) * scale
+
+The CUDA kernels (``csrc/kernels/fp8_quant.cuh``) compute exactly these values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# Keeps an all-zero row's scale finite (its quantised values are then 0).
+MIN_AMAX = 1e-12
+QUANTIZATIONS = ("fp8",)
+
+
+@dataclass(slots=True)
+class Fp8Weight:
+    """A weight ``[..., out, in]`` as E4M3 values ``q`` and fp32 per-output-channel scales ``[..., out]``."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    def __post_init__(self):
+        if self.q.dtype != FP8_DTYPE:
+            raise ValueError(f"Fp8Weight.q has dtype {self.q.dtype}, expected {FP8_DTYPE}")
+        if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != tuple(self.q.shape[:-1]):
+            raise ValueError(f"Fp8Weight.scale has dtype {self.scale.dtype} and shape {list(self.scale.shape)}, "
+                             f"expected float32 {list(self.q.shape[:-1])}")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def numel(self) -> int:
+        """Parameters (the scales are bookkeeping, ~1/hidden of the bytes)."""
+        return self.q.numel()
+
+    def element_size(self) -> int:
+        """Bytes per parameter of ``q`` (so ``numel() * element_size()`` counts the weight bytes)."""
+        return 1
+
+    def __getitem__(self, index) -> "Fp8Weight":
+        """The weight of one expert (or any leading-dimension index)."""
+        return Fp8Weight(self.q[index], self.scale[index])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.q, self.scale, dtype)
+
+    def to(self, device) -> "Fp8Weight":
+        return Fp8Weight(self.q.to(device), self.scale.to(device))
+
+
+def _row_scale(x: torch.Tensor) -> torch.Tensor:
+    amax = x.abs().amax(dim=-1).float()
+    return amax.clamp(min=MIN_AMAX) / FP8_MAX
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): E4M3 ``q`` of x's shape and fp32 ``scale`` ``x.shape[:-1]``, one scale per row."""
+    xf = x.float()
+    scale = _row_scale(xf)
+    q = torch.clamp(xf / scale.unsqueeze(-1), -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def quantize_weight(w: torch.Tensor) -> Fp8Weight:
+    """Per-output-channel quantisation of a ``[..., out, in]`` weight (any float dtype)."""
+    if w.dim() < 2:
+        raise ValueError(f"a weight to quantise needs at least 2 dimensions, got shape {list(w.shape)}")
+    q, scale = quantize_rows(w)
+    return Fp8Weight(q, scale)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantisation of activations ``[..., hidden]`` (the kernels do this inside their pipeline)."""
+    return quantize_rows(x)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float(q) * scale (per row), in fp32, then cast to ``dtype``."""
+    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+def as_float(w, dtype: torch.dtype) -> torch.Tensor:
+    """A weight as a plain tensor of ``dtype``: dequantised when it is an :class:`Fp8Weight`."""
+    return w.dequantize(dtype) if isinstance(w, Fp8Weight) else w.to(dtype)
+
+
+# Tensors quantised by ``dgemma.load(..., quantization="fp8")``: every attention projection, the dense
+# MLP and every expert. The embedding/lm_head, the router and self-conditioning stay in the model dtype.
+_QUANTIZED_SUFFIXES = (
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+    "experts.gate_up_proj", "experts.down_proj",
+)
+
+
+def is_quantized_key(key: str) -> bool:
+    return key.startswith("model.decoder.layers.") and key.endswith(_QUANTIZED_SUFFIXES)
+
+
+def fp8_transform(key: str, t: torch.Tensor, device: torch.device):
+    """Load-time hook: quantise the tensors :func:`is_quantized_key` selects, on ``device``.
+
+    The bf16/fp32 source tensor is moved to the device one tensor at a time and dropped after
+    quantisation, so the peak is the FP8 model plus one source tensor (and its fp32 temporaries).
+    Experts are quantised one expert at a time to keep those temporaries small.
+    """
+    if not is_quantized_key(key):
+        return None
+    if t.dim() == 3:
+        q = torch.empty(t.shape, dtype=FP8_DTYPE, device=device)
+        scale = torch.empty(t.shape[:-1], dtype=torch.float32, device=device)
+        for e in range(t.shape[0]):
+            q[e], scale[e] = quantize_rows(t[e].to(device))
+        return Fp8Weight(q, scale)
+    return quantize_weight(t.to(device))

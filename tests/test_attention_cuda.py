@@ -1,0 +1,252 @@
+"""GPU tests of the attention kernels against the fp32 reference (ReferenceOps.attention).
+
+The kernel's max error must be at most 2x that of the same reference run in bf16 (a same-precision
+PyTorch implementation), and its max error relative to the largest output at most 2e-2.
+"""
+
+import math
+
+import pytest
+import torch
+
+from dgemma.config import FULL, SLIDING, LayerSpec, RopeSpec
+from dgemma.ops.reference import ReferenceOps
+from dgemma.rope import cos_sin, inverse_frequencies
+
+pytestmark = pytest.mark.gpu
+
+REF = ReferenceOps()
+BF16 = torch.bfloat16
+SLIDING_SHAPE = dict(d=256, hq=16, hkv=8, window=1024)
+FULL_SHAPE = dict(d=512, hq=16, hkv=2, window=None)
+
+
+def _randn(gen, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(BF16)
+
+
+class Cache:
+    """A layer cache filled like KVCache.write from a random K/V history per sequence; slots that
+    hold no position are NaN, so a kernel reading them fails the test."""
+
+    def __init__(self, gen, lens, hkv, d, ring, extra_slots=3):
+        self.lens, self.ring = list(lens), ring
+        slots = ring if ring else max(lens) + extra_slots
+        self.k = torch.full((len(lens), hkv, slots, d), float("nan"), dtype=BF16, device="cuda")
+        self.v = torch.full_like(self.k, float("nan"))
+        self.hist = []
+        for b, length in enumerate(lens):
+            hk, hv = _randn(gen, hkv, length, d), _randn(gen, hkv, length, d)
+            keep = min(length, ring) if ring else length
+            pos = torch.arange(length - keep, length, device="cuda")
+            slot = pos % ring if ring else pos
+            self.k[b][:, slot], self.v[b][:, slot] = hk[:, length - keep:], hv[:, length - keep:]
+            self.hist.append((hk, hv))
+
+
+def _reference(q, keys, values, mask, dtype):
+    """ReferenceOps.attention of one sequence: q [Hq, T, D], keys/values [Hkv, K, D], mask [T, K]."""
+    m = None if mask is None else mask[None]
+    return REF.attention(q[None].to(dtype), keys[None].to(dtype), values[None].to(dtype), m)[0].float()
+
+
+def _check(out, ref32, ref16, rows=None):
+    """out/ref [T, Hq, D]; rows: bool [T] of rows that see at least one key (others must be 0)."""
+    out = out.float()
+    assert torch.isfinite(out).all(), "non-finite output"
+    if rows is not None:
+        assert (out[~rows] == 0).all(), "rows without keys must be 0"
+        out, ref32, ref16 = out[rows], ref32[rows], ref16[rows]
+    if out.numel() == 0:
+        return 0.0
+    err = (out - ref32).abs().max().item()
+    base = (ref16 - ref32).abs().max().item()
+    rel = err / ref32.abs().max().item()
+    assert err <= 2 * base, f"max error {err:.3e} exceeds 2x the bf16 reference's {base:.3e}"
+    assert rel <= 2e-2, f"relative error {rel:.3e}"
+    return rel
+
+
+def _decoder_case(seed, shape, lens, canvas, ring, *, valid=None, num_splits=None, max_prefix=None, lens_arg=None):
+    from dgemma.ops.cuda_attention import decoder_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    b, d, hq, hkv, window = len(lens), shape["d"], shape["hq"], shape["hkv"], shape["window"]
+    cache = Cache(gen, lens, hkv, d, ring)
+    # Projection-like layouts: [B, C, H, D] viewed as [B, H, C, D].
+    q = _randn(gen, b, canvas, hq, d, scale=1.5 / math.sqrt(d)).transpose(1, 2)
+    ck = _randn(gen, b, canvas, hkv, d).transpose(1, 2)
+    cv = _randn(gen, b, canvas, hkv, d).transpose(1, 2)
+    out = torch.full((b, canvas, hq, d), float("nan"), dtype=BF16, device="cuda")
+    got = decoder_attention(q, cache.k, cache.v, ck, cv, lens if lens_arg is None else lens_arg, ring, window, valid=valid, out=out,
+                            num_splits=num_splits, max_prefix=max_prefix)
+    assert got.data_ptr() == out.data_ptr()
+    for i, length in enumerate(lens):
+        first = length - (min(length, window - 1) if window else length)
+        hk, hv = cache.hist[i]
+        keys = torch.cat((hk[:, first:], ck[i]), dim=1)
+        values = torch.cat((hv[:, first:], cv[i]), dim=1)
+        mask = None
+        if valid is not None:
+            kv = torch.cat((valid[i, first:length], torch.ones(canvas, dtype=torch.bool, device="cuda")))
+            mask = kv[None].expand(canvas, -1)
+        _check(out[i], _reference(q[i], keys, values, mask, torch.float32), _reference(q[i], keys, values, mask, BF16))
+
+
+@pytest.mark.parametrize("length", [0, 1, 1022, 1023, 1024, 1025, 5000])
+def test_decoder_sliding(length):
+    _decoder_case(length, SLIDING_SHAPE, [length], 256, 1023)
+
+
+@pytest.mark.parametrize("length", [1025, 5000])
+def test_decoder_sliding_rollback_ring(length):
+    _decoder_case(7 + length, SLIDING_SHAPE, [length], 256, 1023 + 37)
+
+
+@pytest.mark.parametrize("length", [0, 1, 1022, 1023, 1024, 1025, 5000, 70000])
+def test_decoder_full(length):
+    _decoder_case(100 + length, FULL_SHAPE, [length], 256, 0)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_decoder_ragged_batch(num_splits):
+    _decoder_case(11, SLIDING_SHAPE, [1025, 0, 5000, 17], 77, 1023, num_splits=num_splits)
+    _decoder_case(12, FULL_SHAPE, [1, 1023, 5000], 77, 0, num_splits=num_splits)
+
+
+def test_decoder_device_prefix_lens():
+    """Lengths as a device tensor, with and without max_prefix (no host sync with it)."""
+    lens = torch.tensor([300, 41], dtype=torch.int32, device="cuda")
+    _decoder_case(13, FULL_SHAPE, lens.tolist(), 33, 0, max_prefix=300, lens_arg=lens)
+    _decoder_case(14, SLIDING_SHAPE, lens.tolist(), 33, 1023, lens_arg=lens)
+
+
+def test_decoder_valid_mask_left_padding():
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    lens = [1500, 1500, 1500]
+    valid = torch.ones(3, 1600, dtype=torch.bool, device="cuda")
+    valid[0, :700] = False  # left padding of a shorter prompt
+    valid[1, :1490] = False
+    valid[2] = torch.rand(1600, generator=gen, device="cuda") > 0.3
+    _decoder_case(21, SLIDING_SHAPE, lens, 256, 1023, valid=valid)
+    _decoder_case(22, FULL_SHAPE, lens, 256, 0, valid=valid)
+
+
+def _encoder_case(seed, shape, start, t, ring, batch=2, *, valid=None):
+    from dgemma.ops.cuda_attention import encoder_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    d, hq, hkv, window = shape["d"], shape["hq"], shape["hkv"], shape["window"]
+    cache = Cache(gen, [start] * batch, hkv, d, ring, extra_slots=t + 5)
+    q = _randn(gen, batch, t, hq, d, scale=1.5 / math.sqrt(d)).transpose(1, 2)
+    k = _randn(gen, batch, t, hkv, d).transpose(1, 2)
+    v = _randn(gen, batch, t, hkv, d).transpose(1, 2)
+    out = torch.full((batch, t, hq, d), float("nan"), dtype=BF16, device="cuda")
+    encoder_attention(q, k, v, cache.k, cache.v, start, ring, window, valid=valid, out=out)
+    first = start - (min(start, window - 1) if window else start)
+    qpos = torch.arange(start, start + t, device="cuda")
+    kpos = torch.arange(first, start + t, device="cuda")
+    mask = kpos[None] <= qpos[:, None]
+    if window:
+        mask &= kpos[None] > qpos[:, None] - window
+    for i in range(batch):
+        hk, hv = cache.hist[i]
+        keys, values = torch.cat((hk[:, first:], k[i]), dim=1), torch.cat((hv[:, first:], v[i]), dim=1)
+        m = mask if valid is None else mask & valid[i, kpos][None]
+        rows = m.any(dim=1)
+        _check(out[i], _reference(q[i], keys, values, m, torch.float32), _reference(q[i], keys, values, m, BF16),
+               rows)
+
+
+@pytest.mark.parametrize("start,t", [(0, 300), (1, 64), (1023, 129), (1500, 1100), (5000, 77)])
+def test_encoder_sliding(start, t):
+    _encoder_case(start + t, SLIDING_SHAPE, start, t, 1023)
+
+
+@pytest.mark.parametrize("start,t", [(0, 333), (1000, 200), (0, 2048)])
+def test_encoder_full(start, t):
+    _encoder_case(7 * start + t, FULL_SHAPE, start, t, 0)
+
+
+def test_encoder_left_padding_rows_are_zero():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    valid = torch.ones(2, 400, dtype=torch.bool, device="cuda")
+    valid[0, :50] = False
+    valid[1] = torch.rand(400, generator=gen, device="cuda") > 0.5
+    _encoder_case(31, SLIDING_SHAPE, 0, 300, 1023, valid=valid)
+    _encoder_case(32, FULL_SHAPE, 0, 300, 0, valid=valid)
+
+
+def _spec(kind):
+    if kind == SLIDING:
+        return LayerSpec(0, SLIDING, 256, 8, RopeSpec("default", 1e4), 1024)
+    return LayerSpec(5, FULL, 512, 2, RopeSpec("proportional", 1e6, 0.25), None)
+
+
+@pytest.mark.parametrize("kind", [SLIDING, FULL])
+@pytest.mark.parametrize("write", [False, True])
+def test_qkv_prep_matches_reference(kind, write):
+    from dgemma.ops.cuda_attention import qkv_prep
+
+    spec = _spec(kind)
+    gen = torch.Generator(device="cuda").manual_seed(41)
+    b, t, hq, hkv, d, eps, start = 2, 53, 16, spec.num_kv_heads, spec.head_dim, 1e-6, 1200
+    k_eq_v = kind == FULL
+    width = (hq + hkv * (1 if k_eq_v else 2)) * d
+    fused = _randn(gen, b, t, width + 8, scale=3.0)  # one projection output; q/k/v are column slices
+    q_proj = fused[..., :hq * d]
+    k_proj = fused[..., hq * d:(hq + hkv) * d]
+    v_proj = None if k_eq_v else fused[..., (hq + hkv) * d:width]
+    q_norm, k_norm = _randn(gen, d, scale=0.5), _randn(gen, d, scale=0.5)
+    cos, sin = cos_sin(inverse_frequencies(spec), torch.arange(start, start + t, device="cuda")[None], BF16)
+    ring = 37 if kind == SLIDING else 0
+    slots = ring if ring else start + t + 4
+    cache_k = _randn(gen, b, hkv, slots, d) if write else None
+    cache_v = _randn(gen, b, hkv, slots, d) if write else None
+    before = (cache_k.clone(), cache_v.clone()) if write else None
+    q, k, v = qkv_prep(q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, eps, cache_k=cache_k, cache_v=cache_v,
+                       start=start, ring_size=ring)
+    rq = REF.rope(REF.rms_norm(q_proj.reshape(b, t, hq, d), q_norm, eps), cos, sin)
+    rk = REF.rope(REF.rms_norm(k_proj.reshape(b, t, hkv, d), k_norm, eps), cos, sin)
+    rv = REF.rms_norm((k_proj if k_eq_v else v_proj).reshape(b, t, hkv, d), None, eps)
+    for got, ref in ((q, rq), (k, rk), (v, rv)):
+        assert got.shape == ref.shape
+        diff = (got.float() - ref.float()).abs()
+        # Same rounding steps; rsqrt vs pow and the sum order may move a value by one bf16 ulp.
+        assert (diff <= ref.float().abs() * 2**-7 + 1e-6).all()
+        assert (diff > 0).float().mean() < 0.02
+    if write:
+        exp_k, exp_v = before
+        keep = min(t, ring) if ring else t
+        pos = torch.arange(start + t - keep, start + t, device="cuda")
+        slot = pos % ring if ring else pos
+        exp_k[:, :, slot] = k.transpose(1, 2)[:, :, t - keep:]
+        exp_v[:, :, slot] = v.transpose(1, 2)[:, :, t - keep:]
+        assert torch.equal(cache_k, exp_k) and torch.equal(cache_v, exp_v)
+
+
+def test_tile_shape_and_argument_errors():
+    from dgemma import _ext
+    from dgemma.ops.cuda_attention import decoder_attention
+
+    lib = _ext.require_cuda()
+    assert tuple(lib.attention_tile_shape(256)) == (64, 64)
+    assert tuple(lib.attention_tile_shape(512)) == (32, 32)
+    with pytest.raises(ValueError, match="head_dim 128"):
+        lib.attention_tile_shape(128)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = _randn(gen, 1, 16, 8, 128)
+    kv = _randn(gen, 1, 8, 8, 128)
+    with pytest.raises(ValueError, match="head_dim 128"):
+        decoder_attention(q, kv, kv, kv, kv, 0, 0, None)
+    q = _randn(gen, 1, 16, 8, 256)
+    cache = _randn(gen, 1, 8, 100, 256)
+    tail = _randn(gen, 1, 8, 8, 256)
+    with pytest.raises(ValueError, match="ring of 100 slots"):
+        decoder_attention(q, cache, cache, tail, tail, 500, 100, 1024)
+    with pytest.raises(ValueError, match="exceeds the cache's 100 slots"):
+        decoder_attention(q, cache, cache, tail, tail, 500, 0, None)
+    with pytest.raises(ValueError, match="tail_k has shape"):
+        decoder_attention(q, cache, cache, tail[:, :, :5], tail, 50, 0, None)
+    with pytest.raises(ValueError, match="dtype float32"):
+        decoder_attention(q.float(), cache, cache, tail, tail, 50, 0, None)

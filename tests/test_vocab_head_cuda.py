@@ -1,0 +1,153 @@
+"""GPU tests of the fused vocabulary head against the fp32 reference (dgemma.vocab_head)."""
+
+import pytest
+import torch
+
+from test_vocab_head import chi_square_p
+
+from dgemma.vocab_head import (VocabHeadStep, accept_mask, gumbel_noise, head_statistics, processed_logits,
+                               redraw_ids, soft_embedding)
+
+pytestmark = pytest.mark.gpu
+
+
+def _problem(b, c, v, hidden, seed, spread=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(b, c, hidden, generator=gen).to(torch.bfloat16)
+    embed = (torch.randn(v, hidden, generator=gen) * (spread / hidden**0.5)).to(torch.bfloat16)
+    return h.cuda(), embed.cuda()
+
+
+def _poisoned(b, c, hidden, with_soft=True) -> VocabHeadStep:
+    f = dict(device="cuda")
+    nan = lambda *s: torch.full(s, float("nan"), **f)  # noqa: E731
+    bad = lambda *s: torch.full(s, -7, dtype=torch.int64, **f)  # noqa: E731
+    flag = lambda *s: torch.full(s, True, dtype=torch.bool, **f)  # noqa: E731
+    soft = torch.full((b, c, hidden), float("nan"), dtype=torch.bfloat16, **f) if with_soft else None
+    return VocabHeadStep(argmax=bad(b, c), sample=bad(b, c), next_canvas=bad(b, c), accepted=flag(b, c),
+                         entropy=nan(b, c), max_logit=nan(b, c), lse=nan(b, c), mean_entropy=nan(b),
+                         stable=flag(b), finished=flag(b), soft=soft)
+
+
+def _run(h, embed, t, seed, step, prev=None, bound=0.1, with_soft=True, **kw):
+    from dgemma.ops.cuda_vocab_head import vocab_head_step
+
+    b, c, hidden = h.shape
+    canvas = torch.randint(0, embed.shape[0], (b, c), device="cuda")
+    out = vocab_head_step(h, embed, t, seed, step, canvas, prev, bound, self_conditioning=with_soft,
+                          out=_poisoned(b, c, hidden, with_soft), **kw)
+    torch.cuda.synchronize()
+    return out
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+SHAPES = [(1, 256, 262144, 2816), (2, 37, 1000, 192), (3, 100, 4099, 128), (1, 5, 130, 64)]
+
+
+@pytest.mark.parametrize("b,c,v,hidden", SHAPES)
+@pytest.mark.parametrize("t", [0.4, 0.8])
+def test_statistics_sample_and_soft_match_fp32_reference(b, c, v, hidden, t):
+    h, embed = _problem(b, c, v, hidden, seed=b * 7 + c)
+    seed, step = 1234 + v, 17
+    out = _run(h, embed, t, seed, step)
+    z = processed_logits(h, embed, t)  # fp32 on the device (TF32 off by default), compared on the host
+    ref = {k: x.cpu() for k, x in head_statistics(z).items()}
+    soft_ref = soft_embedding(z, embed, hidden**0.5).cpu()
+    z = z.cpu()
+    for name, key in (("max_logit", "max"), ("lse", "lse"), ("entropy", "entropy")):
+        got = getattr(out, name).cpu()
+        assert torch.isfinite(got).all(), name
+        err = ((got - ref[key]).abs() / ref[key].abs().clamp_min(1e-3)).max().item()
+        assert err <= 2e-2, (name, err)
+    top2 = z.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-3
+    assert clear.float().mean() > 0.5
+    assert torch.equal(out.argmax.cpu()[clear], ref["argmax"][clear])
+    # The sample is the argmax of z + the same Philox Gumbel noise, wherever that is not a near tie.
+    if v <= 5000:
+        noisy = z + gumbel_noise(seed, step, b, c, v)
+        top2 = noisy.topk(2, dim=-1).values
+        clear = (top2[..., 0] - top2[..., 1]) > 1e-3
+        assert torch.equal(out.sample.cpu()[clear], noisy.argmax(-1)[clear])
+    assert bool(((out.sample >= 0) & (out.sample < v)).all())
+    # Acceptance from the kernel's own entropies, and the canvas built from sample / re-draw stream.
+    accepted = accept_mask(out.entropy.cpu(), 0.1)
+    assert torch.equal(out.accepted.cpu(), accepted)
+    want = torch.where(accepted, out.sample.cpu(), redraw_ids(seed, step, b, c, v))
+    assert torch.equal(out.next_canvas.cpu(), want)
+    torch.testing.assert_close(out.mean_entropy.cpu(), out.entropy.cpu().mean(-1), rtol=1e-5, atol=1e-6)
+    assert not bool(out.stable.any()) and not bool(out.finished.any())
+    assert torch.isfinite(out.soft.float()).all()
+    assert _rel(out.soft.cpu(), soft_ref) <= 2e-2
+
+
+def test_peaked_rows_and_low_entropy():
+    """Confident rows (one large logit): entropy near 0, argmax and sample on the peak, soft = its row."""
+    h, embed = _problem(1, 64, 3001, 128, seed=3)
+    embed[7] = (h[0, 0].float() * 0.5).to(torch.bfloat16)  # huge logit for token 7 at position 0
+    out = _run(h, embed, 0.4, 5, 0)
+    assert int(out.argmax[0, 0]) == 7 and int(out.sample[0, 0]) == 7
+    assert float(out.entropy[0, 0]) < 1e-3
+    assert bool(out.accepted[0, 0])
+    want = (embed[7].float() * float(torch.tensor(128**0.5).to(torch.bfloat16))).cpu()
+    assert _rel(out.soft[0, 0].cpu(), want) < 1e-2
+
+
+def test_sampler_chi_square_on_device():
+    """16 sequences x 1024 positions share one z row: the draws follow softmax(z)."""
+    v, hidden = 12, 64
+    gen = torch.Generator().manual_seed(9)
+    row = torch.randn(1, 1, hidden, generator=gen)
+    h = row.expand(16, 1024, hidden).to(torch.bfloat16).cuda().contiguous()
+    embed = (torch.randn(v, hidden, generator=gen) * 0.15).to(torch.bfloat16).cuda()
+    out = _run(h, embed, 0.8, 77, 3, with_soft=False)
+    z = processed_logits(h[:1, :1].cpu(), embed.cpu(), 0.8).double().view(-1)
+    counts = torch.bincount(out.sample.view(-1).cpu(), minlength=v).numpy()
+    assert chi_square_p(counts, torch.softmax(z, -1).numpy()) > 1e-4
+    assert chi_square_p(counts, torch.softmax(z * 1.1, -1).numpy()) < 1e-6
+    assert out.soft is None
+
+
+def test_determinism_and_streams():
+    h, embed = _problem(2, 256, 50000, 256, seed=4, spread=2.0)
+    a = _run(h, embed, 0.6, 99, 5)
+    b = _run(h, embed, 0.6, 99, 5)
+    for name in ("argmax", "sample", "next_canvas", "accepted", "entropy", "lse", "max_logit", "soft"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    c = _run(h, embed, 0.6, 99, 6)
+    assert not torch.equal(a.sample, c.sample)
+    assert not torch.equal(a.sample[0], a.sample[1]) or not torch.equal(h[0], h[1])
+
+
+def test_stopping_flags():
+    h, embed = _problem(3, 40, 777, 64, seed=5)
+    first = _run(h, embed, 0.4, 1, 0)
+    prev = first.argmax.clone()
+    prev[1, 3] = (prev[1, 3] + 1) % 777  # sequence 1 is not stable
+    done = torch.tensor([False, False, True], device="cuda")
+    out = _run(h, embed, 0.4, 1, 1, prev=prev, confidence_threshold=1e9, finished=done)
+    assert out.stable.tolist() == [True, False, True]
+    assert out.finished.tolist() == [True, False, True]
+    strict = _run(h, embed, 0.4, 1, 1, prev=prev, confidence_threshold=1e-12)
+    assert strict.finished.tolist() == [False, False, False]
+
+
+def test_argument_validation():
+    from dgemma.ops.cuda_vocab_head import vocab_head_step
+
+    h, embed = _problem(1, 8, 100, 64, seed=6)
+    canvas = torch.zeros(1, 8, dtype=torch.int64, device="cuda")
+    with pytest.raises(ValueError, match="embed"):
+        vocab_head_step(h, embed.float(), 0.5, 0, 0, canvas, None, 0.1)
+    with pytest.raises(ValueError, match="hidden size"):
+        vocab_head_step(h[..., :32].contiguous(), embed[:, :32].contiguous(), 0.5, 0, 0, canvas, None, 0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        vocab_head_step(h, embed, 0.0, 0, 0, canvas, None, 0.1)
+    with pytest.raises(ValueError, match="prev_argmax"):
+        vocab_head_step(h, embed, 0.5, 0, 0, canvas, canvas.int(), 0.1)
+    with pytest.raises(ValueError, match="canvas length"):
+        big = torch.zeros(1, 1025, 64, dtype=torch.bfloat16, device="cuda")
+        vocab_head_step(big, embed, 0.5, 0, 0, canvas, None, 0.1)
