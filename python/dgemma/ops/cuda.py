@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from . import cuda_attention
+from . import cuda_attention, cuda_vocab_head
 from .cuda_moe import Fp8MoeOpsMixin
 from .reference import ReferenceOps
 
@@ -54,7 +54,18 @@ class AttentionOpsMixin:
                                                 spec.window, valid=cache.valid if cache.has_padding else None)
 
 
-class CudaOps(AttentionOpsMixin, Fp8MoeOpsMixin, ReferenceOps):
+class VocabHeadOpsMixin:
+    """The fused vocabulary head as the sampler, where it applies (bf16 on the GPU, stability <= 1)."""
+
+    vocab_head_step = staticmethod(cuda_vocab_head.vocab_head_step)
+
+    def fused_vocab_head(self, engine, settings) -> bool:
+        cfg = engine.config
+        return (engine.device.type == "cuda" and engine.dtype == torch.bfloat16 and cfg.hidden_size % 64 == 0
+                and cfg.canvas_length <= 1024 and settings.stability_threshold <= 1)
+
+
+class CudaOps(VocabHeadOpsMixin, AttentionOpsMixin, Fp8MoeOpsMixin, ReferenceOps):
     """Reference ops with the CUDA kernels swapped in where their inputs fit (mixins first)."""
 
     name = "cuda"

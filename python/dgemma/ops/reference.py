@@ -126,6 +126,10 @@ class ReferenceOps:
         logits = F.linear(h, table).float()
         return torch.tanh(logits / cap) * cap
 
+    def fused_vocab_head(self, engine, settings) -> bool:
+        """Whether generation should use :meth:`vocab_head_step` instead of logits + :meth:`sample_step`."""
+        return False
+
     def sample_step(self, logits: torch.Tensor, canvas: torch.Tensor, temp: torch.Tensor, bound: float,
                     generator: torch.Generator | None) -> StepOutput:
         """One entropy-bounded sampler step on fp32 logits [B, C, V] (see :mod:`dgemma.sampler`)."""
