@@ -32,3 +32,16 @@ def test_refuses_with_numbers():
     check_fits(plan(cfg, 26 * 2**30, 1, 4096, torch.bfloat16, fused_vocab_head=True), 80 * 2**30)
     with pytest.raises(dgemma.DgemmaError, match="context 300000 exceeds max_position_embeddings"):
         plan(cfg, 0, 1, 300000, torch.bfloat16)
+
+
+def test_load_reports_the_plan(tmp_path, caplog):
+    from dgemma.random_checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "m", "tiny")
+    with caplog.at_level("INFO", logger="dgemma"):
+        eng = dgemma.load(path, max_batch=2, max_context=1000)
+    assert "dgemma memory plan: weights" in caplog.text and "(batch 2, context 1000)" in caplog.text
+    p = eng.memory_plan(2, 1000)
+    assert p.weights == eng.info.weight_bytes and p.kv_cache == kv_cache_bytes(eng.config, 2, 1000, eng.dtype)
+    with pytest.raises(dgemma.DgemmaError, match="exceeds max_position_embeddings"):
+        dgemma.load(path, max_context=10**7)

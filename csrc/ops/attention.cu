@@ -24,14 +24,14 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
   check_bf16_rows(q, 4, dev);
   const int64_t b = q.shape[0], hq = q.shape[1], t = q.shape[2], d = q.shape[3];
   if (!kernels::attention_head_dim_supported(static_cast<int>(d)))
-    throw std::invalid_argument("q head_dim " + std::to_string(d) + " is not supported (expected 256 or 512)");
+    ::dgemma::throw_invalid("q head_dim " + std::to_string(d) + " is not supported (expected 256 or 512)");
   check_bf16_rows(cache_k, 4, dev);
   check_bf16_rows(cache_v, 4, dev);
   const int64_t hkv = cache_k.shape[1], slots = cache_k.shape[2];
   check_shape(cache_k, {b, hkv, slots, d});
   check_shape(cache_v, {b, hkv, slots, d});
   if (hkv <= 0 || hq % hkv != 0)
-    throw std::invalid_argument("q heads " + std::to_string(hq) + " must be a multiple of the KV heads " +
+    ::dgemma::throw_invalid("q heads " + std::to_string(hq) + " must be a multiple of the KV heads " +
                                 std::to_string(hkv) + " (cache_k dimension 1)");
   check_bf16_rows(tail_k, 4, dev);
   check_bf16_rows(tail_v, 4, dev);
@@ -54,25 +54,25 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
   check_range("max_prefix", opt.max_prefix, 0, (1 << 30) - t);
   const int64_t visible = opt.window > 0 ? std::min(opt.max_prefix, opt.window - 1) : opt.max_prefix;
   if (opt.ring_size > 0 && visible > opt.ring_size)
-    throw std::invalid_argument("the ring of " + std::to_string(opt.ring_size) + " slots cannot hold the " +
+    ::dgemma::throw_invalid("the ring of " + std::to_string(opt.ring_size) + " slots cannot hold the " +
                                 std::to_string(visible) + " visible prefix positions (window " +
                                 std::to_string(opt.window) + ", max_prefix " + std::to_string(opt.max_prefix) + ")");
   if (opt.ring_size == 0 && opt.max_prefix > slots)
-    throw std::invalid_argument("max_prefix " + std::to_string(opt.max_prefix) + " exceeds the cache's " +
+    ::dgemma::throw_invalid("max_prefix " + std::to_string(opt.max_prefix) + " exceeds the cache's " +
                                 std::to_string(slots) + " slots (cache_k dimension 2)");
   if (valid != nullptr) {
     check_cuda(*valid);
     check_same_device(q, *valid);
     if (valid->dtype != DType::kBool && valid->dtype != DType::kUInt8)
-      throw std::invalid_argument(valid->name + " has dtype " + dtype_name(valid->dtype) + ", expected bool or uint8");
+      ::dgemma::throw_invalid(valid->name + " has dtype " + dtype_name(valid->dtype) + ", expected bool or uint8");
     check_ndim(*valid, 2);
     check_dim(*valid, 0, b, "batch");
     const int64_t need = opt.max_prefix + (opt.valid_tail ? t : 0);
     if (valid->shape[1] < need)
-      throw std::invalid_argument(valid->name + " has " + std::to_string(valid->shape[1]) +
+      ::dgemma::throw_invalid(valid->name + " has " + std::to_string(valid->shape[1]) +
                                   " positions, expected at least " + std::to_string(need));
     if (valid->strides[1] != 1 && valid->shape[1] > 1)
-      throw std::invalid_argument(valid->name + " must be contiguous in its last dimension");
+      ::dgemma::throw_invalid(valid->name + " must be contiguous in its last dimension");
   }
 
   const int block_n = kernels::attention_block_n(static_cast<int>(d));
@@ -80,12 +80,12 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
   check_range("split_tiles", opt.split_tiles, 1, 1 << 30);
   const int64_t key_tiles = (visible + t + block_n - 1) / block_n;
   if (opt.num_splits * opt.split_tiles < key_tiles)
-    throw std::invalid_argument("num_splits " + std::to_string(opt.num_splits) + " x split_tiles " +
+    ::dgemma::throw_invalid("num_splits " + std::to_string(opt.num_splits) + " x split_tiles " +
                                 std::to_string(opt.split_tiles) + " does not cover the " + std::to_string(key_tiles) +
                                 " key tiles of " + std::to_string(block_n) + " keys (see dgemma.attention_plan)");
   if (opt.num_splits > 1) {
     if (part_o == nullptr || part_lse == nullptr)
-      throw std::invalid_argument("num_splits > 1 needs the part_o and part_lse workspaces");
+      ::dgemma::throw_invalid("num_splits > 1 needs the part_o and part_lse workspaces");
     for (const TensorArg* w : {part_o, part_lse}) {
       check_cuda(*w);
       check_same_device(q, *w);

@@ -25,10 +25,10 @@ int64_t check_activation(const TensorArg& x) {
   check_cuda(x);
   check_dtype(x, DType::kBFloat16);
   check_ndim(x, 2);
-  if (x.strides[1] != 1) throw std::invalid_argument(x.name + " must be contiguous in its last dimension");
+  if (x.strides[1] != 1) ::dgemma::throw_invalid(x.name + " must be contiguous in its last dimension");
   check_multiple(x.shape[1], 16, x.name + " last dimension");
   if (x.shape[1] > kernels::kQuantMaxCols)
-    throw std::invalid_argument(x.name + " last dimension " + std::to_string(x.shape[1]) + " exceeds " +
+    ::dgemma::throw_invalid(x.name + " last dimension " + std::to_string(x.shape[1]) + " exceeds " +
                                 std::to_string(kernels::kQuantMaxCols));
   check_multiple(x.shape[0] > 1 ? x.strides[0] : x.shape[1], 8, x.name + " row stride");
   check_aligned(x, 16);
@@ -120,7 +120,7 @@ kernels::Fp8GroupedGemmProblem dense_problem(const TensorArg& w_q, const uint8_t
 
 void check_rows(int64_t rows, const TensorArg& x) {
   if (rows >= (int64_t(1) << 31))
-    throw std::invalid_argument(x.name + " has " + std::to_string(rows) + " rows, expected < 2^31");
+    ::dgemma::throw_invalid(x.name + " has " + std::to_string(rows) + " rows, expected < 2^31");
 }
 
 }  // namespace
@@ -146,7 +146,7 @@ void fp8_quantize_rows(const TensorArg& x, const TensorArg& q, const TensorArg& 
 }
 
 size_t fp8_linear_workspace_bytes(int64_t rows, int n_out, int k, int device) {
-  if (rows < 0 || n_out < 1 || k < 1) throw std::invalid_argument("fp8_linear_workspace_bytes: invalid sizes");
+  if (rows < 0 || n_out < 1 || k < 1) ::dgemma::throw_invalid("fp8_linear_workspace_bytes: invalid sizes");
   return linear_buffers(nullptr, rows, n_out, k, moe_detail::sm_count(device), device).total;
 }
 
@@ -179,7 +179,7 @@ void fp8_linear(const TensorArg& x, const TensorArg& w_q, const TensorArg& w_sca
 }
 
 size_t fp8_gated_mlp_workspace_bytes(int64_t rows, int hidden, int inter, int device) {
-  if (rows < 0 || hidden < 1 || inter < 1) throw std::invalid_argument("fp8_gated_mlp_workspace_bytes: invalid sizes");
+  if (rows < 0 || hidden < 1 || inter < 1) ::dgemma::throw_invalid("fp8_gated_mlp_workspace_bytes: invalid sizes");
   return mlp_buffers(nullptr, rows, hidden, inter, moe_detail::sm_count(device), device).total;
 }
 
@@ -193,7 +193,7 @@ void fp8_gated_mlp(const TensorArg& x, const TensorArg& gate_q, const TensorArg&
   const int64_t inter = gate_q.shape[0];
   check_multiple(inter, 16, gate_q.name + " rows (intermediate)");
   if (inter > kernels::kGeluUpMaxInter)
-    throw std::invalid_argument(gate_q.name + " has " + std::to_string(inter) + " rows, expected at most " +
+    ::dgemma::throw_invalid(gate_q.name + " has " + std::to_string(inter) + " rows, expected at most " +
                                 std::to_string(kernels::kGeluUpMaxInter));
   check_weight(up_q, up_scale, inter, hidden, x, "intermediate (rows of gate)");
   check_weight(down_q, down_scale, hidden, inter, x, "hidden");

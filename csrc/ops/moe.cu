@@ -38,15 +38,15 @@ void check_ids(const TensorArg& ids, const TensorArg& like) {
   check_ndim(ids, 2);
   check_contiguous(ids);
   if (ids.shape[1] < 1 || ids.shape[1] > kernels::kRouteMaxTopK)
-    throw std::invalid_argument(ids.name + " has shape " + ids.shape_str() + ": top_k must be in [1, " +
+    ::dgemma::throw_invalid(ids.name + " has shape " + ids.shape_str() + ": top_k must be in [1, " +
                                 std::to_string(kernels::kRouteMaxTopK) + "]");
   if (ids.shape[0] * ids.shape[1] >= (int64_t(1) << 31))
-    throw std::invalid_argument(ids.name + " has " + std::to_string(ids.numel()) + " entries, expected < 2^31");
+    ::dgemma::throw_invalid(ids.name + " has " + std::to_string(ids.numel()) + " entries, expected < 2^31");
 }
 
 void check_experts(int experts) {
   if (experts < 1 || experts > kernels::kPlanMaxExperts)
-    throw std::invalid_argument("experts is " + std::to_string(experts) + ", expected 1.." +
+    ::dgemma::throw_invalid("experts is " + std::to_string(experts) + ", expected 1.." +
                                 std::to_string(kernels::kPlanMaxExperts));
 }
 
@@ -95,7 +95,7 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
   check_cuda(x);
   check_dtype(x, DType::kBFloat16);
   check_ndim(x, 2);
-  if (x.strides[1] != 1) throw std::invalid_argument(x.name + " must be contiguous in its last dimension");
+  if (x.strides[1] != 1) ::dgemma::throw_invalid(x.name + " must be contiguous in its last dimension");
   const int64_t tokens = x.shape[0], hidden = x.shape[1];
   check_multiple(hidden, 8, x.name + " last dimension (hidden)");
   check_multiple(x.strides[0], 8, x.name + " row stride");
@@ -106,21 +106,21 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
   check_aligned(proj, 16);
   const int64_t experts = proj.shape[0];
   if (experts < 32 || experts > kernels::kRouteMaxExperts || experts % 32 != 0)
-    throw std::invalid_argument(proj.name + " has " + std::to_string(experts) +
+    ::dgemma::throw_invalid(proj.name + " has " + std::to_string(experts) +
                                 " experts (rows), expected a multiple of 32 up to " +
                                 std::to_string(kernels::kRouteMaxExperts));
   check_vector(scale, DType::kBFloat16, hidden, "hidden", x);
   check_vector(expert_scale, DType::kBFloat16, experts, "experts", x);
   if (top_k < 1 || top_k > kernels::kRouteMaxTopK || top_k > experts)
-    throw std::invalid_argument("top_k is " + std::to_string(top_k) + ", expected 1.." +
+    ::dgemma::throw_invalid("top_k is " + std::to_string(top_k) + ", expected 1.." +
                                 std::to_string(std::min<int64_t>(kernels::kRouteMaxTopK, experts)));
-  if (!(eps > 0.0)) throw std::invalid_argument("eps must be positive, got " + std::to_string(eps));
+  if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
   check_same_device(x, weights);
   check_matrix(weights, DType::kFloat32, tokens, top_k, "tokens", "top_k");
   check_same_device(x, ids);
   check_matrix(ids, DType::kInt32, tokens, top_k, "tokens", "top_k");
   if (kernels::route_smem_bytes(static_cast<int>(hidden), static_cast<int>(experts)) > 200 * 1024)
-    throw std::invalid_argument(x.name + " hidden size " + std::to_string(hidden) + " is too large for the router");
+    ::dgemma::throw_invalid(x.name + " hidden size " + std::to_string(hidden) + " is too large for the router");
 
   throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
   const float inv_sqrt_hidden = static_cast<float>(std::pow(static_cast<double>(hidden), -0.5));
@@ -152,7 +152,7 @@ void moe_plan(const TensorArg& ids, int experts, const TensorArg& offsets, const
 
 size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter, int experts, int device) {
   if (tokens < 0 || top_k < 1 || hidden < 1 || inter < 1 || experts < 1)
-    throw std::invalid_argument("moe_fp8_workspace_bytes: sizes must be positive (tokens may be 0)");
+    ::dgemma::throw_invalid("moe_fp8_workspace_bytes: sizes must be positive (tokens may be 0)");
   const auto tile = kernels::choose_fp8_gemm_tile(tokens * top_k, experts, false);
   return moe_buffers(nullptr, tokens, top_k, hidden, inter, experts, tile, moe_detail::sm_count(device), device)
       .total;
@@ -175,17 +175,17 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   check_contiguous(gate_up_q);
   const int64_t experts = gate_up_q.shape[0], two_inter = gate_up_q.shape[1];
   if (experts < 1 || experts > kernels::kPlanMaxExperts)
-    throw std::invalid_argument(gate_up_q.name + " has " + std::to_string(experts) + " experts, expected 1.." +
+    ::dgemma::throw_invalid(gate_up_q.name + " has " + std::to_string(experts) + " experts, expected 1.." +
                                 std::to_string(kernels::kPlanMaxExperts));
   check_dim(gate_up_q, 2, hidden, "hidden (columns of x)");
   check_multiple(two_inter, 32, gate_up_q.name + " dimension 1 (2 * intermediate)");
   const int64_t inter = two_inter / 2;  // a multiple of 16: the down GEMM's K (16-byte fp8 rows)
   check_multiple(hidden, 16, x.name + " last dimension (hidden)");
   if (hidden > kernels::kGatherMaxHidden)
-    throw std::invalid_argument(x.name + " hidden size " + std::to_string(hidden) + " exceeds " +
+    ::dgemma::throw_invalid(x.name + " hidden size " + std::to_string(hidden) + " exceeds " +
                                 std::to_string(kernels::kGatherMaxHidden));
   if (inter > kernels::kGeluUpMaxInter)
-    throw std::invalid_argument(gate_up_q.name + " intermediate size " + std::to_string(inter) + " exceeds " +
+    ::dgemma::throw_invalid(gate_up_q.name + " intermediate size " + std::to_string(inter) + " exceeds " +
                                 std::to_string(kernels::kGeluUpMaxInter));
   check_same_device(x, gate_up_scale);
   check_matrix(gate_up_scale, DType::kFloat32, experts, two_inter, "experts", "2 * intermediate");

@@ -13,7 +13,7 @@
 namespace dgemma::moe_detail {
 
 inline void throw_if_failed(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(err));
+  if (err != cudaSuccess) ::dgemma::throw_runtime(std::string(what) + " failed: " + cudaGetErrorString(err));
 }
 
 // A CUDA tensor of `dtype`, shape [d0, d1] (d1 < 0: any), contiguous.
@@ -28,12 +28,12 @@ inline void check_matrix(const TensorArg& t, DType dtype, int64_t d0, int64_t d1
 
 inline void check_aligned(const TensorArg& t, size_t bytes) {
   if (reinterpret_cast<std::uintptr_t>(t.data) % bytes != 0)
-    throw std::invalid_argument(t.name + " must be " + std::to_string(bytes) + "-byte aligned");
+    ::dgemma::throw_invalid(t.name + " must be " + std::to_string(bytes) + "-byte aligned");
 }
 
 inline void check_multiple(int64_t v, int64_t m, const std::string& what) {
   if (v <= 0 || v % m != 0)
-    throw std::invalid_argument(what + " is " + std::to_string(v) + ", expected a positive multiple of " +
+    ::dgemma::throw_invalid(what + " is " + std::to_string(v) + ", expected a positive multiple of " +
                                 std::to_string(m));
 }
 
@@ -63,13 +63,13 @@ class Carver {
 inline void check_workspace(const TensorArg& ws, size_t needed, int device) {
   check_cuda(ws);
   if (ws.device != device)
-    throw std::invalid_argument(ws.name + " is on cuda:" + std::to_string(ws.device) + ", expected cuda:" +
+    ::dgemma::throw_invalid(ws.name + " is on cuda:" + std::to_string(ws.device) + ", expected cuda:" +
                                 std::to_string(device));
   check_dtype(ws, DType::kUInt8);
   check_contiguous(ws);
   check_aligned(ws, 256);
   if (static_cast<size_t>(ws.numel()) < needed)
-    throw std::invalid_argument(ws.name + " has " + std::to_string(ws.numel()) + " bytes, expected at least " +
+    ::dgemma::throw_invalid(ws.name + " has " + std::to_string(ws.numel()) + " bytes, expected at least " +
                                 std::to_string(needed));
 }
 

@@ -19,7 +19,7 @@ void qkv_prep(const TensorArg& q_in, const TensorArg& k_in, const TensorArg* v_i
   check_contiguous(q_out);
   const int64_t b = q_out.shape[0], t = q_out.shape[1], hq = q_out.shape[2], d = q_out.shape[3];
   if (d != 256 && d != 512)
-    throw std::invalid_argument("q_out head_dim " + std::to_string(d) + " is not supported (expected 256 or 512)");
+    ::dgemma::throw_invalid("q_out head_dim " + std::to_string(d) + " is not supported (expected 256 or 512)");
   check_bf16_rows(k_out, 4, dev);
   check_contiguous(k_out);
   const int64_t hkv = k_out.shape[2];
@@ -45,11 +45,11 @@ void qkv_prep(const TensorArg& q_in, const TensorArg& k_in, const TensorArg* v_i
     check_shape(*c, {c->shape[0], t, d});
   }
   if (cos.strides != sin.strides || cos.shape != sin.shape)
-    throw std::invalid_argument("cos and sin must have the same shape and strides");
-  if (!(eps > 0.0)) throw std::invalid_argument("eps must be positive, got " + std::to_string(eps));
+    ::dgemma::throw_invalid("cos and sin must have the same shape and strides");
+  if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
   check_range("batch x tokens", b * t, 0, int64_t(1) << 31);
   if ((cache_k == nullptr) != (cache_v == nullptr))
-    throw std::invalid_argument("cache_k and cache_v must be given together");
+    ::dgemma::throw_invalid("cache_k and cache_v must be given together");
   if (cache_k != nullptr) {
     check_bf16_rows(*cache_k, 4, dev);
     check_bf16_rows(*cache_v, 4, dev);
@@ -59,7 +59,7 @@ void qkv_prep(const TensorArg& q_in, const TensorArg& k_in, const TensorArg* v_i
     check_range("ring_size", ring_size, 0, slots);
     check_range("cache_start", cache_start, 0, (int64_t(1) << 31) - 1 - t);
     if (ring_size == 0 && cache_start + t > slots)
-      throw std::invalid_argument("positions " + std::to_string(cache_start) + ".." +
+      ::dgemma::throw_invalid("positions " + std::to_string(cache_start) + ".." +
                                   std::to_string(cache_start + t - 1) + " exceed the cache's " +
                                   std::to_string(slots) + " slots");
   }

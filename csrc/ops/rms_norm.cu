@@ -10,12 +10,12 @@ namespace {
 // Rows of x/y are the leading dimensions flattened; they must be evenly strided for one row stride.
 int64_t row_stride(const TensorArg& t) {
   const size_t nd = t.shape.size();
-  if (t.strides[nd - 1] != 1) throw std::invalid_argument(t.name + " must be contiguous in its last dimension");
+  if (t.strides[nd - 1] != 1) ::dgemma::throw_invalid(t.name + " must be contiguous in its last dimension");
   if (nd == 1) return t.shape[0];
   int64_t expected = t.strides[nd - 2];
   for (int i = static_cast<int>(nd) - 2; i >= 0; --i) {
     if (t.shape[i] != 1 && t.strides[i] != expected)
-      throw std::invalid_argument(t.name + " (shape " + t.shape_str() +
+      ::dgemma::throw_invalid(t.name + " (shape " + t.shape_str() +
                                   ") must have uniformly strided rows; call .contiguous() first");
     expected *= t.shape[i];
   }
@@ -23,7 +23,7 @@ int64_t row_stride(const TensorArg& t) {
 }
 
 void throw_if_failed(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(err));
+  if (err != cudaSuccess) ::dgemma::throw_runtime(std::string(what) + " failed: " + cudaGetErrorString(err));
 }
 
 }  // namespace
@@ -33,13 +33,13 @@ void rms_norm(const TensorArg& x, const TensorArg* weight, const TensorArg& y, d
   check_cuda(y);
   check_same_device(x, y);
   check_same_dtype(x, y);
-  if (x.shape.empty()) throw std::invalid_argument(x.name + " must have at least one dimension");
+  if (x.shape.empty()) ::dgemma::throw_invalid(x.name + " must have at least one dimension");
   if (x.shape != y.shape)
-    throw std::invalid_argument(y.name + " has shape " + y.shape_str() + ", expected " + x.shape_str());
+    ::dgemma::throw_invalid(y.name + " has shape " + y.shape_str() + ", expected " + x.shape_str());
   const int64_t dim = x.shape.back();
   if (dim <= 0 || dim > (1 << 20))
-    throw std::invalid_argument(x.name + " last dimension " + std::to_string(dim) + " must be in [1, 1048576]");
-  if (!(eps > 0.0)) throw std::invalid_argument("eps must be positive, got " + std::to_string(eps));
+    ::dgemma::throw_invalid(x.name + " last dimension " + std::to_string(dim) + " must be in [1, 1048576]");
+  if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
   if (weight != nullptr) {
     check_cuda(*weight);
     check_same_device(x, *weight);
@@ -69,7 +69,7 @@ void rms_norm(const TensorArg& x, const TensorArg* weight, const TensorArg& y, d
                       "rms_norm launch");
       break;
     default:
-      throw std::invalid_argument(x.name + " has dtype " + dtype_name(x.dtype) + ", expected float32 or bfloat16");
+      ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) + ", expected float32 or bfloat16");
   }
 }
 

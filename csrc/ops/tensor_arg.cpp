@@ -2,6 +2,10 @@
 
 namespace dgemma {
 
+void throw_invalid(const std::string& message) { throw std::invalid_argument(message); }
+
+void throw_runtime(const std::string& message) { throw std::runtime_error(message); }
+
 const char* dtype_name(DType d) {
   switch (d) {
     case DType::kFloat32: return "float32";

@@ -45,6 +45,13 @@ struct TensorArg {
   }
 };
 
+// NOTE: code compiled by nvcc (the .cu launchers and the headers they include) raises through these,
+// never with a throw expression of its own: on some toolchains an exception thrown from
+// nvcc-compiled host code crashes the process, while one thrown from a g++-compiled function and
+// unwinding through nvcc frames does not.
+[[noreturn]] void throw_invalid(const std::string& message);  // std::invalid_argument -> ValueError
+[[noreturn]] void throw_runtime(const std::string& message);  // std::runtime_error -> RuntimeError
+
 // Launcher-side checks. Each throws std::invalid_argument (Python: ValueError) naming the argument,
 // the value found and what was expected.
 void check_cuda(const TensorArg& t);

@@ -11,7 +11,7 @@ namespace {
 namespace vh = kernels::vocab_head;
 
 void throw_if_failed(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(err));
+  if (err != cudaSuccess) ::dgemma::throw_runtime(std::string(what) + " failed: " + cudaGetErrorString(err));
 }
 
 int multiprocessors(int device) {
@@ -35,26 +35,26 @@ void check_tensor(const TensorArg& t, const TensorArg& ref, DType dtype, std::in
 
 void check_aligned(const TensorArg& t, size_t bytes) {
   if (reinterpret_cast<std::uintptr_t>(t.data) % bytes != 0)
-    throw std::invalid_argument(t.name + " must be " + std::to_string(bytes) +
+    ::dgemma::throw_invalid(t.name + " must be " + std::to_string(bytes) +
                                 "-byte aligned (a view at an odd offset? call .clone())");
 }
 
 void check_finite(double v, const char* name, bool positive) {
   if (!std::isfinite(v) || (positive && !(v > 0)))
-    throw std::invalid_argument(std::string(name) + " must be a " + (positive ? "positive " : "") +
+    ::dgemma::throw_invalid(std::string(name) + " must be a " + (positive ? "positive " : "") +
                                 "finite number, got " + std::to_string(v));
 }
 
 void check_problem(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden) {
   if (batch < 1 || batch > (1 << 28))
-    throw std::invalid_argument("batch " + std::to_string(batch) + " must be in [1, 268435456]");
+    ::dgemma::throw_invalid("batch " + std::to_string(batch) + " must be in [1, 268435456]");
   if (canvas < 1 || canvas > vh::kMaxCanvas)
-    throw std::invalid_argument("canvas length " + std::to_string(canvas) + " must be in [1, " +
+    ::dgemma::throw_invalid("canvas length " + std::to_string(canvas) + " must be in [1, " +
                                 std::to_string(vh::kMaxCanvas) + "] (one CTA ranks a sequence's positions)");
   if (vocab < 1 || vocab > (1 << 30))
-    throw std::invalid_argument("vocab size " + std::to_string(vocab) + " must be in [1, 1073741824]");
+    ::dgemma::throw_invalid("vocab size " + std::to_string(vocab) + " must be in [1, 1073741824]");
   if (hidden < vh::kBK || hidden % vh::kBK != 0 || hidden > (1 << 16))
-    throw std::invalid_argument("hidden size " + std::to_string(hidden) + " must be a positive multiple of " +
+    ::dgemma::throw_invalid("hidden size " + std::to_string(hidden) + " must be a positive multiple of " +
                                 std::to_string(vh::kBK) + " up to 65536");
 }
 
@@ -117,7 +117,7 @@ void vocab_head_step(const VocabHeadArgs& a, const VocabHeadScalars& s, std::uin
   check_contiguous(ws);
   check_aligned(ws, 256);
   if (ws.numel() < static_cast<int64_t>(l.total))
-    throw std::invalid_argument(ws.name + " has " + std::to_string(ws.numel()) + " bytes, expected at least " +
+    ::dgemma::throw_invalid(ws.name + " has " + std::to_string(ws.numel()) + " bytes, expected at least " +
                                 std::to_string(l.total) + " (vocab_head_workspace_bytes)");
 
   vh::VocabHeadParams p;

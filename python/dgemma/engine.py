@@ -58,7 +58,8 @@ def _resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None, backend: str | None = None,
-         progress: bool | None = None, quantization: str | None = None) -> "Engine":
+         progress: bool | None = None, quantization: str | None = None, max_batch: int | None = None,
+         max_context: int | None = None) -> "Engine":
     """Load a DiffusionGemma checkpoint (Hugging Face layout) into an :class:`Engine`.
 
     Args:
@@ -74,6 +75,9 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
             streaming, one tensor at a time); embedding/lm_head, router and self-conditioning stay in
             ``dtype``. The CUDA backend runs FP8 kernels for bf16 activations; the reference backend
             (any device/dtype) dequantises and computes in fp32.
+        max_batch, max_context: when given, the memory plan (weights + KV cache for this batch and
+            context + step workspace) is logged, and on a GPU a plan that does not fit its free memory
+            is refused with the numbers (:class:`DgemmaError`).
     """
     from .quant import QUANTIZATIONS, fp8_transform
 
@@ -96,8 +100,11 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
     if quantization == "fp8":
         transform = lambda key, t: fp8_transform(key, t, dev)  # noqa: E731
     tensors = load_tensors(path, cfg, dtype=dtype, device=dev, progress=progress, transform=transform)
-    return Engine(cfg, ModelWeights.from_tensors(cfg, tensors), device=dev, dtype=dtype, backend=backend,
-                  path=path, generation_settings=settings, special_tokens=special)
+    eng = Engine(cfg, ModelWeights.from_tensors(cfg, tensors), device=dev, dtype=dtype, backend=backend,
+                 path=path, generation_settings=settings, special_tokens=special)
+    if max_batch is not None or max_context is not None:
+        eng.check_memory(max_batch or 1, max_context or cfg.max_position_embeddings)
+    return eng
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +188,25 @@ class Engine:
         i = self.info
         return (f"Engine(layers={self.config.num_layers}, hidden={self.config.hidden_size}, "
                 f"params={i.parameters / 1e6:.1f}M, backend={i.backend}, device={i.device}, dtype={i.dtype})")
+
+    def memory_plan(self, batch: int, context: int):
+        """:class:`~dgemma.memory.MemoryPlan` of this engine for ``batch`` sequences of ``context`` tokens."""
+        from .memory import plan
+
+        return plan(self.config, self.info.weight_bytes, batch, context, self.dtype,
+                    fused_vocab_head=self.model.ops.fused_vocab_head(self, self.generation_settings))
+
+    def check_memory(self, batch: int, context: int) -> None:
+        """Log the memory plan; on a GPU, refuse (with the numbers) one that does not fit."""
+        import logging
+
+        from .memory import check_fits
+
+        p = self.memory_plan(batch, context)
+        logging.getLogger("dgemma").info("dgemma memory plan: %s", p)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            check_fits(p, free, already_resident=p.weights)
 
     def new_cache(self, batch: int, capacity: int, *, rollback: int = 0) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens (``rollback``: how many
