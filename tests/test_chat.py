@@ -208,6 +208,13 @@ def test_cli_generate(ckpt):
     assert again.stdout == r.stdout  # --seed makes it reproducible
 
 
+def test_cli_generate_fp8(ckpt):
+    r = cli("generate", "--model", ckpt, "--prompt", "hi", "--quantization", "fp8", "--steps", "1", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    bad = cli("generate", "--model", ckpt, "--prompt", "hi", "--quantization", "int4")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_cli_chat_multi_turn(ckpt):
     r = cli("chat", "--model", ckpt, "--seed", "2", "--steps", "2", stdin="hello\nwhat next?\n/reset\nhi\n/exit\n")
     assert r.returncode == 0, r.stderr
@@ -232,6 +239,6 @@ def test_cli_errors_are_one_line(ckpt, args, message):
 def test_cli_help_documents_every_option():
     r = cli("generate", "--help")
     for opt in ("--model", "--prompt", "--chat", "--thinking", "--max-new-tokens", "--steps", "--seed",
-                "--show-drafts"):
+                "--show-drafts", "--quantization"):
         assert opt in r.stdout
     assert "--system" in cli("chat", "--help").stdout

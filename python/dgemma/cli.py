@@ -50,7 +50,8 @@ def _load(args: argparse.Namespace):
     from .engine import load
 
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    return load(args.model, device=args.device, dtype=dtype)
+    quantization = None if args.quantization == "none" else args.quantization
+    return load(args.model, device=args.device, dtype=dtype, quantization=quantization)
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict:
@@ -166,6 +167,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights/activations dtype (default: the checkpoint's)")
+    p.add_argument("--quantization", default="none", choices=["none", "fp8"],
+                   help="fp8: FP8 E4M3 attention, MLP and expert weights, quantised while loading (default: none)")
     p.add_argument("--thinking", action="store_true", help="let the model reason first (chat template's <|think|>)")
     p.add_argument("--max-new-tokens", type=_positive, default=None,
                    help="token budget, rounded up to whole canvases (default: generation_config.json or 256)")
