@@ -207,3 +207,31 @@ def test_global_generator_matches_transformers(models):
     torch.manual_seed(123)
     ours = eng.generate(p, **kw)
     assert torch.equal(ours.sequences, ref.sequences)
+
+
+@pytest.fixture(scope="module")
+def frozen_decoder(tmp_path_factory):
+    """A model whose decoder output is constant (its layer scalars are 0): the argmax canvas is stable from
+    the second step on, so stability-based stopping runs through generate."""
+    from hf_checkpoints import build_hf_model
+
+    model = build_hf_model("odd", seed=3)
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            layer.layer_scalar.zero_()
+    path = tmp_path_factory.mktemp("frozen")
+    model.save_pretrained(path)
+    return load_hf(path, torch.float32), dgemma.load(path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("stability", [1, 2])
+def test_stability_stopping_matches_transformers(frozen_decoder, stability):
+    hf, eng = frozen_decoder
+    p = prompts(eng, 2, 9)
+    kw = dict(max_new_tokens=16, max_denoising_steps=8, stability_threshold=stability, confidence_threshold=10.0,
+              eos_token_id=[1], pad_token_id=0)
+    ref, ours = both(hf, eng, p, **kw)
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert torch.equal(ours.tokens_per_forward, ref.tokens_per_forward)
+    # The argmax is constant, so a block stops once it has matched `stability` earlier steps.
+    assert ours.steps_per_block == [[stability + 1] * 2] * 2
