@@ -44,6 +44,12 @@ TensorArg to_arg(const py::handle& t, const char* name) {
   return a;
 }
 
+const TensorArg* optional_arg(const py::handle& t, const char* name, TensorArg& slot) {
+  if (t.is_none()) return nullptr;
+  slot = to_arg(t, name);
+  return &slot;
+}
+
 namespace {
 
 void register_info(py::module_& m) {
@@ -64,14 +70,8 @@ void register_norm(py::module_& m) {
   m.def(
       "rms_norm",
       [](py::handle x, py::handle weight, py::handle out, double eps, std::uintptr_t stream) {
-        TensorArg xa = to_arg(x, "x");
-        TensorArg ya = to_arg(out, "out");
-        if (weight.is_none()) {
-          rms_norm(xa, nullptr, ya, eps, stream);
-        } else {
-          TensorArg wa = to_arg(weight, "weight");
-          rms_norm(xa, &wa, ya, eps, stream);
-        }
+        TensorArg weight_slot;
+        rms_norm(to_arg(x, "x"), optional_arg(weight, "weight", weight_slot), to_arg(out, "out"), eps, stream);
       },
       py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("eps"), py::arg("stream"));
 }

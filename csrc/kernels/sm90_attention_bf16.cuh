@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "kernels/attention_tiles.cuh"
+#include "kernels/warp_mma_sm80.cuh"
 
 namespace dgemma::kernels {
 
@@ -69,39 +70,8 @@ struct Shape {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
-  const int n = pred ? 16 : 0;  // 0: zero-fill (rows past the key range must be finite zeros)
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+  cp_async_16(dst, src, pred ? 16 : 0);  // 0: zero-fill (rows past the key range must be finite zeros)
 }
 
 // NOTE: rows of a K/V tile are 512 or 1024 bytes, so unswizzled ldmatrix reads of 8 rows would all hit
@@ -230,7 +200,7 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
 
   for (int tile = tile_lo; tile < tile_hi; ++tile) {
     const int stage = (tile - tile_lo) & 1;
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // tile `tile` is visible; everyone is done with the other stage and with ss
     if (tile + 1 < tile_hi) load_tile(tile + 1, stage ^ 1);
     cp_async_commit();
@@ -248,8 +218,8 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
         const int row = nt * 8 + (mi >> 1) * 8 + ri;
         uint32_t r[4];
         ldmatrix_x4(r, smem_addr(kt + tile_offset<D>(row, ch)));
-        mma_bf16(s[nt], qf[kk], r[0], r[1]);
-        mma_bf16(s[nt + 1], qf[kk], r[2], r[3]);
+        mma_bf16_16816(s[nt], qf[kk], r[0], r[1]);
+        mma_bf16_16816(s[nt + 1], qf[kk], r[2], r[3]);
       }
     }
     if constexpr (NS > 1) {
@@ -333,20 +303,20 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
     const __nv_bfloat16* vt = sv + stage * S::kTileElems;
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
-      const uint32_t a[4] = {pack_bf16(s[2 * ks][0], s[2 * ks][1]), pack_bf16(s[2 * ks][2], s[2 * ks][3]),
-                             pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                             pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+      const uint32_t a[4] = {pack_bf16x2(s[2 * ks][0], s[2 * ks][1]), pack_bf16x2(s[2 * ks][2], s[2 * ks][3]),
+                             pack_bf16x2(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                             pack_bf16x2(s[2 * ks + 1][2], s[2 * ks + 1][3])};
       const int row = ks * 16 + (mi & 1) * 8 + ri;
 #pragma unroll
       for (int nd = 0; nd < kOTiles; nd += 2) {
         uint32_t r[4];
         ldmatrix_x4_trans(r, smem_addr(vt + tile_offset<D>(row, slice * kSliceChunks + nd + (mi >> 1))));
-        mma_bf16(o[nd], a, r[0], r[1]);
-        mma_bf16(o[nd + 1], a, r[2], r[3]);
+        mma_bf16_16816(o[nd], a, r[0], r[1]);
+        mma_bf16_16816(o[nd + 1], a, r[2], r[3]);
       }
     }
   }
-  cp_async_wait_all();
+  cp_async_wait<0>();
 
 #pragma unroll
   for (int i = 0; i < 2; ++i) {

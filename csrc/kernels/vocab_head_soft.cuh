@@ -122,19 +122,7 @@ __global__ void __launch_bounds__(kThreads, 1) vocab_head_soft_kernel(const Voca
     }
   };
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < total) load_stage(s);
-    cp_async_commit();
-  }
-  for (int it = 0; it < total; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (it + kStages - 1 < total) load_stage(it + kStages - 1);
-    cp_async_commit();
-    compute_stage(it % kStages);
-  }
-  cp_async_wait<0>();
+  cp_async_pipeline<kStages>(total, load_stage, compute_stage, [](int) {});
 
 #pragma unroll
   for (int slot = 0; slot < 4; ++slot) {

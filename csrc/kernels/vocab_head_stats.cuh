@@ -238,20 +238,9 @@ __global__ void __launch_bounds__(kThreads, 1) vocab_head_stats_kernel(const Voc
     }
   };
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < total) load_stage(s);
-    cp_async_commit();
-  }
-  for (int it = 0; it < total; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (it + kStages - 1 < total) load_stage(it + kStages - 1);
-    cp_async_commit();
-    compute_stage(it % kStages);
+  cp_async_pipeline<kStages>(total, load_stage, compute_stage, [&](int it) {
     if (it % k_iters == k_iters - 1) epilogue(vt_begin + it / k_iters);
-  }
-  cp_async_wait<0>();
+  });
 
   StatsPartial* partials = reinterpret_cast<StatsPartial*>(static_cast<unsigned char*>(p.workspace) + l.partials);
 #pragma unroll

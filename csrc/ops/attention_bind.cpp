@@ -23,13 +23,6 @@ std::pair<int, int> attention_tile_shape(int64_t head_dim) {
 namespace {
 
 #ifdef DGEMMA_WITH_CUDA
-// None -> no tensor; kept alive in `slot` so a pointer to it can be handed on.
-const TensorArg* optional_arg(py::handle h, const char* name, TensorArg& slot) {
-  if (h.is_none()) return nullptr;
-  slot = to_arg(h, name);
-  return &slot;
-}
-
 void attention_forward_py(py::handle q, py::handle cache_k, py::handle cache_v, py::handle tail_k, py::handle tail_v,
                           py::handle prefix_lens, py::handle valid, py::handle out, py::handle part_o,
                           py::handle part_lse, int64_t max_prefix, int64_t ring_size, int64_t window, bool causal,
@@ -62,20 +55,15 @@ void qkv_prep_py(py::handle q_in, py::handle k_in, py::handle v_in, py::handle q
            ring_size, eps, stream);
 }
 #else
-[[noreturn]] void no_cuda(const char* op) {
-  throw std::runtime_error(std::string(op) + ": dgemma was built without CUDA (no CUDA toolkit at build time); "
-                           "reinstall on a machine with nvcc");
-}
-
 void attention_forward_py(py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
                           py::handle, py::handle, py::handle, int64_t, int64_t, int64_t, bool, bool, int64_t, int64_t,
                           std::uintptr_t) {
-  no_cuda("attention_forward");
+  cuda_unavailable("attention_forward");
 }
 
 void qkv_prep_py(py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
                  py::handle, py::handle, py::handle, py::handle, int64_t, int64_t, double, std::uintptr_t) {
-  no_cuda("qkv_prep");
+  cuda_unavailable("qkv_prep");
 }
 #endif
 

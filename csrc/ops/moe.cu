@@ -22,6 +22,15 @@ using moe_detail::throw_if_failed;
 
 namespace {
 
+// A contiguous [experts, rows, cols] FP8 weight stack on x's device.
+void check_fp8_experts(const TensorArg& w, const TensorArg& x) {
+  check_cuda(w);
+  check_same_device(x, w);
+  check_dtype(w, DType::kFloat8E4M3);
+  check_ndim(w, 3);
+  check_contiguous(w);
+}
+
 void check_vector(const TensorArg& t, DType dtype, int64_t n, const char* what, const TensorArg& like) {
   check_cuda(t);
   check_same_device(like, t);
@@ -168,11 +177,7 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   const int top_k = static_cast<int>(ids.shape[1]);
   check_same_device(x, weights);
   check_matrix(weights, DType::kFloat32, tokens, top_k, "tokens", "top_k");
-  check_cuda(gate_up_q);
-  check_same_device(x, gate_up_q);
-  check_dtype(gate_up_q, DType::kFloat8E4M3);
-  check_ndim(gate_up_q, 3);
-  check_contiguous(gate_up_q);
+  check_fp8_experts(gate_up_q, x);
   const int64_t experts = gate_up_q.shape[0], two_inter = gate_up_q.shape[1];
   if (experts < 1 || experts > kernels::kPlanMaxExperts)
     ::dgemma::throw_invalid(gate_up_q.name + " has " + std::to_string(experts) + " experts, expected 1.." +
@@ -189,11 +194,7 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
                                 std::to_string(kernels::kGeluUpMaxInter));
   check_same_device(x, gate_up_scale);
   check_matrix(gate_up_scale, DType::kFloat32, experts, two_inter, "experts", "2 * intermediate");
-  check_cuda(down_q);
-  check_same_device(x, down_q);
-  check_dtype(down_q, DType::kFloat8E4M3);
-  check_ndim(down_q, 3);
-  check_contiguous(down_q);
+  check_fp8_experts(down_q, x);
   check_dim(down_q, 0, experts, "experts");
   check_dim(down_q, 1, hidden, "hidden");
   check_dim(down_q, 2, inter, "intermediate");

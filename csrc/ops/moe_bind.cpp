@@ -79,56 +79,47 @@ void register_moe(py::module_& m) {
 
 #else
 
-namespace {
-
-[[noreturn]] void unavailable(const char* op) {
-  throw std::runtime_error(std::string(op) +
-                           ": dgemma was built without CUDA (no CUDA toolkit at build time); reinstall on a machine "
-                           "with nvcc to use the FP8/MoE kernels");
-}
-
-}  // namespace
 
 void register_moe(py::module_& m) {
   m.def(
       "moe_route",
       [](py::handle, py::handle, py::handle, py::handle, int, double, py::handle, py::handle, std::uintptr_t) {
-        unavailable("moe_route");
+        cuda_unavailable("moe_route");
       },
       py::arg("x"), py::arg("scale"), py::arg("proj"), py::arg("expert_scale"), py::arg("top_k"), py::arg("eps"),
       py::arg("weights"), py::arg("ids"), py::arg("stream"));
   m.def(
-      "moe_plan", [](py::handle, int, py::handle, py::handle, py::handle, std::uintptr_t) { unavailable("moe_plan"); },
+      "moe_plan", [](py::handle, int, py::handle, py::handle, py::handle, std::uintptr_t) { cuda_unavailable("moe_plan"); },
       py::arg("ids"), py::arg("experts"), py::arg("offsets"), py::arg("row_of"), py::arg("row_expert"),
       py::arg("stream"));
   m.def(
       "moe_fp8_workspace_bytes",
-      [](int64_t, int, int, int, int, int) -> size_t { unavailable("moe_fp8_workspace_bytes"); }, py::arg("tokens"),
+      [](int64_t, int, int, int, int, int) -> size_t { cuda_unavailable("moe_fp8_workspace_bytes"); }, py::arg("tokens"),
       py::arg("top_k"), py::arg("hidden"), py::arg("inter"), py::arg("experts"), py::arg("device"));
   m.def(
       "moe_fp8",
       [](py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
-         std::uintptr_t) { unavailable("moe_fp8"); },
+         std::uintptr_t) { cuda_unavailable("moe_fp8"); },
       py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("gate_up_q"), py::arg("gate_up_scale"),
       py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
   m.def(
-      "fp8_quantize_rows", [](py::handle, py::handle, py::handle, std::uintptr_t) { unavailable("fp8_quantize_rows"); },
+      "fp8_quantize_rows", [](py::handle, py::handle, py::handle, std::uintptr_t) { cuda_unavailable("fp8_quantize_rows"); },
       py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("stream"));
   m.def(
-      "fp8_linear_workspace_bytes", [](int64_t, int, int, int) -> size_t { unavailable("fp8_linear_workspace_bytes"); },
+      "fp8_linear_workspace_bytes", [](int64_t, int, int, int) -> size_t { cuda_unavailable("fp8_linear_workspace_bytes"); },
       py::arg("rows"), py::arg("n_out"), py::arg("k"), py::arg("device"));
   m.def(
       "fp8_linear",
-      [](py::handle, py::handle, py::handle, py::handle, py::handle, std::uintptr_t) { unavailable("fp8_linear"); },
+      [](py::handle, py::handle, py::handle, py::handle, py::handle, std::uintptr_t) { cuda_unavailable("fp8_linear"); },
       py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
   m.def(
       "fp8_gated_mlp_workspace_bytes",
-      [](int64_t, int, int, int) -> size_t { unavailable("fp8_gated_mlp_workspace_bytes"); }, py::arg("rows"),
+      [](int64_t, int, int, int) -> size_t { cuda_unavailable("fp8_gated_mlp_workspace_bytes"); }, py::arg("rows"),
       py::arg("hidden"), py::arg("inter"), py::arg("device"));
   m.def(
       "fp8_gated_mlp",
       [](py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
-         std::uintptr_t) { unavailable("fp8_gated_mlp"); },
+         std::uintptr_t) { cuda_unavailable("fp8_gated_mlp"); },
       py::arg("x"), py::arg("gate_q"), py::arg("gate_scale"), py::arg("up_q"), py::arg("up_scale"), py::arg("down_q"),
       py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
 }

@@ -11,6 +11,10 @@ namespace dgemma {
 // stride, device); `name` is used in error messages.
 TensorArg to_arg(const pybind11::handle& t, const char* name);
 
+// An optional tensor argument: nullptr for None, else `slot` filled by to_arg (the caller keeps
+// `slot` alive for as long as the pointer is used).
+const TensorArg* optional_arg(const pybind11::handle& t, const char* name, TensorArg& slot);
+
 void register_moe(pybind11::module_& m);
 void register_attention(pybind11::module_& m);
 void register_vocab_head(pybind11::module_& m);

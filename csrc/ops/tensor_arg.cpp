@@ -6,6 +6,12 @@ void throw_invalid(const std::string& message) { throw std::invalid_argument(mes
 
 void throw_runtime(const std::string& message) { throw std::runtime_error(message); }
 
+void cuda_unavailable(const char* op) {
+  throw std::runtime_error(std::string(op) +
+                           ": dgemma was built without CUDA (no CUDA toolkit at build time); reinstall on a machine "
+                           "with nvcc");
+}
+
 const char* dtype_name(DType d) {
   switch (d) {
     case DType::kFloat32: return "float32";

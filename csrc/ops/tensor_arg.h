@@ -51,6 +51,8 @@ struct TensorArg {
 // unwinding through nvcc frames does not.
 [[noreturn]] void throw_invalid(const std::string& message);  // std::invalid_argument -> ValueError
 [[noreturn]] void throw_runtime(const std::string& message);  // std::runtime_error -> RuntimeError
+// The entry points of a build without a CUDA toolkit raise this (RuntimeError naming `op`).
+[[noreturn]] void cuda_unavailable(const char* op);
 
 // Launcher-side checks. Each throws std::invalid_argument (Python: ValueError) naming the argument,
 // the value found and what was expected.

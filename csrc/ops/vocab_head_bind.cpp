@@ -27,10 +27,7 @@ void bind_step(py::handle hidden, py::handle embed, py::handle prev_argmax, py::
   a.embed = to_arg(embed, "embed");
   a.prev_argmax = to_arg(prev_argmax, "prev_argmax");
   TensorArg finished_arg, soft_arg;
-  if (!finished_in.is_none()) {
-    finished_arg = to_arg(finished_in, "finished");
-    a.finished_in = &finished_arg;
-  }
+  a.finished_in = optional_arg(finished_in, "finished", finished_arg);
   a.max_logit = to_arg(max_logit, "max_logit");
   a.lse = to_arg(lse, "lse");
   a.entropy = to_arg(entropy, "entropy");
@@ -41,10 +38,7 @@ void bind_step(py::handle hidden, py::handle embed, py::handle prev_argmax, py::
   a.mean_entropy = to_arg(mean_entropy, "mean_entropy");
   a.stable = to_arg(stable, "stable");
   a.finished_out = to_arg(finished_out, "finished_out");
-  if (!soft.is_none()) {
-    soft_arg = to_arg(soft, "soft");
-    a.soft = &soft_arg;
-  }
+  a.soft = optional_arg(soft, "soft", soft_arg);
   a.workspace = to_arg(workspace, "workspace");
   VocabHeadScalars s;
   s.temperature = temperature;
@@ -63,19 +57,14 @@ void bind_step(py::handle hidden, py::handle embed, py::handle prev_argmax, py::
 
 namespace {
 
-[[noreturn]] void no_cuda(const char* op) {
-  throw std::runtime_error(std::string(op) + ": dgemma was built without CUDA (no CUDA toolkit at build time); "
-                           "reinstall on a machine with nvcc");
-}
-
 void bind_step(py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
                py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, double,
                double, double, double, double, uint64_t, uint32_t, std::uintptr_t) {
-  no_cuda("vocab_head_step");
+  cuda_unavailable("vocab_head_step");
 }
 
 int64_t vocab_head_workspace_bytes(int64_t, int64_t, int64_t, int64_t, bool, int) {
-  no_cuda("vocab_head_workspace_bytes");
+  cuda_unavailable("vocab_head_workspace_bytes");
 }
 
 }  // namespace

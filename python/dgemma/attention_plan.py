@@ -7,6 +7,7 @@ shape the compiled kernel reports (``_C.attention_tile_shape``), and the CPU tes
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -73,6 +74,7 @@ def _wave_efficiency(blocks: int, num_sms: int) -> float:
     return blocks / (num_sms * math.ceil(blocks / num_sms))
 
 
+@functools.lru_cache(maxsize=256)
 def plan_splits(*, batch: int, q_heads: int, queries: int, max_prefix: int, window: int | None, block_m: int,
                 block_n: int, num_sms: int, causal: bool = False, num_splits: int | None = None) -> SplitPlan:
     """Choose how many blocks share the keys of one (sequence, head, query tile).

@@ -170,7 +170,7 @@ def run(opts: BenchOptions, *, log=print) -> dict:
                                 step_bytes(eng, b, prefix) / HBM_BYTES_PER_S * 1e3, batch=b, prefix=prefix))
 
     if opts.baseline == "transformers":
-        results.append(_baseline_transformers(eng, opts, prompt_len, device, measure, results))
+        results.append(_baseline_transformers(eng, opts, preset, prompt_len, device, measure, results))
     results.append({"name": "peak_memory", "median_ms": 0.0, "peak_mib": _memory_peak_mib(device)})
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
@@ -180,7 +180,7 @@ def run(opts: BenchOptions, *, log=print) -> dict:
     }
 
 
-def _baseline_transformers(eng, opts, prompt_len, device, measure, results) -> dict:
+def _baseline_transformers(eng, opts, preset, prompt_len, device, measure, results) -> dict:
     """transformers' bf16 model on the same random weights, its decoder step timed in this process."""
     try:
         from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
@@ -189,8 +189,7 @@ def _baseline_transformers(eng, opts, prompt_len, device, measure, results) -> d
     from .random_checkpoint import preset_config
     from .weights import named_tensors
 
-    raw = preset_config(opts.preset if opts.preset != "auto" else ("26b-a4b" if device.type == "cuda" else "tiny"),
-                        canvas_length=eng.config.canvas_length)
+    raw = preset_config(preset, canvas_length=eng.config.canvas_length)
     text = dict(raw["text_config"])
     text.pop("model_type", None)
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -175,7 +175,7 @@ def _fused_block(engine, cache, current, settings, seed, counter, finished_seq, 
         block_passes += active
         h = model.denoise_hidden(current, cache, soft=soft)
         out = model.ops.vocab_head_step(
-            h, model.w.embed, float(temperature(step, settings, device)), seed, counter, current, prev_argmax,
+            h, model.w.embed, float(temperature(step, settings, "cpu")), seed, counter, current, prev_argmax,
             settings.entropy_bound, confidence_threshold=settings.confidence_threshold, finished=finished,
             softcap=cfg.final_logit_softcapping, soft_scale=cfg.embed_scale)
         counter += 1

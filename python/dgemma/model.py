@@ -73,6 +73,9 @@ class DiffusionGemmaModel:
         ropes = self._rope_tables(positions[None], self.w.embed.dtype)
         valid = cache.valid.clone()
         valid[:, start:start + t] = True if token_mask is None else token_mask
+        # One host check per call (not per layer): the attention ops skip ``valid`` without padding.
+        has_padding = cache.has_padding or (token_mask is not None and not bool(token_mask.all()))
+        attend_valid = valid if has_padding else None
         x = self.ops.embed(ids, self.w.embed, self.cfg.embed_scale)
         # NOTE: K/V are written only after every layer ran, so an interrupted call leaves the cache
         # (in particular the sliding rings, which overwrite old slots) exactly as it was.
@@ -82,7 +85,7 @@ class DiffusionGemmaModel:
             spec = self.cfg.layers[i]
             q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
             pending.append((i, k, v))
-            return self.ops.encoder_attention(q, k, v, cache, i, start, valid).reshape(b, t, -1)
+            return self.ops.encoder_attention(q, k, v, cache, i, start, attend_valid).reshape(b, t, -1)
 
         last = len(self.w.layers) - 1
         for i, lw in enumerate(self.w.layers[:-1]):
@@ -95,7 +98,7 @@ class DiffusionGemmaModel:
         for i, k, v in pending:
             cache.write(i, k, v, start)
         cache.valid.copy_(valid)
-        cache.has_padding = cache.has_padding or (token_mask is not None and not bool(token_mask.all()))
+        cache.has_padding = has_padding
         cache.length = start + t
 
     # -- decoder -------------------------------------------------------------------------------

@@ -41,9 +41,8 @@ class AttentionOpsMixin:
             return super().encoder_attention(q, k, v, cache, layer, start, valid)
         spec = cache.config.layers[layer]
         ring = cache.ring_size(layer) if spec.is_sliding else 0
-        padded = cache.has_padding or not bool(valid[:, start:start + q.shape[2]].all())
         return cuda_attention.encoder_attention(q, k, v, cache.keys[layer], cache.values[layer], start, ring,
-                                                spec.window, valid=valid if padded else None)
+                                                spec.window, valid=valid)
 
     def decoder_attention(self, q, k, v, cache, layer):
         if not self._attention_fits(q):

@@ -142,7 +142,8 @@ class ReferenceOps:
         """Causal attention of new tokens at positions ``start..start+T-1`` over ``[cached ; new]``.
 
         q [B, Hq, T, D]; k, v [B, Hkv, T, D] (not yet in the cache); ``valid`` [B, capacity] marks real
-        tokens, the new ones included. Sliding layers see keys with ``qpos - window < kpos <= qpos``.
+        tokens, the new ones included, or is None when nothing cached or new is padding. Sliding layers
+        see keys with ``qpos - window < kpos <= qpos``.
         Returns [B, T, Hq, D]. The cache is not written here.
         """
         t = q.shape[2]
@@ -154,7 +155,7 @@ class ReferenceOps:
         window = cache.config.layers[layer].window
         if window is not None:
             mask &= kpos[None, :] > positions[:, None] - window
-        mask = mask[None] & valid[:, kpos][:, None, :]
+        mask = mask[None] if valid is None else mask[None] & valid[:, kpos][:, None, :]
         return self.attention(q, keys, values, mask)
 
     def decoder_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int) -> torch.Tensor:
@@ -165,9 +166,8 @@ class ReferenceOps:
         b, c = q.shape[0], q.shape[2]
         past_k, past_v, past_pos = cache.read(layer)
         keys, values = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
-        past_valid = cache.valid[:, past_pos]
         mask = None
-        if not bool(past_valid.all()):
+        if cache.has_padding:
             canvas_valid = torch.ones(b, c, dtype=torch.bool, device=q.device)
-            mask = torch.cat((past_valid, canvas_valid), dim=1)[:, None, :].expand(b, c, -1)
+            mask = torch.cat((cache.valid[:, past_pos], canvas_valid), dim=1)[:, None, :].expand(b, c, -1)
         return self.attention(q, keys, values, mask)
