@@ -30,12 +30,15 @@ VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_att
               num_key_value_heads=2, head_dim=8)
 
 
-def build_hf_model(arch: str, *, seed: int = 0, canvas_length: int = 8):
+def build_hf_model(arch: str, *, seed: int = 0, canvas_length: int = 8, text_overrides: dict | None = None):
     """A transformers DiffusionGemmaForBlockDiffusion with *every* tensor randomised (norm weights,
-    router and per-expert scales, and layer scalars that differ between encoder and decoder)."""
+    router and per-expert scales, and layer scalars that differ between encoder and decoder).
+    ``text_overrides`` replace fields of the architecture (a value of None removes the field)."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
-    cfg = DiffusionGemmaConfig(text_config=dict(ARCHS[arch]), vision_config=dict(VISION), canvas_length=canvas_length)
+    text = dict(ARCHS[arch], **(text_overrides or {}))
+    text = {k: v for k, v in text.items() if v is not None}
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=dict(VISION), canvas_length=canvas_length)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)

@@ -136,9 +136,11 @@ class Engine:
         self.model = DiffusionGemmaModel(cfg, weights, get_ops(backend))
         self.generation_settings = generation_settings or GenerationSettings()
         special = special_tokens or {}
-        eos = special.get("eos_token_id", list(cfg.eos_token_ids))
+        # NOTE: generation stops at EOS and pads only with the ids of generation_config.json (or passed to
+        # generate), as transformers does; config.json's eos/pad ids never change what is generated.
+        eos = special.get("eos_token_id", [])
         self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
-        self.pad_token_id: int | None = special.get("pad_token_id", cfg.pad_token_id)
+        self.pad_token_id: int | None = special.get("pad_token_id")
         self.bos_token_id: int | None = special.get("bos_token_id", cfg.bos_token_id)
         self._tokenizer: Tokenizer | None = None
         self._chat_template: ChatTemplate | None = None
@@ -298,7 +300,8 @@ class Engine:
             max_denoising_steps, entropy_bound, t_max, t_min, stability_threshold, confidence_threshold:
                 sampler settings; defaults come from the checkpoint's ``generation_config.json`` where set,
                 else 256 / 48 / 0.1 / 0.8 / 0.4 / 1 / 0.005.
-            eos_token_id, pad_token_id: default to the checkpoint's; tokens after the first EOS become pad.
+            eos_token_id, pad_token_id: default to the checkpoint's ``generation_config.json`` (as in
+                transformers; config.json's ids are not used); tokens after the first EOS become pad.
             generator / seed: the random stream (a seeded generator reproduces transformers' ``generate``
                 after ``torch.manual_seed`` on the reference backend); neither: torch's global generator.
             stream: a callable receiving a :class:`StreamEvent` per draft and per committed block (see
@@ -394,8 +397,10 @@ class Engine:
         except DgemmaError:
             return  # no tokenizer files: ids only
         texts, responses = [], []
+        # The text ends at the first end-of-sequence id, generation's or the model's own.
+        ends = set(eos) | set(self.config.eos_token_ids)
         for row in result.new_tokens.tolist():
-            cut = next((i for i, x in enumerate(row) if x in eos), len(row))
+            cut = next((i for i, x in enumerate(row) if x in ends), len(row))
             ids = [x for x in row[:cut] if x != pad]
             if prompt.is_chat:
                 resp = parse_response(tok.decode(ids))

@@ -126,7 +126,9 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
             break
     timings["total_s"] = time.perf_counter() - start
     new = seq[:, t:]
-    valid = (new != pad_token_id).sum(dim=-1) if pad_token_id is not None else torch.full((b,), new.shape[1])
+    # NOTE: without a pad id the count stays a Python int, as in transformers: int / int-tensor rounds
+    # differently from int-tensor / int-tensor.
+    valid = (new != pad_token_id).sum(dim=-1) if pad_token_id is not None else new.shape[1]
     yield GenerationResult(sequences=seq, prompt_length=t, steps_per_block=steps_per_block,
                            tokens_per_forward=valid / passes, timings=timings, cache=cache)
 

@@ -72,11 +72,11 @@ def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tool
             if engine.add_bos and engine.bos_token_id is not None and (not ids or ids[0] != engine.bos_token_id):
                 ids = [engine.bos_token_id] + ids
             rows.append(ids)
-        prompt = left_pad(rows, engine.pad_token_id or 0)
+        prompt = left_pad(rows, engine.config.pad_token_id or 0)
     elif all(_is_messages(x) for x in inputs):
         template = engine.chat_template
         rows = [tok.encode(template.render(conv, tools=tools, thinking=thinking)) for conv in inputs]
-        prompt = left_pad(rows, engine.pad_token_id or 0)
+        prompt = left_pad(rows, engine.config.pad_token_id or 0)
         prompt.is_chat = True
     else:
         raise DgemmaError("inputs mixes strings and chat messages; pass one kind per call")

@@ -99,8 +99,8 @@ def random_engine(preset: str = "tiny", *, seed: int = 0, dtype: torch.dtype = t
 def write_random_checkpoint(path: str | os.PathLike, preset: str = "tiny", *, seed: int = 0,
                             dtype: torch.dtype = torch.float32, shards: int = 1, canvas_length: int = 256,
                             **overrides) -> str:
-    """Write ``config.json`` and random safetensors weights (``shards`` > 1: sharded with an index);
-    ``overrides`` replace text_config fields of the preset (e.g. ``vocab_size``)."""
+    """Write ``config.json``, ``generation_config.json`` and random safetensors weights (``shards`` > 1:
+    sharded with an index); ``overrides`` replace text_config fields of the preset (e.g. ``vocab_size``)."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     raw = preset_config(preset, canvas_length=canvas_length, **overrides)
@@ -108,6 +108,11 @@ def write_random_checkpoint(path: str | os.PathLike, preset: str = "tiny", *, se
     tensors = random_tensors(cfg, seed=seed, dtype=dtype)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(raw, f, indent=2)
+    # Generation stops at EOS only with the ids of generation_config.json, as on a released checkpoint.
+    text = raw["text_config"]
+    with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"eos_token_id": text["eos_token_id"], "pad_token_id": text["pad_token_id"],
+                   "bos_token_id": text["bos_token_id"]}, f, indent=2)
     keys = list(tensors)
     if shards <= 1:
         save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
