@@ -3,7 +3,13 @@
 //   logits = bf16(h . proj[e])                                        fp32 accumulation
 //   p      = softmax(logits) in fp32; keep the top_k; renormalise; * per_expert_scale[id]
 // The bf16 roundings are those of the reference (python/dgemma/ops/reference.py `route`), so the
-// kernel picks the same experts except for exact near-ties.
+// kernel picks the same experts except for near-ties that an ulp of a logit decides.
+// NOTE: selection is a total order, so ids are always valid and distinct:
+//   - equal probabilities: the lowest expert id wins (bf16 logits tie often among 128 experts);
+//   - a NaN logit counts as -inf (never preferred to a number); a row whose logits are all NaN/-inf
+//     is uniform, i.e. experts 0 .. top_k-1 with weight expert_scale[id] / top_k;
+//   - the softmax numerator of a logit equal to the row max is exactly 1 (also when the max is ±inf,
+//     where exp(max - max) would be NaN), so the sum is >= 1 and no weight is NaN.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -98,19 +104,22 @@ static __global__ void __launch_bounds__(kRouteWarps * 32)
     float m = -INFINITY;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
-      p[j] = j < per_lane ? logits[t * experts + j * 32 + lane] : -INFINITY;
+      const float l = j < per_lane ? logits[t * experts + j * 32 + lane] : -INFINITY;
+      p[j] = isnan(l) ? -INFINITY : l;
       m = fmaxf(m, p[j]);
     }
     m = warp_max(m);
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
-      p[j] = j < per_lane ? expf(p[j] - m) : 0.f;
+      p[j] = j < per_lane ? (p[j] == m ? 1.f : expf(p[j] - m)) : 0.f;
       sum += p[j];
     }
     const float inv_sum = 1.f / warp_sum(sum);
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) p[j] = j < per_lane ? p[j] * inv_sum : -1.f;  // -1: never selected
+    // Every candidate now holds a probability in [0, 1] (no NaN), above the -2 a search starts from and
+    // the -1 of a taken or padding slot: each of the top_k <= experts searches ends on a valid id.
 
     float chosen_p = 0.f, total = 0.f;
     int chosen_id = 0;

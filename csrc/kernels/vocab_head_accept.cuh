@@ -30,9 +30,14 @@ __global__ void __launch_bounds__(kMaxCanvas) vocab_head_accept_kernel(const Voc
   int rank = 0;
   if (valid) {
     // NOTE: a stable rank (ties by index): O(C²) comparisons, 256 per thread for the 256-token canvas.
+    // The order must be total so the ranks are a permutation of 0..c-1 and every s_sorted entry the
+    // scan below reads is written: NaN sorts after every number (as torch.sort puts it), NaNs by index.
+    const bool e_nan = isnan(e);
     for (int j = 0; j < c; ++j) {
       const float ej = s_entropy[j];
-      rank += (ej < e) || (ej == e && j < i);
+      const bool ej_nan = isnan(ej);
+      const bool before = e_nan ? (ej_nan ? j < i : true) : (!ej_nan && ((ej < e) || (ej == e && j < i)));
+      rank += before;
     }
     s_sorted[rank] = e;
   }
@@ -40,6 +45,7 @@ __global__ void __launch_bounds__(kMaxCanvas) vocab_head_accept_kernel(const Voc
   if (i == 0) {
     // NOTE: sequential double accumulation rounded to fp32 per element, as torch.cumsum does for fp32 on
     // the CPU; the comparison is then made in fp32 like the reference's `cumsum − sorted <= bound`.
+    // A NaN entropy (sorted last) makes its own and every later comparison false, and the mean NaN.
     double run = 0.0, total = 0.0;
     for (int k = 0; k < c; ++k) {
       run += s_sorted[k];

@@ -66,13 +66,17 @@ class Fp8Weight:
 
 def _row_scale(x: torch.Tensor) -> torch.Tensor:
     amax = x.abs().amax(dim=-1).float()
-    return amax.clamp(min=MIN_AMAX) / FP8_MAX
+    # NOTE: divide by a tensor on x's device, never by the Python number: CUDA turns division by a CPU
+    # scalar into a multiplication by its fp32 reciprocal (1/448 is inexact), which can be one ulp off
+    # the IEEE quotient the kernels compute (fp8_scale_from_amax).
+    return amax.clamp(min=MIN_AMAX) / torch.full_like(amax, FP8_MAX)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale): E4M3 ``q`` of x's shape and fp32 ``scale`` ``x.shape[:-1]``, one scale per row."""
     xf = x.float()
     scale = _row_scale(xf)
+    # Elementwise tensor / tensor: an IEEE division on every device, like the kernels' __fdiv_rn.
     q = torch.clamp(xf / scale.unsqueeze(-1), -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 

@@ -85,14 +85,20 @@ def route(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, expert_scale
     return weights, ids
 
 
-def plan(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def plan(ids: torch.Tensor, num_experts: int, *,
+         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The device dispatch plan of int32 ``ids`` ``[N, k]``: (offsets ``[E+1]``, row_of ``[N, k]``,
     row_expert ``[N*k]``), all int32, computed without a host synchronisation. Entries of row_expert
-    past ``offsets[E]`` are left unwritten. See :func:`plan_dispatch` for the order."""
+    past ``offsets[E]`` are left unwritten (undefined unless ``out`` was filled beforehand). See
+    :func:`plan_dispatch` for the order. ``out``: optional preallocated (offsets, row_of, row_expert)."""
     lib = _ext.require_cuda()
-    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
-    row_of = torch.empty(ids.shape, dtype=torch.int32, device=ids.device)
-    row_expert = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
+    if out is None:
+        offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
+        row_of = torch.empty(ids.shape, dtype=torch.int32, device=ids.device)
+        row_expert = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
+    else:
+        offsets, row_of, row_expert = out
     lib.moe_plan(ids, int(num_experts), offsets, row_of, row_expert, _stream(ids.device))
     return offsets, row_of, row_expert
 
