@@ -1,0 +1,1066 @@
+"""Every error path of every tensor entry point of ``dgemma._C``, repeated in one process.
+
+A bad-input call into a CUDA launcher once killed the process (SIGSEGV while formatting the error
+message inside the extension) instead of raising. This module builds, per entry point, a table of
+calls that each differ from one known-good call in exactly one argument, and expects each to raise
+the exception the launcher's validation documents (``std::invalid_argument`` -> ValueError) with a
+message naming the bad argument or value. Each table is run 1,000 times; then the known-good call
+itself runs, its result is checked (against a torch reference where that is cheap), and the device
+is synchronised to show the CUDA context survived.
+
+A few cases are rejected by pybind11 before the launcher runs (a Python value that does not convert
+to the C++ scalar type): those are listed deliberately with TypeError. Arguments of two different
+GPUs (``check_same_device`` between two CUDA devices) need a second GPU and are not covered; where a
+launcher compares devices before checking for CUDA, a host tensor reaches that message instead.
+
+Tensors are only made inside the tests (no CUDA work at import time).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+REPEATS = 1000
+BF16, F32, FP8 = torch.bfloat16, torch.float32, torch.float8_e4m3fn
+I32, I64, U8, BOOL = torch.int32, torch.int64, torch.uint8, torch.bool
+
+# Every function of dgemma._C that takes tensors or sizes; the capability queries without arguments
+# (version, built_with_cuda, cuda_runtime_version) have no error path.
+OPS = (
+    "rms_norm", "fp8_quantize_rows", "fp8_linear_workspace_bytes", "fp8_linear", "fp8_gated_mlp_workspace_bytes",
+    "fp8_gated_mlp", "moe_route", "moe_plan", "moe_fp8_workspace_bytes", "moe_fp8", "qkv_prep",
+    "attention_tile_shape", "attention_forward", "vocab_head_workspace_bytes", "vocab_head_step",
+    "device_capability",
+)
+NO_ERROR_PATH = {"version", "built_with_cuda", "cuda_runtime_version", "vocab_head_unsupported"}
+
+
+@dataclass
+class Case:
+    label: str
+    kwargs: dict
+    exc: type
+    match: str  # regular expression searched in str(exception)
+
+
+@dataclass
+class Table:
+    """The error cases of one entry point, its known-good arguments and a check of their result."""
+
+    op: str
+    base: dict
+    cases: list[Case] = field(default_factory=list)
+    check: Callable[[object], None] | None = None  # receives the known-good call's return value
+
+    def bad(self, label: str, match: str, exc: type = ValueError, **changes) -> None:
+        """A case: the known-good arguments with ``changes``; ``match`` is a literal substring."""
+        self.add(label, re.escape(match), exc, **changes)
+
+    def add(self, label: str, pattern: str, exc: type, **changes) -> None:
+        unknown = set(changes) - set(self.base)
+        assert not unknown, f"{self.op}: unknown arguments {unknown}"
+        self.cases.append(Case(label, {**self.base, **changes}, exc, pattern))
+
+    def type_error(self, label: str, bad_repr: str, **changes) -> None:
+        """pybind11 rejects a scalar that does not convert before the launcher runs. The tensor arguments
+        are None here so that formatting "Invoked with: ..." never prints (copies) a device tensor."""
+        kwargs = {k: (None if _is_tensor(v) else v) for k, v in self.base.items()}
+        kwargs.update(changes)
+        self.cases.append(Case(label, kwargs, TypeError,
+                               re.escape(f"{self.op}(): incompatible function arguments") + r"[\s\S]*"
+                               + re.escape(bad_repr)))
+
+
+def _is_tensor(v) -> bool:
+    return isinstance(v, torch.Tensor) or hasattr(v, "data_ptr")
+
+
+class Ctx:
+    """Where the tables' tensors live. ``host`` gives a host (CPU) copy for the wrong-device cases."""
+
+    def __init__(self, lib, device: torch.device):
+        self.lib = lib
+        self.dev = device
+        self.idx = device.index
+        self.gen = torch.Generator(device=device).manual_seed(0)
+
+    def host(self, t: torch.Tensor):
+        return t.cpu()
+
+    def workspace_bytes(self, op: str, *sizes) -> int:
+        return int(getattr(self.lib, op)(*sizes, self.idx))
+
+    def stream(self) -> int:
+        return torch.cuda.current_stream(self.dev).cuda_stream
+
+    # -- tensor makers -------------------------------------------------------------------------
+
+    def empty(self, *shape, dtype=BF16) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.dev)
+
+    def randn(self, *shape, dtype=BF16, scale=1.0) -> torch.Tensor:
+        return (torch.randn(shape, generator=self.gen, device=self.dev) * scale).to(dtype)
+
+    def misaligned(self, *shape, dtype=BF16, offset=1) -> torch.Tensor:
+        """A contiguous view starting ``offset`` elements into its storage (not 16-byte aligned)."""
+        n = 1
+        for s in shape:
+            n *= s
+        return torch.empty(n + offset, dtype=dtype, device=self.dev)[offset:].view(shape)
+
+    def transposed(self, rows, cols, dtype=BF16) -> torch.Tensor:
+        """A [rows, cols] view with strides [1, rows] (last dimension not contiguous)."""
+        return torch.empty(cols, rows, dtype=dtype, device=self.dev).t()
+
+    def strided_vector(self, n, dtype=BF16) -> torch.Tensor:
+        return torch.empty(2 * n, dtype=dtype, device=self.dev)[::2]
+
+    def padded_rows(self, rows, cols, pad, dtype=BF16) -> torch.Tensor:
+        """[rows, cols] whose rows are ``cols + pad`` elements apart (last dimension contiguous)."""
+        return torch.empty(rows, cols + pad, dtype=dtype, device=self.dev)[:, :cols]
+
+
+def cuda_msg(name: str) -> str:
+    return f"{name} must be a CUDA tensor, got a CPU tensor"
+
+
+def not_tensor(name: str, what: str = "NoneType") -> str:
+    return f"{name} must be a torch.Tensor, got <class '{what}'>"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+# -- rms_norm ------------------------------------------------------------------------------------
+
+
+def rms_norm_table(c: Ctx) -> Table:
+    from dgemma.ops.reference import ReferenceOps
+
+    x = c.randn(6, 512, scale=3.0)
+    w = (torch.rand(512, generator=c.gen, device=c.dev) + 0.5).to(BF16)
+    t = Table("rms_norm", dict(x=x, weight=w, out=c.empty(6, 512), eps=1e-6, stream=0))
+    # Order of the checks in csrc/ops/rms_norm.cu.
+    t.bad("x on the host", cuda_msg("x"), x=c.host(x))
+    t.bad("out on the host", cuda_msg("out"), out=c.host(t.base["out"]))
+    t.bad("out dtype differs from x", "out has dtype float32, expected bfloat16 (the dtype of x)",
+          out=c.empty(6, 512, dtype=F32))
+    t.bad("0-d x", "x must have at least one dimension", x=c.empty(), out=c.empty())
+    t.bad("out shape differs from x", "out has shape [6, 256], expected [6, 512]", out=c.empty(6, 256))
+    t.bad("empty last dimension", "x last dimension 0 must be in [1, 1048576]", x=c.empty(6, 0), out=c.empty(6, 0),
+          weight=None)
+    t.bad("last dimension too large", "x last dimension 1048577 must be in [1, 1048576]", x=c.empty(1, 2**20 + 1),
+          out=c.empty(1, 2**20 + 1), weight=None)
+    t.bad("eps zero", "eps must be positive, got 0.000000", eps=0.0)
+    t.bad("eps negative", "eps must be positive, got -0.000001", eps=-1e-6)
+    t.add("eps NaN", re.escape("eps must be positive, got ") + "-?nan", ValueError, eps=float("nan"))
+    t.bad("weight on the host", cuda_msg("weight"), weight=c.host(w))
+    t.bad("weight dtype", "weight has dtype float32, expected bfloat16 (the dtype of x)",
+          weight=c.empty(512, dtype=F32))
+    t.bad("weight 2-d", "weight has shape [1, 512], expected 1 dimensions", weight=c.empty(1, 512))
+    t.bad("weight length", "weight has shape [256], expected size 512 in dimension 0 (the normalised dimension)",
+          weight=c.empty(256))
+    t.bad("weight strided", "weight must be contiguous (shape [512])", weight=c.strided_vector(512))
+    t.bad("x last dimension strided", "x must be contiguous in its last dimension",
+          x=c.empty(6, 1024)[:, ::2])
+    t.bad("x rows not evenly strided",
+          "x (shape [4, 9, 4, 32]) must have uniformly strided rows; call .contiguous() first",
+          x=c.empty(4, 9, 6, 32)[:, :, 1:5], out=c.empty(4, 9, 4, 32), weight=c.empty(32))
+    t.bad("out last dimension strided", "out must be contiguous in its last dimension", out=c.empty(6, 1024)[:, ::2])
+    # dtype support is checked last (after cudaSetDevice), still before any launch.
+    t.bad("float16", "x has dtype float16, expected float32 or bfloat16", x=c.empty(6, 512, dtype=torch.float16),
+          out=c.empty(6, 512, dtype=torch.float16), weight=None)
+    t.bad("int32", "x has dtype int32, expected float32 or bfloat16", x=c.empty(6, 512, dtype=I32),
+          out=c.empty(6, 512, dtype=I32), weight=None)
+    t.bad("x is None", not_tensor("x"), x=None)
+    t.bad("out is None", not_tensor("out"), out=None)
+    t.bad("weight is a list", not_tensor("weight", "list"), weight=[1.0] * 512)
+    t.type_error("eps is a string", "eps='1e-6'", eps="1e-6")
+    t.type_error("eps is None", "eps=None", eps=None)
+    t.type_error("negative stream handle", "stream=-1", stream=-1)
+
+    def check(_):
+        out = t.base["out"]
+        ref = ReferenceOps().rms_norm(x, w, 1e-6)
+        assert torch.isfinite(out.float()).all()
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+    t.check = check
+    return t
+
+
+# -- FP8 quantisation, linear and gated MLP -----------------------------------------------------------
+
+
+def fp8_quantize_rows_table(c: Ctx) -> Table:
+    from dgemma import quant
+
+    rows, cols = 8, 512
+    x = c.randn(rows, cols, scale=4.0)
+    t = Table("fp8_quantize_rows", dict(x=x, q=c.empty(rows, cols, dtype=FP8), scale=c.empty(rows, dtype=F32),
+                                        stream=0))
+    dev = f"expected cuda:{c.idx} (the device of x)"
+    t.bad("x on the host", cuda_msg("x"), x=c.host(x))
+    t.bad("x float32", "x has dtype float32, expected bfloat16", x=c.empty(rows, cols, dtype=F32))
+    t.bad("x 3-d", "x has shape [2, 4, 512], expected 2 dimensions", x=c.empty(2, 4, cols))
+    t.bad("x last dimension strided", "x must be contiguous in its last dimension", x=c.empty(rows, 2 * cols)[:, ::2])
+    t.bad("columns not a multiple of 16", "x last dimension is 24, expected a positive multiple of 16",
+          x=c.empty(rows, 24))
+    t.bad("no columns", "x last dimension is 0, expected a positive multiple of 16", x=c.empty(rows, 0))
+    t.bad("too many columns", "x last dimension 8208 exceeds 8192", x=c.empty(rows, 8208))
+    t.bad("row stride not a multiple of 8", "x row stride is 516, expected a positive multiple of 8",
+          x=c.padded_rows(rows, cols, 4))
+    t.bad("x misaligned", "x must be 16-byte aligned", x=c.misaligned(rows, cols))
+    t.bad("q on the host", f"q is on cuda:-1, {dev}", q=c.host(t.base["q"]))
+    t.bad("q dtype", "q has dtype bfloat16, expected float8_e4m3fn", q=c.empty(rows, cols))
+    t.bad("q 1-d", f"q has shape [{rows * cols}], expected 2 dimensions", q=c.empty(rows * cols, dtype=FP8))
+    t.bad("q rows", "q has shape [4, 512], expected size 8 in dimension 0 (rows of x)", q=c.empty(4, cols, dtype=FP8))
+    t.bad("q columns", "q has shape [8, 256], expected size 512 in dimension 1 (columns of x)",
+          q=c.empty(rows, 256, dtype=FP8))
+    t.bad("q transposed", "q must be contiguous (shape [8, 512])", q=c.transposed(rows, cols, dtype=FP8))
+    t.bad("q misaligned", "q must be 16-byte aligned", q=c.misaligned(rows, cols, dtype=FP8))
+    t.bad("scale on the host", f"scale is on cuda:-1, {dev}", scale=c.host(t.base["scale"]))
+    t.bad("scale dtype", "scale has dtype bfloat16, expected float32", scale=c.empty(rows))
+    t.bad("scale 2-d", "scale has shape [8, 1], expected 1 dimensions", scale=c.empty(rows, 1, dtype=F32))
+    t.bad("scale length", "scale has shape [4], expected size 8 in dimension 0 (rows of x)",
+          scale=c.empty(4, dtype=F32))
+    t.bad("scale strided", "scale must be contiguous (shape [8])", scale=c.strided_vector(rows, dtype=F32))
+    t.bad("scale is None", not_tensor("scale"), scale=None)
+    t.bad("x is a float", not_tensor("x", "float"), x=1.0)
+    t.type_error("stream is a float", "stream=0.5", stream=0.5)
+
+    def check(_):
+        # Up to an ulp of the scale: a division by the Python number 448 on the GPU (instead of an IEEE
+        # tensor division, as the kernel does) is one ulp off for some rows; test_moe_cuda checks bits.
+        q_ref, s_ref = quant.quantize_rows(x)
+        torch.testing.assert_close(t.base["scale"], s_ref, rtol=2.5e-7, atol=0)
+        same = (t.base["q"].view(U8) == q_ref.view(U8)).float().mean().item()
+        assert same >= 0.99, f"{same:.4f} of the FP8 values agree with quant.quantize_rows"
+
+    t.check = check
+    return t
+
+
+def _fp8_weight(c: Ctx, n: int, k: int):
+    from dgemma.quant import quantize_weight
+
+    return quantize_weight(c.randn(n, k, scale=k ** -0.5))
+
+
+def _workspace_errors(t: Table, c: Ctx, nbytes: int, name: str = "workspace", hint: str = "") -> None:
+    """check_workspace (moe_checks.h) / the vocab head's own: CUDA, uint8, contiguous, 256-byte aligned, size."""
+    t.bad("workspace on the host", cuda_msg(name), workspace=c.host(c.empty(16, dtype=U8)))
+    t.bad("workspace dtype", f"{name} has dtype float32, expected uint8", workspace=c.empty(nbytes, dtype=F32))
+    t.bad("workspace strided", f"{name} must be contiguous (shape [{nbytes}])",
+          workspace=c.strided_vector(nbytes, dtype=U8))
+    t.bad("workspace misaligned", f"{name} must be 256-byte aligned",
+          workspace=c.misaligned(nbytes, dtype=U8, offset=16))
+    t.bad("workspace too small", f"{name} has {nbytes - 1} bytes, expected at least {nbytes}{hint}",
+          workspace=c.empty(nbytes - 1, dtype=U8))
+    t.bad("workspace is None", not_tensor(name), workspace=None)
+
+
+def _weight_errors(t: Table, c: Ctx, q_key: str, s_key: str, name: str, n: int, k: int) -> None:
+    """check_weight (fp8_linear.cu) of an [n, k] FP8 weight named ``name``.q / ``name``.scale."""
+    q, s = f"{name}.q", f"{name}.scale"
+    t.bad(f"{q} on the host", cuda_msg(q), **{q_key: c.host(t.base[q_key])})
+    t.bad(f"{q} dtype", f"{q} has dtype bfloat16, expected float8_e4m3fn", **{q_key: c.empty(n, k)})
+    t.bad(f"{q} 3-d", f"{q} has shape [1, {n}, {k}], expected 2 dimensions", **{q_key: c.empty(1, n, k, dtype=FP8)})
+    t.bad(f"{q} input features", f"{q} has shape [{n}, {k + 16}], expected size {k} in dimension 1 (input features)",
+          **{q_key: c.empty(n, k + 16, dtype=FP8)})
+    t.bad(f"{q} transposed", f"{q} must be contiguous (shape [{n}, {k}])", **{q_key: c.transposed(n, k, dtype=FP8)})
+    t.bad(f"{q} misaligned", f"{q} must be 16-byte aligned", **{q_key: c.misaligned(n, k, dtype=FP8)})
+    t.bad(f"{s} on the host", cuda_msg(s), **{s_key: c.host(t.base[s_key])})
+    t.bad(f"{s} dtype", f"{s} has dtype bfloat16, expected float32", **{s_key: c.empty(n)})
+    t.bad(f"{s} 2-d", f"{s} has shape [{n}, 1], expected 1 dimensions", **{s_key: c.empty(n, 1, dtype=F32)})
+    t.bad(f"{s} length", f"{s} has shape [{n // 2}], expected size {n} in dimension 0 (rows of the weight)",
+          **{s_key: c.empty(n // 2, dtype=F32)})
+    t.bad(f"{s} strided", f"{s} must be contiguous (shape [{n}])", **{s_key: c.strided_vector(n, dtype=F32)})
+    t.bad(f"{s} misaligned", f"{s} must be 16-byte aligned", **{s_key: c.misaligned(n, dtype=F32)})
+    t.bad(f"{q} is None", not_tensor(q), **{q_key: None})
+
+
+def _activation_errors(t: Table, c: Ctx, rows: int, k: int) -> None:
+    """check_activation (fp8_linear.cu) of x [rows, k]."""
+    t.bad("x on the host", cuda_msg("x"), x=c.host(t.base["x"]))
+    t.bad("x float32", "x has dtype float32, expected bfloat16", x=c.empty(rows, k, dtype=F32))
+    t.bad("x 1-d", f"x has shape [{rows * k}], expected 2 dimensions", x=c.empty(rows * k))
+    t.bad("x last dimension strided", "x must be contiguous in its last dimension", x=c.empty(rows, 2 * k)[:, ::2])
+    t.bad("x misaligned", "x must be 16-byte aligned", x=c.misaligned(rows, k))
+    t.bad("x row stride", f"x row stride is {k + 4}, expected a positive multiple of 8", x=c.padded_rows(rows, k, 4))
+
+
+def fp8_linear_workspace_bytes_table(c: Ctx) -> Table:
+    t = Table("fp8_linear_workspace_bytes", dict(rows=8, n_out=2048, k=512, device=c.idx))
+    msg = "fp8_linear_workspace_bytes: invalid sizes"
+    t.bad("negative rows", msg, rows=-1)
+    t.bad("no outputs", msg, n_out=0)
+    t.bad("no inputs", msg, k=0)
+    t.type_error("n_out beyond int", "n_out=1099511627776", n_out=2**40)
+
+    def check(nbytes):
+        assert isinstance(nbytes, int) and nbytes > 0
+
+    t.check = check
+    return t
+
+
+def fp8_linear_table(c: Ctx) -> Table:
+    rows, n, k = 8, 2048, 512
+    w = _fp8_weight(c, n, k)
+    x = c.randn(rows, k)
+    nbytes = c.workspace_bytes("fp8_linear_workspace_bytes", rows, n, k)
+    t = Table("fp8_linear", dict(x=x, w_q=w.q, w_scale=w.scale, out=c.empty(rows, n),
+                                 workspace=c.empty(nbytes, dtype=U8), stream=0))
+    _activation_errors(t, c, rows, k)
+    t.bad("x columns differ from the weight", f"weight.q has shape [{n}, {k}], expected size {k // 2} in dimension 1 "
+          "(input features)", x=c.empty(rows, k // 2))
+    _weight_errors(t, c, "w_q", "w_scale", "weight", n, k)
+    t.bad("weight rows not a multiple of 8", "weight.q rows (output features) is 12, expected a positive multiple of 8",
+          w_q=c.empty(12, k, dtype=FP8), w_scale=c.empty(12, dtype=F32))
+    dev = f"expected cuda:{c.idx} (the device of x)"
+    t.bad("out on the host", f"out is on cuda:-1, {dev}", out=c.host(t.base["out"]))
+    t.bad("out dtype", "out has dtype float32, expected bfloat16", out=c.empty(rows, n, dtype=F32))
+    t.bad("out rows", f"out has shape [4, {n}], expected size {rows} in dimension 0 (rows of x)", out=c.empty(4, n))
+    t.bad("out columns", f"out has shape [{rows}, 16], expected size {n} in dimension 1 (output features)",
+          out=c.empty(rows, 16))
+    t.bad("out transposed", f"out must be contiguous (shape [{rows}, {n}])", out=c.transposed(rows, n))
+    t.bad("out misaligned", "out must be 16-byte aligned", out=c.misaligned(rows, n))
+    _workspace_errors(t, c, nbytes)
+    t.type_error("stream is a string", "stream='0'", stream="0")
+
+    def check(_):
+        out = t.base["out"]
+        assert torch.isfinite(out.float()).all()
+        assert rel_err(out, x.float() @ w.dequantize().t()) <= 3e-2
+
+    t.check = check
+    return t
+
+
+def fp8_gated_mlp_workspace_bytes_table(c: Ctx) -> Table:
+    t = Table("fp8_gated_mlp_workspace_bytes", dict(rows=8, hidden=512, inter=512, device=c.idx))
+    msg = "fp8_gated_mlp_workspace_bytes: invalid sizes"
+    t.bad("negative rows", msg, rows=-5)
+    t.bad("no hidden", msg, hidden=0)
+    t.bad("negative intermediate", msg, inter=-512)
+    t.type_error("rows is a float", "rows=8.0", rows=8.0)
+
+    def check(nbytes):
+        assert isinstance(nbytes, int) and nbytes > 0
+
+    t.check = check
+    return t
+
+
+def fp8_gated_mlp_table(c: Ctx) -> Table:
+    from dgemma.ops.reference import ReferenceOps
+
+    rows, h, inter = 8, 512, 512
+    gate, up, down = _fp8_weight(c, inter, h), _fp8_weight(c, inter, h), _fp8_weight(c, h, inter)
+    x = c.randn(rows, h)
+    nbytes = c.workspace_bytes("fp8_gated_mlp_workspace_bytes", rows, h, inter)
+    t = Table("fp8_gated_mlp", dict(x=x, gate_q=gate.q, gate_scale=gate.scale, up_q=up.q, up_scale=up.scale,
+                                    down_q=down.q, down_scale=down.scale, out=c.empty(rows, h),
+                                    workspace=c.empty(nbytes, dtype=U8), stream=0))
+    _activation_errors(t, c, rows, h)
+    _weight_errors(t, c, "gate_q", "gate_scale", "gate", inter, h)
+    t.bad("intermediate not a multiple of 16", "gate.q rows (intermediate) is 40, expected a positive multiple of 16",
+          gate_q=c.empty(40, h, dtype=FP8), gate_scale=c.empty(40, dtype=F32))
+    t.bad("intermediate too large", "gate.q has 4112 rows, expected at most 4096",
+          gate_q=c.empty(4112, h, dtype=FP8), gate_scale=c.empty(4112, dtype=F32))
+    _weight_errors(t, c, "up_q", "up_scale", "up", inter, h)
+    t.bad("up rows differ from gate", f"up.q has shape [256, {h}], expected size {inter} in dimension 0 "
+          "(intermediate (rows of gate))", up_q=c.empty(256, h, dtype=FP8), up_scale=c.empty(256, dtype=F32))
+    _weight_errors(t, c, "down_q", "down_scale", "down", h, inter)
+    t.bad("down rows differ from hidden", f"down.q has shape [256, {inter}], expected size {h} in dimension 0 (hidden)",
+          down_q=c.empty(256, inter, dtype=FP8), down_scale=c.empty(256, dtype=F32))
+    dev = f"expected cuda:{c.idx} (the device of x)"
+    t.bad("out on the host", f"out is on cuda:-1, {dev}", out=c.host(t.base["out"]))
+    t.bad("out dtype", "out has dtype float32, expected bfloat16", out=c.empty(rows, h, dtype=F32))
+    t.bad("out shape", f"out has shape [{rows}, 256], expected size {h} in dimension 1 (hidden)",
+          out=c.empty(rows, 256))
+    t.bad("out misaligned", "out must be 16-byte aligned", out=c.misaligned(rows, h))
+    _workspace_errors(t, c, nbytes)
+
+    def check(_):
+        out = t.base["out"]
+        assert torch.isfinite(out.float()).all()
+        assert rel_err(out, ReferenceOps().gated_mlp(x.float(), gate, up, down)) <= 3e-2
+
+    t.check = check
+    return t
+
+
+# -- MoE: router, dispatch plan, FP8 experts -------------------------------------------------------------
+
+N_TOK, HID, EXP, TOPK, MOE_I = 8, 512, 32, 8, 128
+
+
+def _routing(c: Ctx):
+    ids = torch.rand(N_TOK, EXP, generator=c.gen, device=c.dev).argsort(dim=1)[:, :TOPK].int().contiguous()
+    w = torch.rand(N_TOK, TOPK, generator=c.gen, device=c.dev) + 0.1
+    return ids, (w / w.sum(1, keepdim=True)).contiguous()
+
+
+def moe_route_table(c: Ctx) -> Table:
+    x = c.randn(N_TOK, HID, scale=3.0)
+    proj = c.randn(EXP, HID, scale=HID ** -0.5 * 8)
+    t = Table("moe_route", dict(x=x, scale=(1 + 0.1 * torch.randn(HID, generator=c.gen, device=c.dev)).to(BF16),
+                                proj=proj,
+                                expert_scale=(1 + 0.2 * torch.rand(EXP, generator=c.gen, device=c.dev)).to(BF16),
+                                top_k=TOPK, eps=1e-6, weights=c.empty(N_TOK, TOPK, dtype=F32),
+                                ids=c.empty(N_TOK, TOPK, dtype=I32), stream=0))
+    dev = f"expected cuda:{c.idx} (the device of x)"
+    t.bad("x on the host", cuda_msg("x"), x=c.host(x))
+    t.bad("x float32", "x has dtype float32, expected bfloat16", x=c.empty(N_TOK, HID, dtype=F32))
+    t.bad("x 3-d", f"x has shape [1, {N_TOK}, {HID}], expected 2 dimensions", x=c.empty(1, N_TOK, HID))
+    t.bad("x last dimension strided", "x must be contiguous in its last dimension", x=c.empty(N_TOK, 2 * HID)[:, ::2])
+    t.bad("hidden not a multiple of 8", "x last dimension (hidden) is 12, expected a positive multiple of 8",
+          x=c.empty(N_TOK, 12))
+    t.bad("x row stride", f"x row stride is {HID + 4}, expected a positive multiple of 8",
+          x=c.padded_rows(N_TOK, HID, 4))
+    t.bad("x misaligned", "x must be 16-byte aligned", x=c.misaligned(N_TOK, HID))
+    t.bad("proj on the host", cuda_msg("proj"), proj=c.host(proj))
+    t.bad("proj dtype", "proj has dtype float32, expected bfloat16", proj=c.empty(EXP, HID, dtype=F32))
+    t.bad("proj 3-d", f"proj has shape [1, {EXP}, {HID}], expected 2 dimensions", proj=c.empty(1, EXP, HID))
+    t.bad("proj hidden", f"proj has shape [{EXP}, 256], expected size {HID} in dimension 1 (hidden)",
+          proj=c.empty(EXP, 256))
+    t.bad("proj row slice", f"proj must be contiguous (shape [{EXP}, {HID}])", proj=c.padded_rows(EXP, HID, HID))
+    t.bad("proj misaligned", "proj must be 16-byte aligned", proj=c.misaligned(EXP, HID))
+    t.bad("16 experts", "proj has 16 experts (rows), expected a multiple of 32 up to 256", proj=c.empty(16, HID))
+    t.bad("48 experts", "proj has 48 experts (rows), expected a multiple of 32 up to 256", proj=c.empty(48, HID))
+    t.bad("288 experts", "proj has 288 experts (rows), expected a multiple of 32 up to 256", proj=c.empty(288, HID))
+    t.bad("scale on the host", cuda_msg("scale"), scale=c.host(t.base["scale"]))
+    t.bad("scale dtype", "scale has dtype float32, expected bfloat16", scale=c.empty(HID, dtype=F32))
+    t.bad("scale 2-d", f"scale has shape [1, {HID}], expected 1 dimensions", scale=c.empty(1, HID))
+    t.bad("scale length", f"scale has shape [256], expected size {HID} in dimension 0 (hidden)", scale=c.empty(256))
+    t.bad("scale strided", f"scale must be contiguous (shape [{HID}])", scale=c.strided_vector(HID))
+    t.bad("expert_scale on the host", cuda_msg("expert_scale"), expert_scale=c.host(t.base["expert_scale"]))
+    t.bad("expert_scale length", f"expert_scale has shape [16], expected size {EXP} in dimension 0 (experts)",
+          expert_scale=c.empty(16))
+    t.bad("top_k 0", "top_k is 0, expected 1..16", top_k=0)
+    t.bad("top_k 17", "top_k is 17, expected 1..16", top_k=17)
+    t.bad("top_k negative", "top_k is -3, expected 1..16", top_k=-3)
+    t.bad("eps zero", "eps must be positive, got 0.000000", eps=0.0)
+    t.bad("eps negative", "eps must be positive, got -1.000000", eps=-1.0)
+    t.bad("weights on the host", f"weights is on cuda:-1, {dev}", weights=c.host(t.base["weights"]))
+    t.bad("weights dtype", "weights has dtype bfloat16, expected float32", weights=c.empty(N_TOK, TOPK))
+    t.bad("weights top_k", f"weights has shape [{N_TOK}, 4], expected size {TOPK} in dimension 1 (top_k)",
+          weights=c.empty(N_TOK, 4, dtype=F32))
+    t.bad("weights tokens", f"weights has shape [3, {TOPK}], expected size {N_TOK} in dimension 0 (tokens)",
+          weights=c.empty(3, TOPK, dtype=F32))
+    t.bad("ids on the host", f"ids is on cuda:-1, {dev}", ids=c.host(t.base["ids"]))
+    t.bad("ids int64", "ids has dtype int64, expected int32", ids=c.empty(N_TOK, TOPK, dtype=I64))
+    t.bad("ids transposed", f"ids must be contiguous (shape [{N_TOK}, {TOPK}])",
+          ids=c.transposed(N_TOK, TOPK, dtype=I32))
+    big = 12744  # 8 * 12744 * 2 + 8 * 32 * 4 bytes of shared memory > 200 KiB
+    t.bad("hidden too large for the router", f"x hidden size {big} is too large for the router",
+          x=c.empty(1, big), proj=c.empty(EXP, big), scale=c.empty(big), weights=c.empty(1, TOPK, dtype=F32),
+          ids=c.empty(1, TOPK, dtype=I32))
+    t.bad("x is None", not_tensor("x"), x=None)
+    t.bad("ids is None", not_tensor("ids"), ids=None)
+    t.type_error("top_k beyond int", "top_k=1099511627776", top_k=2**40)
+    t.type_error("top_k is a float", "top_k=8.0", top_k=8.0)
+    t.type_error("eps is None", "eps=None", eps=None)
+
+    def check(_):
+        w, ids = t.base["weights"], t.base["ids"].long()
+        assert torch.isfinite(w).all() and bool((w > 0).all())
+        assert bool(((ids >= 0) & (ids < EXP)).all())
+        assert bool((ids.sort(1).values.diff(dim=1) > 0).all()), "an expert chosen twice for one token"
+
+    t.check = check
+    return t
+
+
+def moe_plan_table(c: Ctx) -> Table:
+    from dgemma.ops.cuda_moe import plan_dispatch
+
+    ids, _ = _routing(c)
+    t = Table("moe_plan", dict(ids=ids, experts=EXP, offsets=c.empty(EXP + 1, dtype=I32),
+                               row_of=c.empty(N_TOK, TOPK, dtype=I32), row_expert=c.empty(N_TOK * TOPK, dtype=I32),
+                               stream=0))
+    t.bad("ids on the host", cuda_msg("ids"), ids=c.host(ids))
+    t.bad("ids int64", "ids has dtype int64, expected int32", ids=c.empty(N_TOK, TOPK, dtype=I64))
+    t.bad("ids 1-d", f"ids has shape [{N_TOK * TOPK}], expected 2 dimensions", ids=c.empty(N_TOK * TOPK, dtype=I32))
+    t.bad("ids transposed", f"ids must be contiguous (shape [{N_TOK}, {TOPK}])",
+          ids=c.transposed(N_TOK, TOPK, dtype=I32))
+    # torch gives [N, 0] the strides (1, 1), which the launcher's is_contiguous rejects before top_k is
+    # looked at; strides (0, 1) are "contiguous" for it and reach the top_k check.
+    t.bad("top_k 0", f"ids has shape [{N_TOK}, 0]: top_k must be in [1, 16]",
+          ids=torch.empty_strided((N_TOK, 0), (0, 1), dtype=I32, device=c.dev))
+    t.bad("top_k 17", f"ids has shape [{N_TOK}, 17]: top_k must be in [1, 16]", ids=c.empty(N_TOK, 17, dtype=I32))
+    t.bad("no experts", "experts is 0, expected 1..256", experts=0)
+    t.bad("257 experts", "experts is 257, expected 1..256", experts=257)
+    t.bad("offsets on the host", cuda_msg("offsets"), offsets=c.host(t.base["offsets"]))
+    t.bad("offsets dtype", "offsets has dtype int64, expected int32", offsets=c.empty(EXP + 1, dtype=I64))
+    t.bad("offsets length", f"offsets has shape [{EXP}], expected size {EXP + 1} in dimension 0 (experts + 1)",
+          offsets=c.empty(EXP, dtype=I32))
+    t.bad("offsets strided", f"offsets must be contiguous (shape [{EXP + 1}])",
+          offsets=c.strided_vector(EXP + 1, dtype=I32))
+    t.bad("row_of on the host", f"row_of is on cuda:-1, expected cuda:{c.idx} (the device of ids)",
+          row_of=c.host(t.base["row_of"]))
+    t.bad("row_of dtype", "row_of has dtype float32, expected int32", row_of=c.empty(N_TOK, TOPK, dtype=F32))
+    t.bad("row_of shape", f"row_of has shape [{N_TOK}, 4], expected size {TOPK} in dimension 1 (top_k)",
+          row_of=c.empty(N_TOK, 4, dtype=I32))
+    t.bad("row_expert on the host", cuda_msg("row_expert"), row_expert=c.host(t.base["row_expert"]))
+    t.bad("row_expert length",
+          f"row_expert has shape [{N_TOK * TOPK - 1}], expected size {N_TOK * TOPK} in dimension 0 "
+          "(tokens * top_k)", row_expert=c.empty(N_TOK * TOPK - 1, dtype=I32))
+    t.bad("row_expert 2-d", f"row_expert has shape [{N_TOK}, {TOPK}], expected 1 dimensions",
+          row_expert=c.empty(N_TOK, TOPK, dtype=I32))
+    t.bad("offsets is None", not_tensor("offsets"), offsets=None)
+    t.type_error("experts is None", "experts=None", experts=None)
+
+    def check(_):
+        o_ref, r_ref, e_ref = plan_dispatch(ids, EXP)
+        assert torch.equal(t.base["offsets"], o_ref) and torch.equal(t.base["row_of"], r_ref)
+        assert torch.equal(t.base["row_expert"][: N_TOK * TOPK], e_ref)
+
+    t.check = check
+    return t
+
+
+def moe_fp8_workspace_bytes_table(c: Ctx) -> Table:
+    t = Table("moe_fp8_workspace_bytes", dict(tokens=N_TOK, top_k=TOPK, hidden=HID, inter=MOE_I, experts=EXP,
+                                              device=c.idx))
+    msg = "moe_fp8_workspace_bytes: sizes must be positive (tokens may be 0)"
+    t.bad("negative tokens", msg, tokens=-1)
+    t.bad("top_k 0", msg, top_k=0)
+    t.bad("no hidden", msg, hidden=0)
+    t.bad("no intermediate", msg, inter=0)
+    t.bad("no experts", msg, experts=0)
+    t.type_error("experts is a string", "experts='32'", experts="32")
+
+    def check(nbytes):
+        assert isinstance(nbytes, int) and nbytes > 0
+
+    t.check = check
+    return t
+
+
+def moe_fp8_table(c: Ctx) -> Table:
+    from dgemma.ops.reference import ReferenceOps
+    from dgemma.quant import quantize_weight
+
+    gate_up = quantize_weight(c.randn(EXP, 2 * MOE_I, HID, scale=HID ** -0.5))
+    down = quantize_weight(c.randn(EXP, HID, MOE_I, scale=MOE_I ** -0.5))
+    x = c.randn(N_TOK, HID)
+    ids, weights = _routing(c)
+    nbytes = c.workspace_bytes("moe_fp8_workspace_bytes", N_TOK, TOPK, HID, MOE_I, EXP)
+    t = Table("moe_fp8", dict(x=x, ids=ids, weights=weights, gate_up_q=gate_up.q, gate_up_scale=gate_up.scale,
+                              down_q=down.q, down_scale=down.scale, out=c.empty(N_TOK, HID),
+                              workspace=c.empty(nbytes, dtype=U8), stream=0))
+    dev = f"expected cuda:{c.idx} (the device of x)"
+    gu, dq = "gate_up.q", "down.q"
+    # x: check_matrix(bf16, any shape, contiguous)
+    t.bad("x on the host", cuda_msg("x"), x=c.host(x))
+    t.bad("x float32", "x has dtype float32, expected bfloat16", x=c.empty(N_TOK, HID, dtype=F32))
+    t.bad("x 3-d", f"x has shape [1, {N_TOK}, {HID}], expected 2 dimensions", x=c.empty(1, N_TOK, HID))
+    t.bad("x row slice", f"x must be contiguous (shape [{N_TOK}, {HID}])", x=c.padded_rows(N_TOK, HID, 16))
+    # ids: check_ids + tokens
+    t.bad("ids on the host", cuda_msg("ids"), ids=c.host(ids))
+    t.bad("ids int64", "ids has dtype int64, expected int32", ids=c.empty(N_TOK, TOPK, dtype=I64))
+    t.bad("ids 3-d", f"ids has shape [1, {N_TOK}, {TOPK}], expected 2 dimensions",
+          ids=c.empty(1, N_TOK, TOPK, dtype=I32))
+    t.bad("ids transposed", f"ids must be contiguous (shape [{N_TOK}, {TOPK}])",
+          ids=c.transposed(N_TOK, TOPK, dtype=I32))
+    t.bad("ids top_k 17", f"ids has shape [{N_TOK}, 17]: top_k must be in [1, 16]", ids=c.empty(N_TOK, 17, dtype=I32))
+    t.bad("ids tokens", f"ids has shape [3, {TOPK}], expected size {N_TOK} in dimension 0 (tokens (rows of x))",
+          ids=c.empty(3, TOPK, dtype=I32))
+    # weights
+    t.bad("weights on the host", f"weights is on cuda:-1, {dev}", weights=c.host(weights))
+    t.bad("weights dtype", "weights has dtype bfloat16, expected float32", weights=c.empty(N_TOK, TOPK))
+    t.bad("weights top_k", f"weights has shape [{N_TOK}, 4], expected size {TOPK} in dimension 1 (top_k)",
+          weights=c.empty(N_TOK, 4, dtype=F32))
+    t.bad("weights transposed", f"weights must be contiguous (shape [{N_TOK}, {TOPK}])",
+          weights=c.transposed(N_TOK, TOPK, dtype=F32))
+    # gate_up.q
+    t.bad("gate_up.q on the host", cuda_msg(gu), gate_up_q=c.host(gate_up.q))
+    t.bad("gate_up.q dtype", f"{gu} has dtype bfloat16, expected float8_e4m3fn", gate_up_q=c.empty(EXP, 2 * MOE_I, HID))
+    t.bad("gate_up.q 2-d", f"{gu} has shape [{EXP * 2 * MOE_I}, {HID}], expected 3 dimensions",
+          gate_up_q=c.empty(EXP * 2 * MOE_I, HID, dtype=FP8))
+    t.bad("gate_up.q strided", f"{gu} must be contiguous (shape [{EXP}, {2 * MOE_I}, {HID}])",
+          gate_up_q=torch.empty(EXP, 2 * MOE_I, 2 * HID, dtype=FP8, device=c.dev)[:, :, :HID])
+    t.bad("no experts", f"{gu} has 0 experts, expected 1..256", gate_up_q=c.empty(0, 2 * MOE_I, HID, dtype=FP8))
+    t.bad("257 experts", f"{gu} has 257 experts, expected 1..256", gate_up_q=c.empty(257, 1, 1, dtype=FP8))
+    t.bad("gate_up.q hidden", f"{gu} has shape [{EXP}, {2 * MOE_I}, 256], expected size {HID} in dimension 2 "
+          "(hidden (columns of x))", gate_up_q=c.empty(EXP, 2 * MOE_I, 256, dtype=FP8))
+    t.bad("2 * intermediate not a multiple of 32", f"{gu} dimension 1 (2 * intermediate) is 48, expected a positive "
+          "multiple of 32", gate_up_q=c.empty(EXP, 48, HID, dtype=FP8))
+    t.bad("hidden not a multiple of 16", "x last dimension (hidden) is 8, expected a positive multiple of 16",
+          x=c.empty(N_TOK, 8), gate_up_q=c.empty(1, 32, 8, dtype=FP8))
+    t.bad("hidden too large", "x hidden size 4112 exceeds 4096", x=c.empty(N_TOK, 4112),
+          gate_up_q=c.empty(1, 32, 4112, dtype=FP8))
+    t.bad("intermediate too large", f"{gu} intermediate size 4112 exceeds 4096",
+          gate_up_q=c.empty(1, 8224, HID, dtype=FP8))
+    # gate_up.scale
+    t.bad("gate_up.scale on the host", f"gate_up.scale is on cuda:-1, {dev}", gate_up_scale=c.host(gate_up.scale))
+    t.bad("gate_up.scale dtype", "gate_up.scale has dtype bfloat16, expected float32",
+          gate_up_scale=c.empty(EXP, 2 * MOE_I))
+    t.bad("gate_up.scale shape", f"gate_up.scale has shape [{EXP}, {MOE_I}], expected size {2 * MOE_I} in dimension 1 "
+          "(2 * intermediate)", gate_up_scale=c.empty(EXP, MOE_I, dtype=F32))
+    # down.q
+    t.bad("down.q on the host", cuda_msg(dq), down_q=c.host(down.q))
+    t.bad("down.q dtype", f"{dq} has dtype bfloat16, expected float8_e4m3fn", down_q=c.empty(EXP, HID, MOE_I))
+    t.bad("down.q experts", f"{dq} has shape [16, {HID}, {MOE_I}], expected size {EXP} in dimension 0 (experts)",
+          down_q=c.empty(16, HID, MOE_I, dtype=FP8))
+    t.bad("down.q hidden", f"{dq} has shape [{EXP}, 256, {MOE_I}], expected size {HID} in dimension 1 (hidden)",
+          down_q=c.empty(EXP, 256, MOE_I, dtype=FP8))
+    t.bad("down.q intermediate", f"{dq} has shape [{EXP}, {HID}, 64], expected size {MOE_I} in dimension 2 "
+          "(intermediate)", down_q=c.empty(EXP, HID, 64, dtype=FP8))
+    # down.scale, out
+    t.bad("down.scale on the host", f"down.scale is on cuda:-1, {dev}", down_scale=c.host(down.scale))
+    t.bad("down.scale shape", f"down.scale has shape [{EXP}, 256], expected size {HID} in dimension 1 (hidden)",
+          down_scale=c.empty(EXP, 256, dtype=F32))
+    t.bad("out on the host", f"out is on cuda:-1, {dev}", out=c.host(t.base["out"]))
+    t.bad("out dtype", "out has dtype float32, expected bfloat16", out=c.empty(N_TOK, HID, dtype=F32))
+    t.bad("out tokens", f"out has shape [4, {HID}], expected size {N_TOK} in dimension 0 (tokens)", out=c.empty(4, HID))
+    # 16-byte alignment, checked after every shape
+    t.bad("x misaligned", "x must be 16-byte aligned", x=c.misaligned(N_TOK, HID))
+    t.bad("out misaligned", "out must be 16-byte aligned", out=c.misaligned(N_TOK, HID))
+    t.bad("gate_up.q misaligned", f"{gu} must be 16-byte aligned",
+          gate_up_q=c.misaligned(EXP, 2 * MOE_I, HID, dtype=FP8))
+    t.bad("down.scale misaligned", "down.scale must be 16-byte aligned", down_scale=c.misaligned(EXP, HID, dtype=F32))
+    _workspace_errors(t, c, nbytes)
+    t.bad("gate_up.q is None", not_tensor(gu), gate_up_q=None)
+
+    def check(_):
+        out = t.base["out"]
+        assert torch.isfinite(out.float()).all()
+        ref = ReferenceOps().moe(x.float(), ids.long(), weights, gate_up, down)
+        assert rel_err(out, ref) <= 3e-2
+
+    t.check = check
+    return t
+
+
+# -- attention -------------------------------------------------------------------------------------
+
+B, T, HQ, HKV, D, SLOTS, PREFIX = 2, 8, 16, 8, 256, 64, 10
+
+
+def qkv_prep_table(c: Ctx) -> Table:
+    from dgemma.config import SLIDING, LayerSpec, RopeSpec
+    from dgemma.ops.reference import ReferenceOps
+    from dgemma.rope import cos_sin, inverse_frequencies
+
+    spec = LayerSpec(0, SLIDING, D, HKV, RopeSpec("default", 1e4), 1024)
+    cos, sin = cos_sin(inverse_frequencies(spec), torch.arange(T, device=c.dev)[None], BF16)
+    slots = 32
+    t = Table("qkv_prep", dict(
+        q_in=c.randn(B, T, HQ * D, scale=3.0), k_in=c.randn(B, T, HKV * D, scale=3.0),
+        v_in=c.randn(B, T, HKV * D, scale=3.0), q_weight=c.randn(D, scale=0.5), k_weight=c.randn(D, scale=0.5),
+        cos=cos.contiguous(), sin=sin.contiguous(), q_out=c.empty(B, T, HQ, D), k_out=c.empty(B, T, HKV, D),
+        v_out=c.empty(B, T, HKV, D), cache_k=c.randn(B, HKV, slots, D), cache_v=c.randn(B, HKV, slots, D),
+        cache_start=0, ring_size=0, eps=1e-6, stream=0))
+    base = t.base
+    # q_out first: it fixes batch, tokens, q heads and head_dim.
+    t.bad("q_out on the host", cuda_msg("q_out"), q_out=c.host(base["q_out"]))
+    t.bad("q_out float32", "q_out has dtype float32, expected bfloat16", q_out=c.empty(B, T, HQ, D, dtype=F32))
+    t.bad("q_out 3-d", f"q_out has shape [{B}, {T}, {HQ * D}], expected 4 dimensions", q_out=c.empty(B, T, HQ * D))
+    t.bad("q_out last dimension strided", "q_out must be contiguous in its last dimension",
+          q_out=c.empty(B, T, D, HQ).transpose(2, 3))
+    t.bad("q_out odd stride", "q_out stride 260 of dimension 2 must be a multiple of 8 elements (16 bytes)",
+          q_out=c.empty(B, T, HQ, 260)[..., :D])
+    t.bad("q_out misaligned", "q_out data must be 16-byte aligned", q_out=c.misaligned(B, T, HQ, D))
+    t.bad("q_out padded", f"q_out must be contiguous (shape [{B}, {T}, {HQ}, {D}])",
+          q_out=c.empty(B, T, HQ, 264)[..., :D])
+    t.bad("head_dim 128", "q_out head_dim 128 is not supported (expected 256 or 512)", q_out=c.empty(B, T, HQ, 128))
+    t.bad("k_out on the host", cuda_msg("k_out"), k_out=c.host(base["k_out"]))
+    t.bad("k_out tokens", f"k_out has shape [{B}, 4, {HKV}, {D}], expected [{B}, {T}, {HKV}, {D}]",
+          k_out=c.empty(B, 4, HKV, D))
+    t.bad("k_out padded", f"k_out must be contiguous (shape [{B}, {T}, {HKV}, {D}])",
+          k_out=c.empty(B, T, HKV, 264)[..., :D])
+    t.bad("v_out heads differ from k_out", f"v_out has shape [{B}, {T}, 4, {D}], expected [{B}, {T}, {HKV}, {D}]",
+          v_out=c.empty(B, T, 4, D))
+    t.bad("v_out dtype", "v_out has dtype float32, expected bfloat16", v_out=c.empty(B, T, HKV, D, dtype=F32))
+    t.bad("q_in on the host", cuda_msg("q_in"), q_in=c.host(base["q_in"]))
+    t.bad("q_in 2-d", f"q_in has shape [{B * T}, {HQ * D}], expected 3 dimensions", q_in=c.empty(B * T, HQ * D))
+    t.bad("q_in width", f"q_in has shape [{B}, {T}, {HKV * D}], expected [{B}, {T}, {HQ * D}]",
+          q_in=c.empty(B, T, HKV * D))
+    t.bad("q_in last dimension strided", "q_in must be contiguous in its last dimension",
+          q_in=c.empty(B, T, 2 * HQ * D)[..., ::2])
+    t.bad("k_in on the host", cuda_msg("k_in"), k_in=c.host(base["k_in"]))
+    t.bad("k_in width", f"k_in has shape [{B}, {T}, {HQ * D}], expected [{B}, {T}, {HKV * D}]",
+          k_in=c.empty(B, T, HQ * D))
+    t.bad("k_in misaligned", "k_in data must be 16-byte aligned", k_in=c.misaligned(B, T, HKV * D))
+    t.bad("v_in on the host", cuda_msg("v_in"), v_in=c.host(base["v_in"]))
+    t.bad("v_in width", f"v_in has shape [{B}, {T}, 1024], expected [{B}, {T}, {HKV * D}]", v_in=c.empty(B, T, 1024))
+    t.bad("q_weight length", f"q_weight has shape [128], expected [{D}]", q_weight=c.empty(128))
+    t.bad("q_weight strided", "q_weight must be contiguous in its last dimension", q_weight=c.strided_vector(D))
+    t.bad("k_weight dtype", "k_weight has dtype float32, expected bfloat16", k_weight=c.empty(D, dtype=F32))
+    t.bad("k_weight on the host", cuda_msg("k_weight"), k_weight=c.host(base["k_weight"]))
+    t.bad("cos tokens", f"cos has shape [1, 4, {D}], expected [1, {T}, {D}]",
+          cos=c.empty(1, 4, D), sin=c.empty(1, 4, D))
+    t.bad("sin batch", f"sin has shape [3, {T}, {D}], expected [{B}, {T}, {D}]", sin=c.empty(3, T, D))
+    t.bad("sin on the host", cuda_msg("sin"), sin=c.host(base["sin"]))
+    t.bad("cos and sin strides differ", "cos and sin must have the same shape and strides",
+          sin=torch.empty(1, T, D + 8, dtype=BF16, device=c.dev)[..., :D])
+    t.bad("cos and sin shapes differ", "cos and sin must have the same shape and strides", cos=c.empty(B, T, D))
+    t.bad("eps zero", "eps must be positive, got 0.000000", eps=0.0)
+    t.bad("eps negative", "eps must be positive, got -0.500000", eps=-0.5)
+    t.bad("cache_k without cache_v", "cache_k and cache_v must be given together", cache_v=None)
+    t.bad("cache_v without cache_k", "cache_k and cache_v must be given together", cache_k=None)
+    t.bad("cache_k on the host", cuda_msg("cache_k"), cache_k=c.host(base["cache_k"]))
+    t.bad("cache_v dtype", "cache_v has dtype float32, expected bfloat16", cache_v=c.empty(B, HKV, slots, D, dtype=F32))
+    t.bad("cache_k heads", f"cache_k has shape [{B}, 4, {slots}, {D}], expected [{B}, {HKV}, {slots}, {D}]",
+          cache_k=c.empty(B, 4, slots, D))
+    t.bad("cache_v slots", f"cache_v has shape [{B}, {HKV}, 16, {D}], expected [{B}, {HKV}, {slots}, {D}]",
+          cache_v=c.empty(B, HKV, 16, D))
+    t.bad("ring larger than the cache", f"ring_size = {slots + 1} must be in [0, {slots}]", ring_size=slots + 1)
+    t.bad("negative ring", f"ring_size = -1 must be in [0, {slots}]", ring_size=-1)
+    t.bad("negative cache_start", f"cache_start = -1 must be in [0, {2**31 - 1 - T}]", cache_start=-1)
+    t.bad("positions past the cache", f"positions 30..37 exceed the cache's {slots} slots", cache_start=30)
+    t.bad("q_in is None", not_tensor("q_in"), q_in=None)
+    t.bad("k_weight is None", not_tensor("k_weight"), k_weight=None)
+    t.type_error("cache_start is a string", "cache_start='0'", cache_start="0")
+    t.type_error("eps is None", "eps=None", eps=None)
+
+    def check(_):
+        ops = ReferenceOps()
+        rq = ops.rope(ops.rms_norm(base["q_in"].reshape(B, T, HQ, D), base["q_weight"], 1e-6), cos, sin)
+        rk = ops.rope(ops.rms_norm(base["k_in"].reshape(B, T, HKV, D), base["k_weight"], 1e-6), cos, sin)
+        rv = ops.rms_norm(base["v_in"].reshape(B, T, HKV, D), None, 1e-6)
+        for got, ref in ((base["q_out"], rq), (base["k_out"], rk), (base["v_out"], rv)):
+            assert torch.isfinite(got.float()).all()
+            assert rel_err(got, ref) <= 1e-2
+        assert torch.equal(base["cache_k"][:, :, :T], base["k_out"].transpose(1, 2))
+        assert torch.equal(base["cache_v"][:, :, :T], base["v_out"].transpose(1, 2))
+
+    t.check = check
+    return t
+
+
+def attention_tile_shape_table(c: Ctx) -> Table:
+    t = Table("attention_tile_shape", dict(head_dim=256))
+    for d in (128, 0, -256, 384, 2**40):
+        t.bad(f"head_dim {d}", f"attention head_dim {d} is not supported (expected 256 or 512)", head_dim=d)
+    t.type_error("head_dim is a string", "head_dim='256'", head_dim="256")
+
+    def check(shape):
+        assert tuple(shape) == (64, 64)
+
+    t.check = check
+    return t
+
+
+def attention_forward_table(c: Ctx) -> Table:
+    from dgemma.ops.reference import ReferenceOps
+
+    cache_k = torch.full((B, HKV, SLOTS, D), float("nan"), dtype=BF16, device=c.dev)
+    cache_v = torch.full_like(cache_k, float("nan"))
+    cache_k[:, :, :PREFIX] = c.randn(B, HKV, PREFIX, D)
+    cache_v[:, :, :PREFIX] = c.randn(B, HKV, PREFIX, D)
+    t = Table("attention_forward", dict(
+        q=c.randn(B, HQ, T, D, scale=1.5 / D ** 0.5), cache_k=cache_k, cache_v=cache_v,
+        tail_k=c.randn(B, HKV, T, D), tail_v=c.randn(B, HKV, T, D),
+        prefix_lens=torch.full((B,), PREFIX, dtype=I32, device=c.dev), valid=None,
+        out=torch.full((B, T, HQ, D), float("nan"), dtype=BF16, device=c.dev), part_o=None, part_lse=None,
+        max_prefix=PREFIX, ring_size=0, window=0, causal=False, valid_tail=False, num_splits=1, split_tiles=1,
+        stream=0))
+    base = t.base
+    t.bad("q on the host", cuda_msg("q"), q=c.host(base["q"]))
+    t.bad("q float32", "q has dtype float32, expected bfloat16", q=c.empty(B, HQ, T, D, dtype=F32))
+    t.bad("q 3-d", f"q has shape [{HQ}, {T}, {D}], expected 4 dimensions", q=c.empty(HQ, T, D))
+    t.bad("q last dimension strided", "q must be contiguous in its last dimension",
+          q=c.empty(B, HQ, D, T).transpose(2, 3))
+    t.bad("q odd stride", "q stride 260 of dimension 2 must be a multiple of 8 elements (16 bytes)",
+          q=c.empty(B, HQ, T, 260)[..., :D])
+    t.bad("q misaligned", "q data must be 16-byte aligned", q=c.misaligned(B, HQ, T, D))
+    t.bad("head_dim 128", "q head_dim 128 is not supported (expected 256 or 512)", q=c.empty(B, HQ, T, 128))
+    t.bad("cache_k on the host", cuda_msg("cache_k"), cache_k=c.host(cache_k))
+    t.bad("cache_v dtype", "cache_v has dtype float32, expected bfloat16", cache_v=c.empty(B, HKV, SLOTS, D, dtype=F32))
+    t.bad("cache_k batch", f"cache_k has shape [3, {HKV}, {SLOTS}, {D}], expected [{B}, {HKV}, {SLOTS}, {D}]",
+          cache_k=c.empty(3, HKV, SLOTS, D))
+    t.bad("cache_v slots", f"cache_v has shape [{B}, {HKV}, 32, {D}], expected [{B}, {HKV}, {SLOTS}, {D}]",
+          cache_v=c.empty(B, HKV, 32, D))
+    t.bad("q heads not a multiple of the KV heads", f"q heads {HQ} must be a multiple of the KV heads 3 "
+          "(cache_k dimension 1)", cache_k=c.empty(B, 3, SLOTS, D), cache_v=c.empty(B, 3, SLOTS, D))
+    t.bad("tail_k tokens", f"tail_k has shape [{B}, {HKV}, 5, {D}], expected [{B}, {HKV}, {T}, {D}]",
+          tail_k=c.empty(B, HKV, 5, D))
+    t.bad("tail_v on the host", cuda_msg("tail_v"), tail_v=c.host(base["tail_v"]))
+    t.bad("out in the q layout", f"out has shape [{B}, {HQ}, {T}, {D}], expected [{B}, {T}, {HQ}, {D}]",
+          out=c.empty(B, HQ, T, D))
+    t.bad("out dtype", "out has dtype float32, expected bfloat16", out=c.empty(B, T, HQ, D, dtype=F32))
+    t.bad("prefix_lens on the host", cuda_msg("prefix_lens"), prefix_lens=c.host(base["prefix_lens"]))
+    t.bad("prefix_lens int64", "prefix_lens has dtype int64, expected int32", prefix_lens=c.empty(B, dtype=I64))
+    t.bad("prefix_lens 2-d", f"prefix_lens has shape [{B}, 1], expected 1 dimensions",
+          prefix_lens=c.empty(B, 1, dtype=I32))
+    t.bad("prefix_lens length", f"prefix_lens has shape [3], expected size {B} in dimension 0 (batch)",
+          prefix_lens=c.empty(3, dtype=I32))
+    t.bad("prefix_lens strided", f"prefix_lens must be contiguous (shape [{B}])",
+          prefix_lens=c.strided_vector(B, dtype=I32))
+    t.bad("empty batch", "batch = 0 must be in [1, 65535]", q=c.empty(0, HQ, T, D), cache_k=c.empty(0, HKV, SLOTS, D),
+          cache_v=c.empty(0, HKV, SLOTS, D), tail_k=c.empty(0, HKV, T, D), tail_v=c.empty(0, HKV, T, D),
+          out=c.empty(0, T, HQ, D), prefix_lens=c.empty(0, dtype=I32))
+    t.bad("no queries", "queries (T) = 0 must be in [1, 16777216]",
+          q=c.empty(B, HQ, 0, D), tail_k=c.empty(B, HKV, 0, D),
+          tail_v=c.empty(B, HKV, 0, D), out=c.empty(B, 0, HQ, D))
+    t.bad("negative window", "window = -1 must be in [0, 1073741824]", window=-1)
+    t.bad("ring larger than the cache", f"ring_size = {SLOTS + 1} must be in [0, {SLOTS}]", ring_size=SLOTS + 1)
+    t.bad("negative ring", f"ring_size = -1 must be in [0, {SLOTS}]", ring_size=-1)
+    t.bad("negative max_prefix", f"max_prefix = -1 must be in [0, {2**30 - T}]", max_prefix=-1)
+    t.bad("ring smaller than the prefix", "the ring of 16 slots cannot hold the 20 visible prefix positions "
+          "(window 0, max_prefix 20)", ring_size=16, max_prefix=20)
+    t.bad("ring smaller than the window", "the ring of 3 slots cannot hold the 4 visible prefix positions "
+          f"(window 5, max_prefix {PREFIX})", ring_size=3, window=5)
+    t.bad("max_prefix past the cache",
+          f"max_prefix {SLOTS + 1} exceeds the cache's {SLOTS} slots (cache_k dimension 2)",
+          max_prefix=SLOTS + 1)
+    t.bad("valid on the host", cuda_msg("valid"), valid=c.host(torch.ones(B, SLOTS, dtype=BOOL, device=c.dev)))
+    t.bad("valid int32", "valid has dtype int32, expected bool or uint8", valid=c.empty(B, SLOTS, dtype=I32))
+    t.bad("valid 1-d", f"valid has shape [{SLOTS}], expected 2 dimensions", valid=c.empty(SLOTS, dtype=BOOL))
+    t.bad("valid batch", f"valid has shape [1, {SLOTS}], expected size {B} in dimension 0 (batch)",
+          valid=c.empty(1, SLOTS, dtype=BOOL))
+    t.bad("valid too short", f"valid has 5 positions, expected at least {PREFIX}", valid=c.empty(B, 5, dtype=BOOL))
+    t.bad("valid too short for the tail", f"valid has 12 positions, expected at least {PREFIX + T}",
+          valid=c.empty(B, 12, dtype=U8), valid_tail=True)
+    t.bad("valid strided", "valid must be contiguous in its last dimension",
+          valid=c.empty(B, SLOTS, 2, dtype=BOOL)[..., 0])
+    t.bad("no splits", f"num_splits = 0 must be in [1, {65535 // B}]", num_splits=0)
+    t.bad("no split tiles", "split_tiles = 0 must be in [1, 1073741824]", split_tiles=0)
+    t.bad("splits do not cover the keys", "num_splits 1 x split_tiles 1 does not cover the 2 key tiles of 64 keys",
+          max_prefix=60)
+    part_o = c.empty(2, B, HQ, T, D, dtype=F32)
+    part_lse = c.empty(2, B, HQ, T, dtype=F32)
+    t.bad("split without part_o", "num_splits > 1 needs the part_o and part_lse workspaces", num_splits=2,
+          part_lse=part_lse)
+    t.bad("split without part_lse", "num_splits > 1 needs the part_o and part_lse workspaces", num_splits=2,
+          part_o=part_o)
+    t.bad("part_o on the host", cuda_msg("part_o"), num_splits=2, part_o=c.host(part_o), part_lse=part_lse)
+    t.bad("part_lse dtype", "part_lse has dtype bfloat16, expected float32", num_splits=2, part_o=part_o,
+          part_lse=c.empty(2, B, HQ, T))
+    t.bad("part_o strided", f"part_o must be contiguous (shape [2, {B}, {HQ}, {T}, {D}])", num_splits=2,
+          part_o=c.empty(2, B, HQ, D, T, dtype=F32).transpose(3, 4), part_lse=part_lse)
+    t.bad("part_o splits", f"part_o has shape [3, {B}, {HQ}, {T}, {D}], expected [2, {B}, {HQ}, {T}, {D}]",
+          num_splits=2, part_o=c.empty(3, B, HQ, T, D, dtype=F32), part_lse=part_lse)
+    t.bad("part_lse tokens", f"part_lse has shape [2, {B}, {HQ}, 4], expected [2, {B}, {HQ}, {T}]", num_splits=2,
+          part_o=part_o, part_lse=c.empty(2, B, HQ, 4, dtype=F32))
+    t.bad("q is None", not_tensor("q"), q=None)
+    t.bad("prefix_lens is a list", not_tensor("prefix_lens", "list"), prefix_lens=[PREFIX] * B)
+    t.type_error("max_prefix is a float", "max_prefix=1.5", max_prefix=1.5)
+    t.type_error("causal is a string", "causal='yes'", causal="yes")
+
+    def check(_):
+        out = base["out"]
+        keys = torch.cat((cache_k[:, :, :PREFIX], base["tail_k"]), dim=2)
+        values = torch.cat((cache_v[:, :, :PREFIX], base["tail_v"]), dim=2)
+        ref = ReferenceOps().attention(base["q"].float(), keys.float(), values.float(), None)
+        assert torch.isfinite(out.float()).all(), "the kernel read a cache slot past the prefix"
+        assert ((out.float() - ref).abs().max() / ref.abs().max()).item() <= 2e-2
+
+    t.check = check
+    return t
+
+
+# -- vocabulary head -------------------------------------------------------------------------------
+
+VB, VC, VV, VH = 2, 5, 130, 64
+
+
+def vocab_head_workspace_bytes_table(c: Ctx) -> Table:
+    t = Table("vocab_head_workspace_bytes", dict(batch=VB, canvas=VC, vocab=VV, hidden=VH, with_soft=True,
+                                                 device=c.idx))
+    t.bad("no batch", "batch 0 must be in [1, 268435456]", batch=0)
+    t.bad("batch too large", f"batch {2**28 + 1} must be in [1, 268435456]", batch=2**28 + 1)
+    t.bad("no canvas", "canvas length 0 must be in [1, 1024]", canvas=0)
+    t.bad("canvas too long", "canvas length 1025 must be in [1, 1024] (one CTA ranks a sequence's positions)",
+          canvas=1025)
+    t.bad("no vocab", "vocab size 0 must be in [1, 1073741824]", vocab=0)
+    t.bad("hidden 32", "hidden size 32 must be a positive multiple of 64 up to 65536", hidden=32)
+    t.bad("hidden 100", "hidden size 100 must be a positive multiple of 64 up to 65536", hidden=100)
+    t.bad("hidden too large", "hidden size 65600 must be a positive multiple of 64 up to 65536", hidden=65600)
+    # (None would convert: pybind11 reads None as False for a bool parameter.)
+    t.type_error("with_soft is a string", "with_soft='yes'", with_soft="yes")
+
+    def check(nbytes):
+        assert isinstance(nbytes, int) and nbytes > 0
+
+    t.check = check
+    return t
+
+
+def vocab_head_step_table(c: Ctx) -> Table:
+    from dgemma.vocab_head import processed_logits
+
+    h = c.randn(VB, VC, VH)
+    embed = c.randn(VV, VH, scale=3.0 / VH ** 0.5)
+    nbytes = c.workspace_bytes("vocab_head_workspace_bytes", VB, VC, VV, VH, True)
+    f32 = lambda *s: c.empty(*s, dtype=F32)  # noqa: E731
+    i64 = lambda *s: c.empty(*s, dtype=I64)  # noqa: E731
+    flag = lambda *s: c.empty(*s, dtype=BOOL)  # noqa: E731
+    t = Table("vocab_head_step", dict(
+        hidden=h, embed=embed, prev_argmax=torch.full((VB, VC), -1, dtype=I64, device=c.dev), finished=None,
+        max_logit=f32(VB, VC), lse=f32(VB, VC), entropy=f32(VB, VC), argmax=i64(VB, VC), sample=i64(VB, VC),
+        accepted=flag(VB, VC), next_canvas=i64(VB, VC), mean_entropy=f32(VB), stable=flag(VB), finished_out=flag(VB),
+        soft=c.empty(VB, VC, VH), workspace=c.empty(nbytes, dtype=U8), temperature=0.8, softcap=30.0,
+        entropy_bound=0.1, confidence=0.005, soft_scale=8.0, seed=1, step=0, stream=0))
+    doc = "(see the documented shape)"
+    t.bad("hidden on the host", cuda_msg("hidden"), hidden=c.host(h))
+    t.bad("hidden float32", "hidden has dtype float32, expected bfloat16", hidden=c.empty(VB, VC, VH, dtype=F32))
+    t.bad("hidden 2-d", f"hidden has shape [{VB * VC}, {VH}], expected 3 dimensions", hidden=c.empty(VB * VC, VH))
+    t.bad("hidden transposed", f"hidden must be contiguous (shape [{VB}, {VC}, {VH}])",
+          hidden=c.empty(VB, VH, VC).transpose(1, 2))
+    t.bad("embed on the host", cuda_msg("embed"), embed=c.host(embed))
+    t.bad("embed float32", "embed has dtype float32, expected bfloat16", embed=c.empty(VV, VH, dtype=F32))
+    t.bad("embed 1-d", f"embed has shape [{VV * VH}], expected 2 dimensions", embed=c.empty(VV * VH))
+    t.bad("embed hidden", f"embed has shape [{VV}, 128], expected size {VH} in dimension 1 {doc}",
+          embed=c.empty(VV, 128))
+    t.bad("embed transposed", f"embed must be contiguous (shape [{VV}, {VH}])", embed=c.transposed(VV, VH))
+    t.bad("canvas too long", "canvas length 1025 must be in [1, 1024]", hidden=c.empty(VB, 1025, VH))
+    t.bad("hidden size 32", "hidden size 32 must be a positive multiple of 64 up to 65536",
+          hidden=c.empty(VB, VC, 32), embed=c.empty(VV, 32))
+    t.bad("empty vocab", "vocab size 0 must be in [1, 1073741824]", embed=c.empty(0, VH))
+    t.bad("empty batch", "batch 0 must be in [1, 268435456]", hidden=c.empty(0, VC, VH))
+    t.bad("hidden misaligned", "hidden must be 16-byte aligned (a view at an odd offset? call .clone())",
+          hidden=c.misaligned(VB, VC, VH))
+    t.bad("embed misaligned", "embed must be 16-byte aligned", embed=c.misaligned(VV, VH))
+    t.bad("prev_argmax on the host", cuda_msg("prev_argmax"), prev_argmax=c.host(t.base["prev_argmax"]))
+    t.bad("prev_argmax int32", "prev_argmax has dtype int32, expected int64", prev_argmax=c.empty(VB, VC, dtype=I32))
+    t.bad("prev_argmax canvas", f"prev_argmax has shape [{VB}, 4], expected size {VC} in dimension 1 {doc}",
+          prev_argmax=i64(VB, 4))
+    t.bad("finished on the host", cuda_msg("finished"), finished=c.host(flag(VB)))
+    t.bad("finished uint8", "finished has dtype uint8, expected bool", finished=c.empty(VB, dtype=U8))
+    t.bad("finished length", f"finished has shape [3], expected size {VB} in dimension 0 {doc}", finished=flag(3))
+    t.bad("max_logit on the host", cuda_msg("max_logit"), max_logit=c.host(t.base["max_logit"]))
+    t.bad("lse dtype", "lse has dtype bfloat16, expected float32", lse=c.empty(VB, VC))
+    t.bad("entropy 3-d", f"entropy has shape [{VB}, {VC}, 1], expected 2 dimensions", entropy=f32(VB, VC, 1))
+    t.bad("argmax strided", f"argmax must be contiguous (shape [{VB}, {VC}])", argmax=c.transposed(VB, VC, dtype=I64))
+    t.bad("sample int32", "sample has dtype int32, expected int64", sample=c.empty(VB, VC, dtype=I32))
+    t.bad("next_canvas on the host", cuda_msg("next_canvas"), next_canvas=c.host(t.base["next_canvas"]))
+    t.bad("accepted uint8", "accepted has dtype uint8, expected bool", accepted=c.empty(VB, VC, dtype=U8))
+    t.bad("mean_entropy 2-d", f"mean_entropy has shape [{VB}, 1], expected 1 dimensions", mean_entropy=f32(VB, 1))
+    t.bad("stable dtype", "stable has dtype float32, expected bool", stable=f32(VB))
+    t.bad("finished_out length", f"finished_out has shape [1], expected size {VB} in dimension 0 {doc}",
+          finished_out=flag(1))
+    t.bad("soft dtype", "soft has dtype float32, expected bfloat16", soft=c.empty(VB, VC, VH, dtype=F32))
+    t.bad("soft shape", f"soft has shape [{VB}, {VC}, 32], expected size {VH} in dimension 2 {doc}",
+          soft=c.empty(VB, VC, 32))
+    t.bad("soft misaligned", "soft must be 16-byte aligned", soft=c.misaligned(VB, VC, VH))
+    t.bad("soft on the host", cuda_msg("soft"), soft=c.host(t.base["soft"]))
+    t.bad("temperature zero", "temperature must be a positive finite number, got 0.000000", temperature=0.0)
+    t.bad("temperature infinite", "temperature must be a positive finite number, got inf", temperature=float("inf"))
+    t.add("temperature NaN", re.escape("temperature must be a positive finite number, got ") + "-?nan", ValueError,
+          temperature=float("nan"))
+    t.bad("softcap negative", "softcap must be a positive finite number, got -1.000000", softcap=-1.0)
+    t.add("entropy_bound NaN", re.escape("entropy_bound must be a finite number, got ") + "-?nan", ValueError,
+          entropy_bound=float("nan"))
+    t.bad("confidence infinite", "confidence must be a finite number, got inf", confidence=float("inf"))
+    t.bad("soft_scale -inf", "soft_scale must be a finite number, got -inf", soft_scale=float("-inf"))
+    _workspace_errors(t, c, nbytes, hint=" (vocab_head_workspace_bytes)")
+    t.bad("hidden is None", not_tensor("hidden"), hidden=None)
+    t.bad("lse is None", not_tensor("lse"), lse=None)
+    t.type_error("negative seed", "seed=-1", seed=-1)
+    t.type_error("step beyond uint32", "step=4294967296", step=2**32)
+
+    def check(_):
+        b = t.base
+        z = processed_logits(h, embed, 0.8)
+        for name in ("max_logit", "lse", "entropy", "mean_entropy"):
+            assert torch.isfinite(b[name]).all(), name
+        assert torch.isfinite(b["soft"].float()).all()
+        ref_max = z.amax(dim=-1)
+        assert ((b["max_logit"] - ref_max).abs() / ref_max.abs().clamp_min(1e-3)).max().item() <= 2e-2
+        for name in ("argmax", "sample", "next_canvas"):
+            assert bool(((b[name] >= 0) & (b[name] < VV)).all()), name
+        assert not bool(b["stable"].any())  # no previous argmax: nothing is stable on a first step
+
+    t.check = check
+    return t
+
+
+def device_capability_table(c: Ctx) -> Table:
+    n = torch.cuda.device_count()
+    t = Table("device_capability", dict(device=c.idx))
+    t.bad("device past the last", f"device {n} out of range: {n} CUDA device(s) visible", device=n)
+    t.bad("negative device", f"device -1 out of range: {n} CUDA device(s) visible", device=-1)
+    t.type_error("device is a string", "device='0'", device="0")
+
+    def check(cap):
+        assert tuple(cap[:2]) == torch.cuda.get_device_capability(c.idx)
+        assert cap[2] == torch.cuda.get_device_properties(c.idx).multi_processor_count
+
+    t.check = check
+    return t
+
+
+BUILDERS = {
+    "rms_norm": rms_norm_table,
+    "fp8_quantize_rows": fp8_quantize_rows_table,
+    "fp8_linear_workspace_bytes": fp8_linear_workspace_bytes_table,
+    "fp8_linear": fp8_linear_table,
+    "fp8_gated_mlp_workspace_bytes": fp8_gated_mlp_workspace_bytes_table,
+    "fp8_gated_mlp": fp8_gated_mlp_table,
+    "moe_route": moe_route_table,
+    "moe_plan": moe_plan_table,
+    "moe_fp8_workspace_bytes": moe_fp8_workspace_bytes_table,
+    "moe_fp8": moe_fp8_table,
+    "qkv_prep": qkv_prep_table,
+    "attention_tile_shape": attention_tile_shape_table,
+    "attention_forward": attention_forward_table,
+    "vocab_head_workspace_bytes": vocab_head_workspace_bytes_table,
+    "vocab_head_step": vocab_head_step_table,
+    "device_capability": device_capability_table,
+}
+
+
+def run_case(fn, case: Case) -> str | None:
+    """None when ``fn(**case.kwargs)`` raised the expected exception with the expected message."""
+    try:
+        fn(**case.kwargs)
+    except Exception as e:  # noqa: BLE001 - the exact type is compared below
+        if type(e) is not case.exc:
+            return f"{case.label}: raised {type(e).__name__}({e}), expected {case.exc.__name__}"
+        if re.search(case.match, str(e)) is None:
+            return f"{case.label}: message {str(e)!r} does not match {case.match!r}"
+        return None
+    return f"{case.label}: did not raise (expected {case.exc.__name__})"
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    from dgemma import _ext
+
+    lib = _ext.require_cuda()
+    return Ctx(lib, torch.device("cuda", torch.cuda.current_device()))
+
+
+def test_every_tensor_entry_point_has_a_table():
+    from dgemma import _ext
+
+    lib = _ext.require_cuda()
+    names = {n for n in dir(lib) if not n.startswith("_") and callable(getattr(lib, n))}
+    assert names - NO_ERROR_PATH == set(OPS) == set(BUILDERS)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_launcher_errors_raise_repeatedly_then_the_op_runs(ctx, op):
+    table = BUILDERS[op](ctx)
+    assert table.cases, f"{op}: no error cases"
+    fn = getattr(ctx.lib, op)
+    torch.cuda.synchronize()
+    # Each case once first, so that a wrong table entry fails with all its siblings listed.
+    failures = [f for f in (run_case(fn, case) for case in table.cases) if f is not None]
+    assert not failures, f"{op}:\n" + "\n".join(failures)
+    for _ in range(REPEATS - 1):
+        for case in table.cases:
+            failure = run_case(fn, case)
+            assert failure is None, f"{op}: {failure}"
+    # The known-good call: every case above differs from it in one argument only.
+    kwargs = dict(table.base)
+    if "stream" in kwargs:
+        kwargs["stream"] = ctx.stream()
+    result = fn(**kwargs)
+    torch.cuda.synchronize()
+    table.check(result)
+    torch.cuda.synchronize()
