@@ -10,8 +10,6 @@ from dgemma.vocab_head import reference_vocab_head_step
 
 
 class FusedReferenceOps(ReferenceOps):
-    vocab_head_step = staticmethod(reference_vocab_head_step)
-
     def fused_vocab_head(self, engine, settings):
         return True
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import DgemmaError
-from .sampler import GenerationSettings, temperature
+from .generation import denoise_block
+from .sampler import GenerationSettings, make_sampler
 
 HBM_BYTES_PER_S = 3.02e12
 
@@ -141,10 +142,13 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         sc = torch.randn(b, c, v, generator=g, device=device).to(dtype)
         step_roof = step_bytes(eng, b, prompt_len) / HBM_BYTES_PER_S * 1e3
 
-        def one_step(sc_logits=sc, n=settings.max_denoising_steps):
-            logits = eng.denoise(cache, canvas, sc_logits)
-            return eng.model.ops.sample_step(logits, canvas, temperature(n, settings, device),
-                                             settings.entropy_bound, g)
+        # Steps and blocks run through generate's own sampler and block loop (the fused head on CUDA).
+        sampler = make_sampler(eng, settings, g)
+        soft = eng.model.soft_input(sc)
+        running = torch.zeros(b, dtype=torch.bool, device=device)
+
+        def one_step(soft=soft, n=settings.max_denoising_steps):
+            return sampler.step(eng.model.denoise_hidden(canvas, cache, soft), canvas, n, running)
 
         step = measure(one_step, opts.iters, opts.warmup)
         results.append(_row(f"denoise_step_{opts.dtype}_b{b}", step, step_roof, batch=b, prefix=prompt_len))
@@ -153,11 +157,12 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         first = measure(lambda: one_step(None), max(3, opts.iters // 4), 1)
         results.append(_row(f"first_draft_{opts.dtype}_b{b}", first, step_roof))
         for n in opts.steps:
-            def block(n=n):
-                out = one_step(None, n)
-                for k in range(n - 1, 0, -1):
-                    out = one_step(out.processed_logits.to(dtype), k)
-                eng.encode(out.argmax, cache=cache)  # the commit pass
+            # Exactly n steps: a confidence bound no canvas reaches disables early stopping.
+            fixed = settings.updated(max_denoising_steps=n, confidence_threshold=1e-30)
+
+            def block(fixed=fixed):
+                argmax, _ = denoise_block(eng, cache, canvas, fixed, make_sampler(eng, fixed, g))
+                eng.encode(argmax, cache=cache)  # the commit pass
                 cache.truncate(prompt_len)
 
             ms = measure(block, max(2, opts.iters // 8), 1)

@@ -11,7 +11,7 @@ import torch
 
 from .cache import KVCache
 from .errors import DgemmaError
-from .sampler import GenerationSettings, StableAndConfident, temperature
+from .sampler import GenerationSettings, StableAndConfident, make_sampler
 
 
 @dataclass(slots=True)
@@ -87,11 +87,7 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
     n_blocks = math.ceil(settings.max_new_tokens / c)
     max_length = t + past + settings.max_new_tokens
     eos = torch.tensor(eos_token_ids, device=device) if eos_token_ids else None
-    # A fused vocabulary head (CUDA) samples from its own counter-based stream, keyed by one seed.
-    fused = engine.model.ops.fused_vocab_head(engine, settings)
-    seed, counter = 0, 0
-    if fused:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+    sampler = make_sampler(engine, settings, generator)  # a seeded sampler draws its key here
     finished_seq = torch.zeros(b, dtype=torch.bool, device=device)
     passes = torch.zeros(b, dtype=torch.int, device=device)
     seq = ids
@@ -111,12 +107,8 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
         current = torch.randint(0, v, (b, c), generator=generator, device=device)
         if block == 0 and canvas is not None:
             current = canvas
-        if fused:
-            argmax, block_passes, counter = yield from _fused_block(
-                engine, cache, current, settings, seed, counter, finished_seq, passes, block)
-        else:
-            argmax, block_passes = yield from _reference_block(
-                engine, cache, current, settings, generator, finished_seq, passes, block)
+        argmax, block_passes = yield from _denoise_block(engine, cache, current, settings, sampler, finished_seq,
+                                                         passes, block)
         steps_per_block.append(block_passes.tolist())
         timings["denoise_s"] += time.perf_counter() - t0
         seq = torch.cat([seq, argmax], dim=-1)
@@ -133,13 +125,14 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
                            tokens_per_forward=valid / passes, timings=timings, cache=cache)
 
 
-def _reference_block(engine, cache, current, settings, generator, finished_seq, passes, block):
-    """Denoise one block through fp32 logits and the reference sampler (transformers' random stream)."""
-    device, sample = engine.device, engine.model.ops.sample_step
-    sc_dtype = engine.model.w.embed.dtype
+def _denoise_block(engine, cache, current, settings, sampler, finished_seq, passes, block):
+    """Denoise one block: N…1 decoder passes, each followed by the sampler's draw, until every row stops.
+
+    Rows that have stopped keep their canvas, argmax and self-conditioning input while the others
+    continue (transformers runs them through the decoder all the same)."""
+    model, device = engine.model, engine.device
     b = current.shape[0]
-    argmax = current
-    sc_logits = None
+    argmax, soft = current, None
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
     block_passes = torch.zeros(b, dtype=torch.int, device=device)
@@ -147,51 +140,33 @@ def _reference_block(engine, cache, current, settings, generator, finished_seq, 
         active = ~(finished | finished_seq)
         passes += active
         block_passes += active
-        logits = engine.denoise(cache, current, sc_logits)
-        out = sample(logits, current, temperature(step, settings, device), settings.entropy_bound, generator)
-        new_argmax, new_canvas, processed = out.argmax, out.next_canvas, out.processed_logits
-        if bool(finished.any()):  # finished rows keep their state while the others continue
-            new_argmax = torch.where(finished[:, None], argmax, new_argmax)
-            new_canvas = torch.where(finished[:, None], current, new_canvas)
-            processed = torch.where(finished[:, None, None], sc_logits, processed)
-        finished = finished | stopper(new_argmax, out.entropy)
-        sc_logits = processed.to(sc_dtype)
-        current, argmax = new_canvas, new_argmax
+        draw = sampler.step(model.denoise_hidden(current, cache, soft), current, step, finished)
+        if soft is not None:  # no row has stopped before the block's first draw
+            keep = finished[:, None]
+            draw.argmax = torch.where(keep, argmax, draw.argmax)
+            draw.next_canvas = torch.where(keep, current, draw.next_canvas)
+            draw.soft = torch.where(keep[..., None], soft, draw.soft)
+        finished = finished | stopper(draw.argmax, draw.mean_entropy)
+        current, argmax, soft = draw.next_canvas, draw.argmax, draw.soft
         yield StreamEvent("draft", block, step, argmax, finished.clone())
         if bool(finished.all()):
             break
     return argmax, block_passes
 
 
-def _fused_block(engine, cache, current, settings, seed, counter, finished_seq, passes, block):
-    """Denoise one block with the fused vocabulary head: no logits tensor, the self-conditioning input
-    computed by the head. Stopping as in the reference (stability 0 or 1)."""
-    device, model, cfg = engine.device, engine.model, engine.config
-    b = current.shape[0]
-    argmax, prev_argmax, soft = current, None, None
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    block_passes = torch.zeros(b, dtype=torch.int, device=device)
-    for step in range(settings.max_denoising_steps, 0, -1):
-        active = ~(finished | finished_seq)
-        passes += active
-        block_passes += active
-        h = model.denoise_hidden(current, cache, soft=soft)
-        out = model.ops.vocab_head_step(
-            h, model.w.embed, float(temperature(step, settings, "cpu")), seed, counter, current, prev_argmax,
-            settings.entropy_bound, confidence_threshold=settings.confidence_threshold, finished=finished,
-            softcap=cfg.final_logit_softcapping, soft_scale=cfg.embed_scale)
-        counter += 1
-        stable = out.stable if settings.stability_threshold else torch.ones_like(finished)
-        done = finished | (stable & (out.mean_entropy < settings.confidence_threshold))
-        new_soft = out.soft.to(model.w.embed.dtype)
-        soft = new_soft if soft is None else torch.where(finished[:, None, None], soft, new_soft)
-        finished = done
-        current, argmax = out.next_canvas, out.argmax
-        prev_argmax = argmax
-        yield StreamEvent("draft", block, step, argmax, finished.clone())
-        if bool(finished.all()):
-            break
-    return argmax, block_passes, counter
+def denoise_block(engine, cache: KVCache, canvas: torch.Tensor, settings: GenerationSettings, sampler,
+                  finished_seq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block exactly as ``generate`` runs it, without events: (argmax canvas [B, C], passes per row [B])."""
+    b = canvas.shape[0]
+    if finished_seq is None:
+        finished_seq = torch.zeros(b, dtype=torch.bool, device=canvas.device)
+    passes = torch.zeros(b, dtype=torch.int, device=canvas.device)
+    events = _denoise_block(engine, cache, canvas, settings, sampler, finished_seq, passes, 0)
+    while True:
+        try:
+            next(events)
+        except StopIteration as done:
+            return done.value
 
 
 def drive(events: Iterator, stream: Callable | None) -> GenerationResult:

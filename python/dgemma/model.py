@@ -103,28 +103,27 @@ class DiffusionGemmaModel:
 
     # -- decoder -------------------------------------------------------------------------------
 
-    def decoder_input(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None = None,
-                      soft: torch.Tensor | None = None) -> torch.Tensor:
-        """post_norm(embed(canvas) + MLP_sc(pre_norm(soft))), soft = softmax(sc_logits) @ E * sqrt(H).
+    def soft_input(self, logits: torch.Tensor) -> torch.Tensor:
+        """The self-conditioning input of a step from the previous step's logits: softmax(logits)·E·sqrt(H)."""
+        return self.ops.soft_embedding(logits, self.w.embed, self.cfg.embed_scale)
 
-        ``soft`` [B, C, H] may be given directly (a fused vocabulary head computes it); with neither it
-        is zeros, and the MLP of zeros is exactly zero, so it is skipped."""
+    def decoder_input(self, canvas: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
+        """post_norm(embed(canvas) + MLP_sc(pre_norm(soft))) for the self-conditioning input ``soft``
+        [B, C, H] (see :meth:`soft_input`); without one it is zeros, and the MLP of zeros is exactly zero,
+        so it is skipped."""
         ops, w, eps = self.ops, self.w, self.cfg.rms_norm_eps
         x = ops.embed(canvas, w.embed, self.cfg.embed_scale)
-        if soft is None and sc_logits is not None:
-            soft = ops.soft_embedding(sc_logits, w.embed, self.cfg.embed_scale)
         if soft is not None:
             x = x + ops.gated_mlp(ops.rms_norm(soft, w.sc_pre_norm, eps), w.sc_gate, w.sc_up, w.sc_down)
         return ops.rms_norm(x, None, eps)
 
-    def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
-                       soft: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed decoder hidden states [B, C, H] of the canvas; reads the cache, never writes it."""
         b, c = canvas.shape
         start = cache.length
         positions = torch.arange(start, start + c, device=canvas.device)
         ropes = self._rope_tables(positions[None], self.w.embed.dtype)
-        x = self.decoder_input(canvas, sc_logits, soft)
+        x = self.decoder_input(canvas, soft)
 
         def attend(i: int, h: torch.Tensor) -> torch.Tensor:
             spec = self.cfg.layers[i]
@@ -135,7 +134,11 @@ class DiffusionGemmaModel:
             x = self._layer(i, x, attend, lw.decoder_scalar)
         return self.ops.rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 softcapped logits [B, C, V] of final-normed hidden states (the tied embedding as lm_head)."""
+        return self.ops.lm_head_softcap(h, self.w.embed, self.cfg.final_logit_softcapping)
+
     def denoise(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None) -> torch.Tensor:
         """fp32 softcapped logits [B, C, V] of the canvas; reads the cache, never writes it."""
-        h = self.denoise_hidden(canvas, cache, sc_logits)
-        return self.ops.lm_head_softcap(h, self.w.embed, self.cfg.final_logit_softcapping)
+        soft = None if sc_logits is None else self.soft_input(sc_logits)
+        return self.logits(self.denoise_hidden(canvas, cache, soft))

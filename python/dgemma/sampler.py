@@ -130,7 +130,8 @@ class StableAndConfident:
         self.stability, self.confidence = stability, confidence
         self.history: torch.Tensor | None = None
 
-    def __call__(self, argmax: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    def __call__(self, argmax: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:
+        """``argmax`` [B, C] of this step, ``mean_entropy`` [B] over the canvas; bool [B]."""
         if self.stability == 0:
             stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
         else:
@@ -140,4 +141,56 @@ class StableAndConfident:
             stable = (self.history == argmax[None]).all(dim=-1).all(dim=0)
             self.history = torch.roll(self.history, shifts=-1, dims=0)
             self.history[-1] = argmax
-        return stable & (entropy.mean(dim=-1) < self.confidence)
+        return stable & (mean_entropy < self.confidence)
+
+
+@dataclass(slots=True)
+class Draw:
+    """What a sampler returns for one denoising step of a canvas."""
+
+    argmax: torch.Tensor        # [B, C]: the argmax canvas (committed when the block stops)
+    next_canvas: torch.Tensor   # [B, C]: accepted candidates, other positions re-drawn
+    mean_entropy: torch.Tensor  # fp32 [B]: mean over the canvas of the entropy of softmax(logits / t)
+    soft: torch.Tensor          # [B, C, H]: the next step's self-conditioning input, softmax(logits / t)·E·scale
+
+
+class TorchStreamSampler:
+    """fp32 logits and torch's random stream: draws in transformers' order, so a seeded generator gives
+    its sequences token for token (the parity oracle of every other sampler)."""
+
+    def __init__(self, model, settings: GenerationSettings, generator: torch.Generator | None):
+        self.model, self.settings, self.generator = model, settings, generator
+
+    def step(self, h: torch.Tensor, canvas: torch.Tensor, n: int, finished: torch.Tensor) -> Draw:
+        m, s = self.model, self.settings
+        out = m.ops.sample_step(m.logits(h), canvas, temperature(n, s, h.device), s.entropy_bound, self.generator)
+        # transformers hands the processed logits to the next step in the embedding dtype.
+        soft = m.soft_input(out.processed_logits.to(m.w.embed.dtype))
+        return Draw(out.argmax, out.next_canvas, out.entropy.mean(dim=-1), soft)
+
+
+class PhiloxHeadSampler:
+    """The fused vocabulary head (``ops.vocab_head_step``): no logits tensor, dgemma's own counter-based
+    stream keyed by one seed per generation, drawn from ``generator``; the step counter runs across blocks."""
+
+    def __init__(self, model, settings: GenerationSettings, generator: torch.Generator | None,
+                 device: torch.device):
+        self.model, self.settings = model, settings
+        self.seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+        self.counter = 0
+
+    def step(self, h: torch.Tensor, canvas: torch.Tensor, n: int, finished: torch.Tensor) -> Draw:
+        m, s = self.model, self.settings
+        out = m.ops.vocab_head_step(
+            h, m.w.embed, float(temperature(n, s, "cpu")), self.seed, self.counter, canvas, None, s.entropy_bound,
+            confidence_threshold=s.confidence_threshold, finished=finished, softcap=m.cfg.final_logit_softcapping,
+            soft_scale=m.cfg.embed_scale)
+        self.counter += 1
+        return Draw(out.argmax, out.next_canvas, out.mean_entropy, out.soft.to(m.w.embed.dtype))
+
+
+def make_sampler(engine, settings: GenerationSettings, generator: torch.Generator | None):
+    """The fused head where the backend runs it (``ops.fused_vocab_head``), else the torch-stream sampler."""
+    if engine.model.ops.fused_vocab_head(engine, settings):
+        return PhiloxHeadSampler(engine.model, settings, generator, engine.device)
+    return TorchStreamSampler(engine.model, settings, generator)

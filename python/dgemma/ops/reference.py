@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..quant import Fp8Weight, as_float
 from ..sampler import StepOutput, reference_sample_step
+from ..vocab_head import reference_vocab_head_step
 
 
 class ReferenceOps:
@@ -127,8 +128,13 @@ class ReferenceOps:
         return torch.tanh(logits / cap) * cap
 
     def fused_vocab_head(self, engine, settings) -> bool:
-        """Whether generation should use :meth:`vocab_head_step` instead of logits + :meth:`sample_step`."""
+        """Whether generation should sample with :meth:`vocab_head_step` (dgemma's Philox stream) instead of
+        logits + :meth:`sample_step` (transformers' stream). The reference keeps transformers' stream."""
         return False
+
+    # The fused vocabulary head: processed logits, statistics, Philox sample, acceptance, stopping flags and
+    # the next step's self-conditioning input in one call. This fp32 CPU version is the CUDA kernel's oracle.
+    vocab_head_step = staticmethod(reference_vocab_head_step)
 
     def sample_step(self, logits: torch.Tensor, canvas: torch.Tensor, temp: torch.Tensor, bound: float,
                     generator: torch.Generator | None) -> StepOutput:
