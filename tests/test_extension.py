@@ -26,6 +26,19 @@ def test_launcher_rejects_host_tensors():
         lib.rms_norm([1.0], None, x, 1e-6, 0)
 
 
+def test_vocab_head_limits_come_from_the_extension():
+    """The engine asks the extension whether the fused head runs a model's sizes (no limits restated in Python)."""
+    lib = _ext.extension()
+    if not lib.built_with_cuda():
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            lib.vocab_head_unsupported(1, 256, 262144, 2816)
+        return
+    assert lib.vocab_head_unsupported(1, 256, 262144, 2816) == ""
+    assert "canvas length 2000 must be in [1, " in lib.vocab_head_unsupported(1, 2000, 262144, 2816)
+    assert "hidden size 100 must be a positive multiple of" in lib.vocab_head_unsupported(1, 256, 512, 100)
+    assert "vocab size 0" in lib.vocab_head_unsupported(1, 256, 0, 2816)
+
+
 def test_cuda_status_names_the_reason():
     reason = _ext.cuda_status()
     if reason is not None:

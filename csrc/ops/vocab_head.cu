@@ -45,17 +45,25 @@ void check_finite(double v, const char* name, bool positive) {
                                 "finite number, got " + std::to_string(v));
 }
 
-void check_problem(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden) {
-  if (batch < 1 || batch > (1 << 28))
-    ::dgemma::throw_invalid("batch " + std::to_string(batch) + " must be in [1, 268435456]");
+}  // namespace
+
+std::string vocab_head_unsupported(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden) {
+  if (batch < 1 || batch > (1 << 28)) return "batch " + std::to_string(batch) + " must be in [1, 268435456]";
   if (canvas < 1 || canvas > vh::kMaxCanvas)
-    ::dgemma::throw_invalid("canvas length " + std::to_string(canvas) + " must be in [1, " +
-                                std::to_string(vh::kMaxCanvas) + "] (one CTA ranks a sequence's positions)");
-  if (vocab < 1 || vocab > (1 << 30))
-    ::dgemma::throw_invalid("vocab size " + std::to_string(vocab) + " must be in [1, 1073741824]");
+    return "canvas length " + std::to_string(canvas) + " must be in [1, " + std::to_string(vh::kMaxCanvas) +
+           "] (one CTA ranks a sequence's positions)";
+  if (vocab < 1 || vocab > (1 << 30)) return "vocab size " + std::to_string(vocab) + " must be in [1, 1073741824]";
   if (hidden < vh::kBK || hidden % vh::kBK != 0 || hidden > (1 << 16))
-    ::dgemma::throw_invalid("hidden size " + std::to_string(hidden) + " must be a positive multiple of " +
-                                std::to_string(vh::kBK) + " up to 65536");
+    return "hidden size " + std::to_string(hidden) + " must be a positive multiple of " + std::to_string(vh::kBK) +
+           " up to 65536";
+  return "";
+}
+
+namespace {
+
+void check_problem(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden) {
+  const std::string why = vocab_head_unsupported(batch, canvas, vocab, hidden);
+  if (!why.empty()) ::dgemma::throw_invalid(why);
 }
 
 vh::VocabHeadLayout layout_for(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,

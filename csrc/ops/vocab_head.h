@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "ops/tensor_arg.h"
 
@@ -29,6 +30,8 @@ struct VocabHeadScalars {
 };
 
 // Bytes of workspace one call needs on `device` (split counts depend on its SM count).
+// Why the fused head cannot run a problem of these sizes, or "" when it can (the launcher's own limits).
+std::string vocab_head_unsupported(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden);
 int64_t vocab_head_workspace_bytes(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,
                                    int device);
 

@@ -67,11 +67,15 @@ int64_t vocab_head_workspace_bytes(int64_t, int64_t, int64_t, int64_t, bool, int
   cuda_unavailable("vocab_head_workspace_bytes");
 }
 
+std::string vocab_head_unsupported(int64_t, int64_t, int64_t, int64_t) { cuda_unavailable("vocab_head_unsupported"); }
+
 }  // namespace
 
 #endif
 
 void register_vocab_head(py::module_& m) {
+  m.def("vocab_head_unsupported", &vocab_head_unsupported, py::arg("batch"), py::arg("canvas"), py::arg("vocab"),
+        py::arg("hidden"), "Why the fused vocabulary head cannot run these sizes, or '' when it can.");
   m.def("vocab_head_workspace_bytes", &vocab_head_workspace_bytes, py::arg("batch"), py::arg("canvas"),
         py::arg("vocab"), py::arg("hidden"), py::arg("with_soft"), py::arg("device"),
         "Bytes of uint8 workspace one vocab_head_step call needs on a device.");

@@ -54,14 +54,16 @@ class AttentionOpsMixin:
 
 
 class VocabHeadOpsMixin:
-    """The fused vocabulary head as the sampler, where it applies (bf16 on the GPU, stability <= 1)."""
+    """The fused vocabulary head as the sampler, where it applies: bf16 on the GPU, at sizes the kernel
+    supports (asked of the extension)."""
 
     vocab_head_step = staticmethod(cuda_vocab_head.vocab_head_step)
 
     def fused_vocab_head(self, engine, settings) -> bool:
         cfg = engine.config
-        return (engine.device.type == "cuda" and engine.dtype == torch.bfloat16 and cfg.hidden_size % 64 == 0
-                and cfg.canvas_length <= 1024 and settings.stability_threshold <= 1)
+        if engine.device.type != "cuda" or engine.dtype != torch.bfloat16:
+            return False
+        return _ext.require_cuda().vocab_head_unsupported(1, cfg.canvas_length, cfg.vocab_size, cfg.hidden_size) == ""
 
 
 class CudaOps(VocabHeadOpsMixin, AttentionOpsMixin, Fp8MoeOpsMixin, ReferenceOps):
