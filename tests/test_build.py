@@ -41,9 +41,11 @@ def test_installed_extension_links_the_shared_cxx_runtime():
         from check_cxx_runtime import read_dynamic
     finally:
         sys.path.pop(0)
-    needed, defined = read_dynamic(C.__file__)
-    assert any(n.startswith("libstdc++.so") for n in needed), needed
-    assert "__cxa_throw" not in defined
+    info = read_dynamic(C.__file__)
+    assert any(n.startswith("libstdc++.so") for n in info.needed), info.needed
+    assert "__cxa_throw" not in info.defined
+    r = subprocess.run([sys.executable, CHECK, C.__file__, "--runtime", *runtime()], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +76,36 @@ def test_check_accepts_a_shared_runtime(built):
     assert r.returncode == 0, r.stderr
 
 
-def test_naming_the_shared_runtime_beats_static_flags(built):
-    """What the build does (cmake/SharedCxxRuntime.cmake): the shared libraries named by path win over a
-    driver told to link statically."""
-    libs = [subprocess.run(["g++", f"-print-file-name={lib}"], capture_output=True, text=True, check=True)
-            .stdout.strip() for lib in ("libstdc++.so", "libgcc_s.so")]
-    r = check(built("forced", "-static-libstdc++", "-static-libgcc", *libs))
+def runtime():
+    r = subprocess.run([sys.executable, CHECK, "--find-runtime"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    paths = r.stdout.split()
+    assert [os.path.basename(p).split(".so")[0] for p in paths] == ["libstdc++", "libgcc_s"], paths
+    return paths
+
+
+def test_naming_the_interpreters_runtime_beats_static_flags(built):
+    """What the build does (cmake/SharedCxxRuntime.cmake): the interpreter's own runtime libraries, named
+    by path, win over a compiler driver told to link statically."""
+    libs = runtime()
+    r = subprocess.run([sys.executable, CHECK, str(built("forced", "-static-libstdc++", "-static-libgcc", *libs)),
+                        "--runtime", *libs], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_check_rejects_symbol_versions_the_runtime_lacks(built, tmp_path):
+    """A module built by a newer compiler than the interpreter's runtime would fail to import: a stand-in
+    libstdc++.so.6 that defines only GLIBCXX_3.4 makes the check name the versions it lacks."""
+    (tmp_path / "v.map").write_text("GLIBCXX_3.4 { global: dgemma_dummy; local: *; };\n")
+    (tmp_path / "d.cpp").write_text('extern "C" int dgemma_dummy() { return 0; }\n')
+    old = tmp_path / "libstdc++.so.6"
+    subprocess.run(["g++", "-shared", "-fPIC", str(tmp_path / "d.cpp"), "-Wl,-soname,libstdc++.so.6",
+                    f"-Wl,--version-script={tmp_path / 'v.map'}", "-o", str(old)], check=True)
+    module = built("shared")
+    r = subprocess.run([sys.executable, CHECK, str(module), "--runtime", str(old)], capture_output=True, text=True)
+    assert r.returncode == 1 and "needs symbol versions" in r.stderr and "GLIBCXX_3.4.9" in r.stderr, r.stderr
+    ok = subprocess.run([sys.executable, CHECK, str(module), "--runtime", *runtime()], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
 
 
 def test_non_elf_files_are_reported_not_rejected(tmp_path):
