@@ -1,38 +1,79 @@
 #!/usr/bin/env bash
-# Everything a lent H100 checks, in one run: build (16 cores), GPU tests, compute-sanitizer on the
-# kernel tests, the kernel benchmarks and the end-to-end bench. Results land in $OUT (default
-# bench/results/device): log.txt plus one JSON per benchmark (at most 8 files come back).
-# Usage on the device machine:  bash bench/device_check.sh   (each stage has its own time limit)
+# Everything a lent H100/H200 checks, in one run, selected by STAGES (default: all, in this order):
+#   build     pip install (no isolation); wheels in .whl/ (nvidia-cutlass, transformers) installed first
+#   tests     pytest -m gpu tests, one process, nothing deselected
+#   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file
+#   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json
+#   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json
+# The log ($OUT/device_check.log) records the device, driver, torch, commit, every command, its exit
+# status and output tail, and each sanitizer's ERROR SUMMARY line. Each command has its own time limit
+# (*_S variables), so one slow stage cannot eat the lease. Usage on the device machine:
+#   COMMIT=$(git rev-parse HEAD) STAGES="build tests" bash bench/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/device}"
 mkdir -p "$OUT"
-LOG="$OUT/log.txt"
-export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
-log() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
-stage() { local limit=$1; shift; timeout "$limit" "$@" 2>&1 | tail -${TAIL:-40} | tee -a "$LOG"; }
-
-log "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
-log "python $(python3 -V 2>&1), torch $(python3 -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+LOG="$OUT/device_check.log"
+STAGES="${STAGES:-build tests sanitize bench e2e}"
+KERNEL_TESTS="${KERNEL_TESTS:-tests/test_extension.py tests/test_moe_cuda.py tests/test_vocab_head_cuda.py tests/test_attention_cuda.py tests/test_launcher_errors_cuda.py}"
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}"
+PY="${PYTHON:-python3}"
 t0=$(date +%s)
-if ! python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build.txt" 2>&1; then
-  log "BUILD FAILED"; grep -E "error|Error" "$OUT/build.txt" | head -40 | tee -a "$LOG"; exit 1
-fi
-grep -E "spill stores|registers" "$OUT/build.txt" | sort | uniq -c | sort -rn | head -5 >>"$LOG"
-rm -f "$OUT/build.txt"
-log "build: $(( $(date +%s) - t0 )) s"
 
-log "GPU tests"
-stage "${TESTS_S:-150}" python3 -m pytest -q -m gpu tests -p no:cacheprovider -rfE
-log "compute-sanitizer memcheck on kernel tests"
-TAIL=12 stage "${SANITIZER_S:-60}" compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m gpu \
-  -p no:cacheprovider tests/test_extension.py tests/test_moe_cuda.py tests/test_vocab_head_cuda.py \
-  "tests/test_attention_cuda.py::test_decoder_ragged_batch"
-for b in ${BENCHES:-moe attention vocab_head}; do
-  log "bench $b"
-  TAIL=25 stage "${BENCH_S:-45}" python3 "bench/bench_$b.py" --out "$OUT/$b.json"
-done
-log "end to end: dgemma bench (26B-A4B shapes, FP8)"
-TAIL=30 stage "${E2E_S:-120}" python3 -m dgemma bench --precision fp8 --iters 8 --warmup 2 --steps 16,48 \
-  --json "$OUT/e2e.json"
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+log() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
+# run LIMIT_S CMD...: the command, the tail of its output, its exit status (124: time limit).
+run() {
+  local limit=$1; shift
+  echo "\$ $*" | tee -a "$LOG"
+  timeout "$limit" "$@" >"$OUT/last.txt" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-30}" "$OUT/last.txt" | tee -a "$LOG"
+  echo "-> exit $rc after $(( $(date +%s) - t0 )) s in all" | tee -a "$LOG"
+  return $rc
+}
+
+log "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+log "commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+log "python: $($PY -V 2>&1); torch: $($PY -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)' 2>&1)"
+log "nvcc: $(nvcc --version 2>&1 | tail -1); CXX=${CXX:-unset} CUDAHOSTCXX=${CUDAHOSTCXX:-unset}"
+log "stages: $STAGES"
+
+if want build; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    run 120 $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl
+  fi
+  if ! TAIL=15 run "${BUILD_S:-300}" $PY -m pip install --no-build-isolation --no-deps -v .; then
+    grep -E "error|Error" "$OUT/last.txt" | head -40 | tee -a "$LOG"
+    log "BUILD FAILED"
+    exit 1
+  fi
+  grep -E "spill stores" "$OUT/last.txt" | sort | uniq -c | sort -rn | head -3 | tee -a "$LOG"
+  run 30 $PY -c 'import dgemma._C as C, subprocess, sys; print(C.__file__); sys.exit(subprocess.call([sys.executable, "cmake/check_cxx_runtime.py", C.__file__]))'
+fi
+
+if want tests; then
+  TAIL=60 run "${TESTS_S:-420}" $PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE
+fi
+
+if want sanitize; then
+  for tool in ${TOOLS:-memcheck racecheck initcheck synccheck}; do
+    for f in $KERNEL_TESTS; do
+      DGEMMA_ERROR_REPEATS=2 TAIL=8 run "${SANITIZER_S:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+        $PY -m pytest -q -m gpu -p no:cacheprovider "$f"
+      grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/last.txt" | tail -1 | sed "s|^|$tool $f: |" | tee -a "$LOG"
+    done
+  done
+fi
+
+if want bench; then
+  for b in ${BENCHES:-moe attention vocab_head}; do
+    TAIL=25 run "${BENCH_S:-60}" $PY "bench/bench_$b.py" --out "$OUT/$b.json"
+  done
+fi
+
+if want e2e; then
+  TAIL=30 run "${E2E_S:-180}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 --steps 16,48 --json "$OUT/e2e.json"
+fi
+rm -f "$OUT/last.txt"
 log "done in $(( $(date +%s) - t0 )) s"
