@@ -115,3 +115,39 @@ def test_info_and_repr(eng):
     assert info.backend == "reference" and info.dtype == "float32"
     assert info.weight_bytes == info.parameters * 4
     assert "layers=6" in repr(eng)
+
+
+def test_engine_does_not_import_the_text_front_end():
+    """The engine works on token ids: nothing it imports, directly or not, reaches the tokenizer, chat
+    template, prompt preparation, chat sessions, loading or the CLI (they wrap the engine instead)."""
+    import ast
+    import os
+
+    root = os.path.dirname(dgemma.__file__)
+    front_end = {"text", "chat", "tokenizer", "session", "prompts", "loading", "cli"}
+
+    def imports(module):
+        path = os.path.join(root, *module.split(".")) + ".py"
+        if not os.path.exists(path):
+            path = os.path.join(root, *module.split("."), "__init__.py")
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = [p for p in package.split(".") if p]
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + (node.module.split(".") if node.module else []))
+                if node.module:  # `from .. import x` names a submodule x, not the package's __init__
+                    yield target
+                yield from (f"{target}.{a.name}".lstrip(".") for a in node.names)  # submodules imported by name
+
+    seen, todo = set(), ["engine"]
+    while todo:
+        m = todo.pop()
+        if m in seen or not (os.path.exists(os.path.join(root, *m.split(".")) + ".py")
+                             or os.path.isdir(os.path.join(root, *m.split(".")))):
+            continue
+        seen.add(m)
+        todo.extend(imports(m))
+    assert {"engine", "generation", "model", "sampler"} <= seen
+    assert not seen & front_end, sorted(seen & front_end)

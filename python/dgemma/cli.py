@@ -14,7 +14,7 @@ from .errors import DgemmaError
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .engine import load
+    from .loading import load
     from .random_checkpoint import write_random_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="dgemma-demo-") as tmp:
@@ -47,7 +47,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     import torch
 
-    from .engine import load
+    from .loading import load
 
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     quantization = None if args.quantization == "none" else args.quantization

@@ -1,24 +1,20 @@
-"""The user-facing engine: ``dgemma.load`` and the low-level ``encode`` / ``denoise`` API."""
+"""The engine on token ids: ``encode`` / ``denoise`` and ``generate``. The text front end (tokenizer, chat
+template, chat sessions) wraps it in :mod:`dgemma.text`; this module never imports it."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from . import _ext
 from .cache import KVCache
-from .checkpoint import checkpoint_dtype, load_tensors
 from .config import ModelConfig
-from .errors import BackendUnavailableError, CheckpointError, DgemmaError
-from .chat import ChatTemplate, load_chat_template, parse_response
-from .generation import GenerationResult, StreamEvent, drive, run_generation
+from .errors import BackendUnavailableError, DgemmaError
+from .generation import GenerationResult, drive, run_generation
 from .model import DiffusionGemmaModel
 from .ops import BACKENDS, get_ops
-from .prompts import Prompt, check_attention_mask, prepare
-from .sampler import GenerationSettings, read_generation_config
-from .tokenizer import Tokenizer
+from .sampler import GenerationSettings
 from .weights import ModelWeights
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -26,7 +22,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 DEFAULT_CACHE_CANVASES = 8
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cpu")
     try:
@@ -43,7 +39,7 @@ def _resolve_device(device) -> torch.device:
     return dev
 
 
-def _resolve_backend(backend: str | None, device: torch.device) -> str:
+def resolve_backend(backend: str | None, device: torch.device) -> str:
     if backend is None:
         return "cuda" if device.type == "cuda" and _ext.cuda_status() is None else "reference"
     if backend not in BACKENDS:
@@ -57,54 +53,15 @@ def _resolve_backend(backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None, backend: str | None = None,
-         progress: bool | None = None, quantization: str | None = None, max_batch: int | None = None,
-         max_context: int | None = None) -> "Engine":
-    """Load a DiffusionGemma checkpoint (Hugging Face layout) into an :class:`Engine`.
-
-    Args:
-        path: directory with ``config.json`` and ``model.safetensors`` or a sharded
-            ``model.safetensors.index.json``.
-        device: ``"cpu"`` (default) or ``"cuda[:N]"``.
-        dtype: ``torch.float32`` or ``torch.bfloat16``; default: the checkpoint's own (bf16 for others).
-        backend: ``"reference"`` (PyTorch) or ``"cuda"`` (dgemma kernels); default: ``"cuda"`` on a
-            GPU when the extension has CUDA kernels, else ``"reference"``.
-        progress: show a progress bar while loading; default: only for checkpoints over 1 GiB.
-        quantization: None (weights in ``dtype``) or ``"fp8"``: attention projections, the dense MLP and
-            every expert become FP8 E4M3 with one fp32 scale per output channel (quantised while
-            streaming, one tensor at a time); embedding/lm_head, router and self-conditioning stay in
-            ``dtype``. The CUDA backend runs FP8 kernels for bf16 activations; the reference backend
-            (any device/dtype) dequantises and computes in fp32.
-        max_batch, max_context: when given, the memory plan (weights + KV cache for this batch and
-            context + step workspace) is logged, and on a GPU a plan that does not fit its free memory
-            is refused with the numbers (:class:`DgemmaError`).
-    """
-    from .quant import QUANTIZATIONS, fp8_transform
-
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise DgemmaError(f"quantization {quantization!r} is not supported (expected None or "
-                          f"{', '.join(repr(q) for q in QUANTIZATIONS)})")
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint directory not found: {path}")
-    cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
-    dev = _resolve_device(device)
-    backend = _resolve_backend(backend, dev)
-    if dtype is None:
-        dtype = checkpoint_dtype(path)
-        dtype = dtype if dtype in SUPPORTED_DTYPES else torch.bfloat16
-    elif dtype not in SUPPORTED_DTYPES:
-        raise DgemmaError(f"dtype {dtype} is not supported (expected torch.float32 or torch.bfloat16)")
-    settings, special = read_generation_config(path)
-    transform = None
-    if quantization == "fp8":
-        transform = lambda key, t: fp8_transform(key, t, dev)  # noqa: E731
-    tensors = load_tensors(path, cfg, dtype=dtype, device=dev, progress=progress, transform=transform)
-    eng = Engine(cfg, ModelWeights.from_tensors(cfg, tensors), device=dev, dtype=dtype, backend=backend,
-                 path=path, generation_settings=settings, special_tokens=special)
-    if max_batch is not None or max_context is not None:
-        eng.check_memory(max_batch or 1, max_context or cfg.max_position_embeddings)
-    return eng
+def check_attention_mask(attention_mask, ids: torch.Tensor) -> torch.Tensor:
+    """A bool [B, T] mask matching ``ids``, with at least one real token per row."""
+    mask = torch.as_tensor(attention_mask, device=ids.device)
+    if mask.shape != ids.shape:
+        raise DgemmaError(f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)}")
+    mask = mask.bool()
+    if not bool(mask.any(dim=1).all()):
+        raise DgemmaError("attention_mask masks every token of some prompt: prompts must not be empty")
+    return mask
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,43 +99,6 @@ class Engine:
         self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
         self.pad_token_id: int | None = special.get("pad_token_id")
         self.bos_token_id: int | None = special.get("bos_token_id", cfg.bos_token_id)
-        self._tokenizer: Tokenizer | None = None
-        self._chat_template: ChatTemplate | None = None
-
-    # -- text front end ------------------------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The checkpoint's tokenizer (loaded on first use)."""
-        if self._tokenizer is None:
-            if self.path is None:
-                raise DgemmaError("this engine has no checkpoint directory, so no tokenizer: pass token ids")
-            self._tokenizer = Tokenizer(self.path)
-        return self._tokenizer
-
-    @property
-    def add_bos(self) -> bool:
-        return bool(self.tokenizer.config.get("add_bos_token", True))
-
-    @property
-    def chat_template(self) -> ChatTemplate:
-        """The checkpoint's own chat template (``chat_template.jinja`` or ``tokenizer_config.json``)."""
-        if self._chat_template is None:
-            tok = self.tokenizer
-            source = load_chat_template(self.path, tok.config)
-            if source is None:
-                raise DgemmaError(f"{self.path}: the checkpoint has no chat template "
-                                  f"(chat_template.jinja or tokenizer_config.json's chat_template)")
-            self._chat_template = ChatTemplate(source, bos_token=tok.bos_token, eos_token=tok.eos_token)
-        return self._chat_template
-
-    def chat(self, *, system: str | None = None, tools: list[dict] | None = None, thinking: bool = False,
-             context: int | None = None, max_new_tokens: int | None = None):
-        """A multi-turn :class:`~dgemma.session.ChatSession` reusing one KV cache across turns."""
-        from .session import ChatSession
-
-        return ChatSession(self, system=system, tools=tools, thinking=thinking, context=context,
-                           max_new_tokens=max_new_tokens)
 
     @property
     def info(self) -> EngineInfo:
@@ -215,7 +135,8 @@ class Engine:
         trailing tokens :meth:`KVCache.truncate` may later drop)."""
         return KVCache(self.config, batch, capacity, dtype=self.dtype, device=self.device, rollback=rollback)
 
-    def _ids(self, ids, what: str) -> torch.Tensor:
+    def token_ids(self, ids, what: str = "input_ids") -> torch.Tensor:
+        """``ids`` validated as a [batch, length] batch of token ids, as a long tensor on the engine's device."""
         if not isinstance(ids, torch.Tensor):
             try:
                 ids = torch.as_tensor(ids, dtype=torch.long)
@@ -244,7 +165,7 @@ class Engine:
         0 = padding) keeps padding out of every later attention. The cache is returned; on error it is
         left unchanged.
         """
-        ids = self._ids(input_ids, "input_ids")
+        ids = self.token_ids(input_ids, "input_ids")
         b, t = ids.shape
         if cache is None:
             if capacity is None:
@@ -267,7 +188,7 @@ class Engine:
         ``self_conditioning_logits`` [B, C, V]: the previous step's (processed) logits, or None on the
         first step. The cache is only read.
         """
-        canvas = self._ids(canvas, "canvas")
+        canvas = self.token_ids(canvas, "canvas")
         b, c = canvas.shape
         self._check_cache(cache, b)
         if cache.length + c > self.config.max_position_embeddings:
@@ -284,18 +205,17 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def generate(self, inputs, *, max_new_tokens: int | None = None, max_denoising_steps: int | None = None,
+    def generate(self, input_ids, *, max_new_tokens: int | None = None, max_denoising_steps: int | None = None,
                  entropy_bound: float | None = None, t_max: float | None = None, t_min: float | None = None,
                  stability_threshold: int | None = None, confidence_threshold: float | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None, stream=None,
-                 attention_mask=None, canvas=None, cache: KVCache | None = None, capacity: int | None = None,
-                 thinking: bool = False, tools: list[dict] | None = None) -> GenerationResult:
+                 attention_mask=None, canvas=None, cache: KVCache | None = None,
+                 capacity: int | None = None) -> GenerationResult:
         """Generate with the block-diffusion loop and the entropy-bounded sampler.
 
         Args:
-            inputs: token ids ``[B, T]``, a string, a list of strings (left-padded into a batch), chat
-                messages (``[{"role": ..., "content": ...}, ...]``) or a list of conversations.
+            input_ids: token ids ``[B, T]`` (a tensor or nested lists); with ``cache``, the new tokens only.
             max_new_tokens: token budget, rounded up to whole canvases; generation also stops at EOS.
             max_denoising_steps, entropy_bound, t_max, t_min, stability_threshold, confidence_threshold:
                 sampler settings; defaults come from the checkpoint's ``generation_config.json`` where set,
@@ -306,37 +226,45 @@ class Engine:
                 after ``torch.manual_seed`` on the reference backend); neither: torch's global generator.
             stream: a callable receiving a :class:`StreamEvent` per draft and per committed block (see
                 :meth:`generate_stream` for an iterator).
-            attention_mask: ``[B, T]`` for id inputs with padding (1 = token).
+            attention_mask: ``[B, T]`` (1 = token, 0 = padding) for left-padded batches.
             canvas: the first block's starting canvas ``[B, canvas_length]`` (default: uniform random).
-            cache: continue a conversation held in this cache (``inputs`` are the new tokens only).
+            cache: continue a conversation held in this cache.
             capacity: size of the cache created when none is given (default: what this call needs, so
                 pass more to continue the conversation from ``result.cache`` later).
-            thinking, tools: for chat inputs, passed to the chat template.
         Returns:
-            :class:`GenerationResult` with ``sequences``, ``texts``, per-row ``responses`` (chat),
-            ``steps_per_block``, ``tokens_per_forward`` and ``timings``.
+            :class:`GenerationResult` with ``sequences``, ``steps_per_block``, ``tokens_per_forward`` and
+            ``timings`` (the text front end, :class:`dgemma.text.TextEngine`, adds ``texts``/``responses``).
         """
-        prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools)
-        return self._generate(prompt, max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
-                              entropy_bound=entropy_bound, t_max=t_max, t_min=t_min,
-                              stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
-                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator, seed=seed,
-                              stream=stream, canvas=canvas, cache=cache, capacity=capacity)
+        if stream is not None and not callable(stream):
+            raise DgemmaError(f"stream must be a callable taking a StreamEvent, got {type(stream).__name__}")
+        return drive(self.generate_stream(input_ids, max_new_tokens=max_new_tokens,
+                                          max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
+                                          t_max=t_max, t_min=t_min, stability_threshold=stability_threshold,
+                                          confidence_threshold=confidence_threshold, eos_token_id=eos_token_id,
+                                          pad_token_id=pad_token_id, generator=generator, seed=seed,
+                                          attention_mask=attention_mask, canvas=canvas, cache=cache,
+                                          capacity=capacity), stream)
 
-    def generate_stream(self, inputs, *, attention_mask=None, thinking: bool = False, tools=None, **kwargs):
+    def generate_stream(self, input_ids, *, attention_mask=None, **kwargs):
         """Like :meth:`generate`, as an iterator: a :class:`StreamEvent` per draft and per committed
         block, then the :class:`GenerationResult`. Generation advances as the iterator is consumed."""
-        prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools)
-        yield from self._generate_iter(prompt, **kwargs)
+        ids = self.token_ids(input_ids)
+        mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
+        args = self._resolve(ids, **kwargs)  # bad arguments raise here, before the first item
+        return self._run(ids, mask, args)
 
-    def _resolve(self, prompt: Prompt, *, max_new_tokens=None, max_denoising_steps=None, entropy_bound=None,
+    @torch.inference_mode()
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor | None, args: dict):
+        yield from run_generation(self, ids, mask, **args)
+
+    def _resolve(self, ids: torch.Tensor, *, max_new_tokens=None, max_denoising_steps=None, entropy_bound=None,
                  t_max=None, t_min=None, stability_threshold=None, confidence_threshold=None, eos_token_id=None,
                  pad_token_id=None, generator=None, seed=None, canvas=None, cache=None, capacity=None):
         settings = self.generation_settings.updated(
             max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
             t_max=t_max, t_min=t_min, stability_threshold=stability_threshold,
             confidence_threshold=confidence_threshold)
-        b, t = prompt.ids.shape
+        b, t = ids.shape
         cfg = self.config
         past = 0 if cache is None else cache.length
         blocks = -(-settings.max_new_tokens // cfg.canvas_length)
@@ -370,45 +298,11 @@ class Engine:
         if generator is not None and torch.device(generator.device).type != self.device.type:
             raise DgemmaError(f"generator is on {generator.device}, expected the engine's device {self.device}")
         if canvas is not None:
-            canvas = self._ids(canvas, "canvas")
+            canvas = self.token_ids(canvas, "canvas")
             if list(canvas.shape) != [b, cfg.canvas_length]:
                 raise DgemmaError(f"canvas has shape {list(canvas.shape)}, expected [{b}, {cfg.canvas_length}]")
         return dict(settings=settings, eos_token_ids=eos, pad_token_id=pad, generator=generator, canvas=canvas,
                     cache=cache)
-
-    @torch.inference_mode()
-    def _generate_iter(self, prompt: Prompt, **kwargs):
-        args = self._resolve(prompt, **kwargs)
-        for item in run_generation(self, prompt.ids, prompt.attention_mask, **args):
-            if isinstance(item, GenerationResult):
-                self._attach_text(item, prompt, args["eos_token_ids"], args["pad_token_id"])
-            yield item
-
-    def _generate(self, prompt: Prompt, *, stream=None, **kwargs) -> GenerationResult:
-        if stream is not None and not callable(stream):
-            raise DgemmaError(f"stream must be a callable taking a StreamEvent, got {type(stream).__name__}")
-        return drive(self._generate_iter(prompt, **kwargs), stream)
-
-    def _attach_text(self, result: GenerationResult, prompt: Prompt, eos: list[int], pad: int | None) -> None:
-        if self.path is None:
-            return
-        try:
-            tok = self.tokenizer
-        except DgemmaError:
-            return  # no tokenizer files: ids only
-        texts, responses = [], []
-        # The text ends at the first end-of-sequence id, generation's or the model's own.
-        ends = set(eos) | set(self.config.eos_token_ids)
-        for row in result.new_tokens.tolist():
-            cut = next((i for i, x in enumerate(row) if x in ends), len(row))
-            ids = [x for x in row[:cut] if x != pad]
-            if prompt.is_chat:
-                resp = parse_response(tok.decode(ids))
-                responses.append(resp)
-                texts.append(resp.text)
-            else:
-                texts.append(tok.decode(ids, skip_special_tokens=True))
-        result.texts, result.responses = texts, responses
 
     def _check_cache(self, cache: KVCache, batch: int) -> None:
         if not isinstance(cache, KVCache):

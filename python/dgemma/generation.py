@@ -34,7 +34,9 @@ class GenerationResult:
     tokens_per_forward: torch.Tensor  # [B]: non-pad new tokens / decoder passes
     timings: dict[str, float]
     cache: KVCache | None = None
-    texts: list[str] | None = None
+    eos_token_ids: list[int] = field(default_factory=list)  # the EOS ids this generation stopped at
+    pad_token_id: int | None = None  # the id that replaced the tokens after EOS
+    texts: list[str] | None = None  # set by the text front end (dgemma.text)
     responses: list = field(default_factory=list)  # chat.Response per row, for chat inputs
 
     @property
@@ -122,7 +124,8 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
     # differently from int-tensor / int-tensor.
     valid = (new != pad_token_id).sum(dim=-1) if pad_token_id is not None else new.shape[1]
     yield GenerationResult(sequences=seq, prompt_length=t, steps_per_block=steps_per_block,
-                           tokens_per_forward=valid / passes, timings=timings, cache=cache)
+                           tokens_per_forward=valid / passes, timings=timings, cache=cache,
+                           eos_token_ids=list(eos_token_ids or []), pad_token_id=pad_token_id)
 
 
 def _denoise_block(engine, cache, current, settings, sampler, finished_seq, passes, block):

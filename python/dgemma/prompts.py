@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine import check_attention_mask
 from .errors import DgemmaError
 
 
@@ -31,22 +32,11 @@ def left_pad(rows: list[list[int]], pad_id: int) -> Prompt:
     return Prompt(ids, None if bool(mask.all()) else mask, False)
 
 
-def check_attention_mask(attention_mask, ids: torch.Tensor) -> torch.Tensor:
-    """A bool [B, T] mask matching ``ids``, with at least one real token per row."""
-    mask = torch.as_tensor(attention_mask, device=ids.device)
-    if mask.shape != ids.shape:
-        raise DgemmaError(f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)}")
-    mask = mask.bool()
-    if not bool(mask.any(dim=1).all()):
-        raise DgemmaError("attention_mask masks every token of some prompt: prompts must not be empty")
-    return mask
-
-
 def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tools=None) -> Prompt:
     """Ids [B, T] (+ mask) for any accepted input form; text needs the checkpoint's tokenizer."""
     if isinstance(inputs, torch.Tensor) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], list)
                                             and inputs[0] and isinstance(inputs[0][0], int)):
-        ids = engine._ids(inputs, "input_ids")
+        ids = engine.token_ids(inputs, "input_ids")
         mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
         if tools is not None or thinking:
             raise DgemmaError("thinking= and tools= apply to chat messages, not to token ids")
@@ -80,7 +70,7 @@ def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tool
         prompt.is_chat = True
     else:
         raise DgemmaError("inputs mixes strings and chat messages; pass one kind per call")
-    prompt.ids = engine._ids(prompt.ids, "input_ids")
+    prompt.ids = engine.token_ids(prompt.ids, "input_ids")
     if prompt.attention_mask is not None:
         prompt.attention_mask = prompt.attention_mask.to(engine.device)
     return prompt

@@ -6,7 +6,7 @@ import json
 
 from .chat import check_tools, parse_response
 from .errors import DgemmaError
-from .prompts import Prompt
+from .engine import Engine
 
 DEFAULT_CONTEXT = 32_768
 
@@ -64,8 +64,9 @@ class ChatSession:
         new_ids = ids[common:]
         if not new_ids:
             raise DgemmaError("the new message adds no tokens to the conversation")
-        prompt = Prompt(self.engine._ids([new_ids], "input_ids"), None, True)
-        result = self.engine._generate(prompt, cache=self.cache, **generate_kwargs)
+        # Ids through the engine's own generate (no re-rendering), then parsed as a chat reply.
+        result = Engine.generate(self.engine, [new_ids], cache=self.cache, **generate_kwargs)
+        self.engine.attach_text(result, chat=True)
         self.reencoded_tokens = len(new_ids)
         kept = self.cache.length - common
         self.cached_ids = ids[:common] + new_ids + result.new_tokens[0, : kept - len(new_ids)].tolist()

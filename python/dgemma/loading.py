@@ -1,0 +1,66 @@
+"""``dgemma.load``: a checkpoint directory to a ready engine."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checkpoint import checkpoint_dtype, load_tensors
+from .config import ModelConfig
+from .engine import SUPPORTED_DTYPES, resolve_backend, resolve_device
+from .errors import CheckpointError, DgemmaError
+from .sampler import read_generation_config
+from .text import TextEngine
+from .weights import ModelWeights
+
+
+def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None, backend: str | None = None,
+         progress: bool | None = None, quantization: str | None = None, max_batch: int | None = None,
+         max_context: int | None = None) -> TextEngine:
+    """Load a DiffusionGemma checkpoint (Hugging Face layout) into a :class:`~dgemma.text.TextEngine`
+    (the engine on token ids with the checkpoint's tokenizer and chat template).
+
+    Args:
+        path: directory with ``config.json`` and ``model.safetensors`` or a sharded
+            ``model.safetensors.index.json``.
+        device: ``"cpu"`` (default) or ``"cuda[:N]"``.
+        dtype: ``torch.float32`` or ``torch.bfloat16``; default: the checkpoint's own (bf16 for others).
+        backend: ``"reference"`` (PyTorch) or ``"cuda"`` (dgemma kernels); default: ``"cuda"`` on a
+            GPU when the extension has CUDA kernels, else ``"reference"``.
+        progress: show a progress bar while loading; default: only for checkpoints over 1 GiB.
+        quantization: None (weights in ``dtype``) or ``"fp8"``: attention projections, the dense MLP and
+            every expert become FP8 E4M3 with one fp32 scale per output channel (quantised while
+            streaming, one tensor at a time); embedding/lm_head, router and self-conditioning stay in
+            ``dtype``. The CUDA backend runs FP8 kernels for bf16 activations; the reference backend
+            (any device/dtype) dequantises and computes in fp32.
+        max_batch, max_context: when given, the memory plan (weights + KV cache for this batch and
+            context + step workspace) is logged, and on a GPU a plan that does not fit its free memory
+            is refused with the numbers (:class:`DgemmaError`).
+    """
+    from .quant import QUANTIZATIONS, fp8_transform
+
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise DgemmaError(f"quantization {quantization!r} is not supported (expected None or "
+                          f"{', '.join(repr(q) for q in QUANTIZATIONS)})")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
+    dev = resolve_device(device)
+    backend = resolve_backend(backend, dev)
+    if dtype is None:
+        dtype = checkpoint_dtype(path)
+        dtype = dtype if dtype in SUPPORTED_DTYPES else torch.bfloat16
+    elif dtype not in SUPPORTED_DTYPES:
+        raise DgemmaError(f"dtype {dtype} is not supported (expected torch.float32 or torch.bfloat16)")
+    settings, special = read_generation_config(path)
+    transform = None
+    if quantization == "fp8":
+        transform = lambda key, t: fp8_transform(key, t, dev)  # noqa: E731
+    tensors = load_tensors(path, cfg, dtype=dtype, device=dev, progress=progress, transform=transform)
+    eng = TextEngine(cfg, ModelWeights.from_tensors(cfg, tensors), device=dev, dtype=dtype, backend=backend,
+                 path=path, generation_settings=settings, special_tokens=special)
+    if max_batch is not None or max_context is not None:
+        eng.check_memory(max_batch or 1, max_context or cfg.max_position_embeddings)
+    return eng

@@ -1,0 +1,107 @@
+"""The text front end: the checkpoint's tokenizer and chat template around the engine on token ids.
+
+:class:`TextEngine` is what :func:`dgemma.load` returns: an :class:`~dgemma.engine.Engine` whose
+``generate`` also takes a string, a list of strings (left-padded into a batch) or chat messages, and
+whose results carry decoded ``texts`` (and, for chat, parsed ``responses``: thinking, tool calls).
+"""
+
+from __future__ import annotations
+
+from .chat import ChatTemplate, load_chat_template, parse_response
+from .engine import Engine
+from .errors import DgemmaError
+from .generation import GenerationResult
+from .prompts import Prompt, prepare
+from .tokenizer import Tokenizer
+
+
+class TextEngine(Engine):
+    """An engine with its checkpoint's tokenizer and chat template (loaded on first use)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tokenizer: Tokenizer | None = None
+        self._chat_template: ChatTemplate | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The checkpoint's tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            if self.path is None:
+                raise DgemmaError("this engine has no checkpoint directory, so no tokenizer: pass token ids")
+            self._tokenizer = Tokenizer(self.path)
+        return self._tokenizer
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self.tokenizer.config.get("add_bos_token", True))
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The checkpoint's own chat template (``chat_template.jinja`` or ``tokenizer_config.json``)."""
+        if self._chat_template is None:
+            tok = self.tokenizer
+            source = load_chat_template(self.path, tok.config)
+            if source is None:
+                raise DgemmaError(f"{self.path}: the checkpoint has no chat template "
+                                  f"(chat_template.jinja or tokenizer_config.json's chat_template)")
+            self._chat_template = ChatTemplate(source, bos_token=tok.bos_token, eos_token=tok.eos_token)
+        return self._chat_template
+
+    def chat(self, *, system: str | None = None, tools: list[dict] | None = None, thinking: bool = False,
+             context: int | None = None, max_new_tokens: int | None = None):
+        """A multi-turn :class:`~dgemma.session.ChatSession` reusing one KV cache across turns."""
+        from .session import ChatSession
+
+        return ChatSession(self, system=system, tools=tools, thinking=thinking, context=context,
+                           max_new_tokens=max_new_tokens)
+
+    def generate(self, inputs, *, attention_mask=None, thinking: bool = False, tools: list[dict] | None = None,
+                 stream=None, **kwargs) -> GenerationResult:
+        """:meth:`Engine.generate` for token ids ``[B, T]``, a string, a list of strings (left-padded into a
+        batch), chat messages (``[{"role": ..., "content": ...}, ...]``) or a list of conversations.
+
+        ``thinking`` and ``tools`` are passed to the chat template (chat inputs only). The result's
+        ``texts`` hold each row's decoded new text (up to the first end-of-sequence id) when the
+        checkpoint has a tokenizer; for chat inputs ``responses`` hold the parsed replies.
+        """
+        prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools)
+        result = super().generate(prompt.ids, attention_mask=prompt.attention_mask, stream=stream, **kwargs)
+        self.attach_text(result, chat=prompt.is_chat)
+        return result
+
+    def generate_stream(self, inputs, *, attention_mask=None, thinking: bool = False, tools=None, **kwargs):
+        """:meth:`generate` as an iterator of stream events, then the :class:`GenerationResult`."""
+        prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools)
+        events = super().generate_stream(prompt.ids, attention_mask=prompt.attention_mask, **kwargs)
+        return self._with_text(events, prompt)
+
+    def _with_text(self, events, prompt: Prompt):
+        for item in events:
+            if isinstance(item, GenerationResult):
+                self.attach_text(item, chat=prompt.is_chat)
+            yield item
+
+    def attach_text(self, result: GenerationResult, *, chat: bool) -> None:
+        """Set ``result.texts`` (and for chat ``result.responses``) from its new tokens; a checkpoint
+        without tokenizer files leaves the result as ids only."""
+        if self.path is None:
+            return
+        try:
+            tok = self.tokenizer
+        except DgemmaError:
+            return  # no tokenizer files: ids only
+        texts, responses = [], []
+        # The text ends at the first end-of-sequence id, generation's or the model's own.
+        ends = set(result.eos_token_ids) | set(self.config.eos_token_ids)
+        pad = result.pad_token_id
+        for row in result.new_tokens.tolist():
+            cut = next((i for i, x in enumerate(row) if x in ends), len(row))
+            ids = [x for x in row[:cut] if x != pad]
+            if chat:
+                resp = parse_response(tok.decode(ids))
+                responses.append(resp)
+                texts.append(resp.text)
+            else:
+                texts.append(tok.decode(ids, skip_special_tokens=True))
+        result.texts, result.responses = texts, responses
