@@ -1,8 +1,10 @@
 """``dgemma bench``: denoising-step latency, block throughput and prefill on random weights.
 
 On a GPU the default is the real 26B-A4B shapes; on a CPU-only machine a small preset, so the command
-always runs. Every time is printed beside its HBM roofline (bytes moved / 3.02 TB/s, the copy rate
-measured on the H100 we target).
+always runs. Steps and blocks run through the same sampler and block loop as ``generate``. Every time is
+printed beside its memory roofline: the bytes it must move over the device's copy bandwidth, measured
+at the start of the same run. On a GPU each step row also carries what a profile of one step shows:
+kernel launches, host synchronisations and GPU-busy time.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from .errors import DgemmaError
 from .generation import denoise_block
 from .sampler import GenerationSettings, make_sampler
 
-HBM_BYTES_PER_S = 3.02e12
 
 
 @dataclass(slots=True)
@@ -60,6 +61,52 @@ def _timer(device: torch.device):
         return out
 
     return measure
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, iters: int = 10) -> tuple[float, list[float]]:
+    """(bytes per second, copy times in ms) of a device-to-device copy of an ``nbytes`` buffer (default:
+    1 GiB on a GPU, 64 MiB on a CPU), each byte read once and written once; the rate is the best copy's."""
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**26)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    times = _timer(device)(lambda: dst.copy_(src), iters, 2)
+    return 2 * nbytes / (min(times) / 1e3), times
+
+
+# Runtime calls after which the host waits for the device (a blocking copy, .item(), .tolist(), bool()).
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def summarise_profile(events) -> dict:
+    """Kernels, host synchronisations and GPU-busy time (the union of kernel intervals, ms) of profiler
+    events (``torch.profiler``'s ``events()``: ``name``, ``device_type``, ``time_range``)."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for start, stop in kernels:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    syncs = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name in SYNC_CALLS)
+    return {"kernels": len(kernels), "host_syncs": syncs, "gpu_busy_ms": busy / 1e3}
+
+
+def profile(fn, device: torch.device) -> dict:
+    """:func:`summarise_profile` of one call of ``fn`` (after one warm-up call); {} without a GPU."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    summary = summarise_profile(prof.events())
+    summary["host_syncs"] = max(0, summary["host_syncs"] - 1)  # the synchronize above is ours
+    return summary
 
 
 def step_bytes(eng, batch: int, prefix: int) -> float:
@@ -109,25 +156,26 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         raise DgemmaError(f"precision {opts.dtype!r} is not supported (expected fp8, bfloat16 or float32)")
     quantization = "fp8" if opts.dtype == "fp8" else None
     prompt_len = opts.prompt_length or (1024 if preset == "26b-a4b" else 64)
-    if opts.baseline == "transformers" and opts.dtype == "fp8":
-        raise DgemmaError("--baseline transformers runs bf16 weights: use --precision bfloat16 with it")
-    if opts.baseline == "transformers" and 1 not in opts.batch_sizes:
-        raise DgemmaError("--baseline transformers compares batch 1: include 1 in --batch")
     log(f"dgemma bench: preset {preset}, {opts.dtype}, device {device}, prompt {prompt_len}, "
         f"batches {opts.batch_sizes}, steps {opts.steps}")
     if preset == "26b-a4b" and device.type == "cpu":
         raise DgemmaError("the 26b-a4b preset needs a GPU (its bf16 weights are 50 GB); use --preset tiny")
     from . import _ext
 
+    measure = _timer(device)
+    bandwidth, copy_ms = copy_bandwidth(device)
+    results = [_row("copy_bandwidth", copy_ms, gb_per_s=bandwidth / 1e9)]
+    log(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s (the roofline's denominator)")
+    # transformers first, on its own bf16 weights, then freed: the two models never share the GPU.
+    baseline = _baseline_transformers(opts, preset, prompt_len, device, measure) if opts.baseline else {}
     backend = "cuda" if device.type == "cuda" and _ext.cuda_status() is None else "reference"
     eng = random_engine(preset, seed=opts.seed, dtype=dtype, device=device, progress=True, backend=backend,
                         quantization=quantization)
     cfg = eng.config
     c, v = cfg.canvas_length, cfg.vocab_size
-    measure = _timer(device)
     g = torch.Generator(device=device).manual_seed(opts.seed)
     settings = GenerationSettings(max_denoising_steps=max(opts.steps))
-    results = []
+    roof = lambda nbytes: nbytes / bandwidth * 1e3  # noqa: E731  (ms)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -135,12 +183,12 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         prompt = torch.randint(3, v, (b, prompt_len), generator=g, device=device)
         prefill = measure(lambda: eng.encode(prompt, capacity=prompt_len + c), max(3, opts.iters // 4), 1)
         enc_bytes = step_bytes(eng, 1, 0) - 2 * eng.model.w.embed.numel() * eng.model.w.embed.element_size()
-        results.append(_row(f"prefill_t{prompt_len}_b{b}", prefill, enc_bytes / HBM_BYTES_PER_S * 1e3))
+        results.append(_row(f"prefill_t{prompt_len}_{opts.dtype}_b{b}", prefill, roof(enc_bytes)))
         cache = eng.new_cache(b, prompt_len + c, rollback=c)
         eng.encode(prompt, cache=cache)
         canvas = torch.randint(0, v, (b, c), generator=g, device=device)
         sc = torch.randn(b, c, v, generator=g, device=device).to(dtype)
-        step_roof = step_bytes(eng, b, prompt_len) / HBM_BYTES_PER_S * 1e3
+        step_roof = roof(step_bytes(eng, b, prompt_len))
 
         # Steps and blocks run through generate's own sampler and block loop (the fused head on CUDA).
         sampler = make_sampler(eng, settings, g)
@@ -151,7 +199,12 @@ def run(opts: BenchOptions, *, log=print) -> dict:
             return sampler.step(eng.model.denoise_hidden(canvas, cache, soft), canvas, n, running)
 
         step = measure(one_step, opts.iters, opts.warmup)
-        results.append(_row(f"denoise_step_{opts.dtype}_b{b}", step, step_roof, batch=b, prefix=prompt_len))
+        results.append(_row(f"denoise_step_{opts.dtype}_b{b}", step, step_roof, batch=b, prefix=prompt_len,
+                            bytes=step_bytes(eng, b, prompt_len), **profile(one_step, device)))
+        if b in baseline:
+            hf_ms = statistics.median(baseline[b])
+            results.append(_row(f"transformers_step_bf16_b{b}", hf_ms, step_roof, batch=b,
+                                dgemma_ms=statistics.median(step), ratio=hf_ms / statistics.median(step)))
         forward = measure(lambda: eng.denoise(cache, canvas, sc), opts.iters, opts.warmup)
         results.append(_row(f"decoder_forward_{opts.dtype}_b{b}", forward, step_roof, batch=b))
         first = measure(lambda: one_step(None), max(3, opts.iters // 4), 1)
@@ -167,15 +220,15 @@ def run(opts: BenchOptions, *, log=print) -> dict:
 
             ms = measure(block, max(2, opts.iters // 8), 1)
             tok_s = b * c / (statistics.median(ms) / 1e3)
-            results.append(_row(f"block{n}_{opts.dtype}_b{b}", ms, step_roof * n, tok_per_s=tok_s, steps=n))
+            prof = {k: v / n for k, v in profile(block, device).items()}  # per step, the commit pass included
+            results.append(_row(f"block{n}_{opts.dtype}_b{b}", ms, step_roof * n, tok_per_s=tok_s, steps=n,
+                                **{f"{k}_per_step": v for k, v in prof.items()}))
         for prefix in opts.prefix_lengths:
             pc = eng.encode(torch.randint(3, v, (b, prefix), generator=g, device=device), capacity=prefix + c)
             t = measure(lambda pc=pc: eng.denoise(pc, canvas, sc), max(3, opts.iters // 4), 1)
             results.append(_row(f"denoise_step_{opts.dtype}_b{b}_p{prefix}", t,
-                                step_bytes(eng, b, prefix) / HBM_BYTES_PER_S * 1e3, batch=b, prefix=prefix))
+                                roof(step_bytes(eng, b, prefix)), batch=b, prefix=prefix))
 
-    if opts.baseline == "transformers":
-        results.append(_baseline_transformers(eng, opts, preset, prompt_len, device, measure, results))
     results.append({"name": "peak_memory", "median_ms": 0.0, "peak_mib": _memory_peak_mib(device)})
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
@@ -185,48 +238,85 @@ def run(opts: BenchOptions, *, log=print) -> dict:
     }
 
 
-def _baseline_transformers(eng, opts, preset, prompt_len, device, measure, results) -> dict:
-    """transformers' bf16 model on the same random weights, its decoder step timed in this process."""
+def _baseline_transformers(opts, preset, prompt_len, device, measure) -> dict[int, list[float]]:
+    """transformers' bf16 model at the preset's shapes: one denoising step per batch size (the decoder
+    forward with self-conditioning logits, then the sampler's softmax, multinomial, entropy and acceptance
+    as its ``generate`` runs them), timed in this process. Built on the meta device and given random bf16
+    tensors without copies; everything is freed before dgemma's engine is built."""
     try:
         from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     except ImportError:
         raise DgemmaError("--baseline transformers needs transformers==5.23.0 (pip install 'dgemma[test]')") from None
-    from .random_checkpoint import preset_config
-    from .weights import named_tensors
+    from .config import ModelConfig
+    from .random_checkpoint import preset_config, random_tensors
+    from .sampler import reference_sample_step, temperature
 
-    raw = preset_config(preset, canvas_length=eng.config.canvas_length)
+    raw = preset_config(preset)
+    cfg = ModelConfig.from_dict(raw)
     text = dict(raw["text_config"])
     text.pop("model_type", None)
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=2, head_dim=8)
-    hf_cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=eng.config.canvas_length)
-    # NOTE: the baseline holds its own copy of the weights (bf16), built directly on the device.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(eng.dtype)
-    try:
-        with torch.device(device):
-            hf = DiffusionGemmaForBlockDiffusion(hf_cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    missing = hf.load_state_dict(named_tensors(eng.config, eng.model.w), strict=False).missing_keys
-    untied = [k for k in missing if "vision" not in k and not k.startswith(("model.encoder.language_model",
-                                                                              "lm_head"))]
+    hf_cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=cfg.canvas_length)
+    with torch.device("meta"):
+        hf = DiffusionGemmaForBlockDiffusion(hf_cfg).to(torch.bfloat16)
+    state = random_tensors(cfg, seed=opts.seed, dtype=torch.bfloat16, device=device)
+    # The vision tower's tiny weights are the only ones the text checkpoint lacks.
+    for name, t in hf.state_dict().items():
+        if name not in state and "vision" in name:
+            state[name] = torch.zeros(t.shape, dtype=t.dtype, device=device)
+    missing = hf.load_state_dict(state, strict=False, assign=True).missing_keys
+    untied = [k for k in missing if not k.startswith(("model.encoder.language_model", "lm_head"))]
     if untied:
         raise DgemmaError(f"baseline model has weights dgemma did not provide: {untied[:3]}")
+    hf.tie_weights()
+    _materialise_buffers(hf, device)
     hf.eval()
-    b, c, v = 1, eng.config.canvas_length, eng.config.vocab_size
+    c, v = cfg.canvas_length, cfg.vocab_size
     g = torch.Generator(device=device).manual_seed(opts.seed)
-    prompt = torch.randint(3, v, (b, prompt_len), generator=g, device=device)
-    canvas = torch.randint(0, v, (b, c), generator=g, device=device)
+    settings = GenerationSettings(max_denoising_steps=max(opts.steps))
+    temp = temperature(settings.max_denoising_steps, settings, device)
+    times = {}
     with torch.no_grad():
-        past = hf(input_ids=prompt, decoder_input_ids=canvas).past_key_values
-        sc = torch.randn(b, c, v, generator=g, device=device).to(eng.dtype)
-        t = measure(lambda: hf(past_key_values=past, decoder_input_ids=canvas, self_conditioning_logits=sc),
-                    max(3, opts.iters // 4), 1)
-    # Like for like: transformers' decoder forward (logits included) against ours, same inputs.
-    ours = next(r for r in results if r["name"] == f"decoder_forward_{opts.dtype}_b1")
-    hf_ms = statistics.median(t)
-    return _row("hf_vs_dgemma_step_b1", hf_ms, speedup=hf_ms / ours["median_ms"], dgemma_ms=ours["median_ms"])
+        for b in opts.batch_sizes:
+            prompt = torch.randint(3, v, (b, prompt_len), generator=g, device=device)
+            canvas = torch.randint(0, v, (b, c), generator=g, device=device)
+            past = hf(input_ids=prompt, decoder_input_ids=canvas).past_key_values
+            sc = torch.randn(b, c, v, generator=g, device=device).to(torch.bfloat16)
+
+            def step(past=past, canvas=canvas, sc=sc):
+                logits = hf(past_key_values=past, decoder_input_ids=canvas, self_conditioning_logits=sc).logits
+                return reference_sample_step(logits.float(), canvas, temp, settings.entropy_bound, g)
+
+            times[b] = measure(step, max(3, opts.iters // 4), 1)
+            del past, sc
+    del hf, state
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return times
+
+
+def _materialise_buffers(model, device: torch.device) -> None:
+    """Give the buffers a meta-device model still lacks after its weights were assigned their values:
+    rotary tables (recomputed by the model's own initialiser), embedding scales and layer scalars."""
+    for path, module in model.named_modules():
+        meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        for name in meta:
+            b = module._buffers[name]
+            module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+        if not meta or "vision" in path:  # the vision tower never runs on text input: zeros will do
+            continue
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            model._init_weights(module)
+        elif hasattr(module, "scalar_embed_scale"):
+            module.embed_scale.fill_(module.scalar_embed_scale)
+        elif meta == ["layer_scalar"]:
+            module.layer_scalar.fill_(1.0)
+        else:
+            raise DgemmaError(f"baseline model: no values for the buffers {meta} of {type(module).__name__}")
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise DgemmaError(f"baseline model: tensors left on the meta device: {left[:3]}")
 
 
 def print_table(report: dict, out=sys.stdout) -> None:
