@@ -30,15 +30,18 @@ VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_att
               num_key_value_heads=2, head_dim=8)
 
 
-def build_hf_model(arch: str, *, seed: int = 0, canvas_length: int = 8, text_overrides: dict | None = None):
+def build_hf_model(arch: str, *, seed: int = 0, canvas_length: int = 8, text_overrides: dict | None = None,
+                   vision_overrides: dict | None = None, config_overrides: dict | None = None):
     """A transformers DiffusionGemmaForBlockDiffusion with *every* tensor randomised (norm weights,
-    router and per-expert scales, and layer scalars that differ between encoder and decoder).
-    ``text_overrides`` replace fields of the architecture (a value of None removes the field)."""
+    router and per-expert scales, and layer scalars that differ between encoder and decoder, the vision
+    tower's too). ``text_overrides`` replace fields of the architecture (a value of None removes the
+    field), ``vision_overrides`` of the vision config, ``config_overrides`` of the outer config."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     text = dict(ARCHS[arch], **(text_overrides or {}))
     text = {k: v for k, v in text.items() if v is not None}
-    cfg = DiffusionGemmaConfig(text_config=text, vision_config=dict(VISION), canvas_length=canvas_length)
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=dict(VISION, **(vision_overrides or {})),
+                               canvas_length=canvas_length, **(config_overrides or {}))
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)
@@ -48,6 +51,9 @@ def build_hf_model(arch: str, *, seed: int = 0, canvas_length: int = 8, text_ove
                 continue
             if name.endswith("layer_scalar"):
                 t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif name.endswith(("_min", "_max")):  # clipped linears' bounds: they clip the tails
+                bound = 1.5 + torch.rand(t.shape, generator=g)
+                t.copy_(-bound if name.endswith("_min") else bound)
             elif t.dim() <= 1:  # norm weights, router scale, per-expert scale
                 t.copy_(0.6 + 0.8 * torch.rand(t.shape, generator=g))
             else:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .weights import expected_shapes, ignored_kind
+from .weights import expected_shapes, ignored_kind, vision_shapes
 
 logger = logging.getLogger("dgemma")
 
@@ -172,6 +172,18 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more}")
+    # The vision tower is loaded when the config describes one and the checkpoint holds it (all of it).
+    vision = vision_shapes(cfg)
+    present = [k for k in vision if k in entries]
+    if present and len(present) < len(vision):
+        absent = [k for k in vision if k not in entries]
+        raise CheckpointError(f"{path}: the vision tower is incomplete: missing tensor {absent[0]!r}"
+                              + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
+    if present:
+        expected = {**expected, **vision}
+    elif cfg.vision is not None:
+        logger.warning("dgemma: %s has a vision_config but no vision-tower tensors: image inputs are unavailable",
+                       path)
     skipped = {"vision": 0, "tied": 0}
     for key, e in entries.items():
         if key in expected:
@@ -187,7 +199,7 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
             raise CheckpointError(f"{e.file}: unexpected tensor {key!r} (shape {list(e.shape)})")
         skipped[kind] += 1
     if skipped["vision"]:
-        logger.warning("dgemma: ignoring %d vision-tower tensors (image inputs are not supported yet)",
+        logger.warning("dgemma: ignoring %d vision-tower tensors (config.json has no vision_config)",
                        skipped["vision"])
 
     total = sum(entries[k].nbytes for k in expected)

@@ -49,6 +49,26 @@ class LayerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class VisionConfig:
+    """The Gemma 4 vision tower: patches of ``patch_size``² RGB pixels through a bidirectional encoder with
+    2-D (axial) RoPE, pooled ``pooling_kernel_size``² patches to one soft token."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    pooling_kernel_size: int
+    patch_size: int
+    position_embedding_size: int
+    use_clipped_linears: bool
+    standardize: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -66,6 +86,11 @@ class ModelConfig:
     pad_token_id: int | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    vision: VisionConfig | None = None  # None: the checkpoint has no vision tower
+    image_token_id: int | None = None  # the placeholder each image soft token replaces
+    boi_token_id: int | None = None
+    eoi_token_id: int | None = None
+    bidirectional_vision: bool = False  # use_bidirectional_attention == "vision": an image attends to itself whole
 
     @property
     def embed_scale(self) -> float:
@@ -225,6 +250,62 @@ def _parse_text_config(t: dict, outer: dict, source: str) -> ModelConfig:
         moe_intermediate_size=ints["moe_intermediate_size"], rms_norm_eps=eps, max_position_embeddings=max_pos,
         final_logit_softcapping=softcap, canvas_length=canvas, layers=tuple(specs),
         pad_token_id=t.get("pad_token_id", 0), bos_token_id=t.get("bos_token_id", 2), eos_token_ids=eos_ids,
+        vision=_parse_vision_config(outer.get("vision_config"), source),
+        image_token_id=_token_id(outer, "image_token_id", 258_880, ints["vocab_size"], source),
+        boi_token_id=_token_id(outer, "boi_token_id", 255_999, ints["vocab_size"], source),
+        eoi_token_id=_token_id(outer, "eoi_token_id", 258_882, ints["vocab_size"], source),
+        bidirectional_vision=bidir == "vision",
+    )
+
+
+def _token_id(outer: dict, key: str, default: int, vocab: int, source: str) -> int | None:
+    """A special token id of the outer config; None when it lies outside the vocabulary (tiny models)."""
+    v = outer.get(key, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"{source}: {key} = {v!r}, expected a non-negative token id")
+    return v if v < vocab else None
+
+
+def _parse_vision_config(v: dict | None, source: str) -> VisionConfig | None:
+    if v is None:
+        return None
+    src = f"{source}: vision_config"
+    if not isinstance(v, dict):
+        raise ConfigError(f"{src} must be an object, got {type(v).__name__}")
+
+    def integer(key: str, default: int) -> int:
+        x = v.get(key, default)
+        if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+            raise ConfigError(f"{src}.{key} = {x!r}, expected a positive integer")
+        return x
+
+    def number(x, key: str) -> float:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+            raise ConfigError(f"{src}.{key} = {x!r}, expected a positive finite number")
+        return float(x)
+
+    act = v.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ConfigError(f"{src}.hidden_activation {act!r} is not supported (expected 'gelu_pytorch_tanh')")
+    rope = v.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "axial") != "axial":
+        raise ConfigError(f"{src}.rope_parameters = {rope!r}: only rope_type 'axial' is supported")
+    heads, kv = integer("num_attention_heads", 12), integer("num_key_value_heads", 12)
+    head_dim = integer("head_dim", 64)
+    if heads % kv:
+        raise ConfigError(f"{src}: num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv}")
+    if head_dim % 4:
+        raise ConfigError(f"{src}.head_dim = {head_dim}, expected a multiple of 4 (2-D rotary embedding)")
+    return VisionConfig(
+        hidden_size=integer("hidden_size", 768), intermediate_size=integer("intermediate_size", 3072),
+        num_layers=integer("num_hidden_layers", 16), num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        rms_norm_eps=number(v.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        rope_theta=number(rope.get("rope_theta", 100.0), "rope_parameters.rope_theta"),
+        pooling_kernel_size=integer("pooling_kernel_size", 3), patch_size=integer("patch_size", 16),
+        position_embedding_size=integer("position_embedding_size", 10 * 1024),
+        use_clipped_linears=bool(v.get("use_clipped_linears", False)), standardize=bool(v.get("standardize", False)),
     )
 
 

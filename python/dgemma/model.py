@@ -11,8 +11,10 @@ import torch
 
 from .cache import KVCache
 from .config import LayerSpec, ModelConfig
+from .errors import DgemmaError
 from .ops import ReferenceOps
 from .rope import cos_sin, inverse_frequencies
+from .vision import VisionTower
 from .weights import AttentionWeights, LayerWeights, ModelWeights
 
 
@@ -22,6 +24,7 @@ class DiffusionGemmaModel:
         self.w = weights
         self.ops = ops
         self.inv_freq = {spec.kind: inverse_frequencies(spec) for spec in cfg.layers}
+        self.vision = None if weights.vision is None else VisionTower(cfg.vision, weights.vision, ops)
 
     # -- shared pieces -------------------------------------------------------------------------
 
@@ -61,11 +64,26 @@ class DiffusionGemmaModel:
 
     # -- encoder -------------------------------------------------------------------------------
 
-    def encode(self, ids: torch.Tensor, cache: KVCache, token_mask: torch.Tensor | None = None) -> None:
+    def image_blocks(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """[B, T] index of the image each token belongs to (−1 for text): a run of image placeholder ids is
+        one image. None when images need no mask of their own (no image, or a causal-only config)."""
+        image = self.cfg.image_token_id
+        if not self.cfg.bidirectional_vision or image is None:
+            return None
+        is_image = ids == image
+        if not bool(is_image.any()):
+            return None
+        starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+        return torch.where(is_image, torch.cumsum(starts.int(), dim=1) - 1, -1)
+
+    def encode(self, ids: torch.Tensor, cache: KVCache, token_mask: torch.Tensor | None = None,
+               image_features: torch.Tensor | None = None) -> None:
         """Run the causal encoder over ``ids`` [B, T] (positions continue the cache) and append their K/V.
 
-        ``token_mask`` [B, T] marks real tokens (False = padding never attended to). The caller has
-        validated shapes, ids and room; on return ``cache.length`` has grown by T.
+        ``token_mask`` [B, T] marks real tokens (False = padding never attended to).
+        ``image_features`` [n, H] (from :meth:`image_features`) replace, in order, the embeddings of the
+        n image placeholder tokens. The caller has validated shapes, ids, the placeholder count and room;
+        on return ``cache.length`` has grown by T.
         """
         b, t = ids.shape
         start = cache.length
@@ -77,6 +95,11 @@ class DiffusionGemmaModel:
         has_padding = cache.has_padding or (token_mask is not None and not bool(token_mask.all()))
         attend_valid = valid if has_padding else None
         x = self.ops.embed(ids, self.w.embed, self.cfg.embed_scale)
+        blocks = None
+        if image_features is not None:
+            x = x.clone()
+            x[ids == self.cfg.image_token_id] = image_features.to(x.dtype)
+            blocks = self.image_blocks(ids)
         # NOTE: K/V are written only after every layer ran, so an interrupted call leaves the cache
         # (in particular the sliding rings, which overwrite old slots) exactly as it was.
         pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -85,7 +108,9 @@ class DiffusionGemmaModel:
             spec = self.cfg.layers[i]
             q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
             pending.append((i, k, v))
-            return self.ops.encoder_attention(q, k, v, cache, i, start, attend_valid).reshape(b, t, -1)
+            if blocks is None:
+                return self.ops.encoder_attention(q, k, v, cache, i, start, attend_valid).reshape(b, t, -1)
+            return self.ops.encoder_attention(q, k, v, cache, i, start, attend_valid, blocks).reshape(b, t, -1)
 
         last = len(self.w.layers) - 1
         for i, lw in enumerate(self.w.layers[:-1]):
@@ -100,6 +125,13 @@ class DiffusionGemmaModel:
         cache.valid.copy_(valid)
         cache.has_padding = has_padding
         cache.length = start + t
+
+    def image_features(self, pixel_values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Soft tokens [n, H] of preprocessed images (see :class:`dgemma.vision.VisionTower`)."""
+        if self.vision is None:
+            raise DgemmaError("this model has no vision tower (no vision_config, or its tensors were not in the "
+                              "checkpoint): it cannot take images")
+        return self.vision(pixel_values, positions)
 
     # -- decoder -------------------------------------------------------------------------------
 

@@ -57,6 +57,103 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+VISION = "model.encoder.vision_tower."
+EMBED_VISION = "model.encoder.embed_vision.embedding_projection.weight"
+CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
+
+
+def vision_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the vision tower and its projector into the text model, mapped to its shape
+    (empty for a checkpoint without a vision tower)."""
+    v = cfg.vision
+    if v is None:
+        return {}
+    hv, p = v.hidden_size, v.patch_size
+    shapes: dict[str, tuple[int, ...]] = {
+        VISION + "patch_embedder.input_proj.weight": (hv, 3 * p * p),
+        VISION + "patch_embedder.position_embedding_table": (2, v.position_embedding_size, hv),
+        EMBED_VISION: (cfg.hidden_size, hv),
+    }
+    if v.standardize:
+        shapes[VISION + "std_bias"] = (hv,)
+        shapes[VISION + "std_scale"] = (hv,)
+    linears = {"self_attn.q_proj": (v.num_heads * v.head_dim, hv), "self_attn.k_proj": (v.num_kv_heads * v.head_dim, hv),
+               "self_attn.v_proj": (v.num_kv_heads * v.head_dim, hv), "self_attn.o_proj": (hv, v.num_heads * v.head_dim),
+               "mlp.gate_proj": (v.intermediate_size, hv), "mlp.up_proj": (v.intermediate_size, hv),
+               "mlp.down_proj": (hv, v.intermediate_size)}
+    for i in range(v.num_layers):
+        p_ = f"{VISION}encoder.layers.{i}."
+        for name, shape in linears.items():
+            shapes[p_ + name + ".linear.weight"] = shape
+            if v.use_clipped_linears:
+                shapes.update({f"{p_}{name}.{b}": () for b in CLIP_BOUNDS})
+        shapes[p_ + "self_attn.q_norm.weight"] = (v.head_dim,)
+        shapes[p_ + "self_attn.k_norm.weight"] = (v.head_dim,)
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            shapes[p_ + norm + ".weight"] = (hv,)
+    return shapes
+
+
+@dataclass(slots=True)
+class ClippedLinear:
+    weight: torch.Tensor  # [out, in]
+    bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # input min/max, output min/max
+
+
+@dataclass(slots=True)
+class VisionLayerWeights:
+    q_proj: ClippedLinear
+    k_proj: ClippedLinear
+    v_proj: ClippedLinear
+    o_proj: ClippedLinear
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    input_norm: torch.Tensor
+    post_attn_norm: torch.Tensor
+    pre_ff_norm: torch.Tensor
+    post_ff_norm: torch.Tensor
+    gate: ClippedLinear
+    up: ClippedLinear
+    down: ClippedLinear
+
+
+@dataclass(slots=True)
+class VisionWeights:
+    input_proj: torch.Tensor  # [Hv, 3 * patch²]
+    position_table: torch.Tensor  # [2, position_embedding_size, Hv]: x then y
+    layers: list[VisionLayerWeights]
+    std_bias: torch.Tensor | None
+    std_scale: torch.Tensor | None
+    projection: torch.Tensor  # [H, Hv]: embed_vision, into the text model
+
+    @classmethod
+    def from_tensors(cls, cfg: ModelConfig, t: dict[str, torch.Tensor]) -> "VisionWeights | None":
+        v = cfg.vision
+        if v is None or EMBED_VISION not in t:
+            return None
+
+        def linear(prefix: str) -> ClippedLinear:
+            bounds = tuple(t[f"{prefix}.{b}"] for b in CLIP_BOUNDS) if v.use_clipped_linears else None
+            return ClippedLinear(t[prefix + ".linear.weight"], bounds)
+
+        layers = []
+        for i in range(v.num_layers):
+            p = f"{VISION}encoder.layers.{i}."
+            layers.append(VisionLayerWeights(
+                q_proj=linear(p + "self_attn.q_proj"), k_proj=linear(p + "self_attn.k_proj"),
+                v_proj=linear(p + "self_attn.v_proj"), o_proj=linear(p + "self_attn.o_proj"),
+                q_norm=t[p + "self_attn.q_norm.weight"], k_norm=t[p + "self_attn.k_norm.weight"],
+                input_norm=t[p + "input_layernorm.weight"], post_attn_norm=t[p + "post_attention_layernorm.weight"],
+                pre_ff_norm=t[p + "pre_feedforward_layernorm.weight"],
+                post_ff_norm=t[p + "post_feedforward_layernorm.weight"],
+                gate=linear(p + "mlp.gate_proj"), up=linear(p + "mlp.up_proj"), down=linear(p + "mlp.down_proj")))
+        return cls(input_proj=t[VISION + "patch_embedder.input_proj.weight"],
+                   position_table=t[VISION + "patch_embedder.position_embedding_table"], layers=layers,
+                   std_bias=t.get(VISION + "std_bias"), std_scale=t.get(VISION + "std_scale"),
+                   projection=t[EMBED_VISION])
+
+
 def ignored_kind(key: str) -> str | None:
     """Why a checkpoint tensor outside :func:`expected_shapes` may be skipped, or None if it is unexpected."""
     if key.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")):
@@ -109,6 +206,7 @@ class ModelWeights:
     sc_up: torch.Tensor
     sc_down: torch.Tensor
     layers: list[LayerWeights]
+    vision: VisionWeights | None = None  # the vision tower, when the checkpoint has one and it was loaded
 
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, t: dict[str, torch.Tensor]) -> "ModelWeights":
@@ -143,6 +241,7 @@ class ModelWeights:
             sc_pre_norm=t[d + "self_conditioning.pre_norm.weight"],
             sc_gate=t[d + "self_conditioning.gate_proj.weight"], sc_up=t[d + "self_conditioning.up_proj.weight"],
             sc_down=t[d + "self_conditioning.down_proj.weight"], layers=layers,
+            vision=VisionWeights.from_tensors(cfg, t),
         )
 
 

@@ -36,9 +36,10 @@ class AttentionOpsMixin:
     def _attention_fits(q: torch.Tensor) -> bool:
         return q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] in (256, 512)
 
-    def encoder_attention(self, q, k, v, cache, layer, start, valid):
-        if not self._attention_fits(q):
-            return super().encoder_attention(q, k, v, cache, layer, start, valid)
+    def encoder_attention(self, q, k, v, cache, layer, start, valid, blocks=None):
+        # NOTE: the kernel is causal only; a prompt with images attending to themselves whole runs the reference.
+        if blocks is not None or not self._attention_fits(q):
+            return super().encoder_attention(q, k, v, cache, layer, start, valid, blocks)
         spec = cache.config.layers[layer]
         ring = cache.ring_size(layer) if spec.is_sliding else 0
         return cuda_attention.encoder_attention(q, k, v, cache.keys[layer], cache.values[layer], start, ring,

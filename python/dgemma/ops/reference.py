@@ -144,12 +144,14 @@ class ReferenceOps:
     # -- attention over the KV cache -----------------------------------------------------------
 
     def encoder_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, start: int,
-                          valid: torch.Tensor) -> torch.Tensor:
+                          valid: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention of new tokens at positions ``start..start+T-1`` over ``[cached ; new]``.
 
         q [B, Hq, T, D]; k, v [B, Hkv, T, D] (not yet in the cache); ``valid`` [B, capacity] marks real
         tokens, the new ones included, or is None when nothing cached or new is padding. Sliding layers
-        see keys with ``qpos - window < kpos <= qpos``.
+        see keys with ``qpos - window < kpos <= qpos``. ``blocks`` [B, T] (or None) numbers the new tokens'
+        images (−1 for text): tokens of one image also see each other whole, whatever their order or
+        distance (padding stays excluded).
         Returns [B, T, Hq, D]. The cache is not written here.
         """
         t = q.shape[2]
@@ -161,7 +163,13 @@ class ReferenceOps:
         window = cache.config.layers[layer].window
         if window is not None:
             mask &= kpos[None, :] > positions[:, None] - window
-        mask = mask[None] if valid is None else mask[None] & valid[:, kpos][:, None, :]
+        mask = mask[None]
+        if blocks is not None:
+            same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)  # [B, T, T]
+            past = torch.zeros(same.shape[0], t, keys.shape[2] - t, dtype=torch.bool, device=q.device)
+            mask = mask | torch.cat((past, same), dim=-1)
+        if valid is not None:
+            mask = mask & valid[:, kpos][:, None, :]
         return self.attention(q, keys, values, mask)
 
     def decoder_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int) -> torch.Tensor:
