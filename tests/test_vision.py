@@ -96,7 +96,7 @@ def test_logits_with_images_match_transformers(models, name):
     ids, types = prompt_with_images(counts)
     canvas = torch.randint(0, 131, (1, 8), generator=torch.Generator().manual_seed(3))
     ref = hf_logits(hf, ids, types, pixels, positions, canvas)
-    cache = eng.encode(ids, pixel_values=pixels, image_positions=positions)
+    cache = eng.encode(ids, pixel_values=pixels, image_position_ids=positions)
     ours = eng.denoise(cache, canvas)
     err = ((ours - ref).norm() / ref.norm()).item()
     assert err < 1e-5, err
@@ -135,9 +135,12 @@ def test_generate_with_images_matches_transformers(models, name):
     kw = dict(max_new_tokens=16, max_denoising_steps=6, eos_token_id=[1], pad_token_id=0)
     torch.manual_seed(11)
     ref = hf.generate(ids, pixel_values=pixels, image_position_ids=positions, mm_token_type_ids=types, **kw)
-    ours = eng.generate(ids, pixel_values=pixels, image_positions=positions,
+    ours = eng.generate(ids, pixel_values=pixels, image_position_ids=positions,
                         generator=torch.Generator().manual_seed(11), **kw)
     assert torch.equal(ours.sequences, ref.sequences)
+    typed = eng.generate(ids, pixel_values=pixels, image_position_ids=positions, mm_token_type_ids=types,
+                         generator=torch.Generator().manual_seed(11), **kw)
+    assert torch.equal(typed.sequences, ref.sequences)
 
 
 def test_image_argument_errors(models):
@@ -145,12 +148,12 @@ def test_image_argument_errors(models):
     pixels, positions, counts = image_patches([(6, 3)])
     ids, _ = prompt_with_images(counts)
     cases = [
-        (dict(pixel_values=pixels), "pixel_values and image_positions go together"),
-        (dict(pixel_values=pixels[..., :10], image_positions=positions), "expected a float tensor [images, patches, 768]"),
-        (dict(pixel_values=pixels, image_positions=positions[:, :9]), "expected an integer tensor [1, 27, 2]"),
-        (dict(pixel_values=pixels, image_positions=positions.float()), "expected an integer tensor"),
-        (dict(pixel_values=pixels[:, :10], image_positions=positions[:, :10]), "positive multiple of 9 patches"),
-        (dict(pixel_values=pixels, image_positions=positions + 20000), "image_positions must lie in [-1, 10240)"),
+        (dict(pixel_values=pixels), "pixel_values and image_position_ids go together"),
+        (dict(pixel_values=pixels[..., :10], image_position_ids=positions), "expected a float tensor [images, patches, 768]"),
+        (dict(pixel_values=pixels, image_position_ids=positions[:, :9]), "expected an integer tensor [1, 27, 2]"),
+        (dict(pixel_values=pixels, image_position_ids=positions.float()), "expected an integer tensor"),
+        (dict(pixel_values=pixels[:, :10], image_position_ids=positions[:, :10]), "positive multiple of 9 patches"),
+        (dict(pixel_values=pixels, image_position_ids=positions + 20000), "image_position_ids must lie in [-1, 10240)"),
     ]
     for kwargs, message in cases:
         with pytest.raises(DgemmaError) as e:
@@ -158,10 +161,14 @@ def test_image_argument_errors(models):
         assert message in str(e.value), (kwargs.keys(), str(e.value))
     extra = torch.cat((ids[:, :5], torch.full((1, 1), IMAGE), ids[:, 5:]), dim=1)  # one placeholder too many
     with pytest.raises(DgemmaError, match=r"the prompt has 3 image placeholder tokens \(id 128\) but the images give 2"):
-        eng.encode(extra, pixel_values=pixels, image_positions=positions)
+        eng.encode(extra, pixel_values=pixels, image_position_ids=positions)
+    with pytest.raises(DgemmaError, match=r"mm_token_type_ids has shape \[1, 3\]"):
+        eng.encode(ids, mm_token_type_ids=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(DgemmaError, match=r"must be 0 \(text\), 1 \(image\), 2 \(video\) or 3"):
+        eng.encode(ids, mm_token_type_ids=torch.full_like(ids, 7))
     cache = eng.new_cache(1, 64)
     with pytest.raises(DgemmaError):
-        eng.encode(ids, cache=cache, pixel_values=pixels, image_positions=positions[:, :9])
+        eng.encode(ids, cache=cache, pixel_values=pixels, image_position_ids=positions[:, :9])
     assert cache.length == 0  # the cache is untouched by a refused call
 
 
@@ -171,7 +178,7 @@ def test_text_only_checkpoint_refuses_images():
     eng = random_engine("tiny", seed=1)
     pixels, positions, _ = image_patches([(3, 3)])
     with pytest.raises(DgemmaError, match="this model has no vision tower"):
-        eng.encode(torch.tensor([[5, 6, 7]]), pixel_values=pixels, image_positions=positions)
+        eng.encode(torch.tensor([[5, 6, 7]]), pixel_values=pixels, image_position_ids=positions)
 
 
 def test_incomplete_or_absent_vision_tower(tmp_path, caplog):
@@ -194,4 +201,4 @@ def test_incomplete_or_absent_vision_tower(tmp_path, caplog):
     assert "has a vision_config but no vision-tower tensors" in caplog.text
     pixels, positions, counts = image_patches([(3, 3)])
     with pytest.raises(DgemmaError, match="this model has no vision tower"):
-        eng.encode(prompt_with_images(counts)[0], pixel_values=pixels, image_positions=positions)
+        eng.encode(prompt_with_images(counts)[0], pixel_values=pixels, image_position_ids=positions)

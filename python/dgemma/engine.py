@@ -158,20 +158,22 @@ class Engine:
     @torch.inference_mode()
     def encode(self, input_ids, *, cache: KVCache | None = None, attention_mask=None,
                capacity: int | None = None, pixel_values: torch.Tensor | None = None,
-               image_positions: torch.Tensor | None = None) -> KVCache:
+               image_position_ids: torch.Tensor | None = None, mm_token_type_ids=None) -> KVCache:
         """Run the causal encoder over ``input_ids`` [B, T] and append their K/V to ``cache``.
 
         Without ``cache`` a new one is created with room for ``capacity`` tokens (default: T plus
         8 canvases, at most ``max_position_embeddings``). ``attention_mask`` [B, T] (1 = token,
         0 = padding) keeps padding out of every later attention. ``pixel_values`` [N, P, 3·patch²] and
-        ``image_positions`` [N, P, 2] (from :func:`dgemma.vision_inputs.preprocess_images`) are N images
+        ``image_position_ids`` [N, P, 2] (from :func:`dgemma.vision_inputs.preprocess_images`) are N images
         whose soft tokens replace, in order, the prompt's image placeholder tokens
-        (``config.image_token_id``; their count must match). The cache is returned; on error it is
-        left unchanged.
+        (``config.image_token_id``; their count must match). ``mm_token_type_ids`` [B, T] (0 text,
+        1 image, 2 video, as transformers' processor returns it) marks each image's tokens; by default
+        they are the placeholder ids. The cache is returned; on error it is left unchanged.
         """
         ids = self.token_ids(input_ids, "input_ids")
         b, t = ids.shape
-        features = self.image_features(ids, pixel_values, image_positions)
+        features = self.image_features(ids, pixel_values, image_position_ids)
+        types = self.token_types(mm_token_type_ids, ids)
         if cache is None:
             if capacity is None:
                 capacity = min(t + DEFAULT_CACHE_CANVASES * self.config.canvas_length,
@@ -183,16 +185,29 @@ class Engine:
             self._check_cache(cache, b)
             cache.check_room(t)
         mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
-        self.model.encode(ids, cache, mask, features)
+        self.model.encode(ids, cache, mask, features, types)
         return cache
 
-    @torch.inference_mode()
-    def image_features(self, ids: torch.Tensor, pixel_values, image_positions) -> torch.Tensor | None:
-        """The vision tower's soft tokens [n, H] for the n image placeholders of ``ids`` (None without images)."""
-        if pixel_values is None and image_positions is None:
+    def token_types(self, mm_token_type_ids, ids: torch.Tensor) -> torch.Tensor | None:
+        """``mm_token_type_ids`` validated against ``ids``: [B, T] integers in 0..3 (None stays None)."""
+        if mm_token_type_ids is None:
             return None
-        if pixel_values is None or image_positions is None:
-            raise DgemmaError("pixel_values and image_positions go together: pass both or neither")
+        types = torch.as_tensor(mm_token_type_ids, device=self.device)
+        if list(types.shape) != list(ids.shape) or types.is_floating_point() or types.dtype == torch.bool:
+            raise DgemmaError(f"mm_token_type_ids has shape {list(types.shape)} and dtype {types.dtype}, expected "
+                              f"integers of the input's shape {list(ids.shape)}")
+        if types.numel() and (int(types.min()) < 0 or int(types.max()) > 3):
+            raise DgemmaError(f"mm_token_type_ids must be 0 (text), 1 (image), 2 (video) or 3 (audio), got values "
+                              f"{int(types.min())}..{int(types.max())}")
+        return types.long()
+
+    @torch.inference_mode()
+    def image_features(self, ids: torch.Tensor, pixel_values, image_position_ids) -> torch.Tensor | None:
+        """The vision tower's soft tokens [n, H] for the n image placeholders of ``ids`` (None without images)."""
+        if pixel_values is None and image_position_ids is None:
+            return None
+        if pixel_values is None or image_position_ids is None:
+            raise DgemmaError("pixel_values and image_position_ids go together: pass both or neither")
         cfg = self.config
         if self.model.vision is None:
             raise DgemmaError("this model has no vision tower (no vision_config, or its tensors were not in the "
@@ -204,18 +219,18 @@ class Engine:
             got = list(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise DgemmaError(f"pixel_values has shape {got}, expected a float tensor [images, patches, {width}]")
         n, p = pixel_values.shape[:2]
-        if not isinstance(image_positions, torch.Tensor) or list(image_positions.shape) != [n, p, 2] \
-                or image_positions.is_floating_point():
-            got = list(image_positions.shape) if isinstance(image_positions, torch.Tensor) else \
-                type(image_positions).__name__
-            raise DgemmaError(f"image_positions has shape {got}, expected an integer tensor [{n}, {p}, 2]")
+        if not isinstance(image_position_ids, torch.Tensor) or list(image_position_ids.shape) != [n, p, 2] \
+                or image_position_ids.is_floating_point():
+            got = list(image_position_ids.shape) if isinstance(image_position_ids, torch.Tensor) else \
+                type(image_position_ids).__name__
+            raise DgemmaError(f"image_position_ids has shape {got}, expected an integer tensor [{n}, {p}, 2]")
         k2 = v.pooling_kernel_size**2
         if n == 0 or p == 0 or p % k2:
             raise DgemmaError(f"pixel_values has {n} images of {p} patches: expected at least one image and a "
                               f"positive multiple of {k2} patches (pooling_kernel_size²)")
-        positions = image_positions.to(self.device, torch.long)
+        positions = image_position_ids.to(self.device, torch.long)
         if int(positions.min()) < -1 or int(positions.max()) >= v.position_embedding_size:
-            raise DgemmaError(f"image_positions must lie in [-1, {v.position_embedding_size}) "
+            raise DgemmaError(f"image_position_ids must lie in [-1, {v.position_embedding_size}) "
                               f"(vision position_embedding_size), got {int(positions.min())}..{int(positions.max())}")
         features = self.model.image_features(pixel_values.to(self.device, torch.float32), positions)
         placeholders = int((ids == cfg.image_token_id).sum()) if cfg.image_token_id is not None else 0
@@ -255,7 +270,7 @@ class Engine:
                  generator: torch.Generator | None = None, seed: int | None = None, stream=None,
                  attention_mask=None, canvas=None, cache: KVCache | None = None,
                  capacity: int | None = None, pixel_values: torch.Tensor | None = None,
-                 image_positions: torch.Tensor | None = None) -> GenerationResult:
+                 image_position_ids: torch.Tensor | None = None, mm_token_type_ids=None) -> GenerationResult:
         """Generate with the block-diffusion loop and the entropy-bounded sampler.
 
         Args:
@@ -275,8 +290,8 @@ class Engine:
             cache: continue a conversation held in this cache.
             capacity: size of the cache created when none is given (default: what this call needs, so
                 pass more to continue the conversation from ``result.cache`` later).
-            pixel_values, image_positions: images whose soft tokens fill the prompt's image placeholders
-                (see :meth:`encode`).
+            pixel_values, image_position_ids, mm_token_type_ids: images whose soft tokens fill the prompt's
+                image placeholders (see :meth:`encode`).
         Returns:
             :class:`GenerationResult` with ``sequences``, ``steps_per_block``, ``tokens_per_forward`` and
             ``timings`` (the text front end, :class:`dgemma.text.TextEngine`, adds ``texts``/``responses``).
@@ -290,16 +305,18 @@ class Engine:
                                           pad_token_id=pad_token_id, generator=generator, seed=seed,
                                           attention_mask=attention_mask, canvas=canvas, cache=cache,
                                           capacity=capacity, pixel_values=pixel_values,
-                                          image_positions=image_positions), stream)
+                                          image_position_ids=image_position_ids,
+                                          mm_token_type_ids=mm_token_type_ids), stream)
 
-    def generate_stream(self, input_ids, *, attention_mask=None, pixel_values=None, image_positions=None,
-                        **kwargs):
+    def generate_stream(self, input_ids, *, attention_mask=None, pixel_values=None, image_position_ids=None,
+                        mm_token_type_ids=None, **kwargs):
         """Like :meth:`generate`, as an iterator: a :class:`StreamEvent` per draft and per committed
         block, then the :class:`GenerationResult`. Generation advances as the iterator is consumed."""
         ids = self.token_ids(input_ids)
         mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
         args = self._resolve(ids, **kwargs)  # bad arguments raise here, before the first item
-        args["image_features"] = self.image_features(ids, pixel_values, image_positions)
+        args["image_features"] = self.image_features(ids, pixel_values, image_position_ids)
+        args["mm_token_type_ids"] = self.token_types(mm_token_type_ids, ids)
         return self._run(ids, mask, args)
 
     @torch.inference_mode()

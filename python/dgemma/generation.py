@@ -80,7 +80,7 @@ def _finalize_block(seq: torch.Tensor, finished: torch.Tensor, canvas: int, max_
 def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: GenerationSettings, *,
                    eos_token_ids: list[int] | None, pad_token_id: int | None, generator: torch.Generator | None,
                    canvas: torch.Tensor | None, cache: KVCache, image_features: torch.Tensor | None = None,
-                   ) -> Iterator[StreamEvent | GenerationResult]:
+                   mm_token_type_ids: torch.Tensor | None = None) -> Iterator[StreamEvent | GenerationResult]:
     """Yield stream events, then the :class:`GenerationResult`. Inputs are already validated (ids, mask,
     cache room; ``image_features`` fill the prompt's image placeholders)."""
     cfg, device = engine.config, engine.device
@@ -100,7 +100,7 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
     for block in range(n_blocks):
         t0 = time.perf_counter()
         if block == 0:
-            engine.model.encode(ids, cache, attention_mask, image_features)
+            engine.model.encode(ids, cache, attention_mask, image_features, mm_token_type_ids)
         else:
             engine.model.encode(seq[:, -c:], cache)
         timings["encode_s"] += time.perf_counter() - t0
