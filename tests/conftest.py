@@ -6,6 +6,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# NOTE: the CPU tests run single-threaded: on a small, busy machine torch's default thread pool
+# oversubscribes the cores and single files slow down by an order of magnitude or more.
+# DGEMMA_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("DGEMMA_TEST_THREADS", "1")))
+
 
 def _cuda_ready() -> str | None:
     from dgemma import _ext
