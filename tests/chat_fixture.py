@@ -50,13 +50,24 @@ TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int = 320):
+# Gemma 4's vision tokens (begin of image, image soft token, end of image, video soft token).
+VISION_TOKENS = ["<|image>", "<|image|>", "<image|>", "<|video|>"]
+BOI, IMAGE, EOI = (len(CONTROL) + i for i in range(3))
+
+# The same turn format with content parts: an image part is written as one <|image|> placeholder.
+MULTIMODAL_TEMPLATE = TEMPLATE.replace(
+    "(m.content or '')",
+    "((m.content or '') if m.content is string else (m.content | map(attribute='text', default='<|image|>') "
+    "| join('')))")
+
+
+def build_tokenizer(vocab_size: int = 320, *, vision: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CONTROL,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CONTROL + (VISION_TOKENS if vision else []),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer=trainer)
     return tok
@@ -77,4 +88,27 @@ def write_chat_checkpoint(path, *, seed: int = 0, with_template: bool = True, ca
     if with_template:
         with open(os.path.join(path, "chat_template.jinja"), "w") as f:
             f.write(TEMPLATE)
+    return path
+
+
+def write_multimodal_checkpoint(path, *, seed: int = 0, bidirectional: bool = True) -> str:
+    """A transformers-written random DiffusionGemma with a vision tower, the tokenizer above with Gemma 4's
+    vision tokens (their ids are the config's image/boi/eoi ids) and the chat template with image parts."""
+    from hf_checkpoints import build_hf_model
+
+    tok = build_tokenizer(vision=True)
+    assert tok.token_to_id("<|image|>") == IMAGE
+    model = build_hf_model("odd", seed=seed, canvas_length=8,
+                           text_overrides=dict(vocab_size=tok.get_vocab_size(),
+                                               use_bidirectional_attention="vision" if bidirectional else None),
+                           config_overrides=dict(image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI))
+    model.save_pretrained(path)
+    path = os.fspath(path)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}, f)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [1, TURN_END], "pad_token_id": 0, "max_new_tokens": 16, "max_denoising_steps": 5}, f)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(MULTIMODAL_TEMPLATE)
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -88,13 +89,29 @@ def _print_reply(result, show_thinking: bool = True) -> None:
     print(result.text)
 
 
+def _user_turn(text: str, images: list[str]) -> dict:
+    """A user message: the images (content parts, in order) before the text, as the model card advises."""
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]}
+
+
+def _check_images(paths: list[str]) -> None:
+    for p in paths:
+        if not os.path.isfile(p):
+            raise DgemmaError(f"--image {p}: no such file")
+
+
 def _generate(args: argparse.Namespace) -> int:
-    eng = _load(args)
-    printer = _DraftPrinter(eng.tokenizer) if args.show_drafts else None
-    inputs = [{"role": "user", "content": args.prompt}] if args.chat or args.thinking else args.prompt
     if not args.prompt:
         raise DgemmaError("--prompt is empty")
-    result = eng.generate(inputs, thinking=args.thinking, stream=printer, **_gen_kwargs(args))
+    _check_images(args.image)
+    eng = _load(args)
+    printer = _DraftPrinter(eng.tokenizer) if args.show_drafts else None
+    chat = args.chat or args.thinking or args.image
+    inputs = [_user_turn(args.prompt, args.image)] if chat else args.prompt
+    result = eng.generate(inputs, thinking=args.thinking, stream=printer, max_image_tokens=args.image_tokens,
+                          **_gen_kwargs(args))
     if printer is not None:
         printer.done()
     _print_reply(result)
@@ -108,7 +125,10 @@ def _chat(args: argparse.Namespace) -> int:
     eng = _load(args)
     session = eng.chat(system=args.system, thinking=args.thinking)
     printer = _DraftPrinter(eng.tokenizer) if args.show_drafts else None
-    print("dgemma chat: type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    print("dgemma chat: type a message; /image PATH attaches an image to the next one; /reset starts over, "
+          "/exit or Ctrl-D quits.", file=sys.stderr)
+    images: list[str] = list(args.image)
+    _check_images(images)
     while True:
         try:
             line = input("> ")
@@ -122,12 +142,22 @@ def _chat(args: argparse.Namespace) -> int:
             return 0
         if line == "/reset":
             session = eng.chat(system=args.system, thinking=args.thinking)
+            images = []
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not os.path.isfile(path):
+                print(f"dgemma: error: /image {path}: no such file", file=sys.stderr)
+            else:
+                images.append(path)
             continue
         try:
-            result = session.send(line, stream=printer, **_gen_kwargs(args))
+            result = session.send(_user_turn(line, images), stream=printer, max_image_tokens=args.image_tokens,
+                                  **_gen_kwargs(args))
         except DgemmaError as e:  # a bad turn leaves the session usable
             print(f"dgemma: error: {e}", file=sys.stderr)
             continue
+        images = []
         if printer is not None:
             printer.done()
         _print_reply(result)
@@ -176,6 +206,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="maximum denoising steps per canvas (default: generation_config.json or 48)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible output")
     p.add_argument("--show-drafts", action="store_true", help="show the canvas after every denoising step")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the (first) user turn; repeatable, in order (needs a checkpoint with a vision "
+                        "tower)")
+    p.add_argument("--image-tokens", type=int, default=280, choices=[70, 140, 280, 560, 1120],
+                   help="soft tokens per image at most (default: 280)")
 
 
 class _Parser(argparse.ArgumentParser):

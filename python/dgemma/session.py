@@ -39,24 +39,33 @@ class ChatSession:
     def _new_cache(self):
         return self.engine.new_cache(1, self.context, rollback=self.budget)
 
-    def send(self, message: str | dict, **generate_kwargs):
-        """Add a user turn (a string) or any message dict (e.g. a tool result) and generate the reply.
+    def send(self, message: str | dict, *, max_image_tokens: int = 280, **generate_kwargs):
+        """Add a user turn (a string) or any message dict (e.g. a tool result, or content parts with images)
+        and generate the reply.
 
         Only the tokens the cache does not already hold are encoded: the cache is rolled back to the
-        longest common prefix of what it holds and the newly rendered conversation. Where that is not
-        possible (history rewritten further back than one answer), the conversation is re-encoded.
+        longest common prefix of what it holds and the newly rendered conversation (an image is never
+        split: its tokens are kept whole or encoded again with its pixels). Where that is not possible
+        (history rewritten further back than one answer), the conversation is re-encoded.
         """
+        from .prompts import render_chat
+
         generate_kwargs.setdefault("max_new_tokens", self.max_new_tokens)
         if isinstance(message, str):
             message = {"role": "user", "content": message}
         candidate = self.messages + [message]
-        ids = self.engine.tokenizer.encode(
-            self.engine.chat_template.render(candidate, tools=self.tools, thinking=self.thinking))
+        rows, images = render_chat(self.engine, [candidate], tools=self.tools, thinking=self.thinking,
+                                   max_image_tokens=max_image_tokens)
+        ids = rows[0]
         common = 0
         for a, b in zip(self.cached_ids, ids):
             if a != b:
                 break
             common += 1
+        spans = _image_spans(ids, self.engine.config.image_token_id) if images else []
+        for start, end in spans:
+            if start < common < end:
+                common = start
         if self.cache is None or common == 0 or self.cache.length - common > self.cache.rollback:
             self.cache, common = self._new_cache(), 0
         else:
@@ -64,8 +73,14 @@ class ChatSession:
         new_ids = ids[common:]
         if not new_ids:
             raise DgemmaError("the new message adds no tokens to the conversation")
+        cached_images = sum(1 for start, _ in spans if start < common)
+        extra = {}
+        if len(spans) > cached_images:
+            extra = {"pixel_values": images["pixel_values"][cached_images:],
+                     "image_position_ids": images["image_position_ids"][cached_images:],
+                     "mm_token_type_ids": [[int(t == self.engine.config.image_token_id) for t in new_ids]]}
         # Ids through the engine's own generate (no re-rendering), then parsed as a chat reply.
-        result = Engine.generate(self.engine, [new_ids], cache=self.cache, **generate_kwargs)
+        result = Engine.generate(self.engine, [new_ids], cache=self.cache, **extra, **generate_kwargs)
         self.engine.attach_text(result, chat=True)
         self.reencoded_tokens = len(new_ids)
         kept = self.cache.length - common
@@ -77,3 +92,18 @@ class ChatSession:
         """Send a tool's result back as a ``tool`` turn and generate the model's follow-up."""
         content = result if isinstance(result, str) else json.dumps(result)
         return self.send({"role": "tool", "name": name, "content": content}, **generate_kwargs)
+
+
+def _image_spans(ids: list[int], image_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of image soft tokens, widened by the begin/end-of-image token around it."""
+    spans, i = [], 0
+    while i < len(ids):
+        if ids[i] == image_id:
+            j = i
+            while j < len(ids) and ids[j] == image_id:
+                j += 1
+            spans.append((max(i - 1, 0), min(j + 1, len(ids))))
+            i = j
+        else:
+            i += 1
+    return spans

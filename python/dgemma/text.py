@@ -57,23 +57,30 @@ class TextEngine(Engine):
                            max_new_tokens=max_new_tokens)
 
     def generate(self, inputs, *, attention_mask=None, thinking: bool = False, tools: list[dict] | None = None,
-                 stream=None, **kwargs) -> GenerationResult:
+                 max_image_tokens: int = 280, stream=None, **kwargs) -> GenerationResult:
         """:meth:`Engine.generate` for token ids ``[B, T]``, a string, a list of strings (left-padded into a
         batch), chat messages (``[{"role": ..., "content": ...}, ...]``) or a list of conversations.
 
+        Chat content may hold image parts (``{"type": "image", "image": path | bytes | PIL image | array}``);
+        each image takes ``max_image_tokens`` soft tokens at most (70, 140, 280, 560 or 1120).
         ``thinking`` and ``tools`` are passed to the chat template (chat inputs only). The result's
         ``texts`` hold each row's decoded new text (up to the first end-of-sequence id) when the
         checkpoint has a tokenizer; for chat inputs ``responses`` hold the parsed replies.
         """
-        prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools)
-        result = super().generate(prompt.ids, attention_mask=prompt.attention_mask, stream=stream, **kwargs)
+        prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools,
+                         max_image_tokens=max_image_tokens)
+        result = super().generate(prompt.ids, attention_mask=prompt.attention_mask, stream=stream,
+                                  **prompt.images, **kwargs)
         self.attach_text(result, chat=prompt.is_chat)
         return result
 
-    def generate_stream(self, inputs, *, attention_mask=None, thinking: bool = False, tools=None, **kwargs):
+    def generate_stream(self, inputs, *, attention_mask=None, thinking: bool = False, tools=None,
+                        max_image_tokens: int = 280, **kwargs):
         """:meth:`generate` as an iterator of stream events, then the :class:`GenerationResult`."""
-        prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools)
-        events = super().generate_stream(prompt.ids, attention_mask=prompt.attention_mask, **kwargs)
+        prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools,
+                         max_image_tokens=max_image_tokens)
+        events = super().generate_stream(prompt.ids, attention_mask=prompt.attention_mask, **prompt.images,
+                                         **kwargs)
         return self._with_text(events, prompt)
 
     def _with_text(self, events, prompt: Prompt):

@@ -1,0 +1,115 @@
+"""Images through the text front end: chat messages with image parts (generate, generate_stream,
+ChatSession with cache reuse, the CLI), against transformers' generate on the same inputs."""
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from chat_fixture import IMAGE, write_multimodal_checkpoint
+from conftest import load_hf
+
+import dgemma
+from dgemma.vision_inputs import VisionTokens, expand_image_tokens, preprocess_images
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_multimodal_checkpoint(tmp_path_factory.mktemp("mm"))
+
+
+@pytest.fixture(scope="module")
+def engines(ckpt):
+    return load_hf(ckpt, torch.float32), dgemma.load(ckpt, dtype=torch.float32)
+
+
+def picture(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return PIL.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_chat_with_images_matches_transformers(engines, tmp_path):
+    hf, eng = engines
+    first, second = picture(64, 40, 1), picture(30, 90, 2)
+    path = tmp_path / "second.png"
+    second.save(path)
+    messages = [{"role": "user", "content": [{"type": "image", "image": first}, {"type": "text", "text": "What is"},
+                                             {"type": "image", "image": str(path)},
+                                             {"type": "text", "text": " in the sky?"}]}]
+    kw = dict(max_new_tokens=16, max_denoising_steps=5, eos_token_id=[1], pad_token_id=0)
+    ours = eng.generate(messages, max_image_tokens=70, generator=torch.Generator().manual_seed(4), **kw)
+    # The same inputs built by hand: the template's text, placeholders expanded, the processor's pixels.
+    text = eng.chat_template.render(messages)
+    assert text.count("<|image|>") == 2
+    images = preprocess_images([first, second], max_soft_tokens=70)
+    tokens = VisionTokens.from_tokenizer(eng.tokenizer)
+    ids = torch.tensor([eng.tokenizer.encode(expand_image_tokens(text, images, tokens=tokens))])
+    assert torch.equal(ours.sequences[:, : ids.shape[1]], ids)
+    types = (ids == IMAGE).long()
+    torch.manual_seed(4)
+    ref = hf.generate(ids, pixel_values=images.pixel_values, image_position_ids=images.image_position_ids,
+                      mm_token_type_ids=types, **kw)
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert ours.texts is not None and len(ours.responses) == 1
+    streamed = list(eng.generate_stream(messages, max_image_tokens=70, generator=torch.Generator().manual_seed(4), **kw))
+    assert torch.equal(streamed[-1].sequences, ours.sequences) and streamed[-1].texts == ours.texts
+
+
+def test_session_reuses_the_cache_of_earlier_images(engines):
+    _, eng = engines
+    turn1 = {"role": "user", "content": [{"type": "image", "image": png_bytes(picture(50, 50, 3))},
+                                         {"type": "text", "text": "Describe it."}]}
+    kw = dict(max_new_tokens=8, max_denoising_steps=3)
+    session = eng.chat()
+    session.send(turn1, max_image_tokens=70, seed=1, **kw)
+    follow = session.send("And the weather?", max_image_tokens=70, seed=2, **kw)
+    # A fresh session given the same history encodes everything, the image included, and agrees.
+    fresh = eng.chat()
+    fresh.messages = list(session.messages[:-2])
+    again = fresh.send("And the weather?", max_image_tokens=70, seed=2, **kw)
+    assert torch.equal(follow.new_tokens, again.new_tokens)
+    # The follow-up encoded neither the image's soft tokens nor its begin/end tokens again.
+    counts = preprocess_images([picture(50, 50, 3)], max_soft_tokens=70).num_soft_tokens_per_image
+    assert fresh.reencoded_tokens - session.reencoded_tokens >= counts[0] + 2
+
+
+def test_image_errors_leave_the_engine_usable(engines, ckpt):
+    _, eng = engines
+    bad = [
+        ([{"role": "user", "content": [{"type": "image", "image": "http://example.com/x.png"}]}], "download it first"),
+        ([{"role": "user", "content": [{"type": "image", "image": b"not an image"}]}], "cannot decode image bytes"),
+        ([{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}], "is a video"),
+        ([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}], "has type 'audio'"),
+        ([{"role": "user", "content": [{"type": "image"}]}], "without an 'image' value"),
+    ]
+    for messages, message in bad:
+        with pytest.raises(dgemma.DgemmaError) as e:
+            eng.generate(messages, max_new_tokens=8, max_denoising_steps=2)
+        assert message in str(e.value), str(e.value)
+    with pytest.raises(dgemma.DgemmaError, match="max_soft_tokens"):
+        eng.generate([{"role": "user", "content": [{"type": "image", "image": picture(8, 8, 1)}]}],
+                     max_image_tokens=100, max_new_tokens=8, max_denoising_steps=2)
+    ok = eng.generate([{"role": "user", "content": "still fine"}], max_new_tokens=8, max_denoising_steps=2, seed=0)
+    assert ok.new_tokens.shape == (1, 8)
+
+
+def test_cli_generate_with_an_image(ckpt, tmp_path):
+    path = tmp_path / "pic.png"
+    picture(40, 40, 5).save(path)
+    cmd = [sys.executable, "-m", "dgemma", "generate", "--model", ckpt, "--prompt", "What is this?", "--image",
+           str(path), "--image-tokens", "70", "--max-new-tokens", "8", "--steps", "2", "--seed", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    missing = subprocess.run(cmd[:-8] + ["--image", str(tmp_path / "nope.png")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no such file" in missing.stderr and len(missing.stderr.splitlines()) == 1
