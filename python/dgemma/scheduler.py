@@ -1,0 +1,191 @@
+"""Block-level scheduling of many generations on one engine (the server's worker).
+
+Requests join and leave at block boundaries: every scheduling round gives each active request one
+quantum — a prefill chunk of its prompt, or one 256-token block of denoising — so a long prompt or a long
+answer never stalls the others, and a new request starts at the next round. At most ``max_batch``
+requests are active; the rest wait in a queue. Each request has its own KV cache and its own seeded
+random stream, so its output does not depend on what else is running: the same request gives the same
+tokens alone or under load.
+
+NOTE: a round runs its requests' quanta one after another (one decoder pass per canvas); running the
+canvases of a round as one batch needs per-row positions in a shared cache and is the next step.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine import Engine
+from .errors import DgemmaError
+from .generation import GenerationResult, StreamEvent
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class Job:
+    """One generation request. ``emit(kind, payload)`` receives, from the worker thread, ``"draft"``
+    (a StreamEvent, only with ``drafts``), ``"block"`` (a StreamEvent), ``"done"`` (the GenerationResult)
+    or ``"error"`` (a message); exactly one of the last two ends every job, a cancelled one included."""
+
+    ids: list[int]
+    emit: Callable[[str, object], None]
+    kwargs: dict = field(default_factory=dict)  # Engine.generate keyword arguments (seed, settings, ...)
+    images: dict = field(default_factory=dict)  # pixel_values, image_position_ids, mm_token_type_ids
+    drafts: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # worker state
+    cache: object = None
+    position: int = 0  # prompt tokens encoded so far
+    events: object = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Scheduler:
+    """Runs :class:`Job` s on ``engine`` in a worker thread (see the module docstring)."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 1024,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
+            raise DgemmaError(f"max_batch ({max_batch}), max_queue ({max_queue}) and prefill_chunk "
+                              f"({prefill_chunk}) must be positive")
+        self.engine, self.max_batch, self.max_queue, self.prefill_chunk = engine, max_batch, max_queue, prefill_chunk
+        self.pending: collections.deque[Job] = collections.deque()
+        self.active: list[Job] = []
+        self.lock = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.stats = {"requests_total": 0, "requests_finished": 0, "requests_cancelled": 0, "requests_failed": 0,
+                      "tokens_total": 0, "blocks_total": 0, "block_seconds_total": 0.0, "rounds_total": 0}
+
+    # -- client side ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self.lock:
+            if self.running:
+                return
+            self.running = True
+        self.thread = threading.Thread(target=self._loop, name="dgemma-scheduler", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if not self.running:
+                raise DgemmaError("the scheduler is not running")
+            if len(self.pending) >= self.max_queue:
+                raise DgemmaError(f"the request queue is full ({self.max_queue} waiting)")
+            self.pending.append(job)
+            self.stats["requests_total"] += 1
+            self.lock.notify_all()
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return dict(self.stats, queue_length=len(self.pending), active=len(self.active), max_batch=self.max_batch)
+
+    # -- worker ---------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while self.running and not self.pending and not self.active:
+                    self.lock.wait()
+                if not self.running:
+                    jobs = list(self.pending) + self.active
+                    self.pending.clear()
+                    self.active.clear()
+                    break
+                while self.pending and len(self.active) < self.max_batch:
+                    self.active.append(self.pending.popleft())
+                round_jobs = list(self.active)
+                self.stats["rounds_total"] += 1
+            for job in round_jobs:
+                finished = self._quantum(job)
+                if finished:
+                    with self.lock:
+                        self.active.remove(job)
+        for job in jobs:
+            job.emit("error", "the server is shutting down")
+
+    def _quantum(self, job: Job) -> bool:
+        """One prefill chunk or one block of ``job``; True when the job has ended."""
+        if job.cancelled.is_set():
+            self._end(job, "requests_cancelled", "error", "cancelled")
+            return True
+        try:
+            with torch.inference_mode():
+                if job.events is None:
+                    self._prefill_or_start(job)
+                    return False
+                t0 = time.perf_counter()
+                for item in job.events:
+                    if isinstance(item, GenerationResult):
+                        self.stats["tokens_total"] += int(item.new_tokens.numel())
+                        self._end(job, "requests_finished", "done", item)
+                        return True
+                    if item.kind == "draft":
+                        if job.drafts:
+                            job.emit("draft", item)
+                        if job.cancelled.is_set():
+                            break
+                        continue
+                    with self.lock:
+                        self.stats["blocks_total"] += 1
+                        self.stats["block_seconds_total"] += time.perf_counter() - t0
+                    job.emit("block", item)
+                    return False
+                # cancelled inside a block (the generator is dropped with its cache)
+                self._end(job, "requests_cancelled", "error", "cancelled")
+                return True
+        except DgemmaError as e:
+            self._end(job, "requests_failed", "error", str(e))
+            return True
+        except Exception as e:  # noqa: BLE001  NOTE: a failing request must never take the worker down
+            self._end(job, "requests_failed", "error", f"internal error: {type(e).__name__}: {e}")
+            return True
+
+    def _prefill_or_start(self, job: Job) -> None:
+        """Encode the prompt in chunks (all but its last chunk), then start the generation on the rest.
+        Prompts with images are encoded whole (an image's tokens go through the encoder together)."""
+        eng = self.engine
+        ids = job.ids
+        if job.cache is None:
+            blocks = -(-job.kwargs.get("max_new_tokens", eng.generation_settings.max_new_tokens)
+                       // eng.config.canvas_length)
+            job.cache = eng.new_cache(1, len(ids) + blocks * eng.config.canvas_length)
+        rest = len(ids) - job.position
+        if not job.images and rest > self.prefill_chunk:
+            chunk = ids[job.position:job.position + self.prefill_chunk]
+            Engine.encode(eng, [chunk], cache=job.cache)
+            job.position += len(chunk)
+            return
+        kwargs = dict(job.kwargs)
+        if "seed" not in kwargs or kwargs["seed"] is None:
+            kwargs["seed"] = int.from_bytes(os.urandom(6), "little")
+        job.events = iter(Engine.generate_stream(eng, [ids[job.position:]], cache=job.cache, **job.images,
+                                                 **kwargs))
+
+    def _end(self, job: Job, counter: str, kind: str, payload) -> None:
+        with self.lock:
+            self.stats[counter] += 1
+        job.events, job.cache = None, None
+        job.emit(kind, payload)
+
+
+__all__ = ["Job", "PREFILL_CHUNK", "Scheduler", "StreamEvent"]

@@ -1,0 +1,541 @@
+"""``dgemma serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn, Server-Sent Events).
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``
+and ``GET /metrics`` (Prometheus text format). Requests run on a :class:`~dgemma.scheduler.Scheduler`
+(block-level scheduling, one KV cache and one seeded random stream per request).
+
+DiffusionGemma's own options are extra body fields: ``max_denoising_steps``, ``entropy_bound``,
+``t_max``, ``t_min``, ``stability_threshold``, ``confidence_threshold``, ``max_image_tokens``,
+``thinking`` (or ``chat_template_kwargs: {"enable_thinking": true}``) and ``stream_drafts`` (with
+``stream``: also send each denoising step's argmax canvas as ``choices[i].delta.draft``). Bad requests
+get OpenAI-style JSON errors (``{"error": {"message", "type", "param", "code"}}``) with a 4xx status.
+"""
+
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+from .chat import Response, check_tools, parse_response
+from .errors import DgemmaError
+from .scheduler import Job, Scheduler
+
+SAMPLER_FIELDS = {"max_denoising_steps": int, "entropy_bound": float, "t_max": float, "t_min": float,
+                  "stability_threshold": int, "confidence_threshold": float}
+MAX_N = 16
+
+
+class RequestError(Exception):
+    """A bad request: answered with ``status`` and an OpenAI-style error body."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# -- request parsing --------------------------------------------------------------------------------
+
+
+def _field(body: dict, name: str, kind, default=None, *, low=None, high=None):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise RequestError(f"'{name}' must be an integer, got {v!r}", param=name)
+    if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        raise RequestError(f"'{name}' must be a finite number, got {v!r}", param=name)
+    if kind is bool and not isinstance(v, bool):
+        raise RequestError(f"'{name}' must be true or false, got {v!r}", param=name)
+    if kind is str and not isinstance(v, str):
+        raise RequestError(f"'{name}' must be a string, got {v!r}", param=name)
+    if low is not None and v < low or high is not None and v > high:
+        raise RequestError(f"'{name}' = {v!r} is out of range [{low}, {high}]", param=name)
+    return float(v) if kind is float else v
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError("'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
+    return stops
+
+
+def _tool_arguments(call: dict, where: str) -> dict:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise RequestError(f"{where} must be {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}",
+                           param="messages")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise RequestError(f"{where}: arguments are not valid JSON", param="messages") from None
+    if not isinstance(args, dict):
+        raise RequestError(f"{where}: arguments must be a JSON object", param="messages")
+    return {"name": fn["name"], "arguments": args}
+
+
+def chat_messages(raw) -> list[dict]:
+    """OpenAI chat messages to the chat template's form: tool-call arguments as objects, tool results
+    named after their call, text/image content parts."""
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("'messages' must be a non-empty list", param="messages")
+    names: dict[str, str] = {}
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            role = m.get("role") if isinstance(m, dict) else m
+            raise RequestError(f"messages[{i}] has role {role!r}, expected system, user, assistant or tool",
+                               param="messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, p in enumerate(content):
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind == "text" and isinstance(p.get("text"), str):
+                    parts.append({"type": "text", "text": p["text"]})
+                elif kind == "image_url":
+                    url = (p.get("image_url") or {}).get("url") if isinstance(p.get("image_url"), dict) else None
+                    parts.append({"type": "image", "image": _data_url_bytes(url, f"messages[{i}].content[{j}]")})
+                else:
+                    raise RequestError(f"messages[{i}].content[{j}] must be a text or image_url part",
+                                       param="messages")
+            content = parts
+        elif content is not None and not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string or a list of parts", param="messages")
+        msg = {"role": role, "content": content if content is not None else ""}
+        if role == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list):
+                raise RequestError(f"messages[{i}].tool_calls must be a list", param="messages")
+            calls = []
+            for j, call in enumerate(m["tool_calls"]):
+                args = _tool_arguments(call, f"messages[{i}].tool_calls[{j}]")
+                if isinstance(call.get("id"), str):
+                    names[call["id"]] = args["name"]
+                calls.append({"type": "function", "function": args})
+            msg["tool_calls"] = calls
+        if role == "tool":
+            name = m.get("name") or names.get(m.get("tool_call_id"))
+            if not isinstance(name, str):
+                raise RequestError(f"messages[{i}] is a tool result without a 'name' or a known 'tool_call_id'",
+                                   param="messages")
+            msg["name"] = name
+            if not isinstance(msg["content"], str):
+                msg["content"] = json.dumps(msg["content"])
+        out.append(msg)
+    return out
+
+
+def _data_url_bytes(url, where: str) -> bytes:
+    import base64
+
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise RequestError(f"{where}: images must be sent inline as data:<type>;base64,<data> URLs "
+                           f"(the server does not fetch remote URLs)", param="messages")
+    try:
+        return base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+    except (ValueError, TypeError):
+        raise RequestError(f"{where}: the image's base64 data is malformed", param="messages") from None
+
+
+@dataclass
+class Plan:
+    """A validated request: the prompt ids, pixel inputs and per-choice generate arguments."""
+
+    ids: list[int]
+    images: dict
+    kwargs: list[dict]  # one per choice
+    chat: bool
+    stream: bool
+    usage_in_stream: bool
+    drafts: bool
+    stops: list[str]
+    tools: bool
+
+
+class OpenAIServer:
+    """Request handling independent of the web framework (tested directly and through HTTP)."""
+
+    def __init__(self, engine, *, model_name: str, max_batch: int = 8, max_context: int | None = None,
+                 max_queue: int = 1024):
+        self.engine = engine
+        self.model_name = model_name
+        cfg = engine.config
+        self.max_context = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
+        self.created = int(time.time())
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def plan(self, body, *, chat: bool) -> Plan:
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise RequestError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                               param="model", status=404, code="model_not_found")
+        eng = self.engine
+        settings = eng.generation_settings
+        max_tokens = _field(body, "max_completion_tokens", int, None, low=1) or _field(
+            body, "max_tokens", int, settings.max_new_tokens, low=1)
+        n = _field(body, "n", int, 1, low=1, high=MAX_N)
+        seed = _field(body, "seed", int, None, low=0, high=2**63 - 1)
+        kwargs = {"max_new_tokens": max_tokens}
+        for name, kind in SAMPLER_FIELDS.items():
+            v = _field(body, name, kind, None)
+            if v is not None:
+                kwargs[name] = v
+        try:
+            settings.updated(**kwargs)
+        except DgemmaError as e:
+            raise RequestError(str(e)) from None
+        stream = _field(body, "stream", bool, False)
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise RequestError("'stream_options' must be an object", param="stream_options")
+        drafts = _field(body, "stream_drafts", bool, False)
+        images: dict = {}
+        tools_given = False
+        if chat:
+            messages = chat_messages(body.get("messages"))
+            tools = body.get("tools")
+            if tools is not None:
+                try:
+                    check_tools(tools)
+                except DgemmaError as e:
+                    raise RequestError(str(e), param="tools") from None
+            choice = body.get("tool_choice", "auto")
+            if choice not in ("auto", "none", "required") and not isinstance(choice, dict):
+                raise RequestError(f"'tool_choice' must be 'auto', 'none', 'required' or a function, got {choice!r}",
+                                   param="tool_choice")
+            if choice == "none":
+                tools = None
+            tools_given = bool(tools)
+            kw = body.get("chat_template_kwargs") or {}
+            thinking = _field(body, "thinking", bool, bool(kw.get("enable_thinking", False)) if isinstance(kw, dict)
+                              else False)
+            budget = _field(body, "max_image_tokens", int, 280)
+            from .prompts import render_chat
+
+            try:
+                rows, images = render_chat(eng, [messages], tools=tools, thinking=thinking, max_image_tokens=budget)
+            except DgemmaError as e:
+                raise RequestError(str(e), param="messages") from None
+            ids = rows[0]
+            if images:
+                images["mm_token_type_ids"] = [[int(t == eng.config.image_token_id) for t in ids]]
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise RequestError("'prompt' must be a non-empty string (one prompt per request)", param="prompt")
+            ids = eng.tokenizer.encode(prompt)
+            if eng.add_bos and eng.bos_token_id is not None and (not ids or ids[0] != eng.bos_token_id):
+                ids = [eng.bos_token_id] + ids
+        c = eng.config.canvas_length
+        total = len(ids) + -(-max_tokens // c) * c
+        if total > self.max_context:
+            raise RequestError(f"the prompt ({len(ids)} tokens) plus max_tokens {max_tokens} (rounded up to whole "
+                               f"{c}-token canvases) needs {total} positions, more than this server's context "
+                               f"{self.max_context}", param="max_tokens", code="context_length_exceeded")
+        per_choice = []
+        for i in range(n):
+            k = dict(kwargs)
+            if seed is not None:
+                k["seed"] = seed + i
+            per_choice.append(k)
+        return Plan(ids, images, per_choice, chat, stream, bool(opts.get("include_usage")), drafts and stream,
+                    _stops(body), tools_given)
+
+    # -- results --------------------------------------------------------------------------------
+
+    def text_of(self, result, chat: bool) -> Response:
+        self.engine.attach_text(result, chat=chat)
+        if chat:
+            return result.responses[0]
+        return Response(text=result.texts[0] if result.texts else "")
+
+    @staticmethod
+    def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def finish_reason(self, result, response: Response, stopped: bool) -> str:
+        if response.tool_calls:
+            return "tool_calls"
+        if stopped:
+            return "stop"
+        eos = set(result.eos_token_ids) | set(self.engine.config.eos_token_ids)
+        return "stop" if any(t in eos for t in result.new_tokens[0].tolist()) else "length"
+
+    @staticmethod
+    def tool_calls(response: Response) -> list[dict]:
+        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}}
+                for c in response.tool_calls]
+
+    def usage(self, prompt: int, completion: int) -> dict:
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @staticmethod
+    def completion_tokens(result) -> int:
+        pad = result.pad_token_id
+        return int((result.new_tokens[0] != pad).sum()) if pad is not None else int(result.new_tokens.shape[1])
+
+    def metrics(self) -> str:
+        s = self.scheduler.snapshot()
+        lines = []
+
+        def metric(name, kind, help_, value):
+            lines.extend([f"# HELP dgemma_{name} {help_}", f"# TYPE dgemma_{name} {kind}", f"dgemma_{name} {value}"])
+
+        metric("queue_length", "gauge", "Requests waiting for a slot.", s["queue_length"])
+        metric("active_requests", "gauge", "Requests holding a slot (batch occupancy).", s["active"])
+        metric("max_batch", "gauge", "Slots.", s["max_batch"])
+        metric("requests_total", "counter", "Requests accepted.", s["requests_total"])
+        metric("requests_finished_total", "counter", "Requests answered.", s["requests_finished"])
+        metric("requests_cancelled_total", "counter", "Requests cancelled (client gone).", s["requests_cancelled"])
+        metric("requests_failed_total", "counter", "Requests that failed.", s["requests_failed"])
+        metric("generated_tokens_total", "counter", "Tokens generated.", s["tokens_total"])
+        metric("block_seconds_total", "counter", "Seconds spent denoising blocks.", f"{s['block_seconds_total']:.6f}")
+        metric("blocks_total", "counter", "Blocks denoised.", s["blocks_total"])
+        rate = s["tokens_total"] / max(time.time() - self.created, 1e-9)
+        metric("tokens_per_second", "gauge", "Generated tokens per second since start.", f"{rate:.3f}")
+        step = s["block_seconds_total"] / s["blocks_total"] if s["blocks_total"] else 0.0
+        metric("block_latency_seconds", "gauge", "Mean seconds per block.", f"{step:.6f}")
+        return "\n".join(lines) + "\n"
+
+
+# -- the web app ------------------------------------------------------------------------------------
+
+
+def create_app(server: OpenAIServer):
+    """The FastAPI application around ``server`` (its scheduler starts and stops with the app)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.scheduler.start()
+        try:
+            yield
+        finally:
+            server.scheduler.stop()
+
+    app = FastAPI(title="dgemma", lifespan=lifespan)
+
+    def error(e: RequestError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def body_of(request: Request):
+        try:
+            return json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError("the request body is not valid JSON") from None
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "dgemma"}]}
+
+    async def run(request: Request, chat: bool):
+        try:
+            plan = server.plan(await body_of(request), chat=chat)
+        except RequestError as e:
+            return error(e)
+        except DgemmaError as e:
+            return error(RequestError(str(e)))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if plan.stream:
+            return StreamingResponse(_stream(server, request, plan, rid), media_type="text/event-stream")
+        jobs = [_submit(server, plan, k) for k in plan.kwargs]
+        try:
+            results = []
+            for job, queue in jobs:
+                while True:
+                    kind, payload = await queue.get()
+                    if kind == "done":
+                        results.append(payload)
+                        break
+                    if kind == "error":
+                        raise RequestError(payload, kind="server_error" if payload.startswith("internal") else
+                                           "invalid_request_error")
+        except RequestError as e:
+            for job, _ in jobs:
+                job.cancel()
+            return error(e)
+        except asyncio.CancelledError:
+            for job, _ in jobs:
+                job.cancel()
+            raise
+        choices, completion = [], 0
+        for i, result in enumerate(results):
+            response = server.text_of(result, chat)
+            text, stopped = server.apply_stop(response.text, plan.stops)
+            completion += server.completion_tokens(result)
+            reason = server.finish_reason(result, response, stopped)
+            if chat:
+                msg = {"role": "assistant", "content": text, "reasoning_content": response.thinking}
+                if response.tool_calls:
+                    msg["tool_calls"] = server.tool_calls(response)
+                choices.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": None})
+            else:
+                choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": server.model_name, "choices": choices, "usage": server.usage(len(plan.ids), completion)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, chat=False)
+
+    return app
+
+
+def _submit(server: OpenAIServer, plan: Plan, kwargs: dict, drafts: bool = False):
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(kind, payload):
+        loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+
+    job = Job(ids=plan.ids, emit=emit, kwargs=kwargs, images=plan.images, drafts=drafts)
+    try:
+        server.scheduler.submit(job)
+    except DgemmaError as e:
+        raise RequestError(str(e), status=503, kind="server_error") from None
+    return job, queue
+
+
+async def _stream(server: OpenAIServer, request, plan: Plan, rid: str):
+    """Server-Sent Events: a chunk per committed block (and per draft with stream_drafts), the final
+    chunk with finish_reason, usage when asked, then [DONE]. A client that goes away cancels its jobs."""
+    chat = plan.chat
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    created = int(time.time())
+    tok = server.engine.tokenizer
+
+    def chunk(i, delta=None, finish=None, usage=None, text=None, draft=None):
+        if chat:
+            choice = {"index": i, "delta": dict(delta or {}, **({"draft": draft} if draft else {})),
+                      "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
+            if draft:
+                choice["draft"] = draft
+        body = {"id": rid, "object": obj, "created": created, "model": server.model_name,
+                "choices": [] if usage is not None else [choice]}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        jobs = [_submit(server, plan, k, plan.drafts) for k in plan.kwargs]
+    except RequestError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    completion = 0
+    try:
+        for i, (job, queue) in enumerate(jobs):
+            if chat:
+                yield chunk(i, {"role": "assistant", "content": ""})
+            tokens: list[int] = []
+            sent = ""
+            while True:
+                kind, payload = await queue.get()
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError
+                if kind == "draft":
+                    draft = tok.decode(payload.tokens[0].tolist(), skip_special_tokens=True)
+                    yield chunk(i, draft={"block": payload.block, "step": payload.step, "text": draft})
+                    continue
+                if kind == "block":
+                    tokens += payload.tokens[0].tolist()
+                    text = _visible_text(server, tokens, chat)
+                    text, _ = server.apply_stop(text, plan.stops)
+                    if text.startswith(sent) and len(text) > len(sent):
+                        yield chunk(i, {"content": text[len(sent):]}) if chat else chunk(i, text=text[len(sent):])
+                        sent = text
+                    continue
+                if kind == "error":
+                    body = RequestError(payload, kind="server_error").body()
+                    yield f"data: {json.dumps(body)}\n\n"
+                    break
+                result = payload
+                response = server.text_of(result, chat)
+                text, stopped = server.apply_stop(response.text, plan.stops)
+                delta: dict = {}
+                if text.startswith(sent) and len(text) > len(sent):
+                    delta["content"] = text[len(sent):]
+                if chat and response.thinking:
+                    delta["reasoning_content"] = response.thinking
+                if chat and response.tool_calls:
+                    delta["tool_calls"] = [dict(c, index=j) for j, c in enumerate(server.tool_calls(response))]
+                completion += server.completion_tokens(result)
+                reason = server.finish_reason(result, response, stopped)
+                yield chunk(i, delta, reason) if chat else chunk(i, finish=reason, text=delta.get("content", ""))
+                break
+        if plan.usage_in_stream:
+            yield chunk(0, usage=server.usage(len(plan.ids), completion))
+        yield "data: [DONE]\n\n"
+    finally:
+        for job, _ in jobs:
+            job.cancel()
+
+
+def _visible_text(server: OpenAIServer, tokens: list[int], chat: bool) -> str:
+    """The answer text so far (chat: without the thinking, cut at the end of the turn)."""
+    eng = server.engine
+    ends = set(eng.eos_token_ids) | set(eng.config.eos_token_ids)
+    cut = next((i for i, t in enumerate(tokens) if t in ends), len(tokens))
+    pad = eng.pad_token_id
+    ids = [t for t in tokens[:cut] if t != pad]
+    if chat:
+        return parse_response(eng.tokenizer.decode(ids)).text
+    return eng.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+          max_context: int | None = None, served_model_name: str | None = None, device=None, dtype=None,
+          quantization=None, log_level: str = "info") -> None:
+    """Load ``model`` and serve it until interrupted."""
+    import os
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise DgemmaError("dgemma serve needs FastAPI and uvicorn: pip install 'dgemma[serve]'") from None
+    from .loading import load
+
+    eng = load(model, device=device, dtype=dtype, quantization=quantization, max_batch=max_batch,
+               max_context=max_context)
+    name = served_model_name or os.path.basename(os.path.normpath(model))
+    app = create_app(OpenAIServer(eng, model_name=name, max_batch=max_batch, max_context=max_context))
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
