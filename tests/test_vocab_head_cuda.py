@@ -151,3 +151,24 @@ def test_argument_validation():
     with pytest.raises(ValueError, match="canvas length"):
         big = torch.zeros(1, 1025, 64, dtype=torch.bfloat16, device="cuda")
         vocab_head_step(big, embed, 0.5, 0, 0, canvas, None, 0.1)
+
+
+def test_nan_entropies_are_ranked_last_and_never_accepted():
+    """NaN hidden states at some positions (and a whole sequence) give NaN entropies there: the acceptance
+    ranks them after every number, as torch.sort does, accepts none of them, and the outputs are the same
+    on every run (no read of unwritten shared memory)."""
+    b, c, v, hidden = 3, 64, 500, 64
+    h, embed = _problem(b, c, v, hidden, seed=8)
+    h = h.clone()
+    h[0, [5, 17, 40]] = float("nan")
+    h[1] = float("nan")
+    h[2, 0] = float("nan")
+    runs = [_run(h, embed, 0.5, 3, 2, bound=1.0, confidence_threshold=1e9) for _ in range(3)]
+    out = runs[0]
+    nan = torch.isnan(out.entropy)
+    assert nan[0, [5, 17, 40]].all() and nan[1].all() and nan[2, 0]
+    assert torch.equal(out.accepted.cpu(), accept_mask(out.entropy.cpu(), 1.0))
+    assert not (out.accepted & nan).any()
+    assert not out.accepted[1].any() and not out.finished[1]
+    for other in runs[1:]:
+        assert torch.equal(other.accepted, out.accepted) and torch.equal(other.next_canvas, out.next_canvas)
