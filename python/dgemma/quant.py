@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .weights import is_quantized_name
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # Keeps an all-zero row's scale finite (its quantised values are then 0).
@@ -104,17 +106,11 @@ def as_float(w, dtype: torch.dtype) -> torch.Tensor:
     return w.dequantize(dtype) if isinstance(w, Fp8Weight) else w.to(dtype)
 
 
-# Tensors quantised by ``dgemma.load(..., quantization="fp8")``: every attention projection, the dense
-# MLP and every expert. The embedding/lm_head, the router and self-conditioning stay in the model dtype.
-_QUANTIZED_SUFFIXES = (
-    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-    "experts.gate_up_proj", "experts.down_proj",
-)
-
-
 def is_quantized_key(key: str) -> bool:
-    return key.startswith("model.decoder.layers.") and key.endswith(_QUANTIZED_SUFFIXES)
+    """Tensors quantised by ``dgemma.load(..., quantization="fp8")`` (see :data:`dgemma.weights.QUANTIZED_SUFFIXES`):
+    every attention projection, the dense MLP and every expert; the embedding/lm_head, the router and
+    self-conditioning stay in the model dtype."""
+    return is_quantized_name(key)
 
 
 def fp8_transform(key: str, t: torch.Tensor, device: torch.device):

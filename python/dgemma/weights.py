@@ -15,46 +15,79 @@ from .config import ModelConfig
 DECODER = "model.decoder."
 ENCODER_LAYERS = "model.encoder.language_model.layers."
 
-LAYER_NORMS = (
-    "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
-    "post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2",
+
+@dataclass(frozen=True, slots=True)
+class WeightSpec:
+    """One tensor of the text model: its checkpoint name, shape, where it lives in :class:`ModelWeights`
+    (``field``; ``layers.N.`` prefix for a layer's, ``attn.`` inside it for attention), and whether the
+    FP8 formats quantise it (per output channel: attention projections, dense MLP, experts)."""
+
+    name: str
+    shape: tuple[int, ...]
+    field: str
+    quantized: bool = False
+
+
+# Per layer: (checkpoint suffix, field in LayerWeights / AttentionWeights, shape(cfg, spec), quantised).
+# NOTE: the one place the text model's Hugging Face names are written; everything else reads weight_map().
+_LAYER_TENSORS = (
+    ("self_attn.q_proj.weight", "attn.q_proj", lambda c, s: (c.num_heads * s.head_dim, c.hidden_size), True),
+    ("self_attn.k_proj.weight", "attn.k_proj", lambda c, s: (s.num_kv_heads * s.head_dim, c.hidden_size), True),
+    ("self_attn.v_proj.weight", "attn.v_proj", lambda c, s: (s.num_kv_heads * s.head_dim, c.hidden_size), True),
+    ("self_attn.o_proj.weight", "attn.o_proj", lambda c, s: (c.hidden_size, c.num_heads * s.head_dim), True),
+    ("self_attn.q_norm.weight", "attn.q_norm", lambda c, s: (s.head_dim,), False),
+    ("self_attn.k_norm.weight", "attn.k_norm", lambda c, s: (s.head_dim,), False),
+    ("mlp.gate_proj.weight", "mlp_gate", lambda c, s: (c.intermediate_size, c.hidden_size), True),
+    ("mlp.up_proj.weight", "mlp_up", lambda c, s: (c.intermediate_size, c.hidden_size), True),
+    ("mlp.down_proj.weight", "mlp_down", lambda c, s: (c.hidden_size, c.intermediate_size), True),
+    ("input_layernorm.weight", "input_norm", lambda c, s: (c.hidden_size,), False),
+    ("post_attention_layernorm.weight", "post_attn_norm", lambda c, s: (c.hidden_size,), False),
+    ("pre_feedforward_layernorm.weight", "pre_ff_norm", lambda c, s: (c.hidden_size,), False),
+    ("post_feedforward_layernorm.weight", "post_ff_norm", lambda c, s: (c.hidden_size,), False),
+    ("post_feedforward_layernorm_1.weight", "post_mlp_norm", lambda c, s: (c.hidden_size,), False),
+    ("post_feedforward_layernorm_2.weight", "post_moe_norm", lambda c, s: (c.hidden_size,), False),
+    ("pre_feedforward_layernorm_2.weight", "pre_moe_norm", lambda c, s: (c.hidden_size,), False),
+    ("layer_scalar", "decoder_scalar", lambda c, s: (1,), False),
+    ("router.proj.weight", "router_proj", lambda c, s: (c.num_experts, c.hidden_size), False),
+    ("router.scale", "router_scale", lambda c, s: (c.hidden_size,), False),
+    ("router.per_expert_scale", "router_expert_scale", lambda c, s: (c.num_experts,), False),
+    ("experts.gate_up_proj", "experts_gate_up",
+     lambda c, s: (c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size), True),
+    ("experts.down_proj", "experts_down", lambda c, s: (c.num_experts, c.hidden_size, c.moe_intermediate_size), True),
 )
+_MODEL_TENSORS = (
+    ("embed_tokens.weight", "embed", lambda c: (c.vocab_size, c.hidden_size)),
+    ("norm.weight", "final_norm", lambda c: (c.hidden_size,)),
+    ("self_conditioning.pre_norm.weight", "sc_pre_norm", lambda c: (c.hidden_size,)),
+    ("self_conditioning.gate_proj.weight", "sc_gate", lambda c: (c.intermediate_size, c.hidden_size)),
+    ("self_conditioning.up_proj.weight", "sc_up", lambda c: (c.intermediate_size, c.hidden_size)),
+    ("self_conditioning.down_proj.weight", "sc_down", lambda c: (c.hidden_size, c.intermediate_size)),
+)
+QUANTIZED_SUFFIXES = tuple(suffix for suffix, _, _, quantized in _LAYER_TENSORS if quantized)
+
+
+def weight_map(cfg: ModelConfig) -> dict[str, WeightSpec]:
+    """Every tensor of the text model, by checkpoint name, in checkpoint order."""
+    out = {DECODER + name: WeightSpec(DECODER + name, shape(cfg), field) for name, field, shape in _MODEL_TENSORS}
+    for spec in cfg.layers:
+        p = f"{DECODER}layers.{spec.index}."
+        for suffix, field, shape, quantized in _LAYER_TENSORS:
+            if field == "attn.v_proj" and spec.k_eq_v:
+                continue  # full-attention layers have no v_proj (V comes from k_proj)
+            out[p + suffix] = WeightSpec(p + suffix, shape(cfg, spec), f"layers.{spec.index}.{field}", quantized)
+        name = f"{ENCODER_LAYERS}{spec.index}.layer_scalar"
+        out[name] = WeightSpec(name, (1,), f"layers.{spec.index}.encoder_scalar")
+    return out
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the text model needs, mapped to its shape."""
-    h, v, inter = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {
-        DECODER + "embed_tokens.weight": (v, h),
-        DECODER + "norm.weight": (h,),
-        DECODER + "self_conditioning.pre_norm.weight": (h,),
-        DECODER + "self_conditioning.gate_proj.weight": (inter, h),
-        DECODER + "self_conditioning.up_proj.weight": (inter, h),
-        DECODER + "self_conditioning.down_proj.weight": (h, inter),
-    }
-    for spec in cfg.layers:
-        p = f"{DECODER}layers.{spec.index}."
-        q_out, kv_out = cfg.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        shapes[p + "self_attn.q_proj.weight"] = (q_out, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv_out, h)
-        if not spec.k_eq_v:
-            shapes[p + "self_attn.v_proj.weight"] = (kv_out, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q_out)
-        shapes[p + "self_attn.q_norm.weight"] = (spec.head_dim,)
-        shapes[p + "self_attn.k_norm.weight"] = (spec.head_dim,)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-        shapes[p + "mlp.up_proj.weight"] = (inter, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, inter)
-        for norm in LAYER_NORMS:
-            shapes[p + norm + ".weight"] = (h,)
-        shapes[p + "layer_scalar"] = (1,)
-        shapes[p + "router.proj.weight"] = (cfg.num_experts, h)
-        shapes[p + "router.scale"] = (h,)
-        shapes[p + "router.per_expert_scale"] = (cfg.num_experts,)
-        shapes[p + "experts.gate_up_proj"] = (cfg.num_experts, 2 * cfg.moe_intermediate_size, h)
-        shapes[p + "experts.down_proj"] = (cfg.num_experts, h, cfg.moe_intermediate_size)
-        shapes[f"{ENCODER_LAYERS}{spec.index}.layer_scalar"] = (1,)
-    return shapes
+    return {name: spec.shape for name, spec in weight_map(cfg).items()}
+
+
+def is_quantized_name(name: str) -> bool:
+    """Whether the FP8 formats store this text-model tensor as FP8 with per-output-channel scales."""
+    return name.startswith(DECODER + "layers.") and name.endswith(QUANTIZED_SUFFIXES)
 
 
 VISION = "model.encoder.vision_tower."
@@ -210,62 +243,30 @@ class ModelWeights:
 
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, t: dict[str, torch.Tensor]) -> "ModelWeights":
-        layers = []
-        for spec in cfg.layers:
-            p = f"{DECODER}layers.{spec.index}."
-            attn = AttentionWeights(
-                q_proj=t[p + "self_attn.q_proj.weight"], k_proj=t[p + "self_attn.k_proj.weight"],
-                v_proj=t.get(p + "self_attn.v_proj.weight"), o_proj=t[p + "self_attn.o_proj.weight"],
-                q_norm=t[p + "self_attn.q_norm.weight"], k_norm=t[p + "self_attn.k_norm.weight"],
-            )
-            layers.append(LayerWeights(
-                attn=attn,
-                input_norm=t[p + "input_layernorm.weight"],
-                post_attn_norm=t[p + "post_attention_layernorm.weight"],
-                pre_ff_norm=t[p + "pre_feedforward_layernorm.weight"],
-                post_ff_norm=t[p + "post_feedforward_layernorm.weight"],
-                post_mlp_norm=t[p + "post_feedforward_layernorm_1.weight"],
-                post_moe_norm=t[p + "post_feedforward_layernorm_2.weight"],
-                pre_moe_norm=t[p + "pre_feedforward_layernorm_2.weight"],
-                mlp_gate=t[p + "mlp.gate_proj.weight"], mlp_up=t[p + "mlp.up_proj.weight"],
-                mlp_down=t[p + "mlp.down_proj.weight"],
-                router_proj=t[p + "router.proj.weight"], router_scale=t[p + "router.scale"],
-                router_expert_scale=t[p + "router.per_expert_scale"],
-                experts_gate_up=t[p + "experts.gate_up_proj"], experts_down=t[p + "experts.down_proj"],
-                decoder_scalar=t[p + "layer_scalar"],
-                encoder_scalar=t[f"{ENCODER_LAYERS}{spec.index}.layer_scalar"],
-            ))
-        d = DECODER
-        return cls(
-            embed=t[d + "embed_tokens.weight"], final_norm=t[d + "norm.weight"],
-            sc_pre_norm=t[d + "self_conditioning.pre_norm.weight"],
-            sc_gate=t[d + "self_conditioning.gate_proj.weight"], sc_up=t[d + "self_conditioning.up_proj.weight"],
-            sc_down=t[d + "self_conditioning.down_proj.weight"], layers=layers,
-            vision=VisionWeights.from_tensors(cfg, t),
-        )
+        fields: dict = {}
+        layers = [{"attn": {"v_proj": None}} for _ in cfg.layers]
+        for name, spec in weight_map(cfg).items():
+            parts = spec.field.split(".")
+            if parts[0] != "layers":
+                fields[spec.field] = t[name]
+            elif parts[2] == "attn":
+                layers[int(parts[1])]["attn"][parts[3]] = t[name]
+            else:
+                layers[int(parts[1])][parts[2]] = t[name]
+        built = [LayerWeights(**dict(lw, attn=AttentionWeights(**lw["attn"]))) for lw in layers]
+        return cls(**fields, layers=built, vision=VisionWeights.from_tensors(cfg, t))
 
 
 def named_tensors(cfg: ModelConfig, w: ModelWeights) -> dict[str, torch.Tensor]:
-    """The inverse of :meth:`ModelWeights.from_tensors`: every tensor under its Hugging Face name."""
-    d = DECODER
-    out = {d + "embed_tokens.weight": w.embed, d + "norm.weight": w.final_norm,
-           d + "self_conditioning.pre_norm.weight": w.sc_pre_norm, d + "self_conditioning.gate_proj.weight": w.sc_gate,
-           d + "self_conditioning.up_proj.weight": w.sc_up, d + "self_conditioning.down_proj.weight": w.sc_down}
-    for spec, lw in zip(cfg.layers, w.layers):
-        p = f"{DECODER}layers.{spec.index}."
-        a = lw.attn
-        out.update({p + "self_attn.q_proj.weight": a.q_proj, p + "self_attn.k_proj.weight": a.k_proj,
-                    p + "self_attn.o_proj.weight": a.o_proj, p + "self_attn.q_norm.weight": a.q_norm,
-                    p + "self_attn.k_norm.weight": a.k_norm})
-        if a.v_proj is not None:
-            out[p + "self_attn.v_proj.weight"] = a.v_proj
-        norms = (lw.input_norm, lw.post_attn_norm, lw.pre_ff_norm, lw.post_ff_norm, lw.post_mlp_norm,
-                 lw.post_moe_norm, lw.pre_moe_norm)
-        out.update({p + name + ".weight": t for name, t in zip(LAYER_NORMS, norms)})
-        out.update({p + "mlp.gate_proj.weight": lw.mlp_gate, p + "mlp.up_proj.weight": lw.mlp_up,
-                    p + "mlp.down_proj.weight": lw.mlp_down, p + "router.proj.weight": lw.router_proj,
-                    p + "router.scale": lw.router_scale, p + "router.per_expert_scale": lw.router_expert_scale,
-                    p + "experts.gate_up_proj": lw.experts_gate_up, p + "experts.down_proj": lw.experts_down,
-                    p + "layer_scalar": lw.decoder_scalar,
-                    f"{ENCODER_LAYERS}{spec.index}.layer_scalar": lw.encoder_scalar})
+    """The inverse of :meth:`ModelWeights.from_tensors`: every text-model tensor under its Hugging Face name."""
+    out = {}
+    for name, spec in weight_map(cfg).items():
+        parts = spec.field.split(".")
+        if parts[0] == "layers":  # layers.N.field or layers.N.attn.field
+            obj, parts = w.layers[int(parts[1])], parts[2:]
+        else:
+            obj = w
+        for part in parts:
+            obj = getattr(obj, part)
+        out[name] = obj
     return out
