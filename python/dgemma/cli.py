@@ -6,22 +6,53 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-import time
+import unicodedata
 
+# Only the standard library and the torch-free errors module at import time: ``dgemma --help`` and usage
+# errors must answer without loading torch or the compiled extension (over a second on a small machine).
 from .errors import DgemmaError
+
+SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
+
+
+def _check_save_dir(path: str) -> None:
+    """``demo --save DIR``: a new or empty directory, or one holding only an earlier demo checkpoint."""
+    from .demo import FILES
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DgemmaError(f"--save {path}: exists and is not a directory")
+    if os.path.isdir(path):
+        others = sorted(set(os.listdir(path)) - set(FILES))
+        if others:
+            raise DgemmaError(f"--save {path}: directory is not empty (holds {others[0]!r}); choose a new one")
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
     import torch
 
+    from .engine import resolve_device
     from .loading import load
     from .random_checkpoint import write_random_checkpoint
 
+    resolve_device(args.device)
+    if args.save is not None:
+        _check_save_dir(args.save)
     with tempfile.TemporaryDirectory(prefix="dgemma-demo-") as tmp:
-        print(f"writing a random '{args.preset}' checkpoint (seed {args.seed}) to {tmp}")
-        write_random_checkpoint(tmp, args.preset, seed=args.seed, canvas_length=args.canvas)
-        eng = load(tmp, device=args.device, dtype=torch.float32)
+        if args.save is None:
+            path = tmp
+            print(f"writing a random '{args.preset}' checkpoint (seed {args.seed}) to {tmp}")
+            write_random_checkpoint(tmp, args.preset, seed=args.seed, canvas_length=args.canvas)
+        else:
+            from .demo import write_demo_checkpoint
+
+            path = args.save
+            print(f"writing a random '{args.preset}' checkpoint with a tokenizer and a chat template "
+                  f"(seed {args.seed}) to {path}")
+            write_demo_checkpoint(path, seed=args.seed, canvas_length=args.canvas, max_denoising_steps=args.steps)
+        eng = load(path, device=args.device, dtype=torch.float32)
         print(eng)
         g = torch.Generator().manual_seed(args.seed)
         vocab = eng.config.vocab_size
@@ -42,7 +73,40 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"encoded {args.prompt_length} prompt tokens in {t_enc * 1e3:.1f} ms")
         print(f"denoised a {args.canvas}-token canvas: {steps} greedy steps, {t_den / steps * 1e3:.1f} ms/step")
         print("canvas ids:", canvas[0].tolist())
+    if args.save is not None:
+        import shlex
+
+        where = shlex.quote(args.save)
+        print(f"canvas text: {eng.tokenizer.decode(canvas[0].tolist())!r}")
+        print(f"\n{args.save} is a complete checkpoint (random weights, so the replies are random text). Try:\n"
+              f"  dgemma generate --model {where} --prompt \"Hello\" --chat --show-drafts\n"
+              f"  dgemma chat --model {where}")
     return 0
+
+
+def _check_model(args: argparse.Namespace, *, chat: bool) -> None:
+    """Refuse a --model that cannot serve the command before any weights are read: text in and out needs
+    the checkpoint's tokenizer, chat input its chat template too."""
+    from .chat import load_chat_template
+    from .tokenizer import Tokenizer
+
+    path = args.model
+    if os.path.isfile(path):
+        raise DgemmaError(f"--model {path} is a file: pass the checkpoint directory holding it "
+                          f"({os.path.dirname(os.path.abspath(path))})")
+    if not os.path.isdir(path):
+        raise DgemmaError(f"--model: checkpoint directory not found: {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise DgemmaError(f"--model {path}: no config.json (expected a checkpoint directory in the Hugging Face "
+                          f"layout)")
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise DgemmaError(f"--model {path}: no tokenizer.json, so no text in or out; use a checkpoint with its "
+                          f"tokenizer files (e.g. one written by `dgemma demo --save DIR`)")
+    tok = Tokenizer(path)
+    if chat and load_chat_template(path, tok.config) is None:
+        raise DgemmaError(f"--model {path}: no chat template (chat_template.jinja or tokenizer_config.json's "
+                          f"chat_template)")
+    _check_images(args.image)
 
 
 def _load(args: argparse.Namespace):
@@ -59,22 +123,43 @@ def _gen_kwargs(args: argparse.Namespace) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps, "seed": args.seed}
 
 
-class _DraftPrinter:
-    """Shows the argmax canvas resolving: rewritten in place on a terminal, one line per step otherwise."""
+_KEEP = {"\n", "\t"}
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tok, self.out = tokenizer, out
-        self.tty = out.isatty()
+
+def _printable(text: str) -> str:
+    """On a terminal, control characters in model output (e.g. an ESC from a byte-level token) would be
+    interpreted by it; show them as U+FFFD instead. Pipes and files get the text unchanged."""
+    return "".join("\ufffd" if unicodedata.category(ch) == "Cc" and ch not in _KEEP else ch for ch in text)
+
+
+def _out(text: str, file=None) -> None:
+    file = file or sys.stdout
+    print(_printable(text) if file.isatty() else text, file=file)
+
+
+class _DraftPrinter:
+    """Shows the argmax canvas resolving: rewritten in place on a terminal, one line per step otherwise.
+
+    Steps are numbered 1, 2, … within a block; the stream's own ``step`` counts the remaining passes
+    down (N…1), and its first draft of a block carries N."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tok, self.out = tokenizer, out or sys.stdout
+        self.tty = self.out.isatty()
+        self._block, self._first = None, 0
 
     def __call__(self, event) -> None:
-        if event.kind != "draft":
+        if getattr(event, "kind", None) != "draft":
             return
+        if event.block != self._block:
+            self._block, self._first = event.block, event.step
+        n = self._first - event.step + 1
         text = self.tok.decode(event.tokens[0].tolist(), skip_special_tokens=True).replace("\n", " ")
         if self.tty:
-            self.out.write(f"\x1b[2K\r[block {event.block} step {event.step:>2}] {text[:200]}")
+            self.out.write(f"\x1b[2K\r[block {event.block} step {n:>2}] {_printable(text)[:200]}")
             self.out.flush()
         else:
-            print(f"[block {event.block} step {event.step}] {text}", file=self.out)
+            print(f"[block {event.block} step {n}] {text}", file=self.out)
 
     def done(self) -> None:
         if self.tty:
@@ -83,10 +168,10 @@ class _DraftPrinter:
 
 def _print_reply(result, show_thinking: bool = True) -> None:
     if show_thinking and result.thinking:
-        print(f"[thinking] {result.thinking}")
+        _out(f"[thinking] {result.thinking}")
     for call in result.tool_calls:
-        print(f"[tool call] {json.dumps(call)}")
-    print(result.text)
+        _out(f"[tool call] {json.dumps(call, ensure_ascii=False)}")
+    _out(result.text if result.text is not None else "")
 
 
 def _user_turn(text: str, images: list[str]) -> dict:
@@ -102,13 +187,25 @@ def _check_images(paths: list[str]) -> None:
             raise DgemmaError(f"--image {p}: no such file")
 
 
+def _clean_text(s: str | None) -> str | None:
+    """Text from argv or stdin that was not valid UTF-8 arrives with surrogate escapes (or lone
+    surrogates), which the tokenizer cannot encode: decode it again with U+FFFD for the bad bytes."""
+    if s is None:
+        return None
+    try:
+        raw = s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = s.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
+
+
 def _generate(args: argparse.Namespace) -> int:
-    if not args.prompt:
+    if not args.prompt.strip():
         raise DgemmaError("--prompt is empty")
-    _check_images(args.image)
+    chat = args.chat or args.thinking or args.image
+    _check_model(args, chat=bool(chat))
     eng = _load(args)
     printer = _DraftPrinter(eng.tokenizer) if args.show_drafts else None
-    chat = args.chat or args.thinking or args.image
     inputs = [_user_turn(args.prompt, args.image)] if chat else args.prompt
     result = eng.generate(inputs, thinking=args.thinking, stream=printer, max_image_tokens=args.image_tokens,
                           **_gen_kwargs(args))
@@ -121,25 +218,39 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_line(prompt: str) -> str | None:
+    """One line of stdin, or None at its end; undecodable bytes become U+FFFD."""
+    try:
+        return _clean_text(input(prompt))
+    except EOFError:
+        return None
+
+
 def _chat(args: argparse.Namespace) -> int:
+    _check_model(args, chat=True)
+    # A line that is not valid UTF-8 is read with U+FFFD for its bad bytes rather than ending the chat.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
     eng = _load(args)
     session = eng.chat(system=args.system, thinking=args.thinking)
     printer = _DraftPrinter(eng.tokenizer) if args.show_drafts else None
-    print("dgemma chat: type a message; /image PATH attaches an image to the next one; /reset starts over, "
-          "/exit or Ctrl-D quits.", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("dgemma chat: type a message; /image PATH attaches an image to the next one; /reset starts over, "
+              "/exit or Ctrl-D quits.", file=sys.stderr)
     images: list[str] = list(args.image)
-    _check_images(images)
+    failed = False
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
+        line = _read_line("> ")
+        if line is None:
+            if interactive:
+                print(file=sys.stderr)
+            break
         line = line.strip()
         if not line:
             continue
         if line == "/exit":
-            return 0
+            break
         if line == "/reset":
             session = eng.chat(system=args.system, thinking=args.thinking)
             images = []
@@ -148,6 +259,7 @@ def _chat(args: argparse.Namespace) -> int:
             path = line[len("/image"):].strip()
             if not os.path.isfile(path):
                 print(f"dgemma: error: /image {path}: no such file", file=sys.stderr)
+                failed = True
             else:
                 images.append(path)
             continue
@@ -155,12 +267,18 @@ def _chat(args: argparse.Namespace) -> int:
             result = session.send(_user_turn(line, images), stream=printer, max_image_tokens=args.image_tokens,
                                   **_gen_kwargs(args))
         except DgemmaError as e:  # a bad turn leaves the session usable
+            if printer is not None:
+                printer.done()
             print(f"dgemma: error: {e}", file=sys.stderr)
+            failed = True
             continue
         images = []
         if printer is not None:
             printer.done()
         _print_reply(result)
+        sys.stdout.flush()
+    # Interactively an error is shown and the chat goes on; a script piping lines in learns of it here.
+    return 1 if failed and not interactive else 0
 
 
 def _int_list(s: str) -> list[int]:
@@ -173,15 +291,69 @@ def _int_list(s: str) -> list[int]:
     return vals
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchOptions, print_table, run, save_plot
+def _check_output_file(option: str, path: str | None) -> None:
+    """Fail before a long run, not after it, when a result file cannot be written."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise DgemmaError(f"{option} {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise DgemmaError(f"{option} {path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise DgemmaError(f"{option} {path}: not writable")
 
+
+def _fmt(value, spec: str, width: int) -> str:
+    """A number, or ``-`` where it is absent or means nothing (no roofline on a CPU, no time for a
+    memory row)."""
+    if value is None or value != value or value in (float("inf"), float("-inf")):
+        return f"{'-':>{width}}"
+    return f"{value:>{width}{spec}}"
+
+
+def print_bench_table(report: dict, out=None, *, roofline: bool = True) -> None:
+    """The bench table, with ``-`` for absent values. ``roofline=False`` (a CPU run) blanks the roofline
+    columns: the tiny preset on a CPU is bound by compute and overhead, so bytes over copy bandwidth
+    (fractions of a millisecond, shares of 0.0%) would say nothing."""
+    out = out or sys.stdout
+    print(f"{'name':<34} {'median ms':>11} {'roofline ms':>12} {'share':>7}  extra", file=out)
+    for r in report["results"]:
+        median = r.get("median_ms")
+        roof = r.get("roofline_ms") if roofline else None
+        share = r.get("roofline_share") if roofline else None
+        extra = "  ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                          if k not in ("name", "median_ms", "roofline_ms", "roofline_share"))
+        print(f"{r['name']:<34} {_fmt(median or None, '.3f', 11)} {_fmt(roof, '.3f', 12)} "
+              f"{_fmt(share, '.1%', 7)}  {extra}".rstrip(), file=out)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise DgemmaError("--plot needs matplotlib (pip install matplotlib)") from None
+    _check_output_file("--json", args.json)
+    _check_output_file("--plot", args.plot)
+    if args.baseline == "transformers":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise DgemmaError("--baseline transformers needs transformers (pip install transformers)") from None
+    import torch
+
+    from .bench import BenchOptions, run, save_plot
+    from .engine import resolve_device
+
+    device = resolve_device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                            else args.device)
     opts = BenchOptions(preset=args.preset, device=args.device, dtype=args.precision, batch_sizes=args.batch,
                         prompt_length=args.prompt_length, steps=args.steps, iters=args.iters,
                         warmup=args.warmup, baseline=args.baseline, prefix_lengths=args.prefix_lengths or [],
                         seed=args.seed)
     report = run(opts, log=lambda m: print(m, file=sys.stderr))
-    print_table(report)
+    print_bench_table(report, roofline=device.type == "cuda")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -192,20 +364,52 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"seed {s} is out of range (expected 0 to 2**64 - 1)")
+    return v
+
+
+def _serve(args: argparse.Namespace) -> int:
+    args.image = []
+    _check_model(args, chat=True)
+    if not 0 < args.port < 65536:
+        raise DgemmaError(f"--port {args.port} must be in 1..65535")
+    from .server import serve
+
+    import torch
+
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_context=args.max_context,
+          served_model_name=args.served_model_name, device=args.device, dtype=dtype,
+          quantization=None if args.quantization == "none" else args.quantization)
+    return 0
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (config.json, safetensors, tokenizer.json, chat template)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights/activations dtype (default: the checkpoint's)")
     p.add_argument("--quantization", default="none", choices=["none", "fp8"],
                    help="fp8: FP8 E4M3 attention, MLP and expert weights, quantised while loading (default: none)")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    _add_load_options(p)
     p.add_argument("--thinking", action="store_true", help="let the model reason first (chat template's <|think|>)")
     p.add_argument("--max-new-tokens", type=_positive, default=None,
                    help="token budget, rounded up to whole canvases (default: generation_config.json or 256)")
     p.add_argument("--steps", type=_positive, default=None,
                    help="maximum denoising steps per canvas (default: generation_config.json or 48)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible output")
-    p.add_argument("--show-drafts", action="store_true", help="show the canvas after every denoising step")
+    p.add_argument("--seed", type=_seed, default=None, help="seed for reproducible output (0 to 2**64 - 1)")
+    p.add_argument("--show-drafts", action="store_true",
+                   help="show the canvas after every denoising step (steps numbered 1, 2, … within each block)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the (first) user turn; repeatable, in order (needs a checkpoint with a vision "
                         "tower)")
@@ -219,6 +423,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def _print_message(self, message, file=None):
+        # argparse ignores write errors; a closed pipe must reach main()'s BrokenPipeError handler.
+        if message:
+            (file or sys.stderr).write(message)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -226,9 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dgemma", description="Fast inference for DiffusionGemma.")
     p.add_argument("--version", action="version", version=f"dgemma {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    d = sub.add_parser("demo", help="write a tiny random checkpoint, encode a prompt and denoise a canvas")
+    d = sub.add_parser("demo", help="run a tiny random checkpoint; --save DIR keeps a complete one to chat with",
+                       description="Writes a tiny random checkpoint, encodes a prompt and denoises a canvas. "
+                                   "With --save DIR the checkpoint is kept, with a tokenizer, a chat template and a "
+                                   "generation config, so that `dgemma generate`/`dgemma chat --model DIR` run on it "
+                                   "(its replies are random text).")
+    d.add_argument("--save", default=None, metavar="DIR",
+                   help="keep a complete checkpoint (weights, tokenizer.json, chat template) in DIR")
     d.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (default: tiny)")
-    d.add_argument("--seed", type=int, default=0, help="seed for weights, prompt and canvas (default: 0)")
+    d.add_argument("--seed", type=_seed, default=0, help="seed for weights, prompt and canvas (default: 0)")
     d.add_argument("--prompt-length", type=_positive, default=24, help="prompt tokens (default: 24)")
     d.add_argument("--canvas", type=_positive, default=32, help="canvas tokens (default: 32)")
     d.add_argument("--steps", type=_positive, default=8, help="at most this many denoising steps (default: 8)")
@@ -241,15 +456,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     g.set_defaults(func=_generate)
 
-    c = sub.add_parser("chat", help="interactive multi-turn chat (reuses the KV cache across turns)")
+    c = sub.add_parser("chat", help="interactive multi-turn chat (reuses the KV cache across turns)",
+                       description="Reads one message per line from stdin. Interactively, /image PATH attaches an "
+                                   "image to the next message, /reset starts over, /exit or Ctrl-D quits. With "
+                                   "stdin not a terminal, the exit status is 1 if any turn failed.")
     _add_model_options(c)
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=_chat)
 
+    v = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                       description="OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, "
+                                   "/health, /metrics. Needs FastAPI and uvicorn (pip install 'dgemma[serve]').")
+    _add_load_options(v)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    v.add_argument("--max-batch", type=_positive, default=8, help="requests holding a slot at once (default: 8)")
+    v.add_argument("--max-context", type=_positive, default=None,
+                   help="prompt + answer positions per request (default: the model's max_position_embeddings)")
+    v.add_argument("--served-model-name", default=None,
+                   help="the model id clients name (default: the checkpoint directory's name)")
+    v.set_defaults(func=_serve)
+
     b = sub.add_parser("bench", help="benchmark denoising steps, blocks and prefill on random weights",
                        description="Times a denoising step, 256-token blocks at 16 and 48 steps (with the commit "
-                                   "pass), prefill and time to first draft, each beside its HBM roofline. "
-                                   "Default: the 26B-A4B shapes on a GPU, a small preset on a CPU.")
+                                   "pass), prefill and time to first draft, each beside its HBM roofline (on a GPU; "
+                                   "`-` on a CPU). Default: the 26B-A4B shapes on a GPU, a small preset on a CPU.")
     b.add_argument("--preset", default="auto", choices=["auto", "tiny", "26b-a4b"],
                    help="model shapes (default: 26b-a4b on a GPU, tiny on a CPU)")
     b.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
@@ -263,11 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a step after these prefix lengths (for --plot)")
     b.add_argument("--iters", type=_positive, default=20, help="timed repetitions (default: 20)")
     b.add_argument("--warmup", type=_positive, default=3, help="warm-up repetitions (default: 3)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
+    b.add_argument("--seed", type=_seed, default=0, help="seed of the random weights and inputs (default: 0)")
     b.add_argument("--baseline", choices=["transformers"], default=None,
                    help="also time transformers' model on the same weights and report the speed-up")
     b.add_argument("--json", default=None, help="write the results to this JSON file")
-    b.add_argument("--plot", default=None, help="write a PNG: latency vs batch and vs prefix length, with roofline")
+    b.add_argument("--plot", default=None,
+                   help="write a PNG: latency vs batch and vs prefix length, with roofline (needs matplotlib)")
     b.set_defaults(func=_bench)
     return p
 
@@ -282,18 +514,63 @@ def _positive(s: str) -> int:
     return v
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _flush_stdout() -> None:
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE the interpreter's own flush at exit would fail again and print a warning; point
+    stdout at /dev/null so that exit is quiet."""
     try:
-        return args.func(args)
-    except BrokenPipeError:
-        return 0
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Output that cannot be encoded in the terminal's charset is escaped, never a crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            _flush_stdout()  # --help / --version into a closed pipe fails here, not at exit
+            raise
+        for name in ("prompt", "system"):
+            if hasattr(args, name):
+                setattr(args, name, _clean_text(getattr(args, name)))
+        rc = args.func(args)
+        _flush_stdout()
+        return rc
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, but not as a success
+        _quiet_stdout()
+        return 141
     except (DgemmaError, OSError) as e:
-        print(f"dgemma: error: {e}", file=sys.stderr)
+        print(f"dgemma: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dgemma: interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError, UnicodeError) as e:
+        # Failures of the environment (a CUDA error, out of memory): one line unless debugging.
+        if os.environ.get("DGEMMA_DEBUG"):
+            raise
+        print(f"dgemma: error: {type(e).__name__}: {_one_line(e)} (DGEMMA_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
