@@ -319,17 +319,6 @@ def _materialise_buffers(model, device: torch.device) -> None:
         raise DgemmaError(f"baseline model: tensors left on the meta device: {left[:3]}")
 
 
-def print_table(report: dict, out=sys.stdout) -> None:
-    print(f"{'name':<34} {'median ms':>11} {'roofline ms':>12} {'share':>7}  extra", file=out)
-    for r in report["results"]:
-        roof = r.get("roofline_ms")
-        share = r.get("roofline_share")
-        extra = "  ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                          if k not in ("name", "median_ms", "roofline_ms", "roofline_share"))
-        print(f"{r['name']:<34} {r['median_ms']:>11.3f} {roof if roof is not None else float('nan'):>12.3f} "
-              f"{share if share is not None else float('nan'):>7.1%}  {extra}", file=out)
-
-
 def save_plot(report: dict, path: str) -> None:
     try:
         import matplotlib
