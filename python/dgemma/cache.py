@@ -8,9 +8,19 @@ plus itself. ``valid`` marks, per sequence, which cached positions are real toke
 A cache created with ``rollback=R`` keeps R extra ring slots, so that it can be truncated by up to
 R tokens (a chat re-encodes its last answer as the template renders it) without losing any position
 a sliding window still needs.
+
+Changes made inside :meth:`KVCache.transaction` are undone when it exits with an exception: the K/V
+slots a write overwrites are saved on their first overwrite (only those), and the length, validity
+and padding flag are restored, so a failed or interrupted ``generate`` leaves the cache exactly as it
+was. One transaction is open at a time; another (a second thread, or a second generation while a
+``generate_stream`` over the same cache is suspended) is refused with a :class:`DgemmaError`.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import threading
 
 import torch
 
@@ -21,6 +31,9 @@ from .errors import DgemmaError
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, *, dtype: torch.dtype,
                  device: torch.device | str, rollback: int = 0):
+        for name, value in (("batch size", batch), ("capacity", capacity), ("rollback", rollback)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DgemmaError(f"cache {name} {value!r:.40} must be an integer")
         if batch <= 0:
             raise DgemmaError(f"cache batch size {batch} must be positive")
         if capacity <= 0:
@@ -37,13 +50,20 @@ class KVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         self.length = 0
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
         self.has_padding = False  # whether any cached position is padding (lets kernels skip ``valid``)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self._undo: _Undo | None = None
+        self._lock = threading.Lock()
+        shapes = []
         for spec in cfg.layers:
             slots = min(capacity, spec.window - 1 + rollback) if spec.is_sliding else capacity
-            shape = (batch, spec.num_kv_heads, slots, spec.head_dim)
+            shapes.append((batch, spec.num_kv_heads, slots, spec.head_dim))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        need = 2 * itemsize * sum(b * h * s * d for b, h, s, d in shapes) + batch * capacity
+        _check_allocation(need, self.device, f"a KV cache for batch {batch} and capacity {capacity}")
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
+        for shape in shapes:
             self.keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=self.device))
 
@@ -75,6 +95,8 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Store k/v [B, KVH, T, D] of positions ``start..start+T-1`` (only the tail a ring keeps)."""
         t = k.shape[2]
+        if self._undo is not None:
+            self._undo.save(layer, start, t)
         if self.config.layers[layer].is_sliding:
             keep = min(t, self.ring_size(layer))
             pos = torch.arange(start + t - keep, start + t, device=self.device)
@@ -94,10 +116,132 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         """Drop every position from ``length`` on (e.g. to re-encode a differently rendered turn)."""
-        if not 0 <= length <= self.length:
-            raise DgemmaError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.check_free()
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.length:
+            raise DgemmaError(f"cannot truncate a cache of {self.length} tokens to {length!r:.40}")
         if self.length - length > self.rollback and any(s.is_sliding for s in self.config.layers):
             raise DgemmaError(f"cannot roll back {self.length - length} tokens: this cache keeps "
                               f"{self.rollback} spare sliding-window slots (rollback=)")
         self.valid[:, length:] = False
         self.length = length
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Undo every change made to the cache inside the block if it exits with an exception
+        (including ``GeneratorExit`` when a suspended ``generate_stream`` is closed).
+
+        Nested use in the thread that opened it joins the open transaction. A transaction from another
+        thread, or while the open one is suspended (see :meth:`suspended`), raises :class:`DgemmaError`.
+        """
+        me = threading.get_ident()
+        undo = self._undo
+        if undo is not None:
+            if undo.thread == me and not undo.paused:
+                yield undo
+                return
+            raise DgemmaError(self._busy_message(undo))
+        if not self._lock.acquire(blocking=False):
+            raise DgemmaError("this KV cache is being changed by another thread: a cache holds one conversation and "
+                              "serves one generation at a time")
+        try:
+            undo = self._undo = _Undo(self, me)
+            try:
+                yield undo
+            except BaseException:
+                undo.restore()
+                raise
+        finally:
+            self._undo = None
+            self._lock.release()
+
+    @staticmethod
+    def _busy_message(undo: "_Undo") -> str:
+        if undo.paused:
+            return ("this KV cache belongs to an unfinished generate_stream: consume it to the end or close() it "
+                    "before using the cache again")
+        return ("this KV cache is in use by another thread: a cache holds one conversation and serves one "
+                "generation at a time")
+
+    def check_free(self) -> None:
+        """Refuse to use a cache that an open transaction of another caller holds."""
+        undo = self._undo
+        if undo is not None and (undo.paused or undo.thread != threading.get_ident()):
+            raise DgemmaError(self._busy_message(undo))
+
+
+class _Undo:
+    """What a transaction needs to put a cache back: the scalars at its start and, per layer, the old
+    contents of each slot the first time it is overwritten."""
+
+    def __init__(self, cache: KVCache, thread: int):
+        self.cache, self.thread, self.paused = cache, thread, False
+        self.length, self.has_padding = cache.length, cache.has_padding
+        self.valid = cache.valid.clone()
+        self.saved: dict[int, set[int]] = {}
+        self.old: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Mark the transaction as paused (its generator is suspended at a yield) inside the block."""
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
+
+    def save(self, layer: int, start: int, t: int) -> None:
+        """Keep the old contents of the slots that writing positions ``start..start+t-1`` overwrites."""
+        c = self.cache
+        spec = c.config.layers[layer]
+        if spec.is_sliding:
+            ring = c.ring_size(layer)
+            keep = min(t, ring)
+            slots = {p % ring for p in range(start + t - keep, start + t)}
+        else:
+            # Positions at or past the length at the start held nothing the cache promised.
+            slots = set(range(start, min(start + t, self.length)))
+        done = self.saved.setdefault(layer, set())
+        slots -= done
+        if not slots:
+            return
+        done |= slots
+        idx = torch.tensor(sorted(slots), device=c.device)
+        self.old.append((layer, idx, c.keys[layer].index_select(2, idx), c.values[layer].index_select(2, idx)))
+
+    def restore(self) -> None:
+        c = self.cache
+        for layer, idx, k, v in reversed(self.old):
+            c.keys[layer].index_copy_(2, idx, k)
+            c.values[layer].index_copy_(2, idx, v)
+        c.valid.copy_(self.valid)
+        c.length, c.has_padding = self.length, self.has_padding
+        self.old.clear()
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can take on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except Exception:  # noqa: BLE001 - no usable CUDA context: let the allocation itself report
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_allocation(nbytes: int, device: torch.device, what: str) -> None:
+    """Refuse (with the numbers) an allocation larger than the memory ``device`` has available, rather
+    than let it page the machine to a halt or be killed."""
+    free = _available_bytes(device)
+    if free is not None and nbytes > free:
+        raise DgemmaError(f"{what} needs {nbytes / 2**30:.2f} GiB, more than the {free / 2**30:.2f} GiB available "
+                          f"on {device}; use a smaller batch or capacity")

@@ -7,13 +7,24 @@ thinking channel (``<|channel>thought\\n…<channel|>``), its text, and its tool
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from .errors import CheckpointError, DgemmaError
+
+# Bounds of one chat-template rendering (a checkpoint's template is code from the checkpoint): wall-clock
+# seconds, and characters of output (also the largest string or list a template may build). Real templates
+# render in milliseconds and a conversation's text is far below the size limit. Per template:
+# ChatTemplate(time_limit_s=..., max_output_chars=...).
+RENDER_TIME_LIMIT_S = 10.0
+RENDER_MAX_CHARS = 8 << 20
+_MAX_POWER_BITS = 1 << 16  # the largest integer ``a ** b`` may produce in a template, in bits
 
 ROLES = ("system", "user", "assistant", "model", "tool")
 THOUGHT_OPEN, THOUGHT_CLOSE = "<|channel>thought\n", "<channel|>"
@@ -35,10 +46,140 @@ def load_chat_template(path: str, tokenizer_config: dict | None = None) -> str |
     return tpl if isinstance(tpl, str) else None
 
 
+class _TemplateLimit(Exception):
+    """A chat template went over a limit (turned into a DgemmaError by :meth:`ChatTemplate.render`)."""
+
+
+class _RenderTimeout(BaseException):
+    """Raised asynchronously in a rendering thread that ran past its deadline (a BaseException, so that
+    no ``except Exception`` on the way swallows it)."""
+
+
+def _environment_class():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class LimitedEnvironment(ImmutableSandboxedEnvironment):
+        """The sandbox, with checks on the operations that can build huge values in one step (``*``,
+        ``**``, ``+``, ``%``, ``format``) and a deadline check on every call and operator."""
+
+        intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.limits = threading.local()
+
+        def check_deadline(self):
+            deadline = getattr(self.limits, "deadline", None)
+            if deadline is not None and time.monotonic() > deadline:
+                raise _TemplateLimit(f"rendering took longer than the time limit of {self.limits.seconds:g} s")
+
+        def check_size(self, n: int, what: str):
+            limit = getattr(self.limits, "max_chars", RENDER_MAX_CHARS)
+            if n > limit:
+                raise _TemplateLimit(f"{what} of {n} items exceeds the output-size limit of {limit} characters")
+
+        def check_format(self, fmt):
+            if isinstance(fmt, str):
+                for width in re.findall(r"\d{4,}", fmt):
+                    self.check_size(int(width), "a format width")
+
+        def call_binop(self, context, operator, left, right):
+            self.check_deadline()
+            seqs = (str, list, tuple, bytes)
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, seqs) and isinstance(n, int):
+                        self.check_size(len(seq) * max(n, 0), "a repeated string or list")
+            elif operator == "**":
+                if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+                    if right * abs(left).bit_length() > _MAX_POWER_BITS:
+                        raise _TemplateLimit(f"{left!r:.20} ** {right!r:.20} is too large a number")
+            elif operator == "+":
+                if isinstance(left, seqs) and isinstance(right, seqs):
+                    self.check_size(len(left) + len(right), "a concatenation")
+            elif operator == "%":
+                self.check_format(left)
+            return super().call_binop(context, operator, left, right)
+
+        def wrap_str_format(self, value):
+            if getattr(value, "__name__", None) in ("format", "format_map"):
+                self.check_format(getattr(value, "__self__", None))
+            return super().wrap_str_format(value)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's signature
+            __self.check_deadline()
+            for a in args:
+                if isinstance(a, int) and not isinstance(a, bool) and a > 10**6 and \
+                        getattr(__obj, "__name__", None) in ("center", "ljust", "rjust", "zfill", "expandtabs"):
+                    __self.check_size(a, "a padded string")
+            return super().call(__context, __obj, *args, **kwargs)
+
+    return LimitedEnvironment
+
+
+def _limited_filter(env, f):
+    """Filter ``f`` with the deadline checked and integer arguments (widths, counts) bounded by the
+    output-size limit: ``center(10**9)`` or ``batch(10**9)`` would build a huge value in one call."""
+    import functools
+
+    @functools.wraps(f)  # keeps jinja2's pass_context / pass_environment marks
+    def limited(*args, **kwargs):
+        env.check_deadline()
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > 4096:
+                env.check_size(abs(a), f"a '{f.__name__}' argument")
+        return f(*args, **kwargs)
+
+    return limited
+
+
+def _run_with_deadline(fn, seconds: float):
+    """``fn()``, interrupted by :class:`_RenderTimeout` if it runs past ``seconds`` (CPython: the exception is
+    raised in this thread between two bytecodes, so it stops any loop of template code; a single call into
+    C is not interrupted, which the size checks bound)."""
+    set_async = getattr(getattr(ctypes, "pythonapi", None), "PyThreadState_SetAsyncExc", None)
+    if set_async is None:
+        return fn()
+    tid = threading.get_ident()
+    lock = threading.Lock()
+    state = {"done": False, "fired": False}
+
+    def fire():
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                set_async(ctypes.c_ulong(tid), ctypes.py_object(_RenderTimeout))
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return fn()
+    finally:
+        with lock:
+            state["done"] = True
+            if state["fired"]:
+                set_async(ctypes.c_ulong(tid), None)  # withdraw it if it has not been raised yet
+        timer.cancel()
+
+
 class ChatTemplate:
-    def __init__(self, source: str, *, bos_token: str = "<bos>", eos_token: str = "<eos>"):
+    """A checkpoint's jinja2 chat template, rendered in a sandbox within a time limit and an output-size
+    limit (``time_limit_s`` / ``max_output_chars``; default :data:`RENDER_TIME_LIMIT_S` and
+    :data:`RENDER_MAX_CHARS`, read at each render). A template that exceeds either gets a
+    :class:`DgemmaError` naming the limit."""
+
+    def __init__(self, source: str, *, bos_token: str = "<bos>", eos_token: str = "<eos>",
+                 time_limit_s: float | None = None, max_output_chars: int | None = None):
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
+                                         or not 0 < time_limit_s < float("inf")):
+            raise DgemmaError(f"time_limit_s = {time_limit_s!r:.40}, expected a positive number of seconds")
+        if max_output_chars is not None and (isinstance(max_output_chars, bool) or not isinstance(max_output_chars, int)
+                                             or max_output_chars <= 0):
+            raise DgemmaError(f"max_output_chars = {max_output_chars!r:.40}, expected a positive integer")
+        self.time_limit_s, self.max_output_chars = time_limit_s, max_output_chars
 
         def raise_exception(message):
             raise DgemmaError(f"chat template: {message}")
@@ -46,15 +187,20 @@ class ChatTemplate:
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = _environment_class()(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = tojson
+        env.filters = {name: _limited_filter(env, f) for name, f in env.filters.items()}
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        if not isinstance(source, str):
+            raise CheckpointError(f"chat template must be a string, got {type(source).__name__}")
         try:
             self._template = env.from_string(source)
         except TemplateError as e:
             raise CheckpointError(f"chat template does not parse: {e}") from None
+        except (RecursionError, MemoryError):
+            raise CheckpointError("chat template does not parse: nested too deeply or too large") from None
+        self._env = env
         self._template_error = TemplateError
         self.bos_token, self.eos_token = bos_token, eos_token
 
@@ -63,12 +209,44 @@ class ChatTemplate:
         check_messages(messages)
         if tools is not None:
             check_tools(tools)
+        seconds = self.time_limit_s if self.time_limit_s is not None else RENDER_TIME_LIMIT_S
+        max_chars = self.max_output_chars if self.max_output_chars is not None else RENDER_MAX_CHARS
+        limits = self._env.limits
+        context = dict(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                       enable_thinking=thinking, bos_token=self.bos_token, eos_token=self.eos_token)
+
+        def run() -> str:
+            parts, size = [], 0
+            for chunk in self._template.generate(**context):
+                size += len(chunk)
+                if size > max_chars:
+                    raise _TemplateLimit(f"its output exceeds the output-size limit of {max_chars} characters")
+                parts.append(chunk)
+                self._env.check_deadline()
+            return "".join(parts)
+
+        limits.deadline, limits.seconds, limits.max_chars = time.monotonic() + seconds, seconds, max_chars
+        hint = "(dgemma.chat.RENDER_TIME_LIMIT_S / RENDER_MAX_CHARS, or ChatTemplate(time_limit_s=, max_output_chars=))"
         try:
-            return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                         enable_thinking=thinking, bos_token=self.bos_token,
-                                         eos_token=self.eos_token)
+            return _run_with_deadline(run, seconds)
+        except _RenderTimeout:
+            raise DgemmaError(f"chat template rendering took longer than the time limit of {seconds:g} s "
+                              f"{hint}") from None
+        except _TemplateLimit as e:
+            raise DgemmaError(f"chat template stopped: {e} {hint}") from None
         except self._template_error as e:
             raise DgemmaError(f"chat template failed to render: {e}") from None
+        except RecursionError:
+            raise DgemmaError("chat template failed to render: recursion too deep") from None
+        except MemoryError:
+            raise DgemmaError(f"chat template failed to render: out of memory (output-size limit {max_chars} "
+                              f"characters) {hint}") from None
+        except DgemmaError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, ArithmeticError) as e:
+            raise DgemmaError(f"chat template failed to render: {type(e).__name__}: {e}") from None
+        finally:
+            limits.deadline = None
 
 
 def check_messages(messages) -> None:

@@ -1,14 +1,29 @@
-"""Reading Hugging Face safetensors checkpoints (single file or sharded), memory-mapped and validated.
+"""Reading Hugging Face safetensors checkpoints (single file or sharded), validated and copied.
 
-The safetensors header is parsed here rather than trusted, so that a truncated or corrupt file is
-reported with its name and the tensor that does not fit, before any weight is used.
+The safetensors header is parsed here with exactly the checks of the ``safetensors`` library's own
+reader (``safetensors::tensor::read_metadata``): a header of at most 100 MB that is UTF-8 JSON starting
+with ``{``, entries of a known dtype with non-negative integer shapes and two ``data_offsets``, the
+entries' byte ranges contiguous from 0, non-overlapping and together exactly the rest of the file, and
+each range exactly ``numel × itemsize`` bytes. It is parsed here rather than with ``safe_open`` so that
+every problem is a :class:`~dgemma.errors.CheckpointError` naming the file and the tensor, and so that
+tensors are read with ordinary (positional) file reads into memory the engine owns.
+
+NOTE: weights are copies, never views of a memory mapping. A mapped tensor stays tied to the file: if
+the file is truncated after loading, the next access to a missing page kills the process with SIGBUS,
+and rewriting the file in place silently changes the live weights. Reading each tensor into its own
+buffer costs the same I/O, keeps the peak at the loaded model plus one tensor, and makes the engine
+independent of the file once :func:`load_tensors` returns.
+
+Shard paths named by ``model.safetensors.index.json`` must stay inside the checkpoint directory (no
+absolute paths, no ``..``, no symlink leading out of it, except the Hugging Face cache's own layout where
+``snapshots/<rev>/<file>`` links to ``../../blobs/<hash>``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import mmap
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -26,11 +41,20 @@ logger = logging.getLogger("dgemma")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-_MAX_HEADER = 100 * 1024 * 1024
+# Bits per element of every dtype the safetensors format defines (sub-byte types pack).
+_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+         "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "U16": 16, "U32": 32, "U64": 64, "C64": 64,
+         "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+# safetensors' MAX_HEADER_SIZE.
+MAX_HEADER_BYTES = 100_000_000
+_USIZE = 1 << 64
 # Checkpoints above this size show a progress bar while loading (unless progress= says otherwise).
 PROGRESS_MIN_BYTES = 1 << 30
+# Checkpoints whose loaded tensors are at most this many bytes are scanned for NaN/Inf at load (unless
+# check_finite= says otherwise): a full scan reads every weight once more, cheap next to the read itself.
+FINITE_CHECK_MAX_BYTES = 2 << 30
+_READ_CHUNK = 64 << 20  # bytes per read() call and per finiteness-scan chunk
+_PAGE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,53 +67,138 @@ class TensorEntry:
     nbytes: int
 
 
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _uint(v) -> bool:
+    return type(v) is int and 0 <= v < _USIZE
+
+
 def read_header(path: str) -> dict[str, TensorEntry]:
     """Parse and validate one safetensors file's header; return its tensors by name."""
     name = os.path.basename(path)
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (hlen,) = struct.unpack("<Q", head)
-            if hlen > min(_MAX_HEADER, size - 8):
+            if hlen > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: corrupt safetensors header (declares {hlen} header bytes, "
+                                      f"more than the limit of {MAX_HEADER_BYTES})")
+            if hlen > size - 8:
                 raise CheckpointError(
                     f"{path}: corrupt safetensors header (declares {hlen} header bytes, file has {size})"
                 )
             raw = f.read(hlen)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if len(raw) != hlen:
+        raise CheckpointError(f"{path}: truncated while reading its header")
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not text.startswith("{"):
+        raise CheckpointError(f"{path}: corrupt safetensors header (does not start with '{{')")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (key {e.args[0]!r:.80} appears twice)") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
+    except ValueError:  # JSONDecodeError
         raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.get("__metadata__")
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + hlen
-    entries = {}
+    infos = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}") from None
+        what = f"{path}: corrupt safetensors header entry {key!r:.200}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{what}: expected an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _BITS:
+            raise CheckpointError(f"{what}: dtype {dtype!r:.40} is not a safetensors dtype "
+                                  f"({', '.join(_BITS)})")
+        if not isinstance(shape, list) or not all(_uint(s) for s in shape):
+            raise CheckpointError(f"{what}: shape {shape!r:.80} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_uint(o) for o in offsets):
+            raise CheckpointError(f"{what}: data_offsets {offsets!r:.80} is not a pair of non-negative integers")
+        infos.append((offsets[0], offsets[1], key, dtype, tuple(shape)))
+    # Exactly safetensors' Metadata::validate: sorted by offsets, each range starts where the last
+    # ended (no gap, no overlap), is not reversed and holds numel × bits / 8 bytes.
+    infos.sort(key=lambda x: (x[0], x[1]))
+    entries = {}
+    end_of_data = 0
+    for begin, end, key, dtype, shape in infos:
+        if begin != end_of_data or end < begin:
+            raise CheckpointError(f"{path}: tensor {key!r:.200} has data_offsets [{begin}, {end}], expected to "
+                                  f"start at byte {end_of_data} (ranges must be contiguous and not overlap)")
+        end_of_data = end
+        if data_start + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {key!r:.200} needs bytes up to {data_start + end}, "
+                                  f"file has {size}")
         numel = 1
         for s in shape:
             numel *= s
-        itemsize = _ITEMSIZE.get(dtype)
-        if itemsize is not None and end - begin != numel * itemsize:
+            if numel >= _USIZE:
+                raise CheckpointError(f"{path}: tensor {key!r:.200} has shape {list(shape)}: too many elements")
+        bits = numel * _BITS[dtype]
+        if bits % 8 or bits // 8 != end - begin:
             raise CheckpointError(
-                f"{path}: corrupt entry {key!r}: {end - begin} bytes for shape {list(shape)} of {dtype}"
-            )
-        if begin < 0 or end < begin or data_start + end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {key!r} needs bytes up to {data_start + end}, file has {size}"
+                f"{path}: corrupt entry {key!r:.200}: {end - begin} bytes for shape {list(shape)} of {dtype}"
             )
         entries[key] = TensorEntry(key, path, dtype, shape, data_start + begin, end - begin)
+    if data_start + end_of_data != size:
+        raise CheckpointError(f"{path}: corrupt safetensors file: the tensors end at byte "
+                              f"{data_start + end_of_data}, the file has {size} (trailing data)")
     logger.debug("read %d tensor headers from %s", len(entries), name)
     return entries
+
+
+def _confined(directory: str, rel, what: str) -> str:
+    """``rel`` (named by ``what``) joined to ``directory``; refused unless it stays inside it."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise CheckpointError(f"{what} = {rel!r:.80}, expected a shard file name")
+    if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+        raise CheckpointError(f"{what} = {rel!r:.200} lies outside the checkpoint directory (shard names must "
+                              "be relative, without '..')")
+    path = os.path.join(directory, rel)
+    real, root = os.path.realpath(path), os.path.realpath(directory)
+    if not _inside(real, root) and not _hf_cache_blob(real, root):
+        raise CheckpointError(f"{what} = {rel!r:.200} is a link to {real}, outside the checkpoint directory")
+    return path
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def _hf_cache_blob(real: str, root: str) -> bool:
+    """Whether ``real`` is a blob of the Hugging Face cache repository whose snapshot ``root`` is
+    (``<repo>/snapshots/<rev>`` links its files to ``<repo>/blobs/<hash>``)."""
+    snapshots = os.path.dirname(root)
+    if os.path.basename(snapshots) != "snapshots":
+        return False
+    blobs = os.path.join(os.path.dirname(snapshots), "blobs")
+    return os.path.dirname(real) == blobs
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -98,18 +207,29 @@ def checkpoint_files(path: str) -> list[str]:
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
-        shards = sorted(set(weight_map.values()))
-        files = [os.path.join(path, s) for s in shards]
+                raw = json.load(f)
+        except OSError as e:
+            raise CheckpointError(f"{index}: cannot read ({e.strerror})") from None
+        except RecursionError:
+            raise CheckpointError(f"{index}: not a valid safetensors index (JSON nested too deeply)") from None
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            raise CheckpointError(f"{index}: not a valid safetensors index (not valid UTF-8 JSON)") from None
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a non-empty 'weight_map' object "
+                                  f"of tensor name -> shard file, got {type(weight_map).__name__})")
+        shards: dict[str, str] = {}
+        for key, rel in weight_map.items():
+            if not isinstance(rel, str) or rel not in shards:
+                shards[rel] = _confined(path, rel, f"{index}: weight_map[{key!r:.200}]")
+        files = [shards[s] for s in sorted(shards)]
         for f in files:
             if not os.path.isfile(f):
-                raise CheckpointError(f"missing shard {os.path.basename(f)} (listed in {index})")
+                raise CheckpointError(f"missing shard {os.path.relpath(f, path)} (listed in {index})")
         return files
     single = os.path.join(path, SINGLE_FILE)
     if os.path.isfile(single):
-        return [single]
+        return [_confined(path, SINGLE_FILE, f"{path}: {SINGLE_FILE}")]
     raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 
@@ -123,48 +243,68 @@ def index_tensors(files: list[str]) -> dict[str, TensorEntry]:
     return entries
 
 
-class _MappedFiles:
-    """Keeps one copy-on-write mapping per file; tensors viewing it keep it alive."""
-
-    def __init__(self):
-        self._maps: dict[str, mmap.mmap] = {}
-
-    def get(self, path: str) -> mmap.mmap:
-        m = self._maps.get(path)
-        if m is None:
-            with open(path, "rb") as f:
-                # ACCESS_COPY gives a writable (private) view, which torch.frombuffer needs; pages stay
-                # shared with the page cache unless written, so nothing is copied.
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._maps[path] = m
-        return m
-
-
-def _tensor_from_entry(maps: _MappedFiles, e: TensorEntry) -> torch.Tensor:
+def _read_tensor(f, e: TensorEntry) -> torch.Tensor:
+    """The tensor of ``e`` read from the open file ``f`` into a new host tensor (the file's dtype)."""
     dtype = _DTYPES[e.dtype]
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    buf = maps.get(e.file)
-    numel = e.nbytes // itemsize
-    if numel == 0:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if e.nbytes == 0:
         return torch.empty(e.shape, dtype=dtype)
-    if e.offset % itemsize == 0:
-        t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=e.offset)
-    else:  # unaligned data cannot be viewed in place
-        t = torch.frombuffer(buf, dtype=torch.uint8, count=e.nbytes, offset=e.offset).clone().view(dtype)
-    return t.view(e.shape)
+    # NOTE: the copy starts at the same address modulo the page size as a memory mapping of the file
+    # would (as transformers' and safetensors' loaders map it): CPU kernels round differently on
+    # differently aligned data, and bit-for-bit parity with transformers depends on it.
+    raw = torch.empty(e.nbytes + _PAGE, dtype=torch.uint8)
+    shift = (e.offset - raw.data_ptr()) % _PAGE
+    if shift % itemsize:
+        shift -= shift % itemsize  # an unaligned offset cannot be mirrored; keep the dtype's alignment
+    data = raw[shift:shift + e.nbytes]
+    buf = memoryview(data.numpy())
+    done = 0
+    while done < e.nbytes:
+        try:
+            part = buf[done:done + _READ_CHUNK]
+            if hasattr(os, "preadv"):
+                n = os.preadv(f.fileno(), [part], e.offset + done)
+            else:
+                f.seek(e.offset + done)
+                n = f.readinto(part)
+        except OSError as err:
+            raise CheckpointError(f"{e.file}: cannot read tensor {e.key!r} ({err.strerror})") from None
+        if n == 0:
+            raise CheckpointError(f"{e.file}: truncated while reading tensor {e.key!r} (the file changed after "
+                                  f"its header was read)")
+        done += n
+    return data.view(dtype).view(e.shape)
+
+
+def _check_finite(e: TensorEntry, t: torch.Tensor) -> None:
+    """Refuse a tensor holding NaN or ±Inf, naming it and the first bad element."""
+    flat = t.view(-1)
+    step = max(1, _READ_CHUNK // max(1, t.element_size()))
+    for lo in range(0, flat.numel(), step):
+        chunk = flat[lo:lo + step]
+        if not bool(torch.isfinite(chunk).all()):
+            i = lo + int((~torch.isfinite(chunk)).nonzero()[0, 0])
+            index = list(torch.unravel_index(torch.tensor(i), t.shape)) if t.dim() else []
+            raise CheckpointError(f"{e.file}: tensor {e.key!r} holds a non-finite value ({float(flat[i])}) at index "
+                                  f"{[int(x) for x in index]}: the checkpoint is corrupt")
 
 
 def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device,
                  progress: bool | None = None,
-                 transform: Callable[[str, torch.Tensor], object | None] | None = None) -> dict[str, torch.Tensor]:
+                 transform: Callable[[str, torch.Tensor], object | None] | None = None,
+                 check_finite: bool | None = None) -> dict[str, torch.Tensor]:
     """Validate a checkpoint against ``cfg`` and load its text-model tensors as ``dtype`` on ``device``.
 
-    Each tensor is viewed from the memory-mapped file and converted (or moved) one at a time, so the
-    peak is the loaded model plus one tensor, never two copies of the model.
+    Each tensor is read from the file into memory of its own (never a view of a file mapping: see the
+    module note) and converted (or moved) one at a time, so the peak is the loaded model plus one
+    tensor, and the result does not depend on the files once this returns.
 
-    ``transform(key, tensor)``, when given, sees each tensor as stored (memory-mapped, on the host, in
-    the file's dtype) before any conversion; a non-None result replaces the tensor (e.g. an FP8
+    ``transform(key, tensor)``, when given, sees each tensor as stored (on the host, in the file's
+    dtype) before any conversion; a non-None result replaces the tensor (e.g. an FP8
     :class:`~dgemma.quant.Fp8Weight`), None keeps the usual conversion. Streaming quantisation uses it.
+
+    ``check_finite``: scan every tensor for NaN/Inf and refuse the checkpoint naming the first bad
+    tensor; default: on when the tensors total at most :data:`FINITE_CHECK_MAX_BYTES`.
     """
     entries = index_tensors(checkpoint_files(path))
     expected = expected_shapes(cfg)
@@ -204,18 +344,31 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
 
     total = sum(entries[k].nbytes for k in expected)
     show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
-    maps = _MappedFiles()
+    scan = check_finite if check_finite is not None else total <= FINITE_CHECK_MAX_BYTES
     out: dict[str, torch.Tensor] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
-        for key in expected:
-            e = entries[key]
-            t = _tensor_from_entry(maps, e)
-            replaced = transform(key, t) if transform is not None else None
-            if replaced is not None:
-                out[key] = replaced
-            else:
-                out[key] = t if t.dtype == dtype and t.device == device else t.to(device=device, dtype=dtype)
-            bar.update(e.nbytes)
+    files: dict[str, object] = {}
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
+            for key in expected:
+                e = entries[key]
+                f = files.get(e.file)
+                if f is None:
+                    try:
+                        f = files[e.file] = open(e.file, "rb")
+                    except OSError as err:
+                        raise CheckpointError(f"{e.file}: cannot read ({err.strerror})") from None
+                t = _read_tensor(f, e)
+                if scan:
+                    _check_finite(e, t)
+                replaced = transform(key, t) if transform is not None else None
+                if replaced is not None:
+                    out[key] = replaced
+                else:
+                    out[key] = t if t.dtype == dtype and t.device == device else t.to(device=device, dtype=dtype)
+                bar.update(e.nbytes)
+    finally:
+        for f in files.values():
+            f.close()
     return out
 
 

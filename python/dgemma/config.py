@@ -13,6 +13,37 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 MODEL_TYPE = "diffusion_gemma"
 
+# Upper bounds of config sizes, generous for real models (Gemma 4 has a 262 144 vocabulary, 5 376 hidden,
+# 62 layers, 256 canvases), so that a bad value is refused here rather than allocating without end.
+LIMITS = {
+    "vocab_size": 1 << 24,
+    "hidden_size": 65_536,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "num_experts": 4096,
+    "top_k_experts": 4096,
+    "moe_intermediate_size": 1 << 20,
+    "max_position_embeddings": 1 << 24,
+    "sliding_window": 1 << 24,
+    "canvas_length": 4096,
+    "token_id": 1 << 31,
+    # vision tower
+    "pooling_kernel_size": 64,
+    "patch_size": 1024,
+    "position_embedding_size": 1 << 20,
+}
+# Finite ranges (low exclusive, high inclusive) of the float settings.
+RMS_NORM_EPS_MAX = 0.1
+ROPE_THETA_MAX = 1e12
+ROPE_FACTOR_MAX = 1e6
+SOFTCAP_MAX = 1e6
+# The embedding (also the lm_head) is one tensor: 2^32 elements (16 GiB in fp32) is far above real models.
+MAX_EMBEDDING_ELEMENTS = 1 << 32
+MAX_CONFIG_BYTES = 64 << 20  # config.json / generation_config.json
+
 
 @dataclass(frozen=True, slots=True)
 class RopeSpec:
@@ -118,9 +149,16 @@ class ModelConfig:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         try:
+            if os.path.getsize(path) > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{path}: {os.path.getsize(path)} bytes, more than the limit of {MAX_CONFIG_BYTES} "
+                                  "for a config file")
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(raw, source=path)
 
@@ -132,16 +170,27 @@ def _get(d: dict, key: str, source: str, kind: type | tuple, default=None, requi
         raise ConfigError(f"{source}: text_config.{key} is missing")
     v = d[key]
     if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-        raise ConfigError(f"{source}: text_config.{key} = {v!r}, expected an integer")
+        raise ConfigError(f"{source}: text_config.{key} = {v!r:.80}, expected an integer")
     if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-        raise ConfigError(f"{source}: text_config.{key} = {v!r}, expected a finite number")
+        raise ConfigError(f"{source}: text_config.{key} = {v!r:.80}, expected a finite number")
     return float(v) if kind is float else v
 
 
-def _positive(v: int, key: str, source: str) -> int:
-    if v <= 0:
-        raise ConfigError(f"{source}: text_config.{key} = {v}, expected a positive integer")
+def _positive(v: int, key: str, source: str, limit: int | None = None) -> int:
+    """``v`` if it is a positive integer no larger than ``limit`` (default: ``LIMITS[key]``)."""
+    limit = LIMITS.get(key.rsplit(".", 1)[-1]) if limit is None else limit
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"{source}: text_config.{key} = {v!r:.80}, expected a positive integer")
+    if limit is not None and v > limit:
+        raise ConfigError(f"{source}: text_config.{key} = {v}, expected at most {limit}")
     return v
+
+
+def _number(v, what: str, low: float, high: float) -> float:
+    """``v`` as a float if it is a finite number in (low, high]; ``what`` names it in the error."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low < v <= high:
+        raise ConfigError(f"{what} = {v!r:.80}, expected a finite number in ({low:g}, {high:g}]")
+    return float(v)
 
 
 def _parse_rope(params: dict | None, layer_type: str, source: str) -> RopeSpec:
@@ -149,6 +198,9 @@ def _parse_rope(params: dict | None, layer_type: str, source: str) -> RopeSpec:
         SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
         FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
     }
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{source}: text_config.rope_parameters = {params!r:.80}, expected an object keyed by "
+                          "layer type")
     p = (params or defaults).get(layer_type)
     if not isinstance(p, dict):
         raise ConfigError(f"{source}: text_config.rope_parameters has no entry for {layer_type!r}")
@@ -157,17 +209,12 @@ def _parse_rope(params: dict | None, layer_type: str, source: str) -> RopeSpec:
         raise ConfigError(
             f"{source}: rope_type {kind!r} for {layer_type} is not supported (expected 'default' or 'proportional')"
         )
-    theta = p.get("rope_theta")
-    if not isinstance(theta, (int, float)) or theta <= 0:
-        raise ConfigError(f"{source}: rope_theta for {layer_type} = {theta!r}, expected a positive number")
-    partial = float(p.get("partial_rotary_factor", 1.0))
-    if not 0.0 < partial <= 1.0:
-        raise ConfigError(f"{source}: partial_rotary_factor for {layer_type} = {partial}, expected (0, 1]")
+    theta = _number(p.get("rope_theta"), f"{source}: rope_theta for {layer_type}", 0.0, ROPE_THETA_MAX)
+    partial = _number(p.get("partial_rotary_factor", 1.0), f"{source}: partial_rotary_factor for {layer_type}",
+                      0.0, 1.0)
     if kind == "default" and partial != 1.0:
         raise ConfigError(f"{source}: partial rotary ({partial}) is only supported with rope_type 'proportional'")
-    factor = float(p.get("factor", 1.0))
-    if factor <= 0:
-        raise ConfigError(f"{source}: rope factor for {layer_type} = {factor}, expected a positive number")
+    factor = _number(p.get("factor", 1.0), f"{source}: rope factor for {layer_type}", 0.0, ROPE_FACTOR_MAX)
     return RopeSpec(kind=kind, theta=float(theta), partial_rotary_factor=partial, factor=factor)
 
 
@@ -178,12 +225,13 @@ def _parse_text_config(t: dict, outer: dict, source: str) -> ModelConfig:
         ints[key] = _positive(_get(t, key, source, int), key, source)
     max_pos = _positive(_get(t, "max_position_embeddings", source, int, default=131_072), "max_position_embeddings",
                         source)
-    eps = _get(t, "rms_norm_eps", source, float, default=1e-6)
-    if eps <= 0:
-        raise ConfigError(f"{source}: text_config.rms_norm_eps = {eps}, expected a positive number")
-    softcap = _get(t, "final_logit_softcapping", source, float, default=30.0)
-    if softcap <= 0:
-        raise ConfigError(f"{source}: text_config.final_logit_softcapping = {softcap}, expected a positive number")
+    if ints["vocab_size"] * ints["hidden_size"] > MAX_EMBEDDING_ELEMENTS:
+        raise ConfigError(f"{source}: text_config.vocab_size × hidden_size = {ints['vocab_size']} × "
+                          f"{ints['hidden_size']}, expected at most {MAX_EMBEDDING_ELEMENTS} elements")
+    eps = _number(_get(t, "rms_norm_eps", source, float, default=1e-6), f"{source}: text_config.rms_norm_eps",
+                  0.0, RMS_NORM_EPS_MAX)
+    softcap = _number(_get(t, "final_logit_softcapping", source, float, default=30.0),
+                      f"{source}: text_config.final_logit_softcapping", 0.0, SOFTCAP_MAX)
     act = t.get("hidden_activation", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
         raise ConfigError(f"{source}: hidden_activation {act!r} is not supported (expected 'gelu_pytorch_tanh')")
@@ -216,7 +264,7 @@ def _parse_text_config(t: dict, outer: dict, source: str) -> ModelConfig:
 
     window = None
     if SLIDING in layer_types:
-        window = _get(t, "sliding_window", source, int)
+        window = _positive(_get(t, "sliding_window", source, int), "sliding_window", source)
         if window < 2:
             raise ConfigError(f"{source}: text_config.sliding_window = {window}, expected at least 2")
 
@@ -226,8 +274,8 @@ def _parse_text_config(t: dict, outer: dict, source: str) -> ModelConfig:
     specs = []
     for i, lt in enumerate(layer_types):
         over = per_layer.get(i, {})
-        head_dim = _positive(int(over.get("head_dim", ints["head_dim"])), f"per_layer_config.{i}.head_dim", source)
-        kv = _positive(int(over.get("num_key_value_heads", ints["num_key_value_heads"])),
+        head_dim = _positive(over.get("head_dim", ints["head_dim"]), f"per_layer_config.{i}.head_dim", source)
+        kv = _positive(over.get("num_key_value_heads", ints["num_key_value_heads"]),
                        f"per_layer_config.{i}.num_key_value_heads", source)
         if head_dim % 2:
             raise ConfigError(f"{source}: layer {i} head_dim = {head_dim}, expected an even number (RoPE)")
@@ -241,9 +289,17 @@ def _parse_text_config(t: dict, outer: dict, source: str) -> ModelConfig:
 
     eos = t.get("eos_token_id", 1)
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    for key, ids in (("eos_token_id", eos_ids), ("pad_token_id", (t.get("pad_token_id"),)),
+                     ("bos_token_id", (t.get("bos_token_id"),))):
+        for i in ids:
+            if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < LIMITS["token_id"]):
+                raise ConfigError(f"{source}: text_config.{key} = {i!r:.80}, expected a non-negative token id")
     canvas = outer.get("canvas_length", 256)
-    if not isinstance(canvas, int) or canvas <= 0:
-        raise ConfigError(f"{source}: canvas_length = {canvas!r}, expected a positive integer")
+    if isinstance(canvas, bool) or not isinstance(canvas, int) or canvas <= 0:
+        raise ConfigError(f"{source}: canvas_length = {canvas!r:.80}, expected a positive integer")
+    if canvas > LIMITS["canvas_length"] or canvas > max_pos:
+        raise ConfigError(f"{source}: canvas_length = {canvas}, expected at most "
+                          f"{min(LIMITS['canvas_length'], max_pos)} (and max_position_embeddings = {max_pos})")
     return ModelConfig(
         vocab_size=ints["vocab_size"], hidden_size=ints["hidden_size"], intermediate_size=ints["intermediate_size"],
         num_layers=n_layers, num_heads=n_heads, num_experts=ints["num_experts"], top_k=ints["top_k_experts"],
@@ -277,14 +333,21 @@ def _parse_vision_config(v: dict | None, source: str) -> VisionConfig | None:
 
     def integer(key: str, default: int) -> int:
         x = v.get(key, default)
+        limit = LIMITS.get({"num_layers": "num_hidden_layers"}.get(key, key))
         if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
-            raise ConfigError(f"{src}.{key} = {x!r}, expected a positive integer")
+            raise ConfigError(f"{src}.{key} = {x!r:.80}, expected a positive integer")
+        if limit is not None and x > limit:
+            raise ConfigError(f"{src}.{key} = {x}, expected at most {limit}")
         return x
 
-    def number(x, key: str) -> float:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
-            raise ConfigError(f"{src}.{key} = {x!r}, expected a positive finite number")
-        return float(x)
+    def number(x, key: str, high: float) -> float:
+        return _number(x, f"{src}.{key}", 0.0, high)
+
+    def flag(key: str) -> bool:
+        x = v.get(key, False)
+        if not isinstance(x, bool):
+            raise ConfigError(f"{src}.{key} = {x!r:.80}, expected true or false")
+        return x
 
     act = v.get("hidden_activation", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
@@ -301,11 +364,11 @@ def _parse_vision_config(v: dict | None, source: str) -> VisionConfig | None:
     return VisionConfig(
         hidden_size=integer("hidden_size", 768), intermediate_size=integer("intermediate_size", 3072),
         num_layers=integer("num_hidden_layers", 16), num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-        rms_norm_eps=number(v.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
-        rope_theta=number(rope.get("rope_theta", 100.0), "rope_parameters.rope_theta"),
+        rms_norm_eps=number(v.get("rms_norm_eps", 1e-6), "rms_norm_eps", RMS_NORM_EPS_MAX),
+        rope_theta=number(rope.get("rope_theta", 100.0), "rope_parameters.rope_theta", ROPE_THETA_MAX),
         pooling_kernel_size=integer("pooling_kernel_size", 3), patch_size=integer("patch_size", 16),
         position_embedding_size=integer("position_embedding_size", 10 * 1024),
-        use_clipped_linears=bool(v.get("use_clipped_linears", False)), standardize=bool(v.get("standardize", False)),
+        use_clipped_linears=flag("use_clipped_linears"), standardize=flag("standardize"),
     )
 
 

@@ -53,14 +53,37 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def check_attention_mask(attention_mask, ids: torch.Tensor) -> torch.Tensor:
-    """A bool [B, T] mask matching ``ids``, with at least one real token per row."""
-    mask = torch.as_tensor(attention_mask, device=ids.device)
+def check_attention_mask(attention_mask, ids: torch.Tensor, cache: KVCache | None = None, *,
+                         left_only: bool = False) -> torch.Tensor:
+    """A bool [B, T] mask of 0/1 matching ``ids``, with at least one real token per row.
+
+    ``left_only`` (generation): padding after a real token (right padding, a hole, or any padding in a
+    row whose earlier tokens are in ``cache``) is refused. Padding is never attended to, but it keeps its
+    positions: left padding shifts a whole row (relative positions, hence logits, are unchanged), while
+    padding after real tokens would put a gap between the prompt and the canvas, and the logits would
+    silently differ from the unpadded prompt's."""
+    try:
+        mask = torch.as_tensor(attention_mask, device=ids.device)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise DgemmaError(f"attention_mask must be a [batch, length] tensor of 0/1, got "
+                          f"{type(attention_mask).__name__}") from None
     if mask.shape != ids.shape:
         raise DgemmaError(f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)}")
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise DgemmaError("attention_mask must hold only 0 (padding) and 1 (token)")
     mask = mask.bool()
     if not bool(mask.any(dim=1).all()):
         raise DgemmaError("attention_mask masks every token of some prompt: prompts must not be empty")
+    if not left_only:
+        return mask
+    seen = torch.cummax(mask.int(), dim=1).values.bool()
+    if cache is not None and cache.length > 0:
+        seen |= cache.valid[:, :cache.length].any(dim=1, keepdim=True).to(seen.device)
+    late = seen & ~mask
+    if bool(late.any()):
+        row, pos = (int(x) for x in late.nonzero()[0])
+        raise DgemmaError(f"attention_mask row {row} has padding at position {pos}, after real tokens: only left "
+                          "padding (zeros before a row's first token, in its first prompt) is supported")
     return mask
 
 
@@ -178,14 +201,19 @@ class Engine:
             if capacity is None:
                 capacity = min(t + DEFAULT_CACHE_CANVASES * self.config.canvas_length,
                                self.config.max_position_embeddings)
+            if isinstance(capacity, bool) or not isinstance(capacity, int):
+                raise DgemmaError(f"capacity must be a positive integer, got {capacity!r:.80}")
             if t > capacity:
                 raise DgemmaError(f"prompt of {t} tokens exceeds the cache capacity {capacity}")
+            mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
             cache = self.new_cache(b, capacity)
-        else:
-            self._check_cache(cache, b)
-            cache.check_room(t)
+            self.model.encode(ids, cache, mask, features, types)
+            return cache
+        self._check_cache(cache, b)
+        cache.check_room(t)
         mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
-        self.model.encode(ids, cache, mask, features, types)
+        with cache.transaction():
+            self.model.encode(ids, cache, mask, features, types)
         return cache
 
     def token_types(self, mm_token_type_ids, ids: torch.Tensor) -> torch.Tensor | None:
@@ -313,7 +341,9 @@ class Engine:
         """Like :meth:`generate`, as an iterator: a :class:`StreamEvent` per draft and per committed
         block, then the :class:`GenerationResult`. Generation advances as the iterator is consumed."""
         ids = self.token_ids(input_ids)
-        mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
+        cache = kwargs.get("cache")
+        mask = None if attention_mask is None else check_attention_mask(
+            attention_mask, ids, cache if isinstance(cache, KVCache) else None, left_only=True)
         args = self._resolve(ids, **kwargs)  # bad arguments raise here, before the first item
         args["image_features"] = self.image_features(ids, pixel_values, image_position_ids)
         args["mm_token_type_ids"] = self.token_types(mm_token_type_ids, ids)
@@ -326,6 +356,9 @@ class Engine:
     def _resolve(self, ids: torch.Tensor, *, max_new_tokens=None, max_denoising_steps=None, entropy_bound=None,
                  t_max=None, t_min=None, stability_threshold=None, confidence_threshold=None, eos_token_id=None,
                  pad_token_id=None, generator=None, seed=None, canvas=None, cache=None, capacity=None):
+        for name, value in (("max_new_tokens", max_new_tokens), ("capacity", capacity)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise DgemmaError(f"{name} must be a positive integer, got {value!r:.80}")
         settings = self.generation_settings.updated(
             max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
             t_max=t_max, t_min=t_min, stability_threshold=stability_threshold,
@@ -344,6 +377,7 @@ class Engine:
             if capacity is not None:
                 raise DgemmaError("capacity= sizes a new cache; it cannot be combined with cache=")
             self._check_cache(cache, b)
+            cache.check_free()
             cache.check_room(needed)
         else:
             if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
@@ -351,7 +385,9 @@ class Engine:
                 raise DgemmaError(f"capacity {capacity!r} is too small: this call needs {needed} cache positions")
             cache = self.new_cache(b, capacity or needed)
         eos = self.eos_token_ids if eos_token_id is None else eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos)
+        if isinstance(eos, torch.Tensor):
+            eos = eos.tolist() if eos.dim() and not eos.is_floating_point() else [eos.item()]
+        eos = [eos] if isinstance(eos, int) or not isinstance(eos, (list, tuple)) else list(eos)
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
         for name, ids in (("eos_token_id", eos), ("pad_token_id", [] if pad is None else [pad])):
             for i in ids:
@@ -359,8 +395,12 @@ class Engine:
                     raise DgemmaError(f"{name} {i!r} is not a token id in [0, {cfg.vocab_size})")
         if generator is not None and seed is not None:
             raise DgemmaError("pass either generator= or seed=, not both")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise DgemmaError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+                raise DgemmaError(f"seed must be an integer in [0, 2**64), got {seed!r:.80}")
+            generator = torch.Generator(device=self.device).manual_seed(seed)
         if generator is not None and torch.device(generator.device).type != self.device.type:
             raise DgemmaError(f"generator is on {generator.device}, expected the engine's device {self.device}")
         if canvas is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache
-from .errors import DgemmaError
+from .errors import DgemmaError, NonFiniteError
 from .sampler import GenerationSettings, StableAndConfident, make_sampler
 
 
@@ -38,6 +38,12 @@ class GenerationResult:
     pad_token_id: int | None = None  # the id that replaced the tokens after EOS
     texts: list[str] | None = None  # set by the text front end (dgemma.text)
     responses: list = field(default_factory=list)  # chat.Response per row, for chat inputs
+
+    @property
+    def kind(self) -> str:
+        """``"result"``: the last item of ``generate_stream``, so a loop dispatching on ``.kind`` (``"draft"``,
+        ``"block"``) sees a kind on every item."""
+        return "result"
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -82,10 +88,14 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
                    canvas: torch.Tensor | None, cache: KVCache, image_features: torch.Tensor | None = None,
                    mm_token_type_ids: torch.Tensor | None = None) -> Iterator[StreamEvent | GenerationResult]:
     """Yield stream events, then the :class:`GenerationResult`. Inputs are already validated (ids, mask,
-    cache room; ``image_features`` fill the prompt's image placeholders)."""
+    cache room; ``image_features`` fill the prompt's image placeholders).
+
+    The cache is changed in a transaction committed just before the result is yielded: an exception
+    (in the model, or in the consumer of an event, which reaches the generator as ``GeneratorExit``
+    when it is closed) leaves the cache as it was before the call."""
     cfg, device = engine.config, engine.device
     b, t = ids.shape
-    c, v = cfg.canvas_length, cfg.vocab_size
+    c = cfg.canvas_length
     past = cache.length
     n_blocks = math.ceil(settings.max_new_tokens / c)
     max_length = t + past + settings.max_new_tokens
@@ -93,10 +103,30 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
     sampler = make_sampler(engine, settings, generator)  # a seeded sampler draws its key here
     finished_seq = torch.zeros(b, dtype=torch.bool, device=device)
     passes = torch.zeros(b, dtype=torch.int, device=device)
-    seq = ids
-    steps_per_block: list[list[int]] = []
     timings = {"encode_s": 0.0, "denoise_s": 0.0}
     start = time.perf_counter()
+    with cache.transaction() as undo:
+        seq, steps_per_block = yield from _blocks(engine, ids, attention_mask, settings, generator, canvas, cache,
+                                                  image_features, mm_token_type_ids, sampler, finished_seq, passes,
+                                                  eos, max_length, pad_token_id, timings, undo, n_blocks)
+    timings["total_s"] = time.perf_counter() - start
+    new = seq[:, t:]
+    # NOTE: without a pad id the count stays a Python int, as in transformers: int / int-tensor rounds
+    # differently from int-tensor / int-tensor.
+    valid = (new != pad_token_id).sum(dim=-1) if pad_token_id is not None else new.shape[1]
+    yield GenerationResult(sequences=seq, prompt_length=t, steps_per_block=steps_per_block,
+                           tokens_per_forward=valid / passes, timings=timings, cache=cache,
+                           eos_token_ids=list(eos_token_ids or []), pad_token_id=pad_token_id)
+
+
+def _blocks(engine, ids, attention_mask, settings, generator, canvas, cache, image_features, mm_token_type_ids,
+            sampler, finished_seq, passes, eos, max_length, pad_token_id, timings, undo, n_blocks):
+    """The block loop of :func:`run_generation`: (sequences, steps per block)."""
+    c, v = engine.config.canvas_length, engine.config.vocab_size
+    b = ids.shape[0]
+    device = engine.device
+    seq = ids
+    steps_per_block: list[list[int]] = []
     for block in range(n_blocks):
         t0 = time.perf_counter()
         if block == 0:
@@ -111,25 +141,19 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
         if block == 0 and canvas is not None:
             current = canvas
         argmax, block_passes = yield from _denoise_block(engine, cache, current, settings, sampler, finished_seq,
-                                                         passes, block)
+                                                         passes, block, undo)
         steps_per_block.append(block_passes.tolist())
         timings["denoise_s"] += time.perf_counter() - t0
         seq = torch.cat([seq, argmax], dim=-1)
         finished_seq = _finalize_block(seq, finished_seq, c, max_length, eos, pad_token_id)
-        yield StreamEvent("block", block, None, seq[:, -c:], finished_seq.clone())
+        with undo.suspended():
+            yield StreamEvent("block", block, None, seq[:, -c:], finished_seq.clone())
         if bool(finished_seq.all()):
             break
-    timings["total_s"] = time.perf_counter() - start
-    new = seq[:, t:]
-    # NOTE: without a pad id the count stays a Python int, as in transformers: int / int-tensor rounds
-    # differently from int-tensor / int-tensor.
-    valid = (new != pad_token_id).sum(dim=-1) if pad_token_id is not None else new.shape[1]
-    yield GenerationResult(sequences=seq, prompt_length=t, steps_per_block=steps_per_block,
-                           tokens_per_forward=valid / passes, timings=timings, cache=cache,
-                           eos_token_ids=list(eos_token_ids or []), pad_token_id=pad_token_id)
+    return seq, steps_per_block
 
 
-def _denoise_block(engine, cache, current, settings, sampler, finished_seq, passes, block):
+def _denoise_block(engine, cache, current, settings, sampler, finished_seq, passes, block, undo=None):
     """Denoise one block: N…1 decoder passes, each followed by the sampler's draw, until every row stops.
 
     Rows that have stopped keep their canvas, argmax and self-conditioning input while the others
@@ -144,7 +168,10 @@ def _denoise_block(engine, cache, current, settings, sampler, finished_seq, pass
         active = ~(finished | finished_seq)
         passes += active
         block_passes += active
-        draw = sampler.step(model.denoise_hidden(current, cache, soft), current, step, finished)
+        try:
+            draw = sampler.step(model.denoise_hidden(current, cache, soft), current, step, finished)
+        except NonFiniteError as e:
+            raise _located(e, engine, cache, current, soft, block, step) from None
         if soft is not None:  # no row has stopped before the block's first draw
             keep = finished[:, None]
             draw.argmax = torch.where(keep, argmax, draw.argmax)
@@ -152,10 +179,33 @@ def _denoise_block(engine, cache, current, settings, sampler, finished_seq, pass
             draw.soft = torch.where(keep[..., None], soft, draw.soft)
         finished = finished | stopper(draw.argmax, draw.mean_entropy)
         current, argmax, soft = draw.next_canvas, draw.argmax, draw.soft
-        yield StreamEvent("draft", block, step, argmax, finished.clone())
-        if bool(finished.all()):
+        # One host sync per step, as before: whether the block is done and whether the step was finite.
+        done, ok = torch.stack((finished.all(), torch.isfinite(draw.mean_entropy).all())).tolist()
+        if not ok:
+            row = int((~torch.isfinite(draw.mean_entropy)).nonzero()[0, 0])
+            raise _located(NonFiniteError(f"the logits of row {row} are not finite"), engine, cache, current, soft,
+                           block, step)
+        if undo is None:
+            yield StreamEvent("draft", block, step, argmax, finished.clone())
+        else:
+            with undo.suspended():
+                yield StreamEvent("draft", block, step, argmax, finished.clone())
+        if done:
             break
     return argmax, block_passes
+
+
+def _located(e: NonFiniteError, engine, cache, canvas, soft, block: int, step: int) -> NonFiniteError:
+    """``e`` with the block, step and (found by running the decoder again, checking each layer's output)
+    the first layer whose output is not finite."""
+    where = f"block {block}, denoising step {step}"
+    try:
+        layer = engine.model.first_nonfinite_layer(canvas, cache, soft)
+    except Exception:  # noqa: BLE001 - the diagnosis is best effort; the error itself stands
+        layer = None
+    if layer is not None:
+        where += f", first non-finite output at decoder layer {layer}"
+    return NonFiniteError(f"{e} ({where}): the weights or inputs produce NaN/Inf")
 
 
 def denoise_block(engine, cache: KVCache, canvas: torch.Tensor, settings: GenerationSettings, sampler,
@@ -174,9 +224,16 @@ def denoise_block(engine, cache: KVCache, canvas: torch.Tensor, settings: Genera
 
 
 def drive(events: Iterator, stream: Callable | None) -> GenerationResult:
-    for item in events:
-        if isinstance(item, GenerationResult):
-            return item
-        if stream is not None:
-            stream(item)
+    """Run ``events`` to its result, calling ``stream`` on each event. An exception (``stream``'s own
+    included) closes the generator at once, so its cache transaction is rolled back before it propagates."""
+    try:
+        for item in events:
+            if isinstance(item, GenerationResult):
+                return item
+            if stream is not None:
+                stream(item)
+    except BaseException:
+        if hasattr(events, "close"):
+            events.close()
+        raise
     raise DgemmaError("generation ended without a result")  # unreachable: run_generation always yields one

@@ -172,6 +172,30 @@ class DiffusionGemmaModel:
             x = self._layer(i, x, attend, lw.decoder_scalar)
         return self.ops.rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps)
 
+    def first_nonfinite_layer(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> int | None:
+        """The first decoder layer whose output holds NaN/Inf for ``canvas`` (-1: the decoder input; None: none).
+
+        Runs the decoder again with a check after every layer: only for reporting an error, never on the
+        normal path (each check is a host sync)."""
+        b, c = canvas.shape
+        start = cache.length
+        positions = torch.arange(start, start + c, device=canvas.device)
+        ropes = self._rope_tables(positions[None], self.w.embed.dtype)
+        x = self.decoder_input(canvas, soft)
+        if not bool(torch.isfinite(x).all()):
+            return -1
+
+        def attend(i: int, h: torch.Tensor) -> torch.Tensor:
+            spec = self.cfg.layers[i]
+            q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
+            return self.ops.decoder_attention(q, k, v, cache, i).reshape(b, c, -1)
+
+        for i, lw in enumerate(self.w.layers):
+            x = self._layer(i, x, attend, lw.decoder_scalar)
+            if not bool(torch.isfinite(x).all()):
+                return i
+        return None
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 softcapped logits [B, C, V] of final-normed hidden states (the tied embedding as lm_head)."""
         return self.ops.lm_head_softcap(h, self.w.embed, self.cfg.final_logit_softcapping)

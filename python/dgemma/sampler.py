@@ -20,7 +20,11 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from .errors import ConfigError, DgemmaError
+from .config import MAX_CONFIG_BYTES
+from .errors import ConfigError, DgemmaError, NonFiniteError
+
+# Decoder passes per block at most: real settings use tens; each pass costs a full decoder forward.
+MAX_DENOISING_STEPS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,14 +41,17 @@ class GenerationSettings:
         def positive_int(name):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise DgemmaError(f"{name} must be a positive integer, got {v!r}")
+                raise DgemmaError(f"{name} must be a positive integer, got {v!r:.80}")
 
         positive_int("max_new_tokens")
         positive_int("max_denoising_steps")
+        if self.max_denoising_steps > MAX_DENOISING_STEPS:
+            raise DgemmaError(f"max_denoising_steps must be at most {MAX_DENOISING_STEPS}, got "
+                              f"{self.max_denoising_steps}")
         for name in ("entropy_bound", "t_max", "t_min", "confidence_threshold"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise DgemmaError(f"{name} must be a finite number, got {v!r}")
+                raise DgemmaError(f"{name} must be a finite number, got {v!r:.80}")
         if self.entropy_bound <= 0:
             raise DgemmaError(f"entropy_bound must be positive, got {self.entropy_bound}")
         if self.confidence_threshold <= 0:
@@ -55,7 +62,9 @@ class GenerationSettings:
             raise DgemmaError(f"t_max ({self.t_max}) must be greater than t_min ({self.t_min})")
         st = self.stability_threshold
         if isinstance(st, bool) or not isinstance(st, int) or st < 0:
-            raise DgemmaError(f"stability_threshold must be an integer >= 0, got {st!r}")
+            raise DgemmaError(f"stability_threshold must be an integer >= 0, got {st!r:.80}")
+        if st > MAX_DENOISING_STEPS:
+            raise DgemmaError(f"stability_threshold must be at most {MAX_DENOISING_STEPS}, got {st}")
         return self
 
     def updated(self, **overrides) -> "GenerationSettings":
@@ -71,10 +80,18 @@ def read_generation_config(path: str) -> tuple[GenerationSettings, dict]:
     if not os.path.isfile(file):
         return settings, {}
     try:
+        if os.path.getsize(file) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{file}: more than the limit of {MAX_CONFIG_BYTES} bytes for a config file")
         with open(file, encoding="utf-8") as f:
             raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read ({e.strerror})") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a JSON object, got {type(raw).__name__}")
     sampler = raw.get("sampler_config") or {}
     overrides = {f.name: raw.get(f.name) for f in fields(settings)}
     overrides["entropy_bound"] = sampler.get("entropy_bound") if isinstance(sampler, dict) else None
@@ -83,6 +100,11 @@ def read_generation_config(path: str) -> tuple[GenerationSettings, dict]:
     except DgemmaError as e:
         raise ConfigError(f"{file}: {e}") from None
     tokens = {k: raw[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if raw.get(k) is not None}
+    for key, value in tokens.items():
+        ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+        if not all(type(i) is int and 0 <= i < 1 << 31 for i in ids):
+            raise ConfigError(f"{file}: {key} = {value!r:.80}, expected a non-negative token id"
+                              + (" or a list of them" if key == "eos_token_id" else ""))
     return settings, tokens
 
 
@@ -163,7 +185,16 @@ class TorchStreamSampler:
 
     def step(self, h: torch.Tensor, canvas: torch.Tensor, n: int, finished: torch.Tensor) -> Draw:
         m, s = self.model, self.settings
-        out = m.ops.sample_step(m.logits(h), canvas, temperature(n, s, h.device), s.entropy_bound, self.generator)
+        logits = m.logits(h)
+        try:
+            out = m.ops.sample_step(logits, canvas, temperature(n, s, h.device), s.entropy_bound, self.generator)
+        except RuntimeError:
+            # torch.multinomial refuses NaN probabilities; checked only here, off the normal path.
+            bad = ~torch.isfinite(logits)
+            if bool(bad.any()):
+                row, pos, _ = (int(x) for x in bad.nonzero()[0])
+                raise NonFiniteError(f"the logits of row {row} at canvas position {pos} are not finite") from None
+            raise
         # transformers hands the processed logits to the next step in the embedding dtype.
         soft = m.soft_input(out.processed_logits.to(m.w.embed.dtype))
         return Draw(out.argmax, out.next_canvas, out.entropy.mean(dim=-1), soft)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 
 from .chat import check_tools, parse_response
 from .errors import DgemmaError
@@ -35,6 +37,7 @@ class ChatSession:
         self.cache = None
         self.cached_ids: list[int] = []
         self.reencoded_tokens = 0  # tokens encoded in the last turn (the new part of the conversation)
+        self._busy = threading.Lock()
 
     def _new_cache(self):
         return self.engine.new_cache(1, self.context, rollback=self.budget)
@@ -48,6 +51,18 @@ class ChatSession:
         split: its tokens are kept whole or encoded again with its pixels). Where that is not possible
         (history rewritten further back than one answer), the conversation is re-encoded.
         """
+        if not self._busy.acquire(blocking=False):
+            raise DgemmaError("this ChatSession is already generating a reply (in another thread, or from a stream "
+                              "callback): a session is one conversation, one turn at a time; use one session per "
+                              "thread")
+        try:
+            return self._send(message, max_image_tokens, generate_kwargs)
+        finally:
+            self._busy.release()
+
+    def _send(self, message, max_image_tokens: int, generate_kwargs: dict):
+        """:meth:`send` under the session's lock. The session (messages, cache, cached ids) changes only when
+        the reply is complete: an exception anywhere (a stream callback's included) leaves it as it was."""
         from .prompts import render_chat
 
         generate_kwargs.setdefault("max_new_tokens", self.max_new_tokens)
@@ -67,12 +82,24 @@ class ChatSession:
             if start < common < end:
                 common = start
         if self.cache is None or common == 0 or self.cache.length - common > self.cache.rollback:
-            self.cache, common = self._new_cache(), 0
+            cache, common = None, 0
         else:
-            self.cache.truncate(common)
+            cache = self.cache
         new_ids = ids[common:]
         if not new_ids:
             raise DgemmaError("the new message adds no tokens to the conversation")
+        if cache is None:
+            cache, transaction = self._new_cache(), contextlib.nullcontext()
+        else:
+            transaction = cache.transaction()
+        with transaction:
+            if cache is self.cache:
+                cache.truncate(common)
+            result = self._generate(cache, candidate, ids, common, new_ids, spans, images, generate_kwargs)
+            self.cache = cache
+        return result
+
+    def _generate(self, cache, candidate, ids, common, new_ids, spans, images, generate_kwargs):
         cached_images = sum(1 for start, _ in spans if start < common)
         extra = {}
         if len(spans) > cached_images:
@@ -80,12 +107,15 @@ class ChatSession:
                      "image_position_ids": images["image_position_ids"][cached_images:],
                      "mm_token_type_ids": [[int(t == self.engine.config.image_token_id) for t in new_ids]]}
         # Ids through the engine's own generate (no re-rendering), then parsed as a chat reply.
-        result = Engine.generate(self.engine, [new_ids], cache=self.cache, **extra, **generate_kwargs)
+        result = Engine.generate(self.engine, [new_ids], cache=cache, **extra, **generate_kwargs)
         self.engine.attach_text(result, chat=True)
+        kept = cache.length - common
+        cached_ids = ids[:common] + new_ids + result.new_tokens[0, : kept - len(new_ids)].tolist()
+        reply = result.responses[0].as_message() if result.responses else {"role": "assistant", "content": ""}
+        # Nothing below can fail: the session changes all at once.
         self.reencoded_tokens = len(new_ids)
-        kept = self.cache.length - common
-        self.cached_ids = ids[:common] + new_ids + result.new_tokens[0, : kept - len(new_ids)].tolist()
-        self.messages = candidate + [result.responses[0].as_message()]
+        self.cached_ids = cached_ids
+        self.messages = candidate + [reply]
         return result
 
     def send_tool_result(self, name: str, result, **generate_kwargs):
