@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .weights import expected_shapes, ignored_kind, vision_shapes
+from .formats import STORED_DTYPES, detect_format
+from .weights import expected_shapes, ignored_kind, vision_shapes, weight_map
 
 logger = logging.getLogger("dgemma")
 
@@ -245,7 +246,7 @@ def index_tensors(files: list[str]) -> dict[str, TensorEntry]:
 
 def _read_tensor(f, e: TensorEntry) -> torch.Tensor:
     """The tensor of ``e`` read from the open file ``f`` into a new host tensor (the file's dtype)."""
-    dtype = _DTYPES[e.dtype]
+    dtype = _DTYPES.get(e.dtype) or STORED_DTYPES[e.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
     if e.nbytes == 0:
         return torch.empty(e.shape, dtype=dtype)
@@ -307,16 +308,17 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
     tensor; default: on when the tensors total at most :data:`FINITE_CHECK_MAX_BYTES`.
     """
     entries = index_tensors(checkpoint_files(path))
+    fmt = detect_format(path)
     expected = expected_shapes(cfg)
-    missing = [k for k in expected if k not in entries]
+    missing = [k for k in expected if not fmt.present(k, entries)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more}")
     # The vision tower is loaded when the config describes one and the checkpoint holds it (all of it).
     vision = vision_shapes(cfg)
-    present = [k for k in vision if k in entries]
+    present = [k for k in vision if fmt.present(k, entries)]
     if present and len(present) < len(vision):
-        absent = [k for k in vision if k not in entries]
+        absent = [k for k in vision if not fmt.present(k, entries)]
         raise CheckpointError(f"{path}: the vision tower is incomplete: missing tensor {absent[0]!r}"
                               + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
     if present:
@@ -324,8 +326,12 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
     elif cfg.vision is not None:
         logger.warning("dgemma: %s has a vision_config but no vision-tower tensors: image inputs are unavailable",
                        path)
+    stored = fmt.plan(expected, entries)  # the quantised weights, their parts validated
+    parts = {k for sw in stored.values() for k in sw.keys}
     skipped = {"vision": 0, "tied": 0}
     for key, e in entries.items():
+        if key in parts:
+            continue
         if key in expected:
             if e.dtype not in _DTYPES:
                 raise CheckpointError(f"{e.file}: tensor {key!r} has unsupported dtype {e.dtype} "
@@ -334,7 +340,8 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
                 raise CheckpointError(f"{e.file}: tensor {key!r} has shape {list(e.shape)}, "
                                       f"expected {list(expected[key])}")
             continue
-        kind = ignored_kind(key)
+        base = fmt.base_of(key)  # a scale of a skipped weight is skipped with it
+        kind = ignored_kind(key) or (ignored_kind(base) if base is not None else None)
         if kind is None:
             raise CheckpointError(f"{e.file}: unexpected tensor {key!r} (shape {list(e.shape)})")
         skipped[kind] += 1
@@ -342,15 +349,15 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
         logger.warning("dgemma: ignoring %d vision-tower tensors (config.json has no vision_config)",
                        skipped["vision"])
 
-    total = sum(entries[k].nbytes for k in expected)
+    total = sum(entries[k].nbytes for k in expected if k not in stored) + sum(entries[k].nbytes for k in parts)
+    fp8_names = {name for name, spec in weight_map(cfg).items() if spec.quantized}
     show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
     scan = check_finite if check_finite is not None else total <= FINITE_CHECK_MAX_BYTES
     out: dict[str, torch.Tensor] = {}
     files: dict[str, object] = {}
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
-            for key in expected:
-                e = entries[key]
+            def read(e: TensorEntry) -> torch.Tensor:
                 f = files.get(e.file)
                 if f is None:
                     try:
@@ -358,8 +365,19 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
                     except OSError as err:
                         raise CheckpointError(f"{e.file}: cannot read ({err.strerror})") from None
                 t = _read_tensor(f, e)
-                if scan:
+                if scan and e.dtype in _DTYPES:  # FP8/U8 parts: the format checks their scales and NaN codes
                     _check_finite(e, t)
+                return t
+
+            for key in expected:
+                if key in stored:  # quantised in the checkpoint: the format builds what dgemma holds
+                    sw = stored[key]
+                    out[key] = fmt.build(sw, {k: read(entries[k]) for k in sw.keys}, dtype=dtype, device=device,
+                                         keep_fp8=key in fp8_names)
+                    bar.update(sum(entries[k].nbytes for k in sw.keys))
+                    continue
+                e = entries[key]
+                t = read(e)
                 replaced = transform(key, t) if transform is not None else None
                 if replaced is not None:
                     out[key] = replaced

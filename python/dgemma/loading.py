@@ -17,7 +17,7 @@ from .weights import ModelWeights
 
 def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None, backend: str | None = None,
          progress: bool | None = None, quantization: str | None = None, max_batch: int | None = None,
-         max_context: int | None = None) -> TextEngine:
+         max_context: int | None = None, check_finite: bool | None = None) -> TextEngine:
     """Load a DiffusionGemma checkpoint (Hugging Face layout) into a :class:`~dgemma.text.TextEngine`
     (the engine on token ids with the checkpoint's tokenizer and chat template).
 
@@ -33,7 +33,14 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
             every expert become FP8 E4M3 with one fp32 scale per output channel (quantised while
             streaming, one tensor at a time); embedding/lm_head, router and self-conditioning stay in
             ``dtype``. The CUDA backend runs FP8 kernels for bf16 activations; the reference backend
-            (any device/dtype) dequantises and computes in fp32.
+            (any device/dtype) dequantises and computes in fp32. A checkpoint already quantised
+            (``config.json``'s ``quantization_config``, see :mod:`dgemma.formats`) is read as stored
+            with either setting: compressed-tensors FP8 weights stay FP8 with the checkpoint's own
+            scales (never requantised), even with None; what it stores dense (e.g. the experts) is
+            quantised online only with ``"fp8"``. NVFP4 (compressed-tensors or ModelOpt) weights are
+            dequantised to ``dtype`` on load, for the reference backend.
+        check_finite: scan every weight for NaN/Inf while loading and refuse the checkpoint naming the
+            tensor; default: on for checkpoints up to 2 GiB (dgemma.checkpoint.FINITE_CHECK_MAX_BYTES).
         max_batch, max_context: when given, the memory plan (weights + KV cache for this batch and
             context + step workspace) is logged, and on a GPU a plan that does not fit its free memory
             is refused with the numbers (:class:`DgemmaError`).
@@ -58,7 +65,8 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
     transform = None
     if quantization == "fp8":
         transform = lambda key, t: fp8_transform(key, t, dev)  # noqa: E731
-    tensors = load_tensors(path, cfg, dtype=dtype, device=dev, progress=progress, transform=transform)
+    tensors = load_tensors(path, cfg, dtype=dtype, device=dev, progress=progress, transform=transform,
+                           check_finite=check_finite)
     eng = TextEngine(cfg, ModelWeights.from_tensors(cfg, tensors), device=dev, dtype=dtype, backend=backend,
                  path=path, generation_settings=settings, special_tokens=special)
     if max_batch is not None or max_context is not None:
