@@ -502,3 +502,23 @@ def test_load_refuses_unknown_quant_method(fp8_channel, tmp_path):
     with pytest.raises(dgemma.ConfigError, match=r"config.json: quantization_config quant_method 'gptq' is not "
                        r"supported \(expected compressed-tensors FP8/NVFP4 or modelopt NVFP4\)"):
         dgemma.load(bad)
+
+
+def test_load_reports_the_format_and_its_real_sizes(fp8_channel, caplog, tmp_path):
+    """The FP8 checkpoint's weights count one byte per FP8 parameter plus fp32 scales, and the log line
+    names the format and both sizes; the memory plan reads the same weight bytes."""
+    with caplog.at_level("INFO", logger="dgemma"):
+        eng = dgemma.load(fp8_channel, dtype=torch.float32)
+    info = eng.info
+    assert info.format == "compressed-tensors FP8"
+    assert "compressed-tensors FP8 checkpoint" in caplog.text and "GiB on disk" in caplog.text
+    files = [f for f in os.listdir(fp8_channel) if f.endswith(".safetensors")]
+    assert info.disk_bytes == sum(os.path.getsize(os.path.join(fp8_channel, f)) for f in files)
+    _, built = _built(fp8_channel)
+    twin = dgemma.load(_dense_twin(fp8_channel, tmp_path / "dense", built), dtype=torch.float32).info
+    assert twin.format == "dense" and twin.parameters == info.parameters
+    # Every FP8 weight holds 1 + 4/in bytes per parameter instead of 4.
+    fp8 = [w for w in (eng.model.w.layers[0].attn.q_proj, eng.model.w.layers[0].mlp_up)]
+    saved = sum(w.q.numel() * 3 - w.scale.numel() * 4 for w in fp8)
+    assert saved > 0 and info.weight_bytes < twin.weight_bytes
+    assert eng.memory_plan(1, 64).weights == info.weight_bytes

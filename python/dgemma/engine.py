@@ -3,6 +3,7 @@ template, chat sessions) wraps it in :mod:`dgemma.text`; this module never impor
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from .errors import BackendUnavailableError, DgemmaError
 from .generation import GenerationResult, drive, run_generation
 from .model import DiffusionGemmaModel
 from .ops import BACKENDS, get_ops
+from .quant import Fp8Weight
 from .sampler import GenerationSettings
 from .weights import ModelWeights
 
@@ -93,7 +95,9 @@ class EngineInfo:
     device: str
     dtype: str
     parameters: int
-    weight_bytes: int
+    weight_bytes: int  # what the weights hold on the device (FP8 weights: one byte each plus fp32 scales)
+    format: str = "dense"  # the checkpoint's storage format (dgemma.formats)
+    disk_bytes: int = 0  # the checkpoint's safetensors files (0 when built in memory)
 
 
 class Engine:
@@ -114,6 +118,7 @@ class Engine:
         self.backend = backend
         self.path = path
         self.model = DiffusionGemmaModel(cfg, weights, get_ops(backend))
+        self.checkpoint_format, self.disk_bytes = "dense", 0  # set by dgemma.load from the checkpoint
         self.generation_settings = generation_settings or GenerationSettings()
         special = special_tokens or {}
         # NOTE: generation stops at EOS and pads only with the ids of generation_config.json (or passed to
@@ -127,7 +132,8 @@ class Engine:
     def info(self) -> EngineInfo:
         tensors = _all_tensors(self.model.w)
         return EngineInfo(self.backend, str(self.device), str(self.dtype).removeprefix("torch."),
-                          sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors))
+                          sum(t.numel() for t in tensors), sum(_nbytes(t) for t in tensors),
+                          self.checkpoint_format, self.disk_bytes)
 
     def __repr__(self) -> str:
         i = self.info
@@ -419,13 +425,26 @@ class Engine:
             raise DgemmaError(f"batch size {batch} does not match the cache's batch size {cache.batch}")
 
 
-def _all_tensors(w: ModelWeights) -> list[torch.Tensor]:
-    out = [w.embed, w.final_norm, w.sc_pre_norm, w.sc_gate, w.sc_up, w.sc_down]
-    for lw in w.layers:
-        a = lw.attn
-        out += [t for t in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, a.q_norm, a.k_norm) if t is not None]
-        out += [lw.input_norm, lw.post_attn_norm, lw.pre_ff_norm, lw.post_ff_norm, lw.post_mlp_norm,
-                lw.post_moe_norm, lw.pre_moe_norm, lw.mlp_gate, lw.mlp_up, lw.mlp_down, lw.router_proj,
-                lw.router_scale, lw.router_expert_scale, lw.experts_gate_up, lw.experts_down, lw.decoder_scalar,
-                lw.encoder_scalar]
+def _all_tensors(w: ModelWeights) -> list:
+    """Every tensor (or Fp8Weight) the weights hold, the vision tower's included."""
+    out = []
+
+    def walk(x):
+        if isinstance(x, (torch.Tensor, Fp8Weight)):
+            out.append(x)
+        elif dataclasses.is_dataclass(x):
+            for f in dataclasses.fields(x):
+                walk(getattr(x, f.name))
+        elif isinstance(x, (list, tuple)):
+            for item in x:
+                walk(item)
+
+    walk(w)
     return out
+
+
+def _nbytes(t) -> int:
+    """Bytes held: an FP8 weight's one byte per parameter plus its fp32 scales."""
+    if isinstance(t, Fp8Weight):
+        return t.q.numel() * t.q.element_size() + t.scale.numel() * t.scale.element_size()
+    return t.numel() * t.element_size()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-from .checkpoint import checkpoint_dtype, load_tensors
+from .checkpoint import checkpoint_dtype, checkpoint_files, load_tensors
 from .config import ModelConfig
 from .engine import SUPPORTED_DTYPES, resolve_backend, resolve_device
 from .errors import CheckpointError, DgemmaError
+from .formats import detect_format
 from .sampler import read_generation_config
 from .text import TextEngine
 from .weights import ModelWeights
@@ -69,6 +71,12 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
                            check_finite=check_finite)
     eng = TextEngine(cfg, ModelWeights.from_tensors(cfg, tensors), device=dev, dtype=dtype, backend=backend,
                  path=path, generation_settings=settings, special_tokens=special)
+    eng.checkpoint_format = detect_format(path).name
+    eng.disk_bytes = sum(os.path.getsize(f) for f in checkpoint_files(path))
+    info = eng.info
+    logging.getLogger("dgemma").info(
+        "dgemma: %s: %s checkpoint, %.2f GiB on disk, %.2f GiB of weights on %s (%s)", path, info.format,
+        info.disk_bytes / 2**30, info.weight_bytes / 2**30, info.device, info.dtype)
     if max_batch is not None or max_context is not None:
         eng.check_memory(max_batch or 1, max_context or cfg.max_position_embeddings)
     return eng
