@@ -522,3 +522,40 @@ def test_load_reports_the_format_and_its_real_sizes(fp8_channel, caplog, tmp_pat
     saved = sum(w.q.numel() * 3 - w.scale.numel() * 4 for w in fp8)
     assert saved > 0 and info.weight_bytes < twin.weight_bytes
     assert eng.memory_plan(1, 64).weights == info.weight_bytes
+
+
+def test_sharded_fp8_loads_and_mixed_formats_across_shards_are_refused(fp8_channel, tmp_path):
+    """The FP8 checkpoint split over two shards loads to the same logits; a second shard that holds one
+    layer's weight in another format (NVFP4's packed layout) is refused, naming the tensor."""
+    tensors = load_file(f"{fp8_channel}/model.safetensors")
+    names = sorted(tensors)
+    half = len(names) // 2
+
+    def write(dst, parts):
+        shutil.copytree(fp8_channel, dst)
+        os.remove(f"{dst}/model.safetensors")
+        weight_map, total = {}, 0
+        for i, part in enumerate(parts):
+            name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+            save_file(part, f"{dst}/{name}", metadata={"format": "pt"})
+            weight_map.update({k: name for k in part})
+            total += sum(t.numel() * t.element_size() for t in part.values())
+        with open(f"{dst}/model.safetensors.index.json", "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+        return dst
+
+    sharded = write(tmp_path / "sharded", [{k: tensors[k] for k in names[:half]},
+                                           {k: tensors[k] for k in names[half:]}])
+    whole, split = dgemma.load(fp8_channel, dtype=torch.float32), dgemma.load(sharded, dtype=torch.float32)
+    assert torch.equal(_logits(whole), _logits(split))
+    q1 = "model.decoder.layers.1.self_attn.q_proj"
+    out, inp = tensors[q1 + ".weight"].shape
+    first = {k: tensors[k] for k in names[:half] if not k.startswith(q1 + ".")}
+    second = {k: tensors[k] for k in names[half:] if not k.startswith(q1 + ".")}
+    second.update({q1 + ".weight_packed": torch.zeros(out, inp // 2, dtype=torch.uint8),
+                   q1 + ".weight_scale": torch.ones(out, inp // 8).to(torch.float8_e4m3fn),
+                   q1 + ".weight_global_scale": torch.ones(1)})
+    mixed = write(tmp_path / "mixed", [first, second])
+    with pytest.raises(dgemma.CheckpointError, match=rf"model-00002-of-00002.safetensors: missing tensor "
+                                                   rf"'{q1}.weight' \(compressed-tensors FP8"):
+        dgemma.load(mixed, dtype=torch.float32)
