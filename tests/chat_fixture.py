@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 
+from dgemma.demo import CHAT_TEMPLATE, CONTROL_TOKENS, VISION_TOKENS
+from dgemma.demo import build_tokenizer as build_demo_tokenizer
 from dgemma.random_checkpoint import write_random_checkpoint
 
-CONTROL = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>",
-           "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", "<|tool>", "<tool|>", '<|"|>']
+CONTROL = list(CONTROL_TOKENS)
 TURN_END = CONTROL.index("<turn|>")
 
 CORPUS = [
@@ -20,57 +21,16 @@ CORPUS = [
     "model user system Hello! How can I help you today? 0123456789 {}[]:,.\"'-_",
 ] * 4
 
-# Gemma 4 turn format: <|turn>ROLE\n...<turn|>\n; thinking switched on by <|think|> in the system turn;
-# tool declarations in the system turn, calls as <|tool_call>call:NAME{...}<tool_call|>, results as
-# <|tool_response>response:NAME{...}<tool_response|>.
-TEMPLATE = (
-    "{{ bos_token }}"
-    "{% set first = messages[0] if messages else none %}"
-    "{% if enable_thinking or tools or (first and first.role == 'system') %}"
-    "{{ '<|turn>system\\n' }}"
-    "{% if enable_thinking %}{{ '<|think|>' }}{% endif %}"
-    "{% if first and first.role == 'system' %}{{ first.content }}{% endif %}"
-    "{% for tool in tools or [] %}{{ '<|tool>' + (tool | tojson) + '<tool|>' }}{% endfor %}"
-    "{{ '<turn|>\\n' }}"
-    "{% endif %}"
-    "{% for m in messages %}"
-    "{% if m.role == 'system' %}{% continue %}{% endif %}"
-    "{% if m.role not in ['user', 'assistant', 'tool'] %}{{ raise_exception('unknown role ' + m.role) }}{% endif %}"
-    "{% if m.role == 'tool' %}"
-    "{{ '<|tool_response>response:' + m.name + m.content + '<tool_response|>' }}"
-    "{% else %}"
-    "{{ '<|turn>' + ('model' if m.role == 'assistant' else 'user') + '\\n' + (m.content or '') }}"
-    "{% for call in m.tool_calls or [] %}"
-    "{{ '<|tool_call>call:' + call.function.name + (call.function.arguments | tojson) + '<tool_call|>' }}"
-    "{% endfor %}"
-    "{{ '<turn|>\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|turn>model\\n' }}{% endif %}"
-)
-
-
+# Gemma 4's turn format, the demo checkpoint's template (content parts: an image is one <|image|>).
+TEMPLATE = CHAT_TEMPLATE
 # Gemma 4's vision tokens (begin of image, image soft token, end of image, video soft token).
-VISION_TOKENS = ["<|image>", "<|image|>", "<image|>", "<|video|>"]
 BOI, IMAGE, EOI = (len(CONTROL) + i for i in range(3))
-
-# The same turn format with content parts: an image part is written as one <|image|> placeholder.
-MULTIMODAL_TEMPLATE = TEMPLATE.replace(
-    "(m.content or '')",
-    "((m.content or '') if m.content is string else (m.content | map(attribute='text', default='<|image|>') "
-    "| join('')))")
+MULTIMODAL_TEMPLATE = CHAT_TEMPLATE
 
 
 def build_tokenizer(vocab_size: int = 320, *, vision: bool = False):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CONTROL + (VISION_TOKENS if vision else []),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    return tok
+    return build_demo_tokenizer(vocab_size, corpus=CORPUS,
+                                special_tokens=CONTROL + (VISION_TOKENS if vision else []))
 
 
 def write_chat_checkpoint(path, *, seed: int = 0, with_template: bool = True, canvas_length: int = 16) -> str:

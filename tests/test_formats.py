@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+from checkpoint_edits import edit_config as _edit_config
 import torch
 from hf_checkpoints import build_hf_model
 from safetensors.torch import load_file, save_file
@@ -158,15 +159,6 @@ def modelopt(tmp_path_factory):
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def _edit_config(path, fn):
-    p = f"{path}/config.json"
-    with open(p) as f:
-        raw = json.load(f)
-    fn(raw)
-    with open(p, "w") as f:
-        json.dump(raw, f)
 
 
 def _copy(src, dst, edit_tensors=None, edit_config=None):
@@ -352,19 +344,28 @@ def test_modelopt_nvfp4_layout_round_trips(modelopt):
 Q = "model.decoder.layers.0.self_attn.q_proj"
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda t: t.__setitem__(Q + ".weight_scale", torch.ones(48, 2)),
+@pytest.mark.parametrize("which, edit, match", [
+    ("fp8_channel", lambda t: t.__setitem__(Q + ".weight_scale", torch.ones(48, 2)),
      r"tensor '" + Q + r".weight_scale' has shape \[48, 2\], expected \[48, 1\] or \[1\]"),
-    (lambda t: t.__setitem__(Q + ".weight_scale", torch.ones(48, 1, dtype=torch.int32)),
+    ("fp8_channel", lambda t: t.__setitem__(Q + ".weight_scale", torch.ones(48, 1, dtype=torch.int32)),
      r"tensor '" + Q + r".weight_scale' has dtype I32, expected F32 or BF16 or F16"),
-    (lambda t: t.__setitem__(Q + ".weight", t[Q + ".weight"].float()),
+    ("fp8_channel", lambda t: t.__setitem__(Q + ".weight", t[Q + ".weight"].float()),
      r"tensor '" + Q + r".weight' has dtype F32, expected F8_E4M3"),
-    (lambda t: t.__setitem__("model.decoder.layers.0.experts.down_proj",
-                             t["model.decoder.layers.0.experts.down_proj"].to(torch.float8_e4m3fn)),
+    ("fp8_channel", lambda t: t.__setitem__("model.decoder.layers.0.experts.down_proj",
+                                            t["model.decoder.layers.0.experts.down_proj"].to(torch.float8_e4m3fn)),
      r"tensor 'model.decoder.layers.0.experts.down_proj' is stored quantised \(dtype F8_E4M3\)"),
+    # NVFP4
+    ("nvfp4", lambda t: t.pop(Q + ".weight_global_scale"), r"missing tensor '" + Q + r".weight_global_scale'"),
+    ("nvfp4", lambda t: t.__setitem__(Q + ".weight_scale", t[Q + ".weight_scale"][:, :2].contiguous()),
+     r"tensor '" + Q + r".weight_scale' has shape \[48, 2\], expected \[48, 3\]"),
+    ("nvfp4", lambda t: t.__setitem__(Q + ".weight_scale", t[Q + ".weight_scale"].float()),
+     r"tensor '" + Q + r".weight_scale' has dtype F32, expected F8_E4M3"),
+    ("nvfp4", lambda t: t.__setitem__(Q + ".weight_packed", t[Q + ".weight_packed"][:, :-1].contiguous()),
+     r"tensor '" + Q + r".weight_packed' has shape \[48, 23\], expected \[48, 24\]"),
+    ("nvfp4", lambda t: t.__setitem__(Q + ".weight", torch.zeros(48, 48)), r"has both a dense '" + Q + r".weight'"),
 ])
-def test_malformed_fp8_refused_naming_the_tensor(fp8_channel, tmp_path, edit, match):
-    bad = _copy(fp8_channel, tmp_path / "bad", edit_tensors=edit)
+def test_malformed_quantised_tensors_refused_naming_the_tensor(which, edit, match, request, tmp_path):
+    bad = _copy(request.getfixturevalue(which), tmp_path / "bad", edit_tensors=edit)
     with pytest.raises(dgemma.CheckpointError, match=match):
         _plan(bad)
 
@@ -380,22 +381,6 @@ def test_quantised_tensor_of_ignored_module_refused(fp8_channel, tmp_path):
     with pytest.raises(dgemma.CheckpointError, match=r"tensor '" + Q + r".weight' of module '" + Q + r"' is stored "
                        r"quantised \(compressed-tensors FP8\), but the module is in .*config.json's quantization "
                        r"ignore list"):
-        _plan(bad)
-
-
-@pytest.mark.parametrize("edit, match", [
-    (lambda t: t.pop(Q + ".weight_global_scale"), r"missing tensor '" + Q + r".weight_global_scale'"),
-    (lambda t: t.__setitem__(Q + ".weight_scale", t[Q + ".weight_scale"][:, :2].contiguous()),
-     r"tensor '" + Q + r".weight_scale' has shape \[48, 2\], expected \[48, 3\]"),
-    (lambda t: t.__setitem__(Q + ".weight_scale", t[Q + ".weight_scale"].float()),
-     r"tensor '" + Q + r".weight_scale' has dtype F32, expected F8_E4M3"),
-    (lambda t: t.__setitem__(Q + ".weight_packed", t[Q + ".weight_packed"][:, :-1].contiguous()),
-     r"tensor '" + Q + r".weight_packed' has shape \[48, 23\], expected \[48, 24\]"),
-    (lambda t: t.__setitem__(Q + ".weight", torch.zeros(48, 48)), r"has both a dense '" + Q + r".weight'"),
-])
-def test_malformed_nvfp4_refused_naming_the_tensor(nvfp4, tmp_path, edit, match):
-    bad = _copy(nvfp4, tmp_path / "bad", edit_tensors=edit)
-    with pytest.raises(dgemma.CheckpointError, match=match):
         _plan(bad)
 
 

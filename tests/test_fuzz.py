@@ -6,11 +6,9 @@ import json
 import struct
 
 import pytest
-import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dgemma
 from dgemma.checkpoint import read_header
 from dgemma.config import ModelConfig
 from dgemma.errors import CheckpointError, ConfigError, DgemmaError

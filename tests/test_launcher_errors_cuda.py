@@ -80,6 +80,11 @@ class Table:
                                + re.escape(bad_repr)))
 
 
+def _positive_size(nbytes) -> None:
+    """The known-good call of a *_workspace_bytes function returns a positive byte count."""
+    assert isinstance(nbytes, int) and nbytes > 0
+
+
 def _is_tensor(v) -> bool:
     return isinstance(v, torch.Tensor) or hasattr(v, "data_ptr")
 
@@ -308,10 +313,7 @@ def fp8_linear_workspace_bytes_table(c: Ctx) -> Table:
     t.bad("no inputs", msg, k=0)
     t.type_error("n_out beyond int", "n_out=1099511627776", n_out=2**40)
 
-    def check(nbytes):
-        assert isinstance(nbytes, int) and nbytes > 0
-
-    t.check = check
+    t.check = _positive_size
     return t
 
 
@@ -356,10 +358,7 @@ def fp8_gated_mlp_workspace_bytes_table(c: Ctx) -> Table:
     t.bad("negative intermediate", msg, inter=-512)
     t.type_error("rows is a float", "rows=8.0", rows=8.0)
 
-    def check(nbytes):
-        assert isinstance(nbytes, int) and nbytes > 0
-
-    t.check = check
+    t.check = _positive_size
     return t
 
 
@@ -543,10 +542,7 @@ def moe_fp8_workspace_bytes_table(c: Ctx) -> Table:
     t.bad("no experts", msg, experts=0)
     t.type_error("experts is a string", "experts='32'", experts="32")
 
-    def check(nbytes):
-        assert isinstance(nbytes, int) and nbytes > 0
-
-    t.check = check
+    t.check = _positive_size
     return t
 
 
@@ -885,10 +881,7 @@ def vocab_head_workspace_bytes_table(c: Ctx) -> Table:
     # (None would convert: pybind11 reads None as False for a bool parameter.)
     t.type_error("with_soft is a string", "with_soft='yes'", with_soft="yes")
 
-    def check(nbytes):
-        assert isinstance(nbytes, int) and nbytes > 0
-
-    t.check = check
+    t.check = _positive_size
     return t
 
 

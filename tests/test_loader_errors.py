@@ -1,10 +1,10 @@
 """Every way a checkpoint can be wrong gets an error naming the file, key or shape."""
 
-import json
 import shutil
 import struct
 
 import pytest
+from checkpoint_edits import edit_config as _edit_config
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -15,15 +15,6 @@ from dgemma.random_checkpoint import write_random_checkpoint
 @pytest.fixture()
 def ckpt(tmp_path):
     return write_random_checkpoint(tmp_path / "ck", "tiny", seed=1)
-
-
-def _edit_config(path, fn):
-    p = f"{path}/config.json"
-    with open(p) as f:
-        raw = json.load(f)
-    fn(raw)
-    with open(p, "w") as f:
-        json.dump(raw, f)
 
 
 def _rewrite_tensors(path, fn):

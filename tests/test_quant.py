@@ -10,6 +10,7 @@ from dgemma.ops.cuda_moe import plan_dispatch
 from dgemma.ops.reference import ReferenceOps
 from dgemma.quant import FP8_MAX, Fp8Weight, dequantize, quantize_rows, quantize_weight
 from dgemma.random_checkpoint import write_random_checkpoint
+from dgemma.weights import is_quantized_name
 
 # E4M3: 3 mantissa bits -> relative rounding error <= 2^-4 for normals; below 2^-6 (subnormals) the
 # spacing is 2^-9, so the absolute error is <= 2^-10, in units of the row scale.
@@ -84,11 +85,11 @@ def test_fp8_transform_selects_projection_mlp_and_expert_weights():
     for key in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
                 "experts.gate_up_proj", "experts.down_proj"):
-        assert quant.is_quantized_key(p + key), key
+        assert is_quantized_name(p + key), key
     for key in ("model.decoder.embed_tokens.weight", p + "router.proj.weight", p + "router.scale",
                 p + "router.per_expert_scale", "model.decoder.self_conditioning.gate_proj.weight",
                 p + "self_attn.q_norm.weight", p + "input_layernorm.weight"):
-        assert not quant.is_quantized_key(key), key
+        assert not is_quantized_name(key), key
         assert quant.fp8_transform(key, torch.ones(4, 4), torch.device("cpu")) is None
     w = _random_rows((3, 10, 16), seed=5, dtype=torch.bfloat16)
     fw = quant.fp8_transform(p + "experts.gate_up_proj", w, torch.device("cpu"))

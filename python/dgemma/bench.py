@@ -9,8 +9,6 @@ kernel launches, host synchronisations and GPU-busy time.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import platform
 import resource
@@ -284,8 +282,8 @@ def _baseline_transformers(opts, preset, prompt_len, device, measure) -> dict[in
             past = hf(input_ids=prompt, decoder_input_ids=canvas).past_key_values
             sc = torch.randn(b, c, v, generator=g, device=device).to(torch.bfloat16)
 
-            def step(past=past, canvas=canvas, sc=sc):
-                logits = hf(past_key_values=past, decoder_input_ids=canvas, self_conditioning_logits=sc).logits
+            def step(past=past, canvas=canvas, sc=sc, model=hf):
+                logits = model(past_key_values=past, decoder_input_ids=canvas, self_conditioning_logits=sc).logits
                 return reference_sample_step(logits.float(), canvas, temp, settings.entropy_bound, g)
 
             times[b] = measure(step, max(3, opts.iters // 4), 1)

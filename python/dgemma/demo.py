@@ -77,16 +77,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int = _MERGE_TARGET):
-    """A byte-level BPE tokenizer (any text encodes) with Gemma 4's control and vision tokens at ids 0…19."""
+def build_tokenizer(vocab_size: int = _MERGE_TARGET, *, corpus: list[str] | None = None,
+                    special_tokens: list[str] | None = None):
+    """A byte-level BPE tokenizer (any text encodes) with Gemma 4's control and vision tokens at ids 0…19
+    (or ``special_tokens``), trained on ``corpus`` (default: a few sentences of everyday text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CONTROL_TOKENS + VISION_TOKENS,
+    specials = CONTROL_TOKENS + VISION_TOKENS if special_tokens is None else special_tokens
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(_CORPUS * 4 if corpus is None else corpus, trainer=trainer)
     return tok
 
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .quant import FP8_DTYPE, Fp8Weight
+from .quant import Fp8Weight
 
 # The safetensors dtypes quantised tensors are stored in, beyond the float ones the loader reads.
 STORED_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8}

@@ -178,13 +178,14 @@ def _denoise_block(engine, cache, current, settings, sampler, finished_seq, pass
             draw.next_canvas = torch.where(keep, current, draw.next_canvas)
             draw.soft = torch.where(keep[..., None], soft, draw.soft)
         finished = finished | stopper(draw.argmax, draw.mean_entropy)
+        inputs = current, soft  # this step's decoder inputs, to locate a non-finite output
         current, argmax, soft = draw.next_canvas, draw.argmax, draw.soft
         # One host sync per step, as before: whether the block is done and whether the step was finite.
         done, ok = torch.stack((finished.all(), torch.isfinite(draw.mean_entropy).all())).tolist()
         if not ok:
             row = int((~torch.isfinite(draw.mean_entropy)).nonzero()[0, 0])
-            raise _located(NonFiniteError(f"the logits of row {row} are not finite"), engine, cache, current, soft,
-                           block, step)
+            raise _located(NonFiniteError(f"the logits of row {row} are not finite"), engine, cache, *inputs, block,
+                           step)
         if undo is None:
             yield StreamEvent("draft", block, step, argmax, finished.clone())
         else:

@@ -155,13 +155,14 @@ class DiffusionGemmaModel:
             x = x + ops.gated_mlp(ops.rms_norm(soft, w.sc_pre_norm, eps), w.sc_gate, w.sc_up, w.sc_down)
         return ops.rms_norm(x, None, eps)
 
-    def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-normed decoder hidden states [B, C, H] of the canvas; reads the cache, never writes it."""
+    def _decoder_states(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None):
+        """(layer, output) of the decoder over the canvas: (-1, its input), then each layer in turn."""
         b, c = canvas.shape
         start = cache.length
         positions = torch.arange(start, start + c, device=canvas.device)
         ropes = self._rope_tables(positions[None], self.w.embed.dtype)
         x = self.decoder_input(canvas, soft)
+        yield -1, x
 
         def attend(i: int, h: torch.Tensor) -> torch.Tensor:
             spec = self.cfg.layers[i]
@@ -170,6 +171,12 @@ class DiffusionGemmaModel:
 
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, x, attend, lw.decoder_scalar)
+            yield i, x
+
+    def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed decoder hidden states [B, C, H] of the canvas; reads the cache, never writes it."""
+        for _, x in self._decoder_states(canvas, cache, soft):
+            pass
         return self.ops.rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps)
 
     def first_nonfinite_layer(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> int | None:
@@ -177,21 +184,7 @@ class DiffusionGemmaModel:
 
         Runs the decoder again with a check after every layer: only for reporting an error, never on the
         normal path (each check is a host sync)."""
-        b, c = canvas.shape
-        start = cache.length
-        positions = torch.arange(start, start + c, device=canvas.device)
-        ropes = self._rope_tables(positions[None], self.w.embed.dtype)
-        x = self.decoder_input(canvas, soft)
-        if not bool(torch.isfinite(x).all()):
-            return -1
-
-        def attend(i: int, h: torch.Tensor) -> torch.Tensor:
-            spec = self.cfg.layers[i]
-            q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
-            return self.ops.decoder_attention(q, k, v, cache, i).reshape(b, c, -1)
-
-        for i, lw in enumerate(self.w.layers):
-            x = self._layer(i, x, attend, lw.decoder_scalar)
+        for i, x in self._decoder_states(canvas, cache, soft):
             if not bool(torch.isfinite(x).all()):
                 return i
         return None

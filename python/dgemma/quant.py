@@ -106,21 +106,16 @@ def as_float(w, dtype: torch.dtype) -> torch.Tensor:
     return w.dequantize(dtype) if isinstance(w, Fp8Weight) else w.to(dtype)
 
 
-def is_quantized_key(key: str) -> bool:
-    """Tensors quantised by ``dgemma.load(..., quantization="fp8")`` (see :data:`dgemma.weights.QUANTIZED_SUFFIXES`):
-    every attention projection, the dense MLP and every expert; the embedding/lm_head, the router and
-    self-conditioning stay in the model dtype."""
-    return is_quantized_name(key)
-
-
 def fp8_transform(key: str, t: torch.Tensor, device: torch.device):
-    """Load-time hook: quantise the tensors :func:`is_quantized_key` selects, on ``device``.
+    """Load-time hook: quantise the tensors :func:`dgemma.weights.is_quantized_name` selects (every attention
+    projection, the dense MLP and every expert; the embedding/lm_head, router and self-conditioning stay in the
+    model dtype), on ``device``.
 
     The bf16/fp32 source tensor is moved to the device one tensor at a time and dropped after
     quantisation, so the peak is the FP8 model plus one source tensor (and its fp32 temporaries).
     Experts are quantised one expert at a time to keep those temporaries small.
     """
-    if not is_quantized_key(key):
+    if not is_quantized_name(key):
         return None
     if t.dim() == 3:
         q = torch.empty(t.shape, dtype=FP8_DTYPE, device=device)

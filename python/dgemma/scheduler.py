@@ -24,7 +24,7 @@ import torch
 
 from .engine import Engine
 from .errors import DgemmaError
-from .generation import GenerationResult, StreamEvent
+from .generation import GenerationResult
 
 PREFILL_CHUNK = 512
 
@@ -186,6 +186,3 @@ class Scheduler:
             self.stats[counter] += 1
         job.events, job.cache = None, None
         job.emit(kind, payload)
-
-
-__all__ = ["Job", "PREFILL_CHUNK", "Scheduler", "StreamEvent"]

@@ -6,7 +6,7 @@ import contextlib
 import json
 import threading
 
-from .chat import check_tools, parse_response
+from .chat import check_tools
 from .errors import DgemmaError
 from .engine import Engine
 
