@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent H100/H200 checks, in one run, selected by STAGES (default: all, in this order):
 #   build     pip install (no isolation); wheels in .whl/ (nvidia-cutlass, transformers) installed first
+#   quick     (not in the default) the GPU tests of the newest work first: graphs, fused q/k/v, engine
 #   tests     pytest -m gpu tests, one process, nothing deselected
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file
 #   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json
@@ -61,6 +62,10 @@ if want build; then
   run 30 $PY -c 'import dgemma._C as C, subprocess, sys; print(C.__file__); sys.exit(subprocess.call([sys.executable, "cmake/check_cxx_runtime.py", C.__file__]))'
 fi
 
+if want quick; then
+  TAIL=40 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE ${QUICK_TESTS:-tests/test_graphs_cuda.py tests/test_engine_cuda.py tests/test_vocab_head_cuda.py}
+fi
+
 if want tests; then
   TAIL=60 run "${TESTS_S:-420}" $PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE
 fi
@@ -82,7 +87,10 @@ if want bench; then
 fi
 
 if want e2e; then
-  TAIL=30 run "${E2E_S:-180}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 --steps 16,48 --json "$OUT/e2e.json"
+  # Rows with and without CUDA graphs (--cuda-graphs auto = both where the step can be captured);
+  # E2E_ARGS adds e.g. "--batch 1,4 --baseline transformers" (transformers' wheel in .whl/).
+  TAIL=40 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 --steps 16 ${E2E_ARGS:-} \
+    --json "$OUT/e2e.json"
 fi
 rm -f "$OUT/last.txt"
 log "done in $(( $(date +%s) - t0 )) s"

@@ -29,7 +29,7 @@ def test_first_draft_is_the_heads_output():
     head_seed = int(torch.randint(0, 2**62, (1,), generator=g))
     canvas = torch.randint(0, 512, (2, 32), generator=g)
     cache = eng.encode(ids)
-    h = eng.model.denoise_hidden(canvas, cache)
+    h = eng.model.denoise_hidden(canvas, cache, None, cache.prefix_view())  # the fused path's decoder pass
     settings = GenerationSettings(max_denoising_steps=4)
     out = reference_vocab_head_step(h, eng.model.w.embed, float(temperature(4, settings, "cpu")), head_seed, 0,
                                     canvas, None, settings.entropy_bound, soft_scale=eng.config.embed_scale)

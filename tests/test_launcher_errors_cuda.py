@@ -938,6 +938,15 @@ def vocab_head_step_table(c: Ctx) -> Table:
     t.bad("stable dtype", "stable has dtype float32, expected bool", stable=f32(VB))
     t.bad("finished_out length", f"finished_out has shape [1], expected size {VB} in dimension 0 {doc}",
           finished_out=flag(1))
+    t.bad("device_seed_step on the host", cuda_msg("device_seed_step"), device_seed_step=torch.zeros(2, dtype=I64))
+    t.bad("device_seed_step int32", "device_seed_step has dtype int32, expected int64",
+          device_seed_step=c.empty(2, dtype=I32))
+    t.bad("device_seed_step length", f"device_seed_step has shape [3], expected size 2 in dimension 0 {doc}",
+          device_seed_step=i64(3))
+    t.bad("device_temperature bf16", "device_temperature has dtype bfloat16, expected float32",
+          device_temperature=c.empty(1))
+    t.bad("device_temperature 2-d", "device_temperature has shape [1, 1], expected 1 dimensions",
+          device_temperature=f32(1, 1))
     t.bad("soft dtype", "soft has dtype float32, expected bfloat16", soft=c.empty(VB, VC, VH, dtype=F32))
     t.bad("soft shape", f"soft has shape [{VB}, {VC}, 32], expected size {VH} in dimension 2 {doc}",
           soft=c.empty(VB, VC, 32))

@@ -60,9 +60,10 @@ __global__ void __launch_bounds__(kMaxCanvas) vocab_head_accept_kernel(const Voc
     const bool accept = s_selected[rank];
     int64_t next = p.sample[row];
     if (!accept) {
-      const Philox4x32 r = philox4x32_10(0u, static_cast<uint32_t>(i), p.step,
+      const uint64_t seed = head_seed(p);
+      const Philox4x32 r = philox4x32_10(0u, static_cast<uint32_t>(i), head_step(p),
                                          philox_stream_word3(static_cast<uint32_t>(seq), kRedrawStream),
-                                         static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32));
+                                         static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
       next = philox_uniform_below(r.v[0], static_cast<uint32_t>(p.vocab));
     }
     p.accepted[row] = accept;

@@ -54,6 +54,10 @@ struct VocabHeadParams {
   float soft_scale = 1.f;
   uint64_t seed = 0;
   uint32_t step = 0;
+  // Optional device-resident step scalars, read by the kernels instead of seed/step/inv_temperature above
+  // (a CUDA graph replays one launch for every step): int64 [2] = (seed bits, step), fp32 [1] temperature.
+  const int64_t* device_seed_step = nullptr;
+  const float* device_temperature = nullptr;
   // outputs ([batch, canvas] unless noted)
   float* max_logit;
   float* lse;
@@ -71,6 +75,22 @@ struct VocabHeadParams {
   int soft_splits = 1;    // vocab splits of the P·E pass
   void* workspace = nullptr;
 };
+
+#ifdef __CUDACC__
+// The step scalars of a call, from device memory where the launcher passed them there.
+__device__ __forceinline__ uint64_t head_seed(const VocabHeadParams& p) {
+  return p.device_seed_step != nullptr ? static_cast<uint64_t>(p.device_seed_step[0]) : p.seed;
+}
+__device__ __forceinline__ uint32_t head_step(const VocabHeadParams& p) {
+  return p.device_seed_step != nullptr ? static_cast<uint32_t>(p.device_seed_step[1]) : p.step;
+}
+// NOTE: 1/t in double rounded once to float, exactly as the launcher computes inv_temperature on the host.
+__device__ __forceinline__ float head_inv_temperature(const VocabHeadParams& p) {
+  return p.device_temperature != nullptr
+             ? static_cast<float>(1.0 / static_cast<double>(*p.device_temperature))
+             : p.inv_temperature;
+}
+#endif
 
 constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

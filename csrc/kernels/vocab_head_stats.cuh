@@ -166,8 +166,9 @@ __global__ void __launch_bounds__(kThreads, 1) vocab_head_stats_kernel(const Voc
     stream_pos[slot] = static_cast<uint32_t>(grow % p.canvas);
     stream_seq[slot] = philox_stream_word3(static_cast<uint32_t>(grow / p.canvas), kSampleStream);
   }
-  const uint32_t key0 = static_cast<uint32_t>(p.seed), key1 = static_cast<uint32_t>(p.seed >> 32);
-  const float cap = p.softcap, two_over_cap = 2.f / p.softcap, inv_t = p.inv_temperature;
+  const uint64_t seed = head_seed(p);
+  const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32), step = head_step(p);
+  const float cap = p.softcap, two_over_cap = 2.f / p.softcap, inv_t = head_inv_temperature(p);
 
   auto epilogue = [&](int64_t vt) {
     const int64_t col_base = vt * kBN + warp_n * kWarpN;
@@ -216,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1) vocab_head_stats_kernel(const Voc
         }
         if (ok0 && fmaxf(z0, ok1 ? z1 : z0) + kGumbelBound > st.gumbel_value) {
           const Philox4x32 r =
-              philox4x32_10(static_cast<uint32_t>(col >> 2), stream_pos[slot], p.step, stream_seq[slot], key0, key1);
+              philox4x32_10(static_cast<uint32_t>(col >> 2), stream_pos[slot], step, stream_seq[slot], key0, key1);
           const int w = static_cast<int>(col & 3);  // 0 or 2: this pair's two words
           const float g0 = z0 + gumbel_noise(w == 0 ? r.v[0] : r.v[2]);
           if (g0 > st.gumbel_value) {

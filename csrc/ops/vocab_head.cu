@@ -108,7 +108,11 @@ void vocab_head_step(const VocabHeadArgs& a, const VocabHeadScalars& s, std::uin
     check_tensor(*a.soft, h, DType::kBFloat16, {batch, canvas, hidden});
     check_aligned(*a.soft, 16);
   }
-  check_finite(s.temperature, "temperature", true);
+  if (a.device_seed_step != nullptr) check_tensor(*a.device_seed_step, h, DType::kInt64, {2});
+  if (a.device_temperature != nullptr)
+    check_tensor(*a.device_temperature, h, DType::kFloat32, {1});
+  else
+    check_finite(s.temperature, "temperature", true);
   check_finite(s.softcap, "softcap", true);
   check_finite(s.entropy_bound, "entropy_bound", false);
   check_finite(s.confidence, "confidence", false);
@@ -137,7 +141,11 @@ void vocab_head_step(const VocabHeadArgs& a, const VocabHeadScalars& s, std::uin
   p.canvas = static_cast<int>(canvas);
   p.vocab = static_cast<int>(vocab);
   p.dim = static_cast<int>(hidden);
-  p.inv_temperature = static_cast<float>(1.0 / static_cast<double>(static_cast<float>(s.temperature)));
+  if (a.device_temperature == nullptr)
+    p.inv_temperature = static_cast<float>(1.0 / static_cast<double>(static_cast<float>(s.temperature)));
+  p.device_temperature =
+      a.device_temperature != nullptr ? static_cast<const float*>(a.device_temperature->data) : nullptr;
+  p.device_seed_step = a.device_seed_step != nullptr ? static_cast<const int64_t*>(a.device_seed_step->data) : nullptr;
   p.softcap = static_cast<float>(s.softcap);
   p.entropy_bound = static_cast<float>(s.entropy_bound);
   p.confidence = static_cast<float>(s.confidence);

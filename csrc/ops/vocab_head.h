@@ -21,6 +21,9 @@ struct VocabHeadArgs {
   TensorArg stable, finished_out;          // bool [B]
   const TensorArg* soft = nullptr;         // bf16 [B, C, H] or absent (no self-conditioning pass)
   TensorArg workspace;                     // uint8 [>= vocab_head_workspace_bytes(...)]
+  // Optional device-resident step scalars (read by the kernels; replace the host seed/step/temperature):
+  const TensorArg* device_seed_step = nullptr;    // int64 [2]: seed (uint64 bits), step
+  const TensorArg* device_temperature = nullptr;  // fp32 [1]: t > 0 (not checked: it is never read on the host)
 };
 
 struct VocabHeadScalars {

@@ -21,7 +21,8 @@ void bind_step(py::handle hidden, py::handle embed, py::handle prev_argmax, py::
                py::handle accepted, py::handle next_canvas, py::handle mean_entropy, py::handle stable,
                py::handle finished_out,
                py::handle soft, py::handle workspace, double temperature, double softcap, double entropy_bound,
-               double confidence, double soft_scale, uint64_t seed, uint32_t step, std::uintptr_t stream) {
+               double confidence, double soft_scale, uint64_t seed, uint32_t step, std::uintptr_t stream,
+               py::handle device_seed_step, py::handle device_temperature) {
   VocabHeadArgs a;
   a.hidden = to_arg(hidden, "hidden");
   a.embed = to_arg(embed, "embed");
@@ -40,6 +41,9 @@ void bind_step(py::handle hidden, py::handle embed, py::handle prev_argmax, py::
   a.finished_out = to_arg(finished_out, "finished_out");
   a.soft = optional_arg(soft, "soft", soft_arg);
   a.workspace = to_arg(workspace, "workspace");
+  TensorArg seed_step_arg, temperature_arg;
+  a.device_seed_step = optional_arg(device_seed_step, "device_seed_step", seed_step_arg);
+  a.device_temperature = optional_arg(device_temperature, "device_temperature", temperature_arg);
   VocabHeadScalars s;
   s.temperature = temperature;
   s.softcap = softcap;
@@ -84,8 +88,10 @@ void register_vocab_head(py::module_& m) {
         py::arg("sample"), py::arg("accepted"), py::arg("next_canvas"), py::arg("mean_entropy"), py::arg("stable"),
         py::arg("finished_out"), py::arg("soft"), py::arg("workspace"), py::arg("temperature"), py::arg("softcap"),
         py::arg("entropy_bound"), py::arg("confidence"), py::arg("soft_scale"), py::arg("seed"), py::arg("step"),
-        py::arg("stream"),
-        "Fused vocabulary head of one denoising step (statistics, sample, acceptance, self-conditioning input).");
+        py::arg("stream"), py::arg("device_seed_step") = py::none(), py::arg("device_temperature") = py::none(),
+        "Fused vocabulary head of one denoising step (statistics, sample, acceptance, self-conditioning input). "
+        "device_seed_step (int64 [2]: seed, step) and device_temperature (fp32 [1]), when given, are read on the "
+        "device in place of seed, step and temperature (for CUDA-graph replay).");
 }
 
 }  // namespace dgemma

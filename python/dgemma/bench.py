@@ -22,6 +22,7 @@ import torch
 from .errors import DgemmaError
 from .generation import denoise_block
 from .sampler import GenerationSettings, make_sampler
+from .steps import graphs_supported, make_stepper
 
 
 
@@ -38,6 +39,7 @@ class BenchOptions:
     baseline: str | None = None
     prefix_lengths: list[int] = field(default_factory=list)
     seed: int = 0
+    cuda_graphs: str = "auto"  # "off", "on", "both" or "auto" (both where the step can be captured, else off)
 
 
 def _timer(device: torch.device):
@@ -176,6 +178,7 @@ def run(opts: BenchOptions, *, log=print) -> dict:
     roof = lambda nbytes: nbytes / bandwidth * 1e3  # noqa: E731  (ms)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    modes = _graph_modes(opts.cuda_graphs, eng, log)
 
     for b in opts.batch_sizes:
         prompt = torch.randint(3, v, (b, prompt_len), generator=g, device=device)
@@ -188,39 +191,46 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         sc = torch.randn(b, c, v, generator=g, device=device).to(dtype)
         step_roof = roof(step_bytes(eng, b, prompt_len))
 
-        # Steps and blocks run through generate's own sampler and block loop (the fused head on CUDA).
-        sampler = make_sampler(eng, settings, g)
+        # Steps and blocks run through generate's own sampler, stepper and block loop (the fused head on CUDA),
+        # without and/or with CUDA graphs (rows ``*_graphs_*``).
         soft = eng.model.soft_input(sc)
         running = torch.zeros(b, dtype=torch.bool, device=device)
+        for graphs in modes:
+            eng.cuda_graphs = graphs
+            tag = f"{opts.dtype}_graphs" if graphs else opts.dtype
+            sampler = make_sampler(eng, settings, g)
+            stepper = make_stepper(eng, cache, sampler)
 
-        def one_step(soft=soft, n=settings.max_denoising_steps):
-            return sampler.step(eng.model.denoise_hidden(canvas, cache, soft), canvas, n, running)
+            def one_step(soft=soft, n=settings.max_denoising_steps, stepper=stepper):
+                return stepper(canvas, soft, n, running)
 
-        step = measure(one_step, opts.iters, opts.warmup)
-        results.append(_row(f"denoise_step_{opts.dtype}_b{b}", step, step_roof, batch=b, prefix=prompt_len,
-                            bytes=step_bytes(eng, b, prompt_len), **profile(one_step, device)))
-        if b in baseline:
-            hf_ms = statistics.median(baseline[b])
-            results.append(_row(f"transformers_step_bf16_b{b}", hf_ms, step_roof, batch=b,
-                                dgemma_ms=statistics.median(step), ratio=hf_ms / statistics.median(step)))
-        forward = measure(lambda: eng.denoise(cache, canvas, sc), opts.iters, opts.warmup)
-        results.append(_row(f"decoder_forward_{opts.dtype}_b{b}", forward, step_roof, batch=b))
-        first = measure(lambda: one_step(None), max(3, opts.iters // 4), 1)
-        results.append(_row(f"first_draft_{opts.dtype}_b{b}", first, step_roof))
-        for n in opts.steps:
-            # Exactly n steps: a confidence bound no canvas reaches disables early stopping.
-            fixed = settings.updated(max_denoising_steps=n, confidence_threshold=1e-30)
+            step = measure(one_step, opts.iters, opts.warmup)
+            results.append(_row(f"denoise_step_{tag}_b{b}", step, step_roof, batch=b, prefix=prompt_len,
+                                bytes=step_bytes(eng, b, prompt_len), **profile(one_step, device)))
+            if b in baseline and not graphs:
+                hf_ms = statistics.median(baseline[b])
+                results.append(_row(f"transformers_step_bf16_b{b}", hf_ms, step_roof, batch=b,
+                                    dgemma_ms=statistics.median(step), ratio=hf_ms / statistics.median(step)))
+            if not graphs:
+                forward = measure(lambda: eng.denoise(cache, canvas, sc), opts.iters, opts.warmup)
+                results.append(_row(f"decoder_forward_{opts.dtype}_b{b}", forward, step_roof, batch=b))
+            first = measure(lambda: one_step(None), max(3, opts.iters // 4), 1)
+            results.append(_row(f"first_draft_{tag}_b{b}", first, step_roof))
+            for n in opts.steps:
+                # Exactly n steps: a confidence bound no canvas reaches disables early stopping.
+                fixed = settings.updated(max_denoising_steps=n, confidence_threshold=1e-30)
 
-            def block(fixed=fixed):
-                argmax, _ = denoise_block(eng, cache, canvas, fixed, make_sampler(eng, fixed, g))
-                eng.encode(argmax, cache=cache)  # the commit pass
-                cache.truncate(prompt_len)
+                def block(fixed=fixed):
+                    argmax, _ = denoise_block(eng, cache, canvas, fixed, make_sampler(eng, fixed, g))
+                    eng.encode(argmax, cache=cache)  # the commit pass
+                    cache.truncate(prompt_len)
 
-            ms = measure(block, max(2, opts.iters // 8), 1)
-            tok_s = b * c / (statistics.median(ms) / 1e3)
-            prof = {k: v / n for k, v in profile(block, device).items()}  # per step, the commit pass included
-            results.append(_row(f"block{n}_{opts.dtype}_b{b}", ms, step_roof * n, tok_per_s=tok_s, steps=n,
-                                **{f"{k}_per_step": v for k, v in prof.items()}))
+                ms = measure(block, max(2, opts.iters // 8), 1)
+                tok_s = b * c / (statistics.median(ms) / 1e3)
+                prof = {k: v / n for k, v in profile(block, device).items()}  # per step, the commit pass included
+                results.append(_row(f"block{n}_{tag}_b{b}", ms, step_roof * n, tok_per_s=tok_s, steps=n,
+                                    **{f"{k}_per_step": v for k, v in prof.items()}))
+        eng.cuda_graphs = False
         for prefix in opts.prefix_lengths:
             pc = eng.encode(torch.randint(3, v, (b, prefix), generator=g, device=device), capacity=prefix + c)
             t = measure(lambda pc=pc: eng.denoise(pc, canvas, sc), max(3, opts.iters // 4), 1)
@@ -234,6 +244,20 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         "command": " ".join(["dgemma"] + sys.argv[1:]), "preset": preset, "backend": eng.backend,
         "results": results,
     }
+
+
+def _graph_modes(choice: str, eng, log) -> list[bool]:
+    """Which of eager (False) and CUDA-graph (True) steps to time."""
+    if choice not in ("auto", "off", "on", "both"):
+        raise DgemmaError(f"cuda_graphs {choice!r} is not one of auto, off, on, both")
+    why = graphs_supported(eng)
+    if choice in ("on", "both") and why is not None:
+        raise DgemmaError(f"--cuda-graphs {choice}: this step cannot be captured ({why})")
+    if choice == "auto":
+        choice = "off" if why is not None else "both"
+    if choice != "off":
+        log(f"CUDA graphs: {choice}")
+    return {"off": [False], "on": [True], "both": [False, True]}[choice]
 
 
 def _baseline_transformers(opts, preset, prompt_len, device, measure) -> dict[int, list[float]]:

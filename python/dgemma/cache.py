@@ -21,11 +21,38 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from dataclasses import dataclass
 
 import torch
 
 from .config import ModelConfig
 from .errors import DgemmaError
+
+
+# Prefix lengths up to this many tokens share one bucket; above it a bucket spans a quarter of the power of
+# two below the length, so a bound overshoots its lengths by at most ~25 %.
+MIN_PREFIX_BUCKET = 1024
+
+
+def prefix_bucket(length: int, capacity: int) -> int:
+    """The upper bound a decoder pass over ``length`` cached tokens is planned for: the smallest bucket
+    boundary >= ``length`` (1024, 2048, 3072, 4096, 5120, ..., 8192, 10240, ...), at most ``capacity``.
+    Every length of a bucket runs the same kernels with the same launch arguments (one CUDA graph)."""
+    if length <= MIN_PREFIX_BUCKET:
+        return min(MIN_PREFIX_BUCKET, capacity)
+    step = max(MIN_PREFIX_BUCKET, 1 << (length.bit_length() - 3))
+    return min(-(-length // step) * step, capacity)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixView:
+    """What a decoder pass reads of a cache, with the lengths on the device: row b sees its first
+    ``lengths[b]`` cached positions (the last ``window - 1`` of them on sliding layers) and its canvas sits
+    at positions ``lengths[b] .. lengths[b] + C - 1``. ``bound`` >= every length is the host-side size the
+    pass is planned for, so a pass reads no length on the host and rows may differ."""
+
+    lengths: torch.Tensor  # int32 [B] on the cache's device
+    bound: int
 
 
 class KVCache:
@@ -91,6 +118,15 @@ class KVCache:
             slots = pos % self.ring_size(layer)
             return self.keys[layer][:, :, slots], self.values[layer][:, :, slots], pos
         return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length], pos
+
+    def prefix_view(self, lengths: torch.Tensor | None = None) -> PrefixView:
+        """A :class:`PrefixView` of the current length, bound to its :func:`prefix_bucket`; ``lengths``
+        (int32 [B] on the device, e.g. a CUDA graph's static input) is filled rather than allocated."""
+        if lengths is None:
+            lengths = torch.full((self.batch,), self.length, dtype=torch.int32, device=self.device)
+        else:
+            lengths.fill_(self.length)
+        return PrefixView(lengths, prefix_bucket(self.length, self.capacity))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Store k/v [B, KVH, T, D] of positions ``start..start+T-1`` (only the tail a ring keeps)."""

@@ -116,7 +116,7 @@ def _load(args: argparse.Namespace):
 
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     quantization = None if args.quantization == "none" else args.quantization
-    return load(args.model, device=args.device, dtype=dtype, quantization=quantization)
+    return load(args.model, device=args.device, dtype=dtype, quantization=quantization, cuda_graphs=args.cuda_graphs)
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict:
@@ -351,7 +351,7 @@ def _bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(preset=args.preset, device=args.device, dtype=args.precision, batch_sizes=args.batch,
                         prompt_length=args.prompt_length, steps=args.steps, iters=args.iters,
                         warmup=args.warmup, baseline=args.baseline, prefix_lengths=args.prefix_lengths or [],
-                        seed=args.seed)
+                        seed=args.seed, cuda_graphs=args.cuda_graphs)
     report = run(opts, log=lambda m: print(m, file=sys.stderr))
     print_bench_table(report, roofline=device.type == "cuda")
     if args.json:
@@ -386,7 +386,7 @@ def _serve(args: argparse.Namespace) -> int:
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_context=args.max_context,
           served_model_name=args.served_model_name, device=args.device, dtype=dtype,
-          quantization=None if args.quantization == "none" else args.quantization)
+          quantization=None if args.quantization == "none" else args.quantization, cuda_graphs=args.cuda_graphs)
     return 0
 
 
@@ -398,6 +398,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
                    help="weights/activations dtype (default: the checkpoint's)")
     p.add_argument("--quantization", default="none", choices=["none", "fp8"],
                    help="fp8: FP8 E4M3 attention, MLP and expert weights, quantised while loading (default: none)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay denoising steps from CUDA graphs (CUDA backend, FP8 experts; same tokens)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -497,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=_seed, default=0, help="seed of the random weights and inputs (default: 0)")
     b.add_argument("--baseline", choices=["transformers"], default=None,
                    help="also time transformers' model on the same weights and report the speed-up")
+    b.add_argument("--cuda-graphs", default="auto", choices=["auto", "off", "on", "both"],
+                   help="time steps and blocks without (off) and/or with CUDA graphs (rows *_graphs_*); auto: both "
+                        "where the step can be captured (CUDA, fused head, FP8 experts), else off")
     b.add_argument("--json", default=None, help="write the results to this JSON file")
     b.add_argument("--plot", default=None,
                    help="write a PNG: latency vs batch and vs prefix length, with roofline (needs matplotlib)")

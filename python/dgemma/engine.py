@@ -119,6 +119,8 @@ class Engine:
         self.path = path
         self.model = DiffusionGemmaModel(cfg, weights, get_ops(backend))
         self.checkpoint_format, self.disk_bytes = "dense", 0  # set by dgemma.load from the checkpoint
+        # Replay denoising steps from CUDA graphs where they can be captured (dgemma.steps); set by load().
+        self.cuda_graphs = False
         self.generation_settings = generation_settings or GenerationSettings()
         special = special_tokens or {}
         # NOTE: generation stops at EOS and pads only with the ids of generation_config.json (or passed to
@@ -434,7 +436,8 @@ def _all_tensors(w: ModelWeights) -> list:
             out.append(x)
         elif dataclasses.is_dataclass(x):
             for f in dataclasses.fields(x):
-                walk(getattr(x, f.name))
+                if not f.metadata.get("derived"):
+                    walk(getattr(x, f.name))
         elif isinstance(x, (list, tuple)):
             for item in x:
                 walk(item)

@@ -12,6 +12,7 @@ import torch
 from .cache import KVCache
 from .errors import DgemmaError, NonFiniteError
 from .sampler import GenerationSettings, StableAndConfident, make_sampler
+from .steps import make_stepper
 
 
 @dataclass(slots=True)
@@ -101,13 +102,14 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
     max_length = t + past + settings.max_new_tokens
     eos = torch.tensor(eos_token_ids, device=device) if eos_token_ids else None
     sampler = make_sampler(engine, settings, generator)  # a seeded sampler draws its key here
+    stepper = make_stepper(engine, cache, sampler)
     finished_seq = torch.zeros(b, dtype=torch.bool, device=device)
     passes = torch.zeros(b, dtype=torch.int, device=device)
     timings = {"encode_s": 0.0, "denoise_s": 0.0}
     start = time.perf_counter()
     with cache.transaction() as undo:
         seq, steps_per_block = yield from _blocks(engine, ids, attention_mask, settings, generator, canvas, cache,
-                                                  image_features, mm_token_type_ids, sampler, finished_seq, passes,
+                                                  image_features, mm_token_type_ids, stepper, finished_seq, passes,
                                                   eos, max_length, pad_token_id, timings, undo, n_blocks)
     timings["total_s"] = time.perf_counter() - start
     new = seq[:, t:]
@@ -120,7 +122,7 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
 
 
 def _blocks(engine, ids, attention_mask, settings, generator, canvas, cache, image_features, mm_token_type_ids,
-            sampler, finished_seq, passes, eos, max_length, pad_token_id, timings, undo, n_blocks):
+            stepper, finished_seq, passes, eos, max_length, pad_token_id, timings, undo, n_blocks):
     """The block loop of :func:`run_generation`: (sequences, steps per block)."""
     c, v = engine.config.canvas_length, engine.config.vocab_size
     b = ids.shape[0]
@@ -140,7 +142,7 @@ def _blocks(engine, ids, attention_mask, settings, generator, canvas, cache, ima
         current = torch.randint(0, v, (b, c), generator=generator, device=device)
         if block == 0 and canvas is not None:
             current = canvas
-        argmax, block_passes = yield from _denoise_block(engine, cache, current, settings, sampler, finished_seq,
+        argmax, block_passes = yield from _denoise_block(engine, cache, current, settings, stepper, finished_seq,
                                                          passes, block, undo)
         steps_per_block.append(block_passes.tolist())
         timings["denoise_s"] += time.perf_counter() - t0
@@ -153,12 +155,13 @@ def _blocks(engine, ids, attention_mask, settings, generator, canvas, cache, ima
     return seq, steps_per_block
 
 
-def _denoise_block(engine, cache, current, settings, sampler, finished_seq, passes, block, undo=None):
-    """Denoise one block: N…1 decoder passes, each followed by the sampler's draw, until every row stops.
+def _denoise_block(engine, cache, current, settings, stepper, finished_seq, passes, block, undo=None):
+    """Denoise one block: N…1 steps (a decoder pass and the sampler's draw, :mod:`dgemma.steps`) until every
+    row stops.
 
     Rows that have stopped keep their canvas, argmax and self-conditioning input while the others
     continue (transformers runs them through the decoder all the same)."""
-    model, device = engine.model, engine.device
+    device = engine.device
     b = current.shape[0]
     argmax, soft = current, None
     finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -169,7 +172,7 @@ def _denoise_block(engine, cache, current, settings, sampler, finished_seq, pass
         passes += active
         block_passes += active
         try:
-            draw = sampler.step(model.denoise_hidden(current, cache, soft), current, step, finished)
+            draw = stepper(current, soft, step, finished)
         except NonFiniteError as e:
             raise _located(e, engine, cache, current, soft, block, step) from None
         if soft is not None:  # no row has stopped before the block's first draw
@@ -211,12 +214,14 @@ def _located(e: NonFiniteError, engine, cache, canvas, soft, block: int, step: i
 
 def denoise_block(engine, cache: KVCache, canvas: torch.Tensor, settings: GenerationSettings, sampler,
                   finished_seq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block exactly as ``generate`` runs it, without events: (argmax canvas [B, C], passes per row [B])."""
+    """One block exactly as ``generate`` runs it (the same stepper), without events: (argmax canvas [B, C],
+    passes per row [B])."""
     b = canvas.shape[0]
     if finished_seq is None:
         finished_seq = torch.zeros(b, dtype=torch.bool, device=canvas.device)
     passes = torch.zeros(b, dtype=torch.int, device=canvas.device)
-    events = _denoise_block(engine, cache, canvas, settings, sampler, finished_seq, passes, 0)
+    events = _denoise_block(engine, cache, canvas, settings, make_stepper(engine, cache, sampler), finished_seq,
+                            passes, 0)
     while True:
         try:
             next(events)

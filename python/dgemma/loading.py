@@ -19,7 +19,8 @@ from .weights import ModelWeights
 
 def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None, backend: str | None = None,
          progress: bool | None = None, quantization: str | None = None, max_batch: int | None = None,
-         max_context: int | None = None, check_finite: bool | None = None) -> TextEngine:
+         max_context: int | None = None, check_finite: bool | None = None, cuda_graphs: bool = False
+         ) -> TextEngine:
     """Load a DiffusionGemma checkpoint (Hugging Face layout) into a :class:`~dgemma.text.TextEngine`
     (the engine on token ids with the checkpoint's tokenizer and chat template).
 
@@ -43,6 +44,10 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
             dequantised to ``dtype`` on load, for the reference backend.
         check_finite: scan every weight for NaN/Inf while loading and refuse the checkpoint naming the
             tensor; default: on for checkpoints up to 2 GiB (dgemma.checkpoint.FINITE_CHECK_MAX_BYTES).
+        cuda_graphs: replay each denoising step from a CUDA graph (captured once per batch, prefix-length
+            bucket and cache; see :mod:`dgemma.steps`) where the step can be captured: the CUDA backend
+            with the fused vocabulary head and FP8 experts; elsewhere it is ignored with a warning. The
+            tokens are the same as without graphs. Default off.
         max_batch, max_context: when given, the memory plan (weights + KV cache for this batch and
             context + step workspace) is logged, and on a GPU a plan that does not fit its free memory
             is refused with the numbers (:class:`DgemmaError`).
@@ -71,6 +76,9 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
                            check_finite=check_finite)
     eng = TextEngine(cfg, ModelWeights.from_tensors(cfg, tensors), device=dev, dtype=dtype, backend=backend,
                  path=path, generation_settings=settings, special_tokens=special)
+    if not isinstance(cuda_graphs, bool):
+        raise DgemmaError(f"cuda_graphs must be True or False, got {cuda_graphs!r:.40}")
+    eng.cuda_graphs = cuda_graphs
     eng.checkpoint_format = detect_format(path).name
     eng.disk_bytes = sum(os.path.getsize(f) for f in checkpoint_files(path))
     info = eng.info

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import KVCache
+from .cache import KVCache, PrefixView
 from .config import LayerSpec, ModelConfig
 from .errors import DgemmaError
 from .ops import ReferenceOps
@@ -34,15 +34,7 @@ class DiffusionGemmaModel:
     def _project_qkv(self, spec: LayerSpec, w: AttentionWeights, h: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, Hq, T, D], k and v [B, Hkv, T, D]: q/k RMSNorm (weighted) + RoPE, weightless v_norm."""
-        ops, eps = self.ops, self.cfg.rms_norm_eps
-        b, t, _ = h.shape
-        q = ops.linear(h, w.q_proj).view(b, t, -1, spec.head_dim)
-        q = ops.rope(ops.rms_norm(q, w.q_norm, eps), cos, sin)
-        k_raw = ops.linear(h, w.k_proj).view(b, t, -1, spec.head_dim)
-        v_raw = k_raw if w.v_proj is None else ops.linear(h, w.v_proj).view(b, t, -1, spec.head_dim)
-        k = ops.rope(ops.rms_norm(k_raw, w.k_norm, eps), cos, sin)
-        v = ops.rms_norm(v_raw, None, eps)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return self.ops.project_qkv(h, w, spec.head_dim, cos, sin, self.cfg.rms_norm_eps)
 
     def _feed_forward(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """post_ff_norm(post_mlp_norm(MLP(pre_ff_norm x)) + post_moe_norm(MoE(pre_moe_norm x, route(x))))."""
@@ -155,27 +147,36 @@ class DiffusionGemmaModel:
             x = x + ops.gated_mlp(ops.rms_norm(soft, w.sc_pre_norm, eps), w.sc_gate, w.sc_up, w.sc_down)
         return ops.rms_norm(x, None, eps)
 
-    def _decoder_states(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None):
+    def _decoder_states(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None,
+                        prefix: PrefixView | None = None):
         """(layer, output) of the decoder over the canvas: (-1, its input), then each layer in turn."""
         b, c = canvas.shape
-        start = cache.length
-        positions = torch.arange(start, start + c, device=canvas.device)
-        ropes = self._rope_tables(positions[None], self.w.embed.dtype)
+        if prefix is None:
+            positions = torch.arange(cache.length, cache.length + c, device=canvas.device)[None]
+        else:
+            positions = prefix.lengths.long()[:, None] + torch.arange(c, device=canvas.device)
+        ropes = self._rope_tables(positions, self.w.embed.dtype)
         x = self.decoder_input(canvas, soft)
         yield -1, x
 
         def attend(i: int, h: torch.Tensor) -> torch.Tensor:
             spec = self.cfg.layers[i]
             q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
-            return self.ops.decoder_attention(q, k, v, cache, i).reshape(b, c, -1)
+            if prefix is None:
+                return self.ops.decoder_attention(q, k, v, cache, i).reshape(b, c, -1)
+            return self.ops.decoder_attention(q, k, v, cache, i, prefix).reshape(b, c, -1)
 
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, x, attend, lw.decoder_scalar)
             yield i, x
 
-    def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-normed decoder hidden states [B, C, H] of the canvas; reads the cache, never writes it."""
-        for _, x in self._decoder_states(canvas, cache, soft):
+    def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None,
+                       prefix: PrefixView | None = None) -> torch.Tensor:
+        """Final-normed decoder hidden states [B, C, H] of the canvas; reads the cache, never writes it.
+
+        With ``prefix`` the pass reads the prefix lengths from the device (see :class:`PrefixView`): no
+        launch argument depends on the exact length, so it can be captured once per bucket and replayed."""
+        for _, x in self._decoder_states(canvas, cache, soft, prefix):
             pass
         return self.ops.rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps)
 

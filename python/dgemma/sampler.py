@@ -200,24 +200,51 @@ class TorchStreamSampler:
         return Draw(out.argmax, out.next_canvas, out.entropy.mean(dim=-1), soft)
 
 
+class HeadScalars:
+    """The fused head's step scalars in device buffers, which its kernels read (so one captured launch serves
+    every step): (seed, step counter) int64 [2] and the temperature fp32 [1]. Written with fill kernels,
+    never a host-to-device copy that would wait for the stream."""
+
+    def __init__(self, device: torch.device | str):
+        self.seed_step = torch.zeros(2, dtype=torch.int64, device=device)
+        self.temperature = torch.ones(1, dtype=torch.float32, device=device)
+
+    def set(self, seed: int, step: int, temperature: float) -> None:
+        self.seed_step[0].fill_(seed)
+        self.seed_step[1].fill_(step)
+        self.temperature.fill_(temperature)
+
+
 class PhiloxHeadSampler:
     """The fused vocabulary head (``ops.vocab_head_step``): no logits tensor, dgemma's own counter-based
-    stream keyed by one seed per generation, drawn from ``generator``; the step counter runs across blocks."""
+    stream keyed by one seed per generation, drawn from ``generator``; the step counter runs across blocks.
+
+    A step is :meth:`prepare` (host: write the step's seed, counter and temperature into :attr:`scalars`)
+    then :meth:`draw` (device only: reads nothing on the host, so a CUDA graph can capture it)."""
 
     def __init__(self, model, settings: GenerationSettings, generator: torch.Generator | None,
-                 device: torch.device):
+                 device: torch.device, scalars: HeadScalars | None = None):
         self.model, self.settings = model, settings
         self.seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
         self.counter = 0
+        self.scalars = scalars or HeadScalars(device)
 
-    def step(self, h: torch.Tensor, canvas: torch.Tensor, n: int, finished: torch.Tensor) -> Draw:
+    def prepare(self, n: int) -> None:
+        """Write step ``n``'s scalars (temperature of step n of N, the next counter) for :meth:`draw`."""
+        self.scalars.set(self.seed, self.counter, float(temperature(n, self.settings, "cpu")))
+        self.counter += 1
+
+    def draw(self, h: torch.Tensor, canvas: torch.Tensor, finished: torch.Tensor) -> Draw:
         m, s = self.model, self.settings
         out = m.ops.vocab_head_step(
-            h, m.w.embed, float(temperature(n, s, "cpu")), self.seed, self.counter, canvas, None, s.entropy_bound,
+            h, m.w.embed, self.scalars.temperature, self.scalars.seed_step, None, canvas, None, s.entropy_bound,
             confidence_threshold=s.confidence_threshold, finished=finished, softcap=m.cfg.final_logit_softcapping,
             soft_scale=m.cfg.embed_scale)
-        self.counter += 1
         return Draw(out.argmax, out.next_canvas, out.mean_entropy, out.soft.to(m.w.embed.dtype))
+
+    def step(self, h: torch.Tensor, canvas: torch.Tensor, n: int, finished: torch.Tensor) -> Draw:
+        self.prepare(n)
+        return self.draw(h, canvas, finished)
 
 
 def make_sampler(engine, settings: GenerationSettings, generator: torch.Generator | None):

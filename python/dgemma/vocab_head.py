@@ -44,6 +44,25 @@ def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     return np.stack(c, axis=-1).astype(np.uint32)
 
 
+def step_scalars(temperature: float | torch.Tensor, seed: int | torch.Tensor, step: int | None
+                 ) -> tuple[float, int, int]:
+    """(temperature, seed, step) as host numbers from either form a head call accepts (reads tensors)."""
+    if isinstance(seed, torch.Tensor):
+        if step is not None:
+            raise ValueError("step must be None when seed is a (seed, step) tensor")
+        if seed.dtype != torch.int64 or seed.shape != (2,):
+            raise ValueError(f"a seed tensor must be int64 [2] (seed, step), got {seed.dtype} {list(seed.shape)}")
+        seed, step = (int(x) for x in seed.tolist())
+        seed &= (1 << 64) - 1
+    elif step is None:
+        raise ValueError("step is required when seed is an int")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"a temperature tensor must hold one value, got shape {list(temperature.shape)}")
+        temperature = float(temperature.reshape(()))
+    return temperature, seed, step
+
+
 def seed_key(seed: int) -> tuple[int, int]:
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed {seed} must be in [0, 2**64)")
@@ -163,7 +182,10 @@ def reference_vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature:
                               softcap: float = 30.0, soft_scale: float | None = None,
                               self_conditioning: bool = True) -> VocabHeadStep:
     """fp32 CPU reference of :func:`dgemma.ops.cuda_vocab_head.vocab_head_step` (same arguments and
-    random stream). Rows of ``finished`` sequences keep ``canvas`` and ``prev_argmax``."""
+    random stream). Rows of ``finished`` sequences keep ``canvas`` and ``prev_argmax``. The step scalars may
+    be given as tensors, as the CUDA op takes them for graph replay: ``temperature`` a one-element fp32
+    tensor, ``seed`` an int64 tensor ``[2]`` holding (seed, step) with ``step`` None."""
+    temperature, seed, step = step_scalars(temperature, seed, step)
     b, c, hidden = h.shape
     v = embed.shape[0]
     z = processed_logits(h, embed, temperature, softcap)

@@ -7,6 +7,7 @@ Text weights live once under ``model.decoder.*``; the encoder shares them, excep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import torch
 
@@ -206,6 +207,9 @@ class AttentionWeights:
     o_proj: torch.Tensor
     q_norm: torch.Tensor
     k_norm: torch.Tensor
+    # [Wq; Wk; (Wv)] as one FP8 weight, built by the CUDA ops on first use (q/k/v_proj then view its rows);
+    # derived, so never saved or counted.
+    qkv: object | None = dataclass_field(default=None, repr=False, compare=False, metadata={"derived": True})
 
 
 @dataclass(slots=True)

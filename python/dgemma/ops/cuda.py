@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ..quant import Fp8Weight
 from . import cuda_attention, cuda_vocab_head
-from .cuda_moe import Fp8MoeOpsMixin
+from .cuda_moe import Fp8MoeOpsMixin, linear_fp8
 from .reference import ReferenceOps
 
 
@@ -45,13 +46,61 @@ class AttentionOpsMixin:
         return cuda_attention.encoder_attention(q, k, v, cache.keys[layer], cache.values[layer], start, ring,
                                                 spec.window, valid=valid)
 
-    def decoder_attention(self, q, k, v, cache, layer):
+    def decoder_attention(self, q, k, v, cache, layer, prefix=None):
         if not self._attention_fits(q):
-            return super().decoder_attention(q, k, v, cache, layer)
+            return super().decoder_attention(q, k, v, cache, layer, prefix)
         spec = cache.config.layers[layer]
         ring = cache.ring_size(layer) if spec.is_sliding else 0
-        return cuda_attention.decoder_attention(q, cache.keys[layer], cache.values[layer], k, v, cache.length, ring,
-                                                spec.window, valid=cache.valid if cache.has_padding else None)
+        valid = cache.valid if cache.has_padding else None
+        if prefix is None:
+            return cuda_attention.decoder_attention(q, cache.keys[layer], cache.values[layer], k, v, cache.length,
+                                                    ring, spec.window, valid=valid)
+        # The lengths stay on the device; the split plan follows the bucket's bound.
+        return cuda_attention.decoder_attention(q, cache.keys[layer], cache.values[layer], k, v, prefix.lengths,
+                                                ring, spec.window, valid=valid, max_prefix=prefix.bound)
+
+
+def fuse_qkv(w) -> Fp8Weight | None:
+    """One FP8 weight [Wq; Wk; (Wv)] for attention weights ``w`` whose projections are all FP8 (None otherwise),
+    so the three projections are one GEMM with one quantisation of the input. Built once and kept as
+    ``w.qkv``; ``w``'s projections become row views of it (no second copy of the weights)."""
+    if w.qkv is not None:
+        return w.qkv
+    parts = [w.q_proj, w.k_proj] + ([] if w.v_proj is None else [w.v_proj])
+    if not all(isinstance(p, Fp8Weight) and p.q.dim() == 2 for p in parts):
+        return None
+    fused = Fp8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+    rows, views = 0, []
+    for p in parts:
+        n = p.q.shape[0]
+        views.append(Fp8Weight(fused.q[rows:rows + n], fused.scale[rows:rows + n]))
+        rows += n
+    w.q_proj, w.k_proj = views[0], views[1]
+    if w.v_proj is not None:
+        w.v_proj = views[2]
+    w.qkv = fused
+    return fused
+
+
+class QkvOpsMixin:
+    """The attention inputs in two launches where they fit (bf16 CUDA activations, head_dim 256/512): one FP8
+    GEMM for q, k and v together (:func:`fuse_qkv`) and the fused norms + RoPE kernel (``qkv_prep``)."""
+
+    def project_qkv(self, h, w, head_dim, cos, sin, eps):
+        if not (h.is_cuda and h.dtype == torch.bfloat16 and head_dim in (256, 512) and cos.dtype == torch.bfloat16
+                and w.q_norm.dtype == torch.bfloat16):
+            return super().project_qkv(h, w, head_dim, cos, sin, eps)
+        fused = fuse_qkv(w)
+        if fused is not None:
+            proj = linear_fp8(h, fused)
+            nq, nk = w.q_proj.shape[0], w.k_proj.shape[0]
+            q_proj, k_proj = proj[..., :nq], proj[..., nq:nq + nk]
+            v_proj = None if w.v_proj is None else proj[..., nq + nk:]
+        else:
+            q_proj, k_proj = self.linear(h, w.q_proj), self.linear(h, w.k_proj)
+            v_proj = None if w.v_proj is None else self.linear(h, w.v_proj)
+        q, k, v = cuda_attention.qkv_prep(q_proj, k_proj, v_proj, w.q_norm, w.k_norm, cos, sin, eps)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 class VocabHeadOpsMixin:
@@ -67,7 +116,7 @@ class VocabHeadOpsMixin:
         return _ext.require_cuda().vocab_head_unsupported(1, cfg.canvas_length, cfg.vocab_size, cfg.hidden_size) == ""
 
 
-class CudaOps(VocabHeadOpsMixin, AttentionOpsMixin, Fp8MoeOpsMixin, ReferenceOps):
+class CudaOps(VocabHeadOpsMixin, QkvOpsMixin, AttentionOpsMixin, Fp8MoeOpsMixin, ReferenceOps):
     """Reference ops with the CUDA kernels swapped in where their inputs fit (mixins first)."""
 
     name = "cuda"

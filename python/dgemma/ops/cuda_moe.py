@@ -29,7 +29,10 @@ def _device_index(device: torch.device) -> int:
 
 def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     """A cached uint8 scratch buffer of at least ``nbytes`` on ``device``, reused by every call on the
-    current stream (grown, never shrunk; capture a CUDA graph only after a warm-up call has sized it)."""
+    current stream (grown, never shrunk). While a CUDA graph is being captured it is a new buffer from the
+    graph's own memory pool instead: a cached buffer could later be replaced (freed) under a graph."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
     key = (device, torch.cuda.current_stream(device).cuda_stream)
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < nbytes:

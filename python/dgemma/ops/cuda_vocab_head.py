@@ -29,7 +29,8 @@ def _bf16_scale(scale: float) -> float:
     return float(torch.tensor(scale, dtype=torch.float32).to(torch.bfloat16))
 
 
-def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | torch.Tensor, seed: int, step: int,
+def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | torch.Tensor, seed: int | torch.Tensor,
+                    step: int | None,
                     canvas: torch.Tensor, prev_argmax: torch.Tensor | None, entropy_bound: float, *,
                     confidence_threshold: float = 0.005, finished: torch.Tensor | None = None,
                     softcap: float = 30.0, soft_scale: float | None = None, self_conditioning: bool = True,
@@ -39,10 +40,12 @@ def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | t
     Args:
         h: final-normed decoder hidden states, bf16 CUDA ``[B, C, H]`` (H a multiple of 64, C <= 1024).
         embed: the tied embedding table E, bf16 ``[V, H]`` on h's device.
-        temperature: t of this step (a float, or a one-element tensor, read once on the host); the
+        temperature: t of this step: a float, or a one-element fp32 CUDA tensor on h's device that the
+            kernels read (never the host: for CUDA-graph replay; it must hold a positive finite value); the
             processed logits are ``z = softcap·tanh((h·Eᵀ)/softcap) / t``.
         seed, step: key and step counter of the Philox stream; ``step`` must differ between calls that
-            share a seed (count every denoising step of the generation, across blocks).
+            share a seed (count every denoising step of the generation, across blocks). ``seed`` may instead
+            be an int64 CUDA tensor ``[2]`` holding (seed bits, step), read by the kernels, with ``step`` None.
         canvas: the current canvas, int64 ``[B, C]``; rows of ``finished`` sequences keep it.
         prev_argmax: the previous step's argmax canvas, int64 ``[B, C]``, or None on a block's first step
             (then no sequence is stable).
@@ -64,11 +67,21 @@ def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | t
         raise ValueError(f"hidden has shape {list(h.shape)}, expected [batch, canvas, hidden]")
     b, c, hidden = h.shape
     device = h.device
+    device_seed_step = device_temperature = None
+    if isinstance(seed, torch.Tensor):
+        if step is not None:
+            raise ValueError("step must be None when seed is a (seed, step) tensor")
+        device_seed_step, seed, step = seed, 0, 0
+    elif step is None:
+        raise ValueError("step is required when seed is an int")
     seed_key(seed)
     if not 0 <= step < 2**32:
         raise ValueError(f"step {step} must be in [0, 2**32)")
     if isinstance(temperature, torch.Tensor):
-        temperature = float(temperature)
+        if temperature.is_cuda:
+            device_temperature, temperature = temperature.reshape(1), 1.0
+        else:
+            temperature = float(temperature)
     if prev_argmax is None:
         prev_argmax = torch.full((b, c), -1, dtype=torch.int64, device=device)
     f32 = dict(dtype=torch.float32, device=device)
@@ -91,7 +104,7 @@ def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | t
                         out.accepted, out.next_canvas, out.mean_entropy, out.stable, out.finished, out.soft,
                         workspace, float(temperature), float(softcap), float(entropy_bound),
                         float(confidence_threshold), scale, int(seed), int(step),
-                        torch.cuda.current_stream(device).cuda_stream)
+                        torch.cuda.current_stream(device).cuda_stream, device_seed_step, device_temperature)
     if finished is not None:
         out.next_canvas = torch.where(finished[:, None], canvas, out.next_canvas)
         out.argmax = torch.where(finished[:, None], prev_argmax, out.argmax)

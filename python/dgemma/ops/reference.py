@@ -47,6 +47,20 @@ class ReferenceOps:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
+    def project_qkv(self, h: torch.Tensor, w, head_dim: int, cos: torch.Tensor, sin: torch.Tensor, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention inputs of ``h`` [B, T, H] for :class:`~dgemma.weights.AttentionWeights` ``w``:
+        q = rope(rms_norm(h·Wqᵀ, q_norm)), k = rope(rms_norm(h·Wkᵀ, k_norm)), v = rms_norm(h·Wvᵀ) (weightless;
+        V = K's projection where ``w.v_proj`` is None). Returns q [B, Hq, T, D], k and v [B, Hkv, T, D]."""
+        b, t, _ = h.shape
+        q = self.linear(h, w.q_proj).view(b, t, -1, head_dim)
+        q = self.rope(self.rms_norm(q, w.q_norm, eps), cos, sin)
+        k_raw = self.linear(h, w.k_proj).view(b, t, -1, head_dim)
+        v_raw = k_raw if w.v_proj is None else self.linear(h, w.v_proj).view(b, t, -1, head_dim)
+        k = self.rope(self.rms_norm(k_raw, w.k_norm, eps), cos, sin)
+        v = self.rms_norm(v_raw, None, eps)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
     def embed(self, ids: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
         """table[ids] * scale, with the scale rounded to the table dtype (sqrt(2816) is 53.0 in bf16)."""
         return F.embedding(ids, table) * torch.tensor(scale, dtype=torch.float32).to(table.dtype)
@@ -172,11 +186,19 @@ class ReferenceOps:
             mask = mask & valid[:, kpos][:, None, :]
         return self.attention(q, keys, values, mask)
 
-    def decoder_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int) -> torch.Tensor:
+    def decoder_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int,
+                          prefix=None) -> torch.Tensor:
         """Bidirectional attention of the canvas over ``[cached prefix ; canvas]`` (padding excluded).
 
         q [B, Hq, C, D]; k, v [B, Hkv, C, D]: the canvas's own K/V. Returns [B, C, Hq, D].
+        With a :class:`~dgemma.cache.PrefixView` each row reads its own length from the device and the keys
+        are the cache's slots up to the bound, masked (see :meth:`_prefix_keys`).
         """
+        if prefix is not None:
+            keys, values, visible = self._prefix_keys(cache, layer, prefix)
+            canvas_valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+            mask = torch.cat((visible, canvas_valid), dim=1)[:, None, :].expand(-1, q.shape[2], -1)
+            return self.attention(q, torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2), mask)
         b, c = q.shape[0], q.shape[2]
         past_k, past_v, past_pos = cache.read(layer)
         keys, values = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
@@ -185,3 +207,25 @@ class ReferenceOps:
             canvas_valid = torch.ones(b, c, dtype=torch.bool, device=q.device)
             mask = torch.cat((cache.valid[:, past_pos], canvas_valid), dim=1)[:, None, :].expand(b, c, -1)
         return self.attention(q, keys, values, mask)
+
+    @staticmethod
+    def _prefix_keys(cache, layer: int, prefix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, visible [B, S]) of ``layer`` for per-row lengths on the device, with no host read:
+        a full layer's slots ``0 .. bound-1`` (slot = position), a sliding layer's whole ring (slot s holds
+        the latest position p < length with p % ring == s); visible: p < length, within the window, real."""
+        spec = cache.config.layers[layer]
+        lengths = prefix.lengths.long()[:, None]
+        if spec.is_sliding:
+            ring = cache.ring_size(layer)
+            slots = torch.arange(ring, device=cache.device)
+            pos = lengths - 1 - torch.remainder(lengths - 1 - slots, ring)
+            visible = (pos >= 0) & (pos > lengths - spec.window)
+            keys, values = cache.keys[layer], cache.values[layer]
+        else:
+            n = min(prefix.bound, cache.capacity)
+            pos = torch.arange(n, device=cache.device)[None].expand(lengths.shape[0], n)
+            visible = pos < lengths
+            keys, values = cache.keys[layer][:, :, :n], cache.values[layer][:, :, :n]
+        if cache.has_padding:
+            visible = visible & torch.gather(cache.valid, 1, pos.clamp(min=0))
+        return keys, values, visible

@@ -1,0 +1,98 @@
+"""CUDA graphs of the denoising step (dgemma.steps) on the GPU: the fused head reading its step scalars from
+device memory, the decoder over device-resident prefix lengths, and generate with and without graphs giving
+the same tokens while launching the step as one graph replay with no host synchronisation inside it."""
+
+import pytest
+import torch
+
+from dgemma.random_checkpoint import random_engine
+
+pytestmark = pytest.mark.gpu
+
+
+def _engine():
+    return random_engine("small", dtype=torch.bfloat16, device="cuda", backend="cuda", quantization="fp8")
+
+
+def test_vocab_head_reads_its_step_scalars_from_the_device_bit_exactly():
+    from dgemma.ops.cuda_vocab_head import vocab_head_step
+
+    gen = torch.Generator().manual_seed(0)
+    b, c, v, hidden = 2, 37, 1000, 128
+    h = torch.randn(b, c, hidden, generator=gen).to(torch.bfloat16).cuda()
+    embed = (torch.randn(v, hidden, generator=gen) * (3.0 / hidden**0.5)).to(torch.bfloat16).cuda()
+    canvas = torch.randint(0, v, (b, c), device="cuda")
+    seed, step, t = 2**61 + 12345, 7, 0.6333333
+    host = vocab_head_step(h, embed, t, seed, step, canvas, None, 0.5)
+    t_dev = torch.tensor([t], dtype=torch.float32, device="cuda")
+    scalars = torch.tensor([seed, step], dtype=torch.int64, device="cuda")
+    dev = vocab_head_step(h, embed, t_dev, scalars, None, canvas, None, 0.5)
+    for name in ("argmax", "sample", "next_canvas", "accepted", "entropy", "max_logit", "lse", "mean_entropy",
+                 "soft"):
+        assert torch.equal(getattr(host, name), getattr(dev, name)), name
+    with pytest.raises(ValueError, match="device_seed_step has dtype int32, expected int64"):
+        vocab_head_step(h, embed, t_dev, scalars.int(), None, canvas, None, 0.5)
+    with pytest.raises(ValueError, match="step must be None"):
+        vocab_head_step(h, embed, t_dev, scalars, 3, canvas, None, 0.5)
+
+
+@pytest.mark.parametrize("prompt", [100, 1500])
+def test_prefix_view_decoder_matches_the_host_length_decoder(prompt):
+    eng = _engine()
+    ids = torch.randint(3, eng.config.vocab_size, (2, prompt), device="cuda")
+    cache = eng.encode(ids)
+    canvas = torch.randint(0, eng.config.vocab_size, (2, 256), device="cuda")
+    plain = eng.model.denoise_hidden(canvas, cache).float()
+    viewed = eng.model.denoise_hidden(canvas, cache, None, cache.prefix_view()).float()
+    assert float((viewed - plain).norm() / plain.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_with_graphs_gives_the_tokens_without(batch):
+    eng = _engine()
+    ids = torch.randint(3, eng.config.vocab_size, (batch, 300), device="cuda")
+    kw = dict(max_new_tokens=768, max_denoising_steps=6, eos_token_id=[], pad_token_id=0,
+              confidence_threshold=1e-30)
+    eager_events, graph_events = [], []
+    eager = eng.generate(ids, seed=5, stream=eager_events.append, **kw)
+    eng.cuda_graphs = True
+    cache = eng.new_cache(batch, 300 + 768)
+    graphed = eng.generate(ids, seed=5, cache=cache, stream=graph_events.append, **kw)
+    stepper = cache._graph_stepper
+    assert stepper.failed is None, stepper.failed
+    assert stepper.captures == 2 and stepper.replays == 3 * 6 - 2
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert len(graph_events) == len(eager_events)
+    for a, b in zip(graph_events, eager_events):
+        assert torch.equal(a.tokens, b.tokens), (a.kind, a.block, a.step)
+    # The same cache again (a chat turn): replays only, still identical to eager.
+    again = eng.generate(graphed.new_tokens[:, :256], seed=6, cache=cache, max_new_tokens=256,
+                         max_denoising_steps=6, eos_token_id=[], confidence_threshold=1e-30)
+    assert stepper.captures == 2
+    eng.cuda_graphs = False
+    eager_cache = eng.new_cache(batch, 300 + 768)
+    eng.generate(ids, seed=5, cache=eager_cache, **kw)
+    ref = eng.generate(graphed.new_tokens[:, :256], seed=6, cache=eager_cache, max_new_tokens=256,
+                       max_denoising_steps=6, eos_token_id=[], confidence_threshold=1e-30)
+    assert torch.equal(again.sequences, ref.sequences)
+
+
+def test_a_replayed_step_does_not_synchronise_with_the_host():
+    """Inside a replay nothing waits for the GPU: torch's sync debug mode raises on any synchronising call."""
+    eng = _engine()
+    eng.cuda_graphs = True
+    ids = torch.randint(3, eng.config.vocab_size, (1, 200), device="cuda")
+    cache = eng.new_cache(1, 200 + 512)
+    eng.generate(ids, seed=1, cache=cache, max_new_tokens=256, max_denoising_steps=4, eos_token_id=[])
+    stepper = cache._graph_stepper
+    replays = stepper.replays
+    canvas = torch.randint(0, eng.config.vocab_size, (1, 256), device="cuda")
+    soft = torch.zeros(1, 256, eng.config.hidden_size, dtype=torch.bfloat16, device="cuda")
+    done = torch.zeros(1, dtype=torch.bool, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stepper(canvas, soft, 3, done)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stepper.replays == replays + 1

@@ -1,0 +1,310 @@
+"""The denoising step as generate runs it (dgemma.steps): the decoder over a prefix read from the device,
+per-row prefix lengths, the step's independence from host values within a prefix bucket (what a CUDA graph
+needs), and the graph stepper's bookkeeping, driven on the CPU by a stand-in graph that re-runs the step and
+checks that it launches exactly what it captured."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dgemma.cache import MIN_PREFIX_BUCKET, PrefixView, prefix_bucket
+from dgemma.ops.reference import ReferenceOps
+from dgemma.random_checkpoint import random_engine
+from dgemma.sampler import GenerationSettings, PhiloxHeadSampler
+from dgemma.steps import CudaGraphStepper, FusedHeadStepper, make_stepper
+
+
+class CapturableOps(ReferenceOps):
+    """The reference ops with the experts computed without reading the routing on the host (every token's
+    k experts gathered), as the CUDA MoE kernel does: the reference MoE groups tokens by expert with
+    host-side counts, which no graph could replay."""
+
+    def moe(self, x, ids, weights, gate_up, down):
+        out = torch.zeros_like(x)
+        for slot in range(ids.shape[1]):
+            gate, up = torch.bmm(gate_up[ids[:, slot]], x[:, :, None])[..., 0].chunk(2, dim=-1)
+            y = torch.bmm(down[ids[:, slot]], (torch.nn.functional.gelu(gate, approximate="tanh") * up)[:, :, None])
+            out = out + y[..., 0] * weights[:, slot, None].to(x.dtype)
+        return out
+
+
+class FusedReferenceOps(CapturableOps):
+    def fused_vocab_head(self, engine, settings):
+        return True
+
+
+def engine(fused=False, seed=5, capturable=False):
+    eng = random_engine("tiny", seed=seed, canvas_length=32)
+    if fused:
+        eng.model.ops = FusedReferenceOps()
+    elif capturable:
+        eng.model.ops = CapturableOps()
+    return eng
+
+
+def ids(b, t, seed=0):
+    return torch.randint(3, 512, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# -- buckets ------------------------------------------------------------------------------------------
+
+
+def test_prefix_buckets_cover_each_length_and_overshoot_at_most_a_quarter():
+    capacity = 200_000
+    prev = 0
+    for length in list(range(0, 5000)) + list(range(5000, 140_000, 997)):
+        bound = prefix_bucket(length, capacity)
+        assert bound >= length and bound >= prev  # covers, monotone
+        if length > 4 * MIN_PREFIX_BUCKET:
+            assert bound <= 1.25 * length, (length, bound)
+        prev = bound
+    assert prefix_bucket(0, capacity) == prefix_bucket(1024, capacity) == 1024
+    assert prefix_bucket(1025, capacity) == 2048 and prefix_bucket(4097, capacity) == 5120
+    assert prefix_bucket(9000, capacity) == 10240
+    assert prefix_bucket(5000, 4500) == 4500  # never past the cache
+    # Few buckets: every length up to 128K falls into one of ~50.
+    assert len({prefix_bucket(n, capacity) for n in range(0, 131_072, 64)}) < 50
+
+
+# -- the decoder over a PrefixView --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt,rollback,pad", [(20, 0, 0), (70, 0, 0), (70, 9, 0), (70, 0, 5)])
+def test_prefix_view_decoder_equals_the_host_length_decoder(prompt, rollback, pad):
+    """Sliding rings that wrap (prompt 70 > window 32), spare ring slots, left padding; fp32."""
+    eng = engine()
+    x = ids(2, prompt)
+    mask = None
+    if pad:
+        mask = torch.ones_like(x, dtype=torch.bool)
+        mask[1, :pad] = False
+    cache = eng.new_cache(2, prompt + 32, rollback=rollback)
+    eng.encode(x, cache=cache, attention_mask=mask)
+    canvas = ids(2, 32, seed=1)
+    soft = torch.randn(2, 32, eng.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    for s in (None, soft):
+        plain = eng.model.denoise_hidden(canvas, cache, s)
+        view = cache.prefix_view()
+        assert view.bound == prefix_bucket(prompt, cache.capacity) and view.lengths.tolist() == [prompt, prompt]
+        viewed = eng.model.denoise_hidden(canvas, cache, s, view)
+        assert rel(viewed, plain) < 1e-5
+
+
+def test_rows_of_one_cache_can_have_different_prefix_lengths():
+    """Row 1 reads only its first 61 of 70 cached tokens: the same hidden states as a cache that holds just
+    those 61 (the ring keeps the positions a shorter row still sees thanks to its spare slots)."""
+    eng = engine()
+    x = ids(2, 70)
+    cache = eng.new_cache(2, 102, rollback=9)
+    eng.encode(x, cache=cache)
+    canvas = ids(2, 32, seed=1)
+    view = PrefixView(torch.tensor([70, 61], dtype=torch.int32), prefix_bucket(70, cache.capacity))
+    both = eng.model.denoise_hidden(canvas, cache, None, view)
+    for row, length in ((0, 70), (1, 61)):
+        alone = eng.new_cache(1, 102)
+        eng.encode(x[row:row + 1, :length], cache=alone)
+        ref = eng.model.denoise_hidden(canvas[row:row + 1], alone, None)
+        assert rel(both[row:row + 1], ref) < 1e-5, row
+
+
+# -- nothing in a step depends on a host value that changes within a bucket ----------------------------
+
+
+class OpTrace(TorchDispatchMode):
+    """Every aten op run, with its non-tensor arguments: what a CUDA graph would bake into its launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+
+        def scalars(x):
+            if isinstance(x, torch.Tensor):
+                return ("tensor", x.dtype, tuple(x.shape))
+            if isinstance(x, (list, tuple)):
+                return tuple(scalars(y) for y in x)
+            return x
+
+        self.ops.append((str(func), scalars(args), tuple(sorted((k, scalars(v)) for k, v in kwargs.items()))))
+        return func(*args, **kwargs)
+
+
+def trace(fn):
+    with OpTrace() as t:
+        out = fn()
+    return t.ops, out
+
+
+def test_the_decoder_pass_of_one_bucket_launches_the_same_ops_whatever_the_length():
+    """Two prefix lengths of one bucket, with and without self-conditioning: the same ops with the same
+    non-tensor arguments, and no host read (a graph captured at one length replays correctly at the other)."""
+    eng = engine(capturable=True)
+    canvas = ids(1, 32, seed=1)
+    traces = {}
+    for prompt in (40, 75):
+        cache = eng.new_cache(1, 200, rollback=32)
+        eng.encode(ids(1, prompt), cache=cache)
+        view = cache.prefix_view()
+        soft = torch.randn(1, 32, eng.config.hidden_size)
+        for first in (True, False):
+            ops, _ = trace(lambda: eng.model.denoise_hidden(canvas, cache, None if first else soft, view))
+            traces[prompt, first] = ops
+    for first in (True, False):
+        assert traces[40, first] == traces[75, first]
+        assert not any(name in op[0] for op in traces[40, first] for name in ("_local_scalar_dense", "nonzero", "bincount"))
+    # Without the view the positions and the slices follow the host length: a graph could not be reused.
+    cache_a, cache_b = eng.new_cache(1, 200), eng.new_cache(1, 200)
+    eng.encode(ids(1, 40), cache=cache_a)
+    eng.encode(ids(1, 75), cache=cache_b)
+    assert trace(lambda: eng.model.denoise_hidden(canvas, cache_a))[0] != \
+        trace(lambda: eng.model.denoise_hidden(canvas, cache_b))[0]
+
+
+# -- the graph stepper, with a stand-in for CUDA graphs --------------------------------------------------
+
+
+class ReplayCheckingGraph:
+    """Stands in for a CUDA graph on the CPU: replay() re-runs the captured step, requires it to run exactly
+    the ops and non-tensor arguments it ran at capture (what a real graph would launch), and writes the
+    results into the outputs returned at capture (a graph's outputs keep their addresses)."""
+
+    def __init__(self, fn, ops, out):
+        self.fn, self.ops, self.out = fn, ops, out
+        self.replays = 0
+
+    def replay(self):
+        ops, new = trace(self.fn)
+        assert ops == self.ops, "the step launched something other than what was captured"
+        for name in ("argmax", "next_canvas", "mean_entropy", "soft"):
+            getattr(self.out, name).copy_(getattr(new, name))
+        self.replays += 1
+
+
+class ReplayCheckingFactory:
+    def __init__(self):
+        self.graphs = []
+
+    def capture(self, fn, device):
+        ops, out = trace(fn)
+        g = ReplayCheckingGraph(fn, ops, out)
+        self.graphs.append(g)
+        return g, out
+
+
+def graphed(eng, factory):
+    """generate() on ``eng`` with CUDA-graph steppers made with ``factory`` (the eligibility check, which
+    needs a GPU and FP8 experts, is what this skips)."""
+    eng.cuda_graphs = True
+    original = make_stepper
+
+    def stepper(engine, cache, sampler):
+        if not isinstance(sampler, PhiloxHeadSampler):
+            return original(engine, cache, sampler)
+        s = getattr(cache, "_graph_stepper", None)
+        if s is None:
+            s = cache._graph_stepper = CudaGraphStepper(engine.model, cache, sampler, graph_factory=factory)
+        s.bind(sampler)
+        return s
+    return stepper
+
+
+def test_graph_stepper_gives_the_eager_tokens_and_replays_one_graph_per_bucket(monkeypatch):
+    import dgemma.generation as generation
+
+    eng = engine(fused=True)
+    x = ids(2, 20)
+    kw = dict(max_new_tokens=96, max_denoising_steps=5, eos_token_id=[], pad_token_id=0, stability_threshold=1,
+              confidence_threshold=1e-30)
+    eager_events = []
+    eager = eng.generate(x, seed=11, stream=eager_events.append, **kw)
+    factory = ReplayCheckingFactory()
+    monkeypatch.setattr(generation, "make_stepper", graphed(eng, factory))
+    cache = eng.new_cache(2, 20 + 96)
+    events = []
+    res = eng.generate(x, seed=11, cache=cache, stream=events.append, **kw)
+    assert torch.equal(res.sequences, eager.sequences)
+    assert [(e.kind, e.step) for e in events] == [(e.kind, e.step) for e in eager_events]
+    for a, b in zip(events, eager_events):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.finished, b.finished)
+    stepper = cache._graph_stepper
+    # Three blocks of 5 steps in one bucket: the first and the later steps captured once each, replayed after.
+    assert stepper.captures == 2 and stepper.failed is None
+    assert stepper.replays == 3 * 5 - 2 == sum(g.replays for g in factory.graphs)
+
+
+def test_graph_stepper_reuses_its_graphs_for_the_next_generation_on_the_same_cache(monkeypatch):
+    import dgemma.generation as generation
+
+    eng = engine(fused=True)
+    x = ids(1, 30)
+    kw = dict(max_new_tokens=32, max_denoising_steps=4, eos_token_id=[], pad_token_id=0, confidence_threshold=1e-30)
+    cache_eager = eng.new_cache(1, 30 + 64)
+    first_eager = eng.generate(x, seed=1, cache=cache_eager, **kw)
+    second_eager = eng.generate(first_eager.new_tokens, seed=2, cache=cache_eager, **kw)
+    factory = ReplayCheckingFactory()
+    monkeypatch.setattr(generation, "make_stepper", graphed(eng, factory))
+    cache = eng.new_cache(1, 30 + 64)
+    first = eng.generate(x, seed=1, cache=cache, **kw)
+    second = eng.generate(first.new_tokens, seed=2, cache=cache, **kw)
+    assert torch.equal(first.sequences, first_eager.sequences)
+    assert torch.equal(second.sequences, second_eager.sequences)
+    assert cache._graph_stepper.captures == 2 and len(factory.graphs) == 2  # same bucket: no new capture
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(caplog):
+    eng = engine(fused=True)
+
+    class Failing:
+        recovered = 0
+
+        def capture(self, fn, device):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        def recover(self, device):
+            Failing.recovered += 1
+
+    cache = eng.new_cache(1, 64)
+    eng.encode(ids(1, 20), cache=cache)
+    settings = GenerationSettings(max_denoising_steps=3)
+    sampler = PhiloxHeadSampler(eng.model, settings, torch.Generator().manual_seed(0), eng.device)
+    stepper = CudaGraphStepper(eng.model, cache, sampler, graph_factory=Failing())
+    eager = FusedHeadStepper(eng.model, cache,
+                             PhiloxHeadSampler(eng.model, settings, torch.Generator().manual_seed(0), eng.device))
+    canvas = ids(1, 32, seed=3)
+    done = torch.zeros(1, dtype=torch.bool)
+    with caplog.at_level("WARNING", logger="dgemma"):
+        a = stepper(canvas, None, 3, done)
+        b = stepper(a.next_canvas, a.soft, 2, done)
+    assert "CUDA graph capture failed" in caplog.text and stepper.failed and Failing.recovered == 1
+    ea = eager(canvas, None, 3, done)
+    eb = eager(ea.next_canvas, ea.soft, 2, done)
+    assert torch.equal(a.argmax, ea.argmax) and torch.equal(b.argmax, eb.argmax)
+    assert torch.equal(b.next_canvas, eb.next_canvas)
+
+
+def test_cuda_graphs_are_refused_with_the_reason_where_a_step_cannot_be_captured(caplog):
+    eng = engine(fused=True)
+    eng.cuda_graphs = True
+    with caplog.at_level("WARNING", logger="dgemma"):
+        res = eng.generate(ids(1, 10), seed=0, max_new_tokens=32, max_denoising_steps=2)
+    assert res.sequences.shape == (1, 42)
+    assert "CUDA graphs are off for this engine: not on a CUDA device" in caplog.text
+    assert eng.cuda_graphs is False
+
+
+def test_load_takes_cuda_graphs(tmp_path):
+    import dgemma
+    from dgemma.errors import DgemmaError
+    from dgemma.random_checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "m", "tiny", canvas_length=32)
+    assert dgemma.load(path).cuda_graphs is False
+    assert dgemma.load(path, cuda_graphs=True).cuda_graphs is True
+    with pytest.raises(DgemmaError, match="cuda_graphs must be True or False, got 'yes'"):
+        dgemma.load(path, cuda_graphs="yes")
