@@ -202,3 +202,19 @@ def test_incomplete_or_absent_vision_tower(tmp_path, caplog):
     pixels, positions, counts = image_patches([(3, 3)])
     with pytest.raises(DgemmaError, match="this model has no vision tower"):
         eng.encode(prompt_with_images(counts)[0], pixel_values=pixels, image_position_ids=positions)
+
+
+def test_random_checkpoint_with_a_vision_tower_is_a_transformers_checkpoint(tmp_path):
+    """dgemma's own writer (used by ``dgemma demo``): transformers loads its vision tower and computes the same
+    soft tokens, so the demo's multimodal path is the model's."""
+    from dgemma.random_checkpoint import TINY_VISION, write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "v", "tiny", canvas_length=16, vision=TINY_VISION,
+                                   image_token_ids=(20, 21, 22))
+    hf, eng = load_hf(path, torch.float32), dgemma.load(path, dtype=torch.float32)
+    pixels, positions, counts = image_patches([(6, 3), (3, 9)])
+    ref = hf.model.encoder.get_image_features(pixels, positions).pooler_output
+    ours = eng.model.image_features(pixels, positions)
+    assert ours.shape == ref.shape == (sum(counts), eng.config.hidden_size)
+    assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
+    assert (eng.config.boi_token_id, eng.config.image_token_id, eng.config.eoi_token_id) == (20, 21, 22)

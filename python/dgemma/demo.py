@@ -22,6 +22,8 @@ CONTROL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|t
 VISION_TOKENS = ["<|image>", "<|image|>", "<image|>", "<|video|>"]
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 TURN_END_ID = CONTROL_TOKENS.index("<turn|>")
+# begin-of-image, image placeholder, end-of-image: the ids the demo's config names for its vision tower.
+IMAGE_TOKEN_IDS = tuple(len(CONTROL_TOKENS) + VISION_TOKENS.index(t) for t in ("<|image>", "<|image|>", "<image|>"))
 
 # The files write_demo_checkpoint writes; a directory holding only these may be overwritten.
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -117,15 +119,17 @@ def write_demo_checkpoint(path: str | os.PathLike, *, seed: int = 0, canvas_leng
     """Write the tiny demo checkpoint into ``path`` (created if needed) and return the path.
 
     The generation defaults (``max_new_tokens``, ``max_denoising_steps``) are kept small so that a
-    reply takes about a second on a CPU; EOS is ``<eos>`` or ``<turn|>``, as on the released model."""
-    from .random_checkpoint import write_random_checkpoint
+    reply takes about a second on a CPU; EOS is ``<eos>`` or ``<turn|>``, as on the released model. It has a
+    tiny vision tower, so chat messages may hold images."""
+    from .random_checkpoint import TINY_VISION, write_random_checkpoint
 
     tok = build_tokenizer()
     vocab = tok.get_vocab_size()
     for i, t in enumerate(CONTROL_TOKENS + VISION_TOKENS):
         assert tok.token_to_id(t) == i, t
     path = write_random_checkpoint(path, "tiny", seed=seed, canvas_length=canvas_length, vocab_size=vocab,
-                                   pad_token_id=PAD_ID, eos_token_id=[EOS_ID, TURN_END_ID], bos_token_id=BOS_ID)
+                                   pad_token_id=PAD_ID, eos_token_id=[EOS_ID, TURN_END_ID], bos_token_id=BOS_ID,
+                                   vision=TINY_VISION, image_token_ids=IMAGE_TOKEN_IDS)
     _prefer_words(path, tok)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)

@@ -10,7 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .weights import expected_shapes
+from .weights import expected_shapes, vision_shapes
+
+# A tiny vision tower (Gemma 4's layout: 16-px patches, 3x3 pooling, 2-D rotary positions).
+TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=8, patch_size=16, pooling_kernel_size=3,
+                   position_embedding_size=1024, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6)
 
 PRESETS = {
     # Small enough to encode and denoise on a laptop CPU in well under a second.
@@ -63,10 +68,10 @@ def random_tensors(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torc
 
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
-    shapes = expected_shapes(cfg)
+    shapes = {**expected_shapes(cfg), **vision_shapes(cfg)}  # the vision tower where the config has one
     out = {}
     for key, shape in tqdm(shapes.items(), desc="random weights", unit="tensor", disable=not progress):
-        if len(shape) == 1:
+        if len(shape) <= 1:
             t = torch.rand(shape, generator=g, device=device, dtype=torch.float32).mul_(0.8).add_(0.6).to(dtype)
         else:
             t = torch.randn(shape, generator=g, device=device, dtype=dtype).mul_(1.0 / math.sqrt(shape[-1]))
@@ -98,12 +103,19 @@ def random_engine(preset: str = "tiny", *, seed: int = 0, dtype: torch.dtype = t
 
 def write_random_checkpoint(path: str | os.PathLike, preset: str = "tiny", *, seed: int = 0,
                             dtype: torch.dtype = torch.float32, shards: int = 1, canvas_length: int = 256,
+                            vision: dict | None = None, image_token_ids: tuple[int, int, int] | None = None,
                             **overrides) -> str:
     """Write ``config.json``, ``generation_config.json`` and random safetensors weights (``shards`` > 1:
-    sharded with an index); ``overrides`` replace text_config fields of the preset (e.g. ``vocab_size``)."""
+    sharded with an index); ``overrides`` replace text_config fields of the preset (e.g. ``vocab_size``).
+    ``vision`` (e.g. :data:`TINY_VISION`) adds a vision tower with that config, random too, and
+    ``image_token_ids`` its (begin-of-image, image placeholder, end-of-image) token ids."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     raw = preset_config(preset, canvas_length=canvas_length, **overrides)
+    if vision is not None:
+        raw["vision_config"] = dict(vision, model_type="gemma4_vision")
+        if image_token_ids is not None:
+            raw["boi_token_id"], raw["image_token_id"], raw["eoi_token_id"] = image_token_ids
     cfg = ModelConfig.from_dict(raw)
     tensors = random_tensors(cfg, seed=seed, dtype=dtype)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
