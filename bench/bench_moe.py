@@ -72,6 +72,25 @@ def moe_layer_bf16_grouped(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x).index_add_(0, order // K, y)
 
 
+def router_cases(layer: Layer, token_counts, iters: int) -> list[dict]:
+    """The router alone (its tile from DGEMMA_ROUTE_TILE, one per process: sweep by running this again), its
+    roofline the proj and token bytes, and its agreement with the reference router."""
+    tile = os.environ.get("DGEMMA_ROUTE_TILE", "default")
+    results = []
+    for n in token_counts:
+        g = torch.Generator(device="cuda").manual_seed(n)
+        x = torch.randn(n, H, device="cuda", generator=g).to(BF16)
+        weights, ids = cuda_moe.route(x, layer.router_scale, layer.proj, layer.expert_scale, K, 1e-6)
+        _, ref_ids = ReferenceOps().route(x, layer.router_scale, layer.proj, layer.expert_scale, K, 1e-6)
+        same = float((ids.long().sort(-1).values == ref_ids.sort(-1).values).all(-1).float().mean())
+        ms = median(time_cuda(lambda: cuda_moe.route(x, layer.router_scale, layer.proj, layer.expert_scale, K,
+                                                      1e-6), iters=iters))
+        roof = roofline_ms(E * H * 2 + n * H * 2 + n * K * 8, 2 * n * E * H)
+        results.append(dict(name=f"router_t{n}_tile_{tile}", median_ms=ms, roofline_ms=roof, tokens=n,
+                            route_tile=tile, rows_with_reference_experts=same, fraction_of_roofline=roof / ms))
+    return results
+
+
 def moe_cases(layer: Layer, token_counts, iters: int) -> list[dict]:
     results = []
     expert_bytes = 2 * I * H + H * I + 4 * (2 * I + H)  # FP8 weights + fp32 scales of one expert
@@ -141,12 +160,18 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=30, help="timed calls per case (median reported; >= 20)")
     p.add_argument("--tokens", default="256,1024", help="MoE token counts, comma-separated")
     p.add_argument("--rows", default="256,1024", help="dense GEMM row counts, comma-separated")
+    p.add_argument("--router-only", action="store_true", help="time only the router (for DGEMMA_ROUTE_TILE sweeps)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_moe: no CUDA device; nothing to measure")
         return 1
     layer = Layer()
-    results = moe_cases(layer, [int(t) for t in args.tokens.split(",")], args.iters)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    results = router_cases(layer, tokens, args.iters)
+    if args.router_only:
+        write_results(args.out, results)
+        return 0
+    results += moe_cases(layer, tokens, args.iters)
     del layer
     torch.cuda.empty_cache()
     results += dense_cases([int(r) for r in args.rows.split(",")], args.iters)

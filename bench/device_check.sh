@@ -4,7 +4,7 @@
 #   quick     (not in the default) the GPU tests of the newest work first: graphs, fused q/k/v, engine
 #   tests     pytest -m gpu tests, one process, nothing deselected
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file
-#   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json
+#   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json
 #   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json
 # The log ($OUT/device_check.log) records the device, driver, torch, commit, every command, its exit
 # status and output tail, and each sanitizer's ERROR SUMMARY line. Each command has its own time limit
@@ -83,6 +83,11 @@ fi
 if want bench; then
   for b in ${BENCHES:-moe attention vocab_head}; do
     TAIL=25 run "${BENCH_S:-60}" $PY "bench/bench_$b.py" --out "$OUT/$b.json"
+  done
+  # The router's compiled tiles, one process each (the tile is read once per process).
+  for tile in ${ROUTE_TILES:-4x8 8x8 2x8 1x8}; do
+    DGEMMA_ROUTE_TILE=$tile TAIL=6 run 60 $PY bench/bench_moe.py --router-only --tokens 256,1024,8192 \
+      --out "$OUT/router_$tile.json"
   done
 fi
 

@@ -371,3 +371,38 @@ def test_linear_fp8_validates_arguments():
         cuda_moe.linear_fp8(torch.randn(3, 96, device="cuda").bfloat16(), w)
     with pytest.raises(ValueError, match="bfloat16"):
         cuda_moe.linear_fp8(torch.randn(3, 128, device="cuda"), w)
+
+
+ROUTE_PROBE = """
+import sys, torch
+from dgemma.ops import cuda_moe
+g = torch.Generator(device="cuda").manual_seed(3)
+n, h, e = 777, 2816, 128
+x = torch.randn(n, h, device="cuda", generator=g).to(torch.bfloat16)
+scale = (1 + 0.1 * torch.randn(h, device="cuda", generator=g)).to(torch.bfloat16)
+proj = (torch.randn(e, h, device="cuda", generator=g) * h ** -0.5).to(torch.bfloat16)
+expert_scale = (1 + 0.1 * torch.randn(e, device="cuda", generator=g)).to(torch.bfloat16)
+w, ids = cuda_moe.route(x, scale, proj, expert_scale, 8, 1e-6)
+torch.save((w.cpu(), ids.cpu()), sys.argv[1])
+"""
+
+
+def test_every_router_tile_routes_identically(tmp_path):
+    """The tiles (DGEMMA_ROUTE_TILE, read once per process) change only the launch shape: the same weights
+    and ids bit for bit, at a token count no tile divides; an unknown tile is refused by name."""
+    import os
+    import subprocess
+    import sys
+
+    outs = {}
+    for tile in ("4x8", "8x8", "2x8", "1x8"):
+        path = tmp_path / f"{tile}.pt"
+        r = subprocess.run([sys.executable, "-c", ROUTE_PROBE, str(path)], capture_output=True, text=True,
+                           env=dict(os.environ, DGEMMA_ROUTE_TILE=tile), timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[tile] = torch.load(path)
+    for tile, (w, ids) in outs.items():
+        assert torch.equal(ids, outs["4x8"][1]) and torch.equal(w, outs["4x8"][0]), tile
+    r = subprocess.run([sys.executable, "-c", ROUTE_PROBE, str(tmp_path / "x.pt")], capture_output=True, text=True,
+                       env=dict(os.environ, DGEMMA_ROUTE_TILE="3x3"), timeout=300)
+    assert r.returncode != 0 and "DGEMMA_ROUTE_TILE=3x3 is not a compiled router tile (4x8, 8x8, 2x8, 1x8)" in r.stderr

@@ -21,22 +21,27 @@
 
 namespace dgemma::kernels {
 
-constexpr int kRouteTokens = 8;  // tokens per block: each proj row read from L2 serves 8 tokens
-constexpr int kRouteWarps = 8;
+// Tile of one block: kTokens tokens (each proj row read from L2 serves them all), kWarps warps splitting
+// the experts. The per-token arithmetic (and so every result) is the same for every tile; the tile only
+// trades L2 reads of proj (one per block) against parallelism. The default, 4 tokens x 8 warps, runs
+// 64 blocks for a 256-token canvas (the first version's 8 x 8 ran 32, at 131 us per layer on an H200);
+// DGEMMA_ROUTE_TILE selects another compiled tile (ops/moe.cu). 16-warp tiles spill (128 registers).
+constexpr int kRouteMaxTokens = 8;
 constexpr int kRouteMaxExperts = 256;
 constexpr int kRouteMaxTopK = 16;
 
 __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
-// Dynamic shared memory: kRouteTokens * hidden bf16 (normalised tokens) + kRouteTokens * experts fp32.
-inline size_t route_smem_bytes(int hidden, int experts) {
-  return static_cast<size_t>(kRouteTokens) * hidden * sizeof(__nv_bfloat16) +
-         static_cast<size_t>(kRouteTokens) * experts * sizeof(float);
+// Dynamic shared memory of a kTokens tile: kTokens * hidden bf16 (normalised tokens) + kTokens * experts fp32.
+inline size_t route_smem_bytes(int hidden, int experts, int tokens_per_block = kRouteMaxTokens) {
+  return static_cast<size_t>(tokens_per_block) * hidden * sizeof(__nv_bfloat16) +
+         static_cast<size_t>(tokens_per_block) * experts * sizeof(float);
 }
 
 // hidden % 8 == 0 (16-byte vectors); experts <= kRouteMaxExperts, a multiple of 32; top_k <= min(experts,
 // kRouteMaxTopK). Outputs: weights [tokens, top_k] fp32, ids [tokens, top_k] int32, by descending probability.
-static __global__ void __launch_bounds__(kRouteWarps * 32)
+template <int kRouteTokens, int kRouteWarps>
+__global__ void __launch_bounds__(kRouteWarps * 32)
     route_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const __nv_bfloat16* __restrict__ scale,
                  const __nv_bfloat16* __restrict__ proj, const __nv_bfloat16* __restrict__ expert_scale,
                  int64_t tokens, int hidden, int experts, int top_k, float eps, float inv_sqrt_hidden,
@@ -162,19 +167,43 @@ static __global__ void __launch_bounds__(kRouteWarps * 32)
   }
 }
 
-inline cudaError_t route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
+struct RouteTile {
+  int tokens, warps;
+};
+
+// The tiles compiled in, by name "<tokens>x<warps>"; the first is the default.
+constexpr RouteTile kRouteTiles[] = {{4, 8}, {8, 8}, {2, 8}, {1, 8}};
+
+template <int T, int W>
+cudaError_t launch_route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
                          const __nv_bfloat16* proj, const __nv_bfloat16* expert_scale, int64_t tokens, int hidden,
                          int experts, int top_k, float eps, float inv_sqrt_hidden, float* weights, int32_t* ids,
                          cudaStream_t stream) {
-  if (tokens == 0) return cudaSuccess;
-  const size_t smem = route_smem_bytes(hidden, experts);
-  cudaError_t err = cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  const size_t smem = route_smem_bytes(hidden, experts, T);
+  cudaError_t err = cudaFuncSetAttribute(route_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const int64_t blocks = (tokens + kRouteTokens - 1) / kRouteTokens;
-  route_kernel<<<static_cast<unsigned>(blocks), kRouteWarps * 32, smem, stream>>>(
+  const int64_t blocks = (tokens + T - 1) / T;
+  route_kernel<T, W><<<static_cast<unsigned>(blocks), W * 32, smem, stream>>>(
       x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids);
   return cudaGetLastError();
+}
+
+// `tile` indexes kRouteTiles (out of range: the default).
+inline cudaError_t route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
+                         const __nv_bfloat16* proj, const __nv_bfloat16* expert_scale, int64_t tokens, int hidden,
+                         int experts, int top_k, float eps, float inv_sqrt_hidden, float* weights, int32_t* ids,
+                         cudaStream_t stream, int tile = 0) {
+  if (tokens == 0) return cudaSuccess;
+#define DGEMMA_ROUTE_ARGS \
+  x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, stream
+  switch (tile) {
+    case 1: return launch_route<8, 8>(DGEMMA_ROUTE_ARGS);
+    case 2: return launch_route<2, 8>(DGEMMA_ROUTE_ARGS);
+    case 3: return launch_route<1, 8>(DGEMMA_ROUTE_ARGS);
+    default: return launch_route<4, 8>(DGEMMA_ROUTE_ARGS);
+  }
+#undef DGEMMA_ROUTE_ARGS
 }
 
 }  // namespace dgemma::kernels

@@ -2,6 +2,7 @@
 //   plan -> gather+quantise -> grouped GEMM gate_up -> gelu·up+quantise -> grouped GEMM down -> combine.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -97,6 +98,23 @@ MoeBuffers moe_buffers(void* base, int64_t tokens, int top_k, int hidden, int in
   return b;
 }
 
+// The router tile: DGEMMA_ROUTE_TILE="<tokens>x<warps>" (one of kernels::kRouteTiles; read once), for sweeps.
+int route_tile() {
+  static const int tile = [] {
+    const char* v = std::getenv("DGEMMA_ROUTE_TILE");
+    if (v == nullptr || *v == '\0') return 0;
+    std::string names;
+    int i = 0;
+    for (const kernels::RouteTile& t : kernels::kRouteTiles) {
+      const std::string name = std::to_string(t.tokens) + "x" + std::to_string(t.warps);
+      if (name == v) return i;
+      names += (i++ ? ", " : "") + name;
+    }
+    ::dgemma::throw_invalid(std::string("DGEMMA_ROUTE_TILE=") + v + " is not a compiled router tile (" + names + ")");
+  }();
+  return tile;
+}
+
 }  // namespace
 
 void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj, const TensorArg& expert_scale,
@@ -139,7 +157,7 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
                                  static_cast<const __nv_bfloat16*>(expert_scale.data), tokens,
                                  static_cast<int>(hidden), static_cast<int>(experts), top_k, static_cast<float>(eps),
                                  inv_sqrt_hidden, static_cast<float*>(weights.data), static_cast<int32_t*>(ids.data),
-                                 reinterpret_cast<cudaStream_t>(stream)),
+                                 reinterpret_cast<cudaStream_t>(stream), route_tile()),
                   "moe_route launch");
 }
 
