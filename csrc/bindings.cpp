@@ -74,6 +74,19 @@ void register_norm(py::module_& m) {
         rms_norm(to_arg(x, "x"), optional_arg(weight, "weight", weight_slot), to_arg(out, "out"), eps, stream);
       },
       py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("eps"), py::arg("stream"));
+  m.def(
+      "residual_norm",
+      [](py::handle x, py::handle a, py::handle b, py::handle wa, py::handle wb, py::handle wc, py::handle scalar,
+         py::handle out, double eps, std::uintptr_t stream) {
+        TensorArg b_slot, wb_slot, wc_slot, scalar_slot;
+        residual_norm(to_arg(x, "x"), to_arg(a, "a"), optional_arg(b, "b", b_slot), to_arg(wa, "wa"),
+                      optional_arg(wb, "wb", wb_slot), optional_arg(wc, "wc", wc_slot),
+                      optional_arg(scalar, "scalar", scalar_slot), to_arg(out, "out"), eps, stream);
+      },
+      py::arg("x"), py::arg("a"), py::arg("b"), py::arg("wa"), py::arg("wb"), py::arg("wc"), py::arg("scalar"),
+      py::arg("out"), py::arg("eps"), py::arg("stream"),
+      "A layer's residual update in one pass: out = x + rms_norm(a)*wa, or with b, wb, wc and scalar: "
+      "out = (x + rms_norm(rms_norm(a)*wa + rms_norm(b)*wb)*wc) * scalar (each step rounded to x's dtype).");
 }
 
 }  // namespace

@@ -76,3 +76,28 @@ def test_fused_qkv_projection_matches_the_reference_ops(layer):
         # One per-token FP8 quantisation of h (the reference keeps it exact): relative Frobenius <= 3.5e-2.
         err = float((a.float() - b.float()).norm() / b.float().norm())
         assert err <= 3.5e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 77, 2816), (5, 100)])
+def test_residual_norm_kernels_round_like_the_reference_ops(dtype, shape):
+    """add_rms_norm and ffn_residual, one kernel each, against the reference's chain of ops: at most one
+    ulp of the output dtype apart (rsqrt vs pow in the norms), and rarely even that."""
+    from dgemma.ops.cuda import CudaOps
+    from dgemma.ops.reference import ReferenceOps
+
+    g = torch.Generator(device="cuda").manual_seed(len(shape))
+    x, a, b = (torch.randn(shape, generator=g, device="cuda").mul(s).to(dtype) for s in (1.0, 3.0, 0.5))
+    wa, wb, wc = ((torch.rand(shape[-1], generator=g, device="cuda") + 0.5).to(dtype) for _ in range(3))
+    scalar = torch.full((1,), 0.8125, dtype=dtype, device="cuda")
+    ours, ref = CudaOps(), ReferenceOps()
+    pairs = [(ours.add_rms_norm(x, a, wa, 1e-6), ref.add_rms_norm(x, a, wa, 1e-6)),
+             (ours.ffn_residual(x, a, b, wa, wb, wc, scalar, 1e-6), ref.ffn_residual(x, a, b, wa, wb, wc, scalar, 1e-6))]
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-20
+    for got, want in pairs:
+        assert got.dtype == dtype and got.shape == want.shape
+        diff = (got.float() - want.float()).abs()
+        # An ulp of the normed branch before the residual add may survive cancellation against x.
+        assert (diff <= (want.float().abs() + 2 * x.float().abs()) * ulp + 1e-6).all()
+        assert (diff > 0).float().mean() < 0.05

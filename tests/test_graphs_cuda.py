@@ -50,30 +50,30 @@ def test_prefix_view_decoder_matches_the_host_length_decoder(prompt):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_generate_with_graphs_gives_the_tokens_without(batch):
     eng = _engine()
-    ids = torch.randint(3, eng.config.vocab_size, (batch, 300), device="cuda")
-    kw = dict(max_new_tokens=768, max_denoising_steps=6, eos_token_id=[], pad_token_id=0,
+    ids = torch.randint(3, eng.config.vocab_size, (batch, 100), device="cuda")
+    kw = dict(max_new_tokens=512, max_denoising_steps=6, eos_token_id=[], pad_token_id=0,
               confidence_threshold=1e-30)
+    capacity = 100 + 512 + 256 + 256
     eager_events, graph_events = [], []
-    eager = eng.generate(ids, seed=5, stream=eager_events.append, **kw)
+    eager_cache = eng.new_cache(batch, capacity)
+    eager = eng.generate(ids, seed=5, cache=eager_cache, stream=eager_events.append, **kw)
     eng.cuda_graphs = True
-    cache = eng.new_cache(batch, 300 + 768)
+    cache = eng.new_cache(batch, capacity)
     graphed = eng.generate(ids, seed=5, cache=cache, stream=graph_events.append, **kw)
     stepper = cache._graph_stepper
     assert stepper.failed is None, stepper.failed
-    assert stepper.captures == 2 and stepper.replays == 3 * 6 - 2
+    # Two blocks of 6 steps at prefixes 100 and 356 (one bucket): the first and a later step captured once.
+    assert stepper.captures == 2 and stepper.replays == 2 * 6 - 2
     assert torch.equal(graphed.sequences, eager.sequences)
     assert len(graph_events) == len(eager_events)
     for a, b in zip(graph_events, eager_events):
         assert torch.equal(a.tokens, b.tokens), (a.kind, a.block, a.step)
-    # The same cache again (a chat turn): replays only, still identical to eager.
-    again = eng.generate(graphed.new_tokens[:, :256], seed=6, cache=cache, max_new_tokens=256,
-                         max_denoising_steps=6, eos_token_id=[], confidence_threshold=1e-30)
-    assert stepper.captures == 2
+    # The same cache again (a chat turn, still in the bucket): replays only, still identical to eager.
+    turn = dict(max_new_tokens=256, max_denoising_steps=6, eos_token_id=[], confidence_threshold=1e-30)
+    again = eng.generate(graphed.new_tokens[:, :256], seed=6, cache=cache, **turn)
+    assert stepper.captures == 2 and stepper.replays == 2 * 6 - 2 + 6
     eng.cuda_graphs = False
-    eager_cache = eng.new_cache(batch, 300 + 768)
-    eng.generate(ids, seed=5, cache=eager_cache, **kw)
-    ref = eng.generate(graphed.new_tokens[:, :256], seed=6, cache=eager_cache, max_new_tokens=256,
-                       max_denoising_steps=6, eos_token_id=[], confidence_threshold=1e-30)
+    ref = eng.generate(eager.new_tokens[:, :256], seed=6, cache=eager_cache, **turn)
     assert torch.equal(again.sequences, ref.sequences)
 
 

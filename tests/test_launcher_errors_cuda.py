@@ -36,7 +36,7 @@ I32, I64, U8, BOOL = torch.int32, torch.int64, torch.uint8, torch.bool
 # Every function of dgemma._C that takes tensors or sizes; the capability queries without arguments
 # (version, built_with_cuda, cuda_runtime_version) have no error path.
 OPS = (
-    "rms_norm", "fp8_quantize_rows", "fp8_linear_workspace_bytes", "fp8_linear", "fp8_gated_mlp_workspace_bytes",
+    "rms_norm", "residual_norm", "fp8_quantize_rows", "fp8_linear_workspace_bytes", "fp8_linear", "fp8_gated_mlp_workspace_bytes",
     "fp8_gated_mlp", "moe_route", "moe_plan", "moe_fp8_workspace_bytes", "moe_fp8", "qkv_prep",
     "attention_tile_shape", "attention_forward", "vocab_head_workspace_bytes", "vocab_head_step",
     "device_capability",
@@ -205,6 +205,47 @@ def rms_norm_table(c: Ctx) -> Table:
 
 
 # -- FP8 quantisation, linear and gated MLP -----------------------------------------------------------
+
+
+def residual_norm_table(c: Ctx) -> Table:
+    from dgemma.ops.reference import ReferenceOps
+
+    x, a, b = c.randn(6, 512), c.randn(6, 512, scale=3.0), c.randn(6, 512, scale=2.0)
+    wa, wb, wc = ((torch.rand(512, generator=c.gen, device=c.dev) + 0.5).to(BF16) for _ in range(3))
+    scalar = torch.full((1,), 0.75, dtype=BF16, device=c.dev)
+    t = Table("residual_norm", dict(x=x, a=a, b=b, wa=wa, wb=wb, wc=wc, scalar=scalar, out=c.empty(6, 512),
+                                    eps=1e-6, stream=0))
+    # Order of the checks in csrc/ops/rms_norm.cu (residual_norm).
+    t.bad("x on the host", cuda_msg("x"), x=c.host(x))
+    t.bad("x float16", "x has dtype float16, expected float32 or bfloat16", x=c.empty(6, 512, dtype=torch.float16))
+    t.bad("0-d x", "x must have at least one dimension", x=c.empty())
+    t.bad("x transposed", "x must be contiguous (shape [6, 512])", x=c.transposed(6, 512))
+    t.bad("a on the host", cuda_msg("a"), a=c.host(a))
+    t.bad("a dtype", "a has dtype float32, expected bfloat16 (the dtype of x)", a=c.empty(6, 512, dtype=F32))
+    t.bad("a shape", "a has shape [6, 256], expected [6, 512] (as x)", a=c.empty(6, 256))
+    t.bad("out shape", "out has shape [3, 512], expected [6, 512] (as x)", out=c.empty(3, 512))
+    t.bad("empty last dimension", "x last dimension 0 must be in [1, 1048576]", x=c.empty(6, 0), a=c.empty(6, 0),
+          out=c.empty(6, 0))
+    t.bad("eps zero", "eps must be positive, got 0.000000", eps=0.0)
+    t.bad("wa length", "wa has shape [256], expected size 512 in dimension 0 (the normalised dimension)",
+          wa=c.empty(256))
+    t.bad("wa on the host", cuda_msg("wa"), wa=c.host(wa))
+    t.bad("b without the rest", "b, wb, wc and scalar must be given together (or none of them)", wb=None)
+    t.bad("scalar without b", "b, wb, wc and scalar must be given together (or none of them)", b=None, wb=None,
+          wc=None)
+    t.bad("b shape", "b has shape [6, 511], expected [6, 512] (as x)", b=c.empty(6, 511))
+    t.bad("wc dtype", "wc has dtype float32, expected bfloat16 (the dtype of x)", wc=c.empty(512, dtype=F32))
+    t.bad("scalar two elements", "scalar has shape [2], expected one element", scalar=c.empty(2))
+    t.bad("scalar on the host", cuda_msg("scalar"), scalar=c.host(scalar))
+    t.bad("x is None", not_tensor("x"), x=None)
+    t.type_error("eps is a string", "eps='1e-6'", eps="1e-6")
+
+    def check(_):
+        ref = ReferenceOps().ffn_residual(x, a, b, wa, wb, wc, scalar, 1e-6)
+        torch.testing.assert_close(t.base["out"].float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+    t.check = check
+    return t
 
 
 def fp8_quantize_rows_table(c: Ctx) -> Table:
@@ -1000,6 +1041,7 @@ def device_capability_table(c: Ctx) -> Table:
 
 BUILDERS = {
     "rms_norm": rms_norm_table,
+    "residual_norm": residual_norm_table,
     "fp8_quantize_rows": fp8_quantize_rows_table,
     "fp8_linear_workspace_bytes": fp8_linear_workspace_bytes_table,
     "fp8_linear": fp8_linear_table,

@@ -4,5 +4,9 @@
 
 namespace dgemma {
 void rms_norm(const TensorArg&, const TensorArg*, const TensorArg&, double, std::uintptr_t) { cuda_unavailable("rms_norm"); }
+void residual_norm(const TensorArg&, const TensorArg&, const TensorArg*, const TensorArg&, const TensorArg*,
+                   const TensorArg*, const TensorArg*, const TensorArg&, double, std::uintptr_t) {
+  cuda_unavailable("residual_norm");
+}
 
 }  // namespace dgemma

@@ -10,4 +10,13 @@ namespace dgemma {
 // x and y: same dtype (float32 or bfloat16), same shape, last dimension contiguous; rows may be strided.
 void rms_norm(const TensorArg& x, const TensorArg* weight, const TensorArg& y, double eps, std::uintptr_t stream);
 
+// The residual updates of a layer, each one pass (csrc/kernels/residual_norm.cuh), rounded like the reference:
+//   b absent:  out = x + rms_norm(a) * wa
+//   b given:   out = (x + rms_norm(rms_norm(a) * wa + rms_norm(b) * wb) * wc) * scalar
+// x, a, b, out: same dtype (float32 or bfloat16), same shape, contiguous; wa, wb, wc: [last dim] of that dtype;
+// scalar: one element of that dtype.
+void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, const TensorArg& wa,
+                   const TensorArg* wb, const TensorArg* wc, const TensorArg* scalar, const TensorArg& out,
+                   double eps, std::uintptr_t stream);
+
 }  // namespace dgemma

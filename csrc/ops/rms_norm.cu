@@ -1,6 +1,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/residual_norm.cuh"
 #include "kernels/rms_norm.cuh"
 #include "ops/norm.h"
 
@@ -71,6 +72,74 @@ void rms_norm(const TensorArg& x, const TensorArg* weight, const TensorArg& y, d
     default:
       ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) + ", expected float32 or bfloat16");
   }
+}
+
+namespace {
+
+void check_like(const TensorArg& t, const TensorArg& ref) {
+  check_cuda(t);
+  check_same_device(ref, t);
+  check_same_dtype(ref, t);
+  if (t.shape != ref.shape)
+    ::dgemma::throw_invalid(t.name + " has shape " + t.shape_str() + ", expected " + ref.shape_str() + " (as " +
+                            ref.name + ")");
+  check_contiguous(t);
+}
+
+void check_norm_weight(const TensorArg& w, const TensorArg& x, int64_t dim) {
+  check_cuda(w);
+  check_same_device(x, w);
+  check_same_dtype(x, w);
+  check_ndim(w, 1);
+  check_dim(w, 0, dim, "the normalised dimension");
+  check_contiguous(w);
+}
+
+}  // namespace
+
+void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, const TensorArg& wa,
+                   const TensorArg* wb, const TensorArg* wc, const TensorArg* scalar, const TensorArg& out,
+                   double eps, std::uintptr_t stream) {
+  check_cuda(x);
+  if (x.dtype != DType::kFloat32 && x.dtype != DType::kBFloat16)
+    ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) + ", expected float32 or bfloat16");
+  if (x.shape.empty()) ::dgemma::throw_invalid(x.name + " must have at least one dimension");
+  check_contiguous(x);
+  check_like(a, x);
+  check_like(out, x);
+  const int64_t dim = x.shape.back();
+  if (dim <= 0 || dim > (1 << 20))
+    ::dgemma::throw_invalid(x.name + " last dimension " + std::to_string(dim) + " must be in [1, 1048576]");
+  if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
+  check_norm_weight(wa, x, dim);
+  const bool ffn = b != nullptr;
+  if (ffn != (wb != nullptr) || ffn != (wc != nullptr) || ffn != (scalar != nullptr))
+    ::dgemma::throw_invalid("b, wb, wc and scalar must be given together (or none of them)");
+  if (ffn) {
+    check_like(*b, x);
+    check_norm_weight(*wb, x, dim);
+    check_norm_weight(*wc, x, dim);
+    check_cuda(*scalar);
+    check_same_device(x, *scalar);
+    check_same_dtype(x, *scalar);
+    if (scalar->numel() != 1)
+      ::dgemma::throw_invalid(scalar->name + " has shape " + scalar->shape_str() + ", expected one element");
+  }
+  const int64_t rows = x.numel() / dim;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    auto p = [](const TensorArg* t) { return t != nullptr ? static_cast<const T*>(t->data) : nullptr; };
+    throw_if_failed(kernels::residual_norm<T>(p(&x), p(&a), p(b), p(&wa), p(wb), p(wc), p(scalar),
+                                              static_cast<T*>(out.data), rows, static_cast<int>(dim),
+                                              static_cast<float>(eps), s),
+                    "residual_norm launch");
+  };
+  if (x.dtype == DType::kFloat32)
+    launch(float{});
+  else
+    launch(__nv_bfloat16{});
 }
 
 }  // namespace dgemma

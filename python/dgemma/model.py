@@ -36,23 +36,23 @@ class DiffusionGemmaModel:
         """q [B, Hq, T, D], k and v [B, Hkv, T, D]: q/k RMSNorm (weighted) + RoPE, weightless v_norm."""
         return self.ops.project_qkv(h, w, spec.head_dim, cos, sin, self.cfg.rms_norm_eps)
 
-    def _feed_forward(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        """post_ff_norm(post_mlp_norm(MLP(pre_ff_norm x)) + post_moe_norm(MoE(pre_moe_norm x, route(x))))."""
+    def _feed_forward(self, w: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP(pre_ff_norm x), MoE(pre_moe_norm x, route(x))): the two branches before their post-norms."""
         ops, eps, cfg = self.ops, self.cfg.rms_norm_eps, self.cfg
         mlp = ops.gated_mlp(ops.rms_norm(x, w.pre_ff_norm, eps), w.mlp_gate, w.mlp_up, w.mlp_down)
-        mlp = ops.rms_norm(mlp, w.post_mlp_norm, eps)
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = ops.route(flat, w.router_scale, w.router_proj, w.router_expert_scale, cfg.top_k, eps)
         moe = ops.moe(ops.rms_norm(flat, w.pre_moe_norm, eps), ids, weights, w.experts_gate_up, w.experts_down)
-        moe = ops.rms_norm(moe.view_as(x), w.post_moe_norm, eps)
-        return ops.rms_norm(mlp + moe, w.post_ff_norm, eps)
+        return mlp, moe.view_as(x)
 
     def _layer(self, i: int, x: torch.Tensor, attend, scalar: torch.Tensor) -> torch.Tensor:
+        """x + post_attn_norm(o_proj(attention)), then (x + post_ff_norm(post_mlp_norm(MLP) + post_moe_norm(MoE)))
+        times the layer scalar: each residual update one op (a single kernel on the CUDA backend)."""
         w, eps, ops = self.w.layers[i], self.cfg.rms_norm_eps, self.ops
         attn = attend(i, ops.rms_norm(x, w.input_norm, eps))
-        x = x + ops.rms_norm(ops.linear(attn, w.attn.o_proj), w.post_attn_norm, eps)
-        x = x + self._feed_forward(w, x)
-        return x * scalar
+        x = ops.add_rms_norm(x, ops.linear(attn, w.attn.o_proj), w.post_attn_norm, eps)
+        mlp, moe = self._feed_forward(w, x)
+        return ops.ffn_residual(x, mlp, moe, w.post_mlp_norm, w.post_moe_norm, w.post_ff_norm, scalar, eps)
 
     # -- encoder -------------------------------------------------------------------------------
 

@@ -30,6 +30,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, out: t
     return out
 
 
+def residual_norm(x, a, wa, eps, b=None, wb=None, wc=None, scalar=None) -> torch.Tensor:
+    """One kernel for a layer's residual update (``_C.residual_norm``): ``x + rms_norm(a)·wa``, or with ``b``:
+    ``(x + rms_norm(rms_norm(a)·wa + rms_norm(b)·wb)·wc)·scalar``; each step rounded to x's dtype as the
+    reference's ops round it. All CUDA tensors of one dtype (float32 or bfloat16); x, a, b contiguous."""
+    lib = _ext.require_cuda()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    lib.residual_norm(x, a, b, wa, wb, wc, scalar, out, float(eps), torch.cuda.current_stream(x.device).cuda_stream)
+    return out
+
+
+def _fits_residual(x, *others) -> bool:
+    return (x.is_cuda and x.dtype in (torch.float32, torch.bfloat16) and x.numel() > 0 and x.is_contiguous()
+            and all(t.dtype == x.dtype and t.is_contiguous() for t in others))
+
+
+class ResidualOpsMixin:
+    """The residual updates of a layer (:meth:`ReferenceOps.add_rms_norm`, :meth:`ReferenceOps.ffn_residual`)
+    as one kernel each, where their inputs fit."""
+
+    def add_rms_norm(self, x, y, weight, eps):
+        if _fits_residual(x, y, weight) and y.shape == x.shape:
+            return residual_norm(x, y, weight, eps)
+        return super().add_rms_norm(x, y, weight, eps)
+
+    def ffn_residual(self, x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps):
+        if _fits_residual(x, mlp, moe, w_mlp, w_moe, w_ff, scalar) and mlp.shape == x.shape == moe.shape:
+            return residual_norm(x, mlp, w_mlp, eps, moe, w_moe, w_ff, scalar)
+        return super().ffn_residual(x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps)
+
+
 class AttentionOpsMixin:
     """Cache-aware attention on the dgemma kernels for bf16 CUDA tensors of head_dim 256/512."""
 
@@ -116,7 +146,7 @@ class VocabHeadOpsMixin:
         return _ext.require_cuda().vocab_head_unsupported(1, cfg.canvas_length, cfg.vocab_size, cfg.hidden_size) == ""
 
 
-class CudaOps(VocabHeadOpsMixin, QkvOpsMixin, AttentionOpsMixin, Fp8MoeOpsMixin, ReferenceOps):
+class CudaOps(VocabHeadOpsMixin, QkvOpsMixin, AttentionOpsMixin, ResidualOpsMixin, Fp8MoeOpsMixin, ReferenceOps):
     """Reference ops with the CUDA kernels swapped in where their inputs fit (mixins first)."""
 
     name = "cuda"

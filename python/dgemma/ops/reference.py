@@ -25,6 +25,17 @@ class ReferenceOps:
             y = y * weight.float()
         return y.to(x.dtype)
 
+    def add_rms_norm(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x + rms_norm(y) * weight: a layer's attention residual."""
+        return x + self.rms_norm(y, weight, eps)
+
+    def ffn_residual(self, x: torch.Tensor, mlp: torch.Tensor, moe: torch.Tensor, w_mlp: torch.Tensor,
+                     w_moe: torch.Tensor, w_ff: torch.Tensor, scalar: torch.Tensor, eps: float) -> torch.Tensor:
+        """(x + rms_norm(rms_norm(mlp)·w_mlp + rms_norm(moe)·w_moe)·w_ff) · scalar: a layer's feed-forward residual
+        (the dense MLP and the experts side by side) and its layer scalar."""
+        ff = self.rms_norm(self.rms_norm(mlp, w_mlp, eps) + self.rms_norm(moe, w_moe, eps), w_ff, eps)
+        return (x + ff) * scalar
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
         """x @ weight^T; an FP8 weight is dequantised and the product computed in fp32."""
         if isinstance(weight, Fp8Weight):

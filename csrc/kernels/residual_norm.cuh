@@ -1,0 +1,93 @@
+// The residual updates of a decoder/encoder layer in one pass each, rounded exactly as the reference's
+// chain of ops (python/dgemma/ops/reference.py `add_rms_norm`, `ffn_residual`), for T = float or bf16:
+//   add_rms_norm:  out = T(x + T(norm(y) * w))
+//   ffn_residual:  s   = T(T(norm(a) * wa) + T(norm(b) * wb))
+//                  out = T(T(x + T(norm(s) * wc)) * scalar)
+// where norm(v) = v * (mean(v^2) + eps)^-1/2 in fp32 (the rms_norm kernel's formula). One warp per row;
+// a row is re-read from L1 in each pass (hidden 2816: ~90 elements per lane). Products and sums use the
+// _rn intrinsics so that no multiply-add is contracted past a rounding the reference makes (fp32 rows).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/rms_norm.cuh"
+
+namespace dgemma::kernels {
+
+template <typename T>
+__device__ __forceinline__ float rounded(float v) {
+  return to_float(from_float<T>(v));
+}
+
+__device__ __forceinline__ float warp_total(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ float row_inv_rms(const T* __restrict__ v, int dim, float eps, int lane) {
+  float ss = 0.f;
+  for (int i = lane; i < dim; i += 32) {
+    const float f = to_float(v[i]);
+    ss = fmaf(f, f, ss);
+  }
+  return rsqrtf(warp_total(ss) / static_cast<float>(dim) + eps);
+}
+
+// rows x dim; every tensor's rows `dim` apart except where a stride is given. `b`, `wb`, `wc` and `scalar`
+// are null for add_rms_norm (then `a` is y and `wa` is w).
+template <typename T>
+__global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
+    residual_norm_kernel(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ b,
+                         const T* __restrict__ wa, const T* __restrict__ wb, const T* __restrict__ wc,
+                         const T* __restrict__ scalar, T* __restrict__ out, int64_t rows, int dim, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRmsNormWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int64_t off = row * dim;
+  const T* xr = x + off;
+  const T* ar = a + off;
+  T* outr = out + off;
+  const float ra = row_inv_rms(ar, dim, eps, lane);
+  if (b == nullptr) {
+    for (int i = lane; i < dim; i += 32) {
+      const float n = rounded<T>(__fmul_rn(__fmul_rn(to_float(ar[i]), ra), to_float(wa[i])));
+      outr[i] = from_float<T>(__fadd_rn(to_float(xr[i]), n));
+    }
+    return;
+  }
+  const T* br = b + off;
+  const float rb = row_inv_rms(br, dim, eps, lane);
+  auto sum_at = [&](int i) {
+    const float na = rounded<T>(__fmul_rn(__fmul_rn(to_float(ar[i]), ra), to_float(wa[i])));
+    const float nb = rounded<T>(__fmul_rn(__fmul_rn(to_float(br[i]), rb), to_float(wb[i])));
+    return rounded<T>(__fadd_rn(na, nb));
+  };
+  float ss = 0.f;
+  for (int i = lane; i < dim; i += 32) {
+    const float s = sum_at(i);
+    ss = fmaf(s, s, ss);
+  }
+  const float rs = rsqrtf(warp_total(ss) / static_cast<float>(dim) + eps);
+  const float k = to_float(*scalar);
+  for (int i = lane; i < dim; i += 32) {
+    const float n = rounded<T>(__fmul_rn(__fmul_rn(sum_at(i), rs), to_float(wc[i])));
+    outr[i] = from_float<T>(__fmul_rn(rounded<T>(__fadd_rn(to_float(xr[i]), n)), k));
+  }
+}
+
+template <typename T>
+cudaError_t residual_norm(const T* x, const T* a, const T* b, const T* wa, const T* wb, const T* wc,
+                          const T* scalar, T* out, int64_t rows, int dim, float eps, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  const int64_t blocks = (rows + kRmsNormWarpsPerBlock - 1) / kRmsNormWarpsPerBlock;
+  residual_norm_kernel<T><<<static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream>>>(
+      x, a, b, wa, wb, wc, scalar, out, rows, dim, eps);
+  return cudaGetLastError();
+}
+
+}  // namespace dgemma::kernels
