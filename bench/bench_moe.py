@@ -73,8 +73,9 @@ def moe_layer_bf16_grouped(layer: Layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def router_cases(layer: Layer, token_counts, iters: int) -> list[dict]:
-    """The router alone (its tile from DGEMMA_ROUTE_TILE, one per process: sweep by running this again), its
-    roofline the proj and token bytes, and its agreement with the reference router."""
+    """Router + top-k + dispatch plan (row ``moe_route_t<n>``; the router's tile from DGEMMA_ROUTE_TILE, one per
+    process: sweep by running this again), its roofline the proj and token bytes, and the share of tokens
+    routed to the reference router's experts."""
     tile = os.environ.get("DGEMMA_ROUTE_TILE", "default")
     results = []
     for n in token_counts:
@@ -83,11 +84,15 @@ def router_cases(layer: Layer, token_counts, iters: int) -> list[dict]:
         weights, ids = cuda_moe.route(x, layer.router_scale, layer.proj, layer.expert_scale, K, 1e-6)
         _, ref_ids = ReferenceOps().route(x, layer.router_scale, layer.proj, layer.expert_scale, K, 1e-6)
         same = float((ids.long().sort(-1).values == ref_ids.sort(-1).values).all(-1).float().mean())
-        ms = median(time_cuda(lambda: cuda_moe.route(x, layer.router_scale, layer.proj, layer.expert_scale, K,
-                                                      1e-6), iters=iters))
+        def route_and_plan():
+            _, i = cuda_moe.route(x, layer.router_scale, layer.proj, layer.expert_scale, K, 1e-6)
+            return cuda_moe.plan(i, E)
+
+        ms = median(time_cuda(route_and_plan, iters=iters))
         roof = roofline_ms(E * H * 2 + n * H * 2 + n * K * 8, 2 * n * E * H)
-        results.append(dict(name=f"router_t{n}_tile_{tile}", median_ms=ms, roofline_ms=roof, tokens=n,
-                            route_tile=tile, rows_with_reference_experts=same, fraction_of_roofline=roof / ms))
+        results.append(dict(name=f"moe_route_t{n}", median_ms=ms, roofline_ms=roof, tokens=n, route_tile=tile,
+                            what="router + top-k + dispatch plan", rows_with_reference_experts=same,
+                            roofline_share=roof / ms))
     return results
 
 

@@ -101,3 +101,23 @@ def test_residual_norm_kernels_round_like_the_reference_ops(dtype, shape):
         # An ulp of the normed branch before the residual add may survive cancellation against x.
         assert (diff <= (want.float().abs() + 2 * x.float().abs()) * ulp + 1e-6).all()
         assert (diff > 0).float().mean() < 0.05
+
+
+@pytest.mark.gpu
+def test_batched_decoder_rows_equal_each_row_alone_on_the_gpu():
+    """The server's batched decoder pass (FP8 linears and experts over all rows, attention per row): each
+    row bit-identical to its own pass, so a request's tokens do not depend on what else is batched."""
+    eng = random_engine("small", dtype=torch.bfloat16, device="cuda", backend="cuda", quantization="fp8")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    caches = []
+    for t in (40, 700, 1300):
+        cache = eng.new_cache(1, t + 256)
+        eng.encode(torch.randint(3, eng.config.vocab_size, (1, t), generator=g, device="cuda"), cache=cache)
+        caches.append(cache)
+    canvas = torch.randint(0, eng.config.vocab_size, (3, 256), generator=g, device="cuda")
+    soft = torch.randn(1, 256, eng.config.hidden_size, generator=g, device="cuda").to(torch.bfloat16)
+    softs = [None, soft, soft]
+    rows = eng.model.denoise_hidden_rows(canvas, caches, softs)
+    for r in range(3):
+        alone = eng.model.denoise_hidden(canvas[r:r + 1], caches[r], softs[r])
+        assert torch.equal(rows[r:r + 1], alone), (r, _rel(rows[r:r + 1], alone))

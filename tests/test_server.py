@@ -215,3 +215,5 @@ def test_load_with_disconnects_answers_everything_and_leaks_no_slot(server, clie
         assert time.time() < deadline, snap
         time.sleep(0.05)
     assert snap["requests_cancelled"] >= 1
+    # The steps of concurrent requests ran as batched decoder passes (more canvases than passes).
+    assert snap["decoder_rows_total"] > 1.5 * snap["decoder_passes_total"], snap

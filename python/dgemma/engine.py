@@ -345,9 +345,13 @@ class Engine:
                                           mm_token_type_ids=mm_token_type_ids), stream)
 
     def generate_stream(self, input_ids, *, attention_mask=None, pixel_values=None, image_position_ids=None,
-                        mm_token_type_ids=None, **kwargs):
+                        mm_token_type_ids=None, external_decoder: bool = False, **kwargs):
         """Like :meth:`generate`, as an iterator: a :class:`StreamEvent` per draft and per committed
-        block, then the :class:`GenerationResult`. Generation advances as the iterator is consumed."""
+        block, then the :class:`GenerationResult`. Generation advances as the iterator is consumed.
+
+        ``external_decoder=True``: before each denoising step a :class:`~dgemma.generation.DecoderPass` is
+        yielded, and the consumer sends back the decoder's hidden states (``iterator.send(h)``), e.g. after
+        running many generations' passes as one batch (what the server's scheduler does)."""
         ids = self.token_ids(input_ids)
         cache = kwargs.get("cache")
         mask = None if attention_mask is None else check_attention_mask(
@@ -355,6 +359,7 @@ class Engine:
         args = self._resolve(ids, **kwargs)  # bad arguments raise here, before the first item
         args["image_features"] = self.image_features(ids, pixel_values, image_position_ids)
         args["mm_token_type_ids"] = self.token_types(mm_token_type_ids, ids)
+        args["external_decoder"] = bool(external_decoder)
         return self._run(ids, mask, args)
 
     @torch.inference_mode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ import torch
 from .cache import KVCache
 from .errors import DgemmaError, NonFiniteError
 from .sampler import GenerationSettings, StableAndConfident, make_sampler
-from .steps import make_stepper
+from .steps import ExternalStepper, make_stepper
 
 
 @dataclass(slots=True)
@@ -25,6 +26,23 @@ class StreamEvent:
     step: int | None
     tokens: torch.Tensor
     finished: torch.Tensor  # bool [B]: rows whose denoising (draft) or generation (block) has finished
+
+
+@dataclass(slots=True)
+class DecoderPass:
+    """Yielded by ``generate_stream(..., external_decoder=True)`` before each denoising step: the consumer runs
+    the decoder over ``canvas`` [B, C] against ``cache`` with self-conditioning input ``soft`` — alone
+    (``engine.model.denoise_hidden(canvas, cache, soft)``) or together with other generations' passes
+    (``engine.model.denoise_hidden_rows``, as the server's scheduler does) — and sends the final-normed
+    hidden states [B, C, H] back with the generator's ``send``."""
+
+    canvas: torch.Tensor
+    soft: torch.Tensor | None
+    cache: KVCache
+
+    @property
+    def kind(self) -> str:
+        return "decoder_pass"
 
 
 @dataclass(slots=True)
@@ -87,9 +105,11 @@ def _finalize_block(seq: torch.Tensor, finished: torch.Tensor, canvas: int, max_
 def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: GenerationSettings, *,
                    eos_token_ids: list[int] | None, pad_token_id: int | None, generator: torch.Generator | None,
                    canvas: torch.Tensor | None, cache: KVCache, image_features: torch.Tensor | None = None,
-                   mm_token_type_ids: torch.Tensor | None = None) -> Iterator[StreamEvent | GenerationResult]:
+                   mm_token_type_ids: torch.Tensor | None = None, external_decoder: bool = False
+                   ) -> Iterator[StreamEvent | DecoderPass | GenerationResult]:
     """Yield stream events, then the :class:`GenerationResult`. Inputs are already validated (ids, mask,
-    cache room; ``image_features`` fill the prompt's image placeholders).
+    cache room; ``image_features`` fill the prompt's image placeholders). With ``external_decoder`` a
+    :class:`DecoderPass` is yielded before each step and the consumer sends the decoder's output back.
 
     The cache is changed in a transaction committed just before the result is yielded: an exception
     (in the model, or in the consumer of an event, which reaches the generator as ``GeneratorExit``
@@ -102,7 +122,7 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
     max_length = t + past + settings.max_new_tokens
     eos = torch.tensor(eos_token_ids, device=device) if eos_token_ids else None
     sampler = make_sampler(engine, settings, generator)  # a seeded sampler draws its key here
-    stepper = make_stepper(engine, cache, sampler)
+    stepper = ExternalStepper(sampler) if external_decoder else make_stepper(engine, cache, sampler)
     finished_seq = torch.zeros(b, dtype=torch.bool, device=device)
     passes = torch.zeros(b, dtype=torch.int, device=device)
     timings = {"encode_s": 0.0, "denoise_s": 0.0}
@@ -172,7 +192,12 @@ def _denoise_block(engine, cache, current, settings, stepper, finished_seq, pass
         passes += active
         block_passes += active
         try:
-            draw = stepper(current, soft, step, finished)
+            if stepper.external:
+                with undo.suspended() if undo is not None else contextlib.nullcontext():
+                    h = yield DecoderPass(current, soft, cache)
+                draw = stepper.draw(h, current, step, finished)
+            else:
+                draw = stepper(current, soft, step, finished)
         except NonFiniteError as e:
             raise _located(e, engine, cache, current, soft, block, step) from None
         if soft is not None:  # no row has stopped before the block's first draw

@@ -36,22 +36,29 @@ class DiffusionGemmaModel:
         """q [B, Hq, T, D], k and v [B, Hkv, T, D]: q/k RMSNorm (weighted) + RoPE, weightless v_norm."""
         return self.ops.project_qkv(h, w, spec.head_dim, cos, sin, self.cfg.rms_norm_eps)
 
-    def _feed_forward(self, w: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(MLP(pre_ff_norm x), MoE(pre_moe_norm x, route(x))): the two branches before their post-norms."""
+    def _feed_forward(self, w: LayerWeights, x: torch.Tensor, independent_rows: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP(pre_ff_norm x), MoE(pre_moe_norm x, route(x))): the two branches before their post-norms.
+        ``independent_rows``: the rows of x [B, T, H] are unrelated sequences (see :meth:`denoise_hidden_rows`)."""
         ops, eps, cfg = self.ops, self.cfg.rms_norm_eps, self.cfg
         mlp = ops.gated_mlp(ops.rms_norm(x, w.pre_ff_norm, eps), w.mlp_gate, w.mlp_up, w.mlp_down)
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = ops.route(flat, w.router_scale, w.router_proj, w.router_expert_scale, cfg.top_k, eps)
-        moe = ops.moe(ops.rms_norm(flat, w.pre_moe_norm, eps), ids, weights, w.experts_gate_up, w.experts_down)
+        normed = ops.rms_norm(flat, w.pre_moe_norm, eps)
+        if independent_rows:
+            moe = ops.moe_rows(normed, ids, weights, w.experts_gate_up, w.experts_down, x.shape[1])
+        else:
+            moe = ops.moe(normed, ids, weights, w.experts_gate_up, w.experts_down)
         return mlp, moe.view_as(x)
 
-    def _layer(self, i: int, x: torch.Tensor, attend, scalar: torch.Tensor) -> torch.Tensor:
+    def _layer(self, i: int, x: torch.Tensor, attend, scalar: torch.Tensor, independent_rows: bool = False
+               ) -> torch.Tensor:
         """x + post_attn_norm(o_proj(attention)), then (x + post_ff_norm(post_mlp_norm(MLP) + post_moe_norm(MoE)))
         times the layer scalar: each residual update one op (a single kernel on the CUDA backend)."""
         w, eps, ops = self.w.layers[i], self.cfg.rms_norm_eps, self.ops
         attn = attend(i, ops.rms_norm(x, w.input_norm, eps))
         x = ops.add_rms_norm(x, ops.linear(attn, w.attn.o_proj), w.post_attn_norm, eps)
-        mlp, moe = self._feed_forward(w, x)
+        mlp, moe = self._feed_forward(w, x, independent_rows)
         return ops.ffn_residual(x, mlp, moe, w.post_mlp_norm, w.post_moe_norm, w.post_ff_norm, scalar, eps)
 
     # -- encoder -------------------------------------------------------------------------------
@@ -179,6 +186,43 @@ class DiffusionGemmaModel:
         for _, x in self._decoder_states(canvas, cache, soft, prefix):
             pass
         return self.ops.rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps)
+
+    def denoise_hidden_rows(self, canvas: torch.Tensor, caches: list[KVCache], softs: list[torch.Tensor | None]
+                            ) -> torch.Tensor:
+        """:meth:`denoise_hidden` of B independent sequences in one decoder pass: row r of ``canvas`` [B, C]
+        attends to its own cache ``caches[r]`` (batch 1 each, any lengths) with self-conditioning input
+        ``softs[r]`` ([1, C, H] or None). Every op but attention runs once over the B canvases (the weights
+        are read once); attention runs per row against its cache. Row r equals ``denoise_hidden(canvas[r:r+1],
+        caches[r], softs[r])`` (the server batches its requests' steps this way)."""
+        b, c = canvas.shape
+        if len(caches) != b or len(softs) != b or any(k.batch != 1 for k in caches):
+            raise DgemmaError(f"denoise_hidden_rows takes one batch-1 cache and one soft input per row; got {b} rows, "
+                              f"{len(caches)} caches, {len(softs)} soft inputs")
+        ops, w, eps = self.ops, self.w, self.cfg.rms_norm_eps
+        dev = canvas.device
+        positions = torch.stack([torch.arange(k.length, k.length + c, device=dev) for k in caches])
+        ropes = self._rope_tables(positions, w.embed.dtype)
+        x = ops.embed(canvas, w.embed, self.cfg.embed_scale)
+        rows = [r for r, s in enumerate(softs) if s is not None]
+        if rows:  # the self-conditioning MLP only for rows that have an input (as decoder_input skips it)
+            soft = torch.cat([softs[r] for r in rows])
+            sc = ops.gated_mlp(ops.rms_norm(soft, w.sc_pre_norm, eps), w.sc_gate, w.sc_up, w.sc_down)
+            if len(rows) == b:
+                x = x + sc
+            else:
+                index = torch.tensor(rows, device=dev)
+                x = x.index_copy(0, index, x.index_select(0, index) + sc)
+        x = ops.rms_norm(x, None, eps)
+
+        def attend(i: int, h: torch.Tensor) -> torch.Tensor:
+            spec = self.cfg.layers[i]
+            q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
+            out = [ops.decoder_attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], caches[r], i) for r in range(b)]
+            return torch.cat(out).reshape(b, c, -1)
+
+        for i, lw in enumerate(self.w.layers):
+            x = self._layer(i, x, attend, lw.decoder_scalar, independent_rows=True)
+        return ops.rms_norm(x, w.final_norm, eps)
 
     def first_nonfinite_layer(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> int | None:
         """The first decoder layer whose output holds NaN/Inf for ``canvas`` (-1: the decoder input; None: none).

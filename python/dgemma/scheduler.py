@@ -1,14 +1,14 @@
-"""Block-level scheduling of many generations on one engine (the server's worker).
+"""Continuous batching of many generations on one engine (the server's worker).
 
-Requests join and leave at block boundaries: every scheduling round gives each active request one
-quantum — a prefill chunk of its prompt, or one 256-token block of denoising — so a long prompt or a long
-answer never stalls the others, and a new request starts at the next round. At most ``max_batch``
-requests are active; the rest wait in a queue. Each request has its own KV cache and its own seeded
-random stream, so its output does not depend on what else is running: the same request gives the same
-tokens alone or under load.
-
-NOTE: a round runs its requests' quanta one after another (one decoder pass per canvas); running the
-canvases of a round as one batch needs per-row positions in a shared cache and is the next step.
+Every scheduling round gives each active request one quantum: a prefill chunk of its prompt, or one
+denoising step. The denoising steps of a round run as **one batched decoder pass** over all their
+canvases (``model.denoise_hidden_rows``: every op but attention runs once for the batch, attention per
+request against its own KV cache); each request then draws from the result with its own sampler and seeded
+random stream, and encodes its committed blocks into its own cache. Requests join at the next round and
+leave when they finish, so a long prompt (encoded in chunks) or a long answer never stalls the others. At
+most ``max_batch`` requests are active; the rest wait in a queue. A request's output does not depend on
+what else runs: each row of the batched pass equals that request's pass alone (tested), so the same
+request gives the same tokens alone or under load.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from .engine import Engine
 from .errors import DgemmaError
-from .generation import GenerationResult
+from .generation import DecoderPass, GenerationResult
 
 PREFILL_CHUNK = 512
 
@@ -46,6 +46,9 @@ class Job:
     cache: object = None
     position: int = 0  # prompt tokens encoded so far
     events: object = None
+    waiting: DecoderPass | None = None  # the decoder pass this job needs before its next step
+    hidden: object = None  # the answer to ``waiting``, sent to ``events`` on the next advance
+    block_t0: float = 0.0
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -66,7 +69,8 @@ class Scheduler:
         self.running = False
         self.thread: threading.Thread | None = None
         self.stats = {"requests_total": 0, "requests_finished": 0, "requests_cancelled": 0, "requests_failed": 0,
-                      "tokens_total": 0, "blocks_total": 0, "block_seconds_total": 0.0, "rounds_total": 0}
+                      "tokens_total": 0, "blocks_total": 0, "block_seconds_total": 0.0, "rounds_total": 0,
+                      "decoder_passes_total": 0, "decoder_rows_total": 0, "step_seconds_total": 0.0}
 
     # -- client side ----------------------------------------------------------------------------
 
@@ -115,26 +119,68 @@ class Scheduler:
                     self.active.append(self.pending.popleft())
                 round_jobs = list(self.active)
                 self.stats["rounds_total"] += 1
+            ready = []
             for job in round_jobs:
-                finished = self._quantum(job)
-                if finished:
+                if self._quantum(job):
                     with self.lock:
                         self.active.remove(job)
+                elif job.waiting is not None:
+                    ready.append(job)
+            if ready:
+                self._decode(ready)
         for job in jobs:
+            if job.events is not None:
+                job.events.close()
             job.emit("error", "the server is shutting down")
 
+    def _decode(self, jobs: list[Job]) -> None:
+        """One decoder pass for the waiting steps of ``jobs``, batched; a job whose pass fails gets its error
+        when it next advances (the batch is retried one job at a time to find it)."""
+        model = self.engine.model
+        passes = [job.waiting for job in jobs]
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                h = model.denoise_hidden_rows(torch.cat([p.canvas for p in passes]), [p.cache for p in passes],
+                                              [p.soft for p in passes])
+            hidden = list(h.split(1))
+        except Exception:  # noqa: BLE001 - isolate the failing request; the others go on
+            hidden = []
+            for p in passes:
+                try:
+                    with torch.inference_mode():
+                        hidden.append(model.denoise_hidden(p.canvas, p.cache, p.soft))
+                except Exception as e:  # noqa: BLE001 - delivered to that job's generator
+                    hidden.append(e)
+        with self.lock:
+            self.stats["decoder_passes_total"] += 1
+            self.stats["decoder_rows_total"] += len(jobs)
+            self.stats["step_seconds_total"] += time.perf_counter() - t0
+        for job, out in zip(jobs, hidden):
+            job.waiting, job.hidden = None, out
+
     def _quantum(self, job: Job) -> bool:
-        """One prefill chunk or one block of ``job``; True when the job has ended."""
+        """One prefill chunk of ``job``, or its generation advanced to its next decoder pass (emitting the
+        drafts and blocks on the way); True when the job has ended."""
         if job.cancelled.is_set():
-            self._end(job, "requests_cancelled", "error", "cancelled")
+            self._cancel(job)
             return True
         try:
             with torch.inference_mode():
                 if job.events is None:
                     self._prefill_or_start(job)
-                    return False
-                t0 = time.perf_counter()
-                for item in job.events:
+                    if job.events is None:
+                        return False
+                    job.block_t0 = time.perf_counter()
+                while True:
+                    sent, job.hidden = job.hidden, None
+                    if isinstance(sent, BaseException):
+                        item = job.events.throw(sent)
+                    else:
+                        item = job.events.send(sent)
+                    if isinstance(item, DecoderPass):
+                        job.waiting = item
+                        return False
                     if isinstance(item, GenerationResult):
                         self.stats["tokens_total"] += int(item.new_tokens.numel())
                         self._end(job, "requests_finished", "done", item)
@@ -142,23 +188,30 @@ class Scheduler:
                     if item.kind == "draft":
                         if job.drafts:
                             job.emit("draft", item)
-                        if job.cancelled.is_set():
-                            break
-                        continue
-                    with self.lock:
-                        self.stats["blocks_total"] += 1
-                        self.stats["block_seconds_total"] += time.perf_counter() - t0
-                    job.emit("block", item)
-                    return False
-                # cancelled inside a block (the generator is dropped with its cache)
-                self._end(job, "requests_cancelled", "error", "cancelled")
-                return True
+                    else:
+                        with self.lock:
+                            self.stats["blocks_total"] += 1
+                            self.stats["block_seconds_total"] += time.perf_counter() - job.block_t0
+                        job.block_t0 = time.perf_counter()
+                        job.emit("block", item)
+                    if job.cancelled.is_set():
+                        self._cancel(job)
+                        return True
+        except StopIteration:
+            self._end(job, "requests_failed", "error", "internal error: the generation ended without a result")
+            return True
         except DgemmaError as e:
             self._end(job, "requests_failed", "error", str(e))
             return True
         except Exception as e:  # noqa: BLE001  NOTE: a failing request must never take the worker down
             self._end(job, "requests_failed", "error", f"internal error: {type(e).__name__}: {e}")
             return True
+
+    def _cancel(self, job: Job) -> None:
+        """End a cancelled job; closing its generator rolls its cache back and frees it at once."""
+        if job.events is not None:
+            job.events.close()
+        self._end(job, "requests_cancelled", "error", "cancelled")
 
     def _prefill_or_start(self, job: Job) -> None:
         """Encode the prompt in chunks (all but its last chunk), then start the generation on the rest.
@@ -178,11 +231,11 @@ class Scheduler:
         kwargs = dict(job.kwargs)
         if "seed" not in kwargs or kwargs["seed"] is None:
             kwargs["seed"] = int.from_bytes(os.urandom(6), "little")
-        job.events = iter(Engine.generate_stream(eng, [ids[job.position:]], cache=job.cache, **job.images,
-                                                 **kwargs))
+        job.events = Engine.generate_stream(eng, [ids[job.position:]], cache=job.cache, **job.images,
+                                            external_decoder=True, **kwargs)
 
     def _end(self, job: Job, counter: str, kind: str, payload) -> None:
         with self.lock:
             self.stats[counter] += 1
-        job.events, job.cache = None, None
+        job.events, job.cache, job.waiting, job.hidden = None, None, None, None
         job.emit(kind, payload)

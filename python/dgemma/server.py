@@ -316,6 +316,14 @@ class OpenAIServer:
         metric("tokens_per_second", "gauge", "Generated tokens per second since start.", f"{rate:.3f}")
         step = s["block_seconds_total"] / s["blocks_total"] if s["blocks_total"] else 0.0
         metric("block_latency_seconds", "gauge", "Mean seconds per block.", f"{step:.6f}")
+        metric("decoder_passes_total", "counter", "Batched decoder passes (one per scheduling round with steps).",
+               s["decoder_passes_total"])
+        metric("decoder_rows_total", "counter", "Canvases denoised by those passes (requests per pass, summed).",
+               s["decoder_rows_total"])
+        rows = s["decoder_rows_total"] / s["decoder_passes_total"] if s["decoder_passes_total"] else 0.0
+        metric("decoder_batch_mean", "gauge", "Mean canvases per decoder pass (batch occupancy).", f"{rows:.3f}")
+        latency = s["step_seconds_total"] / s["decoder_passes_total"] if s["decoder_passes_total"] else 0.0
+        metric("step_latency_seconds", "gauge", "Mean seconds per batched decoder pass.", f"{latency:.6f}")
         return "\n".join(lines) + "\n"
 
 

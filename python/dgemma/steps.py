@@ -26,6 +26,7 @@ from collections import OrderedDict
 import torch
 
 from .cache import KVCache, PrefixView, prefix_bucket
+from .errors import DgemmaError
 from .quant import Fp8Weight
 from .sampler import Draw, PhiloxHeadSampler, TorchStreamSampler
 
@@ -35,7 +36,25 @@ log = logging.getLogger("dgemma")
 MAX_GRAPHS_PER_CACHE = 4
 
 
+class ExternalStepper:
+    """The decoder pass is run by the consumer of ``generate_stream(..., external_decoder=True)`` (see
+    :class:`dgemma.generation.DecoderPass`); this only draws from its hidden states."""
+
+    external = True
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def draw(self, h, canvas: torch.Tensor, n: int, finished: torch.Tensor) -> Draw:
+        if not isinstance(h, torch.Tensor) or h.shape[:2] != canvas.shape:
+            raise DgemmaError(f"a DecoderPass must be answered with the hidden states [B, C, H] of its canvas "
+                              f"{list(canvas.shape)}; got {h if not isinstance(h, torch.Tensor) else list(h.shape)}")
+        return self.sampler.step(h, canvas, n, finished)
+
+
 class TorchStreamStepper:
+    external = False
+
     def __init__(self, model, cache: KVCache, sampler: TorchStreamSampler):
         self.model, self.cache, self.sampler = model, cache, sampler
 
@@ -44,6 +63,8 @@ class TorchStreamStepper:
 
 
 class FusedHeadStepper:
+    external = False
+
     def __init__(self, model, cache: KVCache, sampler: PhiloxHeadSampler):
         self.model, self.cache, self.sampler = model, cache, sampler
 

@@ -84,10 +84,20 @@ class TextEngine(Engine):
         return self._with_text(events, prompt)
 
     def _with_text(self, events, prompt: Prompt):
-        for item in events:
-            if isinstance(item, GenerationResult):
-                self.attach_text(item, chat=prompt.is_chat)
-            yield item
+        # Values sent in (hidden states answering a DecoderPass) go through to the engine's generator, and
+        # closing this one closes it at once (its cache transaction rolls back then, not at collection).
+        sent = None
+        try:
+            while True:
+                try:
+                    item = events.send(sent)
+                except StopIteration:
+                    return
+                if isinstance(item, GenerationResult):
+                    self.attach_text(item, chat=prompt.is_chat)
+                sent = yield item
+        finally:
+            events.close()
 
     def attach_text(self, result: GenerationResult, *, chat: bool) -> None:
         """Set ``result.texts`` (and for chat ``result.responses``) from its new tokens; a checkpoint

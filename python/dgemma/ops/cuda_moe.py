@@ -220,3 +220,10 @@ class Fp8MoeOpsMixin:
         if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _kernel_ready(x):
             return moe_fp8(x.contiguous(), ids, weights, gate_up, down)
         return super().moe(x, ids, weights, gate_up, down)
+
+    def moe_rows(self, x, ids, weights, gate_up, down, tokens_per_row):
+        # The kernel computes every routed row on its own (per-token scales, fixed-order sums): one call for
+        # all sequences gives each the result it would have alone.
+        if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _kernel_ready(x):
+            return moe_fp8(x.contiguous(), ids, weights, gate_up, down)
+        return super().moe_rows(x, ids, weights, gate_up, down, tokens_per_row)

@@ -142,6 +142,17 @@ class ReferenceOps:
             out.index_add_(0, rows, y.to(out.dtype))
         return out.to(out_dtype)
 
+    def moe_rows(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up, down,
+                 tokens_per_row: int) -> torch.Tensor:
+        """:meth:`moe` of tokens that come in independent sequences of ``tokens_per_row`` (a batch of unrelated
+        requests): computed sequence by sequence, so each equals its own :meth:`moe` bit for bit (the grouped
+        expert GEMMs would otherwise mix sequences and round differently)."""
+        n = x.shape[0]
+        if n <= tokens_per_row:
+            return self.moe(x, ids, weights, gate_up, down)
+        return torch.cat([self.moe(x[i:i + tokens_per_row], ids[i:i + tokens_per_row], weights[i:i + tokens_per_row],
+                                   gate_up, down) for i in range(0, n, tokens_per_row)])
+
     def soft_embedding(self, logits: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
         """Self-conditioning input: softmax(logits) (fp32, then table dtype) @ table * scale."""
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(table.dtype)

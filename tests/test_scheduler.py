@@ -1,0 +1,215 @@
+"""The server's scheduler on its own: the denoising steps of concurrent requests run as one batched decoder
+pass (model.denoise_hidden_rows), and every request still gets exactly the tokens it gets alone."""
+
+import threading
+
+import pytest
+import torch
+
+from dgemma.engine import Engine
+from dgemma.random_checkpoint import random_engine
+from dgemma.scheduler import Job, Scheduler
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return random_engine("tiny", seed=7, canvas_length=16)
+
+
+class Collect:
+    def __init__(self):
+        self.items, self.done = [], threading.Event()
+
+    def __call__(self, kind, payload):
+        self.items.append((kind, payload))
+        if kind in ("done", "error"):
+            self.done.set()
+
+    @property
+    def result(self):
+        kind, payload = self.items[-1]
+        assert kind == "done", payload
+        return payload
+
+
+def run_jobs(engine, specs, *, max_batch=8, prefill_chunk=512, before_start=None):
+    sched = Scheduler(engine, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    jobs = [Job(ids=ids, emit=Collect(), kwargs=kw, drafts=True) for ids, kw in specs]
+    if before_start is not None:
+        before_start(sched, jobs)
+    sched.start()
+    try:
+        for job in jobs:
+            sched.submit(job)
+        for job in jobs:
+            assert job.emit.done.wait(120)
+    finally:
+        sched.stop()
+    return sched, jobs
+
+
+def alone(engine, ids, kw, chunk=512, stream=None):
+    """The request run by itself as the scheduler runs it: the prompt encoded in the same chunks (chunked and
+    whole encodes round differently), then generate on the rest."""
+    blocks = -(-kw["max_new_tokens"] // engine.config.canvas_length)
+    cache = engine.new_cache(1, len(ids) + blocks * engine.config.canvas_length)
+    pos = 0
+    while len(ids) - pos > chunk:
+        Engine.encode(engine, [ids[pos:pos + chunk]], cache=cache)
+        pos += chunk
+    return Engine.generate(engine, [ids[pos:]], cache=cache, stream=stream, **kw)
+
+
+def prompt(n, seed):
+    return torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+SPECS = [
+    (prompt(9, 1), dict(seed=11, max_new_tokens=32, max_denoising_steps=3, eos_token_id=[])),
+    (prompt(40, 2), dict(seed=12, max_new_tokens=48, max_denoising_steps=5, entropy_bound=0.5, eos_token_id=[])),
+    (prompt(23, 3), dict(seed=13, max_new_tokens=16, max_denoising_steps=4, t_max=1.0, eos_token_id=[])),
+    (prompt(70, 4), dict(seed=14, max_new_tokens=32, max_denoising_steps=2, eos_token_id=[1, 2], pad_token_id=0)),
+]
+
+
+def test_batched_steps_give_every_request_its_tokens_alone(engine):
+    """Different prompt lengths (one prefilled in chunks), budgets, step counts and sampler settings in one
+    batch: token-identical to Engine.generate of each request alone, drafts included."""
+    sched, jobs = run_jobs(engine, SPECS, prefill_chunk=32)
+    for (ids, kw), job in zip(SPECS, jobs):
+        drafts = []
+        ref = alone(engine, ids, kw, 32, stream=lambda e: drafts.append(e) if e.kind == "draft" else None)
+        assert torch.equal(job.emit.result.new_tokens, ref.new_tokens)
+        got = [p for k, p in job.emit.items if k == "draft"]
+        assert len(got) == len(drafts)
+        assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(got, drafts))
+    s = sched.snapshot()
+    # 29 steps in all (6 + 15 + 4 + 4), the longest request 15: the passes carried several canvases at once.
+    assert s["decoder_rows_total"] == 29 and s["decoder_passes_total"] <= 17, s
+    assert s["requests_finished"] == 4 and s["active"] == 0
+
+
+def test_the_batch_never_exceeds_max_batch_and_queued_requests_join_later(engine):
+    sched, jobs = run_jobs(engine, SPECS * 2, max_batch=3)
+    s = sched.snapshot()
+    assert s["requests_finished"] == 8
+    assert s["decoder_rows_total"] <= 3 * s["decoder_passes_total"]
+    for (ids, kw), job in zip(SPECS * 2, jobs):
+        assert torch.equal(job.emit.result.new_tokens, alone(engine, ids, kw).new_tokens)
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_finish(engine):
+    def cancel_on_first_draft(sched, jobs):
+        victim = jobs[1]
+        emit = victim.emit
+
+        def cancelling(kind, payload):
+            emit(kind, payload)
+            if kind == "draft":
+                victim.cancel()
+        victim.emit = cancelling
+        victim.emit.done = emit.done
+        victim.emit.items = emit.items
+
+    sched, jobs = run_jobs(engine, SPECS, before_start=cancel_on_first_draft)
+    assert jobs[1].emit.items[-1] == ("error", "cancelled")
+    assert jobs[1].cache is None and jobs[1].events is None  # its generator closed, its cache freed
+    for i in (0, 2, 3):
+        ids, kw = SPECS[i]
+        assert torch.equal(jobs[i].emit.result.new_tokens, alone(engine, ids, kw).new_tokens)
+    s = sched.snapshot()
+    assert s["requests_cancelled"] == 1 and s["requests_finished"] == 3
+
+
+def test_a_failing_decoder_pass_fails_only_its_request(engine, monkeypatch):
+    """The batched pass raises; the scheduler retries the rows one by one and only the bad one fails."""
+    model = engine.model
+    bad_cache = {}
+    real_alone = model.denoise_hidden
+
+    def rows(canvas, caches, softs):
+        raise RuntimeError("batched pass failed")
+
+    def one_row(canvas, cache, soft=None, prefix=None):
+        if cache is bad_cache.get("cache"):
+            raise RuntimeError("this request's pass failed")
+        return real_alone(canvas, cache, soft, prefix)
+
+    monkeypatch.setattr(model, "denoise_hidden_rows", rows)
+    monkeypatch.setattr(model, "denoise_hidden", one_row)
+
+    def mark(sched, jobs):
+        original = sched._prefill_or_start
+
+        def start(job):
+            original(job)
+            if job is jobs[2] and job.cache is not None:
+                bad_cache["cache"] = job.cache
+        sched._prefill_or_start = start
+
+    sched, jobs = run_jobs(engine, SPECS, before_start=mark)
+    kind, message = jobs[2].emit.items[-1]
+    assert kind == "error" and "this request's pass failed" in message
+    for i in (0, 1, 3):
+        assert jobs[i].emit.items[-1][0] == "done"
+    monkeypatch.undo()
+    for i in (0, 1, 3):
+        ids, kw = SPECS[i]
+        assert torch.equal(jobs[i].emit.result.new_tokens, alone(engine, ids, kw).new_tokens)
+
+
+def test_external_decoder_protocol_through_generate_stream(engine):
+    """generate_stream(external_decoder=True) yields a DecoderPass per step and takes the hidden states back;
+    answering each with the plain decoder gives generate's tokens; a wrong answer is refused by name."""
+    from dgemma.errors import DgemmaError
+    from dgemma.generation import DecoderPass, GenerationResult
+
+    ids, kw = SPECS[1]
+    events = Engine.generate_stream(engine, [ids], external_decoder=True, **kw)
+    sent, passes = None, 0
+    while True:
+        item = events.send(sent)
+        sent = None
+        if isinstance(item, DecoderPass):
+            passes += 1
+            sent = engine.model.denoise_hidden(item.canvas, item.cache, item.soft)
+        elif isinstance(item, GenerationResult):
+            break
+    assert passes == sum(sum(b) for b in item.steps_per_block)
+    assert torch.equal(item.sequences, Engine.generate(engine, [ids], **kw).sequences)
+    events = Engine.generate_stream(engine, [ids], external_decoder=True, **kw)
+    first = next(events)
+    assert first.kind == "decoder_pass"
+    with pytest.raises(DgemmaError, match="a DecoderPass must be answered with the hidden states"):
+        events.send(torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype,quantization", [(torch.float32, None), (torch.bfloat16, None),
+                                                (torch.float32, "fp8")])
+def test_denoise_hidden_rows_equals_each_row_alone(dtype, quantization):
+    """Rows with different cache lengths (rings wrapped or not, one left-padded), with and without a
+    self-conditioning input: bit-identical to each row's own decoder pass."""
+    eng = random_engine("tiny", seed=3, canvas_length=16, dtype=dtype, quantization=quantization)
+    g = torch.Generator().manual_seed(0)
+    caches = []
+    for t, pad in ((5, 0), (70, 0), (33, 4)):
+        cache = eng.new_cache(1, 120)
+        mask = torch.ones(1, t, dtype=torch.bool)
+        mask[0, :pad] = False
+        eng.encode(torch.randint(3, 512, (1, t), generator=g), cache=cache, attention_mask=mask)
+        caches.append(cache)
+    canvas = torch.randint(0, 512, (3, 16), generator=g)
+    softs = [torch.randn(1, 16, 64, generator=g).to(dtype), None, torch.randn(1, 16, 64, generator=g).to(dtype)]
+    rows = eng.model.denoise_hidden_rows(canvas, caches, softs)
+    for r in range(3):
+        assert torch.equal(rows[r:r + 1], eng.model.denoise_hidden(canvas[r:r + 1], caches[r], softs[r])), r
+
+
+def test_denoise_hidden_rows_checks_its_arguments(engine):
+    from dgemma.errors import DgemmaError
+
+    cache = engine.new_cache(2, 40)
+    with pytest.raises(DgemmaError, match="one batch-1 cache and one soft input per row; got 2 rows, 1 caches"):
+        engine.model.denoise_hidden_rows(torch.zeros(2, 16, dtype=torch.long), [cache], [None, None])
+    with pytest.raises(DgemmaError, match="one batch-1 cache"):
+        engine.model.denoise_hidden_rows(torch.zeros(1, 16, dtype=torch.long), [cache], [None])
