@@ -18,7 +18,7 @@ def test_bench_json_and_plot(tmp_path, capsys):
     for name in ("copy_bandwidth", "prefill_t24_bfloat16_b1", "denoise_step_bfloat16_b1",
                  "decoder_forward_bfloat16_b1", "first_draft_bfloat16_b1", "block2_bfloat16_b1",
                  "denoise_step_bfloat16_b2", "denoise_step_bfloat16_b1_p40", "transformers_step_bf16_b1",
-                 "transformers_step_bf16_b2", "peak_memory"):
+                 "transformers_step_bf16_b2", "server_decoder_pass_bfloat16_b2", "peak_memory"):
         assert name in names
     block = next(r for r in report["results"] if r["name"] == "block2_bfloat16_b1")
     assert block["tok_per_s"] == pytest.approx(256 / (block["median_ms"] / 1e3))
@@ -28,6 +28,8 @@ def test_bench_json_and_plot(tmp_path, capsys):
         hf = next(r for r in report["results"] if r["name"] == f"transformers_step_bf16_b{b}")
         ours = next(r for r in report["results"] if r["name"] == f"denoise_step_bfloat16_b{b}")
         assert hf["ratio"] == pytest.approx(hf["median_ms"] / ours["median_ms"]) and hf["dgemma_ms"] == ours["median_ms"]
+    server = next(r for r in report["results"] if r["name"] == "server_decoder_pass_bfloat16_b2")
+    assert server["batch"] == 2 and server["speedup"] == pytest.approx(server["one_at_a_time_ms"] / server["median_ms"])
     # The roofline's denominator is this run's copy bandwidth, not a constant.
     bw = next(r for r in report["results"] if r["name"] == "copy_bandwidth")["gb_per_s"]
     step = next(r for r in report["results"] if r["name"] == "denoise_step_bfloat16_b1")

@@ -231,6 +231,22 @@ def run(opts: BenchOptions, *, log=print) -> dict:
                 results.append(_row(f"block{n}_{tag}_b{b}", ms, step_roof * n, tok_per_s=tok_s, steps=n,
                                     **{f"{k}_per_step": v for k, v in prof.items()}))
         eng.cuda_graphs = False
+        if b > 1:
+            # The server's batched step: b requests, each with its own batch-1 cache (prefixes of different
+            # lengths), in one decoder pass, against b passes one request at a time.
+            caches = []
+            for r in range(b):
+                cr = eng.new_cache(1, prompt_len + c)
+                eng.encode(prompt[r:r + 1, :max(1, prompt_len - 7 * r)], cache=cr)
+                caches.append(cr)
+            softs = [soft[r:r + 1] for r in range(b)]
+            rows = measure(lambda: eng.model.denoise_hidden_rows(canvas, caches, softs), opts.iters, opts.warmup)
+            each = measure(lambda: [eng.model.denoise_hidden(canvas[r:r + 1], caches[r], softs[r])
+                                    for r in range(b)], max(3, opts.iters // 4), 1)
+            results.append(_row(f"server_decoder_pass_{opts.dtype}_b{b}", rows, step_roof, batch=b,
+                                one_at_a_time_ms=statistics.median(each),
+                                speedup=statistics.median(each) / statistics.median(rows)))
+            del caches
         for prefix in opts.prefix_lengths:
             pc = eng.encode(torch.randint(3, v, (b, prefix), generator=g, device=device), capacity=prefix + c)
             t = measure(lambda pc=pc: eng.denoise(pc, canvas, sc), max(3, opts.iters // 4), 1)
