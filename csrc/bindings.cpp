@@ -1,9 +1,10 @@
-// The one Python module, dgemma._C. Each domain registers its functions; tensors arrive as any
-// object with torch's tensor attributes and are turned into TensorArg here, so no libtorch is linked.
+// The one Python module, dgemma._C. Each domain registers its functions; tensors arrive as torch.Tensor
+// objects whose attributes are read through Python into a TensorArg here, so no libtorch is linked.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
+#include <utility>
 
 #include "ops/info.h"
 #include "ops/norm.h"
@@ -29,18 +30,55 @@ DType parse_dtype(const std::string& s) {
 
 }  // namespace
 
+namespace {
+
+// torch's Tensor type and dtype objects, looked up once (then each conversion compares pointers instead of
+// formatting and parsing strings). Never released: they live as long as the interpreter's torch module.
+struct TorchObjects {
+  PyObject* tensor_type = nullptr;
+  std::vector<std::pair<PyObject*, DType>> dtypes;
+};
+
+const TorchObjects& torch_objects() {
+  static const TorchObjects* objects = [] {
+    py::module_ torch = py::module_::import("torch");
+    auto* o = new TorchObjects;
+    o->tensor_type = py::object(torch.attr("Tensor")).release().ptr();
+    const std::pair<const char*, DType> names[] = {
+        {"bfloat16", DType::kBFloat16}, {"float32", DType::kFloat32}, {"int64", DType::kInt64},
+        {"float8_e4m3fn", DType::kFloat8E4M3}, {"int32", DType::kInt32}, {"bool", DType::kBool},
+        {"uint8", DType::kUInt8}, {"float16", DType::kFloat16}};
+    for (const auto& [name, dtype] : names) o->dtypes.emplace_back(py::object(torch.attr(name)).release().ptr(), dtype);
+    return o;
+  }();
+  return *objects;
+}
+
+DType dtype_of(const py::handle& t, const TorchObjects& o) {
+  py::object dtype = t.attr("dtype");
+  for (const auto& [object, id] : o.dtypes)
+    if (dtype.ptr() == object) return id;
+  return parse_dtype(py::str(dtype).cast<std::string>());
+}
+
+}  // namespace
+
 TensorArg to_arg(const py::handle& t, const char* name) {
-  if (!py::hasattr(t, "data_ptr") || !py::hasattr(t, "stride"))
+  // NOTE: this runs for every tensor of every launch, so it stays on cheap attribute reads (~1 us each).
+  const TorchObjects& o = torch_objects();
+  const int is_tensor = PyObject_IsInstance(t.ptr(), o.tensor_type);
+  if (is_tensor != 1) {
+    if (is_tensor < 0) PyErr_Clear();
     throw std::invalid_argument(std::string(name) + " must be a torch.Tensor, got " +
                                 py::str(py::type::of(t)).cast<std::string>());
+  }
   TensorArg a;
   a.name = name;
   a.data = reinterpret_cast<void*>(t.attr("data_ptr")().cast<std::uintptr_t>());
-  a.dtype = parse_dtype(py::str(t.attr("dtype")).cast<std::string>());
+  a.dtype = dtype_of(t, o);
   a.shape = t.attr("shape").cast<std::vector<int64_t>>();
   a.strides = t.attr("stride")().cast<std::vector<int64_t>>();
-  py::object dev = t.attr("device");
-  a.device = dev.attr("type").cast<std::string>() == "cuda" ? dev.attr("index").cast<int>() : -1;
+  a.device = t.attr("is_cuda").cast<bool>() ? t.attr("get_device")().cast<int>() : -1;
   return a;
 }
 
