@@ -63,7 +63,7 @@ namespace {
 
 void bind_step(py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
                py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, double,
-               double, double, double, double, uint64_t, uint32_t, std::uintptr_t) {
+               double, double, double, double, uint64_t, uint32_t, std::uintptr_t, py::handle, py::handle) {
   cuda_unavailable("vocab_head_step");
 }
 
