@@ -96,3 +96,20 @@ def test_a_replayed_step_does_not_synchronise_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert stepper.replays == replays + 1
+
+
+def test_the_fast_stream_accessor_names_torchs_current_stream():
+    """Kernels are launched on _ext.current_stream(device): the same handle as torch's current stream, a
+    side stream and a graph's capture stream included."""
+    from dgemma import _ext
+
+    dev = torch.device("cuda")
+    assert _ext.current_stream(dev) == torch.cuda.current_stream(dev).cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert _ext.current_stream(dev) == side.cuda_stream != torch.cuda.default_stream(dev).cuda_stream
+    g = torch.cuda.CUDAGraph()
+    seen = []
+    with torch.cuda.graph(g):
+        seen.append((_ext.current_stream(dev), torch.cuda.current_stream(dev).cuda_stream))
+    assert seen[0][0] == seen[0][1]

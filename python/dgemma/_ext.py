@@ -39,8 +39,30 @@ def cuda_status() -> str | None:
     return None
 
 
+_cuda_ready = False  # set once cuda_status() has said yes: it cannot change within a process
+
+
 def require_cuda() -> ModuleType:
+    """The extension, when its CUDA kernels can run here (checked once: every kernel call passes here)."""
+    global _cuda_ready
+    if _cuda_ready:
+        return _C
     reason = cuda_status()
     if reason is not None:
         raise BackendUnavailableError(f"the CUDA backend is unavailable: {reason}")
+    _cuda_ready = True
     return _C
+
+
+def current_stream(device) -> int:
+    """The raw handle of the current CUDA stream of ``device`` (a torch.device), as the kernels take it.
+
+    NOTE: every kernel call needs it; torch's own accessor avoids building a torch.cuda.Stream object each
+    time (a few microseconds per launch)."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(index)
+    return torch.cuda.current_stream(index).cuda_stream

@@ -26,7 +26,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, out: t
     lib = _ext.require_cuda()
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    lib.rms_norm(x, weight, out, float(eps), torch.cuda.current_stream(x.device).cuda_stream)
+    lib.rms_norm(x, weight, out, float(eps), _ext.current_stream(x.device))
     return out
 
 
@@ -36,7 +36,7 @@ def residual_norm(x, a, wa, eps, b=None, wb=None, wc=None, scalar=None) -> torch
     reference's ops round it. All CUDA tensors of one dtype (float32 or bfloat16); x, a, b contiguous."""
     lib = _ext.require_cuda()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    lib.residual_norm(x, a, b, wa, wb, wc, scalar, out, float(eps), torch.cuda.current_stream(x.device).cuda_stream)
+    lib.residual_norm(x, a, b, wa, wb, wc, scalar, out, float(eps), _ext.current_stream(x.device))
     return out
 
 

@@ -70,7 +70,7 @@ def _attention(q, cache_k, cache_v, tail_k, tail_v, prefix_lens, ring_size, wind
         raise ValueError(f"valid has dtype {valid.dtype}, expected torch.bool")
     lib.attention_forward(q, cache_k, cache_v, tail_k, tail_v, lens, valid, out, part_o, part_lse, int(bound),
                           int(ring_size), int(window or 0), bool(causal), bool(causal), plan.num_splits,
-                          plan.split_tiles, torch.cuda.current_stream(q.device).cuda_stream)
+                          plan.split_tiles, _ext.current_stream(q.device))
     return out
 
 
@@ -150,5 +150,5 @@ def qkv_prep(q_proj: torch.Tensor, k_proj: torch.Tensor, v_proj: torch.Tensor | 
                torch.empty(b, t, hkv, d, dtype=q_proj.dtype, device=q_proj.device),
                torch.empty(b, t, hkv, d, dtype=q_proj.dtype, device=q_proj.device))
     lib.qkv_prep(q_proj, k_proj, v_proj, q_norm, k_norm, cos, sin, out[0], out[1], out[2], cache_k, cache_v,
-                 int(start), int(ring_size), float(eps), torch.cuda.current_stream(q_proj.device).cuda_stream)
+                 int(start), int(ring_size), float(eps), _ext.current_stream(q_proj.device))
     return out

@@ -11,6 +11,8 @@ are quantised per token inside the pipeline. :func:`plan_dispatch` is the refere
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _ext
@@ -20,7 +22,14 @@ _workspaces: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    return _ext.current_stream(device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _workspace_bytes(query: str, *sizes) -> int:
+    """A ``*_workspace_bytes`` query of the extension, remembered per problem size and device (each call
+    would otherwise ask the driver for the device's properties)."""
+    return int(getattr(_ext.require_cuda(), query)(*sizes))
 
 
 def _device_index(device: torch.device) -> int:
@@ -33,7 +42,7 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     graph's own memory pool instead: a cached buffer could later be replaced (freed) under a graph."""
     if torch.cuda.is_current_stream_capturing():
         return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    key = (device, _ext.current_stream(device))
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < nbytes:
         ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
@@ -127,7 +136,8 @@ def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
     weights = weights if weights.dtype == torch.float32 else weights.float()
     if out is None:
         out = torch.empty(n, hidden, dtype=torch.bfloat16, device=x.device)
-    nbytes = lib.moe_fp8_workspace_bytes(n, ids.shape[1], hidden, two_i // 2, e, _device_index(x.device))
+    nbytes = _workspace_bytes("moe_fp8_workspace_bytes", n, ids.shape[1], hidden, two_i // 2, e,
+                              _device_index(x.device))
     lib.moe_fp8(x, ids.contiguous(), weights.contiguous(), gate_up.q, gate_up.scale, down.q, down.scale, out,
                 _workspace(x.device, nbytes), _stream(x.device))
     return out
@@ -166,7 +176,7 @@ def linear_fp8(x: torch.Tensor, weight: Fp8Weight, *, out: torch.Tensor | None =
     n_out, k = weight.q.shape
     if out is None:
         out = torch.empty(*x.shape[:-1], n_out, dtype=torch.bfloat16, device=x.device)
-    nbytes = lib.fp8_linear_workspace_bytes(x2.shape[0], n_out, k, _device_index(x.device))
+    nbytes = _workspace_bytes("fp8_linear_workspace_bytes", x2.shape[0], n_out, k, _device_index(x.device))
     lib.fp8_linear(x2, weight.q, weight.scale, out.view(-1, n_out), _workspace(x.device, nbytes), _stream(x.device))
     return out
 
@@ -186,7 +196,7 @@ def gated_mlp_fp8(x: torch.Tensor, gate: Fp8Weight, up: Fp8Weight, down: Fp8Weig
     inter = gate.q.shape[0]
     if out is None:
         out = torch.empty(*x.shape[:-1], hidden, dtype=torch.bfloat16, device=x.device)
-    nbytes = lib.fp8_gated_mlp_workspace_bytes(x2.shape[0], hidden, inter, _device_index(x.device))
+    nbytes = _workspace_bytes("fp8_gated_mlp_workspace_bytes", x2.shape[0], hidden, inter, _device_index(x.device))
     lib.fp8_gated_mlp(x2, gate.q, gate.scale, up.q, up.scale, down.q, down.scale, out.view(-1, hidden),
                       _workspace(x.device, nbytes), _stream(x.device))
     return out

@@ -8,6 +8,8 @@ dgemma's own Philox stream (documented in :mod:`dgemma.vocab_head`, which holds 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _ext
@@ -19,11 +21,17 @@ def workspace_bytes(batch: int, canvas: int, vocab: int, hidden: int, *, self_co
     """Bytes of the uint8 workspace one :func:`vocab_head_step` call needs (split counts follow the
     device's multiprocessor count). With self-conditioning it holds the bf16 probabilities,
     ``batch·canvas·vocab·2`` bytes (134 MB per 256-token sequence at vocab 262144)."""
-    lib = _ext.require_cuda()
     index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return int(lib.vocab_head_workspace_bytes(batch, canvas, vocab, hidden, self_conditioning, index))
+    return _workspace_bytes(batch, canvas, vocab, hidden, self_conditioning, index)
 
 
+@functools.lru_cache(maxsize=1024)
+def _workspace_bytes(batch: int, canvas: int, vocab: int, hidden: int, self_conditioning: bool, index: int) -> int:
+    return int(_ext.require_cuda().vocab_head_workspace_bytes(batch, canvas, vocab, hidden, self_conditioning,
+                                                              index))
+
+
+@functools.lru_cache(maxsize=64)
 def _bf16_scale(scale: float) -> float:
     # The reference multiplies by the scale rounded to the table dtype (sqrt(2816) is 53.0 in bf16).
     return float(torch.tensor(scale, dtype=torch.float32).to(torch.bfloat16))
@@ -104,7 +112,7 @@ def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | t
                         out.accepted, out.next_canvas, out.mean_entropy, out.stable, out.finished, out.soft,
                         workspace, float(temperature), float(softcap), float(entropy_bound),
                         float(confidence_threshold), scale, int(seed), int(step),
-                        torch.cuda.current_stream(device).cuda_stream, device_seed_step, device_temperature)
+                        _ext.current_stream(device), device_seed_step, device_temperature)
     if finished is not None:
         out.next_canvas = torch.where(finished[:, None], canvas, out.next_canvas)
         out.argmax = torch.where(finished[:, None], prev_argmax, out.argmax)
