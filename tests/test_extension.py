@@ -39,6 +39,21 @@ def test_vocab_head_limits_come_from_the_extension():
     assert "vocab size 0" in lib.vocab_head_unsupported(1, 256, 0, 2816)
 
 
+def test_attention_and_router_limits_come_from_the_extension():
+    """Host-only queries, in every build: the CUDA ops ask them instead of restating the kernels' limits."""
+    lib = _ext.extension()
+    assert lib.attention_head_dim_supported(256) and lib.attention_head_dim_supported(512)
+    assert not any(lib.attention_head_dim_supported(d) for d in (0, -1, 64, 128, 255, 1024, 2**40))
+    assert lib.moe_route_unsupported(128, 8, 2816) == ""  # 26B-A4B
+    assert lib.moe_route_unsupported(256, 16, 64) == ""
+    assert "100 experts: expected a multiple of 32 up to 256" in lib.moe_route_unsupported(100, 8, 2816)
+    assert "512 experts" in lib.moe_route_unsupported(512, 8, 2816)
+    assert "top_k 17: expected 1..16" in lib.moe_route_unsupported(128, 17, 2816)
+    assert "top_k 0" in lib.moe_route_unsupported(32, 0, 64)
+    assert "hidden size 100: expected a positive multiple of 8" in lib.moe_route_unsupported(128, 8, 100)
+    assert "too large for the router's shared memory" in lib.moe_route_unsupported(128, 8, 16384)
+
+
 def test_cuda_status_names_the_reason():
     reason = _ext.cuda_status()
     if reason is not None:

@@ -41,7 +41,8 @@ OPS = (
     "attention_tile_shape", "attention_forward", "vocab_head_workspace_bytes", "vocab_head_step",
     "device_capability",
 )
-NO_ERROR_PATH = {"version", "built_with_cuda", "cuda_runtime_version", "vocab_head_unsupported"}
+NO_ERROR_PATH = {"version", "built_with_cuda", "cuda_runtime_version", "vocab_head_unsupported",
+                 "attention_head_dim_supported", "moe_route_unsupported"}
 
 
 @dataclass

@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "kernels/fp8_quant.cuh"
+#include "kernels/moe_route_limits.h"
 
 namespace dgemma::kernels {
 
@@ -26,17 +27,8 @@ namespace dgemma::kernels {
 // trades L2 reads of proj (one per block) against parallelism. The default, 4 tokens x 8 warps, runs
 // 64 blocks for a 256-token canvas (the first version's 8 x 8 ran 32, at 131 us per layer on an H200);
 // DGEMMA_ROUTE_TILE selects another compiled tile (ops/moe.cu). 16-warp tiles spill (128 registers).
-constexpr int kRouteMaxTokens = 8;
-constexpr int kRouteMaxExperts = 256;
-constexpr int kRouteMaxTopK = 16;
 
 __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
-
-// Dynamic shared memory of a kTokens tile: kTokens * hidden bf16 (normalised tokens) + kTokens * experts fp32.
-inline size_t route_smem_bytes(int hidden, int experts, int tokens_per_block = kRouteMaxTokens) {
-  return static_cast<size_t>(tokens_per_block) * hidden * sizeof(__nv_bfloat16) +
-         static_cast<size_t>(tokens_per_block) * experts * sizeof(float);
-}
 
 // hidden % 8 == 0 (16-byte vectors); experts <= kRouteMaxExperts, a multiple of 32; top_k <= min(experts,
 // kRouteMaxTopK). Outputs: weights [tokens, top_k] fp32, ids [tokens, top_k] int32, by descending probability.

@@ -1,4 +1,5 @@
-// Python bindings of the attention domain: attention_forward, qkv_prep, attention_tile_shape.
+// Python bindings of the attention domain: attention_forward, qkv_prep, attention_tile_shape,
+// attention_head_dim_supported.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
@@ -77,6 +78,12 @@ void register_attention(py::module_& m) {
         return py::make_tuple(bm, bn);
       },
       py::arg("head_dim"), "(block_m, block_n) of the attention kernel for a head dim (256 or 512).");
+  m.def(
+      "attention_head_dim_supported",
+      [](int64_t head_dim) {
+        return head_dim > 0 && head_dim <= (1 << 20) && kernels::attention_head_dim_supported(static_cast<int>(head_dim));
+      },
+      py::arg("head_dim"), "Whether the attention and qkv_prep kernels take this head dim.");
   m.def("attention_forward", &attention_forward_py, py::arg("q"), py::arg("cache_k"), py::arg("cache_v"),
         py::arg("tail_k"), py::arg("tail_v"), py::arg("prefix_lens"), py::arg("valid"), py::arg("out"),
         py::arg("part_o"), py::arg("part_lse"), py::arg("max_prefix"), py::arg("ring_size"), py::arg("window"),

@@ -146,7 +146,7 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
   check_matrix(weights, DType::kFloat32, tokens, top_k, "tokens", "top_k");
   check_same_device(x, ids);
   check_matrix(ids, DType::kInt32, tokens, top_k, "tokens", "top_k");
-  if (kernels::route_smem_bytes(static_cast<int>(hidden), static_cast<int>(experts)) > 200 * 1024)
+  if (kernels::route_smem_bytes(static_cast<int>(hidden), static_cast<int>(experts)) > kernels::kRouteMaxSmemBytes)
     ::dgemma::throw_invalid(x.name + " hidden size " + std::to_string(hidden) + " is too large for the router");
 
   throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");

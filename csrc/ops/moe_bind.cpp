@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/moe_route_limits.h"
 #include "ops/registry.h"
 
 #ifdef DGEMMA_WITH_CUDA
@@ -14,9 +15,20 @@ namespace py = pybind11;
 
 namespace dgemma {
 
+namespace {
+
+// Host-only queries: available in every build (the ops ask them before choosing a kernel).
+void register_moe_limits(py::module_& m) {
+  m.def("moe_route_unsupported", &kernels::route_unsupported, py::arg("experts"), py::arg("top_k"),
+        py::arg("hidden"), "Why the router kernel cannot run these sizes, or '' when it can.");
+}
+
+}  // namespace
+
 #ifdef DGEMMA_WITH_CUDA
 
 void register_moe(py::module_& m) {
+  register_moe_limits(m);
   m.def(
       "moe_route",
       [](py::handle x, py::handle scale, py::handle proj, py::handle expert_scale, int top_k, double eps,
@@ -81,6 +93,7 @@ void register_moe(py::module_& m) {
 
 
 void register_moe(py::module_& m) {
+  register_moe_limits(m);
   m.def(
       "moe_route",
       [](py::handle, py::handle, py::handle, py::handle, int, double, py::handle, py::handle, std::uintptr_t) {

@@ -1,6 +1,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/attention_tiles.cuh"
 #include "kernels/qkv_prep.cuh"
 #include "ops/attention.h"
 #include "ops/attention_checks.h"
@@ -18,7 +19,7 @@ void qkv_prep(const TensorArg& q_in, const TensorArg& k_in, const TensorArg* v_i
   check_bf16_rows(q_out, 4, dev);
   check_contiguous(q_out);
   const int64_t b = q_out.shape[0], t = q_out.shape[1], hq = q_out.shape[2], d = q_out.shape[3];
-  if (d != 256 && d != 512)
+  if (d > (1 << 20) || !kernels::attention_head_dim_supported(static_cast<int>(d)))
     ::dgemma::throw_invalid("q_out head_dim " + std::to_string(d) + " is not supported (expected 256 or 512)");
   check_bf16_rows(k_out, 4, dev);
   check_contiguous(k_out);

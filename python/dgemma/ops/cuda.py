@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _ext
@@ -61,11 +63,11 @@ class ResidualOpsMixin:
 
 
 class AttentionOpsMixin:
-    """Cache-aware attention on the dgemma kernels for bf16 CUDA tensors of head_dim 256/512."""
+    """Cache-aware attention on the dgemma kernels for bf16 CUDA tensors of a head dim they take."""
 
     @staticmethod
     def _attention_fits(q: torch.Tensor) -> bool:
-        return q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] in (256, 512)
+        return q.is_cuda and q.dtype == torch.bfloat16 and head_dim_supported(q.shape[-1])
 
     def encoder_attention(self, q, k, v, cache, layer, start, valid, blocks=None):
         # NOTE: the kernel is causal only; a prompt with images attending to themselves whole runs the reference.
@@ -88,6 +90,12 @@ class AttentionOpsMixin:
         # The lengths stay on the device; the split plan follows the bucket's bound.
         return cuda_attention.decoder_attention(q, cache.keys[layer], cache.values[layer], k, v, prefix.lengths,
                                                 ring, spec.window, valid=valid, max_prefix=prefix.bound)
+
+
+@functools.lru_cache(maxsize=64)
+def head_dim_supported(head_dim: int) -> bool:
+    """Whether the attention and qkv_prep kernels take ``head_dim`` (asked of the extension)."""
+    return bool(_ext.require_cuda().attention_head_dim_supported(head_dim))
 
 
 def fuse_qkv(w) -> Fp8Weight | None:
@@ -113,12 +121,12 @@ def fuse_qkv(w) -> Fp8Weight | None:
 
 
 class QkvOpsMixin:
-    """The attention inputs in two launches where they fit (bf16 CUDA activations, head_dim 256/512): one FP8
+    """The attention inputs in two launches where they fit (bf16 CUDA activations, a head dim the kernels take): one FP8
     GEMM for q, k and v together (:func:`fuse_qkv`) and the fused norms + RoPE kernel (``qkv_prep``)."""
 
     def project_qkv(self, h, w, head_dim, cos, sin, eps):
-        if not (h.is_cuda and h.dtype == torch.bfloat16 and head_dim in (256, 512) and cos.dtype == torch.bfloat16
-                and w.q_norm.dtype == torch.bfloat16):
+        if not (h.is_cuda and h.dtype == torch.bfloat16 and cos.dtype == torch.bfloat16
+                and w.q_norm.dtype == torch.bfloat16 and head_dim_supported(head_dim)):
             return super().project_qkv(h, w, head_dim, cos, sin, eps)
         fused = fuse_qkv(w)
         if fused is not None:

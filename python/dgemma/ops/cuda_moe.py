@@ -202,6 +202,12 @@ def gated_mlp_fp8(x: torch.Tensor, gate: Fp8Weight, up: Fp8Weight, down: Fp8Weig
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _route_supported(experts: int, top_k: int, hidden: int) -> bool:
+    """Whether the router kernel takes these sizes (asked of the extension: its limits live there)."""
+    return _ext.require_cuda().moe_route_unsupported(experts, top_k, hidden) == ""
+
+
 def _kernel_ready(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and x.numel() > 0
 
@@ -222,7 +228,7 @@ class Fp8MoeOpsMixin:
         return super().gated_mlp(x, gate, up, down)
 
     def route(self, x, scale, proj, expert_scale, top_k, eps):
-        if _kernel_ready(x) and proj.dtype == torch.bfloat16 and proj.shape[0] % 32 == 0 and proj.shape[0] <= 256:
+        if _kernel_ready(x) and proj.dtype == torch.bfloat16 and _route_supported(proj.shape[0], top_k, x.shape[-1]):
             return route(x, scale, proj, expert_scale, top_k, eps)
         return super().route(x, scale, proj, expert_scale, top_k, eps)
 
