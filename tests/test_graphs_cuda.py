@@ -49,6 +49,7 @@ def test_prefix_view_decoder_matches_the_host_length_decoder(prompt):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_generate_with_graphs_gives_the_tokens_without(batch):
+    """Steps and commit passes replayed from graphs: the same tokens and drafts as the eager fused path."""
     eng = _engine()
     ids = torch.randint(3, eng.config.vocab_size, (batch, 100), device="cuda")
     kw = dict(max_new_tokens=512, max_denoising_steps=6, eos_token_id=[], pad_token_id=0,
@@ -62,8 +63,9 @@ def test_generate_with_graphs_gives_the_tokens_without(batch):
     graphed = eng.generate(ids, seed=5, cache=cache, stream=graph_events.append, **kw)
     stepper = cache._graph_stepper
     assert stepper.failed is None, stepper.failed
-    # Two blocks of 6 steps at prefixes 100 and 356 (one bucket): the first and a later step captured once.
-    assert stepper.captures == 2 and stepper.replays == 2 * 6 - 2
+    # Two blocks of 6 steps at prefixes 100 and 356 (one bucket): the first step, a later step and the commit
+    # pass before block 2 captured once each; the other steps replayed.
+    assert stepper.captures == 3 and stepper.replays == 2 * 6 - 2
     assert torch.equal(graphed.sequences, eager.sequences)
     assert len(graph_events) == len(eager_events)
     for a, b in zip(graph_events, eager_events):
@@ -71,7 +73,7 @@ def test_generate_with_graphs_gives_the_tokens_without(batch):
     # The same cache again (a chat turn, still in the bucket): replays only, still identical to eager.
     turn = dict(max_new_tokens=256, max_denoising_steps=6, eos_token_id=[], confidence_threshold=1e-30)
     again = eng.generate(graphed.new_tokens[:, :256], seed=6, cache=cache, **turn)
-    assert stepper.captures == 2 and stepper.replays == 2 * 6 - 2 + 6
+    assert stepper.captures == 3 and stepper.replays == 2 * 6 - 2 + 6
     eng.cuda_graphs = False
     ref = eng.generate(eager.new_tokens[:, :256], seed=6, cache=eager_cache, **turn)
     assert torch.equal(again.sequences, ref.sequences)
@@ -113,3 +115,23 @@ def test_the_fast_stream_accessor_names_torchs_current_stream():
     with torch.cuda.graph(g):
         seen.append((_ext.current_stream(dev), torch.cuda.current_stream(dev).cuda_stream))
     assert seen[0][0] == seen[0][1]
+
+
+def test_encode_view_matches_encode_on_the_gpu():
+    """The commit pass with device-resident start positions (what a graph replays) against the host-position
+    encoder: the same K/V up to the split plan's rounding, the same validity and length."""
+    eng = _engine()
+    ids = torch.randint(3, eng.config.vocab_size, (2, 700), device="cuda")
+    a, b = eng.new_cache(2, 700 + 512), eng.new_cache(2, 700 + 512)
+    for cache in (a, b):
+        eng.encode(ids, cache=cache)
+    for n in range(2):
+        block = torch.randint(0, eng.config.vocab_size, (2, 256), device="cuda")
+        eng.model.encode(block, a)
+        start = b.length
+        eng.model.encode_view(block, b, b.prefix_view())
+        b.length = start + 256
+    assert a.length == b.length and torch.equal(a.valid, b.valid)
+    for layer in range(len(a.keys)):
+        for x, y in ((a.keys[layer], b.keys[layer]), (a.values[layer], b.values[layer])):
+            assert float((x.float() - y.float()).norm() / x.float().norm()) < 1e-2, layer

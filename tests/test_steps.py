@@ -33,8 +33,8 @@ class FusedReferenceOps(CapturableOps):
         return True
 
 
-def engine(fused=False, seed=5, capturable=False):
-    eng = random_engine("tiny", seed=seed, canvas_length=32)
+def engine(fused=False, seed=5, capturable=False, canvas=32):
+    eng = random_engine("tiny", seed=seed, canvas_length=canvas)
     if fused:
         eng.model.ops = FusedReferenceOps()
     elif capturable:
@@ -181,20 +181,32 @@ class ReplayCheckingGraph:
     def replay(self):
         ops, new = trace(self.fn)
         assert ops == self.ops, "the step launched something other than what was captured"
-        for name in ("argmax", "next_canvas", "mean_entropy", "soft"):
-            getattr(self.out, name).copy_(getattr(new, name))
+        if self.out is not None:
+            for name in ("argmax", "next_canvas", "mean_entropy", "soft"):
+                getattr(self.out, name).copy_(getattr(new, name))
         self.replays += 1
 
 
 class ReplayCheckingFactory:
+    """Captures by tracing one run of the callable; as a real capture runs nothing, the cache the run may
+    write (a commit pass) is put back as it was afterwards."""
+
     def __init__(self):
-        self.graphs = []
+        self.graphs, self.cache = [], None
 
     def capture(self, fn, device):
+        c = self.cache
+        saved = None if c is None else ([k.clone() for k in c.keys], [v.clone() for v in c.values], c.valid.clone())
         ops, out = trace(fn)
+        if saved is not None:
+            for dst, src in zip(c.keys + c.values + [c.valid], saved[0] + saved[1] + [saved[2]]):
+                dst.copy_(src)
         g = ReplayCheckingGraph(fn, ops, out)
         self.graphs.append(g)
         return g, out
+
+    def recover(self, device):
+        pass
 
 
 def graphed(eng, factory):
@@ -209,6 +221,7 @@ def graphed(eng, factory):
         s = getattr(cache, "_graph_stepper", None)
         if s is None:
             s = cache._graph_stepper = CudaGraphStepper(engine.model, cache, sampler, graph_factory=factory)
+            factory.cache = cache
         s.bind(sampler)
         return s
     return stepper
@@ -217,7 +230,7 @@ def graphed(eng, factory):
 def test_graph_stepper_gives_the_eager_tokens_and_replays_one_graph_per_bucket(monkeypatch):
     import dgemma.generation as generation
 
-    eng = engine(fused=True)
+    eng = engine(fused=True, canvas=16)  # canvas 16 fits the sliding rings (31 slots): commits go through a graph
     x = ids(2, 20)
     kw = dict(max_new_tokens=96, max_denoising_steps=5, eos_token_id=[], pad_token_id=0, stability_threshold=1,
               confidence_threshold=1e-30)
@@ -233,9 +246,10 @@ def test_graph_stepper_gives_the_eager_tokens_and_replays_one_graph_per_bucket(m
     for a, b in zip(events, eager_events):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.finished, b.finished)
     stepper = cache._graph_stepper
-    # Three blocks of 5 steps in one bucket: the first and the later steps captured once each, replayed after.
-    assert stepper.captures == 2 and stepper.failed is None
-    assert stepper.replays == 3 * 5 - 2 == sum(g.replays for g in factory.graphs)
+    # Six blocks of 5 steps in one bucket: the first step, the later steps and the commit pass (before blocks
+    # 2..6) captured once each and replayed after.
+    assert stepper.captures == 3 and stepper.failed is None
+    assert stepper.replays == (6 * 5 - 2) + (5 - 1) == sum(g.replays for g in factory.graphs)
 
 
 def test_graph_stepper_reuses_its_graphs_for_the_next_generation_on_the_same_cache(monkeypatch):
@@ -254,7 +268,9 @@ def test_graph_stepper_reuses_its_graphs_for_the_next_generation_on_the_same_cac
     second = eng.generate(first.new_tokens, seed=2, cache=cache, **kw)
     assert torch.equal(first.sequences, first_eager.sequences)
     assert torch.equal(second.sequences, second_eager.sequences)
-    assert cache._graph_stepper.captures == 2 and len(factory.graphs) == 2  # same bucket: no new capture
+    # The first generation (one block) captures the two steps; the second's new prompt goes through the plain
+    # encoder and its one block replays them: no new capture in the same bucket.
+    assert cache._graph_stepper.captures == 2 and len(factory.graphs) == 2
 
 
 def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(caplog):
@@ -308,3 +324,77 @@ def test_load_takes_cuda_graphs(tmp_path):
     assert dgemma.load(path, cuda_graphs=True).cuda_graphs is True
     with pytest.raises(DgemmaError, match="cuda_graphs must be True or False, got 'yes'"):
         dgemma.load(path, cuda_graphs="yes")
+
+
+# -- the commit pass with its start on the device (encode_view) -------------------------------------------
+
+
+def snapshot(cache):
+    return [k.clone() for k in cache.keys], [v.clone() for v in cache.values], cache.valid.clone(), cache.length
+
+
+@pytest.mark.parametrize("prompt,rollback,pad", [(20, 0, 0), (70, 16, 0), (45, 0, 3)])
+def test_encode_view_writes_what_encode_writes(prompt, rollback, pad):
+    """Three commits of 16 tokens after a prompt (rings wrapping, spare slots, left padding): the cache holds
+    the same K/V (fp32, within 1e-5), validity and length as with the host-position encoder."""
+    eng = engine(canvas=16)
+    x = ids(2, prompt)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[1, :pad] = False
+    a, b = (eng.new_cache(2, prompt + 64, rollback=rollback) for _ in range(2))
+    for c in (a, b):
+        eng.encode(x, cache=c, attention_mask=mask if pad else None)
+    for n in range(3):
+        block = ids(2, 16, seed=10 + n)
+        eng.model.encode(block, a)
+        start = b.length
+        eng.model.encode_view(block, b, b.prefix_view())
+        b.length = start + 16
+    ka, va, valid_a, len_a = snapshot(a)
+    kb, vb, valid_b, len_b = snapshot(b)
+    assert len_a == len_b and torch.equal(valid_a, valid_b)
+    for x1, x2 in zip(ka + va, kb + vb):
+        assert rel(x2, x1) < 1e-5
+
+
+def test_the_commit_pass_of_one_bucket_launches_the_same_ops_whatever_the_length():
+    eng = engine(capturable=True, canvas=16)
+    block = ids(1, 16, seed=4)
+    traces = []
+    for prompt in (40, 75):
+        cache = eng.new_cache(1, 200, rollback=16)
+        eng.encode(ids(1, prompt), cache=cache)
+        view = cache.prefix_view()  # filled on the host, outside what a graph holds
+        traces.append(trace(lambda: eng.model.encode_view(block, cache, view))[0])
+    assert traces[0] == traces[1]
+    assert not any(name in op[0] for op in traces[0] for name in ("_local_scalar_dense", "nonzero", "bincount"))
+
+
+def test_an_interrupted_fused_generation_leaves_the_cache_as_it_was():
+    """The fused path's commit passes write through encode_view: closing the stream after the second block
+    (one commit done) rolls the cache back exactly, and a retry equals an uninterrupted run."""
+    eng = engine(fused=True, canvas=16)
+    x = ids(1, 30)
+    kw = dict(max_new_tokens=64, max_denoising_steps=3, eos_token_id=[], seed=4)
+    cache = eng.new_cache(1, 30 + 64 + 32)
+    eng.encode(x, cache=cache)
+    before = snapshot(cache)
+    stream = eng.generate_stream(x[:, :0].new_tensor([[5, 6, 7]]), cache=cache, **kw)
+    blocks = 0
+    for item in stream:
+        if item.kind == "block":
+            blocks += 1
+            if blocks == 2:
+                break
+    stream.close()
+    after = snapshot(cache)
+    assert after[3] == before[3] and torch.equal(after[2], before[2])
+    for layer, spec in enumerate(eng.config.layers):
+        # What the cache promises: a sliding layer's whole ring, a full layer's positions below its length.
+        n = cache.ring_size(layer) if spec.is_sliding else before[3]
+        for which in (0, 1):
+            assert torch.equal(after[which][layer][:, :, :n], before[which][layer][:, :, :n]), (layer, which)
+    retry = eng.generate(x[:, :0].new_tensor([[5, 6, 7]]), cache=cache, **kw)
+    fresh = eng.new_cache(1, 30 + 64 + 32)
+    eng.encode(x, cache=fresh)
+    assert torch.equal(retry.new_tokens, eng.generate(x[:, :0].new_tensor([[5, 6, 7]]), cache=fresh, **kw).new_tokens)

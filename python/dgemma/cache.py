@@ -143,6 +143,22 @@ class KVCache:
             self.keys[layer][:, :, start:start + t] = k
             self.values[layer][:, :, start:start + t] = v
 
+    def scatter(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store k/v [B, KVH, T, D] at per-row positions [B, T] (a device tensor: no host read), slot =
+        position % ring on sliding layers. The caller made sure each ring holds T positions and saved what a
+        transaction needs (:meth:`save_for_undo`); ``length`` is not changed here."""
+        slots = positions % self.ring_size(layer) if self.config.layers[layer].is_sliding else positions
+        index = slots[:, None, :, None].expand(k.shape)
+        self.keys[layer].scatter_(2, index, k)
+        self.values[layer].scatter_(2, index, v)
+
+    def save_for_undo(self, start: int, t: int) -> None:
+        """Before a device-side write of positions ``start..start+t-1`` (:meth:`scatter`): keep, in an open
+        transaction, what the write will overwrite on every layer (as :meth:`write` does for itself)."""
+        if self._undo is not None:
+            for layer in range(len(self.keys)):
+                self._undo.save(layer, start, t)
+
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.capacity:
             raise DgemmaError(

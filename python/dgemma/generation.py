@@ -122,7 +122,10 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
     max_length = t + past + settings.max_new_tokens
     eos = torch.tensor(eos_token_ids, device=device) if eos_token_ids else None
     sampler = make_sampler(engine, settings, generator)  # a seeded sampler draws its key here
-    stepper = ExternalStepper(sampler) if external_decoder else make_stepper(engine, cache, sampler)
+    if external_decoder:
+        stepper = ExternalStepper(engine.model, cache, sampler)
+    else:
+        stepper = make_stepper(engine, cache, sampler)
     finished_seq = torch.zeros(b, dtype=torch.bool, device=device)
     passes = torch.zeros(b, dtype=torch.int, device=device)
     timings = {"encode_s": 0.0, "denoise_s": 0.0}
@@ -154,7 +157,7 @@ def _blocks(engine, ids, attention_mask, settings, generator, canvas, cache, ima
         if block == 0:
             engine.model.encode(ids, cache, attention_mask, image_features, mm_token_type_ids)
         else:
-            engine.model.encode(seq[:, -c:], cache)
+            stepper.commit(seq[:, -c:])  # the commit pass of the previous block
         timings["encode_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         # NOTE: the random canvas is drawn even when one is supplied, as the reference loop does, so

@@ -131,6 +131,37 @@ class DiffusionGemmaModel:
         cache.has_padding = has_padding
         cache.length = start + t
 
+    def encode_view(self, ids: torch.Tensor, cache: KVCache, prefix: PrefixView) -> None:
+        """:meth:`encode` of ``ids`` [B, T] (real tokens, no images) with the start positions on the device
+        (``prefix.lengths``, planned for ``prefix.bound``): no launch argument depends on the exact length,
+        so a commit pass can be captured once per bucket (see :mod:`dgemma.steps`). The K/V of the new
+        positions are scattered into the cache on the device; the caller updates ``cache.length`` (and saves
+        what a transaction needs, :meth:`KVCache.save_for_undo`) on the host. Each sliding ring must hold T."""
+        b, t = ids.shape
+        dev = ids.device
+        positions = prefix.lengths.long()[:, None] + torch.arange(t, device=dev)  # [B, T]
+        ropes = self._rope_tables(positions, self.w.embed.dtype)
+        valid = cache.valid.scatter(1, positions, True)
+        x = self.ops.embed(ids, self.w.embed, self.cfg.embed_scale)
+        pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+        def attend(i: int, h: torch.Tensor) -> torch.Tensor:
+            spec = self.cfg.layers[i]
+            q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
+            pending.append((i, k, v))
+            return self.ops.encoder_attention_view(q, k, v, cache, i, prefix, valid).reshape(b, t, -1)
+
+        last = len(self.w.layers) - 1
+        for i, lw in enumerate(self.w.layers[:-1]):
+            x = self._layer(i, x, attend, lw.encoder_scalar)
+        spec = self.cfg.layers[last]
+        h = self.ops.rms_norm(x, self.w.layers[last].input_norm, self.cfg.rms_norm_eps)
+        _, k, v = self._project_qkv(spec, self.w.layers[last].attn, h, *ropes[spec.kind])
+        pending.append((last, k, v))
+        for i, k, v in pending:  # after every layer ran, as in encode
+            cache.scatter(i, k, v, positions)
+        cache.valid.copy_(valid)
+
     def image_features(self, pixel_values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Soft tokens [n, H] of preprocessed images (see :class:`dgemma.vision.VisionTower`)."""
         if self.vision is None:

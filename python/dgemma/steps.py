@@ -32,8 +32,8 @@ from .sampler import Draw, PhiloxHeadSampler, TorchStreamSampler
 
 log = logging.getLogger("dgemma")
 
-# Graphs kept per cache: the first and the later steps of two prefix buckets.
-MAX_GRAPHS_PER_CACHE = 4
+# Graphs kept per cache: the first step, the later steps and the commit pass of two prefix buckets.
+MAX_GRAPHS_PER_CACHE = 6
 
 
 class ExternalStepper:
@@ -42,8 +42,11 @@ class ExternalStepper:
 
     external = True
 
-    def __init__(self, sampler):
-        self.sampler = sampler
+    def __init__(self, model, cache: KVCache, sampler):
+        self.model, self.cache, self.sampler = model, cache, sampler
+
+    def commit(self, ids: torch.Tensor) -> None:
+        self.model.encode(ids, self.cache)
 
     def draw(self, h, canvas: torch.Tensor, n: int, finished: torch.Tensor) -> Draw:
         if not isinstance(h, torch.Tensor) or h.shape[:2] != canvas.shape:
@@ -61,6 +64,10 @@ class TorchStreamStepper:
     def __call__(self, canvas: torch.Tensor, soft: torch.Tensor | None, n: int, finished: torch.Tensor) -> Draw:
         return self.sampler.step(self.model.denoise_hidden(canvas, self.cache, soft), canvas, n, finished)
 
+    def commit(self, ids: torch.Tensor) -> None:
+        """The commit pass of a finished block: its tokens encoded into the cache."""
+        self.model.encode(ids, self.cache)
+
 
 class FusedHeadStepper:
     external = False
@@ -77,6 +84,18 @@ class FusedHeadStepper:
     def __call__(self, canvas: torch.Tensor, soft: torch.Tensor | None, n: int, finished: torch.Tensor) -> Draw:
         self.sampler.prepare(n)
         return self.body(canvas, soft, finished, self.cache.prefix_view())
+
+    def commit(self, ids: torch.Tensor) -> None:
+        """The commit pass through :meth:`~dgemma.model.DiffusionGemmaModel.encode_view` (start positions on the
+        device), the same computation a graph replays; the plain encoder where the rings cannot take it."""
+        cache = self.cache
+        if not _view_commit_fits(cache, ids.shape[1]):
+            self.model.encode(ids, cache)
+            return
+        start, t = cache.length, ids.shape[1]
+        cache.save_for_undo(start, t)
+        self.model.encode_view(ids, cache, cache.prefix_view())
+        cache.length = start + t
 
 
 class _Graph:
@@ -97,6 +116,7 @@ class CudaGraphStepper(FusedHeadStepper):
         self.soft = torch.zeros(b, c, hidden, dtype=model.w.embed.dtype, device=dev)
         self.finished = torch.zeros(b, dtype=torch.bool, device=dev)
         self.lengths = torch.zeros(b, dtype=torch.int32, device=dev)
+        self.commit_ids: dict[int, torch.Tensor] = {}  # static ids of a commit pass, per token count
         self.scalars = sampler.scalars
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.graph_factory = graph_factory or CudaGraphFactory()
@@ -129,18 +149,50 @@ class CudaGraphStepper(FusedHeadStepper):
             return Draw(out.argmax.clone(), out.next_canvas.clone(), out.mean_entropy.clone(), out.soft.clone())
         args = (self.canvas, None if first else self.soft, self.finished, prefix)
         result = self.body(*args)  # this step's result, eagerly; also the warm-up of the capture
+        self._capture(key, lambda: self.body(*args))
+        return result
+
+    def _capture(self, key: tuple, fn) -> None:
+        """Capture ``fn`` for ``key`` (its eager run already happened); on failure, log why and stay eager."""
         try:
-            graph, out = self.graph_factory.capture(lambda: self.body(*args), cache.device)
+            graph, out = self.graph_factory.capture(fn, self.cache.device)
         except Exception as e:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly
             self.failed = f"{type(e).__name__}: {e}"
-            self.graph_factory.recover(cache.device)
+            self.graph_factory.recover(self.cache.device)
             log.warning("dgemma: CUDA graph capture failed, denoising steps run without graphs (%s)", self.failed)
-            return result
+            return
         self.captures += 1
         self.graphs[key] = _Graph(graph, out)
         while len(self.graphs) > MAX_GRAPHS_PER_CACHE:
             self.graphs.popitem(last=False)
-        return result
+
+    def commit(self, ids: torch.Tensor) -> None:
+        """The commit pass replayed from a graph per (tokens, prefix bucket, padding), like the steps."""
+        cache, t = self.cache, ids.shape[1]
+        if self.failed is not None or not _view_commit_fits(cache, t):
+            return super().commit(ids)
+        start = cache.length
+        buf = self.commit_ids.get(t)
+        if buf is None:
+            buf = self.commit_ids[t] = torch.empty_like(ids)
+        buf.copy_(ids)
+        prefix = cache.prefix_view(self.lengths)
+        key = ("commit", t, prefix.bound, cache.has_padding)
+        cache.save_for_undo(start, t)
+        entry = self.graphs.get(key)
+        if entry is not None:
+            self.graphs.move_to_end(key)
+            entry.graph.replay()
+            self.replays += 1
+        else:
+            self.model.encode_view(buf, cache, prefix)  # this pass, eagerly; then the capture (which runs nothing)
+            self._capture(key, lambda: self.model.encode_view(buf, cache, prefix))
+        cache.length = start + t
+
+
+def _view_commit_fits(cache: KVCache, t: int) -> bool:
+    """Whether a commit of t tokens can go through encode_view: each sliding ring holds t positions."""
+    return all(not spec.is_sliding or cache.ring_size(i) >= t for i, spec in enumerate(cache.config.layers))
 
 
 class CudaGraphFactory:

@@ -78,6 +78,15 @@ class AttentionOpsMixin:
         return cuda_attention.encoder_attention(q, k, v, cache.keys[layer], cache.values[layer], start, ring,
                                                 spec.window, valid=valid)
 
+    def encoder_attention_view(self, q, k, v, cache, layer, prefix, valid):
+        if not self._attention_fits(q):
+            return super().encoder_attention_view(q, k, v, cache, layer, prefix, valid)
+        spec = cache.config.layers[layer]
+        ring = cache.ring_size(layer) if spec.is_sliding else 0
+        return cuda_attention.encoder_attention(q, k, v, cache.keys[layer], cache.values[layer], prefix.lengths, ring,
+                                                spec.window, valid=valid if cache.has_padding else None,
+                                                max_prefix=prefix.bound)
+
     def decoder_attention(self, q, k, v, cache, layer, prefix=None):
         if not self._attention_fits(q):
             return super().decoder_attention(q, k, v, cache, layer, prefix)

@@ -208,6 +208,28 @@ class ReferenceOps:
             mask = mask & valid[:, kpos][:, None, :]
         return self.attention(q, keys, values, mask)
 
+    def encoder_attention_view(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, prefix,
+                               valid: torch.Tensor) -> torch.Tensor:
+        """Causal attention of T new tokens at per-row positions ``prefix.lengths[b] + j`` over the cached slots
+        (as :meth:`_prefix_keys` reads them) and the new tokens themselves, with no host read. ``valid``
+        [B, capacity] covers the cache and the new tokens. Returns [B, T, Hq, D]."""
+        t = q.shape[2]
+        keys, values, visible = self._prefix_keys(cache, layer, prefix)
+        spec = cache.config.layers[layer]
+        lengths = prefix.lengths.long()[:, None]
+        qpos = lengths + torch.arange(t, device=q.device)  # [B, T]
+        mask = visible[:, None, :].expand(-1, t, -1)  # cached keys: all < start, hence <= every query
+        if spec.is_sliding:
+            kpos = self._slot_positions(cache, layer, prefix)  # [B, S]
+            mask = mask & (kpos[:, None, :] > qpos[:, :, None] - spec.window)
+        j = torch.arange(t, device=q.device)
+        new = j[None, :] <= j[:, None]
+        if spec.window is not None:
+            new = new & (j[None, :] > j[:, None] - spec.window)
+        new = new[None].expand(q.shape[0], -1, -1) & torch.gather(valid, 1, qpos)[:, None, :]
+        mask = torch.cat((mask, new), dim=-1)
+        return self.attention(q, torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2), mask)
+
     def decoder_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int,
                           prefix=None) -> torch.Tensor:
         """Bidirectional attention of the canvas over ``[cached prefix ; canvas]`` (padding excluded).
@@ -231,23 +253,29 @@ class ReferenceOps:
         return self.attention(q, keys, values, mask)
 
     @staticmethod
+    def _slot_positions(cache, layer: int, prefix) -> torch.Tensor:
+        """[B, S] the position each slot read by :meth:`_prefix_keys` holds (negative: never written)."""
+        lengths = prefix.lengths.long()[:, None]
+        if cache.config.layers[layer].is_sliding:
+            ring = cache.ring_size(layer)
+            return lengths - 1 - torch.remainder(lengths - 1 - torch.arange(ring, device=cache.device), ring)
+        n = min(prefix.bound, cache.capacity)
+        return torch.arange(n, device=cache.device)[None].expand(lengths.shape[0], n)
+
+    @staticmethod
     def _prefix_keys(cache, layer: int, prefix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, values, visible [B, S]) of ``layer`` for per-row lengths on the device, with no host read:
         a full layer's slots ``0 .. bound-1`` (slot = position), a sliding layer's whole ring (slot s holds
         the latest position p < length with p % ring == s); visible: p < length, within the window, real."""
         spec = cache.config.layers[layer]
         lengths = prefix.lengths.long()[:, None]
+        pos = ReferenceOps._slot_positions(cache, layer, prefix)
         if spec.is_sliding:
-            ring = cache.ring_size(layer)
-            slots = torch.arange(ring, device=cache.device)
-            pos = lengths - 1 - torch.remainder(lengths - 1 - slots, ring)
             visible = (pos >= 0) & (pos > lengths - spec.window)
             keys, values = cache.keys[layer], cache.values[layer]
         else:
-            n = min(prefix.bound, cache.capacity)
-            pos = torch.arange(n, device=cache.device)[None].expand(lengths.shape[0], n)
             visible = pos < lengths
-            keys, values = cache.keys[layer][:, :, :n], cache.values[layer][:, :, :n]
+            keys, values = cache.keys[layer][:, :, :pos.shape[1]], cache.values[layer][:, :, :pos.shape[1]]
         if cache.has_padding:
             visible = visible & torch.gather(cache.valid, 1, pos.clamp(min=0))
         return keys, values, visible
