@@ -8,7 +8,7 @@ from conftest import load_hf
 import dgemma
 from dgemma.errors import DgemmaError
 
-IMAGE, BOI, EOI = 128, 127, 129  # inside the tiny vocabulary (131)
+IMAGE, BOI, EOI, VIDEO = 128, 127, 129, 130  # inside the tiny vocabulary (131)
 VARIANTS = {
     # The checkpoint's own flags: plain, clipped linears + standardised features, images attending to themselves.
     "plain": dict(vision={}, bidir=None),
@@ -28,7 +28,8 @@ def models(tmp_path_factory):
             v = VARIANTS[name]
             model = build_hf_model("odd", seed=4, text_overrides=dict(use_bidirectional_attention=v["bidir"]),
                                    vision_overrides=dict(VISION, **v["vision"]),
-                                   config_overrides=dict(image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI))
+                                   config_overrides=dict(image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI,
+                                                         video_token_id=VIDEO))
             path = tmp_path_factory.mktemp(f"vision_{name}")
             model.to(dtype).save_pretrained(path)
             made[(name, dtype)] = (load_hf(path, dtype), dgemma.load(path, dtype=dtype))
@@ -218,3 +219,67 @@ def test_random_checkpoint_with_a_vision_tower_is_a_transformers_checkpoint(tmp_
     assert ours.shape == ref.shape == (sum(counts), eng.config.hidden_size)
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
     assert (eng.config.boi_token_id, eng.config.image_token_id, eng.config.eoi_token_id) == (20, 21, 22)
+
+
+def prompt_with_video(frame_counts, seed=1):
+    """A prompt as Gemma4Processor lays a video out: per frame, a timestamp (text tokens), then boi, the frame's
+    soft-token placeholders and eoi; mm_token_type_ids 2 on the placeholders."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [2] + torch.randint(3, 120, (3,), generator=g).tolist()
+    for c in frame_counts:
+        ids += torch.randint(3, 120, (2,), generator=g).tolist() + [BOI] + [VIDEO] * c + [EOI]
+    ids += torch.randint(3, 120, (4,), generator=g).tolist()
+    return torch.tensor([ids]), torch.tensor([[2 if t == VIDEO else 0 for t in ids]])
+
+
+def hf_logits_with_video(hf, ids, types, frames, positions, canvas, placeholder=VIDEO):
+    """transformers' DiffusionGemma has no video input; the reference is what Gemma 4 does with one: each
+    frame through the same vision tower and projector (Gemma4Model.get_video_features equals
+    get_image_features frame by frame), its soft tokens scattered over the video placeholders of the input
+    embeddings, the encoder masked with mm_token_type_ids (2 = video) as for images."""
+    from transformers import DynamicCache
+
+    features = hf.model.encoder.get_image_features(frames, positions).pooler_output
+    embeds = hf.model.encoder.get_input_embeddings()(ids)
+    embeds = embeds.masked_scatter((ids == placeholder)[..., None].expand_as(embeds), features.to(embeds.dtype))
+    cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
+    masks = hf.model.encoder.create_masks_for_generate(
+        config=hf.config, inputs_embeds=torch.empty(1, ids.shape[1], 0, dtype=hf.dtype),
+        attention_mask=torch.ones_like(ids, dtype=torch.bool), past_key_values=cache,
+        position_ids=torch.arange(ids.shape[1])[None], mm_token_type_ids=types)
+    hf.model.encoder(inputs_embeds=embeds, attention_mask=masks, past_key_values=cache,
+                     position_ids=torch.arange(ids.shape[1])[None], mm_token_type_ids=types)
+    return hf(past_key_values=cache, decoder_input_ids=canvas).logits
+
+
+@pytest.mark.parametrize("name", ["plain", "bidirectional"])
+def test_logits_with_a_video_match_transformers_gemma4_video_path(models, name):
+    hf, eng = models(name)
+    # The reference construction itself reproduces transformers' own image path on an image prompt.
+    pixels, pos, img_counts = image_patches([(6, 6), (3, 6)], seed=2)
+    img_ids, img_types = prompt_with_images(img_counts)
+    img_canvas = torch.randint(0, 131, (1, 8), generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(hf_logits_with_video(hf, img_ids, img_types, pixels, pos, img_canvas, placeholder=IMAGE),
+                          hf_logits(hf, img_ids, img_types, pixels, pos, img_canvas), rtol=0, atol=1e-5)
+    frames, positions, counts = image_patches([(6, 3), (6, 3), (6, 3)], seed=8)  # three frames of one video
+    ids, types = prompt_with_video(counts, seed=9)
+    canvas = torch.randint(0, 131, (1, 8), generator=torch.Generator().manual_seed(3))
+    ref = hf_logits_with_video(hf, ids, types, frames, positions, canvas)
+    cache = eng.encode(ids, pixel_values_videos=frames, video_position_ids=positions)
+    ours = eng.denoise(cache, canvas)
+    assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
+    # The frames matter, and so does the per-frame bidirectional block where the config asks for it.
+    plain = eng.denoise(eng.encode(ids), canvas)
+    assert ((plain - ref).norm() / ref.norm()).item() > 1e-3
+
+
+def test_video_errors_name_the_problem(models):
+    _, eng = models("plain")
+    frames, positions, counts = image_patches([(6, 3), (6, 3)], seed=8)
+    ids, _ = prompt_with_video(counts)
+    with pytest.raises(DgemmaError, match="pixel_values_videos and video_position_ids go together"):
+        eng.encode(ids, pixel_values_videos=frames)
+    with pytest.raises(DgemmaError, match="the prompt has 4 video placeholder tokens .* but the videos give 2"):
+        eng.encode(ids, pixel_values_videos=frames[:1], video_position_ids=positions[:1])
+    with pytest.raises(DgemmaError, match=r"video_position_ids has shape \[2, 27\], expected an integer tensor"):
+        eng.encode(ids, pixel_values_videos=frames, video_position_ids=positions[..., 0])

@@ -119,6 +119,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     vision: VisionConfig | None = None  # None: the checkpoint has no vision tower
     image_token_id: int | None = None  # the placeholder each image soft token replaces
+    video_token_id: int | None = None  # the placeholder each video frame's soft token replaces (Gemma 4's id)
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
     bidirectional_vision: bool = False  # use_bidirectional_attention == "vision": an image attends to itself whole
@@ -308,6 +309,7 @@ def _parse_text_config(t: dict, outer: dict, source: str) -> ModelConfig:
         pad_token_id=t.get("pad_token_id", 0), bos_token_id=t.get("bos_token_id", 2), eos_token_ids=eos_ids,
         vision=_parse_vision_config(outer.get("vision_config"), source),
         image_token_id=_token_id(outer, "image_token_id", 258_880, ints["vocab_size"], source),
+        video_token_id=_token_id(outer, "video_token_id", 258_884, ints["vocab_size"], source),
         boi_token_id=_token_id(outer, "boi_token_id", 255_999, ints["vocab_size"], source),
         eoi_token_id=_token_id(outer, "eoi_token_id", 258_882, ints["vocab_size"], source),
         bidirectional_vision=bidir == "vision",

@@ -189,7 +189,9 @@ class Engine:
     @torch.inference_mode()
     def encode(self, input_ids, *, cache: KVCache | None = None, attention_mask=None,
                capacity: int | None = None, pixel_values: torch.Tensor | None = None,
-               image_position_ids: torch.Tensor | None = None, mm_token_type_ids=None) -> KVCache:
+               image_position_ids: torch.Tensor | None = None, mm_token_type_ids=None,
+               pixel_values_videos: torch.Tensor | None = None,
+               video_position_ids: torch.Tensor | None = None) -> KVCache:
         """Run the causal encoder over ``input_ids`` [B, T] and append their K/V to ``cache``.
 
         Without ``cache`` a new one is created with room for ``capacity`` tokens (default: T plus
@@ -199,11 +201,14 @@ class Engine:
         whose soft tokens replace, in order, the prompt's image placeholder tokens
         (``config.image_token_id``; their count must match). ``mm_token_type_ids`` [B, T] (0 text,
         1 image, 2 video, as transformers' processor returns it) marks each image's tokens; by default
-        they are the placeholder ids. The cache is returned; on error it is left unchanged.
+        they are the placeholder ids. ``pixel_values_videos`` / ``video_position_ids`` (from
+        :func:`dgemma.vision_inputs.preprocess_video`) do the same for video frames and the video placeholders
+        (``config.video_token_id``). The cache is returned; on error it is left unchanged.
         """
         ids = self.token_ids(input_ids, "input_ids")
         b, t = ids.shape
         features = self.image_features(ids, pixel_values, image_position_ids)
+        videos = self.video_features(ids, pixel_values_videos, video_position_ids)
         types = self.token_types(mm_token_type_ids, ids)
         if cache is None:
             if capacity is None:
@@ -215,13 +220,13 @@ class Engine:
                 raise DgemmaError(f"prompt of {t} tokens exceeds the cache capacity {capacity}")
             mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
             cache = self.new_cache(b, capacity)
-            self.model.encode(ids, cache, mask, features, types)
+            self.model.encode(ids, cache, mask, features, types, videos)
             return cache
         self._check_cache(cache, b)
         cache.check_room(t)
         mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
         with cache.transaction():
-            self.model.encode(ids, cache, mask, features, types)
+            self.model.encode(ids, cache, mask, features, types, videos)
         return cache
 
     def token_types(self, mm_token_type_ids, ids: torch.Tensor) -> torch.Tensor | None:
@@ -240,39 +245,52 @@ class Engine:
     @torch.inference_mode()
     def image_features(self, ids: torch.Tensor, pixel_values, image_position_ids) -> torch.Tensor | None:
         """The vision tower's soft tokens [n, H] for the n image placeholders of ``ids`` (None without images)."""
-        if pixel_values is None and image_position_ids is None:
+        return self._vision_features(ids, pixel_values, image_position_ids, "pixel_values", "image_position_ids",
+                                     "image", self.config.image_token_id)
+
+    @torch.inference_mode()
+    def video_features(self, ids: torch.Tensor, pixel_values_videos, video_position_ids) -> torch.Tensor | None:
+        """The vision tower's soft tokens [m, H] of every frame of the videos (frames in order, as
+        :func:`dgemma.vision_inputs.preprocess_video` concatenates them) for the m video placeholders of ``ids``
+        (``config.video_token_id``); None without videos. The tower runs on each frame as on an image."""
+        return self._vision_features(ids, pixel_values_videos, video_position_ids, "pixel_values_videos",
+                                     "video_position_ids", "video", self.config.video_token_id)
+
+    def _vision_features(self, ids, pixels, positions, pixels_name: str, positions_name: str, what: str,
+                         token_id: int | None) -> torch.Tensor | None:
+        if pixels is None and positions is None:
             return None
-        if pixel_values is None or image_position_ids is None:
-            raise DgemmaError("pixel_values and image_position_ids go together: pass both or neither")
+        if pixels is None or positions is None:
+            raise DgemmaError(f"{pixels_name} and {positions_name} go together: pass both or neither")
         cfg = self.config
         if self.model.vision is None:
-            raise DgemmaError("this model has no vision tower (no vision_config, or its tensors were not in the "
-                              "checkpoint): it cannot take images")
+            raise DgemmaError(f"this model has no vision tower (no vision_config, or its tensors were not in the "
+                              f"checkpoint): it cannot take {what}s")
         v = cfg.vision
         width = 3 * v.patch_size**2
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 3 \
-                or pixel_values.shape[-1] != width or not pixel_values.is_floating_point():
-            got = list(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise DgemmaError(f"pixel_values has shape {got}, expected a float tensor [images, patches, {width}]")
-        n, p = pixel_values.shape[:2]
-        if not isinstance(image_position_ids, torch.Tensor) or list(image_position_ids.shape) != [n, p, 2] \
-                or image_position_ids.is_floating_point():
-            got = list(image_position_ids.shape) if isinstance(image_position_ids, torch.Tensor) else \
-                type(image_position_ids).__name__
-            raise DgemmaError(f"image_position_ids has shape {got}, expected an integer tensor [{n}, {p}, 2]")
+        unit = "frames" if what == "video" else "images"
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 3 or pixels.shape[-1] != width \
+                or not pixels.is_floating_point():
+            got = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise DgemmaError(f"{pixels_name} has shape {got}, expected a float tensor [{unit}, patches, {width}]")
+        n, p = pixels.shape[:2]
+        if not isinstance(positions, torch.Tensor) or list(positions.shape) != [n, p, 2] \
+                or positions.is_floating_point():
+            got = list(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise DgemmaError(f"{positions_name} has shape {got}, expected an integer tensor [{n}, {p}, 2]")
         k2 = v.pooling_kernel_size**2
         if n == 0 or p == 0 or p % k2:
-            raise DgemmaError(f"pixel_values has {n} images of {p} patches: expected at least one image and a "
+            raise DgemmaError(f"{pixels_name} has {n} {unit} of {p} patches: expected at least one and a "
                               f"positive multiple of {k2} patches (pooling_kernel_size²)")
-        positions = image_position_ids.to(self.device, torch.long)
-        if int(positions.min()) < -1 or int(positions.max()) >= v.position_embedding_size:
-            raise DgemmaError(f"image_position_ids must lie in [-1, {v.position_embedding_size}) "
-                              f"(vision position_embedding_size), got {int(positions.min())}..{int(positions.max())}")
-        features = self.model.image_features(pixel_values.to(self.device, torch.float32), positions)
-        placeholders = int((ids == cfg.image_token_id).sum()) if cfg.image_token_id is not None else 0
+        where = positions.to(self.device, torch.long)
+        if int(where.min()) < -1 or int(where.max()) >= v.position_embedding_size:
+            raise DgemmaError(f"{positions_name} must lie in [-1, {v.position_embedding_size}) "
+                              f"(vision position_embedding_size), got {int(where.min())}..{int(where.max())}")
+        features = self.model.image_features(pixels.to(self.device, torch.float32), where)
+        placeholders = int((ids == token_id).sum()) if token_id is not None else 0
         if placeholders != features.shape[0]:
-            raise DgemmaError(f"the prompt has {placeholders} image placeholder tokens (id {cfg.image_token_id}) but "
-                              f"the images give {features.shape[0]} soft tokens")
+            raise DgemmaError(f"the prompt has {placeholders} {what} placeholder tokens (id {token_id}) but "
+                              f"the {what}s give {features.shape[0]} soft tokens")
         return features
 
     @torch.inference_mode()
@@ -306,7 +324,9 @@ class Engine:
                  generator: torch.Generator | None = None, seed: int | None = None, stream=None,
                  attention_mask=None, canvas=None, cache: KVCache | None = None,
                  capacity: int | None = None, pixel_values: torch.Tensor | None = None,
-                 image_position_ids: torch.Tensor | None = None, mm_token_type_ids=None) -> GenerationResult:
+                 image_position_ids: torch.Tensor | None = None, mm_token_type_ids=None,
+                 pixel_values_videos: torch.Tensor | None = None,
+                 video_position_ids: torch.Tensor | None = None) -> GenerationResult:
         """Generate with the block-diffusion loop and the entropy-bounded sampler.
 
         Args:
@@ -327,7 +347,8 @@ class Engine:
             capacity: size of the cache created when none is given (default: what this call needs, so
                 pass more to continue the conversation from ``result.cache`` later).
             pixel_values, image_position_ids, mm_token_type_ids: images whose soft tokens fill the prompt's
-                image placeholders (see :meth:`encode`).
+                image placeholders (see :meth:`encode`); pixel_values_videos, video_position_ids: video frames,
+                likewise for the video placeholders.
         Returns:
             :class:`GenerationResult` with ``sequences``, ``steps_per_block``, ``tokens_per_forward`` and
             ``timings`` (the text front end, :class:`dgemma.text.TextEngine`, adds ``texts``/``responses``).
@@ -342,10 +363,13 @@ class Engine:
                                           attention_mask=attention_mask, canvas=canvas, cache=cache,
                                           capacity=capacity, pixel_values=pixel_values,
                                           image_position_ids=image_position_ids,
-                                          mm_token_type_ids=mm_token_type_ids), stream)
+                                          mm_token_type_ids=mm_token_type_ids,
+                                          pixel_values_videos=pixel_values_videos,
+                                          video_position_ids=video_position_ids), stream)
 
     def generate_stream(self, input_ids, *, attention_mask=None, pixel_values=None, image_position_ids=None,
-                        mm_token_type_ids=None, external_decoder: bool = False, **kwargs):
+                        mm_token_type_ids=None, pixel_values_videos=None, video_position_ids=None,
+                        external_decoder: bool = False, **kwargs):
         """Like :meth:`generate`, as an iterator: a :class:`StreamEvent` per draft and per committed
         block, then the :class:`GenerationResult`. Generation advances as the iterator is consumed.
 
@@ -358,6 +382,7 @@ class Engine:
             attention_mask, ids, cache if isinstance(cache, KVCache) else None, left_only=True)
         args = self._resolve(ids, **kwargs)  # bad arguments raise here, before the first item
         args["image_features"] = self.image_features(ids, pixel_values, image_position_ids)
+        args["video_features"] = self.video_features(ids, pixel_values_videos, video_position_ids)
         args["mm_token_type_ids"] = self.token_types(mm_token_type_ids, ids)
         args["external_decoder"] = bool(external_decoder)
         return self._run(ids, mask, args)

@@ -105,7 +105,8 @@ def _finalize_block(seq: torch.Tensor, finished: torch.Tensor, canvas: int, max_
 def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | None, settings: GenerationSettings, *,
                    eos_token_ids: list[int] | None, pad_token_id: int | None, generator: torch.Generator | None,
                    canvas: torch.Tensor | None, cache: KVCache, image_features: torch.Tensor | None = None,
-                   mm_token_type_ids: torch.Tensor | None = None, external_decoder: bool = False
+                   mm_token_type_ids: torch.Tensor | None = None, external_decoder: bool = False,
+                   video_features: torch.Tensor | None = None
                    ) -> Iterator[StreamEvent | DecoderPass | GenerationResult]:
     """Yield stream events, then the :class:`GenerationResult`. Inputs are already validated (ids, mask,
     cache room; ``image_features`` fill the prompt's image placeholders). With ``external_decoder`` a
@@ -132,7 +133,8 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
     start = time.perf_counter()
     with cache.transaction() as undo:
         seq, steps_per_block = yield from _blocks(engine, ids, attention_mask, settings, generator, canvas, cache,
-                                                  image_features, mm_token_type_ids, stepper, finished_seq, passes,
+                                                  image_features, mm_token_type_ids, video_features, stepper,
+                                                  finished_seq, passes,
                                                   eos, max_length, pad_token_id, timings, undo, n_blocks)
     timings["total_s"] = time.perf_counter() - start
     new = seq[:, t:]
@@ -145,7 +147,7 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
 
 
 def _blocks(engine, ids, attention_mask, settings, generator, canvas, cache, image_features, mm_token_type_ids,
-            stepper, finished_seq, passes, eos, max_length, pad_token_id, timings, undo, n_blocks):
+            video_features, stepper, finished_seq, passes, eos, max_length, pad_token_id, timings, undo, n_blocks):
     """The block loop of :func:`run_generation`: (sequences, steps per block)."""
     c, v = engine.config.canvas_length, engine.config.vocab_size
     b = ids.shape[0]
@@ -155,7 +157,7 @@ def _blocks(engine, ids, attention_mask, settings, generator, canvas, cache, ima
     for block in range(n_blocks):
         t0 = time.perf_counter()
         if block == 0:
-            engine.model.encode(ids, cache, attention_mask, image_features, mm_token_type_ids)
+            engine.model.encode(ids, cache, attention_mask, image_features, mm_token_type_ids, video_features)
         else:
             stepper.commit(seq[:, -c:])  # the commit pass of the previous block
         timings["encode_s"] += time.perf_counter() - t0

@@ -71,23 +71,26 @@ class DiffusionGemmaModel:
             return None
         if mm_token_type_ids is not None:
             is_image = (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
-        elif self.cfg.image_token_id is not None:
-            is_image = ids == self.cfg.image_token_id
         else:
-            return None
+            placeholders = [i for i in (self.cfg.image_token_id, self.cfg.video_token_id) if i is not None]
+            if not placeholders:
+                return None
+            is_image = torch.isin(ids, torch.tensor(placeholders, device=ids.device))
         if not bool(is_image.any()):
             return None
         starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
         return torch.where(is_image, torch.cumsum(starts.int(), dim=1) - 1, -1)
 
     def encode(self, ids: torch.Tensor, cache: KVCache, token_mask: torch.Tensor | None = None,
-               image_features: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None) -> None:
+               image_features: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
+               video_features: torch.Tensor | None = None) -> None:
         """Run the causal encoder over ``ids`` [B, T] (positions continue the cache) and append their K/V.
 
         ``token_mask`` [B, T] marks real tokens (False = padding never attended to).
         ``image_features`` [n, H] (from :meth:`image_features`) replace, in order, the embeddings of the
-        n image placeholder tokens; ``mm_token_type_ids`` [B, T] (0 text, 1 image, 2 video), when given,
-        says which tokens form each image's block. The caller has validated shapes, ids, the placeholder
+        n image placeholder tokens, and ``video_features`` [m, H] the m video placeholder tokens (every frame's
+        soft tokens, frames in order); ``mm_token_type_ids`` [B, T] (0 text, 1 image, 2 video), when given,
+        says which tokens form each image's (frame's) block. The caller has validated shapes, ids, the placeholder
         count and room; on return ``cache.length`` has grown by T.
         """
         b, t = ids.shape
@@ -100,11 +103,14 @@ class DiffusionGemmaModel:
         has_padding = cache.has_padding or (token_mask is not None and not bool(token_mask.all()))
         attend_valid = valid if has_padding else None
         x = self.ops.embed(ids, self.w.embed, self.cfg.embed_scale)
-        if image_features is not None:
+        if image_features is not None or video_features is not None:
             x = x.clone()
+        if image_features is not None:
             x[ids == self.cfg.image_token_id] = image_features.to(x.dtype)
-        blocks = self.image_blocks(ids, mm_token_type_ids) if image_features is not None or \
-            mm_token_type_ids is not None else None
+        if video_features is not None:
+            x[ids == self.cfg.video_token_id] = video_features.to(x.dtype)
+        vision = image_features is not None or video_features is not None or mm_token_type_ids is not None
+        blocks = self.image_blocks(ids, mm_token_type_ids) if vision else None
         # NOTE: K/V are written only after every layer ran, so an interrupted call leaves the cache
         # (in particular the sliding rings, which overwrite old slots) exactly as it was.
         pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
