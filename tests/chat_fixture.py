@@ -24,7 +24,7 @@ CORPUS = [
 # Gemma 4's turn format, the demo checkpoint's template (content parts: an image is one <|image|>).
 TEMPLATE = CHAT_TEMPLATE
 # Gemma 4's vision tokens (begin of image, image soft token, end of image, video soft token).
-BOI, IMAGE, EOI = (len(CONTROL) + i for i in range(3))
+BOI, IMAGE, EOI, VIDEO = (len(CONTROL) + i for i in range(4))
 MULTIMODAL_TEMPLATE = CHAT_TEMPLATE
 
 
@@ -61,7 +61,8 @@ def write_multimodal_checkpoint(path, *, seed: int = 0, bidirectional: bool = Tr
     model = build_hf_model("odd", seed=seed, canvas_length=8,
                            text_overrides=dict(vocab_size=tok.get_vocab_size(),
                                                use_bidirectional_attention="vision" if bidirectional else None),
-                           config_overrides=dict(image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI))
+                           config_overrides=dict(image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI,
+                                                 video_token_id=VIDEO))
     model.save_pretrained(path)
     path = os.fspath(path)
     tok.save(os.path.join(path, "tokenizer.json"))

@@ -106,7 +106,8 @@ def _check_model(args: argparse.Namespace, *, chat: bool) -> None:
     if chat and load_chat_template(path, tok.config) is None:
         raise DgemmaError(f"--model {path}: no chat template (chat_template.jinja or tokenizer_config.json's "
                           f"chat_template)")
-    _check_images(args.image)
+    _check_images(args.image, "--image")
+    _check_images(args.video, "--video")
 
 
 def _load(args: argparse.Namespace):
@@ -174,17 +175,19 @@ def _print_reply(result, show_thinking: bool = True) -> None:
     _out(result.text if result.text is not None else "")
 
 
-def _user_turn(text: str, images: list[str]) -> dict:
-    """A user message: the images (content parts, in order) before the text, as the model card advises."""
-    if not images:
+def _user_turn(text: str, images: list[str], videos: list[str] = ()) -> dict:
+    """A user message: the images and videos (content parts, in order) before the text, as the model card
+    advises."""
+    if not images and not videos:
         return {"role": "user", "content": text}
-    return {"role": "user", "content": [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]}
+    parts = [{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 
-def _check_images(paths: list[str]) -> None:
+def _check_images(paths: list[str], flag: str) -> None:
     for p in paths:
         if not os.path.isfile(p):
-            raise DgemmaError(f"--image {p}: no such file")
+            raise DgemmaError(f"{flag} {p}: no such file")
 
 
 def _clean_text(s: str | None) -> str | None:
@@ -202,11 +205,11 @@ def _clean_text(s: str | None) -> str | None:
 def _generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise DgemmaError("--prompt is empty")
-    chat = args.chat or args.thinking or args.image
+    chat = args.chat or args.thinking or args.image or args.video
     _check_model(args, chat=bool(chat))
     eng = _load(args)
     printer = _DraftPrinter(eng.tokenizer) if args.show_drafts else None
-    inputs = [_user_turn(args.prompt, args.image)] if chat else args.prompt
+    inputs = [_user_turn(args.prompt, args.image, args.video)] if chat else args.prompt
     result = eng.generate(inputs, thinking=args.thinking, stream=printer, max_image_tokens=args.image_tokens,
                           **_gen_kwargs(args))
     if printer is not None:
@@ -236,9 +239,10 @@ def _chat(args: argparse.Namespace) -> int:
     printer = _DraftPrinter(eng.tokenizer) if args.show_drafts else None
     interactive = sys.stdin.isatty()
     if interactive:
-        print("dgemma chat: type a message; /image PATH attaches an image to the next one; /reset starts over, "
-              "/exit or Ctrl-D quits.", file=sys.stderr)
+        print("dgemma chat: type a message; /image PATH or /video PATH attaches an image or a video to the next one; "
+              "/reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
     images: list[str] = list(args.image)
+    videos: list[str] = list(args.video)
     failed = False
     while True:
         line = _read_line("> ")
@@ -253,18 +257,18 @@ def _chat(args: argparse.Namespace) -> int:
             break
         if line == "/reset":
             session = eng.chat(system=args.system, thinking=args.thinking)
-            images = []
+            images, videos = [], []
             continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
+        if line.startswith(("/image", "/video")):
+            command, path = line[:6], line[6:].strip()
             if not os.path.isfile(path):
-                print(f"dgemma: error: /image {path}: no such file", file=sys.stderr)
+                print(f"dgemma: error: {command} {path}: no such file", file=sys.stderr)
                 failed = True
             else:
-                images.append(path)
+                (images if command == "/image" else videos).append(path)
             continue
         try:
-            result = session.send(_user_turn(line, images), stream=printer, max_image_tokens=args.image_tokens,
+            result = session.send(_user_turn(line, images, videos), stream=printer, max_image_tokens=args.image_tokens,
                                   **_gen_kwargs(args))
         except DgemmaError as e:  # a bad turn leaves the session usable
             if printer is not None:
@@ -272,7 +276,7 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"dgemma: error: {e}", file=sys.stderr)
             failed = True
             continue
-        images = []
+        images, videos = [], []
         if printer is not None:
             printer.done()
         _print_reply(result)
@@ -375,7 +379,7 @@ def _seed(s: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    args.image = []
+    args.image, args.video = [], []
     _check_model(args, chat=True)
     if not 0 < args.port < 65536:
         raise DgemmaError(f"--port {args.port} must be in 1..65535")
@@ -415,6 +419,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the (first) user turn; repeatable, in order (needs a checkpoint with a vision "
                         "tower)")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video (MP4 and what PyAV decodes) for the (first) user turn, read at 1 frame per second, at "
+                        "most 60 frames; repeatable")
     p.add_argument("--image-tokens", type=int, default=280, choices=[70, 140, 280, 560, 1120],
                    help="soft tokens per image at most (default: 280)")
 

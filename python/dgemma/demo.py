@@ -24,6 +24,7 @@ PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 TURN_END_ID = CONTROL_TOKENS.index("<turn|>")
 # begin-of-image, image placeholder, end-of-image: the ids the demo's config names for its vision tower.
 IMAGE_TOKEN_IDS = tuple(len(CONTROL_TOKENS) + VISION_TOKENS.index(t) for t in ("<|image>", "<|image|>", "<image|>"))
+VIDEO_TOKEN_ID = len(CONTROL_TOKENS) + VISION_TOKENS.index("<|video|>")
 
 # The files write_demo_checkpoint writes; a directory holding only these may be overwritten.
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -67,8 +68,10 @@ CHAT_TEMPLATE = (
     "{{ '<|tool_response>response:' + m.name + m.content + '<tool_response|>' }}"
     "{% else %}"
     "{{ '<|turn>' + ('model' if m.role == 'assistant' else 'user') + '\\n' }}"
-    "{{ (m.content or '') if m.content is string else (m.content | map(attribute='text', default='<|image|>') "
-    "| join('')) }}"
+    "{% if m.content is string or not m.content %}{{ m.content or '' }}{% else %}"
+    "{% for part in m.content %}{% if part.type == 'text' %}{{ part.text }}"
+    "{% elif part.type == 'video' %}{{ '<|video|>' }}{% else %}{{ '<|image|>' }}{% endif %}{% endfor %}"
+    "{% endif %}"
     "{% for call in m.tool_calls or [] %}"
     "{{ '<|tool_call>call:' + call.function.name + (call.function.arguments | tojson) + '<tool_call|>' }}"
     "{% endfor %}"
@@ -129,7 +132,7 @@ def write_demo_checkpoint(path: str | os.PathLike, *, seed: int = 0, canvas_leng
         assert tok.token_to_id(t) == i, t
     path = write_random_checkpoint(path, "tiny", seed=seed, canvas_length=canvas_length, vocab_size=vocab,
                                    pad_token_id=PAD_ID, eos_token_id=[EOS_ID, TURN_END_ID], bos_token_id=BOS_ID,
-                                   vision=TINY_VISION, image_token_ids=IMAGE_TOKEN_IDS)
+                                   vision=TINY_VISION, image_token_ids=IMAGE_TOKEN_IDS, video_token_id=VIDEO_TOKEN_ID)
     _prefer_words(path, tok)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)

@@ -26,9 +26,9 @@ class Prompt:
     images: dict = field(default_factory=dict)  # pixel_values, image_position_ids, mm_token_type_ids (chat images)
 
 
-def image_parts(messages: list[dict]) -> list:
-    """The images of a conversation's content parts, in order (video parts are refused by name)."""
-    out = []
+def media_parts(messages: list[dict]) -> tuple[list, list]:
+    """(images, videos) of a conversation's content parts, each in order."""
+    images, videos = [], []
     for i, m in enumerate(messages):
         content = m.get("content")
         if not isinstance(content, list):
@@ -37,46 +37,93 @@ def image_parts(messages: list[dict]) -> list:
             if not isinstance(part, dict) or "type" not in part:
                 raise DgemmaError(f"messages[{i}]['content'][{j}] must be a dict with a 'type', got {part!r:.80}")
             kind = part["type"]
-            if kind == "image":
-                value = part.get("image", part.get("path", part.get("url")))
+            if kind in ("image", "video"):
+                value = part.get(kind, part.get("path", part.get("url")))
                 if value is None:
-                    raise DgemmaError(f"messages[{i}]['content'][{j}] is an image part without an 'image' value")
-                out.append(value)
-            elif kind == "video":
-                raise DgemmaError(f"messages[{i}]['content'][{j}] is a video: DiffusionGemma's encoder takes images "
-                                  f"only (transformers 5.23 fills image placeholders alone); pass frames as images")
+                    raise DgemmaError(f"messages[{i}]['content'][{j}] is {'an image' if kind == 'image' else 'a video'}"
+                                      f" part without an {kind!r} value")
+                (images if kind == "image" else videos).append(value)
             elif kind != "text":
-                raise DgemmaError(f"messages[{i}]['content'][{j}] has type {kind!r}, expected 'text' or 'image'")
-    return out
+                raise DgemmaError(f"messages[{i}]['content'][{j}] has type {kind!r}, expected 'text', 'image' or "
+                                  f"'video'")
+    return images, videos
+
+
+def image_parts(messages: list[dict]) -> list:
+    """The images of a conversation's content parts, in order."""
+    return media_parts(messages)[0]
 
 
 def render_chat(engine, conversations: list[list[dict]], *, tools=None, thinking: bool = False,
                 max_image_tokens: int = 280) -> tuple[list[list[int]], dict]:
-    """Token ids of each rendered conversation, image placeholders expanded, and the images' model inputs
-    (``pixel_values``, ``image_position_ids``; empty without images)."""
+    """Token ids of each rendered conversation, image and video placeholders expanded, and their model inputs
+    (``pixel_values``/``image_position_ids``, ``pixel_values_videos``/``video_position_ids``; empty without
+    any). Videos are decoded at 1 frame per second (at most 60 frames) with 70 soft tokens per frame, as
+    Gemma4Processor does by default; each frame is written ``mm:ss <|image>`` + its tokens + ``<image|>``."""
     tok, template = engine.tokenizer, engine.chat_template
     texts = [template.render(conv, tools=tools, thinking=thinking) for conv in conversations]
-    images = [image_parts(conv) for conv in conversations]
-    if not any(images):
+    media = [media_parts(conv) for conv in conversations]
+    if not any(images or videos for images, videos in media):
         return [tok.encode(t) for t in texts], {}
-    from .vision_inputs import VisionTokens, expand_image_tokens, preprocess_images
+    from .vision_inputs import VisionTokens, expand_image_tokens, expand_video_tokens, load_video, \
+        preprocess_images, preprocess_video
 
     tokens = VisionTokens.from_tokenizer(tok)
-    if tokens.image_id != engine.config.image_token_id:
-        raise DgemmaError(f"the tokenizer's {tokens.image!r} is id {tokens.image_id} but the model's image_token_id "
-                          f"is {engine.config.image_token_id}")
-    flat = [img for row in images for img in row]
-    inputs = preprocess_images(flat, max_soft_tokens=max_image_tokens)
-    counts = list(inputs.num_soft_tokens_per_image)
+    cfg = engine.config
+    for what, token_id, config_id in (("image", tokens.image_id, cfg.image_token_id),
+                                      ("video", tokens.video_id, cfg.video_token_id)):
+        if any(m[0 if what == "image" else 1] for m in media) and token_id != config_id:
+            raise DgemmaError(f"the tokenizer's {what} token is id {token_id} but the model's {what}_token_id is "
+                              f"{config_id}")
+    flat = [img for images, _ in media for img in images]
+    inputs = preprocess_images(flat, max_soft_tokens=max_image_tokens) if flat else None
+    counts = list(inputs.num_soft_tokens_per_image) if flat else []
+    video_inputs = []
     rows = []
-    for i, (text, row) in enumerate(zip(texts, images)):
-        found = text.count(tokens.image)
-        if found != len(row):
-            raise DgemmaError(f"conversation {i} has {len(row)} image(s) but its rendered chat template holds {found} "
-                              f"{tokens.image!r} placeholder(s): the checkpoint's template must write one per image")
-        rows.append(tok.encode(expand_image_tokens(text, counts[:len(row)], tokens=tokens)))
-        counts = counts[len(row):]
-    return rows, {"pixel_values": inputs.pixel_values, "image_position_ids": inputs.image_position_ids}
+    for i, (text, (images, videos)) in enumerate(zip(texts, media)):
+        for what, placeholder, given in (("image", tokens.image, images), ("video", tokens.video, videos)):
+            found = text.count(placeholder)
+            if found != len(given):
+                raise DgemmaError(f"conversation {i} has {len(given)} {what}(s) but its rendered chat template holds "
+                                  f"{found} {placeholder!r} placeholder(s): the checkpoint's template must write one "
+                                  f"per {what}")
+        if images:
+            text = expand_image_tokens(text, counts[:len(images)], tokens=tokens)
+            counts = counts[len(images):]
+        if videos:
+            prepared = preprocess_video([load_video(v) for v in videos])
+            text = expand_video_tokens(text, prepared, tokens=tokens)
+            video_inputs.append(prepared)
+        rows.append(tok.encode(text))
+    out = {}
+    if inputs is not None:
+        out.update(pixel_values=inputs.pixel_values, image_position_ids=inputs.image_position_ids)
+    if video_inputs:
+        out.update(_frames(video_inputs))
+    return rows, out
+
+
+def _frames(videos: list) -> dict:
+    """The frames of several VideoInputs in order, padded to one patch count (padding at position -1)."""
+    patches = max(v.pixel_values_videos.shape[1] for v in videos)
+    pixels, positions = [], []
+    for v in videos:
+        extra = patches - v.pixel_values_videos.shape[1]
+        pixels.append(torch.nn.functional.pad(v.pixel_values_videos, (0, 0, 0, extra)))
+        positions.append(torch.nn.functional.pad(v.video_position_ids, (0, 0, 0, extra), value=-1))
+    return {"pixel_values_videos": torch.cat(pixels), "video_position_ids": torch.cat(positions)}
+
+
+def mm_token_types(ids, cfg):
+    """transformers' mm_token_type_ids for ``ids`` (a tensor or nested lists): 1 on image placeholders, 2 on
+    video placeholders, 0 elsewhere."""
+    ids = torch.as_tensor(ids)
+    types = torch.zeros_like(ids, dtype=torch.long)
+    if cfg.image_token_id is not None:
+        types[ids == cfg.image_token_id] = 1
+    if cfg.video_token_id is not None:
+        types[ids == cfg.video_token_id] = 2
+    return types
 
 
 def _is_messages(x) -> bool:
@@ -131,7 +178,7 @@ def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tool
         prompt = left_pad(rows, engine.config.pad_token_id or 0)
         prompt.is_chat = True
         if images:
-            images["mm_token_type_ids"] = (prompt.ids == engine.config.image_token_id).long()
+            images["mm_token_type_ids"] = mm_token_types(prompt.ids, engine.config)
             prompt.images = images
     else:
         raise DgemmaError("inputs mixes strings and chat messages; pass one kind per call")

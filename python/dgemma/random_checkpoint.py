@@ -104,11 +104,12 @@ def random_engine(preset: str = "tiny", *, seed: int = 0, dtype: torch.dtype = t
 def write_random_checkpoint(path: str | os.PathLike, preset: str = "tiny", *, seed: int = 0,
                             dtype: torch.dtype = torch.float32, shards: int = 1, canvas_length: int = 256,
                             vision: dict | None = None, image_token_ids: tuple[int, int, int] | None = None,
-                            **overrides) -> str:
+                            video_token_id: int | None = None, **overrides) -> str:
     """Write ``config.json``, ``generation_config.json`` and random safetensors weights (``shards`` > 1:
     sharded with an index); ``overrides`` replace text_config fields of the preset (e.g. ``vocab_size``).
     ``vision`` (e.g. :data:`TINY_VISION`) adds a vision tower with that config, random too, and
-    ``image_token_ids`` its (begin-of-image, image placeholder, end-of-image) token ids."""
+    ``image_token_ids`` its (begin-of-image, image placeholder, end-of-image) token ids, ``video_token_id`` the
+    placeholder of video frames' soft tokens."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     raw = preset_config(preset, canvas_length=canvas_length, **overrides)
@@ -116,6 +117,8 @@ def write_random_checkpoint(path: str | os.PathLike, preset: str = "tiny", *, se
         raw["vision_config"] = dict(vision, model_type="gemma4_vision")
         if image_token_ids is not None:
             raw["boi_token_id"], raw["image_token_id"], raw["eoi_token_id"] = image_token_ids
+        if video_token_id is not None:
+            raw["video_token_id"] = video_token_id
     cfg = ModelConfig.from_dict(raw)
     tensors = random_tensors(cfg, seed=seed, dtype=dtype)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:

@@ -77,8 +77,10 @@ class ChatSession:
             if a != b:
                 break
             common += 1
-        spans = _image_spans(ids, self.engine.config.image_token_id) if images else []
-        for start, end in spans:
+        cfg = self.engine.config
+        spans = {"image": _image_spans(ids, cfg.image_token_id) if "pixel_values" in images else [],
+                 "video": _image_spans(ids, cfg.video_token_id) if "pixel_values_videos" in images else []}
+        for start, end in spans["image"] + spans["video"]:  # never split an image or a video frame
             if start < common < end:
                 common = start
         if self.cache is None or common == 0 or self.cache.length - common > self.cache.rollback:
@@ -100,12 +102,16 @@ class ChatSession:
         return result
 
     def _generate(self, cache, candidate, ids, common, new_ids, spans, images, generate_kwargs):
-        cached_images = sum(1 for start, _ in spans if start < common)
+        from .prompts import mm_token_types
+
         extra = {}
-        if len(spans) > cached_images:
-            extra = {"pixel_values": images["pixel_values"][cached_images:],
-                     "image_position_ids": images["image_position_ids"][cached_images:],
-                     "mm_token_type_ids": [[int(t == self.engine.config.image_token_id) for t in new_ids]]}
+        for kind, pixels, positions in (("image", "pixel_values", "image_position_ids"),
+                                        ("video", "pixel_values_videos", "video_position_ids")):
+            cached = sum(1 for start, _ in spans[kind] if start < common)  # images / frames already encoded
+            if len(spans[kind]) > cached:
+                extra[pixels], extra[positions] = images[pixels][cached:], images[positions][cached:]
+        if extra:
+            extra["mm_token_type_ids"] = mm_token_types([new_ids], self.engine.config)
         # Ids through the engine's own generate (no re-rendering), then parsed as a chat reply.
         result = Engine.generate(self.engine, [new_ids], cache=cache, **extra, **generate_kwargs)
         self.engine.attach_text(result, chat=True)
@@ -124,8 +130,9 @@ class ChatSession:
         return self.send({"role": "tool", "name": name, "content": content}, **generate_kwargs)
 
 
-def _image_spans(ids: list[int], image_id: int) -> list[tuple[int, int]]:
-    """[start, end) of each run of image soft tokens, widened by the begin/end-of-image token around it."""
+def _image_spans(ids: list[int], image_id: int | None) -> list[tuple[int, int]]:
+    """[start, end) of each run of image (or video frame) soft tokens, widened by the begin/end-of-image token
+    around it."""
     spans, i = [], 0
     while i < len(ids):
         if ids[i] == image_id:
