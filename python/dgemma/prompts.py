@@ -26,6 +26,10 @@ class Prompt:
     images: dict = field(default_factory=dict)  # pixel_values, image_position_ids, mm_token_type_ids (chat images)
 
 
+# The model card's limit: video as frames at 1 fps, up to 60 seconds.
+MAX_VIDEO_SECONDS = 60.0
+
+
 def media_parts(messages: list[dict]) -> tuple[list, list]:
     """(images, videos) of a conversation's content parts, each in order."""
     images, videos = [], []
@@ -91,7 +95,13 @@ def render_chat(engine, conversations: list[list[dict]], *, tools=None, thinking
             text = expand_image_tokens(text, counts[:len(images)], tokens=tokens)
             counts = counts[len(images):]
         if videos:
-            prepared = preprocess_video([load_video(v) for v in videos])
+            loaded = [load_video(v) for v in videos]
+            for k, video in enumerate(loaded):
+                if video.timestamps and video.timestamps[-1] >= MAX_VIDEO_SECONDS:
+                    raise DgemmaError(f"conversation {i}, video {k} runs past {video.timestamps[-1]:.0f} s; the model "
+                                      f"takes videos of at most {MAX_VIDEO_SECONDS:.0f} seconds (1 frame per second): "
+                                      f"trim it first")
+            prepared = preprocess_video(loaded)
             text = expand_video_tokens(text, prepared, tokens=tokens)
             video_inputs.append(prepared)
         rows.append(tok.encode(text))
