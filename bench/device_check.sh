@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent H100/H200 checks, in one run, selected by STAGES (default: all, in this order):
 #   build     pip install (no isolation); wheels in .whl/ (nvidia-cutlass, transformers) installed first
-#   quick     (not in the default) the GPU tests of the newest work first: graphs, fused q/k/v, engine
+#   quick     (not in the default) the GPU tests of the newest work first: graphs, fused q/k/v, residual
+#             norms, batched rows, vision, device-scalar head
 #   tests     pytest -m gpu tests, one process, nothing deselected
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file
 #   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json
@@ -63,7 +64,7 @@ if want build; then
 fi
 
 if want quick; then
-  TAIL=40 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE ${QUICK_TESTS:-tests/test_graphs_cuda.py tests/test_engine_cuda.py tests/test_vocab_head_cuda.py}
+  TAIL=40 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE ${QUICK_TESTS:-tests/test_graphs_cuda.py tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_vocab_head_cuda.py}
 fi
 
 if want tests; then
