@@ -398,3 +398,18 @@ def test_an_interrupted_fused_generation_leaves_the_cache_as_it_was():
     fresh = eng.new_cache(1, 30 + 64 + 32)
     eng.encode(x, cache=fresh)
     assert torch.equal(retry.new_tokens, eng.generate(x[:, :0].new_tensor([[5, 6, 7]]), cache=fresh, **kw).new_tokens)
+
+
+def test_dgemma_disable_kernels_switches_the_commit_path_and_refuses_unknown_names(monkeypatch):
+    from dgemma.errors import DgemmaError
+    from dgemma.steps import _view_commit_fits
+
+    eng = engine(canvas=16)
+    cache = eng.new_cache(1, 64)
+    assert _view_commit_fits(cache, 16)
+    monkeypatch.setenv("DGEMMA_DISABLE_KERNELS", "view_commit, residual_norm")
+    assert not _view_commit_fits(cache, 16)
+    monkeypatch.setenv("DGEMMA_DISABLE_KERNELS", "qkv_fusion,turbo")
+    with pytest.raises(DgemmaError, match="DGEMMA_DISABLE_KERNELS names turbo; expected some of qkv_fusion, "
+                                          "residual_norm, view_commit"):
+        _view_commit_fits(cache, 16)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, DgemmaError
 
 try:
     from . import _C
@@ -66,3 +67,19 @@ def current_stream(device) -> int:
     if raw is not None:
         return raw(index)
     return torch.cuda.current_stream(index).cuda_stream
+
+
+# Fused paths that can be switched off for triage on a GPU, e.g. DGEMMA_DISABLE_KERNELS=qkv_fusion,residual_norm:
+# the ops then run the reference chain of ops (still on the GPU), the commit pass the plain encoder.
+DISABLE_CHOICES = ("qkv_fusion", "residual_norm", "view_commit")
+
+
+def disabled_kernels() -> frozenset[str]:
+    """The fused paths DGEMMA_DISABLE_KERNELS switches off (read at each call, so a test may set it)."""
+    raw = os.environ.get("DGEMMA_DISABLE_KERNELS", "")
+    names = frozenset(n.strip() for n in raw.split(",") if n.strip())
+    unknown = names - set(DISABLE_CHOICES)
+    if unknown:
+        raise DgemmaError(f"DGEMMA_DISABLE_KERNELS names {', '.join(sorted(unknown))}; expected some of "
+                          f"{', '.join(DISABLE_CHOICES)}")
+    return names

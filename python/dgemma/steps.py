@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 import torch
 
+from . import _ext
 from .cache import KVCache, PrefixView, prefix_bucket
 from .errors import DgemmaError
 from .quant import Fp8Weight
@@ -191,7 +192,10 @@ class CudaGraphStepper(FusedHeadStepper):
 
 
 def _view_commit_fits(cache: KVCache, t: int) -> bool:
-    """Whether a commit of t tokens can go through encode_view: each sliding ring holds t positions."""
+    """Whether a commit of t tokens can go through encode_view: each sliding ring holds t positions (and
+    DGEMMA_DISABLE_KERNELS does not name view_commit)."""
+    if "view_commit" in _ext.disabled_kernels():
+        return False
     return all(not spec.is_sliding or cache.ring_size(i) >= t for i, spec in enumerate(cache.config.layers))
 
 

@@ -52,12 +52,13 @@ class ResidualOpsMixin:
     as one kernel each, where their inputs fit."""
 
     def add_rms_norm(self, x, y, weight, eps):
-        if _fits_residual(x, y, weight) and y.shape == x.shape:
+        if _fits_residual(x, y, weight) and y.shape == x.shape and "residual_norm" not in _ext.disabled_kernels():
             return residual_norm(x, y, weight, eps)
         return super().add_rms_norm(x, y, weight, eps)
 
     def ffn_residual(self, x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps):
-        if _fits_residual(x, mlp, moe, w_mlp, w_moe, w_ff, scalar) and mlp.shape == x.shape == moe.shape:
+        if _fits_residual(x, mlp, moe, w_mlp, w_moe, w_ff, scalar) and mlp.shape == x.shape == moe.shape \
+                and "residual_norm" not in _ext.disabled_kernels():
             return residual_norm(x, mlp, w_mlp, eps, moe, w_moe, w_ff, scalar)
         return super().ffn_residual(x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps)
 
@@ -135,7 +136,8 @@ class QkvOpsMixin:
 
     def project_qkv(self, h, w, head_dim, cos, sin, eps):
         if not (h.is_cuda and h.dtype == torch.bfloat16 and cos.dtype == torch.bfloat16
-                and w.q_norm.dtype == torch.bfloat16 and head_dim_supported(head_dim)):
+                and w.q_norm.dtype == torch.bfloat16 and head_dim_supported(head_dim)) \
+                or "qkv_fusion" in _ext.disabled_kernels():
             return super().project_qkv(h, w, head_dim, cos, sin, eps)
         fused = fuse_qkv(w)
         if fused is not None:
