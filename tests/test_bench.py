@@ -10,7 +10,8 @@ from dgemma.cli import main
 def test_bench_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
     rc = main(["bench", "--iters", "2", "--warmup", "1", "--steps", "2", "--batch", "1,2", "--prefix-lengths",
-               "16,40", "--prompt-length", "24", "--baseline", "transformers", "--json", str(out), "--plot", str(png)])
+               "16,40", "--prompt-length", "24", "--prefill-lengths", "40", "--baseline", "transformers",
+               "--json", str(out), "--plot", str(png)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert {"device", "torch", "cuda", "commit", "command", "results"} <= set(report)
@@ -18,7 +19,8 @@ def test_bench_json_and_plot(tmp_path, capsys):
     for name in ("copy_bandwidth", "prefill_t24_bfloat16_b1", "denoise_step_bfloat16_b1",
                  "decoder_forward_bfloat16_b1", "first_draft_bfloat16_b1", "block2_bfloat16_b1",
                  "denoise_step_bfloat16_b2", "denoise_step_bfloat16_b1_p40", "transformers_step_bf16_b1",
-                 "transformers_step_bf16_b2", "server_decoder_pass_bfloat16_b2", "peak_memory"):
+                 "transformers_step_bf16_b2", "server_decoder_pass_bfloat16_b2", "prefill_t40_bfloat16_b1",
+                 "peak_memory"):
         assert name in names
     block = next(r for r in report["results"] if r["name"] == "block2_bfloat16_b1")
     assert block["tok_per_s"] == pytest.approx(256 / (block["median_ms"] / 1e3))

@@ -40,6 +40,7 @@ class BenchOptions:
     prefix_lengths: list[int] = field(default_factory=list)
     seed: int = 0
     cuda_graphs: str = "auto"  # "off", "on", "both" or "auto" (both where the step can be captured, else off)
+    prefill_lengths: list[int] = field(default_factory=list)  # more prompt lengths to time prefill at
 
 
 def _timer(device: torch.device):
@@ -185,6 +186,14 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         prefill = measure(lambda: eng.encode(prompt, capacity=prompt_len + c), max(3, opts.iters // 4), 1)
         enc_bytes = step_bytes(eng, 1, 0) - 2 * eng.model.w.embed.numel() * eng.model.w.embed.element_size()
         results.append(_row(f"prefill_t{prompt_len}_{opts.dtype}_b{b}", prefill, roof(enc_bytes)))
+        for t in opts.prefill_lengths:
+            if t == prompt_len or t > cfg.max_position_embeddings - c:
+                continue
+            longer = torch.randint(3, v, (b, t), generator=g, device=device)
+            ms = measure(lambda longer=longer, t=t: eng.encode(longer, capacity=t + c), max(3, opts.iters // 4), 1)
+            results.append(_row(f"prefill_t{t}_{opts.dtype}_b{b}", ms, roof(enc_bytes), tokens=t,
+                                tok_per_s=b * t / (statistics.median(ms) / 1e3)))
+            del longer
         cache = eng.new_cache(b, prompt_len + c, rollback=c)
         eng.encode(prompt, cache=cache)
         canvas = torch.randint(0, v, (b, c), generator=g, device=device)
