@@ -52,3 +52,18 @@ def test_random_checkpoint_loads_in_transformers_and_matches(tmp_path):
         ref = hf(input_ids=prompt, decoder_input_ids=canvas).logits
     ours = eng.denoise(eng.encode(prompt), canvas)
     assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_cuda_graphs_flag_is_for_generate_and_chat(tmp_path, capsys):
+    """serve refuses --cuda-graphs in one line (its requests' steps run as one batched decoder pass); on a
+    CPU generate accepts it and warns that the graphs are off, with the reason."""
+    from dgemma.demo import write_demo_checkpoint
+
+    path = write_demo_checkpoint(tmp_path / "demo")
+    assert main(["serve", "--model", str(path), "--cuda-graphs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cuda-graphs applies to generate and chat" in err[0]
+    r = run("generate", "--model", str(path), "--prompt", "hi", "--cuda-graphs", "--max-new-tokens", "8", "--steps",
+            "2", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    assert "CUDA graphs are off for this engine: not on a CUDA device" in r.stderr

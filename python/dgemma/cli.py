@@ -380,6 +380,9 @@ def _seed(s: str) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     args.image, args.video = [], []
+    if args.cuda_graphs:
+        raise DgemmaError("--cuda-graphs applies to generate and chat; the server runs the steps of its requests as "
+                          "one batched decoder pass")
     _check_model(args, chat=True)
     if not 0 < args.port < 65536:
         raise DgemmaError(f"--port {args.port} must be in 1..65535")
@@ -390,7 +393,7 @@ def _serve(args: argparse.Namespace) -> int:
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_context=args.max_context,
           served_model_name=args.served_model_name, device=args.device, dtype=dtype,
-          quantization=None if args.quantization == "none" else args.quantization, cuda_graphs=args.cuda_graphs)
+          quantization=None if args.quantization == "none" else args.quantization)
     return 0
 
 

@@ -78,6 +78,13 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
                  path=path, generation_settings=settings, special_tokens=special)
     if not isinstance(cuda_graphs, bool):
         raise DgemmaError(f"cuda_graphs must be True or False, got {cuda_graphs!r:.40}")
+    if cuda_graphs:
+        from .steps import graphs_supported
+
+        why = graphs_supported(eng)
+        if why is not None:
+            logging.getLogger("dgemma").warning("dgemma: CUDA graphs are off for this engine: %s", why)
+            cuda_graphs = False
     eng.cuda_graphs = cuda_graphs
     eng.checkpoint_format = detect_format(path).name
     eng.disk_bytes = sum(os.path.getsize(f) for f in checkpoint_files(path))

@@ -532,7 +532,7 @@ def _visible_text(server: OpenAIServer, tokens: list[int], chat: bool) -> str:
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           max_context: int | None = None, served_model_name: str | None = None, device=None, dtype=None,
-          quantization=None, cuda_graphs: bool = False, log_level: str = "info") -> None:
+          quantization=None, log_level: str = "info") -> None:
     """Load ``model`` and serve it until interrupted."""
     import os
 
@@ -542,8 +542,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
         raise DgemmaError("dgemma serve needs FastAPI and uvicorn: pip install 'dgemma[serve]'") from None
     from .loading import load
 
-    eng = load(model, device=device, dtype=dtype, quantization=quantization, cuda_graphs=cuda_graphs,
-               max_batch=max_batch, max_context=max_context)
+    eng = load(model, device=device, dtype=dtype, quantization=quantization, max_batch=max_batch,
+               max_context=max_context)
     name = served_model_name or os.path.basename(os.path.normpath(model))
     app = create_app(OpenAIServer(eng, model_name=name, max_batch=max_batch, max_context=max_context))
     uvicorn.run(app, host=host, port=port, log_level=log_level)
