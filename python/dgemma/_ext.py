@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 
@@ -75,8 +76,13 @@ DISABLE_CHOICES = ("qkv_fusion", "residual_norm", "view_commit")
 
 
 def disabled_kernels() -> frozenset[str]:
-    """The fused paths DGEMMA_DISABLE_KERNELS switches off (read at each call, so a test may set it)."""
-    raw = os.environ.get("DGEMMA_DISABLE_KERNELS", "")
+    """The fused paths DGEMMA_DISABLE_KERNELS switches off (the variable is looked up at each call, so a test
+    may set it; its parse is remembered)."""
+    return _parse_disabled(os.environ.get("DGEMMA_DISABLE_KERNELS", ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_disabled(raw: str) -> frozenset[str]:
     names = frozenset(n.strip() for n in raw.split(",") if n.strip())
     unknown = names - set(DISABLE_CHOICES)
     if unknown:

@@ -93,7 +93,7 @@ class DiffusionGemmaModel:
         says which tokens form each image's (frame's) block. The caller has validated shapes, ids, the placeholder
         count and room; on return ``cache.length`` has grown by T.
         """
-        b, t = ids.shape
+        t = ids.shape[1]
         start = cache.length
         positions = torch.arange(start, start + t, device=ids.device)
         ropes = self._rope_tables(positions[None], self.w.embed.dtype)
@@ -111,17 +111,31 @@ class DiffusionGemmaModel:
             x[ids == self.cfg.video_token_id] = video_features.to(x.dtype)
         vision = image_features is not None or video_features is not None or mm_token_type_ids is not None
         blocks = self.image_blocks(ids, mm_token_type_ids) if vision else None
-        # NOTE: K/V are written only after every layer ran, so an interrupted call leaves the cache
-        # (in particular the sliding rings, which overwrite old slots) exactly as it was.
+        def attention(i, q, k, v):
+            if blocks is None:
+                return self.ops.encoder_attention(q, k, v, cache, i, start, attend_valid)
+            return self.ops.encoder_attention(q, k, v, cache, i, start, attend_valid, blocks)
+
+        for i, k, v in self._encoder_kv(x, ropes, attention):
+            cache.write(i, k, v, start)
+        cache.valid.copy_(valid)
+        cache.has_padding = has_padding
+        cache.length = start + t
+
+    def _encoder_kv(self, x: torch.Tensor, ropes: dict, attention) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Run the encoder layers over embedded tokens ``x`` [B, T, H] with ``attention(layer, q, k, v)`` ->
+        [B, T, Hq, D], and return every layer's (layer, k, v) for the caller to store.
+
+        NOTE: nothing is written here: the caller writes K/V only after every layer ran, so an interrupted call
+        leaves the cache (in particular the sliding rings, which overwrite old slots) exactly as it was."""
+        b, t, _ = x.shape
         pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
         def attend(i: int, h: torch.Tensor) -> torch.Tensor:
             spec = self.cfg.layers[i]
             q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
             pending.append((i, k, v))
-            if blocks is None:
-                return self.ops.encoder_attention(q, k, v, cache, i, start, attend_valid).reshape(b, t, -1)
-            return self.ops.encoder_attention(q, k, v, cache, i, start, attend_valid, blocks).reshape(b, t, -1)
+            return attention(i, q, k, v).reshape(b, t, -1)
 
         last = len(self.w.layers) - 1
         for i, lw in enumerate(self.w.layers[:-1]):
@@ -131,11 +145,7 @@ class DiffusionGemmaModel:
         h = self.ops.rms_norm(x, self.w.layers[last].input_norm, self.cfg.rms_norm_eps)
         _, k, v = self._project_qkv(spec, self.w.layers[last].attn, h, *ropes[spec.kind])
         pending.append((last, k, v))
-        for i, k, v in pending:
-            cache.write(i, k, v, start)
-        cache.valid.copy_(valid)
-        cache.has_padding = has_padding
-        cache.length = start + t
+        return pending
 
     def encode_view(self, ids: torch.Tensor, cache: KVCache, prefix: PrefixView) -> None:
         """:meth:`encode` of ``ids`` [B, T] (real tokens, no images) with the start positions on the device
@@ -143,28 +153,17 @@ class DiffusionGemmaModel:
         so a commit pass can be captured once per bucket (see :mod:`dgemma.steps`). The K/V of the new
         positions are scattered into the cache on the device; the caller updates ``cache.length`` (and saves
         what a transaction needs, :meth:`KVCache.save_for_undo`) on the host. Each sliding ring must hold T."""
-        b, t = ids.shape
+        t = ids.shape[1]
         dev = ids.device
         positions = prefix.lengths.long()[:, None] + torch.arange(t, device=dev)  # [B, T]
         ropes = self._rope_tables(positions, self.w.embed.dtype)
         valid = cache.valid.scatter(1, positions, True)
         x = self.ops.embed(ids, self.w.embed, self.cfg.embed_scale)
-        pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-        def attend(i: int, h: torch.Tensor) -> torch.Tensor:
-            spec = self.cfg.layers[i]
-            q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
-            pending.append((i, k, v))
-            return self.ops.encoder_attention_view(q, k, v, cache, i, prefix, valid).reshape(b, t, -1)
+        def attention(i, q, k, v):
+            return self.ops.encoder_attention_view(q, k, v, cache, i, prefix, valid)
 
-        last = len(self.w.layers) - 1
-        for i, lw in enumerate(self.w.layers[:-1]):
-            x = self._layer(i, x, attend, lw.encoder_scalar)
-        spec = self.cfg.layers[last]
-        h = self.ops.rms_norm(x, self.w.layers[last].input_norm, self.cfg.rms_norm_eps)
-        _, k, v = self._project_qkv(spec, self.w.layers[last].attn, h, *ropes[spec.kind])
-        pending.append((last, k, v))
-        for i, k, v in pending:  # after every layer ran, as in encode
+        for i, k, v in self._encoder_kv(x, ropes, attention):
             cache.scatter(i, k, v, positions)
         cache.valid.copy_(valid)
 
@@ -188,8 +187,14 @@ class DiffusionGemmaModel:
         ops, w, eps = self.ops, self.w, self.cfg.rms_norm_eps
         x = ops.embed(canvas, w.embed, self.cfg.embed_scale)
         if soft is not None:
-            x = x + ops.gated_mlp(ops.rms_norm(soft, w.sc_pre_norm, eps), w.sc_gate, w.sc_up, w.sc_down)
+            x = x + self._self_conditioning(soft)
         return ops.rms_norm(x, None, eps)
+
+    def _self_conditioning(self, soft: torch.Tensor) -> torch.Tensor:
+        """MLP_sc(pre_norm(soft)): what a self-conditioning input adds to the canvas embeddings."""
+        w = self.w
+        return self.ops.gated_mlp(self.ops.rms_norm(soft, w.sc_pre_norm, self.cfg.rms_norm_eps), w.sc_gate, w.sc_up,
+                                  w.sc_down)
 
     def _decoder_states(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None,
                         prefix: PrefixView | None = None):
@@ -242,8 +247,7 @@ class DiffusionGemmaModel:
         x = ops.embed(canvas, w.embed, self.cfg.embed_scale)
         rows = [r for r, s in enumerate(softs) if s is not None]
         if rows:  # the self-conditioning MLP only for rows that have an input (as decoder_input skips it)
-            soft = torch.cat([softs[r] for r in rows])
-            sc = ops.gated_mlp(ops.rms_norm(soft, w.sc_pre_norm, eps), w.sc_gate, w.sc_up, w.sc_down)
+            sc = self._self_conditioning(torch.cat([softs[r] for r in rows]))
             if len(rows) == b:
                 x = x + sc
             else:

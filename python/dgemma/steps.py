@@ -95,8 +95,11 @@ class FusedHeadStepper:
             return
         start, t = cache.length, ids.shape[1]
         cache.save_for_undo(start, t)
-        self.model.encode_view(ids, cache, cache.prefix_view())
+        self._encode_view(ids)
         cache.length = start + t
+
+    def _encode_view(self, ids: torch.Tensor) -> None:
+        self.model.encode_view(ids, self.cache, self.cache.prefix_view())
 
 
 class _Graph:
@@ -167,28 +170,25 @@ class CudaGraphStepper(FusedHeadStepper):
         while len(self.graphs) > MAX_GRAPHS_PER_CACHE:
             self.graphs.popitem(last=False)
 
-    def commit(self, ids: torch.Tensor) -> None:
+    def _encode_view(self, ids: torch.Tensor) -> None:
         """The commit pass replayed from a graph per (tokens, prefix bucket, padding), like the steps."""
+        if self.failed is not None:
+            return super()._encode_view(ids)
         cache, t = self.cache, ids.shape[1]
-        if self.failed is not None or not _view_commit_fits(cache, t):
-            return super().commit(ids)
-        start = cache.length
         buf = self.commit_ids.get(t)
         if buf is None:
             buf = self.commit_ids[t] = torch.empty_like(ids)
         buf.copy_(ids)
         prefix = cache.prefix_view(self.lengths)
         key = ("commit", t, prefix.bound, cache.has_padding)
-        cache.save_for_undo(start, t)
         entry = self.graphs.get(key)
         if entry is not None:
             self.graphs.move_to_end(key)
             entry.graph.replay()
             self.replays += 1
-        else:
-            self.model.encode_view(buf, cache, prefix)  # this pass, eagerly; then the capture (which runs nothing)
-            self._capture(key, lambda: self.model.encode_view(buf, cache, prefix))
-        cache.length = start + t
+            return
+        self.model.encode_view(buf, cache, prefix)  # this pass, eagerly; then the capture (which runs nothing)
+        self._capture(key, lambda: self.model.encode_view(buf, cache, prefix))
 
 
 def _view_commit_fits(cache: KVCache, t: int) -> bool:
