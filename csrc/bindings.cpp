@@ -113,6 +113,16 @@ void register_norm(py::module_& m) {
       },
       py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("eps"), py::arg("stream"));
   m.def(
+      "rms_norm_fp8",
+      [](py::handle x, py::handle weight, py::handle q, py::handle scale, double eps, std::uintptr_t stream) {
+        TensorArg weight_slot;
+        rms_norm_fp8(to_arg(x, "x"), optional_arg(weight, "weight", weight_slot), to_arg(q, "q"),
+                     to_arg(scale, "scale"), eps, stream);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("q"), py::arg("scale"), py::arg("eps"), py::arg("stream"),
+      "The input of an FP8 GEMM in one pass: q (float8_e4m3fn [rows, d]) and scale (fp32 [rows]) quantise "
+      "rms_norm(x)*weight per row, bit-identical to rms_norm then fp8_quantize_rows.");
+  m.def(
       "residual_norm",
       [](py::handle x, py::handle a, py::handle b, py::handle wa, py::handle wb, py::handle wc, py::handle scalar,
          py::handle out, double eps, std::uintptr_t stream) {

@@ -59,9 +59,11 @@ def fp8_gemm(aq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     return (aq.double() @ wq.double().t()).float().bfloat16().float()
 
 
-def scale_output(d: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """``bf16(d * a_scale[r] * w_scale[c])`` in fp32, left to right (fp8_epilogue.cuh scale_output)."""
-    return (d * a_scale[:, None] * w_scale[None, :]).bfloat16()
+def scaled_gemm(aq: torch.Tensor, a_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``sm90_fp8_scaled_gemm``: the fp32 product of E4M3 values (correctly rounded from fp64), times the token's
+    scale, times the channel's scale, in fp32, rounded once to bf16 (its epilogue's order)."""
+    acc = (aq.double() @ wq.double().t()).float()
+    return ((acc * a_scale[:, None]) * w_scale[None, :]).bfloat16()
 
 
 def gelu_up_quantize(gate: torch.Tensor, up: torch.Tensor, a_scale: torch.Tensor, gate_scale: torch.Tensor,
@@ -77,16 +79,18 @@ def linear_fp8(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
     """``fp8_linear``: x [..., k] bf16 quantised per row, one FP8 GEMM, scaled and rounded to bf16."""
     x2 = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_rows(x2)
-    y = scale_output(fp8_gemm(xq, w.q), xs, w.scale)
+    y = scaled_gemm(xq, xs, w.q, w.scale)
     return y.reshape(*x.shape[:-1], w.q.shape[0])
 
 
 def gated_mlp_fp8(x: torch.Tensor, gate: Fp8Weight, up: Fp8Weight, down: Fp8Weight) -> torch.Tensor:
-    """``fp8_gated_mlp``: quantise x per row, gate/up GEMMs, gelu·up re-quantised per row, down GEMM."""
+    """``fp8_gated_mlp``: quantise x per row, scaled gate/up GEMMs (bf16), gelu·up in fp32 re-quantised per row,
+    scaled down GEMM."""
     x2 = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_rows(x2)
-    hq, hs = gelu_up_quantize(fp8_gemm(xq, gate.q), fp8_gemm(xq, up.q), xs, gate.scale, up.scale)
-    y = scale_output(fp8_gemm(hq, down.q), hs, down.scale)
+    g, u = (scaled_gemm(xq, xs, w.q, w.scale).float() for w in (gate, up))
+    hq, hs = quantize_rows(gelu_tanh(g) * u)
+    y = scaled_gemm(hq, hs, down.q, down.scale)
     return y.reshape(*x.shape[:-1], down.q.shape[0])
 
 

@@ -36,7 +36,7 @@ I32, I64, U8, BOOL = torch.int32, torch.int64, torch.uint8, torch.bool
 # Every function of dgemma._C that takes tensors or sizes; the capability queries without arguments
 # (version, built_with_cuda, cuda_runtime_version) have no error path.
 OPS = (
-    "rms_norm", "residual_norm", "fp8_quantize_rows", "fp8_linear_workspace_bytes", "fp8_linear", "fp8_gated_mlp_workspace_bytes",
+    "rms_norm", "rms_norm_fp8", "residual_norm", "fp8_quantize_rows", "fp8_linear_workspace_bytes", "fp8_linear", "fp8_gated_mlp_workspace_bytes",
     "fp8_gated_mlp", "moe_route", "moe_plan", "moe_fp8_workspace_bytes", "moe_fp8", "qkv_prep",
     "attention_tile_shape", "attention_forward", "vocab_head_workspace_bytes", "vocab_head_step",
     "device_capability",
@@ -205,6 +205,52 @@ def rms_norm_table(c: Ctx) -> Table:
     return t
 
 
+def rms_norm_fp8_table(c: Ctx) -> Table:
+    from dgemma import quant
+    from dgemma.ops.reference import ReferenceOps
+
+    rows, d = 6, 512
+    x = c.randn(rows, d, scale=3.0)
+    w = (torch.rand(d, generator=c.gen, device=c.dev) + 0.5).to(BF16)
+    t = Table("rms_norm_fp8", dict(x=x, weight=w, q=c.empty(rows, d, dtype=FP8), scale=c.empty(rows, dtype=F32),
+                                   eps=1e-6, stream=0))
+    # Order of the checks in csrc/ops/rms_norm.cu (rms_norm_fp8).
+    t.bad("x on the host", cuda_msg("x"), x=c.host(x))
+    t.bad("x float32", "x has dtype float32, expected bfloat16", x=c.empty(rows, d, dtype=F32))
+    t.bad("0-d x", "x must have at least one dimension", x=c.empty())
+    t.bad("empty last dimension", "x last dimension 0 must be in [1, 1048576]", x=c.empty(rows, 0))
+    t.bad("eps zero", "eps must be positive, got 0.000000", eps=0.0)
+    t.bad("x last dimension strided", "x must be contiguous in its last dimension", x=c.empty(rows, 2 * d)[:, ::2])
+    t.bad("weight on the host", cuda_msg("weight"), weight=c.host(w))
+    t.bad("weight dtype", "weight has dtype float32, expected bfloat16 (the dtype of x)", weight=c.empty(d, dtype=F32))
+    t.bad("weight length", "weight has shape [256], expected size 512 in dimension 0 (the normalised dimension)",
+          weight=c.empty(256))
+    t.bad("q on the host", cuda_msg("q"), q=c.host(t.base["q"]))
+    t.bad("q dtype", "q has dtype bfloat16, expected float8_e4m3fn", q=c.empty(rows, d))
+    t.bad("q 3-d", f"q has shape [1, {rows}, {d}], expected 2 dimensions", q=c.empty(1, rows, d, dtype=FP8))
+    t.bad("q rows", f"q has shape [3, {d}], expected size {rows} in dimension 0 (rows of x)",
+          q=c.empty(3, d, dtype=FP8))
+    t.bad("q columns", f"q has shape [{rows}, 256], expected size {d} in dimension 1 (the normalised dimension)",
+          q=c.empty(rows, 256, dtype=FP8))
+    t.bad("q strided", f"q must be contiguous (shape [{rows}, {d}])", q=c.empty(rows, 2 * d, dtype=FP8)[:, ::2])
+    t.bad("scale on the host", cuda_msg("scale"), scale=c.host(t.base["scale"]))
+    t.bad("scale dtype", "scale has dtype bfloat16, expected float32", scale=c.empty(rows))
+    t.bad("scale length", f"scale has shape [5], expected size {rows} in dimension 0 (rows of x)",
+          scale=c.empty(5, dtype=F32))
+    t.bad("scale strided", f"scale must be contiguous (shape [{rows}])", scale=c.strided_vector(rows, dtype=F32))
+    t.bad("x is None", not_tensor("x"), x=None)
+    t.bad("q is None", not_tensor("q"), q=None)
+    t.type_error("eps is a string", "eps='1e-6'", eps="1e-6")
+
+    def check(_):
+        # Bit-identical to the reference norm followed by the reference quantisation.
+        rq, rs = quant.quantize_rows(ReferenceOps().rms_norm(x, w, 1e-6))
+        assert torch.equal(t.base["q"].view(U8), rq.view(U8)) and torch.equal(t.base["scale"], rs)
+
+    t.check = check
+    return t
+
+
 # -- FP8 quantisation, linear and gated MLP -----------------------------------------------------------
 
 
@@ -338,7 +384,17 @@ def _weight_errors(t: Table, c: Ctx, q_key: str, s_key: str, name: str, n: int, 
 
 
 def _activation_errors(t: Table, c: Ctx, rows: int, k: int) -> None:
-    """check_activation (fp8_linear.cu) of x [rows, k]."""
+    """check_gemm_input (fp8_linear.cu) of x [rows, k]: bf16 (check_activation), or FP8 with x_scale."""
+    t.bad("x FP8 without x_scale", "x is float8_e4m3fn: pass its per-row scales as x_scale",
+          x=c.empty(rows, k, dtype=FP8))
+    t.bad("x_scale with a bf16 x", "x has dtype bfloat16, expected float8_e4m3fn", x_scale=c.empty(rows, dtype=F32))
+    xq = c.empty(rows, k, dtype=FP8)
+    t.bad("FP8 x transposed", f"x must be contiguous (shape [{rows}, {k}])", x=c.transposed(rows, k, dtype=FP8),
+          x_scale=c.empty(rows, dtype=F32))
+    t.bad("x_scale on the host", cuda_msg("x_scale"), x=xq, x_scale=c.host(c.empty(rows, dtype=F32)))
+    t.bad("x_scale dtype", "x_scale has dtype bfloat16, expected float32", x=xq, x_scale=c.empty(rows))
+    t.bad("x_scale length", f"x_scale has shape [{rows - 1}], expected size {rows} in dimension 0 (rows of x)", x=xq,
+          x_scale=c.empty(rows - 1, dtype=F32))
     t.bad("x on the host", cuda_msg("x"), x=c.host(t.base["x"]))
     t.bad("x float32", "x has dtype float32, expected bfloat16", x=c.empty(rows, k, dtype=F32))
     t.bad("x 1-d", f"x has shape [{rows * k}], expected 2 dimensions", x=c.empty(rows * k))
@@ -365,7 +421,7 @@ def fp8_linear_table(c: Ctx) -> Table:
     x = c.randn(rows, k)
     nbytes = c.workspace_bytes("fp8_linear_workspace_bytes", rows, n, k)
     t = Table("fp8_linear", dict(x=x, w_q=w.q, w_scale=w.scale, out=c.empty(rows, n),
-                                 workspace=c.empty(nbytes, dtype=U8), stream=0))
+                                 workspace=c.empty(nbytes, dtype=U8), stream=0, x_scale=None))
     _activation_errors(t, c, rows, k)
     t.bad("x columns differ from the weight", f"weight.q has shape [{n}, {k}], expected size {k // 2} in dimension 1 "
           "(input features)", x=c.empty(rows, k // 2))
@@ -413,7 +469,7 @@ def fp8_gated_mlp_table(c: Ctx) -> Table:
     nbytes = c.workspace_bytes("fp8_gated_mlp_workspace_bytes", rows, h, inter)
     t = Table("fp8_gated_mlp", dict(x=x, gate_q=gate.q, gate_scale=gate.scale, up_q=up.q, up_scale=up.scale,
                                     down_q=down.q, down_scale=down.scale, out=c.empty(rows, h),
-                                    workspace=c.empty(nbytes, dtype=U8), stream=0))
+                                    workspace=c.empty(nbytes, dtype=U8), stream=0, x_scale=None))
     _activation_errors(t, c, rows, h)
     _weight_errors(t, c, "gate_q", "gate_scale", "gate", inter, h)
     t.bad("intermediate not a multiple of 16", "gate.q rows (intermediate) is 40, expected a positive multiple of 16",
@@ -1042,6 +1098,7 @@ def device_capability_table(c: Ctx) -> Table:
 
 BUILDERS = {
     "rms_norm": rms_norm_table,
+    "rms_norm_fp8": rms_norm_fp8_table,
     "residual_norm": residual_norm_table,
     "fp8_quantize_rows": fp8_quantize_rows_table,
     "fp8_linear_workspace_bytes": fp8_linear_workspace_bytes_table,

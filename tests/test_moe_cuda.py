@@ -116,6 +116,56 @@ def test_quantize_rows_bit_exact(rows, cols):
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("shape,weighted", [((1, 16), True), ((7, 2816), True), ((2, 33, 2816), False),
+                                            ((255, 512), True), ((3, 4096), False)])
+def test_rms_norm_fp8_bit_exact(shape, weighted):
+    """The fused norm + quantisation equals the CUDA norm then the CUDA quantiser, and the CPU reference of both."""
+    from dgemma.ops import cuda
+
+    g = torch.Generator(device="cuda").manual_seed(shape[-1] + len(shape))
+    x = (torch.randn(*shape, device="cuda", generator=g) * 5).bfloat16()
+    w = (torch.rand(shape[-1], device="cuda", generator=g) + 0.5).bfloat16() if weighted else None
+    rows = cuda_moe.rms_norm_fp8(x, w, 1e-6)
+    assert rows.lead == tuple(shape[:-1]) and rows.q.shape == (math.prod(shape[:-1]), shape[-1])
+    q2, s2 = cuda_moe.quantize_rows(cuda.rms_norm(x, w, 1e-6).reshape(-1, shape[-1]))
+    assert torch.equal(rows.scale, s2) and torch.equal(rows.q.view(torch.uint8), q2.view(torch.uint8))
+    q3, s3 = quant.quantize_rows(ReferenceOps().rms_norm(x.cpu(), None if w is None else w.cpu(), 1e-6)
+                                 .reshape(-1, shape[-1]))
+    assert torch.equal(rows.scale.cpu(), s3) and torch.equal(rows.q.cpu().view(torch.uint8), q3.view(torch.uint8))
+    # Rows evenly strided but not packed (a column slice of a wider tensor) read the same values.
+    wide = torch.zeros(*shape[:-1], shape[-1] + 64, dtype=torch.bfloat16, device="cuda")
+    wide[..., :shape[-1]] = x
+    strided = cuda_moe.rms_norm_fp8(wide[..., :shape[-1]], w, 1e-6)
+    assert torch.equal(strided.q.view(torch.uint8), rows.q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 256, 333])
+def test_linear_and_mlp_take_prequantised_rows(rows):
+    """A GEMM fed by rms_norm_fp8 equals the same GEMM fed the bf16 norm (it quantises identically), and the gated
+    MLP's one-GEMM gate/up (rows adjacent, quant.fuse_rows) equals its two-GEMM form."""
+    from dgemma.ops import cuda
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = (torch.randn(rows, H, device="cuda", generator=g) * 2).bfloat16()
+    norm = (torch.rand(H, device="cuda", generator=g) + 0.5).bfloat16()
+    w = quantize_weight((torch.randn(4096, H, device="cuda", generator=g) * H ** -0.5).bfloat16())
+    pre = cuda_moe.rms_norm_fp8(x, norm, 1e-6)
+    normed = cuda.rms_norm(x, norm, 1e-6)
+    assert torch.equal(cuda_moe.linear_fp8(pre, w), cuda_moe.linear_fp8(normed, w))
+    inter = 2112
+    gate, up = (quantize_weight((torch.randn(inter, H, device="cuda", generator=g) * H ** -0.5).bfloat16())
+                for _ in range(2))
+    down = quantize_weight((torch.randn(H, inter, device="cuda", generator=g) * inter ** -0.5).bfloat16())
+    assert not quant.rows_adjacent(gate, up)
+    two = cuda_moe.gated_mlp_fp8(normed, gate, up, down)
+    _, (fgate, fup) = quant.fuse_rows([gate, up])
+    assert quant.rows_adjacent(fgate, fup)
+    one = cuda_moe.gated_mlp_fp8(pre, fgate, fup, down)
+    # Same products per element; only the tile an output column falls in differs.
+    assert rel_err(one, two) <= 1e-3, rel_err(one, two)
+    assert_matches_quantized_reference(one, mref.gated_mlp_fp8(normed, gate, up, down), f"fused gate/up rows={rows}")
+
+
 # -- router --------------------------------------------------------------------------------------
 
 

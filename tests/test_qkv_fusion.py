@@ -29,3 +29,52 @@ def test_fused_qkv_holds_the_projections_once_and_they_become_views_of_it():
 def test_dense_projections_are_not_fused():
     eng = random_engine("tiny", seed=3)
     assert fuse_qkv(eng.model.w.layers[0].attn) is None and eng.model.w.layers[0].attn.qkv is None
+
+
+def test_gate_up_fusion_makes_the_rows_adjacent_without_changing_the_model():
+    from dgemma.ops.cuda import fuse_gate_up
+    from dgemma.quant import fuse_rows, rows_adjacent
+
+    eng = random_engine("tiny", seed=5, quantization="fp8")
+    ids = torch.randint(0, eng.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    cache = eng.new_cache(1, 64)
+    eng.model.encode(ids, cache)
+    canvas = torch.randint(0, eng.config.vocab_size, (1, eng.config.canvas_length),
+                           generator=torch.Generator().manual_seed(1))
+    before = eng.model.denoise(canvas, cache, None)
+    info_before = eng.info
+    for lw in eng.model.w.layers:
+        assert not rows_adjacent(lw.mlp_gate, lw.mlp_up)  # loaded as two allocations
+        gate, up = lw.mlp_gate.q.clone(), lw.mlp_up.q.clone()
+        fuse_gate_up(lw, "mlp_gate", "mlp_up")
+        assert rows_adjacent(lw.mlp_gate, lw.mlp_up)
+        assert torch.equal(lw.mlp_gate.q.view(torch.uint8), gate.view(torch.uint8))
+        assert torch.equal(lw.mlp_up.q.view(torch.uint8), up.view(torch.uint8))
+    # Same values, same bytes reported, same logits (bit for bit: the reference reads the same numbers).
+    assert eng.info.weight_bytes == info_before.weight_bytes
+    assert torch.equal(eng.model.denoise(canvas, cache, None), before)
+    # Dense (unquantised) weights and mismatched input sizes are left alone.
+    dense = random_engine("tiny", seed=5)
+    lw = dense.model.w.layers[0]
+    gate = lw.mlp_gate
+    fuse_gate_up(lw, "mlp_gate", "mlp_up")
+    assert lw.mlp_gate is gate
+    w = eng.model.w.layers[0]
+    assert fuse_rows([w.mlp_gate, w.mlp_down]) is None and fuse_rows([]) is None
+
+
+def test_norm_ops_compose_the_norm_and_the_projection_on_the_reference():
+    from dgemma.ops import ReferenceOps
+
+    eng = random_engine("tiny", seed=7, quantization="fp8")
+    ops, cfg = ReferenceOps(), eng.config
+    lw = eng.model.w.layers[0]
+    x = torch.randn(2, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    eps = cfg.rms_norm_eps
+    assert torch.equal(ops.norm_gated_mlp(x, lw.pre_ff_norm, eps, lw.mlp_gate, lw.mlp_up, lw.mlp_down),
+                       ops.gated_mlp(ops.rms_norm(x, lw.pre_ff_norm, eps), lw.mlp_gate, lw.mlp_up, lw.mlp_down))
+    spec = cfg.layers[0]
+    cos, sin = eng.model._rope_tables(torch.arange(5)[None], x.dtype)[spec.kind]
+    fused = ops.norm_project_qkv(x, lw.input_norm, lw.attn, spec.head_dim, cos, sin, eps)
+    plain = ops.project_qkv(ops.rms_norm(x, lw.input_norm, eps), lw.attn, spec.head_dim, cos, sin, eps)
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain))

@@ -1,8 +1,8 @@
-// Consumers of the unscaled FP8 GEMM output D (sm90_fp8_grouped_gemm.cuh): they apply the per-token
-// activation scale and the per-output-channel weight scale, fused with what follows.
-//   scale_output:       y[r, c] = bf16(D[r, c] * a_scale[r] * w_scale[c])          (a plain linear)
+// The middle of an FP8 MLP or expert, between its two GEMMs:
 //   gelu_up_quantize:   h[r, c] = gelu_tanh(gate) * up, gate/up from D's two halves, then the per-row FP8
-//                       quantisation of h for the next GEMM                          (MLP / expert middle)
+//                       quantisation of h for the next GEMM. D is the unscaled grouped GEMM output
+//                       (sm90_fp8_grouped_gemm.cuh; the per-token activation scale and the per-channel weight
+//                       scales are applied here) or already scaled (sm90_fp8_scaled_gemm.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,35 +30,10 @@ __device__ __forceinline__ void store_bf16x8(__nv_bfloat16* p, const float (&v)[
 
 constexpr int kEpilogueThreads = 128;
 
-// Grid (rows, ceil(cols / (8 * kEpilogueThreads))). cols % 8 == 0; 16-byte aligned rows.
-static __global__ void __launch_bounds__(kEpilogueThreads)
-    scale_output_kernel(const __nv_bfloat16* __restrict__ d, int64_t ldd, const float* __restrict__ a_scale,
-                        const float* __restrict__ w_scale, int cols, __nv_bfloat16* __restrict__ y, int64_t ldy) {
-  const int64_t r = blockIdx.x;
-  const int c = 8 * (blockIdx.y * kEpilogueThreads + threadIdx.x);
-  if (c >= cols) return;
-  float v[8];
-  load_bf16x8(d + r * ldd + c, v);
-  const float as = a_scale[r];
-  const float4 w0 = *reinterpret_cast<const float4*>(w_scale + c);
-  const float4 w1 = *reinterpret_cast<const float4*>(w_scale + c + 4);
-  const float ws[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-#pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = v[i] * as * ws[i];
-  store_bf16x8(y + r * ldy + c, v);
-}
-
-inline cudaError_t scale_output(const __nv_bfloat16* d, int64_t ldd, const float* a_scale, const float* w_scale,
-                                int64_t rows, int cols, __nv_bfloat16* y, int64_t ldy, cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(rows), (cols / 8 + kEpilogueThreads - 1) / kEpilogueThreads);
-  scale_output_kernel<<<grid, kEpilogueThreads, 0, stream>>>(d, ldd, a_scale, w_scale, cols, y, ldy);
-  return cudaGetLastError();
-}
-
 // Where gate_up_quantize finds each row's weight scales: row r belongs to group e = row_group[r]
 // (0 when row_group is null); its gate scales are gate_scale + e * group_stride, its up scales
-// up_scale + e * group_stride. Rows r >= *valid_rows (when given) are skipped.
+// up_scale + e * group_stride. Rows r >= *valid_rows (when given) are skipped. With gate_scale null, D is already
+// scaled (sm90_fp8_scaled_gemm's epilogue applied both scales; a_scale is then unused): h = gelu_tanh(gate) * up.
 struct GeluUpScales {
   const float* gate_scale;
   const float* up_scale;
@@ -78,11 +53,12 @@ static __global__ void __launch_bounds__(kEpilogueThreads)
   __shared__ float red[32];
   const int64_t r = blockIdx.x;
   if (s.valid_rows != nullptr && r >= *s.valid_rows) return;  // uniform per block
+  const bool prescaled = s.gate_scale == nullptr;
   const int64_t e = s.row_group ? s.row_group[r] : 0;
-  const float* gs = s.gate_scale + e * s.group_stride;
-  const float* us = s.up_scale + e * s.group_stride;
+  const float* gs = prescaled ? nullptr : s.gate_scale + e * s.group_stride;
+  const float* us = prescaled ? nullptr : s.up_scale + e * s.group_stride;
   const __nv_bfloat16* dr = d + r * 2 * static_cast<int64_t>(inter);
-  const float as = a_scale[r];
+  const float as = prescaled ? 1.f : a_scale[r];
   const int vecs = inter / 8;
   float h[kGeluUpMaxVecs][8];
   float amax = 0.f;
@@ -95,7 +71,7 @@ static __global__ void __launch_bounds__(kEpilogueThreads)
       load_bf16x8(dr + inter + c, u);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        h[j][i] = gelu_tanh(g[i] * as * gs[c + i]) * (u[i] * as * us[c + i]);
+        h[j][i] = prescaled ? gelu_tanh(g[i]) * u[i] : gelu_tanh(g[i] * as * gs[c + i]) * (u[i] * as * us[c + i]);
         amax = fmaxf(amax, fabsf(h[j][i]));
       }
     }

@@ -28,16 +28,6 @@ __device__ __forceinline__ float warp_total(float v) {
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ float row_inv_rms(const T* __restrict__ v, int dim, float eps, int lane) {
-  float ss = 0.f;
-  for (int i = lane; i < dim; i += 32) {
-    const float f = to_float(v[i]);
-    ss = fmaf(f, f, ss);
-  }
-  return rsqrtf(warp_total(ss) / static_cast<float>(dim) + eps);
-}
-
 // rows x dim; every tensor's rows `dim` apart except where a stride is given. `b`, `wb`, `wc` and `scalar`
 // are null for add_rms_norm (then `a` is y and `wa` is w).
 template <typename T>

@@ -1,6 +1,7 @@
 // RMSNorm over the last dimension: y = x * (mean(x^2) + eps)^-1/2 [* w], computed in fp32 and
 // rounded once to the output type. Covers the model's three variants: weighted (layer norms,
 // q/k norms), weightless (v_norm, router norm, self-conditioning post-norm) via weight == nullptr.
+// rms_norm_fp8 fuses the norm with the per-row FP8 quantisation of the following GEMM's input.
 // Torch-free: raw pointers and a stream; the launcher in csrc/ops validates every argument.
 #pragma once
 
@@ -8,6 +9,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "kernels/fp8_quant.cuh"
 
 namespace dgemma::kernels {
 
@@ -29,6 +32,29 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 // in at most ~90 elements per lane; the second pass re-reads the row from L1.
 constexpr int kRmsNormWarpsPerBlock = 4;
 
+// 1 / rms of one row for the calling warp (every lane gets it). Shared by both kernels below, so a norm
+// followed by a quantisation sees exactly the values the plain norm writes.
+template <typename T>
+__device__ __forceinline__ float row_inv_rms(const T* __restrict__ xr, int dim, float eps, int lane) {
+  float sum_sq = 0.f;
+  for (int i = lane; i < dim; i += 32) {
+    const float v = to_float(xr[i]);
+    sum_sq = fmaf(v, v, sum_sq);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+  // Same formula as the reference: (mean + eps)^-0.5, not rsqrt of a differently rounded value.
+  return rsqrtf(sum_sq / static_cast<float>(dim) + eps);
+}
+
+// Element i of the normed row, rounded to T (the value rms_norm_kernel stores).
+template <typename T>
+__device__ __forceinline__ T normed(const T* __restrict__ xr, const T* __restrict__ weight, int i, float inv_rms) {
+  float v = to_float(xr[i]) * inv_rms;
+  if (weight != nullptr) v *= to_float(weight[i]);
+  return from_float<T>(v);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
     rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ y, int64_t rows,
@@ -38,22 +64,29 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   if (row >= rows) return;
   const T* xr = x + row * x_row_stride;
   T* yr = y + row * y_row_stride;
+  const float inv_rms = row_inv_rms(xr, dim, eps, lane);
+  for (int i = lane; i < dim; i += 32) yr[i] = normed(xr, weight, i, inv_rms);
+}
 
-  float sum_sq = 0.f;
-  for (int i = lane; i < dim; i += 32) {
-    const float v = to_float(xr[i]);
-    sum_sq = fmaf(v, v, sum_sq);
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-
-  // Same formula as the reference: (mean + eps)^-0.5, not rsqrt of a differently rounded value.
-  const float inv_rms = rsqrtf(sum_sq / static_cast<float>(dim) + eps);
-  for (int i = lane; i < dim; i += 32) {
-    float v = to_float(xr[i]) * inv_rms;
-    if (weight != nullptr) v *= to_float(weight[i]);
-    yr[i] = from_float<T>(v);
-  }
+// The input of an FP8 GEMM in one pass: y = rms_norm(x) [* w] rounded to bf16 as rms_norm_kernel rounds it,
+// then quantised per row as quantize_rows_kernel does (fp8_quant.cuh): scale = max(amax(y), min) / 448,
+// q = e4m3(y / scale). Bit-identical to the two kernels in a row, without the bf16 round trip through memory.
+// q [rows, dim] is contiguous; scale [rows].
+__global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
+    rms_norm_fp8_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ weight,
+                        uint8_t* __restrict__ q, float* __restrict__ scale, int64_t rows, int dim,
+                        int64_t x_row_stride, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRmsNormWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const __nv_bfloat16* xr = x + row * x_row_stride;
+  const float inv_rms = row_inv_rms(xr, dim, eps, lane);
+  float amax = 0.f;
+  for (int i = lane; i < dim; i += 32) amax = fmaxf(amax, fabsf(__bfloat162float(normed(xr, weight, i, inv_rms))));
+  const float s = fp8_scale_from_amax(warp_max(amax));
+  uint8_t* qr = q + row * static_cast<int64_t>(dim);
+  for (int i = lane; i < dim; i += 32) qr[i] = fp8_quantize(__bfloat162float(normed(xr, weight, i, inv_rms)), s);
+  if (lane == 0) scale[row] = s;
 }
 
 template <typename T>
@@ -63,6 +96,15 @@ cudaError_t rms_norm(const T* x, const T* weight, T* y, int64_t rows, int dim, i
   const int64_t blocks = (rows + kRmsNormWarpsPerBlock - 1) / kRmsNormWarpsPerBlock;
   rms_norm_kernel<T><<<static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream>>>(
       x, weight, y, rows, dim, x_row_stride, y_row_stride, eps);
+  return cudaGetLastError();
+}
+
+inline cudaError_t rms_norm_fp8(const __nv_bfloat16* x, const __nv_bfloat16* weight, uint8_t* q, float* scale,
+                                int64_t rows, int dim, int64_t x_row_stride, float eps, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  const int64_t blocks = (rows + kRmsNormWarpsPerBlock - 1) / kRmsNormWarpsPerBlock;
+  rms_norm_fp8_kernel<<<static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream>>>(
+      x, weight, q, scale, rows, dim, x_row_stride, eps);
   return cudaGetLastError();
 }
 

@@ -4,6 +4,9 @@
 
 namespace dgemma {
 void rms_norm(const TensorArg&, const TensorArg*, const TensorArg&, double, std::uintptr_t) { cuda_unavailable("rms_norm"); }
+void rms_norm_fp8(const TensorArg&, const TensorArg*, const TensorArg&, const TensorArg&, double, std::uintptr_t) {
+  cuda_unavailable("rms_norm_fp8");
+}
 void residual_norm(const TensorArg&, const TensorArg&, const TensorArg*, const TensorArg&, const TensorArg*,
                    const TensorArg*, const TensorArg*, const TensorArg&, double, std::uintptr_t) {
   cuda_unavailable("residual_norm");

@@ -1,12 +1,14 @@
 // Launchers: per-row FP8 quantisation, the FP8 dense linear and the FP8 gated MLP (attention
 // projections, the dense MLP). Same scheme as the experts: per-output-channel weight scales,
-// per-token activation scales, the GEMM itself is sm90_fp8_grouped_gemm with 1 (or 2) groups.
+// per-token activation scales. Each GEMM is one launch of sm90_fp8_scaled_gemm (scales in its epilogue);
+// the input is quantised here, or arrives quantised (x float8_e4m3fn with x_scale, e.g. from rms_norm_fp8).
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
 #include "kernels/fp8_epilogue.cuh"
 #include "kernels/fp8_quant.cuh"
-#include "kernels/sm90_fp8_grouped_gemm.cuh"
+#include "kernels/sm90_fp8_scaled_gemm.cuh"
 #include "ops/moe.h"
 #include "ops/moe_checks.h"
 
@@ -52,10 +54,19 @@ void check_weight(const TensorArg& w_q, const TensorArg& w_scale, int64_t n, int
   check_aligned(w_scale, 16);
 }
 
+// The GEMM's own workspace: the persistent CUTLASS kernel needs none today; asked, not assumed.
+size_t gemm_workspace_bytes(int64_t rows, int n_out, int k, int sms, int device) {
+  kernels::Fp8ScaledGemmProblem p;
+  p.rows = static_cast<int>(rows);
+  p.n_out = n_out;
+  p.k = k;
+  p.ldo = n_out;
+  return kernels::sm90_fp8_scaled_gemm_workspace_bytes(p, sms, device);
+}
+
 struct LinearBuffers {
   uint8_t* xq;
   float* x_scale;
-  __nv_bfloat16* d;
   void* gemm;
   size_t gemm_bytes, total;
 };
@@ -65,9 +76,7 @@ LinearBuffers linear_buffers(void* base, int64_t rows, int n_out, int k, int sms
   LinearBuffers b;
   b.xq = c.take<uint8_t>(static_cast<size_t>(rows) * k);
   b.x_scale = c.take<float>(rows);
-  b.d = c.take<__nv_bfloat16>(static_cast<size_t>(rows) * n_out);
-  b.gemm_bytes = kernels::sm90_fp8_grouped_gemm_scratch_bytes(kernels::choose_fp8_gemm_tile(rows, 1, true), 1, sms,
-                                                              device);
+  b.gemm_bytes = gemm_workspace_bytes(rows, n_out, k, sms, device);
   b.gemm = c.take<uint8_t>(b.gemm_bytes);
   b.total = c.used();
   return b;
@@ -76,18 +85,15 @@ LinearBuffers linear_buffers(void* base, int64_t rows, int n_out, int k, int sms
 struct MlpBuffers {
   uint8_t* xq;
   float* x_scale;
-  __nv_bfloat16* gate_up;  // [rows, 2 * inter]
+  __nv_bfloat16* gate_up;  // [rows, 2 * inter], scaled
   uint8_t* hq;
   float* h_scale;
-  __nv_bfloat16* d;
-  void* gemm1;
-  void* gemm2;
-  size_t gemm1_bytes, gemm2_bytes, total;
+  void* gemm;
+  size_t gemm_bytes, total;
 };
 
 MlpBuffers mlp_buffers(void* base, int64_t rows, int hidden, int inter, int sms, int device) {
   const size_t r = static_cast<size_t>(rows);
-  const auto tile = kernels::choose_fp8_gemm_tile(rows, 1, true);
   Carver c(base);
   MlpBuffers b;
   b.xq = c.take<uint8_t>(r * hidden);
@@ -95,27 +101,64 @@ MlpBuffers mlp_buffers(void* base, int64_t rows, int hidden, int inter, int sms,
   b.gate_up = c.take<__nv_bfloat16>(r * 2 * inter);
   b.hq = c.take<uint8_t>(r * inter);
   b.h_scale = c.take<float>(r);
-  b.d = c.take<__nv_bfloat16>(r * hidden);
-  b.gemm1_bytes = kernels::sm90_fp8_grouped_gemm_scratch_bytes(tile, 2, sms, device);
-  b.gemm1 = c.take<uint8_t>(b.gemm1_bytes);
-  b.gemm2_bytes = kernels::sm90_fp8_grouped_gemm_scratch_bytes(tile, 1, sms, device);
-  b.gemm2 = c.take<uint8_t>(b.gemm2_bytes);
+  // The three GEMMs run one after another on one stream: they share one workspace.
+  b.gemm_bytes = std::max({gemm_workspace_bytes(rows, 2 * inter, hidden, sms, device),
+                           gemm_workspace_bytes(rows, hidden, inter, sms, device)});
+  b.gemm = c.take<uint8_t>(b.gemm_bytes);
   b.total = c.used();
   return b;
 }
 
-kernels::Fp8GroupedGemmProblem dense_problem(const TensorArg& w_q, const uint8_t* xq, int64_t rows,
-                                             __nv_bfloat16* d, int64_t ldd) {
-  kernels::Fp8GroupedGemmProblem p;
-  p.groups = 1;
+kernels::Fp8ScaledGemmProblem scaled_problem(const TensorArg& w_q, const TensorArg& w_scale, const uint8_t* xq,
+                                             const float* x_scale, int64_t rows, __nv_bfloat16* out, int64_t ldo) {
+  kernels::Fp8ScaledGemmProblem p;
+  p.rows = static_cast<int>(rows);
   p.n_out = static_cast<int>(w_q.shape[0]);
   p.k = static_cast<int>(w_q.shape[1]);
-  p.weights = static_cast<const uint8_t*>(w_q.data);
-  p.activations = xq;
-  p.rows = static_cast<int>(rows);
-  p.out = d;
-  p.ldo = ldd;
+  p.w = static_cast<const uint8_t*>(w_q.data);
+  p.w_scale = static_cast<const float*>(w_scale.data);
+  p.x = xq;
+  p.x_scale = x_scale;
+  p.out = out;
+  p.ldo = ldo;
   return p;
+}
+
+// The GEMM input: x bf16 (quantised into the workspace here) or x float8_e4m3fn, contiguous, with x_scale [rows] fp32.
+struct QuantizedInput {
+  const uint8_t* q;
+  const float* scale;
+};
+
+// Validates x (and x_scale); returns x's row stride when x is bf16 (to quantise), 0 when it arrives quantised.
+int64_t check_gemm_input(const TensorArg& x, const TensorArg* x_scale) {
+  if (x_scale == nullptr) {
+    if (x.dtype == DType::kFloat8E4M3)
+      ::dgemma::throw_invalid(x.name + " is float8_e4m3fn: pass its per-row scales as x_scale");
+    return check_activation(x);
+  }
+  check_cuda(x);
+  check_dtype(x, DType::kFloat8E4M3);
+  check_ndim(x, 2);
+  check_contiguous(x);
+  check_multiple(x.shape[1], 16, x.name + " last dimension");
+  check_aligned(x, 16);
+  check_cuda(*x_scale);
+  check_same_device(x, *x_scale);
+  check_dtype(*x_scale, DType::kFloat32);
+  check_ndim(*x_scale, 1);
+  check_dim(*x_scale, 0, x.shape[0], "rows of x");
+  check_contiguous(*x_scale);
+  return 0;
+}
+
+QuantizedInput quantize_input(const TensorArg& x, const TensorArg* x_scale, int64_t x_stride, uint8_t* xq,
+                              float* xs, cudaStream_t s) {
+  if (x_scale != nullptr) return {static_cast<const uint8_t*>(x.data), static_cast<const float*>(x_scale->data)};
+  throw_if_failed(kernels::quantize_rows(static_cast<const __nv_bfloat16*>(x.data), x_stride, x.shape[0],
+                                         static_cast<int>(x.shape[1]), xq, xs, s),
+                  "fp8 quantize launch");
+  return {xq, xs};
 }
 
 void check_rows(int64_t rows, const TensorArg& x) {
@@ -150,9 +193,9 @@ size_t fp8_linear_workspace_bytes(int64_t rows, int n_out, int k, int device) {
   return linear_buffers(nullptr, rows, n_out, k, moe_detail::sm_count(device), device).total;
 }
 
-void fp8_linear(const TensorArg& x, const TensorArg& w_q, const TensorArg& w_scale, const TensorArg& out,
-                const TensorArg& workspace, std::uintptr_t stream) {
-  const int64_t xs = check_activation(x);
+void fp8_linear(const TensorArg& x, const TensorArg* x_scale, const TensorArg& w_q, const TensorArg& w_scale,
+                const TensorArg& out, const TensorArg& workspace, std::uintptr_t stream) {
+  const int64_t xs = check_gemm_input(x, x_scale);
   const int64_t rows = x.shape[0], k = x.shape[1];
   check_rows(rows, x);
   check_weight(w_q, w_scale, -1, k, x, "output features");
@@ -167,15 +210,11 @@ void fp8_linear(const TensorArg& x, const TensorArg& w_q, const TensorArg& w_sca
   if (rows == 0) return;
   const LinearBuffers b = linear_buffers(workspace.data, rows, n, kk, sms, x.device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  throw_if_failed(kernels::quantize_rows(static_cast<const __nv_bfloat16*>(x.data), xs, rows, kk, b.xq, b.x_scale, s),
-                  "fp8 quantize launch");
-  const auto tile = kernels::choose_fp8_gemm_tile(rows, 1, true);
-  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, dense_problem(w_q, b.xq, rows, b.d, n_out), b.gemm,
-                                                 b.gemm_bytes, sms, x.device, s),
+  const QuantizedInput in = quantize_input(x, x_scale, xs, b.xq, b.x_scale, s);
+  throw_if_failed(kernels::sm90_fp8_scaled_gemm(scaled_problem(w_q, w_scale, in.q, in.scale, rows,
+                                                               static_cast<__nv_bfloat16*>(out.data), n_out),
+                                                b.gemm, b.gemm_bytes, sms, x.device, s),
                   "fp8 GEMM");
-  throw_if_failed(kernels::scale_output(b.d, n_out, b.x_scale, static_cast<const float*>(w_scale.data), rows, n,
-                                        static_cast<__nv_bfloat16*>(out.data), n_out, s),
-                  "fp8 scale_output launch");
 }
 
 size_t fp8_gated_mlp_workspace_bytes(int64_t rows, int hidden, int inter, int device) {
@@ -183,10 +222,11 @@ size_t fp8_gated_mlp_workspace_bytes(int64_t rows, int hidden, int inter, int de
   return mlp_buffers(nullptr, rows, hidden, inter, moe_detail::sm_count(device), device).total;
 }
 
-void fp8_gated_mlp(const TensorArg& x, const TensorArg& gate_q, const TensorArg& gate_scale, const TensorArg& up_q,
-                   const TensorArg& up_scale, const TensorArg& down_q, const TensorArg& down_scale,
-                   const TensorArg& out, const TensorArg& workspace, std::uintptr_t stream) {
-  const int64_t xs = check_activation(x);
+void fp8_gated_mlp(const TensorArg& x, const TensorArg* x_scale, const TensorArg& gate_q, const TensorArg& gate_scale,
+                   const TensorArg& up_q, const TensorArg& up_scale, const TensorArg& down_q,
+                   const TensorArg& down_scale, const TensorArg& out, const TensorArg& workspace,
+                   std::uintptr_t stream) {
+  const int64_t xs = check_gemm_input(x, x_scale);
   const int64_t rows = x.shape[0], hidden = x.shape[1];
   check_rows(rows, x);
   check_weight(gate_q, gate_scale, -1, hidden, x, "intermediate");
@@ -207,27 +247,30 @@ void fp8_gated_mlp(const TensorArg& x, const TensorArg& gate_q, const TensorArg&
   if (rows == 0) return;
   const MlpBuffers b = mlp_buffers(workspace.data, rows, H, I, sms, x.device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const auto tile = kernels::choose_fp8_gemm_tile(rows, 1, true);
-  throw_if_failed(kernels::quantize_rows(static_cast<const __nv_bfloat16*>(x.data), xs, rows, H, b.xq, b.x_scale, s),
-                  "fp8 quantize launch");
-  // gate and up as a 2-group problem over the same activations: gate into columns [0, I), up into [I, 2I).
-  kernels::Fp8GroupedGemmProblem g1 = dense_problem(gate_q, b.xq, rows, b.gate_up, 2 * inter);
-  g1.groups = 2;
-  g1.weight_group_stride = static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(up_q.data) -
-                                                reinterpret_cast<std::uintptr_t>(gate_q.data));
-  g1.out_group_stride = inter;
-  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, g1, b.gemm1, b.gemm1_bytes, sms, x.device, s),
-                  "fp8 GEMM gate/up");
-  const kernels::GeluUpScales scales{static_cast<const float*>(gate_scale.data),
-                                     static_cast<const float*>(up_scale.data), 0, nullptr, nullptr};
-  throw_if_failed(kernels::gelu_up_quantize(b.gate_up, b.x_scale, rows, I, scales, b.hq, b.h_scale, s),
+  const QuantizedInput in = quantize_input(x, x_scale, xs, b.xq, b.x_scale, s);
+  // gate into columns [0, I) of gate_up, up into [I, 2I), both scaled: one GEMM when up's rows (and scales)
+  // directly follow gate's in memory (a [gate; up] weight, as the ops layer stores it), else two.
+  const auto* gq = static_cast<const uint8_t*>(gate_q.data);
+  const auto* gs = static_cast<const float*>(gate_scale.data);
+  const bool adjacent = static_cast<const uint8_t*>(up_q.data) == gq + inter * hidden &&
+                        static_cast<const float*>(up_scale.data) == gs + inter;
+  kernels::Fp8ScaledGemmProblem g1 = scaled_problem(gate_q, gate_scale, in.q, in.scale, rows, b.gate_up, 2 * inter);
+  if (adjacent) {
+    g1.n_out = 2 * I;
+    throw_if_failed(kernels::sm90_fp8_scaled_gemm(g1, b.gemm, b.gemm_bytes, sms, x.device, s), "fp8 GEMM gate/up");
+  } else {
+    throw_if_failed(kernels::sm90_fp8_scaled_gemm(g1, b.gemm, b.gemm_bytes, sms, x.device, s), "fp8 GEMM gate");
+    kernels::Fp8ScaledGemmProblem g_up =
+        scaled_problem(up_q, up_scale, in.q, in.scale, rows, b.gate_up + inter, 2 * inter);
+    throw_if_failed(kernels::sm90_fp8_scaled_gemm(g_up, b.gemm, b.gemm_bytes, sms, x.device, s), "fp8 GEMM up");
+  }
+  const kernels::GeluUpScales prescaled{nullptr, nullptr, 0, nullptr, nullptr};
+  throw_if_failed(kernels::gelu_up_quantize(b.gate_up, nullptr, rows, I, prescaled, b.hq, b.h_scale, s),
                   "gelu_up_quantize launch");
-  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, dense_problem(down_q, b.hq, rows, b.d, hidden), b.gemm2,
-                                                 b.gemm2_bytes, sms, x.device, s),
+  throw_if_failed(kernels::sm90_fp8_scaled_gemm(scaled_problem(down_q, down_scale, b.hq, b.h_scale, rows,
+                                                               static_cast<__nv_bfloat16*>(out.data), hidden),
+                                                b.gemm, b.gemm_bytes, sms, x.device, s),
                   "fp8 GEMM down");
-  throw_if_failed(kernels::scale_output(b.d, hidden, b.h_scale, static_cast<const float*>(down_scale.data), rows, H,
-                                        static_cast<__nv_bfloat16*>(out.data), hidden, s),
-                  "fp8 scale_output launch");
 }
 
 }  // namespace dgemma

@@ -37,14 +37,16 @@ void fp8_quantize_rows(const TensorArg& x, const TensorArg& q, const TensorArg& 
 
 size_t fp8_linear_workspace_bytes(int64_t rows, int n_out, int k, int device);
 
-// out [rows, n_out] bf16 = x [rows, k] bf16 . dequant(w_q [n_out, k], w_scale [n_out])^T, x quantised per row.
-void fp8_linear(const TensorArg& x, const TensorArg& w_q, const TensorArg& w_scale, const TensorArg& out,
-                const TensorArg& workspace, std::uintptr_t stream);
+// out [rows, n_out] bf16 = x [rows, k] . dequant(w_q [n_out, k], w_scale [n_out])^T: x bf16 is quantised per
+// row here; x float8_e4m3fn (contiguous) arrives quantised with x_scale [rows] fp32 (e.g. from rms_norm_fp8).
+void fp8_linear(const TensorArg& x, const TensorArg* x_scale, const TensorArg& w_q, const TensorArg& w_scale,
+                const TensorArg& out, const TensorArg& workspace, std::uintptr_t stream);
 
 size_t fp8_gated_mlp_workspace_bytes(int64_t rows, int hidden, int inter, int device);
 
-// out [rows, hidden] = down(gelu_tanh(gate(x)) * up(x)) with FP8 weights (q [n, k] + scale [n] each).
-void fp8_gated_mlp(const TensorArg& x, const TensorArg& gate_q, const TensorArg& gate_scale, const TensorArg& up_q,
+// out [rows, hidden] = down(gelu_tanh(gate(x)) * up(x)) with FP8 weights (q [n, k] + scale [n] each); x as in
+// fp8_linear. gate/up run as one GEMM when up's rows and scales directly follow gate's in memory.
+void fp8_gated_mlp(const TensorArg& x, const TensorArg* x_scale, const TensorArg& gate_q, const TensorArg& gate_scale, const TensorArg& up_q,
                    const TensorArg& up_scale, const TensorArg& down_q, const TensorArg& down_scale,
                    const TensorArg& out, const TensorArg& workspace, std::uintptr_t stream);
 

@@ -70,23 +70,31 @@ void register_moe(py::module_& m) {
   m.def(
       "fp8_linear",
       [](py::handle x, py::handle w_q, py::handle w_scale, py::handle out, py::handle workspace,
-         std::uintptr_t stream) {
-        fp8_linear(to_arg(x, "x"), to_arg(w_q, "weight.q"), to_arg(w_scale, "weight.scale"), to_arg(out, "out"),
-                   to_arg(workspace, "workspace"), stream);
+         std::uintptr_t stream, py::handle x_scale) {
+        TensorArg x_scale_slot;
+        fp8_linear(to_arg(x, "x"), optional_arg(x_scale, "x_scale", x_scale_slot), to_arg(w_q, "weight.q"),
+                   to_arg(w_scale, "weight.scale"), to_arg(out, "out"), to_arg(workspace, "workspace"), stream);
       },
-      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
+      py::arg("x_scale") = py::none(),
+      "out = x . dequant(w)^T in FP8 (one GEMM, scales in its epilogue): x bf16 is quantised per row, or "
+      "x float8_e4m3fn arrives quantised with x_scale (fp32 [rows]).");
   m.def("fp8_gated_mlp_workspace_bytes", &fp8_gated_mlp_workspace_bytes, py::arg("rows"), py::arg("hidden"),
         py::arg("inter"), py::arg("device"));
   m.def(
       "fp8_gated_mlp",
       [](py::handle x, py::handle gate_q, py::handle gate_scale, py::handle up_q, py::handle up_scale,
-         py::handle down_q, py::handle down_scale, py::handle out, py::handle workspace, std::uintptr_t stream) {
-        fp8_gated_mlp(to_arg(x, "x"), to_arg(gate_q, "gate.q"), to_arg(gate_scale, "gate.scale"),
-                      to_arg(up_q, "up.q"), to_arg(up_scale, "up.scale"), to_arg(down_q, "down.q"),
-                      to_arg(down_scale, "down.scale"), to_arg(out, "out"), to_arg(workspace, "workspace"), stream);
+         py::handle down_q, py::handle down_scale, py::handle out, py::handle workspace, std::uintptr_t stream,
+         py::handle x_scale) {
+        TensorArg x_scale_slot;
+        fp8_gated_mlp(to_arg(x, "x"), optional_arg(x_scale, "x_scale", x_scale_slot), to_arg(gate_q, "gate.q"),
+                      to_arg(gate_scale, "gate.scale"), to_arg(up_q, "up.q"), to_arg(up_scale, "up.scale"),
+                      to_arg(down_q, "down.q"), to_arg(down_scale, "down.scale"), to_arg(out, "out"),
+                      to_arg(workspace, "workspace"), stream);
       },
       py::arg("x"), py::arg("gate_q"), py::arg("gate_scale"), py::arg("up_q"), py::arg("up_scale"), py::arg("down_q"),
-      py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+      py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"), py::arg("x_scale") = py::none(),
+      "down(gelu_tanh(gate(x)) * up(x)) in FP8; x as in fp8_linear.");
 }
 
 #else
@@ -123,8 +131,11 @@ void register_moe(py::module_& m) {
       py::arg("rows"), py::arg("n_out"), py::arg("k"), py::arg("device"));
   m.def(
       "fp8_linear",
-      [](py::handle, py::handle, py::handle, py::handle, py::handle, std::uintptr_t) { cuda_unavailable("fp8_linear"); },
-      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+      [](py::handle, py::handle, py::handle, py::handle, py::handle, std::uintptr_t, py::handle) {
+        cuda_unavailable("fp8_linear");
+      },
+      py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
+      py::arg("x_scale") = py::none());
   m.def(
       "fp8_gated_mlp_workspace_bytes",
       [](int64_t, int, int, int) -> size_t { cuda_unavailable("fp8_gated_mlp_workspace_bytes"); }, py::arg("rows"),
@@ -132,9 +143,9 @@ void register_moe(py::module_& m) {
   m.def(
       "fp8_gated_mlp",
       [](py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
-         std::uintptr_t) { cuda_unavailable("fp8_gated_mlp"); },
+         std::uintptr_t, py::handle) { cuda_unavailable("fp8_gated_mlp"); },
       py::arg("x"), py::arg("gate_q"), py::arg("gate_scale"), py::arg("up_q"), py::arg("up_scale"), py::arg("down_q"),
-      py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+      py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"), py::arg("x_scale") = py::none());
 }
 
 #endif

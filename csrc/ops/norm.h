@@ -10,6 +10,12 @@ namespace dgemma {
 // x and y: same dtype (float32 or bfloat16), same shape, last dimension contiguous; rows may be strided.
 void rms_norm(const TensorArg& x, const TensorArg* weight, const TensorArg& y, double eps, std::uintptr_t stream);
 
+// The input of an FP8 GEMM: q [rows, d] float8_e4m3fn and scale [rows] fp32 = per-row quantisation of
+// rms_norm(x) [* weight] (x bfloat16, rows = x's leading dimensions flattened), bit-identical to rms_norm followed by
+// fp8_quantize_rows.
+void rms_norm_fp8(const TensorArg& x, const TensorArg* weight, const TensorArg& q, const TensorArg& scale, double eps,
+                  std::uintptr_t stream);
+
 // The residual updates of a layer, each one pass (csrc/kernels/residual_norm.cuh), rounded like the reference:
 //   b absent:  out = x + rms_norm(a) * wa
 //   b given:   out = (x + rms_norm(rms_norm(a) * wa + rms_norm(b) * wb) * wc) * scalar

@@ -74,6 +74,49 @@ void rms_norm(const TensorArg& x, const TensorArg* weight, const TensorArg& y, d
   }
 }
 
+void rms_norm_fp8(const TensorArg& x, const TensorArg* weight, const TensorArg& q, const TensorArg& scale, double eps,
+                  std::uintptr_t stream) {
+  check_cuda(x);
+  check_dtype(x, DType::kBFloat16);
+  if (x.shape.empty()) ::dgemma::throw_invalid(x.name + " must have at least one dimension");
+  const int64_t dim = x.shape.back();
+  if (dim <= 0 || dim > (1 << 20))
+    ::dgemma::throw_invalid(x.name + " last dimension " + std::to_string(dim) + " must be in [1, 1048576]");
+  if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
+  const int64_t rows = x.numel() / dim;
+  const int64_t xs = row_stride(x);
+  if (weight != nullptr) {
+    check_cuda(*weight);
+    check_same_device(x, *weight);
+    check_same_dtype(x, *weight);
+    check_ndim(*weight, 1);
+    check_dim(*weight, 0, dim, "the normalised dimension");
+    check_contiguous(*weight);
+  }
+  check_cuda(q);
+  check_same_device(x, q);
+  check_dtype(q, DType::kFloat8E4M3);
+  check_ndim(q, 2);
+  check_dim(q, 0, rows, "rows of x");
+  check_dim(q, 1, dim, "the normalised dimension");
+  check_contiguous(q);
+  check_cuda(scale);
+  check_same_device(x, scale);
+  check_dtype(scale, DType::kFloat32);
+  check_ndim(scale, 1);
+  check_dim(scale, 0, rows, "rows of x");
+  check_contiguous(scale);
+  if (rows >= (int64_t(1) << 31) / kernels::kRmsNormWarpsPerBlock * kernels::kRmsNormWarpsPerBlock)
+    ::dgemma::throw_invalid(x.name + " has " + std::to_string(rows) + " rows, expected < 2^31");
+  throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
+  throw_if_failed(kernels::rms_norm_fp8(static_cast<const __nv_bfloat16*>(x.data),
+                                        weight ? static_cast<const __nv_bfloat16*>(weight->data) : nullptr,
+                                        static_cast<uint8_t*>(q.data), static_cast<float*>(scale.data), rows,
+                                        static_cast<int>(dim), xs, static_cast<float>(eps),
+                                        reinterpret_cast<cudaStream_t>(stream)),
+                  "rms_norm_fp8 launch");
+}
+
 namespace {
 
 void check_like(const TensorArg& t, const TensorArg& ref) {

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache, PrefixView
-from .config import LayerSpec, ModelConfig
+from .config import ModelConfig
 from .errors import DgemmaError
 from .ops import ReferenceOps
 from .rope import cos_sin, inverse_frequencies
 from .vision import VisionTower
-from .weights import AttentionWeights, LayerWeights, ModelWeights
+from .weights import LayerWeights, ModelWeights
 
 
 class DiffusionGemmaModel:
@@ -23,6 +23,7 @@ class DiffusionGemmaModel:
         self.cfg = cfg
         self.w = weights
         self.ops = ops
+        ops.prepare_weights(weights)
         self.inv_freq = {spec.kind: inverse_frequencies(spec) for spec in cfg.layers}
         self.vision = None if weights.vision is None else VisionTower(cfg.vision, weights.vision, ops)
 
@@ -31,17 +32,19 @@ class DiffusionGemmaModel:
     def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {kind: cos_sin(inv, positions, dtype) for kind, inv in self.inv_freq.items()}
 
-    def _project_qkv(self, spec: LayerSpec, w: AttentionWeights, h: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, Hq, T, D], k and v [B, Hkv, T, D]: q/k RMSNorm (weighted) + RoPE, weightless v_norm."""
-        return self.ops.project_qkv(h, w, spec.head_dim, cos, sin, self.cfg.rms_norm_eps)
+    def _project_qkv(self, i: int, x: torch.Tensor, ropes: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i's attention inputs from its input ``x`` (the input norm first): q [B, Hq, T, D], k and v
+        [B, Hkv, T, D]; q/k RMSNorm (weighted) + RoPE, weightless v_norm."""
+        spec, lw = self.cfg.layers[i], self.w.layers[i]
+        return self.ops.norm_project_qkv(x, lw.input_norm, lw.attn, spec.head_dim, *ropes[spec.kind],
+                                         self.cfg.rms_norm_eps)
 
     def _feed_forward(self, w: LayerWeights, x: torch.Tensor, independent_rows: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP(pre_ff_norm x), MoE(pre_moe_norm x, route(x))): the two branches before their post-norms.
         ``independent_rows``: the rows of x [B, T, H] are unrelated sequences (see :meth:`denoise_hidden_rows`)."""
         ops, eps, cfg = self.ops, self.cfg.rms_norm_eps, self.cfg
-        mlp = ops.gated_mlp(ops.rms_norm(x, w.pre_ff_norm, eps), w.mlp_gate, w.mlp_up, w.mlp_down)
+        mlp = ops.norm_gated_mlp(x, w.pre_ff_norm, eps, w.mlp_gate, w.mlp_up, w.mlp_down)
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = ops.route(flat, w.router_scale, w.router_proj, w.router_expert_scale, cfg.top_k, eps)
         normed = ops.rms_norm(flat, w.pre_moe_norm, eps)
@@ -53,10 +56,10 @@ class DiffusionGemmaModel:
 
     def _layer(self, i: int, x: torch.Tensor, attend, scalar: torch.Tensor, independent_rows: bool = False
                ) -> torch.Tensor:
-        """x + post_attn_norm(o_proj(attention)), then (x + post_ff_norm(post_mlp_norm(MLP) + post_moe_norm(MoE)))
+        """x + post_attn_norm(o_proj(attention(x))) (``attend`` applies the input norm), then (x + post_ff_norm(post_mlp_norm(MLP) + post_moe_norm(MoE)))
         times the layer scalar: each residual update one op (a single kernel on the CUDA backend)."""
         w, eps, ops = self.w.layers[i], self.cfg.rms_norm_eps, self.ops
-        attn = attend(i, ops.rms_norm(x, w.input_norm, eps))
+        attn = attend(i, x)
         x = ops.add_rms_norm(x, ops.linear(attn, w.attn.o_proj), w.post_attn_norm, eps)
         mlp, moe = self._feed_forward(w, x, independent_rows)
         return ops.ffn_residual(x, mlp, moe, w.post_mlp_norm, w.post_moe_norm, w.post_ff_norm, scalar, eps)
@@ -131,9 +134,8 @@ class DiffusionGemmaModel:
         b, t, _ = x.shape
         pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-        def attend(i: int, h: torch.Tensor) -> torch.Tensor:
-            spec = self.cfg.layers[i]
-            q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
+        def attend(i: int, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._project_qkv(i, x, ropes)
             pending.append((i, k, v))
             return attention(i, q, k, v).reshape(b, t, -1)
 
@@ -141,9 +143,7 @@ class DiffusionGemmaModel:
         for i, lw in enumerate(self.w.layers[:-1]):
             x = self._layer(i, x, attend, lw.encoder_scalar)
         # Only the cache is kept from the encoder: the last layer contributes its K/V and nothing else.
-        spec = self.cfg.layers[last]
-        h = self.ops.rms_norm(x, self.w.layers[last].input_norm, self.cfg.rms_norm_eps)
-        _, k, v = self._project_qkv(spec, self.w.layers[last].attn, h, *ropes[spec.kind])
+        _, k, v = self._project_qkv(last, x, ropes)
         pending.append((last, k, v))
         return pending
 
@@ -193,8 +193,7 @@ class DiffusionGemmaModel:
     def _self_conditioning(self, soft: torch.Tensor) -> torch.Tensor:
         """MLP_sc(pre_norm(soft)): what a self-conditioning input adds to the canvas embeddings."""
         w = self.w
-        return self.ops.gated_mlp(self.ops.rms_norm(soft, w.sc_pre_norm, self.cfg.rms_norm_eps), w.sc_gate, w.sc_up,
-                                  w.sc_down)
+        return self.ops.norm_gated_mlp(soft, w.sc_pre_norm, self.cfg.rms_norm_eps, w.sc_gate, w.sc_up, w.sc_down)
 
     def _decoder_states(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None,
                         prefix: PrefixView | None = None):
@@ -208,9 +207,8 @@ class DiffusionGemmaModel:
         x = self.decoder_input(canvas, soft)
         yield -1, x
 
-        def attend(i: int, h: torch.Tensor) -> torch.Tensor:
-            spec = self.cfg.layers[i]
-            q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
+        def attend(i: int, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._project_qkv(i, x, ropes)
             if prefix is None:
                 return self.ops.decoder_attention(q, k, v, cache, i).reshape(b, c, -1)
             return self.ops.decoder_attention(q, k, v, cache, i, prefix).reshape(b, c, -1)
@@ -255,9 +253,8 @@ class DiffusionGemmaModel:
                 x = x.index_copy(0, index, x.index_select(0, index) + sc)
         x = ops.rms_norm(x, None, eps)
 
-        def attend(i: int, h: torch.Tensor) -> torch.Tensor:
-            spec = self.cfg.layers[i]
-            q, k, v = self._project_qkv(spec, self.w.layers[i].attn, h, *ropes[spec.kind])
+        def attend(i: int, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._project_qkv(i, x, ropes)
             out = [ops.decoder_attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], caches[r], i) for r in range(b)]
             return torch.cat(out).reshape(b, c, -1)
 

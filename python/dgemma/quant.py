@@ -66,6 +66,44 @@ class Fp8Weight:
         return Fp8Weight(self.q.to(device), self.scale.to(device))
 
 
+@dataclass(frozen=True, slots=True)
+class Fp8Rows:
+    """Activations quantised per row, as the FP8 GEMMs take them: ``q`` ``[rows, k]`` E4M3 (contiguous) and
+    ``scale`` ``[rows]`` fp32; ``lead`` is the leading shape of the activations they came from (rows is its
+    product), so a GEMM's output takes the shape ``(*lead, n_out)``."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    lead: tuple[int, ...]
+
+
+def fuse_rows(parts: list) -> tuple[Fp8Weight, list[Fp8Weight]] | None:
+    """One FP8 weight ``[p0; p1; ...]`` (rows stacked, scales alike) and a view of its rows for each part, equal to
+    the part: several projections of one input then run as one GEMM, with no second copy of the weights once the
+    caller keeps the views in place of the parts. None unless every part is a 2-D :class:`Fp8Weight` of one input
+    size on one device."""
+    if not parts or not all(isinstance(p, Fp8Weight) and p.q.dim() == 2 for p in parts):
+        return None
+    if len({(p.q.shape[1], p.q.device) for p in parts}) != 1:
+        return None
+    fused = Fp8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+    rows, views = 0, []
+    for p in parts:
+        n = p.q.shape[0]
+        views.append(Fp8Weight(fused.q[rows:rows + n], fused.scale[rows:rows + n]))
+        rows += n
+    return fused, views
+
+
+def rows_adjacent(first: Fp8Weight, second: Fp8Weight) -> bool:
+    """Whether ``second``'s rows (and scales) directly follow ``first``'s in memory: the two are one weight
+    ``[first; second]`` (see :func:`fuse_rows`)."""
+    return (first.q.is_contiguous() and second.q.is_contiguous() and first.q.dim() == second.q.dim() == 2
+            and first.q.shape[1] == second.q.shape[1]
+            and second.q.data_ptr() == first.q.data_ptr() + first.q.numel()
+            and second.scale.data_ptr() == first.scale.data_ptr() + 4 * first.scale.numel())
+
+
 def _row_scale(x: torch.Tensor) -> torch.Tensor:
     amax = x.abs().amax(dim=-1).float()
     # NOTE: divide by a tensor on x's device, never by the Python number: CUDA turns division by a CPU

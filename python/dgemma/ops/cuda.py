@@ -7,9 +7,9 @@ import functools
 import torch
 
 from .. import _ext
-from ..quant import Fp8Weight
+from ..quant import Fp8Weight, fuse_rows
 from . import cuda_attention, cuda_vocab_head
-from .cuda_moe import Fp8MoeOpsMixin, linear_fp8
+from .cuda_moe import Fp8MoeOpsMixin, linear_fp8, rms_norm_fp8
 from .reference import ReferenceOps
 
 
@@ -114,42 +114,60 @@ def fuse_qkv(w) -> Fp8Weight | None:
     ``w.qkv``; ``w``'s projections become row views of it (no second copy of the weights)."""
     if w.qkv is not None:
         return w.qkv
-    parts = [w.q_proj, w.k_proj] + ([] if w.v_proj is None else [w.v_proj])
-    if not all(isinstance(p, Fp8Weight) and p.q.dim() == 2 for p in parts):
+    fused = fuse_rows([w.q_proj, w.k_proj] + ([] if w.v_proj is None else [w.v_proj]))
+    if fused is None:
         return None
-    fused = Fp8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
-    rows, views = 0, []
-    for p in parts:
-        n = p.q.shape[0]
-        views.append(Fp8Weight(fused.q[rows:rows + n], fused.scale[rows:rows + n]))
-        rows += n
+    w.qkv, views = fused
     w.q_proj, w.k_proj = views[0], views[1]
     if w.v_proj is not None:
         w.v_proj = views[2]
-    w.qkv = fused
-    return fused
+    return w.qkv
+
+
+def fuse_gate_up(owner, gate: str, up: str) -> None:
+    """Stack ``owner``'s FP8 gate and up projections (attributes ``gate``, ``up``) into one weight and keep row
+    views of it in their place, so the gated MLP's gate/up is one GEMM (``_C.fp8_gated_mlp`` sees the rows
+    adjacent). Leaves non-FP8 weights as they are."""
+    fused = fuse_rows([getattr(owner, gate), getattr(owner, up)])
+    if fused is not None:
+        setattr(owner, gate, fused[1][0])
+        setattr(owner, up, fused[1][1])
 
 
 class QkvOpsMixin:
-    """The attention inputs in two launches where they fit (bf16 CUDA activations, a head dim the kernels take): one FP8
-    GEMM for q, k and v together (:func:`fuse_qkv`) and the fused norms + RoPE kernel (``qkv_prep``)."""
+    """The attention inputs in few launches where they fit (bf16 CUDA activations, a head dim the kernels take): the
+    input norm writing the FP8 GEMM input (``rms_norm_fp8``), one FP8 GEMM for q, k and v together
+    (:func:`fuse_qkv`) and the fused norms + RoPE kernel (``qkv_prep``)."""
 
-    def project_qkv(self, h, w, head_dim, cos, sin, eps):
-        if not (h.is_cuda and h.dtype == torch.bfloat16 and cos.dtype == torch.bfloat16
-                and w.q_norm.dtype == torch.bfloat16 and head_dim_supported(head_dim)) \
-                or "qkv_fusion" in _ext.disabled_kernels():
-            return super().project_qkv(h, w, head_dim, cos, sin, eps)
-        fused = fuse_qkv(w)
-        if fused is not None:
-            proj = linear_fp8(h, fused)
-            nq, nk = w.q_proj.shape[0], w.k_proj.shape[0]
-            q_proj, k_proj = proj[..., :nq], proj[..., nq:nq + nk]
-            v_proj = None if w.v_proj is None else proj[..., nq + nk:]
-        else:
-            q_proj, k_proj = self.linear(h, w.q_proj), self.linear(h, w.k_proj)
-            v_proj = None if w.v_proj is None else self.linear(h, w.v_proj)
+    @staticmethod
+    def _qkv_fits(h, w, head_dim, cos) -> bool:
+        return (h.is_cuda and h.dtype == torch.bfloat16 and cos.dtype == torch.bfloat16
+                and w.q_norm.dtype == torch.bfloat16 and head_dim_supported(head_dim)
+                and "qkv_fusion" not in _ext.disabled_kernels())
+
+    def _qkv_prep(self, proj, w, cos, sin, eps):
+        nq, nk = w.q_proj.shape[0], w.k_proj.shape[0]
+        q_proj, k_proj = proj[..., :nq], proj[..., nq:nq + nk]
+        v_proj = None if w.v_proj is None else proj[..., nq + nk:]
         q, k, v = cuda_attention.qkv_prep(q_proj, k_proj, v_proj, w.q_norm, w.k_norm, cos, sin, eps)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def project_qkv(self, h, w, head_dim, cos, sin, eps):
+        if not self._qkv_fits(h, w, head_dim, cos):
+            return super().project_qkv(h, w, head_dim, cos, sin, eps)
+        fused = fuse_qkv(w)
+        if fused is None:
+            q_proj, k_proj = self.linear(h, w.q_proj), self.linear(h, w.k_proj)
+            v_proj = None if w.v_proj is None else self.linear(h, w.v_proj)
+            q, k, v = cuda_attention.qkv_prep(q_proj, k_proj, v_proj, w.q_norm, w.k_norm, cos, sin, eps)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return self._qkv_prep(linear_fp8(h, fused), w, cos, sin, eps)
+
+    def norm_project_qkv(self, x, norm, w, head_dim, cos, sin, eps):
+        fused = fuse_qkv(w) if self._qkv_fits(x, w, head_dim, cos) else None
+        if fused is None or norm.dtype != torch.bfloat16 or "norm_quant" in _ext.disabled_kernels():
+            return super().norm_project_qkv(x, norm, w, head_dim, cos, sin, eps)
+        return self._qkv_prep(linear_fp8(rms_norm_fp8(x, norm, eps), fused), w, cos, sin, eps)
 
 
 class VocabHeadOpsMixin:
@@ -172,6 +190,13 @@ class CudaOps(VocabHeadOpsMixin, QkvOpsMixin, AttentionOpsMixin, ResidualOpsMixi
 
     def __init__(self):
         _ext.require_cuda()
+
+    def prepare_weights(self, weights) -> None:
+        # Projections of one input stacked into one FP8 weight (one GEMM each): q/k/v, and the dense MLP's gate/up.
+        for lw in weights.layers:
+            fuse_qkv(lw.attn)
+            fuse_gate_up(lw, "mlp_gate", "mlp_up")
+        fuse_gate_up(weights, "sc_gate", "sc_up")
 
     def rms_norm(self, x, weight, eps):
         if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16) and x.numel() > 0:

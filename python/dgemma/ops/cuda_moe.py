@@ -6,7 +6,9 @@ gathered rows -> grouped FP8 GEMM gate_up (CUTLASS sm90 pointer-array) -> gelu_t
 quantisation -> grouped FP8 GEMM down -> weighted, deterministic un-permute into bf16.
 
 Weights are :class:`~dgemma.quant.Fp8Weight` (E4M3 + one fp32 scale per output channel); activations
-are quantised per token inside the pipeline. :func:`plan_dispatch` is the reference of the device plan.
+are quantised per token inside the pipeline. The dense linears and the dense MLP run one scaled GEMM per
+projection (sm90_fp8_scaled_gemm: both scales in the epilogue), their input quantised by the preceding norm
+where the model has one (:func:`rms_norm_fp8`). :func:`plan_dispatch` is the reference of the device plan.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import functools
 import torch
 
 from .. import _ext
-from ..quant import Fp8Weight
+from ..quant import Fp8Rows, Fp8Weight
 
 _workspaces: dict[tuple[torch.device, int], torch.Tensor] = {}
 
@@ -163,42 +165,71 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 and x2.data_ptr() % 16 == 0 else x2.contiguous()
 
 
-def linear_fp8(x: torch.Tensor, weight: Fp8Weight, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ dequant(weight)^T`` with FP8 operands: x is quantised per token, fp32 accumulation, bf16 out.
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> Fp8Rows:
+    """The input of an FP8 GEMM in one kernel: ``rms_norm(x) [* weight]`` quantised per row, bit-identical to
+    :func:`dgemma.ops.cuda.rms_norm` followed by :func:`quantize_rows` (and to the CPU reference of both).
 
     Args:
-        x: ``[..., in]`` bf16 (in a multiple of 16, at most 8192).
+        x: ``[..., d]`` bf16 CUDA tensor, last dimension contiguous, rows evenly strided.
+        weight: ``[d]`` bf16, or None for the weightless norm.
+    """
+    lib = _ext.require_cuda()
+    d = x.shape[-1]
+    rows = x.numel() // d if d else 0
+    q = torch.empty(rows, d, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=x.device)
+    lib.rms_norm_fp8(x, weight, q, scale, float(eps), _stream(x.device))
+    return Fp8Rows(q, scale, tuple(x.shape[:-1]))
+
+
+def _gemm_input(x: torch.Tensor | Fp8Rows) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+    """(x2, x_scale, leading shape) of a GEMM input: bf16 rows (quantised by the kernel) or :class:`Fp8Rows`."""
+    if isinstance(x, Fp8Rows):
+        return x.q, x.scale, x.lead
+    return _rows(x), None, tuple(x.shape[:-1])
+
+
+def linear_fp8(x: torch.Tensor | Fp8Rows, weight: Fp8Weight, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(weight)^T`` with FP8 operands in one GEMM launch (both scales in its epilogue, fp32
+    accumulation, one rounding to bf16).
+
+    Args:
+        x: ``[..., in]`` bf16 (quantised per token first; in a multiple of 16, at most 8192), or
+            :class:`~dgemma.quant.Fp8Rows` already quantised (e.g. by :func:`rms_norm_fp8`).
         weight: FP8 ``[out, in]`` (out a multiple of 8) with scales ``[out]``.
         out: optional contiguous ``[..., out]`` bf16.
     """
     lib = _ext.require_cuda()
-    x2 = _rows(x)
+    x2, x_scale, lead = _gemm_input(x)
     n_out, k = weight.q.shape
     if out is None:
-        out = torch.empty(*x.shape[:-1], n_out, dtype=torch.bfloat16, device=x.device)
-    nbytes = _workspace_bytes("fp8_linear_workspace_bytes", x2.shape[0], n_out, k, _device_index(x.device))
-    lib.fp8_linear(x2, weight.q, weight.scale, out.view(-1, n_out), _workspace(x.device, nbytes), _stream(x.device))
+        out = torch.empty(*lead, n_out, dtype=torch.bfloat16, device=x2.device)
+    nbytes = _workspace_bytes("fp8_linear_workspace_bytes", x2.shape[0], n_out, k, _device_index(x2.device))
+    lib.fp8_linear(x2, weight.q, weight.scale, out.view(-1, n_out), _workspace(x2.device, nbytes), _stream(x2.device),
+                   x_scale)
     return out
 
 
-def gated_mlp_fp8(x: torch.Tensor, gate: Fp8Weight, up: Fp8Weight, down: Fp8Weight, *,
+def gated_mlp_fp8(x: torch.Tensor | Fp8Rows, gate: Fp8Weight, up: Fp8Weight, down: Fp8Weight, *,
                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """``down(gelu_tanh(gate(x)) * up(x))`` with FP8 weights; gelu·up and the re-quantisation of the
-    intermediate are fused in one kernel between the two GEMMs.
+    """``down(gelu_tanh(gate(x)) * up(x))`` with FP8 weights: the gate/up GEMM (one launch when ``up``'s rows
+    follow ``gate``'s in memory, see :func:`dgemma.quant.fuse_rows`; else two), gelu·up with the re-quantisation
+    of the intermediate in one kernel, the down GEMM; scales in the GEMMs' epilogues.
 
     Args:
-        x: ``[..., hidden]`` bf16; gate, up: FP8 ``[I, hidden]``; down: FP8 ``[hidden, I]``.
+        x: ``[..., hidden]`` bf16 or :class:`~dgemma.quant.Fp8Rows`; gate, up: FP8 ``[I, hidden]``;
+            down: FP8 ``[hidden, I]``.
         out: optional contiguous ``[..., hidden]`` bf16.
     """
     lib = _ext.require_cuda()
-    x2 = _rows(x)
-    hidden = x.shape[-1]
+    x2, x_scale, lead = _gemm_input(x)
+    hidden = x2.shape[-1]
     inter = gate.q.shape[0]
     if out is None:
-        out = torch.empty(*x.shape[:-1], hidden, dtype=torch.bfloat16, device=x.device)
-    nbytes = _workspace_bytes("fp8_gated_mlp_workspace_bytes", x2.shape[0], hidden, inter, _device_index(x.device))
+        out = torch.empty(*lead, hidden, dtype=torch.bfloat16, device=x2.device)
+    nbytes = _workspace_bytes("fp8_gated_mlp_workspace_bytes", x2.shape[0], hidden, inter, _device_index(x2.device))
     lib.fp8_gated_mlp(x2, gate.q, gate.scale, up.q, up.scale, down.q, down.scale, out.view(-1, hidden),
-                      _workspace(x.device, nbytes), _stream(x.device))
+                      _workspace(x2.device, nbytes), _stream(x2.device), x_scale)
     return out
 
 
@@ -226,6 +257,13 @@ class Fp8MoeOpsMixin:
         if all(isinstance(w, Fp8Weight) for w in (gate, up, down)) and _kernel_ready(x):
             return gated_mlp_fp8(x, gate, up, down)
         return super().gated_mlp(x, gate, up, down)
+
+    def norm_gated_mlp(self, x, norm, eps, gate, up, down):
+        # The norm writes the GEMM's FP8 input directly (no bf16 round trip, one launch fewer).
+        if all(isinstance(w, Fp8Weight) for w in (gate, up, down)) and _kernel_ready(x) \
+                and (norm is None or norm.dtype == torch.bfloat16) and "norm_quant" not in _ext.disabled_kernels():
+            return gated_mlp_fp8(rms_norm_fp8(x, norm, eps), gate, up, down)
+        return super().norm_gated_mlp(x, norm, eps, gate, up, down)
 
     def route(self, x, scale, proj, expert_scale, top_k, eps):
         if _kernel_ready(x) and proj.dtype == torch.bfloat16 and _route_supported(proj.shape[0], top_k, x.shape[-1]):

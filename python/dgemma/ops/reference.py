@@ -51,6 +51,15 @@ class ReferenceOps:
             return F.linear(F.gelu(F.linear(xf, g), approximate="tanh") * F.linear(xf, u), d).to(x.dtype)
         return F.linear(F.gelu(F.linear(x, gate), approximate="tanh") * F.linear(x, up), down)
 
+    def norm_gated_mlp(self, x: torch.Tensor, norm: torch.Tensor | None, eps: float, gate, up, down) -> torch.Tensor:
+        """gated_mlp(rms_norm(x, norm)): a norm and the MLP it feeds, one op so a backend can fuse the norm with
+        the MLP's input quantisation."""
+        return self.gated_mlp(self.rms_norm(x, norm, eps), gate, up, down)
+
+    def prepare_weights(self, weights) -> None:
+        """Called once when a model is built on these ops: a backend may lay its weights out for its kernels here
+        (same values, e.g. projections of one input stacked into one weight). The reference keeps them as loaded."""
+
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate-half RoPE on x [B, T, heads, D] with cos/sin [B|1, T, D]."""
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
@@ -71,6 +80,11 @@ class ReferenceOps:
         k = self.rope(self.rms_norm(k_raw, w.k_norm, eps), cos, sin)
         v = self.rms_norm(v_raw, None, eps)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def norm_project_qkv(self, x: torch.Tensor, norm: torch.Tensor, w, head_dim: int, cos: torch.Tensor,
+                         sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`project_qkv` of ``rms_norm(x, norm)`` (a layer's input norm and its attention projections)."""
+        return self.project_qkv(self.rms_norm(x, norm, eps), w, head_dim, cos, sin, eps)
 
     def embed(self, ids: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
         """table[ids] * scale, with the scale rounded to the table dtype (sqrt(2816) is 53.0 in bf16)."""

@@ -1,0 +1,64 @@
+// FP8 (E4M3) dense GEMM on Hopper with the scales in the epilogue: the torch-free, CUTLASS-free contract.
+//
+//   out[r, c] = bf16( (sum_k x[r, k] * w[c, k]) * x_scale[r] * w_scale[c] )      (fp32 accumulation)
+//
+// One launch per call: no argument-building kernel (the problem is dense; TMA descriptors are built on the host
+// from the pointers) and no separate scaling kernel (the per-token x scale and the per-channel w scale are
+// applied to the fp32 accumulators before the single rounding to bf16). The attention projections (q/k/v as one
+// weight, o_proj), the dense MLP's fused gate/up and its down projection run through it.
+// The CUTLASS kernels live in sm90_fp8_scaled_gemm_impl.cuh, one token-tile width per .cu file.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/sm90_fp8_grouped_gemm.cuh"
+
+namespace dgemma::kernels {
+
+// All pointers are device pointers.
+struct Fp8ScaledGemmProblem {
+  int rows = 0;   // tokens (CUTLASS N: operands are swapped as in sm90_fp8_grouped_gemm.cuh)
+  int n_out = 0;  // output channels, weight rows (CUTLASS M); a multiple of 8
+  int k = 0;      // reduction length; a multiple of 16 (16-byte TMA alignment of fp8 rows)
+  const uint8_t* w = nullptr;     // [n_out, k] fp8, row-major, 16-byte aligned
+  const float* w_scale = nullptr;  // [n_out]
+  const uint8_t* x = nullptr;     // [rows, k] fp8, row-major (row stride k), 16-byte aligned
+  const float* x_scale = nullptr;  // [rows]
+  __nv_bfloat16* out = nullptr;   // [rows, n_out] bf16, row stride ldo (a multiple of 8), 16-byte aligned
+  int64_t ldo = 0;
+};
+
+#define DGEMMA_DECLARE_FP8_SCALED_GEMM(N)                                                                     \
+  size_t sm90_fp8_scaled_gemm_n##N##_workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device); \
+  cudaError_t sm90_fp8_scaled_gemm_n##N(const Fp8ScaledGemmProblem& p, void* workspace, size_t workspace_bytes, \
+                                        int sm_count, int device, cudaStream_t stream);
+DGEMMA_DECLARE_FP8_SCALED_GEMM(32)
+DGEMMA_DECLARE_FP8_SCALED_GEMM(64)
+DGEMMA_DECLARE_FP8_SCALED_GEMM(128)
+#undef DGEMMA_DECLARE_FP8_SCALED_GEMM
+
+// The token tile follows the dense rule of choose_fp8_gemm_tile (rows shared by every weight tile).
+inline Fp8GemmTile choose_scaled_gemm_tile(int64_t rows) { return choose_fp8_gemm_tile(rows, 1, true); }
+
+inline size_t sm90_fp8_scaled_gemm_workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
+  switch (choose_scaled_gemm_tile(p.rows)) {
+    case Fp8GemmTile::kN32: return sm90_fp8_scaled_gemm_n32_workspace_bytes(p, sm_count, device);
+    case Fp8GemmTile::kN64: return sm90_fp8_scaled_gemm_n64_workspace_bytes(p, sm_count, device);
+    default: return sm90_fp8_scaled_gemm_n128_workspace_bytes(p, sm_count, device);
+  }
+}
+
+inline cudaError_t sm90_fp8_scaled_gemm(const Fp8ScaledGemmProblem& p, void* workspace, size_t workspace_bytes,
+                                        int sm_count, int device, cudaStream_t stream) {
+  switch (choose_scaled_gemm_tile(p.rows)) {
+    case Fp8GemmTile::kN32: return sm90_fp8_scaled_gemm_n32(p, workspace, workspace_bytes, sm_count, device, stream);
+    case Fp8GemmTile::kN64: return sm90_fp8_scaled_gemm_n64(p, workspace, workspace_bytes, sm_count, device, stream);
+    default: return sm90_fp8_scaled_gemm_n128(p, workspace, workspace_bytes, sm_count, device, stream);
+  }
+}
+
+}  // namespace dgemma::kernels
