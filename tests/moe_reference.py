@@ -8,12 +8,14 @@ differences that follow from it:
   ``q = e4m3_rne(clamp(x / scale, ±448))`` — :func:`dgemma.quant.quantize_rows`, bit-exact with the
   kernels' quantiser (csrc/kernels/fp8_quant.cuh);
 * weights: the stored per-output-channel scales of :class:`~dgemma.quant.Fp8Weight`;
-* each GEMM is the *unscaled* product of the E4M3 values, accumulated (here exactly, in fp64) and
-  rounded to bf16, as the CUTLASS grouped GEMM writes it (csrc/kernels/sm90_fp8_grouped_gemm.cuh);
-* the consumer of a GEMM output applies ``(d * a_scale) * w_scale`` in fp32
-  (csrc/kernels/fp8_epilogue.cuh, csrc/kernels/moe_dispatch.cuh), and the MLP/expert intermediate
-  ``gelu_tanh(gate) * up`` is computed in fp32 from the scaled halves and re-quantised per row before
-  the down GEMM; the MoE output sums the slots in slot order in fp32 and rounds once to bf16.
+* an expert GEMM is the *unscaled* product of the E4M3 values, accumulated (here exactly, in fp64) and
+  rounded to bf16, as the CUTLASS grouped GEMM writes it (csrc/kernels/sm90_fp8_grouped_gemm.cuh); its
+  consumer applies ``(d * a_scale) * w_scale`` in fp32 (csrc/kernels/fp8_epilogue.cuh,
+  csrc/kernels/moe_dispatch.cuh), the intermediate ``gelu_tanh(gate) * up`` is computed in fp32 from the
+  scaled halves and re-quantised per row before the down GEMM, and the MoE output sums the slots in slot
+  order in fp32 and rounds once to bf16;
+* a dense GEMM (fp8_linear, fp8_gated_mlp: csrc/kernels/sm90_fp8_scaled_gemm.cuh) applies both scales to the
+  fp32 product in its epilogue and rounds once to bf16 (dgemma.quant.scaled_gemm_reference).
 
 The router reference follows csrc/kernels/moe_route.cuh: bf16 roundings of the reference router, NaN
 logits as -inf, and among equal probabilities the lowest expert id first.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from dgemma import quant
 from dgemma.quant import Fp8Weight, quantize_rows
 
 # -- error measures --------------------------------------------------------------------------------
@@ -46,10 +49,7 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 # -- FP8 GEMM pipelines ----------------------------------------------------------------------------
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """The kernels' fp32 gelu_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))."""
-    inner = 0.7978845608028654 * (0.044715 * x * (x * x) + x)
-    return 0.5 * x * (1.0 + torch.tanh(inner))
+gelu_tanh = quant.gelu_tanh_reference
 
 
 def fp8_gemm(aq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
@@ -57,13 +57,6 @@ def fp8_gemm(aq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     (returned as fp32). Products of E4M3 values and their sums are exact in fp64, so this is the
     correctly rounded result; the kernel's fp32 tensor-core accumulation differs by its rounding."""
     return (aq.double() @ wq.double().t()).float().bfloat16().float()
-
-
-def scaled_gemm(aq: torch.Tensor, a_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """``sm90_fp8_scaled_gemm``: the fp32 product of E4M3 values (correctly rounded from fp64), times the token's
-    scale, times the channel's scale, in fp32, rounded once to bf16 (its epilogue's order)."""
-    acc = (aq.double() @ wq.double().t()).float()
-    return ((acc * a_scale[:, None]) * w_scale[None, :]).bfloat16()
 
 
 def gelu_up_quantize(gate: torch.Tensor, up: torch.Tensor, a_scale: torch.Tensor, gate_scale: torch.Tensor,
@@ -75,23 +68,9 @@ def gelu_up_quantize(gate: torch.Tensor, up: torch.Tensor, a_scale: torch.Tensor
     return quantize_rows(h)
 
 
-def linear_fp8(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
-    """``fp8_linear``: x [..., k] bf16 quantised per row, one FP8 GEMM, scaled and rounded to bf16."""
-    x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize_rows(x2)
-    y = scaled_gemm(xq, xs, w.q, w.scale)
-    return y.reshape(*x.shape[:-1], w.q.shape[0])
-
-
-def gated_mlp_fp8(x: torch.Tensor, gate: Fp8Weight, up: Fp8Weight, down: Fp8Weight) -> torch.Tensor:
-    """``fp8_gated_mlp``: quantise x per row, scaled gate/up GEMMs (bf16), gelu·up in fp32 re-quantised per row,
-    scaled down GEMM."""
-    x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize_rows(x2)
-    g, u = (scaled_gemm(xq, xs, w.q, w.scale).float() for w in (gate, up))
-    hq, hs = quantize_rows(gelu_tanh(g) * u)
-    y = scaled_gemm(hq, hs, down.q, down.scale)
-    return y.reshape(*x.shape[:-1], down.q.shape[0])
+# The dense kernels' references live with the quantisation scheme (dgemma.quant), shared with the benchmarks.
+linear_fp8 = quant.linear_reference
+gated_mlp_fp8 = quant.gated_mlp_reference
 
 
 def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight,

@@ -52,6 +52,15 @@ def test_gate_up_fusion_makes_the_rows_adjacent_without_changing_the_model():
         assert torch.equal(lw.mlp_up.q.view(torch.uint8), up.view(torch.uint8))
     # Same values, same bytes reported, same logits (bit for bit: the reference reads the same numbers).
     assert eng.info.weight_bytes == info_before.weight_bytes
+    # Fusing what is already one allocation views it: nothing is copied (a second model on the same weights).
+    lw = eng.model.w.layers[0]
+    gate = lw.mlp_gate
+    fused, views = fuse_rows([lw.mlp_gate, lw.mlp_up])
+    assert views[0] is gate and fused.q.data_ptr() == gate.q.data_ptr()
+    assert fused.q.shape[0] == gate.q.shape[0] + lw.mlp_up.q.shape[0]
+    assert torch.equal(fused.q[gate.q.shape[0]:].view(torch.uint8), lw.mlp_up.q.view(torch.uint8))
+    fuse_gate_up(lw, "mlp_gate", "mlp_up")
+    assert lw.mlp_gate is gate
     assert torch.equal(eng.model.denoise(canvas, cache, None), before)
     # Dense (unquantised) weights and mismatched input sizes are left alone.
     dense = random_engine("tiny", seed=5)

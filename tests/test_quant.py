@@ -241,3 +241,28 @@ def test_load_fp8_on_fp32_model(tiny_bf16):
 def test_load_rejects_unknown_quantization(tiny_bf16):
     with pytest.raises(dgemma.DgemmaError, match="quantization 'int4' is not supported"):
         dgemma.load(tiny_bf16, quantization="int4")
+
+
+def test_fp8_faithful_references_track_the_unquantised_ops():
+    """The references the dense FP8 kernels are judged by (quant.*_reference) stay within the FP8 error of the
+    fp32 ops on the dequantised weights, and see the activation quantisation (not exactly the fp32 result)."""
+    from dgemma.ops.reference import ReferenceOps
+    from dgemma.quant import gated_mlp_reference, linear_reference, quantize_weight
+
+    g = torch.Generator().manual_seed(4)
+    h, inter = 256, 384
+    x = (torch.randn(3, 7, h, generator=g) * 2).bfloat16()
+    w = quantize_weight(torch.randn(160, h, generator=g) * h ** -0.5)
+    gate, up = (quantize_weight(torch.randn(inter, h, generator=g) * h ** -0.5) for _ in range(2))
+    down = quantize_weight(torch.randn(h, inter, generator=g) * inter ** -0.5)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    out = linear_reference(x, w)
+    ref = x.float() @ w.dequantize().t()
+    assert out.shape == (3, 7, 160) and out.dtype == torch.bfloat16
+    assert 1e-4 < rel(out, ref) < 3.5e-2
+    mlp = gated_mlp_reference(x, gate, up, down)
+    ref = ReferenceOps().gated_mlp(x.float(), gate, up, down)
+    assert mlp.shape == x.shape and 1e-4 < rel(mlp, ref) < 6e-2

@@ -74,8 +74,12 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
         transform = lambda key, t: fp8_transform(key, t, dev)  # noqa: E731
     tensors = load_tensors(path, cfg, dtype=dtype, device=dev, progress=progress, transform=transform,
                            check_finite=check_finite)
-    eng = TextEngine(cfg, ModelWeights.from_tensors(cfg, tensors), device=dev, dtype=dtype, backend=backend,
-                 path=path, generation_settings=settings, special_tokens=special)
+    weights = ModelWeights.from_tensors(cfg, tensors)
+    # NOTE: only the weights keep the loaded tensors from here: a backend that restacks projections while the
+    # model is built (ops.prepare_weights) then frees each original as it goes, instead of holding both.
+    del tensors
+    eng = TextEngine(cfg, weights, device=dev, dtype=dtype, backend=backend, path=path,
+                     generation_settings=settings, special_tokens=special)
     if not isinstance(cuda_graphs, bool):
         raise DgemmaError(f"cuda_graphs must be True or False, got {cuda_graphs!r:.40}")
     if cuda_graphs:

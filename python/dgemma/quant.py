@@ -80,12 +80,18 @@ class Fp8Rows:
 def fuse_rows(parts: list) -> tuple[Fp8Weight, list[Fp8Weight]] | None:
     """One FP8 weight ``[p0; p1; ...]`` (rows stacked, scales alike) and a view of its rows for each part, equal to
     the part: several projections of one input then run as one GEMM, with no second copy of the weights once the
-    caller keeps the views in place of the parts. None unless every part is a 2-D :class:`Fp8Weight` of one input
-    size on one device."""
+    caller keeps the views in place of the parts (parts already adjacent in memory are viewed, not copied). None
+    unless every part is a 2-D :class:`Fp8Weight` of one input size on one device."""
     if not parts or not all(isinstance(p, Fp8Weight) and p.q.dim() == 2 for p in parts):
         return None
     if len({(p.q.shape[1], p.q.device) for p in parts}) != 1:
         return None
+    total = sum(p.q.shape[0] for p in parts)
+    if all(rows_adjacent(a, b) for a, b in zip(parts, parts[1:])):
+        # Already one allocation (e.g. views made here before, passed on to another model): view it, copy nothing.
+        first = parts[0]
+        return Fp8Weight(first.q.as_strided((total, first.q.shape[1]), (first.q.shape[1], 1)),
+                         first.scale.as_strided((total,), (1,))), list(parts)
     fused = Fp8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
     rows, views = 0, []
     for p in parts:
@@ -98,7 +104,8 @@ def fuse_rows(parts: list) -> tuple[Fp8Weight, list[Fp8Weight]] | None:
 def rows_adjacent(first: Fp8Weight, second: Fp8Weight) -> bool:
     """Whether ``second``'s rows (and scales) directly follow ``first``'s in memory: the two are one weight
     ``[first; second]`` (see :func:`fuse_rows`)."""
-    return (first.q.is_contiguous() and second.q.is_contiguous() and first.q.dim() == second.q.dim() == 2
+    return (first.q.is_contiguous() and second.q.is_contiguous() and first.scale.is_contiguous()
+            and second.scale.is_contiguous() and first.q.dim() == second.q.dim() == 2
             and first.q.shape[1] == second.q.shape[1]
             and second.q.data_ptr() == first.q.data_ptr() + first.q.numel()
             and second.scale.data_ptr() == first.scale.data_ptr() + 4 * first.scale.numel())
@@ -137,6 +144,38 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """float(q) * scale (per row), in fp32, then cast to ``dtype``."""
     return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+# -- FP8-faithful references of the dense FP8 kernels (what the CUDA ops compute, up to the tensor cores'
+# accumulation order): the bound tests and benchmarks judge them by. ---------------------------------------
+
+
+def scaled_gemm_reference(xq: torch.Tensor, x_scale: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
+    """``sm90_fp8_scaled_gemm``: the product of E4M3 values ``xq [rows, k] . w.q^T`` (exact in fp64, rounded to
+    fp32), times the row's scale, times the channel's scale, in fp32, rounded once to bf16 (its epilogue)."""
+    acc = (xq.double() @ w.q.double().t()).float()
+    return ((acc * x_scale[:, None]) * w.scale[None, :]).bfloat16()
+
+
+def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' fp32 gelu_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))."""
+    inner = 0.7978845608028654 * (0.044715 * x * (x * x) + x)
+    return 0.5 * x * (1.0 + torch.tanh(inner))
+
+
+def linear_reference(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
+    """``fp8_linear`` of ``x [..., k]`` bf16: quantised per row, one scaled GEMM."""
+    xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
+    return scaled_gemm_reference(xq, xs, w).reshape(*x.shape[:-1], w.q.shape[0])
+
+
+def gated_mlp_reference(x: torch.Tensor, gate: Fp8Weight, up: Fp8Weight, down: Fp8Weight) -> torch.Tensor:
+    """``fp8_gated_mlp``: x quantised per row, scaled gate/up GEMMs (bf16), gelu·up in fp32 re-quantised per row,
+    the scaled down GEMM."""
+    xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
+    g, u = (scaled_gemm_reference(xq, xs, w).float() for w in (gate, up))
+    hq, hs = quantize_rows(gelu_tanh_reference(g) * u)
+    return scaled_gemm_reference(hq, hs, down).reshape(*x.shape[:-1], down.q.shape[0])
 
 
 def as_float(w, dtype: torch.dtype) -> torch.Tensor:
