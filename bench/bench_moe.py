@@ -50,11 +50,12 @@ class Layer:
         self.norm = (1 + 0.1 * torch.randn(H, device="cuda", generator=g)).to(BF16)
 
 
-def moe_layer_fp8(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+def moe_layer_fp8(layer: Layer, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
     from dgemma.ops.cuda import rms_norm
 
     weights, ids = cuda_moe.route(x, layer.router_scale, layer.proj, layer.expert_scale, K, 1e-6)
-    return cuda_moe.moe_fp8(rms_norm(x, layer.norm, 1e-6), ids, weights, layer.gate_up, layer.down)
+    return cuda_moe.moe_fp8(rms_norm(x, layer.norm, 1e-6), ids, weights, layer.gate_up, layer.down,
+                            contiguous=contiguous)
 
 
 def moe_layer_bf16_grouped(layer: Layer, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,13 @@ def moe_cases(layer: Layer, token_counts, iters: int) -> list[dict]:
         # comparison of the experts is tests/test_moe_cuda.py's.
         results.append(dict(name=f"moe_layer_fp8_t{n}", median_ms=ms, roofline_ms=roof, roofline_share=roof / ms,
                             rel_err_fp32=err, target_ms=TARGET_MS.get(n, float("nan")), tokens=n, routed_rows=n * K,
-                            experts_touched=touched))
+                            experts_touched=touched, pipeline="contiguous"))
+        # The pointer-array grouped GEMM pipeline (DGEMMA_DISABLE_KERNELS=moe_contiguous), same layer, same run.
+        out = cuda_moe.moe_fp8(h, ids, weights, layer.gate_up, layer.down, contiguous=False)
+        ptr = median(time_cuda(lambda: moe_layer_fp8(layer, x, contiguous=False), iters=iters))
+        results.append(dict(name=f"moe_layer_fp8_ptr_array_t{n}", median_ms=ptr, roofline_ms=roof,
+                            roofline_share=roof / ptr, rel_err_fp32=rel_err(out, ref), tokens=n,
+                            pipeline="ptr_array", contiguous_speedup=ptr / ms))
         try:
             base = median(time_cuda(lambda: moe_layer_bf16_grouped(layer, x), iters=iters))
             base_roof = roofline_ms(touched * 3 * I * H * 2 + E * H * 2 + 3 * n * H * 2, flops)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a lent H100/H200 checks, in one run, selected by STAGES (default: all, in this order):
 #   build     pip install (no isolation); wheels in .whl/ (nvidia-cutlass, transformers) installed first
-#   quick     (not in the default) the GPU tests of the newest work first: the scaled dense FP8 GEMM and
-#             rms_norm_fp8 (-k "linear or mlp or rms_norm_fp8" of the MoE file, every launcher's error paths),
+#   quick     (not in the default) the GPU tests of the newest work first: the scaled dense FP8 GEMM,
+#             rms_norm_fp8 and the padded plan (stopping at the first failure), then the whole MoE file (both
+#             pipelines: the contiguous expert GEMM and the pointer-array one), every launcher's error paths,
 #             graphs, fused q/k/v, residual norms, batched rows, vision, device-scalar head
 #   tests     pytest -m gpu tests, one process, nothing deselected
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file
@@ -65,8 +66,9 @@ if want build; then
 fi
 
 if want quick; then
-  TAIL=40 run "${QUICK_S:-120}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_moe_cuda.py \
-    -k "linear or mlp or rms_norm_fp8 or prequantised"
+  TAIL=40 run "${QUICK_S:-180}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE -x tests/test_moe_cuda.py \
+    -k "rms_norm_fp8 or prequantised or linear or mlp or padded_plan"
+  TAIL=40 run "${QUICK_S:-180}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_moe_cuda.py
   DGEMMA_ERROR_REPEATS=20 TAIL=20 run 120 $PY -m pytest -q -m gpu -p no:cacheprovider -rfE \
     tests/test_launcher_errors_cuda.py
   TAIL=40 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE ${QUICK_TESTS:-tests/test_graphs_cuda.py tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_vocab_head_cuda.py}

@@ -105,6 +105,37 @@ def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
 # -- router ----------------------------------------------------------------------------------------
 
 
+def moe_fp8_contiguous(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight,
+                       down: Fp8Weight) -> torch.Tensor:
+    """``moe_fp8`` on the contiguous pipeline (sm90_moe_grouped_gemm.cuh): the gate_up GEMM's epilogue scales by
+    the token's and the channel's scales and rounds to bf16; gelu·up in fp32, re-quantised per (token, slot) row; the
+    down GEMM's epilogue scales by that row's scale times its routing weight and the channel's scale and rounds to
+    bf16; the combine sums the slots in slot order in fp32 and rounds once. Ids outside ``[0, E)`` contribute
+    nothing."""
+    n, hidden = x.shape
+    top_k = ids.shape[1]
+    experts, two_inter = gate_up.q.shape[:2]
+    inter = two_inter // 2
+    ids = ids.long()
+    weights = weights.float()
+    xq, xs = quantize_rows(x)
+    contrib = torch.zeros(top_k, n, hidden, dtype=torch.float32, device=x.device)
+    for e in torch.unique(ids).tolist():
+        if not 0 <= e < experts:
+            continue
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        gate = Fp8Weight(gate_up.q[e, :inter], gate_up.scale[e, :inter])
+        up = Fp8Weight(gate_up.q[e, inter:], gate_up.scale[e, inter:])
+        g, u = (quant.scaled_gemm_reference(xq[tok], xs[tok], w).float() for w in (gate, up))
+        hq, hs = quantize_rows(gelu_tanh(g) * u)
+        d2 = quant.scaled_gemm_reference(hq, hs * weights[tok, slot], Fp8Weight(down.q[e], down.scale[e]))
+        contrib[slot, tok] = d2.float()
+    out = torch.zeros(n, hidden, dtype=torch.float32, device=x.device)
+    for k in range(top_k):  # the combine kernel's slot order
+        out = out + contrib[k]
+    return out.bfloat16()
+
+
 def route_logits(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, eps: float) -> torch.Tensor:
     """The router's bf16-rounded logits [N, E] (as fp32), with the kernel's roundings:
     h = bf16(bf16(bf16(x * rms^-1) * scale) * hidden^-1/2), logits = bf16(h . proj[e]) (exact sum here)."""

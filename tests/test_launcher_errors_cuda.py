@@ -587,7 +587,7 @@ def moe_plan_table(c: Ctx) -> Table:
     ids, _ = _routing(c)
     t = Table("moe_plan", dict(ids=ids, experts=EXP, offsets=c.empty(EXP + 1, dtype=I32),
                                row_of=c.empty(N_TOK, TOPK, dtype=I32), row_expert=c.empty(N_TOK * TOPK, dtype=I32),
-                               stream=0))
+                               stream=0, pad=1, row_src=None, tile_expert=None, num_tiles=None))
     t.bad("ids on the host", cuda_msg("ids"), ids=c.host(ids))
     t.bad("ids int64", "ids has dtype int64, expected int32", ids=c.empty(N_TOK, TOPK, dtype=I64))
     t.bad("ids 1-d", f"ids has shape [{N_TOK * TOPK}], expected 2 dimensions", ids=c.empty(N_TOK * TOPK, dtype=I32))
@@ -619,6 +619,23 @@ def moe_plan_table(c: Ctx) -> Table:
           row_expert=c.empty(N_TOK, TOPK, dtype=I32))
     t.bad("offsets is None", not_tensor("offsets"), offsets=None)
     t.type_error("experts is None", "experts=None", experts=None)
+    # The padded plan (pad > 1): its row arrays hold the worst padding, tokens * top_k + experts * (pad - 1) rows.
+    padded = N_TOK * TOPK + EXP * 31
+    t.bad("pad 0", "pad is 0, expected 1..1024", pad=0)
+    t.bad("pad 2048", "pad is 2048, expected 1..1024", pad=2048)
+    t.bad("padded outputs without pad", "row_src, tile_expert and num_tiles are outputs of a padded plan (pad > 1)",
+          row_src=c.empty(N_TOK * TOPK, dtype=I32))
+    t.bad("padded row_expert too short", f"row_expert has shape [{N_TOK * TOPK}], expected size {padded} in dimension "
+          "0 (tokens * top_k + experts * (pad - 1))", pad=32)
+    t.bad("pad without its outputs", "a padded plan (pad > 1) writes row_src, tile_expert and num_tiles: pass all "
+          "three", pad=32, row_expert=c.empty(padded, dtype=I32))
+    t.bad("tile_expert length", f"tile_expert has shape [3], expected size {(padded + 31) // 32} in dimension 0 "
+          "(ceil(padded rows / pad))", pad=32, row_expert=c.empty(padded, dtype=I32),
+          row_src=c.empty(padded, dtype=I32), tile_expert=c.empty(3, dtype=I32), num_tiles=c.empty(1, dtype=I32))
+    t.bad("num_tiles dtype", "num_tiles has dtype int64, expected int32", pad=32, row_expert=c.empty(padded, dtype=I32),
+          row_src=c.empty(padded, dtype=I32), tile_expert=c.empty((padded + 31) // 32, dtype=I32),
+          num_tiles=c.empty(1, dtype=I64))
+    t.type_error("pad is a float", "pad=32.5", pad=32.5)
 
     def check(_):
         o_ref, r_ref, e_ref = plan_dispatch(ids, EXP)
@@ -631,7 +648,7 @@ def moe_plan_table(c: Ctx) -> Table:
 
 def moe_fp8_workspace_bytes_table(c: Ctx) -> Table:
     t = Table("moe_fp8_workspace_bytes", dict(tokens=N_TOK, top_k=TOPK, hidden=HID, inter=MOE_I, experts=EXP,
-                                              device=c.idx))
+                                              device=c.idx, contiguous=True))
     msg = "moe_fp8_workspace_bytes: sizes must be positive (tokens may be 0)"
     t.bad("negative tokens", msg, tokens=-1)
     t.bad("top_k 0", msg, top_k=0)
@@ -655,7 +672,7 @@ def moe_fp8_table(c: Ctx) -> Table:
     nbytes = c.workspace_bytes("moe_fp8_workspace_bytes", N_TOK, TOPK, HID, MOE_I, EXP)
     t = Table("moe_fp8", dict(x=x, ids=ids, weights=weights, gate_up_q=gate_up.q, gate_up_scale=gate_up.scale,
                               down_q=down.q, down_scale=down.scale, out=c.empty(N_TOK, HID),
-                              workspace=c.empty(nbytes, dtype=U8), stream=0))
+                              workspace=c.empty(nbytes, dtype=U8), stream=0, contiguous=True))
     dev = f"expected cuda:{c.idx} (the device of x)"
     gu, dq = "gate_up.q", "down.q"
     # x: check_matrix(bf16, any shape, contiguous)
@@ -729,6 +746,12 @@ def moe_fp8_table(c: Ctx) -> Table:
     t.bad("down.scale misaligned", "down.scale must be 16-byte aligned", down_scale=c.misaligned(EXP, HID, dtype=F32))
     _workspace_errors(t, c, nbytes)
     t.bad("gate_up.q is None", not_tensor(gu), gate_up_q=None)
+    ptr_bytes = int(c.lib.moe_fp8_workspace_bytes(N_TOK, TOPK, HID, MOE_I, EXP, c.idx, False))
+    if ptr_bytes != nbytes:  # each pipeline asks for its own workspace
+        t.bad("workspace of the other pipeline", f"workspace has {min(ptr_bytes, nbytes)} bytes, expected at least "
+              f"{max(ptr_bytes, nbytes)}", workspace=c.empty(min(ptr_bytes, nbytes), dtype=U8),
+              contiguous=ptr_bytes > nbytes)
+    t.type_error("contiguous is a string", "contiguous='yes'", contiguous="yes")
 
     def check(_):
         out = t.base["out"]

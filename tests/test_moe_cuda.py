@@ -65,6 +65,16 @@ def experts():
     return gate_up, down
 
 
+@pytest.fixture(params=["contiguous", "ptr_array"])
+def pipeline(request, monkeypatch):
+    """Both MoE pipelines of _C.moe_fp8: the contiguous expert GEMM (default) and the pointer-array grouped GEMM."""
+    if request.param == "ptr_array":
+        monkeypatch.setenv("DGEMMA_DISABLE_KERNELS", "moe_contiguous")
+    else:
+        monkeypatch.delenv("DGEMMA_DISABLE_KERNELS", raising=False)
+    return request.param
+
+
 def random_routing(n, seed, *, experts_used=E, top_k=K):
     g = torch.Generator(device="cuda").manual_seed(seed)
     ids = torch.rand(n, experts_used, device="cuda", generator=g).argsort(dim=1)[:, :top_k].int()
@@ -91,9 +101,17 @@ def reference_moe(x, ids, weights, gate_up, down):
     return ReferenceOps().moe(x.float(), ids.long(), weights, gate_up, down)
 
 
+def quantized_moe_reference(x, ids, weights, gate_up, down):
+    """The FP8-faithful reference of the pipeline moe_fp8 runs now (see the ``pipeline`` fixture)."""
+    from dgemma import _ext
+
+    ref = mref.moe_fp8 if "moe_contiguous" in _ext.disabled_kernels() else mref.moe_fp8_contiguous
+    return ref(x, ids, weights, gate_up, down)
+
+
 def check_moe(x, ids, weights, gate_up, down, what):
     out = run_moe(x, ids, weights, gate_up, down)
-    assert_matches_quantized_reference(out, mref.moe_fp8(x, ids, weights, gate_up, down), what)
+    assert_matches_quantized_reference(out, quantized_moe_reference(x, ids, weights, gate_up, down), what)
     assert_fp8_error_vs_fp32(out, reference_moe(x, ids, weights, gate_up, down), FP32_TOL_TWO_QUANTS, what)
     return out
 
@@ -298,11 +316,23 @@ def test_plan_drops_invalid_ids_and_is_deterministic():
         assert torch.equal(first[2][:routed], again[2][:routed])
 
 
+@pytest.mark.parametrize("n,pad", [(1, 32), (7, 32), (256, 32), (1000, 64), (2048, 128)])
+def test_padded_plan_matches_reference(n, pad):
+    ids, _ = random_routing(n, seed=n + pad, experts_used=E // 2)
+    ids[0, 0] = -1
+    offsets, row_of, row_expert, row_src, tile_expert, num_tiles = cuda_moe.plan(ids, E, pad=pad)
+    o_ref, r_ref, e_ref, s_ref, t_ref = cuda_moe.plan_dispatch(ids, E, pad=pad)
+    total = int(o_ref[-1])
+    assert torch.equal(offsets, o_ref) and torch.equal(row_of, r_ref)
+    assert torch.equal(row_expert[:total], e_ref) and torch.equal(row_src[:total], s_ref)
+    assert int(num_tiles) == total // pad and torch.equal(tile_expert[:total // pad], t_ref)
+
+
 # -- the MoE layer ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("n", TOKEN_COUNTS)
-def test_moe_fp8_matches_references(experts, n):
+def test_moe_fp8_matches_references(pipeline, experts, n):
     gate_up, down = experts
     x = tokens(n, seed=100 + n)
     ids, weights = random_routing(n, seed=200 + n)
@@ -310,7 +340,7 @@ def test_moe_fp8_matches_references(experts, n):
 
 
 @pytest.mark.parametrize("n", [1, 2, 7])
-def test_moe_fp8_tiny_batches_without_empty_experts(experts, n):
+def test_moe_fp8_tiny_batches_without_empty_experts(pipeline, experts, n):
     # Few tokens over 8 experts: every expert group is non-empty. Together with the 128-expert cases
     # (most groups empty at 1 or 7 tokens) this separates "few rows" from "empty groups" in a failure.
     gate_up, down = experts
@@ -323,7 +353,7 @@ def test_moe_fp8_tiny_batches_without_empty_experts(experts, n):
     check_moe(x, ids, weights, gu, dn, f"moe_fp8 n={n}, {few} experts")
 
 
-def test_moe_fp8_zero_token_experts_and_one_hot_expert(experts):
+def test_moe_fp8_zero_token_experts_and_one_hot_expert(pipeline, experts):
     gate_up, down = experts
     n = 257
     x = tokens(n, seed=7)
@@ -337,7 +367,7 @@ def test_moe_fp8_zero_token_experts_and_one_hot_expert(experts):
     check_moe(x, ids, weights, gate_up, down, "moe_fp8 one expert")
 
 
-def test_moe_fp8_invalid_ids_contribute_nothing(experts):
+def test_moe_fp8_invalid_ids_contribute_nothing(pipeline, experts):
     gate_up, down = experts
     n = 33
     x = tokens(n, seed=41)
@@ -345,14 +375,14 @@ def test_moe_fp8_invalid_ids_contribute_nothing(experts):
     ids[0, 0], ids[5, 3], ids[32, 7] = -1, E, 1 << 20
     out = run_moe(x, ids, weights, gate_up, down)
     what = "moe_fp8 with invalid ids"
-    assert_matches_quantized_reference(out, mref.moe_fp8(x, ids, weights, gate_up, down), what)
+    assert_matches_quantized_reference(out, quantized_moe_reference(x, ids, weights, gate_up, down), what)
     # The fp32 reference takes only valid ids: an invalid slot becomes expert 0 with weight 0.
     valid = (ids >= 0) & (ids < E)
     ref32 = reference_moe(x, torch.where(valid, ids, 0), weights * valid, gate_up, down)
     assert_fp8_error_vs_fp32(out, ref32, FP32_TOL_TWO_QUANTS, what)
 
 
-def test_moe_fp8_batch_rows_and_determinism(experts):
+def test_moe_fp8_batch_rows_and_determinism(pipeline, experts):
     gate_up, down = experts
     b, t = 3, 256
     x = tokens(b * t, seed=11).view(b, t, H)
@@ -364,6 +394,19 @@ def test_moe_fp8_batch_rows_and_determinism(experts):
     # Each sequence alone gives the same rows up to the GEMM tile choice (which follows the row count).
     alone = run_moe(x[1].contiguous(), ids[t:2 * t].contiguous(), weights[t:2 * t].contiguous(), gate_up, down)
     assert rel_err(alone, out[t:2 * t]) <= 1e-2
+
+
+def test_moe_fp8_at_prefill_size(pipeline, experts):
+    """32K tokens (a long prompt's encoder chunk): 262,144 routed rows, ~2,048 per expert; no single-CTA serial
+    stage in the GEMMs and no 32-bit overflow in the row arithmetic."""
+    gate_up, down = experts
+    n = 32768
+    x = tokens(n, seed=51)
+    ids, weights = random_routing(n, seed=52)
+    out = cuda_moe.moe_fp8(x, ids, weights, gate_up, down)
+    torch.cuda.synchronize()
+    what = f"moe_fp8 n={n} ({pipeline})"
+    assert_matches_quantized_reference(out, quantized_moe_reference(x, ids, weights, gate_up, down), what)
 
 
 def test_moe_fp8_validates_arguments(experts):

@@ -34,12 +34,17 @@ constexpr int kEpilogueThreads = 128;
 // (0 when row_group is null); its gate scales are gate_scale + e * group_stride, its up scales
 // up_scale + e * group_stride. Rows r >= *valid_rows (when given) are skipped. With gate_scale null, D is already
 // scaled (sm90_fp8_scaled_gemm's epilogue applied both scales; a_scale is then unused): h = gelu_tanh(gate) * up.
+// With row_src and row_weight (a padded plan's row -> token * top_k + slot, -1 for padding; the routing weights),
+// the stored h_scale[r] is the quantisation scale times row_weight[row_src[r]] (0 for padding): the next GEMM's
+// epilogue then applies the routing weight with the scale.
 struct GeluUpScales {
   const float* gate_scale;
   const float* up_scale;
   int64_t group_stride;
   const int* row_group;
   const int* valid_rows;
+  const int* row_src = nullptr;
+  const float* row_weight = nullptr;
 };
 
 constexpr int kGeluUpMaxVecs = 4;
@@ -83,7 +88,14 @@ static __global__ void __launch_bounds__(kEpilogueThreads)
     const int c = 8 * (threadIdx.x + j * kEpilogueThreads);
     if (c < 8 * vecs) *reinterpret_cast<uint2*>(qr + c) = fp8x8(h[j], sc);
   }
-  if (threadIdx.x == 0) h_scale[r] = sc;
+  if (threadIdx.x == 0) {
+    float stored = sc;
+    if (s.row_weight != nullptr) {
+      const int src = s.row_src[r];
+      stored = src >= 0 ? sc * s.row_weight[src] : 0.f;
+    }
+    h_scale[r] = stored;
+  }
 }
 
 inline cudaError_t gelu_up_quantize(const __nv_bfloat16* d, const float* a_scale, int64_t rows, int inter,

@@ -2,6 +2,7 @@
 //   moe_plan:             per-expert offsets and each (token, slot)'s row in the expert-sorted order
 //   moe_gather_quantize:  per-token FP8 quantisation, written straight to the token's sorted rows
 //   moe_combine:          the weighted un-permute of the down projection back to token order
+// The plan can pad each expert's rows to a whole number of GEMM tiles (the contiguous expert GEMM).
 //
 // Sorted order (python/dgemma/ops/cuda_moe.py `plan_dispatch` is the reference): rows are grouped by
 // expert in ascending id; within an expert they keep the slot-major order of (slot, token), i.e. a
@@ -28,10 +29,17 @@ constexpr int kPlanMaxExperts = 256;
 // (expert of each sorted row; entries past offsets[experts] are not written).
 // NOTE: positions come from a chunked stable counting sort (warp match + per-warp prefix counts), so
 // they are identical run to run; only integer atomics on shared memory are used.
+// With pad > 1 (the contiguous expert GEMM, sm90_moe_grouped_gemm.cuh) every expert's rows are padded to a multiple
+// of pad: offsets[e] are the padded starts (offsets[experts] the padded total), the padding rows follow each
+// expert's real rows, and the plan also writes (when given) row_src [padded rows] (token * top_k + slot of each
+// row; -1 for padding), tile_expert [padded rows / pad] (the expert of each pad-row tile) and num_tiles[0];
+// row_expert then covers the padding rows too.
 static __global__ void __launch_bounds__(kPlanThreads)
-    moe_plan_kernel(const int32_t* __restrict__ ids, int tokens, int top_k, int experts, int32_t* __restrict__ offsets,
-                    int32_t* __restrict__ row_of, int32_t* __restrict__ row_expert) {
+    moe_plan_kernel(const int32_t* __restrict__ ids, int tokens, int top_k, int experts, int pad,
+                    int32_t* __restrict__ offsets, int32_t* __restrict__ row_of, int32_t* __restrict__ row_expert,
+                    int32_t* __restrict__ row_src, int32_t* __restrict__ tile_expert, int32_t* __restrict__ num_tiles) {
   __shared__ int base[kPlanMaxExperts];
+  __shared__ int start[kPlanMaxExperts + 1];
   __shared__ int warp_count[kPlanWarps][kPlanMaxExperts];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int total = tokens * top_k;
@@ -49,7 +57,7 @@ static __global__ void __launch_bounds__(kPlanThreads)
     int local = 0;
     for (int j = 0; j < per_lane; ++j) {
       const int e = lane * per_lane + j;
-      if (e < experts) local += base[e];
+      if (e < experts) local += (base[e] + pad - 1) / pad * pad;
     }
     int incl = local;
 #pragma unroll
@@ -61,13 +69,18 @@ static __global__ void __launch_bounds__(kPlanThreads)
     for (int j = 0; j < per_lane; ++j) {
       const int e = lane * per_lane + j;
       if (e < experts) {
-        const int c = base[e];
+        const int c = (base[e] + pad - 1) / pad * pad;
         base[e] = run;
+        start[e] = run;
         offsets[e] = run;
         run += c;
       }
     }
-    if (lane == 31) offsets[experts] = incl;
+    if (lane == 31) {
+      offsets[experts] = incl;
+      start[experts] = incl;
+      if (num_tiles != nullptr) num_tiles[0] = incl / pad;
+    }
   }
   __syncthreads();
 
@@ -101,17 +114,31 @@ static __global__ void __launch_bounds__(kPlanThreads)
         const int row = warp_count[warp][e] + rank;
         row_of[src] = row;
         row_expert[row] = e;
+        if (row_src != nullptr) row_src[row] = src;
       } else {
         row_of[src] = -1;
       }
     }
     __syncthreads();
   }
+  if (pad > 1) {
+    // base[e] is now the end of expert e's real rows: the rest up to the next start is padding.
+    for (int e = warp; e < experts; e += kPlanWarps) {
+      for (int r = base[e] + lane; r < start[e + 1]; r += 32) {
+        row_expert[r] = e;
+        if (row_src != nullptr) row_src[r] = -1;
+      }
+      if (tile_expert != nullptr)
+        for (int t = start[e] / pad + lane; t < start[e + 1] / pad; t += 32) tile_expert[t] = e;
+    }
+  }
 }
 
 inline cudaError_t moe_plan(const int32_t* ids, int tokens, int top_k, int experts, int32_t* offsets, int32_t* row_of,
-                            int32_t* row_expert, cudaStream_t stream) {
-  moe_plan_kernel<<<1, kPlanThreads, 0, stream>>>(ids, tokens, top_k, experts, offsets, row_of, row_expert);
+                            int32_t* row_expert, cudaStream_t stream, int pad = 1, int32_t* row_src = nullptr,
+                            int32_t* tile_expert = nullptr, int32_t* num_tiles = nullptr) {
+  moe_plan_kernel<<<1, kPlanThreads, 0, stream>>>(ids, tokens, top_k, experts, pad, offsets, row_of, row_expert,
+                                                  row_src, tile_expert, num_tiles);
   return cudaGetLastError();
 }
 
@@ -121,12 +148,32 @@ constexpr int kGatherMaxHidden = kGatherThreads * kGatherMaxVecs * 8;  // 4096
 
 // One block per token: quantise x[token] once (per-token scale), then write the FP8 row to each of the
 // token's sorted rows. hidden % 8 == 0, hidden <= kGatherMaxHidden, 16-byte aligned rows.
+// With a padded plan (padding != nullptr: offsets [experts + 1], row_src, pad), `experts` more blocks follow the
+// token blocks, block tokens + e zeroing expert e's padding rows (their x_scale too): the GEMM reads whole tiles.
+struct GatherPadding {
+  const int32_t* offsets;
+  const int32_t* row_src;
+  int pad;
+};
+
 static __global__ void __launch_bounds__(kGatherThreads)
-    moe_gather_quantize_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, int hidden, int top_k,
-                               const int32_t* __restrict__ row_of, uint8_t* __restrict__ xq,
-                               float* __restrict__ x_scale) {
+    moe_gather_quantize_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, int64_t tokens, int hidden,
+                               int top_k, const int32_t* __restrict__ row_of, uint8_t* __restrict__ xq,
+                               float* __restrict__ x_scale, GatherPadding padding) {
   __shared__ float red[32];
   const int64_t t = blockIdx.x;
+  if (t >= tokens) {
+    const int64_t e = t - tokens;
+    const int end = padding.offsets[e + 1];
+    const int first = max(padding.offsets[e], end - padding.pad + 1);
+    for (int r = first; r < end; ++r) {
+      if (padding.row_src[r] >= 0) continue;  // uniform per block
+      uint8_t* out = xq + static_cast<int64_t>(r) * hidden;
+      for (int c = threadIdx.x; c < hidden / 8; c += kGatherThreads) *reinterpret_cast<uint2*>(out + 8 * c) = uint2{};
+      if (threadIdx.x == 0) x_scale[r] = 0.f;
+    }
+    return;
+  }
   const __nv_bfloat16* xr = x + t * x_stride;
   const int vecs = hidden / 8;
   float v[kGatherMaxVecs][8];
@@ -158,10 +205,12 @@ static __global__ void __launch_bounds__(kGatherThreads)
 }
 
 inline cudaError_t moe_gather_quantize(const __nv_bfloat16* x, int64_t x_stride, int64_t tokens, int hidden, int top_k,
-                                       const int32_t* row_of, uint8_t* xq, float* x_scale, cudaStream_t stream) {
+                                       const int32_t* row_of, uint8_t* xq, float* x_scale, cudaStream_t stream,
+                                       GatherPadding padding = {nullptr, nullptr, 1}, int experts = 0) {
   if (tokens == 0) return cudaSuccess;
-  moe_gather_quantize_kernel<<<static_cast<unsigned>(tokens), kGatherThreads, 0, stream>>>(x, x_stride, hidden, top_k,
-                                                                                            row_of, xq, x_scale);
+  const int64_t blocks = tokens + (padding.offsets != nullptr ? experts : 0);
+  moe_gather_quantize_kernel<<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
+      x, x_stride, tokens, hidden, top_k, row_of, xq, x_scale, padding);
   return cudaGetLastError();
 }
 
@@ -169,7 +218,8 @@ constexpr int kCombineThreads = 128;
 
 // Grid (tokens, ceil(hidden / (8 * kCombineThreads))). out[t, c] = bf16(sum_k weights[t, k] * h_scale[row]
 // * w_scale[e, c] * d[row, c]) with row = row_of[t, k], e = ids[t, k], summed in slot order in fp32:
-// deterministic, no atomics. d: [rows, hidden] bf16 (the unscaled down projection).
+// deterministic, no atomics. d: [rows, hidden] bf16 (the unscaled down projection). With w_scale null, d is the
+// weighted, scaled down projection and out[t, c] = bf16(sum_k d[row, c]) (h_scale, ids, weights unused).
 static __global__ void __launch_bounds__(kCombineThreads)
     moe_combine_kernel(const __nv_bfloat16* __restrict__ d, const float* __restrict__ h_scale,
                        const float* __restrict__ w_scale, const int32_t* __restrict__ ids,
@@ -182,10 +232,15 @@ static __global__ void __launch_bounds__(kCombineThreads)
   for (int k = 0; k < top_k; ++k) {
     const int row = row_of[t * top_k + k];
     if (row < 0) continue;
-    const int64_t e = ids[t * top_k + k];
-    const float a = weights[t * top_k + k] * h_scale[row];
     float v[8];
     load_bf16x8(d + static_cast<int64_t>(row) * hidden + c, v);
+    if (w_scale == nullptr) {  // d is already weighted and scaled (the contiguous GEMM's epilogue)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += v[i];
+      continue;
+    }
+    const int64_t e = ids[t * top_k + k];
+    const float a = weights[t * top_k + k] * h_scale[row];
     const float* ws = w_scale + e * hidden + c;
     const float4 w0 = *reinterpret_cast<const float4*>(ws);
     const float4 w1 = *reinterpret_cast<const float4*>(ws + 4);

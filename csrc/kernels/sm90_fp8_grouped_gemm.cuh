@@ -40,11 +40,17 @@ struct Fp8GroupedGemmProblem {
 // Token-tile widths we instantiate (one .cu file each, so builds parallelise).
 enum class Fp8GemmTile { kN32, kN64, kN128 };
 
-// One entry point per token-tile width (defined in csrc/ops/fp8_grouped_gemm_n*.cu).
-#define DGEMMA_DECLARE_FP8_GROUPED_GEMM(N)                                                                  \
-  size_t sm90_fp8_grouped_gemm_n##N##_scratch_bytes(int groups, int sm_count, int device);                  \
-  cudaError_t sm90_fp8_grouped_gemm_n##N(const Fp8GroupedGemmProblem& p, void* scratch, size_t scratch_bytes, \
-                                         int sm_count, int device, cudaStream_t stream);
+// Entry points per token-tile width (defined in csrc/ops/fp8_grouped_gemm_n*.cu):
+//   *_scratch_bytes   scratch of one call with `groups` groups;
+//   *_args            write the per-group arguments of p1 and, when p2 is given, of p2 (one launch);
+//   the GEMM itself   with args_ready, it uses the arguments *_args wrote into its scratch (on this stream).
+#define DGEMMA_DECLARE_FP8_GROUPED_GEMM(N)                                                                   \
+  size_t sm90_fp8_grouped_gemm_n##N##_scratch_bytes(int groups, int sm_count, int device);                   \
+  cudaError_t sm90_fp8_grouped_gemm_n##N##_args(const Fp8GroupedGemmProblem& p1, void* scratch1, size_t bytes1, \
+                                               const Fp8GroupedGemmProblem* p2, void* scratch2, size_t bytes2, \
+                                               int sm_count, int device, cudaStream_t stream);              \
+  cudaError_t sm90_fp8_grouped_gemm_n##N(const Fp8GroupedGemmProblem& p, void* scratch, size_t scratch_bytes,  \
+                                         int sm_count, int device, cudaStream_t stream, bool args_ready);
 DGEMMA_DECLARE_FP8_GROUPED_GEMM(32)
 DGEMMA_DECLARE_FP8_GROUPED_GEMM(64)
 DGEMMA_DECLARE_FP8_GROUPED_GEMM(128)
@@ -58,12 +64,30 @@ inline size_t sm90_fp8_grouped_gemm_scratch_bytes(Fp8GemmTile tile, int groups, 
   }
 }
 
-inline cudaError_t sm90_fp8_grouped_gemm(Fp8GemmTile tile, const Fp8GroupedGemmProblem& p, void* scratch,
-                                         size_t scratch_bytes, int sm_count, int device, cudaStream_t stream) {
+// Both GEMMs' arguments of a two-GEMM pipeline (an MoE layer) in one launch; run each with args_ready = true.
+inline cudaError_t sm90_fp8_grouped_gemm_args(Fp8GemmTile tile, const Fp8GroupedGemmProblem& p1, void* scratch1,
+                                              size_t bytes1, const Fp8GroupedGemmProblem* p2, void* scratch2,
+                                              size_t bytes2, int sm_count, int device, cudaStream_t stream) {
   switch (tile) {
-    case Fp8GemmTile::kN32: return sm90_fp8_grouped_gemm_n32(p, scratch, scratch_bytes, sm_count, device, stream);
-    case Fp8GemmTile::kN64: return sm90_fp8_grouped_gemm_n64(p, scratch, scratch_bytes, sm_count, device, stream);
-    default: return sm90_fp8_grouped_gemm_n128(p, scratch, scratch_bytes, sm_count, device, stream);
+    case Fp8GemmTile::kN32:
+      return sm90_fp8_grouped_gemm_n32_args(p1, scratch1, bytes1, p2, scratch2, bytes2, sm_count, device, stream);
+    case Fp8GemmTile::kN64:
+      return sm90_fp8_grouped_gemm_n64_args(p1, scratch1, bytes1, p2, scratch2, bytes2, sm_count, device, stream);
+    default:
+      return sm90_fp8_grouped_gemm_n128_args(p1, scratch1, bytes1, p2, scratch2, bytes2, sm_count, device, stream);
+  }
+}
+
+inline cudaError_t sm90_fp8_grouped_gemm(Fp8GemmTile tile, const Fp8GroupedGemmProblem& p, void* scratch,
+                                         size_t scratch_bytes, int sm_count, int device, cudaStream_t stream,
+                                         bool args_ready = false) {
+  switch (tile) {
+    case Fp8GemmTile::kN32:
+      return sm90_fp8_grouped_gemm_n32(p, scratch, scratch_bytes, sm_count, device, stream, args_ready);
+    case Fp8GemmTile::kN64:
+      return sm90_fp8_grouped_gemm_n64(p, scratch, scratch_bytes, sm_count, device, stream, args_ready);
+    default:
+      return sm90_fp8_grouped_gemm_n128(p, scratch, scratch_bytes, sm_count, device, stream, args_ready);
   }
 }
 

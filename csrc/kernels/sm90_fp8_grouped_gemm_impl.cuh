@@ -140,11 +140,9 @@ struct GroupedGemm {
   }
 };
 
-// One thread per group writes that group's CUTLASS arguments.
+// Group g's CUTLASS arguments.
 template <class G>
-__global__ void build_grouped_args_kernel(Fp8GroupedGemmProblem p, typename G::Arrays a) {
-  const int g = blockIdx.x * blockDim.x + threadIdx.x;
-  if (g >= p.groups) return;
+__device__ __forceinline__ void write_group_args(const Fp8GroupedGemmProblem& p, const typename G::Arrays& a, int g) {
   const int row_begin = p.row_offsets ? p.row_offsets[g] : 0;
   const int rows = p.row_offsets ? p.row_offsets[g + 1] - row_begin : p.rows;
   a.shapes[g] = typename G::Shape3(p.n_out, rows, p.k);
@@ -164,6 +162,16 @@ __global__ void build_grouped_args_kernel(Fp8GroupedGemmProblem p, typename G::A
   a.sd[g] = sd;
 }
 
+// One thread per group writes that group's arguments of one problem, or of two (p2.groups > 0: e.g. both GEMMs
+// of an MoE layer, whose row offsets are final before the first runs; one launch instead of two).
+template <class G>
+__global__ void build_grouped_args_kernel(Fp8GroupedGemmProblem p1, typename G::Arrays a1, Fp8GroupedGemmProblem p2,
+                                          typename G::Arrays a2) {
+  const int g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g < p1.groups) write_group_args<G>(p1, a1, g);
+  if (g < p2.groups) write_group_args<G>(p2, a2, g);
+}
+
 // Scratch bytes a call needs: argument arrays, then CUTLASS's own workspace.
 template <int TileN>
 size_t grouped_gemm_scratch_bytes(int groups, int sm_count, int device) {
@@ -174,15 +182,40 @@ size_t grouped_gemm_scratch_bytes(int groups, int sm_count, int device) {
 }
 
 template <int TileN>
+cudaError_t build_grouped_args(const Fp8GroupedGemmProblem& p1, void* scratch1, size_t bytes1,
+                               const Fp8GroupedGemmProblem* p2, void* scratch2, size_t bytes2, int sm_count, int device,
+                               cudaStream_t stream) {
+  using G = GroupedGemm<TileN>;
+  Fp8GroupedGemmProblem second;  // groups == 0: nothing to write
+  typename G::Arrays a2{};
+  if (p2 != nullptr && p2->groups > 0) {
+    if (bytes2 < grouped_gemm_scratch_bytes<TileN>(p2->groups, sm_count, device)) return cudaErrorInvalidValue;
+    second = *p2;
+    a2 = G::carve(scratch2, p2->groups);
+  }
+  if (p1.groups > 0 && bytes1 < grouped_gemm_scratch_bytes<TileN>(p1.groups, sm_count, device))
+    return cudaErrorInvalidValue;
+  const int groups = p1.groups > second.groups ? p1.groups : second.groups;
+  if (groups == 0) return cudaSuccess;
+  const typename G::Arrays a1 = p1.groups > 0 ? G::carve(scratch1, p1.groups) : typename G::Arrays{};
+  build_grouped_args_kernel<G><<<(groups + 127) / 128, 128, 0, stream>>>(p1, a1, second, a2);
+  return cudaGetLastError();
+}
+
+// args_ready: the arrays in `scratch` were written for `p` by build_grouped_args (on this stream, after the row
+// offsets they read were final); otherwise they are written here first.
+template <int TileN>
 cudaError_t grouped_gemm(const Fp8GroupedGemmProblem& p, void* scratch, size_t scratch_bytes, int sm_count,
-                         int device, cudaStream_t stream) {
+                         int device, cudaStream_t stream, bool args_ready) {
   using G = GroupedGemm<TileN>;
   if (p.groups == 0) return cudaSuccess;
   if (scratch_bytes < grouped_gemm_scratch_bytes<TileN>(p.groups, sm_count, device)) return cudaErrorInvalidValue;
+  if (!args_ready) {
+    const cudaError_t err =
+        build_grouped_args<TileN>(p, scratch, scratch_bytes, nullptr, nullptr, 0, sm_count, device, stream);
+    if (err != cudaSuccess) return err;
+  }
   typename G::Arrays a = G::carve(scratch, p.groups);
-  build_grouped_args_kernel<G><<<(p.groups + 127) / 128, 128, 0, stream>>>(p, a);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
   auto args = G::arguments(a, p.groups, sm_count, device);
   void* workspace = static_cast<char*>(scratch) + G::arrays_bytes(p.groups);
   typename G::Gemm gemm;

@@ -7,9 +7,15 @@ size_t sm90_fp8_grouped_gemm_n64_scratch_bytes(int groups, int sm_count, int dev
   return sm90_fp8::grouped_gemm_scratch_bytes<64>(groups, sm_count, device);
 }
 
+cudaError_t sm90_fp8_grouped_gemm_n64_args(const Fp8GroupedGemmProblem& p1, void* scratch1, size_t bytes1,
+                                          const Fp8GroupedGemmProblem* p2, void* scratch2, size_t bytes2,
+                                          int sm_count, int device, cudaStream_t stream) {
+  return sm90_fp8::build_grouped_args<64>(p1, scratch1, bytes1, p2, scratch2, bytes2, sm_count, device, stream);
+}
+
 cudaError_t sm90_fp8_grouped_gemm_n64(const Fp8GroupedGemmProblem& p, void* scratch, size_t scratch_bytes,
-                                      int sm_count, int device, cudaStream_t stream) {
-  return sm90_fp8::grouped_gemm<64>(p, scratch, scratch_bytes, sm_count, device, stream);
+                                      int sm_count, int device, cudaStream_t stream, bool args_ready) {
+  return sm90_fp8::grouped_gemm<64>(p, scratch, scratch_bytes, sm_count, device, stream, args_ready);
 }
 
 }  // namespace dgemma::kernels

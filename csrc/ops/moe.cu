@@ -1,5 +1,9 @@
-// Launchers: router, dispatch plan and the FP8 MoE layer
-//   plan -> gather+quantise -> grouped GEMM gate_up -> gelu·up+quantise -> grouped GEMM down -> combine.
+// Launchers: router, dispatch plan and the FP8 MoE layer. Two pipelines:
+//   contiguous (default): padded plan -> gather+quantise -> expert GEMM gate_up (scales in its epilogue) ->
+//     gelu·up+quantise (routing weight folded into the row scale) -> expert GEMM down (scales and routing weight in
+//     its epilogue) -> combine (a plain sum per token): 6 launches, one persistent kernel per GEMM for all experts.
+//   pointer-array (contiguous = false): plan -> gather+quantise -> both GEMMs' arguments -> grouped GEMM gate_up ->
+//     gelu·up+quantise -> grouped GEMM down -> combine (7 launches); CUTLASS's per-expert descriptors.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -10,6 +14,7 @@
 #include "kernels/moe_dispatch.cuh"
 #include "kernels/moe_route.cuh"
 #include "kernels/sm90_fp8_grouped_gemm.cuh"
+#include "kernels/sm90_moe_grouped_gemm.cuh"
 #include "ops/moe.h"
 #include "ops/moe_checks.h"
 
@@ -98,6 +103,66 @@ MoeBuffers moe_buffers(void* base, int64_t tokens, int top_k, int hidden, int in
   return b;
 }
 
+// The contiguous pipeline's intermediates: rows_cap = routed rows + each expert's worst padding, in whole tiles.
+struct ContiguousBuffers {
+  int tile, rows_cap;
+  int32_t* offsets;
+  int32_t* row_of;
+  int32_t* row_expert;
+  int32_t* row_src;
+  int32_t* tile_expert;
+  int32_t* num_tiles;
+  uint8_t* xq;
+  float* x_scale;
+  __nv_bfloat16* gate_up;
+  uint8_t* hq;
+  float* h_scale;
+  __nv_bfloat16* down;
+  void* gemm;
+  size_t gemm_bytes, total;
+};
+
+ContiguousBuffers contiguous_buffers(void* base, int64_t tokens, int top_k, int hidden, int inter, int experts,
+                                     int sms, int device) {
+  ContiguousBuffers b;
+  const int64_t routed = tokens * top_k;
+  b.tile = kernels::choose_moe_gemm_tile(routed, experts);
+  const int64_t cap = (routed + static_cast<int64_t>(experts) * (b.tile - 1) + b.tile - 1) / b.tile * b.tile;
+  if (cap >= (int64_t(1) << 31) / (2 * inter > hidden ? 2 * inter : hidden))
+    ::dgemma::throw_invalid("moe_fp8: " + std::to_string(tokens) + " tokens x top_k " + std::to_string(top_k) +
+                            " routed rows exceed the contiguous pipeline's 32-bit row addressing");
+  b.rows_cap = static_cast<int>(cap);
+  const size_t rows = static_cast<size_t>(cap);
+  Carver c(base);
+  b.offsets = c.take<int32_t>(experts + 1);
+  b.row_of = c.take<int32_t>(static_cast<size_t>(routed));
+  b.row_expert = c.take<int32_t>(rows);
+  b.row_src = c.take<int32_t>(rows);
+  b.tile_expert = c.take<int32_t>(rows / b.tile);
+  b.num_tiles = c.take<int32_t>(1);
+  b.xq = c.take<uint8_t>(rows * hidden);
+  b.x_scale = c.take<float>(rows);
+  b.gate_up = c.take<__nv_bfloat16>(rows * 2 * inter);
+  b.hq = c.take<uint8_t>(rows * inter);
+  b.h_scale = c.take<float>(rows);
+  b.down = c.take<__nv_bfloat16>(rows * hidden);
+  kernels::MoeGemmProblem p;
+  p.experts = experts;
+  p.rows_cap = b.rows_cap;
+  p.n_out = 2 * inter;
+  p.k = hidden;
+  p.ldo = 2 * inter;
+  size_t g = kernels::sm90_moe_gemm_workspace_bytes(b.tile, p, sms, device);
+  p.n_out = hidden;
+  p.k = inter;
+  p.ldo = hidden;
+  g = std::max(g, kernels::sm90_moe_gemm_workspace_bytes(b.tile, p, sms, device));
+  b.gemm_bytes = g;
+  b.gemm = c.take<uint8_t>(g);
+  b.total = c.used();
+  return b;
+}
+
 // The router tile: DGEMMA_ROUTE_TILE="<tokens>x<warps>" (one of kernels::kRouteTiles; read once), for sweeps.
 int route_tile() {
   static const int tile = [] {
@@ -162,32 +227,55 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
 }
 
 void moe_plan(const TensorArg& ids, int experts, const TensorArg& offsets, const TensorArg& row_of,
-              const TensorArg& row_expert, std::uintptr_t stream) {
+              const TensorArg& row_expert, std::uintptr_t stream, int pad, const TensorArg* row_src,
+              const TensorArg* tile_expert, const TensorArg* num_tiles) {
   check_ids(ids, ids);
   check_experts(experts);
+  if (pad < 1 || pad > 1024)
+    ::dgemma::throw_invalid("pad is " + std::to_string(pad) + ", expected 1..1024");
+  // Padded rows: the routed rows plus at most pad - 1 per expert.
+  const int64_t rows = ids.numel() + static_cast<int64_t>(experts) * (pad - 1);
+  if (rows >= (int64_t(1) << 31))
+    ::dgemma::throw_invalid(ids.name + " has " + std::to_string(ids.numel()) + " entries: with pad " +
+                            std::to_string(pad) + " the padded rows exceed 2^31");
   check_vector(offsets, DType::kInt32, experts + 1, "experts + 1", ids);
   check_same_device(ids, row_of);
   check_matrix(row_of, DType::kInt32, ids.shape[0], ids.shape[1], "tokens", "top_k");
-  check_vector(row_expert, DType::kInt32, ids.numel(), "tokens * top_k", ids);
+  if (pad == 1) {
+    check_vector(row_expert, DType::kInt32, ids.numel(), "tokens * top_k", ids);
+    if (row_src != nullptr || tile_expert != nullptr || num_tiles != nullptr)
+      ::dgemma::throw_invalid("row_src, tile_expert and num_tiles are outputs of a padded plan (pad > 1)");
+  } else {
+    check_vector(row_expert, DType::kInt32, rows, "tokens * top_k + experts * (pad - 1)", ids);
+    if (row_src == nullptr || tile_expert == nullptr || num_tiles == nullptr)
+      ::dgemma::throw_invalid("a padded plan (pad > 1) writes row_src, tile_expert and num_tiles: pass all three");
+    check_vector(*row_src, DType::kInt32, rows, "tokens * top_k + experts * (pad - 1)", ids);
+    check_vector(*tile_expert, DType::kInt32, (rows + pad - 1) / pad, "ceil(padded rows / pad)", ids);
+    check_vector(*num_tiles, DType::kInt32, 1, "1", ids);
+  }
   throw_if_failed(cudaSetDevice(ids.device), "cudaSetDevice");
+  auto data = [](const TensorArg* t) { return t != nullptr ? static_cast<int32_t*>(t->data) : nullptr; };
   throw_if_failed(kernels::moe_plan(static_cast<const int32_t*>(ids.data), static_cast<int>(ids.shape[0]),
                                     static_cast<int>(ids.shape[1]), experts, static_cast<int32_t*>(offsets.data),
                                     static_cast<int32_t*>(row_of.data), static_cast<int32_t*>(row_expert.data),
-                                    reinterpret_cast<cudaStream_t>(stream)),
+                                    reinterpret_cast<cudaStream_t>(stream), pad, data(row_src), data(tile_expert),
+                                    data(num_tiles)),
                   "moe_plan launch");
 }
 
-size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter, int experts, int device) {
+size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter, int experts, int device,
+                               bool contiguous) {
   if (tokens < 0 || top_k < 1 || hidden < 1 || inter < 1 || experts < 1)
     ::dgemma::throw_invalid("moe_fp8_workspace_bytes: sizes must be positive (tokens may be 0)");
+  const int sms = moe_detail::sm_count(device);
+  if (contiguous) return contiguous_buffers(nullptr, tokens, top_k, hidden, inter, experts, sms, device).total;
   const auto tile = kernels::choose_fp8_gemm_tile(tokens * top_k, experts, false);
-  return moe_buffers(nullptr, tokens, top_k, hidden, inter, experts, tile, moe_detail::sm_count(device), device)
-      .total;
+  return moe_buffers(nullptr, tokens, top_k, hidden, inter, experts, tile, sms, device).total;
 }
 
 void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights, const TensorArg& gate_up_q,
              const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg& out,
-             const TensorArg& workspace, std::uintptr_t stream) {
+             const TensorArg& workspace, std::uintptr_t stream, bool contiguous) {
   check_matrix(x, DType::kBFloat16, -1, -1, "tokens", "hidden");
   const int64_t tokens = x.shape[0], hidden = x.shape[1];
   check_ids(ids, x);
@@ -225,6 +313,53 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
   const int sms = moe_detail::sm_count(x.device);
   const int E = static_cast<int>(experts), H = static_cast<int>(hidden), I = static_cast<int>(inter);
+  if (contiguous) {
+    moe_detail::check_workspace(workspace, contiguous_buffers(nullptr, tokens, top_k, H, I, E, sms, x.device).total,
+                                x.device);
+    if (tokens == 0) return;
+    const ContiguousBuffers b = contiguous_buffers(workspace.data, tokens, top_k, H, I, E, sms, x.device);
+    auto s = reinterpret_cast<cudaStream_t>(stream);
+    const auto* idp = static_cast<const int32_t*>(ids.data);
+    throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E, b.offsets, b.row_of, b.row_expert, s,
+                                      b.tile, b.row_src, b.tile_expert, b.num_tiles),
+                    "moe_plan launch");
+    throw_if_failed(kernels::moe_gather_quantize(static_cast<const __nv_bfloat16*>(x.data), hidden, tokens, H, top_k,
+                                                 b.row_of, b.xq, b.x_scale, s, {b.offsets, b.row_src, b.tile}, E),
+                    "moe_gather_quantize launch");
+    kernels::MoeGemmProblem g1;
+    g1.experts = E;
+    g1.n_out = 2 * I;
+    g1.k = H;
+    g1.w = static_cast<const uint8_t*>(gate_up_q.data);
+    g1.w_scale = static_cast<const float*>(gate_up_scale.data);
+    g1.x = b.xq;
+    g1.row_scale = b.x_scale;
+    g1.rows_cap = b.rows_cap;
+    g1.tile_expert = b.tile_expert;
+    g1.num_tiles = b.num_tiles;
+    g1.out = b.gate_up;
+    g1.ldo = two_inter;
+    throw_if_failed(kernels::sm90_moe_gemm(b.tile, g1, b.gemm, b.gemm_bytes, sms, x.device, s), "expert GEMM gate_up");
+    kernels::GeluUpScales prescaled{nullptr, nullptr, 0, nullptr, b.offsets + E};
+    prescaled.row_src = b.row_src;
+    prescaled.row_weight = static_cast<const float*>(weights.data);
+    throw_if_failed(kernels::gelu_up_quantize(b.gate_up, nullptr, b.rows_cap, I, prescaled, b.hq, b.h_scale, s),
+                    "gelu_up_quantize launch");
+    kernels::MoeGemmProblem g2 = g1;
+    g2.n_out = H;
+    g2.k = I;
+    g2.w = static_cast<const uint8_t*>(down_q.data);
+    g2.w_scale = static_cast<const float*>(down_scale.data);
+    g2.x = b.hq;
+    g2.row_scale = b.h_scale;
+    g2.out = b.down;
+    g2.ldo = hidden;
+    throw_if_failed(kernels::sm90_moe_gemm(b.tile, g2, b.gemm, b.gemm_bytes, sms, x.device, s), "expert GEMM down");
+    throw_if_failed(kernels::moe_combine(b.down, nullptr, nullptr, idp, nullptr, b.row_of, tokens, H, top_k,
+                                         static_cast<__nv_bfloat16*>(out.data), hidden, s),
+                    "moe_combine launch");
+    return;
+  }
   const auto tile = kernels::choose_fp8_gemm_tile(tokens * top_k, E, false);
   const MoeBuffers need = moe_buffers(nullptr, tokens, top_k, H, I, E, tile, sms, x.device);
   moe_detail::check_workspace(workspace, need.total, x.device);
@@ -250,14 +385,6 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   g1.rows = static_cast<int>(tokens * top_k);
   g1.out = b.gate_up;
   g1.ldo = two_inter;
-  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, g1, b.gemm1, b.gemm1_bytes, sms, x.device, s),
-                  "grouped GEMM gate_up");
-
-  const auto* gus = static_cast<const float*>(gate_up_scale.data);
-  const kernels::GeluUpScales scales{gus, gus + I, two_inter, b.row_expert, b.offsets + E};
-  throw_if_failed(kernels::gelu_up_quantize(b.gate_up, b.x_scale, tokens * top_k, I, scales, b.hq, b.h_scale, s),
-                  "gelu_up_quantize launch");
-
   kernels::Fp8GroupedGemmProblem g2 = g1;
   g2.n_out = H;
   g2.k = I;
@@ -266,7 +393,18 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   g2.activations = b.hq;
   g2.out = b.down;
   g2.ldo = hidden;
-  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, g2, b.gemm2, b.gemm2_bytes, sms, x.device, s),
+  // Both GEMMs' per-expert arguments in one launch: the row offsets they read are final after the plan.
+  throw_if_failed(kernels::sm90_fp8_grouped_gemm_args(tile, g1, b.gemm1, b.gemm1_bytes, &g2, b.gemm2, b.gemm2_bytes,
+                                                      sms, x.device, s),
+                  "grouped GEMM arguments");
+  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, g1, b.gemm1, b.gemm1_bytes, sms, x.device, s, true),
+                  "grouped GEMM gate_up");
+
+  const auto* gus = static_cast<const float*>(gate_up_scale.data);
+  const kernels::GeluUpScales scales{gus, gus + I, two_inter, b.row_expert, b.offsets + E};
+  throw_if_failed(kernels::gelu_up_quantize(b.gate_up, b.x_scale, tokens * top_k, I, scales, b.hq, b.h_scale, s),
+                  "gelu_up_quantize launch");
+  throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, g2, b.gemm2, b.gemm2_bytes, sms, x.device, s, true),
                   "grouped GEMM down");
 
   throw_if_failed(kernels::moe_combine(b.down, b.h_scale, static_cast<const float*>(down_scale.data), idp,

@@ -17,20 +17,26 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
 
 // Dispatch plan of ids [tokens, top_k] int32: offsets [experts + 1], row_of [tokens, top_k] and
 // row_expert [tokens * top_k], all int32 (see kernels/moe_dispatch.cuh for the order).
+// With pad > 1 each expert's rows are padded to a multiple of pad (kernels/moe_dispatch.cuh): row_expert and row_src
+// [tokens * top_k + experts * (pad - 1)], tile_expert [ceil(that / pad)] and num_tiles [1] are then written too.
 void moe_plan(const TensorArg& ids, int experts, const TensorArg& offsets, const TensorArg& row_of,
-              const TensorArg& row_expert, std::uintptr_t stream);
+              const TensorArg& row_expert, std::uintptr_t stream, int pad = 1, const TensorArg* row_src = nullptr,
+              const TensorArg* tile_expert = nullptr, const TensorArg* num_tiles = nullptr);
 
 // Bytes of the uint8 workspace moe_fp8 needs for these sizes on `device`.
-size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter, int experts, int device);
+size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter, int experts, int device,
+                               bool contiguous = true);
 
 // Routed experts in FP8: out [tokens, hidden] bf16 = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]).
 // x [tokens, hidden] bf16; ids [tokens, top_k] int32; weights [tokens, top_k] fp32;
 // gate_up_q [experts, 2 * inter, hidden] float8_e4m3fn + gate_up_scale [experts, 2 * inter] fp32 (gate rows
 // first); down_q [experts, hidden, inter] + down_scale [experts, hidden]; workspace uint8 of at least
-// moe_fp8_workspace_bytes(...). Activations are quantised per token inside the pipeline.
+// moe_fp8_workspace_bytes(..., contiguous). Activations are quantised per token inside the pipeline.
+// contiguous: one persistent GEMM per projection over a tile-padded expert-sorted layout (default); false: CUTLASS's
+// pointer-array grouped GEMM (kept for comparison and triage).
 void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights, const TensorArg& gate_up_q,
              const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg& out,
-             const TensorArg& workspace, std::uintptr_t stream);
+             const TensorArg& workspace, std::uintptr_t stream, bool contiguous = true);
 
 // Per-row FP8 quantisation: x [rows, cols] bf16 -> q [rows, cols] float8_e4m3fn, scale [rows] fp32.
 void fp8_quantize_rows(const TensorArg& x, const TensorArg& q, const TensorArg& scale, std::uintptr_t stream);

@@ -41,24 +41,34 @@ void register_moe(py::module_& m) {
   m.def(
       "moe_plan",
       [](py::handle ids, int experts, py::handle offsets, py::handle row_of, py::handle row_expert,
-         std::uintptr_t stream) {
+         std::uintptr_t stream, int pad, py::handle row_src, py::handle tile_expert, py::handle num_tiles) {
+        TensorArg row_src_slot, tile_expert_slot, num_tiles_slot;
         moe_plan(to_arg(ids, "ids"), experts, to_arg(offsets, "offsets"), to_arg(row_of, "row_of"),
-                 to_arg(row_expert, "row_expert"), stream);
+                 to_arg(row_expert, "row_expert"), stream, pad, optional_arg(row_src, "row_src", row_src_slot),
+                 optional_arg(tile_expert, "tile_expert", tile_expert_slot),
+                 optional_arg(num_tiles, "num_tiles", num_tiles_slot));
       },
       py::arg("ids"), py::arg("experts"), py::arg("offsets"), py::arg("row_of"), py::arg("row_expert"),
-      py::arg("stream"));
+      py::arg("stream"), py::arg("pad") = 1, py::arg("row_src") = py::none(), py::arg("tile_expert") = py::none(),
+      py::arg("num_tiles") = py::none(),
+      "The MoE dispatch plan (kernels/moe_dispatch.cuh); pad > 1 pads each expert's rows to whole tiles and also "
+      "writes row_src, tile_expert and num_tiles.");
   m.def("moe_fp8_workspace_bytes", &moe_fp8_workspace_bytes, py::arg("tokens"), py::arg("top_k"), py::arg("hidden"),
-        py::arg("inter"), py::arg("experts"), py::arg("device"));
+        py::arg("inter"), py::arg("experts"), py::arg("device"), py::arg("contiguous") = true);
   m.def(
       "moe_fp8",
       [](py::handle x, py::handle ids, py::handle weights, py::handle gate_up_q, py::handle gate_up_scale,
-         py::handle down_q, py::handle down_scale, py::handle out, py::handle workspace, std::uintptr_t stream) {
+         py::handle down_q, py::handle down_scale, py::handle out, py::handle workspace, std::uintptr_t stream,
+         bool contiguous) {
         moe_fp8(to_arg(x, "x"), to_arg(ids, "ids"), to_arg(weights, "weights"), to_arg(gate_up_q, "gate_up.q"),
                 to_arg(gate_up_scale, "gate_up.scale"), to_arg(down_q, "down.q"), to_arg(down_scale, "down.scale"),
-                to_arg(out, "out"), to_arg(workspace, "workspace"), stream);
+                to_arg(out, "out"), to_arg(workspace, "workspace"), stream, contiguous);
       },
       py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("gate_up_q"), py::arg("gate_up_scale"),
-      py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+      py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
+      py::arg("contiguous") = true,
+      "Routed experts in FP8. contiguous: one persistent GEMM per projection over a tile-padded layout (default); "
+      "False: the pointer-array grouped GEMM.");
   m.def(
       "fp8_quantize_rows",
       [](py::handle x, py::handle q, py::handle scale, std::uintptr_t stream) {
@@ -110,19 +120,25 @@ void register_moe(py::module_& m) {
       py::arg("x"), py::arg("scale"), py::arg("proj"), py::arg("expert_scale"), py::arg("top_k"), py::arg("eps"),
       py::arg("weights"), py::arg("ids"), py::arg("stream"));
   m.def(
-      "moe_plan", [](py::handle, int, py::handle, py::handle, py::handle, std::uintptr_t) { cuda_unavailable("moe_plan"); },
+      "moe_plan",
+      [](py::handle, int, py::handle, py::handle, py::handle, std::uintptr_t, int, py::handle, py::handle, py::handle) {
+        cuda_unavailable("moe_plan");
+      },
       py::arg("ids"), py::arg("experts"), py::arg("offsets"), py::arg("row_of"), py::arg("row_expert"),
-      py::arg("stream"));
+      py::arg("stream"), py::arg("pad") = 1, py::arg("row_src") = py::none(), py::arg("tile_expert") = py::none(),
+      py::arg("num_tiles") = py::none());
   m.def(
       "moe_fp8_workspace_bytes",
-      [](int64_t, int, int, int, int, int) -> size_t { cuda_unavailable("moe_fp8_workspace_bytes"); }, py::arg("tokens"),
-      py::arg("top_k"), py::arg("hidden"), py::arg("inter"), py::arg("experts"), py::arg("device"));
+      [](int64_t, int, int, int, int, int, bool) -> size_t { cuda_unavailable("moe_fp8_workspace_bytes"); },
+      py::arg("tokens"), py::arg("top_k"), py::arg("hidden"), py::arg("inter"), py::arg("experts"), py::arg("device"),
+      py::arg("contiguous") = true);
   m.def(
       "moe_fp8",
       [](py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
-         std::uintptr_t) { cuda_unavailable("moe_fp8"); },
+         std::uintptr_t, bool) { cuda_unavailable("moe_fp8"); },
       py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("gate_up_q"), py::arg("gate_up_scale"),
-      py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"));
+      py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
+      py::arg("contiguous") = true);
   m.def(
       "fp8_quantize_rows", [](py::handle, py::handle, py::handle, std::uintptr_t) { cuda_unavailable("fp8_quantize_rows"); },
       py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("stream"));

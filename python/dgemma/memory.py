@@ -54,7 +54,14 @@ def step_workspace_bytes(cfg: ModelConfig, batch: int, context: int, dtype: torc
     widest = max(cfg.intermediate_size * 2, cfg.num_heads * max(s.head_dim for s in cfg.layers), cfg.hidden_size)
     activations = 6 * tokens * widest * item
     scores = batch * cfg.num_heads * cfg.canvas_length * (context + cfg.canvas_length) * 4
-    moe = tokens * cfg.top_k * (2 * cfg.moe_intermediate_size + cfg.hidden_size) * item
+    # The MoE's routed rows, each expert's padded to whole GEMM tiles (csrc/ops/moe.cu, contiguous pipeline): FP8
+    # input, bf16 gate/up, FP8 intermediate, bf16 down projection, and a few scales and indices per row.
+    routed = tokens * cfg.top_k
+    per_expert = routed // max(cfg.num_experts, 1)
+    tile = 32 if per_expert <= 24 else 64 if per_expert <= 96 else 128
+    rows = routed + cfg.num_experts * (tile - 1)
+    i, h = cfg.moe_intermediate_size, cfg.hidden_size
+    moe = rows * (h + 4 * i + i + 2 * h + 24)
     logits = 0 if fused_vocab_head else 4 * tokens * cfg.vocab_size * 4
     return activations + scores + moe + logits
 

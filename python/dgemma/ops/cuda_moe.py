@@ -52,7 +52,7 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     return ws
 
 
-def plan_dispatch(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def plan_dispatch(ids: torch.Tensor, num_experts: int, pad: int = 1):
     """Reference of the device dispatch plan (any device, int32 outputs).
 
     Routed rows are grouped by expert in ascending id; inside an expert they keep the slot-major order
@@ -63,6 +63,10 @@ def plan_dispatch(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
         offsets ``[E + 1]``: expert e owns sorted rows ``offsets[e] .. offsets[e+1]-1``;
         row_of ``[N, k]``: the sorted row of (token, slot), or -1;
         row_expert ``[offsets[E]]``: the expert of each sorted row.
+        With ``pad > 1`` (the contiguous expert GEMM's tiles) each expert's rows are padded to a multiple of pad
+        (offsets are the padded starts, padding rows follow the real ones) and two more are returned:
+        row_src ``[offsets[E]]`` (token * k + slot of each row, -1 for padding) and tile_expert
+        ``[offsets[E] / pad]`` (the expert of each tile); the tile count is ``offsets[E] / pad``.
     """
     n, k = ids.shape
     flat = ids.t().reshape(-1).long()
@@ -70,14 +74,29 @@ def plan_dispatch(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     key = torch.where(valid, flat, torch.full_like(flat, num_experts))
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(flat[valid], minlength=num_experts)
+    padded = (counts + pad - 1) // pad * pad
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    offsets[1:] = torch.cumsum(padded, 0)
+    dense_start = torch.zeros_like(offsets)
+    dense_start[1:] = torch.cumsum(counts, 0)
+    sorted_expert = flat[order]
+    rank = torch.arange(flat.numel(), device=ids.device)
+    # Position in the padded layout: the expert's padded start + the rank inside the expert.
+    in_expert = rank - dense_start[sorted_expert.clamp(max=num_experts - 1)]
+    target = torch.where(key[order] < num_experts, offsets[sorted_expert.clamp(max=num_experts - 1)] + in_expert, -1)
     row = torch.empty_like(flat)
-    row[order] = torch.arange(flat.numel(), device=ids.device)
-    row = torch.where(valid, row, torch.full_like(row, -1))
+    row[order] = target
     row_of = row.view(k, n).t().contiguous()
-    row_expert = flat[order][: int(offsets[-1])]
-    return offsets.int(), row_of.int(), row_expert.int()
+    total = int(offsets[-1])
+    row_expert = torch.repeat_interleave(torch.arange(num_experts, device=ids.device), padded)[:total]
+    if pad == 1:
+        return offsets.int(), row_of.int(), row_expert.int()
+    src = (torch.arange(flat.numel(), device=ids.device) % n) * k + torch.arange(flat.numel(), device=ids.device) // n
+    row_src = torch.full((total,), -1, dtype=torch.int64, device=ids.device)
+    kept = row >= 0
+    row_src[row[kept]] = src[kept]
+    tile_expert = torch.repeat_interleave(torch.arange(num_experts, device=ids.device), padded // pad)
+    return offsets.int(), row_of.int(), row_expert.int(), row_src.int(), tile_expert.int()
 
 
 def route(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, expert_scale: torch.Tensor, top_k: int,
@@ -100,13 +119,24 @@ def route(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, expert_scale
 
 
 def plan(ids: torch.Tensor, num_experts: int, *,
-         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, pad: int = 1):
     """The device dispatch plan of int32 ``ids`` ``[N, k]``: (offsets ``[E+1]``, row_of ``[N, k]``,
     row_expert ``[N*k]``), all int32, computed without a host synchronisation. Entries of row_expert
     past ``offsets[E]`` are left unwritten (undefined unless ``out`` was filled beforehand). See
-    :func:`plan_dispatch` for the order. ``out``: optional preallocated (offsets, row_of, row_expert)."""
+    :func:`plan_dispatch` for the order. ``out``: optional preallocated (offsets, row_of, row_expert).
+    With ``pad > 1``: (offsets, row_of, row_expert, row_src, tile_expert, num_tiles) of the padded plan, row_expert
+    and row_src sized for the worst padding (``N*k + E*(pad-1)`` rows; entries past ``offsets[E]`` unwritten)."""
     lib = _ext.require_cuda()
+    if pad > 1:
+        rows = ids.numel() + num_experts * (pad - 1)
+        t = [torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device),
+             torch.empty(ids.shape, dtype=torch.int32, device=ids.device),
+             torch.empty(rows, dtype=torch.int32, device=ids.device),
+             torch.empty(rows, dtype=torch.int32, device=ids.device),
+             torch.empty((rows + pad - 1) // pad, dtype=torch.int32, device=ids.device),
+             torch.empty(1, dtype=torch.int32, device=ids.device)]
+        lib.moe_plan(ids, int(num_experts), t[0], t[1], t[2], _stream(ids.device), int(pad), t[3], t[4], t[5])
+        return tuple(t)
     if out is None:
         offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
         row_of = torch.empty(ids.shape, dtype=torch.int32, device=ids.device)
@@ -118,7 +148,7 @@ def plan(ids: torch.Tensor, num_experts: int, *,
 
 
 def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight, down: Fp8Weight, *,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, contiguous: bool | None = None) -> torch.Tensor:
     """Routed experts with FP8 weights: ``sum_k weights[n,k] * down_e(gelu_tanh(gate_e x) * up_e x)``.
 
     Args:
@@ -128,6 +158,9 @@ def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
         gate_up: FP8 ``[E, 2*I, hidden]`` (gate rows first) with scales ``[E, 2*I]``.
         down: FP8 ``[E, hidden, I]`` with scales ``[E, hidden]``.
         out: optional ``[N, hidden]`` bf16 output.
+        contiguous: the pipeline: True, one persistent GEMM per projection for all experts over a tile-padded
+            expert-sorted layout (scales and routing weights in the GEMM epilogues); False, CUTLASS's pointer-array
+            grouped GEMM; None (default): True unless ``DGEMMA_DISABLE_KERNELS`` names ``moe_contiguous``.
     Returns:
         ``out``; deterministic (fixed-order fp32 sums, no float atomics).
     """
@@ -138,10 +171,12 @@ def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
     weights = weights if weights.dtype == torch.float32 else weights.float()
     if out is None:
         out = torch.empty(n, hidden, dtype=torch.bfloat16, device=x.device)
+    if contiguous is None:
+        contiguous = "moe_contiguous" not in _ext.disabled_kernels()
     nbytes = _workspace_bytes("moe_fp8_workspace_bytes", n, ids.shape[1], hidden, two_i // 2, e,
-                              _device_index(x.device))
+                              _device_index(x.device), bool(contiguous))
     lib.moe_fp8(x, ids.contiguous(), weights.contiguous(), gate_up.q, gate_up.scale, down.q, down.scale, out,
-                _workspace(x.device, nbytes), _stream(x.device))
+                _workspace(x.device, nbytes), _stream(x.device), bool(contiguous))
     return out
 
 

@@ -1,0 +1,275 @@
+// CUTLASS instantiation of the MoE experts' contiguous FP8 GEMM (see sm90_moe_grouped_gemm.cuh for the contract).
+// Included only by the per-tile .cu files.
+//
+// CUTLASS's cooperative sm90 kernel (producer warp: TMA loads into a multi-stage shared-memory ring; two consumer
+// warpgroups: wgmma over halves of the 128 weight rows; TMA-store epilogue) with two changes made through its
+// extension points, not by editing it:
+//   * the problem is batched over experts, L = experts: A (weights) has the expert stride n_out*k, while the token
+//     rows B and the output D have a static zero stride in L (one descriptor each; every expert addresses the
+//     same row-sorted tensors, CuTe leaves a static stride-0 mode out of the TMA descriptor);
+//   * ContiguousScheduler hands out only (weight tile, token tile) pairs of the tokens in use, with L = the token
+//     tile's expert read from the plan's tile_expert table: each token tile is computed against its own expert's
+//     weights only. It is persistent (grid = SMs) and walks the weight tiles of one token tile on neighbouring
+//     CTAs, which then share that token tile in L2.
+// Epilogue (visitor tree): D = w_scale[e, m] * (row_scale[n] * acc), fp32, one rounding to bf16.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/gemm/kernel/tile_scheduler.hpp"
+#include "kernels/sm90_moe_grouped_gemm.cuh"
+
+namespace dgemma::kernels::sm90_moe {
+
+struct ContiguousSchedulerTag {};
+
+using PersistentSm90 = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90;
+
+struct ContiguousSchedulerArguments : PersistentSm90::Arguments {
+  const int32_t* tile_expert = nullptr;
+  const int32_t* num_tiles = nullptr;
+};
+
+struct ContiguousSchedulerParams : PersistentSm90::Params {
+  const int32_t* tile_expert = nullptr;
+  const int32_t* num_tiles = nullptr;
+  int32_t tiles_m = 1;
+};
+
+// Work tiles (weight tile m, token tile n, expert tile_expert[n]) for n < *num_tiles, in the order
+// idx = n * tiles_m + m, strided over the persistent grid.
+// NOTE: the table and count are read when a CTA starts: the kernel must not overlap the plan that writes them
+// (it is launched without programmatic dependent launch).
+class ContiguousScheduler : public PersistentSm90 {
+  using Base = PersistentSm90;
+  using BaseArguments = PersistentSm90::Arguments;
+  using BaseParams = PersistentSm90::Params;
+
+ public:
+  using WorkTileInfo = Base::WorkTileInfo;
+  using Arguments = ContiguousSchedulerArguments;
+  using Params = ContiguousSchedulerParams;
+
+  // The base scheduler's parameters for one batch (the token tiles), plus the plan's table.
+  template <class ProblemShapeMNKL, class TileShape, class ClusterShape>
+  static Params to_underlying_arguments(ProblemShapeMNKL problem_shape_mnkl, TileShape tile_shape,
+                                        ClusterShape cluster_shape, cutlass::KernelHardwareInfo const& hw_info,
+                                        Arguments const& args, void* workspace = nullptr,
+                                        const uint32_t epilogue_subtile = 1,
+                                        uint32_t ktile_start_alignment_count = 1u) {
+    const auto one_batch = cute::make_shape(cute::get<0>(problem_shape_mnkl), cute::get<1>(problem_shape_mnkl),
+                                            cute::get<2>(problem_shape_mnkl), 1);
+    Params p;
+    const BaseArguments& base_args = args;
+    static_cast<BaseParams&>(p) = Base::to_underlying_arguments(one_batch, tile_shape, cluster_shape, hw_info,
+                                                                base_args, workspace, epilogue_subtile,
+                                                                ktile_start_alignment_count);
+    p.tile_expert = args.tile_expert;
+    p.num_tiles = args.num_tiles;
+    const int m = static_cast<int>(cute::get<0>(problem_shape_mnkl));
+    p.tiles_m = (m + static_cast<int>(cute::size<0>(tile_shape)) - 1) / static_cast<int>(cute::size<0>(tile_shape));
+    return p;
+  }
+
+  template <class ProblemShape, class BlockShape, class ClusterShape>
+  static dim3 get_grid_shape(Params const& params, ProblemShape problem_shape, BlockShape cta_shape,
+                             ClusterShape cluster_shape, cutlass::KernelHardwareInfo hw_info,
+                             Arguments arguments = Arguments{}, bool truncate_by_problem_size = true) {
+    const auto one_batch = cute::make_shape(cute::get<0>(problem_shape), cute::get<1>(problem_shape),
+                                            cute::get<2>(problem_shape), 1);
+    const BaseArguments& base_args = arguments;
+    const BaseParams& base_params = params;
+    return Base::get_grid_shape(base_params, one_batch, cta_shape, cluster_shape, hw_info, base_args,
+                                truncate_by_problem_size);
+  }
+
+  CUTLASS_HOST_DEVICE ContiguousScheduler() {}
+
+  CUTLASS_DEVICE explicit ContiguousScheduler(Params const& params)
+      : Base(params), tile_expert_(params.tile_expert), num_tiles_(params.num_tiles), tiles_m_(params.tiles_m) {
+#if defined(__CUDA_ARCH__)
+    linear_idx_ = uint64_t(blockIdx.x) + uint64_t(blockIdx.y) * uint64_t(gridDim.x);
+    grid_size_ = uint64_t(gridDim.x) * uint64_t(gridDim.y) * uint64_t(gridDim.z);
+#endif
+  }
+
+  CUTLASS_DEVICE WorkTileInfo work_at(uint64_t idx) const {
+    const uint64_t n = idx / static_cast<uint64_t>(tiles_m_);
+    if (n >= static_cast<uint64_t>(*num_tiles_)) return WorkTileInfo::invalid_work_tile();
+    return {static_cast<int32_t>(idx - n * static_cast<uint64_t>(tiles_m_)), static_cast<int32_t>(n), tile_expert_[n],
+            true};
+  }
+
+  template <class ClusterShape>
+  CUTLASS_DEVICE WorkTileInfo initial_work_tile_info(ClusterShape) {
+    return work_at(linear_idx_);
+  }
+
+  CUTLASS_DEVICE WorkTileInfo get_current_work() const { return work_at(linear_idx_); }
+
+  CUTLASS_DEVICE void advance_to_next_work(uint32_t advance_count = 1) {
+    linear_idx_ += grid_size_ * uint64_t(advance_count);
+  }
+
+  CUTLASS_DEVICE bool is_last_tile(WorkTileInfo&, uint32_t advance_count = 1) const {
+    return !work_at(linear_idx_ + grid_size_ * uint64_t(advance_count)).is_valid();
+  }
+
+  CUTLASS_DEVICE auto fetch_next_work(WorkTileInfo) {
+    advance_to_next_work();
+    return cute::make_tuple(get_current_work(), true);
+  }
+
+  template <class TileSchedulerPipeline, class TileSchedulerPipelineState>
+  CUTLASS_DEVICE auto fetch_next_work(WorkTileInfo work_tile_info, TileSchedulerPipeline&,
+                                      TileSchedulerPipelineState) {
+    return fetch_next_work(work_tile_info);
+  }
+
+ private:
+  const int32_t* tile_expert_ = nullptr;
+  const int32_t* num_tiles_ = nullptr;
+  int32_t tiles_m_ = 1;
+  uint64_t linear_idx_ = 0;
+  uint64_t grid_size_ = 1;
+};
+
+}  // namespace dgemma::kernels::sm90_moe
+
+namespace cutlass::gemm::kernel::detail {
+
+template <class ArchTag, class TileShape, class ClusterShape, uint32_t SchedulerPipelineStageCount>
+struct TileSchedulerSelector<dgemma::kernels::sm90_moe::ContiguousSchedulerTag, ArchTag, TileShape, ClusterShape,
+                             SchedulerPipelineStageCount> {
+  using Scheduler = dgemma::kernels::sm90_moe::ContiguousScheduler;
+};
+
+}  // namespace cutlass::gemm::kernel::detail
+
+namespace dgemma::kernels::sm90_moe {
+
+using namespace cute;
+
+using ElementW = cutlass::float_e4m3_t;
+using ElementX = cutlass::float_e4m3_t;
+using ElementD = cutlass::bfloat16_t;
+constexpr int kAlignFp8 = 16;
+constexpr int kAlignD = 8;
+
+template <int TileN>
+struct MoeGemm {
+  using TileShape = Shape<_128, Int<TileN>, _128>;
+  using ClusterShape = Shape<_1, _1, _1>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  using StrideW = Stride<int64_t, _1, int64_t>;  // (n_out, k, expert): K-major, one expert after another
+  using StrideX = Stride<int64_t, _1, _0>;       // (rows, k, expert): the same rows for every expert
+  using StrideD = Stride<_1, int64_t, _0>;       // (n_out, rows, expert): column-major = row-major [rows, ldo]
+
+  using WScale = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>>;
+  using RowScale = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, _0>>;
+  using Acc = cutlass::epilogue::fusion::Sm90AccFetch;
+  using MulRow = cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, float, float,
+                                                        cutlass::FloatRoundStyle::round_to_nearest>;
+  using MulW = cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, ElementD, float,
+                                                      cutlass::FloatRoundStyle::round_to_nearest>;
+  using Fusion = cutlass::epilogue::fusion::Sm90EVT<MulW, WScale, cutlass::epilogue::fusion::Sm90EVT<MulRow, RowScale, Acc>>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, StrideD, kAlignD, ElementD, StrideD,
+      kAlignD, EpilogueSchedule, Fusion>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementW, StrideW, kAlignFp8, ElementX, StrideX,
+      kAlignFp8, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, ContiguousSchedulerTag>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Gemm::Arguments arguments(const MoeGemmProblem& p, int sm_count, int device) {
+    typename Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kBatched;
+    args.problem_shape = cute::make_shape(p.n_out, p.rows_cap, p.k, p.experts);
+    StrideW sw{};
+    cute::get<0>(sw) = p.k;
+    cute::get<2>(sw) = static_cast<int64_t>(p.n_out) * p.k;
+    StrideX sx{};
+    cute::get<0>(sx) = p.k;
+    StrideD sd{};
+    cute::get<1>(sd) = p.ldo;
+    args.mainloop = {reinterpret_cast<const ElementW*>(p.w), sw, reinterpret_cast<const ElementX*>(p.x), sx};
+    Stride<_1, _0, int64_t> w_scale_stride{};
+    cute::get<2>(w_scale_stride) = p.n_out;
+    // Children first: {w_scale (per expert and channel), {row_scale, acc, row multiply}, w multiply}.
+    args.epilogue.thread = {{p.w_scale, 0.f, w_scale_stride}, {{p.row_scale}, {}, {}}, {}};
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.dC = sd;
+    args.epilogue.ptr_D = reinterpret_cast<ElementD*>(p.out);
+    args.epilogue.dD = sd;
+    args.hw_info.device_id = device;
+    args.hw_info.sm_count = sm_count;
+    args.scheduler.tile_expert = p.tile_expert;
+    args.scheduler.num_tiles = p.num_tiles;
+    return args;
+  }
+};
+
+// cudaFuncSetAttribute (the kernel's dynamic shared memory) once per device, not on every call.
+template <class G>
+cudaError_t prepare_kernel(int device) {
+  static std::atomic<uint64_t> ready{0};
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (ready.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  constexpr int smem = G::Kernel::SharedStorageSize;
+  if (smem >= (48 << 10)) {
+    const cudaError_t err = cudaFuncSetAttribute(cutlass::device_kernel<typename G::Kernel>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  ready.fetch_or(bit, std::memory_order_acq_rel);
+  return cudaSuccess;
+}
+
+template <int TileN>
+size_t workspace_bytes(const MoeGemmProblem& p, int sm_count, int device) {
+  using G = MoeGemm<TileN>;
+  return G::Gemm::get_workspace_size(G::arguments(p, sm_count, device));
+}
+
+template <int TileN>
+cudaError_t run(const MoeGemmProblem& p, void* workspace, size_t bytes, int sm_count, int device,
+                cudaStream_t stream) {
+  using G = MoeGemm<TileN>;
+  if (p.rows_cap == 0 || p.experts == 0) return cudaSuccess;
+  if (p.rows_cap % TileN != 0) return cudaErrorInvalidValue;
+  auto args = G::arguments(p, sm_count, device);
+  if (bytes < G::Gemm::get_workspace_size(args)) return cudaErrorInvalidValue;
+  if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidConfiguration;
+  cudaError_t err = prepare_kernel<G>(device);
+  if (err != cudaSuccess) return err;
+  if (G::Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess)
+    return cudaErrorInvalidConfiguration;
+  typename G::Kernel::Params params = G::Kernel::to_underlying_arguments(args, workspace);
+  if (G::Gemm::run(params, stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+  return cudaGetLastError();
+}
+
+}  // namespace dgemma::kernels::sm90_moe
