@@ -672,7 +672,7 @@ def moe_fp8_table(c: Ctx) -> Table:
     nbytes = c.workspace_bytes("moe_fp8_workspace_bytes", N_TOK, TOPK, HID, MOE_I, EXP)
     t = Table("moe_fp8", dict(x=x, ids=ids, weights=weights, gate_up_q=gate_up.q, gate_up_scale=gate_up.scale,
                               down_q=down.q, down_scale=down.scale, out=c.empty(N_TOK, HID),
-                              workspace=c.empty(nbytes, dtype=U8), stream=0, contiguous=True))
+                              workspace=c.empty(nbytes, dtype=U8), stream=0, contiguous=True, norm=None, eps=1e-6))
     dev = f"expected cuda:{c.idx} (the device of x)"
     gu, dq = "gate_up.q", "down.q"
     # x: check_matrix(bf16, any shape, contiguous)
@@ -681,6 +681,11 @@ def moe_fp8_table(c: Ctx) -> Table:
     t.bad("x 3-d", f"x has shape [1, {N_TOK}, {HID}], expected 2 dimensions", x=c.empty(1, N_TOK, HID))
     t.bad("x row slice", f"x must be contiguous (shape [{N_TOK}, {HID}])", x=c.padded_rows(N_TOK, HID, 16))
     # ids: check_ids + tokens
+    # norm (the fused pre-MoE norm): a bf16 [hidden] vector on x's device, and a positive eps
+    t.bad("norm dtype", "norm has dtype float32, expected bfloat16", norm=c.empty(HID, dtype=F32))
+    t.bad("norm length", f"norm has shape [256], expected size {HID} in dimension 0 (hidden)", norm=c.empty(256))
+    t.bad("norm on the host", cuda_msg("norm"), norm=c.host(c.empty(HID)))
+    t.bad("norm eps zero", "eps must be positive, got 0.000000", norm=c.empty(HID), eps=0.0)
     t.bad("ids on the host", cuda_msg("ids"), ids=c.host(ids))
     t.bad("ids int64", "ids has dtype int64, expected int32", ids=c.empty(N_TOK, TOPK, dtype=I64))
     t.bad("ids 3-d", f"ids has shape [1, {N_TOK}, {TOPK}], expected 2 dimensions",

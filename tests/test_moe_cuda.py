@@ -409,6 +409,23 @@ def test_moe_fp8_at_prefill_size(pipeline, experts):
     assert_matches_quantized_reference(out, quantized_moe_reference(x, ids, weights, gate_up, down), what)
 
 
+def test_moe_fp8_fuses_the_pre_moe_norm_exactly(pipeline, experts):
+    """moe_fp8(x, norm=w) equals moe_fp8(rms_norm(x) * w) bit for bit (the gather normalises with the norm kernel's
+    arithmetic), and the CUDA ops' norm_moe takes that path."""
+    from dgemma.ops import cuda
+    from dgemma.ops.cuda import CudaOps
+
+    gate_up, down = experts
+    n = 300
+    x = (tokens(n, seed=61) * 4).contiguous()
+    w = (torch.rand(H, device="cuda", generator=torch.Generator(device="cuda").manual_seed(62)) + 0.5).bfloat16()
+    ids, weights = random_routing(n, seed=63)
+    fused = cuda_moe.moe_fp8(x, ids, weights, gate_up, down, norm=w, eps=1e-6).clone()
+    plain = cuda_moe.moe_fp8(cuda.rms_norm(x, w, 1e-6), ids, weights, gate_up, down)
+    assert torch.equal(fused, plain)
+    assert torch.equal(CudaOps().norm_moe(x, w, 1e-6, ids, weights, gate_up, down), plain)
+
+
 def test_moe_fp8_validates_arguments(experts):
     gate_up, down = experts
     x = tokens(4, seed=1)

@@ -1,6 +1,7 @@
 // MoE dispatch, entirely on the device (no host synchronisation; CUDA-graph safe):
 //   moe_plan:             per-expert offsets and each (token, slot)'s row in the expert-sorted order
-//   moe_gather_quantize:  per-token FP8 quantisation, written straight to the token's sorted rows
+//   moe_gather_quantize:  per-token FP8 quantisation (optionally of the token's RMSNorm), written straight to the
+//                         token's sorted rows
 //   moe_combine:          the weighted un-permute of the down projection back to token order
 // The plan can pad each expert's rows to a whole number of GEMM tiles (the contiguous expert GEMM).
 //
@@ -16,6 +17,7 @@
 
 #include "kernels/fp8_epilogue.cuh"
 #include "kernels/fp8_quant.cuh"
+#include "kernels/rms_norm.cuh"
 
 namespace dgemma::kernels {
 
@@ -156,11 +158,21 @@ struct GatherPadding {
   int pad;
 };
 
+// With apply, each token is rms_norm(x) [* weight] first (the layer's pre-MoE norm), with the arithmetic of
+// rms_norm_kernel (warp 0 reduces the row in that kernel's order), so the quantised rows equal those of the
+// norm kernel followed by this one.
+struct GatherNorm {
+  bool apply;
+  const __nv_bfloat16* weight;
+  float eps;
+};
+
 static __global__ void __launch_bounds__(kGatherThreads)
     moe_gather_quantize_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, int64_t tokens, int hidden,
                                int top_k, const int32_t* __restrict__ row_of, uint8_t* __restrict__ xq,
-                               float* __restrict__ x_scale, GatherPadding padding) {
+                               float* __restrict__ x_scale, GatherPadding padding, GatherNorm norm) {
   __shared__ float red[32];
+  __shared__ float inv_rms;
   const int64_t t = blockIdx.x;
   if (t >= tokens) {
     const int64_t e = t - tokens;
@@ -176,13 +188,25 @@ static __global__ void __launch_bounds__(kGatherThreads)
   }
   const __nv_bfloat16* xr = x + t * x_stride;
   const int vecs = hidden / 8;
+  if (norm.apply) {
+    if (threadIdx.x < 32) {
+      const float r = row_inv_rms(xr, hidden, norm.eps, threadIdx.x);
+      if (threadIdx.x == 0) inv_rms = r;
+    }
+    __syncthreads();
+  }
   float v[kGatherMaxVecs][8];
   float amax = 0.f;
 #pragma unroll
   for (int j = 0; j < kGatherMaxVecs; ++j) {
     const int c = threadIdx.x + j * kGatherThreads;
     if (c < vecs) {
-      load_bf16x8(xr + 8 * c, v[j]);
+      if (norm.apply) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[j][i] = __bfloat162float(normed(xr, norm.weight, 8 * c + i, inv_rms));
+      } else {
+        load_bf16x8(xr + 8 * c, v[j]);
+      }
 #pragma unroll
       for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[j][i]));
     }
@@ -206,11 +230,12 @@ static __global__ void __launch_bounds__(kGatherThreads)
 
 inline cudaError_t moe_gather_quantize(const __nv_bfloat16* x, int64_t x_stride, int64_t tokens, int hidden, int top_k,
                                        const int32_t* row_of, uint8_t* xq, float* x_scale, cudaStream_t stream,
-                                       GatherPadding padding = {nullptr, nullptr, 1}, int experts = 0) {
+                                       GatherPadding padding = {nullptr, nullptr, 1}, int experts = 0,
+                                       GatherNorm norm = {false, nullptr, 0.f}) {
   if (tokens == 0) return cudaSuccess;
   const int64_t blocks = tokens + (padding.offsets != nullptr ? experts : 0);
   moe_gather_quantize_kernel<<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
-      x, x_stride, tokens, hidden, top_k, row_of, xq, x_scale, padding);
+      x, x_stride, tokens, hidden, top_k, row_of, xq, x_scale, padding, norm);
   return cudaGetLastError();
 }
 

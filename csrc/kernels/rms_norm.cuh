@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
 // then quantised per row as quantize_rows_kernel does (fp8_quant.cuh): scale = max(amax(y), min) / 448,
 // q = e4m3(y / scale). Bit-identical to the two kernels in a row, without the bf16 round trip through memory.
 // q [rows, dim] is contiguous; scale [rows].
-__global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
+static __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
     rms_norm_fp8_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ weight,
                         uint8_t* __restrict__ q, float* __restrict__ scale, int64_t rows, int dim,
                         int64_t x_row_stride, float eps) {

@@ -275,9 +275,16 @@ size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter,
 
 void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights, const TensorArg& gate_up_q,
              const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg& out,
-             const TensorArg& workspace, std::uintptr_t stream, bool contiguous) {
+             const TensorArg& workspace, std::uintptr_t stream, bool contiguous, const TensorArg* norm, double eps) {
   check_matrix(x, DType::kBFloat16, -1, -1, "tokens", "hidden");
   const int64_t tokens = x.shape[0], hidden = x.shape[1];
+  if (norm != nullptr) {
+    check_vector(*norm, DType::kBFloat16, hidden, "hidden", x);
+    if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
+  }
+  const kernels::GatherNorm gather_norm{norm != nullptr,
+                                        norm != nullptr ? static_cast<const __nv_bfloat16*>(norm->data) : nullptr,
+                                        static_cast<float>(eps)};
   check_ids(ids, x);
   check_dim(ids, 0, tokens, "tokens (rows of x)");
   const int top_k = static_cast<int>(ids.shape[1]);
@@ -324,7 +331,8 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
                                       b.tile, b.row_src, b.tile_expert, b.num_tiles),
                     "moe_plan launch");
     throw_if_failed(kernels::moe_gather_quantize(static_cast<const __nv_bfloat16*>(x.data), hidden, tokens, H, top_k,
-                                                 b.row_of, b.xq, b.x_scale, s, {b.offsets, b.row_src, b.tile}, E),
+                                                 b.row_of, b.xq, b.x_scale, s, {b.offsets, b.row_src, b.tile}, E,
+                                                 gather_norm),
                     "moe_gather_quantize launch");
     kernels::MoeGemmProblem g1;
     g1.experts = E;
@@ -371,7 +379,8 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
 
   throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E, b.offsets, b.row_of, b.row_expert, s),
                   "moe_plan launch");
-  throw_if_failed(kernels::moe_gather_quantize(xp, hidden, tokens, H, top_k, b.row_of, b.xq, b.x_scale, s),
+  throw_if_failed(kernels::moe_gather_quantize(xp, hidden, tokens, H, top_k, b.row_of, b.xq, b.x_scale, s,
+                                               {nullptr, nullptr, 1}, 0, gather_norm),
                   "moe_gather_quantize launch");
 
   kernels::Fp8GroupedGemmProblem g1;

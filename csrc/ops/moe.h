@@ -34,9 +34,12 @@ size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter,
 // moe_fp8_workspace_bytes(..., contiguous). Activations are quantised per token inside the pipeline.
 // contiguous: one persistent GEMM per projection over a tile-padded expert-sorted layout (default); false: CUTLASS's
 // pointer-array grouped GEMM (kept for comparison and triage).
+// norm (bf16 [hidden], optional): the experts see rms_norm(x) * norm (epsilon eps) instead of x, normed inside the
+// gather, bit-identical to rms_norm first.
 void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights, const TensorArg& gate_up_q,
              const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg& out,
-             const TensorArg& workspace, std::uintptr_t stream, bool contiguous = true);
+             const TensorArg& workspace, std::uintptr_t stream, bool contiguous = true, const TensorArg* norm = nullptr,
+             double eps = 1e-6);
 
 // Per-row FP8 quantisation: x [rows, cols] bf16 -> q [rows, cols] float8_e4m3fn, scale [rows] fp32.
 void fp8_quantize_rows(const TensorArg& x, const TensorArg& q, const TensorArg& scale, std::uintptr_t stream);

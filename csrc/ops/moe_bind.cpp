@@ -59,16 +59,18 @@ void register_moe(py::module_& m) {
       "moe_fp8",
       [](py::handle x, py::handle ids, py::handle weights, py::handle gate_up_q, py::handle gate_up_scale,
          py::handle down_q, py::handle down_scale, py::handle out, py::handle workspace, std::uintptr_t stream,
-         bool contiguous) {
+         bool contiguous, py::handle norm, double eps) {
+        TensorArg norm_slot;
         moe_fp8(to_arg(x, "x"), to_arg(ids, "ids"), to_arg(weights, "weights"), to_arg(gate_up_q, "gate_up.q"),
                 to_arg(gate_up_scale, "gate_up.scale"), to_arg(down_q, "down.q"), to_arg(down_scale, "down.scale"),
-                to_arg(out, "out"), to_arg(workspace, "workspace"), stream, contiguous);
+                to_arg(out, "out"), to_arg(workspace, "workspace"), stream, contiguous,
+                optional_arg(norm, "norm", norm_slot), eps);
       },
       py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("gate_up_q"), py::arg("gate_up_scale"),
       py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
-      py::arg("contiguous") = true,
+      py::arg("contiguous") = true, py::arg("norm") = py::none(), py::arg("eps") = 1e-6,
       "Routed experts in FP8. contiguous: one persistent GEMM per projection over a tile-padded layout (default); "
-      "False: the pointer-array grouped GEMM.");
+      "False: the pointer-array grouped GEMM. norm: the experts see rms_norm(x) * norm (fused into the gather).");
   m.def(
       "fp8_quantize_rows",
       [](py::handle x, py::handle q, py::handle scale, std::uintptr_t stream) {
@@ -135,10 +137,10 @@ void register_moe(py::module_& m) {
   m.def(
       "moe_fp8",
       [](py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
-         std::uintptr_t, bool) { cuda_unavailable("moe_fp8"); },
+         std::uintptr_t, bool, py::handle, double) { cuda_unavailable("moe_fp8"); },
       py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("gate_up_q"), py::arg("gate_up_scale"),
       py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
-      py::arg("contiguous") = true);
+      py::arg("contiguous") = true, py::arg("norm") = py::none(), py::arg("eps") = 1e-6);
   m.def(
       "fp8_quantize_rows", [](py::handle, py::handle, py::handle, std::uintptr_t) { cuda_unavailable("fp8_quantize_rows"); },
       py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("stream"));

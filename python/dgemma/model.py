@@ -47,11 +47,8 @@ class DiffusionGemmaModel:
         mlp = ops.norm_gated_mlp(x, w.pre_ff_norm, eps, w.mlp_gate, w.mlp_up, w.mlp_down)
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = ops.route(flat, w.router_scale, w.router_proj, w.router_expert_scale, cfg.top_k, eps)
-        normed = ops.rms_norm(flat, w.pre_moe_norm, eps)
-        if independent_rows:
-            moe = ops.moe_rows(normed, ids, weights, w.experts_gate_up, w.experts_down, x.shape[1])
-        else:
-            moe = ops.moe(normed, ids, weights, w.experts_gate_up, w.experts_down)
+        moe = ops.norm_moe(flat, w.pre_moe_norm, eps, ids, weights, w.experts_gate_up, w.experts_down,
+                           x.shape[1] if independent_rows else None)
         return mlp, moe.view_as(x)
 
     def _layer(self, i: int, x: torch.Tensor, attend, scalar: torch.Tensor, independent_rows: bool = False

@@ -148,7 +148,8 @@ def plan(ids: torch.Tensor, num_experts: int, *,
 
 
 def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight, down: Fp8Weight, *,
-            out: torch.Tensor | None = None, contiguous: bool | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, contiguous: bool | None = None, norm: torch.Tensor | None = None,
+            eps: float = 1e-6) -> torch.Tensor:
     """Routed experts with FP8 weights: ``sum_k weights[n,k] * down_e(gelu_tanh(gate_e x) * up_e x)``.
 
     Args:
@@ -161,6 +162,8 @@ def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
         contiguous: the pipeline: True, one persistent GEMM per projection for all experts over a tile-padded
             expert-sorted layout (scales and routing weights in the GEMM epilogues); False, CUTLASS's pointer-array
             grouped GEMM; None (default): True unless ``DGEMMA_DISABLE_KERNELS`` names ``moe_contiguous``.
+        norm, eps: when ``norm`` (``[hidden]`` bf16) is given the experts see ``rms_norm(x) * norm`` (the layer's
+            pre-MoE norm, fused into the gather; the same values as normalising first).
     Returns:
         ``out``; deterministic (fixed-order fp32 sums, no float atomics).
     """
@@ -176,7 +179,7 @@ def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
     nbytes = _workspace_bytes("moe_fp8_workspace_bytes", n, ids.shape[1], hidden, two_i // 2, e,
                               _device_index(x.device), bool(contiguous))
     lib.moe_fp8(x, ids.contiguous(), weights.contiguous(), gate_up.q, gate_up.scale, down.q, down.scale, out,
-                _workspace(x.device, nbytes), _stream(x.device), bool(contiguous))
+                _workspace(x.device, nbytes), _stream(x.device), bool(contiguous), norm, float(eps))
     return out
 
 
@@ -309,6 +312,14 @@ class Fp8MoeOpsMixin:
         if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _kernel_ready(x):
             return moe_fp8(x.contiguous(), ids, weights, gate_up, down)
         return super().moe(x, ids, weights, gate_up, down)
+
+    def norm_moe(self, x, norm, eps, ids, weights, gate_up, down, tokens_per_row=None):
+        # The pre-MoE norm inside the experts' gather (one launch fewer, no bf16 round trip). Every routed row is
+        # computed on its own, so independent sequences (tokens_per_row) need nothing more.
+        if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _kernel_ready(x) \
+                and norm is not None and norm.dtype == torch.bfloat16 and "norm_quant" not in _ext.disabled_kernels():
+            return moe_fp8(x.contiguous(), ids, weights, gate_up, down, norm=norm, eps=eps)
+        return super().norm_moe(x, norm, eps, ids, weights, gate_up, down, tokens_per_row)
 
     def moe_rows(self, x, ids, weights, gate_up, down, tokens_per_row):
         # The kernel computes every routed row on its own (per-token scales, fixed-order sums): one call for

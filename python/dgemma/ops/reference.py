@@ -167,6 +167,15 @@ class ReferenceOps:
         return torch.cat([self.moe(x[i:i + tokens_per_row], ids[i:i + tokens_per_row], weights[i:i + tokens_per_row],
                                    gate_up, down) for i in range(0, n, tokens_per_row)])
 
+    def norm_moe(self, x: torch.Tensor, norm: torch.Tensor, eps: float, ids: torch.Tensor, weights: torch.Tensor,
+                 gate_up, down, tokens_per_row: int | None = None) -> torch.Tensor:
+        """:meth:`moe` (or, with ``tokens_per_row``, :meth:`moe_rows`) of ``rms_norm(x, norm)``: the layer's pre-MoE
+        norm and the experts as one op, so a backend can fuse the norm into the experts' input quantisation."""
+        h = self.rms_norm(x, norm, eps)
+        if tokens_per_row is None:
+            return self.moe(h, ids, weights, gate_up, down)
+        return self.moe_rows(h, ids, weights, gate_up, down, tokens_per_row)
+
     def soft_embedding(self, logits: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
         """Self-conditioning input: softmax(logits) (fp32, then table dtype) @ table * scale."""
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(table.dtype)
