@@ -125,16 +125,21 @@ void register_norm(py::module_& m) {
   m.def(
       "residual_norm",
       [](py::handle x, py::handle a, py::handle b, py::handle wa, py::handle wb, py::handle wc, py::handle scalar,
-         py::handle out, double eps, std::uintptr_t stream) {
-        TensorArg b_slot, wb_slot, wc_slot, scalar_slot;
+         py::handle out, double eps, std::uintptr_t stream, py::handle q_weight, py::handle q, py::handle q_scale) {
+        TensorArg b_slot, wb_slot, wc_slot, scalar_slot, qw_slot, q_slot, qs_slot;
         residual_norm(to_arg(x, "x"), to_arg(a, "a"), optional_arg(b, "b", b_slot), to_arg(wa, "wa"),
                       optional_arg(wb, "wb", wb_slot), optional_arg(wc, "wc", wc_slot),
-                      optional_arg(scalar, "scalar", scalar_slot), to_arg(out, "out"), eps, stream);
+                      optional_arg(scalar, "scalar", scalar_slot), to_arg(out, "out"), eps, stream,
+                      optional_arg(q_weight, "q_weight", qw_slot), optional_arg(q, "q", q_slot),
+                      optional_arg(q_scale, "q_scale", qs_slot));
       },
       py::arg("x"), py::arg("a"), py::arg("b"), py::arg("wa"), py::arg("wb"), py::arg("wc"), py::arg("scalar"),
-      py::arg("out"), py::arg("eps"), py::arg("stream"),
+      py::arg("out"), py::arg("eps"), py::arg("stream"), py::arg("q_weight") = py::none(), py::arg("q") = py::none(),
+      py::arg("q_scale") = py::none(),
       "A layer's residual update in one pass: out = x + rms_norm(a)*wa, or with b, wb, wc and scalar: "
-      "out = (x + rms_norm(rms_norm(a)*wa + rms_norm(b)*wb)*wc) * scalar (each step rounded to x's dtype).");
+      "out = (x + rms_norm(rms_norm(a)*wa + rms_norm(b)*wb)*wc) * scalar (each step rounded to x's dtype). "
+      "With q and q_scale (first form, bfloat16) it also writes the FP8 rows of rms_norm(out)*q_weight (the next "
+      "GEMM's input), as rms_norm_fp8 would.");
 }
 
 }  // namespace

@@ -261,7 +261,7 @@ def residual_norm_table(c: Ctx) -> Table:
     wa, wb, wc = ((torch.rand(512, generator=c.gen, device=c.dev) + 0.5).to(BF16) for _ in range(3))
     scalar = torch.full((1,), 0.75, dtype=BF16, device=c.dev)
     t = Table("residual_norm", dict(x=x, a=a, b=b, wa=wa, wb=wb, wc=wc, scalar=scalar, out=c.empty(6, 512),
-                                    eps=1e-6, stream=0))
+                                    eps=1e-6, stream=0, q_weight=None, q=None, q_scale=None))
     # Order of the checks in csrc/ops/rms_norm.cu (residual_norm).
     t.bad("x on the host", cuda_msg("x"), x=c.host(x))
     t.bad("x float16", "x has dtype float16, expected float32 or bfloat16", x=c.empty(6, 512, dtype=torch.float16))
@@ -286,8 +286,35 @@ def residual_norm_table(c: Ctx) -> Table:
     t.bad("scalar on the host", cuda_msg("scalar"), scalar=c.host(scalar))
     t.bad("x is None", not_tensor("x"), x=None)
     t.type_error("eps is a string", "eps='1e-6'", eps="1e-6")
+    # The quantised output of the first form (the next GEMM's input).
+    add = dict(b=None, wb=None, wc=None, scalar=None)
+    q, qs = c.empty(6, 512, dtype=FP8), c.empty(6, dtype=F32)
+    t.bad("q without q_scale", "q and q_scale must be given together (q_weight with them, or neither)", q=q)
+    t.bad("q_weight alone", "q and q_scale must be given together (q_weight with them, or neither)", q_weight=wa)
+    t.bad("q with the ffn form", "q (the quantised norm of out) is written by the add_rms_norm form only (no b)", q=q,
+          q_scale=qs)
+    t.bad("q with float32 rows", "x has dtype float32: q needs bfloat16", x=c.empty(6, 512, dtype=F32),
+          a=c.empty(6, 512, dtype=F32), wa=c.empty(512, dtype=F32), out=c.empty(6, 512, dtype=F32), q=q, q_scale=qs,
+          **add)
+    t.bad("q_weight length", "q_weight has shape [256], expected size 512 in dimension 0 (the normalised dimension)",
+          q_weight=c.empty(256), q=q, q_scale=qs, **add)
+    t.bad("q dtype", "q has dtype bfloat16, expected float8_e4m3fn", q=c.empty(6, 512), q_scale=qs, **add)
+    t.bad("q rows", "q has shape [3, 512], expected size 6 in dimension 0 (rows of x)", q=c.empty(3, 512, dtype=FP8),
+          q_scale=qs, **add)
+    t.bad("q_scale length", "q_scale has shape [5], expected size 6 in dimension 0 (rows of x)", q=q,
+          q_scale=c.empty(5, dtype=F32), **add)
+    t.bad("q on the host", cuda_msg("q"), q=c.host(q), q_scale=qs, **add)
 
     def check(_):
+        from dgemma import quant
+
+        # The first form with its quantised output: bit-identical to the reference norm then quantisation of out.
+        out, q, qs = c.empty(6, 512), c.empty(6, 512, dtype=FP8), c.empty(6, dtype=F32)
+        c.lib.residual_norm(x, a, None, wa, None, None, None, out, 1e-6, c.stream(), wb, q, qs)
+        torch.testing.assert_close(out.float(), ReferenceOps().add_rms_norm(x, a, wa, 1e-6).float(), rtol=2e-2,
+                                   atol=2e-2)
+        rq, rs = quant.quantize_rows(ReferenceOps().rms_norm(out, wb, 1e-6))
+        assert torch.equal(q.view(U8), rq.view(U8)) and torch.equal(qs, rs)
         ref = ReferenceOps().ffn_residual(x, a, b, wa, wb, wc, scalar, 1e-6)
         torch.testing.assert_close(t.base["out"].float(), ref.float(), rtol=2e-2, atol=2e-2)
 

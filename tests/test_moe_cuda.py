@@ -184,6 +184,27 @@ def test_linear_and_mlp_take_prequantised_rows(rows):
     assert_matches_quantized_reference(one, mref.gated_mlp_fp8(normed, gate, up, down), f"fused gate/up rows={rows}")
 
 
+@pytest.mark.parametrize("lead", [(1, 256), (3, 77)])
+def test_residual_mlp_writes_the_mlp_input_with_the_residual(lead):
+    """CudaOps.residual_mlp (one residual kernel that also quantises the MLP's normed input) equals the residual
+    kernel, then rms_norm_fp8, then the MLP: bit for bit."""
+    from dgemma.ops import cuda
+    from dgemma.ops.cuda import CudaOps
+
+    g = torch.Generator(device="cuda").manual_seed(lead[1])
+    x = (torch.randn(*lead, H, device="cuda", generator=g) * 3).bfloat16()
+    y = torch.randn(*lead, H, device="cuda", generator=g).bfloat16()
+    w_post, w_pre = ((torch.rand(H, device="cuda", generator=g) + 0.5).bfloat16() for _ in range(2))
+    inter = 2112
+    _, (gate, up) = quant.fuse_rows([quantize_weight((torch.randn(inter, H, device="cuda", generator=g)
+                                                      * H ** -0.5).bfloat16()) for _ in range(2)])
+    down = quantize_weight((torch.randn(H, inter, device="cuda", generator=g) * inter ** -0.5).bfloat16())
+    new_x, mlp = CudaOps().residual_mlp(x, y, w_post, 1e-6, w_pre, gate, up, down)
+    ref_x = cuda.residual_norm(x, y, w_post, 1e-6)
+    assert torch.equal(new_x, ref_x)
+    assert torch.equal(mlp, cuda_moe.gated_mlp_fp8(cuda_moe.rms_norm_fp8(ref_x, w_pre, 1e-6), gate, up, down))
+
+
 # -- router --------------------------------------------------------------------------------------
 
 

@@ -6,12 +6,14 @@
 // where norm(v) = v * (mean(v^2) + eps)^-1/2 in fp32 (the rms_norm kernel's formula). One warp per row;
 // a row is re-read from L1 in each pass (hidden 2816: ~90 elements per lane). Products and sums use the
 // _rn intrinsics so that no multiply-add is contracted past a rounding the reference makes (fp32 rows).
+// add_rms_norm can also write the FP8 input of the GEMM that follows (the dense MLP's, after its norm).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/rms_norm.cuh"
 
@@ -28,13 +30,23 @@ __device__ __forceinline__ float warp_total(float v) {
   return v;
 }
 
+// The next FP8 GEMM's input from add_rms_norm's output (bf16 only): q [rows, dim] and scale [rows] quantise
+// rms_norm(out) [* weight] exactly as rms_norm_fp8_kernel would from the stored out (same reduction order).
+template <typename T>
+struct ResidualQuant {
+  const T* weight = nullptr;
+  uint8_t* q = nullptr;  // null: no quantised output
+  float* scale = nullptr;
+};
+
 // rows x dim; every tensor's rows `dim` apart except where a stride is given. `b`, `wb`, `wc` and `scalar`
 // are null for add_rms_norm (then `a` is y and `wa` is w).
 template <typename T>
 __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
     residual_norm_kernel(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ b,
                          const T* __restrict__ wa, const T* __restrict__ wb, const T* __restrict__ wc,
-                         const T* __restrict__ scalar, T* __restrict__ out, int64_t rows, int dim, float eps) {
+                         const T* __restrict__ scalar, T* __restrict__ out, int64_t rows, int dim, float eps,
+                         ResidualQuant<T> quant) {
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRmsNormWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= rows) return;
@@ -44,9 +56,29 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   T* outr = out + off;
   const float ra = row_inv_rms(ar, dim, eps, lane);
   if (b == nullptr) {
+    float ss = 0.f;  // of the stored values, in row_inv_rms's order: the next norm's sum of squares
     for (int i = lane; i < dim; i += 32) {
       const float n = rounded<T>(__fmul_rn(__fmul_rn(to_float(ar[i]), ra), to_float(wa[i])));
-      outr[i] = from_float<T>(__fadd_rn(to_float(xr[i]), n));
+      const T o = from_float<T>(__fadd_rn(to_float(xr[i]), n));
+      outr[i] = o;
+      const float f = to_float(o);
+      ss = fmaf(f, f, ss);
+    }
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      if (quant.q != nullptr) {
+        __syncwarp();  // the row just stored, read back by the whole warp
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, offset);
+        const float inv_rms = rsqrtf(ss / static_cast<float>(dim) + eps);
+        float amax = 0.f;
+        for (int i = lane; i < dim; i += 32)
+          amax = fmaxf(amax, fabsf(__bfloat162float(normed(outr, quant.weight, i, inv_rms))));
+        const float s = fp8_scale_from_amax(warp_max(amax));
+        uint8_t* qr = quant.q + row * static_cast<int64_t>(dim);
+        for (int i = lane; i < dim; i += 32)
+          qr[i] = fp8_quantize(__bfloat162float(normed(outr, quant.weight, i, inv_rms)), s);
+        if (lane == 0) quant.scale[row] = s;
+      }
     }
     return;
   }
@@ -72,11 +104,12 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
 
 template <typename T>
 cudaError_t residual_norm(const T* x, const T* a, const T* b, const T* wa, const T* wb, const T* wc,
-                          const T* scalar, T* out, int64_t rows, int dim, float eps, cudaStream_t stream) {
+                          const T* scalar, T* out, int64_t rows, int dim, float eps, cudaStream_t stream,
+                          ResidualQuant<T> quant = {}) {
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = (rows + kRmsNormWarpsPerBlock - 1) / kRmsNormWarpsPerBlock;
   residual_norm_kernel<T><<<static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream>>>(
-      x, a, b, wa, wb, wc, scalar, out, rows, dim, eps);
+      x, a, b, wa, wb, wc, scalar, out, rows, dim, eps, quant);
   return cudaGetLastError();
 }
 

@@ -8,7 +8,8 @@ void rms_norm_fp8(const TensorArg&, const TensorArg*, const TensorArg&, const Te
   cuda_unavailable("rms_norm_fp8");
 }
 void residual_norm(const TensorArg&, const TensorArg&, const TensorArg*, const TensorArg&, const TensorArg*,
-                   const TensorArg*, const TensorArg*, const TensorArg&, double, std::uintptr_t) {
+                   const TensorArg*, const TensorArg*, const TensorArg&, double, std::uintptr_t, const TensorArg*,
+                   const TensorArg*, const TensorArg*) {
   cuda_unavailable("residual_norm");
 }
 

@@ -142,7 +142,8 @@ void check_norm_weight(const TensorArg& w, const TensorArg& x, int64_t dim) {
 
 void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, const TensorArg& wa,
                    const TensorArg* wb, const TensorArg* wc, const TensorArg* scalar, const TensorArg& out,
-                   double eps, std::uintptr_t stream) {
+                   double eps, std::uintptr_t stream, const TensorArg* q_weight, const TensorArg* q,
+                   const TensorArg* q_scale) {
   check_cuda(x);
   if (x.dtype != DType::kFloat32 && x.dtype != DType::kBFloat16)
     ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) + ", expected float32 or bfloat16");
@@ -169,14 +170,41 @@ void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, c
       ::dgemma::throw_invalid(scalar->name + " has shape " + scalar->shape_str() + ", expected one element");
   }
   const int64_t rows = x.numel() / dim;
+  if (q != nullptr || q_scale != nullptr || q_weight != nullptr) {
+    if (q == nullptr || q_scale == nullptr)
+      ::dgemma::throw_invalid("q and q_scale must be given together (q_weight with them, or neither)");
+    if (ffn) ::dgemma::throw_invalid("q (the quantised norm of out) is written by the add_rms_norm form only (no b)");
+    if (x.dtype != DType::kBFloat16)
+      ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) + ": q needs bfloat16");
+    if (q_weight != nullptr) check_norm_weight(*q_weight, x, dim);
+    check_cuda(*q);
+    check_same_device(x, *q);
+    check_dtype(*q, DType::kFloat8E4M3);
+    check_ndim(*q, 2);
+    check_dim(*q, 0, rows, "rows of x");
+    check_dim(*q, 1, dim, "the normalised dimension");
+    check_contiguous(*q);
+    check_cuda(*q_scale);
+    check_same_device(x, *q_scale);
+    check_dtype(*q_scale, DType::kFloat32);
+    check_ndim(*q_scale, 1);
+    check_dim(*q_scale, 0, rows, "rows of x");
+    check_contiguous(*q_scale);
+  }
   auto s = reinterpret_cast<cudaStream_t>(stream);
   throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
   auto launch = [&](auto tag) {
     using T = decltype(tag);
     auto p = [](const TensorArg* t) { return t != nullptr ? static_cast<const T*>(t->data) : nullptr; };
+    kernels::ResidualQuant<T> quant;
+    if (q != nullptr) {
+      quant.weight = p(q_weight);
+      quant.q = static_cast<uint8_t*>(q->data);
+      quant.scale = static_cast<float*>(q_scale->data);
+    }
     throw_if_failed(kernels::residual_norm<T>(p(&x), p(&a), p(b), p(&wa), p(wb), p(wc), p(scalar),
                                               static_cast<T*>(out.data), rows, static_cast<int>(dim),
-                                              static_cast<float>(eps), s),
+                                              static_cast<float>(eps), s, quant),
                     "residual_norm launch");
   };
   if (x.dtype == DType::kFloat32)

@@ -39,26 +39,26 @@ class DiffusionGemmaModel:
         return self.ops.norm_project_qkv(x, lw.input_norm, lw.attn, spec.head_dim, *ropes[spec.kind],
                                          self.cfg.rms_norm_eps)
 
-    def _feed_forward(self, w: LayerWeights, x: torch.Tensor, independent_rows: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(MLP(pre_ff_norm x), MoE(pre_moe_norm x, route(x))): the two branches before their post-norms.
-        ``independent_rows``: the rows of x [B, T, H] are unrelated sequences (see :meth:`denoise_hidden_rows`)."""
+    def _experts(self, w: LayerWeights, x: torch.Tensor, independent_rows: bool = False) -> torch.Tensor:
+        """MoE(pre_moe_norm x, route(x)), before its post-norm. ``independent_rows``: the rows of x [B, T, H] are
+        unrelated sequences (see :meth:`denoise_hidden_rows`)."""
         ops, eps, cfg = self.ops, self.cfg.rms_norm_eps, self.cfg
-        mlp = ops.norm_gated_mlp(x, w.pre_ff_norm, eps, w.mlp_gate, w.mlp_up, w.mlp_down)
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = ops.route(flat, w.router_scale, w.router_proj, w.router_expert_scale, cfg.top_k, eps)
         moe = ops.norm_moe(flat, w.pre_moe_norm, eps, ids, weights, w.experts_gate_up, w.experts_down,
                            x.shape[1] if independent_rows else None)
-        return mlp, moe.view_as(x)
+        return moe.view_as(x)
 
     def _layer(self, i: int, x: torch.Tensor, attend, scalar: torch.Tensor, independent_rows: bool = False
                ) -> torch.Tensor:
-        """x + post_attn_norm(o_proj(attention(x))) (``attend`` applies the input norm), then (x + post_ff_norm(post_mlp_norm(MLP) + post_moe_norm(MoE)))
-        times the layer scalar: each residual update one op (a single kernel on the CUDA backend)."""
+        """x + post_attn_norm(o_proj(attention(x))) (``attend`` applies the input norm), then (x + post_ff_norm(
+        post_mlp_norm(MLP(pre_ff_norm x)) + post_moe_norm(MoE))) times the layer scalar: each residual update one op
+        (a single kernel on the CUDA backend; the first also writes the MLP's input there)."""
         w, eps, ops = self.w.layers[i], self.cfg.rms_norm_eps, self.ops
         attn = attend(i, x)
-        x = ops.add_rms_norm(x, ops.linear(attn, w.attn.o_proj), w.post_attn_norm, eps)
-        mlp, moe = self._feed_forward(w, x, independent_rows)
+        x, mlp = ops.residual_mlp(x, ops.linear(attn, w.attn.o_proj), w.post_attn_norm, eps, w.pre_ff_norm,
+                                  w.mlp_gate, w.mlp_up, w.mlp_down)
+        moe = self._experts(w, x, independent_rows)
         return ops.ffn_residual(x, mlp, moe, w.post_mlp_norm, w.post_moe_norm, w.post_ff_norm, scalar, eps)
 
     # -- encoder -------------------------------------------------------------------------------

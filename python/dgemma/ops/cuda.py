@@ -7,9 +7,9 @@ import functools
 import torch
 
 from .. import _ext
-from ..quant import Fp8Weight, fuse_rows
+from ..quant import Fp8Rows, Fp8Weight, fuse_rows
 from . import cuda_attention, cuda_vocab_head
-from .cuda_moe import Fp8MoeOpsMixin, linear_fp8, rms_norm_fp8
+from .cuda_moe import Fp8MoeOpsMixin, gated_mlp_fp8, linear_fp8, rms_norm_fp8
 from .reference import ReferenceOps
 
 
@@ -32,7 +32,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, out: t
     return out
 
 
-def residual_norm(x, a, wa, eps, b=None, wb=None, wc=None, scalar=None) -> torch.Tensor:
+def residual_norm(x, a, wa, eps, b=None, wb=None, wc=None, scalar=None):
     """One kernel for a layer's residual update (``_C.residual_norm``): ``x + rms_norm(a)·wa``, or with ``b``:
     ``(x + rms_norm(rms_norm(a)·wa + rms_norm(b)·wb)·wc)·scalar``; each step rounded to x's dtype as the
     reference's ops round it. All CUDA tensors of one dtype (float32 or bfloat16); x, a, b contiguous."""
@@ -40,6 +40,21 @@ def residual_norm(x, a, wa, eps, b=None, wb=None, wc=None, scalar=None) -> torch
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     lib.residual_norm(x, a, b, wa, wb, wc, scalar, out, float(eps), _ext.current_stream(x.device))
     return out
+
+
+def residual_norm_fp8(x, a, wa, eps, next_norm) -> tuple[torch.Tensor, Fp8Rows]:
+    """``out = x + rms_norm(a)·wa`` (:func:`residual_norm`) and, from the same kernel, the FP8 input of the GEMM
+    after the next norm: ``rms_norm(out)·next_norm`` quantised per row (bit-identical to :func:`rms_norm_fp8` of
+    out). bf16 CUDA tensors, x and a contiguous."""
+    lib = _ext.require_cuda()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    d = x.shape[-1]
+    rows = x.numel() // d
+    q = torch.empty(rows, d, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=x.device)
+    lib.residual_norm(x, a, None, wa, None, None, None, out, float(eps), _ext.current_stream(x.device), next_norm, q,
+                      scale)
+    return out, Fp8Rows(q, scale, tuple(x.shape[:-1]))
 
 
 def _fits_residual(x, *others) -> bool:
@@ -55,6 +70,16 @@ class ResidualOpsMixin:
         if _fits_residual(x, y, weight) and y.shape == x.shape and "residual_norm" not in _ext.disabled_kernels():
             return residual_norm(x, y, weight, eps)
         return super().add_rms_norm(x, y, weight, eps)
+
+    def residual_mlp(self, x, y, weight, eps, mlp_norm, gate, up, down):
+        # One kernel writes the new residual and the MLP's FP8 input (its norm applied): the MLP then starts at
+        # its first GEMM.
+        if _fits_residual(x, y, weight) and y.shape == x.shape and x.dtype == torch.bfloat16 \
+                and mlp_norm.dtype == torch.bfloat16 and all(isinstance(w, Fp8Weight) for w in (gate, up, down)) \
+                and not {"residual_norm", "norm_quant"} & _ext.disabled_kernels():
+            x, h = residual_norm_fp8(x, y, weight, eps, mlp_norm)
+            return x, gated_mlp_fp8(h, gate, up, down)
+        return super().residual_mlp(x, y, weight, eps, mlp_norm, gate, up, down)
 
     def ffn_residual(self, x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps):
         if _fits_residual(x, mlp, moe, w_mlp, w_moe, w_ff, scalar) and mlp.shape == x.shape == moe.shape \

@@ -29,6 +29,13 @@ class ReferenceOps:
         """x + rms_norm(y) * weight: a layer's attention residual."""
         return x + self.rms_norm(y, weight, eps)
 
+    def residual_mlp(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                     mlp_norm: torch.Tensor, gate, up, down) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x' = :meth:`add_rms_norm` (x, y, weight), :meth:`norm_gated_mlp` (x', mlp_norm, ...)): a layer's attention
+        residual and the dense MLP that reads it, one op so a backend can write the MLP's input with the residual."""
+        x = self.add_rms_norm(x, y, weight, eps)
+        return x, self.norm_gated_mlp(x, mlp_norm, eps, gate, up, down)
+
     def ffn_residual(self, x: torch.Tensor, mlp: torch.Tensor, moe: torch.Tensor, w_mlp: torch.Tensor,
                      w_moe: torch.Tensor, w_ff: torch.Tensor, scalar: torch.Tensor, eps: float) -> torch.Tensor:
         """(x + rms_norm(rms_norm(mlp)·w_mlp + rms_norm(moe)·w_moe)·w_ff) · scalar: a layer's feed-forward residual
