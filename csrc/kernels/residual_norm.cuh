@@ -56,27 +56,29 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   T* outr = out + off;
   const float ra = row_inv_rms(ar, dim, eps, lane);
   if (b == nullptr) {
+    // The stored value of element i (recomputed by the quantising passes, never read back from out).
+    auto out_at = [&](int i) {
+      const float n = rounded<T>(__fmul_rn(__fmul_rn(to_float(ar[i]), ra), to_float(wa[i])));
+      return to_float(from_float<T>(__fadd_rn(to_float(xr[i]), n)));
+    };
     float ss = 0.f;  // of the stored values, in row_inv_rms's order: the next norm's sum of squares
     for (int i = lane; i < dim; i += 32) {
-      const float n = rounded<T>(__fmul_rn(__fmul_rn(to_float(ar[i]), ra), to_float(wa[i])));
-      const T o = from_float<T>(__fadd_rn(to_float(xr[i]), n));
-      outr[i] = o;
-      const float f = to_float(o);
+      const float f = out_at(i);
+      outr[i] = from_float<T>(f);
       ss = fmaf(f, f, ss);
     }
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
       if (quant.q != nullptr) {
-        __syncwarp();  // the row just stored, read back by the whole warp
 #pragma unroll
         for (int offset = 16; offset > 0; offset >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, offset);
         const float inv_rms = rsqrtf(ss / static_cast<float>(dim) + eps);
         float amax = 0.f;
         for (int i = lane; i < dim; i += 32)
-          amax = fmaxf(amax, fabsf(__bfloat162float(normed(outr, quant.weight, i, inv_rms))));
+          amax = fmaxf(amax, fabsf(__bfloat162float(normed_value(out_at(i), quant.weight, i, inv_rms))));
         const float s = fp8_scale_from_amax(warp_max(amax));
         uint8_t* qr = quant.q + row * static_cast<int64_t>(dim);
         for (int i = lane; i < dim; i += 32)
-          qr[i] = fp8_quantize(__bfloat162float(normed(outr, quant.weight, i, inv_rms)), s);
+          qr[i] = fp8_quantize(__bfloat162float(normed_value(out_at(i), quant.weight, i, inv_rms)), s);
         if (lane == 0) quant.scale[row] = s;
       }
     }

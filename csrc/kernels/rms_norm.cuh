@@ -47,12 +47,18 @@ __device__ __forceinline__ float row_inv_rms(const T* __restrict__ xr, int dim, 
   return rsqrtf(sum_sq / static_cast<float>(dim) + eps);
 }
 
-// Element i of the normed row, rounded to T (the value rms_norm_kernel stores).
+// The normed value of element i holding f, rounded to T (the value rms_norm_kernel stores).
 template <typename T>
-__device__ __forceinline__ T normed(const T* __restrict__ xr, const T* __restrict__ weight, int i, float inv_rms) {
-  float v = to_float(xr[i]) * inv_rms;
+__device__ __forceinline__ T normed_value(float f, const T* __restrict__ weight, int i, float inv_rms) {
+  float v = f * inv_rms;
   if (weight != nullptr) v *= to_float(weight[i]);
   return from_float<T>(v);
+}
+
+// Element i of the normed row, rounded to T.
+template <typename T>
+__device__ __forceinline__ T normed(const T* __restrict__ xr, const T* __restrict__ weight, int i, float inv_rms) {
+  return normed_value(to_float(xr[i]), weight, i, inv_rms);
 }
 
 template <typename T>
