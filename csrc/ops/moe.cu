@@ -128,9 +128,9 @@ ContiguousBuffers contiguous_buffers(void* base, int64_t tokens, int top_k, int 
   const int64_t routed = tokens * top_k;
   b.tile = kernels::choose_moe_gemm_tile(routed, experts);
   const int64_t cap = (routed + static_cast<int64_t>(experts) * (b.tile - 1) + b.tile - 1) / b.tile * b.tile;
-  if (cap >= (int64_t(1) << 31) / (2 * inter > hidden ? 2 * inter : hidden))
+  if (cap >= (int64_t(1) << 31))
     ::dgemma::throw_invalid("moe_fp8: " + std::to_string(tokens) + " tokens x top_k " + std::to_string(top_k) +
-                            " routed rows exceed the contiguous pipeline's 32-bit row addressing");
+                            " routed rows (with padding) exceed 2^31");
   b.rows_cap = static_cast<int>(cap);
   const size_t rows = static_cast<size_t>(cap);
   Carver c(base);
