@@ -205,12 +205,20 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="256,1024", help="MoE token counts, comma-separated")
     p.add_argument("--rows", default="256,1024", help="dense GEMM row counts, comma-separated")
     p.add_argument("--router-only", action="store_true", help="time only the router (for DGEMMA_ROUTE_TILE sweeps)")
+    p.add_argument("--moe-only", action="store_true",
+                   help="time only the MoE layer, both pipelines (for DGEMMA_MOE_TILE sweeps of the expert GEMM tile)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_moe: no CUDA device; nothing to measure")
         return 1
     layer = Layer()
     tokens = [int(t) for t in args.tokens.split(",")]
+    if args.moe_only:
+        results = moe_cases(layer, tokens, args.iters)
+        for r in results:
+            r["moe_tile"] = os.environ.get("DGEMMA_MOE_TILE", "auto")
+        write_results(args.out, results)
+        return 0
     results = router_cases(layer, tokens, args.iters)
     if args.router_only:
         write_results(args.out, results)

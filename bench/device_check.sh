@@ -7,7 +7,8 @@
 #             graphs, fused q/k/v, residual norms, batched rows, vision, device-scalar head
 #   tests     pytest -m gpu tests, one process, nothing deselected
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file
-#   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json
+#   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json;
+#             expert GEMM tile sweep -> moe_tile_<tile>.json
 #   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json
 # The log ($OUT/device_check.log) records the device, driver, torch, commit, every command, its exit
 # status and output tail, and each sanitizer's ERROR SUMMARY line. Each command has its own time limit
@@ -96,6 +97,11 @@ if want bench; then
   for tile in ${ROUTE_TILES:-4x8 8x8 2x8 1x8}; do
     DGEMMA_ROUTE_TILE=$tile TAIL=6 run 60 $PY bench/bench_moe.py --router-only --tokens 256,1024,8192 \
       --out "$OUT/router_$tile.json"
+  done
+  # The contiguous expert GEMM's token tiles (DGEMMA_MOE_TILE, read once per process).
+  for tile in ${MOE_TILES:-32 64 128}; do
+    DGEMMA_MOE_TILE=$tile TAIL=8 run 90 $PY bench/bench_moe.py --moe-only --tokens 256,1024,8192 \
+      --out "$OUT/moe_tile_$tile.json"
   done
 fi
 

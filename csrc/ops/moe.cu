@@ -122,11 +122,27 @@ struct ContiguousBuffers {
   size_t gemm_bytes, total;
 };
 
+// The expert GEMM's token tile: DGEMMA_MOE_TILE=32|64|128 (read once) overrides the choice by rows per expert,
+// for sweeps on a GPU; 0 when unset.
+int moe_tile_override() {
+  static const int tile = [] {
+    const char* v = std::getenv("DGEMMA_MOE_TILE");
+    if (v == nullptr || *v == '\0') return 0;
+    std::string names;
+    for (const int t : kernels::kMoeGemmTiles) {
+      if (std::to_string(t) == v) return t;
+      names += (names.empty() ? "" : ", ") + std::to_string(t);
+    }
+    ::dgemma::throw_invalid(std::string("DGEMMA_MOE_TILE=") + v + " is not a compiled expert GEMM tile (" + names + ")");
+  }();
+  return tile;
+}
+
 ContiguousBuffers contiguous_buffers(void* base, int64_t tokens, int top_k, int hidden, int inter, int experts,
                                      int sms, int device) {
   ContiguousBuffers b;
   const int64_t routed = tokens * top_k;
-  b.tile = kernels::choose_moe_gemm_tile(routed, experts);
+  b.tile = moe_tile_override() != 0 ? moe_tile_override() : kernels::choose_moe_gemm_tile(routed, experts);
   const int64_t cap = (routed + static_cast<int64_t>(experts) * (b.tile - 1) + b.tile - 1) / b.tile * b.tile;
   if (cap >= (int64_t(1) << 31))
     ::dgemma::throw_invalid("moe_fp8: " + std::to_string(tokens) + " tokens x top_k " + std::to_string(top_k) +
