@@ -614,7 +614,7 @@ def moe_plan_table(c: Ctx) -> Table:
     ids, _ = _routing(c)
     t = Table("moe_plan", dict(ids=ids, experts=EXP, offsets=c.empty(EXP + 1, dtype=I32),
                                row_of=c.empty(N_TOK, TOPK, dtype=I32), row_expert=c.empty(N_TOK * TOPK, dtype=I32),
-                               stream=0, pad=1, row_src=None, tile_expert=None, num_tiles=None))
+                               stream=0, pad=1, row_src=None, tile_expert=None, num_tiles=None, scratch=None))
     t.bad("ids on the host", cuda_msg("ids"), ids=c.host(ids))
     t.bad("ids int64", "ids has dtype int64, expected int32", ids=c.empty(N_TOK, TOPK, dtype=I64))
     t.bad("ids 1-d", f"ids has shape [{N_TOK * TOPK}], expected 2 dimensions", ids=c.empty(N_TOK * TOPK, dtype=I32))
@@ -663,6 +663,9 @@ def moe_plan_table(c: Ctx) -> Table:
           row_src=c.empty(padded, dtype=I32), tile_expert=c.empty((padded + 31) // 32, dtype=I32),
           num_tiles=c.empty(1, dtype=I64))
     t.type_error("pad is a float", "pad=32.5", pad=32.5)
+    t.bad("scratch too small", f"scratch has 3 entries, expected at least {EXP} (experts * ceil(tokens * top_k / 1024))",
+          scratch=c.empty(3, dtype=I32))
+    t.bad("scratch dtype", "scratch has dtype int64, expected int32", scratch=c.empty(EXP, dtype=I64))
 
     def check(_):
         o_ref, r_ref, e_ref = plan_dispatch(ids, EXP)

@@ -349,6 +349,24 @@ def test_padded_plan_matches_reference(n, pad):
     assert int(num_tiles) == total // pad and torch.equal(tile_expert[:total // pad], t_ref)
 
 
+@pytest.mark.parametrize("pad", [1, 32, 128])
+def test_multi_block_plan_equals_the_single_block_plan(pad):
+    """Large inputs (over 16,384 entries) are planned on every SM when the kernel has scratch: the same rows."""
+    n = 4099  # 32,792 entries: 33 chunks, the last one partial
+    ids, _ = random_routing(n, seed=pad, experts_used=E - 5)
+    ids[7, 3], ids[4000, 0] = -1, E
+    one = cuda_moe.plan(ids, E, pad=pad)
+    many = cuda_moe.plan(ids, E, pad=pad, multi_block=True)
+    ref = cuda_moe.plan_dispatch(ids, E, pad=pad)
+    total = int(ref[0][-1])
+    for got in (one, many):
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        assert torch.equal(got[2][:total], ref[2])
+        if pad > 1:
+            assert torch.equal(got[3][:total], ref[3]) and torch.equal(got[4][:total // pad], ref[4])
+            assert int(got[5]) == total // pad
+
+
 # -- the MoE layer ---------------------------------------------------------------------------------
 
 

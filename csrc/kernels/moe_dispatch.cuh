@@ -36,14 +36,117 @@ constexpr int kPlanMaxExperts = 256;
 // expert's real rows, and the plan also writes (when given) row_src [padded rows] (token * top_k + slot of each
 // row; -1 for padding), tile_expert [padded rows / pad] (the expert of each pad-row tile) and num_tiles[0];
 // row_expert then covers the padding rows too.
+//
+// Large inputs (more than kPlanSingleBlockMax entries, given scratch for per-chunk counts) run the same plan on
+// every SM: moe_plan_count_kernel (per-chunk counts), moe_plan_scan_kernel (per-chunk bases, the offsets, the
+// padding), moe_plan_assign_kernel (each chunk's rows): the same rows, no serial pass over all entries.
+struct PlanOutputs {
+  int32_t* offsets;
+  int32_t* row_of;
+  int32_t* row_expert;
+  int32_t* row_src;      // may be null
+  int32_t* tile_expert;  // may be null
+  int32_t* num_tiles;    // may be null
+};
+
+// Warp 0: the padded exclusive scan of counts[e] (in `base`) into base[e] = start[e] = offsets[e].
+__device__ __forceinline__ void plan_scan(int* base, int* start, int experts, int pad, const PlanOutputs& out,
+                                          int lane) {
+  const int per_lane = (experts + 31) / 32;
+  int local = 0;
+  for (int j = 0; j < per_lane; ++j) {
+    const int e = lane * per_lane + j;
+    if (e < experts) local += (base[e] + pad - 1) / pad * pad;
+  }
+  int incl = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += n;
+  }
+  int run = incl - local;
+  for (int j = 0; j < per_lane; ++j) {
+    const int e = lane * per_lane + j;
+    if (e < experts) {
+      const int c = (base[e] + pad - 1) / pad * pad;
+      base[e] = run;
+      start[e] = run;
+      out.offsets[e] = run;
+      run += c;
+    }
+  }
+  if (lane == 31) {
+    out.offsets[experts] = incl;
+    start[experts] = incl;
+    if (out.num_tiles != nullptr) out.num_tiles[0] = incl / pad;
+  }
+}
+
+// The rows of one chunk of kPlanThreads slot-major entries starting at c0: entry i = c0 + tid goes to row
+// base[e] + (its rank among the chunk's entries of expert e); base[e] advances by the chunk's count. Every thread
+// of the block calls it (barriers inside).
+__device__ __forceinline__ void plan_assign_chunk(const int32_t* __restrict__ ids, int tokens, int top_k, int experts,
+                                                  int c0, int* base, int (*warp_count)[kPlanMaxExperts],
+                                                  const PlanOutputs& out) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int total = tokens * top_k;
+  const unsigned lt_mask = (1u << lane) - 1u;
+  for (int j = tid; j < kPlanWarps * experts; j += kPlanThreads) warp_count[j / experts][j % experts] = 0;
+  const int i = c0 + tid;  // slot-major index: slot = i / tokens, token = i % tokens
+  int e = -1, src = 0;
+  if (i < total) {
+    src = (i % tokens) * top_k + i / tokens;
+    e = ids[src];
+    if (e < 0 || e >= experts) e = -1;
+  }
+  const unsigned peers = __match_any_sync(0xffffffffu, e);
+  const int rank = __popc(peers & lt_mask);
+  __syncthreads();
+  if (e >= 0 && rank == 0) warp_count[warp][e] = __popc(peers);
+  __syncthreads();
+  for (int x = tid; x < experts; x += kPlanThreads) {
+    int run = base[x];
+    for (int w = 0; w < kPlanWarps; ++w) {
+      const int n = warp_count[w][x];
+      warp_count[w][x] = run;
+      run += n;
+    }
+    base[x] = run;
+  }
+  __syncthreads();
+  if (i < total) {
+    if (e >= 0) {
+      const int row = warp_count[warp][e] + rank;
+      out.row_of[src] = row;
+      out.row_expert[row] = e;
+      if (out.row_src != nullptr) out.row_src[row] = src;
+    } else {
+      out.row_of[src] = -1;
+    }
+  }
+  __syncthreads();
+}
+
+// The padding rows of a padded plan: ends[e] is the end of expert e's real rows, start the padded starts.
+__device__ __forceinline__ void plan_fill_padding(const int* ends, const int* start, int experts, int pad,
+                                                  const PlanOutputs& out) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int e = warp; e < experts; e += blockDim.x / 32) {
+    for (int r = ends[e] + lane; r < start[e + 1]; r += 32) {
+      out.row_expert[r] = e;
+      if (out.row_src != nullptr) out.row_src[r] = -1;
+    }
+    if (out.tile_expert != nullptr)
+      for (int t = start[e] / pad + lane; t < start[e + 1] / pad; t += 32) out.tile_expert[t] = e;
+  }
+}
+
 static __global__ void __launch_bounds__(kPlanThreads)
-    moe_plan_kernel(const int32_t* __restrict__ ids, int tokens, int top_k, int experts, int pad,
-                    int32_t* __restrict__ offsets, int32_t* __restrict__ row_of, int32_t* __restrict__ row_expert,
-                    int32_t* __restrict__ row_src, int32_t* __restrict__ tile_expert, int32_t* __restrict__ num_tiles) {
+    moe_plan_kernel(const int32_t* __restrict__ ids, int tokens, int top_k, int experts, int pad, PlanOutputs out) {
   __shared__ int base[kPlanMaxExperts];
   __shared__ int start[kPlanMaxExperts + 1];
   __shared__ int warp_count[kPlanWarps][kPlanMaxExperts];
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int tid = threadIdx.x;
   const int total = tokens * top_k;
 
   for (int e = tid; e < experts; e += kPlanThreads) base[e] = 0;
@@ -53,94 +156,91 @@ static __global__ void __launch_bounds__(kPlanThreads)
     if (e >= 0 && e < experts) atomicAdd(&base[e], 1);
   }
   __syncthreads();
-  // Exclusive scan of the counts by warp 0 (experts <= 256: at most 8 per lane).
-  if (warp == 0) {
-    const int per_lane = (experts + 31) / 32;
-    int local = 0;
-    for (int j = 0; j < per_lane; ++j) {
-      const int e = lane * per_lane + j;
-      if (e < experts) local += (base[e] + pad - 1) / pad * pad;
-    }
-    int incl = local;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int n = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += n;
-    }
-    int run = incl - local;
-    for (int j = 0; j < per_lane; ++j) {
-      const int e = lane * per_lane + j;
-      if (e < experts) {
-        const int c = (base[e] + pad - 1) / pad * pad;
-        base[e] = run;
-        start[e] = run;
-        offsets[e] = run;
-        run += c;
-      }
-    }
-    if (lane == 31) {
-      offsets[experts] = incl;
-      start[experts] = incl;
-      if (num_tiles != nullptr) num_tiles[0] = incl / pad;
-    }
+  if (tid < 32) plan_scan(base, start, experts, pad, out, tid);
+  __syncthreads();
+  for (int c0 = 0; c0 < total; c0 += kPlanThreads) plan_assign_chunk(ids, tokens, top_k, experts, c0, base, warp_count, out);
+  // base[e] is now the end of expert e's real rows: the rest up to the next start is padding.
+  if (pad > 1) plan_fill_padding(base, start, experts, pad, out);
+}
+
+// Multi-block plan, 1/3: chunk_counts[c * experts + e] = entries of expert e in chunk c (slot-major order).
+static __global__ void __launch_bounds__(kPlanThreads)
+    moe_plan_count_kernel(const int32_t* __restrict__ ids, int tokens, int top_k, int experts,
+                          int32_t* __restrict__ chunk_counts) {
+  __shared__ int count[kPlanMaxExperts];
+  for (int e = threadIdx.x; e < experts; e += kPlanThreads) count[e] = 0;
+  __syncthreads();
+  const int i = blockIdx.x * kPlanThreads + threadIdx.x;
+  if (i < tokens * top_k) {
+    const int e = ids[(i % tokens) * top_k + i / tokens];
+    if (e >= 0 && e < experts) atomicAdd(&count[e], 1);
   }
   __syncthreads();
+  for (int e = threadIdx.x; e < experts; e += kPlanThreads)
+    chunk_counts[static_cast<int64_t>(blockIdx.x) * experts + e] = count[e];
+}
 
-  const unsigned lt_mask = (1u << lane) - 1u;
-  for (int c0 = 0; c0 < total; c0 += kPlanThreads) {
-    for (int j = tid; j < kPlanWarps * experts; j += kPlanThreads) warp_count[j / experts][j % experts] = 0;
-    const int i = c0 + tid;  // slot-major index: slot = i / tokens, token = i % tokens
-    int e = -1, src = 0;
-    if (i < total) {
-      src = (i % tokens) * top_k + i / tokens;
-      e = ids[src];
-      if (e < 0 || e >= experts) e = -1;
+// 2/3, one block: chunk_counts becomes each chunk's first row per expert (exclusive, offsets included); the offsets,
+// the padding rows and the tile table are written.
+static __global__ void __launch_bounds__(kPlanThreads)
+    moe_plan_scan_kernel(int chunks, int experts, int pad, int32_t* __restrict__ chunk_counts, PlanOutputs out) {
+  __shared__ int base[kPlanMaxExperts];
+  __shared__ int start[kPlanMaxExperts + 1];
+  __shared__ int ends[kPlanMaxExperts];
+  for (int e = threadIdx.x; e < experts; e += kPlanThreads) {
+    int run = 0;
+    for (int c = 0; c < chunks; ++c) {
+      int32_t* p = chunk_counts + static_cast<int64_t>(c) * experts + e;
+      const int n = *p;
+      *p = run;
+      run += n;
     }
-    const unsigned peers = __match_any_sync(0xffffffffu, e);
-    const int rank = __popc(peers & lt_mask);
-    __syncthreads();
-    if (e >= 0 && rank == 0) warp_count[warp][e] = __popc(peers);
-    __syncthreads();
-    for (int x = tid; x < experts; x += kPlanThreads) {
-      int run = base[x];
-      for (int w = 0; w < kPlanWarps; ++w) {
-        const int n = warp_count[w][x];
-        warp_count[w][x] = run;
-        run += n;
-      }
-      base[x] = run;
-    }
-    __syncthreads();
-    if (i < total) {
-      if (e >= 0) {
-        const int row = warp_count[warp][e] + rank;
-        row_of[src] = row;
-        row_expert[row] = e;
-        if (row_src != nullptr) row_src[row] = src;
-      } else {
-        row_of[src] = -1;
-      }
-    }
-    __syncthreads();
+    base[e] = run;
+    ends[e] = run;
   }
-  if (pad > 1) {
-    // base[e] is now the end of expert e's real rows: the rest up to the next start is padding.
-    for (int e = warp; e < experts; e += kPlanWarps) {
-      for (int r = base[e] + lane; r < start[e + 1]; r += 32) {
-        row_expert[r] = e;
-        if (row_src != nullptr) row_src[r] = -1;
-      }
-      if (tile_expert != nullptr)
-        for (int t = start[e] / pad + lane; t < start[e + 1] / pad; t += 32) tile_expert[t] = e;
-    }
-  }
+  __syncthreads();
+  if (threadIdx.x < 32) plan_scan(base, start, experts, pad, out, threadIdx.x);
+  __syncthreads();
+  for (int e = threadIdx.x; e < experts; e += kPlanThreads) ends[e] += start[e];
+  for (int j = threadIdx.x; j < chunks * experts; j += kPlanThreads) chunk_counts[j] += start[j % experts];
+  __syncthreads();
+  if (pad > 1) plan_fill_padding(ends, start, experts, pad, out);
+}
+
+// 3/3: each block places its chunk's entries from the chunk's first rows.
+static __global__ void __launch_bounds__(kPlanThreads)
+    moe_plan_assign_kernel(const int32_t* __restrict__ ids, int tokens, int top_k, int experts,
+                           const int32_t* __restrict__ chunk_base, PlanOutputs out) {
+  __shared__ int base[kPlanMaxExperts];
+  __shared__ int warp_count[kPlanWarps][kPlanMaxExperts];
+  for (int e = threadIdx.x; e < experts; e += kPlanThreads)
+    base[e] = chunk_base[static_cast<int64_t>(blockIdx.x) * experts + e];
+  __syncthreads();
+  plan_assign_chunk(ids, tokens, top_k, experts, blockIdx.x * kPlanThreads, base, warp_count, out);
+}
+
+// Above this many entries the plan runs on every SM (when given scratch): a single block walks them in order.
+constexpr int kPlanSingleBlockMax = 16 * kPlanThreads;
+
+// Scratch (int32 entries) of the multi-block plan for `entries` routed entries of `experts` experts.
+inline int64_t moe_plan_scratch_ints(int64_t entries, int experts) {
+  return (entries + kPlanThreads - 1) / kPlanThreads * experts;
 }
 
 inline cudaError_t moe_plan(const int32_t* ids, int tokens, int top_k, int experts, int32_t* offsets, int32_t* row_of,
                             int32_t* row_expert, cudaStream_t stream, int pad = 1, int32_t* row_src = nullptr,
-                            int32_t* tile_expert = nullptr, int32_t* num_tiles = nullptr) {
-  moe_plan_kernel<<<1, kPlanThreads, 0, stream>>>(ids, tokens, top_k, experts, pad, offsets, row_of, row_expert,
-                                                  row_src, tile_expert, num_tiles);
+                            int32_t* tile_expert = nullptr, int32_t* num_tiles = nullptr,
+                            int32_t* scratch = nullptr) {
+  const PlanOutputs out{offsets, row_of, row_expert, row_src, tile_expert, num_tiles};
+  const int total = tokens * top_k;
+  if (scratch == nullptr || total <= kPlanSingleBlockMax) {
+    moe_plan_kernel<<<1, kPlanThreads, 0, stream>>>(ids, tokens, top_k, experts, pad, out);
+    return cudaGetLastError();
+  }
+  const int chunks = (total + kPlanThreads - 1) / kPlanThreads;
+  moe_plan_count_kernel<<<chunks, kPlanThreads, 0, stream>>>(ids, tokens, top_k, experts, scratch);
+  moe_plan_scan_kernel<<<1, kPlanThreads, 0, stream>>>(chunks, experts, pad, scratch, out);
+  moe_plan_assign_kernel<<<chunks, kPlanThreads, 0, stream>>>(ids, tokens, top_k, experts, scratch, out);
   return cudaGetLastError();
 }
 

@@ -70,6 +70,7 @@ struct MoeBuffers {
   int32_t* offsets;
   int32_t* row_of;
   int32_t* row_expert;
+  int32_t* plan_scratch;
   uint8_t* xq;
   float* x_scale;
   __nv_bfloat16* gate_up;
@@ -89,6 +90,7 @@ MoeBuffers moe_buffers(void* base, int64_t tokens, int top_k, int hidden, int in
   b.offsets = c.take<int32_t>(experts + 1);
   b.row_of = c.take<int32_t>(rows);
   b.row_expert = c.take<int32_t>(rows);
+  b.plan_scratch = c.take<int32_t>(static_cast<size_t>(kernels::moe_plan_scratch_ints(tokens * top_k, experts)));
   b.xq = c.take<uint8_t>(rows * hidden);
   b.x_scale = c.take<float>(rows);
   b.gate_up = c.take<__nv_bfloat16>(rows * 2 * inter);
@@ -112,6 +114,7 @@ struct ContiguousBuffers {
   int32_t* row_src;
   int32_t* tile_expert;
   int32_t* num_tiles;
+  int32_t* plan_scratch;
   uint8_t* xq;
   float* x_scale;
   __nv_bfloat16* gate_up;
@@ -156,6 +159,7 @@ ContiguousBuffers contiguous_buffers(void* base, int64_t tokens, int top_k, int 
   b.row_src = c.take<int32_t>(rows);
   b.tile_expert = c.take<int32_t>(rows / b.tile);
   b.num_tiles = c.take<int32_t>(1);
+  b.plan_scratch = c.take<int32_t>(static_cast<size_t>(kernels::moe_plan_scratch_ints(routed, experts)));
   b.xq = c.take<uint8_t>(rows * hidden);
   b.x_scale = c.take<float>(rows);
   b.gate_up = c.take<__nv_bfloat16>(rows * 2 * inter);
@@ -244,7 +248,7 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
 
 void moe_plan(const TensorArg& ids, int experts, const TensorArg& offsets, const TensorArg& row_of,
               const TensorArg& row_expert, std::uintptr_t stream, int pad, const TensorArg* row_src,
-              const TensorArg* tile_expert, const TensorArg* num_tiles) {
+              const TensorArg* tile_expert, const TensorArg* num_tiles, const TensorArg* scratch) {
   check_ids(ids, ids);
   check_experts(experts);
   if (pad < 1 || pad > 1024)
@@ -269,13 +273,23 @@ void moe_plan(const TensorArg& ids, int experts, const TensorArg& offsets, const
     check_vector(*tile_expert, DType::kInt32, (rows + pad - 1) / pad, "ceil(padded rows / pad)", ids);
     check_vector(*num_tiles, DType::kInt32, 1, "1", ids);
   }
+  if (scratch != nullptr) {
+    check_cuda(*scratch);
+    check_same_device(ids, *scratch);
+    check_dtype(*scratch, DType::kInt32);
+    check_contiguous(*scratch);
+    const int64_t need = kernels::moe_plan_scratch_ints(ids.numel(), experts);
+    if (scratch->numel() < need)
+      ::dgemma::throw_invalid(scratch->name + " has " + std::to_string(scratch->numel()) + " entries, expected at least " +
+                              std::to_string(need) + " (experts * ceil(tokens * top_k / 1024))");
+  }
   throw_if_failed(cudaSetDevice(ids.device), "cudaSetDevice");
   auto data = [](const TensorArg* t) { return t != nullptr ? static_cast<int32_t*>(t->data) : nullptr; };
   throw_if_failed(kernels::moe_plan(static_cast<const int32_t*>(ids.data), static_cast<int>(ids.shape[0]),
                                     static_cast<int>(ids.shape[1]), experts, static_cast<int32_t*>(offsets.data),
                                     static_cast<int32_t*>(row_of.data), static_cast<int32_t*>(row_expert.data),
                                     reinterpret_cast<cudaStream_t>(stream), pad, data(row_src), data(tile_expert),
-                                    data(num_tiles)),
+                                    data(num_tiles), data(scratch)),
                   "moe_plan launch");
 }
 
@@ -344,7 +358,7 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
     auto s = reinterpret_cast<cudaStream_t>(stream);
     const auto* idp = static_cast<const int32_t*>(ids.data);
     throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E, b.offsets, b.row_of, b.row_expert, s,
-                                      b.tile, b.row_src, b.tile_expert, b.num_tiles),
+                                      b.tile, b.row_src, b.tile_expert, b.num_tiles, b.plan_scratch),
                     "moe_plan launch");
     throw_if_failed(kernels::moe_gather_quantize(static_cast<const __nv_bfloat16*>(x.data), hidden, tokens, H, top_k,
                                                  b.row_of, b.xq, b.x_scale, s, {b.offsets, b.row_src, b.tile}, E,
@@ -393,7 +407,8 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   const auto* xp = static_cast<const __nv_bfloat16*>(x.data);
   const auto* idp = static_cast<const int32_t*>(ids.data);
 
-  throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E, b.offsets, b.row_of, b.row_expert, s),
+  throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E, b.offsets, b.row_of, b.row_expert, s, 1,
+                                    nullptr, nullptr, nullptr, b.plan_scratch),
                   "moe_plan launch");
   throw_if_failed(kernels::moe_gather_quantize(xp, hidden, tokens, H, top_k, b.row_of, b.xq, b.x_scale, s,
                                                {nullptr, nullptr, 1}, 0, gather_norm),

@@ -19,9 +19,12 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
 // row_expert [tokens * top_k], all int32 (see kernels/moe_dispatch.cuh for the order).
 // With pad > 1 each expert's rows are padded to a multiple of pad (kernels/moe_dispatch.cuh): row_expert and row_src
 // [tokens * top_k + experts * (pad - 1)], tile_expert [ceil(that / pad)] and num_tiles [1] are then written too.
+// scratch (int32, at least experts * ceil(tokens * top_k / 1024) entries, optional): large inputs then run the plan
+// on every SM (three launches) instead of one block; the rows are the same.
 void moe_plan(const TensorArg& ids, int experts, const TensorArg& offsets, const TensorArg& row_of,
               const TensorArg& row_expert, std::uintptr_t stream, int pad = 1, const TensorArg* row_src = nullptr,
-              const TensorArg* tile_expert = nullptr, const TensorArg* num_tiles = nullptr);
+              const TensorArg* tile_expert = nullptr, const TensorArg* num_tiles = nullptr,
+              const TensorArg* scratch = nullptr);
 
 // Bytes of the uint8 workspace moe_fp8 needs for these sizes on `device`.
 size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter, int experts, int device,

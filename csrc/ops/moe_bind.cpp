@@ -41,18 +41,19 @@ void register_moe(py::module_& m) {
   m.def(
       "moe_plan",
       [](py::handle ids, int experts, py::handle offsets, py::handle row_of, py::handle row_expert,
-         std::uintptr_t stream, int pad, py::handle row_src, py::handle tile_expert, py::handle num_tiles) {
-        TensorArg row_src_slot, tile_expert_slot, num_tiles_slot;
+         std::uintptr_t stream, int pad, py::handle row_src, py::handle tile_expert, py::handle num_tiles,
+         py::handle scratch) {
+        TensorArg row_src_slot, tile_expert_slot, num_tiles_slot, scratch_slot;
         moe_plan(to_arg(ids, "ids"), experts, to_arg(offsets, "offsets"), to_arg(row_of, "row_of"),
                  to_arg(row_expert, "row_expert"), stream, pad, optional_arg(row_src, "row_src", row_src_slot),
                  optional_arg(tile_expert, "tile_expert", tile_expert_slot),
-                 optional_arg(num_tiles, "num_tiles", num_tiles_slot));
+                 optional_arg(num_tiles, "num_tiles", num_tiles_slot), optional_arg(scratch, "scratch", scratch_slot));
       },
       py::arg("ids"), py::arg("experts"), py::arg("offsets"), py::arg("row_of"), py::arg("row_expert"),
       py::arg("stream"), py::arg("pad") = 1, py::arg("row_src") = py::none(), py::arg("tile_expert") = py::none(),
-      py::arg("num_tiles") = py::none(),
+      py::arg("num_tiles") = py::none(), py::arg("scratch") = py::none(),
       "The MoE dispatch plan (kernels/moe_dispatch.cuh); pad > 1 pads each expert's rows to whole tiles and also "
-      "writes row_src, tile_expert and num_tiles.");
+      "writes row_src, tile_expert and num_tiles; with scratch, large inputs are planned on every SM.");
   m.def("moe_fp8_workspace_bytes", &moe_fp8_workspace_bytes, py::arg("tokens"), py::arg("top_k"), py::arg("hidden"),
         py::arg("inter"), py::arg("experts"), py::arg("device"), py::arg("contiguous") = true);
   m.def(
@@ -123,12 +124,11 @@ void register_moe(py::module_& m) {
       py::arg("weights"), py::arg("ids"), py::arg("stream"));
   m.def(
       "moe_plan",
-      [](py::handle, int, py::handle, py::handle, py::handle, std::uintptr_t, int, py::handle, py::handle, py::handle) {
-        cuda_unavailable("moe_plan");
-      },
+      [](py::handle, int, py::handle, py::handle, py::handle, std::uintptr_t, int, py::handle, py::handle, py::handle,
+         py::handle) { cuda_unavailable("moe_plan"); },
       py::arg("ids"), py::arg("experts"), py::arg("offsets"), py::arg("row_of"), py::arg("row_expert"),
       py::arg("stream"), py::arg("pad") = 1, py::arg("row_src") = py::none(), py::arg("tile_expert") = py::none(),
-      py::arg("num_tiles") = py::none());
+      py::arg("num_tiles") = py::none(), py::arg("scratch") = py::none());
   m.def(
       "moe_fp8_workspace_bytes",
       [](int64_t, int, int, int, int, int, bool) -> size_t { cuda_unavailable("moe_fp8_workspace_bytes"); },

@@ -119,14 +119,20 @@ def route(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, expert_scale
 
 
 def plan(ids: torch.Tensor, num_experts: int, *,
-         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, pad: int = 1):
+         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, pad: int = 1, multi_block: bool = False):
     """The device dispatch plan of int32 ``ids`` ``[N, k]``: (offsets ``[E+1]``, row_of ``[N, k]``,
     row_expert ``[N*k]``), all int32, computed without a host synchronisation. Entries of row_expert
     past ``offsets[E]`` are left unwritten (undefined unless ``out`` was filled beforehand). See
     :func:`plan_dispatch` for the order. ``out``: optional preallocated (offsets, row_of, row_expert).
     With ``pad > 1``: (offsets, row_of, row_expert, row_src, tile_expert, num_tiles) of the padded plan, row_expert
-    and row_src sized for the worst padding (``N*k + E*(pad-1)`` rows; entries past ``offsets[E]`` unwritten)."""
+    and row_src sized for the worst padding (``N*k + E*(pad-1)`` rows; entries past ``offsets[E]`` unwritten).
+    ``multi_block``: give the kernel scratch so that a large input (over 16,384 entries) is planned on every SM, as
+    the MoE layer plans it; the rows are the same."""
     lib = _ext.require_cuda()
+    scratch = None
+    if multi_block:
+        chunks = (ids.numel() + 1023) // 1024
+        scratch = torch.empty(max(chunks * num_experts, 1), dtype=torch.int32, device=ids.device)
     if pad > 1:
         rows = ids.numel() + num_experts * (pad - 1)
         t = [torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device),
@@ -135,7 +141,7 @@ def plan(ids: torch.Tensor, num_experts: int, *,
              torch.empty(rows, dtype=torch.int32, device=ids.device),
              torch.empty((rows + pad - 1) // pad, dtype=torch.int32, device=ids.device),
              torch.empty(1, dtype=torch.int32, device=ids.device)]
-        lib.moe_plan(ids, int(num_experts), t[0], t[1], t[2], _stream(ids.device), int(pad), t[3], t[4], t[5])
+        lib.moe_plan(ids, int(num_experts), t[0], t[1], t[2], _stream(ids.device), int(pad), t[3], t[4], t[5], scratch)
         return tuple(t)
     if out is None:
         offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
@@ -143,7 +149,7 @@ def plan(ids: torch.Tensor, num_experts: int, *,
         row_expert = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
     else:
         offsets, row_of, row_expert = out
-    lib.moe_plan(ids, int(num_experts), offsets, row_of, row_expert, _stream(ids.device))
+    lib.moe_plan(ids, int(num_experts), offsets, row_of, row_expert, _stream(ids.device), scratch=scratch)
     return offsets, row_of, row_expert
 
 
