@@ -66,4 +66,8 @@ def test_profile_summary_counts_kernels_syncs_and_busy_time():
               ev("head", DeviceType.CUDA, 300, 400), ev("cudaLaunchKernel", DeviceType.CPU, 0, 1),
               ev("cudaStreamSynchronize", DeviceType.CPU, 5, 6), ev("cudaMemcpy", DeviceType.CPU, 7, 8),
               ev("aten::add", DeviceType.CPU, 0, 3)]
-    assert summarise_profile(events) == {"kernels": 3, "host_syncs": 2, "gpu_busy_ms": 0.25}
+    events.append(ev("gemm", DeviceType.CUDA, 500, 560))
+    assert summarise_profile(events) == {
+        "kernels": 4, "host_syncs": 2, "gpu_busy_ms": 0.31,
+        "top_kernels": [{"name": "gemm", "launches": 2, "total_ms": 0.16}, {"name": "norm", "launches": 1,
+                        "total_ms": 0.1}, {"name": "head", "launches": 1, "total_ms": 0.1}]}

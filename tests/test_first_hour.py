@@ -225,6 +225,21 @@ def test_bench_table_prints_dashes_for_absent_values():
     assert rows["copy_bandwidth"][2:4] == ["-", "-"] and "nan" not in gpu.getvalue()
 
 
+def test_bench_table_lists_where_a_step_spends_its_gpu_time():
+    import io
+
+    top = [{"name": f"kernel_{i}", "launches": 30 - i, "total_ms": 2.0 - 0.1 * i} for i in range(12)]
+    report = {"results": [{"name": "denoise_step_fp8_b1", "median_ms": 12.5, "kernels": 540, "top_kernels": top}]}
+    out = io.StringIO()
+    print_bench_table(report, out, roofline=True)
+    text = out.getvalue()
+    header, *lines = text.splitlines()
+    assert "top_kernels" not in lines[0] and "kernels=540" in lines[0]
+    listed = [line for line in lines if "kernel_" in line]
+    assert len(listed) == 8 and listed[0].split()[:3] == ["2.000", "ms", "30x"]
+    assert "denoise_step_fp8_b1: where the GPU time goes" in text
+
+
 def test_closed_stdout_exits_nonzero_quietly(demo_dir):
     for args in (["--help"], ["generate", "--model", str(demo_dir), "--prompt", "Hi", "--seed", "0"]):
         read, write = os.pipe()

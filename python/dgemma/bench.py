@@ -78,19 +78,31 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, iters: int =
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
+TOP_KERNELS = 15
+
+
 def summarise_profile(events) -> dict:
     """Kernels, host synchronisations and GPU-busy time (the union of kernel intervals, ms) of profiler
-    events (``torch.profiler``'s ``events()``: ``name``, ``device_type``, ``time_range``)."""
+    events (``torch.profiler``'s ``events()``: ``name``, ``device_type``, ``time_range``), and ``top_kernels``:
+    the kernels taking the most time, by name (at most 15: name, launches, total ms), where a step's time goes."""
     from torch.autograd import DeviceType
 
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    cuda = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in cuda)
     busy, end = 0.0, float("-inf")
     for start, stop in kernels:
         if stop > end:
             busy += stop - max(start, end)
             end = stop
     syncs = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name in SYNC_CALLS)
-    return {"kernels": len(kernels), "host_syncs": syncs, "gpu_busy_ms": busy / 1e3}
+    by_name: dict[str, list[float]] = {}
+    for e in cuda:
+        entry = by_name.setdefault(e.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.time_range.end - e.time_range.start
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:TOP_KERNELS]
+    return {"kernels": len(kernels), "host_syncs": syncs, "gpu_busy_ms": busy / 1e3,
+            "top_kernels": [{"name": name[:160], "launches": n, "total_ms": t / 1e3} for name, (n, t) in top]}
 
 
 def profile(fn, device: torch.device) -> dict:
@@ -236,7 +248,8 @@ def run(opts: BenchOptions, *, log=print) -> dict:
 
                 ms = measure(block, max(2, opts.iters // 8), 1)
                 tok_s = b * c / (statistics.median(ms) / 1e3)
-                prof = {k: v / n for k, v in profile(block, device).items()}  # per step, the commit pass included
+                # Per step, the commit pass included (the kernel breakdown is the step rows').
+                prof = {k: v / n for k, v in profile(block, device).items() if k != "top_kernels"}
                 results.append(_row(f"block{n}_{tag}_b{b}", ms, step_roof * n, tok_per_s=tok_s, steps=n,
                                     **{f"{k}_per_step": v for k, v in prof.items()}))
         eng.cuda_graphs = False

@@ -327,9 +327,14 @@ def print_bench_table(report: dict, out=None, *, roofline: bool = True) -> None:
         roof = r.get("roofline_ms") if roofline else None
         share = r.get("roofline_share") if roofline else None
         extra = "  ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                          if k not in ("name", "median_ms", "roofline_ms", "roofline_share"))
+                          if k not in ("name", "median_ms", "roofline_ms", "roofline_share", "top_kernels"))
         print(f"{r['name']:<34} {_fmt(median or None, '.3f', 11)} {_fmt(roof, '.3f', 12)} "
               f"{_fmt(share, '.1%', 7)}  {extra}".rstrip(), file=out)
+    for r in report["results"]:
+        if r.get("top_kernels"):
+            print(f"\n{r['name']}: where the GPU time goes (kernel, launches, ms)", file=out)
+            for k in r["top_kernels"][:8]:
+                print(f"  {k['total_ms']:8.3f} ms  {k['launches']:5d}x  {k['name'][:90]}", file=out)
 
 
 def _bench(args: argparse.Namespace) -> int:
