@@ -94,7 +94,7 @@ if want bench; then
     TAIL=25 run "${BENCH_S:-60}" $PY "bench/bench_$b.py" --out "$OUT/$b.json"
   done
   # The router's compiled tiles, one process each (the tile is read once per process).
-  for tile in ${ROUTE_TILES:-4x8 8x8 2x8 1x8}; do
+  for tile in ${ROUTE_TILES:-tc 4x8 8x8 2x8 1x8}; do
     DGEMMA_ROUTE_TILE=$tile TAIL=6 run 60 $PY bench/bench_moe.py --router-only --tokens 256,1024,8192 \
       --out "$OUT/router_$tile.json"
   done

@@ -537,21 +537,27 @@ torch.save((w.cpu(), ids.cpu()), sys.argv[1])
 
 
 def test_every_router_tile_routes_identically(tmp_path):
-    """The tiles (DGEMMA_ROUTE_TILE, read once per process) change only the launch shape: the same weights
-    and ids bit for bit, at a token count no tile divides; an unknown tile is refused by name."""
+    """The CUDA-core tiles (DGEMMA_ROUTE_TILE, read once per process) change only the launch shape: the same weights
+    and ids bit for bit, at a token count no tile divides. The tensor-core router (the default, "tc") sums each logit
+    in another order: the same experts but for near-ties, weights within float rounding. An unknown tile is refused
+    by name."""
     import os
     import subprocess
     import sys
 
     outs = {}
-    for tile in ("4x8", "8x8", "2x8", "1x8"):
+    for tile in ("tc", "4x8", "8x8", "2x8", "1x8"):
         path = tmp_path / f"{tile}.pt"
         r = subprocess.run([sys.executable, "-c", ROUTE_PROBE, str(path)], capture_output=True, text=True,
                            env=dict(os.environ, DGEMMA_ROUTE_TILE=tile), timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         outs[tile] = torch.load(path)
+    tc = outs.pop("tc")
     for tile, (w, ids) in outs.items():
         assert torch.equal(ids, outs["4x8"][1]) and torch.equal(w, outs["4x8"][0]), tile
+    same = (tc[1] == outs["4x8"][1]).all(dim=1)
+    assert same.float().mean() >= 0.98, f"tensor-core router: {int((~same).sum())} of 777 tokens routed differently"
+    torch.testing.assert_close(tc[0][same], outs["4x8"][0][same], rtol=1e-5, atol=1e-6)
     r = subprocess.run([sys.executable, "-c", ROUTE_PROBE, str(tmp_path / "x.pt")], capture_output=True, text=True,
                        env=dict(os.environ, DGEMMA_ROUTE_TILE="3x3"), timeout=300)
-    assert r.returncode != 0 and "DGEMMA_ROUTE_TILE=3x3 is not a compiled router tile (4x8, 8x8, 2x8, 1x8)" in r.stderr
+    assert r.returncode != 0 and "DGEMMA_ROUTE_TILE=3x3 is not a compiled router tile (tc, 4x8, 8x8, 2x8, 1x8)" in r.stderr

@@ -19,16 +19,106 @@
 
 #include "kernels/fp8_quant.cuh"
 #include "kernels/moe_route_limits.h"
+#include "kernels/warp_mma_sm80.cuh"
 
 namespace dgemma::kernels {
 
-// Tile of one block: kTokens tokens (each proj row read from L2 serves them all), kWarps warps splitting
-// the experts. The per-token arithmetic (and so every result) is the same for every tile; the tile only
-// trades L2 reads of proj (one per block) against parallelism. The default, 4 tokens x 8 warps, runs
-// 64 blocks for a 256-token canvas (the first version's 8 x 8 ran 32, at 131 us per layer on an H200);
-// DGEMMA_ROUTE_TILE selects another compiled tile (ops/moe.cu). 16-warp tiles spill (128 registers).
+// route_kernel (CUDA cores): kTokens tokens per block (each proj row read from L2 serves them all), kWarps warps
+// splitting the experts. The per-token arithmetic (and so every result) is the same for every tile; the tile only
+// trades L2 reads of proj (one per block) against parallelism (8 x 8 ran 131 us per layer at 256 tokens on an
+// H200). The default is the tensor-core kernel below; DGEMMA_ROUTE_TILE selects another variant (ops/moe.cu).
+// 16-warp tiles spill (128 registers).
 
 __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+// One token's router input, by one warp: h[i] = bf16(bf16(bf16(x[i] * rms^-1) * scale[i]) * hidden^-1/2), passed to
+// store(i, h[i]); xr null: a padding row of zeros.
+template <typename Store>
+__device__ __forceinline__ void route_normalize_row(const __nv_bfloat16* __restrict__ xr,
+                                                    const __nv_bfloat16* __restrict__ scale, int hidden, float eps,
+                                                    float inv_sqrt_hidden, int lane, Store&& store) {
+  if (xr == nullptr) {
+    for (int i = lane; i < hidden; i += 32) store(i, __float2bfloat16_rn(0.f));
+    return;
+  }
+  float ss = 0.f;
+  for (int i = lane; i < hidden; i += 32) {
+    const float v = __bfloat162float(xr[i]);
+    ss = fmaf(v, v, ss);
+  }
+  const float inv_rms = rsqrtf(warp_sum(ss) / static_cast<float>(hidden) + eps);
+  for (int i = lane; i < hidden; i += 32) {
+    float v = round_bf16(__bfloat162float(xr[i]) * inv_rms);
+    v = round_bf16(v * __bfloat162float(scale[i]));
+    store(i, __float2bfloat16_rn(v * inv_sqrt_hidden));
+  }
+}
+
+// One token's softmax over its (bf16-rounded) logits, top-k and renormalisation, by one warp (the tie and NaN
+// rules above). Writes weights[0..top_k) and ids[0..top_k), by descending probability.
+__device__ __forceinline__ void route_select(const float* logits, int experts, int top_k,
+                                             const __nv_bfloat16* __restrict__ expert_scale, float* weights,
+                                             int32_t* ids, int lane) {
+  constexpr int kPerLane = kRouteMaxExperts / 32;
+  const int per_lane = experts / 32;
+  float p[kPerLane];
+  float m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const float l = j < per_lane ? logits[j * 32 + lane] : -INFINITY;
+    p[j] = isnan(l) ? -INFINITY : l;
+    m = fmaxf(m, p[j]);
+  }
+  m = warp_max(m);
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    p[j] = j < per_lane ? (p[j] == m ? 1.f : expf(p[j] - m)) : 0.f;
+    sum += p[j];
+  }
+  const float inv_sum = 1.f / warp_sum(sum);
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) p[j] = j < per_lane ? p[j] * inv_sum : -1.f;  // -1: never selected
+  // Every candidate now holds a probability in [0, 1] (no NaN), above the -2 a search starts from and
+  // the -1 of a taken or padding slot: each of the top_k <= experts searches ends on a valid id.
+
+  float chosen_p = 0.f, total = 0.f;
+  int chosen_id = 0;
+  for (int k = 0; k < top_k; ++k) {
+    // Lane-local best (lowest expert id on ties), then a warp argmax with the same tie rule.
+    float best = -2.f;
+    int best_id = 0x7fffffff;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      if (p[j] > best) {
+        best = p[j];
+        best_id = j * 32 + lane;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
+      if (ob > best || (ob == best && oi < best_id)) {
+        best = ob;
+        best_id = oi;
+      }
+    }
+    total += best;
+    if (lane == k) {
+      chosen_p = best;
+      chosen_id = best_id;
+    }
+    // Take it out (a select per slot: the slots stay in registers).
+    const bool mine = (best_id & 31) == lane;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) p[j] = mine && j == (best_id >> 5) ? -1.f : p[j];
+  }
+  if (lane < top_k) {
+    weights[lane] = chosen_p / total * __bfloat162float(expert_scale[chosen_id]);
+    ids[lane] = chosen_id;
+  }
+}
 
 // hidden % 8 == 0 (16-byte vectors); experts <= kRouteMaxExperts, a multiple of 32; top_k <= min(experts,
 // kRouteMaxTopK). Outputs: weights [tokens, top_k] fp32, ids [tokens, top_k] int32, by descending probability.
@@ -47,22 +137,8 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
   // 1. Normalise: warp w handles token t0 + w (rows past the end become zeros and are never written out).
   for (int t = warp; t < kRouteTokens; t += kRouteWarps) {
     __nv_bfloat16* ht = h + t * hidden;
-    if (t0 + t >= tokens) {
-      for (int i = lane; i < hidden; i += 32) ht[i] = __float2bfloat16_rn(0.f);
-      continue;
-    }
-    const __nv_bfloat16* xr = x + (t0 + t) * x_stride;
-    float ss = 0.f;
-    for (int i = lane; i < hidden; i += 32) {
-      const float v = __bfloat162float(xr[i]);
-      ss = fmaf(v, v, ss);
-    }
-    const float inv_rms = rsqrtf(warp_sum(ss) / static_cast<float>(hidden) + eps);
-    for (int i = lane; i < hidden; i += 32) {
-      float v = round_bf16(__bfloat162float(xr[i]) * inv_rms);
-      v = round_bf16(v * __bfloat162float(scale[i]));
-      ht[i] = __float2bfloat16_rn(v * inv_sqrt_hidden);
-    }
+    route_normalize_row(t0 + t < tokens ? x + (t0 + t) * x_stride : nullptr, scale, hidden, eps, inv_sqrt_hidden,
+                        lane, [&](int i, __nv_bfloat16 v) { ht[i] = v; });
   }
   __syncthreads();
 
@@ -93,78 +169,150 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
   __syncthreads();
 
   // 3. Softmax, top-k, renormalise: warp w handles token t0 + w.
-  constexpr int kPerLane = kRouteMaxExperts / 32;
   for (int t = warp; t < kRouteTokens; t += kRouteWarps) {
     if (t0 + t >= tokens) continue;
-    const int per_lane = experts / 32;
-    float p[kPerLane];
-    float m = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const float l = j < per_lane ? logits[t * experts + j * 32 + lane] : -INFINITY;
-      p[j] = isnan(l) ? -INFINITY : l;
-      m = fmaxf(m, p[j]);
-    }
-    m = warp_max(m);
-    float sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      p[j] = j < per_lane ? (p[j] == m ? 1.f : expf(p[j] - m)) : 0.f;
-      sum += p[j];
-    }
-    const float inv_sum = 1.f / warp_sum(sum);
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) p[j] = j < per_lane ? p[j] * inv_sum : -1.f;  // -1: never selected
-    // Every candidate now holds a probability in [0, 1] (no NaN), above the -2 a search starts from and
-    // the -1 of a taken or padding slot: each of the top_k <= experts searches ends on a valid id.
-
-    float chosen_p = 0.f, total = 0.f;
-    int chosen_id = 0;
-    for (int k = 0; k < top_k; ++k) {
-      // Lane-local best (lowest expert id on ties), then a warp argmax with the same tie rule.
-      float best = -2.f;
-      int best_id = 0x7fffffff;
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        if (p[j] > best) {
-          best = p[j];
-          best_id = j * 32 + lane;
-        }
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
-        if (ob > best || (ob == best && oi < best_id)) {
-          best = ob;
-          best_id = oi;
-        }
-      }
-      total += best;
-      if (lane == k) {
-        chosen_p = best;
-        chosen_id = best_id;
-      }
-      if ((best_id & 31) == lane) {
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j)
-          if (j == (best_id >> 5)) p[j] = -1.f;
-      }
-    }
-    if (lane < top_k) {
-      const int64_t o = (t0 + t) * top_k + lane;
-      weights[o] = chosen_p / total * __bfloat162float(expert_scale[chosen_id]);
-      ids[o] = chosen_id;
-    }
+    route_select(logits + t * experts, experts, top_k, expert_scale, weights + (t0 + t) * top_k,
+                 ids + (t0 + t) * top_k, lane);
   }
 }
 
+// Tensor-core router: 16 tokens per block (one mma row block), 4 warps splitting the experts; the logits by
+// mma.sync m16n8k16 (bf16 in, fp32 accumulation) over 64-wide K tiles of proj streamed through a 3-stage cp.async
+// pipeline, the normalised rows resident in shared memory. Normalisation and selection are route_kernel's; the fp32
+// sum of a logit runs in the tensor cores' order, so it may differ from route_kernel's by an ulp before the bf16
+// rounding (the routes agree but for such near-ties).
+constexpr int kRouteTcTokens = 16;
+constexpr int kRouteTcWarps = 4;
+constexpr int kRouteTcK = 64;
+constexpr int kRouteTcStages = 3;
+
+inline size_t route_tc_smem_bytes(int hidden, int experts) {
+  return static_cast<size_t>(kRouteTcTokens) * hidden * 2 +
+         static_cast<size_t>(kRouteTcStages) * experts * kRouteTcK * 2 + static_cast<size_t>(kRouteTcTokens) * experts * 4;
+}
+
+// Sizes the tensor-core router takes (others run route_kernel).
+inline bool route_tc_fits(int hidden, int experts) {
+  return hidden % kRouteTcK == 0 && (experts == 64 || experts == 128 || experts == 256) &&
+         route_tc_smem_bytes(hidden, experts) <= kRouteMaxSmemBytes;
+}
+
+// Element offset of (row, 16-byte chunk) in rows of `row_chunks` chunks (a multiple of 8), the chunk's low 3 bits
+// XORed with row % 8: the 8 rows an ldmatrix reads at one column land in 8 different bank groups.
+__device__ __forceinline__ int route_swizzle(int row, int chunk, int row_chunks) {
+  return (row * row_chunks + (chunk ^ (row & 7))) * 8;
+}
+
+// kNTiles: n8 tiles per warp = experts / 32.
+template <int kNTiles>
+__global__ void __launch_bounds__(kRouteTcWarps * 32)
+    route_tc_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const __nv_bfloat16* __restrict__ scale,
+                    const __nv_bfloat16* __restrict__ proj, const __nv_bfloat16* __restrict__ expert_scale,
+                    int64_t tokens, int hidden, int experts, int top_k, float eps, float inv_sqrt_hidden,
+                    float* __restrict__ weights, int32_t* __restrict__ ids) {
+  static_assert(kNTiles % 2 == 0, "n-tiles are loaded in pairs");
+  constexpr int kExperts = kNTiles * 8 * kRouteTcWarps;
+  extern __shared__ __align__(128) unsigned char route_tc_smem[];
+  __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(route_tc_smem);  // [16][hidden], swizzled
+  __nv_bfloat16* tiles = h + kRouteTcTokens * hidden;                   // [stages][experts][64], swizzled
+  float* logits = reinterpret_cast<float*>(tiles + kRouteTcStages * kExperts * kRouteTcK);  // [16][experts]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRouteTcTokens;
+  const int row_chunks = hidden / 8;
+
+  // 1. Normalise the block's tokens (rows past the end are zeros and are never written out).
+  for (int t = warp; t < kRouteTcTokens; t += kRouteTcWarps) {
+    route_normalize_row(t0 + t < tokens ? x + (t0 + t) * x_stride : nullptr, scale, hidden, eps, inv_sqrt_hidden,
+                        lane, [&](int i, __nv_bfloat16 v) { h[route_swizzle(t, i / 8, row_chunks) + i % 8] = v; });
+  }
+
+  // 2. Logits of the 16 tokens against this warp's experts n0 .. n0 + 8 * kNTiles - 1.
+  const int n0 = warp * kNTiles * 8;
+  float acc[kNTiles][4];
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  const int k_tiles = hidden / kRouteTcK;
+  auto load = [&](int kt) {
+    __nv_bfloat16* dst = tiles + (kt % kRouteTcStages) * kExperts * kRouteTcK;
+    const __nv_bfloat16* src = proj + static_cast<int64_t>(kt) * kRouteTcK;
+    for (int c = threadIdx.x; c < kExperts * 8; c += kRouteTcWarps * 32) {
+      const int row = c / 8, chunk = c % 8;
+      cp_async_16(dst + route_swizzle(row, chunk, 8), src + static_cast<int64_t>(row) * hidden + chunk * 8, 16);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kRouteTcStages - 1; ++s) {
+    if (s < k_tiles) load(s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kRouteTcStages - 2>();
+    __syncthreads();  // tile kt landed for every thread; the stage loaded next was consumed by all (and h is stored)
+    if (kt + kRouteTcStages - 1 < k_tiles) load(kt + kRouteTcStages - 1);
+    cp_async_commit();
+    const __nv_bfloat16* tile = tiles + (kt % kRouteTcStages) * kExperts * kRouteTcK;
+#pragma unroll
+    for (int ks = 0; ks < kRouteTcK / 16; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, h + route_swizzle(lane % 16, kt * (kRouteTcK / 8) + ks * 2 + lane / 16, row_chunks));
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, tile + route_swizzle(n0 + np * 16 + lane % 8 + 8 * (lane / 16), ks * 2 + (lane / 8) % 2, 8));
+        mma_bf16_16816(acc[2 * np], a, b[0], b[1]);
+        mma_bf16_16816(acc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // 3. bf16-rounded logits to shared memory (accumulator layout: rows lane/4 and lane/4 + 8, two columns each).
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) {
+    const int col = n0 + j * 8 + 2 * (lane % 4);
+    const int row = lane / 4;
+    logits[row * kExperts + col] = round_bf16(acc[j][0]);
+    logits[row * kExperts + col + 1] = round_bf16(acc[j][1]);
+    logits[(row + 8) * kExperts + col] = round_bf16(acc[j][2]);
+    logits[(row + 8) * kExperts + col + 1] = round_bf16(acc[j][3]);
+  }
+  __syncthreads();
+
+  // 4. Softmax, top-k, renormalise.
+  for (int t = warp; t < kRouteTcTokens; t += kRouteTcWarps) {
+    if (t0 + t >= tokens) continue;
+    route_select(logits + t * kExperts, experts, top_k, expert_scale, weights + (t0 + t) * top_k,
+                 ids + (t0 + t) * top_k, lane);
+  }
+}
+
+template <int kNTiles>
+cudaError_t launch_route_tc(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
+                            const __nv_bfloat16* proj, const __nv_bfloat16* expert_scale, int64_t tokens, int hidden,
+                            int experts, int top_k, float eps, float inv_sqrt_hidden, float* weights, int32_t* ids,
+                            cudaStream_t stream) {
+  const size_t smem = route_tc_smem_bytes(hidden, experts);
+  cudaError_t err = cudaFuncSetAttribute(route_tc_kernel<kNTiles>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = (tokens + kRouteTcTokens - 1) / kRouteTcTokens;
+  route_tc_kernel<kNTiles><<<static_cast<unsigned>(blocks), kRouteTcWarps * 32, smem, stream>>>(
+      x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids);
+  return cudaGetLastError();
+}
+
+// A compiled router variant: the tensor-core kernel (tensor_cores) or route_kernel<tokens, warps>.
 struct RouteTile {
   int tokens, warps;
+  bool tensor_cores;
+  const char* name;
 };
 
-// The tiles compiled in, by name "<tokens>x<warps>"; the first is the default.
-constexpr RouteTile kRouteTiles[] = {{4, 8}, {8, 8}, {2, 8}, {1, 8}};
+// The variants compiled in, by name; the first is the default (the tensor-core kernel where its sizes fit,
+// else route_kernel<4, 8>).
+constexpr RouteTile kRouteTiles[] = {
+    {kRouteTcTokens, kRouteTcWarps, true, "tc"}, {4, 8, false, "4x8"}, {8, 8, false, "8x8"},
+    {2, 8, false, "2x8"}, {1, 8, false, "1x8"}};
 
 template <int T, int W>
 cudaError_t launch_route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
@@ -181,7 +329,7 @@ cudaError_t launch_route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bf
   return cudaGetLastError();
 }
 
-// `tile` indexes kRouteTiles (out of range: the default).
+// `tile` indexes kRouteTiles (0 or out of range: the default).
 inline cudaError_t route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
                          const __nv_bfloat16* proj, const __nv_bfloat16* expert_scale, int64_t tokens, int hidden,
                          int experts, int top_k, float eps, float inv_sqrt_hidden, float* weights, int32_t* ids,
@@ -190,10 +338,17 @@ inline cudaError_t route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bf
 #define DGEMMA_ROUTE_ARGS \
   x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, stream
   switch (tile) {
-    case 1: return launch_route<8, 8>(DGEMMA_ROUTE_ARGS);
-    case 2: return launch_route<2, 8>(DGEMMA_ROUTE_ARGS);
-    case 3: return launch_route<1, 8>(DGEMMA_ROUTE_ARGS);
-    default: return launch_route<4, 8>(DGEMMA_ROUTE_ARGS);
+    case 1: return launch_route<4, 8>(DGEMMA_ROUTE_ARGS);
+    case 2: return launch_route<8, 8>(DGEMMA_ROUTE_ARGS);
+    case 3: return launch_route<2, 8>(DGEMMA_ROUTE_ARGS);
+    case 4: return launch_route<1, 8>(DGEMMA_ROUTE_ARGS);
+    default:
+      if (!route_tc_fits(hidden, experts)) return launch_route<4, 8>(DGEMMA_ROUTE_ARGS);
+      switch (experts) {
+        case 64: return launch_route_tc<2>(DGEMMA_ROUTE_ARGS);
+        case 128: return launch_route_tc<4>(DGEMMA_ROUTE_ARGS);
+        default: return launch_route_tc<8>(DGEMMA_ROUTE_ARGS);
+      }
   }
 #undef DGEMMA_ROUTE_ARGS
 }

@@ -183,7 +183,7 @@ ContiguousBuffers contiguous_buffers(void* base, int64_t tokens, int top_k, int 
   return b;
 }
 
-// The router tile: DGEMMA_ROUTE_TILE="<tokens>x<warps>" (one of kernels::kRouteTiles; read once), for sweeps.
+// The router variant: DGEMMA_ROUTE_TILE = a name of kernels::kRouteTiles ("tc", "4x8", ...; read once), for sweeps.
 int route_tile() {
   static const int tile = [] {
     const char* v = std::getenv("DGEMMA_ROUTE_TILE");
@@ -191,7 +191,7 @@ int route_tile() {
     std::string names;
     int i = 0;
     for (const kernels::RouteTile& t : kernels::kRouteTiles) {
-      const std::string name = std::to_string(t.tokens) + "x" + std::to_string(t.warps);
+      const std::string name = t.name;
       if (name == v) return i;
       names += (i++ ? ", " : "") + name;
     }
