@@ -14,7 +14,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -26,6 +25,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/cutlass_launch.cuh"
 #include "kernels/sm90_fp8_scaled_gemm.cuh"
 
 namespace dgemma::kernels {
@@ -107,23 +107,6 @@ struct ScaledGemm {
   }
 };
 
-// cudaFuncSetAttribute (the kernel's dynamic shared memory) once per device, not on every call.
-template <class G>
-cudaError_t prepare_kernel(int device) {
-  static std::atomic<uint64_t> ready{0};
-  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
-  if (bit != 0 && (ready.load(std::memory_order_acquire) & bit)) return cudaSuccess;
-  constexpr int smem = G::Kernel::SharedStorageSize;
-  if (smem >= (48 << 10)) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(cutlass::device_kernel<typename G::Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             smem);
-    if (err != cudaSuccess) return err;
-  }
-  ready.fetch_or(bit, std::memory_order_acq_rel);
-  return cudaSuccess;
-}
-
 template <int TileN>
 size_t workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
   using G = ScaledGemm<TileN>;
@@ -135,17 +118,7 @@ cudaError_t run(const Fp8ScaledGemmProblem& p, void* workspace, size_t bytes, in
                 cudaStream_t stream) {
   using G = ScaledGemm<TileN>;
   if (p.rows == 0) return cudaSuccess;
-  auto args = G::arguments(p, sm_count, device);
-  if (bytes < G::Gemm::get_workspace_size(args)) return cudaErrorInvalidValue;
-  if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidConfiguration;
-  cudaError_t err = prepare_kernel<G>(device);
-  if (err != cudaSuccess) return err;
-  if (G::Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess)
-    return cudaErrorInvalidConfiguration;
-  // Host work per call: the params (two TMA descriptors for the operands, one for D) and the launch.
-  typename G::Kernel::Params params = G::Kernel::to_underlying_arguments(args, workspace);
-  if (G::Gemm::run(params, stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
-  return cudaGetLastError();
+  return run_cutlass<G>(G::arguments(p, sm_count, device), workspace, bytes, device, stream);
 }
 
 }  // namespace sm90_fp8_scaled

@@ -17,7 +17,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -29,6 +28,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/cutlass_launch.cuh"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
 #include "kernels/sm90_moe_grouped_gemm.cuh"
 
@@ -232,22 +232,6 @@ struct MoeGemm {
   }
 };
 
-// cudaFuncSetAttribute (the kernel's dynamic shared memory) once per device, not on every call.
-template <class G>
-cudaError_t prepare_kernel(int device) {
-  static std::atomic<uint64_t> ready{0};
-  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
-  if (bit != 0 && (ready.load(std::memory_order_acquire) & bit)) return cudaSuccess;
-  constexpr int smem = G::Kernel::SharedStorageSize;
-  if (smem >= (48 << 10)) {
-    const cudaError_t err = cudaFuncSetAttribute(cutlass::device_kernel<typename G::Kernel>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-  }
-  ready.fetch_or(bit, std::memory_order_acq_rel);
-  return cudaSuccess;
-}
-
 template <int TileN>
 size_t workspace_bytes(const MoeGemmProblem& p, int sm_count, int device) {
   using G = MoeGemm<TileN>;
@@ -260,16 +244,7 @@ cudaError_t run(const MoeGemmProblem& p, void* workspace, size_t bytes, int sm_c
   using G = MoeGemm<TileN>;
   if (p.rows_cap == 0 || p.experts == 0) return cudaSuccess;
   if (p.rows_cap % TileN != 0) return cudaErrorInvalidValue;
-  auto args = G::arguments(p, sm_count, device);
-  if (bytes < G::Gemm::get_workspace_size(args)) return cudaErrorInvalidValue;
-  if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidConfiguration;
-  cudaError_t err = prepare_kernel<G>(device);
-  if (err != cudaSuccess) return err;
-  if (G::Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess)
-    return cudaErrorInvalidConfiguration;
-  typename G::Kernel::Params params = G::Kernel::to_underlying_arguments(args, workspace);
-  if (G::Gemm::run(params, stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
-  return cudaGetLastError();
+  return run_cutlass<G>(G::arguments(p, sm_count, device), workspace, bytes, device, stream);
 }
 
 }  // namespace dgemma::kernels::sm90_moe

@@ -76,7 +76,7 @@ class ResidualOpsMixin:
         # its first GEMM.
         if _fits_residual(x, y, weight) and y.shape == x.shape and x.dtype == torch.bfloat16 \
                 and mlp_norm.dtype == torch.bfloat16 and all(isinstance(w, Fp8Weight) for w in (gate, up, down)) \
-                and not {"residual_norm", "norm_quant"} & _ext.disabled_kernels():
+                and not {"residual_norm", "norm_quant", "fp8_dense"} & _ext.disabled_kernels():
             x, h = residual_norm_fp8(x, y, weight, eps, mlp_norm)
             return x, gated_mlp_fp8(h, gate, up, down)
         return super().residual_mlp(x, y, weight, eps, mlp_norm, gate, up, down)
@@ -168,7 +168,7 @@ class QkvOpsMixin:
     def _qkv_fits(h, w, head_dim, cos) -> bool:
         return (h.is_cuda and h.dtype == torch.bfloat16 and cos.dtype == torch.bfloat16
                 and w.q_norm.dtype == torch.bfloat16 and head_dim_supported(head_dim)
-                and "qkv_fusion" not in _ext.disabled_kernels())
+                and not {"qkv_fusion", "fp8_dense"} & _ext.disabled_kernels())
 
     def _qkv_prep(self, proj, w, cos, sin, eps):
         nq, nk = w.q_proj.shape[0], w.k_proj.shape[0]

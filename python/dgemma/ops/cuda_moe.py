@@ -287,24 +287,34 @@ def _kernel_ready(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and x.numel() > 0
 
 
+def _dense_ready(x: torch.Tensor) -> bool:
+    """The dense FP8 GEMM path applies (DGEMMA_DISABLE_KERNELS=fp8_dense: the reference ops, for triage)."""
+    return _kernel_ready(x) and "fp8_dense" not in _ext.disabled_kernels()
+
+
+def _experts_ready(x: torch.Tensor) -> bool:
+    """The FP8 MoE pipeline applies (DGEMMA_DISABLE_KERNELS=fp8_moe: the reference experts, for triage)."""
+    return _kernel_ready(x) and "fp8_moe" not in _ext.disabled_kernels()
+
+
 class Fp8MoeOpsMixin:
     """Overrides of ``linear``, ``gated_mlp``, ``route`` and ``moe`` that run the FP8/MoE kernels when
     their inputs fit (bf16 CUDA activations, FP8 weights) and defer to the next class otherwise.
     Use as ``class CudaOps(Fp8MoeOpsMixin, ReferenceOps)``."""
 
     def linear(self, x, weight):
-        if isinstance(weight, Fp8Weight) and _kernel_ready(x):
+        if isinstance(weight, Fp8Weight) and _dense_ready(x):
             return linear_fp8(x, weight)
         return super().linear(x, weight)
 
     def gated_mlp(self, x, gate, up, down):
-        if all(isinstance(w, Fp8Weight) for w in (gate, up, down)) and _kernel_ready(x):
+        if all(isinstance(w, Fp8Weight) for w in (gate, up, down)) and _dense_ready(x):
             return gated_mlp_fp8(x, gate, up, down)
         return super().gated_mlp(x, gate, up, down)
 
     def norm_gated_mlp(self, x, norm, eps, gate, up, down):
         # The norm writes the GEMM's FP8 input directly (no bf16 round trip, one launch fewer).
-        if all(isinstance(w, Fp8Weight) for w in (gate, up, down)) and _kernel_ready(x) \
+        if all(isinstance(w, Fp8Weight) for w in (gate, up, down)) and _dense_ready(x) \
                 and (norm is None or norm.dtype == torch.bfloat16) and "norm_quant" not in _ext.disabled_kernels():
             return gated_mlp_fp8(rms_norm_fp8(x, norm, eps), gate, up, down)
         return super().norm_gated_mlp(x, norm, eps, gate, up, down)
@@ -315,14 +325,14 @@ class Fp8MoeOpsMixin:
         return super().route(x, scale, proj, expert_scale, top_k, eps)
 
     def moe(self, x, ids, weights, gate_up, down):
-        if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _kernel_ready(x):
+        if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _experts_ready(x):
             return moe_fp8(x.contiguous(), ids, weights, gate_up, down)
         return super().moe(x, ids, weights, gate_up, down)
 
     def norm_moe(self, x, norm, eps, ids, weights, gate_up, down, tokens_per_row=None):
         # The pre-MoE norm inside the experts' gather (one launch fewer, no bf16 round trip). Every routed row is
         # computed on its own, so independent sequences (tokens_per_row) need nothing more.
-        if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _kernel_ready(x) \
+        if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _experts_ready(x) \
                 and norm is not None and norm.dtype == torch.bfloat16 and "norm_quant" not in _ext.disabled_kernels():
             return moe_fp8(x.contiguous(), ids, weights, gate_up, down, norm=norm, eps=eps)
         return super().norm_moe(x, norm, eps, ids, weights, gate_up, down, tokens_per_row)
@@ -330,6 +340,6 @@ class Fp8MoeOpsMixin:
     def moe_rows(self, x, ids, weights, gate_up, down, tokens_per_row):
         # The kernel computes every routed row on its own (per-token scales, fixed-order sums): one call for
         # all sequences gives each the result it would have alone.
-        if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _kernel_ready(x):
+        if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _experts_ready(x):
             return moe_fp8(x.contiguous(), ids, weights, gate_up, down)
         return super().moe_rows(x, ids, weights, gate_up, down, tokens_per_row)
