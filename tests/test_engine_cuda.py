@@ -121,3 +121,38 @@ def test_batched_decoder_rows_equal_each_row_alone_on_the_gpu():
     for r in range(3):
         alone = eng.model.denoise_hidden(canvas[r:r + 1], caches[r], softs[r])
         assert torch.equal(rows[r:r + 1], alone), (r, _rel(rows[r:r + 1], alone))
+
+
+# Kernels one layer of the FP8 CUDA path launches in a denoising step: input rms_norm_fp8, QKV GEMM, qkv_prep,
+# attention (+ its split-KV combine), o_proj quantise + GEMM, residual (+ the MLP's FP8 input), gate/up GEMM,
+# gelu_up, down GEMM, router, plan, gather (+ pre-MoE norm), expert GEMM, gelu_up, expert GEMM, combine, ffn
+# residual. The step adds its own (embedding, RoPE tables, decoder input, final norm, vocabulary head, sampler).
+KERNELS_PER_LAYER = 19
+KERNELS_PER_STEP = 80
+
+
+@pytest.mark.gpu
+def test_a_denoising_step_launches_few_kernels_per_layer():
+    """The launch count of one step as generate runs it (fused head, FP8), counted by the profiler: a regression
+    guard for the fusions (issue: at most 400 kernels per step at the 26B shapes)."""
+    from dgemma.bench import profile
+    from dgemma.sampler import GenerationSettings, make_sampler
+    from dgemma.steps import make_stepper
+
+    eng = random_engine("small", dtype=torch.bfloat16, device="cuda", backend="cuda", quantization="fp8")
+    cfg = eng.config
+    g = torch.Generator(device="cuda").manual_seed(0)
+    prompt = torch.randint(3, cfg.vocab_size, (1, 100), generator=g, device="cuda")
+    cache = eng.new_cache(1, 100 + cfg.canvas_length, rollback=cfg.canvas_length)
+    eng.encode(prompt, cache=cache)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g, device="cuda")
+    settings = GenerationSettings(max_denoising_steps=4)
+    stepper = make_stepper(eng, cache, make_sampler(eng, settings, g))
+    logits = torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=g, device="cuda").to(torch.bfloat16)
+    soft = eng.model.soft_input(logits)
+    running = torch.zeros(1, dtype=torch.bool, device="cuda")
+    summary = profile(lambda: stepper(canvas, soft, 4, running), torch.device("cuda"))
+    bound = KERNELS_PER_LAYER * cfg.num_layers + KERNELS_PER_STEP
+    top = "\n".join(f"{k['launches']:5d}x {k['name'][:100]}" for k in summary["top_kernels"])
+    assert summary["kernels"] <= bound, f"{summary['kernels']} kernels > {bound}; the costliest:\n{top}"
+    assert summary["host_syncs"] <= 1
