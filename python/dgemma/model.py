@@ -24,7 +24,10 @@ class DiffusionGemmaModel:
         self.w = weights
         self.ops = ops
         ops.prepare_weights(weights)
-        self.inv_freq = {spec.kind: inverse_frequencies(spec) for spec in cfg.layers}
+        # NOTE: on the weights' device once: a host tensor here would be copied to the GPU on every step (a
+        # synchronous copy, which also cannot be captured in a CUDA graph).
+        device = weights.embed.device
+        self.inv_freq = {spec.kind: inverse_frequencies(spec).to(device) for spec in cfg.layers}
         self.vision = None if weights.vision is None else VisionTower(cfg.vision, weights.vision, ops)
 
     # -- shared pieces -------------------------------------------------------------------------
