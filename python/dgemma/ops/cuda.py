@@ -32,7 +32,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, out: t
     return out
 
 
-def residual_norm(x, a, wa, eps, b=None, wb=None, wc=None, scalar=None):
+def residual_norm(x, a, wa, eps, b=None, wb=None, wc=None, scalar=None) -> torch.Tensor:
     """One kernel for a layer's residual update (``_C.residual_norm``): ``x + rms_norm(a)·wa``, or with ``b``:
     ``(x + rms_norm(rms_norm(a)·wa + rms_norm(b)·wb)·wc)·scalar``; each step rounded to x's dtype as the
     reference's ops round it. All CUDA tensors of one dtype (float32 or bfloat16); x, a, b contiguous."""
