@@ -138,8 +138,8 @@ void register_norm(py::module_& m) {
       py::arg("q_scale") = py::none(),
       "A layer's residual update in one pass: out = x + rms_norm(a)*wa, or with b, wb, wc and scalar: "
       "out = (x + rms_norm(rms_norm(a)*wa + rms_norm(b)*wb)*wc) * scalar (each step rounded to x's dtype). "
-      "With q and q_scale (first form, bfloat16) it also writes the FP8 rows of rms_norm(out)*q_weight (the next "
-      "GEMM's input), as rms_norm_fp8 would.");
+      "With q and q_scale (bfloat16) it also writes the FP8 rows of rms_norm(out)*q_weight (the next GEMM's "
+      "input), as rms_norm_fp8 would.");
 }
 
 }  // namespace

@@ -291,8 +291,6 @@ def residual_norm_table(c: Ctx) -> Table:
     q, qs = c.empty(6, 512, dtype=FP8), c.empty(6, dtype=F32)
     t.bad("q without q_scale", "q and q_scale must be given together (q_weight with them, or neither)", q=q)
     t.bad("q_weight alone", "q and q_scale must be given together (q_weight with them, or neither)", q_weight=wa)
-    t.bad("q with the ffn form", "q (the quantised norm of out) is written by the add_rms_norm form only (no b)", q=q,
-          q_scale=qs)
     t.bad("q with float32 rows", "x has dtype float32: q needs bfloat16", x=c.empty(6, 512, dtype=F32),
           a=c.empty(6, 512, dtype=F32), wa=c.empty(512, dtype=F32), out=c.empty(6, 512, dtype=F32), q=q, q_scale=qs,
           **add)
@@ -314,6 +312,10 @@ def residual_norm_table(c: Ctx) -> Table:
         torch.testing.assert_close(out.float(), ReferenceOps().add_rms_norm(x, a, wa, 1e-6).float(), rtol=2e-2,
                                    atol=2e-2)
         rq, rs = quant.quantize_rows(ReferenceOps().rms_norm(out, wb, 1e-6))
+        assert torch.equal(q.view(U8), rq.view(U8)) and torch.equal(qs, rs)
+        # The second form with its quantised output (the next layer's q/k/v input), the same way.
+        c.lib.residual_norm(x, a, b, wa, wb, wc, scalar, out, 1e-6, c.stream(), wa, q, qs)
+        rq, rs = quant.quantize_rows(ReferenceOps().rms_norm(out, wa, 1e-6))
         assert torch.equal(q.view(U8), rq.view(U8)) and torch.equal(qs, rs)
         ref = ReferenceOps().ffn_residual(x, a, b, wa, wb, wc, scalar, 1e-6)
         torch.testing.assert_close(t.base["out"].float(), ref.float(), rtol=2e-2, atol=2e-2)

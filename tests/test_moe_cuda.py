@@ -205,6 +205,33 @@ def test_residual_mlp_writes_the_mlp_input_with_the_residual(lead):
     assert torch.equal(mlp, cuda_moe.gated_mlp_fp8(cuda_moe.rms_norm_fp8(ref_x, w_pre, 1e-6), gate, up, down))
 
 
+def test_ffn_residual_writes_the_next_layers_attention_input():
+    """CudaOps.ffn_residual_qkv (the feed-forward residual kernel also quantising the next layer's normed input)
+    equals the residual kernel then rms_norm_fp8, bit for bit, and project_qkv takes those rows."""
+    from dgemma.ops import cuda
+    from dgemma.ops.cuda import CudaOps
+    from dgemma.random_checkpoint import random_engine
+
+    eng = random_engine("small", dtype=torch.bfloat16, device="cuda", backend="cuda", quantization="fp8")
+    nxt, spec = eng.model.w.layers[1], eng.config.layers[1]
+    hid = eng.config.hidden_size
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x, mlp, moe = ((torch.randn(2, 37, hid, device="cuda", generator=g) * 2).bfloat16() for _ in range(3))
+    w_mlp, w_moe, w_ff = ((torch.rand(hid, device="cuda", generator=g) + 0.5).bfloat16() for _ in range(3))
+    scalar = torch.full((1,), 0.8, dtype=torch.bfloat16, device="cuda")
+    new_x, h = CudaOps().ffn_residual_qkv(x, mlp, moe, w_mlp, w_moe, w_ff, scalar, 1e-6, nxt.input_norm, nxt.attn,
+                                          spec.head_dim)
+    ref_x = cuda.residual_norm(x, mlp, w_mlp, 1e-6, moe, w_moe, w_ff, scalar)
+    assert torch.equal(new_x, ref_x) and isinstance(h, quant.Fp8Rows)
+    ref_h = cuda_moe.rms_norm_fp8(ref_x, nxt.input_norm, 1e-6)
+    assert torch.equal(h.q.view(torch.uint8), ref_h.q.view(torch.uint8)) and torch.equal(h.scale, ref_h.scale)
+    cos, sin = eng.model._rope_tables(torch.arange(37, device="cuda")[None], torch.bfloat16)[spec.kind]
+    ops = CudaOps()
+    got = ops.project_qkv(h, nxt.attn, spec.head_dim, cos, sin, 1e-6)
+    want = ops.norm_project_qkv(ref_x, nxt.input_norm, nxt.attn, spec.head_dim, cos, sin, 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 # -- router --------------------------------------------------------------------------------------
 
 

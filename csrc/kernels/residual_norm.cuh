@@ -6,7 +6,8 @@
 // where norm(v) = v * (mean(v^2) + eps)^-1/2 in fp32 (the rms_norm kernel's formula). One warp per row;
 // a row is re-read from L1 in each pass (hidden 2816: ~90 elements per lane). Products and sums use the
 // _rn intrinsics so that no multiply-add is contracted past a rounding the reference makes (fp32 rows).
-// add_rms_norm can also write the FP8 input of the GEMM that follows (the dense MLP's, after its norm).
+// Either form can also write the FP8 input of the GEMM after the next norm (add_rms_norm: the dense MLP's;
+// ffn_residual: the next layer's q/k/v projection).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,7 +31,7 @@ __device__ __forceinline__ float warp_total(float v) {
   return v;
 }
 
-// The next FP8 GEMM's input from add_rms_norm's output (bf16 only): q [rows, dim] and scale [rows] quantise
+// The next FP8 GEMM's input from the output (bf16 only): q [rows, dim] and scale [rows] quantise
 // rms_norm(out) [* weight] exactly as rms_norm_fp8_kernel would from the stored out (same reduction order).
 template <typename T>
 struct ResidualQuant {
@@ -38,6 +39,36 @@ struct ResidualQuant {
   uint8_t* q = nullptr;  // null: no quantised output
   float* scale = nullptr;
 };
+
+// Stores a row (out_at(i): the value of element i, as rounded to T) and, when quant.q is set (bf16), quantises
+// rms_norm(row) [* quant.weight] per row for the next FP8 GEMM. The sum of squares runs over the stored values
+// in row_inv_rms's order and the quantising passes recompute the values (never reading out back), so the
+// result equals rms_norm_fp8 of the stored row bit for bit.
+template <typename T, typename OutAt>
+__device__ __forceinline__ void store_and_quantize(OutAt&& out_at, T* __restrict__ outr, int dim, float eps, int lane,
+                                                   int64_t row, const ResidualQuant<T>& quant) {
+  float ss = 0.f;
+  for (int i = lane; i < dim; i += 32) {
+    const float f = out_at(i);
+    outr[i] = from_float<T>(f);
+    ss = fmaf(f, f, ss);
+  }
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (quant.q != nullptr) {
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, offset);
+      const float inv_rms = rsqrtf(ss / static_cast<float>(dim) + eps);
+      float amax = 0.f;
+      for (int i = lane; i < dim; i += 32)
+        amax = fmaxf(amax, fabsf(__bfloat162float(normed_value(out_at(i), quant.weight, i, inv_rms))));
+      const float s = fp8_scale_from_amax(warp_max(amax));
+      uint8_t* qr = quant.q + row * static_cast<int64_t>(dim);
+      for (int i = lane; i < dim; i += 32)
+        qr[i] = fp8_quantize(__bfloat162float(normed_value(out_at(i), quant.weight, i, inv_rms)), s);
+      if (lane == 0) quant.scale[row] = s;
+    }
+  }
+}
 
 // rows x dim; every tensor's rows `dim` apart except where a stride is given. `b`, `wb`, `wc` and `scalar`
 // are null for add_rms_norm (then `a` is y and `wa` is w).
@@ -61,27 +92,7 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
       const float n = rounded<T>(__fmul_rn(__fmul_rn(to_float(ar[i]), ra), to_float(wa[i])));
       return to_float(from_float<T>(__fadd_rn(to_float(xr[i]), n)));
     };
-    float ss = 0.f;  // of the stored values, in row_inv_rms's order: the next norm's sum of squares
-    for (int i = lane; i < dim; i += 32) {
-      const float f = out_at(i);
-      outr[i] = from_float<T>(f);
-      ss = fmaf(f, f, ss);
-    }
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      if (quant.q != nullptr) {
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, offset);
-        const float inv_rms = rsqrtf(ss / static_cast<float>(dim) + eps);
-        float amax = 0.f;
-        for (int i = lane; i < dim; i += 32)
-          amax = fmaxf(amax, fabsf(__bfloat162float(normed_value(out_at(i), quant.weight, i, inv_rms))));
-        const float s = fp8_scale_from_amax(warp_max(amax));
-        uint8_t* qr = quant.q + row * static_cast<int64_t>(dim);
-        for (int i = lane; i < dim; i += 32)
-          qr[i] = fp8_quantize(__bfloat162float(normed_value(out_at(i), quant.weight, i, inv_rms)), s);
-        if (lane == 0) quant.scale[row] = s;
-      }
-    }
+    store_and_quantize(out_at, outr, dim, eps, lane, row, quant);
     return;
   }
   const T* br = b + off;
@@ -98,10 +109,11 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   }
   const float rs = rsqrtf(warp_total(ss) / static_cast<float>(dim) + eps);
   const float k = to_float(*scalar);
-  for (int i = lane; i < dim; i += 32) {
+  auto out_at = [&](int i) {
     const float n = rounded<T>(__fmul_rn(__fmul_rn(sum_at(i), rs), to_float(wc[i])));
-    outr[i] = from_float<T>(__fmul_rn(rounded<T>(__fadd_rn(to_float(xr[i]), n)), k));
-  }
+    return to_float(from_float<T>(__fmul_rn(rounded<T>(__fadd_rn(to_float(xr[i]), n)), k)));
+  };
+  store_and_quantize(out_at, outr, dim, eps, lane, row, quant);
 }
 
 template <typename T>

@@ -21,8 +21,8 @@ void rms_norm_fp8(const TensorArg& x, const TensorArg* weight, const TensorArg& 
 //   b given:   out = (x + rms_norm(rms_norm(a) * wa + rms_norm(b) * wb) * wc) * scalar
 // x, a, b, out: same dtype (float32 or bfloat16), same shape, contiguous; wa, wb, wc: [last dim] of that dtype;
 // scalar: one element of that dtype.
-// With q and q_scale (add_rms_norm form, bfloat16): also q [rows, d] float8_e4m3fn and q_scale [rows] fp32, the
-// per-row quantisation of rms_norm(out) [* q_weight], bit-identical to rms_norm_fp8 of out.
+// With q and q_scale (bfloat16, either form): also q [rows, d] float8_e4m3fn and q_scale [rows] fp32, the per-row
+// quantisation of rms_norm(out) [* q_weight], bit-identical to rms_norm_fp8 of out.
 void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, const TensorArg& wa,
                    const TensorArg* wb, const TensorArg* wc, const TensorArg* scalar, const TensorArg& out,
                    double eps, std::uintptr_t stream, const TensorArg* q_weight = nullptr,

@@ -173,7 +173,6 @@ void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, c
   if (q != nullptr || q_scale != nullptr || q_weight != nullptr) {
     if (q == nullptr || q_scale == nullptr)
       ::dgemma::throw_invalid("q and q_scale must be given together (q_weight with them, or neither)");
-    if (ffn) ::dgemma::throw_invalid("q (the quantised norm of out) is written by the add_rms_norm form only (no b)");
     if (x.dtype != DType::kBFloat16)
       ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) + ": q needs bfloat16");
     if (q_weight != nullptr) check_norm_weight(*q_weight, x, dim);

@@ -35,10 +35,13 @@ class DiffusionGemmaModel:
     def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {kind: cos_sin(inv, positions, dtype) for kind, inv in self.inv_freq.items()}
 
-    def _project_qkv(self, i: int, x: torch.Tensor, ropes: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer i's attention inputs from its input ``x`` (the input norm first): q [B, Hq, T, D], k and v
+    def _project_qkv(self, i: int, x: torch.Tensor, ropes: dict, h=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i's attention inputs from its input ``x`` (the input norm first), or from ``h``, that input already
+        normed by the previous layer's last op (:meth:`ReferenceOps.ffn_residual_qkv`): q [B, Hq, T, D], k and v
         [B, Hkv, T, D]; q/k RMSNorm (weighted) + RoPE, weightless v_norm."""
         spec, lw = self.cfg.layers[i], self.w.layers[i]
+        if h is not None:
+            return self.ops.project_qkv(h, lw.attn, spec.head_dim, *ropes[spec.kind], self.cfg.rms_norm_eps)
         return self.ops.norm_project_qkv(x, lw.input_norm, lw.attn, spec.head_dim, *ropes[spec.kind],
                                          self.cfg.rms_norm_eps)
 
@@ -52,17 +55,22 @@ class DiffusionGemmaModel:
                            x.shape[1] if independent_rows else None)
         return moe.view_as(x)
 
-    def _layer(self, i: int, x: torch.Tensor, attend, scalar: torch.Tensor, independent_rows: bool = False
-               ) -> torch.Tensor:
-        """x + post_attn_norm(o_proj(attention(x))) (``attend`` applies the input norm), then (x + post_ff_norm(
-        post_mlp_norm(MLP(pre_ff_norm x)) + post_moe_norm(MoE))) times the layer scalar: each residual update one op
-        (a single kernel on the CUDA backend; the first also writes the MLP's input there)."""
+    def _layer(self, i: int, x: torch.Tensor, h, attend, scalar: torch.Tensor, independent_rows: bool = False):
+        """x + post_attn_norm(o_proj(attention(x))) (``attend(i, x, h)`` applies the input norm unless ``h`` holds
+        the normed input already), then (x + post_ff_norm(post_mlp_norm(MLP(pre_ff_norm x)) + post_moe_norm(MoE)))
+        times the layer scalar: each residual update one op (a single kernel on the CUDA backend; the first also
+        writes the MLP's input, the second the next layer's attention input). Returns (x, the next layer's normed
+        attention input, or None after the last layer)."""
         w, eps, ops = self.w.layers[i], self.cfg.rms_norm_eps, self.ops
-        attn = attend(i, x)
+        attn = attend(i, x, h)
         x, mlp = ops.residual_mlp(x, ops.linear(attn, w.attn.o_proj), w.post_attn_norm, eps, w.pre_ff_norm,
                                   w.mlp_gate, w.mlp_up, w.mlp_down)
         moe = self._experts(w, x, independent_rows)
-        return ops.ffn_residual(x, mlp, moe, w.post_mlp_norm, w.post_moe_norm, w.post_ff_norm, scalar, eps)
+        args = (x, mlp, moe, w.post_mlp_norm, w.post_moe_norm, w.post_ff_norm, scalar, eps)
+        if i + 1 == len(self.w.layers):
+            return ops.ffn_residual(*args), None
+        nxt = self.w.layers[i + 1]
+        return ops.ffn_residual_qkv(*args, nxt.input_norm, nxt.attn, self.cfg.layers[i + 1].head_dim)
 
     # -- encoder -------------------------------------------------------------------------------
 
@@ -134,16 +142,17 @@ class DiffusionGemmaModel:
         b, t, _ = x.shape
         pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-        def attend(i: int, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self._project_qkv(i, x, ropes)
+        def attend(i: int, x: torch.Tensor, h) -> torch.Tensor:
+            q, k, v = self._project_qkv(i, x, ropes, h)
             pending.append((i, k, v))
             return attention(i, q, k, v).reshape(b, t, -1)
 
         last = len(self.w.layers) - 1
+        h = None
         for i, lw in enumerate(self.w.layers[:-1]):
-            x = self._layer(i, x, attend, lw.encoder_scalar)
+            x, h = self._layer(i, x, h, attend, lw.encoder_scalar)
         # Only the cache is kept from the encoder: the last layer contributes its K/V and nothing else.
-        _, k, v = self._project_qkv(last, x, ropes)
+        _, k, v = self._project_qkv(last, x, ropes, h)
         pending.append((last, k, v))
         return pending
 
@@ -207,14 +216,15 @@ class DiffusionGemmaModel:
         x = self.decoder_input(canvas, soft)
         yield -1, x
 
-        def attend(i: int, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self._project_qkv(i, x, ropes)
+        def attend(i: int, x: torch.Tensor, h) -> torch.Tensor:
+            q, k, v = self._project_qkv(i, x, ropes, h)
             if prefix is None:
                 return self.ops.decoder_attention(q, k, v, cache, i).reshape(b, c, -1)
             return self.ops.decoder_attention(q, k, v, cache, i, prefix).reshape(b, c, -1)
 
+        h = None
         for i, lw in enumerate(self.w.layers):
-            x = self._layer(i, x, attend, lw.decoder_scalar)
+            x, h = self._layer(i, x, h, attend, lw.decoder_scalar)
             yield i, x
 
     def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None,
@@ -253,13 +263,14 @@ class DiffusionGemmaModel:
                 x = x.index_copy(0, index, x.index_select(0, index) + sc)
         x = ops.rms_norm(x, None, eps)
 
-        def attend(i: int, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self._project_qkv(i, x, ropes)
+        def attend(i: int, x: torch.Tensor, h) -> torch.Tensor:
+            q, k, v = self._project_qkv(i, x, ropes, h)
             out = [ops.decoder_attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], caches[r], i) for r in range(b)]
             return torch.cat(out).reshape(b, c, -1)
 
+        h = None
         for i, lw in enumerate(self.w.layers):
-            x = self._layer(i, x, attend, lw.decoder_scalar, independent_rows=True)
+            x, h = self._layer(i, x, h, attend, lw.decoder_scalar, independent_rows=True)
         return ops.rms_norm(x, w.final_norm, eps)
 
     def first_nonfinite_layer(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> int | None:

@@ -42,17 +42,17 @@ def residual_norm(x, a, wa, eps, b=None, wb=None, wc=None, scalar=None) -> torch
     return out
 
 
-def residual_norm_fp8(x, a, wa, eps, next_norm) -> tuple[torch.Tensor, Fp8Rows]:
-    """``out = x + rms_norm(a)·wa`` (:func:`residual_norm`) and, from the same kernel, the FP8 input of the GEMM
-    after the next norm: ``rms_norm(out)·next_norm`` quantised per row (bit-identical to :func:`rms_norm_fp8` of
-    out). bf16 CUDA tensors, x and a contiguous."""
+def residual_norm_fp8(x, a, wa, eps, next_norm, b=None, wb=None, wc=None, scalar=None) -> tuple[torch.Tensor, Fp8Rows]:
+    """:func:`residual_norm` (either form) and, from the same kernel, the FP8 input of the GEMM after the next norm:
+    ``rms_norm(out)·next_norm`` quantised per row (bit-identical to :func:`rms_norm_fp8` of out). bf16 CUDA
+    tensors, x, a and b contiguous."""
     lib = _ext.require_cuda()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     d = x.shape[-1]
     rows = x.numel() // d
     q = torch.empty(rows, d, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(rows, dtype=torch.float32, device=x.device)
-    lib.residual_norm(x, a, None, wa, None, None, None, out, float(eps), _ext.current_stream(x.device), next_norm, q,
+    lib.residual_norm(x, a, b, wa, wb, wc, scalar, out, float(eps), _ext.current_stream(x.device), next_norm, q,
                       scale)
     return out, Fp8Rows(q, scale, tuple(x.shape[:-1]))
 
@@ -165,8 +165,8 @@ class QkvOpsMixin:
     (:func:`fuse_qkv`) and the fused norms + RoPE kernel (``qkv_prep``)."""
 
     @staticmethod
-    def _qkv_fits(h, w, head_dim, cos) -> bool:
-        return (h.is_cuda and h.dtype == torch.bfloat16 and cos.dtype == torch.bfloat16
+    def _qkv_fits(h, w, head_dim, rope_dtype) -> bool:
+        return (h.is_cuda and h.dtype == torch.bfloat16 and rope_dtype == torch.bfloat16
                 and w.q_norm.dtype == torch.bfloat16 and head_dim_supported(head_dim)
                 and not {"qkv_fusion", "fp8_dense"} & _ext.disabled_kernels())
 
@@ -178,7 +178,9 @@ class QkvOpsMixin:
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def project_qkv(self, h, w, head_dim, cos, sin, eps):
-        if not self._qkv_fits(h, w, head_dim, cos):
+        if isinstance(h, Fp8Rows):  # already normed and quantised (ffn_residual_qkv below)
+            return self._qkv_prep(linear_fp8(h, fuse_qkv(w)), w, cos, sin, eps)
+        if not self._qkv_fits(h, w, head_dim, cos.dtype):
             return super().project_qkv(h, w, head_dim, cos, sin, eps)
         fused = fuse_qkv(w)
         if fused is None:
@@ -188,8 +190,18 @@ class QkvOpsMixin:
             return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         return self._qkv_prep(linear_fp8(h, fused), w, cos, sin, eps)
 
+    def ffn_residual_qkv(self, x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps, next_norm, next_attn, head_dim):
+        # The layer's last residual kernel also writes the next layer's q/k/v GEMM input (its input norm applied),
+        # where that projection runs the fused FP8 path.
+        if _fits_residual(x, mlp, moe, w_mlp, w_moe, w_ff, scalar) and mlp.shape == x.shape == moe.shape \
+                and x.dtype == torch.bfloat16 and next_norm.dtype == torch.bfloat16 \
+                and self._qkv_fits(x, next_attn, head_dim, x.dtype) and fuse_qkv(next_attn) is not None \
+                and not {"residual_norm", "norm_quant"} & _ext.disabled_kernels():
+            return residual_norm_fp8(x, mlp, w_mlp, eps, next_norm, moe, w_moe, w_ff, scalar)
+        return super().ffn_residual_qkv(x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps, next_norm, next_attn, head_dim)
+
     def norm_project_qkv(self, x, norm, w, head_dim, cos, sin, eps):
-        fused = fuse_qkv(w) if self._qkv_fits(x, w, head_dim, cos) else None
+        fused = fuse_qkv(w) if self._qkv_fits(x, w, head_dim, cos.dtype) else None
         if fused is None or norm.dtype != torch.bfloat16 or "norm_quant" in _ext.disabled_kernels():
             return super().norm_project_qkv(x, norm, w, head_dim, cos, sin, eps)
         return self._qkv_prep(linear_fp8(rms_norm_fp8(x, norm, eps), fused), w, cos, sin, eps)

@@ -43,6 +43,15 @@ class ReferenceOps:
         ff = self.rms_norm(self.rms_norm(mlp, w_mlp, eps) + self.rms_norm(moe, w_moe, eps), w_ff, eps)
         return (x + ff) * scalar
 
+    def ffn_residual_qkv(self, x: torch.Tensor, mlp: torch.Tensor, moe: torch.Tensor, w_mlp: torch.Tensor,
+                         w_moe: torch.Tensor, w_ff: torch.Tensor, scalar: torch.Tensor, eps: float,
+                         next_norm: torch.Tensor, next_attn, head_dim: int):
+        """(x' = :meth:`ffn_residual` (...), the next layer's attention input ``rms_norm(x', next_norm)``), for
+        :meth:`project_qkv` with the next layer's weights ``next_attn`` (head dim ``head_dim``): one op so a backend
+        can write the next projection's input with the residual (in its own form: project_qkv takes it back)."""
+        x = self.ffn_residual(x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps)
+        return x, self.rms_norm(x, next_norm, eps)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
         """x @ weight^T; an FP8 weight is dequantised and the product computed in fp32."""
         if isinstance(weight, Fp8Weight):
