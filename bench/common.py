@@ -22,17 +22,15 @@ _measured: dict[str, float] = {}
 
 
 def copy_bandwidth() -> float:
-    """Bytes per second of a device-to-device copy of 1 GiB on the current GPU (read + write counted), the median
-    of 20 copies, measured on first use and remembered for the run; the nominal H100 figure without a GPU."""
+    """Bytes per second of a device-to-device copy of 1 GiB on the current GPU (dgemma.bench.copy_bandwidth, the
+    roofline of `dgemma bench` too), measured on first use and remembered for the run; the nominal H100 figure
+    without a GPU."""
     if "copy_bytes_per_s" not in _measured:
         if not torch.cuda.is_available():
             return HBM_BYTES_PER_S
-        n = 2**30
-        src = torch.ones(n, dtype=torch.uint8, device="cuda")
-        dst = torch.empty_like(src)
-        ms = median(time_cuda(lambda: dst.copy_(src), warmup=3, iters=20, flush_l2=False))
-        _measured["copy_bytes_per_s"] = 2 * n / (ms * 1e-3)
-        del src, dst
+        from dgemma.bench import copy_bandwidth as measure
+
+        _measured["copy_bytes_per_s"] = measure(torch.device("cuda", torch.cuda.current_device()))[0]
     return _measured["copy_bytes_per_s"]
 
 

@@ -73,15 +73,15 @@ linear_fp8 = quant.linear_reference
 gated_mlp_fp8 = quant.gated_mlp_reference
 
 
-def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight,
-            down: Fp8Weight) -> torch.Tensor:
-    """``moe_fp8``: ``out[t] = bf16(sum_k (w[t,k] * hs) * ws[e] * d_e[t,k])`` summed in slot order, where
-    token t is quantised once, expert e = ids[t, k] computes gate_up, gelu·up (re-quantised per
-    (token, slot) row) and down. Ids outside ``[0, E)`` contribute nothing."""
+def _moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight, down: Fp8Weight,
+         expert) -> torch.Tensor:
+    """The frame both MoE references share: each token quantised once; for every valid expert e,
+    ``expert(e, xq_rows, xs_rows, routing_weights) -> [rows, hidden]`` gives the fp32 contributions of its (token,
+    slot) rows; the combine sums the slots in slot order in fp32 and rounds once to bf16. Ids outside ``[0, E)``
+    contribute nothing."""
     n, hidden = x.shape
     top_k = ids.shape[1]
-    experts, two_inter = gate_up.q.shape[:2]
-    inter = two_inter // 2
+    experts = gate_up.q.shape[0]
     ids = ids.long()
     weights = weights.float()
     xq, xs = quantize_rows(x)
@@ -90,19 +90,27 @@ def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
         if not 0 <= e < experts:
             continue
         tok, slot = (ids == e).nonzero(as_tuple=True)
-        d1 = fp8_gemm(xq[tok], gate_up.q[e])
-        gs, us = gate_up.scale[e, :inter], gate_up.scale[e, inter:]
-        hq, hs = gelu_up_quantize(d1[:, :inter], d1[:, inter:], xs[tok], gs, us)
-        d2 = fp8_gemm(hq, down.q[e])
-        a = weights[tok, slot] * hs
-        contrib[slot, tok] = (a[:, None] * down.scale[e][None, :]) * d2
+        contrib[slot, tok] = expert(e, xq[tok], xs[tok], weights[tok, slot])
     out = torch.zeros(n, hidden, dtype=torch.float32, device=x.device)
     for k in range(top_k):  # the combine kernel's slot order
         out = out + contrib[k]
     return out.bfloat16()
 
 
-# -- router ----------------------------------------------------------------------------------------
+def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight,
+            down: Fp8Weight) -> torch.Tensor:
+    """``moe_fp8`` on the pointer-array pipeline: ``out[t] = bf16(sum_k (w[t,k] * hs) * ws[e] * d_e[t,k])`` summed in
+    slot order, where expert e = ids[t, k] computes the unscaled gate_up (bf16), gelu·up (scaled in fp32,
+    re-quantised per (token, slot) row) and the unscaled down (bf16)."""
+    inter = gate_up.q.shape[1] // 2
+
+    def expert(e, xq, xs, w):
+        d1 = fp8_gemm(xq, gate_up.q[e])
+        hq, hs = gelu_up_quantize(d1[:, :inter], d1[:, inter:], xs, gate_up.scale[e, :inter],
+                                  gate_up.scale[e, inter:])
+        return ((w * hs)[:, None] * down.scale[e][None, :]) * fp8_gemm(hq, down.q[e])
+
+    return _moe(x, ids, weights, gate_up, down, expert)
 
 
 def moe_fp8_contiguous(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight,
@@ -110,30 +118,20 @@ def moe_fp8_contiguous(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     """``moe_fp8`` on the contiguous pipeline (sm90_moe_grouped_gemm.cuh): the gate_up GEMM's epilogue scales by
     the token's and the channel's scales and rounds to bf16; gelu·up in fp32, re-quantised per (token, slot) row; the
     down GEMM's epilogue scales by that row's scale times its routing weight and the channel's scale and rounds to
-    bf16; the combine sums the slots in slot order in fp32 and rounds once. Ids outside ``[0, E)`` contribute
-    nothing."""
-    n, hidden = x.shape
-    top_k = ids.shape[1]
-    experts, two_inter = gate_up.q.shape[:2]
-    inter = two_inter // 2
-    ids = ids.long()
-    weights = weights.float()
-    xq, xs = quantize_rows(x)
-    contrib = torch.zeros(top_k, n, hidden, dtype=torch.float32, device=x.device)
-    for e in torch.unique(ids).tolist():
-        if not 0 <= e < experts:
-            continue
-        tok, slot = (ids == e).nonzero(as_tuple=True)
+    bf16."""
+    inter = gate_up.q.shape[1] // 2
+
+    def expert(e, xq, xs, w):
         gate = Fp8Weight(gate_up.q[e, :inter], gate_up.scale[e, :inter])
         up = Fp8Weight(gate_up.q[e, inter:], gate_up.scale[e, inter:])
-        g, u = (quant.scaled_gemm_reference(xq[tok], xs[tok], w).float() for w in (gate, up))
+        g, u = (quant.scaled_gemm_reference(xq, xs, p).float() for p in (gate, up))
         hq, hs = quantize_rows(gelu_tanh(g) * u)
-        d2 = quant.scaled_gemm_reference(hq, hs * weights[tok, slot], Fp8Weight(down.q[e], down.scale[e]))
-        contrib[slot, tok] = d2.float()
-    out = torch.zeros(n, hidden, dtype=torch.float32, device=x.device)
-    for k in range(top_k):  # the combine kernel's slot order
-        out = out + contrib[k]
-    return out.bfloat16()
+        return quant.scaled_gemm_reference(hq, hs * w, Fp8Weight(down.q[e], down.scale[e])).float()
+
+    return _moe(x, ids, weights, gate_up, down, expert)
+
+
+# -- router ----------------------------------------------------------------------------------------
 
 
 def route_logits(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, eps: float) -> torch.Tensor:

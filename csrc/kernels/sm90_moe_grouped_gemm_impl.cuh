@@ -14,7 +14,6 @@
 // Epilogue (visitor tree): D = w_scale[e, m] * (row_scale[n] * acc), fp32, one rounding to bf16.
 #pragma once
 
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -22,14 +21,8 @@
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
-#include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/gemm/dispatch_policy.hpp"
-#include "cutlass/gemm/kernel/gemm_universal.hpp"
-#include "kernels/cutlass_launch.cuh"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
+#include "kernels/sm90_fp8_cutlass.cuh"
 #include "kernels/sm90_moe_grouped_gemm.cuh"
 
 namespace dgemma::kernels::sm90_moe {
@@ -161,71 +154,22 @@ struct TileSchedulerSelector<dgemma::kernels::sm90_moe::ContiguousSchedulerTag, 
 
 namespace dgemma::kernels::sm90_moe {
 
-using namespace cute;
+using cute::_0;
+using cute::_1;
+using cute::Stride;
 
-using ElementW = cutlass::float_e4m3_t;
-using ElementX = cutlass::float_e4m3_t;
-using ElementD = cutlass::bfloat16_t;
-constexpr int kAlignFp8 = 16;
-constexpr int kAlignD = 8;
-
+// Batched over experts (L): weights (n_out, k, expert); tokens (rows, k, expert) and output (n_out, rows, expert)
+// with a static zero expert stride (the same rows for every expert); per-row scales likewise.
 template <int TileN>
-struct MoeGemm {
-  using TileShape = Shape<_128, Int<TileN>, _128>;
-  using ClusterShape = Shape<_1, _1, _1>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-  using StrideW = Stride<int64_t, _1, int64_t>;  // (n_out, k, expert): K-major, one expert after another
-  using StrideX = Stride<int64_t, _1, _0>;       // (rows, k, expert): the same rows for every expert
-  using StrideD = Stride<_1, int64_t, _0>;       // (n_out, rows, expert): column-major = row-major [rows, ldo]
+struct MoeGemm : ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<int64_t, _1, _0>, Stride<_1, int64_t, _0>,
+                               Stride<_0, _1, _0>, ContiguousSchedulerTag> {
+  using Base = ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<int64_t, _1, _0>, Stride<_1, int64_t, _0>,
+                             Stride<_0, _1, _0>, ContiguousSchedulerTag>;
 
-  using WScale = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>>;
-  using RowScale = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, _0>>;
-  using Acc = cutlass::epilogue::fusion::Sm90AccFetch;
-  using MulRow = cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, float, float,
-                                                        cutlass::FloatRoundStyle::round_to_nearest>;
-  using MulW = cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, ElementD, float,
-                                                      cutlass::FloatRoundStyle::round_to_nearest>;
-  using Fusion = cutlass::epilogue::fusion::Sm90EVT<MulW, WScale, cutlass::epilogue::fusion::Sm90EVT<MulRow, RowScale, Acc>>;
-
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, StrideD, kAlignD, ElementD, StrideD,
-      kAlignD, EpilogueSchedule, Fusion>::CollectiveOp;
-
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementW, StrideW, kAlignFp8, ElementX, StrideX,
-      kAlignFp8, float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      KernelSchedule>::CollectiveOp;
-
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue, ContiguousSchedulerTag>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-
-  static typename Gemm::Arguments arguments(const MoeGemmProblem& p, int sm_count, int device) {
-    typename Gemm::Arguments args;
-    args.mode = cutlass::gemm::GemmUniversalMode::kBatched;
-    args.problem_shape = cute::make_shape(p.n_out, p.rows_cap, p.k, p.experts);
-    StrideW sw{};
-    cute::get<0>(sw) = p.k;
-    cute::get<2>(sw) = static_cast<int64_t>(p.n_out) * p.k;
-    StrideX sx{};
-    cute::get<0>(sx) = p.k;
-    StrideD sd{};
-    cute::get<1>(sd) = p.ldo;
-    args.mainloop = {reinterpret_cast<const ElementW*>(p.w), sw, reinterpret_cast<const ElementX*>(p.x), sx};
-    Stride<_1, _0, int64_t> w_scale_stride{};
-    cute::get<2>(w_scale_stride) = p.n_out;
-    // Children first: {w_scale (per expert and channel), {row_scale, acc, row multiply}, w multiply}.
-    args.epilogue.thread = {{p.w_scale, 0.f, w_scale_stride}, {{p.row_scale}, {}, {}}, {}};
-    args.epilogue.ptr_C = nullptr;
-    args.epilogue.dC = sd;
-    args.epilogue.ptr_D = reinterpret_cast<ElementD*>(p.out);
-    args.epilogue.dD = sd;
-    args.hw_info.device_id = device;
-    args.hw_info.sm_count = sm_count;
+  static typename Base::Gemm::Arguments arguments(const MoeGemmProblem& p, int sm_count, int device) {
+    auto args = Base::arguments(cutlass::gemm::GemmUniversalMode::kBatched, p.n_out, p.rows_cap, p.k, p.experts, p.w,
+                                static_cast<int64_t>(p.n_out) * p.k, p.w_scale, p.x, p.row_scale, p.out, p.ldo,
+                                sm_count, device);
     args.scheduler.tile_expert = p.tile_expert;
     args.scheduler.num_tiles = p.num_tiles;
     return args;

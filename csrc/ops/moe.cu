@@ -65,66 +65,6 @@ void check_experts(int experts) {
                                 std::to_string(kernels::kPlanMaxExperts));
 }
 
-// Every intermediate of the MoE layer, in one workspace.
-struct MoeBuffers {
-  int32_t* offsets;
-  int32_t* row_of;
-  int32_t* row_expert;
-  int32_t* plan_scratch;
-  uint8_t* xq;
-  float* x_scale;
-  __nv_bfloat16* gate_up;
-  uint8_t* hq;
-  float* h_scale;
-  __nv_bfloat16* down;
-  void* gemm1;
-  void* gemm2;
-  size_t gemm1_bytes, gemm2_bytes, total;
-};
-
-MoeBuffers moe_buffers(void* base, int64_t tokens, int top_k, int hidden, int inter, int experts,
-                       kernels::Fp8GemmTile tile, int sms, int device) {
-  const size_t rows = static_cast<size_t>(tokens) * top_k;
-  Carver c(base);
-  MoeBuffers b;
-  b.offsets = c.take<int32_t>(experts + 1);
-  b.row_of = c.take<int32_t>(rows);
-  b.row_expert = c.take<int32_t>(rows);
-  b.plan_scratch = c.take<int32_t>(static_cast<size_t>(kernels::moe_plan_scratch_ints(tokens * top_k, experts)));
-  b.xq = c.take<uint8_t>(rows * hidden);
-  b.x_scale = c.take<float>(rows);
-  b.gate_up = c.take<__nv_bfloat16>(rows * 2 * inter);
-  b.hq = c.take<uint8_t>(rows * inter);
-  b.h_scale = c.take<float>(rows);
-  b.down = c.take<__nv_bfloat16>(rows * hidden);
-  // Both GEMMs have `experts` groups and the same instantiation, hence the same scratch size.
-  b.gemm1_bytes = b.gemm2_bytes = kernels::sm90_fp8_grouped_gemm_scratch_bytes(tile, experts, sms, device);
-  b.gemm1 = c.take<uint8_t>(b.gemm1_bytes);
-  b.gemm2 = c.take<uint8_t>(b.gemm2_bytes);
-  b.total = c.used();
-  return b;
-}
-
-// The contiguous pipeline's intermediates: rows_cap = routed rows + each expert's worst padding, in whole tiles.
-struct ContiguousBuffers {
-  int tile, rows_cap;
-  int32_t* offsets;
-  int32_t* row_of;
-  int32_t* row_expert;
-  int32_t* row_src;
-  int32_t* tile_expert;
-  int32_t* num_tiles;
-  int32_t* plan_scratch;
-  uint8_t* xq;
-  float* x_scale;
-  __nv_bfloat16* gate_up;
-  uint8_t* hq;
-  float* h_scale;
-  __nv_bfloat16* down;
-  void* gemm;
-  size_t gemm_bytes, total;
-};
-
 // The expert GEMM's token tile: DGEMMA_MOE_TILE=32|64|128 (read once) overrides the choice by rows per expert,
 // for sweeps on a GPU; 0 when unset.
 int moe_tile_override() {
@@ -141,44 +81,80 @@ int moe_tile_override() {
   return tile;
 }
 
-ContiguousBuffers contiguous_buffers(void* base, int64_t tokens, int top_k, int hidden, int inter, int experts,
-                                     int sms, int device) {
-  ContiguousBuffers b;
+// Every intermediate of the MoE layer, in one workspace. rows: the intermediates' rows, the routed rows (pointer
+// array) or, for the contiguous pipeline, the routed rows plus each expert's worst padding, in whole tiles.
+struct MoeBuffers {
+  bool contiguous;
+  int rows;
+  int moe_tile;                      // contiguous: the expert GEMM's token tile (= the plan's padding)
+  kernels::Fp8GemmTile group_tile;   // pointer array: the grouped GEMM's token tile
+  int32_t* offsets;
+  int32_t* row_of;
+  int32_t* row_expert;
+  int32_t* row_src;      // contiguous only
+  int32_t* tile_expert;  // contiguous only
+  int32_t* num_tiles;    // contiguous only
+  int32_t* plan_scratch;
+  uint8_t* xq;
+  float* x_scale;
+  __nv_bfloat16* gate_up;
+  uint8_t* hq;
+  float* h_scale;
+  __nv_bfloat16* down;
+  void* gemm1;
+  void* gemm2;
+  size_t gemm1_bytes, gemm2_bytes, total;
+};
+
+MoeBuffers moe_buffers(void* base, int64_t tokens, int top_k, int hidden, int inter, int experts, int sms, int device,
+                       bool contiguous) {
+  MoeBuffers b{};
+  b.contiguous = contiguous;
   const int64_t routed = tokens * top_k;
-  b.tile = moe_tile_override() != 0 ? moe_tile_override() : kernels::choose_moe_gemm_tile(routed, experts);
-  const int64_t cap = (routed + static_cast<int64_t>(experts) * (b.tile - 1) + b.tile - 1) / b.tile * b.tile;
-  if (cap >= (int64_t(1) << 31))
-    ::dgemma::throw_invalid("moe_fp8: " + std::to_string(tokens) + " tokens x top_k " + std::to_string(top_k) +
-                            " routed rows (with padding) exceed 2^31");
-  b.rows_cap = static_cast<int>(cap);
-  const size_t rows = static_cast<size_t>(cap);
+  int64_t rows = routed;
+  if (contiguous) {
+    b.moe_tile = moe_tile_override() != 0 ? moe_tile_override() : kernels::choose_moe_gemm_tile(routed, experts);
+    rows = (routed + static_cast<int64_t>(experts) * (b.moe_tile - 1) + b.moe_tile - 1) / b.moe_tile * b.moe_tile;
+    if (rows >= (int64_t(1) << 31))
+      ::dgemma::throw_invalid("moe_fp8: " + std::to_string(tokens) + " tokens x top_k " + std::to_string(top_k) +
+                              " routed rows (with padding) exceed 2^31");
+  } else {
+    b.group_tile = kernels::choose_fp8_gemm_tile(routed, experts, false);
+  }
+  b.rows = static_cast<int>(rows);
+  const size_t r = static_cast<size_t>(rows);
   Carver c(base);
   b.offsets = c.take<int32_t>(experts + 1);
   b.row_of = c.take<int32_t>(static_cast<size_t>(routed));
-  b.row_expert = c.take<int32_t>(rows);
-  b.row_src = c.take<int32_t>(rows);
-  b.tile_expert = c.take<int32_t>(rows / b.tile);
-  b.num_tiles = c.take<int32_t>(1);
+  b.row_expert = c.take<int32_t>(r);
+  if (contiguous) {
+    b.row_src = c.take<int32_t>(r);
+    b.tile_expert = c.take<int32_t>(r / b.moe_tile);
+    b.num_tiles = c.take<int32_t>(1);
+  }
   b.plan_scratch = c.take<int32_t>(static_cast<size_t>(kernels::moe_plan_scratch_ints(routed, experts)));
-  b.xq = c.take<uint8_t>(rows * hidden);
-  b.x_scale = c.take<float>(rows);
-  b.gate_up = c.take<__nv_bfloat16>(rows * 2 * inter);
-  b.hq = c.take<uint8_t>(rows * inter);
-  b.h_scale = c.take<float>(rows);
-  b.down = c.take<__nv_bfloat16>(rows * hidden);
-  kernels::MoeGemmProblem p;
-  p.experts = experts;
-  p.rows_cap = b.rows_cap;
-  p.n_out = 2 * inter;
-  p.k = hidden;
-  p.ldo = 2 * inter;
-  size_t g = kernels::sm90_moe_gemm_workspace_bytes(b.tile, p, sms, device);
-  p.n_out = hidden;
-  p.k = inter;
-  p.ldo = hidden;
-  g = std::max(g, kernels::sm90_moe_gemm_workspace_bytes(b.tile, p, sms, device));
-  b.gemm_bytes = g;
-  b.gemm = c.take<uint8_t>(g);
+  b.xq = c.take<uint8_t>(r * hidden);
+  b.x_scale = c.take<float>(r);
+  b.gate_up = c.take<__nv_bfloat16>(r * 2 * inter);
+  b.hq = c.take<uint8_t>(r * inter);
+  b.h_scale = c.take<float>(r);
+  b.down = c.take<__nv_bfloat16>(r * hidden);
+  if (contiguous) {
+    kernels::MoeGemmProblem p;
+    p.experts = experts;
+    p.rows_cap = b.rows;
+    p.n_out = p.ldo = 2 * inter;
+    p.k = hidden;
+    b.gemm1_bytes = kernels::sm90_moe_gemm_workspace_bytes(b.moe_tile, p, sms, device);
+    p.n_out = p.ldo = hidden;
+    p.k = inter;
+    b.gemm2_bytes = kernels::sm90_moe_gemm_workspace_bytes(b.moe_tile, p, sms, device);
+  } else {
+    // Both GEMMs have `experts` groups and the same instantiation, hence the same scratch size.
+    b.gemm1_bytes = b.gemm2_bytes = kernels::sm90_fp8_grouped_gemm_scratch_bytes(b.group_tile, experts, sms, device);
+  }
+  b.gemm1 = c.take<uint8_t>(b.gemm1_bytes);
+  b.gemm2 = c.take<uint8_t>(b.gemm2_bytes);
   b.total = c.used();
   return b;
 }
@@ -297,10 +273,8 @@ size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter,
                                bool contiguous) {
   if (tokens < 0 || top_k < 1 || hidden < 1 || inter < 1 || experts < 1)
     ::dgemma::throw_invalid("moe_fp8_workspace_bytes: sizes must be positive (tokens may be 0)");
-  const int sms = moe_detail::sm_count(device);
-  if (contiguous) return contiguous_buffers(nullptr, tokens, top_k, hidden, inter, experts, sms, device).total;
-  const auto tile = kernels::choose_fp8_gemm_tile(tokens * top_k, experts, false);
-  return moe_buffers(nullptr, tokens, top_k, hidden, inter, experts, tile, sms, device).total;
+  return moe_buffers(nullptr, tokens, top_k, hidden, inter, experts, moe_detail::sm_count(device), device, contiguous)
+      .total;
 }
 
 void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights, const TensorArg& gate_up_q,
@@ -350,20 +324,22 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
   const int sms = moe_detail::sm_count(x.device);
   const int E = static_cast<int>(experts), H = static_cast<int>(hidden), I = static_cast<int>(inter);
+  moe_detail::check_workspace(workspace, moe_buffers(nullptr, tokens, top_k, H, I, E, sms, x.device, contiguous).total,
+                              x.device);
+  if (tokens == 0) return;
+  const MoeBuffers b = moe_buffers(workspace.data, tokens, top_k, H, I, E, sms, x.device, contiguous);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const auto* idp = static_cast<const int32_t*>(ids.data);
+  const int pad = contiguous ? b.moe_tile : 1;
+  throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E, b.offsets, b.row_of, b.row_expert, s, pad,
+                                    b.row_src, b.tile_expert, b.num_tiles, b.plan_scratch),
+                  "moe_plan launch");
+  const kernels::GatherPadding padding{contiguous ? b.offsets : nullptr, b.row_src, pad};
+  throw_if_failed(kernels::moe_gather_quantize(static_cast<const __nv_bfloat16*>(x.data), hidden, tokens, H, top_k,
+                                               b.row_of, b.xq, b.x_scale, s, padding, E, gather_norm),
+                  "moe_gather_quantize launch");
+
   if (contiguous) {
-    moe_detail::check_workspace(workspace, contiguous_buffers(nullptr, tokens, top_k, H, I, E, sms, x.device).total,
-                                x.device);
-    if (tokens == 0) return;
-    const ContiguousBuffers b = contiguous_buffers(workspace.data, tokens, top_k, H, I, E, sms, x.device);
-    auto s = reinterpret_cast<cudaStream_t>(stream);
-    const auto* idp = static_cast<const int32_t*>(ids.data);
-    throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E, b.offsets, b.row_of, b.row_expert, s,
-                                      b.tile, b.row_src, b.tile_expert, b.num_tiles, b.plan_scratch),
-                    "moe_plan launch");
-    throw_if_failed(kernels::moe_gather_quantize(static_cast<const __nv_bfloat16*>(x.data), hidden, tokens, H, top_k,
-                                                 b.row_of, b.xq, b.x_scale, s, {b.offsets, b.row_src, b.tile}, E,
-                                                 gather_norm),
-                    "moe_gather_quantize launch");
     kernels::MoeGemmProblem g1;
     g1.experts = E;
     g1.n_out = 2 * I;
@@ -372,16 +348,17 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
     g1.w_scale = static_cast<const float*>(gate_up_scale.data);
     g1.x = b.xq;
     g1.row_scale = b.x_scale;
-    g1.rows_cap = b.rows_cap;
+    g1.rows_cap = b.rows;
     g1.tile_expert = b.tile_expert;
     g1.num_tiles = b.num_tiles;
     g1.out = b.gate_up;
     g1.ldo = two_inter;
-    throw_if_failed(kernels::sm90_moe_gemm(b.tile, g1, b.gemm, b.gemm_bytes, sms, x.device, s), "expert GEMM gate_up");
+    throw_if_failed(kernels::sm90_moe_gemm(b.moe_tile, g1, b.gemm1, b.gemm1_bytes, sms, x.device, s),
+                    "expert GEMM gate_up");
     kernels::GeluUpScales prescaled{nullptr, nullptr, 0, nullptr, b.offsets + E};
     prescaled.row_src = b.row_src;
     prescaled.row_weight = static_cast<const float*>(weights.data);
-    throw_if_failed(kernels::gelu_up_quantize(b.gate_up, nullptr, b.rows_cap, I, prescaled, b.hq, b.h_scale, s),
+    throw_if_failed(kernels::gelu_up_quantize(b.gate_up, nullptr, b.rows, I, prescaled, b.hq, b.h_scale, s),
                     "gelu_up_quantize launch");
     kernels::MoeGemmProblem g2 = g1;
     g2.n_out = H;
@@ -392,27 +369,13 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
     g2.row_scale = b.h_scale;
     g2.out = b.down;
     g2.ldo = hidden;
-    throw_if_failed(kernels::sm90_moe_gemm(b.tile, g2, b.gemm, b.gemm_bytes, sms, x.device, s), "expert GEMM down");
+    throw_if_failed(kernels::sm90_moe_gemm(b.moe_tile, g2, b.gemm2, b.gemm2_bytes, sms, x.device, s),
+                    "expert GEMM down");
     throw_if_failed(kernels::moe_combine(b.down, nullptr, nullptr, idp, nullptr, b.row_of, tokens, H, top_k,
                                          static_cast<__nv_bfloat16*>(out.data), hidden, s),
                     "moe_combine launch");
     return;
   }
-  const auto tile = kernels::choose_fp8_gemm_tile(tokens * top_k, E, false);
-  const MoeBuffers need = moe_buffers(nullptr, tokens, top_k, H, I, E, tile, sms, x.device);
-  moe_detail::check_workspace(workspace, need.total, x.device);
-  if (tokens == 0) return;
-  const MoeBuffers b = moe_buffers(workspace.data, tokens, top_k, H, I, E, tile, sms, x.device);
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  const auto* xp = static_cast<const __nv_bfloat16*>(x.data);
-  const auto* idp = static_cast<const int32_t*>(ids.data);
-
-  throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E, b.offsets, b.row_of, b.row_expert, s, 1,
-                                    nullptr, nullptr, nullptr, b.plan_scratch),
-                  "moe_plan launch");
-  throw_if_failed(kernels::moe_gather_quantize(xp, hidden, tokens, H, top_k, b.row_of, b.xq, b.x_scale, s,
-                                               {nullptr, nullptr, 1}, 0, gather_norm),
-                  "moe_gather_quantize launch");
 
   kernels::Fp8GroupedGemmProblem g1;
   g1.groups = E;
@@ -422,7 +385,7 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   g1.weight_group_stride = two_inter * hidden;
   g1.activations = b.xq;
   g1.row_offsets = b.offsets;
-  g1.rows = static_cast<int>(tokens * top_k);
+  g1.rows = b.rows;
   g1.out = b.gate_up;
   g1.ldo = two_inter;
   kernels::Fp8GroupedGemmProblem g2 = g1;
@@ -434,19 +397,18 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   g2.out = b.down;
   g2.ldo = hidden;
   // Both GEMMs' per-expert arguments in one launch: the row offsets they read are final after the plan.
+  const auto tile = b.group_tile;
   throw_if_failed(kernels::sm90_fp8_grouped_gemm_args(tile, g1, b.gemm1, b.gemm1_bytes, &g2, b.gemm2, b.gemm2_bytes,
                                                       sms, x.device, s),
                   "grouped GEMM arguments");
   throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, g1, b.gemm1, b.gemm1_bytes, sms, x.device, s, true),
                   "grouped GEMM gate_up");
-
   const auto* gus = static_cast<const float*>(gate_up_scale.data);
   const kernels::GeluUpScales scales{gus, gus + I, two_inter, b.row_expert, b.offsets + E};
-  throw_if_failed(kernels::gelu_up_quantize(b.gate_up, b.x_scale, tokens * top_k, I, scales, b.hq, b.h_scale, s),
+  throw_if_failed(kernels::gelu_up_quantize(b.gate_up, b.x_scale, b.rows, I, scales, b.hq, b.h_scale, s),
                   "gelu_up_quantize launch");
   throw_if_failed(kernels::sm90_fp8_grouped_gemm(tile, g2, b.gemm2, b.gemm2_bytes, sms, x.device, s, true),
                   "grouped GEMM down");
-
   throw_if_failed(kernels::moe_combine(b.down, b.h_scale, static_cast<const float*>(down_scale.data), idp,
                                        static_cast<const float*>(weights.data), b.row_of, tokens, H, top_k,
                                        static_cast<__nv_bfloat16*>(out.data), hidden, s),

@@ -27,6 +27,51 @@ void throw_if_failed(cudaError_t err, const char* what) {
   if (err != cudaSuccess) ::dgemma::throw_runtime(std::string(what) + " failed: " + cudaGetErrorString(err));
 }
 
+void check_like(const TensorArg& t, const TensorArg& ref) {
+  check_cuda(t);
+  check_same_device(ref, t);
+  check_same_dtype(ref, t);
+  if (t.shape != ref.shape)
+    ::dgemma::throw_invalid(t.name + " has shape " + t.shape_str() + ", expected " + ref.shape_str() + " (as " +
+                            ref.name + ")");
+  check_contiguous(t);
+}
+
+void check_norm_weight(const TensorArg& w, const TensorArg& x, int64_t dim) {
+  check_cuda(w);
+  check_same_device(x, w);
+  check_same_dtype(x, w);
+  check_ndim(w, 1);
+  check_dim(w, 0, dim, "the normalised dimension");
+  check_contiguous(w);
+}
+
+// x's last dimension (the one normalised), checked with the epsilon.
+int64_t normalised_dim(const TensorArg& x, double eps) {
+  const int64_t dim = x.shape.back();
+  if (dim <= 0 || dim > (1 << 20))
+    ::dgemma::throw_invalid(x.name + " last dimension " + std::to_string(dim) + " must be in [1, 1048576]");
+  if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
+  return dim;
+}
+
+// q [rows, dim] float8_e4m3fn and scale [rows] fp32, contiguous, on x's device: a quantised-rows output.
+void check_quant_rows(const TensorArg& q, const TensorArg& scale, const TensorArg& x, int64_t rows, int64_t dim) {
+  check_cuda(q);
+  check_same_device(x, q);
+  check_dtype(q, DType::kFloat8E4M3);
+  check_ndim(q, 2);
+  check_dim(q, 0, rows, "rows of x");
+  check_dim(q, 1, dim, "the normalised dimension");
+  check_contiguous(q);
+  check_cuda(scale);
+  check_same_device(x, scale);
+  check_dtype(scale, DType::kFloat32);
+  check_ndim(scale, 1);
+  check_dim(scale, 0, rows, "rows of x");
+  check_contiguous(scale);
+}
+
 }  // namespace
 
 void rms_norm(const TensorArg& x, const TensorArg* weight, const TensorArg& y, double eps, std::uintptr_t stream) {
@@ -37,18 +82,8 @@ void rms_norm(const TensorArg& x, const TensorArg* weight, const TensorArg& y, d
   if (x.shape.empty()) ::dgemma::throw_invalid(x.name + " must have at least one dimension");
   if (x.shape != y.shape)
     ::dgemma::throw_invalid(y.name + " has shape " + y.shape_str() + ", expected " + x.shape_str());
-  const int64_t dim = x.shape.back();
-  if (dim <= 0 || dim > (1 << 20))
-    ::dgemma::throw_invalid(x.name + " last dimension " + std::to_string(dim) + " must be in [1, 1048576]");
-  if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
-  if (weight != nullptr) {
-    check_cuda(*weight);
-    check_same_device(x, *weight);
-    check_same_dtype(x, *weight);
-    check_ndim(*weight, 1);
-    check_dim(*weight, 0, dim, "the normalised dimension");
-    check_contiguous(*weight);
-  }
+  const int64_t dim = normalised_dim(x, eps);
+  if (weight != nullptr) check_norm_weight(*weight, x, dim);
   const int64_t rows = x.numel() / dim;
   const int64_t xs = row_stride(x);
   const int64_t ys = row_stride(y);
@@ -79,34 +114,12 @@ void rms_norm_fp8(const TensorArg& x, const TensorArg* weight, const TensorArg& 
   check_cuda(x);
   check_dtype(x, DType::kBFloat16);
   if (x.shape.empty()) ::dgemma::throw_invalid(x.name + " must have at least one dimension");
-  const int64_t dim = x.shape.back();
-  if (dim <= 0 || dim > (1 << 20))
-    ::dgemma::throw_invalid(x.name + " last dimension " + std::to_string(dim) + " must be in [1, 1048576]");
-  if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
+  const int64_t dim = normalised_dim(x, eps);
   const int64_t rows = x.numel() / dim;
   const int64_t xs = row_stride(x);
-  if (weight != nullptr) {
-    check_cuda(*weight);
-    check_same_device(x, *weight);
-    check_same_dtype(x, *weight);
-    check_ndim(*weight, 1);
-    check_dim(*weight, 0, dim, "the normalised dimension");
-    check_contiguous(*weight);
-  }
-  check_cuda(q);
-  check_same_device(x, q);
-  check_dtype(q, DType::kFloat8E4M3);
-  check_ndim(q, 2);
-  check_dim(q, 0, rows, "rows of x");
-  check_dim(q, 1, dim, "the normalised dimension");
-  check_contiguous(q);
-  check_cuda(scale);
-  check_same_device(x, scale);
-  check_dtype(scale, DType::kFloat32);
-  check_ndim(scale, 1);
-  check_dim(scale, 0, rows, "rows of x");
-  check_contiguous(scale);
-  if (rows >= (int64_t(1) << 31) / kernels::kRmsNormWarpsPerBlock * kernels::kRmsNormWarpsPerBlock)
+  if (weight != nullptr) check_norm_weight(*weight, x, dim);
+  check_quant_rows(q, scale, x, rows, dim);
+  if (rows >= (int64_t(1) << 31))
     ::dgemma::throw_invalid(x.name + " has " + std::to_string(rows) + " rows, expected < 2^31");
   throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
   throw_if_failed(kernels::rms_norm_fp8(static_cast<const __nv_bfloat16*>(x.data),
@@ -117,28 +130,6 @@ void rms_norm_fp8(const TensorArg& x, const TensorArg* weight, const TensorArg& 
                   "rms_norm_fp8 launch");
 }
 
-namespace {
-
-void check_like(const TensorArg& t, const TensorArg& ref) {
-  check_cuda(t);
-  check_same_device(ref, t);
-  check_same_dtype(ref, t);
-  if (t.shape != ref.shape)
-    ::dgemma::throw_invalid(t.name + " has shape " + t.shape_str() + ", expected " + ref.shape_str() + " (as " +
-                            ref.name + ")");
-  check_contiguous(t);
-}
-
-void check_norm_weight(const TensorArg& w, const TensorArg& x, int64_t dim) {
-  check_cuda(w);
-  check_same_device(x, w);
-  check_same_dtype(x, w);
-  check_ndim(w, 1);
-  check_dim(w, 0, dim, "the normalised dimension");
-  check_contiguous(w);
-}
-
-}  // namespace
 
 void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, const TensorArg& wa,
                    const TensorArg* wb, const TensorArg* wc, const TensorArg* scalar, const TensorArg& out,
@@ -151,10 +142,7 @@ void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, c
   check_contiguous(x);
   check_like(a, x);
   check_like(out, x);
-  const int64_t dim = x.shape.back();
-  if (dim <= 0 || dim > (1 << 20))
-    ::dgemma::throw_invalid(x.name + " last dimension " + std::to_string(dim) + " must be in [1, 1048576]");
-  if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
+  const int64_t dim = normalised_dim(x, eps);
   check_norm_weight(wa, x, dim);
   const bool ffn = b != nullptr;
   if (ffn != (wb != nullptr) || ffn != (wc != nullptr) || ffn != (scalar != nullptr))
@@ -176,19 +164,7 @@ void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, c
     if (x.dtype != DType::kBFloat16)
       ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) + ": q needs bfloat16");
     if (q_weight != nullptr) check_norm_weight(*q_weight, x, dim);
-    check_cuda(*q);
-    check_same_device(x, *q);
-    check_dtype(*q, DType::kFloat8E4M3);
-    check_ndim(*q, 2);
-    check_dim(*q, 0, rows, "rows of x");
-    check_dim(*q, 1, dim, "the normalised dimension");
-    check_contiguous(*q);
-    check_cuda(*q_scale);
-    check_same_device(x, *q_scale);
-    check_dtype(*q_scale, DType::kFloat32);
-    check_ndim(*q_scale, 1);
-    check_dim(*q_scale, 0, rows, "rows of x");
-    check_contiguous(*q_scale);
+    check_quant_rows(*q, *q_scale, x, rows, dim);
   }
   auto s = reinterpret_cast<cudaStream_t>(stream);
   throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");

@@ -1,0 +1,137 @@
+// The CUTLASS FP8 GEMM with the scales in its epilogue that the dense linears (sm90_fp8_scaled_gemm_impl.cuh) and
+// the MoE experts (sm90_moe_grouped_gemm_impl.cuh) instantiate, and its launch.
+//
+// A persistent, warp-specialised TMA + wgmma kernel (CUTLASS's cooperative sm90 schedule: a producer warp loading
+// weight and token tiles through TMA into a multi-stage shared-memory ring, two consumer warpgroups splitting the
+// 128 weight rows of a tile). Operands are swapped: the weights are A (M = output channels, K-major), the tokens B
+// (N = rows, K-major), so 32- or 64-token tiles fit small batches; a column-major D of leading dimension ldo is the
+// row-major [rows, ldo] output. Epilogue (an epilogue visitor tree): D = w_scale[l, m] * (row_scale[n] * acc), in
+// fp32, rounded once to bf16 and stored through TMA.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/device_kernel.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+
+namespace dgemma::kernels {
+
+// StrideW / StrideX / StrideD: (M, K, L), (N, K, L), (M, N, L) of the weights, tokens and output; RowScaleStride:
+// the per-token scale's (M, N, L) stride; the per-channel weight scale has one row of M values per batch L.
+template <int TileN, class StrideW_, class StrideX_, class StrideD_, class RowScaleStride, class SchedulerTag>
+struct ScaledFp8Gemm {
+  using StrideW = StrideW_;
+  using StrideX = StrideX_;
+  using StrideD = StrideD_;
+  using ElementW = cutlass::float_e4m3_t;
+  using ElementX = cutlass::float_e4m3_t;
+  using ElementD = cutlass::bfloat16_t;
+  static constexpr int kAlignFp8 = 16;
+  static constexpr int kAlignD = 8;
+  using TileShape = cute::Shape<cute::_128, cute::Int<TileN>, cute::_128>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+
+  using WScaleStride = cute::Stride<cute::_1, cute::_0, int64_t>;
+  using WScale = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, WScaleStride>;
+  using RowScale = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, RowScaleStride>;
+  using Acc = cutlass::epilogue::fusion::Sm90AccFetch;
+  using MulRow = cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, float, float,
+                                                        cutlass::FloatRoundStyle::round_to_nearest>;
+  using MulW = cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, ElementD, float,
+                                                      cutlass::FloatRoundStyle::round_to_nearest>;
+  using Fusion =
+      cutlass::epilogue::fusion::Sm90EVT<MulW, WScale, cutlass::epilogue::fusion::Sm90EVT<MulRow, RowScale, Acc>>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, StrideD, kAlignD, ElementD, StrideD,
+      kAlignD, EpilogueSchedule, Fusion>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementW, StrideW, kAlignFp8, ElementX, StrideX,
+      kAlignFp8, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, SchedulerTag>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  // Arguments of everything but the scheduler: weights [L][M][K] (batch stride w_batch, 0 for one batch), tokens
+  // [N][K], output rows ldo apart, w_scale [L][M], row_scale [N].
+  static typename Gemm::Arguments arguments(cutlass::gemm::GemmUniversalMode mode, int m, int n, int k, int l,
+                                            const uint8_t* w, int64_t w_batch, const float* w_scale,
+                                            const uint8_t* x, const float* row_scale, void* out, int64_t ldo,
+                                            int sm_count, int device) {
+    typename Gemm::Arguments args;
+    args.mode = mode;
+    args.problem_shape = cute::make_shape(m, n, k, l);
+    // K-major operands: the row stride is dynamic, the K stride 1; a static zero batch stride stays zero.
+    StrideW sw{};
+    cute::get<0>(sw) = k;
+    if constexpr (!cute::is_static_v<decltype(cute::get<2>(sw))>) cute::get<2>(sw) = w_batch;
+    StrideX sx{};
+    cute::get<0>(sx) = k;
+    StrideD sd{};
+    cute::get<1>(sd) = ldo;  // column-major D: the token (column) stride is ldo
+    args.mainloop = {reinterpret_cast<const ElementW*>(w), sw, reinterpret_cast<const ElementX*>(x), sx};
+    WScaleStride w_scale_stride{};
+    cute::get<2>(w_scale_stride) = m;
+    // Children first: {w_scale, {row_scale, acc, row multiply}, w multiply}.
+    args.epilogue.thread = {{w_scale, 0.f, w_scale_stride}, {{row_scale}, {}, {}}, {}};
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.dC = sd;
+    args.epilogue.ptr_D = reinterpret_cast<ElementD*>(out);
+    args.epilogue.dD = sd;
+    args.hw_info.device_id = device;
+    args.hw_info.sm_count = sm_count;
+    return args;
+  }
+};
+
+// cudaFuncSetAttribute (the kernel's dynamic shared memory) once per device and kernel, not on every call.
+template <class Kernel>
+cudaError_t prepare_cutlass_kernel(int device) {
+  static std::atomic<uint64_t> ready{0};
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (ready.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  constexpr int smem = Kernel::SharedStorageSize;
+  if (smem >= (48 << 10)) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  ready.fetch_or(bit, std::memory_order_acq_rel);
+  return cudaSuccess;
+}
+
+// One launch of a CUTLASS 3 GEMM (G::Gemm, a GemmUniversalAdapter of G::Kernel) for `args`: the host work is the
+// kernel parameters (its TMA descriptors) and the launch; nothing is synchronised.
+template <class G>
+cudaError_t run_cutlass(const typename G::Gemm::Arguments& args, void* workspace, size_t workspace_bytes, int device,
+                        cudaStream_t stream) {
+  if (workspace_bytes < G::Gemm::get_workspace_size(args)) return cudaErrorInvalidValue;
+  if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidConfiguration;
+  const cudaError_t err = prepare_cutlass_kernel<typename G::Kernel>(device);
+  if (err != cudaSuccess) return err;
+  if (G::Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess)
+    return cudaErrorInvalidConfiguration;
+  typename G::Kernel::Params params = G::Kernel::to_underlying_arguments(args, workspace);
+  if (G::Gemm::run(params, stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+  return cudaGetLastError();
+}
+
+}  // namespace dgemma::kernels
