@@ -159,3 +159,19 @@ def test_generate_argument_checks(eng, ids, kw):
     finally:
         it.close()
     assert first.kind in ("draft", "block", "result")
+
+
+def test_huge_integer_sampling_numbers_are_floats_or_refused(eng):
+    """A real-valued setting given as an int beyond 64 bits (found by the fuzzer above) is held as a float, so the
+    sampler's tensor arithmetic takes it; one beyond the float range is refused by name."""
+    from dgemma.sampler import GenerationSettings
+
+    s = GenerationSettings(entropy_bound=2**64, confidence_threshold=2**64).validate()
+    assert isinstance(s.entropy_bound, float) and s.entropy_bound == 2.0**64
+    it = eng.generate_stream([[0]], entropy_bound=2**64, confidence_threshold=2**64)
+    try:
+        assert next(it).kind in ("draft", "block", "result")
+    finally:
+        it.close()
+    with pytest.raises(DgemmaError, match="t_max must be a finite number"):
+        GenerationSettings(t_max=10**400).validate()

@@ -50,8 +50,14 @@ class GenerationSettings:
                               f"{self.max_denoising_steps}")
         for name in ("entropy_bound", "t_max", "t_min", "confidence_threshold"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            try:
+                finite = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+            except OverflowError:  # an int beyond the float range
+                finite = False
+            if not finite:
                 raise DgemmaError(f"{name} must be a finite number, got {v!r:.80}")
+            # Held as a float: tensor arithmetic takes any float, but not an int beyond 64 bits.
+            object.__setattr__(self, name, float(v))
         if self.entropy_bound <= 0:
             raise DgemmaError(f"entropy_bound must be positive, got {self.entropy_bound}")
         if self.confidence_threshold <= 0:
