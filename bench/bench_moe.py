@@ -136,6 +136,62 @@ def moe_cases(layer: Layer, token_counts, iters: int) -> list[dict]:
     return results
 
 
+DENSE_I = 2112  # the dense MLP's intermediate: 3 expert intermediates
+
+
+def ffn_cases(layer: Layer, token_counts, iters: int) -> list[dict]:
+    """A layer's whole feed-forward block as the model runs it on the CUDA backend: router + the experts and the
+    dense MLP (3 shared experts) in one expert pipeline (``ffn_fp8_shared_t<n>``), and, in the same run, the
+    router + experts + the dense MLP on its own GEMMs (``ffn_fp8_separate_t<n>``, DGEMMA_DISABLE_KERNELS=
+    shared_experts). Roofline: the experts touched, the dense MLP, the router and the activations."""
+    from types import SimpleNamespace
+
+    from dgemma.ops.cuda import rms_norm_fp8
+
+    g = torch.Generator(device="cuda").manual_seed(99)
+    dense = [quantize_weight((torch.randn(*shape, device="cuda", generator=g) * shape[1] ** -0.5).to(BF16))
+             for shape in ((DENSE_I, H), (DENSE_I, H), (H, DENSE_I))]
+    lw = SimpleNamespace(mlp_gate=dense[0], mlp_up=dense[1], mlp_down=dense[2], experts_gate_up=layer.gate_up,
+                         experts_down=layer.down, shared_experts=None)
+    assert cuda_moe.share_dense_mlp(lw)
+    sh = lw.shared_experts
+    gate, up, down = sh.dense()
+    gate, up = quant.fuse_rows([gate, up])[1]  # adjacent rows: gate/up as one GEMM, as the model would run them
+    mlp_norm = (1 + 0.1 * torch.randn(H, device="cuda", generator=g)).to(BF16)
+    expert_bytes = 2 * I * H + H * I + 4 * (2 * I + H)
+    results = []
+    for n in token_counts:
+        x = torch.randn(n, H, device="cuda", generator=torch.Generator(device="cuda").manual_seed(n)).to(BF16)
+
+        def shared():
+            weights, ids = cuda_moe.route(x, layer.router_scale, layer.proj, layer.expert_scale, K, 1e-6)
+            return cuda_moe.moe_fp8(x, ids, weights, sh.stack_gate_up, sh.stack_down, norm=layer.norm, eps=1e-6,
+                                    shared=sh.shared, shared_norm=mlp_norm)
+
+        def separate():
+            weights, ids = cuda_moe.route(x, layer.router_scale, layer.proj, layer.expert_scale, K, 1e-6)
+            moe = cuda_moe.moe_fp8(x, ids, weights, layer.gate_up, layer.down, norm=layer.norm, eps=1e-6)
+            return moe, cuda_moe.gated_mlp_fp8(rms_norm_fp8(x, mlp_norm, 1e-6), gate, up, down)
+
+        (moe_a, mlp_a), (moe_b, mlp_b) = shared(), separate()
+        _, ids = cuda_moe.route(x, layer.router_scale, layer.proj, layer.expert_scale, K, 1e-6)
+        touched = int(torch.unique(ids).numel())
+        bytes_moved = (touched * expert_bytes + 3 * DENSE_I * H + 4 * (3 * DENSE_I + H) + E * H * 2 + 4 * n * H * 2)
+        flops = 2 * n * (K * 3 * I * H + 3 * DENSE_I * H)
+        roof = roofline_ms(bytes_moved, flops, FP8_FLOPS)
+        ms_shared = median(time_cuda(shared, iters=iters))
+        ms_separate = median(time_cuda(separate, iters=iters))
+        # The two layouts quantise the MLP's intermediate differently (per piece vs per token): their gap is FP8
+        # noise, reported, not a correctness bound (tests/test_moe_cuda.py holds each to its own reference).
+        results.append(dict(name=f"ffn_fp8_shared_t{n}", median_ms=ms_shared, roofline_ms=roof,
+                            roofline_share=roof / ms_shared, tokens=n, experts_touched=touched,
+                            moe_vs_separate=rel_err(moe_a, moe_b), mlp_vs_separate=rel_err(mlp_a, mlp_b),
+                            speedup_vs_separate=ms_separate / ms_shared))
+        results.append(dict(name=f"ffn_fp8_separate_t{n}", median_ms=ms_separate, roofline_ms=roof,
+                            roofline_share=roof / ms_separate, tokens=n))
+    return results
+
+
 # (name, out_features, in_features): DiffusionGemma 26B-A4B's attention projections.
 LINEAR_SHAPES = [("q_proj_sliding", 4096, 2816), ("kv_proj_sliding", 2048, 2816), ("o_proj_sliding", 2816, 4096),
                  ("q_proj_full", 8192, 2816), ("k_proj_full", 1024, 2816), ("o_proj_full", 2816, 8192)]
@@ -224,6 +280,7 @@ def main(argv=None) -> int:
         write_results(args.out, results)
         return 0
     results += moe_cases(layer, tokens, args.iters)
+    results += ffn_cases(layer, tokens, args.iters)
     del layer
     torch.cuda.empty_cache()
     results += dense_cases([int(r) for r in args.rows.split(",")], args.iters)

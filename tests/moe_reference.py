@@ -131,6 +131,28 @@ def moe_fp8_contiguous(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     return _moe(x, ids, weights, gate_up, down, expert)
 
 
+def moe_fp8_shared(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight, down: Fp8Weight,
+                   shared: int, norm: torch.Tensor | None = None, shared_norm: torch.Tensor | None = None,
+                   eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe_fp8(..., shared=shared)`` (contiguous pipeline): (routed out, shared out). The last ``shared`` experts
+    of the stacks are visited by every token with weight 1 after its routed slots and summed on their own; ids name
+    only the routed experts (others are dropped). With ``norm`` the routed rows see rms_norm(x)·norm and the shared
+    rows rms_norm(x)·shared_norm (each quantised per token), the norm as the reference ops compute it."""
+    from dgemma.ops.reference import ReferenceOps
+
+    experts = gate_up.q.shape[0]
+    routed = experts - shared
+    ids = torch.where((ids >= 0) & (ids < routed), ids.long(), torch.full_like(ids.long(), -1))
+    ops = ReferenceOps()
+    xr = x if norm is None else ops.rms_norm(x, norm, eps)
+    xs = x if norm is None else ops.rms_norm(x, shared_norm, eps)
+    n = x.shape[0]
+    shared_ids = torch.arange(routed, experts, device=x.device).expand(n, shared)
+    ones = torch.ones(n, shared, dtype=torch.float32, device=x.device)
+    return (moe_fp8_contiguous(xr, ids, weights, gate_up, down),
+            moe_fp8_contiguous(xs, shared_ids, ones, gate_up, down))
+
+
 # -- router ----------------------------------------------------------------------------------------
 
 

@@ -124,11 +124,12 @@ def test_batched_decoder_rows_equal_each_row_alone_on_the_gpu():
 
 
 # Kernels one layer of the FP8 CUDA path launches in a denoising step: QKV GEMM, qkv_prep, attention (+ its
-# split-KV combine), o_proj quantise + GEMM, residual (+ the MLP's FP8 input), gate/up GEMM, gelu_up, down GEMM,
-# router, plan, gather (+ pre-MoE norm), expert GEMM, gelu_up, expert GEMM, combine, ffn residual (+ the next
-# layer's FP8 attention input; the first layer's comes from rms_norm_fp8): 17, or 18 with the combine. The step
-# adds its own (embedding, RoPE tables, decoder input, final norm, vocabulary head, sampler).
-KERNELS_PER_LAYER = 18
+# split-KV combine), o_proj quantise + GEMM, router (which also forms the attention residual), plan, gather (pre-MoE
+# and MLP norms), expert GEMM, gelu_up, expert GEMM (the dense MLP runs inside the expert GEMMs as shared experts),
+# combine (experts and MLP apart), ffn residual (+ the next layer's FP8 attention input; the first layer's comes
+# from rms_norm_fp8): 13, or 14 with the split-KV combine. The step adds its own (embedding, RoPE tables, decoder
+# input, final norm, vocabulary head, sampler).
+KERNELS_PER_LAYER = 14
 KERNELS_PER_STEP = 80
 
 

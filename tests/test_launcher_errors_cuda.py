@@ -546,8 +546,28 @@ def moe_route_table(c: Ctx) -> Table:
                                 proj=proj,
                                 expert_scale=(1 + 0.2 * torch.rand(EXP, generator=c.gen, device=c.dev)).to(BF16),
                                 top_k=TOPK, eps=1e-6, weights=c.empty(N_TOK, TOPK, dtype=F32),
-                                ids=c.empty(N_TOK, TOPK, dtype=I32), stream=0))
+                                ids=c.empty(N_TOK, TOPK, dtype=I32), stream=0, residual_y=None, residual_w=None,
+                                residual_out=None))
     dev = f"expected cuda:{c.idx} (the device of x)"
+    # The fused attention residual: all three tensors or none.
+    ry, rw, ro = c.randn(N_TOK, HID), c.randn(HID), c.empty(N_TOK, HID)
+    together = "residual_y, residual_w and residual_out go together"
+    t.bad("residual_y alone", together, residual_y=ry)
+    t.bad("residual without out", together, residual_y=ry, residual_w=rw)
+    t.bad("residual_y tokens", f"residual_y has shape [4, {HID}], expected size {N_TOK} in dimension 0 (tokens)",
+          residual_y=c.empty(4, HID), residual_w=rw, residual_out=ro)
+    t.bad("residual_y dtype", "residual_y has dtype float32, expected bfloat16", residual_y=c.empty(N_TOK, HID, dtype=F32),
+          residual_w=rw, residual_out=ro)
+    t.bad("residual_w length", f"residual_w has shape [256], expected size {HID} in dimension 0 (hidden)",
+          residual_y=ry, residual_w=c.empty(256), residual_out=ro)
+    t.bad("residual_out on the host", f"residual_out is on cuda:-1, {dev}", residual_y=ry, residual_w=rw,
+          residual_out=c.host(ro))
+    t.bad("residual_out aliases x", "residual_out must not alias x or residual_y", residual_y=ry, residual_w=rw,
+          residual_out=x)
+    t.bad("residual_out misaligned", "residual_out must be 16-byte aligned", residual_y=ry, residual_w=rw,
+          residual_out=c.misaligned(N_TOK, HID))
+    t.bad("residual with strided x", f"x must be contiguous (shape [{N_TOK}, {HID}])", x=c.padded_rows(N_TOK, HID, 8),
+          residual_y=ry, residual_w=rw, residual_out=ro)
     t.bad("x on the host", cuda_msg("x"), x=c.host(x))
     t.bad("x float32", "x has dtype float32, expected bfloat16", x=c.empty(N_TOK, HID, dtype=F32))
     t.bad("x 3-d", f"x has shape [1, {N_TOK}, {HID}], expected 2 dimensions", x=c.empty(1, N_TOK, HID))
@@ -704,7 +724,8 @@ def moe_fp8_table(c: Ctx) -> Table:
     nbytes = c.workspace_bytes("moe_fp8_workspace_bytes", N_TOK, TOPK, HID, MOE_I, EXP)
     t = Table("moe_fp8", dict(x=x, ids=ids, weights=weights, gate_up_q=gate_up.q, gate_up_scale=gate_up.scale,
                               down_q=down.q, down_scale=down.scale, out=c.empty(N_TOK, HID),
-                              workspace=c.empty(nbytes, dtype=U8), stream=0, contiguous=True, norm=None, eps=1e-6))
+                              workspace=c.empty(nbytes, dtype=U8), stream=0, contiguous=True, norm=None, eps=1e-6,
+                              shared=0, shared_norm=None, shared_out=None))
     dev = f"expected cuda:{c.idx} (the device of x)"
     gu, dq = "gate_up.q", "down.q"
     # x: check_matrix(bf16, any shape, contiguous)
@@ -789,6 +810,33 @@ def moe_fp8_table(c: Ctx) -> Table:
               f"{max(ptr_bytes, nbytes)}", workspace=c.empty(min(ptr_bytes, nbytes), dtype=U8),
               contiguous=ptr_bytes > nbytes)
     t.type_error("contiguous is a string", "contiguous='yes'", contiguous="yes")
+    # shared experts (the dense MLP in expert-sized pieces): the last `shared` of the stacks
+    sh_out = c.empty(N_TOK, HID)
+    shared_msg = f"expected 0..{EXP - 1} (shared experts are the last of the {EXP} in {gu}; at least one must be routed)"
+    t.bad("shared negative", f"shared is -1, {shared_msg}", shared=-1)
+    t.bad("shared every expert", f"shared is {EXP}, {shared_msg}", shared=EXP, shared_out=sh_out)
+    t.bad("shared 17", "shared is 17, expected at most 16", shared=17, shared_out=sh_out)
+    t.bad("shared on the pointer-array pipeline", "shared experts (shared = 2) run on the contiguous pipeline only",
+          shared=2, shared_out=sh_out, contiguous=False)
+    t.bad("shared without shared_out", "shared experts need shared_out (their sum per token)", shared=2)
+    t.bad("shared_out without shared", "shared_out is given but shared is 0", shared_out=sh_out)
+    t.bad("shared_norm without norm", "shared_norm is given without norm and shared experts (shared > 0)",
+          shared=2, shared_out=sh_out, shared_norm=c.empty(HID))
+    t.bad("norm without shared_norm", "norm is given with shared experts: pass shared_norm",
+          shared=2, shared_out=sh_out, norm=c.empty(HID))
+    t.bad("shared_norm dtype", "shared_norm has dtype float32, expected bfloat16", shared=2, shared_out=sh_out,
+          norm=c.empty(HID), shared_norm=c.empty(HID, dtype=F32))
+    t.bad("shared_norm length", f"shared_norm has shape [256], expected size {HID} in dimension 0 (hidden)", shared=2,
+          shared_out=sh_out, norm=c.empty(HID), shared_norm=c.empty(256))
+    t.bad("shared_out on the host", f"shared_out is on cuda:-1, {dev}", shared=2, shared_out=c.host(sh_out))
+    t.bad("shared_out tokens", f"shared_out has shape [4, {HID}], expected size {N_TOK} in dimension 0 (tokens)",
+          shared=2, shared_out=c.empty(4, HID))
+    t.bad("shared_out misaligned", "shared_out must be 16-byte aligned", shared=2,
+          shared_out=c.misaligned(N_TOK, HID))
+    shared_bytes = int(c.lib.moe_fp8_workspace_bytes(N_TOK, TOPK + 2, HID, MOE_I, EXP, c.idx, True))
+    t.bad("workspace without the shared rows", f"workspace has {nbytes} bytes, expected at least {shared_bytes}",
+          shared=2, shared_out=sh_out)
+    t.type_error("shared is a string", "shared='2'", shared="2")
 
     def check(_):
         out = t.base["out"]

@@ -278,6 +278,22 @@ def test_route_matches_reference(n):
     check_routing(w, ids, w_ref, ids_ref, logits)
 
 
+@pytest.mark.parametrize("n", [1, 7, 255, 1000])
+def test_route_forms_the_attention_residual_exactly(n):
+    """route(x, residual=(y, w)) stores x + rms_norm(y) * w bit-identical to the residual_norm kernel and routes it
+    exactly as the router routes that stored tensor (the same weights and ids bit for bit)."""
+    from dgemma.ops import cuda
+
+    x, scale, proj, expert_scale = router_inputs(n, seed=n + 5)
+    g = torch.Generator(device="cuda").manual_seed(n + 6)
+    y = (torch.randn(n, H, device="cuda", generator=g) * 2).bfloat16()
+    w = (torch.rand(H, device="cuda", generator=g) + 0.5).bfloat16()
+    weights, ids, new_x = cuda_moe.route(x, scale, proj, expert_scale, K, 1e-6, residual=(y, w))
+    assert torch.equal(new_x, cuda.residual_norm(x, y, w, 1e-6))
+    w_plain, ids_plain = cuda_moe.route(new_x, scale, proj, expert_scale, K, 1e-6)
+    assert torch.equal(ids, ids_plain) and torch.equal(weights, w_plain)
+
+
 def test_route_ties_pick_lowest_expert_id():
     # Experts share proj rows in groups of ~3 at scattered ids, so their logits tie exactly (the kernel
     # computes every expert's logit with the same arithmetic); top-8 then splits groups.
@@ -490,6 +506,58 @@ def test_moe_fp8_fuses_the_pre_moe_norm_exactly(pipeline, experts):
     plain = cuda_moe.moe_fp8(cuda.rms_norm(x, w, 1e-6), ids, weights, gate_up, down)
     assert torch.equal(fused, plain)
     assert torch.equal(CudaOps().norm_moe(x, w, 1e-6, ids, weights, gate_up, down), plain)
+
+
+DENSE_I = 3 * I  # the model's dense MLP: 2112 = 3 expert intermediates
+
+
+@pytest.fixture(scope="module")
+def shared_layer(experts):
+    """A layer whose dense MLP (intermediate 3 * I) is laid out as 3 shared experts after the 128 routed ones
+    (share_dense_mlp), with the dense weights it came from."""
+    from types import SimpleNamespace
+
+    g = torch.Generator(device="cuda").manual_seed(70)
+    gate = quantize_weight((torch.randn(DENSE_I, H, device="cuda", generator=g) * H ** -0.5).bfloat16())
+    up = quantize_weight((torch.randn(DENSE_I, H, device="cuda", generator=g) * H ** -0.5).bfloat16())
+    down = quantize_weight((torch.randn(H, DENSE_I, device="cuda", generator=g) * DENSE_I ** -0.5).bfloat16())
+    gate_up, dn = experts
+    layer = SimpleNamespace(mlp_gate=gate, mlp_up=up, mlp_down=down, experts_gate_up=gate_up, experts_down=dn,
+                            shared_experts=None)
+    assert cuda_moe.share_dense_mlp(layer)
+    return layer, (gate, up, down)
+
+
+@pytest.mark.parametrize("n", [1, 7, 256, 1000])
+@pytest.mark.parametrize("normed", [False, True])
+def test_contiguous_pipeline_runs_the_dense_ffn_as_shared_experts(shared_layer, n, normed):
+    """moe_fp8(shared=3) over the stacked weights: the routed sum and the shared experts' sum each match the
+    FP8-faithful reference (same quantisation points), and the shared sum is the dense MLP (within FP8 error of the
+    fp32 MLP on the dequantised weights; its intermediate is quantised per piece, not per token)."""
+    layer, (gate, up, down) = shared_layer
+    sh = layer.shared_experts
+    x = (tokens(n, seed=71) * 3).contiguous()
+    ids, weights = random_routing(n, seed=72)
+    g = torch.Generator(device="cuda").manual_seed(73)
+    norm = (torch.rand(H, device="cuda", generator=g) + 0.5).bfloat16() if normed else None
+    mlp_norm = (torch.rand(H, device="cuda", generator=g) + 0.5).bfloat16() if normed else None
+    kw = dict(norm=norm, shared_norm=mlp_norm, eps=1e-6) if normed else {}
+    cuda_moe.moe_fp8(x, ids, weights, sh.stack_gate_up, sh.stack_down, shared=sh.shared, **kw)
+    poison_workspaces()
+    out, mlp = nan_like((n, H)), nan_like((n, H))
+    got = cuda_moe.moe_fp8(x, ids, weights, sh.stack_gate_up, sh.stack_down, out=out, shared=sh.shared,
+                           shared_out=mlp, **kw)
+    torch.cuda.synchronize()
+    assert got[0] is out and got[1] is mlp
+    ref_out, ref_mlp = mref.moe_fp8_shared(x, ids, weights, sh.stack_gate_up, sh.stack_down, sh.shared, norm, mlp_norm)
+    assert_matches_quantized_reference(out, ref_out, f"shared pipeline, routed sum, n={n}")
+    assert_matches_quantized_reference(mlp, ref_mlp, f"shared pipeline, shared sum, n={n}")
+    ops = ReferenceOps()
+    xr = x.float() if norm is None else ops.rms_norm(x, norm, 1e-6).float()
+    xm = x.float() if norm is None else ops.rms_norm(x, mlp_norm, 1e-6).float()
+    assert_fp8_error_vs_fp32(out, reference_moe(xr, ids, weights, layer.experts_gate_up, layer.experts_down),
+                             FP32_TOL_TWO_QUANTS, "routed sum vs fp32")
+    assert_fp8_error_vs_fp32(mlp, ops.gated_mlp(xm, gate, up, down), FP32_TOL_TWO_QUANTS, "dense MLP vs fp32")
 
 
 def test_moe_fp8_validates_arguments(experts):

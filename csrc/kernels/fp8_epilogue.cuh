@@ -36,7 +36,8 @@ constexpr int kEpilogueThreads = 128;
 // scaled (sm90_fp8_scaled_gemm's epilogue applied both scales; a_scale is then unused): h = gelu_tanh(gate) * up.
 // With row_src and row_weight (a padded plan's row -> token * top_k + slot, -1 for padding; the routing weights),
 // the stored h_scale[r] is the quantisation scale times row_weight[row_src[r]] (0 for padding): the next GEMM's
-// epilogue then applies the routing weight with the scale.
+// epilogue then applies the routing weight with the scale. row_src counts `slots` entries per token and row_weight
+// `top_k` (0: slots): a slot from top_k on (a shared expert, moe_dispatch.cuh PlanIds) has weight 1.
 struct GeluUpScales {
   const float* gate_scale;
   const float* up_scale;
@@ -45,6 +46,8 @@ struct GeluUpScales {
   const int* valid_rows;
   const int* row_src = nullptr;
   const float* row_weight = nullptr;
+  int slots = 1;
+  int top_k = 0;
 };
 
 constexpr int kGeluUpMaxVecs = 4;
@@ -92,7 +95,14 @@ static __global__ void __launch_bounds__(kEpilogueThreads)
     float stored = sc;
     if (s.row_weight != nullptr) {
       const int src = s.row_src[r];
-      stored = src >= 0 ? sc * s.row_weight[src] : 0.f;
+      if (src < 0) {
+        stored = 0.f;
+      } else if (s.top_k == 0) {
+        stored = sc * s.row_weight[src];
+      } else {
+        const int slot = src % s.slots;
+        stored = slot < s.top_k ? sc * s.row_weight[src / s.slots * s.top_k + slot] : sc;
+      }
     }
     h_scale[r] = stored;
   }

@@ -49,6 +49,23 @@ struct PlanOutputs {
   int32_t* num_tiles;    // may be null
 };
 
+// The entries a plan sorts: each token's top_k routed slots (ids [tokens, top_k]; an id outside [0, routed) is
+// dropped) followed by `shared` slots that every token has, slot top_k + j naming expert routed + j (shared
+// experts: e.g. a dense MLP cut into expert-sized pieces). An entry's index into row_of is token * slots() + slot.
+struct PlanIds {
+  const int32_t* ids;
+  int top_k;
+  int routed;
+  int shared;
+  __host__ __device__ __forceinline__ int slots() const { return top_k + shared; }
+  __host__ __device__ __forceinline__ int experts() const { return routed + shared; }
+  __device__ __forceinline__ int expert(int token, int slot) const {
+    if (slot >= top_k) return routed + slot - top_k;
+    const int e = ids[static_cast<int64_t>(token) * top_k + slot];
+    return e >= 0 && e < routed ? e : -1;
+  }
+};
+
 // Warp 0: the padded exclusive scan of counts[e] (in `base`) into base[e] = start[e] = offsets[e].
 __device__ __forceinline__ void plan_scan(int* base, int* start, int experts, int pad, const PlanOutputs& out,
                                           int lane) {
@@ -85,19 +102,18 @@ __device__ __forceinline__ void plan_scan(int* base, int* start, int experts, in
 // The rows of one chunk of kPlanThreads slot-major entries starting at c0: entry i = c0 + tid goes to row
 // base[e] + (its rank among the chunk's entries of expert e); base[e] advances by the chunk's count. Every thread
 // of the block calls it (barriers inside).
-__device__ __forceinline__ void plan_assign_chunk(const int32_t* __restrict__ ids, int tokens, int top_k, int experts,
-                                                  int c0, int* base, int (*warp_count)[kPlanMaxExperts],
-                                                  const PlanOutputs& out) {
+__device__ __forceinline__ void plan_assign_chunk(const PlanIds& in, int tokens, int c0, int* base,
+                                                  int (*warp_count)[kPlanMaxExperts], const PlanOutputs& out) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int total = tokens * top_k;
+  const int slots = in.slots(), experts = in.experts();
+  const int total = tokens * slots;
   const unsigned lt_mask = (1u << lane) - 1u;
   for (int j = tid; j < kPlanWarps * experts; j += kPlanThreads) warp_count[j / experts][j % experts] = 0;
   const int i = c0 + tid;  // slot-major index: slot = i / tokens, token = i % tokens
   int e = -1, src = 0;
   if (i < total) {
-    src = (i % tokens) * top_k + i / tokens;
-    e = ids[src];
-    if (e < 0 || e >= experts) e = -1;
+    src = (i % tokens) * slots + i / tokens;
+    e = in.expert(i % tokens, i / tokens);
   }
   const unsigned peers = __match_any_sync(0xffffffffu, e);
   const int rank = __popc(peers & lt_mask);
@@ -142,38 +158,39 @@ __device__ __forceinline__ void plan_fill_padding(const int* ends, const int* st
 }
 
 static __global__ void __launch_bounds__(kPlanThreads)
-    moe_plan_kernel(const int32_t* __restrict__ ids, int tokens, int top_k, int experts, int pad, PlanOutputs out) {
+    moe_plan_kernel(PlanIds in, int tokens, int pad, PlanOutputs out) {
   __shared__ int base[kPlanMaxExperts];
   __shared__ int start[kPlanMaxExperts + 1];
   __shared__ int warp_count[kPlanWarps][kPlanMaxExperts];
   const int tid = threadIdx.x;
-  const int total = tokens * top_k;
+  const int slots = in.slots(), experts = in.experts();
+  const int total = tokens * slots;
 
   for (int e = tid; e < experts; e += kPlanThreads) base[e] = 0;
   __syncthreads();
   for (int i = tid; i < total; i += kPlanThreads) {
-    const int e = ids[i];
-    if (e >= 0 && e < experts) atomicAdd(&base[e], 1);
+    const int e = in.expert(i / slots, i % slots);
+    if (e >= 0) atomicAdd(&base[e], 1);
   }
   __syncthreads();
   if (tid < 32) plan_scan(base, start, experts, pad, out, tid);
   __syncthreads();
-  for (int c0 = 0; c0 < total; c0 += kPlanThreads) plan_assign_chunk(ids, tokens, top_k, experts, c0, base, warp_count, out);
+  for (int c0 = 0; c0 < total; c0 += kPlanThreads) plan_assign_chunk(in, tokens, c0, base, warp_count, out);
   // base[e] is now the end of expert e's real rows: the rest up to the next start is padding.
   if (pad > 1) plan_fill_padding(base, start, experts, pad, out);
 }
 
 // Multi-block plan, 1/3: chunk_counts[c * experts + e] = entries of expert e in chunk c (slot-major order).
 static __global__ void __launch_bounds__(kPlanThreads)
-    moe_plan_count_kernel(const int32_t* __restrict__ ids, int tokens, int top_k, int experts,
-                          int32_t* __restrict__ chunk_counts) {
+    moe_plan_count_kernel(PlanIds in, int tokens, int32_t* __restrict__ chunk_counts) {
   __shared__ int count[kPlanMaxExperts];
+  const int experts = in.experts();
   for (int e = threadIdx.x; e < experts; e += kPlanThreads) count[e] = 0;
   __syncthreads();
   const int i = blockIdx.x * kPlanThreads + threadIdx.x;
-  if (i < tokens * top_k) {
-    const int e = ids[(i % tokens) * top_k + i / tokens];
-    if (e >= 0 && e < experts) atomicAdd(&count[e], 1);
+  if (i < tokens * in.slots()) {
+    const int e = in.expert(i % tokens, i / tokens);
+    if (e >= 0) atomicAdd(&count[e], 1);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < experts; e += kPlanThreads)
@@ -209,14 +226,14 @@ static __global__ void __launch_bounds__(kPlanThreads)
 
 // 3/3: each block places its chunk's entries from the chunk's first rows.
 static __global__ void __launch_bounds__(kPlanThreads)
-    moe_plan_assign_kernel(const int32_t* __restrict__ ids, int tokens, int top_k, int experts,
-                           const int32_t* __restrict__ chunk_base, PlanOutputs out) {
+    moe_plan_assign_kernel(PlanIds in, int tokens, const int32_t* __restrict__ chunk_base, PlanOutputs out) {
   __shared__ int base[kPlanMaxExperts];
   __shared__ int warp_count[kPlanWarps][kPlanMaxExperts];
+  const int experts = in.experts();
   for (int e = threadIdx.x; e < experts; e += kPlanThreads)
     base[e] = chunk_base[static_cast<int64_t>(blockIdx.x) * experts + e];
   __syncthreads();
-  plan_assign_chunk(ids, tokens, top_k, experts, blockIdx.x * kPlanThreads, base, warp_count, out);
+  plan_assign_chunk(in, tokens, blockIdx.x * kPlanThreads, base, warp_count, out);
 }
 
 // Above this many entries the plan runs on every SM (when given scratch): a single block walks them in order.
@@ -227,20 +244,23 @@ inline int64_t moe_plan_scratch_ints(int64_t entries, int experts) {
   return (entries + kPlanThreads - 1) / kPlanThreads * experts;
 }
 
+// experts: the experts ids name; `shared` more follow them (see PlanIds): offsets then has experts + shared + 1
+// entries and row_of tokens * (top_k + shared).
 inline cudaError_t moe_plan(const int32_t* ids, int tokens, int top_k, int experts, int32_t* offsets, int32_t* row_of,
                             int32_t* row_expert, cudaStream_t stream, int pad = 1, int32_t* row_src = nullptr,
                             int32_t* tile_expert = nullptr, int32_t* num_tiles = nullptr,
-                            int32_t* scratch = nullptr) {
+                            int32_t* scratch = nullptr, int shared = 0) {
   const PlanOutputs out{offsets, row_of, row_expert, row_src, tile_expert, num_tiles};
-  const int total = tokens * top_k;
+  const PlanIds in{ids, top_k, experts, shared};
+  const int total = tokens * in.slots();
   if (scratch == nullptr || total <= kPlanSingleBlockMax) {
-    moe_plan_kernel<<<1, kPlanThreads, 0, stream>>>(ids, tokens, top_k, experts, pad, out);
+    moe_plan_kernel<<<1, kPlanThreads, 0, stream>>>(in, tokens, pad, out);
     return cudaGetLastError();
   }
   const int chunks = (total + kPlanThreads - 1) / kPlanThreads;
-  moe_plan_count_kernel<<<chunks, kPlanThreads, 0, stream>>>(ids, tokens, top_k, experts, scratch);
-  moe_plan_scan_kernel<<<1, kPlanThreads, 0, stream>>>(chunks, experts, pad, scratch, out);
-  moe_plan_assign_kernel<<<chunks, kPlanThreads, 0, stream>>>(ids, tokens, top_k, experts, scratch, out);
+  moe_plan_count_kernel<<<chunks, kPlanThreads, 0, stream>>>(in, tokens, scratch);
+  moe_plan_scan_kernel<<<1, kPlanThreads, 0, stream>>>(chunks, in.experts(), pad, scratch, out);
+  moe_plan_assign_kernel<<<chunks, kPlanThreads, 0, stream>>>(in, tokens, scratch, out);
   return cudaGetLastError();
 }
 
@@ -260,16 +280,45 @@ struct GatherPadding {
 
 // With apply, each token is rms_norm(x) [* weight] first (the layer's pre-MoE norm), with the arithmetic of
 // rms_norm_kernel (warp 0 reduces the row in that kernel's order), so the quantised rows equal those of the
-// norm kernel followed by this one.
+// norm kernel followed by this one. With shared_weight (and shared slots, see PlanIds), the rows of slots from
+// top_k on see rms_norm(x) * shared_weight instead (their own per-token scale): e.g. the dense MLP's pre-norm.
 struct GatherNorm {
   bool apply;
   const __nv_bfloat16* weight;
   float eps;
+  const __nv_bfloat16* shared_weight = nullptr;
+  int top_k = 0;
 };
+
+// One token's values (normed with `weight` when norm.apply) quantised per token into q; returns the scale.
+__device__ __forceinline__ float gather_quantize_row(const __nv_bfloat16* __restrict__ xr, int vecs,
+                                                     const GatherNorm& norm, const __nv_bfloat16* weight,
+                                                     float inv_rms, float* red, uint2 (&q)[kGatherMaxVecs]) {
+  float v[kGatherMaxVecs][8];
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < kGatherMaxVecs; ++j) {
+    const int c = threadIdx.x + j * kGatherThreads;
+    if (c < vecs) {
+      if (norm.apply) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[j][i] = __bfloat162float(normed(xr, weight, 8 * c + i, inv_rms));
+      } else {
+        load_bf16x8(xr + 8 * c, v[j]);
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[j][i]));
+    }
+  }
+  const float s = fp8_scale_from_amax(block_max(amax, red));
+#pragma unroll
+  for (int j = 0; j < kGatherMaxVecs; ++j) q[j] = threadIdx.x + j * kGatherThreads < vecs ? fp8x8(v[j], s) : uint2{};
+  return s;
+}
 
 static __global__ void __launch_bounds__(kGatherThreads)
     moe_gather_quantize_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, int64_t tokens, int hidden,
-                               int top_k, const int32_t* __restrict__ row_of, uint8_t* __restrict__ xq,
+                               int slots, const int32_t* __restrict__ row_of, uint8_t* __restrict__ xq,
                                float* __restrict__ x_scale, GatherPadding padding, GatherNorm norm) {
   __shared__ float red[32];
   __shared__ float inv_rms;
@@ -295,28 +344,15 @@ static __global__ void __launch_bounds__(kGatherThreads)
     }
     __syncthreads();
   }
-  float v[kGatherMaxVecs][8];
-  float amax = 0.f;
-#pragma unroll
-  for (int j = 0; j < kGatherMaxVecs; ++j) {
-    const int c = threadIdx.x + j * kGatherThreads;
-    if (c < vecs) {
-      if (norm.apply) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[j][i] = __bfloat162float(normed(xr, norm.weight, 8 * c + i, inv_rms));
-      } else {
-        load_bf16x8(xr + 8 * c, v[j]);
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[j][i]));
-    }
-  }
-  const float s = fp8_scale_from_amax(block_max(amax, red));
+  // Slots [0, split) from norm.weight; [split, slots) (shared experts with a norm of their own) from shared_weight.
+  const int split = norm.apply && norm.shared_weight != nullptr ? norm.top_k : slots;
   uint2 q[kGatherMaxVecs];
-#pragma unroll
-  for (int j = 0; j < kGatherMaxVecs; ++j) q[j] = threadIdx.x + j * kGatherThreads < vecs ? fp8x8(v[j], s) : uint2{};
-  for (int k = 0; k < top_k; ++k) {
-    const int row = row_of[t * top_k + k];
+  float s = 0.f;
+  for (int k = 0; k < slots; ++k) {
+    if (k == 0 || k == split)
+      s = gather_quantize_row(xr, vecs, norm, k < split ? norm.weight : norm.shared_weight,
+                              norm.apply ? inv_rms : 0.f, red, q);
+    const int row = row_of[t * slots + k];
     if (row < 0) continue;
     uint8_t* out = xq + static_cast<int64_t>(row) * hidden;
 #pragma unroll
@@ -328,14 +364,14 @@ static __global__ void __launch_bounds__(kGatherThreads)
   }
 }
 
-inline cudaError_t moe_gather_quantize(const __nv_bfloat16* x, int64_t x_stride, int64_t tokens, int hidden, int top_k,
+inline cudaError_t moe_gather_quantize(const __nv_bfloat16* x, int64_t x_stride, int64_t tokens, int hidden, int slots,
                                        const int32_t* row_of, uint8_t* xq, float* x_scale, cudaStream_t stream,
                                        GatherPadding padding = {nullptr, nullptr, 1}, int experts = 0,
                                        GatherNorm norm = {false, nullptr, 0.f}) {
   if (tokens == 0) return cudaSuccess;
   const int64_t blocks = tokens + (padding.offsets != nullptr ? experts : 0);
   moe_gather_quantize_kernel<<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
-      x, x_stride, tokens, hidden, top_k, row_of, xq, x_scale, padding, norm);
+      x, x_stride, tokens, hidden, slots, row_of, xq, x_scale, padding, norm);
   return cudaGetLastError();
 }
 
@@ -344,18 +380,26 @@ constexpr int kCombineThreads = 128;
 // Grid (tokens, ceil(hidden / (8 * kCombineThreads))). out[t, c] = bf16(sum_k weights[t, k] * h_scale[row]
 // * w_scale[e, c] * d[row, c]) with row = row_of[t, k], e = ids[t, k], summed in slot order in fp32:
 // deterministic, no atomics. d: [rows, hidden] bf16 (the unscaled down projection). With w_scale null, d is the
-// weighted, scaled down projection and out[t, c] = bf16(sum_k d[row, c]) (h_scale, ids, weights unused).
+// weighted, scaled down projection and out[t, c] = bf16(sum_k d[row, c]) (h_scale, ids, weights unused); then with
+// shared_out, slots from top_k on (shared experts, see PlanIds) are summed into shared_out[t] instead.
+// row_of has `slots` entries per token.
 static __global__ void __launch_bounds__(kCombineThreads)
     moe_combine_kernel(const __nv_bfloat16* __restrict__ d, const float* __restrict__ h_scale,
                        const float* __restrict__ w_scale, const int32_t* __restrict__ ids,
-                       const float* __restrict__ weights, const int32_t* __restrict__ row_of, int hidden, int top_k,
-                       __nv_bfloat16* __restrict__ out, int64_t out_stride) {
+                       const float* __restrict__ weights, const int32_t* __restrict__ row_of, int hidden, int slots,
+                       int top_k, __nv_bfloat16* __restrict__ out, __nv_bfloat16* __restrict__ shared_out,
+                       int64_t out_stride) {
   const int64_t t = blockIdx.x;
   const int c = 8 * (blockIdx.y * kCombineThreads + threadIdx.x);
   if (c >= hidden) return;
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int k = 0; k < top_k; ++k) {
-    const int row = row_of[t * top_k + k];
+  for (int k = 0; k < slots; ++k) {
+    if (k == top_k && shared_out != nullptr) {  // the routed sum is complete; the shared experts' sum follows
+      store_bf16x8(out + t * out_stride + c, acc);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+    }
+    const int row = row_of[t * slots + k];
     if (row < 0) continue;
     float v[8];
     load_bf16x8(d + static_cast<int64_t>(row) * hidden + c, v);
@@ -364,8 +408,8 @@ static __global__ void __launch_bounds__(kCombineThreads)
       for (int i = 0; i < 8; ++i) acc[i] += v[i];
       continue;
     }
-    const int64_t e = ids[t * top_k + k];
-    const float a = weights[t * top_k + k] * h_scale[row];
+    const int64_t e = ids[t * slots + k];
+    const float a = weights[t * slots + k] * h_scale[row];
     const float* ws = w_scale + e * hidden + c;
     const float4 w0 = *reinterpret_cast<const float4*>(ws);
     const float4 w1 = *reinterpret_cast<const float4*>(ws + 4);
@@ -373,16 +417,19 @@ static __global__ void __launch_bounds__(kCombineThreads)
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = fmaf(a * wv[i], v[i], acc[i]);
   }
-  store_bf16x8(out + t * out_stride + c, acc);
+  store_bf16x8((shared_out != nullptr ? shared_out : out) + t * out_stride + c, acc);
 }
 
+// slots: entries of row_of per token; shared_out (contiguous pipeline only, w_scale null): where slots top_k.. go.
 inline cudaError_t moe_combine(const __nv_bfloat16* d, const float* h_scale, const float* w_scale, const int32_t* ids,
-                               const float* weights, const int32_t* row_of, int64_t tokens, int hidden, int top_k,
-                               __nv_bfloat16* out, int64_t out_stride, cudaStream_t stream) {
+                               const float* weights, const int32_t* row_of, int64_t tokens, int hidden, int slots,
+                               __nv_bfloat16* out, int64_t out_stride, cudaStream_t stream,
+                               __nv_bfloat16* shared_out = nullptr, int top_k = 0) {
   if (tokens == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(tokens), (hidden / 8 + kCombineThreads - 1) / kCombineThreads);
-  moe_combine_kernel<<<grid, kCombineThreads, 0, stream>>>(d, h_scale, w_scale, ids, weights, row_of, hidden, top_k,
-                                                          out, out_stride);
+  moe_combine_kernel<<<grid, kCombineThreads, 0, stream>>>(d, h_scale, w_scale, ids, weights, row_of, hidden, slots,
+                                                          shared_out != nullptr ? top_k : slots, out, shared_out,
+                                                          out_stride);
   return cudaGetLastError();
 }
 

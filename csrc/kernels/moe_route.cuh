@@ -19,6 +19,7 @@
 
 #include "kernels/fp8_quant.cuh"
 #include "kernels/moe_route_limits.h"
+#include "kernels/residual_norm.cuh"
 #include "kernels/warp_mma_sm80.cuh"
 
 namespace dgemma::kernels {
@@ -31,24 +32,41 @@ namespace dgemma::kernels {
 
 __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
+// The router's input as a residual update it also stores (the layer's attention residual, fused): the row of token
+// t is out[t] = bf16(x[t] + bf16(rms_norm(y[t]) * w)) (residual_norm.cuh's add form, the same roundings, eps the
+// router's), and the router reads that row. x, y and out: contiguous rows of `hidden`. y null: x as it is.
+struct RouteResidual {
+  const __nv_bfloat16* y = nullptr;
+  const __nv_bfloat16* w = nullptr;
+  __nv_bfloat16* out = nullptr;
+};
+
 // One token's router input, by one warp: h[i] = bf16(bf16(bf16(x[i] * rms^-1) * scale[i]) * hidden^-1/2), passed to
-// store(i, h[i]); xr null: a padding row of zeros.
+// store(i, h[i]); xr null: a padding row of zeros. With res.y, x is the residual update of row `token` (stored to
+// res.out, recomputed from its inputs wherever it is read, never read back).
 template <typename Store>
 __device__ __forceinline__ void route_normalize_row(const __nv_bfloat16* __restrict__ xr,
                                                     const __nv_bfloat16* __restrict__ scale, int hidden, float eps,
-                                                    float inv_sqrt_hidden, int lane, Store&& store) {
+                                                    float inv_sqrt_hidden, int lane, Store&& store,
+                                                    const RouteResidual& res = {}, int64_t token = 0) {
   if (xr == nullptr) {
     for (int i = lane; i < hidden; i += 32) store(i, __float2bfloat16_rn(0.f));
     return;
   }
+  const __nv_bfloat16* yr = res.y != nullptr ? res.y + token * hidden : nullptr;
+  const float ry = yr != nullptr ? row_inv_rms(yr, hidden, eps, lane) : 0.f;
+  auto value = [&](int i) {
+    return yr != nullptr ? add_norm_value(xr, yr, res.w, ry, i) : __bfloat162float(xr[i]);
+  };
   float ss = 0.f;
   for (int i = lane; i < hidden; i += 32) {
-    const float v = __bfloat162float(xr[i]);
+    const float v = value(i);
+    if (yr != nullptr) res.out[token * hidden + i] = __float2bfloat16_rn(v);
     ss = fmaf(v, v, ss);
   }
   const float inv_rms = rsqrtf(warp_sum(ss) / static_cast<float>(hidden) + eps);
   for (int i = lane; i < hidden; i += 32) {
-    float v = round_bf16(__bfloat162float(xr[i]) * inv_rms);
+    float v = round_bf16(value(i) * inv_rms);
     v = round_bf16(v * __bfloat162float(scale[i]));
     store(i, __float2bfloat16_rn(v * inv_sqrt_hidden));
   }
@@ -127,7 +145,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
     route_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const __nv_bfloat16* __restrict__ scale,
                  const __nv_bfloat16* __restrict__ proj, const __nv_bfloat16* __restrict__ expert_scale,
                  int64_t tokens, int hidden, int experts, int top_k, float eps, float inv_sqrt_hidden,
-                 float* __restrict__ weights, int32_t* __restrict__ ids) {
+                 float* __restrict__ weights, int32_t* __restrict__ ids, RouteResidual res) {
   extern __shared__ __align__(16) unsigned char route_smem[];
   __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(route_smem);  // [kRouteTokens][hidden]
   float* logits = reinterpret_cast<float*>(h + kRouteTokens * hidden);  // [kRouteTokens][experts]
@@ -138,7 +156,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
   for (int t = warp; t < kRouteTokens; t += kRouteWarps) {
     __nv_bfloat16* ht = h + t * hidden;
     route_normalize_row(t0 + t < tokens ? x + (t0 + t) * x_stride : nullptr, scale, hidden, eps, inv_sqrt_hidden,
-                        lane, [&](int i, __nv_bfloat16 v) { ht[i] = v; });
+                        lane, [&](int i, __nv_bfloat16 v) { ht[i] = v; }, res, t0 + t);
   }
   __syncthreads();
 
@@ -209,7 +227,7 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
     route_tc_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const __nv_bfloat16* __restrict__ scale,
                     const __nv_bfloat16* __restrict__ proj, const __nv_bfloat16* __restrict__ expert_scale,
                     int64_t tokens, int hidden, int experts, int top_k, float eps, float inv_sqrt_hidden,
-                    float* __restrict__ weights, int32_t* __restrict__ ids) {
+                    float* __restrict__ weights, int32_t* __restrict__ ids, RouteResidual res) {
   static_assert(kNTiles % 2 == 0, "n-tiles are loaded in pairs");
   constexpr int kExperts = kNTiles * 8 * kRouteTcWarps;
   extern __shared__ __align__(128) unsigned char route_tc_smem[];
@@ -223,7 +241,8 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   // 1. Normalise the block's tokens (rows past the end are zeros and are never written out).
   for (int t = warp; t < kRouteTcTokens; t += kRouteTcWarps) {
     route_normalize_row(t0 + t < tokens ? x + (t0 + t) * x_stride : nullptr, scale, hidden, eps, inv_sqrt_hidden,
-                        lane, [&](int i, __nv_bfloat16 v) { h[route_swizzle(t, i / 8, row_chunks) + i % 8] = v; });
+                        lane, [&](int i, __nv_bfloat16 v) { h[route_swizzle(t, i / 8, row_chunks) + i % 8] = v; }, res,
+                        t0 + t);
   }
 
   // 2. Logits of the 16 tokens against this warp's experts n0 .. n0 + 8 * kNTiles - 1.
@@ -290,14 +309,14 @@ template <int kNTiles>
 cudaError_t launch_route_tc(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
                             const __nv_bfloat16* proj, const __nv_bfloat16* expert_scale, int64_t tokens, int hidden,
                             int experts, int top_k, float eps, float inv_sqrt_hidden, float* weights, int32_t* ids,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, const RouteResidual& res) {
   const size_t smem = route_tc_smem_bytes(hidden, experts);
   cudaError_t err = cudaFuncSetAttribute(route_tc_kernel<kNTiles>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const int64_t blocks = (tokens + kRouteTcTokens - 1) / kRouteTcTokens;
   route_tc_kernel<kNTiles><<<static_cast<unsigned>(blocks), kRouteTcWarps * 32, smem, stream>>>(
-      x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids);
+      x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, res);
   return cudaGetLastError();
 }
 
@@ -318,25 +337,25 @@ template <int T, int W>
 cudaError_t launch_route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
                          const __nv_bfloat16* proj, const __nv_bfloat16* expert_scale, int64_t tokens, int hidden,
                          int experts, int top_k, float eps, float inv_sqrt_hidden, float* weights, int32_t* ids,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, const RouteResidual& res) {
   const size_t smem = route_smem_bytes(hidden, experts, T);
   cudaError_t err = cudaFuncSetAttribute(route_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const int64_t blocks = (tokens + T - 1) / T;
   route_kernel<T, W><<<static_cast<unsigned>(blocks), W * 32, smem, stream>>>(
-      x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids);
+      x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, res);
   return cudaGetLastError();
 }
 
-// `tile` indexes kRouteTiles (0 or out of range: the default).
+// `tile` indexes kRouteTiles (0 or out of range: the default). res: see RouteResidual (then x_stride == hidden).
 inline cudaError_t route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
                          const __nv_bfloat16* proj, const __nv_bfloat16* expert_scale, int64_t tokens, int hidden,
                          int experts, int top_k, float eps, float inv_sqrt_hidden, float* weights, int32_t* ids,
-                         cudaStream_t stream, int tile = 0) {
+                         cudaStream_t stream, int tile = 0, const RouteResidual& res = {}) {
   if (tokens == 0) return cudaSuccess;
 #define DGEMMA_ROUTE_ARGS \
-  x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, stream
+  x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, stream, res
   switch (tile) {
     case 1: return launch_route<4, 8>(DGEMMA_ROUTE_ARGS);
     case 2: return launch_route<8, 8>(DGEMMA_ROUTE_ARGS);

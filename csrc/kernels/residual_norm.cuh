@@ -70,6 +70,15 @@ __device__ __forceinline__ void store_and_quantize(OutAt&& out_at, T* __restrict
   }
 }
 
+// Element i of add_rms_norm's output, x + rms_norm(a) * wa with a's inverse rms ra, each step rounded to T as the
+// reference rounds it (returned as float: the stored value).
+template <typename T>
+__device__ __forceinline__ float add_norm_value(const T* __restrict__ xr, const T* __restrict__ ar,
+                                                const T* __restrict__ wa, float ra, int i) {
+  const float n = rounded<T>(__fmul_rn(__fmul_rn(to_float(ar[i]), ra), to_float(wa[i])));
+  return to_float(from_float<T>(__fadd_rn(to_float(xr[i]), n)));
+}
+
 // rows x dim; every tensor's rows `dim` apart except where a stride is given. `b`, `wb`, `wc` and `scalar`
 // are null for add_rms_norm (then `a` is y and `wa` is w).
 template <typename T>
@@ -88,10 +97,7 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   const float ra = row_inv_rms(ar, dim, eps, lane);
   if (b == nullptr) {
     // The stored value of element i (recomputed by the quantising passes, never read back from out).
-    auto out_at = [&](int i) {
-      const float n = rounded<T>(__fmul_rn(__fmul_rn(to_float(ar[i]), ra), to_float(wa[i])));
-      return to_float(from_float<T>(__fadd_rn(to_float(xr[i]), n)));
-    };
+    auto out_at = [&](int i) { return add_norm_value(xr, ar, wa, ra, i); };
     store_and_quantize(out_at, outr, dim, eps, lane, row, quant);
     return;
   }

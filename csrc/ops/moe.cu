@@ -179,7 +179,8 @@ int route_tile() {
 }  // namespace
 
 void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj, const TensorArg& expert_scale,
-               int top_k, double eps, const TensorArg& weights, const TensorArg& ids, std::uintptr_t stream) {
+               int top_k, double eps, const TensorArg& weights, const TensorArg& ids, std::uintptr_t stream,
+               const TensorArg* residual_y, const TensorArg* residual_w, const TensorArg* residual_out) {
   check_cuda(x);
   check_dtype(x, DType::kBFloat16);
   check_ndim(x, 2);
@@ -209,6 +210,25 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
   check_matrix(ids, DType::kInt32, tokens, top_k, "tokens", "top_k");
   if (kernels::route_smem_bytes(static_cast<int>(hidden), static_cast<int>(experts)) > kernels::kRouteMaxSmemBytes)
     ::dgemma::throw_invalid(x.name + " hidden size " + std::to_string(hidden) + " is too large for the router");
+  // The fused attention residual: all three or none; the routed rows are then residual_out's.
+  kernels::RouteResidual res;
+  const int given = (residual_y != nullptr) + (residual_w != nullptr) + (residual_out != nullptr);
+  if (given != 0 && given != 3)
+    ::dgemma::throw_invalid("residual_y, residual_w and residual_out go together (the router's fused residual update)");
+  if (given == 3) {
+    check_contiguous(x);
+    check_same_device(x, *residual_y);
+    check_matrix(*residual_y, DType::kBFloat16, tokens, hidden, "tokens", "hidden");
+    check_vector(*residual_w, DType::kBFloat16, hidden, "hidden", x);
+    check_same_device(x, *residual_out);
+    check_matrix(*residual_out, DType::kBFloat16, tokens, hidden, "tokens", "hidden");
+    for (const TensorArg* t : {residual_y, residual_out}) check_aligned(*t, 16);
+    if (residual_out->data == x.data || residual_out->data == residual_y->data)
+      ::dgemma::throw_invalid("residual_out must not alias x or residual_y (other rows still read them)");
+    res.y = static_cast<const __nv_bfloat16*>(residual_y->data);
+    res.w = static_cast<const __nv_bfloat16*>(residual_w->data);
+    res.out = static_cast<__nv_bfloat16*>(residual_out->data);
+  }
 
   throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
   const float inv_sqrt_hidden = static_cast<float>(std::pow(static_cast<double>(hidden), -0.5));
@@ -218,7 +238,7 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
                                  static_cast<const __nv_bfloat16*>(expert_scale.data), tokens,
                                  static_cast<int>(hidden), static_cast<int>(experts), top_k, static_cast<float>(eps),
                                  inv_sqrt_hidden, static_cast<float*>(weights.data), static_cast<int32_t*>(ids.data),
-                                 reinterpret_cast<cudaStream_t>(stream), route_tile()),
+                                 reinterpret_cast<cudaStream_t>(stream), route_tile(), res),
                   "moe_route launch");
 }
 
@@ -279,16 +299,14 @@ size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter,
 
 void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights, const TensorArg& gate_up_q,
              const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg& out,
-             const TensorArg& workspace, std::uintptr_t stream, bool contiguous, const TensorArg* norm, double eps) {
+             const TensorArg& workspace, std::uintptr_t stream, bool contiguous, const TensorArg* norm, double eps,
+             int shared, const TensorArg* shared_norm, const TensorArg* shared_out) {
   check_matrix(x, DType::kBFloat16, -1, -1, "tokens", "hidden");
   const int64_t tokens = x.shape[0], hidden = x.shape[1];
   if (norm != nullptr) {
     check_vector(*norm, DType::kBFloat16, hidden, "hidden", x);
     if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
   }
-  const kernels::GatherNorm gather_norm{norm != nullptr,
-                                        norm != nullptr ? static_cast<const __nv_bfloat16*>(norm->data) : nullptr,
-                                        static_cast<float>(eps)};
   check_ids(ids, x);
   check_dim(ids, 0, tokens, "tokens (rows of x)");
   const int top_k = static_cast<int>(ids.shape[1]);
@@ -299,6 +317,39 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   if (experts < 1 || experts > kernels::kPlanMaxExperts)
     ::dgemma::throw_invalid(gate_up_q.name + " has " + std::to_string(experts) + " experts, expected 1.." +
                                 std::to_string(kernels::kPlanMaxExperts));
+  // Shared experts: the last `shared` experts of the stacks, visited by every token with weight 1 after its routed
+  // slots, summed into shared_out (and normed with shared_norm when norm is given).
+  if (shared < 0 || shared >= experts)
+    ::dgemma::throw_invalid("shared is " + std::to_string(shared) + ", expected 0.." + std::to_string(experts - 1) +
+                            " (shared experts are the last of the " + std::to_string(experts) + " in " +
+                            gate_up_q.name + "; at least one must be routed)");
+  if (shared > 0 && !contiguous)
+    ::dgemma::throw_invalid("shared experts (shared = " + std::to_string(shared) +
+                            ") run on the contiguous pipeline only (contiguous = true)");
+  if (shared > kMaxSharedExperts)
+    ::dgemma::throw_invalid("shared is " + std::to_string(shared) + ", expected at most " +
+                            std::to_string(kMaxSharedExperts));
+  if ((shared > 0) != (shared_out != nullptr))
+    ::dgemma::throw_invalid(shared > 0 ? "shared experts need shared_out (their sum per token)"
+                                       : "shared_out is given but shared is 0");
+  if (shared_norm != nullptr && (shared == 0 || norm == nullptr))
+    ::dgemma::throw_invalid("shared_norm is given without norm and shared experts (shared > 0)");
+  if (shared > 0 && norm != nullptr && shared_norm == nullptr)
+    ::dgemma::throw_invalid("norm is given with shared experts: pass shared_norm (their own pre-norm weight)");
+  if (shared_norm != nullptr) check_vector(*shared_norm, DType::kBFloat16, hidden, "hidden", x);
+  if (shared_out != nullptr) {
+    check_same_device(x, *shared_out);
+    check_matrix(*shared_out, DType::kBFloat16, tokens, hidden, "tokens", "hidden");
+    check_aligned(*shared_out, 16);
+  }
+  const kernels::GatherNorm gather_norm{
+      norm != nullptr, norm != nullptr ? static_cast<const __nv_bfloat16*>(norm->data) : nullptr,
+      static_cast<float>(eps), shared_norm != nullptr ? static_cast<const __nv_bfloat16*>(shared_norm->data) : nullptr,
+      top_k};
+  const int slots = top_k + shared;
+  if (tokens * slots >= (int64_t(1) << 31))
+    ::dgemma::throw_invalid(ids.name + ": " + std::to_string(tokens) + " tokens x " + std::to_string(slots) +
+                            " slots (routed and shared) exceed 2^31");
   check_dim(gate_up_q, 2, hidden, "hidden (columns of x)");
   check_multiple(two_inter, 32, gate_up_q.name + " dimension 1 (2 * intermediate)");
   const int64_t inter = two_inter / 2;  // a multiple of 16: the down GEMM's K (16-byte fp8 rows)
@@ -324,18 +375,18 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
   const int sms = moe_detail::sm_count(x.device);
   const int E = static_cast<int>(experts), H = static_cast<int>(hidden), I = static_cast<int>(inter);
-  moe_detail::check_workspace(workspace, moe_buffers(nullptr, tokens, top_k, H, I, E, sms, x.device, contiguous).total,
+  moe_detail::check_workspace(workspace, moe_buffers(nullptr, tokens, slots, H, I, E, sms, x.device, contiguous).total,
                               x.device);
   if (tokens == 0) return;
-  const MoeBuffers b = moe_buffers(workspace.data, tokens, top_k, H, I, E, sms, x.device, contiguous);
+  const MoeBuffers b = moe_buffers(workspace.data, tokens, slots, H, I, E, sms, x.device, contiguous);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const auto* idp = static_cast<const int32_t*>(ids.data);
   const int pad = contiguous ? b.moe_tile : 1;
-  throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E, b.offsets, b.row_of, b.row_expert, s, pad,
-                                    b.row_src, b.tile_expert, b.num_tiles, b.plan_scratch),
+  throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E - shared, b.offsets, b.row_of,
+                                    b.row_expert, s, pad, b.row_src, b.tile_expert, b.num_tiles, b.plan_scratch, shared),
                   "moe_plan launch");
   const kernels::GatherPadding padding{contiguous ? b.offsets : nullptr, b.row_src, pad};
-  throw_if_failed(kernels::moe_gather_quantize(static_cast<const __nv_bfloat16*>(x.data), hidden, tokens, H, top_k,
+  throw_if_failed(kernels::moe_gather_quantize(static_cast<const __nv_bfloat16*>(x.data), hidden, tokens, H, slots,
                                                b.row_of, b.xq, b.x_scale, s, padding, E, gather_norm),
                   "moe_gather_quantize launch");
 
@@ -358,6 +409,8 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
     kernels::GeluUpScales prescaled{nullptr, nullptr, 0, nullptr, b.offsets + E};
     prescaled.row_src = b.row_src;
     prescaled.row_weight = static_cast<const float*>(weights.data);
+    prescaled.slots = slots;
+    prescaled.top_k = top_k;
     throw_if_failed(kernels::gelu_up_quantize(b.gate_up, nullptr, b.rows, I, prescaled, b.hq, b.h_scale, s),
                     "gelu_up_quantize launch");
     kernels::MoeGemmProblem g2 = g1;
@@ -371,8 +424,10 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
     g2.ldo = hidden;
     throw_if_failed(kernels::sm90_moe_gemm(b.moe_tile, g2, b.gemm2, b.gemm2_bytes, sms, x.device, s),
                     "expert GEMM down");
-    throw_if_failed(kernels::moe_combine(b.down, nullptr, nullptr, idp, nullptr, b.row_of, tokens, H, top_k,
-                                         static_cast<__nv_bfloat16*>(out.data), hidden, s),
+    throw_if_failed(kernels::moe_combine(b.down, nullptr, nullptr, idp, nullptr, b.row_of, tokens, H, slots,
+                                         static_cast<__nv_bfloat16*>(out.data), hidden, s,
+                                         shared_out != nullptr ? static_cast<__nv_bfloat16*>(shared_out->data) : nullptr,
+                                         top_k),
                     "moe_combine launch");
     return;
   }

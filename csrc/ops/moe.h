@@ -12,8 +12,13 @@ namespace dgemma {
 
 // Router. x [tokens, hidden] bf16 (rows may be strided); scale [hidden], proj [experts, hidden],
 // expert_scale [experts] bf16. Writes weights [tokens, top_k] fp32 and ids [tokens, top_k] int32.
+// With residual_y [tokens, hidden] and residual_w [hidden] bf16 (x contiguous), the router first forms the layer's
+// attention residual residual_out = x + rms_norm(residual_y) * residual_w (rounded as the residual_norm kernel's
+// add form, same eps), stores it, and routes it.
 void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj, const TensorArg& expert_scale,
-               int top_k, double eps, const TensorArg& weights, const TensorArg& ids, std::uintptr_t stream);
+               int top_k, double eps, const TensorArg& weights, const TensorArg& ids, std::uintptr_t stream,
+               const TensorArg* residual_y = nullptr, const TensorArg* residual_w = nullptr,
+               const TensorArg* residual_out = nullptr);
 
 // Dispatch plan of ids [tokens, top_k] int32: offsets [experts + 1], row_of [tokens, top_k] and
 // row_expert [tokens * top_k], all int32 (see kernels/moe_dispatch.cuh for the order).
@@ -39,10 +44,16 @@ size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter,
 // pointer-array grouped GEMM (kept for comparison and triage).
 // norm (bf16 [hidden], optional): the experts see rms_norm(x) * norm (epsilon eps) instead of x, normed inside the
 // gather, bit-identical to rms_norm first.
+// shared (contiguous only): the last `shared` experts of the stacks are shared experts (e.g. a dense MLP cut into
+// expert-sized pieces): every token visits each with weight 1 after its routed slots (ids name only the other
+// experts), their sum goes to shared_out [tokens, hidden] bf16, and with norm they see rms_norm(x) * shared_norm.
+// The workspace is then moe_fp8_workspace_bytes(tokens, top_k + shared, ..., experts (all), ...).
+constexpr int kMaxSharedExperts = 16;
 void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights, const TensorArg& gate_up_q,
              const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg& out,
              const TensorArg& workspace, std::uintptr_t stream, bool contiguous = true, const TensorArg* norm = nullptr,
-             double eps = 1e-6);
+             double eps = 1e-6, int shared = 0, const TensorArg* shared_norm = nullptr,
+             const TensorArg* shared_out = nullptr);
 
 // Per-row FP8 quantisation: x [rows, cols] bf16 -> q [rows, cols] float8_e4m3fn, scale [rows] fp32.
 void fp8_quantize_rows(const TensorArg& x, const TensorArg& q, const TensorArg& scale, std::uintptr_t stream);

@@ -32,12 +32,19 @@ void register_moe(py::module_& m) {
   m.def(
       "moe_route",
       [](py::handle x, py::handle scale, py::handle proj, py::handle expert_scale, int top_k, double eps,
-         py::handle weights, py::handle ids, std::uintptr_t stream) {
+         py::handle weights, py::handle ids, std::uintptr_t stream, py::handle residual_y, py::handle residual_w,
+         py::handle residual_out) {
+        TensorArg y_slot, w_slot, out_slot;
         moe_route(to_arg(x, "x"), to_arg(scale, "scale"), to_arg(proj, "proj"), to_arg(expert_scale, "expert_scale"),
-                  top_k, eps, to_arg(weights, "weights"), to_arg(ids, "ids"), stream);
+                  top_k, eps, to_arg(weights, "weights"), to_arg(ids, "ids"), stream,
+                  optional_arg(residual_y, "residual_y", y_slot), optional_arg(residual_w, "residual_w", w_slot),
+                  optional_arg(residual_out, "residual_out", out_slot));
       },
       py::arg("x"), py::arg("scale"), py::arg("proj"), py::arg("expert_scale"), py::arg("top_k"), py::arg("eps"),
-      py::arg("weights"), py::arg("ids"), py::arg("stream"));
+      py::arg("weights"), py::arg("ids"), py::arg("stream"), py::arg("residual_y") = py::none(),
+      py::arg("residual_w") = py::none(), py::arg("residual_out") = py::none(),
+      "The MoE router; with residual_y/residual_w/residual_out it first forms and stores the attention residual "
+      "x + rms_norm(residual_y) * residual_w and routes that.");
   m.def(
       "moe_plan",
       [](py::handle ids, int experts, py::handle offsets, py::handle row_of, py::handle row_expert,
@@ -60,18 +67,23 @@ void register_moe(py::module_& m) {
       "moe_fp8",
       [](py::handle x, py::handle ids, py::handle weights, py::handle gate_up_q, py::handle gate_up_scale,
          py::handle down_q, py::handle down_scale, py::handle out, py::handle workspace, std::uintptr_t stream,
-         bool contiguous, py::handle norm, double eps) {
-        TensorArg norm_slot;
+         bool contiguous, py::handle norm, double eps, int shared, py::handle shared_norm, py::handle shared_out) {
+        TensorArg norm_slot, shared_norm_slot, shared_out_slot;
         moe_fp8(to_arg(x, "x"), to_arg(ids, "ids"), to_arg(weights, "weights"), to_arg(gate_up_q, "gate_up.q"),
                 to_arg(gate_up_scale, "gate_up.scale"), to_arg(down_q, "down.q"), to_arg(down_scale, "down.scale"),
                 to_arg(out, "out"), to_arg(workspace, "workspace"), stream, contiguous,
-                optional_arg(norm, "norm", norm_slot), eps);
+                optional_arg(norm, "norm", norm_slot), eps, shared,
+                optional_arg(shared_norm, "shared_norm", shared_norm_slot),
+                optional_arg(shared_out, "shared_out", shared_out_slot));
       },
       py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("gate_up_q"), py::arg("gate_up_scale"),
       py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
-      py::arg("contiguous") = true, py::arg("norm") = py::none(), py::arg("eps") = 1e-6,
+      py::arg("contiguous") = true, py::arg("norm") = py::none(), py::arg("eps") = 1e-6, py::arg("shared") = 0,
+      py::arg("shared_norm") = py::none(), py::arg("shared_out") = py::none(),
       "Routed experts in FP8. contiguous: one persistent GEMM per projection over a tile-padded layout (default); "
-      "False: the pointer-array grouped GEMM. norm: the experts see rms_norm(x) * norm (fused into the gather).");
+      "False: the pointer-array grouped GEMM. norm: the experts see rms_norm(x) * norm (fused into the gather). "
+      "shared: the last `shared` experts are visited by every token (weight 1), summed into shared_out, normed "
+      "with shared_norm.");
   m.def(
       "fp8_quantize_rows",
       [](py::handle x, py::handle q, py::handle scale, std::uintptr_t stream) {
@@ -117,11 +129,11 @@ void register_moe(py::module_& m) {
   register_moe_limits(m);
   m.def(
       "moe_route",
-      [](py::handle, py::handle, py::handle, py::handle, int, double, py::handle, py::handle, std::uintptr_t) {
-        cuda_unavailable("moe_route");
-      },
+      [](py::handle, py::handle, py::handle, py::handle, int, double, py::handle, py::handle, std::uintptr_t,
+         py::handle, py::handle, py::handle) { cuda_unavailable("moe_route"); },
       py::arg("x"), py::arg("scale"), py::arg("proj"), py::arg("expert_scale"), py::arg("top_k"), py::arg("eps"),
-      py::arg("weights"), py::arg("ids"), py::arg("stream"));
+      py::arg("weights"), py::arg("ids"), py::arg("stream"), py::arg("residual_y") = py::none(),
+      py::arg("residual_w") = py::none(), py::arg("residual_out") = py::none());
   m.def(
       "moe_plan",
       [](py::handle, int, py::handle, py::handle, py::handle, std::uintptr_t, int, py::handle, py::handle, py::handle,
@@ -137,10 +149,11 @@ void register_moe(py::module_& m) {
   m.def(
       "moe_fp8",
       [](py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
-         std::uintptr_t, bool, py::handle, double) { cuda_unavailable("moe_fp8"); },
+         std::uintptr_t, bool, py::handle, double, int, py::handle, py::handle) { cuda_unavailable("moe_fp8"); },
       py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("gate_up_q"), py::arg("gate_up_scale"),
       py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
-      py::arg("contiguous") = true, py::arg("norm") = py::none(), py::arg("eps") = 1e-6);
+      py::arg("contiguous") = true, py::arg("norm") = py::none(), py::arg("eps") = 1e-6, py::arg("shared") = 0,
+      py::arg("shared_norm") = py::none(), py::arg("shared_out") = py::none());
   m.def(
       "fp8_quantize_rows", [](py::handle, py::handle, py::handle, std::uintptr_t) { cuda_unavailable("fp8_quantize_rows"); },
       py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("stream"));

@@ -134,7 +134,9 @@ def step_bytes(eng, batch: int, prefix: int) -> float:
     for spec, lw in zip(cfg.layers, w.layers):
         a = lw.attn
         total += sum(size(t) for t in (a.q_proj, a.k_proj, a.v_proj, a.o_proj) if t is not None)
-        total += size(lw.mlp_gate) + size(lw.mlp_up) + size(lw.mlp_down) + size(lw.router_proj)
+        dense = (lw.shared_experts.gate_up, lw.shared_experts.down) if lw.shared_experts is not None \
+            else (lw.mlp_gate, lw.mlp_up, lw.mlp_down)
+        total += sum(size(t) for t in dense) + size(lw.router_proj)
         total += (size(lw.experts_gate_up) + size(lw.experts_down)) * hit / cfg.num_experts
         kv = min(prefix, spec.window - 1) if spec.is_sliding else prefix
         total += 2 * batch * kv * spec.num_kv_heads * spec.head_dim * w.embed.element_size()

@@ -15,7 +15,7 @@ from .errors import DgemmaError
 from .ops import ReferenceOps
 from .rope import cos_sin, inverse_frequencies
 from .vision import VisionTower
-from .weights import LayerWeights, ModelWeights
+from .weights import ModelWeights
 
 
 class DiffusionGemmaModel:
@@ -45,27 +45,18 @@ class DiffusionGemmaModel:
         return self.ops.norm_project_qkv(x, lw.input_norm, lw.attn, spec.head_dim, *ropes[spec.kind],
                                          self.cfg.rms_norm_eps)
 
-    def _experts(self, w: LayerWeights, x: torch.Tensor, independent_rows: bool = False) -> torch.Tensor:
-        """MoE(pre_moe_norm x, route(x)), before its post-norm. ``independent_rows``: the rows of x [B, T, H] are
-        unrelated sequences (see :meth:`denoise_hidden_rows`)."""
-        ops, eps, cfg = self.ops, self.cfg.rms_norm_eps, self.cfg
-        flat = x.reshape(-1, x.shape[-1])
-        weights, ids = ops.route(flat, w.router_scale, w.router_proj, w.router_expert_scale, cfg.top_k, eps)
-        moe = ops.norm_moe(flat, w.pre_moe_norm, eps, ids, weights, w.experts_gate_up, w.experts_down,
-                           x.shape[1] if independent_rows else None)
-        return moe.view_as(x)
-
     def _layer(self, i: int, x: torch.Tensor, h, attend, scalar: torch.Tensor, independent_rows: bool = False):
         """x + post_attn_norm(o_proj(attention(x))) (``attend(i, x, h)`` applies the input norm unless ``h`` holds
         the normed input already), then (x + post_ff_norm(post_mlp_norm(MLP(pre_ff_norm x)) + post_moe_norm(MoE)))
-        times the layer scalar: each residual update one op (a single kernel on the CUDA backend; the first also
-        writes the MLP's input, the second the next layer's attention input). Returns (x, the next layer's normed
-        attention input, or None after the last layer)."""
+        times the layer scalar: the attention residual with both feed-forward branches one op (the CUDA backend runs
+        the MLP as shared experts of the expert GEMMs), the feed-forward residual another (one kernel that also
+        writes the next layer's attention input). ``independent_rows``: the rows of x [B, T, H] are unrelated
+        sequences (see :meth:`denoise_hidden_rows`). Returns (x, the next layer's normed attention input, or None
+        after the last layer)."""
         w, eps, ops = self.w.layers[i], self.cfg.rms_norm_eps, self.ops
         attn = attend(i, x, h)
-        x, mlp = ops.residual_mlp(x, ops.linear(attn, w.attn.o_proj), w.post_attn_norm, eps, w.pre_ff_norm,
-                                  w.mlp_gate, w.mlp_up, w.mlp_down)
-        moe = self._experts(w, x, independent_rows)
+        x, mlp, moe = ops.residual_ffn(x, ops.linear(attn, w.attn.o_proj), w.post_attn_norm, eps, w, self.cfg.top_k,
+                                       x.shape[1] if independent_rows else None)
         args = (x, mlp, moe, w.post_mlp_norm, w.post_moe_norm, w.post_ff_norm, scalar, eps)
         if i + 1 == len(self.w.layers):
             return ops.ffn_residual(*args), None

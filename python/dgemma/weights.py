@@ -213,6 +213,37 @@ class AttentionWeights:
 
 
 @dataclass(slots=True)
+class SharedExperts:
+    """A layer's dense MLP cut into pieces the size of one expert and stacked after the routed experts, so the MLP
+    runs inside the expert GEMMs as *shared* experts (every token visits each, weight 1): piece c holds the gate and
+    up rows ``[c*I, (c+1)*I)`` and the down columns of the same range, so the MLP is the sum of its pieces. Built by
+    the CUDA ops (:func:`dgemma.ops.cuda.share_dense_mlp`), FP8 only.
+
+    ``gate_up`` ``[shared, 2I, H]`` and ``down`` ``[shared, H, I]`` are views of the stacks' tails; the layer's
+    ``experts_gate_up`` / ``experts_down`` view their heads, and its ``mlp_*`` fields are None (no second copy)."""
+
+    gate_up: object  # Fp8Weight views
+    down: object
+    stack_gate_up: object = dataclass_field(repr=False, compare=False, metadata={"derived": True})
+    stack_down: object = dataclass_field(repr=False, compare=False, metadata={"derived": True})
+
+    @property
+    def shared(self) -> int:
+        return self.gate_up.q.shape[0]
+
+    def dense(self) -> tuple:
+        """(gate, up, down) of the dense MLP, reassembled from the pieces (copies, bit-identical to the originals)."""
+        from .quant import Fp8Weight
+
+        inter = self.gate_up.q.shape[1] // 2
+        gu, d = self.gate_up, self.down
+        gate = Fp8Weight(gu.q[:, :inter].reshape(-1, gu.q.shape[2]), gu.scale[:, :inter].reshape(-1))
+        up = Fp8Weight(gu.q[:, inter:].reshape(-1, gu.q.shape[2]), gu.scale[:, inter:].reshape(-1))
+        down = Fp8Weight(d.q.permute(1, 0, 2).reshape(d.q.shape[1], -1), d.scale[0].clone())
+        return gate, up, down
+
+
+@dataclass(slots=True)
 class LayerWeights:
     attn: AttentionWeights
     input_norm: torch.Tensor
@@ -232,6 +263,14 @@ class LayerWeights:
     experts_down: torch.Tensor  # [E, H, I]
     decoder_scalar: torch.Tensor
     encoder_scalar: torch.Tensor
+    # The dense MLP as shared experts of the expert GEMMs (CUDA, FP8): then mlp_gate/up/down are None.
+    shared_experts: SharedExperts | None = None
+
+    def mlp_weights(self) -> tuple:
+        """(gate, up, down) of the dense MLP, reassembled when it lives in :attr:`shared_experts`."""
+        if self.shared_experts is not None and self.mlp_gate is None:
+            return self.shared_experts.dense()
+        return self.mlp_gate, self.mlp_up, self.mlp_down
 
 
 @dataclass(slots=True)
@@ -261,6 +300,9 @@ class ModelWeights:
         return cls(**fields, layers=built, vision=VisionWeights.from_tensors(cfg, t))
 
 
+_MLP_FIELDS = ("mlp_gate", "mlp_up", "mlp_down")
+
+
 def named_tensors(cfg: ModelConfig, w: ModelWeights) -> dict[str, torch.Tensor]:
     """The inverse of :meth:`ModelWeights.from_tensors`: every text-model tensor under its Hugging Face name."""
     out = {}
@@ -268,6 +310,9 @@ def named_tensors(cfg: ModelConfig, w: ModelWeights) -> dict[str, torch.Tensor]:
         parts = spec.field.split(".")
         if parts[0] == "layers":  # layers.N.field or layers.N.attn.field
             obj, parts = w.layers[int(parts[1])], parts[2:]
+            if parts[0] in _MLP_FIELDS:  # reassembled when the MLP lives among the experts
+                out[name] = obj.mlp_weights()[_MLP_FIELDS.index(parts[0])]
+                continue
         else:
             obj = w
         for part in parts:

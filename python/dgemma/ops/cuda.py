@@ -9,7 +9,7 @@ import torch
 from .. import _ext
 from ..quant import Fp8Rows, Fp8Weight, fuse_rows
 from . import cuda_attention, cuda_vocab_head
-from .cuda_moe import Fp8MoeOpsMixin, gated_mlp_fp8, linear_fp8, rms_norm_fp8
+from .cuda_moe import Fp8MoeOpsMixin, gated_mlp_fp8, linear_fp8, rms_norm_fp8, share_dense_mlp
 from .reference import ReferenceOps
 
 
@@ -229,10 +229,13 @@ class CudaOps(VocabHeadOpsMixin, QkvOpsMixin, AttentionOpsMixin, ResidualOpsMixi
         _ext.require_cuda()
 
     def prepare_weights(self, weights) -> None:
-        # Projections of one input stacked into one FP8 weight (one GEMM each): q/k/v, and the dense MLP's gate/up.
+        # Projections of one input stacked into one FP8 weight (one GEMM each): q/k/v; the dense MLP as shared
+        # experts of the expert stacks where it can be (else its gate/up as one weight).
+        share = "shared_experts" not in _ext.disabled_kernels()
         for lw in weights.layers:
             fuse_qkv(lw.attn)
-            fuse_gate_up(lw, "mlp_gate", "mlp_up")
+            if not (share and share_dense_mlp(lw)):
+                fuse_gate_up(lw, "mlp_gate", "mlp_up")
         fuse_gate_up(weights, "sc_gate", "sc_up")
 
     def rms_norm(self, x, weight, eps):

@@ -100,22 +100,32 @@ def plan_dispatch(ids: torch.Tensor, num_experts: int, pad: int = 1):
 
 
 def route(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, expert_scale: torch.Tensor, top_k: int,
-          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+          eps: float, residual: tuple[torch.Tensor, torch.Tensor] | None = None):
     """MoE router on the GPU (same roundings as ``ReferenceOps.route``).
 
     Args:
         x: residual stream ``[N, hidden]`` bf16 (last dimension contiguous; hidden % 8 == 0).
         scale: ``[hidden]`` bf16; proj: ``[E, hidden]`` bf16 (E a multiple of 32, at most 256);
         expert_scale: ``[E]`` bf16; top_k: 1..16; eps: the RMSNorm epsilon.
+        residual: ``(y [N, hidden], w [hidden])`` bf16 (x contiguous): the router first forms the layer's attention
+            residual ``x + rms_norm(y) * w`` (bit-identical to the residual_norm kernel, same eps) and routes it.
     Returns:
-        (weights fp32 ``[N, top_k]``, ids int32 ``[N, top_k]``), by descending probability.
+        (weights fp32 ``[N, top_k]``, ids int32 ``[N, top_k]``), by descending probability; with ``residual``, also
+        the new residual stream ``[N, hidden]``.
     """
     lib = _ext.require_cuda()
     n = x.shape[0]
     weights = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
-    lib.moe_route(x, scale, proj.contiguous(), expert_scale, int(top_k), float(eps), weights, ids, _stream(x.device))
-    return weights, ids
+    if residual is None:
+        lib.moe_route(x, scale, proj.contiguous(), expert_scale, int(top_k), float(eps), weights, ids,
+                      _stream(x.device))
+        return weights, ids
+    y, w = residual
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    lib.moe_route(x, scale, proj.contiguous(), expert_scale, int(top_k), float(eps), weights, ids, _stream(x.device),
+                  y, w, out)
+    return weights, ids, out
 
 
 def plan(ids: torch.Tensor, num_experts: int, *,
@@ -155,7 +165,8 @@ def plan(ids: torch.Tensor, num_experts: int, *,
 
 def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight, down: Fp8Weight, *,
             out: torch.Tensor | None = None, contiguous: bool | None = None, norm: torch.Tensor | None = None,
-            eps: float = 1e-6) -> torch.Tensor:
+            eps: float = 1e-6, shared: int = 0, shared_norm: torch.Tensor | None = None,
+            shared_out: torch.Tensor | None = None):
     """Routed experts with FP8 weights: ``sum_k weights[n,k] * down_e(gelu_tanh(gate_e x) * up_e x)``.
 
     Args:
@@ -170,8 +181,14 @@ def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
             grouped GEMM; None (default): True unless ``DGEMMA_DISABLE_KERNELS`` names ``moe_contiguous``.
         norm, eps: when ``norm`` (``[hidden]`` bf16) is given the experts see ``rms_norm(x) * norm`` (the layer's
             pre-MoE norm, fused into the gather; the same values as normalising first).
+        shared: the last ``shared`` experts of the stacks are shared experts (the dense MLP in expert-sized pieces,
+            :class:`dgemma.weights.SharedExperts`): every token visits each with weight 1 after its routed slots
+            (``ids`` name the others), on the contiguous pipeline; their sum per token is returned too.
+        shared_norm: with ``norm``, the shared experts see ``rms_norm(x) * shared_norm`` (the MLP's pre-norm).
+        shared_out: optional ``[N, hidden]`` bf16 output of the shared experts' sum.
     Returns:
-        ``out``; deterministic (fixed-order fp32 sums, no float atomics).
+        ``out``, or ``(out, shared_out)`` with shared experts; deterministic (fixed-order fp32 sums, no float
+        atomics).
     """
     lib = _ext.require_cuda()
     n, hidden = x.shape
@@ -181,12 +198,15 @@ def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
     if out is None:
         out = torch.empty(n, hidden, dtype=torch.bfloat16, device=x.device)
     if contiguous is None:
-        contiguous = "moe_contiguous" not in _ext.disabled_kernels()
-    nbytes = _workspace_bytes("moe_fp8_workspace_bytes", n, ids.shape[1], hidden, two_i // 2, e,
+        contiguous = shared > 0 or "moe_contiguous" not in _ext.disabled_kernels()
+    if shared > 0 and shared_out is None:
+        shared_out = torch.empty(n, hidden, dtype=torch.bfloat16, device=x.device)
+    nbytes = _workspace_bytes("moe_fp8_workspace_bytes", n, ids.shape[1] + max(int(shared), 0), hidden, two_i // 2, e,
                               _device_index(x.device), bool(contiguous))
     lib.moe_fp8(x, ids.contiguous(), weights.contiguous(), gate_up.q, gate_up.scale, down.q, down.scale, out,
-                _workspace(x.device, nbytes), _stream(x.device), bool(contiguous), norm, float(eps))
-    return out
+                _workspace(x.device, nbytes), _stream(x.device), bool(contiguous), norm, float(eps), int(shared),
+                shared_norm, shared_out)
+    return (out, shared_out) if shared > 0 else out
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,6 +317,42 @@ def _experts_ready(x: torch.Tensor) -> bool:
     return _kernel_ready(x) and "fp8_moe" not in _ext.disabled_kernels()
 
 
+def share_dense_mlp(layer) -> bool:
+    """Lay ``layer``'s dense MLP out as shared experts of its expert stacks (:class:`dgemma.weights.SharedExperts`),
+    so the MLP runs inside the expert GEMMs: the stacks gain ``intermediate / expert_intermediate`` pieces, the
+    layer's experts become views of the stacks' heads and its ``mlp_*`` fields None (the originals are freed once
+    nothing else holds them; the values are copied, never requantised). Needs FP8 weights throughout, a dense
+    intermediate size that is a whole number (at most 16) of expert intermediates, and one scale per dense down row
+    (as per-channel quantisation gives). Returns whether it did (idempotent)."""
+    from ..weights import SharedExperts
+
+    if layer.shared_experts is not None:
+        return True
+    gate, up, down, gu, dn = layer.mlp_gate, layer.mlp_up, layer.mlp_down, layer.experts_gate_up, layer.experts_down
+    if not all(isinstance(t, Fp8Weight) for t in (gate, up, down, gu, dn)) or gu.q.dim() != 3 or gate.q.dim() != 2:
+        return False
+    experts, two_i, hidden = gu.q.shape
+    inter = two_i // 2
+    if inter == 0 or gate.q.shape != up.q.shape or gate.q.shape[1] != hidden or down.q.shape[0] != hidden \
+            or down.q.shape[1] != gate.q.shape[0] or gate.q.shape[0] % inter != 0:
+        return False
+    pieces = gate.q.shape[0] // inter
+    if not 1 <= pieces <= 16 or experts + pieces > 256:
+        return False
+    with torch.no_grad():
+        q_gu = torch.cat([gu.q, torch.cat([gate.q.reshape(pieces, inter, hidden), up.q.reshape(pieces, inter, hidden)], 1)])
+        s_gu = torch.cat([gu.scale, torch.cat([gate.scale.reshape(pieces, inter), up.scale.reshape(pieces, inter)], 1)])
+        q_dn = torch.cat([dn.q, down.q.reshape(hidden, pieces, inter).permute(1, 0, 2)])
+        s_dn = torch.cat([dn.scale, down.scale.expand(pieces, hidden)])
+    stack_gu, stack_dn = Fp8Weight(q_gu, s_gu), Fp8Weight(q_dn, s_dn)
+    layer.shared_experts = SharedExperts(Fp8Weight(q_gu[experts:], s_gu[experts:]),
+                                         Fp8Weight(q_dn[experts:], s_dn[experts:]), stack_gu, stack_dn)
+    layer.experts_gate_up = Fp8Weight(q_gu[:experts], s_gu[:experts])
+    layer.experts_down = Fp8Weight(q_dn[:experts], s_dn[:experts])
+    layer.mlp_gate = layer.mlp_up = layer.mlp_down = None
+    return True
+
+
 class Fp8MoeOpsMixin:
     """Overrides of ``linear``, ``gated_mlp``, ``route`` and ``moe`` that run the FP8/MoE kernels when
     their inputs fit (bf16 CUDA activations, FP8 weights) and defer to the next class otherwise.
@@ -328,6 +384,32 @@ class Fp8MoeOpsMixin:
         if isinstance(gate_up, Fp8Weight) and isinstance(down, Fp8Weight) and _experts_ready(x):
             return moe_fp8(x.contiguous(), ids, weights, gate_up, down)
         return super().moe(x, ids, weights, gate_up, down)
+
+    def residual_ffn(self, x, y, weight, eps, w, top_k, tokens_per_row=None):
+        # The dense MLP as shared experts (share_dense_mlp): the residual kernel, the router, and one expert pipeline
+        # for the MLP and the experts together (each routed or shared row is computed on its own, so independent
+        # sequences need nothing more). Elsewhere (or switched off) the reference composition of the ops, on the
+        # MLP reassembled from its pieces.
+        sh = w.shared_experts
+        if sh is None or not _experts_ready(x) or not x.is_contiguous() \
+                or {"shared_experts", "moe_contiguous", "norm_quant"} & _ext.disabled_kernels() \
+                or w.pre_ff_norm.dtype != torch.bfloat16 or w.pre_moe_norm.dtype != torch.bfloat16:
+            return super().residual_ffn(x, y, weight, eps, w, top_k, tokens_per_row)
+        hidden = x.shape[-1]
+        router = (w.router_scale, w.router_proj, w.router_expert_scale, top_k, eps)
+        if y.shape == x.shape and y.dtype == weight.dtype == torch.bfloat16 and w.router_proj.dtype == torch.bfloat16 \
+                and _route_supported(w.router_proj.shape[0], top_k, hidden) \
+                and "residual_norm" not in _ext.disabled_kernels():
+            # The router forms and stores the attention residual itself (one launch fewer).
+            weights, ids, flat = route(x.view(-1, hidden), *router, residual=(y.contiguous().view(-1, hidden), weight))
+            x = flat.view_as(x)
+        else:
+            x = self.add_rms_norm(x, y, weight, eps)
+            flat = x.view(-1, hidden)
+            weights, ids = self.route(flat, *router)
+        moe, mlp = moe_fp8(flat, ids, weights, sh.stack_gate_up, sh.stack_down, norm=w.pre_moe_norm, eps=eps,
+                           shared=sh.shared, shared_norm=w.pre_ff_norm)
+        return x, mlp.view_as(x), moe.view_as(x)
 
     def norm_moe(self, x, norm, eps, ids, weights, gate_up, down, tokens_per_row=None):
         # The pre-MoE norm inside the experts' gather (one launch fewer, no bf16 round trip). Every routed row is

@@ -36,6 +36,21 @@ class ReferenceOps:
         x = self.add_rms_norm(x, y, weight, eps)
         return x, self.norm_gated_mlp(x, mlp_norm, eps, gate, up, down)
 
+    def residual_ffn(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float, w, top_k: int,
+                     tokens_per_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's attention residual and both feed-forward branches that read it, before their post-norms:
+        (x' = :meth:`add_rms_norm` (x, y, weight), the dense MLP of ``pre_ff_norm(x')``, the routed experts of
+        ``pre_moe_norm(x')`` routed by x'), with ``w`` the layer's :class:`~dgemma.weights.LayerWeights`.
+        ``tokens_per_row``: the rows of x ``[B, T, H]`` are unrelated sequences of that many tokens (see
+        :meth:`moe_rows`). One op so a backend can run the MLP and the experts as one pipeline."""
+        gate, up, down = w.mlp_weights()
+        x, mlp = self.residual_mlp(x, y, weight, eps, w.pre_ff_norm, gate, up, down)
+        flat = x.reshape(-1, x.shape[-1])
+        weights, ids = self.route(flat, w.router_scale, w.router_proj, w.router_expert_scale, top_k, eps)
+        moe = self.norm_moe(flat, w.pre_moe_norm, eps, ids, weights, w.experts_gate_up, w.experts_down,
+                            tokens_per_row)
+        return x, mlp, moe.view_as(x)
+
     def ffn_residual(self, x: torch.Tensor, mlp: torch.Tensor, moe: torch.Tensor, w_mlp: torch.Tensor,
                      w_moe: torch.Tensor, w_ff: torch.Tensor, scalar: torch.Tensor, eps: float) -> torch.Tensor:
         """(x + rms_norm(rms_norm(mlp)·w_mlp + rms_norm(moe)·w_moe)·w_ff) · scalar: a layer's feed-forward residual
