@@ -4,12 +4,13 @@
 #   quick     (not in the default) the GPU tests of the newest work first: the scaled dense FP8 GEMM,
 #             rms_norm_fp8 and the padded plan (stopping at the first failure), then the whole MoE file (both
 #             pipelines: the contiguous expert GEMM and the pointer-array one), every launcher's error paths,
-#             graphs, fused q/k/v, residual norms, batched rows, vision, device-scalar head
+#             graphs, fused q/k/v, residual norms, batched rows, vision, device-scalar head, PDL == plain launches
 #   tests     pytest -m gpu tests, one process, nothing deselected
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file
 #   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json;
 #             expert GEMM tile sweep -> moe_tile_<tile>.json
-#   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json
+#   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json; the same with DGEMMA_PDL=1 (programmatic
+#             dependent launch, graphs on) -> $OUT/e2e_pdl.json unless E2E_PDL is set empty
 # The log ($OUT/device_check.log) records the device, driver, torch, commit, every command, its exit
 # status and output tail, and each sanitizer's ERROR SUMMARY line. Each command has its own time limit
 # (*_S variables), so one slow stage cannot eat the lease. Usage on the device machine:
@@ -74,7 +75,7 @@ if want quick; then
   TAIL=40 run "${QUICK_S:-180}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_moe_cuda.py -k contiguous
   DGEMMA_ERROR_REPEATS=20 TAIL=20 run 120 $PY -m pytest -q -m gpu -p no:cacheprovider -rfE \
     tests/test_launcher_errors_cuda.py
-  TAIL=40 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE ${QUICK_TESTS:-tests/test_graphs_cuda.py tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_vocab_head_cuda.py}
+  TAIL=40 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE ${QUICK_TESTS:-tests/test_graphs_cuda.py tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_vocab_head_cuda.py tests/test_pdl_cuda.py}
 fi
 
 if want tests; then
@@ -112,6 +113,11 @@ if want e2e; then
   # E2E_ARGS adds e.g. "--batch 1,4 --baseline transformers" (transformers' wheel in .whl/).
   TAIL=40 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 --steps 16 ${E2E_ARGS:-} \
     --json "$OUT/e2e.json"
+  # The same rows with programmatic dependent launch (DGEMMA_PDL=1, opt-in until measured): the A/B of kernels/pdl.cuh.
+  if [[ -n "${E2E_PDL:-1}" ]]; then
+    DGEMMA_PDL=1 TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 --steps 16 \
+      --cuda-graphs on --json "$OUT/e2e_pdl.json"
+  fi
 fi
 rm -f "$OUT/last.txt"
 log "done in $(( $(date +%s) - t0 )) s"

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "kernels/fp8_quant.cuh"
+#include "kernels/pdl.cuh"
 
 namespace dgemma::kernels {
 
@@ -58,6 +59,7 @@ constexpr int kGeluUpMaxInter = kEpilogueThreads * kGeluUpMaxVecs * 8;  // 4096
 static __global__ void __launch_bounds__(kEpilogueThreads)
     gelu_up_quantize_kernel(const __nv_bfloat16* __restrict__ d, const float* __restrict__ a_scale, int inter,
                             GeluUpScales s, uint8_t* __restrict__ h_q, float* __restrict__ h_scale) {
+  pdl_begin();
   __shared__ float red[32];
   const int64_t r = blockIdx.x;
   if (s.valid_rows != nullptr && r >= *s.valid_rows) return;  // uniform per block
@@ -111,9 +113,8 @@ static __global__ void __launch_bounds__(kEpilogueThreads)
 inline cudaError_t gelu_up_quantize(const __nv_bfloat16* d, const float* a_scale, int64_t rows, int inter,
                                     const GeluUpScales& s, uint8_t* h_q, float* h_scale, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  gelu_up_quantize_kernel<<<static_cast<unsigned>(rows), kEpilogueThreads, 0, stream>>>(d, a_scale, inter, s, h_q,
-                                                                                         h_scale);
-  return cudaGetLastError();
+  return launch_kernel(gelu_up_quantize_kernel, static_cast<unsigned>(rows), kEpilogueThreads, 0, stream, d, a_scale,
+                       inter, s, h_q, h_scale);
 }
 
 }  // namespace dgemma::kernels

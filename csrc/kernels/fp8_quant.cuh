@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "kernels/pdl.cuh"
+
 namespace dgemma::kernels {
 
 constexpr float kFp8Max = 448.0f;
@@ -77,6 +79,7 @@ constexpr int kQuantMaxCols = kQuantThreads * kQuantMaxVecs * 8;  // 8192: o_pro
 static __global__ void __launch_bounds__(kQuantThreads)
     quantize_rows_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, int cols, uint8_t* __restrict__ q,
                          float* __restrict__ scale) {
+  pdl_begin();
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
   const __nv_bfloat16* xr = x + row * x_stride;
@@ -105,8 +108,8 @@ static __global__ void __launch_bounds__(kQuantThreads)
 inline cudaError_t quantize_rows(const __nv_bfloat16* x, int64_t x_stride, int64_t rows, int cols, uint8_t* q,
                                  float* scale, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  quantize_rows_kernel<<<static_cast<unsigned>(rows), kQuantThreads, 0, stream>>>(x, x_stride, cols, q, scale);
-  return cudaGetLastError();
+  return launch_kernel(quantize_rows_kernel, static_cast<unsigned>(rows), kQuantThreads, 0, stream, x, x_stride,
+                       cols, q, scale);
 }
 
 }  // namespace dgemma::kernels

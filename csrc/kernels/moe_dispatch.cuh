@@ -17,6 +17,7 @@
 
 #include "kernels/fp8_epilogue.cuh"
 #include "kernels/fp8_quant.cuh"
+#include "kernels/pdl.cuh"
 #include "kernels/rms_norm.cuh"
 
 namespace dgemma::kernels {
@@ -159,6 +160,7 @@ __device__ __forceinline__ void plan_fill_padding(const int* ends, const int* st
 
 static __global__ void __launch_bounds__(kPlanThreads)
     moe_plan_kernel(PlanIds in, int tokens, int pad, PlanOutputs out) {
+  pdl_begin();
   __shared__ int base[kPlanMaxExperts];
   __shared__ int start[kPlanMaxExperts + 1];
   __shared__ int warp_count[kPlanWarps][kPlanMaxExperts];
@@ -183,6 +185,7 @@ static __global__ void __launch_bounds__(kPlanThreads)
 // Multi-block plan, 1/3: chunk_counts[c * experts + e] = entries of expert e in chunk c (slot-major order).
 static __global__ void __launch_bounds__(kPlanThreads)
     moe_plan_count_kernel(PlanIds in, int tokens, int32_t* __restrict__ chunk_counts) {
+  pdl_begin();
   __shared__ int count[kPlanMaxExperts];
   const int experts = in.experts();
   for (int e = threadIdx.x; e < experts; e += kPlanThreads) count[e] = 0;
@@ -201,6 +204,7 @@ static __global__ void __launch_bounds__(kPlanThreads)
 // the padding rows and the tile table are written.
 static __global__ void __launch_bounds__(kPlanThreads)
     moe_plan_scan_kernel(int chunks, int experts, int pad, int32_t* __restrict__ chunk_counts, PlanOutputs out) {
+  pdl_begin();
   __shared__ int base[kPlanMaxExperts];
   __shared__ int start[kPlanMaxExperts + 1];
   __shared__ int ends[kPlanMaxExperts];
@@ -227,6 +231,7 @@ static __global__ void __launch_bounds__(kPlanThreads)
 // 3/3: each block places its chunk's entries from the chunk's first rows.
 static __global__ void __launch_bounds__(kPlanThreads)
     moe_plan_assign_kernel(PlanIds in, int tokens, const int32_t* __restrict__ chunk_base, PlanOutputs out) {
+  pdl_begin();
   __shared__ int base[kPlanMaxExperts];
   __shared__ int warp_count[kPlanWarps][kPlanMaxExperts];
   const int experts = in.experts();
@@ -254,14 +259,15 @@ inline cudaError_t moe_plan(const int32_t* ids, int tokens, int top_k, int exper
   const PlanIds in{ids, top_k, experts, shared};
   const int total = tokens * in.slots();
   if (scratch == nullptr || total <= kPlanSingleBlockMax) {
-    moe_plan_kernel<<<1, kPlanThreads, 0, stream>>>(in, tokens, pad, out);
-    return cudaGetLastError();
+    return launch_kernel(moe_plan_kernel, 1, kPlanThreads, 0, stream, in, tokens, pad, out);
   }
   const int chunks = (total + kPlanThreads - 1) / kPlanThreads;
-  moe_plan_count_kernel<<<chunks, kPlanThreads, 0, stream>>>(in, tokens, scratch);
-  moe_plan_scan_kernel<<<1, kPlanThreads, 0, stream>>>(chunks, in.experts(), pad, scratch, out);
-  moe_plan_assign_kernel<<<chunks, kPlanThreads, 0, stream>>>(in, tokens, scratch, out);
-  return cudaGetLastError();
+  cudaError_t err = launch_kernel(moe_plan_count_kernel, chunks, kPlanThreads, 0, stream, in, tokens, scratch);
+  if (err == cudaSuccess)
+    err = launch_kernel(moe_plan_scan_kernel, 1, kPlanThreads, 0, stream, chunks, in.experts(), pad, scratch, out);
+  if (err == cudaSuccess)
+    err = launch_kernel(moe_plan_assign_kernel, chunks, kPlanThreads, 0, stream, in, tokens, scratch, out);
+  return err;
 }
 
 constexpr int kGatherThreads = 128;
@@ -320,6 +326,7 @@ static __global__ void __launch_bounds__(kGatherThreads)
     moe_gather_quantize_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, int64_t tokens, int hidden,
                                int slots, const int32_t* __restrict__ row_of, uint8_t* __restrict__ xq,
                                float* __restrict__ x_scale, GatherPadding padding, GatherNorm norm) {
+  pdl_begin();
   __shared__ float red[32];
   __shared__ float inv_rms;
   const int64_t t = blockIdx.x;
@@ -370,9 +377,8 @@ inline cudaError_t moe_gather_quantize(const __nv_bfloat16* x, int64_t x_stride,
                                        GatherNorm norm = {false, nullptr, 0.f}) {
   if (tokens == 0) return cudaSuccess;
   const int64_t blocks = tokens + (padding.offsets != nullptr ? experts : 0);
-  moe_gather_quantize_kernel<<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
-      x, x_stride, tokens, hidden, slots, row_of, xq, x_scale, padding, norm);
-  return cudaGetLastError();
+  return launch_kernel(moe_gather_quantize_kernel, static_cast<unsigned>(blocks), kGatherThreads, 0, stream, x,
+                       x_stride, tokens, hidden, slots, row_of, xq, x_scale, padding, norm);
 }
 
 constexpr int kCombineThreads = 128;
@@ -389,6 +395,7 @@ static __global__ void __launch_bounds__(kCombineThreads)
                        const float* __restrict__ weights, const int32_t* __restrict__ row_of, int hidden, int slots,
                        int top_k, __nv_bfloat16* __restrict__ out, __nv_bfloat16* __restrict__ shared_out,
                        int64_t out_stride) {
+  pdl_begin();
   const int64_t t = blockIdx.x;
   const int c = 8 * (blockIdx.y * kCombineThreads + threadIdx.x);
   if (c >= hidden) return;
@@ -427,10 +434,8 @@ inline cudaError_t moe_combine(const __nv_bfloat16* d, const float* h_scale, con
                                __nv_bfloat16* shared_out = nullptr, int top_k = 0) {
   if (tokens == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(tokens), (hidden / 8 + kCombineThreads - 1) / kCombineThreads);
-  moe_combine_kernel<<<grid, kCombineThreads, 0, stream>>>(d, h_scale, w_scale, ids, weights, row_of, hidden, slots,
-                                                          shared_out != nullptr ? top_k : slots, out, shared_out,
-                                                          out_stride);
-  return cudaGetLastError();
+  return launch_kernel(moe_combine_kernel, grid, kCombineThreads, 0, stream, d, h_scale, w_scale, ids, weights,
+                       row_of, hidden, slots, shared_out != nullptr ? top_k : slots, out, shared_out, out_stride);
 }
 
 }  // namespace dgemma::kernels

@@ -19,6 +19,7 @@
 
 #include "kernels/fp8_quant.cuh"
 #include "kernels/moe_route_limits.h"
+#include "kernels/pdl.cuh"
 #include "kernels/residual_norm.cuh"
 #include "kernels/warp_mma_sm80.cuh"
 
@@ -146,6 +147,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
                  const __nv_bfloat16* __restrict__ proj, const __nv_bfloat16* __restrict__ expert_scale,
                  int64_t tokens, int hidden, int experts, int top_k, float eps, float inv_sqrt_hidden,
                  float* __restrict__ weights, int32_t* __restrict__ ids, RouteResidual res) {
+  pdl_begin();
   extern __shared__ __align__(16) unsigned char route_smem[];
   __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(route_smem);  // [kRouteTokens][hidden]
   float* logits = reinterpret_cast<float*>(h + kRouteTokens * hidden);  // [kRouteTokens][experts]
@@ -228,6 +230,7 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
                     const __nv_bfloat16* __restrict__ proj, const __nv_bfloat16* __restrict__ expert_scale,
                     int64_t tokens, int hidden, int experts, int top_k, float eps, float inv_sqrt_hidden,
                     float* __restrict__ weights, int32_t* __restrict__ ids, RouteResidual res) {
+  pdl_begin();
   static_assert(kNTiles % 2 == 0, "n-tiles are loaded in pairs");
   constexpr int kExperts = kNTiles * 8 * kRouteTcWarps;
   extern __shared__ __align__(128) unsigned char route_tc_smem[];
@@ -315,9 +318,9 @@ cudaError_t launch_route_tc(const __nv_bfloat16* x, int64_t x_stride, const __nv
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const int64_t blocks = (tokens + kRouteTcTokens - 1) / kRouteTcTokens;
-  route_tc_kernel<kNTiles><<<static_cast<unsigned>(blocks), kRouteTcWarps * 32, smem, stream>>>(
-      x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, res);
-  return cudaGetLastError();
+  return launch_kernel(route_tc_kernel<kNTiles>, static_cast<unsigned>(blocks), kRouteTcWarps * 32, smem, stream,
+                       x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden,
+                       weights, ids, res);
 }
 
 // A compiled router variant: the tensor-core kernel (tensor_cores) or route_kernel<tokens, warps>.
@@ -343,9 +346,8 @@ cudaError_t launch_route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bf
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const int64_t blocks = (tokens + T - 1) / T;
-  route_kernel<T, W><<<static_cast<unsigned>(blocks), W * 32, smem, stream>>>(
-      x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, res);
-  return cudaGetLastError();
+  return launch_kernel(route_kernel<T, W>, static_cast<unsigned>(blocks), W * 32, smem, stream, x, x_stride, scale,
+                       proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, res);
 }
 
 // `tile` indexes kRouteTiles (0 or out of range: the default). res: see RouteResidual (then x_stride == hidden).
@@ -354,8 +356,9 @@ inline cudaError_t route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bf
                          int experts, int top_k, float eps, float inv_sqrt_hidden, float* weights, int32_t* ids,
                          cudaStream_t stream, int tile = 0, const RouteResidual& res = {}) {
   if (tokens == 0) return cudaSuccess;
-#define DGEMMA_ROUTE_ARGS \
-  x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, stream, res
+#define DGEMMA_ROUTE_ARGS                                                                                     \
+  x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, stream, \
+      res
   switch (tile) {
     case 1: return launch_route<4, 8>(DGEMMA_ROUTE_ARGS);
     case 2: return launch_route<8, 8>(DGEMMA_ROUTE_ARGS);

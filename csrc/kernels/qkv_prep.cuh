@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "kernels/pdl.cuh"
+
 namespace dgemma::kernels {
 
 struct QkvPrepParams {
@@ -149,6 +151,7 @@ __device__ __forceinline__ void write_cache(const QkvPrepParams& p, __nv_bfloat1
 // One warp per (token, head) row: q rows first, then k rows (with v when k_eq_v), then v rows.
 template <int D>
 __global__ void __launch_bounds__(kWarps * 32) qkv_prep_kernel(const QkvPrepParams p) {
+  pdl_begin();
   const int lane = threadIdx.x & 31;
   const int64_t tokens = int64_t(p.batch) * p.t;
   const int64_t nq = tokens * p.hq, nk = tokens * p.hkv;
@@ -194,8 +197,8 @@ cudaError_t qkv_prep_bf16(const QkvPrepParams& p, cudaStream_t stream) {
   const int64_t rows = tokens * (p.hq + p.hkv * (p.v_in != nullptr ? 2 : 1));
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = (rows + qkv_prep_detail::kWarps - 1) / qkv_prep_detail::kWarps;
-  qkv_prep_detail::qkv_prep_kernel<D><<<static_cast<unsigned>(blocks), qkv_prep_detail::kWarps * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(qkv_prep_detail::qkv_prep_kernel<D>, static_cast<unsigned>(blocks),
+                       qkv_prep_detail::kWarps * 32, 0, stream, p);
 }
 
 }  // namespace dgemma::kernels

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/pdl.cuh"
 #include "kernels/rms_norm.cuh"
 
 namespace dgemma::kernels {
@@ -87,6 +88,7 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
                          const T* __restrict__ wa, const T* __restrict__ wb, const T* __restrict__ wc,
                          const T* __restrict__ scalar, T* __restrict__ out, int64_t rows, int dim, float eps,
                          ResidualQuant<T> quant) {
+  pdl_begin();
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRmsNormWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= rows) return;
@@ -128,9 +130,8 @@ cudaError_t residual_norm(const T* x, const T* a, const T* b, const T* wa, const
                           ResidualQuant<T> quant = {}) {
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = (rows + kRmsNormWarpsPerBlock - 1) / kRmsNormWarpsPerBlock;
-  residual_norm_kernel<T><<<static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream>>>(
-      x, a, b, wa, wb, wc, scalar, out, rows, dim, eps, quant);
-  return cudaGetLastError();
+  return launch_kernel(residual_norm_kernel<T>, static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream,
+                       x, a, b, wa, wb, wc, scalar, out, rows, dim, eps, quant);
 }
 
 }  // namespace dgemma::kernels

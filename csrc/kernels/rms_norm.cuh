@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "kernels/fp8_quant.cuh"
+#include "kernels/pdl.cuh"
 
 namespace dgemma::kernels {
 
@@ -65,6 +66,7 @@ template <typename T>
 __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
     rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ y, int64_t rows,
                     int dim, int64_t x_row_stride, int64_t y_row_stride, float eps) {
+  pdl_begin();
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRmsNormWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= rows) return;
@@ -82,6 +84,7 @@ static __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
     rms_norm_fp8_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ weight,
                         uint8_t* __restrict__ q, float* __restrict__ scale, int64_t rows, int dim,
                         int64_t x_row_stride, float eps) {
+  pdl_begin();
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRmsNormWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= rows) return;
@@ -100,18 +103,16 @@ cudaError_t rms_norm(const T* x, const T* weight, T* y, int64_t rows, int dim, i
                      int64_t y_row_stride, float eps, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = (rows + kRmsNormWarpsPerBlock - 1) / kRmsNormWarpsPerBlock;
-  rms_norm_kernel<T><<<static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream>>>(
-      x, weight, y, rows, dim, x_row_stride, y_row_stride, eps);
-  return cudaGetLastError();
+  return launch_kernel(rms_norm_kernel<T>, static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream, x,
+                       weight, y, rows, dim, x_row_stride, y_row_stride, eps);
 }
 
 inline cudaError_t rms_norm_fp8(const __nv_bfloat16* x, const __nv_bfloat16* weight, uint8_t* q, float* scale,
                                 int64_t rows, int dim, int64_t x_row_stride, float eps, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = (rows + kRmsNormWarpsPerBlock - 1) / kRmsNormWarpsPerBlock;
-  rms_norm_fp8_kernel<<<static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream>>>(
-      x, weight, q, scale, rows, dim, x_row_stride, eps);
-  return cudaGetLastError();
+  return launch_kernel(rms_norm_fp8_kernel, static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream, x,
+                       weight, q, scale, rows, dim, x_row_stride, eps);
 }
 
 }  // namespace dgemma::kernels

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "kernels/attention_tiles.cuh"
+#include "kernels/pdl.cuh"
 #include "kernels/warp_mma_sm80.cuh"
 
 namespace dgemma::kernels {
@@ -99,6 +100,7 @@ __device__ __forceinline__ KeyRange key_range(const AttentionParams& p, int b) {
 
 template <int D>
 __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(const AttentionParams p) {
+  pdl_begin();
   using S = Shape<D>;
   constexpr int BM = S::kBlockM, BN = S::kBlockN, NS = S::kSlices, NTS = S::kSTiles;
   constexpr int kQSteps = kAttentionSliceDim / 16;  // k-steps of Q K^T within a slice
@@ -357,6 +359,7 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
 // out[b, t, h] = sum_s exp(lse_s - lse) * o_s over the splits. One block of D/4 threads per row.
 template <int D>
 __global__ void __launch_bounds__(D / 4) attention_combine_kernel(const AttentionParams p) {
+  pdl_begin();
   const int64_t row = blockIdx.x;  // ((b * Hq) + h) * T + t
   const int t = static_cast<int>(row % p.t);
   const int h = static_cast<int>((row / p.t) % p.hq);
@@ -400,12 +403,10 @@ cudaError_t attention_bf16(const AttentionParams& p, cudaStream_t stream) {
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmemBytes));
   if (err != cudaSuccess) return err;
   const dim3 grid((p.t + S::kBlockM - 1) / S::kBlockM, p.hq, p.batch * p.num_splits);
-  attention_detail::attention_fwd_kernel<D><<<grid, kAttentionThreads, S::kSmemBytes, stream>>>(p);
-  err = cudaGetLastError();
+  err = launch_kernel(attention_detail::attention_fwd_kernel<D>, grid, kAttentionThreads, S::kSmemBytes, stream, p);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = int64_t(p.batch) * p.hq * p.t;
-  attention_detail::attention_combine_kernel<D><<<static_cast<unsigned>(rows), D / 4, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(attention_detail::attention_combine_kernel<D>, static_cast<unsigned>(rows), D / 4, 0, stream, p);
 }
 
 }  // namespace dgemma::kernels

@@ -23,6 +23,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/pdl.cuh"
 
 namespace dgemma::kernels {
 
@@ -119,7 +120,9 @@ cudaError_t prepare_cutlass_kernel(int device) {
 }
 
 // One launch of a CUTLASS 3 GEMM (G::Gemm, a GemmUniversalAdapter of G::Kernel) for `args`: the host work is the
-// kernel parameters (its TMA descriptors) and the launch; nothing is synchronised.
+// kernel parameters (its TMA descriptors) and the launch; nothing is synchronised. With DGEMMA_PDL=1 the launch is
+// programmatic (pdl.cuh): the kernel's producer and epilogue warps wait for the kernels before it (CUTLASS's grid
+// dependency control, compiled in with CUTLASS_ENABLE_GDC_FOR_SM90) and it lets the next kernel launch early.
 template <class G>
 cudaError_t run_cutlass(const typename G::Gemm::Arguments& args, void* workspace, size_t workspace_bytes, int device,
                         cudaStream_t stream) {
@@ -130,7 +133,7 @@ cudaError_t run_cutlass(const typename G::Gemm::Arguments& args, void* workspace
   if (G::Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess)
     return cudaErrorInvalidConfiguration;
   typename G::Kernel::Params params = G::Kernel::to_underlying_arguments(args, workspace);
-  if (G::Gemm::run(params, stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+  if (G::Gemm::run(params, stream, nullptr, pdl_enabled()) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
   return cudaGetLastError();
 }
 

@@ -33,6 +33,7 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/pdl.cuh"
 #include "kernels/sm90_fp8_grouped_gemm.cuh"
 
 namespace dgemma::kernels {
@@ -167,6 +168,7 @@ __device__ __forceinline__ void write_group_args(const Fp8GroupedGemmProblem& p,
 template <class G>
 __global__ void build_grouped_args_kernel(Fp8GroupedGemmProblem p1, typename G::Arrays a1, Fp8GroupedGemmProblem p2,
                                           typename G::Arrays a2) {
+  pdl_begin();
   const int g = blockIdx.x * blockDim.x + threadIdx.x;
   if (g < p1.groups) write_group_args<G>(p1, a1, g);
   if (g < p2.groups) write_group_args<G>(p2, a2, g);

@@ -22,6 +22,7 @@
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
+#include "kernels/pdl.cuh"
 #include "kernels/sm90_fp8_cutlass.cuh"
 #include "kernels/sm90_moe_grouped_gemm.cuh"
 
@@ -108,6 +109,9 @@ class ContiguousScheduler : public PersistentSm90 {
 
   template <class ClusterShape>
   CUTLASS_DEVICE WorkTileInfo initial_work_tile_info(ClusterShape) {
+    // The tables come from the plan: under programmatic dependent launch (pdl.cuh) this CTA may start before the
+    // kernels before it have finished, and CUTLASS's kernel asks for its first tile before its own wait.
+    pdl_wait();
     return work_at(linear_idx_);
   }
 

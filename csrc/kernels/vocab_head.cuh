@@ -48,24 +48,25 @@ inline cudaError_t vocab_head_step(const VocabHeadParams& p, cudaStream_t stream
                                          static_cast<int>(kStatsSmemBytes));
   if (err != cudaSuccess) return err;
   const dim3 stats_grid(static_cast<unsigned>(l.rows_pad / kBM), static_cast<unsigned>(p.stats_splits));
-  vocab_head_stats_kernel<<<stats_grid, kThreads, kStatsSmemBytes, stream>>>(p, l);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  vocab_head_merge_kernel<<<static_cast<unsigned>(ceil_div(l.rows, kMergeWarps)), kMergeWarps * 32, 0, stream>>>(p, l);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = launch_kernel(vocab_head_stats_kernel, stats_grid, kThreads, kStatsSmemBytes, stream, p, l);
+  if (err != cudaSuccess) return err;
+  err = launch_kernel(vocab_head_merge_kernel, static_cast<unsigned>(ceil_div(l.rows, kMergeWarps)), kMergeWarps * 32,
+                      0, stream, p, l);
+  if (err != cudaSuccess) return err;
   const int accept_threads = static_cast<int>(ceil_div(p.canvas, 32) * 32);
-  vocab_head_accept_kernel<<<static_cast<unsigned>(p.batch), accept_threads, 0, stream>>>(p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = launch_kernel(vocab_head_accept_kernel, static_cast<unsigned>(p.batch), accept_threads, 0, stream, p);
+  if (err != cudaSuccess) return err;
   if (p.soft == nullptr) return cudaSuccess;
   err = cudaFuncSetAttribute(vocab_head_soft_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(kSoftSmemBytes));
   if (err != cudaSuccess) return err;
   const dim3 soft_grid(static_cast<unsigned>(ceil_div(p.dim, kBN)), static_cast<unsigned>(l.rows_pad / kBM),
                        static_cast<unsigned>(p.soft_splits));
-  vocab_head_soft_kernel<<<soft_grid, kThreads, kSoftSmemBytes, stream>>>(p, l);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = launch_kernel(vocab_head_soft_kernel, soft_grid, kThreads, kSoftSmemBytes, stream, p, l);
+  if (err != cudaSuccess) return err;
   const int64_t quads = l.rows * p.dim / 4;
-  vocab_head_soft_reduce_kernel<<<static_cast<unsigned>(ceil_div(quads, 256)), 256, 0, stream>>>(p, l);
-  return cudaGetLastError();
+  return launch_kernel(vocab_head_soft_reduce_kernel, static_cast<unsigned>(ceil_div(quads, 256)), 256, 0, stream,
+                       p, l);
 }
 
 }  // namespace dgemma::kernels::vocab_head

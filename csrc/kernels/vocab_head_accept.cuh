@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "kernels/pdl.cuh"
 #include "kernels/philox.cuh"
 #include "kernels/vocab_head_params.cuh"
 
@@ -16,6 +17,7 @@ namespace dgemma::kernels::vocab_head {
 constexpr int kMaxCanvas = 1024;
 
 __global__ void __launch_bounds__(kMaxCanvas) vocab_head_accept_kernel(const VocabHeadParams p) {
+  pdl_begin();
   __shared__ float s_entropy[kMaxCanvas];
   __shared__ float s_sorted[kMaxCanvas];
   __shared__ bool s_selected[kMaxCanvas];

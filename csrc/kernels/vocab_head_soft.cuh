@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "kernels/pdl.cuh"
 #include "kernels/vocab_head_mma.cuh"
 #include "kernels/vocab_head_params.cuh"
 
@@ -18,6 +19,7 @@ namespace dgemma::kernels::vocab_head {
 
 __global__ void __launch_bounds__(kThreads, 1) vocab_head_soft_kernel(const VocabHeadParams p,
                                                                        const VocabHeadLayout l) {
+  pdl_begin();
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* s_a = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kStages][kBM][kBK] probabilities
   __nv_bfloat16* s_b = s_a + kStages * kBM * kBK;                    // [kStages][kBK][kBN] embedding rows
@@ -141,6 +143,7 @@ __global__ void __launch_bounds__(kThreads, 1) vocab_head_soft_kernel(const Voca
 
 // soft[i] = bf16(scale · Σ_split partial[split][i]), summed in split order; four elements per thread.
 __global__ void vocab_head_soft_reduce_kernel(const VocabHeadParams p, const VocabHeadLayout l) {
+  pdl_begin();
   const int64_t n = l.rows * p.dim;
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
   if (i >= n) return;

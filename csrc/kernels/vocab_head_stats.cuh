@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "kernels/pdl.cuh"
 #include "kernels/philox.cuh"
 #include "kernels/vocab_head_mma.cuh"
 #include "kernels/vocab_head_params.cuh"
@@ -86,6 +87,7 @@ __device__ __forceinline__ float gumbel_noise(uint32_t word) {
 
 __global__ void __launch_bounds__(kThreads, 1) vocab_head_stats_kernel(const VocabHeadParams p,
                                                                         const VocabHeadLayout l) {
+  pdl_begin();
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* s_a = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   __nv_bfloat16* s_b = s_a + kStages * kBM * kBK;
@@ -263,6 +265,7 @@ constexpr int kMergeWarps = 8;
 
 __global__ void __launch_bounds__(kMergeWarps * 32) vocab_head_merge_kernel(const VocabHeadParams p,
                                                                              const VocabHeadLayout l) {
+  pdl_begin();
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + (threadIdx.x >> 5);
   if (row >= l.rows) return;

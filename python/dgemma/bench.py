@@ -282,6 +282,8 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "commit": os.environ.get("DGEMMA_COMMIT", "unknown"),
         "command": " ".join(["dgemma"] + sys.argv[1:]), "preset": preset, "backend": eng.backend,
+        # Programmatic dependent launch of dgemma's kernels (csrc/kernels/pdl.cuh), read once by the extension.
+        "pdl": os.environ.get("DGEMMA_PDL", "") == "1",
         "results": results,
     }
 

@@ -1,0 +1,59 @@
+// Programmatic dependent launch (PDL, sm_90): a kernel launched with it may be scheduled while the kernel before it
+// on the stream is still running, so the launch latency and the ramp-up of consecutive kernels overlap.
+//
+// The contract every dgemma kernel keeps: its first statement is pdl_begin(), which waits until the kernels before
+// it on the stream have completed and their writes are visible to this grid (so nothing it reads or writes can race
+// them), then allows the kernel after it to be scheduled (that kernel waits in its own pdl_begin()). Without the
+// launch attribute both instructions do nothing, so a kernel behaves the same either way. The CUTLASS GEMMs keep the
+// same contract through CUTLASS's own grid dependency control (CUTLASS_ENABLE_GDC_FOR_SM90; the expert GEMM's tile
+// scheduler waits before it reads the plan's tables).
+//
+// PDL is opt-in (DGEMMA_PDL=1, read once per process) until a GPU run has measured it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+namespace dgemma::kernels {
+
+// Waits until the kernels before this one on the stream have completed and their writes are visible.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+__device__ __forceinline__ void pdl_begin() {
+  pdl_wait();
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// Whether dgemma's launches carry the PDL attribute (DGEMMA_PDL=1).
+inline bool pdl_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("DGEMMA_PDL");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl_enabled(). Returns the launch's
+// error (and clears it, so that it is reported once).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err;
+}
+
+}  // namespace dgemma::kernels
