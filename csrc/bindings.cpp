@@ -140,6 +140,24 @@ void register_norm(py::module_& m) {
       "out = (x + rms_norm(rms_norm(a)*wa + rms_norm(b)*wb)*wc) * scalar (each step rounded to x's dtype). "
       "With q and q_scale (bfloat16) it also writes the FP8 rows of rms_norm(out)*q_weight (the next GEMM's "
       "input), as rms_norm_fp8 would.");
+  m.def(
+      "ffn_residual_experts",
+      [](py::handle x, py::handle down, py::handle row_of, int top_k, py::handle w_mlp, py::handle w_moe,
+         py::handle w_ff, py::handle scalar, py::handle out, double eps, std::uintptr_t stream, py::handle q_weight,
+         py::handle q, py::handle q_scale) {
+        TensorArg qw_slot, q_slot, qs_slot;
+        ffn_residual_experts(to_arg(x, "x"), to_arg(down, "down"), to_arg(row_of, "row_of"), top_k,
+                             to_arg(w_mlp, "w_mlp"), to_arg(w_moe, "w_moe"), to_arg(w_ff, "w_ff"),
+                             to_arg(scalar, "scalar"), to_arg(out, "out"), eps, stream,
+                             optional_arg(q_weight, "q_weight", qw_slot), optional_arg(q, "q", q_slot),
+                             optional_arg(q_scale, "q_scale", qs_slot));
+      },
+      py::arg("x"), py::arg("down"), py::arg("row_of"), py::arg("top_k"), py::arg("w_mlp"), py::arg("w_moe"),
+      py::arg("w_ff"), py::arg("scalar"), py::arg("out"), py::arg("eps"), py::arg("stream"),
+      py::arg("q_weight") = py::none(), py::arg("q") = py::none(), py::arg("q_scale") = py::none(),
+      "residual_norm's feed-forward form reading its two branches from the expert pipeline before the combine "
+      "(moe_fp8 with combine=False): the dense MLP's shared slots and the routed slots of row_of, summed as the "
+      "combine would.");
 }
 
 }  // namespace

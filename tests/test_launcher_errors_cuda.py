@@ -37,7 +37,8 @@ I32, I64, U8, BOOL = torch.int32, torch.int64, torch.uint8, torch.bool
 # (version, built_with_cuda, cuda_runtime_version) have no error path.
 OPS = (
     "rms_norm", "rms_norm_fp8", "residual_norm", "fp8_quantize_rows", "fp8_linear_workspace_bytes", "fp8_linear", "fp8_gated_mlp_workspace_bytes",
-    "fp8_gated_mlp", "moe_route", "moe_plan", "moe_fp8_workspace_bytes", "moe_fp8", "qkv_prep",
+    "fp8_gated_mlp", "moe_route", "moe_plan", "moe_fp8_workspace_bytes", "moe_fp8", "moe_fp8_workspace_layout",
+    "ffn_residual_experts", "qkv_prep",
     "attention_tile_shape", "attention_forward", "vocab_head_workspace_bytes", "vocab_head_step",
     "device_capability",
 )
@@ -564,6 +565,9 @@ def moe_route_table(c: Ctx) -> Table:
           residual_out=c.host(ro))
     t.bad("residual_out aliases x", "residual_out must not alias x or residual_y", residual_y=ry, residual_w=rw,
           residual_out=x)
+    both = c.randn(N_TOK + 1, HID)
+    t.bad("residual_out overlaps x by a row", "residual_out must not alias x or residual_y", x=both[:N_TOK],
+          residual_y=ry, residual_w=rw, residual_out=both[1:])
     t.bad("residual_out misaligned", "residual_out must be 16-byte aligned", residual_y=ry, residual_w=rw,
           residual_out=c.misaligned(N_TOK, HID))
     t.bad("residual with strided x", f"x must be contiguous (shape [{N_TOK}, {HID}])", x=c.padded_rows(N_TOK, HID, 8),
@@ -698,6 +702,85 @@ def moe_plan_table(c: Ctx) -> Table:
     return t
 
 
+def moe_fp8_workspace_layout_table(c: Ctx) -> Table:
+    t = Table("moe_fp8_workspace_layout", dict(tokens=N_TOK, slots=TOPK + 3, hidden=HID, inter=MOE_I, experts=EXP,
+                                               device=c.idx))
+    msg = "moe_fp8_workspace_layout: sizes must be positive (tokens may be 0)"
+    t.bad("negative tokens", msg, tokens=-1)
+    t.bad("no slots", msg, slots=0)
+    t.bad("no hidden", msg, hidden=0)
+    t.bad("no experts", msg, experts=0)
+    t.type_error("slots is a string", "slots='8'", slots="8")
+
+    def check(layout):
+        down_at, rows, row_of_at = layout
+        nbytes = int(c.lib.moe_fp8_workspace_bytes(N_TOK, TOPK + 3, HID, MOE_I, EXP, c.idx, True))
+        assert rows >= N_TOK * (TOPK + 3) and down_at % 256 == 0 and row_of_at % 256 == 0
+        assert down_at + rows * HID * 2 <= nbytes and row_of_at + N_TOK * (TOPK + 3) * 4 <= nbytes
+
+    t.check = check
+    return t
+
+
+def ffn_residual_experts_table(c: Ctx) -> Table:
+    from dgemma.ops.reference import ReferenceOps
+
+    n, d, slots, top_k, rows = 6, 512, 5, 3, 40
+    x, down = c.randn(n, d), c.randn(rows, d)
+    g = torch.Generator(device=c.dev).manual_seed(3)
+    row_of = torch.randperm(rows, generator=g, device=c.dev)[:n * slots].view(n, slots).int().contiguous()
+    row_of[0, 1] = -1  # a slot without a row adds nothing
+    w = [(torch.rand(d, generator=c.gen, device=c.dev) + 0.5).to(BF16) for _ in range(3)]
+    scalar = torch.full((1,), 0.75, dtype=BF16, device=c.dev)
+    t = Table("ffn_residual_experts", dict(x=x, down=down, row_of=row_of, top_k=top_k, w_mlp=w[0], w_moe=w[1],
+                                           w_ff=w[2], scalar=scalar, out=c.empty(n, d), eps=1e-6, stream=0,
+                                           q_weight=None, q=None, q_scale=None))
+    # Order of the checks in csrc/ops/rms_norm.cu (ffn_residual_experts, then the shared residual checks).
+    t.bad("x on the host", cuda_msg("x"), x=c.host(x))
+    t.bad("x float16", "x has dtype float16, expected float32 or bfloat16", x=c.empty(n, d, dtype=torch.float16))
+    t.bad("out shape", f"out has shape [3, {d}], expected [{n}, {d}] (as x)", out=c.empty(3, d))
+    t.bad("eps zero", "eps must be positive, got 0.000000", eps=0.0)
+    t.bad("x float32", "x has dtype float32, expected bfloat16 (the expert rows' dtype)", x=c.empty(n, d, dtype=F32),
+          out=c.empty(n, d, dtype=F32))
+    t.bad("hidden too large", "x last dimension is 3080, expected a multiple of 8 up to 3072", x=c.empty(n, 3080),
+          out=c.empty(n, 3080))
+    t.bad("hidden not a multiple of 8", "x last dimension is 20, expected a multiple of 8 up to 3072",
+          x=c.empty(n, 20), out=c.empty(n, 20))
+    t.bad("down on the host", cuda_msg("down"), down=c.host(down))
+    t.bad("down dtype", "down has dtype float32, expected bfloat16", down=c.empty(rows, d, dtype=F32))
+    t.bad("down width", f"down has shape [{rows}, 256], expected size {d} in dimension 1 (the normalised dimension)",
+          down=c.empty(rows, 256))
+    t.bad("down misaligned", "down must be 16-byte aligned", down=c.misaligned(rows, d))
+    t.bad("row_of dtype", "row_of has dtype int64, expected int32", row_of=c.empty(n, slots, dtype=I64))
+    t.bad("row_of rows", f"row_of has shape [4, {slots}], expected size {n} in dimension 0 (rows of x)",
+          row_of=c.empty(4, slots, dtype=I32))
+    t.bad("top_k 0", f"top_k is 0, expected 1..{slots - 1}", top_k=0)
+    t.bad("top_k every slot", f"top_k is {slots}, expected 1..{slots - 1}", top_k=slots)
+    t.bad("w_moe length", "w_moe has shape [256], expected size 512 in dimension 0 (the normalised dimension)",
+          w_moe=c.empty(256))
+    t.bad("scalar two elements", "scalar has shape [2], expected one element", scalar=c.empty(2))
+    t.bad("q without q_scale", "q and q_scale must be given together (q_weight with them, or neither)",
+          q=c.empty(n, d, dtype=FP8))
+    t.bad("down is None", not_tensor("down"), down=None)
+    t.type_error("top_k is a string", "top_k='3'", top_k="3")
+
+    def check(_):
+        out = t.base["out"]
+        ro = row_of.long()
+        gathered = down[ro.clamp(min=0)].float() * (ro >= 0).unsqueeze(-1)
+        moe, mlp = torch.zeros(n, d, device=c.dev), torch.zeros(n, d, device=c.dev)
+        for k in range(slots):
+            if k < top_k:
+                moe = moe + gathered[:, k]
+            else:
+                mlp = mlp + gathered[:, k]
+        ref = ReferenceOps().ffn_residual(x, mlp.bfloat16(), moe.bfloat16(), w[0], w[1], w[2], scalar, 1e-6)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+    t.check = check
+    return t
+
+
 def moe_fp8_workspace_bytes_table(c: Ctx) -> Table:
     t = Table("moe_fp8_workspace_bytes", dict(tokens=N_TOK, top_k=TOPK, hidden=HID, inter=MOE_I, experts=EXP,
                                               device=c.idx, contiguous=True))
@@ -725,7 +808,7 @@ def moe_fp8_table(c: Ctx) -> Table:
     t = Table("moe_fp8", dict(x=x, ids=ids, weights=weights, gate_up_q=gate_up.q, gate_up_scale=gate_up.scale,
                               down_q=down.q, down_scale=down.scale, out=c.empty(N_TOK, HID),
                               workspace=c.empty(nbytes, dtype=U8), stream=0, contiguous=True, norm=None, eps=1e-6,
-                              shared=0, shared_norm=None, shared_out=None))
+                              shared=0, shared_norm=None, shared_out=None, combine=True))
     dev = f"expected cuda:{c.idx} (the device of x)"
     gu, dq = "gate_up.q", "down.q"
     # x: check_matrix(bf16, any shape, contiguous)
@@ -833,6 +916,14 @@ def moe_fp8_table(c: Ctx) -> Table:
           shared=2, shared_out=c.empty(4, HID))
     t.bad("shared_out misaligned", "shared_out must be 16-byte aligned", shared=2,
           shared_out=c.misaligned(N_TOK, HID))
+    t.bad("shared_out is out", "shared_out must not overlap out (the combine writes both)", shared=2,
+          shared_out=t.base["out"])
+    t.bad("out missing", "out is required (the combined rows) unless combine = false", out=None)
+    t.bad("combine off with out", "out and shared_out are the combine's: with combine = false pass neither",
+          combine=False)
+    t.bad("combine off on the pointer-array pipeline", "combine = false needs the contiguous pipeline",
+          combine=False, out=None, contiguous=False)
+    t.type_error("combine is a string", "combine='no'", combine="no")
     shared_bytes = int(c.lib.moe_fp8_workspace_bytes(N_TOK, TOPK + 2, HID, MOE_I, EXP, c.idx, True))
     t.bad("workspace without the shared rows", f"workspace has {nbytes} bytes, expected at least {shared_bytes}",
           shared=2, shared_out=sh_out)
@@ -1217,6 +1308,8 @@ BUILDERS = {
     "moe_plan": moe_plan_table,
     "moe_fp8_workspace_bytes": moe_fp8_workspace_bytes_table,
     "moe_fp8": moe_fp8_table,
+    "moe_fp8_workspace_layout": moe_fp8_workspace_layout_table,
+    "ffn_residual_experts": ffn_residual_experts_table,
     "qkv_prep": qkv_prep_table,
     "attention_tile_shape": attention_tile_shape_table,
     "attention_forward": attention_forward_table,

@@ -560,6 +560,38 @@ def test_contiguous_pipeline_runs_the_dense_ffn_as_shared_experts(shared_layer, 
     assert_fp8_error_vs_fp32(mlp, ops.gated_mlp(xm, gate, up, down), FP32_TOL_TWO_QUANTS, "dense MLP vs fp32")
 
 
+@pytest.mark.parametrize("n", [1, 7, 256])
+def test_contiguous_pipeline_rows_feed_the_residual_kernel_exactly(shared_layer, n):
+    """moe_fp8(combine=False) leaves the rows unsummed; ExpertRows.tensors() and the residual kernel that sums them
+    itself (ffn_residual_experts, with and without the next GEMM's FP8 input) give exactly the combine's branches and
+    the two-launch residual; a later moe_fp8 on the stream invalidates the rows (refused, not read stale)."""
+    from dgemma.ops import cuda
+
+    layer, _ = shared_layer
+    sh = layer.shared_experts
+    g = torch.Generator(device="cuda").manual_seed(80 + n)
+    x = (torch.randn(n, H, device="cuda", generator=g) * 3).bfloat16()
+    ids, weights = random_routing(n, seed=81)
+    w = [(torch.rand(H, device="cuda", generator=g) + 0.5).bfloat16() for _ in range(5)]
+    scalar = torch.tensor([0.7], device="cuda").bfloat16()
+    kw = dict(norm=w[0], shared_norm=w[1], eps=1e-6, shared=sh.shared)
+    moe, mlp = (t.clone() for t in cuda_moe.moe_fp8(x, ids, weights, sh.stack_gate_up, sh.stack_down, **kw))
+    resid = torch.randn(n, H, device="cuda", generator=g).bfloat16()
+    plain = cuda.residual_norm(resid, mlp, w[2], 1e-6, moe, w[3], w[4], scalar)
+    plain_q = cuda.residual_norm_fp8(resid, mlp, w[2], 1e-6, w[0], moe, w[3], w[4], scalar)
+    rows = cuda_moe.moe_fp8(x, ids, weights, sh.stack_gate_up, sh.stack_down, combine=False, **kw)
+    assert isinstance(rows, cuda_moe.ExpertRows)
+    mlp_t, moe_t = rows.tensors()
+    assert torch.equal(mlp_t, mlp) and torch.equal(moe_t, moe)
+    assert torch.equal(cuda.ffn_residual_experts(resid, rows, w[2], w[3], w[4], scalar, 1e-6), plain)
+    fused, q = cuda.ffn_residual_experts(resid, rows, w[2], w[3], w[4], scalar, 1e-6, w[0])
+    assert torch.equal(fused, plain_q[0])
+    assert torch.equal(q.q.view(torch.uint8), plain_q[1].q.view(torch.uint8)) and torch.equal(q.scale, plain_q[1].scale)
+    cuda_moe.moe_fp8(x, ids, weights, sh.stack_gate_up, sh.stack_down, **kw)
+    with pytest.raises(RuntimeError, match="overwritten by a later moe_fp8"):
+        cuda.ffn_residual_experts(resid, rows, w[2], w[3], w[4], scalar, 1e-6)
+
+
 def test_moe_fp8_validates_arguments(experts):
     gate_up, down = experts
     x = tokens(4, seed=1)

@@ -10,7 +10,7 @@ import torch
 import moe_reference as mref
 from dgemma import quant
 from dgemma.ops.cuda_moe import share_dense_mlp
-from dgemma.quant import Fp8Weight, quantize_weight
+from dgemma.quant import Fp8Weight, quantize_weight, rows_adjacent
 from dgemma.random_checkpoint import random_engine
 from dgemma.weights import named_tensors
 
@@ -64,6 +64,9 @@ def test_sharing_keeps_every_weight_and_the_model_unchanged():
             assert torch.equal(sh.down.scale[c], down.scale)
         for new, old in zip(lw.mlp_weights(), (gate, up, down)):
             assert _same(new, old)
+        # Reassembled once and kept, gate/up adjacent (one GEMM on a path that runs the MLP apart).
+        assert lw.mlp_weights()[0] is lw.mlp_weights()[0]
+        assert rows_adjacent(lw.mlp_weights()[0], lw.mlp_weights()[1])
     # Counted once (the stacks are derived; the experts' views and the pieces are what the engine holds): only the
     # dense down rows' fp32 scales are held once per piece.
     repeated_scales = (pieces - 1) * cfg.hidden_size * 4 * len(originals)
@@ -122,3 +125,29 @@ def test_the_dense_mlp_is_the_sum_of_its_pieces():
     assert mref.rel_err(mlp, one_quant) <= 6e-2
     exact = mref.moe_fp8_contiguous(xb, ids, weights, layer.experts_gate_up, layer.experts_down)
     assert torch.equal(routed, exact)  # the shared experts add nothing to the routed sum
+
+
+def test_expert_rows_sum_like_the_combine():
+    """ExpertRows.tensors() (the fallback of the CUDA backend's unsummed expert rows): per token, the routed slots'
+    rows and the shared slots' rows each summed in slot order in fp32 and rounded once; a slot without a row (-1)
+    adds nothing."""
+    from dgemma.ops.cuda_moe import ExpertRows
+
+    g = torch.Generator().manual_seed(4)
+    down = torch.randn(30, 16, generator=g).bfloat16()
+    row_of = torch.randperm(30, generator=g)[:4 * 5].view(4, 5).int()
+    row_of[2, 0] = -1
+    rows = ExpertRows(down, row_of, 3, (2, 2), None, None)
+    mlp, moe = rows.tensors()
+    assert mlp.shape == moe.shape == (2, 2, 16) and mlp.dtype == moe.dtype == torch.bfloat16
+    for t in range(4):
+        routed, shared = torch.zeros(16), torch.zeros(16)
+        for k in range(5):
+            r = int(row_of[t, k])
+            if r < 0:
+                continue
+            if k < 3:
+                routed = routed + down[r].float()
+            else:
+                shared = shared + down[r].float()
+        assert torch.equal(moe.view(4, 16)[t], routed.bfloat16()) and torch.equal(mlp.view(4, 16)[t], shared.bfloat16())

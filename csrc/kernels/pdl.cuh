@@ -13,9 +13,9 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <utility>
 
 namespace dgemma::kernels {
 
@@ -27,33 +27,57 @@ __device__ __forceinline__ void pdl_begin() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
-// Whether dgemma's launches carry the PDL attribute (DGEMMA_PDL=1).
+// Set when a launch with the PDL attribute failed and the same launch without it succeeded (e.g. a stream that does
+// not take it): from then on this process launches without it.
+inline std::atomic<bool>& pdl_refused() {
+  static std::atomic<bool> refused{false};
+  return refused;
+}
+
+// Whether dgemma's launches carry the PDL attribute (DGEMMA_PDL=1, and not refused).
 inline bool pdl_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("DGEMMA_PDL");
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
-  return on;
+  return on && !pdl_refused().load(std::memory_order_relaxed);
+}
+
+// Runs launch(with_pdl) with the attribute when enabled; if that fails and the launch without it succeeds, PDL is
+// refused for the rest of the process. Returns the error of the last try (cleared from the runtime's error state).
+template <typename Launch>
+cudaError_t launch_with_pdl_fallback(Launch&& launch) {
+  const bool pdl = pdl_enabled();
+  cudaError_t err = launch(pdl);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  if (err != cudaSuccess && pdl) {
+    err = launch(false);
+    if (err != cudaSuccess)
+      (void)cudaGetLastError();
+    else
+      pdl_refused().store(true, std::memory_order_relaxed);
+  }
+  return err;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl_enabled(). Returns the launch's
 // error (and clears it, so that it is reported once).
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                          Args&&... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
-  if (err != cudaSuccess) (void)cudaGetLastError();
-  return err;
+                          const Args&... args) {
+  return launch_with_pdl_fallback([&](bool pdl) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
+  });
 }
 
 }  // namespace dgemma::kernels

@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/fp8_epilogue.cuh"
+#include "kernels/fp8_quant.cuh"
 #include "kernels/pdl.cuh"
 #include "kernels/rms_norm.cuh"
 
@@ -80,6 +82,51 @@ __device__ __forceinline__ float add_norm_value(const T* __restrict__ xr, const 
   return to_float(from_float<T>(__fadd_rn(to_float(xr[i]), n)));
 }
 
+// The feed-forward branches straight from the expert pipeline, before its combine (moe_dispatch.cuh, the shared
+// experts' layout): `down` [*, dim] bf16 holds each (token, slot) row's scaled and weighted output and row_of
+// [rows, slots] its row (-1: none). Row t of the dense MLP's branch (the kernel's `a`) is the sum of slots
+// [top_k, slots), of the experts' branch (`b`) the sum of slots [0, top_k), each in slot order in fp32 rounded once
+// to bf16: the values moe_combine_kernel would store. dim % 8 == 0, 16-byte aligned rows.
+struct ExpertBranches {
+  const __nv_bfloat16* down = nullptr;
+  const int32_t* row_of = nullptr;
+  int slots = 0;
+  int top_k = 0;
+};
+
+// Dynamic shared memory of the residual kernel with expert branches: both branch rows of each warp, in bf16.
+inline size_t expert_branches_smem_bytes(int dim) {
+  return static_cast<size_t>(kRmsNormWarpsPerBlock) * 2 * static_cast<size_t>(dim) * sizeof(__nv_bfloat16);
+}
+constexpr int kExpertBranchesMaxDim = 3072;  // 48 KiB of shared memory per block
+
+// One warp: row `row`'s two branches into mlp[0, dim) and moe[0, dim) (shared memory).
+__device__ __forceinline__ void gather_expert_branches(const ExpertBranches& eb, int64_t row, int dim, int lane,
+                                                       __nv_bfloat16* mlp, __nv_bfloat16* moe) {
+  const int32_t* ro = eb.row_of + row * eb.slots;
+  for (int c = 8 * lane; c < dim; c += 8 * 32) {
+    float acc_mlp[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float acc_moe[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < eb.slots; ++k) {
+      const int r = ro[k];
+      if (r < 0) continue;
+      float v[8];
+      load_bf16x8(eb.down + static_cast<int64_t>(r) * dim + c, v);
+      const bool routed = k < eb.top_k;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (routed)
+          acc_moe[i] += v[i];
+        else
+          acc_mlp[i] += v[i];
+      }
+    }
+    store_bf16x8(mlp + c, acc_mlp);
+    store_bf16x8(moe + c, acc_moe);
+  }
+  __syncwarp();
+}
+
 // rows x dim; every tensor's rows `dim` apart except where a stride is given. `b`, `wb`, `wc` and `scalar`
 // are null for add_rms_norm (then `a` is y and `wa` is w).
 template <typename T>
@@ -87,23 +134,32 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
     residual_norm_kernel(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ b,
                          const T* __restrict__ wa, const T* __restrict__ wb, const T* __restrict__ wc,
                          const T* __restrict__ scalar, T* __restrict__ out, int64_t rows, int dim, float eps,
-                         ResidualQuant<T> quant) {
+                         ResidualQuant<T> quant, ExpertBranches eb) {
   pdl_begin();
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRmsNormWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= rows) return;
   const int64_t off = row * dim;
   const T* xr = x + off;
-  const T* ar = a + off;
+  const T* ar = a != nullptr ? a + off : nullptr;
+  const T* br = b != nullptr ? b + off : nullptr;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (eb.down != nullptr) {  // the branches from the expert pipeline (a and b unused)
+      extern __shared__ __align__(16) unsigned char branch_smem[];
+      T* mlp = reinterpret_cast<T*>(branch_smem) + static_cast<int64_t>(threadIdx.x >> 5) * 2 * dim;
+      gather_expert_branches(eb, row, dim, lane, mlp, mlp + dim);
+      ar = mlp;
+      br = mlp + dim;
+    }
+  }
   T* outr = out + off;
   const float ra = row_inv_rms(ar, dim, eps, lane);
-  if (b == nullptr) {
+  if (br == nullptr) {
     // The stored value of element i (recomputed by the quantising passes, never read back from out).
     auto out_at = [&](int i) { return add_norm_value(xr, ar, wa, ra, i); };
     store_and_quantize(out_at, outr, dim, eps, lane, row, quant);
     return;
   }
-  const T* br = b + off;
   const float rb = row_inv_rms(br, dim, eps, lane);
   auto sum_at = [&](int i) {
     const float na = rounded<T>(__fmul_rn(__fmul_rn(to_float(ar[i]), ra), to_float(wa[i])));
@@ -124,14 +180,16 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   store_and_quantize(out_at, outr, dim, eps, lane, row, quant);
 }
 
+// eb (bf16, the ffn form with wb, wc and scalar given): the branches come from the expert pipeline and a, b are null.
 template <typename T>
 cudaError_t residual_norm(const T* x, const T* a, const T* b, const T* wa, const T* wb, const T* wc,
                           const T* scalar, T* out, int64_t rows, int dim, float eps, cudaStream_t stream,
-                          ResidualQuant<T> quant = {}) {
+                          ResidualQuant<T> quant = {}, ExpertBranches eb = {}) {
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = (rows + kRmsNormWarpsPerBlock - 1) / kRmsNormWarpsPerBlock;
-  return launch_kernel(residual_norm_kernel<T>, static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream,
-                       x, a, b, wa, wb, wc, scalar, out, rows, dim, eps, quant);
+  const size_t smem = eb.down != nullptr ? expert_branches_smem_bytes(dim) : 0;
+  return launch_kernel(residual_norm_kernel<T>, static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, smem,
+                       stream, x, a, b, wa, wb, wc, scalar, out, rows, dim, eps, quant, eb);
 }
 
 }  // namespace dgemma::kernels

@@ -133,8 +133,10 @@ cudaError_t run_cutlass(const typename G::Gemm::Arguments& args, void* workspace
   if (G::Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess)
     return cudaErrorInvalidConfiguration;
   typename G::Kernel::Params params = G::Kernel::to_underlying_arguments(args, workspace);
-  if (G::Gemm::run(params, stream, nullptr, pdl_enabled()) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
-  return cudaGetLastError();
+  return launch_with_pdl_fallback([&](bool pdl) {
+    return G::Gemm::run(params, stream, nullptr, pdl) == cutlass::Status::kSuccess ? cudaGetLastError()
+                                                                                    : cudaErrorLaunchFailure;
+  });
 }
 
 }  // namespace dgemma::kernels

@@ -45,8 +45,9 @@ struct ContiguousSchedulerParams : PersistentSm90::Params {
 
 // Work tiles (weight tile m, token tile n, expert tile_expert[n]) for n < *num_tiles, in the order
 // idx = n * tiles_m + m, strided over the persistent grid.
-// NOTE: the table and count are read when a CTA starts: the kernel must not overlap the plan that writes them
-// (it is launched without programmatic dependent launch).
+// NOTE: the table and count come from the plan, two kernels earlier; under programmatic dependent launch
+// (kernels/pdl.cuh) a CTA may start before they are written, so initial_work_tile_info waits (pdl_wait) before the
+// first read: keep that wait.
 class ContiguousScheduler : public PersistentSm90 {
   using Base = PersistentSm90;
   using BaseArguments = PersistentSm90::Arguments;

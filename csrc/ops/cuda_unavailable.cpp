@@ -12,5 +12,10 @@ void residual_norm(const TensorArg&, const TensorArg&, const TensorArg*, const T
                    const TensorArg*, const TensorArg*) {
   cuda_unavailable("residual_norm");
 }
+void ffn_residual_experts(const TensorArg&, const TensorArg&, const TensorArg&, int, const TensorArg&, const TensorArg&,
+                          const TensorArg&, const TensorArg&, const TensorArg&, double, std::uintptr_t, const TensorArg*,
+                          const TensorArg*, const TensorArg*) {
+  cuda_unavailable("ffn_residual_experts");
+}
 
 }  // namespace dgemma

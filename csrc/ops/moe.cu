@@ -106,18 +106,18 @@ struct MoeBuffers {
   size_t gemm1_bytes, gemm2_bytes, total;
 };
 
-MoeBuffers moe_buffers(void* base, int64_t tokens, int top_k, int hidden, int inter, int experts, int sms, int device,
+MoeBuffers moe_buffers(void* base, int64_t tokens, int slots, int hidden, int inter, int experts, int sms, int device,
                        bool contiguous) {
   MoeBuffers b{};
   b.contiguous = contiguous;
-  const int64_t routed = tokens * top_k;
+  const int64_t routed = tokens * slots;  // slots: top_k routed + the shared experts, per token
   int64_t rows = routed;
   if (contiguous) {
     b.moe_tile = moe_tile_override() != 0 ? moe_tile_override() : kernels::choose_moe_gemm_tile(routed, experts);
     rows = (routed + static_cast<int64_t>(experts) * (b.moe_tile - 1) + b.moe_tile - 1) / b.moe_tile * b.moe_tile;
     if (rows >= (int64_t(1) << 31))
-      ::dgemma::throw_invalid("moe_fp8: " + std::to_string(tokens) + " tokens x top_k " + std::to_string(top_k) +
-                              " routed rows (with padding) exceed 2^31");
+      ::dgemma::throw_invalid("moe_fp8: " + std::to_string(tokens) + " tokens x " + std::to_string(slots) +
+                              " slots (routed and shared) with padding exceed 2^31 rows");
   } else {
     b.group_tile = kernels::choose_fp8_gemm_tile(routed, experts, false);
   }
@@ -223,7 +223,7 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
     check_same_device(x, *residual_out);
     check_matrix(*residual_out, DType::kBFloat16, tokens, hidden, "tokens", "hidden");
     for (const TensorArg* t : {residual_y, residual_out}) check_aligned(*t, 16);
-    if (residual_out->data == x.data || residual_out->data == residual_y->data)
+    if (moe_detail::overlaps(*residual_out, x) || moe_detail::overlaps(*residual_out, *residual_y))
       ::dgemma::throw_invalid("residual_out must not alias x or residual_y (other rows still read them)");
     res.y = static_cast<const __nv_bfloat16*>(residual_y->data);
     res.w = static_cast<const __nv_bfloat16*>(residual_w->data);
@@ -297,10 +297,20 @@ size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter,
       .total;
 }
 
+MoeWorkspaceLayout moe_fp8_workspace_layout(int64_t tokens, int slots, int hidden, int inter, int experts, int device) {
+  if (tokens < 0 || slots < 1 || hidden < 1 || inter < 1 || experts < 1)
+    ::dgemma::throw_invalid("moe_fp8_workspace_layout: sizes must be positive (tokens may be 0)");
+  // A stand-in base: the buffers' pointers minus it are their byte offsets (nothing is dereferenced).
+  char* const base = reinterpret_cast<char*>(uintptr_t(1) << 20);
+  const MoeBuffers b = moe_buffers(base, tokens, slots, hidden, inter, experts, moe_detail::sm_count(device), device,
+                                   true);
+  return {reinterpret_cast<char*>(b.down) - base, b.rows, reinterpret_cast<char*>(b.row_of) - base};
+}
+
 void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights, const TensorArg& gate_up_q,
-             const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg& out,
+             const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg* out,
              const TensorArg& workspace, std::uintptr_t stream, bool contiguous, const TensorArg* norm, double eps,
-             int shared, const TensorArg* shared_norm, const TensorArg* shared_out) {
+             int shared, const TensorArg* shared_norm, const TensorArg* shared_out, bool combine) {
   check_matrix(x, DType::kBFloat16, -1, -1, "tokens", "hidden");
   const int64_t tokens = x.shape[0], hidden = x.shape[1];
   if (norm != nullptr) {
@@ -329,9 +339,17 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   if (shared > kMaxSharedExperts)
     ::dgemma::throw_invalid("shared is " + std::to_string(shared) + ", expected at most " +
                             std::to_string(kMaxSharedExperts));
-  if ((shared > 0) != (shared_out != nullptr))
-    ::dgemma::throw_invalid(shared > 0 ? "shared experts need shared_out (their sum per token)"
-                                       : "shared_out is given but shared is 0");
+  if (!combine) {
+    if (!contiguous) ::dgemma::throw_invalid("combine = false needs the contiguous pipeline (contiguous = true)");
+    if (out != nullptr || shared_out != nullptr)
+      ::dgemma::throw_invalid("out and shared_out are the combine's: with combine = false pass neither (the rows stay "
+                              "in the workspace, see moe_fp8_workspace_layout)");
+  } else {
+    if (out == nullptr) ::dgemma::throw_invalid("out is required (the combined rows) unless combine = false");
+    if ((shared > 0) != (shared_out != nullptr))
+      ::dgemma::throw_invalid(shared > 0 ? "shared experts need shared_out (their sum per token)"
+                                         : "shared_out is given but shared is 0");
+  }
   if (shared_norm != nullptr && (shared == 0 || norm == nullptr))
     ::dgemma::throw_invalid("shared_norm is given without norm and shared experts (shared > 0)");
   if (shared > 0 && norm != nullptr && shared_norm == nullptr)
@@ -341,6 +359,8 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
     check_same_device(x, *shared_out);
     check_matrix(*shared_out, DType::kBFloat16, tokens, hidden, "tokens", "hidden");
     check_aligned(*shared_out, 16);
+    if (out != nullptr && moe_detail::overlaps(*shared_out, *out))
+      ::dgemma::throw_invalid("shared_out must not overlap out (the combine writes both)");
   }
   const kernels::GatherNorm gather_norm{
       norm != nullptr, norm != nullptr ? static_cast<const __nv_bfloat16*>(norm->data) : nullptr,
@@ -368,9 +388,12 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   check_dim(down_q, 2, inter, "intermediate");
   check_same_device(x, down_scale);
   check_matrix(down_scale, DType::kFloat32, experts, hidden, "experts", "hidden");
-  check_same_device(x, out);
-  check_matrix(out, DType::kBFloat16, tokens, hidden, "tokens", "hidden");
-  for (const TensorArg* t : {&x, &out, &gate_up_q, &down_q, &gate_up_scale, &down_scale}) check_aligned(*t, 16);
+  if (out != nullptr) {
+    check_same_device(x, *out);
+    check_matrix(*out, DType::kBFloat16, tokens, hidden, "tokens", "hidden");
+  }
+  for (const TensorArg* t : {&x, out, &gate_up_q, &down_q, &gate_up_scale, &down_scale})
+    if (t != nullptr) check_aligned(*t, 16);
 
   throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
   const int sms = moe_detail::sm_count(x.device);
@@ -424,8 +447,9 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
     g2.ldo = hidden;
     throw_if_failed(kernels::sm90_moe_gemm(b.moe_tile, g2, b.gemm2, b.gemm2_bytes, sms, x.device, s),
                     "expert GEMM down");
+    if (!combine) return;  // the caller reads b.down / b.row_of (moe_fp8_workspace_layout)
     throw_if_failed(kernels::moe_combine(b.down, nullptr, nullptr, idp, nullptr, b.row_of, tokens, H, slots,
-                                         static_cast<__nv_bfloat16*>(out.data), hidden, s,
+                                         static_cast<__nv_bfloat16*>(out->data), hidden, s,
                                          shared_out != nullptr ? static_cast<__nv_bfloat16*>(shared_out->data) : nullptr,
                                          top_k),
                     "moe_combine launch");
@@ -466,7 +490,7 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
                   "grouped GEMM down");
   throw_if_failed(kernels::moe_combine(b.down, b.h_scale, static_cast<const float*>(down_scale.data), idp,
                                        static_cast<const float*>(weights.data), b.row_of, tokens, H, top_k,
-                                       static_cast<__nv_bfloat16*>(out.data), hidden, s),
+                                       static_cast<__nv_bfloat16*>(out->data), hidden, s),
                   "moe_combine launch");
 }
 

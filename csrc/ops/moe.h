@@ -49,11 +49,23 @@ size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter,
 // experts), their sum goes to shared_out [tokens, hidden] bf16, and with norm they see rms_norm(x) * shared_norm.
 // The workspace is then moe_fp8_workspace_bytes(tokens, top_k + shared, ..., experts (all), ...).
 constexpr int kMaxSharedExperts = 16;
+// combine = false (contiguous only; out and shared_out then null): the pipeline stops before its combine and leaves
+// each (token, slot) row's scaled, weighted output in the workspace, where moe_fp8_workspace_layout says (read by
+// ffn_residual_experts, ops/norm.h).
 void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights, const TensorArg& gate_up_q,
-             const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg& out,
+             const TensorArg& gate_up_scale, const TensorArg& down_q, const TensorArg& down_scale, const TensorArg* out,
              const TensorArg& workspace, std::uintptr_t stream, bool contiguous = true, const TensorArg* norm = nullptr,
              double eps = 1e-6, int shared = 0, const TensorArg* shared_norm = nullptr,
-             const TensorArg* shared_out = nullptr);
+             const TensorArg* shared_out = nullptr, bool combine = true);
+
+// Where the contiguous pipeline (slots = top_k + shared per token) leaves its rows in the workspace: the down
+// projection's rows [rows, hidden] bf16 at byte offset down_offset, row_of [tokens, slots] int32 at row_of_offset.
+struct MoeWorkspaceLayout {
+  int64_t down_offset;
+  int64_t rows;
+  int64_t row_of_offset;
+};
+MoeWorkspaceLayout moe_fp8_workspace_layout(int64_t tokens, int slots, int hidden, int inter, int experts, int device);
 
 // Per-row FP8 quantisation: x [rows, cols] bf16 -> q [rows, cols] float8_e4m3fn, scale [rows] fp32.
 void fp8_quantize_rows(const TensorArg& x, const TensorArg& q, const TensorArg& scale, std::uintptr_t stream);

@@ -67,23 +67,33 @@ void register_moe(py::module_& m) {
       "moe_fp8",
       [](py::handle x, py::handle ids, py::handle weights, py::handle gate_up_q, py::handle gate_up_scale,
          py::handle down_q, py::handle down_scale, py::handle out, py::handle workspace, std::uintptr_t stream,
-         bool contiguous, py::handle norm, double eps, int shared, py::handle shared_norm, py::handle shared_out) {
-        TensorArg norm_slot, shared_norm_slot, shared_out_slot;
+         bool contiguous, py::handle norm, double eps, int shared, py::handle shared_norm, py::handle shared_out,
+         bool combine) {
+        TensorArg out_slot, norm_slot, shared_norm_slot, shared_out_slot;
         moe_fp8(to_arg(x, "x"), to_arg(ids, "ids"), to_arg(weights, "weights"), to_arg(gate_up_q, "gate_up.q"),
                 to_arg(gate_up_scale, "gate_up.scale"), to_arg(down_q, "down.q"), to_arg(down_scale, "down.scale"),
-                to_arg(out, "out"), to_arg(workspace, "workspace"), stream, contiguous,
+                optional_arg(out, "out", out_slot), to_arg(workspace, "workspace"), stream, contiguous,
                 optional_arg(norm, "norm", norm_slot), eps, shared,
                 optional_arg(shared_norm, "shared_norm", shared_norm_slot),
-                optional_arg(shared_out, "shared_out", shared_out_slot));
+                optional_arg(shared_out, "shared_out", shared_out_slot), combine);
       },
       py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("gate_up_q"), py::arg("gate_up_scale"),
       py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
       py::arg("contiguous") = true, py::arg("norm") = py::none(), py::arg("eps") = 1e-6, py::arg("shared") = 0,
-      py::arg("shared_norm") = py::none(), py::arg("shared_out") = py::none(),
+      py::arg("shared_norm") = py::none(), py::arg("shared_out") = py::none(), py::arg("combine") = true,
       "Routed experts in FP8. contiguous: one persistent GEMM per projection over a tile-padded layout (default); "
       "False: the pointer-array grouped GEMM. norm: the experts see rms_norm(x) * norm (fused into the gather). "
       "shared: the last `shared` experts are visited by every token (weight 1), summed into shared_out, normed "
-      "with shared_norm.");
+      "with shared_norm. combine=False: stop before the combine (out, shared_out None); the rows stay in the "
+      "workspace (moe_fp8_workspace_layout) for ffn_residual_experts.");
+  m.def(
+      "moe_fp8_workspace_layout",
+      [](int64_t tokens, int slots, int hidden, int inter, int experts, int device) {
+        const MoeWorkspaceLayout l = moe_fp8_workspace_layout(tokens, slots, hidden, inter, experts, device);
+        return py::make_tuple(l.down_offset, l.rows, l.row_of_offset);
+      },
+      py::arg("tokens"), py::arg("slots"), py::arg("hidden"), py::arg("inter"), py::arg("experts"), py::arg("device"),
+      "(down byte offset, rows, row_of byte offset) of the contiguous pipeline's rows in its workspace.");
   m.def(
       "fp8_quantize_rows",
       [](py::handle x, py::handle q, py::handle scale, std::uintptr_t stream) {
@@ -149,11 +159,15 @@ void register_moe(py::module_& m) {
   m.def(
       "moe_fp8",
       [](py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
-         std::uintptr_t, bool, py::handle, double, int, py::handle, py::handle) { cuda_unavailable("moe_fp8"); },
+         std::uintptr_t, bool, py::handle, double, int, py::handle, py::handle, bool) { cuda_unavailable("moe_fp8"); },
       py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("gate_up_q"), py::arg("gate_up_scale"),
       py::arg("down_q"), py::arg("down_scale"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
       py::arg("contiguous") = true, py::arg("norm") = py::none(), py::arg("eps") = 1e-6, py::arg("shared") = 0,
-      py::arg("shared_norm") = py::none(), py::arg("shared_out") = py::none());
+      py::arg("shared_norm") = py::none(), py::arg("shared_out") = py::none(), py::arg("combine") = true);
+  m.def(
+      "moe_fp8_workspace_layout",
+      [](int64_t, int, int, int, int, int) -> py::tuple { cuda_unavailable("moe_fp8_workspace_layout"); },
+      py::arg("tokens"), py::arg("slots"), py::arg("hidden"), py::arg("inter"), py::arg("experts"), py::arg("device"));
   m.def(
       "fp8_quantize_rows", [](py::handle, py::handle, py::handle, std::uintptr_t) { cuda_unavailable("fp8_quantize_rows"); },
       py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("stream"));

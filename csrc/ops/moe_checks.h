@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "ops/tensor_arg.h"
 
@@ -29,6 +30,31 @@ inline void check_matrix(const TensorArg& t, DType dtype, int64_t d0, int64_t d1
 inline void check_aligned(const TensorArg& t, size_t bytes) {
   if (reinterpret_cast<std::uintptr_t>(t.data) % bytes != 0)
     ::dgemma::throw_invalid(t.name + " must be " + std::to_string(bytes) + "-byte aligned");
+}
+
+inline int64_t element_bytes(DType d) {
+  switch (d) {
+    case DType::kFloat32: case DType::kInt32: return 4;
+    case DType::kBFloat16: case DType::kFloat16: return 2;
+    case DType::kInt64: return 8;
+    default: return 1;
+  }
+}
+
+// Whether two tensors' memory ranges (first to last element; contiguous or not) share any byte.
+inline bool overlaps(const TensorArg& a, const TensorArg& b) {
+  auto span = [](const TensorArg& t) {
+    const char* lo = static_cast<const char*>(t.data);
+    int64_t last = 0;
+    for (size_t i = 0; i < t.shape.size(); ++i) {
+      if (t.shape[i] == 0) return std::make_pair(lo, lo);
+      last += (t.shape[i] - 1) * t.strides[i];
+    }
+    return std::make_pair(lo, lo + (last + 1) * element_bytes(t.dtype));
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
 }
 
 inline void check_multiple(int64_t v, int64_t m, const std::string& what) {

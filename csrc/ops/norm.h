@@ -28,4 +28,15 @@ void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, c
                    double eps, std::uintptr_t stream, const TensorArg* q_weight = nullptr,
                    const TensorArg* q = nullptr, const TensorArg* q_scale = nullptr);
 
+// The ffn form of residual_norm (bfloat16) with its two branches read from the expert pipeline before its combine
+// (moe_fp8(combine=false), the dense MLP as shared experts): down [*, d] bf16 holds each (token, slot) row's output,
+// row_of [rows, slots] int32 its row (-1: none); a = the sum of slots [top_k, slots) (the dense MLP), b = the sum of
+// slots [0, top_k) (the experts), each in slot order in fp32 rounded to bf16 as the combine would. d % 8 == 0,
+// d <= 3072. q, q_scale, q_weight as in residual_norm.
+void ffn_residual_experts(const TensorArg& x, const TensorArg& down, const TensorArg& row_of, int top_k,
+                          const TensorArg& w_mlp, const TensorArg& w_moe, const TensorArg& w_ff,
+                          const TensorArg& scalar, const TensorArg& out, double eps, std::uintptr_t stream,
+                          const TensorArg* q_weight = nullptr, const TensorArg* q = nullptr,
+                          const TensorArg* q_scale = nullptr);
+
 }  // namespace dgemma

@@ -3,6 +3,7 @@
 
 #include "kernels/residual_norm.cuh"
 #include "kernels/rms_norm.cuh"
+#include "ops/moe_checks.h"
 #include "ops/norm.h"
 
 namespace dgemma {
@@ -131,24 +132,19 @@ void rms_norm_fp8(const TensorArg& x, const TensorArg* weight, const TensorArg& 
 }
 
 
-void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, const TensorArg& wa,
-                   const TensorArg* wb, const TensorArg* wc, const TensorArg* scalar, const TensorArg& out,
-                   double eps, std::uintptr_t stream, const TensorArg* q_weight, const TensorArg* q,
-                   const TensorArg* q_scale) {
-  check_cuda(x);
-  if (x.dtype != DType::kFloat32 && x.dtype != DType::kBFloat16)
-    ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) + ", expected float32 or bfloat16");
-  if (x.shape.empty()) ::dgemma::throw_invalid(x.name + " must have at least one dimension");
-  check_contiguous(x);
-  check_like(a, x);
-  check_like(out, x);
-  const int64_t dim = normalised_dim(x, eps);
+namespace {
+
+// Both residual launchers: checks everything but the branch inputs (a, b or the expert rows), then launches.
+void launch_residual(const TensorArg& x, const TensorArg* a, const TensorArg* b, const TensorArg& wa,
+                     const TensorArg* wb, const TensorArg* wc, const TensorArg* scalar, const TensorArg& out,
+                     double eps, std::uintptr_t stream, const TensorArg* q_weight, const TensorArg* q,
+                     const TensorArg* q_scale, const kernels::ExpertBranches& eb, int64_t dim) {
   check_norm_weight(wa, x, dim);
-  const bool ffn = b != nullptr;
+  const bool ffn = b != nullptr || eb.down != nullptr;
   if (ffn != (wb != nullptr) || ffn != (wc != nullptr) || ffn != (scalar != nullptr))
     ::dgemma::throw_invalid("b, wb, wc and scalar must be given together (or none of them)");
   if (ffn) {
-    check_like(*b, x);
+    if (b != nullptr) check_like(*b, x);
     check_norm_weight(*wb, x, dim);
     check_norm_weight(*wc, x, dim);
     check_cuda(*scalar);
@@ -177,15 +173,76 @@ void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, c
       quant.q = static_cast<uint8_t*>(q->data);
       quant.scale = static_cast<float*>(q_scale->data);
     }
-    throw_if_failed(kernels::residual_norm<T>(p(&x), p(&a), p(b), p(&wa), p(wb), p(wc), p(scalar),
+    throw_if_failed(kernels::residual_norm<T>(p(&x), p(a), p(b), p(&wa), p(wb), p(wc), p(scalar),
                                               static_cast<T*>(out.data), rows, static_cast<int>(dim),
-                                              static_cast<float>(eps), s, quant),
+                                              static_cast<float>(eps), s, quant, eb),
                     "residual_norm launch");
   };
   if (x.dtype == DType::kFloat32)
     launch(float{});
   else
     launch(__nv_bfloat16{});
+}
+
+// The residual stream x: float32 or bfloat16, at least one dimension, contiguous.
+void check_residual_stream(const TensorArg& x) {
+  check_cuda(x);
+  if (x.dtype != DType::kFloat32 && x.dtype != DType::kBFloat16)
+    ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) + ", expected float32 or bfloat16");
+  if (x.shape.empty()) ::dgemma::throw_invalid(x.name + " must have at least one dimension");
+  check_contiguous(x);
+}
+
+}  // namespace
+
+void residual_norm(const TensorArg& x, const TensorArg& a, const TensorArg* b, const TensorArg& wa,
+                   const TensorArg* wb, const TensorArg* wc, const TensorArg* scalar, const TensorArg& out,
+                   double eps, std::uintptr_t stream, const TensorArg* q_weight, const TensorArg* q,
+                   const TensorArg* q_scale) {
+  check_residual_stream(x);
+  check_like(a, x);
+  check_like(out, x);
+  const int64_t dim = normalised_dim(x, eps);
+  launch_residual(x, &a, b, wa, wb, wc, scalar, out, eps, stream, q_weight, q, q_scale, {}, dim);
+}
+
+void ffn_residual_experts(const TensorArg& x, const TensorArg& down, const TensorArg& row_of, int top_k,
+                          const TensorArg& w_mlp, const TensorArg& w_moe, const TensorArg& w_ff,
+                          const TensorArg& scalar, const TensorArg& out, double eps, std::uintptr_t stream,
+                          const TensorArg* q_weight, const TensorArg* q, const TensorArg* q_scale) {
+  check_residual_stream(x);
+  check_like(out, x);
+  const int64_t dim = normalised_dim(x, eps);
+  if (x.dtype != DType::kBFloat16)
+    ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) + ", expected bfloat16 (the expert rows' dtype)");
+  if (dim % 8 != 0 || dim > kernels::kExpertBranchesMaxDim)
+    ::dgemma::throw_invalid(x.name + " last dimension is " + std::to_string(dim) + ", expected a multiple of 8 up to " +
+                            std::to_string(kernels::kExpertBranchesMaxDim));
+  const int64_t rows = x.numel() / dim;
+  check_cuda(down);
+  check_same_device(x, down);
+  check_dtype(down, DType::kBFloat16);
+  check_ndim(down, 2);
+  check_dim(down, 1, dim, "the normalised dimension");
+  check_contiguous(down);
+  moe_detail::check_aligned(down, 16);
+  check_cuda(row_of);
+  check_same_device(x, row_of);
+  check_dtype(row_of, DType::kInt32);
+  check_ndim(row_of, 2);
+  check_dim(row_of, 0, rows, "rows of x");
+  check_contiguous(row_of);
+  const int64_t slots = row_of.shape[1];
+  if (top_k < 1 || top_k >= slots)
+    ::dgemma::throw_invalid("top_k is " + std::to_string(top_k) + ", expected 1.." + std::to_string(slots - 1) +
+                            " (the routed slots of " + row_of.name + "'s " + std::to_string(slots) +
+                            "; the rest are the dense MLP's)");
+  kernels::ExpertBranches eb;
+  eb.down = static_cast<const __nv_bfloat16*>(down.data);
+  eb.row_of = static_cast<const int32_t*>(row_of.data);
+  eb.slots = static_cast<int>(slots);
+  eb.top_k = top_k;
+  launch_residual(x, nullptr, nullptr, w_mlp, &w_moe, &w_ff, &scalar, out, eps, stream, q_weight, q, q_scale, eb, dim);
 }
 
 }  // namespace dgemma

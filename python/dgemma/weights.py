@@ -226,21 +226,28 @@ class SharedExperts:
     down: object
     stack_gate_up: object = dataclass_field(repr=False, compare=False, metadata={"derived": True})
     stack_down: object = dataclass_field(repr=False, compare=False, metadata={"derived": True})
+    # The reassembled MLP, built on first use (a path that does not run the MLP among the experts) and kept.
+    reassembled: tuple | None = dataclass_field(default=None, repr=False, compare=False, metadata={"derived": True})
 
     @property
     def shared(self) -> int:
         return self.gate_up.q.shape[0]
 
     def dense(self) -> tuple:
-        """(gate, up, down) of the dense MLP, reassembled from the pieces (copies, bit-identical to the originals)."""
-        from .quant import Fp8Weight
+        """(gate, up, down) of the dense MLP, reassembled from the pieces (bit-identical to the originals; gate and
+        up as row views of one weight, so they stay one GEMM). Built once, then kept: a path that does not run the MLP
+        among the experts (a kernel switched off, activations the kernels do not take) holds it alongside."""
+        if self.reassembled is None:
+            from .quant import Fp8Weight, fuse_rows
 
-        inter = self.gate_up.q.shape[1] // 2
-        gu, d = self.gate_up, self.down
-        gate = Fp8Weight(gu.q[:, :inter].reshape(-1, gu.q.shape[2]), gu.scale[:, :inter].reshape(-1))
-        up = Fp8Weight(gu.q[:, inter:].reshape(-1, gu.q.shape[2]), gu.scale[:, inter:].reshape(-1))
-        down = Fp8Weight(d.q.permute(1, 0, 2).reshape(d.q.shape[1], -1), d.scale[0].clone())
-        return gate, up, down
+            inter = self.gate_up.q.shape[1] // 2
+            gu, d = self.gate_up, self.down
+            gate = Fp8Weight(gu.q[:, :inter].reshape(-1, gu.q.shape[2]), gu.scale[:, :inter].reshape(-1))
+            up = Fp8Weight(gu.q[:, inter:].reshape(-1, gu.q.shape[2]), gu.scale[:, inter:].reshape(-1))
+            down = Fp8Weight(d.q.permute(1, 0, 2).reshape(d.q.shape[1], -1), d.scale[0].clone())
+            gate, up = fuse_rows([gate, up])[1]
+            self.reassembled = (gate, up, down)
+        return self.reassembled
 
 
 @dataclass(slots=True)

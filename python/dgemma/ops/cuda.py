@@ -9,7 +9,7 @@ import torch
 from .. import _ext
 from ..quant import Fp8Rows, Fp8Weight, fuse_rows
 from . import cuda_attention, cuda_vocab_head
-from .cuda_moe import Fp8MoeOpsMixin, gated_mlp_fp8, linear_fp8, rms_norm_fp8, share_dense_mlp
+from .cuda_moe import ExpertRows, Fp8MoeOpsMixin, gated_mlp_fp8, linear_fp8, rms_norm_fp8, share_dense_mlp
 from .reference import ReferenceOps
 
 
@@ -57,6 +57,46 @@ def residual_norm_fp8(x, a, wa, eps, next_norm, b=None, wb=None, wc=None, scalar
     return out, Fp8Rows(q, scale, tuple(x.shape[:-1]))
 
 
+def ffn_residual_experts(x, rows: ExpertRows, w_mlp, w_moe, w_ff, scalar, eps, next_norm=None):
+    """The feed-forward residual (:func:`residual_norm`'s ffn form) with its two branches summed from the expert
+    pipeline's rows (:class:`~dgemma.ops.cuda_moe.ExpertRows`: the dense MLP's shared slots and the routed slots) in
+    the same kernel: no combine launch, the branches never stored. With ``next_norm`` also the next GEMM's FP8 input
+    (as :func:`residual_norm_fp8`). bf16 CUDA tensors, x contiguous."""
+    lib = _ext.require_cuda()
+    rows.check()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    stream = _ext.current_stream(x.device)
+    if next_norm is None:
+        lib.ffn_residual_experts(x, rows.down, rows.row_of, rows.top_k, w_mlp, w_moe, w_ff, scalar, out, float(eps),
+                                 stream)
+        return out
+    d = x.shape[-1]
+    n = x.numel() // d
+    q = torch.empty(n, d, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(n, dtype=torch.float32, device=x.device)
+    lib.ffn_residual_experts(x, rows.down, rows.row_of, rows.top_k, w_mlp, w_moe, w_ff, scalar, out, float(eps),
+                             stream, next_norm, q, scale)
+    return out, Fp8Rows(q, scale, tuple(x.shape[:-1]))
+
+
+# The residual kernel's limit on the hidden size when it sums the expert rows itself (kExpertBranchesMaxDim).
+_EXPERT_BRANCHES_MAX_DIM = 3072
+
+
+def _experts_residual_fits(x, rows, *weights) -> bool:
+    return (isinstance(rows, ExpertRows) and x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous()
+            and x.shape[-1] % 8 == 0 and x.shape[-1] <= _EXPERT_BRANCHES_MAX_DIM
+            and all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights)
+            and "residual_norm" not in _ext.disabled_kernels())
+
+
+def _branches(mlp, moe):
+    """(mlp, moe) as tensors: the expert pipeline's rows summed where they come as :class:`ExpertRows`."""
+    if isinstance(mlp, ExpertRows):
+        return mlp.tensors()
+    return mlp, moe
+
+
 def _fits_residual(x, *others) -> bool:
     return (x.is_cuda and x.dtype in (torch.float32, torch.bfloat16) and x.numel() > 0 and x.is_contiguous()
             and all(t.dtype == x.dtype and t.is_contiguous() for t in others))
@@ -82,6 +122,10 @@ class ResidualOpsMixin:
         return super().residual_mlp(x, y, weight, eps, mlp_norm, gate, up, down)
 
     def ffn_residual(self, x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps):
+        # mlp and moe may be the expert pipeline's rows (ExpertRows, from residual_ffn): summed in this kernel.
+        if _experts_residual_fits(x, mlp, w_mlp, w_moe, w_ff, scalar):
+            return ffn_residual_experts(x, mlp, w_mlp, w_moe, w_ff, scalar, eps)
+        mlp, moe = _branches(mlp, moe)
         if _fits_residual(x, mlp, moe, w_mlp, w_moe, w_ff, scalar) and mlp.shape == x.shape == moe.shape \
                 and "residual_norm" not in _ext.disabled_kernels():
             return residual_norm(x, mlp, w_mlp, eps, moe, w_moe, w_ff, scalar)
@@ -192,11 +236,15 @@ class QkvOpsMixin:
 
     def ffn_residual_qkv(self, x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps, next_norm, next_attn, head_dim):
         # The layer's last residual kernel also writes the next layer's q/k/v GEMM input (its input norm applied),
-        # where that projection runs the fused FP8 path.
-        if _fits_residual(x, mlp, moe, w_mlp, w_moe, w_ff, scalar) and mlp.shape == x.shape == moe.shape \
-                and x.dtype == torch.bfloat16 and next_norm.dtype == torch.bfloat16 \
-                and self._qkv_fits(x, next_attn, head_dim, x.dtype) and fuse_qkv(next_attn) is not None \
-                and not {"residual_norm", "norm_quant"} & _ext.disabled_kernels():
+        # where that projection runs the fused FP8 path; it sums the expert pipeline's rows itself when it gets them.
+        quantize = x.dtype == torch.bfloat16 and next_norm.dtype == torch.bfloat16 \
+            and self._qkv_fits(x, next_attn, head_dim, x.dtype) and fuse_qkv(next_attn) is not None \
+            and "norm_quant" not in _ext.disabled_kernels()
+        if quantize and _experts_residual_fits(x, mlp, w_mlp, w_moe, w_ff, scalar, next_norm):
+            return ffn_residual_experts(x, mlp, w_mlp, w_moe, w_ff, scalar, eps, next_norm)
+        mlp, moe = _branches(mlp, moe)
+        if quantize and _fits_residual(x, mlp, moe, w_mlp, w_moe, w_ff, scalar) and mlp.shape == x.shape == moe.shape \
+                and "residual_norm" not in _ext.disabled_kernels():
             return residual_norm_fp8(x, mlp, w_mlp, eps, next_norm, moe, w_moe, w_ff, scalar)
         return super().ffn_residual_qkv(x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps, next_norm, next_attn, head_dim)
 
@@ -231,7 +279,7 @@ class CudaOps(VocabHeadOpsMixin, QkvOpsMixin, AttentionOpsMixin, ResidualOpsMixi
     def prepare_weights(self, weights) -> None:
         # Projections of one input stacked into one FP8 weight (one GEMM each): q/k/v; the dense MLP as shared
         # experts of the expert stacks where it can be (else its gate/up as one weight).
-        share = "shared_experts" not in _ext.disabled_kernels()
+        share = not {"shared_experts", "fp8_dense", "fp8_moe", "moe_contiguous"} & _ext.disabled_kernels()
         for lw in weights.layers:
             fuse_qkv(lw.attn)
             if not (share and share_dense_mlp(lw)):

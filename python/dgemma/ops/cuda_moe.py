@@ -21,6 +21,8 @@ from .. import _ext
 from ..quant import Fp8Rows, Fp8Weight
 
 _workspaces: dict[tuple[torch.device, int], torch.Tensor] = {}
+# Uses of each cached workspace: ExpertRows remember the one that wrote them, to detect a later overwrite.
+_generations: dict[tuple[torch.device, int], int] = {}
 
 
 def _stream(device: torch.device) -> int:
@@ -45,6 +47,7 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     if torch.cuda.is_current_stream_capturing():
         return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
     key = (device, _ext.current_stream(device))
+    _generations[key] = _generations.get(key, 0) + 1  # whatever the previous user left there is gone
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < nbytes:
         ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
@@ -163,10 +166,50 @@ def plan(ids: torch.Tensor, num_experts: int, *,
     return offsets, row_of, row_expert
 
 
+class ExpertRows:
+    """The contiguous expert pipeline's output before its combine (:func:`moe_fp8` with ``combine=False``): ``down``
+    ``[rows, hidden]`` bf16 holds each (token, slot) row's scaled, weighted output and ``row_of`` ``[N, slots]`` int32
+    its row (-1: none); slots ``[0, top_k)`` are the routed experts', the rest the shared experts' (the dense MLP).
+    ``lead``: the leading shape of the tokens. Views of the pipeline's workspace: valid until the next
+    :func:`moe_fp8` on the same stream, which :meth:`check` tells (the residual kernel that consumes them runs
+    first in the model)."""
+
+    __slots__ = ("down", "row_of", "top_k", "lead", "_key", "_generation")
+
+    def __init__(self, down, row_of, top_k: int, lead: tuple[int, ...], key, generation: int | None):
+        self.down, self.row_of, self.top_k, self.lead = down, row_of, top_k, lead
+        self._key, self._generation = key, generation
+
+    def check(self) -> None:
+        if self._generation is not None and _generations.get(self._key) != self._generation:
+            raise RuntimeError("these expert rows were overwritten by a later moe_fp8 call on the same stream; "
+                               "consume them first")
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dense MLP branch, experts branch) ``[*lead, hidden]`` bf16: the combine's sums (slot order, fp32, one
+        rounding), in torch."""
+        self.check()
+        rows = self.row_of.long()
+        gathered = self.down[rows.clamp(min=0)].float() * (rows >= 0).unsqueeze(-1)
+        sums = []
+        for lo, hi in ((self.top_k, rows.shape[1]), (0, self.top_k)):
+            acc = torch.zeros_like(gathered[:, 0])
+            for k in range(lo, hi):
+                acc = acc + gathered[:, k]
+            sums.append(acc.bfloat16().view(*self.lead, -1))
+        return sums[0], sums[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _rows_layout(tokens: int, slots: int, hidden: int, inter: int, experts: int, device: int) -> tuple[int, int, int]:
+    return tuple(int(v) for v in _ext.require_cuda().moe_fp8_workspace_layout(tokens, slots, hidden, inter, experts,
+                                                                              device))
+
+
 def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: Fp8Weight, down: Fp8Weight, *,
             out: torch.Tensor | None = None, contiguous: bool | None = None, norm: torch.Tensor | None = None,
             eps: float = 1e-6, shared: int = 0, shared_norm: torch.Tensor | None = None,
-            shared_out: torch.Tensor | None = None):
+            shared_out: torch.Tensor | None = None, combine: bool = True):
     """Routed experts with FP8 weights: ``sum_k weights[n,k] * down_e(gelu_tanh(gate_e x) * up_e x)``.
 
     Args:
@@ -186,26 +229,37 @@ def moe_fp8(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
             (``ids`` name the others), on the contiguous pipeline; their sum per token is returned too.
         shared_norm: with ``norm``, the shared experts see ``rms_norm(x) * shared_norm`` (the MLP's pre-norm).
         shared_out: optional ``[N, hidden]`` bf16 output of the shared experts' sum.
+        combine: False (contiguous pipeline): stop before the combine and return the rows as :class:`ExpertRows`
+            (for :func:`dgemma.ops.cuda.ffn_residual_experts`, which sums them itself).
     Returns:
-        ``out``, or ``(out, shared_out)`` with shared experts; deterministic (fixed-order fp32 sums, no float
-        atomics).
+        ``out``, or ``(out, shared_out)`` with shared experts, or :class:`ExpertRows`; deterministic (fixed-order
+        fp32 sums, no float atomics).
     """
     lib = _ext.require_cuda()
     n, hidden = x.shape
     e, two_i, _ = gate_up.q.shape
     ids = ids if ids.dtype == torch.int32 else ids.int()
     weights = weights if weights.dtype == torch.float32 else weights.float()
-    if out is None:
-        out = torch.empty(n, hidden, dtype=torch.bfloat16, device=x.device)
     if contiguous is None:
-        contiguous = shared > 0 or "moe_contiguous" not in _ext.disabled_kernels()
-    if shared > 0 and shared_out is None:
+        contiguous = shared > 0 or not combine or "moe_contiguous" not in _ext.disabled_kernels()
+    if combine and out is None:
+        out = torch.empty(n, hidden, dtype=torch.bfloat16, device=x.device)
+    if combine and shared > 0 and shared_out is None:
         shared_out = torch.empty(n, hidden, dtype=torch.bfloat16, device=x.device)
-    nbytes = _workspace_bytes("moe_fp8_workspace_bytes", n, ids.shape[1] + max(int(shared), 0), hidden, two_i // 2, e,
-                              _device_index(x.device), bool(contiguous))
-    lib.moe_fp8(x, ids.contiguous(), weights.contiguous(), gate_up.q, gate_up.scale, down.q, down.scale, out,
-                _workspace(x.device, nbytes), _stream(x.device), bool(contiguous), norm, float(eps), int(shared),
-                shared_norm, shared_out)
+    slots = ids.shape[1] + max(int(shared), 0)
+    device = _device_index(x.device)
+    nbytes = _workspace_bytes("moe_fp8_workspace_bytes", n, slots, hidden, two_i // 2, e, device, bool(contiguous))
+    ws = _workspace(x.device, nbytes)
+    lib.moe_fp8(x, ids.contiguous(), weights.contiguous(), gate_up.q, gate_up.scale, down.q, down.scale, out, ws,
+                _stream(x.device), bool(contiguous), norm, float(eps), int(shared), shared_norm, shared_out,
+                bool(combine))
+    if not combine:
+        key = (x.device, _ext.current_stream(x.device))
+        generation = None if torch.cuda.is_current_stream_capturing() else _generations.get(key)
+        down_at, rows, row_of_at = _rows_layout(n, slots, hidden, two_i // 2, e, device)
+        rows_view = ws[down_at:down_at + rows * hidden * 2].view(torch.bfloat16).view(rows, hidden)
+        row_of = ws[row_of_at:row_of_at + n * slots * 4].view(torch.int32).view(n, slots)
+        return ExpertRows(rows_view, row_of, int(ids.shape[1]), (n,), key, generation)
     return (out, shared_out) if shared > 0 else out
 
 
@@ -392,7 +446,7 @@ class Fp8MoeOpsMixin:
         # MLP reassembled from its pieces.
         sh = w.shared_experts
         if sh is None or not _experts_ready(x) or not x.is_contiguous() \
-                or {"shared_experts", "moe_contiguous", "norm_quant"} & _ext.disabled_kernels() \
+                or {"shared_experts", "moe_contiguous", "norm_quant", "fp8_dense"} & _ext.disabled_kernels() \
                 or w.pre_ff_norm.dtype != torch.bfloat16 or w.pre_moe_norm.dtype != torch.bfloat16:
             return super().residual_ffn(x, y, weight, eps, w, top_k, tokens_per_row)
         hidden = x.shape[-1]
@@ -407,9 +461,12 @@ class Fp8MoeOpsMixin:
             x = self.add_rms_norm(x, y, weight, eps)
             flat = x.view(-1, hidden)
             weights, ids = self.route(flat, *router)
-        moe, mlp = moe_fp8(flat, ids, weights, sh.stack_gate_up, sh.stack_down, norm=w.pre_moe_norm, eps=eps,
-                           shared=sh.shared, shared_norm=w.pre_ff_norm)
-        return x, mlp.view_as(x), moe.view_as(x)
+        # The rows stay unsummed: the feed-forward residual kernel that follows sums both branches itself
+        # (ffn_residual / ffn_residual_qkv take ExpertRows; anything else gets tensors from ExpertRows.tensors()).
+        rows = moe_fp8(flat, ids, weights, sh.stack_gate_up, sh.stack_down, norm=w.pre_moe_norm, eps=eps,
+                       shared=sh.shared, shared_norm=w.pre_ff_norm, combine=False)
+        rows.lead = tuple(x.shape[:-1])
+        return x, rows, rows
 
     def norm_moe(self, x, norm, eps, ids, weights, gate_up, down, tokens_per_row=None):
         # The pre-MoE norm inside the experts' gather (one launch fewer, no bf16 round trip). Every routed row is

@@ -42,7 +42,9 @@ class ReferenceOps:
         (x' = :meth:`add_rms_norm` (x, y, weight), the dense MLP of ``pre_ff_norm(x')``, the routed experts of
         ``pre_moe_norm(x')`` routed by x'), with ``w`` the layer's :class:`~dgemma.weights.LayerWeights`.
         ``tokens_per_row``: the rows of x ``[B, T, H]`` are unrelated sequences of that many tokens (see
-        :meth:`moe_rows`). One op so a backend can run the MLP and the experts as one pipeline."""
+        :meth:`moe_rows`). One op so a backend can run the MLP and the experts as one pipeline. The two branches go
+        only to :meth:`ffn_residual` / :meth:`ffn_residual_qkv` of the same ops, so a backend may hand them over in its
+        own form (the CUDA backend: the expert rows before their combine, summed by the residual kernel)."""
         gate, up, down = w.mlp_weights()
         x, mlp = self.residual_mlp(x, y, weight, eps, w.pre_ff_norm, gate, up, down)
         flat = x.reshape(-1, x.shape[-1])
