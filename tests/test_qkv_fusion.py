@@ -87,3 +87,21 @@ def test_norm_ops_compose_the_norm_and_the_projection_on_the_reference():
     fused = ops.norm_project_qkv(x, lw.input_norm, lw.attn, spec.head_dim, cos, sin, eps)
     plain = ops.project_qkv(ops.rms_norm(x, lw.input_norm, eps), lw.attn, spec.head_dim, cos, sin, eps)
     assert all(torch.equal(a, b) for a, b in zip(fused, plain))
+
+
+def test_every_kinds_rope_tables_in_one_pass_equal_each_kinds_own():
+    """The model computes the cos/sin tables of all layer kinds as one table (views per kind): bit-identical to each
+    kind's own table, at host and device-style (per-row) positions, and in bf16 and fp32."""
+    from dgemma.rope import cos_sin
+
+    eng = random_engine("tiny", seed=2)
+    model = eng.model
+    assert len(model.inv_freq) == 2
+    for positions in (torch.arange(7, 20)[None], torch.tensor([[5], [900]]) + torch.arange(11)):
+        for dtype in (torch.bfloat16, torch.float32):
+            joint = model._rope_tables(positions, dtype)
+            assert joint.keys() == model.inv_freq.keys()
+            for kind, inv in model.inv_freq.items():
+                cos, sin = cos_sin(inv, positions, dtype)
+                assert torch.equal(joint[kind][0], cos) and torch.equal(joint[kind][1], sin)
+                assert joint[kind][0].stride(-1) == 1  # rows contiguous in their last dimension (the kernels')

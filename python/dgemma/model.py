@@ -13,7 +13,7 @@ from .cache import KVCache, PrefixView
 from .config import ModelConfig
 from .errors import DgemmaError
 from .ops import ReferenceOps
-from .rope import cos_sin, inverse_frequencies
+from .rope import cos_sin_joint, inverse_frequencies, joint_frequencies
 from .vision import VisionTower
 from .weights import ModelWeights
 
@@ -28,12 +28,14 @@ class DiffusionGemmaModel:
         # synchronous copy, which also cannot be captured in a CUDA graph).
         device = weights.embed.device
         self.inv_freq = {spec.kind: inverse_frequencies(spec).to(device) for spec in cfg.layers}
+        self._rope_freqs, self._rope_slices = joint_frequencies(self.inv_freq)
         self.vision = None if weights.vision is None else VisionTower(cfg.vision, weights.vision, ops)
 
     # -- shared pieces -------------------------------------------------------------------------
 
     def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {kind: cos_sin(inv, positions, dtype) for kind, inv in self.inv_freq.items()}
+        """{layer kind: (cos, sin)} for ``positions``: every kind's table in one pass (views of one table)."""
+        return cos_sin_joint(self._rope_freqs, self._rope_slices, positions, dtype)
 
     def _project_qkv(self, i: int, x: torch.Tensor, ropes: dict, h=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer i's attention inputs from its input ``x`` (the input norm first), or from ``h``, that input already
