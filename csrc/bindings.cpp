@@ -141,6 +141,19 @@ void register_norm(py::module_& m) {
       "With q and q_scale (bfloat16) it also writes the FP8 rows of rms_norm(out)*q_weight (the next GEMM's "
       "input), as rms_norm_fp8 would.");
   m.def(
+      "embed_norm",
+      [](py::handle ids, py::handle table, double scale, py::handle add, py::handle out, double eps,
+         std::uintptr_t stream, py::handle q_weight, py::handle q, py::handle q_scale) {
+        TensorArg add_slot, qw_slot, q_slot, qs_slot;
+        embed_norm(to_arg(ids, "ids"), to_arg(table, "table"), scale, optional_arg(add, "add", add_slot),
+                   to_arg(out, "out"), eps, stream, optional_arg(q_weight, "q_weight", qw_slot),
+                   optional_arg(q, "q", q_slot), optional_arg(q_scale, "q_scale", qs_slot));
+      },
+      py::arg("ids"), py::arg("table"), py::arg("scale"), py::arg("add"), py::arg("out"), py::arg("eps"),
+      py::arg("stream"), py::arg("q_weight") = py::none(), py::arg("q") = py::none(), py::arg("q_scale") = py::none(),
+      "The decoder's input in one pass: out = rms_norm(table[ids]*scale [+ add]) (no weight), rounded as the "
+      "reference's embed, add and norm; with q and q_scale also the FP8 rows of rms_norm(out)*q_weight.");
+  m.def(
       "ffn_residual_experts",
       [](py::handle x, py::handle down, py::handle row_of, int top_k, py::handle w_mlp, py::handle w_moe,
          py::handle w_ff, py::handle scalar, py::handle out, double eps, std::uintptr_t stream, py::handle q_weight,

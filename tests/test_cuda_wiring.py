@@ -81,6 +81,17 @@ class StandInC:
         workspace[row_of_at:row_of_at + n * slots * 4].view(torch.int32).copy_(torch.arange(n * slots,
                                                                                            dtype=torch.int32))
 
+    def embed_norm(self, ids, table, scale, add, out, eps, stream, q_weight=None, q=None, q_scale=None):
+        self.calls.append("embed_norm" + ("+q" if q is not None else ""))
+        x = (table[ids].float() * scale).bfloat16()  # the scale arrives rounded to bf16 already
+        if add is not None:
+            x = x + add
+        out.copy_(REF.rms_norm(x, None, eps))
+        if q is not None:
+            rq, rs = quant.quantize_rows(REF.rms_norm(out, q_weight, eps).reshape(-1, out.shape[-1]))
+            q.copy_(rq)
+            q_scale.copy_(rs)
+
     def ffn_residual_experts(self, x, down, row_of, top_k, w_mlp, w_moe, w_ff, scalar, out, eps, stream,
                              q_weight=None, q=None, q_scale=None):
         self.calls.append("ffn_residual_experts" + ("+q" if q is not None else ""))
@@ -103,6 +114,7 @@ def stand_in(monkeypatch):
     monkeypatch.setattr(cuda_moe, "_device_index", lambda device: 0)
     monkeypatch.setattr(cuda, "head_dim_supported", lambda head_dim: True)
     monkeypatch.setattr(cuda, "_experts_residual_fits", lambda x, rows, *w: isinstance(rows, cuda_moe.ExpertRows))
+    monkeypatch.setattr(cuda, "_embed_norm_fits", lambda ids, table, add: table.dtype == torch.bfloat16)
     monkeypatch.setattr(cuda.QkvOpsMixin, "_qkv_fits", staticmethod(lambda h, w, head_dim, rope_dtype: True))
     monkeypatch.delenv("DGEMMA_DISABLE_KERNELS", raising=False)
     cuda_moe._route_supported.cache_clear()
@@ -164,10 +176,34 @@ def test_the_stand_in_takes_the_bindings_arguments(stand_in):
     import dgemma._C as C
 
     for name in ("moe_route", "moe_fp8", "moe_fp8_workspace_layout", "ffn_residual_experts",
-                 "moe_fp8_workspace_bytes"):
+                 "moe_fp8_workspace_bytes", "embed_norm"):
         doc = getattr(C, name).__doc__.splitlines()[0]
         declared = re.findall(r"(\w+): [^,)=]+(?:=\s*([^,)]+))?", doc[doc.index("(") + 1:doc.rindex(")")])
         params = list(inspect.signature(getattr(stand_in, name)).parameters.values())
         assert [p.name for p in params] == [n for n, _ in declared], name
         for p, (_, default) in zip(params, declared):
             assert (p.default is inspect.Parameter.empty) == (default == ""), (name, p.name)
+
+
+@pytest.mark.parametrize("with_soft", [False, True])
+def test_decoder_input_glue_matches_the_reference_ops(stand_in, with_soft):
+    """The decoder input (embedding, self-conditioning add, weightless norm) and the first layer's FP8 q/k/v input
+    from one kernel: the same decoder input as the reference ops, and the first layer's rows equal to the reference's
+    normed input quantised per row."""
+    eng = random_engine("tiny", seed=13, quantization="fp8", dtype=torch.bfloat16)
+    cfg, w = eng.config, eng.model.w
+    ops = cuda.CudaOps()
+    ops.prepare_weights(w)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=g)
+    add = (torch.randn(2, 6, cfg.hidden_size, generator=g) * 2).bfloat16() if with_soft else None
+    first = w.layers[0]
+    x, h = ops.embed_norm_qkv(ids, w.embed, cfg.embed_scale, add, cfg.rms_norm_eps, first.input_norm, first.attn,
+                              cfg.layers[0].head_dim)
+    ref_x, ref_h = REF.embed_norm_qkv(ids, w.embed, cfg.embed_scale, add, cfg.rms_norm_eps, first.input_norm,
+                                      first.attn, cfg.layers[0].head_dim)
+    assert stand_in.calls == ["embed_norm+q"]
+    assert torch.equal(x, ref_x) and isinstance(h, quant.Fp8Rows) and h.lead == (2, 6)
+    rq, rs = quant.quantize_rows(ref_h.reshape(-1, cfg.hidden_size))
+    assert torch.equal(h.q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(h.scale, rs)
+    assert torch.equal(ops.embed_norm(ids, w.embed, cfg.embed_scale, add, cfg.rms_norm_eps), ref_x)

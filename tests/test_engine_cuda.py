@@ -104,6 +104,39 @@ def test_residual_norm_kernels_round_like_the_reference_ops(dtype, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("with_add", [False, True])
+def test_decoder_input_kernel_equals_the_kernels_it_replaces(with_add):
+    """embed_norm (one kernel): bit-identical to the CUDA chain it replaces — the embedding times the bf16-rounded
+    scale, the self-conditioning add, the weightless rms_norm kernel — and its FP8 rows equal rms_norm_fp8 of its
+    output with the first layer's input norm; an id outside the table gives a zero row, not a fault."""
+    from dgemma.ops import cuda
+    from dgemma.ops.cuda_moe import rms_norm_fp8
+    from dgemma.ops.reference import ReferenceOps
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    vocab, hidden = 1000, 2816
+    table = (torch.randn(vocab, hidden, generator=g, device="cuda") * 0.05).bfloat16()
+    ids = torch.randint(0, vocab, (2, 77), generator=g, device="cuda")
+    add = (torch.randn(2, 77, hidden, generator=g, device="cuda") * 3).bfloat16() if with_add else None
+    norm = (torch.rand(hidden, generator=g, device="cuda") + 0.5).bfloat16()
+    scale = hidden ** 0.5
+    x = ReferenceOps().embed(ids, table, scale)
+    if add is not None:
+        x = x + add
+    want = cuda.rms_norm(x, None, 1e-6)
+    assert torch.equal(cuda.embed_norm(ids, table, scale, add, 1e-6), want)
+    got, rows = cuda.embed_norm(ids, table, scale, add, 1e-6, norm)
+    ref_rows = rms_norm_fp8(want, norm, 1e-6)
+    assert torch.equal(got, want) and rows.lead == (2, 77)
+    assert torch.equal(rows.q.view(torch.uint8), ref_rows.q.view(torch.uint8)) and torch.equal(rows.scale, ref_rows.scale)
+    bad = ids.clone()
+    bad[0, 3] = vocab + 5
+    out = cuda.embed_norm(bad, table, scale, None, 1e-6)
+    torch.cuda.synchronize()
+    assert torch.equal(out[0, 3], torch.zeros_like(out[0, 3]))
+
+
+@pytest.mark.gpu
 def test_batched_decoder_rows_equal_each_row_alone_on_the_gpu():
     """The server's batched decoder pass (FP8 linears and experts over all rows, attention per row): each
     row bit-identical to its own pass, so a request's tokens do not depend on what else is batched."""

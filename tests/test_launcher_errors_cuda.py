@@ -38,7 +38,7 @@ I32, I64, U8, BOOL = torch.int32, torch.int64, torch.uint8, torch.bool
 OPS = (
     "rms_norm", "rms_norm_fp8", "residual_norm", "fp8_quantize_rows", "fp8_linear_workspace_bytes", "fp8_linear", "fp8_gated_mlp_workspace_bytes",
     "fp8_gated_mlp", "moe_route", "moe_plan", "moe_fp8_workspace_bytes", "moe_fp8", "moe_fp8_workspace_layout",
-    "ffn_residual_experts", "qkv_prep",
+    "ffn_residual_experts", "embed_norm", "qkv_prep",
     "attention_tile_shape", "attention_forward", "vocab_head_workspace_bytes", "vocab_head_step",
     "device_capability",
 )
@@ -781,6 +781,43 @@ def ffn_residual_experts_table(c: Ctx) -> Table:
     return t
 
 
+def embed_norm_table(c: Ctx) -> Table:
+    from dgemma.ops.reference import ReferenceOps
+
+    vocab, d = 50, 512
+    table = c.randn(vocab, d, scale=0.1)
+    ids = torch.randint(0, vocab, (2, 3), generator=c.gen, device=c.dev)
+    add = c.randn(2, 3, d)
+    t = Table("embed_norm", dict(ids=ids, table=table, scale=8.0, add=add, out=c.empty(2, 3, d), eps=1e-6, stream=0,
+                                 q_weight=None, q=None, q_scale=None))
+    # Order of the checks in csrc/ops/rms_norm.cu (embed_norm).
+    t.bad("table on the host", cuda_msg("table"), table=c.host(table))
+    t.bad("table float32", "table has dtype float32, expected bfloat16", table=c.empty(vocab, d, dtype=F32))
+    t.bad("table 3-d", f"table has shape [1, {vocab}, {d}], expected 2 dimensions", table=c.empty(1, vocab, d))
+    t.bad("ids on the host", cuda_msg("ids"), ids=c.host(ids))
+    t.bad("ids int32", "ids has dtype int32, expected int64", ids=c.empty(2, 3, dtype=I32))
+    t.bad("out shape", f"out has shape [2, 4, {d}], expected [2, 3, {d}] (ids' shape and the table's row length)",
+          out=c.empty(2, 4, d))
+    t.bad("out dtype", "out has dtype float32, expected bfloat16", out=c.empty(2, 3, d, dtype=F32))
+    t.bad("add shape", f"add has shape [2, 3, 256], expected [2, 3, {d}] (as out)", add=c.empty(2, 3, 256))
+    t.bad("eps zero", "eps must be positive, got 0.000000", eps=0.0)
+    t.bad("scale nan", "scale must be finite, got nan", scale=float("nan"))
+    t.bad("q without q_scale", "q and q_scale must be given together (q_weight with them, or neither)",
+          q=c.empty(6, d, dtype=FP8))
+    t.bad("q rows", f"q has shape [5, {d}], expected size 6 in dimension 0 (rows of x)",
+          q=c.empty(5, d, dtype=FP8), q_scale=c.empty(6, dtype=F32))
+    t.bad("table is None", not_tensor("table"), table=None)
+    t.type_error("scale is a string", "scale='8'", scale="8")
+
+    def check(_):
+        x = ReferenceOps().embed(ids, table, 8.0) + add
+        ref = ReferenceOps().rms_norm(x, None, 1e-6)
+        torch.testing.assert_close(t.base["out"].float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+    t.check = check
+    return t
+
+
 def moe_fp8_workspace_bytes_table(c: Ctx) -> Table:
     t = Table("moe_fp8_workspace_bytes", dict(tokens=N_TOK, top_k=TOPK, hidden=HID, inter=MOE_I, experts=EXP,
                                               device=c.idx, contiguous=True))
@@ -1310,6 +1347,7 @@ BUILDERS = {
     "moe_fp8": moe_fp8_table,
     "moe_fp8_workspace_layout": moe_fp8_workspace_layout_table,
     "ffn_residual_experts": ffn_residual_experts_table,
+    "embed_norm": embed_norm_table,
     "qkv_prep": qkv_prep_table,
     "attention_tile_shape": attention_tile_shape_table,
     "attention_forward": attention_forward_table,

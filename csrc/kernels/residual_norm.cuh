@@ -180,6 +180,48 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   store_and_quantize(out_at, outr, dim, eps, lane, row, quant);
 }
 
+// The decoder's input in one pass (bf16): x = T(T(table[ids[row]] * scale) [+ add[row]]) normed weightless,
+// out = T(x * rms(x)^-1), each step rounded as the reference's embed, add and rms_norm round it (python/dgemma/ops/
+// reference.py embed_norm); with quant.q also the first layer's FP8 attention input (store_and_quantize). An id
+// outside [0, vocab) reads no memory and gives a zero row (the engine validates ids before they get here).
+static __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
+    embed_norm_kernel(const int64_t* __restrict__ ids, const __nv_bfloat16* __restrict__ table, int64_t vocab,
+                      float scale, const __nv_bfloat16* __restrict__ add, __nv_bfloat16* __restrict__ out,
+                      int64_t rows, int dim, float eps, ResidualQuant<__nv_bfloat16> quant) {
+  pdl_begin();
+  using T = __nv_bfloat16;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRmsNormWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int64_t id = ids[row];
+  const bool known = id >= 0 && id < vocab;
+  const T* er = table + (known ? id : 0) * static_cast<int64_t>(dim);
+  const T* ar = add != nullptr ? add + row * dim : nullptr;
+  // The decoder input's element i as stored before the norm (recomputed wherever it is read).
+  auto x_at = [&](int i) {
+    float v = known ? rounded<T>(__fmul_rn(to_float(er[i]), scale)) : 0.f;
+    if (ar != nullptr) v = rounded<T>(__fadd_rn(v, to_float(ar[i])));
+    return v;
+  };
+  float ss = 0.f;
+  for (int i = lane; i < dim; i += 32) {
+    const float v = x_at(i);
+    ss = fmaf(v, v, ss);
+  }
+  const float inv_rms = rsqrtf(warp_total(ss) / static_cast<float>(dim) + eps);
+  auto out_at = [&](int i) { return to_float(normed_value<T>(x_at(i), nullptr, i, inv_rms)); };
+  store_and_quantize(out_at, out + row * dim, dim, eps, lane, row, quant);
+}
+
+inline cudaError_t embed_norm(const int64_t* ids, const __nv_bfloat16* table, int64_t vocab, float scale,
+                              const __nv_bfloat16* add, __nv_bfloat16* out, int64_t rows, int dim, float eps,
+                              cudaStream_t stream, ResidualQuant<__nv_bfloat16> quant = {}) {
+  if (rows == 0) return cudaSuccess;
+  const int64_t blocks = (rows + kRmsNormWarpsPerBlock - 1) / kRmsNormWarpsPerBlock;
+  return launch_kernel(embed_norm_kernel, static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, 0, stream, ids,
+                       table, vocab, scale, add, out, rows, dim, eps, quant);
+}
+
 // eb (bf16, the ffn form with wb, wc and scalar given): the branches come from the expert pipeline and a, b are null.
 template <typename T>
 cudaError_t residual_norm(const T* x, const T* a, const T* b, const T* wa, const T* wb, const T* wc,

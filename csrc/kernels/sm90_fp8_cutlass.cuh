@@ -103,6 +103,14 @@ struct ScaledFp8Gemm {
   }
 };
 
+// What CUTLASS's can_implement does not check and its TMA descriptors need (with NDEBUG a bad stride only prints):
+// 16-byte aligned operands and output, an output row stride (ldo, in bf16 elements) of at least n_out and a multiple
+// of 8 (16 bytes).
+inline bool fp8_gemm_operands_fit(const void* w, const void* x, const void* out, int64_t n_out, int64_t ldo) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return aligned(w) && aligned(x) && aligned(out) && ldo >= n_out && ldo % 8 == 0;
+}
+
 // cudaFuncSetAttribute (the kernel's dynamic shared memory) once per device and kernel, not on every call.
 template <class Kernel>
 cudaError_t prepare_cutlass_kernel(int device) {
@@ -134,8 +142,10 @@ cudaError_t run_cutlass(const typename G::Gemm::Arguments& args, void* workspace
     return cudaErrorInvalidConfiguration;
   typename G::Kernel::Params params = G::Kernel::to_underlying_arguments(args, workspace);
   return launch_with_pdl_fallback([&](bool pdl) {
-    return G::Gemm::run(params, stream, nullptr, pdl) == cutlass::Status::kSuccess ? cudaGetLastError()
-                                                                                    : cudaErrorLaunchFailure;
+    if (G::Gemm::run(params, stream, nullptr, pdl) == cutlass::Status::kSuccess) return cudaGetLastError();
+    // The runtime's own error where it has one (a failed launch), not the sticky "launch failure" code.
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;
   });
 }
 

@@ -46,6 +46,7 @@ cudaError_t run(const Fp8ScaledGemmProblem& p, void* workspace, size_t bytes, in
                 cudaStream_t stream) {
   using G = ScaledGemm<TileN>;
   if (p.rows == 0) return cudaSuccess;
+  if (!fp8_gemm_operands_fit(p.w, p.x, p.out, p.n_out, p.ldo)) return cudaErrorInvalidValue;
   return run_cutlass<G>(G::arguments(p, sm_count, device), workspace, bytes, device, stream);
 }
 

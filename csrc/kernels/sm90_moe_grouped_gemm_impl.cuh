@@ -41,6 +41,7 @@ struct ContiguousSchedulerParams : PersistentSm90::Params {
   const int32_t* tile_expert = nullptr;
   const int32_t* num_tiles = nullptr;
   int32_t tiles_m = 1;
+  int32_t tiles_n = 0;  // token tiles of the buffers (rows_cap / TileN): num_tiles never exceeds it
 };
 
 // Work tiles (weight tile m, token tile n, expert tile_expert[n]) for n < *num_tiles, in the order
@@ -76,6 +77,7 @@ class ContiguousScheduler : public PersistentSm90 {
     p.num_tiles = args.num_tiles;
     const int m = static_cast<int>(cute::get<0>(problem_shape_mnkl));
     p.tiles_m = (m + static_cast<int>(cute::size<0>(tile_shape)) - 1) / static_cast<int>(cute::size<0>(tile_shape));
+    p.tiles_n = static_cast<int>(cute::get<1>(problem_shape_mnkl)) / static_cast<int>(cute::size<1>(tile_shape));
     return p;
   }
 
@@ -94,7 +96,11 @@ class ContiguousScheduler : public PersistentSm90 {
   CUTLASS_HOST_DEVICE ContiguousScheduler() {}
 
   CUTLASS_DEVICE explicit ContiguousScheduler(Params const& params)
-      : Base(params), tile_expert_(params.tile_expert), num_tiles_(params.num_tiles), tiles_m_(params.tiles_m) {
+      : Base(params),
+        tile_expert_(params.tile_expert),
+        num_tiles_(params.num_tiles),
+        tiles_m_(params.tiles_m),
+        tiles_n_(params.tiles_n) {
 #if defined(__CUDA_ARCH__)
     linear_idx_ = uint64_t(blockIdx.x) + uint64_t(blockIdx.y) * uint64_t(gridDim.x);
     grid_size_ = uint64_t(gridDim.x) * uint64_t(gridDim.y) * uint64_t(gridDim.z);
@@ -103,7 +109,8 @@ class ContiguousScheduler : public PersistentSm90 {
 
   CUTLASS_DEVICE WorkTileInfo work_at(uint64_t idx) const {
     const uint64_t n = idx / static_cast<uint64_t>(tiles_m_);
-    if (n >= static_cast<uint64_t>(*num_tiles_)) return WorkTileInfo::invalid_work_tile();
+    // Never past the token tiles the buffers hold, whatever the table says (a wrong plan must not read past them).
+    if (n >= static_cast<uint64_t>(min(*num_tiles_, tiles_n_))) return WorkTileInfo::invalid_work_tile();
     return {static_cast<int32_t>(idx - n * static_cast<uint64_t>(tiles_m_)), static_cast<int32_t>(n), tile_expert_[n],
             true};
   }
@@ -141,6 +148,7 @@ class ContiguousScheduler : public PersistentSm90 {
   const int32_t* tile_expert_ = nullptr;
   const int32_t* num_tiles_ = nullptr;
   int32_t tiles_m_ = 1;
+  int32_t tiles_n_ = 0;
   uint64_t linear_idx_ = 0;
   uint64_t grid_size_ = 1;
 };
@@ -192,7 +200,9 @@ cudaError_t run(const MoeGemmProblem& p, void* workspace, size_t bytes, int sm_c
                 cudaStream_t stream) {
   using G = MoeGemm<TileN>;
   if (p.rows_cap == 0 || p.experts == 0) return cudaSuccess;
-  if (p.rows_cap % TileN != 0) return cudaErrorInvalidValue;
+  if (p.rows_cap % TileN != 0 || p.tile_expert == nullptr || p.num_tiles == nullptr ||
+      !fp8_gemm_operands_fit(p.w, p.x, p.out, p.n_out, p.ldo))
+    return cudaErrorInvalidValue;
   return run_cutlass<G>(G::arguments(p, sm_count, device), workspace, bytes, device, stream);
 }
 

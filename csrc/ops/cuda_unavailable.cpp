@@ -17,5 +17,9 @@ void ffn_residual_experts(const TensorArg&, const TensorArg&, const TensorArg&, 
                           const TensorArg*, const TensorArg*) {
   cuda_unavailable("ffn_residual_experts");
 }
+void embed_norm(const TensorArg&, const TensorArg&, double, const TensorArg*, const TensorArg&, double, std::uintptr_t,
+                const TensorArg*, const TensorArg*, const TensorArg*) {
+  cuda_unavailable("embed_norm");
+}
 
 }  // namespace dgemma

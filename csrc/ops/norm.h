@@ -39,4 +39,12 @@ void ffn_residual_experts(const TensorArg& x, const TensorArg& down, const Tenso
                           const TensorArg* q_weight = nullptr, const TensorArg* q = nullptr,
                           const TensorArg* q_scale = nullptr);
 
+// The decoder's input in one pass (csrc/kernels/residual_norm.cuh embed_norm_kernel): out = rms_norm(table[ids] *
+// scale [+ add]) without a weight, each step rounded to bf16 as the reference rounds it. ids int64 (any shape,
+// contiguous), table [vocab, d] bf16, add and out ids.shape + [d] bf16. With q and q_scale: also the per-row FP8
+// quantisation of rms_norm(out) [* q_weight], as residual_norm writes it. An id outside the table gives a zero row.
+void embed_norm(const TensorArg& ids, const TensorArg& table, double scale, const TensorArg* add,
+                const TensorArg& out, double eps, std::uintptr_t stream, const TensorArg* q_weight = nullptr,
+                const TensorArg* q = nullptr, const TensorArg* q_scale = nullptr);
+
 }  // namespace dgemma

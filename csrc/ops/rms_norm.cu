@@ -1,5 +1,7 @@
+#include <cmath>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "kernels/residual_norm.cuh"
 #include "kernels/rms_norm.cuh"
@@ -243,6 +245,59 @@ void ffn_residual_experts(const TensorArg& x, const TensorArg& down, const Tenso
   eb.slots = static_cast<int>(slots);
   eb.top_k = top_k;
   launch_residual(x, nullptr, nullptr, w_mlp, &w_moe, &w_ff, &scalar, out, eps, stream, q_weight, q, q_scale, eb, dim);
+}
+
+void embed_norm(const TensorArg& ids, const TensorArg& table, double scale, const TensorArg* add,
+                const TensorArg& out, double eps, std::uintptr_t stream, const TensorArg* q_weight,
+                const TensorArg* q, const TensorArg* q_scale) {
+  check_cuda(table);
+  check_dtype(table, DType::kBFloat16);
+  check_ndim(table, 2);
+  check_contiguous(table);
+  const int64_t vocab = table.shape[0], dim = table.shape[1];
+  if (dim < 1 || dim > (1 << 20))
+    ::dgemma::throw_invalid(table.name + " row length " + std::to_string(dim) + " must be in [1, 1048576]");
+  check_cuda(ids);
+  check_same_device(table, ids);
+  check_dtype(ids, DType::kInt64);
+  check_contiguous(ids);
+  const int64_t rows = ids.numel();
+  // out: ids' shape + [dim], bf16, contiguous.
+  std::vector<int64_t> shape = ids.shape;
+  shape.push_back(dim);
+  check_cuda(out);
+  check_same_device(table, out);
+  check_dtype(out, DType::kBFloat16);
+  if (out.shape != shape) {
+    TensorArg expected;
+    expected.shape = shape;
+    ::dgemma::throw_invalid(out.name + " has shape " + out.shape_str() + ", expected " + expected.shape_str() +
+                            " (ids' shape and the table's row length)");
+  }
+  check_contiguous(out);
+  if (add != nullptr) check_like(*add, out);
+  if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
+  if (!std::isfinite(scale)) ::dgemma::throw_invalid("scale must be finite, got " + std::to_string(scale));
+  kernels::ResidualQuant<__nv_bfloat16> quant;
+  if (q != nullptr || q_scale != nullptr || q_weight != nullptr) {
+    if (q == nullptr || q_scale == nullptr)
+      ::dgemma::throw_invalid("q and q_scale must be given together (q_weight with them, or neither)");
+    if (q_weight != nullptr) check_norm_weight(*q_weight, out, dim);
+    check_quant_rows(*q, *q_scale, out, rows, dim);
+    quant.weight = q_weight != nullptr ? static_cast<const __nv_bfloat16*>(q_weight->data) : nullptr;
+    quant.q = static_cast<uint8_t*>(q->data);
+    quant.scale = static_cast<float*>(q_scale->data);
+  }
+  if (rows >= (int64_t(1) << 31))
+    ::dgemma::throw_invalid(ids.name + " has " + std::to_string(rows) + " ids, expected < 2^31");
+  throw_if_failed(cudaSetDevice(table.device), "cudaSetDevice");
+  throw_if_failed(kernels::embed_norm(static_cast<const int64_t*>(ids.data),
+                                      static_cast<const __nv_bfloat16*>(table.data), vocab,
+                                      static_cast<float>(scale),
+                                      add != nullptr ? static_cast<const __nv_bfloat16*>(add->data) : nullptr,
+                                      static_cast<__nv_bfloat16*>(out.data), rows, static_cast<int>(dim),
+                                      static_cast<float>(eps), reinterpret_cast<cudaStream_t>(stream), quant),
+                  "embed_norm launch");
 }
 
 }  // namespace dgemma

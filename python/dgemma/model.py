@@ -186,11 +186,16 @@ class DiffusionGemmaModel:
         """post_norm(embed(canvas) + MLP_sc(pre_norm(soft))) for the self-conditioning input ``soft``
         [B, C, H] (see :meth:`soft_input`); without one it is zeros, and the MLP of zeros is exactly zero,
         so it is skipped."""
-        ops, w, eps = self.ops, self.w, self.cfg.rms_norm_eps
-        x = ops.embed(canvas, w.embed, self.cfg.embed_scale)
-        if soft is not None:
-            x = x + self._self_conditioning(soft)
-        return ops.rms_norm(x, None, eps)
+        sc = None if soft is None else self._self_conditioning(soft)
+        return self.ops.embed_norm(canvas, self.w.embed, self.cfg.embed_scale, sc, self.cfg.rms_norm_eps)
+
+    def _decoder_input_qkv(self, canvas: torch.Tensor, soft: torch.Tensor | None):
+        """(:meth:`decoder_input`, the first layer's normed attention input in the ops' own form): one op, so a
+        backend writes the first layer's FP8 q/k/v input with the decoder input."""
+        sc = None if soft is None else self._self_conditioning(soft)
+        first = self.w.layers[0]
+        return self.ops.embed_norm_qkv(canvas, self.w.embed, self.cfg.embed_scale, sc, self.cfg.rms_norm_eps,
+                                       first.input_norm, first.attn, self.cfg.layers[0].head_dim)
 
     def _self_conditioning(self, soft: torch.Tensor) -> torch.Tensor:
         """MLP_sc(pre_norm(soft)): what a self-conditioning input adds to the canvas embeddings."""
@@ -206,7 +211,7 @@ class DiffusionGemmaModel:
         else:
             positions = prefix.lengths.long()[:, None] + torch.arange(c, device=canvas.device)
         ropes = self._rope_tables(positions, self.w.embed.dtype)
-        x = self.decoder_input(canvas, soft)
+        x, h = self._decoder_input_qkv(canvas, soft)
         yield -1, x
 
         def attend(i: int, x: torch.Tensor, h) -> torch.Tensor:
@@ -215,7 +220,6 @@ class DiffusionGemmaModel:
                 return self.ops.decoder_attention(q, k, v, cache, i).reshape(b, c, -1)
             return self.ops.decoder_attention(q, k, v, cache, i, prefix).reshape(b, c, -1)
 
-        h = None
         for i, lw in enumerate(self.w.layers):
             x, h = self._layer(i, x, h, attend, lw.decoder_scalar)
             yield i, x

@@ -57,6 +57,35 @@ def residual_norm_fp8(x, a, wa, eps, next_norm, b=None, wb=None, wc=None, scalar
     return out, Fp8Rows(q, scale, tuple(x.shape[:-1]))
 
 
+def embed_norm(ids, table, scale: float, add, eps: float, next_norm=None):
+    """The decoder's input in one kernel (``_C.embed_norm``): ``rms_norm(table[ids]·scale [+ add])`` (weightless), each
+    step rounded as the reference's embed, add and norm; with ``next_norm`` also the first layer's FP8 q/k/v input
+    ``rms_norm(x)·next_norm`` quantised per row (as :func:`residual_norm_fp8`). bf16 CUDA table and add, integer ids."""
+    lib = _ext.require_cuda()
+    hidden = table.shape[1]
+    out = torch.empty(*ids.shape, hidden, dtype=table.dtype, device=table.device)
+    # The scale as the reference applies it: rounded to the table's dtype first (sqrt(2816) is 53.0 in bf16).
+    s = float(torch.tensor(scale, dtype=torch.float32).to(table.dtype))
+    ids64 = ids if ids.dtype == torch.int64 else ids.long()
+    stream = _ext.current_stream(table.device)
+    if next_norm is None:
+        lib.embed_norm(ids64.contiguous(), table, s, add, out, float(eps), stream)
+        return out
+    rows = ids.numel()
+    q = torch.empty(rows, hidden, dtype=torch.float8_e4m3fn, device=table.device)
+    q_scale = torch.empty(rows, dtype=torch.float32, device=table.device)
+    lib.embed_norm(ids64.contiguous(), table, s, add, out, float(eps), stream, next_norm, q, q_scale)
+    return out, Fp8Rows(q, q_scale, tuple(ids.shape))
+
+
+def _embed_norm_fits(ids, table, add) -> bool:
+    return (table.is_cuda and table.dtype == torch.bfloat16 and ids.is_cuda and ids.numel() > 0
+            and not ids.is_floating_point() and table.is_contiguous()
+            and (add is None or (add.dtype == torch.bfloat16 and add.is_contiguous()
+                                 and tuple(add.shape) == (*ids.shape, table.shape[1])))
+            and "residual_norm" not in _ext.disabled_kernels())
+
+
 def ffn_residual_experts(x, rows: ExpertRows, w_mlp, w_moe, w_ff, scalar, eps, next_norm=None):
     """The feed-forward residual (:func:`residual_norm`'s ffn form) with its two branches summed from the expert
     pipeline's rows (:class:`~dgemma.ops.cuda_moe.ExpertRows`: the dense MLP's shared slots and the routed slots) in
@@ -105,6 +134,11 @@ def _fits_residual(x, *others) -> bool:
 class ResidualOpsMixin:
     """The residual updates of a layer (:meth:`ReferenceOps.add_rms_norm`, :meth:`ReferenceOps.ffn_residual`)
     as one kernel each, where their inputs fit."""
+
+    def embed_norm(self, ids, table, scale, add, eps):
+        if _embed_norm_fits(ids, table, add):
+            return embed_norm(ids, table, scale, add, eps)
+        return super().embed_norm(ids, table, scale, add, eps)
 
     def add_rms_norm(self, x, y, weight, eps):
         if _fits_residual(x, y, weight) and y.shape == x.shape and "residual_norm" not in _ext.disabled_kernels():
@@ -233,6 +267,15 @@ class QkvOpsMixin:
             q, k, v = cuda_attention.qkv_prep(q_proj, k_proj, v_proj, w.q_norm, w.k_norm, cos, sin, eps)
             return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         return self._qkv_prep(linear_fp8(h, fused), w, cos, sin, eps)
+
+    def embed_norm_qkv(self, ids, table, scale, add, eps, next_norm, next_attn, head_dim):
+        # The decoder input kernel also writes the first layer's q/k/v GEMM input, as ffn_residual_qkv does for the
+        # layers after it.
+        if _embed_norm_fits(ids, table, add) and next_norm.dtype == torch.bfloat16 \
+                and self._qkv_fits(table, next_attn, head_dim, table.dtype) and fuse_qkv(next_attn) is not None \
+                and "norm_quant" not in _ext.disabled_kernels():
+            return embed_norm(ids, table, scale, add, eps, next_norm)
+        return super().embed_norm_qkv(ids, table, scale, add, eps, next_norm, next_attn, head_dim)
 
     def ffn_residual_qkv(self, x, mlp, moe, w_mlp, w_moe, w_ff, scalar, eps, next_norm, next_attn, head_dim):
         # The layer's last residual kernel also writes the next layer's q/k/v GEMM input (its input norm applied),

@@ -123,6 +123,22 @@ class ReferenceOps:
         """table[ids] * scale, with the scale rounded to the table dtype (sqrt(2816) is 53.0 in bf16)."""
         return F.embedding(ids, table) * torch.tensor(scale, dtype=torch.float32).to(table.dtype)
 
+    def embed_norm(self, ids: torch.Tensor, table: torch.Tensor, scale: float, add: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+        """The decoder's input: ``rms_norm(embed(ids) [+ add])`` (weightless norm; ``add`` the self-conditioning
+        MLP's output), one op so a backend can run it as one kernel."""
+        x = self.embed(ids, table, scale)
+        if add is not None:
+            x = x + add
+        return self.rms_norm(x, None, eps)
+
+    def embed_norm_qkv(self, ids: torch.Tensor, table: torch.Tensor, scale: float, add: torch.Tensor | None,
+                       eps: float, next_norm: torch.Tensor, next_attn, head_dim: int):
+        """(x = :meth:`embed_norm` (...), the first layer's attention input ``rms_norm(x, next_norm)`` for
+        :meth:`project_qkv`), as :meth:`ffn_residual_qkv` hands the next layer its input."""
+        x = self.embed_norm(ids, table, scale, add, eps)
+        return x, self.rms_norm(x, next_norm, eps)
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Softmax attention with scale 1 (q/k norms make it so) and grouped KV heads.
 
