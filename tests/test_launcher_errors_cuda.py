@@ -286,6 +286,8 @@ def residual_norm_table(c: Ctx) -> Table:
     t.bad("scalar two elements", "scalar has shape [2], expected one element", scalar=c.empty(2))
     t.bad("scalar on the host", cuda_msg("scalar"), scalar=c.host(scalar))
     t.bad("x is None", not_tensor("x"), x=None)
+    t.bad("in place", "out must not overlap x (the kernel reads it after writing out)", out=x)
+    t.bad("out is b", "out must not overlap b (the kernel reads it after writing out)", out=b)
     t.type_error("eps is a string", "eps='1e-6'", eps="1e-6")
     # The quantised output of the first form (the next GEMM's input).
     add = dict(b=None, wb=None, wc=None, scalar=None)
@@ -806,6 +808,7 @@ def embed_norm_table(c: Ctx) -> Table:
           q=c.empty(6, d, dtype=FP8))
     t.bad("q rows", f"q has shape [5, {d}], expected size 6 in dimension 0 (rows of x)",
           q=c.empty(5, d, dtype=FP8), q_scale=c.empty(6, dtype=F32))
+    t.bad("out is add", "out must not overlap add (the kernel reads it after writing out)", out=add)
     t.bad("table is None", not_tensor("table"), table=None)
     t.type_error("scale is a string", "scale='8'", scale="8")
 

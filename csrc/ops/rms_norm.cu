@@ -141,6 +141,10 @@ void launch_residual(const TensorArg& x, const TensorArg* a, const TensorArg* b,
                      const TensorArg* wb, const TensorArg* wc, const TensorArg* scalar, const TensorArg& out,
                      double eps, std::uintptr_t stream, const TensorArg* q_weight, const TensorArg* q,
                      const TensorArg* q_scale, const kernels::ExpertBranches& eb, int64_t dim) {
+  // Rows are re-read after out is written (the quantising passes recompute from the inputs): never in place.
+  for (const TensorArg* in : {&x, a, b})
+    if (in != nullptr && moe_detail::overlaps(out, *in))
+      ::dgemma::throw_invalid(out.name + " must not overlap " + in->name + " (the kernel reads it after writing out)");
   check_norm_weight(wa, x, dim);
   const bool ffn = b != nullptr || eb.down != nullptr;
   if (ffn != (wb != nullptr) || ffn != (wc != nullptr) || ffn != (scalar != nullptr))
@@ -275,7 +279,11 @@ void embed_norm(const TensorArg& ids, const TensorArg& table, double scale, cons
                             " (ids' shape and the table's row length)");
   }
   check_contiguous(out);
-  if (add != nullptr) check_like(*add, out);
+  if (add != nullptr) {
+    check_like(*add, out);
+    if (moe_detail::overlaps(out, *add))
+      ::dgemma::throw_invalid(out.name + " must not overlap " + add->name + " (the kernel reads it after writing out)");
+  }
   if (!(eps > 0.0)) ::dgemma::throw_invalid("eps must be positive, got " + std::to_string(eps));
   if (!std::isfinite(scale)) ::dgemma::throw_invalid("scale must be finite, got " + std::to_string(scale));
   kernels::ResidualQuant<__nv_bfloat16> quant;
