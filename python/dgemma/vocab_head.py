@@ -195,7 +195,9 @@ def reference_vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature:
     next_canvas = torch.where(accepted, sample, redraw_ids(seed, step, b, c, v))
     prev = torch.full_like(stats["argmax"], -1) if prev_argmax is None else prev_argmax.cpu()
     stable = (stats["argmax"] == prev).all(dim=-1)
-    mean = (stats["entropy"].double().sum(dim=-1) / c).float()
+    # The kernel's order: a sequential double sum (cumsum runs in order; sum may pair terms differently, and a sum of
+    # 256 fp32 entropies spanning many binades is not always exact in double).
+    mean = (stats["entropy"].double().cumsum(dim=-1)[..., -1] / c).float()
     done = torch.zeros(b, dtype=torch.bool) if finished is None else finished.cpu()
     argmax = stats["argmax"]
     if finished is not None:
