@@ -42,6 +42,22 @@ struct RouteResidual {
   __nv_bfloat16* out = nullptr;
 };
 
+// One router call: x [tokens, hidden] (rows x_stride apart), scale [hidden], proj [experts, hidden], expert_scale
+// [experts]; outputs weights and ids [tokens, top_k]; res: the fused residual (see RouteResidual).
+struct RouteParams {
+  const __nv_bfloat16* x;
+  int64_t x_stride;
+  const __nv_bfloat16* scale;
+  const __nv_bfloat16* proj;
+  const __nv_bfloat16* expert_scale;
+  int64_t tokens;
+  int hidden, experts, top_k;
+  float eps, inv_sqrt_hidden;
+  float* weights;
+  int32_t* ids;
+  RouteResidual res;
+};
+
 // One token's router input, by one warp: h[i] = bf16(bf16(bf16(x[i] * rms^-1) * scale[i]) * hidden^-1/2), passed to
 // store(i, h[i]); xr null: a padding row of zeros. With res.y, x is the residual update of row `token` (stored to
 // res.out, recomputed from its inputs wherever it is read, never read back).
@@ -143,29 +159,26 @@ __device__ __forceinline__ void route_select(const float* logits, int experts, i
 // kRouteMaxTopK). Outputs: weights [tokens, top_k] fp32, ids [tokens, top_k] int32, by descending probability.
 template <int kRouteTokens, int kRouteWarps>
 __global__ void __launch_bounds__(kRouteWarps * 32)
-    route_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const __nv_bfloat16* __restrict__ scale,
-                 const __nv_bfloat16* __restrict__ proj, const __nv_bfloat16* __restrict__ expert_scale,
-                 int64_t tokens, int hidden, int experts, int top_k, float eps, float inv_sqrt_hidden,
-                 float* __restrict__ weights, int32_t* __restrict__ ids, RouteResidual res) {
+    route_kernel(const RouteParams p) {
   pdl_begin();
   extern __shared__ __align__(16) unsigned char route_smem[];
   __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(route_smem);  // [kRouteTokens][hidden]
-  float* logits = reinterpret_cast<float*>(h + kRouteTokens * hidden);  // [kRouteTokens][experts]
+  float* logits = reinterpret_cast<float*>(h + kRouteTokens * p.hidden);  // [kRouteTokens][experts]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRouteTokens;
 
   // 1. Normalise: warp w handles token t0 + w (rows past the end become zeros and are never written out).
   for (int t = warp; t < kRouteTokens; t += kRouteWarps) {
-    __nv_bfloat16* ht = h + t * hidden;
-    route_normalize_row(t0 + t < tokens ? x + (t0 + t) * x_stride : nullptr, scale, hidden, eps, inv_sqrt_hidden,
-                        lane, [&](int i, __nv_bfloat16 v) { ht[i] = v; }, res, t0 + t);
+    __nv_bfloat16* ht = h + t * p.hidden;
+    route_normalize_row(t0 + t < p.tokens ? p.x + (t0 + t) * p.x_stride : nullptr, p.scale, p.hidden, p.eps,
+                        p.inv_sqrt_hidden, lane, [&](int i, __nv_bfloat16 v) { ht[i] = v; }, p.res, t0 + t);
   }
   __syncthreads();
 
   // 2. Logits: warp w takes experts w, w + 8, ...; each lane a strided set of 8-element vectors.
-  const int vecs = hidden / 8;
-  for (int e = warp; e < experts; e += kRouteWarps) {
-    const __nv_bfloat16* pr = proj + static_cast<int64_t>(e) * hidden;
+  const int vecs = p.hidden / 8;
+  for (int e = warp; e < p.experts; e += kRouteWarps) {
+    const __nv_bfloat16* pr = p.proj + static_cast<int64_t>(e) * p.hidden;
     float acc[kRouteTokens];
 #pragma unroll
     for (int t = 0; t < kRouteTokens; ++t) acc[t] = 0.f;
@@ -175,7 +188,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
 #pragma unroll
       for (int t = 0; t < kRouteTokens; ++t) {
         float a[8];
-        load_bf16x8(h + t * hidden + 8 * v, a);
+        load_bf16x8(h + t * p.hidden + 8 * v, a);
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[t] = fmaf(a[i], w[i], acc[t]);
       }
@@ -183,16 +196,16 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
 #pragma unroll
     for (int t = 0; t < kRouteTokens; ++t) {
       const float s = warp_sum(acc[t]);
-      if (lane == 0) logits[t * experts + e] = round_bf16(s);
+      if (lane == 0) logits[t * p.experts + e] = round_bf16(s);
     }
   }
   __syncthreads();
 
   // 3. Softmax, top-k, renormalise: warp w handles token t0 + w.
   for (int t = warp; t < kRouteTokens; t += kRouteWarps) {
-    if (t0 + t >= tokens) continue;
-    route_select(logits + t * experts, experts, top_k, expert_scale, weights + (t0 + t) * top_k,
-                 ids + (t0 + t) * top_k, lane);
+    if (t0 + t >= p.tokens) continue;
+    route_select(logits + t * p.experts, p.experts, p.top_k, p.expert_scale, p.weights + (t0 + t) * p.top_k,
+                 p.ids + (t0 + t) * p.top_k, lane);
   }
 }
 
@@ -226,25 +239,23 @@ __device__ __forceinline__ int route_swizzle(int row, int chunk, int row_chunks)
 // kNTiles: n8 tiles per warp = experts / 32.
 template <int kNTiles>
 __global__ void __launch_bounds__(kRouteTcWarps * 32)
-    route_tc_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const __nv_bfloat16* __restrict__ scale,
-                    const __nv_bfloat16* __restrict__ proj, const __nv_bfloat16* __restrict__ expert_scale,
-                    int64_t tokens, int hidden, int experts, int top_k, float eps, float inv_sqrt_hidden,
-                    float* __restrict__ weights, int32_t* __restrict__ ids, RouteResidual res) {
+    route_tc_kernel(const RouteParams p) {
   pdl_begin();
   static_assert(kNTiles % 2 == 0, "n-tiles are loaded in pairs");
   constexpr int kExperts = kNTiles * 8 * kRouteTcWarps;
   extern __shared__ __align__(128) unsigned char route_tc_smem[];
   __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(route_tc_smem);  // [16][hidden], swizzled
-  __nv_bfloat16* tiles = h + kRouteTcTokens * hidden;                   // [stages][experts][64], swizzled
+  __nv_bfloat16* tiles = h + kRouteTcTokens * p.hidden;                 // [stages][experts][64], swizzled
   float* logits = reinterpret_cast<float*>(tiles + kRouteTcStages * kExperts * kRouteTcK);  // [16][experts]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRouteTcTokens;
-  const int row_chunks = hidden / 8;
+  const int row_chunks = p.hidden / 8;
 
   // 1. Normalise the block's tokens (rows past the end are zeros and are never written out).
   for (int t = warp; t < kRouteTcTokens; t += kRouteTcWarps) {
-    route_normalize_row(t0 + t < tokens ? x + (t0 + t) * x_stride : nullptr, scale, hidden, eps, inv_sqrt_hidden,
-                        lane, [&](int i, __nv_bfloat16 v) { h[route_swizzle(t, i / 8, row_chunks) + i % 8] = v; }, res,
+    route_normalize_row(t0 + t < p.tokens ? p.x + (t0 + t) * p.x_stride : nullptr, p.scale, p.hidden, p.eps,
+                        p.inv_sqrt_hidden, lane,
+                        [&](int i, __nv_bfloat16 v) { h[route_swizzle(t, i / 8, row_chunks) + i % 8] = v; }, p.res,
                         t0 + t);
   }
 
@@ -253,13 +264,13 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   float acc[kNTiles][4];
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  const int k_tiles = hidden / kRouteTcK;
+  const int k_tiles = p.hidden / kRouteTcK;
   auto load = [&](int kt) {
     __nv_bfloat16* dst = tiles + (kt % kRouteTcStages) * kExperts * kRouteTcK;
-    const __nv_bfloat16* src = proj + static_cast<int64_t>(kt) * kRouteTcK;
+    const __nv_bfloat16* src = p.proj + static_cast<int64_t>(kt) * kRouteTcK;
     for (int c = threadIdx.x; c < kExperts * 8; c += kRouteTcWarps * 32) {
       const int row = c / 8, chunk = c % 8;
-      cp_async_16(dst + route_swizzle(row, chunk, 8), src + static_cast<int64_t>(row) * hidden + chunk * 8, 16);
+      cp_async_16(dst + route_swizzle(row, chunk, 8), src + static_cast<int64_t>(row) * p.hidden + chunk * 8, 16);
     }
   };
 #pragma unroll
@@ -302,25 +313,20 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
 
   // 4. Softmax, top-k, renormalise.
   for (int t = warp; t < kRouteTcTokens; t += kRouteTcWarps) {
-    if (t0 + t >= tokens) continue;
-    route_select(logits + t * kExperts, experts, top_k, expert_scale, weights + (t0 + t) * top_k,
-                 ids + (t0 + t) * top_k, lane);
+    if (t0 + t >= p.tokens) continue;
+    route_select(logits + t * kExperts, p.experts, p.top_k, p.expert_scale, p.weights + (t0 + t) * p.top_k,
+                 p.ids + (t0 + t) * p.top_k, lane);
   }
 }
 
 template <int kNTiles>
-cudaError_t launch_route_tc(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
-                            const __nv_bfloat16* proj, const __nv_bfloat16* expert_scale, int64_t tokens, int hidden,
-                            int experts, int top_k, float eps, float inv_sqrt_hidden, float* weights, int32_t* ids,
-                            cudaStream_t stream, const RouteResidual& res) {
-  const size_t smem = route_tc_smem_bytes(hidden, experts);
+cudaError_t launch_route_tc(const RouteParams& p, cudaStream_t stream) {
+  const size_t smem = route_tc_smem_bytes(p.hidden, p.experts);
   cudaError_t err = cudaFuncSetAttribute(route_tc_kernel<kNTiles>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const int64_t blocks = (tokens + kRouteTcTokens - 1) / kRouteTcTokens;
-  return launch_kernel(route_tc_kernel<kNTiles>, static_cast<unsigned>(blocks), kRouteTcWarps * 32, smem, stream,
-                       x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden,
-                       weights, ids, res);
+  const int64_t blocks = (p.tokens + kRouteTcTokens - 1) / kRouteTcTokens;
+  return launch_kernel(route_tc_kernel<kNTiles>, static_cast<unsigned>(blocks), kRouteTcWarps * 32, smem, stream, p);
 }
 
 // A compiled router variant: the tensor-core kernel (tensor_cores) or route_kernel<tokens, warps>.
@@ -337,42 +343,31 @@ constexpr RouteTile kRouteTiles[] = {
     {2, 8, false, "2x8"}, {1, 8, false, "1x8"}};
 
 template <int T, int W>
-cudaError_t launch_route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
-                         const __nv_bfloat16* proj, const __nv_bfloat16* expert_scale, int64_t tokens, int hidden,
-                         int experts, int top_k, float eps, float inv_sqrt_hidden, float* weights, int32_t* ids,
-                         cudaStream_t stream, const RouteResidual& res) {
-  const size_t smem = route_smem_bytes(hidden, experts, T);
+cudaError_t launch_route(const RouteParams& p, cudaStream_t stream) {
+  const size_t smem = route_smem_bytes(p.hidden, p.experts, T);
   cudaError_t err = cudaFuncSetAttribute(route_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const int64_t blocks = (tokens + T - 1) / T;
-  return launch_kernel(route_kernel<T, W>, static_cast<unsigned>(blocks), W * 32, smem, stream, x, x_stride, scale,
-                       proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, res);
+  const int64_t blocks = (p.tokens + T - 1) / T;
+  return launch_kernel(route_kernel<T, W>, static_cast<unsigned>(blocks), W * 32, smem, stream, p);
 }
 
-// `tile` indexes kRouteTiles (0 or out of range: the default). res: see RouteResidual (then x_stride == hidden).
-inline cudaError_t route(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* scale,
-                         const __nv_bfloat16* proj, const __nv_bfloat16* expert_scale, int64_t tokens, int hidden,
-                         int experts, int top_k, float eps, float inv_sqrt_hidden, float* weights, int32_t* ids,
-                         cudaStream_t stream, int tile = 0, const RouteResidual& res = {}) {
-  if (tokens == 0) return cudaSuccess;
-#define DGEMMA_ROUTE_ARGS                                                                                     \
-  x, x_stride, scale, proj, expert_scale, tokens, hidden, experts, top_k, eps, inv_sqrt_hidden, weights, ids, stream, \
-      res
+// `tile` indexes kRouteTiles (0 or out of range: the default). With res.y set, x_stride == hidden.
+inline cudaError_t route(const RouteParams& p, cudaStream_t stream, int tile = 0) {
+  if (p.tokens == 0) return cudaSuccess;
   switch (tile) {
-    case 1: return launch_route<4, 8>(DGEMMA_ROUTE_ARGS);
-    case 2: return launch_route<8, 8>(DGEMMA_ROUTE_ARGS);
-    case 3: return launch_route<2, 8>(DGEMMA_ROUTE_ARGS);
-    case 4: return launch_route<1, 8>(DGEMMA_ROUTE_ARGS);
+    case 1: return launch_route<4, 8>(p, stream);
+    case 2: return launch_route<8, 8>(p, stream);
+    case 3: return launch_route<2, 8>(p, stream);
+    case 4: return launch_route<1, 8>(p, stream);
     default:
-      if (!route_tc_fits(hidden, experts)) return launch_route<4, 8>(DGEMMA_ROUTE_ARGS);
-      switch (experts) {
-        case 64: return launch_route_tc<2>(DGEMMA_ROUTE_ARGS);
-        case 128: return launch_route_tc<4>(DGEMMA_ROUTE_ARGS);
-        default: return launch_route_tc<8>(DGEMMA_ROUTE_ARGS);
+      if (!route_tc_fits(p.hidden, p.experts)) return launch_route<4, 8>(p, stream);
+      switch (p.experts) {
+        case 64: return launch_route_tc<2>(p, stream);
+        case 128: return launch_route_tc<4>(p, stream);
+        default: return launch_route_tc<8>(p, stream);
       }
   }
-#undef DGEMMA_ROUTE_ARGS
 }
 
 }  // namespace dgemma::kernels

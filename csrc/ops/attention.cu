@@ -39,12 +39,7 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
   check_shape(tail_v, {b, hkv, t, d});
   check_bf16_rows(out, 4, dev);
   check_shape(out, {b, t, hq, d});
-  check_cuda(prefix_lens);
-  check_same_device(q, prefix_lens);
-  check_dtype(prefix_lens, DType::kInt32);
-  check_ndim(prefix_lens, 1);
-  check_dim(prefix_lens, 0, b, "batch");
-  check_contiguous(prefix_lens);
+  check_vector(prefix_lens, DType::kInt32, b, "batch", q);
 
   check_range("batch", b, 1, 65535);
   check_range("q heads", hq, 1, 65535);

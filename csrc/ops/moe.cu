@@ -37,15 +37,6 @@ void check_fp8_experts(const TensorArg& w, const TensorArg& x) {
   check_contiguous(w);
 }
 
-void check_vector(const TensorArg& t, DType dtype, int64_t n, const char* what, const TensorArg& like) {
-  check_cuda(t);
-  check_same_device(like, t);
-  check_dtype(t, dtype);
-  check_ndim(t, 1);
-  check_dim(t, 0, n, what);
-  check_contiguous(t);
-}
-
 void check_ids(const TensorArg& ids, const TensorArg& like) {
   check_cuda(ids);
   check_same_device(like, ids);
@@ -76,7 +67,8 @@ int moe_tile_override() {
       if (std::to_string(t) == v) return t;
       names += (names.empty() ? "" : ", ") + std::to_string(t);
     }
-    ::dgemma::throw_invalid(std::string("DGEMMA_MOE_TILE=") + v + " is not a compiled expert GEMM tile (" + names + ")");
+    ::dgemma::throw_invalid(std::string("DGEMMA_MOE_TILE=") + v + " is not a compiled expert GEMM tile (" + names +
+                            ")");
   }();
   return tile;
 }
@@ -232,14 +224,21 @@ void moe_route(const TensorArg& x, const TensorArg& scale, const TensorArg& proj
 
   throw_if_failed(cudaSetDevice(x.device), "cudaSetDevice");
   const float inv_sqrt_hidden = static_cast<float>(std::pow(static_cast<double>(hidden), -0.5));
-  throw_if_failed(kernels::route(static_cast<const __nv_bfloat16*>(x.data), x.strides[0],
-                                 static_cast<const __nv_bfloat16*>(scale.data),
-                                 static_cast<const __nv_bfloat16*>(proj.data),
-                                 static_cast<const __nv_bfloat16*>(expert_scale.data), tokens,
-                                 static_cast<int>(hidden), static_cast<int>(experts), top_k, static_cast<float>(eps),
-                                 inv_sqrt_hidden, static_cast<float*>(weights.data), static_cast<int32_t*>(ids.data),
-                                 reinterpret_cast<cudaStream_t>(stream), route_tile(), res),
-                  "moe_route launch");
+  const kernels::RouteParams p{static_cast<const __nv_bfloat16*>(x.data),
+                               x.strides[0],
+                               static_cast<const __nv_bfloat16*>(scale.data),
+                               static_cast<const __nv_bfloat16*>(proj.data),
+                               static_cast<const __nv_bfloat16*>(expert_scale.data),
+                               tokens,
+                               static_cast<int>(hidden),
+                               static_cast<int>(experts),
+                               top_k,
+                               static_cast<float>(eps),
+                               inv_sqrt_hidden,
+                               static_cast<float*>(weights.data),
+                               static_cast<int32_t*>(ids.data),
+                               res};
+  throw_if_failed(kernels::route(p, reinterpret_cast<cudaStream_t>(stream), route_tile()), "moe_route launch");
 }
 
 void moe_plan(const TensorArg& ids, int experts, const TensorArg& offsets, const TensorArg& row_of,
@@ -276,7 +275,8 @@ void moe_plan(const TensorArg& ids, int experts, const TensorArg& offsets, const
     check_contiguous(*scratch);
     const int64_t need = kernels::moe_plan_scratch_ints(ids.numel(), experts);
     if (scratch->numel() < need)
-      ::dgemma::throw_invalid(scratch->name + " has " + std::to_string(scratch->numel()) + " entries, expected at least " +
+      ::dgemma::throw_invalid(scratch->name + " has " + std::to_string(scratch->numel()) +
+                              " entries, expected at least " +
                               std::to_string(need) + " (experts * ceil(tokens * top_k / 1024))");
   }
   throw_if_failed(cudaSetDevice(ids.device), "cudaSetDevice");
@@ -406,7 +406,8 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   const auto* idp = static_cast<const int32_t*>(ids.data);
   const int pad = contiguous ? b.moe_tile : 1;
   throw_if_failed(kernels::moe_plan(idp, static_cast<int>(tokens), top_k, E - shared, b.offsets, b.row_of,
-                                    b.row_expert, s, pad, b.row_src, b.tile_expert, b.num_tiles, b.plan_scratch, shared),
+                                    b.row_expert, s, pad, b.row_src, b.tile_expert, b.num_tiles, b.plan_scratch,
+                                    shared),
                   "moe_plan launch");
   const kernels::GatherPadding padding{contiguous ? b.offsets : nullptr, b.row_src, pad};
   throw_if_failed(kernels::moe_gather_quantize(static_cast<const __nv_bfloat16*>(x.data), hidden, tokens, H, slots,
@@ -448,10 +449,9 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
     throw_if_failed(kernels::sm90_moe_gemm(b.moe_tile, g2, b.gemm2, b.gemm2_bytes, sms, x.device, s),
                     "expert GEMM down");
     if (!combine) return;  // the caller reads b.down / b.row_of (moe_fp8_workspace_layout)
+    auto* shared_rows = shared_out != nullptr ? static_cast<__nv_bfloat16*>(shared_out->data) : nullptr;
     throw_if_failed(kernels::moe_combine(b.down, nullptr, nullptr, idp, nullptr, b.row_of, tokens, H, slots,
-                                         static_cast<__nv_bfloat16*>(out->data), hidden, s,
-                                         shared_out != nullptr ? static_cast<__nv_bfloat16*>(shared_out->data) : nullptr,
-                                         top_k),
+                                         static_cast<__nv_bfloat16*>(out->data), hidden, s, shared_rows, top_k),
                     "moe_combine launch");
     return;
   }

@@ -67,12 +67,7 @@ void check_quant_rows(const TensorArg& q, const TensorArg& scale, const TensorAr
   check_dim(q, 0, rows, "rows of x");
   check_dim(q, 1, dim, "the normalised dimension");
   check_contiguous(q);
-  check_cuda(scale);
-  check_same_device(x, scale);
-  check_dtype(scale, DType::kFloat32);
-  check_ndim(scale, 1);
-  check_dim(scale, 0, rows, "rows of x");
-  check_contiguous(scale);
+  check_vector(scale, DType::kFloat32, rows, "rows of x", x);
 }
 
 }  // namespace
@@ -220,24 +215,17 @@ void ffn_residual_experts(const TensorArg& x, const TensorArg& down, const Tenso
   check_like(out, x);
   const int64_t dim = normalised_dim(x, eps);
   if (x.dtype != DType::kBFloat16)
-    ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) + ", expected bfloat16 (the expert rows' dtype)");
+    ::dgemma::throw_invalid(x.name + " has dtype " + dtype_name(x.dtype) +
+                            ", expected bfloat16 (the expert rows' dtype)");
   if (dim % 8 != 0 || dim > kernels::kExpertBranchesMaxDim)
     ::dgemma::throw_invalid(x.name + " last dimension is " + std::to_string(dim) + ", expected a multiple of 8 up to " +
                             std::to_string(kernels::kExpertBranchesMaxDim));
   const int64_t rows = x.numel() / dim;
-  check_cuda(down);
+  moe_detail::check_matrix(down, DType::kBFloat16, -1, dim, "", "the normalised dimension");
   check_same_device(x, down);
-  check_dtype(down, DType::kBFloat16);
-  check_ndim(down, 2);
-  check_dim(down, 1, dim, "the normalised dimension");
-  check_contiguous(down);
   moe_detail::check_aligned(down, 16);
-  check_cuda(row_of);
+  moe_detail::check_matrix(row_of, DType::kInt32, rows, -1, "rows of x", "");
   check_same_device(x, row_of);
-  check_dtype(row_of, DType::kInt32);
-  check_ndim(row_of, 2);
-  check_dim(row_of, 0, rows, "rows of x");
-  check_contiguous(row_of);
   const int64_t slots = row_of.shape[1];
   if (top_k < 1 || top_k >= slots)
     ::dgemma::throw_invalid("top_k is " + std::to_string(top_k) + ", expected 1.." + std::to_string(slots - 1) +

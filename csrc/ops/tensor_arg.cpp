@@ -63,4 +63,13 @@ void check_dim(const TensorArg& t, size_t dim, int64_t expected, const char* wha
                                 std::to_string(expected) + " in dimension " + std::to_string(dim) + " (" + what + ")");
 }
 
+void check_vector(const TensorArg& t, DType dtype, int64_t n, const char* what, const TensorArg& like) {
+  check_cuda(t);
+  check_same_device(like, t);
+  check_dtype(t, dtype);
+  check_ndim(t, 1);
+  check_dim(t, 0, n, what);
+  check_contiguous(t);
+}
+
 }  // namespace dgemma

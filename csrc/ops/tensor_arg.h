@@ -63,5 +63,7 @@ void check_same_device(const TensorArg& a, const TensorArg& b);
 void check_contiguous(const TensorArg& t);
 void check_ndim(const TensorArg& t, size_t ndim);
 void check_dim(const TensorArg& t, size_t dim, int64_t expected, const char* what);
+// A contiguous CUDA vector of `dtype` and n entries (`what` names n) on `like`'s device.
+void check_vector(const TensorArg& t, DType dtype, int64_t n, const char* what, const TensorArg& like);
 
 }  // namespace dgemma

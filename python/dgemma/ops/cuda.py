@@ -57,6 +57,13 @@ def residual_norm_fp8(x, a, wa, eps, next_norm, b=None, wb=None, wc=None, scalar
     return out, Fp8Rows(q, scale, tuple(x.shape[:-1]))
 
 
+@functools.lru_cache(maxsize=16)
+def _rounded_scale(scale: float, dtype: torch.dtype) -> float:
+    """The embedding scale as the reference applies it: rounded to the table's dtype first (sqrt(2816) is 53.0 in
+    bf16); computed once, not on every step."""
+    return float(torch.tensor(scale, dtype=torch.float32).to(dtype))
+
+
 def embed_norm(ids, table, scale: float, add, eps: float, next_norm=None):
     """The decoder's input in one kernel (``_C.embed_norm``): ``rms_norm(table[ids]·scale [+ add])`` (weightless), each
     step rounded as the reference's embed, add and norm; with ``next_norm`` also the first layer's FP8 q/k/v input
@@ -64,8 +71,7 @@ def embed_norm(ids, table, scale: float, add, eps: float, next_norm=None):
     lib = _ext.require_cuda()
     hidden = table.shape[1]
     out = torch.empty(*ids.shape, hidden, dtype=table.dtype, device=table.device)
-    # The scale as the reference applies it: rounded to the table's dtype first (sqrt(2816) is 53.0 in bf16).
-    s = float(torch.tensor(scale, dtype=torch.float32).to(table.dtype))
+    s = _rounded_scale(float(scale), table.dtype)
     ids64 = ids if ids.dtype == torch.int64 else ids.long()
     stream = _ext.current_stream(table.device)
     if next_norm is None:
