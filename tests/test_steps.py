@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dgemma.cache import MIN_PREFIX_BUCKET, PrefixView, prefix_bucket
+from dgemma.errors import NonFiniteError
 from dgemma.ops.reference import ReferenceOps
 from dgemma.random_checkpoint import random_engine
 from dgemma.sampler import GenerationSettings, PhiloxHeadSampler
@@ -416,3 +417,86 @@ def test_dgemma_disable_kernels_switches_the_commit_path_and_refuses_unknown_nam
                                           "residual_norm, view_commit, norm_quant, moe_contiguous, fp8_dense, fp8_moe, "
                                           "shared_experts"):
         _view_commit_fits(cache, 16)
+
+
+# -- running a step ahead of the stop flags -----------------------------------------------------------
+
+
+def _counting(monkeypatch):
+    """Count the fused steppers' calls."""
+    calls = []
+    original = FusedHeadStepper.__call__
+
+    def call(self, canvas, soft, n, finished):
+        calls.append(n)
+        return original(self, canvas, soft, n, finished)
+    monkeypatch.setattr(FusedHeadStepper, "__call__", call)
+    return calls
+
+
+def _generate_with_events(eng, x, **kw):
+    events = []
+    res = eng.generate(x, stream=events.append, **kw)
+    return res, [(e.kind, e.block, e.step, e.tokens.clone(), e.finished.clone()) for e in events]
+
+
+def _same_run(a, b):
+    (res_a, ev_a), (res_b, ev_b) = a, b
+    assert torch.equal(res_a.sequences, res_b.sequences)
+    assert res_a.steps_per_block == res_b.steps_per_block
+    assert torch.equal(torch.as_tensor(res_a.tokens_per_forward), torch.as_tensor(res_b.tokens_per_forward))
+    assert [e[:3] for e in ev_a] == [e[:3] for e in ev_b]
+    for x, y in zip(ev_a, ev_b):
+        assert torch.equal(x[3], y[3]) and torch.equal(x[4], y[4])
+
+
+@pytest.mark.parametrize("confidence", [5.5, 4.5])
+def test_running_a_step_ahead_of_the_stop_flags_gives_the_results_of_stopping_at_once(monkeypatch, confidence):
+    eng = engine(fused=True, canvas=16)
+    x = ids(2, 20)
+    # Stopping on the mean entropy alone, at thresholds this model's rows cross at different steps (5.5: after
+    # 1 or 2 of 8 steps, 4.5: after 7 or 8): rows stop apart and blocks stop before their last step.
+    kw = dict(seed=3, max_new_tokens=64, max_denoising_steps=8, eos_token_id=[], pad_token_id=0,
+              stability_threshold=0, confidence_threshold=confidence)
+    calls = _counting(monkeypatch)
+    ahead = _generate_with_events(eng, x, **kw)
+    ahead_calls = list(calls)
+    monkeypatch.setattr(FusedHeadStepper, "rewind", None)  # the loop reads each step's flags before the next
+    calls.clear()
+    at_once = _generate_with_events(eng, x, **kw)
+    _same_run(ahead, at_once)
+    # Blocks that stopped early ran one step past the stop, undone: one call more per such block.
+    early = sum(max(rows) < 8 for rows in at_once[0].steps_per_block)
+    assert early >= 2 and len(calls) == sum(max(rows) for rows in at_once[0].steps_per_block)
+    assert len(ahead_calls) == len(calls) + early
+
+
+def test_a_step_run_ahead_past_the_stop_leaves_the_random_stream_as_it_was(monkeypatch):
+    """The undo is what keeps the stream: without it the next block draws other numbers."""
+    eng = engine(fused=True, canvas=16)
+    x = ids(2, 20)
+    kw = dict(seed=3, max_new_tokens=64, max_denoising_steps=8, eos_token_id=[], pad_token_id=0,
+              stability_threshold=0, confidence_threshold=4.5)
+    at_once = _generate_with_events(eng, x, **kw)
+    monkeypatch.setattr(FusedHeadStepper, "rewind", lambda self: None)
+    forgetful = _generate_with_events(eng, x, **kw)
+    c = 16
+    assert torch.equal(forgetful[0].sequences[:, :20 + c], at_once[0].sequences[:, :20 + c])  # the first block
+    assert not torch.equal(forgetful[0].sequences, at_once[0].sequences)
+
+
+def test_a_non_finite_step_is_reported_at_its_step_when_the_loop_runs_ahead(monkeypatch):
+    def failure(rewind):
+        eng = engine(fused=True)
+        eng.model.w.layers[1].post_ff_norm.fill_(float("nan"))
+        if not rewind:
+            monkeypatch.setattr(FusedHeadStepper, "rewind", None)
+        events = []
+        with pytest.raises(NonFiniteError) as e:
+            eng.generate(ids(1, 10), seed=0, max_new_tokens=32, max_denoising_steps=4, stream=events.append)
+        return str(e.value), events
+
+    ahead, ahead_events = failure(rewind=True)
+    at_once, at_once_events = failure(rewind=False)
+    assert ahead == at_once and ahead_events == at_once_events == []  # the first step is not finite
+    assert "block 0, denoising step 4, first non-finite output at decoder layer 1" in ahead

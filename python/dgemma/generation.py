@@ -185,13 +185,22 @@ def _denoise_block(engine, cache, current, settings, stepper, finished_seq, pass
     row stops.
 
     Rows that have stopped keep their canvas, argmax and self-conditioning input while the others
-    continue (transformers runs them through the decoder all the same)."""
+    continue (transformers runs them through the decoder all the same).
+
+    Whether to stop is read on the host once per step (the step's "all rows stopped" and "all finite"
+    flags). A stepper that can undo a step's draw (``rewind``: a counter-based random stream) runs one step
+    ahead: step n-1 is queued before step n's flags are read, so the device never waits for the host; when
+    step n turns out to be the last, step n-1 is undone. It changed nothing: every row had stopped, so every
+    row kept its state, and the rewound stream draws the same numbers next. Results, events and their order
+    are those of stopping at once."""
     device = engine.device
     b = current.shape[0]
     argmax, soft = current, None
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
     block_passes = torch.zeros(b, dtype=torch.int, device=device)
+    ahead = not stepper.external and callable(getattr(stepper, "rewind", None))
+    pending: _StepFlags | None = None  # the step ahead of which the loop runs
     for step in range(settings.max_denoising_steps, 0, -1):
         active = ~(finished | finished_seq)
         passes += active
@@ -203,30 +212,79 @@ def _denoise_block(engine, cache, current, settings, stepper, finished_seq, pass
                 draw = stepper.draw(h, current, step, finished)
             else:
                 draw = stepper(current, soft, step, finished)
-        except NonFiniteError as e:
-            raise _located(e, engine, cache, current, soft, block, step) from None
+        except Exception as e:
+            # The step before decides first: it may have been the last (then this one never ran) or not finite.
+            if pending is not None and (yield from _settle(pending, engine, cache, block, undo)):
+                stepper.rewind()
+                return argmax, block_passes
+            if isinstance(e, NonFiniteError):
+                raise _located(e, engine, cache, current, soft, block, step) from None
+            raise
         if soft is not None:  # no row has stopped before the block's first draw
             keep = finished[:, None]
             draw.argmax = torch.where(keep, argmax, draw.argmax)
             draw.next_canvas = torch.where(keep, current, draw.next_canvas)
             draw.soft = torch.where(keep[..., None], soft, draw.soft)
         finished = finished | stopper(draw.argmax, draw.mean_entropy)
-        inputs = current, soft  # this step's decoder inputs, to locate a non-finite output
+        flags = _StepFlags(step, finished, draw, inputs=(current, soft))
         current, argmax, soft = draw.next_canvas, draw.argmax, draw.soft
-        # One host sync per step, as before: whether the block is done and whether the step was finite.
-        done, ok = torch.stack((finished.all(), torch.isfinite(draw.mean_entropy).all())).tolist()
-        if not ok:
-            row = int((~torch.isfinite(draw.mean_entropy)).nonzero()[0, 0])
-            raise _located(NonFiniteError(f"the logits of row {row} are not finite"), engine, cache, *inputs, block,
-                           step)
-        if undo is None:
-            yield StreamEvent("draft", block, step, argmax, finished.clone())
-        else:
-            with undo.suspended():
-                yield StreamEvent("draft", block, step, argmax, finished.clone())
-        if done:
-            break
+        if not ahead:
+            if (yield from _settle(flags, engine, cache, block, undo)):
+                break
+            continue
+        if pending is not None:
+            try:
+                done = yield from _settle(pending, engine, cache, block, undo)
+            except BaseException:
+                stepper.rewind()
+                raise
+            if done:
+                stepper.rewind()  # this step ran past the stop; every row kept its state
+                pending = None
+                break
+        pending = flags
+    if pending is not None:
+        yield from _settle(pending, engine, cache, block, undo)
     return argmax, block_passes
+
+
+class _StepFlags:
+    """A step's stop and finiteness flags on their way to the host (copied without waiting for the device),
+    with what its stream event and a non-finite error need."""
+
+    __slots__ = ("step", "host", "ready", "argmax", "finished", "mean_entropy", "inputs")
+
+    def __init__(self, step: int, finished: torch.Tensor, draw, inputs):
+        flags = torch.stack((finished.all(), torch.isfinite(draw.mean_entropy).all()))
+        self.ready = None
+        if flags.is_cuda:
+            self.host = torch.empty(2, dtype=torch.bool, pin_memory=True)
+            self.host.copy_(flags, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = flags
+        self.step, self.argmax, self.finished = step, draw.argmax, finished.clone()
+        self.mean_entropy, self.inputs = draw.mean_entropy, inputs
+
+    def read(self) -> tuple[bool, bool]:
+        """(every row stopped, every mean entropy finite); waits for the step (the one host sync per step)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        done, ok = self.host.tolist()
+        return done, ok
+
+
+def _settle(flags: _StepFlags, engine, cache, block: int, undo):
+    """Read a step's flags: raise if it was not finite, else yield its draft event; whether the block is done."""
+    done, ok = flags.read()
+    if not ok:
+        row = int((~torch.isfinite(flags.mean_entropy)).nonzero()[0, 0])
+        raise _located(NonFiniteError(f"the logits of row {row} are not finite"), engine, cache, *flags.inputs, block,
+                       flags.step)
+    with undo.suspended() if undo is not None else contextlib.nullcontext():
+        yield StreamEvent("draft", block, flags.step, flags.argmax, flags.finished)
+    return done
 
 
 def _located(e: NonFiniteError, engine, cache, canvas, soft, block: int, step: int) -> NonFiniteError:

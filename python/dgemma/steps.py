@@ -75,6 +75,7 @@ class FusedHeadStepper:
 
     def __init__(self, model, cache: KVCache, sampler: PhiloxHeadSampler):
         self.model, self.cache, self.sampler = model, cache, sampler
+        self.counter_at_call = sampler.counter
 
     def body(self, canvas: torch.Tensor, soft: torch.Tensor | None, finished: torch.Tensor,
              prefix: PrefixView) -> Draw:
@@ -83,8 +84,15 @@ class FusedHeadStepper:
         return self.sampler.draw(h, canvas, finished)
 
     def __call__(self, canvas: torch.Tensor, soft: torch.Tensor | None, n: int, finished: torch.Tensor) -> Draw:
+        self.counter_at_call = self.sampler.counter
         self.sampler.prepare(n)
         return self.body(canvas, soft, finished, self.cache.prefix_view())
+
+    def rewind(self) -> None:
+        """Undo the last call's draw: the sampler's stream is counter-based, so the next step draws what the
+        undone one did (``generate`` runs a step ahead of reading the stop flags and undoes the step past
+        the stop)."""
+        self.sampler.counter = self.counter_at_call
 
     def commit(self, ids: torch.Tensor) -> None:
         """The commit pass through :meth:`~dgemma.model.DiffusionGemmaModel.encode_view` (start positions on the
@@ -131,11 +139,13 @@ class CudaGraphStepper(FusedHeadStepper):
         """Use this stepper's graphs for a new generation's sampler: it writes its scalars where they read."""
         sampler.scalars = self.scalars
         self.sampler = sampler
+        self.counter_at_call = sampler.counter
 
     def __call__(self, canvas: torch.Tensor, soft: torch.Tensor | None, n: int, finished: torch.Tensor) -> Draw:
         if self.failed is not None:
             return super().__call__(canvas, soft, n, finished)
         cache, first = self.cache, soft is None
+        self.counter_at_call = self.sampler.counter
         self.sampler.prepare(n)
         self.canvas.copy_(canvas)
         if not first:
