@@ -4,6 +4,11 @@ Usage: python bench/bench_vocab_head.py --out bench/results/vocab_head.json
 The fused path reads E twice (statistics pass, P·E pass) and writes/reads the bf16 probabilities; the
 transformers-style path is lm_head + softcap + fp32 softmax + multinomial + entropy + sort, on the same
 inputs. max_rel_err compares the fused outputs (max, lse, entropy, soft) with the fp32 reference.
+
+Rows: ``vocab_head_b{b}`` is the implementation generation runs (DGEMMA_VOCAB_HEAD, else the default), and
+``vocab_head_{impl}_b{b}`` each implementation of the two GEMMs. ``flop_share``: the two GEMMs' FLOPs at the bf16
+matmul rate measured in this run (bench/common.py bf16_matmul_flops) over the median; ``speedup_vs_torch``: the
+transformers-style path's median over this one's, same run.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median, roofline_ms, time_cuda, write_results  # noqa: E402
+from common import bf16_matmul_flops, median, roofline_ms, time_cuda, write_results  # noqa: E402
 
 VOCAB, HIDDEN, CANVAS, CAP = 262144, 2816, 256, 30.0
 
@@ -54,40 +59,48 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/vocab_head.json")
     ap.add_argument("--iters", type=int, default=30)
     args = ap.parse_args()
-    from dgemma.ops.cuda_vocab_head import vocab_head_step, workspace_bytes
+    from dgemma.ops.cuda_vocab_head import IMPLS, head_impl, vocab_head_step, workspace_bytes
 
     torch.manual_seed(0)
     # Logit scale of a trained head: raw logits with a std of ~3 (E rows ~ N(0, 3²/H), h ~ N(0, 1)).
     embed = (torch.randn(VOCAB, HIDDEN, device="cuda") * (3.0 / HIDDEN**0.5)).to(torch.bfloat16)
     temp, bound, results = 0.6, 0.1, []
+    rate = bf16_matmul_flops()
+    default = head_impl()
     for b in (1, 4):
         h = torch.randn(b, CANVAS, HIDDEN, device="cuda").to(torch.bfloat16)
         canvas = torch.randint(0, VOCAB, (b, CANVAS), device="cuda")
         prev = torch.randint(0, VOCAB, (b, CANVAS), device="cuda")
-        ws = torch.empty(workspace_bytes(b, CANVAS, VOCAB, HIDDEN), dtype=torch.uint8, device="cuda")
-        step = [0]
-
-        def fused():
-            step[0] += 1
-            return vocab_head_step(h, embed, temp, 1234, step[0], canvas, prev, bound, workspace=ws)
-
-        out = fused()
-        err = max_rel_err(out, h, embed, temp)
-        ms = median(time_cuda(fused, iters=args.iters))
         rows = b * CANVAS
         e_bytes = VOCAB * HIDDEN * 2
         bytes_moved = 2 * e_bytes + 2 * rows * VOCAB * 2 + 2 * rows * HIDDEN * 2
         flops = 2 * (2 * rows * VOCAB * HIDDEN)
-        results.append({"name": f"vocab_head_b{b}", "median_ms": ms, "roofline_ms": roofline_ms(bytes_moved, flops),
-                        "max_rel_err": err, "batch": b, "canvas": CANVAS, "vocab": VOCAB, "hidden": HIDDEN})
-        del out
         gen = torch.Generator(device="cuda").manual_seed(0)
         ms_tf = median(time_cuda(lambda: transformers_style(h, embed, temp, bound, canvas, gen), iters=args.iters))
         # lm_head reads E and writes bf16 logits; each fp32 pass over [rows, V] reads or writes 4 bytes/elt.
         results.append({"name": f"transformers_style_b{b}", "median_ms": ms_tf,
                         "roofline_ms": roofline_ms(e_bytes, 2 * rows * VOCAB * HIDDEN), "batch": b})
-        del ws
         torch.cuda.empty_cache()
+        for impl in IMPLS:
+            ws = torch.empty(workspace_bytes(b, CANVAS, VOCAB, HIDDEN, impl=impl), dtype=torch.uint8, device="cuda")
+            step = [0]
+
+            def fused(ws=ws, impl=impl):
+                step[0] += 1
+                return vocab_head_step(h, embed, temp, 1234, step[0], canvas, prev, bound, workspace=ws, impl=impl)
+
+            out = fused()
+            err = max_rel_err(out, h, embed, temp)
+            del out
+            ms = median(time_cuda(fused, iters=args.iters))
+            row = {"median_ms": ms, "roofline_ms": roofline_ms(bytes_moved, flops, rate), "max_rel_err": err,
+                   "flop_share": flops / rate * 1e3 / ms, "speedup_vs_torch": ms_tf / ms, "impl": impl, "batch": b,
+                   "canvas": CANVAS, "vocab": VOCAB, "hidden": HIDDEN}
+            results.append({"name": f"vocab_head_{impl}_b{b}", **row})
+            if impl == default:
+                results.append({"name": f"vocab_head_b{b}", **row})
+            del ws
+            torch.cuda.empty_cache()
     write_results(args.out, results)
 
 

@@ -34,6 +34,21 @@ def copy_bandwidth() -> float:
     return _measured["copy_bytes_per_s"]
 
 
+def bf16_matmul_flops() -> float:
+    """FLOP/s of torch's bf16 matmul (cuBLAS) at 8192^3 on the current GPU, the best of 10 calls, measured on first
+    use and remembered for the run (the denominator of a kernel's ``flop_share``); the nominal H100 figure without
+    a GPU."""
+    if "bf16_flops" not in _measured:
+        if not torch.cuda.is_available():
+            return BF16_FLOPS
+        n = 8192
+        a = torch.randn(n, n, device="cuda").to(torch.bfloat16)
+        b = torch.randn(n, n, device="cuda").to(torch.bfloat16)
+        ms = min(time_cuda(lambda: a @ b, warmup=3, iters=10, flush_l2=False))
+        _measured["bf16_flops"] = 2 * n**3 / (ms / 1e3)
+    return _measured["bf16_flops"]
+
+
 def roofline_ms(bytes_moved: float = 0.0, flops: float = 0.0, peak_flops: float = BF16_FLOPS) -> float:
     """The larger of the memory time (bytes at this GPU's measured copy bandwidth) and the compute time
     (flops / peak)."""
@@ -80,7 +95,10 @@ def write_results(path: str, results: list[dict]) -> None:
         "commit": _commit(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         # The bandwidth every roofline_ms of this run used (None: no roofline was computed).
-        "copy_bandwidth_gb_per_s": round(_measured["copy_bytes_per_s"] / 1e9, 1) if _measured else None,
+        "copy_bandwidth_gb_per_s": round(_measured["copy_bytes_per_s"] / 1e9, 1)
+        if "copy_bytes_per_s" in _measured else None,
+        # The bf16 matmul rate every flop_share of this run used (None: none was computed).
+        "bf16_tflops": round(_measured["bf16_flops"] / 1e12, 1) if "bf16_flops" in _measured else None,
         "results": results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -10,7 +10,8 @@
 #   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json;
 #             expert GEMM tile sweep -> moe_tile_<tile>.json
 #   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json; the same with DGEMMA_PDL=1 (programmatic
-#             dependent launch, graphs on) -> $OUT/e2e_pdl.json unless E2E_PDL is set empty
+#             dependent launch, graphs on) -> $OUT/e2e_pdl.json unless E2E_PDL is set empty; the same with
+#             DGEMMA_VOCAB_HEAD=wgmma (the head's CUTLASS GEMMs) -> $OUT/e2e_wgmma.json unless E2E_WGMMA is set empty
 # The log ($OUT/device_check.log) records the device, driver, torch, commit, every command, its exit
 # status and output tail, and each sanitizer's ERROR SUMMARY line. Each command has its own time limit
 # (*_S variables), so one slow stage cannot eat the lease. Usage on the device machine:
@@ -123,6 +124,11 @@ if want e2e; then
   if [[ -n "${E2E_PDL:-1}" ]]; then
     DGEMMA_PDL=1 TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 --steps 16 \
       --cuda-graphs on --json "$OUT/e2e_pdl.json"
+  fi
+  # The vocabulary head on the CUTLASS wgmma GEMMs (DGEMMA_VOCAB_HEAD=wgmma, opt-in until measured).
+  if [[ -n "${E2E_WGMMA:-1}" ]]; then
+    DGEMMA_VOCAB_HEAD=wgmma TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 \
+      --steps 16 --cuda-graphs on --json "$OUT/e2e_wgmma.json"
   fi
 fi
 rm -f "$OUT/last.txt"

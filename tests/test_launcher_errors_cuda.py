@@ -1205,7 +1205,7 @@ VB, VC, VV, VH = 2, 5, 130, 64
 
 def vocab_head_workspace_bytes_table(c: Ctx) -> Table:
     t = Table("vocab_head_workspace_bytes", dict(batch=VB, canvas=VC, vocab=VV, hidden=VH, with_soft=True,
-                                                 device=c.idx))
+                                                 device=c.idx, impl=1))
     t.bad("no batch", "batch 0 must be in [1, 268435456]", batch=0)
     t.bad("batch too large", f"batch {2**28 + 1} must be in [1, 268435456]", batch=2**28 + 1)
     t.bad("no canvas", "canvas length 0 must be in [1, 1024]", canvas=0)
@@ -1217,6 +1217,8 @@ def vocab_head_workspace_bytes_table(c: Ctx) -> Table:
     t.bad("hidden too large", "hidden size 65600 must be a positive multiple of 64 up to 65536", hidden=65600)
     # (None would convert: pybind11 reads None as False for a bool parameter.)
     t.type_error("with_soft is a string", "with_soft='yes'", with_soft="yes")
+    t.bad("impl 2", "impl 2 must be 0 (mma.sync) or 1 (wgmma)", impl=2)
+    t.bad("impl -1", "impl -1 must be 0 (mma.sync) or 1 (wgmma)", impl=-1)
 
     t.check = _positive_size
     return t
@@ -1236,7 +1238,8 @@ def vocab_head_step_table(c: Ctx) -> Table:
         max_logit=f32(VB, VC), lse=f32(VB, VC), entropy=f32(VB, VC), argmax=i64(VB, VC), sample=i64(VB, VC),
         accepted=flag(VB, VC), next_canvas=i64(VB, VC), mean_entropy=f32(VB), stable=flag(VB), finished_out=flag(VB),
         soft=c.empty(VB, VC, VH), workspace=c.empty(nbytes, dtype=U8), temperature=0.8, softcap=30.0,
-        entropy_bound=0.1, confidence=0.005, soft_scale=8.0, seed=1, step=0, stream=0))
+        entropy_bound=0.1, confidence=0.005, soft_scale=8.0, seed=1, step=0, stream=0, device_seed_step=None,
+        device_temperature=None, impl=0))
     doc = "(see the documented shape)"
     t.bad("hidden on the host", cuda_msg("hidden"), hidden=c.host(h))
     t.bad("hidden float32", "hidden has dtype float32, expected bfloat16", hidden=c.empty(VB, VC, VH, dtype=F32))
@@ -1303,6 +1306,12 @@ def vocab_head_step_table(c: Ctx) -> Table:
     t.bad("lse is None", not_tensor("lse"), lse=None)
     t.type_error("negative seed", "seed=-1", seed=-1)
     t.type_error("step beyond uint32", "step=4294967296", step=2**32)
+    t.bad("impl 3", "impl 3 must be 0 (mma.sync) or 1 (wgmma)", impl=3)
+    # A workspace sized for the mma.sync kernels is checked against the wgmma plan's size.
+    wgmma_bytes = int(c.lib.vocab_head_workspace_bytes(VB, VC, VV, VH, True, c.idx, 1))
+    if wgmma_bytes > nbytes:
+        t.bad("workspace of the other implementation", f"workspace has {nbytes} bytes, expected at least "
+              f"{wgmma_bytes} (vocab_head_workspace_bytes)", impl=1)
 
     def check(_):
         b = t.base

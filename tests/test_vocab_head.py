@@ -227,3 +227,21 @@ def test_cuda_wrapper_reports_missing_backend():
         vocab_head_step(h, torch.randn(10, 64).to(torch.bfloat16), 0.5, 0, 0, torch.zeros(1, 4, dtype=torch.long),
                         None, 0.1)
 
+
+
+def test_the_head_implementation_comes_from_the_argument_or_the_environment(monkeypatch):
+    from dgemma.errors import DgemmaError
+    from dgemma.ops.cuda_vocab_head import DEFAULT_IMPL, IMPLS, head_impl
+
+    monkeypatch.delenv("DGEMMA_VOCAB_HEAD", raising=False)
+    assert head_impl() == DEFAULT_IMPL and set(IMPLS) == {"mma_sync", "wgmma"}
+    monkeypatch.setenv("DGEMMA_VOCAB_HEAD", "wgmma")
+    assert head_impl() == "wgmma" and head_impl("mma_sync") == "mma_sync"
+    monkeypatch.setenv("DGEMMA_VOCAB_HEAD", "")
+    assert head_impl() == DEFAULT_IMPL
+    monkeypatch.setenv("DGEMMA_VOCAB_HEAD", "tma")
+    with pytest.raises(DgemmaError, match=r"DGEMMA_VOCAB_HEAD = 'tma' is not a vocabulary-head implementation; "
+                                          r"expected one of mma_sync, wgmma"):
+        head_impl()
+    with pytest.raises(DgemmaError, match=r"impl = 'wgmma2' is not"):
+        head_impl("wgmma2")

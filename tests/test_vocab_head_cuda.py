@@ -29,13 +29,17 @@ def _poisoned(b, c, hidden, with_soft=True) -> VocabHeadStep:
                          stable=flag(b), finished=flag(b), soft=soft)
 
 
-def _run(h, embed, t, seed, step, prev=None, bound=0.1, with_soft=True, **kw):
+# Both implementations of the head's GEMMs (mma.sync kernels, CUTLASS sm90 wgmma GEMMs) take every test below.
+IMPLS = ("mma_sync", "wgmma")
+
+
+def _run(h, embed, t, seed, step, prev=None, bound=0.1, with_soft=True, impl=None, **kw):
     from dgemma.ops.cuda_vocab_head import vocab_head_step
 
     b, c, hidden = h.shape
     canvas = torch.randint(0, embed.shape[0], (b, c), device="cuda")
     out = vocab_head_step(h, embed, t, seed, step, canvas, prev, bound, self_conditioning=with_soft,
-                          out=_poisoned(b, c, hidden, with_soft), **kw)
+                          out=_poisoned(b, c, hidden, with_soft), impl=impl, **kw)
     torch.cuda.synchronize()
     return out
 
@@ -47,12 +51,13 @@ def _rel(a, b):
 SHAPES = [(1, 256, 262144, 2816), (2, 37, 1000, 192), (3, 100, 4099, 128), (1, 5, 130, 64)]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("b,c,v,hidden", SHAPES)
 @pytest.mark.parametrize("t", [0.4, 0.8])
-def test_statistics_sample_and_soft_match_fp32_reference(b, c, v, hidden, t):
+def test_statistics_sample_and_soft_match_fp32_reference(b, c, v, hidden, t, impl):
     h, embed = _problem(b, c, v, hidden, seed=b * 7 + c)
     seed, step = 1234 + v, 17
-    out = _run(h, embed, t, seed, step)
+    out = _run(h, embed, t, seed, step, impl=impl)
     z = processed_logits(h, embed, t)  # fp32 on the device (TF32 off by default), compared on the host
     ref = {k: x.cpu() for k, x in head_statistics(z).items()}
     soft_ref = soft_embedding(z, embed, hidden**0.5).cpu()
@@ -84,11 +89,12 @@ def test_statistics_sample_and_soft_match_fp32_reference(b, c, v, hidden, t):
     assert _rel(out.soft.cpu(), soft_ref) <= 2e-2
 
 
-def test_peaked_rows_and_low_entropy():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_peaked_rows_and_low_entropy(impl):
     """Confident rows (one large logit): entropy near 0, argmax and sample on the peak, soft = its row."""
     h, embed = _problem(1, 64, 3001, 128, seed=3)
     embed[7] = (h[0, 0].float() * 0.5).to(torch.bfloat16)  # huge logit for token 7 at position 0
-    out = _run(h, embed, 0.4, 5, 0)
+    out = _run(h, embed, 0.4, 5, 0, impl=impl)
     assert int(out.argmax[0, 0]) == 7 and int(out.sample[0, 0]) == 7
     assert float(out.entropy[0, 0]) < 1e-3
     assert bool(out.accepted[0, 0])
@@ -96,14 +102,15 @@ def test_peaked_rows_and_low_entropy():
     assert _rel(out.soft[0, 0].cpu(), want) < 1e-2
 
 
-def test_sampler_chi_square_on_device():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sampler_chi_square_on_device(impl):
     """16 sequences x 1024 positions share one z row: the draws follow softmax(z)."""
     v, hidden = 12, 64
     gen = torch.Generator().manual_seed(9)
     row = torch.randn(1, 1, hidden, generator=gen)
     h = row.expand(16, 1024, hidden).to(torch.bfloat16).cuda().contiguous()
     embed = (torch.randn(v, hidden, generator=gen) * 0.15).to(torch.bfloat16).cuda()
-    out = _run(h, embed, 0.8, 77, 3, with_soft=False)
+    out = _run(h, embed, 0.8, 77, 3, with_soft=False, impl=impl)
     z = processed_logits(h[:1, :1].cpu(), embed.cpu(), 0.8).double().view(-1)
     counts = torch.bincount(out.sample.view(-1).cpu(), minlength=v).numpy()
     assert chi_square_p(counts, torch.softmax(z, -1).numpy()) > 1e-4
@@ -111,27 +118,29 @@ def test_sampler_chi_square_on_device():
     assert out.soft is None
 
 
-def test_determinism_and_streams():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_determinism_and_streams(impl):
     h, embed = _problem(2, 256, 50000, 256, seed=4, spread=2.0)
-    a = _run(h, embed, 0.6, 99, 5)
-    b = _run(h, embed, 0.6, 99, 5)
+    a = _run(h, embed, 0.6, 99, 5, impl=impl)
+    b = _run(h, embed, 0.6, 99, 5, impl=impl)
     for name in ("argmax", "sample", "next_canvas", "accepted", "entropy", "lse", "max_logit", "soft"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    c = _run(h, embed, 0.6, 99, 6)
+    c = _run(h, embed, 0.6, 99, 6, impl=impl)
     assert not torch.equal(a.sample, c.sample)
     assert not torch.equal(a.sample[0], a.sample[1]) or not torch.equal(h[0], h[1])
 
 
-def test_stopping_flags():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stopping_flags(impl):
     h, embed = _problem(3, 40, 777, 64, seed=5)
-    first = _run(h, embed, 0.4, 1, 0)
+    first = _run(h, embed, 0.4, 1, 0, impl=impl)
     prev = first.argmax.clone()
     prev[1, 3] = (prev[1, 3] + 1) % 777  # sequence 1 is not stable
     done = torch.tensor([False, False, True], device="cuda")
-    out = _run(h, embed, 0.4, 1, 1, prev=prev, confidence_threshold=1e9, finished=done)
+    out = _run(h, embed, 0.4, 1, 1, prev=prev, confidence_threshold=1e9, finished=done, impl=impl)
     assert out.stable.tolist() == [True, False, True]
     assert out.finished.tolist() == [True, False, True]
-    strict = _run(h, embed, 0.4, 1, 1, prev=prev, confidence_threshold=1e-12)
+    strict = _run(h, embed, 0.4, 1, 1, prev=prev, confidence_threshold=1e-12, impl=impl)
     assert strict.finished.tolist() == [False, False, False]
 
 
@@ -153,7 +162,8 @@ def test_argument_validation():
         vocab_head_step(big, embed, 0.5, 0, 0, canvas, None, 0.1)
 
 
-def test_nan_entropies_are_ranked_last_and_never_accepted():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_entropies_are_ranked_last_and_never_accepted(impl):
     """NaN hidden states at some positions (and a whole sequence) give NaN entropies there: the acceptance
     ranks them after every number, as torch.sort does, accepts none of them, and the outputs are the same
     on every run (no read of unwritten shared memory)."""
@@ -163,7 +173,7 @@ def test_nan_entropies_are_ranked_last_and_never_accepted():
     h[0, [5, 17, 40]] = float("nan")
     h[1] = float("nan")
     h[2, 0] = float("nan")
-    runs = [_run(h, embed, 0.5, 3, 2, bound=1.0, confidence_threshold=1e9) for _ in range(3)]
+    runs = [_run(h, embed, 0.5, 3, 2, bound=1.0, confidence_threshold=1e9, impl=impl) for _ in range(3)]
     out = runs[0]
     nan = torch.isnan(out.entropy)
     assert nan[0, [5, 17, 40]].all() and nan[1].all() and nan[2, 0]
@@ -172,3 +182,34 @@ def test_nan_entropies_are_ranked_last_and_never_accepted():
     assert not out.accepted[1].any() and not out.finished[1]
     for other in runs[1:]:
         assert torch.equal(other.accepted, out.accepted) and torch.equal(other.next_canvas, out.next_canvas)
+
+
+@pytest.mark.parametrize("b,c,v,hidden", SHAPES)
+def test_the_two_implementations_agree(b, c, v, hidden):
+    """The wgmma GEMMs against the mma.sync kernels on the same inputs: the same per-logit math, products summed in
+    another order, so statistics within float rounding, the same argmax and sample away from near ties, and the
+    same self-conditioning input up to bf16 rounding."""
+    h, embed = _problem(b, c, v, hidden, seed=b * 11 + c)
+    a = _run(h, embed, 0.6, 5, 9, impl="mma_sync")
+    w = _run(h, embed, 0.6, 5, 9, impl="wgmma")
+    for name in ("max_logit", "lse", "entropy"):
+        x, y = getattr(a, name).cpu(), getattr(w, name).cpu()
+        assert ((x - y).abs() / y.abs().clamp_min(1e-3)).max().item() <= 1e-3, name
+    z = processed_logits(h, embed, 0.6).cpu()
+    top2 = z.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-3
+    assert torch.equal(a.argmax.cpu()[clear], w.argmax.cpu()[clear])
+    assert (a.sample == w.sample).float().mean().item() > 0.99
+    assert _rel(w.soft.cpu(), a.soft.cpu()) <= 1e-2
+
+
+def test_an_unknown_implementation_is_refused(monkeypatch):
+    from dgemma.errors import DgemmaError
+
+    h, embed = _problem(1, 4, 100, 64, seed=1)
+    with pytest.raises(DgemmaError, match="impl = 'tma' is not a vocabulary-head implementation; expected one of "
+                                          "mma_sync, wgmma"):
+        _run(h, embed, 0.5, 1, 0, impl="tma")
+    monkeypatch.setenv("DGEMMA_VOCAB_HEAD", "sm100")
+    with pytest.raises(DgemmaError, match="DGEMMA_VOCAB_HEAD = 'sm100'"):
+        _run(h, embed, 0.5, 1, 0)

@@ -130,10 +130,12 @@ cudaError_t prepare_cutlass_kernel(int device) {
 // One launch of a CUTLASS 3 GEMM (G::Gemm, a GemmUniversalAdapter of G::Kernel) for `args`: the host work is the
 // kernel parameters (its TMA descriptors) and the launch; nothing is synchronised. With DGEMMA_PDL=1 the launch is
 // programmatic (pdl.cuh): the kernel's producer and epilogue warps wait for the kernels before it (CUTLASS's grid
-// dependency control, compiled in with CUTLASS_ENABLE_GDC_FOR_SM90) and it lets the next kernel launch early.
+// dependency control, compiled in with CUTLASS_ENABLE_GDC_FOR_SM90) and it lets the next kernel launch early. A kernel
+// compiled without that control passes programmatic = false: it is launched plainly (after the kernel before it
+// completes), and the kernel after it starts when it exits.
 template <class G>
 cudaError_t run_cutlass(const typename G::Gemm::Arguments& args, void* workspace, size_t workspace_bytes, int device,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, bool programmatic = true) {
   if (workspace_bytes < G::Gemm::get_workspace_size(args)) return cudaErrorInvalidValue;
   if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidConfiguration;
   const cudaError_t err = prepare_cutlass_kernel<typename G::Kernel>(device);
@@ -142,7 +144,8 @@ cudaError_t run_cutlass(const typename G::Gemm::Arguments& args, void* workspace
     return cudaErrorInvalidConfiguration;
   typename G::Kernel::Params params = G::Kernel::to_underlying_arguments(args, workspace);
   return launch_with_pdl_fallback([&](bool pdl) {
-    if (G::Gemm::run(params, stream, nullptr, pdl) == cutlass::Status::kSuccess) return cudaGetLastError();
+    if (G::Gemm::run(params, stream, nullptr, pdl && programmatic) == cutlass::Status::kSuccess)
+      return cudaGetLastError();
     // The runtime's own error where it has one (a failed launch), not the sticky "launch failure" code.
     const cudaError_t err = cudaGetLastError();
     return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;

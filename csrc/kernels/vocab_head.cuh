@@ -2,7 +2,9 @@
 //   1. statistics + sampling pass over E (split across CTAs), 2. per-row merge of the partials,
 //   3. entropy-bounded acceptance and stopping statistics per sequence,
 //   4. (optional) self-conditioning input softmax(z)·E·scale, split-K, and its fixed-order reduction.
-// Five launches on one stream; every output is written by exactly one launch. Torch-free.
+// Five launches on one stream; every output is written by exactly one launch. Torch-free. With
+// VocabHeadParams::impl = kImplWgmma, passes 1 and 4 are the CUTLASS sm90 GEMMs of vocab_head_sm90.h (pass 4: a
+// rescale of the stored probabilities, then the split-K GEMM, which reduces its splits itself).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,6 +14,7 @@
 
 #include "kernels/vocab_head_accept.cuh"
 #include "kernels/vocab_head_params.cuh"
+#include "kernels/vocab_head_sm90.h"
 #include "kernels/vocab_head_soft.cuh"
 #include "kernels/vocab_head_stats.cuh"
 
@@ -40,15 +43,48 @@ inline VocabHeadSplits choose_splits(int64_t rows, int vocab, int dim, int sms) 
   return s;
 }
 
-inline cudaError_t vocab_head_step(const VocabHeadParams& p, cudaStream_t stream) {
-  const VocabHeadLayout l = VocabHeadLayout::make(p.batch, p.canvas, p.vocab, p.dim, p.stats_splits, p.soft_splits,
-                                                  p.soft != nullptr);
+// The launch plan of one call of implementation `impl` (kImpl*): split counts and the workspace layout.
+struct VocabHeadPlan {
+  VocabHeadSplits splits;
+  VocabHeadLayout layout;
+  bool wgmma_soft = false;  // VocabHeadParams::wgmma_soft
+};
+
+inline VocabHeadPlan plan_head(int impl, int batch, int canvas, int vocab, int dim, int sms, bool with_soft) {
+  VocabHeadPlan plan;
+  const int64_t rows = static_cast<int64_t>(batch) * canvas;
+  if (impl == kImplWgmma) {
+    const Sm90Plan sp = sm90_plan(impl, rows, vocab, dim, sms, with_soft);
+    plan.wgmma_soft = with_soft && sm90_soft_fits(vocab);
+    plan.splits.stats = 1;
+    // The mma.sync P·E pass where the GEMM does not take the vocabulary (its split-K partial sums then).
+    plan.splits.soft = plan.wgmma_soft ? sp.soft_splits : choose_splits(rows, vocab, dim, sms).soft;
+    plan.layout = VocabHeadLayout::make(batch, canvas, vocab, dim, sp.parts, plan.wgmma_soft ? 0 : plan.splits.soft,
+                                        sp.cutlass_bytes, with_soft);
+  } else {
+    plan.splits = choose_splits(rows, vocab, dim, sms);
+    plan.layout = VocabHeadLayout::make(batch, canvas, vocab, dim, 2 * plan.splits.stats, plan.splits.soft, 0,
+                                        with_soft);
+  }
+  return plan;
+}
+
+// One call: p as the launcher filled it (p.impl, p.wgmma_soft, the split counts and workspace of plan_head's plan), l
+// the plan's layout.
+inline cudaError_t vocab_head_step(const VocabHeadParams& p, const VocabHeadLayout& l, int sms, int device,
+                                   cudaStream_t stream) {
   if (l.rows == 0) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(vocab_head_stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kStatsSmemBytes));
-  if (err != cudaSuccess) return err;
-  const dim3 stats_grid(static_cast<unsigned>(l.rows_pad / kBM), static_cast<unsigned>(p.stats_splits));
-  err = launch_kernel(vocab_head_stats_kernel, stats_grid, kThreads, kStatsSmemBytes, stream, p, l);
+  const bool wgmma = p.impl == kImplWgmma;
+  cudaError_t err;
+  if (wgmma) {
+    err = sm90_stats(p, l, sms, device, stream);
+  } else {
+    err = cudaFuncSetAttribute(vocab_head_stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(kStatsSmemBytes));
+    if (err != cudaSuccess) return err;
+    const dim3 stats_grid(static_cast<unsigned>(l.rows_pad / kBM), static_cast<unsigned>(p.stats_splits));
+    err = launch_kernel(vocab_head_stats_kernel, stats_grid, kThreads, kStatsSmemBytes, stream, p, l);
+  }
   if (err != cudaSuccess) return err;
   err = launch_kernel(vocab_head_merge_kernel, static_cast<unsigned>(ceil_div(l.rows, kMergeWarps)), kMergeWarps * 32,
                       0, stream, p, l);
@@ -57,6 +93,7 @@ inline cudaError_t vocab_head_step(const VocabHeadParams& p, cudaStream_t stream
   err = launch_kernel(vocab_head_accept_kernel, static_cast<unsigned>(p.batch), accept_threads, 0, stream, p);
   if (err != cudaSuccess) return err;
   if (p.soft == nullptr) return cudaSuccess;
+  if (p.wgmma_soft) return sm90_soft(p, l, sms, device, stream);
   err = cudaFuncSetAttribute(vocab_head_soft_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(kSoftSmemBytes));
   if (err != cudaSuccess) return err;

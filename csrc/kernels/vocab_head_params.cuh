@@ -27,7 +27,16 @@ constexpr size_t kTileBytes = static_cast<size_t>(kBM) * kBK * sizeof(__nv_bfloa
 constexpr size_t kStatsSmemBytes = kStages * 2 * kTileBytes;
 constexpr size_t kSoftSmemBytes = kStages * (2 * kTileBytes + kBM * sizeof(float));
 
-// Per (row, split, warp column) partial of the statistics pass. The sums are relative to m:
+// The implementations of the head's two GEMMs (the surrounding kernels are shared):
+//   kImplMmaSync: mma.sync + cp.async kernels (vocab_head_stats.cuh / vocab_head_soft.cuh);
+//   kImplWgmma: CUTLASS sm90 TMA + wgmma GEMMs (vocab_head_sm90.h): the statistics in a custom epilogue over
+//   128x128 logit tiles, and P·E as a split-K GEMM.
+constexpr int kImplMmaSync = 0;
+constexpr int kImplWgmma = 1;
+constexpr int kImplCount = 2;
+
+// Per (row, part) partial of the statistics pass (a part: one warp column of one split of the mma.sync pass,
+// one vocab tile of the wgmma pass). The sums are relative to m:
 // s = Σ exp(z − m), t = Σ exp(z − m)·(z − m), so entropy = log s − t/s without cancellation.
 struct StatsPartial {
   float m;
@@ -71,6 +80,8 @@ struct VocabHeadParams {
   bool* finished_out;     // [batch]
   __nv_bfloat16* soft;    // [rows, dim] or nullptr (no self-conditioning pass)
   // launch shape and workspace (see VocabHeadLayout)
+  int impl = kImplMmaSync;  // which GEMMs (kImpl*)
+  bool wgmma_soft = false;  // the P·E pass on the wgmma GEMM (kImplWgmma where the vocabulary allows it)
   int stats_splits = 1;   // vocab splits of the statistics pass
   int soft_splits = 1;    // vocab splits of the P·E pass
   void* workspace = nullptr;
@@ -98,18 +109,22 @@ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Byte offsets into the one workspace buffer.
 struct VocabHeadLayout {
   int64_t rows = 0, rows_pad = 0, vocab_pad = 0, chunks = 0;
-  size_t partials = 0, probs = 0, chunk_max = 0, soft_partial = 0, total = 0;
+  int64_t parts = 0;  // statistics partials per row
+  size_t partials = 0, probs = 0, chunk_max = 0, soft_partial = 0, cutlass = 0, total = 0;
 
-  static VocabHeadLayout make(int batch, int canvas, int vocab, int dim, int stats_splits, int soft_splits,
-                              bool with_soft) {
+  // parts: partials per row; soft_splits: fp32 split-K partial sums of the mma.sync P·E pass (0: none);
+  // cutlass_bytes: the CUTLASS GEMMs' own workspace (the wgmma passes; 0: none).
+  static VocabHeadLayout make(int batch, int canvas, int vocab, int dim, int64_t parts, int soft_splits,
+                              size_t cutlass_bytes, bool with_soft) {
     VocabHeadLayout l;
     l.rows = static_cast<int64_t>(batch) * canvas;
     l.rows_pad = ceil_div(l.rows, kBM) * kBM;
     l.vocab_pad = ceil_div(vocab, kBN) * kBN;
     l.chunks = l.vocab_pad / kChunk;
+    l.parts = parts;
     size_t off = 0;
     l.partials = off;
-    off = align_up(off + static_cast<size_t>(l.rows) * stats_splits * 2 * sizeof(StatsPartial), 256);
+    off = align_up(off + static_cast<size_t>(l.rows) * parts * sizeof(StatsPartial), 256);
     if (with_soft) {
       // NOTE: bf16 probabilities exp(z − chunk max), [rows, vocab_pad]; fp32 chunk maxima [chunks, rows_pad]
       // (chunk-major so one k slice of the P·E pass reads 128 consecutive floats); split-K partial sums.
@@ -120,6 +135,8 @@ struct VocabHeadLayout {
       l.soft_partial = off;
       off = align_up(off + static_cast<size_t>(soft_splits) * l.rows * dim * sizeof(float), 256);
     }
+    l.cutlass = off;
+    off = align_up(off + cutlass_bytes, 256);
     l.total = off;
     return l;
   }

@@ -14,76 +14,9 @@
 #include "kernels/philox.cuh"
 #include "kernels/vocab_head_mma.cuh"
 #include "kernels/vocab_head_params.cuh"
+#include "kernels/vocab_head_rows.cuh"
 
 namespace dgemma::kernels::vocab_head {
-
-// A finite "minus infinity": (sentinel − M)·0 stays 0 in the merge, where −inf would give NaN.
-constexpr float kNegSentinel = -3.0e38f;
-// The Gumbel noise −log(−log u) of an open uniform u ≤ 1 − 2^-24 is at most 16.64: a logit more than this
-// below the best noisy score so far cannot win, so its random number is never computed.
-constexpr float kGumbelBound = 17.f;
-constexpr int kNoIndex = 0x7fffffff;
-
-struct RowState {
-  float m, s, t;  // running max and sums relative to it (see StatsPartial)
-  float argmax_value;
-  int argmax_index;
-  float gumbel_value;
-  int gumbel_index;
-};
-
-__device__ __forceinline__ RowState empty_row_state() {
-  return RowState{kNegSentinel, 0.f, 0.f, -INFINITY, kNoIndex, -INFINITY, kNoIndex};
-}
-
-// Larger value wins; equal values go to the smaller index (torch.argmax returns the first maximum).
-__device__ __forceinline__ bool wins(float v, int i, float best_v, int best_i) {
-  return v > best_v || (v == best_v && i < best_i);
-}
-
-__device__ __forceinline__ void merge_sums(RowState& a, float m, float s, float t) {
-  const float mx = fmaxf(a.m, m);
-  const float fa = expf(a.m - mx), fb = expf(m - mx);
-  a.t = fa * (a.t + (a.m - mx) * a.s) + fb * (t + (m - mx) * s);
-  a.s = fa * a.s + fb * s;
-  a.m = mx;
-}
-
-__device__ __forceinline__ void merge_state(RowState& a, const RowState& b) {
-  merge_sums(a, b.m, b.s, b.t);
-  if (wins(b.argmax_value, b.argmax_index, a.argmax_value, a.argmax_index)) {
-    a.argmax_value = b.argmax_value;
-    a.argmax_index = b.argmax_index;
-  }
-  if (wins(b.gumbel_value, b.gumbel_index, a.gumbel_value, a.gumbel_index)) {
-    a.gumbel_value = b.gumbel_value;
-    a.gumbel_index = b.gumbel_index;
-  }
-}
-
-__device__ __forceinline__ RowState shfl_xor_state(const RowState& a, int mask) {
-  RowState b;
-  b.m = __shfl_xor_sync(0xffffffffu, a.m, mask);
-  b.s = __shfl_xor_sync(0xffffffffu, a.s, mask);
-  b.t = __shfl_xor_sync(0xffffffffu, a.t, mask);
-  b.argmax_value = __shfl_xor_sync(0xffffffffu, a.argmax_value, mask);
-  b.argmax_index = __shfl_xor_sync(0xffffffffu, a.argmax_index, mask);
-  b.gumbel_value = __shfl_xor_sync(0xffffffffu, a.gumbel_value, mask);
-  b.gumbel_index = __shfl_xor_sync(0xffffffffu, a.gumbel_index, mask);
-  return b;
-}
-
-// cap·tanh(x/cap) = cap − 2cap/(exp(2x/cap) + 1): two MUFU ops; the clamp keeps the divisor below 2^126
-// where __fdividef is exact enough (its result tends to 0 as the true quotient does).
-__device__ __forceinline__ float softcap(float x, float cap, float two_over_cap) {
-  const float e = __expf(fminf(x * two_over_cap, 80.f));
-  return cap - __fdividef(2.f * cap, e + 1.f);
-}
-
-// Gumbel noise of one uniform word: −log(−log u).
-__device__ __forceinline__ float gumbel_noise(uint32_t word) {
-  return -logf(-logf(philox_open_uniform(word)));
-}
 
 __global__ void __launch_bounds__(kThreads, 1) vocab_head_stats_kernel(const VocabHeadParams p,
                                                                         const VocabHeadLayout l) {
@@ -160,17 +93,18 @@ __global__ void __launch_bounds__(kThreads, 1) vocab_head_stats_kernel(const Voc
 
   // This thread's four rows (slot = 2·mi + half): fixed for the whole CTA.
   RowState state[4];
-  uint32_t stream_pos[4], stream_seq[4];
+  RowStream streams[4];
 #pragma unroll
   for (int slot = 0; slot < 4; ++slot) {
     state[slot] = empty_row_state();
     const int64_t grow = row0 + warp_m * kWarpM + (slot >> 1) * 16 + g + 8 * (slot & 1);
-    stream_pos[slot] = static_cast<uint32_t>(grow % p.canvas);
-    stream_seq[slot] = philox_stream_word3(static_cast<uint32_t>(grow / p.canvas), kSampleStream);
+    streams[slot] = RowStream{static_cast<uint32_t>(grow % p.canvas),
+                              philox_stream_word3(static_cast<uint32_t>(grow / p.canvas), kSampleStream)};
   }
   const uint64_t seed = head_seed(p);
-  const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32), step = head_step(p);
-  const float cap = p.softcap, two_over_cap = 2.f / p.softcap, inv_t = head_inv_temperature(p);
+  const LogitMath math{p.softcap, 2.f / p.softcap, head_inv_temperature(p), static_cast<uint32_t>(seed),
+                       static_cast<uint32_t>(seed >> 32), head_step(p), p.vocab};
+  unsigned char* ws = static_cast<unsigned char*>(p.workspace);
 
   auto epilogue = [&](int64_t vt) {
     const int64_t col_base = vt * kBN + warp_n * kWarpN;
@@ -180,64 +114,18 @@ __global__ void __launch_bounds__(kThreads, 1) vocab_head_stats_kernel(const Voc
       const int mi = slot >> 1, half = slot & 1;
       const int64_t grow = row0 + warp_m * kWarpM + mi * 16 + g + 8 * half;
       const bool row_ok = grow < rows;
-      float local_max = kNegSentinel;
-#pragma unroll
-      for (int nj = 0; nj < 8; ++nj)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float z = softcap(acc[mi][nj][2 * half + e], cap, two_over_cap) * inv_t;
-          acc[mi][nj][2 * half + e] = z;
-          if (col_base + nj * 8 + 2 * q + e < p.vocab) local_max = fmaxf(local_max, z);
-        }
-      local_max = fmaxf(local_max, __shfl_xor_sync(0xffffffffu, local_max, 1));
-      local_max = fmaxf(local_max, __shfl_xor_sync(0xffffffffu, local_max, 2));
-      if (write_probs && q == 0 && row_ok)
-        reinterpret_cast<float*>(static_cast<unsigned char*>(p.workspace) + l.chunk_max)[chunk * l.rows_pad + grow] =
-            local_max;
-      float s = 0.f, t = 0.f;
-      RowState& st = state[slot];
+      float v[16];
 #pragma unroll
       for (int nj = 0; nj < 8; ++nj) {
-        const int64_t col = col_base + nj * 8 + 2 * q;
-        const float z0 = acc[mi][nj][2 * half], z1 = acc[mi][nj][2 * half + 1];
-        const bool ok0 = col < p.vocab, ok1 = col + 1 < p.vocab;
-        const float e0 = ok0 ? __expf(z0 - local_max) : 0.f;
-        const float e1 = ok1 ? __expf(z1 - local_max) : 0.f;
-        s += e0 + e1;
-        t = fmaf(e0, z0 - local_max, fmaf(e1, z1 - local_max, t));
-        if (write_probs && row_ok) {
-          __nv_bfloat16* probs = reinterpret_cast<__nv_bfloat16*>(static_cast<unsigned char*>(p.workspace) + l.probs);
-          *reinterpret_cast<uint32_t*>(probs + grow * l.vocab_pad + col) = pack_bf16x2(e0, e1);
-        }
-        if (ok0 && z0 > st.argmax_value) {
-          st.argmax_value = z0;
-          st.argmax_index = static_cast<int>(col);
-        }
-        if (ok1 && z1 > st.argmax_value) {
-          st.argmax_value = z1;
-          st.argmax_index = static_cast<int>(col + 1);
-        }
-        if (ok0 && fmaxf(z0, ok1 ? z1 : z0) + kGumbelBound > st.gumbel_value) {
-          const Philox4x32 r =
-              philox4x32_10(static_cast<uint32_t>(col >> 2), stream_pos[slot], step, stream_seq[slot], key0, key1);
-          const int w = static_cast<int>(col & 3);  // 0 or 2: this pair's two words
-          const float g0 = z0 + gumbel_noise(w == 0 ? r.v[0] : r.v[2]);
-          if (g0 > st.gumbel_value) {
-            st.gumbel_value = g0;
-            st.gumbel_index = static_cast<int>(col);
-          }
-          if (ok1) {
-            const float g1 = z1 + gumbel_noise(w == 0 ? r.v[1] : r.v[3]);
-            if (g1 > st.gumbel_value) {
-              st.gumbel_value = g1;
-              st.gumbel_index = static_cast<int>(col + 1);
-            }
-          }
-        }
+        v[2 * nj] = acc[mi][nj][2 * half];
+        v[2 * nj + 1] = acc[mi][nj][2 * half + 1];
+        acc[mi][nj][2 * half] = acc[mi][nj][2 * half + 1] = 0.f;
       }
-      if (local_max != kNegSentinel) merge_sums(st, local_max, s, t);
-#pragma unroll
-      for (int nj = 0; nj < 8; ++nj) acc[mi][nj][2 * half] = acc[mi][nj][2 * half + 1] = 0.f;
+      float* chunk_max =
+          write_probs && row_ok ? reinterpret_cast<float*>(ws + l.chunk_max) + chunk * l.rows_pad + grow : nullptr;
+      __nv_bfloat16* probs =
+          write_probs && row_ok ? reinterpret_cast<__nv_bfloat16*>(ws + l.probs) + grow * l.vocab_pad : nullptr;
+      fold_chunk(v, col_base, q, math, streams[slot], state[slot], chunk_max, probs, l.vocab_pad);
     }
   };
 
@@ -245,21 +133,17 @@ __global__ void __launch_bounds__(kThreads, 1) vocab_head_stats_kernel(const Voc
     if (it % k_iters == k_iters - 1) epilogue(vt_begin + it / k_iters);
   });
 
-  StatsPartial* partials = reinterpret_cast<StatsPartial*>(static_cast<unsigned char*>(p.workspace) + l.partials);
+  StatsPartial* partials = reinterpret_cast<StatsPartial*>(ws + l.partials);
 #pragma unroll
   for (int slot = 0; slot < 4; ++slot) {
-    RowState st = state[slot];
-    merge_state(st, shfl_xor_state(st, 1));
-    merge_state(st, shfl_xor_state(st, 2));
+    const RowState st = quad_merged(state[slot]);
     const int64_t grow = row0 + warp_m * kWarpM + (slot >> 1) * 16 + g + 8 * (slot & 1);
-    if (q == 0 && grow < rows) {
-      partials[(grow * p.stats_splits + blockIdx.y) * 2 + warp_n] =
-          StatsPartial{st.m, st.s, st.t, st.argmax_value, st.argmax_index, st.gumbel_value, st.gumbel_index, 0};
-    }
+    if (q == 0 && grow < rows) partials[grow * l.parts + blockIdx.y * 2 + warp_n] = stats_partial(st);
   }
 }
 
-// One warp per row: merges the row's 2·splits partials in a fixed order (deterministic) and writes the
+// One warp per row: merges the row's l.parts partials (two per split of the mma.sync pass above, one per vocab
+// tile of the wgmma pass) in a fixed order (deterministic) and writes the
 // row's max, log-sum-exp, entropy, argmax and sample.
 constexpr int kMergeWarps = 8;
 
@@ -269,12 +153,12 @@ __global__ void __launch_bounds__(kMergeWarps * 32) vocab_head_merge_kernel(cons
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + (threadIdx.x >> 5);
   if (row >= l.rows) return;
-  const int parts = 2 * p.stats_splits;
+  const int64_t parts = l.parts;
   const StatsPartial* partials =
       reinterpret_cast<const StatsPartial*>(static_cast<const unsigned char*>(p.workspace) + l.partials) +
       row * parts;
   RowState st = empty_row_state();
-  for (int i = lane; i < parts; i += 32) {
+  for (int64_t i = lane; i < parts; i += 32) {
     const StatsPartial x = partials[i];
     merge_state(st, RowState{x.m, x.s, x.t, x.argmax_value, x.argmax_index, x.gumbel_value, x.gumbel_index});
   }

@@ -66,22 +66,26 @@ void check_problem(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden)
   if (!why.empty()) ::dgemma::throw_invalid(why);
 }
 
-vh::VocabHeadLayout layout_for(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,
-                               int sms, vh::VocabHeadSplits* splits_out) {
-  const vh::VocabHeadSplits splits = vh::choose_splits(batch * canvas, static_cast<int>(vocab),
-                                                       static_cast<int>(hidden), sms);
-  if (splits_out != nullptr) *splits_out = splits;
-  return vh::VocabHeadLayout::make(static_cast<int>(batch), static_cast<int>(canvas), static_cast<int>(vocab),
-                                   static_cast<int>(hidden), splits.stats, splits.soft, with_soft);
+vh::VocabHeadPlan plan_for(int impl, int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,
+                           int sms) {
+  return vh::plan_head(impl, static_cast<int>(batch), static_cast<int>(canvas), static_cast<int>(vocab),
+                       static_cast<int>(hidden), sms, with_soft);
+}
+
+void check_impl(int64_t impl) {
+  if (impl < 0 || impl >= vh::kImplCount)
+    ::dgemma::throw_invalid("impl " + std::to_string(impl) + " must be 0 (mma.sync) or 1 (wgmma)");
 }
 
 }  // namespace
 
 int64_t vocab_head_workspace_bytes(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,
-                                   int device) {
+                                   int device, int64_t impl) {
   check_problem(batch, canvas, vocab, hidden);
+  check_impl(impl);
   const int sms = multiprocessors(device);
-  return static_cast<int64_t>(layout_for(batch, canvas, vocab, hidden, with_soft, sms, nullptr).total);
+  return static_cast<int64_t>(plan_for(static_cast<int>(impl), batch, canvas, vocab, hidden, with_soft, sms)
+                                  .layout.total);
 }
 
 void vocab_head_step(const VocabHeadArgs& a, const VocabHeadScalars& s, std::uintptr_t stream) {
@@ -118,10 +122,14 @@ void vocab_head_step(const VocabHeadArgs& a, const VocabHeadScalars& s, std::uin
   check_finite(s.confidence, "confidence", false);
   check_finite(s.soft_scale, "soft_scale", false);
 
+  check_impl(s.impl);
+
   throw_if_failed(cudaSetDevice(h.device), "cudaSetDevice");
-  vh::VocabHeadSplits splits;
-  const vh::VocabHeadLayout l =
-      layout_for(batch, canvas, vocab, hidden, a.soft != nullptr, multiprocessors(h.device), &splits);
+  const int sms = multiprocessors(h.device);
+  const vh::VocabHeadPlan plan = plan_for(static_cast<int>(s.impl), batch, canvas, vocab, hidden, a.soft != nullptr,
+                                          sms);
+  const vh::VocabHeadLayout& l = plan.layout;
+  const vh::VocabHeadSplits& splits = plan.splits;
   const TensorArg& ws = a.workspace;
   check_cuda(ws);
   check_same_device(h, ws);
@@ -163,10 +171,13 @@ void vocab_head_step(const VocabHeadArgs& a, const VocabHeadScalars& s, std::uin
   p.stable = static_cast<bool*>(a.stable.data);
   p.finished_out = static_cast<bool*>(a.finished_out.data);
   p.soft = a.soft != nullptr ? static_cast<__nv_bfloat16*>(a.soft->data) : nullptr;
+  p.impl = static_cast<int>(s.impl);
+  p.wgmma_soft = plan.wgmma_soft;
   p.stats_splits = splits.stats;
   p.soft_splits = splits.soft;
   p.workspace = ws.data;
-  throw_if_failed(vh::vocab_head_step(p, reinterpret_cast<cudaStream_t>(stream)), "vocab_head_step launch");
+  throw_if_failed(vh::vocab_head_step(p, l, sms, h.device, reinterpret_cast<cudaStream_t>(stream)),
+                  "vocab_head_step launch");
 }
 
 }  // namespace dgemma

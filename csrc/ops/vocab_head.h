@@ -30,13 +30,14 @@ struct VocabHeadScalars {
   double temperature = 1.0, softcap = 30.0, entropy_bound = 0.1, confidence = 0.005, soft_scale = 1.0;
   uint64_t seed = 0;
   uint32_t step = 0;
+  int64_t impl = 0;  // the GEMMs: 0 mma.sync, 1 CUTLASS sm90 wgmma (kernels/vocab_head_params.cuh kImpl*)
 };
 
-// Bytes of workspace one call needs on `device` (split counts depend on its SM count).
 // Why the fused head cannot run a problem of these sizes, or "" when it can (the launcher's own limits).
 std::string vocab_head_unsupported(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden);
+// Bytes of workspace one call of implementation `impl` needs on `device` (split counts depend on its SM count).
 int64_t vocab_head_workspace_bytes(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,
-                                   int device);
+                                   int device, int64_t impl);
 
 // Validates every argument (ValueError naming it) and enqueues the fused head on `stream`.
 void vocab_head_step(const VocabHeadArgs& args, const VocabHeadScalars& scalars, std::uintptr_t stream);

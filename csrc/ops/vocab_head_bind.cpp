@@ -22,7 +22,7 @@ void bind_step(py::handle hidden, py::handle embed, py::handle prev_argmax, py::
                py::handle finished_out,
                py::handle soft, py::handle workspace, double temperature, double softcap, double entropy_bound,
                double confidence, double soft_scale, uint64_t seed, uint32_t step, std::uintptr_t stream,
-               py::handle device_seed_step, py::handle device_temperature) {
+               py::handle device_seed_step, py::handle device_temperature, int64_t impl) {
   VocabHeadArgs a;
   a.hidden = to_arg(hidden, "hidden");
   a.embed = to_arg(embed, "embed");
@@ -52,6 +52,7 @@ void bind_step(py::handle hidden, py::handle embed, py::handle prev_argmax, py::
   s.soft_scale = soft_scale;
   s.seed = seed;
   s.step = step;
+  s.impl = impl;
   vocab_head_step(a, s, stream);
 }
 
@@ -63,11 +64,11 @@ namespace {
 
 void bind_step(py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
                py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, double,
-               double, double, double, double, uint64_t, uint32_t, std::uintptr_t, py::handle, py::handle) {
+               double, double, double, double, uint64_t, uint32_t, std::uintptr_t, py::handle, py::handle, int64_t) {
   cuda_unavailable("vocab_head_step");
 }
 
-int64_t vocab_head_workspace_bytes(int64_t, int64_t, int64_t, int64_t, bool, int) {
+int64_t vocab_head_workspace_bytes(int64_t, int64_t, int64_t, int64_t, bool, int, int64_t) {
   cuda_unavailable("vocab_head_workspace_bytes");
 }
 
@@ -81,17 +82,19 @@ void register_vocab_head(py::module_& m) {
   m.def("vocab_head_unsupported", &vocab_head_unsupported, py::arg("batch"), py::arg("canvas"), py::arg("vocab"),
         py::arg("hidden"), "Why the fused vocabulary head cannot run these sizes, or '' when it can.");
   m.def("vocab_head_workspace_bytes", &vocab_head_workspace_bytes, py::arg("batch"), py::arg("canvas"),
-        py::arg("vocab"), py::arg("hidden"), py::arg("with_soft"), py::arg("device"),
-        "Bytes of uint8 workspace one vocab_head_step call needs on a device.");
+        py::arg("vocab"), py::arg("hidden"), py::arg("with_soft"), py::arg("device"), py::arg("impl") = 0,
+        "Bytes of uint8 workspace one vocab_head_step call of implementation impl needs on a device.");
   m.def("vocab_head_step", &bind_step, py::arg("hidden"), py::arg("embed"), py::arg("prev_argmax"),
         py::arg("finished"), py::arg("max_logit"), py::arg("lse"), py::arg("entropy"), py::arg("argmax"),
         py::arg("sample"), py::arg("accepted"), py::arg("next_canvas"), py::arg("mean_entropy"), py::arg("stable"),
         py::arg("finished_out"), py::arg("soft"), py::arg("workspace"), py::arg("temperature"), py::arg("softcap"),
         py::arg("entropy_bound"), py::arg("confidence"), py::arg("soft_scale"), py::arg("seed"), py::arg("step"),
         py::arg("stream"), py::arg("device_seed_step") = py::none(), py::arg("device_temperature") = py::none(),
+        py::arg("impl") = 0,
         "Fused vocabulary head of one denoising step (statistics, sample, acceptance, self-conditioning input). "
         "device_seed_step (int64 [2]: seed, step) and device_temperature (fp32 [1]), when given, are read on the "
-        "device in place of seed, step and temperature (for CUDA-graph replay).");
+        "device in place of seed, step and temperature (for CUDA-graph replay). impl: the GEMMs, 0 mma.sync, "
+        "1 CUTLASS sm90 wgmma (the workspace must be sized for the same impl).");
 }
 
 }  // namespace dgemma

@@ -21,6 +21,7 @@ import torch
 
 from .errors import DgemmaError
 from .generation import denoise_block
+from .ops.cuda_vocab_head import head_impl
 from .sampler import GenerationSettings, make_sampler
 from .steps import graphs_supported, make_stepper
 
@@ -284,6 +285,8 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         "command": " ".join(["dgemma"] + sys.argv[1:]), "preset": preset, "backend": eng.backend,
         # Programmatic dependent launch of dgemma's kernels (csrc/kernels/pdl.cuh), read once by the extension.
         "pdl": os.environ.get("DGEMMA_PDL", "") == "1",
+        # The fused vocabulary head's GEMMs (DGEMMA_VOCAB_HEAD, ops/cuda_vocab_head.py).
+        "vocab_head": head_impl(),
         "results": results,
     }
 

@@ -46,8 +46,9 @@ def step_workspace_bytes(cfg: ModelConfig, batch: int, context: int, dtype: torc
 
     Without the fused vocabulary head the step holds fp32 logits [B, C, V] and about three more
     tensors of that size (processed logits, probabilities, the next step's self-conditioning logits);
-    with it, only activations. Activations: the widest projection of the canvas, the attention
-    scores of one layer's full-attention keys, and the MoE's routed rows.
+    with it, the bf16 probabilities [B, C, V] its P·E pass reads (and one fp32 maximum per 64 of them).
+    Activations: the widest projection of the canvas, the attention scores of one layer's full-attention
+    keys, and the MoE's routed rows.
     """
     item = torch.tensor([], dtype=dtype).element_size()
     tokens = batch * cfg.canvas_length
@@ -62,7 +63,8 @@ def step_workspace_bytes(cfg: ModelConfig, batch: int, context: int, dtype: torc
     rows = routed + cfg.num_experts * (tile - 1)
     i, h = cfg.moe_intermediate_size, cfg.hidden_size
     moe = rows * (h + 4 * i + i + 2 * h + 24)
-    logits = 0 if fused_vocab_head else 4 * tokens * cfg.vocab_size * 4
+    head = tokens * cfg.vocab_size * 2 + tokens * (cfg.vocab_size // 64 + 1) * 4
+    logits = head if fused_vocab_head else 4 * tokens * cfg.vocab_size * 4
     return activations + scores + moe + logits
 
 

@@ -9,26 +9,45 @@ dgemma's own Philox stream (documented in :mod:`dgemma.vocab_head`, which holds 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from .. import _ext
+from ..errors import DgemmaError
 from ..vocab_head import VocabHeadStep, seed_key
 
 
+# The implementations of the head's two GEMMs (csrc/kernels/vocab_head_params.cuh kImpl*): "mma_sync" (mma.sync +
+# cp.async kernels) and "wgmma" (CUTLASS sm90 TMA + wgmma GEMMs, the statistics in the first GEMM's epilogue).
+IMPLS = {"mma_sync": 0, "wgmma": 1}
+DEFAULT_IMPL = "mma_sync"
+
+
+def head_impl(impl: str | None = None) -> str:
+    """``impl``, or DGEMMA_VOCAB_HEAD (looked up at each call), or the default; checked against :data:`IMPLS`."""
+    name = impl if impl is not None else os.environ.get("DGEMMA_VOCAB_HEAD", "") or DEFAULT_IMPL
+    if name not in IMPLS:
+        where = "impl" if impl is not None else "DGEMMA_VOCAB_HEAD"
+        raise DgemmaError(f"{where} = {name!r:.80} is not a vocabulary-head implementation; expected one of "
+                          f"{', '.join(IMPLS)}")
+    return name
+
+
 def workspace_bytes(batch: int, canvas: int, vocab: int, hidden: int, *, self_conditioning: bool = True,
-                    device: torch.device | None = None) -> int:
-    """Bytes of the uint8 workspace one :func:`vocab_head_step` call needs (split counts follow the
-    device's multiprocessor count). With self-conditioning it holds the bf16 probabilities,
+                    device: torch.device | None = None, impl: str | None = None) -> int:
+    """Bytes of the uint8 workspace one :func:`vocab_head_step` call of ``impl`` (:func:`head_impl`) needs (split
+    counts follow the device's multiprocessor count). With self-conditioning it holds the bf16 probabilities,
     ``batch·canvas·vocab·2`` bytes (134 MB per 256-token sequence at vocab 262144)."""
     index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return _workspace_bytes(batch, canvas, vocab, hidden, self_conditioning, index)
+    return _workspace_bytes(batch, canvas, vocab, hidden, self_conditioning, index, IMPLS[head_impl(impl)])
 
 
 @functools.lru_cache(maxsize=1024)
-def _workspace_bytes(batch: int, canvas: int, vocab: int, hidden: int, self_conditioning: bool, index: int) -> int:
+def _workspace_bytes(batch: int, canvas: int, vocab: int, hidden: int, self_conditioning: bool, index: int,
+                     impl: int) -> int:
     return int(_ext.require_cuda().vocab_head_workspace_bytes(batch, canvas, vocab, hidden, self_conditioning,
-                                                              index))
+                                                              index, impl))
 
 
 @functools.lru_cache(maxsize=64)
@@ -42,7 +61,8 @@ def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | t
                     canvas: torch.Tensor, prev_argmax: torch.Tensor | None, entropy_bound: float, *,
                     confidence_threshold: float = 0.005, finished: torch.Tensor | None = None,
                     softcap: float = 30.0, soft_scale: float | None = None, self_conditioning: bool = True,
-                    workspace: torch.Tensor | None = None, out: VocabHeadStep | None = None) -> VocabHeadStep:
+                    workspace: torch.Tensor | None = None, out: VocabHeadStep | None = None,
+                    impl: str | None = None) -> VocabHeadStep:
     """One denoising step's vocabulary head on the GPU.
 
     Args:
@@ -64,13 +84,16 @@ def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | t
         soft_scale: scale of the self-conditioning input, rounded to bf16 like the reference
             (default ``sqrt(H)``, the model's embed scale).
         self_conditioning: compute ``soft = softmax(z)·E·scale`` (bf16 ``[B, C, H]``) for the next step.
-        workspace: optional uint8 CUDA buffer of at least :func:`workspace_bytes` bytes.
+        workspace: optional uint8 CUDA buffer of at least :func:`workspace_bytes` bytes (for the same ``impl``).
         out: optional preallocated outputs (shapes and dtypes as returned); written in place, except that
             ``next_canvas``/``argmax`` are replaced by new tensors when ``finished`` is given.
+        impl: the GEMMs, a name of :data:`IMPLS` (default: DGEMMA_VOCAB_HEAD, else ``"mma_sync"``); outputs agree
+            within the tests' bounds, not bit for bit (the products are summed in another order).
     Returns:
         :class:`dgemma.vocab_head.VocabHeadStep` of CUDA tensors (``soft`` None without self-conditioning).
     """
     lib = _ext.require_cuda()
+    impl = head_impl(impl)
     if h.dim() != 3:
         raise ValueError(f"hidden has shape {list(h.shape)}, expected [batch, canvas, hidden]")
     b, c, hidden = h.shape
@@ -105,14 +128,15 @@ def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | t
     if (out.soft is not None) != self_conditioning:
         raise ValueError("out.soft must be given exactly when self_conditioning is True")
     if workspace is None:
-        size = workspace_bytes(b, c, embed.shape[0], hidden, self_conditioning=self_conditioning, device=device)
+        size = workspace_bytes(b, c, embed.shape[0], hidden, self_conditioning=self_conditioning, device=device,
+                               impl=impl)
         workspace = torch.empty(size, dtype=torch.uint8, device=device)
     scale = _bf16_scale(hidden ** 0.5 if soft_scale is None else soft_scale)
     lib.vocab_head_step(h, embed, prev_argmax, finished, out.max_logit, out.lse, out.entropy, out.argmax, out.sample,
                         out.accepted, out.next_canvas, out.mean_entropy, out.stable, out.finished, out.soft,
                         workspace, float(temperature), float(softcap), float(entropy_bound),
                         float(confidence_threshold), scale, int(seed), int(step),
-                        _ext.current_stream(device), device_seed_step, device_temperature)
+                        _ext.current_stream(device), device_seed_step, device_temperature, IMPLS[impl])
     if finished is not None:
         out.next_canvas = torch.where(finished[:, None], canvas, out.next_canvas)
         out.argmax = torch.where(finished[:, None], prev_argmax, out.argmax)

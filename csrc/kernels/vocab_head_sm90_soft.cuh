@@ -1,0 +1,119 @@
+// The self-conditioning pass of the vocabulary head on Hopper: soft = bf16(scale·(P·E)).
+//
+// 1. vocab_head_rescale_kernel turns the statistics pass's q = exp(z − chunk max) into the probabilities
+//    p = bf16(q·exp(chunk max − lse)) in place: exactly the bf16 values the mma.sync pass forms in registers
+//    (scale_bf16x2), so both passes multiply the same P with E.
+// 2. A CUTLASS sm90 GEMM, M = rows, N = hidden, K = vocab: A = P [rows, vocab_pad] K-major, B = E [vocab, hidden]
+//    read N-major (wgmma takes transposed 16-bit tiles from shared memory), cooperative warp-specialised
+//    mainloop, split-K over the vocabulary with CUTLASS's stream-K scheduler (deterministic, ordered reduction of
+//    the splits), epilogue D = bf16(scale·acc) through TMA. K = vocab: the TMA box past the last embedding row
+//    reads zeros, so no padding of E is needed.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/pdl.cuh"
+#include "kernels/vocab_head_mma.cuh"
+#include "kernels/vocab_head_params.cuh"
+
+namespace dgemma::kernels::vocab_head {
+
+// One thread per 8 consecutive probabilities (16 bytes, inside one 64-column chunk) of one row.
+__global__ void __launch_bounds__(256) vocab_head_rescale_kernel(const VocabHeadParams p, const VocabHeadLayout l) {
+  pdl_begin();
+  const int64_t per_row = l.vocab_pad / 8;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= l.rows * per_row) return;
+  const int64_t row = i / per_row, col = (i % per_row) * 8;
+  unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+  const float m = reinterpret_cast<const float*>(ws + l.chunk_max)[(col / kChunk) * l.rows_pad + row];
+  const float scale = __expf(m - p.lse[row]);
+  uint4* q = reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(ws + l.probs) + row * l.vocab_pad + col);
+  uint4 v = *q;
+  v.x = scale_bf16x2(v.x, scale);
+  v.y = scale_bf16x2(v.y, scale);
+  v.z = scale_bf16x2(v.z, scale);
+  v.w = scale_bf16x2(v.w, scale);
+  *q = v;
+}
+
+struct VocabSoftGemm {
+  using Element = cutlass::bfloat16_t;
+  using StrideA = cute::Stride<int64_t, cute::_1, int64_t>;  // P [rows][vocab_pad]
+  using StrideB = cute::Stride<cute::_1, int64_t, int64_t>;  // E [vocab][hidden] as (N = hidden, K = vocab)
+  using StrideD = cute::Stride<int64_t, cute::_1, int64_t>;  // soft [rows][hidden]
+  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using Fusion = cutlass::epilogue::fusion::ScaledAcc<cutlass::bfloat16_t, float, float>;
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, StrideD, 8, cutlass::bfloat16_t, StrideD,
+      8, cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, StrideA, 8, Element, StrideB, 8, float, TileShape,
+      ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, cutlass::gemm::StreamKScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static constexpr int kTileM = 128, kTileN = 128;
+
+  // The split count: the smallest whose waves over `sms` CTAs are at least 90% full (at most 16).
+  static int splits(int64_t rows, int dim, int vocab, int sms) {
+    const int64_t tiles = ceil_div(rows, kTileM) * ceil_div(dim, kTileN);
+    const int64_t k_tiles = ceil_div(vocab, 64);
+    int split = 1;
+    for (; split < 16 && split < k_tiles; ++split) {
+      const int64_t units = tiles * split;
+      if (units * 10 >= ceil_div(units, sms) * sms * 9) break;
+    }
+    return split;
+  }
+
+  static typename Gemm::Arguments arguments(const VocabHeadParams& p, const VocabHeadLayout& l, int splits, int sms,
+                                            int device) {
+    typename Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+    args.problem_shape = cute::make_shape(static_cast<int>(l.rows), p.dim, p.vocab, 1);
+    StrideA sa{};
+    cute::get<0>(sa) = l.vocab_pad;
+    cute::get<2>(sa) = l.rows * l.vocab_pad;
+    StrideB sb{};
+    cute::get<1>(sb) = p.dim;
+    cute::get<2>(sb) = static_cast<int64_t>(p.vocab) * p.dim;
+    StrideD sd{};
+    cute::get<0>(sd) = p.dim;
+    cute::get<2>(sd) = l.rows * p.dim;
+    const unsigned char* ws = static_cast<const unsigned char*>(p.workspace);
+    args.mainloop = {reinterpret_cast<const Element*>(ws + l.probs), sa, reinterpret_cast<const Element*>(p.embed),
+                     sb};
+    args.epilogue.thread.alpha = p.soft_scale;
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.dC = sd;
+    args.epilogue.ptr_D = reinterpret_cast<cutlass::bfloat16_t*>(p.soft);
+    args.epilogue.dD = sd;
+    args.hw_info.device_id = device;
+    args.hw_info.sm_count = sms;
+    using Scheduler = typename Kernel::TileScheduler;
+    args.scheduler.splits = splits;
+    args.scheduler.decomposition_mode = Scheduler::DecompositionMode::SplitK;
+    args.scheduler.reduction_mode = Scheduler::ReductionMode::Deterministic;
+    return args;
+  }
+};
+
+}  // namespace dgemma::kernels::vocab_head

@@ -1,0 +1,183 @@
+// The statistics pass of the vocabulary head as a CUTLASS sm90 GEMM with the reduction in its epilogue.
+//
+// Mainloop: CUTLASS's persistent, warp-specialised cooperative kernel (a TMA producer warp feeding a multi-stage
+// shared-memory ring, two consumer warpgroups of wgmma splitting the tile's 128 rows), A = h [rows, hidden] and
+// B = E [vocab, hidden], both K-major, fp32 accumulators. Tiles are rastered along M, so the row tiles that read
+// one embedding tile run side by side and share it in L2.
+//
+// Epilogue (VocabStatsEpilogue, no shared memory, wrapped by CUTLASS's adapter for register epilogues): the
+// accumulators of a 128 x TileN tile never leave registers. A wgmma accumulator fragment gives each thread two rows
+// (r and r + 8 of its warp's 16) and, per 8-column block, two adjacent columns; the four lanes of a quad hold one
+// row's columns. Each 64-column chunk of a row goes through fold_chunk (vocab_head_rows.cuh, the same per-logit
+// math as the mma.sync pass): softcap and 1/t, chunk maximum, Σexp, Σexp·z, argmax, the Philox Gumbel-max sample
+// and the bf16 q = exp(z − chunk max); the quad's states are merged and lane 0 writes the row's StatsPartial for
+// this vocab tile. The merge kernel then reduces a row's partials in tile order.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/detail.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/vocab_head_params.cuh"
+#include "kernels/vocab_head_rows.cuh"
+
+namespace dgemma::kernels::vocab_head {
+
+template <int TileM, int TileN>
+class VocabStatsEpilogue {
+ public:
+  static_assert(TileN % kChunk == 0, "a vocab tile holds whole 64-column chunks");
+  // Unused by this epilogue (it writes no D tensor); named because the kernel's type plumbing asks for them.
+  using ElementC = float;
+  using ElementD = float;
+  using StrideC = cute::Stride<int64_t, cute::_1, int64_t>;
+  using StrideD = StrideC;
+  using GmemTiledCopyC = void;
+  using GmemTiledCopyD = void;
+  using ThreadEpilogueOp = void;
+
+  struct SharedStorage {};
+  using TensorStorage = SharedStorage;
+
+  struct Arguments {
+    VocabHeadParams p;
+    VocabHeadLayout l;
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const&) {
+    return true;
+  }
+
+  CUTLASS_HOST_DEVICE explicit VocabStatsEpilogue(Params const& params, SharedStorage const& = SharedStorage())
+      : params_(params) {}
+
+  CUTLASS_DEVICE bool is_source_needed() { return false; }
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
+            class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL, BlockShapeMNK, BlockCoordMNKL blk_coord_mnkl,
+                                 cute::Tensor<FrgEngine, FrgLayout> const& accumulators, TiledMma tiled_mma,
+                                 ResidueMNK, int thread_idx, char*) {
+    using namespace cute;
+    static_assert(is_static<BlockShapeMNK>::value && size<0>(BlockShapeMNK{}) == TileM &&
+                      size<1>(BlockShapeMNK{}) == TileN,
+                  "the epilogue is compiled for its kernel's tile");
+    const VocabHeadParams& p = params_.p;
+    const VocabHeadLayout& l = params_.l;
+    const int64_t m_tile = static_cast<int64_t>(get<0>(blk_coord_mnkl));
+    const int64_t n_tile = static_cast<int64_t>(get<1>(blk_coord_mnkl));
+
+    // Each accumulator's (row, column) in the tile, from the MMA's own partitioning of an identity tensor.
+    auto thr_mma = tiled_mma.get_thread_slice(thread_idx);
+    Tensor coords = thr_mma.partition_C(make_identity_tensor(make_shape(Int<TileM>{}, Int<TileN>{})));
+    // The wgmma accumulator fragment: ((2 columns, 2 rows, TileN/8 column blocks), MMA_M, MMA_N) = ((2,2,N/8),1,1):
+    // value 4·j + 2·h + e is row h (of the thread's two), column 8·j + 2·(lane % 4) + e.
+    static_assert(size(FrgLayout{}) == TileN / 2 && size<1>(FrgLayout{}) == 1 && size<2>(FrgLayout{}) == 1,
+                  "a 64 x TileN wgmma accumulator per warpgroup: two rows per thread");
+    static_assert(is_same_v<decltype(shape<0>(FrgLayout{})), Shape<_2, _2, Int<TileN / 8>>>,
+                  "accumulator values ordered (column pair, row half, column block)");
+    const int q = (thread_idx & 31) & 3;
+
+    const uint64_t seed = head_seed(p);
+    const LogitMath math{p.softcap, 2.f / p.softcap, head_inv_temperature(p), static_cast<uint32_t>(seed),
+                         static_cast<uint32_t>(seed >> 32), head_step(p), p.vocab};
+    const bool write_probs = p.soft != nullptr;
+    unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+    StatsPartial* partials = reinterpret_cast<StatsPartial*>(ws + l.partials);
+
+    CUTLASS_PRAGMA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = m_tile * TileM + get<0>(coords(2 * h));
+      const bool row_ok = row < l.rows;
+      // Rows past the end (TMA zero-filled) still take part in the quad's shuffles; they write nothing.
+      const RowStream stream{static_cast<uint32_t>(row % p.canvas),
+                             philox_stream_word3(static_cast<uint32_t>(row / p.canvas), kSampleStream)};
+      RowState st = empty_row_state();
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < TileN / kChunk; ++c) {
+        float v[16];
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < 8; ++j)
+          CUTLASS_PRAGMA_UNROLL
+          for (int e = 0; e < 2; ++e) v[2 * j + e] = accumulators(4 * (8 * c + j) + 2 * h + e);
+        const int64_t col_base = n_tile * TileN + c * kChunk;
+        const int64_t chunk = col_base / kChunk;
+        const bool store = write_probs && row_ok && col_base < l.vocab_pad;
+        float* chunk_max = store ? reinterpret_cast<float*>(ws + l.chunk_max) + chunk * l.rows_pad + row : nullptr;
+        __nv_bfloat16* probs = store ? reinterpret_cast<__nv_bfloat16*>(ws + l.probs) + row * l.vocab_pad : nullptr;
+        fold_chunk(v, col_base, q, math, stream, st, chunk_max, probs, l.vocab_pad);
+      }
+      st = quad_merged(st);
+      if (q == 0 && row_ok) partials[row * l.parts + n_tile] = stats_partial(st);
+    }
+  }
+
+ private:
+  Params params_;
+};
+
+// The statistics GEMM: M = rows, N = vocab, K = hidden, one batch.
+template <int TileN>
+struct VocabStatsGemm {
+  static constexpr int kTileM = 128;
+  static constexpr int kTileN = TileN;
+  using Element = cutlass::bfloat16_t;
+  using StrideA = cute::Stride<int64_t, cute::_1, int64_t>;  // h [rows][hidden]
+  using StrideB = cute::Stride<int64_t, cute::_1, int64_t>;  // E [vocab][hidden]
+  using TileShape = cute::Shape<cute::Int<kTileM>, cute::Int<TileN>, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using Epilogue = VocabStatsEpilogue<kTileM, TileN>;
+  using CollectiveEpilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<Epilogue>;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, StrideA, 8, Element, StrideB, 8, float, TileShape,
+      ClusterShape, cutlass::gemm::collective::StageCountAutoCarveout<0>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Gemm::Arguments arguments(const VocabHeadParams& p, const VocabHeadLayout& l, int sms, int device) {
+    typename Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+    args.problem_shape = cute::make_shape(static_cast<int>(l.rows), p.vocab, p.dim, 1);
+    StrideA sa{};
+    cute::get<0>(sa) = p.dim;
+    cute::get<2>(sa) = l.rows * p.dim;
+    StrideB sb{};
+    cute::get<0>(sb) = p.dim;
+    cute::get<2>(sb) = static_cast<int64_t>(p.vocab) * p.dim;
+    args.mainloop = {reinterpret_cast<const Element*>(p.hidden), sa, reinterpret_cast<const Element*>(p.embed), sb};
+    args.epilogue = {p, l};
+    args.hw_info.device_id = device;
+    args.hw_info.sm_count = sms;
+    args.scheduler.raster_order = cutlass::gemm::kernel::detail::RasterOrderOptions::AlongM;
+    return args;
+  }
+};
+
+// Vocab tiles of the statistics GEMM: the partials per row.
+constexpr int64_t stats_tiles(int vocab, int tile_n) { return ceil_div(vocab, tile_n); }
+
+}  // namespace dgemma::kernels::vocab_head

@@ -1,0 +1,59 @@
+// The vocabulary head's Hopper statistics GEMM and the plan of both GEMMs (kernels/vocab_head_sm90.h).
+#include <algorithm>
+
+#include "kernels/pdl.cuh"
+#include "kernels/sm90_fp8_cutlass.cuh"
+#include "kernels/vocab_head_sm90.h"
+#include "kernels/vocab_head_sm90_stats.cuh"
+
+namespace dgemma::kernels::vocab_head {
+
+namespace {
+
+template <class G>
+size_t workspace_of(const typename G::Gemm::Arguments& args) {
+  return G::Gemm::get_workspace_size(args);
+}
+
+// NOTE: 128 x 128 logit tiles. 128 x 256 tiles (one 64 x 256 accumulator per warpgroup, 128 registers per thread)
+// spill in this epilogue under the cooperative kernel's 168-register budget.
+template <class Fn>
+auto with_stats_gemm(int /*impl*/, Fn&& fn) {
+  return fn(VocabStatsGemm<128>{});
+}
+
+}  // namespace
+
+Sm90Plan sm90_plan(int impl, int64_t rows, int vocab, int dim, int sms, bool with_soft) {
+  Sm90Plan plan;
+  VocabHeadParams p;
+  p.vocab = vocab;
+  p.dim = dim;
+  p.canvas = 1;
+  p.batch = static_cast<int>(rows);
+  VocabHeadLayout l = VocabHeadLayout::make(static_cast<int>(rows), 1, vocab, dim, 0, 0, 0, with_soft);
+  size_t bytes = 0;
+  with_stats_gemm(impl, [&](auto g) {
+    using G = decltype(g);
+    plan.parts = stats_tiles(vocab, G::kTileN);
+    bytes = std::max(bytes, workspace_of<G>(G::arguments(p, l, sms, 0)));
+    return 0;
+  });
+  if (with_soft && sm90_soft_fits(vocab)) {
+    plan.soft_splits = sm90_soft_splits(rows, dim, vocab, sms);
+    bytes = std::max(bytes, sm90_soft_workspace(p, l, plan.soft_splits, sms));
+  }
+  plan.cutlass_bytes = bytes;
+  return plan;
+}
+
+cudaError_t sm90_stats(const VocabHeadParams& p, const VocabHeadLayout& l, int sms, int device, cudaStream_t stream) {
+  return with_stats_gemm(p.impl, [&](auto g) {
+    using G = decltype(g);
+    if (l.parts != stats_tiles(p.vocab, G::kTileN)) return cudaErrorInvalidValue;  // a layout of another plan
+    unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+    return run_cutlass<G>(G::arguments(p, l, sms, device), ws + l.cutlass, l.total - l.cutlass, device, stream);
+  });
+}
+
+}  // namespace dgemma::kernels::vocab_head
