@@ -114,6 +114,36 @@ def test_decoder_ragged_batch(num_splits):
     _decoder_case(12, FULL_SHAPE, [1, 1023, 5000], 77, 0, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("shape,ring", [(SLIDING_SHAPE, 1023), (FULL_SHAPE, 0)])
+def test_split_kv_combines_in_the_kernel_and_leaves_its_counters_zero(shape, ring):
+    """The last split of each query tile combines the partials: the same output on every call (the arrival counters
+    are reset by the kernel; a counter left behind would skip or repeat a combine), close to the unsplit kernel, and
+    every counter zero afterwards."""
+    from dgemma.ops import cuda_attention
+    from dgemma.ops.cuda_attention import decoder_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    lens, canvas = [3000, 700, 1], 100
+    b, d, hq, hkv = len(lens), shape["d"], shape["hq"], shape["hkv"]
+    cache = Cache(gen, lens, hkv, d, ring)
+    q = _randn(gen, b, canvas, hq, d, scale=1.5 / math.sqrt(d)).transpose(1, 2)
+    ck = _randn(gen, b, canvas, hkv, d).transpose(1, 2)
+    cv = _randn(gen, b, canvas, hkv, d).transpose(1, 2)
+
+    def run(splits):
+        return decoder_attention(q, cache.k, cache.v, ck, cv, lens, ring, shape["window"], num_splits=splits).clone()
+
+    whole = run(1)
+    outs = [run(5) for _ in range(4)]
+    torch.cuda.synchronize()
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    rel = ((outs[0].float() - whole.float()).abs().max() / whole.float().abs().max()).item()
+    assert rel <= 1e-2, rel
+    for counters in cuda_attention._COUNTERS.values():
+        assert int(counters.abs().sum()) == 0
+
+
 def test_decoder_device_prefix_lens():
     """Lengths as a device tensor, with and without max_prefix (no host sync with it)."""
     lens = torch.tensor([300, 41], dtype=torch.int32, device="cuda")

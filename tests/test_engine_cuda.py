@@ -156,13 +156,13 @@ def test_batched_decoder_rows_equal_each_row_alone_on_the_gpu():
         assert torch.equal(rows[r:r + 1], alone), (r, _rel(rows[r:r + 1], alone))
 
 
-# Kernels one layer of the FP8 CUDA path launches in a denoising step: QKV GEMM, qkv_prep, attention (+ its
-# split-KV combine), o_proj quantise + GEMM, router (which also forms the attention residual), plan, gather (pre-MoE
-# and MLP norms), expert GEMM, gelu_up, expert GEMM (the dense MLP runs inside the expert GEMMs as shared experts),
-# ffn residual (sums the expert rows itself and writes the next layer's FP8 attention input; the first layer's comes
-# from rms_norm_fp8): 12, or 13 with the split-KV combine. The step adds its own (embedding, RoPE tables, decoder
+# Kernels one layer of the FP8 CUDA path launches in a denoising step: QKV GEMM, qkv_prep, attention (its split-KV
+# combine runs in the attention kernel's last split), o_proj quantise + GEMM, router (which also forms the attention
+# residual), plan, gather (pre-MoE and MLP norms), expert GEMM, gelu_up, expert GEMM (the dense MLP runs inside the
+# expert GEMMs as shared experts), ffn residual (sums the expert rows itself and writes the next layer's FP8 attention
+# input; the first layer's comes from rms_norm_fp8): 12. The step adds its own (embedding, RoPE tables, decoder
 # input, final norm, vocabulary head, sampler).
-KERNELS_PER_LAYER = 13
+KERNELS_PER_LAYER = 12
 KERNELS_PER_STEP = 80
 
 

@@ -1101,7 +1101,7 @@ def attention_forward_table(c: Ctx) -> Table:
         tail_k=c.randn(B, HKV, T, D), tail_v=c.randn(B, HKV, T, D),
         prefix_lens=torch.full((B,), PREFIX, dtype=I32, device=c.dev), valid=None,
         out=torch.full((B, T, HQ, D), float("nan"), dtype=BF16, device=c.dev), part_o=None, part_lse=None,
-        max_prefix=PREFIX, ring_size=0, window=0, causal=False, valid_tail=False, num_splits=1, split_tiles=1,
+        split_counters=None, max_prefix=PREFIX, ring_size=0, window=0, causal=False, valid_tail=False, num_splits=1, split_tiles=1,
         stream=0))
     base = t.base
     t.bad("q on the host", cuda_msg("q"), q=c.host(base["q"]))
@@ -1168,19 +1168,31 @@ def attention_forward_table(c: Ctx) -> Table:
           max_prefix=60)
     part_o = c.empty(2, B, HQ, T, D, dtype=F32)
     part_lse = c.empty(2, B, HQ, T, dtype=F32)
-    t.bad("split without part_o", "num_splits > 1 needs the part_o and part_lse workspaces", num_splits=2,
-          part_lse=part_lse)
-    t.bad("split without part_lse", "num_splits > 1 needs the part_o and part_lse workspaces", num_splits=2,
-          part_o=part_o)
-    t.bad("part_o on the host", cuda_msg("part_o"), num_splits=2, part_o=c.host(part_o), part_lse=part_lse)
-    t.bad("part_lse dtype", "part_lse has dtype bfloat16, expected float32", num_splits=2, part_o=part_o,
-          part_lse=c.empty(2, B, HQ, T))
-    t.bad("part_o strided", f"part_o must be contiguous (shape [2, {B}, {HQ}, {T}, {D}])", num_splits=2,
-          part_o=c.empty(2, B, HQ, D, T, dtype=F32).transpose(3, 4), part_lse=part_lse)
+    import dgemma._C as C
+
+    q_tiles = -(-T // C.attention_tile_shape(D)[0])
+    counters = torch.zeros(B, HQ, q_tiles, dtype=I32, device=c.dev)
+    split = dict(num_splits=2, part_o=part_o, part_lse=part_lse, split_counters=counters)
+    need = "num_splits > 1 needs the part_o, part_lse and split_counters workspaces"
+    t.bad("split without part_o", need, **{**split, "part_o": None})
+    t.bad("split without part_lse", need, **{**split, "part_lse": None})
+    t.bad("split without split_counters", need, **{**split, "split_counters": None})
+    t.bad("part_o on the host", cuda_msg("part_o"), **{**split, "part_o": c.host(part_o)})
+    t.bad("part_lse dtype", "part_lse has dtype bfloat16, expected float32",
+          **{**split, "part_lse": c.empty(2, B, HQ, T)})
+    t.bad("part_o strided", f"part_o must be contiguous (shape [2, {B}, {HQ}, {T}, {D}])",
+          **{**split, "part_o": c.empty(2, B, HQ, D, T, dtype=F32).transpose(3, 4)})
     t.bad("part_o splits", f"part_o has shape [3, {B}, {HQ}, {T}, {D}], expected [2, {B}, {HQ}, {T}, {D}]",
-          num_splits=2, part_o=c.empty(3, B, HQ, T, D, dtype=F32), part_lse=part_lse)
-    t.bad("part_lse tokens", f"part_lse has shape [2, {B}, {HQ}, 4], expected [2, {B}, {HQ}, {T}]", num_splits=2,
-          part_o=part_o, part_lse=c.empty(2, B, HQ, 4, dtype=F32))
+          **{**split, "part_o": c.empty(3, B, HQ, T, D, dtype=F32)})
+    t.bad("part_lse tokens", f"part_lse has shape [2, {B}, {HQ}, 4], expected [2, {B}, {HQ}, {T}]",
+          **{**split, "part_lse": c.empty(2, B, HQ, 4, dtype=F32)})
+    t.bad("split_counters on the host", cuda_msg("split_counters"),
+          **{**split, "split_counters": c.host(counters)})
+    t.bad("split_counters int64", "split_counters has dtype int64, expected int32",
+          **{**split, "split_counters": counters.long()})
+    t.bad("split_counters query tiles",
+          f"split_counters has shape [{B}, {HQ}, {q_tiles + 1}], expected [{B}, {HQ}, {q_tiles}]",
+          **{**split, "split_counters": torch.zeros(B, HQ, q_tiles + 1, dtype=I32, device=c.dev)})
     t.bad("q is None", not_tensor("q"), q=None)
     t.bad("prefix_lens is a list", not_tensor("prefix_lens", "list"), prefix_lens=[PREFIX] * B)
     t.type_error("max_prefix is a float", "max_prefix=1.5", max_prefix=1.5)

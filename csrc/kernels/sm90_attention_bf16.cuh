@@ -7,7 +7,8 @@
 // because the cache is written only after the layer ran.
 //
 // Algorithm: flash attention with mma.sync m16n8k16 (bf16 in, fp32 accumulate), online softmax,
-// cp.async double-buffered K/V tiles, optional split-KV with a combine kernel.
+// cp.async double-buffered K/V tiles, optional split-KV with the combine fused: the CTAs of one query tile's splits
+// write fp32 partials, and the last of them to finish (a counter per query tile) combines them into the output.
 // NOTE: a warp owns 16 query rows x a 128-wide slice of the head dim (see attention_tiles.cuh), so
 // the O accumulator stays at 64 registers per thread even for head_dim 512. The price is that the
 // QK^T partial sums of the NS slices of a row group are exchanged through shared memory every tile.
@@ -42,6 +43,9 @@ struct AttentionParams {
   int64_t o_sb, o_st, o_sh;
   float* part_o;    // [num_splits, B, Hq, T, D] (num_splits > 1 only)
   float* part_lse;  // [num_splits, B, Hq, T]
+  // [B, Hq, query tiles] arrival counters (num_splits > 1 only): zero before the launch, and zero again after it
+  // (the last split of each query tile resets its counter once every split has arrived).
+  int* split_counters;
   int batch, hq, hkv, t;
   int max_prefix;     // upper bound of prefix_lens (sizes the grid; clamps device values)
   int ring_size;      // 0: position p at slot p
@@ -96,6 +100,61 @@ __device__ __forceinline__ KeyRange key_range(const AttentionParams& p, int b) {
   r.pstart = len - r.n_prefix;
   r.n_kv = r.n_prefix + p.t;
   return r;
+}
+
+// Whether this CTA is the last of `splits` to arrive at *counter (every thread of the CTA calls it after its partial
+// writes; all get the answer). Release: each thread fences its writes before thread 0 counts the CTA in; the last
+// CTA resets the counter for the next launch and fences again before reading the others' partials.
+__device__ __forceinline__ bool last_split_to_arrive(int* counter, int splits) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const bool last = atomicAdd(counter, 1) == splits - 1;
+    if (last) *counter = 0;
+    s_last = last;
+  }
+  __syncthreads();
+  const bool last = s_last != 0;
+  if (last) __threadfence();
+  return last;
+}
+
+// out[b, t, h] = Σ_s exp(lse_s − max lse)·o_s / Σ_s exp(lse_s − max lse) for the `rows` query rows from q0 of
+// (b, h), from the splits' fp32 partials (read through L2: other CTAs wrote them); a row no split saw is 0.
+template <int D>
+__device__ __forceinline__ void combine_splits(const AttentionParams& p, int b, int h, int q0, int rows) {
+  constexpr int kVecs = D / 4;
+  const int64_t split_stride = int64_t(p.batch) * p.hq * p.t;
+  for (int i = threadIdx.x; i < rows * kVecs; i += blockDim.x) {
+    const int t = q0 + i / kVecs, c = i % kVecs;
+    const int64_t row = (int64_t(b) * p.hq + h) * p.t + t;
+    float lmax = -INFINITY;
+    for (int s = 0; s < p.num_splits; ++s) lmax = fmaxf(lmax, __ldcg(p.part_lse + s * split_stride + row));
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (lmax != -INFINITY) {
+      float wsum = 0.f;
+      for (int s = 0; s < p.num_splits; ++s) {
+        const float lse = __ldcg(p.part_lse + s * split_stride + row);
+        if (lse == -INFINITY) continue;
+        const float w = expf(lse - lmax);
+        wsum += w;
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(p.part_o + (s * split_stride + row) * D) + c);
+        acc.x += w * v.x;
+        acc.y += w * v.y;
+        acc.z += w * v.z;
+        acc.w += w * v.w;
+      }
+      const float iw = 1.f / wsum;
+      acc.x *= iw;
+      acc.y *= iw;
+      acc.z *= iw;
+      acc.w *= iw;
+    }
+    __nv_bfloat16* orow = p.out + b * p.o_sb + int64_t(t) * p.o_st + h * p.o_sh + c * 4;
+    reinterpret_cast<__nv_bfloat162*>(orow)[0] = __floats2bfloat162_rn(acc.x, acc.y);
+    reinterpret_cast<__nv_bfloat162*>(orow)[1] = __floats2bfloat162_rn(acc.z, acc.w);
+  }
 }
 
 template <int D>
@@ -353,48 +412,14 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
       }
       if (slice == 0 && tq == 0) p.part_lse[prow] = l[i] > 0.f ? m[i] + logf(l[i]) : -INFINITY;
     }
+    if (last_split_to_arrive(p.split_counters + (int64_t(b) * p.hq + h) * gridDim.x + blockIdx.x, p.num_splits))
+      combine_splits<D>(p, b, h, q0, min(BM, p.t - q0));
   }
-}
-
-// out[b, t, h] = sum_s exp(lse_s - lse) * o_s over the splits. One block of D/4 threads per row.
-template <int D>
-__global__ void __launch_bounds__(D / 4) attention_combine_kernel(const AttentionParams p) {
-  pdl_begin();
-  const int64_t row = blockIdx.x;  // ((b * Hq) + h) * T + t
-  const int t = static_cast<int>(row % p.t);
-  const int h = static_cast<int>((row / p.t) % p.hq);
-  const int b = static_cast<int>(row / (int64_t(p.t) * p.hq));
-  const int64_t split_stride = int64_t(p.batch) * p.hq * p.t;
-  float lmax = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) lmax = fmaxf(lmax, p.part_lse[s * split_stride + row]);
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (lmax != -INFINITY) {
-    float wsum = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float lse = p.part_lse[s * split_stride + row];
-      if (lse == -INFINITY) continue;
-      const float w = expf(lse - lmax);
-      wsum += w;
-      const float4 v = reinterpret_cast<const float4*>(p.part_o + (s * split_stride + row) * D)[threadIdx.x];
-      acc.x += w * v.x;
-      acc.y += w * v.y;
-      acc.z += w * v.z;
-      acc.w += w * v.w;
-    }
-    const float iw = 1.f / wsum;
-    acc.x *= iw;
-    acc.y *= iw;
-    acc.z *= iw;
-    acc.w *= iw;
-  }
-  __nv_bfloat16* orow = p.out + b * p.o_sb + int64_t(t) * p.o_st + h * p.o_sh + threadIdx.x * 4;
-  reinterpret_cast<__nv_bfloat162*>(orow)[0] = __floats2bfloat162_rn(acc.x, acc.y);
-  reinterpret_cast<__nv_bfloat162*>(orow)[1] = __floats2bfloat162_rn(acc.z, acc.w);
 }
 
 }  // namespace attention_detail
 
-// Launches the attention (and the combine when num_splits > 1). The launcher has validated `p`.
+// Launches the attention (with num_splits > 1, the splits combine themselves). The launcher has validated `p`.
 template <int D>
 cudaError_t attention_bf16(const AttentionParams& p, cudaStream_t stream) {
   using S = attention_detail::Shape<D>;
@@ -403,10 +428,7 @@ cudaError_t attention_bf16(const AttentionParams& p, cudaStream_t stream) {
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmemBytes));
   if (err != cudaSuccess) return err;
   const dim3 grid((p.t + S::kBlockM - 1) / S::kBlockM, p.hq, p.batch * p.num_splits);
-  err = launch_kernel(attention_detail::attention_fwd_kernel<D>, grid, kAttentionThreads, S::kSmemBytes, stream, p);
-  if (err != cudaSuccess || p.num_splits == 1) return err;
-  const int64_t rows = int64_t(p.batch) * p.hq * p.t;
-  return launch_kernel(attention_detail::attention_combine_kernel<D>, static_cast<unsigned>(rows), D / 4, 0, stream, p);
+  return launch_kernel(attention_detail::attention_fwd_kernel<D>, grid, kAttentionThreads, S::kSmemBytes, stream, p);
 }
 
 }  // namespace dgemma::kernels

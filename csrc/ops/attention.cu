@@ -18,7 +18,8 @@ using namespace attention_checks;
 void attention_forward(const TensorArg& q, const TensorArg& cache_k, const TensorArg& cache_v,
                        const TensorArg& tail_k, const TensorArg& tail_v, const TensorArg& prefix_lens,
                        const TensorArg* valid, const TensorArg& out, const TensorArg* part_o,
-                       const TensorArg* part_lse, const AttentionOptions& opt, std::uintptr_t stream) {
+                       const TensorArg* part_lse, const TensorArg* split_counters, const AttentionOptions& opt,
+                       std::uintptr_t stream) {
   check_cuda(q);
   const int dev = q.device;
   check_bf16_rows(q, 4, dev);
@@ -79,16 +80,19 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
                                 std::to_string(opt.split_tiles) + " does not cover the " + std::to_string(key_tiles) +
                                 " key tiles of " + std::to_string(block_n) + " keys (see dgemma.attention_plan)");
   if (opt.num_splits > 1) {
-    if (part_o == nullptr || part_lse == nullptr)
-      ::dgemma::throw_invalid("num_splits > 1 needs the part_o and part_lse workspaces");
-    for (const TensorArg* w : {part_o, part_lse}) {
+    if (part_o == nullptr || part_lse == nullptr || split_counters == nullptr)
+      ::dgemma::throw_invalid("num_splits > 1 needs the part_o, part_lse and split_counters workspaces");
+    for (const TensorArg* w : {part_o, part_lse, split_counters}) {
       check_cuda(*w);
       check_same_device(q, *w);
-      check_dtype(*w, DType::kFloat32);
+      check_dtype(*w, w == split_counters ? DType::kInt32 : DType::kFloat32);
       check_contiguous(*w);
     }
     check_shape(*part_o, {opt.num_splits, b, hq, t, d});
     check_shape(*part_lse, {opt.num_splits, b, hq, t});
+    const int64_t query_tiles = (t + kernels::attention_block_m(static_cast<int>(d)) - 1) /
+                                kernels::attention_block_m(static_cast<int>(d));
+    check_shape(*split_counters, {b, hq, query_tiles});
   }
 
   kernels::AttentionParams p{};
@@ -109,6 +113,7 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
   p.o_sb = out.strides[0], p.o_st = out.strides[1], p.o_sh = out.strides[2];
   p.part_o = opt.num_splits > 1 ? static_cast<float*>(part_o->data) : nullptr;
   p.part_lse = opt.num_splits > 1 ? static_cast<float*>(part_lse->data) : nullptr;
+  p.split_counters = opt.num_splits > 1 ? static_cast<int*>(split_counters->data) : nullptr;
   p.batch = static_cast<int>(b), p.hq = static_cast<int>(hq), p.hkv = static_cast<int>(hkv);
   p.t = static_cast<int>(t);
   p.max_prefix = static_cast<int>(opt.max_prefix);

@@ -26,9 +26,10 @@ namespace {
 #ifdef DGEMMA_WITH_CUDA
 void attention_forward_py(py::handle q, py::handle cache_k, py::handle cache_v, py::handle tail_k, py::handle tail_v,
                           py::handle prefix_lens, py::handle valid, py::handle out, py::handle part_o,
-                          py::handle part_lse, int64_t max_prefix, int64_t ring_size, int64_t window, bool causal,
-                          bool valid_tail, int64_t num_splits, int64_t split_tiles, std::uintptr_t stream) {
-  TensorArg valid_a, part_o_a, part_lse_a;
+                          py::handle part_lse, py::handle split_counters, int64_t max_prefix, int64_t ring_size,
+                          int64_t window, bool causal, bool valid_tail, int64_t num_splits, int64_t split_tiles,
+                          std::uintptr_t stream) {
+  TensorArg valid_a, part_o_a, part_lse_a, counters_a;
   AttentionOptions opt;
   opt.max_prefix = max_prefix;
   opt.ring_size = ring_size;
@@ -40,8 +41,8 @@ void attention_forward_py(py::handle q, py::handle cache_k, py::handle cache_v, 
   attention_forward(to_arg(q, "q"), to_arg(cache_k, "cache_k"), to_arg(cache_v, "cache_v"), to_arg(tail_k, "tail_k"),
                     to_arg(tail_v, "tail_v"), to_arg(prefix_lens, "prefix_lens"),
                     optional_arg(valid, "valid", valid_a), to_arg(out, "out"),
-                    optional_arg(part_o, "part_o", part_o_a), optional_arg(part_lse, "part_lse", part_lse_a), opt,
-                    stream);
+                    optional_arg(part_o, "part_o", part_o_a), optional_arg(part_lse, "part_lse", part_lse_a),
+                    optional_arg(split_counters, "split_counters", counters_a), opt, stream);
 }
 
 void qkv_prep_py(py::handle q_in, py::handle k_in, py::handle v_in, py::handle q_weight, py::handle k_weight,
@@ -57,8 +58,8 @@ void qkv_prep_py(py::handle q_in, py::handle k_in, py::handle v_in, py::handle q
 }
 #else
 void attention_forward_py(py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
-                          py::handle, py::handle, py::handle, int64_t, int64_t, int64_t, bool, bool, int64_t, int64_t,
-                          std::uintptr_t) {
+                          py::handle, py::handle, py::handle, py::handle, int64_t, int64_t, int64_t, bool, bool, int64_t,
+                          int64_t, std::uintptr_t) {
   cuda_unavailable("attention_forward");
 }
 
@@ -86,7 +87,8 @@ void register_attention(py::module_& m) {
       py::arg("head_dim"), "Whether the attention and qkv_prep kernels take this head dim.");
   m.def("attention_forward", &attention_forward_py, py::arg("q"), py::arg("cache_k"), py::arg("cache_v"),
         py::arg("tail_k"), py::arg("tail_v"), py::arg("prefix_lens"), py::arg("valid"), py::arg("out"),
-        py::arg("part_o"), py::arg("part_lse"), py::arg("max_prefix"), py::arg("ring_size"), py::arg("window"),
+        py::arg("part_o"), py::arg("part_lse"), py::arg("split_counters"), py::arg("max_prefix"),
+        py::arg("ring_size"), py::arg("window"),
         py::arg("causal"), py::arg("valid_tail"), py::arg("num_splits"), py::arg("split_tiles"), py::arg("stream"),
         "Attention of q over [visible cached prefix ; tail]; see dgemma.ops.cuda_attention.");
   m.def("qkv_prep", &qkv_prep_py, py::arg("q_in"), py::arg("k_in"), py::arg("v_in"), py::arg("q_weight"),

@@ -22,6 +22,10 @@ auto with_stats_gemm(int /*impl*/, Fn&& fn) {
   return fn(VocabStatsGemm<128>{});
 }
 
+// The shared-memory ring the builder sized (StageCountAutoCarveout) must fit one SM's 227 KiB with the kernel's
+// other shared storage.
+static_assert(VocabStatsGemm<128>::Kernel::SharedStorageSize <= 232448, "the statistics GEMM's shared memory");
+
 }  // namespace
 
 Sm90Plan sm90_plan(int impl, int64_t rows, int vocab, int dim, int sms, bool with_soft) {

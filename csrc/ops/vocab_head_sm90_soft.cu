@@ -13,6 +13,8 @@
 
 namespace dgemma::kernels::vocab_head {
 
+static_assert(VocabSoftGemm::Kernel::SharedStorageSize <= 232448, "the P·E GEMM's shared memory");
+
 int sm90_soft_splits(int64_t rows, int dim, int vocab, int sms) { return VocabSoftGemm::splits(rows, dim, vocab, sms); }
 
 size_t sm90_soft_workspace(const VocabHeadParams& p, const VocabHeadLayout& l, int splits, int sms) {

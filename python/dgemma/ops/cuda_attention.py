@@ -26,6 +26,25 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[index]
 
 
+# Split-KV arrival counters (int32, one per query tile of each sequence and head), per (device, stream): the kernel
+# needs them zero and leaves them zero (the last split of a query tile resets its counter), so one buffer serves every
+# call on a stream, graph replays included. A larger need replaces the buffer; the old one stays alive, as a captured
+# graph may still use it. Calls on one stream never overlap; calls on two streams get two buffers.
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
+
+
+def _split_counters(device: torch.device, stream: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    n = shape[0] * shape[1] * shape[2]
+    buf = _COUNTERS.get((index, stream))
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED_COUNTERS.append(buf)
+        buf = _COUNTERS[(index, stream)] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf[:n].view(shape)
+
+
 def _prefix_tensor(prefix_lens: int | Sequence[int] | torch.Tensor, batch: int, device: torch.device,
                    max_prefix: int | None) -> tuple[torch.Tensor, int]:
     """int32 [B] device tensor of prefix lengths and an upper bound of them (a host sync only when a
@@ -61,16 +80,18 @@ def _attention(q, cache_k, cache_v, tail_k, tail_v, prefix_lens, ring_size, wind
                                   num_splits=num_splits)
     if out is None:
         out = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device)
-    part_o = part_lse = None
+    part_o = part_lse = counters = None
+    stream = _ext.current_stream(q.device)
     shapes = plan.workspace_shapes(b, hq, t, d)
     if shapes is not None:
         part_o = torch.empty(shapes[0], dtype=torch.float32, device=q.device)
         part_lse = torch.empty(shapes[1], dtype=torch.float32, device=q.device)
+        counters = _split_counters(q.device, stream, (b, hq, plan.query_tiles))
     if valid is not None and valid.dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"valid has dtype {valid.dtype}, expected torch.bool")
-    lib.attention_forward(q, cache_k, cache_v, tail_k, tail_v, lens, valid, out, part_o, part_lse, int(bound),
-                          int(ring_size), int(window or 0), bool(causal), bool(causal), plan.num_splits,
-                          plan.split_tiles, _ext.current_stream(q.device))
+    lib.attention_forward(q, cache_k, cache_v, tail_k, tail_v, lens, valid, out, part_o, part_lse, counters,
+                          int(bound), int(ring_size), int(window or 0), bool(causal), bool(causal), plan.num_splits,
+                          plan.split_tiles, stream)
     return out
 
 
