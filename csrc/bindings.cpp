@@ -6,6 +6,7 @@
 #include <string>
 #include <utility>
 
+#include "kernels/residual_norm_limits.h"
 #include "ops/info.h"
 #include "ops/norm.h"
 #include "ops/registry.h"
@@ -105,6 +106,8 @@ void register_info(py::module_& m) {
 }
 
 void register_norm(py::module_& m) {
+  m.def("ffn_residual_experts_unsupported", &kernels::expert_branches_unsupported, py::arg("hidden"),
+        "Why ffn_residual_experts cannot sum the expert rows of this hidden size, or '' when it can.");
   m.def(
       "rms_norm",
       [](py::handle x, py::handle weight, py::handle out, double eps, std::uintptr_t stream) {

@@ -207,3 +207,18 @@ def test_decoder_input_glue_matches_the_reference_ops(stand_in, with_soft):
     rq, rs = quant.quantize_rows(ref_h.reshape(-1, cfg.hidden_size))
     assert torch.equal(h.q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(h.scale, rs)
     assert torch.equal(ops.embed_norm(ids, w.embed, cfg.embed_scale, add, cfg.rms_norm_eps), ref_x)
+
+
+def test_the_expert_rows_residual_limit_is_the_extensions():
+    """The ops ask the extension which hidden sizes the residual kernel sums expert rows for (no restated limit)."""
+    import dgemma._C as C
+
+    assert C.ffn_residual_experts_unsupported(2816) == ""
+    assert C.ffn_residual_experts_unsupported(3072) == ""
+    assert C.ffn_residual_experts_unsupported(3080) == "hidden size 3080: expected a multiple of 8 up to 3072"
+    assert C.ffn_residual_experts_unsupported(100) == "hidden size 100: expected a multiple of 8 up to 3072"
+    cuda._experts_residual_supported.cache_clear()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cuda._ext, "require_cuda", lambda: C)
+        assert cuda._experts_residual_supported(2816) and not cuda._experts_residual_supported(4096)
+    cuda._experts_residual_supported.cache_clear()

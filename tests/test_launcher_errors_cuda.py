@@ -43,7 +43,7 @@ OPS = (
     "device_capability",
 )
 NO_ERROR_PATH = {"version", "built_with_cuda", "cuda_runtime_version", "vocab_head_unsupported",
-                 "attention_head_dim_supported", "moe_route_unsupported"}
+                 "attention_head_dim_supported", "moe_route_unsupported", "ffn_residual_experts_unsupported"}
 
 
 @dataclass

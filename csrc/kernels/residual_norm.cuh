@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/residual_norm_limits.h"
 #include "kernels/fp8_epilogue.cuh"
 #include "kernels/fp8_quant.cuh"
 #include "kernels/pdl.cuh"
@@ -98,7 +99,6 @@ struct ExpertBranches {
 inline size_t expert_branches_smem_bytes(int dim) {
   return static_cast<size_t>(kRmsNormWarpsPerBlock) * 2 * static_cast<size_t>(dim) * sizeof(__nv_bfloat16);
 }
-constexpr int kExpertBranchesMaxDim = 3072;  // 48 KiB of shared memory per block
 
 // One warp: row `row`'s two branches into mlp[0, dim) and moe[0, dim) (shared memory).
 __device__ __forceinline__ void gather_expert_branches(const ExpertBranches& eb, int64_t row, int dim, int lane,

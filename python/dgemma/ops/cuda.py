@@ -114,13 +114,15 @@ def ffn_residual_experts(x, rows: ExpertRows, w_mlp, w_moe, w_ff, scalar, eps, n
     return out, Fp8Rows(q, scale, tuple(x.shape[:-1]))
 
 
-# The residual kernel's limit on the hidden size when it sums the expert rows itself (kExpertBranchesMaxDim).
-_EXPERT_BRANCHES_MAX_DIM = 3072
+@functools.lru_cache(maxsize=64)
+def _experts_residual_supported(hidden: int) -> bool:
+    """Whether the residual kernel sums the expert rows of this hidden size itself (asked of the extension)."""
+    return _ext.require_cuda().ffn_residual_experts_unsupported(hidden) == ""
 
 
 def _experts_residual_fits(x, rows, *weights) -> bool:
     return (isinstance(rows, ExpertRows) and x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous()
-            and x.shape[-1] % 8 == 0 and x.shape[-1] <= _EXPERT_BRANCHES_MAX_DIM
+            and _experts_residual_supported(x.shape[-1])
             and all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights)
             and "residual_norm" not in _ext.disabled_kernels())
 
