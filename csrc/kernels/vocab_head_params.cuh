@@ -30,7 +30,7 @@ constexpr size_t kSoftSmemBytes = kStages * (2 * kTileBytes + kBM * sizeof(float
 // The implementations of the head's two GEMMs (the surrounding kernels are shared):
 //   kImplMmaSync: mma.sync + cp.async kernels (vocab_head_stats.cuh / vocab_head_soft.cuh);
 //   kImplWgmma: CUTLASS sm90 TMA + wgmma GEMMs (vocab_head_sm90.h): the statistics in a custom epilogue over
-//   128x128 logit tiles, and P·E as a split-K GEMM.
+//   64x128 (ping-pong) or 128x128 (cooperative) logit tiles, and P·E as a split-K GEMM.
 constexpr int kImplMmaSync = 0;
 constexpr int kImplWgmma = 1;
 constexpr int kImplCount = 2;

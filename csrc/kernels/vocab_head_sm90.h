@@ -1,8 +1,8 @@
 // The vocabulary head's two GEMMs on Hopper (csrc/ops/vocab_head_sm90.cu): CUTLASS sm90 TMA + wgmma kernels that
 // the launcher in vocab_head.cuh calls in place of the mma.sync passes when VocabHeadParams::impl names them.
-//   statistics: z tiles = h·Eᵀ (128 rows x 128 vocab ids, K = hidden) of a persistent, warp-specialised
-//     cooperative GEMM, reduced in its epilogue (vocab_head_sm90_stats.cuh) into one StatsPartial per (row, vocab
-//     tile) and, with self-conditioning, the bf16 q = exp(z − chunk max) and the chunk maxima;
+//   statistics: z tiles = h·Eᵀ (64 or 128 rows x 128 vocab ids, K = hidden) of a persistent, warp-specialised
+//     ping-pong (or cooperative) GEMM, reduced in its epilogue (vocab_head_sm90_stats.cuh) into one StatsPartial
+//     per (row, vocab tile) and, with self-conditioning, the bf16 q = exp(z − chunk max) and the chunk maxima;
 //   self-conditioning: q rescaled in place to p = bf16(q·exp(chunk max − lse)) (one elementwise kernel), then
 //     soft = bf16(scale·(p·E)) as a split-K GEMM (stream-K scheduler, deterministic reduction).
 // Host declarations only; torch-free.

@@ -1,12 +1,12 @@
 // The statistics pass of the vocabulary head as a CUTLASS sm90 GEMM with the reduction in its epilogue.
 //
-// Mainloop: CUTLASS's persistent, warp-specialised cooperative kernel (a TMA producer warp feeding a multi-stage
-// shared-memory ring, two consumer warpgroups of wgmma splitting the tile's 128 rows), A = h [rows, hidden] and
+// Mainloop: CUTLASS's persistent, warp-specialised kernel (a TMA producer warp feeding a multi-stage shared-memory
+// ring, two consumer warpgroups of wgmma, ping-pong or cooperative: VocabStatsGemm), A = h [rows, hidden] and
 // B = E [vocab, hidden], both K-major, fp32 accumulators. Tiles are rastered along M, so the row tiles that read
 // one embedding tile run side by side and share it in L2.
 //
 // Epilogue (VocabStatsEpilogue, no shared memory, wrapped by CUTLASS's adapter for register epilogues): the
-// accumulators of a 128 x TileN tile never leave registers. A wgmma accumulator fragment gives each thread two rows
+// accumulators of a TileM x TileN tile never leave registers. A wgmma accumulator fragment gives each thread two rows
 // (r and r + 8 of its warp's 16) and, per 8-column block, two adjacent columns; the four lanes of a quad hold one
 // row's columns. Each 64-column chunk of a row goes through fold_chunk (vocab_head_rows.cuh, the same per-logit
 // math as the mma.sync pass): softcap and 1/t, chunk maximum, Σexp, Σexp·z, argmax, the Philox Gumbel-max sample
@@ -92,8 +92,9 @@ class VocabStatsEpilogue {
     // Each accumulator's (row, column) in the tile, from the MMA's own partitioning of an identity tensor.
     auto thr_mma = tiled_mma.get_thread_slice(thread_idx);
     Tensor coords = thr_mma.partition_C(make_identity_tensor(make_shape(Int<TileM>{}, Int<TileN>{})));
-    // The wgmma accumulator fragment: ((2 columns, 2 rows, TileN/8 column blocks), MMA_M, MMA_N) = ((2,2,N/8),1,1):
-    // value 4·j + 2·h + e is row h (of the thread's two), column 8·j + 2·(lane % 4) + e.
+    // The wgmma accumulator fragment: ((2 columns, 2 rows, TileN/8 column blocks), MMA_M, MMA_N) = ((2,2,N/8),1,1)
+    // (a 64-row tile per warpgroup: TileM 128 with two cooperating warpgroups, or 64 ping-pong): value 4·j + 2·h + e
+    // is row h (of the thread's two), column 8·j + 2·(lane % 4) + e.
     static_assert(size(FrgLayout{}) == TileN / 2 && size<1>(FrgLayout{}) == 1 && size<2>(FrgLayout{}) == 1,
                   "a 64 x TileN wgmma accumulator per warpgroup: two rows per thread");
     static_assert(is_same_v<decltype(shape<0>(FrgLayout{})), Shape<_2, _2, Int<TileN / 8>>>,
@@ -138,22 +139,24 @@ class VocabStatsEpilogue {
   Params params_;
 };
 
-// The statistics GEMM: M = rows, N = vocab, K = hidden, one batch.
-template <int TileN>
+// The statistics GEMM: M = rows, N = vocab, K = hidden, one batch. Schedules: ping-pong (KernelTmaWarpSpecialized-
+// Pingpong, TileM = 64: each consumer warpgroup owns whole tiles and the two alternate, so one's statistics epilogue
+// runs while the other's MMAs do) or cooperative (TileM = 128: both warpgroups on one tile, the epilogue between
+// tiles).
+template <int TileM, int TileN, class KernelSchedule>
 struct VocabStatsGemm {
-  static constexpr int kTileM = 128;
+  static constexpr int kTileM = TileM;
   static constexpr int kTileN = TileN;
   using Element = cutlass::bfloat16_t;
   using StrideA = cute::Stride<int64_t, cute::_1, int64_t>;  // h [rows][hidden]
   using StrideB = cute::Stride<int64_t, cute::_1, int64_t>;  // E [vocab][hidden]
-  using TileShape = cute::Shape<cute::Int<kTileM>, cute::Int<TileN>, cute::_64>;
+  using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-  using Epilogue = VocabStatsEpilogue<kTileM, TileN>;
+  using Epilogue = VocabStatsEpilogue<TileM, TileN>;
   using CollectiveEpilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<Epilogue>;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, StrideA, 8, Element, StrideB, 8, float, TileShape,
-      ClusterShape, cutlass::gemm::collective::StageCountAutoCarveout<0>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      ClusterShape, cutlass::gemm::collective::StageCountAutoCarveout<0>, KernelSchedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
                                                       CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;

@@ -1,5 +1,7 @@
 // The vocabulary head's Hopper statistics GEMM and the plan of both GEMMs (kernels/vocab_head_sm90.h).
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/pdl.cuh"
 #include "kernels/sm90_fp8_cutlass.cuh"
@@ -15,20 +17,34 @@ size_t workspace_of(const typename G::Gemm::Arguments& args) {
   return G::Gemm::get_workspace_size(args);
 }
 
-// NOTE: 128 x 128 logit tiles. 128 x 256 tiles (one 64 x 256 accumulator per warpgroup, 128 registers per thread)
-// spill in this epilogue under the cooperative kernel's 168-register budget.
+using PingpongStats = VocabStatsGemm<64, 128, cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
+using CooperativeStats = VocabStatsGemm<128, 128, cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+
+// The statistics GEMM's schedule: ping-pong, unless DGEMMA_VOCAB_HEAD_STATS=cooperative (read once per process; a
+// tuning switch for the benchmark sweep). NOTE: 128 vocab ids per tile: 256 (a 64 x 256 accumulator per warpgroup,
+// 128 registers per thread) spills in this epilogue under the kernel's 168-register budget.
+bool cooperative_stats() {
+  static const bool on = [] {
+    const char* v = std::getenv("DGEMMA_VOCAB_HEAD_STATS");
+    return v != nullptr && std::strcmp(v, "cooperative") == 0;
+  }();
+  return on;
+}
+
 template <class Fn>
-auto with_stats_gemm(int /*impl*/, Fn&& fn) {
-  return fn(VocabStatsGemm<128>{});
+auto with_stats_gemm(Fn&& fn) {
+  if (cooperative_stats()) return fn(CooperativeStats{});
+  return fn(PingpongStats{});
 }
 
 // The shared-memory ring the builder sized (StageCountAutoCarveout) must fit one SM's 227 KiB with the kernel's
 // other shared storage.
-static_assert(VocabStatsGemm<128>::Kernel::SharedStorageSize <= 232448, "the statistics GEMM's shared memory");
+static_assert(PingpongStats::Kernel::SharedStorageSize <= 232448, "the statistics GEMM's shared memory");
+static_assert(CooperativeStats::Kernel::SharedStorageSize <= 232448, "the statistics GEMM's shared memory");
 
 }  // namespace
 
-Sm90Plan sm90_plan(int impl, int64_t rows, int vocab, int dim, int sms, bool with_soft) {
+Sm90Plan sm90_plan(int /*impl*/, int64_t rows, int vocab, int dim, int sms, bool with_soft) {
   Sm90Plan plan;
   VocabHeadParams p;
   p.vocab = vocab;
@@ -37,7 +53,7 @@ Sm90Plan sm90_plan(int impl, int64_t rows, int vocab, int dim, int sms, bool wit
   p.batch = static_cast<int>(rows);
   VocabHeadLayout l = VocabHeadLayout::make(static_cast<int>(rows), 1, vocab, dim, 0, 0, 0, with_soft);
   size_t bytes = 0;
-  with_stats_gemm(impl, [&](auto g) {
+  with_stats_gemm([&](auto g) {
     using G = decltype(g);
     plan.parts = stats_tiles(vocab, G::kTileN);
     bytes = std::max(bytes, workspace_of<G>(G::arguments(p, l, sms, 0)));
@@ -52,7 +68,7 @@ Sm90Plan sm90_plan(int impl, int64_t rows, int vocab, int dim, int sms, bool wit
 }
 
 cudaError_t sm90_stats(const VocabHeadParams& p, const VocabHeadLayout& l, int sms, int device, cudaStream_t stream) {
-  return with_stats_gemm(p.impl, [&](auto g) {
+  return with_stats_gemm([&](auto g) {
     using G = decltype(g);
     if (l.parts != stats_tiles(p.vocab, G::kTileN)) return cudaErrorInvalidValue;  // a layout of another plan
     unsigned char* ws = static_cast<unsigned char*>(p.workspace);
