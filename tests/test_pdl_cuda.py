@@ -1,7 +1,7 @@
 """Programmatic dependent launch (DGEMMA_PDL=1, csrc/kernels/pdl.cuh): every dgemma kernel may start while the one
 before it finishes, and waits for it before touching memory. The results must be those of ordinary launches bit for
 bit: a denoising step's logits, the FP8 expert pipeline (shared experts included), and generate eagerly and from CUDA
-graphs. DGEMMA_PDL is read once per process, so each setting runs in its own process."""
+graphs, with either vocabulary-head implementation. DGEMMA_PDL is read once per process, so each setting runs in its own process."""
 
 import os
 import subprocess
@@ -31,6 +31,16 @@ eng.cuda_graphs = True
 cache = eng.new_cache(1, 77 + 512 + 512)
 out["graphs"] = eng.generate(ids[:1], seed=3, cache=cache, **kw).sequences.cpu()
 assert cache._graph_stepper.failed is None, cache._graph_stepper.failed
+# The vocabulary head on the CUTLASS wgmma GEMMs (looked up at each call), eagerly and from graphs.
+import os
+os.environ["DGEMMA_VOCAB_HEAD"] = "wgmma"
+eng.cuda_graphs = False
+out["wgmma_eager"] = eng.generate(ids[:1], seed=3, **kw).sequences.cpu()
+eng.cuda_graphs = True
+cache = eng.new_cache(1, 77 + 512 + 512)
+out["wgmma_graphs"] = eng.generate(ids[:1], seed=3, cache=cache, **kw).sequences.cpu()
+assert cache._graph_stepper.failed is None, cache._graph_stepper.failed
+del os.environ["DGEMMA_VOCAB_HEAD"]
 
 # The expert pipeline at the model's shapes, shared experts included, at a size that plans on every SM.
 H, I, E = 2816, 704, 131
@@ -62,3 +72,4 @@ def test_programmatic_launches_give_the_results_of_ordinary_ones(tmp_path):
     for key in plain:
         assert torch.equal(plain[key], pdl[key]), key
     assert torch.equal(plain["graphs"], plain["eager"])
+    assert torch.equal(plain["wgmma_graphs"], plain["wgmma_eager"])
