@@ -104,3 +104,30 @@ def test_plan_rejects_bad_sizes():
     with pytest.raises(ValueError, match="num_splits 0"):
         plan_splits(batch=1, q_heads=1, queries=1, max_prefix=1, window=None, block_m=64, block_n=64, num_sms=1,
                     num_splits=0)
+
+
+def test_split_counters_are_zeroed_outside_captures_and_shared(monkeypatch):
+    """One zeroed counter buffer per device, made outside any CUDA-graph capture: a capture that would have to
+    create or grow it fails (its zero-fill would be recorded in one graph only), and later calls reuse it."""
+    import torch
+
+    from dgemma.ops import cuda_attention as ca
+
+    monkeypatch.setattr(ca, "_COUNTERS", {})
+    monkeypatch.setattr(ca, "_RETIRED_COUNTERS", [])
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    dev = torch.device("cpu", 0)
+    with pytest.raises(RuntimeError, match="must be allocated before a CUDA graph capture"):
+        ca._split_counters(dev, (2, 16, 4))
+    capturing[0] = False
+    a = ca._split_counters(dev, (2, 16, 4))
+    assert a.shape == (2, 16, 4) and a.dtype == torch.int32 and int(a.abs().sum()) == 0
+    capturing[0] = True
+    b = ca._split_counters(dev, (1, 16, 4))  # inside a capture: the same zeroed buffer
+    assert b.data_ptr() == a.data_ptr()
+    with pytest.raises(RuntimeError, match=f"needs {ca.MIN_COUNTERS + 1} zeroed counters on cuda:0"):
+        ca._split_counters(dev, (1, 1, ca.MIN_COUNTERS + 1))
+    capturing[0] = False
+    c = ca._split_counters(dev, (1, 1, ca.MIN_COUNTERS + 1))
+    assert c.data_ptr() != a.data_ptr() and len(ca._RETIRED_COUNTERS) == 1

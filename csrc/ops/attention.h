@@ -25,7 +25,7 @@ struct AttentionOptions {
 // [S, B, Hq, T, D], part_lse fp32 [S, B, Hq, T] and split_counters int32 [B, Hq, ceil(T / block_m)] when
 // num_splits S > 1 (else may be null). split_counters must hold zeros, and holds zeros again when the kernel is done
 // (the splits of a query tile count themselves in; the last combines and resets): calls sharing one counter tensor
-// must not run concurrently.
+// must be stream-ordered.
 // D is 256 or 512; all bf16 tensors have a contiguous last dim and other strides multiple of 8.
 void attention_forward(const TensorArg& q, const TensorArg& cache_k, const TensorArg& cache_v,
                        const TensorArg& tail_k, const TensorArg& tail_v, const TensorArg& prefix_lens,

@@ -46,7 +46,7 @@ static_assert(CooperativeStats::Kernel::SharedStorageSize <= 232448, "the statis
 
 Sm90Plan sm90_plan(int /*impl*/, int64_t rows, int vocab, int dim, int sms, bool with_soft) {
   Sm90Plan plan;
-  VocabHeadParams p;
+  VocabHeadParams p{};
   p.vocab = vocab;
   p.dim = dim;
   p.canvas = 1;

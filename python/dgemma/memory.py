@@ -46,8 +46,7 @@ def step_workspace_bytes(cfg: ModelConfig, batch: int, context: int, dtype: torc
 
     Without the fused vocabulary head the step holds fp32 logits [B, C, V] and about three more
     tensors of that size (processed logits, probabilities, the next step's self-conditioning logits);
-    with it, the bf16 probabilities [B, C, V] its P·E pass reads (and one fp32 maximum per 64 of them).
-    Activations: the widest projection of the canvas, the attention scores of one layer's full-attention
+    with it, the head's workspace (below). Activations: the widest projection of the canvas, the attention scores of one layer's full-attention
     keys, and the MoE's routed rows.
     """
     item = torch.tensor([], dtype=dtype).element_size()
@@ -63,7 +62,11 @@ def step_workspace_bytes(cfg: ModelConfig, batch: int, context: int, dtype: torc
     rows = routed + cfg.num_experts * (tile - 1)
     i, h = cfg.moe_intermediate_size, cfg.hidden_size
     moe = rows * (h + 4 * i + i + 2 * h + 24)
-    head = tokens * cfg.vocab_size * 2 + tokens * (cfg.vocab_size // 64 + 1) * 4
+    # The fused head's workspace (csrc/kernels/vocab_head_params.cuh): the bf16 probabilities its P·E pass reads (rows x
+    # vocab rounded up to 128), one fp32 maximum per 64 of them, and the split-K partial sums of that pass (at most 16
+    # splits of fp32 [rows, hidden]).
+    vocab_pad, rows_pad = -(-cfg.vocab_size // 128) * 128, -(-tokens // 128) * 128
+    head = tokens * vocab_pad * 2 + rows_pad * (vocab_pad // 64) * 4 + 16 * tokens * cfg.hidden_size * 4
     logits = head if fused_vocab_head else 4 * tokens * cfg.vocab_size * 4
     return activations + scores + moe + logits
 

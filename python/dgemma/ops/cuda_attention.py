@@ -26,22 +26,30 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[index]
 
 
-# Split-KV arrival counters (int32, one per query tile of each sequence and head), per (device, stream): the kernel
+# Split-KV arrival counters (int32, one per query tile of each sequence and head), one buffer per device: the kernel
 # needs them zero and leaves them zero (the last split of a query tile resets its counter), so one buffer serves every
-# call on a stream, graph replays included. A larger need replaces the buffer; the old one stays alive, as a captured
-# graph may still use it. Calls on one stream never overlap; calls on two streams get two buffers.
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+# call, graph replays included. NOTE: calls on one device must therefore be stream-ordered, as an engine's are (its
+# steps, eager or replayed, run one after another on one stream). The buffer is made zero outside any graph capture
+# (the eager warm-up of a step, which the graph stepper always runs first, creates it); a capture that would have to
+# create or grow it fails instead (the stepper then runs that step eagerly), since a zero-fill recorded in one graph
+# would not run before the other graphs' replays. A grown buffer's predecessor stays alive: a captured graph may
+# still use it.
+MIN_COUNTERS = 1 << 16
+_COUNTERS: dict[int, torch.Tensor] = {}
 _RETIRED_COUNTERS: list[torch.Tensor] = []
 
 
-def _split_counters(device: torch.device, stream: int, shape: tuple[int, int, int]) -> torch.Tensor:
+def _split_counters(device: torch.device, shape: tuple[int, int, int]) -> torch.Tensor:
     index = device.index if device.index is not None else torch.cuda.current_device()
     n = shape[0] * shape[1] * shape[2]
-    buf = _COUNTERS.get((index, stream))
+    buf = _COUNTERS.get(index)
     if buf is None or buf.numel() < n:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the split-KV attention needs {n} zeroed counters on cuda:{index}, which must be "
+                               f"allocated before a CUDA graph capture (run the step once eagerly first)")
         if buf is not None:
             _RETIRED_COUNTERS.append(buf)
-        buf = _COUNTERS[(index, stream)] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        buf = _COUNTERS[index] = torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device)
     return buf[:n].view(shape)
 
 
@@ -86,7 +94,7 @@ def _attention(q, cache_k, cache_v, tail_k, tail_v, prefix_lens, ring_size, wind
     if shapes is not None:
         part_o = torch.empty(shapes[0], dtype=torch.float32, device=q.device)
         part_lse = torch.empty(shapes[1], dtype=torch.float32, device=q.device)
-        counters = _split_counters(q.device, stream, (b, hq, plan.query_tiles))
+        counters = _split_counters(q.device, (b, hq, plan.query_tiles))
     if valid is not None and valid.dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"valid has dtype {valid.dtype}, expected torch.bool")
     lib.attention_forward(q, cache_k, cache_v, tail_k, tail_v, lens, valid, out, part_o, part_lse, counters,
