@@ -46,8 +46,8 @@ def step_workspace_bytes(cfg: ModelConfig, batch: int, context: int, dtype: torc
 
     Without the fused vocabulary head the step holds fp32 logits [B, C, V] and about three more
     tensors of that size (processed logits, probabilities, the next step's self-conditioning logits);
-    with it, the head's workspace (below). Activations: the widest projection of the canvas, the attention scores of one layer's full-attention
-    keys, and the MoE's routed rows.
+    with it, the head's workspace (below). Activations: the widest projection of the canvas, the attention
+    scores of one layer's full-attention keys, and the MoE's routed rows.
     """
     item = torch.tensor([], dtype=dtype).element_size()
     tokens = batch * cfg.canvas_length
