@@ -3,8 +3,9 @@
 #   build     pip install (no isolation); wheels in .whl/ (nvidia-cutlass, transformers) installed first
 #   quick     (not in the default) the GPU tests of the newest work first: the scaled dense FP8 GEMM,
 #             rms_norm_fp8 and the padded plan (stopping at the first failure), then the whole MoE file (both
-#             pipelines: the contiguous expert GEMM and the pointer-array one), every launcher's error paths,
-#             graphs, fused q/k/v, residual norms, batched rows, vision, device-scalar head, PDL == plain launches
+#             pipelines: the contiguous expert GEMM and the pointer-array one), every launcher's error paths, the
+#             attention (in-kernel split-KV combine), graphs, fused q/k/v, residual norms, batched rows, vision,
+#             device-scalar head (both implementations), PDL == plain launches
 #   tests     pytest -m gpu tests, one process, nothing deselected
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file
 #   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json;
@@ -77,11 +78,16 @@ if want quick; then
   TAIL=40 run "${QUICK_S:-180}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_moe_cuda.py -k contiguous
   DGEMMA_ERROR_REPEATS=20 TAIL=20 run 120 $PY -m pytest -q -m gpu -p no:cacheprovider -rfE \
     tests/test_launcher_errors_cuda.py
+  # The attention with its split-KV combine in the kernel (the splits' last block combines).
+  TAIL=20 run 120 $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_attention_cuda.py
   if ! TAIL=40 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE ${QUICK_TESTS:-tests/test_graphs_cuda.py tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_vocab_head_cuda.py tests/test_pdl_cuda.py}; then
     # Triage at once: the engine and graph tests again with the newest feed-forward path off (the MLP on its own
     # GEMMs, the plain router and combine), so one run tells whether that path or an older kernel fails.
     log "engine/graph tests failed: rerunning them with DGEMMA_DISABLE_KERNELS=shared_experts"
     DGEMMA_DISABLE_KERNELS=shared_experts TAIL=30 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider \
+      -rfE tests/test_engine_cuda.py tests/test_graphs_cuda.py
+    log "and with DGEMMA_DISABLE_KERNELS=split_kv (no in-kernel split-KV combine)"
+    DGEMMA_DISABLE_KERNELS=split_kv TAIL=30 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider \
       -rfE tests/test_engine_cuda.py tests/test_graphs_cuda.py
   fi
 fi

@@ -131,3 +131,34 @@ def test_split_counters_are_zeroed_outside_captures_and_shared(monkeypatch):
     capturing[0] = False
     c = ca._split_counters(dev, (1, 1, ca.MIN_COUNTERS + 1))
     assert c.data_ptr() != a.data_ptr() and len(ca._RETIRED_COUNTERS) == 1
+
+
+def test_split_kv_can_be_switched_off_for_triage(monkeypatch):
+    """DGEMMA_DISABLE_KERNELS=split_kv: the CUDA attention plans one split (no in-kernel combine); a forced count
+    (tests) still wins."""
+    import torch
+
+    from dgemma.ops import cuda_attention as ca
+
+    seen = []
+
+    class Lib:
+        def attention_tile_shape(self, d):
+            return 64, 64
+
+        def attention_forward(self, *args):
+            seen.append(args[-3])  # num_splits
+
+    monkeypatch.setattr(ca._ext, "require_cuda", lambda: Lib())
+    monkeypatch.setattr(ca._ext, "current_stream", lambda device: 0)
+    monkeypatch.setattr(ca, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(ca, "_split_counters", lambda device, shape: torch.zeros(shape, dtype=torch.int32))
+    q = torch.zeros(1, 16, 256, 256, dtype=torch.bfloat16)
+    cache = torch.zeros(1, 8, 1023, 256, dtype=torch.bfloat16)
+    tail = torch.zeros(1, 8, 256, 256, dtype=torch.bfloat16)
+    out = torch.empty(1, 256, 16, 256, dtype=torch.bfloat16)
+    ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
+    monkeypatch.setenv("DGEMMA_DISABLE_KERNELS", "split_kv")
+    ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
+    ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out, num_splits=3)
+    assert seen[0] > 1 and seen[1] == 1 and seen[2] == 3

@@ -415,7 +415,7 @@ def test_dgemma_disable_kernels_switches_the_commit_path_and_refuses_unknown_nam
     monkeypatch.setenv("DGEMMA_DISABLE_KERNELS", "qkv_fusion,turbo")
     with pytest.raises(DgemmaError, match="DGEMMA_DISABLE_KERNELS names turbo; expected some of qkv_fusion, "
                                           "residual_norm, view_commit, norm_quant, moe_contiguous, fp8_dense, fp8_moe, "
-                                          "shared_experts"):
+                                          "shared_experts, split_kv"):
         _view_commit_fits(cache, 16)
 
 

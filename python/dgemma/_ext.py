@@ -73,7 +73,7 @@ def current_stream(device) -> int:
 # Fused paths that can be switched off for triage on a GPU, e.g. DGEMMA_DISABLE_KERNELS=qkv_fusion,residual_norm:
 # the ops then run the reference chain of ops (still on the GPU), the commit pass the plain encoder.
 DISABLE_CHOICES = ("qkv_fusion", "residual_norm", "view_commit", "norm_quant", "moe_contiguous", "fp8_dense",
-                   "fp8_moe", "shared_experts")
+                   "fp8_moe", "shared_experts", "split_kv")
 
 
 def disabled_kernels() -> frozenset[str]:

@@ -83,6 +83,8 @@ def _attention(q, cache_k, cache_v, tail_k, tail_v, prefix_lens, ring_size, wind
     b, hq, t, d = q.shape
     lens, bound = _prefix_tensor(prefix_lens, b, q.device, max_prefix)
     block_m, block_n = lib.attention_tile_shape(d)
+    if num_splits is None and "split_kv" in _ext.disabled_kernels():
+        num_splits = 1  # triage: no split-KV, so no in-kernel combine
     plan: SplitPlan = plan_splits(batch=b, q_heads=hq, queries=t, max_prefix=bound, window=window or None,
                                   block_m=block_m, block_n=block_n, num_sms=_num_sms(q.device), causal=causal,
                                   num_splits=num_splits)
