@@ -9,8 +9,8 @@
 #   tests     pytest -m gpu tests, one process, nothing deselected
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file
 #   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json;
-#             expert GEMM tile sweep -> moe_tile_<tile>.json; the head's statistics GEMM cooperative ->
-#             vocab_head_cooperative.json
+#             expert GEMM tile sweep -> moe_tile_<tile>.json; the head's statistics GEMM variants ->
+#             vocab_head_<variant>.json
 #   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json; the same with DGEMMA_PDL=1 (programmatic
 #             dependent launch, graphs on) -> $OUT/e2e_pdl.json unless E2E_PDL is set empty; the same with
 #             DGEMMA_VOCAB_HEAD=wgmma (the head's CUTLASS GEMMs) -> $OUT/e2e_wgmma.json unless E2E_WGMMA is set empty
@@ -110,11 +110,12 @@ if want bench; then
   for b in ${BENCHES:-moe attention vocab_head}; do
     TAIL=25 run "${BENCH_S:-60}" $PY "bench/bench_$b.py" --out "$OUT/$b.json"
   done
-  # The vocabulary head's statistics GEMM with the cooperative schedule (ping-pong is the default; read once per
-  # process): its wgmma rows against vocab_head.json's.
+  # The vocabulary head's other statistics GEMMs (pingpong_cluster2 is the default; read once per process): their
+  # wgmma rows against vocab_head.json's.
   if [[ " ${BENCHES:-moe attention vocab_head} " == *" vocab_head "* ]]; then
-    DGEMMA_VOCAB_HEAD_STATS=cooperative TAIL=12 run "${BENCH_S:-60}" $PY bench/bench_vocab_head.py \
-      --out "$OUT/vocab_head_cooperative.json"
+    for v in ${STATS_VARIANTS:-pingpong cooperative}; do
+      DGEMMA_VOCAB_HEAD_STATS=$v TAIL=12 run "${BENCH_S:-60}" $PY bench/bench_vocab_head.py --out "$OUT/vocab_head_$v.json"
+    done
   fi
   # The router's compiled tiles, one process each (the tile is read once per process).
   for tile in ${ROUTE_TILES:-tc 4x8 8x8 2x8 1x8}; do

@@ -213,3 +213,44 @@ def test_an_unknown_implementation_is_refused(monkeypatch):
     monkeypatch.setenv("DGEMMA_VOCAB_HEAD", "sm100")
     with pytest.raises(DgemmaError, match="DGEMMA_VOCAB_HEAD = 'sm100'"):
         _run(h, embed, 0.5, 1, 0)
+
+
+VARIANT_PROBE = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from test_vocab_head_cuda import _problem, _run
+h, embed = _problem(3, 100, 4099, 128, seed=31)
+a = _run(h, embed, 0.6, 7, 2, impl="wgmma")
+h, embed = _problem(1, 256, 50000, 256, seed=32)
+b = _run(h, embed, 0.6, 7, 2, impl="wgmma")
+torch.save({f"{n}.{k}": getattr(o, k).cpu() for n, o in (("a", a), ("b", b))
+            for k in ("entropy", "lse", "argmax", "sample", "soft")}, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("variant", ["pingpong", "cooperative"])
+def test_every_statistics_gemm_variant_gives_the_default_results(tmp_path, variant):
+    """DGEMMA_VOCAB_HEAD_STATS (read once per process) picks the wgmma statistics GEMM's schedule and cluster; each
+    variant's outputs agree with the default's (the same per-logit math; the MMA order within a tile may differ)."""
+    import os
+    import subprocess
+    import sys
+
+    outs = {}
+    for name in ("pingpong_cluster2", variant):
+        path = tmp_path / f"{name}.pt"
+        env = dict(os.environ, DGEMMA_VOCAB_HEAD_STATS=name)
+        r = subprocess.run([sys.executable, "-c", VARIANT_PROBE, str(path), os.path.dirname(__file__)],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[name] = torch.load(path)
+    base, other = outs["pingpong_cluster2"], outs[variant]
+    for key in base:
+        x, y = base[key], other[key]
+        if key.endswith(("argmax", "sample")):
+            assert (x == y).float().mean().item() > 0.99, key
+        elif key.endswith("soft"):
+            assert _rel(y, x) <= 1e-2, key
+        else:
+            assert ((x - y).abs() / x.abs().clamp_min(1e-3)).max().item() <= 1e-3, key

@@ -143,7 +143,9 @@ class VocabStatsEpilogue {
 // Pingpong, TileM = 64: each consumer warpgroup owns whole tiles and the two alternate, so one's statistics epilogue
 // runs while the other's MMAs do) or cooperative (TileM = 128: both warpgroups on one tile, the epilogue between
 // tiles).
-template <int TileM, int TileN, class KernelSchedule>
+// ClusterM > 1: that many CTAs of consecutive row tiles form a cluster and the embedding tile is multicast to them
+// (read once from L2 per cluster rather than once per row tile).
+template <int TileM, int TileN, class KernelSchedule, int ClusterM = 1>
 struct VocabStatsGemm {
   static constexpr int kTileM = TileM;
   static constexpr int kTileN = TileN;
@@ -151,7 +153,7 @@ struct VocabStatsGemm {
   using StrideA = cute::Stride<int64_t, cute::_1, int64_t>;  // h [rows][hidden]
   using StrideB = cute::Stride<int64_t, cute::_1, int64_t>;  // E [vocab][hidden]
   using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::_1, cute::_1>;
   using Epilogue = VocabStatsEpilogue<TileM, TileN>;
   using CollectiveEpilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<Epilogue>;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<

@@ -1,5 +1,6 @@
 // The vocabulary head's Hopper statistics GEMM and the plan of both GEMMs (kernels/vocab_head_sm90.h).
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -18,28 +19,45 @@ size_t workspace_of(const typename G::Gemm::Arguments& args) {
 }
 
 using PingpongStats = VocabStatsGemm<64, 128, cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
+using PingpongClusterStats = VocabStatsGemm<64, 128, cutlass::gemm::KernelTmaWarpSpecializedPingpong, 2>;
 using CooperativeStats = VocabStatsGemm<128, 128, cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
 
-// The statistics GEMM's schedule: ping-pong, unless DGEMMA_VOCAB_HEAD_STATS=cooperative (read once per process; a
-// tuning switch for the benchmark sweep). NOTE: 128 vocab ids per tile: 256 (a 64 x 256 accumulator per warpgroup,
-// 128 registers per thread) spills in this epilogue under the kernel's 168-register budget.
-bool cooperative_stats() {
-  static const bool on = [] {
-    const char* v = std::getenv("DGEMMA_VOCAB_HEAD_STATS");
-    return v != nullptr && std::strcmp(v, "cooperative") == 0;
+// The statistics GEMM's variant, DGEMMA_VOCAB_HEAD_STATS (read once per process; a tuning switch for the benchmark
+// sweep): "pingpong_cluster2" (the default: ping-pong, the embedding tile multicast to a cluster of two row tiles),
+// "pingpong" (no cluster) or "cooperative". An unknown name falls back to the default with a warning on stderr.
+// NOTE: 128 vocab ids per tile: 256 (a 64 x 256 accumulator per warpgroup, 128 registers per thread) spills in this
+// epilogue under the kernel's 168-register budget.
+enum class StatsVariant { kPingpongCluster2, kPingpong, kCooperative };
+
+StatsVariant stats_variant() {
+  static const StatsVariant v = [] {
+    const char* s = std::getenv("DGEMMA_VOCAB_HEAD_STATS");
+    if (s == nullptr || *s == '\0' || std::strcmp(s, "pingpong_cluster2") == 0) return StatsVariant::kPingpongCluster2;
+    if (std::strcmp(s, "pingpong") == 0) return StatsVariant::kPingpong;
+    if (std::strcmp(s, "cooperative") == 0) return StatsVariant::kCooperative;
+    std::fprintf(stderr, "dgemma: DGEMMA_VOCAB_HEAD_STATS=%s is not pingpong_cluster2, pingpong or cooperative; "
+                 "using pingpong_cluster2\n", s);
+    return StatsVariant::kPingpongCluster2;
   }();
-  return on;
+  return v;
 }
 
 template <class Fn>
 auto with_stats_gemm(Fn&& fn) {
-  if (cooperative_stats()) return fn(CooperativeStats{});
-  return fn(PingpongStats{});
+  switch (stats_variant()) {
+    case StatsVariant::kPingpong:
+      return fn(PingpongStats{});
+    case StatsVariant::kCooperative:
+      return fn(CooperativeStats{});
+    default:
+      return fn(PingpongClusterStats{});
+  }
 }
 
 // The shared-memory ring the builder sized (StageCountAutoCarveout) must fit one SM's 227 KiB with the kernel's
 // other shared storage.
 static_assert(PingpongStats::Kernel::SharedStorageSize <= 232448, "the statistics GEMM's shared memory");
+static_assert(PingpongClusterStats::Kernel::SharedStorageSize <= 232448, "the statistics GEMM's shared memory");
 static_assert(CooperativeStats::Kernel::SharedStorageSize <= 232448, "the statistics GEMM's shared memory");
 
 }  // namespace
