@@ -500,3 +500,29 @@ def test_a_non_finite_step_is_reported_at_its_step_when_the_loop_runs_ahead(monk
     at_once, at_once_events = failure(rewind=False)
     assert ahead == at_once and ahead_events == at_once_events == []  # the first step is not finite
     assert "block 0, denoising step 4, first non-finite output at decoder layer 1" in ahead
+
+
+def test_the_graph_stepper_runs_ahead_and_undoes_like_the_eager_one(monkeypatch):
+    """Replayed steps run ahead of the stop flags too: the step past each early stop is a replay that is undone,
+    and the tokens, events and steps are those of eager steps stopping at once."""
+    import dgemma.generation as generation
+
+    eng = engine(fused=True, canvas=16)
+    x = ids(2, 20)
+    kw = dict(seed=3, max_new_tokens=64, max_denoising_steps=8, eos_token_id=[], pad_token_id=0,
+              stability_threshold=0, confidence_threshold=4.5)
+    monkeypatch.setattr(FusedHeadStepper, "rewind", None)
+    at_once = _generate_with_events(eng, x, **kw)
+    monkeypatch.undo()
+    factory = ReplayCheckingFactory()
+    monkeypatch.setattr(generation, "make_stepper", graphed(eng, factory))
+    cache = eng.new_cache(2, 20 + 64)
+    res, events = _generate_with_events(eng, x, cache=cache, **kw)
+    _same_run((res, events), at_once)
+    stepper = cache._graph_stepper
+    early = sum(max(rows) < 8 for rows in at_once[0].steps_per_block)
+    assert early >= 2 and stepper.failed is None
+    # Every step, the undone ones included, is a capture's eager run or a replay (commits aside).
+    steps = sum(max(rows) for rows in at_once[0].steps_per_block) + early
+    commits = len(at_once[0].steps_per_block) - 1
+    assert stepper.replays + stepper.captures == steps + commits
