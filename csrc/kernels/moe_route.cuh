@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -24,6 +25,8 @@
 #include "kernels/warp_mma_sm80.cuh"
 
 namespace dgemma::kernels {
+
+namespace cg = cooperative_groups;
 
 // route_kernel (CUDA cores): kTokens tokens per block (each proj row read from L2 serves them all), kWarps warps
 // splitting the experts. The per-token arithmetic (and so every result) is the same for every tile; the tile only
@@ -60,12 +63,12 @@ struct RouteParams {
 
 // One token's router input, by one warp: h[i] = bf16(bf16(bf16(x[i] * rms^-1) * scale[i]) * hidden^-1/2), passed to
 // store(i, h[i]); xr null: a padding row of zeros. With res.y, x is the residual update of row `token` (stored to
-// res.out, recomputed from its inputs wherever it is read, never read back).
+// res.out unless that is null, recomputed from its inputs wherever it is read, never read back).
 template <typename Store>
 __device__ __forceinline__ void route_normalize_row(const __nv_bfloat16* __restrict__ xr,
                                                     const __nv_bfloat16* __restrict__ scale, int hidden, float eps,
                                                     float inv_sqrt_hidden, int lane, Store&& store,
-                                                    const RouteResidual& res = {}, int64_t token = 0) {
+                                                    const RouteResidual res = {}, int64_t token = 0) {
   if (xr == nullptr) {
     for (int i = lane; i < hidden; i += 32) store(i, __float2bfloat16_rn(0.f));
     return;
@@ -78,7 +81,7 @@ __device__ __forceinline__ void route_normalize_row(const __nv_bfloat16* __restr
   float ss = 0.f;
   for (int i = lane; i < hidden; i += 32) {
     const float v = value(i);
-    if (yr != nullptr) res.out[token * hidden + i] = __float2bfloat16_rn(v);
+    if (yr != nullptr && res.out != nullptr) res.out[token * hidden + i] = __float2bfloat16_rn(v);
     ss = fmaf(v, v, ss);
   }
   const float inv_rms = rsqrtf(warp_sum(ss) / static_cast<float>(hidden) + eps);
@@ -214,6 +217,10 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
 // pipeline, the normalised rows resident in shared memory. Normalisation and selection are route_kernel's; the fp32
 // sum of a logit runs in the tensor cores' order, so it may differ from route_kernel's by an ulp before the bf16
 // rounding (the routes agree but for such near-ties).
+// Few tokens leave most SMs idle (256 tokens: 16 blocks, each streaming all of proj), so the K tiles of a block's
+// tokens are split across a thread-block cluster of gridDim.y blocks (launch_route_tc): each block's fp32 partial
+// logits stay in its shared memory, and cluster rank 0 sums them in rank order over distributed shared memory
+// (deterministic), rounds, selects, and alone stores the fused residual row.
 constexpr int kRouteTcTokens = 16;
 constexpr int kRouteTcWarps = 4;
 constexpr int kRouteTcK = 64;
@@ -236,6 +243,18 @@ __device__ __forceinline__ int route_swizzle(int row, int chunk, int row_chunks)
   return (row * row_chunks + (chunk ^ (row & 7))) * 8;
 }
 
+// The float at the same shared-memory offset as `local` in cluster rank `rank`'s block (distributed shared memory).
+// NOTE: mapa + ld.shared::cluster on 32-bit shared addresses; the generic pointers of cg's map_shared_rank made the
+// compiler spill here.
+__device__ __forceinline__ float load_cluster_shared(const float* local, int rank) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(local));
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
+
 // kNTiles: n8 tiles per warp = experts / 32.
 template <int kNTiles>
 __global__ void __launch_bounds__(kRouteTcWarps * 32)
@@ -250,12 +269,17 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRouteTcTokens;
   const int row_chunks = p.hidden / 8;
+  // This block's share of the K tiles: rank blockIdx.y of a cluster of gridDim.y blocks (1: all of them).
+  const int splits = static_cast<int>(gridDim.y), rank = static_cast<int>(blockIdx.y);
+  const int all_tiles = p.hidden / kRouteTcK, per_rank = (all_tiles + splits - 1) / splits;
+  const int kt_begin = min(all_tiles, rank * per_rank), kt_end = min(all_tiles, kt_begin + per_rank);
+  const RouteResidual res{p.res.y, p.res.w, rank == 0 ? p.res.out : nullptr};  // rank 0 stores the residual rows
 
   // 1. Normalise the block's tokens (rows past the end are zeros and are never written out).
   for (int t = warp; t < kRouteTcTokens; t += kRouteTcWarps) {
     route_normalize_row(t0 + t < p.tokens ? p.x + (t0 + t) * p.x_stride : nullptr, p.scale, p.hidden, p.eps,
                         p.inv_sqrt_hidden, lane,
-                        [&](int i, __nv_bfloat16 v) { h[route_swizzle(t, i / 8, row_chunks) + i % 8] = v; }, p.res,
+                        [&](int i, __nv_bfloat16 v) { h[route_swizzle(t, i / 8, row_chunks) + i % 8] = v; }, res,
                         t0 + t);
   }
 
@@ -264,10 +288,10 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   float acc[kNTiles][4];
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  const int k_tiles = p.hidden / kRouteTcK;
-  auto load = [&](int kt) {
-    __nv_bfloat16* dst = tiles + (kt % kRouteTcStages) * kExperts * kRouteTcK;
-    const __nv_bfloat16* src = p.proj + static_cast<int64_t>(kt) * kRouteTcK;
+  const int k_tiles = kt_end - kt_begin;
+  auto load = [&](int i) {  // the block's i-th K tile
+    __nv_bfloat16* dst = tiles + (i % kRouteTcStages) * kExperts * kRouteTcK;
+    const __nv_bfloat16* src = p.proj + static_cast<int64_t>(kt_begin + i) * kRouteTcK;
     for (int c = threadIdx.x; c < kExperts * 8; c += kRouteTcWarps * 32) {
       const int row = c / 8, chunk = c % 8;
       cp_async_16(dst + route_swizzle(row, chunk, 8), src + static_cast<int64_t>(row) * p.hidden + chunk * 8, 16);
@@ -278,12 +302,13 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
     if (s < k_tiles) load(s);
     cp_async_commit();
   }
-  for (int kt = 0; kt < k_tiles; ++kt) {
+  for (int i = 0; i < k_tiles; ++i) {
     cp_async_wait<kRouteTcStages - 2>();
-    __syncthreads();  // tile kt landed for every thread; the stage loaded next was consumed by all (and h is stored)
-    if (kt + kRouteTcStages - 1 < k_tiles) load(kt + kRouteTcStages - 1);
+    __syncthreads();  // tile i landed for every thread; the stage loaded next was consumed by all (and h is stored)
+    if (i + kRouteTcStages - 1 < k_tiles) load(i + kRouteTcStages - 1);
     cp_async_commit();
-    const __nv_bfloat16* tile = tiles + (kt % kRouteTcStages) * kExperts * kRouteTcK;
+    const __nv_bfloat16* tile = tiles + (i % kRouteTcStages) * kExperts * kRouteTcK;
+    const int kt = kt_begin + i;
 #pragma unroll
     for (int ks = 0; ks < kRouteTcK / 16; ++ks) {
       uint32_t a[4];
@@ -299,17 +324,33 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   }
   cp_async_wait<0>();
 
-  // 3. bf16-rounded logits to shared memory (accumulator layout: rows lane/4 and lane/4 + 8, two columns each).
+  // 3. Logits to shared memory (accumulator layout: rows lane/4 and lane/4 + 8, two columns each): bf16-rounded, or
+  // with a cluster the fp32 partials, summed over the ranks by rank 0 and rounded there.
+  auto finish = [&](float v) { return splits == 1 ? round_bf16(v) : v; };
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j) {
     const int col = n0 + j * 8 + 2 * (lane % 4);
     const int row = lane / 4;
-    logits[row * kExperts + col] = round_bf16(acc[j][0]);
-    logits[row * kExperts + col + 1] = round_bf16(acc[j][1]);
-    logits[(row + 8) * kExperts + col] = round_bf16(acc[j][2]);
-    logits[(row + 8) * kExperts + col + 1] = round_bf16(acc[j][3]);
+    logits[row * kExperts + col] = finish(acc[j][0]);
+    logits[row * kExperts + col + 1] = finish(acc[j][1]);
+    logits[(row + 8) * kExperts + col] = finish(acc[j][2]);
+    logits[(row + 8) * kExperts + col + 1] = finish(acc[j][3]);
   }
-  __syncthreads();
+  if (splits == 1) {
+    __syncthreads();
+  } else {
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every rank's partials are in its shared memory
+    if (rank == 0) {
+      for (int i = threadIdx.x; i < kRouteTcTokens * kExperts; i += blockDim.x) {
+        float v = logits[i];
+        for (int r = 1; r < splits; ++r) v += load_cluster_shared(logits + i, r);
+        logits[i] = round_bf16(v);
+      }
+    }
+    cluster.sync();  // the other ranks' shared memory was read until here (and rank 0's logits are complete)
+    if (rank != 0) return;
+  }
 
   // 4. Softmax, top-k, renormalise.
   for (int t = warp; t < kRouteTcTokens; t += kRouteTcWarps) {
@@ -319,6 +360,25 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   }
 }
 
+// The cluster size of a tensor-core router launch: enough K splits of each block's tokens to fill about one wave of
+// `sms` multiprocessors, a power of two up to 8 (the portable cluster size), each with at least 4 of the K tiles.
+inline int route_tc_splits(int64_t blocks, int hidden, int sms) {
+  const int k_tiles = hidden / kRouteTcK;
+  int splits = 1;
+  while (splits < 8 && blocks * splits * 2 <= sms && k_tiles >= 4 * splits * 2) splits *= 2;
+  return splits;
+}
+
+inline int multiprocessor_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;  // no split: the launch reports the device's error itself
+  }
+  return sms;
+}
+
 template <int kNTiles>
 cudaError_t launch_route_tc(const RouteParams& p, cudaStream_t stream) {
   const size_t smem = route_tc_smem_bytes(p.hidden, p.experts);
@@ -326,7 +386,14 @@ cudaError_t launch_route_tc(const RouteParams& p, cudaStream_t stream) {
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const int64_t blocks = (p.tokens + kRouteTcTokens - 1) / kRouteTcTokens;
-  return launch_kernel(route_tc_kernel<kNTiles>, static_cast<unsigned>(blocks), kRouteTcWarps * 32, smem, stream, p);
+  const int splits = route_tc_splits(blocks, p.hidden, multiprocessor_count());
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
+  err = launch_kernel_clustered(route_tc_kernel<kNTiles>, grid, kRouteTcWarps * 32, smem, stream,
+                                dim3(1, static_cast<unsigned>(splits), 1), p);
+  // A cluster that cannot be scheduled here: the same routes from unclustered blocks.
+  if (err != cudaSuccess && splits > 1)
+    err = launch_kernel(route_tc_kernel<kNTiles>, static_cast<unsigned>(blocks), kRouteTcWarps * 32, smem, stream, p);
+  return err;
 }
 
 // A compiled router variant: the tensor-core kernel (tensor_cores) or route_kernel<tokens, warps>.

@@ -60,24 +60,44 @@ cudaError_t launch_with_pdl_fallback(Launch&& launch) {
   return err;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl_enabled(). Returns the launch's
-// error (and clears it, so that it is reported once).
+// kernel<<<grid, block, smem, stream>>>(args...) in thread-block clusters of `cluster` blocks (dim3(1, 1, 1): no
+// cluster), with the PDL attribute when pdl_enabled(). Returns the launch's error (and clears it, so that it is
+// reported once).
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                          const Args&... args) {
+cudaError_t launch_kernel_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t stream, dim3 cluster, const Args&... args) {
   return launch_with_pdl_fallback([&](bool pdl) {
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute attr[2];
+    unsigned n = 0;
+    if (cluster.x * cluster.y * cluster.z > 1) {
+      attr[n].id = cudaLaunchAttributeClusterDimension;
+      attr[n].val.clusterDim.x = cluster.x;
+      attr[n].val.clusterDim.y = cluster.y;
+      attr[n].val.clusterDim.z = cluster.z;
+      ++n;
+    }
+    if (pdl) {
+      attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[n].val.programmaticStreamSerializationAllowed = 1;
+      ++n;
+    }
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
     cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
+    cfg.numAttrs = n;
     return cudaLaunchKernelEx(&cfg, kernel, args...);
   });
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl_enabled(). Returns the launch's
+// error (and clears it, so that it is reported once).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          const Args&... args) {
+  return launch_kernel_clustered(kernel, grid, block, smem, stream, dim3(1, 1, 1), args...);
 }
 
 }  // namespace dgemma::kernels
