@@ -294,6 +294,25 @@ def test_route_forms_the_attention_residual_exactly(n):
     assert torch.equal(ids, ids_plain) and torch.equal(weights, w_plain)
 
 
+@pytest.mark.parametrize("experts", [64, 128, 256])
+def test_a_token_routes_the_same_alone_and_in_any_batch(experts):
+    """The tensor-core router sums each logit over fixed K chunks in one order whatever the launch (few tokens: one
+    chunk per block of a thread-block cluster; many: all chunks in one block), so rows route bit-identically in a
+    small batch and inside a large one, with and without the fused residual (a server's batched pass must give each
+    request's tokens alone)."""
+    x, scale, proj, expert_scale = router_inputs(1024, seed=77, experts=experts)
+    w_all, ids_all = cuda_moe.route(x, scale, proj, expert_scale, K, 1e-6)
+    for n in (1, 16, 100, 256):
+        w, ids = cuda_moe.route(x[:n].contiguous(), scale, proj, expert_scale, K, 1e-6)
+        assert torch.equal(ids, ids_all[:n]) and torch.equal(w, w_all[:n]), n
+    g = torch.Generator(device="cuda").manual_seed(78)
+    y = torch.randn(1024, H, device="cuda", generator=g).bfloat16()
+    rw = (torch.rand(H, device="cuda", generator=g) + 0.5).bfloat16()
+    w_all, ids_all, new_all = cuda_moe.route(x, scale, proj, expert_scale, K, 1e-6, residual=(y, rw))
+    w, ids, new = cuda_moe.route(x[:200].contiguous(), scale, proj, expert_scale, K, 1e-6, residual=(y[:200], rw))
+    assert torch.equal(new, new_all[:200]) and torch.equal(ids, ids_all[:200]) and torch.equal(w, w_all[:200])
+
+
 def test_route_ties_pick_lowest_expert_id():
     # Experts share proj rows in groups of ~3 at scattered ids, so their logits tie exactly (the kernel
     # computes every expert's logit with the same arithmetic); top-8 then splits groups.

@@ -217,14 +217,20 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
 // pipeline, the normalised rows resident in shared memory. Normalisation and selection are route_kernel's; the fp32
 // sum of a logit runs in the tensor cores' order, so it may differ from route_kernel's by an ulp before the bf16
 // rounding (the routes agree but for such near-ties).
-// Few tokens leave most SMs idle (256 tokens: 16 blocks, each streaming all of proj), so the K tiles of a block's
-// tokens are split across a thread-block cluster of gridDim.y blocks (launch_route_tc): each block's fp32 partial
-// logits stay in its shared memory, and cluster rank 0 sums them in rank order over distributed shared memory
-// (deterministic), rounds, selects, and alone stores the fused residual row.
+// A logit's fp32 sum runs over kRouteTcChunks fixed K chunks (chunk c: K tiles [c·n/8, (c+1)·n/8)), each summed from
+// zero, then the chunks in order: the same order whatever the launch shape, so a token routes the same alone or in
+// any batch. Few tokens leave most SMs idle (256 tokens: 16 blocks, each streaming all of proj), so then a block's
+// chunks are spread over a thread-block cluster of 8 blocks (launch_route_tc), one chunk each: every block's fp32
+// chunk partials stay in its shared memory, and cluster rank 0 adds them in chunk order over distributed shared
+// memory, rounds, selects, and alone stores the fused residual row.
 constexpr int kRouteTcTokens = 16;
 constexpr int kRouteTcWarps = 4;
 constexpr int kRouteTcK = 64;
 constexpr int kRouteTcStages = 3;
+constexpr int kRouteTcChunks = 8;  // the fixed K chunks of a logit's sum; also the cluster size when clustered
+
+// First K tile of chunk c of n tiles (c = kRouteTcChunks: n).
+__host__ __device__ __forceinline__ int route_tc_chunk_begin(int c, int n) { return c * n / kRouteTcChunks; }
 
 inline size_t route_tc_smem_bytes(int hidden, int experts) {
   return static_cast<size_t>(kRouteTcTokens) * hidden * 2 +
@@ -269,10 +275,12 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRouteTcTokens;
   const int row_chunks = p.hidden / 8;
-  // This block's share of the K tiles: rank blockIdx.y of a cluster of gridDim.y blocks (1: all of them).
-  const int splits = static_cast<int>(gridDim.y), rank = static_cast<int>(blockIdx.y);
-  const int all_tiles = p.hidden / kRouteTcK, per_rank = (all_tiles + splits - 1) / splits;
-  const int kt_begin = min(all_tiles, rank * per_rank), kt_end = min(all_tiles, kt_begin + per_rank);
+  // This block's K tiles: all of them, or with a cluster of kRouteTcChunks blocks (gridDim.y) chunk blockIdx.y.
+  const bool clustered = gridDim.y > 1;
+  const int rank = static_cast<int>(blockIdx.y);
+  const int all_tiles = p.hidden / kRouteTcK;
+  const int kt_begin = clustered ? route_tc_chunk_begin(rank, all_tiles) : 0;
+  const int kt_end = clustered ? route_tc_chunk_begin(rank + 1, all_tiles) : all_tiles;
   const RouteResidual res{p.res.y, p.res.w, rank == 0 ? p.res.out : nullptr};  // rank 0 stores the residual rows
 
   // 1. Normalise the block's tokens (rows past the end are zeros and are never written out).
@@ -285,9 +293,25 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
 
   // 2. Logits of the 16 tokens against this warp's experts n0 .. n0 + 8 * kNTiles - 1.
   const int n0 = warp * kNTiles * 8;
-  float acc[kNTiles][4];
+  float acc[kNTiles][4], total[kNTiles][4];  // the current chunk's sums; the finished chunks' (unclustered)
 #pragma unroll
-  for (int j = 0; j < kNTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = total[j][e] = 0.f;
+  int chunk = 0;  // unclustered: the chunk being summed
+  auto fold_chunks_ending_at = [&](int end) {  // total += acc for every chunk that ends at tile `end`
+    while (chunk < kRouteTcChunks && route_tc_chunk_begin(chunk + 1, all_tiles) == end) {
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          total[j][e] += acc[j][e];
+          acc[j][e] = 0.f;
+        }
+      ++chunk;
+    }
+  };
+  if (!clustered) fold_chunks_ending_at(0);  // leading empty chunks (fewer tiles than chunks)
   const int k_tiles = kt_end - kt_begin;
   auto load = [&](int i) {  // the block's i-th K tile
     __nv_bfloat16* dst = tiles + (i % kRouteTcStages) * kExperts * kRouteTcK;
@@ -321,30 +345,31 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
         mma_bf16_16816(acc[2 * np + 1], a, b[2], b[3]);
       }
     }
+    if (!clustered) fold_chunks_ending_at(kt + 1);
   }
   cp_async_wait<0>();
 
-  // 3. Logits to shared memory (accumulator layout: rows lane/4 and lane/4 + 8, two columns each): bf16-rounded, or
-  // with a cluster the fp32 partials, summed over the ranks by rank 0 and rounded there.
-  auto finish = [&](float v) { return splits == 1 ? round_bf16(v) : v; };
+  // 3. Logits to shared memory (accumulator layout: rows lane/4 and lane/4 + 8, two columns each): the chunk sums
+  // bf16-rounded, or with a cluster each rank's chunk partial, added in chunk order by rank 0 and rounded there.
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j) {
     const int col = n0 + j * 8 + 2 * (lane % 4);
     const int row = lane / 4;
-    logits[row * kExperts + col] = finish(acc[j][0]);
-    logits[row * kExperts + col + 1] = finish(acc[j][1]);
-    logits[(row + 8) * kExperts + col] = finish(acc[j][2]);
-    logits[(row + 8) * kExperts + col + 1] = finish(acc[j][3]);
+    const int at[4] = {row * kExperts + col, row * kExperts + col + 1, (row + 8) * kExperts + col,
+                       (row + 8) * kExperts + col + 1};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) logits[at[e]] = clustered ? acc[j][e] : round_bf16(total[j][e]);
   }
-  if (splits == 1) {
+  if (!clustered) {
     __syncthreads();
   } else {
     cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every rank's partials are in its shared memory
+    cluster.sync();  // every rank's chunk partials are in its shared memory
     if (rank == 0) {
       for (int i = threadIdx.x; i < kRouteTcTokens * kExperts; i += blockDim.x) {
-        float v = logits[i];
-        for (int r = 1; r < splits; ++r) v += load_cluster_shared(logits + i, r);
+        // 0 + chunk 0 is chunk 0: the unclustered order exactly.
+        float v = 0.f + logits[i];
+        for (int r = 1; r < kRouteTcChunks; ++r) v += load_cluster_shared(logits + i, r);
         logits[i] = round_bf16(v);
       }
     }
@@ -360,13 +385,10 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   }
 }
 
-// The cluster size of a tensor-core router launch: enough K splits of each block's tokens to fill about one wave of
-// `sms` multiprocessors, a power of two up to 8 (the portable cluster size), each with at least 4 of the K tiles.
+// The cluster size of a tensor-core router launch: kRouteTcChunks (one K chunk per block) when the clusters of all
+// blocks fit one wave of `sms` multiprocessors, else 1. Either way each logit is summed in the same order.
 inline int route_tc_splits(int64_t blocks, int hidden, int sms) {
-  const int k_tiles = hidden / kRouteTcK;
-  int splits = 1;
-  while (splits < 8 && blocks * splits * 2 <= sms && k_tiles >= 4 * splits * 2) splits *= 2;
-  return splits;
+  return blocks * kRouteTcChunks <= sms && hidden / kRouteTcK >= kRouteTcChunks ? kRouteTcChunks : 1;
 }
 
 inline int multiprocessor_count() {
@@ -390,7 +412,7 @@ cudaError_t launch_route_tc(const RouteParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
   err = launch_kernel_clustered(route_tc_kernel<kNTiles>, grid, kRouteTcWarps * 32, smem, stream,
                                 dim3(1, static_cast<unsigned>(splits), 1), p);
-  // A cluster that cannot be scheduled here: the same routes from unclustered blocks.
+  // A cluster that cannot be scheduled here: unclustered blocks (the same sums in the same order: the same routes).
   if (err != cudaSuccess && splits > 1)
     err = launch_kernel(route_tc_kernel<kNTiles>, static_cast<unsigned>(blocks), kRouteTcWarps * 32, smem, stream, p);
   return err;
