@@ -4,8 +4,8 @@
 //    p = bf16(q·exp(chunk max − lse)) in place: exactly the bf16 values the mma.sync pass forms in registers
 //    (scale_bf16x2), so both passes multiply the same P with E.
 // 2. A CUTLASS sm90 GEMM, M = rows, N = hidden, K = vocab: A = P [rows, vocab_pad] K-major, B = E [vocab, hidden]
-//    read N-major (wgmma takes transposed 16-bit tiles from shared memory), cooperative warp-specialised
-//    mainloop, split-K over the vocabulary with CUTLASS's stream-K scheduler (deterministic, ordered reduction of
+//    read N-major (wgmma takes transposed 16-bit tiles from shared memory) and multicast to a cluster of two row
+//    tiles, cooperative warp-specialised mainloop, split-K over the vocabulary with CUTLASS's stream-K scheduler (deterministic, ordered reduction of
 //    the splits), epilogue D = bf16(scale·acc) through TMA. K = vocab: the TMA box past the last embedding row
 //    reads zeros, so no padding of E is needed.
 #pragma once
@@ -54,7 +54,8 @@ struct VocabSoftGemm {
   using StrideB = cute::Stride<cute::_1, int64_t, int64_t>;  // E [vocab][hidden] as (N = hidden, K = vocab)
   using StrideD = cute::Stride<int64_t, cute::_1, int64_t>;  // soft [rows][hidden]
   using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  // Two row tiles per cluster: each embedding tile (the B operand) is multicast to both, read once from L2.
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
   using Fusion = cutlass::epilogue::fusion::ScaledAcc<cutlass::bfloat16_t, float, float>;
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
