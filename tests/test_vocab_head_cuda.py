@@ -269,3 +269,16 @@ def test_statistics_meet_the_issue_bar_at_the_model_shape(impl, b):
         got = getattr(out, name).cpu()
         err = ((got - ref[key]).abs() / ref[key].abs().clamp_min(1.0)).max().item()
         assert err <= 1e-3, (name, err)
+
+
+def test_an_unknown_statistics_gemm_variant_is_refused_by_name(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DGEMMA_VOCAB_HEAD_STATS="pingpong_cluster4")
+    r = subprocess.run([sys.executable, "-c", VARIANT_PROBE, str(tmp_path / "x.pt"), os.path.dirname(__file__)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0
+    assert ("DGEMMA_VOCAB_HEAD_STATS=pingpong_cluster4 is not a statistics GEMM variant (pingpong_cluster2, pingpong, "
+            "cooperative)") in r.stderr

@@ -1,13 +1,14 @@
 // The vocabulary head's Hopper statistics GEMM and the plan of both GEMMs (kernels/vocab_head_sm90.h).
 #include <algorithm>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "kernels/pdl.cuh"
 #include "kernels/sm90_fp8_cutlass.cuh"
 #include "kernels/vocab_head_sm90.h"
 #include "kernels/vocab_head_sm90_stats.cuh"
+#include "ops/tensor_arg.h"
 
 namespace dgemma::kernels::vocab_head {
 
@@ -24,7 +25,7 @@ using CooperativeStats = VocabStatsGemm<128, 128, cutlass::gemm::KernelTmaWarpSp
 
 // The statistics GEMM's variant, DGEMMA_VOCAB_HEAD_STATS (read once per process; a tuning switch for the benchmark
 // sweep): "pingpong_cluster2" (the default: ping-pong, the embedding tile multicast to a cluster of two row tiles),
-// "pingpong" (no cluster) or "cooperative". An unknown name falls back to the default with a warning on stderr.
+// "pingpong" (no cluster) or "cooperative". An unknown name is refused (ValueError naming it) by every call.
 // NOTE: 128 vocab ids per tile: 256 (a 64 x 256 accumulator per warpgroup, 128 registers per thread) spills in this
 // epilogue under the kernel's 168-register budget.
 enum class StatsVariant { kPingpongCluster2, kPingpong, kCooperative };
@@ -35,9 +36,8 @@ StatsVariant stats_variant() {
     if (s == nullptr || *s == '\0' || std::strcmp(s, "pingpong_cluster2") == 0) return StatsVariant::kPingpongCluster2;
     if (std::strcmp(s, "pingpong") == 0) return StatsVariant::kPingpong;
     if (std::strcmp(s, "cooperative") == 0) return StatsVariant::kCooperative;
-    std::fprintf(stderr, "dgemma: DGEMMA_VOCAB_HEAD_STATS=%s is not pingpong_cluster2, pingpong or cooperative; "
-                 "using pingpong_cluster2\n", s);
-    return StatsVariant::kPingpongCluster2;
+    ::dgemma::throw_invalid(std::string("DGEMMA_VOCAB_HEAD_STATS=") + s +
+                            " is not a statistics GEMM variant (pingpong_cluster2, pingpong, cooperative)");
   }();
   return v;
 }
