@@ -90,15 +90,9 @@ struct VocabSoftGemm {
     typename Gemm::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
     args.problem_shape = cute::make_shape(static_cast<int>(l.rows), p.dim, p.vocab, 1);
-    StrideA sa{};
-    cute::get<0>(sa) = l.vocab_pad;
-    cute::get<2>(sa) = l.rows * l.vocab_pad;
-    StrideB sb{};
-    cute::get<1>(sb) = p.dim;
-    cute::get<2>(sb) = static_cast<int64_t>(p.vocab) * p.dim;
-    StrideD sd{};
-    cute::get<0>(sd) = p.dim;
-    cute::get<2>(sd) = l.rows * p.dim;
+    const StrideA sa{l.vocab_pad, {}, l.rows * l.vocab_pad};            // probability rows vocab_pad apart
+    const StrideB sb{{}, p.dim, static_cast<int64_t>(p.vocab) * p.dim};  // N (hidden) contiguous, K rows dim apart
+    const StrideD sd{p.dim, {}, l.rows * p.dim};
     const unsigned char* ws = static_cast<const unsigned char*>(p.workspace);
     args.mainloop = {reinterpret_cast<const Element*>(ws + l.probs), sa, reinterpret_cast<const Element*>(p.embed),
                      sb};

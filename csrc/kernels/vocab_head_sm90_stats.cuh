@@ -167,12 +167,8 @@ struct VocabStatsGemm {
     typename Gemm::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
     args.problem_shape = cute::make_shape(static_cast<int>(l.rows), p.vocab, p.dim, 1);
-    StrideA sa{};
-    cute::get<0>(sa) = p.dim;
-    cute::get<2>(sa) = l.rows * p.dim;
-    StrideB sb{};
-    cute::get<0>(sb) = p.dim;
-    cute::get<2>(sb) = static_cast<int64_t>(p.vocab) * p.dim;
+    const StrideA sa{p.dim, {}, l.rows * p.dim};                           // rows `dim` apart, one batch
+    const StrideB sb{p.dim, {}, static_cast<int64_t>(p.vocab) * p.dim};  // vocab rows `dim` apart
     args.mainloop = {reinterpret_cast<const Element*>(p.hidden), sa, reinterpret_cast<const Element*>(p.embed), sb};
     args.epilogue = {p, l};
     args.hw_info.device_id = device;
