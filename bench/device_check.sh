@@ -80,7 +80,9 @@ if want quick; then
     tests/test_launcher_errors_cuda.py
   # The attention with its split-KV combine in the kernel (the splits' last block combines).
   TAIL=20 run 120 $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_attention_cuda.py
-  if ! TAIL=40 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE ${QUICK_TESTS:-tests/test_graphs_cuda.py tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_vocab_head_cuda.py tests/test_pdl_cuda.py}; then
+  # The vocabulary head, both implementations (mma_sync, wgmma) and the wgmma statistics variants (subprocesses).
+  TAIL=30 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_vocab_head_cuda.py
+  if ! TAIL=40 run "${QUICK_S:-300}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE ${QUICK_TESTS:-tests/test_graphs_cuda.py tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_pdl_cuda.py}; then
     # Triage at once: the engine and graph tests again with the newest feed-forward path off (the MLP on its own
     # GEMMs, the plain router and combine), so one run tells whether that path or an older kernel fails.
     log "engine/graph tests failed: rerunning them with DGEMMA_DISABLE_KERNELS=shared_experts"
