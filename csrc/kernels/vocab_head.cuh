@@ -54,7 +54,7 @@ inline VocabHeadPlan plan_head(int impl, int batch, int canvas, int vocab, int d
   VocabHeadPlan plan;
   const int64_t rows = static_cast<int64_t>(batch) * canvas;
   if (impl == kImplWgmma) {
-    const Sm90Plan sp = sm90_plan(impl, rows, vocab, dim, sms, with_soft);
+    const Sm90Plan sp = sm90_plan(rows, vocab, dim, sms, with_soft);
     plan.wgmma_soft = with_soft && sm90_soft_fits(vocab);
     plan.splits.stats = 1;
     // The mma.sync P·E pass where the GEMM does not take the vocabulary (its split-K partial sums then).

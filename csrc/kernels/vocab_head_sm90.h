@@ -28,8 +28,9 @@ struct Sm90Plan {
 // which reads the same stored probabilities.
 constexpr bool sm90_soft_fits(int vocab) { return vocab % 8 == 0; }
 
-// impl: kImplWgmma. `sms`: the device's multiprocessor count. Sizes the P·E GEMM when with_soft and it fits.
-Sm90Plan sm90_plan(int impl, int64_t rows, int vocab, int dim, int sms, bool with_soft);
+// The plan of a kImplWgmma call; `sms`: the device's multiprocessor count. Sizes the P·E GEMM when with_soft and it
+// fits.
+Sm90Plan sm90_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft);
 
 // The statistics GEMM of one call (writes l.partials, and l.probs / l.chunk_max when p.soft is set).
 cudaError_t sm90_stats(const VocabHeadParams& p, const VocabHeadLayout& l, int sms, int device, cudaStream_t stream);

@@ -2,7 +2,10 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 
 #include "kernels/pdl.cuh"
 #include "kernels/sm90_fp8_cutlass.cuh"
@@ -13,11 +16,6 @@
 namespace dgemma::kernels::vocab_head {
 
 namespace {
-
-template <class G>
-size_t workspace_of(const typename G::Gemm::Arguments& args) {
-  return G::Gemm::get_workspace_size(args);
-}
 
 using PingpongStats = VocabStatsGemm<64, 128, cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
 using PingpongClusterStats = VocabStatsGemm<64, 128, cutlass::gemm::KernelTmaWarpSpecializedPingpong, 2>;
@@ -62,27 +60,42 @@ static_assert(CooperativeStats::Kernel::SharedStorageSize <= 232448, "the statis
 
 }  // namespace
 
-Sm90Plan sm90_plan(int /*impl*/, int64_t rows, int vocab, int dim, int sms, bool with_soft) {
+namespace {
+
+// The plan of one problem: the GEMMs' arguments built only for their workspace sizes.
+Sm90Plan make_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft) {
   Sm90Plan plan;
   VocabHeadParams p{};
   p.vocab = vocab;
   p.dim = dim;
   p.canvas = 1;
   p.batch = static_cast<int>(rows);
-  VocabHeadLayout l = VocabHeadLayout::make(static_cast<int>(rows), 1, vocab, dim, 0, 0, 0, with_soft);
-  size_t bytes = 0;
+  const VocabHeadLayout l = VocabHeadLayout::make(static_cast<int>(rows), 1, vocab, dim, 0, 0, 0, with_soft);
   with_stats_gemm([&](auto g) {
     using G = decltype(g);
     plan.parts = stats_tiles(vocab, G::kTileN);
-    bytes = std::max(bytes, workspace_of<G>(G::arguments(p, l, sms, 0)));
+    plan.cutlass_bytes = G::Gemm::get_workspace_size(G::arguments(p, l, sms, 0));
     return 0;
   });
   if (with_soft && sm90_soft_fits(vocab)) {
     plan.soft_splits = sm90_soft_splits(rows, dim, vocab, sms);
-    bytes = std::max(bytes, sm90_soft_workspace(p, l, plan.soft_splits, sms));
+    plan.cutlass_bytes = std::max(plan.cutlass_bytes, sm90_soft_workspace(p, l, plan.soft_splits, sms));
   }
-  plan.cutlass_bytes = bytes;
   return plan;
+}
+
+}  // namespace
+
+// NOTE: remembered per problem: every denoising step of a generation asks the same one.
+Sm90Plan sm90_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft) {
+  using Key = std::tuple<int64_t, int, int, int, bool>;
+  static std::mutex mutex;
+  static std::map<Key, Sm90Plan> plans;
+  const Key key{rows, vocab, dim, sms, with_soft};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = plans.find(key);
+  if (it == plans.end()) it = plans.emplace(key, make_plan(rows, vocab, dim, sms, with_soft)).first;
+  return it->second;
 }
 
 cudaError_t sm90_stats(const VocabHeadParams& p, const VocabHeadLayout& l, int sms, int device, cudaStream_t stream) {
