@@ -5,6 +5,11 @@
 FLOPs count 4*q*k*d per query head (QK^T and PV); causal cases count only the unmasked keys.
 SDPA runs on the same inputs with the visible K/V already gathered into contiguous tensors (the
 gather is not timed), scale 1, grouped heads expanded by enable_gqa.
+
+Rows: ``{case}`` is the kernel generation runs (DGEMMA_ATTENTION, else the default; see
+dgemma.ops.cuda_attention.attention_impl), ``{case}_{impl}`` each kernel that takes the case's head dim, and
+``{case}_torch_sdpa`` SDPA. ``speedup_vs_sdpa``: SDPA's median over the kernel's, same run; ``peak_share``: the
+kernel's FLOP/s over torch's bf16 matmul rate measured in this run (bench/common.py bf16_matmul_flops).
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median, roofline_ms, time_cuda, write_results  # noqa: E402
+from common import bf16_matmul_flops, median, roofline_ms, time_cuda, write_results  # noqa: E402
 
-from dgemma.ops.cuda_attention import decoder_attention, encoder_attention  # noqa: E402
+from dgemma.ops.cuda_attention import IMPLS, WGMMA_HEAD_DIMS, attention_impl, decoder_attention, encoder_attention  # noqa: E402,E501
 from dgemma.ops.reference import ReferenceOps  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -55,32 +60,46 @@ def _case(name, *, batch, d, hq, hkv, window, ring, prefix, t, causal):
         pairs = t * (visible + t)
 
     lens = torch.full((batch,), prefix, dtype=torch.int32, device="cuda")
-    if causal:
-        def run():
-            return encoder_attention(q, tk, tv, ck, cv, lens, ring, window, out=out, max_prefix=prefix)
-    else:
-        def run():
-            return decoder_attention(q, ck, cv, tk, tv, lens, ring, window, out=out, max_prefix=prefix)
+
+    def kernel(impl):
+        if causal:
+            return lambda: encoder_attention(q, tk, tv, ck, cv, lens, ring, window, out=out, max_prefix=prefix,
+                                             impl=impl)
+        return lambda: decoder_attention(q, ck, cv, tk, tv, lens, ring, window, out=out, max_prefix=prefix, impl=impl)
 
     def sdpa():
         return F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)
 
-    run()
     ref = ReferenceOps().attention(q[:1].float(), keys[:1].float(), values[:1].float(),
                                    None if mask is None else mask[None])
-    rel = ((out[:1].float() - ref).abs().max() / ref.abs().max()).item()
     flops = 4.0 * pairs * d * hq * batch
     bytes_moved = 2 * (2 * batch * hkv * (visible + t) * d + 2 * batch * hq * t * d)
+    shape = dict(batch=batch, head_dim=d, prefix=prefix, queries=t)
+    rate = bf16_matmul_flops()
+    try:
+        sdpa_ms = median(time_cuda(sdpa, warmup=3, iters=20))
+    except RuntimeError as e:  # e.g. SDPA without a kernel for this head dim / memory
+        print(f"{name}_torch_sdpa: {e}")
+        sdpa_ms = None
     results = []
-    for label, fn in ((name, run), (name + "_torch_sdpa", sdpa)):
-        try:
-            ms = median(time_cuda(fn, warmup=3, iters=20))
-        except RuntimeError as e:  # e.g. SDPA without a kernel for this head dim / memory
-            print(f"{label}: {e}")
+    if sdpa_ms is not None:
+        results.append(dict(name=name + "_torch_sdpa", median_ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9,
+                            peak_share=flops / rate * 1e3 / sdpa_ms, roofline_ms=roofline_ms(bytes_moved, flops, rate),
+                            **shape))
+    default = attention_impl(None, d)
+    for impl in IMPLS:
+        if impl == "wgmma" and d not in WGMMA_HEAD_DIMS:
             continue
-        results.append(dict(name=label, median_ms=ms, tflops=flops / ms / 1e9, max_rel_err=rel if fn is run else None,
-                            roofline_ms=roofline_ms(bytes_moved, flops), batch=batch, head_dim=d, prefix=prefix,
-                            queries=t))
+        run = kernel(impl)
+        run()
+        rel = ((out[:1].float() - ref).abs().max() / ref.abs().max()).item()
+        ms = median(time_cuda(run, warmup=3, iters=20))
+        row = dict(median_ms=ms, tflops=flops / ms / 1e9, peak_share=flops / rate * 1e3 / ms,
+                   speedup_vs_sdpa=None if sdpa_ms is None else sdpa_ms / ms, max_rel_err=rel,
+                   roofline_ms=roofline_ms(bytes_moved, flops, rate), impl=impl, **shape)
+        results.append(dict(name=f"{name}_{impl}", **row))
+        if impl == default:
+            results.append(dict(name=name, **row))
     return results
 
 

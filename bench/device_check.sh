@@ -13,7 +13,9 @@
 #             vocab_head_<variant>.json
 #   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json; the same with DGEMMA_PDL=1 (programmatic
 #             dependent launch, graphs on) -> $OUT/e2e_pdl.json unless E2E_PDL is set empty; the same with
-#             DGEMMA_VOCAB_HEAD=wgmma (the head's CUTLASS GEMMs) -> $OUT/e2e_wgmma.json unless E2E_WGMMA is set empty
+#             DGEMMA_VOCAB_HEAD=wgmma (the head's CUTLASS GEMMs) -> $OUT/e2e_wgmma.json unless E2E_WGMMA is set empty;
+#             the same with DGEMMA_ATTENTION=wgmma (the sliding layers' wgmma attention) -> $OUT/e2e_attention_wgmma.json
+#             unless E2E_ATTENTION is set empty
 # The log ($OUT/device_check.log) records the device, driver, torch, commit, every command, its exit
 # status and output tail, and each sanitizer's ERROR SUMMARY line. Each command has its own time limit
 # (*_S variables), so one slow stage cannot eat the lease. Usage on the device machine:
@@ -78,8 +80,11 @@ if want quick; then
   TAIL=40 run "${QUICK_S:-180}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_moe_cuda.py -k contiguous
   DGEMMA_ERROR_REPEATS=20 TAIL=20 run 120 $PY -m pytest -q -m gpu -p no:cacheprovider -rfE \
     tests/test_launcher_errors_cuda.py
-  # The attention with its split-KV combine in the kernel (the splits' last block combines).
-  TAIL=20 run 120 $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_attention_cuda.py
+  # The attention with its split-KV combine in the kernel (the splits' last block combines): the mma.sync kernel, then
+  # the wgmma kernel in its own process (a fault there cannot take the other results with it), then the engine on it.
+  TAIL=20 run 120 $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_attention_cuda.py -k "not wgmma"
+  TAIL=20 run 120 $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_attention_cuda.py -k wgmma
+  DGEMMA_ATTENTION=wgmma TAIL=20 run 180 $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_engine_cuda.py
   # The vocabulary head, both implementations (mma_sync, wgmma) and the wgmma statistics variants (subprocesses).
   TAIL=30 run "${QUICK_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_vocab_head_cuda.py
   if ! TAIL=40 run "${QUICK_S:-300}" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE ${QUICK_TESTS:-tests/test_graphs_cuda.py tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_pdl_cuda.py}; then
@@ -145,6 +150,11 @@ if want e2e; then
   if [[ -n "${E2E_WGMMA:-1}" ]]; then
     DGEMMA_VOCAB_HEAD=wgmma TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 \
       --steps 16 --cuda-graphs on --json "$OUT/e2e_wgmma.json"
+  fi
+  # The sliding layers' attention on the wgmma kernel (DGEMMA_ATTENTION=wgmma, opt-in until measured).
+  if [[ -n "${E2E_ATTENTION:-1}" ]]; then
+    DGEMMA_ATTENTION=wgmma TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 \
+      --steps 16 --cuda-graphs on --json "$OUT/e2e_attention_wgmma.json"
   fi
 fi
 rm -f "$OUT/last.txt"

@@ -19,6 +19,8 @@ REF = ReferenceOps()
 BF16 = torch.bfloat16
 SLIDING_SHAPE = dict(d=256, hq=16, hkv=8, window=1024)
 FULL_SHAPE = dict(d=512, hq=16, hkv=2, window=None)
+# Both kernels run the head_dim 256 cases (the wgmma kernel covers only that head dim).
+IMPLS = ("mma_sync", "wgmma")
 
 
 def _randn(gen, *shape, scale=1.0):
@@ -67,7 +69,8 @@ def _check(out, ref32, ref16, rows=None):
     return rel
 
 
-def _decoder_case(seed, shape, lens, canvas, ring, *, valid=None, num_splits=None, max_prefix=None, lens_arg=None):
+def _decoder_case(seed, shape, lens, canvas, ring, *, valid=None, num_splits=None, max_prefix=None, lens_arg=None,
+                  impl=None):
     from dgemma.ops.cuda_attention import decoder_attention
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -78,8 +81,8 @@ def _decoder_case(seed, shape, lens, canvas, ring, *, valid=None, num_splits=Non
     ck = _randn(gen, b, canvas, hkv, d).transpose(1, 2)
     cv = _randn(gen, b, canvas, hkv, d).transpose(1, 2)
     out = torch.full((b, canvas, hq, d), float("nan"), dtype=BF16, device="cuda")
-    got = decoder_attention(q, cache.k, cache.v, ck, cv, lens if lens_arg is None else lens_arg, ring, window, valid=valid, out=out,
-                            num_splits=num_splits, max_prefix=max_prefix)
+    got = decoder_attention(q, cache.k, cache.v, ck, cv, lens if lens_arg is None else lens_arg, ring, window,
+                            valid=valid, out=out, num_splits=num_splits, max_prefix=max_prefix, impl=impl)
     assert got.data_ptr() == out.data_ptr()
     for i, length in enumerate(lens):
         first = length - (min(length, window - 1) if window else length)
@@ -93,14 +96,27 @@ def _decoder_case(seed, shape, lens, canvas, ring, *, valid=None, num_splits=Non
         _check(out[i], _reference(q[i], keys, values, mask, torch.float32), _reference(q[i], keys, values, mask, BF16))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("length", [0, 1, 1022, 1023, 1024, 1025, 5000])
-def test_decoder_sliding(length):
-    _decoder_case(length, SLIDING_SHAPE, [length], 256, 1023)
+def test_decoder_sliding(length, impl):
+    _decoder_case(length, SLIDING_SHAPE, [length], 256, 1023, impl=impl)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("length", [1025, 5000])
-def test_decoder_sliding_rollback_ring(length):
-    _decoder_case(7 + length, SLIDING_SHAPE, [length], 256, 1023 + 37)
+def test_decoder_sliding_rollback_ring(length, impl):
+    _decoder_case(7 + length, SLIDING_SHAPE, [length], 256, 1023 + 37, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4), (16, 2), (10, 5)])
+@pytest.mark.parametrize("canvas", [256, 77, 1])
+def test_decoder_head_groups(hq, hkv, canvas, impl):
+    """Groups of 3, 1, 8 and 2 query heads per KV head: the wgmma kernel's 128-row tiles of head-minor packed rows
+    then start mid-group and mid-token, and its last tile is partly past the queries."""
+    shape = dict(d=256, hq=hq, hkv=hkv, window=1024)
+    _decoder_case(hq * 100 + canvas, shape, [1100, 0, 300], canvas, 1023, impl=impl)
+    _decoder_case(hq * 100 + canvas + 1, shape, [1100, 0, 300], canvas, 1023, impl=impl, num_splits=3)
 
 
 @pytest.mark.parametrize("length", [0, 1, 1022, 1023, 1024, 1025, 5000, 70000])
@@ -108,14 +124,17 @@ def test_decoder_full(length):
     _decoder_case(100 + length, FULL_SHAPE, [length], 256, 0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_decoder_ragged_batch(num_splits):
-    _decoder_case(11, SLIDING_SHAPE, [1025, 0, 5000, 17], 77, 1023, num_splits=num_splits)
-    _decoder_case(12, FULL_SHAPE, [1, 1023, 5000], 77, 0, num_splits=num_splits)
+def test_decoder_ragged_batch(num_splits, impl):
+    _decoder_case(11, SLIDING_SHAPE, [1025, 0, 5000, 17], 77, 1023, num_splits=num_splits, impl=impl)
+    if impl == "mma_sync":
+        _decoder_case(12, FULL_SHAPE, [1, 1023, 5000], 77, 0, num_splits=num_splits)
 
 
-@pytest.mark.parametrize("shape,ring", [(SLIDING_SHAPE, 1023), (FULL_SHAPE, 0)])
-def test_split_kv_combines_in_the_kernel_and_leaves_its_counters_zero(shape, ring):
+@pytest.mark.parametrize("shape,ring,impl", [(SLIDING_SHAPE, 1023, "mma_sync"), (FULL_SHAPE, 0, "mma_sync"),
+                                             (SLIDING_SHAPE, 1023, "wgmma")])
+def test_split_kv_combines_in_the_kernel_and_leaves_its_counters_zero(shape, ring, impl):
     """The last split of each query tile combines the partials: the same output on every call (the arrival counters
     are reset by the kernel; a counter left behind would skip or repeat a combine), close to the unsplit kernel, and
     every counter zero afterwards."""
@@ -131,7 +150,8 @@ def test_split_kv_combines_in_the_kernel_and_leaves_its_counters_zero(shape, rin
     cv = _randn(gen, b, canvas, hkv, d).transpose(1, 2)
 
     def run(splits):
-        return decoder_attention(q, cache.k, cache.v, ck, cv, lens, ring, shape["window"], num_splits=splits).clone()
+        return decoder_attention(q, cache.k, cache.v, ck, cv, lens, ring, shape["window"], num_splits=splits,
+                                 impl=impl).clone()
 
     whole = run(1)
     outs = [run(5) for _ in range(4)]
@@ -144,25 +164,30 @@ def test_split_kv_combines_in_the_kernel_and_leaves_its_counters_zero(shape, rin
         assert int(counters.abs().sum()) == 0
 
 
-def test_decoder_device_prefix_lens():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decoder_device_prefix_lens(impl):
     """Lengths as a device tensor, with and without max_prefix (no host sync with it)."""
     lens = torch.tensor([300, 41], dtype=torch.int32, device="cuda")
-    _decoder_case(13, FULL_SHAPE, lens.tolist(), 33, 0, max_prefix=300, lens_arg=lens)
-    _decoder_case(14, SLIDING_SHAPE, lens.tolist(), 33, 1023, lens_arg=lens)
+    if impl == "mma_sync":
+        _decoder_case(13, FULL_SHAPE, lens.tolist(), 33, 0, max_prefix=300, lens_arg=lens)
+    _decoder_case(14, SLIDING_SHAPE, lens.tolist(), 33, 1023, lens_arg=lens, impl=impl)
+    _decoder_case(15, SLIDING_SHAPE, lens.tolist(), 33, 1023, max_prefix=1000, lens_arg=lens, impl=impl)
 
 
-def test_decoder_valid_mask_left_padding():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decoder_valid_mask_left_padding(impl):
     gen = torch.Generator(device="cuda").manual_seed(5)
     lens = [1500, 1500, 1500]
     valid = torch.ones(3, 1600, dtype=torch.bool, device="cuda")
     valid[0, :700] = False  # left padding of a shorter prompt
     valid[1, :1490] = False
     valid[2] = torch.rand(1600, generator=gen, device="cuda") > 0.3
-    _decoder_case(21, SLIDING_SHAPE, lens, 256, 1023, valid=valid)
-    _decoder_case(22, FULL_SHAPE, lens, 256, 0, valid=valid)
+    _decoder_case(21, SLIDING_SHAPE, lens, 256, 1023, valid=valid, impl=impl)
+    if impl == "mma_sync":
+        _decoder_case(22, FULL_SHAPE, lens, 256, 0, valid=valid)
 
 
-def _encoder_case(seed, shape, start, t, ring, batch=2, *, valid=None):
+def _encoder_case(seed, shape, start, t, ring, batch=2, *, valid=None, impl=None):
     from dgemma.ops.cuda_attention import encoder_attention
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -172,7 +197,7 @@ def _encoder_case(seed, shape, start, t, ring, batch=2, *, valid=None):
     k = _randn(gen, batch, t, hkv, d).transpose(1, 2)
     v = _randn(gen, batch, t, hkv, d).transpose(1, 2)
     out = torch.full((batch, t, hq, d), float("nan"), dtype=BF16, device="cuda")
-    encoder_attention(q, k, v, cache.k, cache.v, start, ring, window, valid=valid, out=out)
+    encoder_attention(q, k, v, cache.k, cache.v, start, ring, window, valid=valid, out=out, impl=impl)
     first = start - (min(start, window - 1) if window else start)
     qpos = torch.arange(start, start + t, device="cuda")
     kpos = torch.arange(first, start + t, device="cuda")
@@ -188,9 +213,19 @@ def _encoder_case(seed, shape, start, t, ring, batch=2, *, valid=None):
                rows)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("start,t", [(0, 300), (1, 64), (1023, 129), (1500, 1100), (5000, 77)])
-def test_encoder_sliding(start, t):
-    _encoder_case(start + t, SLIDING_SHAPE, start, t, 1023)
+def test_encoder_sliding(start, t, impl):
+    _encoder_case(start + t, SLIDING_SHAPE, start, t, 1023, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (16, 2)])
+def test_encoder_head_groups(hq, hkv, impl):
+    """Causal rows packed head-minor: a tile's key range is the union of its tokens' windows."""
+    shape = dict(d=256, hq=hq, hkv=hkv, window=1024)
+    _encoder_case(hq, shape, 700, 451, 1023, impl=impl)
+    _encoder_case(hq + 1, shape, 0, 1500, 1023, impl=impl)
 
 
 @pytest.mark.parametrize("start,t", [(0, 333), (1000, 200), (0, 2048)])
@@ -198,13 +233,15 @@ def test_encoder_full(start, t):
     _encoder_case(7 * start + t, FULL_SHAPE, start, t, 0)
 
 
-def test_encoder_left_padding_rows_are_zero():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_encoder_left_padding_rows_are_zero(impl):
     gen = torch.Generator(device="cuda").manual_seed(3)
     valid = torch.ones(2, 400, dtype=torch.bool, device="cuda")
     valid[0, :50] = False
     valid[1] = torch.rand(400, generator=gen, device="cuda") > 0.5
-    _encoder_case(31, SLIDING_SHAPE, 0, 300, 1023, valid=valid)
-    _encoder_case(32, FULL_SHAPE, 0, 300, 0, valid=valid)
+    _encoder_case(31, SLIDING_SHAPE, 0, 300, 1023, valid=valid, impl=impl)
+    if impl == "mma_sync":
+        _encoder_case(32, FULL_SHAPE, 0, 300, 0, valid=valid)
 
 
 def _spec(kind):
@@ -262,8 +299,11 @@ def test_tile_shape_and_argument_errors():
     lib = _ext.require_cuda()
     assert tuple(lib.attention_tile_shape(256)) == (64, 64)
     assert tuple(lib.attention_tile_shape(512)) == (32, 32)
+    assert tuple(lib.attention_tile_shape(256, 1)) == (128, 64)
     with pytest.raises(ValueError, match="head_dim 128"):
         lib.attention_tile_shape(128)
+    with pytest.raises(ValueError, match="the wgmma attention does not support head_dim 512"):
+        lib.attention_tile_shape(512, 1)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = _randn(gen, 1, 16, 8, 128)
     kv = _randn(gen, 1, 8, 8, 128)
@@ -280,3 +320,6 @@ def test_tile_shape_and_argument_errors():
         decoder_attention(q, cache, cache, tail[:, :, :5], tail, 50, 0, None)
     with pytest.raises(ValueError, match="dtype float32"):
         decoder_attention(q.float(), cache, cache, tail, tail, 50, 0, None)
+    q5, cache5, tail5 = _randn(gen, 1, 16, 8, 512), _randn(gen, 1, 2, 100, 512), _randn(gen, 1, 2, 8, 512)
+    with pytest.raises(ValueError, match="the wgmma attention does not support head_dim 512"):
+        decoder_attention(q5, cache5, cache5, tail5, tail5, 50, 0, None, impl="wgmma")

@@ -133,32 +133,97 @@ def test_split_counters_are_zeroed_outside_captures_and_shared(monkeypatch):
     assert c.data_ptr() != a.data_ptr() and len(ca._RETIRED_COUNTERS) == 1
 
 
-def test_split_kv_can_be_switched_off_for_triage(monkeypatch):
-    """DGEMMA_DISABLE_KERNELS=split_kv: the CUDA attention plans one split (no in-kernel combine); a forced count
-    (tests) still wins."""
+class _FakeLib:
+    """The extension's attention entry points as the wrapper calls them, recording each call's arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def attention_tile_shape(self, d, impl=0):
+        return {(256, 0): (64, 64), (512, 0): (32, 32), (256, 1): (128, 64)}[(d, impl)]
+
+    def attention_forward(self, *args):
+        names = ("counters", "num_splits", "split_tiles", "stream", "impl")
+        self.calls.append(dict(zip(names, (args[10],) + args[-4:])))
+
+
+def _fake_cuda(monkeypatch):
     import torch
 
     from dgemma.ops import cuda_attention as ca
 
-    seen = []
-
-    class Lib:
-        def attention_tile_shape(self, d):
-            return 64, 64
-
-        def attention_forward(self, *args):
-            seen.append(args[-3])  # num_splits
-
-    monkeypatch.setattr(ca._ext, "require_cuda", lambda: Lib())
+    lib = _FakeLib()
+    monkeypatch.setattr(ca._ext, "require_cuda", lambda: lib)
     monkeypatch.setattr(ca._ext, "current_stream", lambda device: 0)
     monkeypatch.setattr(ca, "_num_sms", lambda device: 132)
     monkeypatch.setattr(ca, "_split_counters", lambda device, shape: torch.zeros(shape, dtype=torch.int32))
-    q = torch.zeros(1, 16, 256, 256, dtype=torch.bfloat16)
-    cache = torch.zeros(1, 8, 1023, 256, dtype=torch.bfloat16)
-    tail = torch.zeros(1, 8, 256, 256, dtype=torch.bfloat16)
-    out = torch.empty(1, 256, 16, 256, dtype=torch.bfloat16)
+    return ca, lib
+
+
+def _decoder_tensors(d=256, hq=16, hkv=8, slots=1023, t=256):
+    import torch
+
+    q = torch.zeros(1, hq, t, d, dtype=torch.bfloat16)
+    cache = torch.zeros(1, hkv, slots, d, dtype=torch.bfloat16)
+    tail = torch.zeros(1, hkv, t, d, dtype=torch.bfloat16)
+    out = torch.empty(1, t, hq, d, dtype=torch.bfloat16)
+    return q, cache, tail, out
+
+
+def test_split_kv_can_be_switched_off_for_triage(monkeypatch):
+    """DGEMMA_DISABLE_KERNELS=split_kv: the CUDA attention plans one split (no in-kernel combine); a forced count
+    (tests) still wins."""
+    ca, lib = _fake_cuda(monkeypatch)
+    monkeypatch.delenv("DGEMMA_ATTENTION", raising=False)
+    q, cache, tail, out = _decoder_tensors()
     ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
     monkeypatch.setenv("DGEMMA_DISABLE_KERNELS", "split_kv")
     ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
     ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out, num_splits=3)
+    seen = [c["num_splits"] for c in lib.calls]
     assert seen[0] > 1 and seen[1] == 1 and seen[2] == 3
+
+
+def test_the_attention_kernel_comes_from_the_argument_or_the_environment(monkeypatch):
+    """DGEMMA_ATTENTION=wgmma runs head_dim 256 on the wgmma kernel (KV-head counters over packed row tiles) and
+    leaves head_dim 512 to mma_sync; an explicit impl wins; an unknown name is refused by name."""
+    from dgemma.errors import DgemmaError
+
+    ca, lib = _fake_cuda(monkeypatch)
+    monkeypatch.delenv("DGEMMA_DISABLE_KERNELS", raising=False)
+    monkeypatch.delenv("DGEMMA_ATTENTION", raising=False)
+    assert ca.attention_impl() == ca.DEFAULT_IMPL == "mma_sync" and set(ca.IMPLS) == {"mma_sync", "wgmma"}
+    q, cache, tail, out = _decoder_tensors()
+    ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
+    monkeypatch.setenv("DGEMMA_ATTENTION", "wgmma")
+    ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
+    ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out, impl="mma_sync")
+    q5, cache5, tail5, out5 = _decoder_tensors(d=512, hkv=2, slots=4096)
+    ca.decoder_attention(q5, cache5, cache5, tail5, tail5, 4000, 0, None, out=out5)
+    mma, wgmma, forced, full = lib.calls
+    assert (mma["impl"], wgmma["impl"], forced["impl"], full["impl"]) == (0, 1, 0, 0)
+    assert tuple(mma["counters"].shape) == (1, 16, 4)  # [B, Hq, 256 / 64]
+    assert tuple(wgmma["counters"].shape) == (1, 8, 4)  # [B, Hkv, 2 * 256 / 128]
+    assert wgmma["num_splits"] * wgmma["split_tiles"] >= 20  # (1023 + 256) / 64 key tiles, from the tokens
+    monkeypatch.setenv("DGEMMA_ATTENTION", "fa3")
+    with pytest.raises(DgemmaError, match=r"DGEMMA_ATTENTION = 'fa3' is not an attention implementation; "
+                                          r"expected one of mma_sync, wgmma"):
+        ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
+    with pytest.raises(DgemmaError, match=r"impl = 'tma' is not an attention implementation"):
+        ca.attention_impl("tma")
+
+
+@pytest.mark.parametrize("prefix", [0, 1023, 5000])
+def test_packed_plan_counts_tokens_as_keys_and_packed_rows_as_query_tiles(prefix):
+    """The wgmma kernel packs the 2 query heads of each of 8 KV heads: 512 rows of 128 per KV head, keys from the
+    256 tokens (not the 512 rows), and at least as many blocks as one wave of 132 SMs asks for at batch 1."""
+    plan = plan_splits(batch=1, q_heads=8, queries=2 * 256, max_prefix=prefix, window=1024, block_m=128, block_n=64,
+                       num_sms=132, key_queries=256)
+    keys = visible_prefix(prefix, 1024) + 256
+    assert plan.key_tiles == key_tiles(keys, 64) and plan.query_tiles == 4
+    assert _covers(plan, keys, 64)
+    if prefix >= 1023:
+        assert 8 * 4 * plan.num_splits >= 100
+    with pytest.raises(ValueError, match="key_queries 0 must be positive"):
+        plan_splits(batch=1, q_heads=8, queries=512, max_prefix=prefix, window=1024, block_m=128, block_n=64,
+                    num_sms=132, key_queries=0)

@@ -1077,9 +1077,11 @@ def qkv_prep_table(c: Ctx) -> Table:
 
 
 def attention_tile_shape_table(c: Ctx) -> Table:
-    t = Table("attention_tile_shape", dict(head_dim=256))
+    t = Table("attention_tile_shape", dict(head_dim=256, impl=0))
     for d in (128, 0, -256, 384, 2**40):
         t.bad(f"head_dim {d}", f"attention head_dim {d} is not supported (expected 256 or 512)", head_dim=d)
+    t.bad("impl unknown", "attention impl -1 is not an implementation (expected 0 mma.sync or 1 wgmma)", impl=-1)
+    t.bad("wgmma at head_dim 512", "the wgmma attention does not support head_dim 512", head_dim=512, impl=1)
     t.type_error("head_dim is a string", "head_dim='256'", head_dim="256")
 
     def check(shape):
@@ -1102,7 +1104,7 @@ def attention_forward_table(c: Ctx) -> Table:
         prefix_lens=torch.full((B,), PREFIX, dtype=I32, device=c.dev), valid=None,
         out=torch.full((B, T, HQ, D), float("nan"), dtype=BF16, device=c.dev), part_o=None, part_lse=None,
         split_counters=None, max_prefix=PREFIX, ring_size=0, window=0, causal=False, valid_tail=False, num_splits=1, split_tiles=1,
-        stream=0))
+        stream=0, impl=0))
     base = t.base
     t.bad("q on the host", cuda_msg("q"), q=c.host(base["q"]))
     t.bad("q float32", "q has dtype float32, expected bfloat16", q=c.empty(B, HQ, T, D, dtype=F32))
@@ -1193,6 +1195,13 @@ def attention_forward_table(c: Ctx) -> Table:
     t.bad("split_counters query tiles",
           f"split_counters has shape [{B}, {HQ}, {q_tiles + 1}], expected [{B}, {HQ}, {q_tiles}]",
           **{**split, "split_counters": torch.zeros(B, HQ, q_tiles + 1, dtype=I32, device=c.dev)})
+    t.bad("impl unknown", "attention impl 2 is not an implementation (expected 0 mma.sync or 1 wgmma)", impl=2)
+    t.bad("wgmma at head_dim 512", "the wgmma attention does not support head_dim 512 (expected 256; head_dim 512 "
+          "runs the mma.sync kernel, impl 0)", impl=1, q=c.empty(B, HQ, T, 512))
+    packed_tiles = -(-(HQ // HKV) * T // C.attention_tile_shape(D, 1)[0])
+    t.bad("wgmma with the mma.sync kernel's counters",
+          f"split_counters has shape [{B}, {HQ}, {q_tiles}], expected [{B}, {HKV}, {packed_tiles}]",
+          **split, impl=1)
     t.bad("q is None", not_tensor("q"), q=None)
     t.bad("prefix_lens is a list", not_tensor("prefix_lens", "list"), prefix_lens=[PREFIX] * B)
     t.type_error("max_prefix is a float", "max_prefix=1.5", max_prefix=1.5)

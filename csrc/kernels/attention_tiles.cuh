@@ -15,4 +15,13 @@ constexpr bool attention_head_dim_supported(int head_dim) { return head_dim == 2
 constexpr int attention_block_m(int head_dim) { return head_dim == 256 ? 64 : 32; }
 constexpr int attention_block_n(int head_dim) { return head_dim == 256 ? 64 : 32; }
 
+// The wgmma kernel (sm90_attention_wgmma.cuh): two consumer warpgroups of 64 rows each over one KV head's query rows
+// packed head-minor (row r of a KV group is query t = r / group of query head kv_head * group + r % group), so the
+// query heads of a group share every K/V tile. Key tiles have the mma.sync kernel's 64 keys (one split plan serves
+// both). head_dim 256 only; head_dim 512 runs the mma.sync kernel.
+constexpr int kAttentionWgmmaThreads = 256;
+constexpr int kAttentionWgmmaBlockM = 128;  // packed query rows per CTA
+constexpr int kAttentionWgmmaBlockN = 64;
+constexpr bool attention_wgmma_supported(int head_dim) { return head_dim == 256; }
+
 }  // namespace dgemma::kernels

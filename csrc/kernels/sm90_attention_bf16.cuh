@@ -120,41 +120,75 @@ __device__ __forceinline__ bool last_split_to_arrive(int* counter, int splits) {
   return last;
 }
 
-// out[b, t, h] = Σ_s exp(lse_s − max lse)·o_s / Σ_s exp(lse_s − max lse) for the `rows` query rows from q0 of
-// (b, h), from the splits' fp32 partials (read through L2: other CTAs wrote them); a row no split saw is 0.
+// out[b, t, h][4c : 4c+4] = Σ_s exp(lse_s − max lse)·o_s / Σ_s exp(lse_s − max lse) from the splits' fp32 partials
+// (read through L2: other CTAs wrote them); a row no split saw is 0.
+template <int D>
+__device__ __forceinline__ void combine_split_chunk(const AttentionParams& p, int b, int h, int t, int c) {
+  const int64_t split_stride = int64_t(p.batch) * p.hq * p.t;
+  const int64_t row = (int64_t(b) * p.hq + h) * p.t + t;
+  float lmax = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) lmax = fmaxf(lmax, __ldcg(p.part_lse + s * split_stride + row));
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (lmax != -INFINITY) {
+    float wsum = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float lse = __ldcg(p.part_lse + s * split_stride + row);
+      if (lse == -INFINITY) continue;
+      const float w = expf(lse - lmax);
+      wsum += w;
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(p.part_o + (s * split_stride + row) * D) + c);
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
+    }
+    const float iw = 1.f / wsum;
+    acc.x *= iw;
+    acc.y *= iw;
+    acc.z *= iw;
+    acc.w *= iw;
+  }
+  __nv_bfloat16* orow = p.out + b * p.o_sb + int64_t(t) * p.o_st + h * p.o_sh + c * 4;
+  reinterpret_cast<__nv_bfloat162*>(orow)[0] = __floats2bfloat162_rn(acc.x, acc.y);
+  reinterpret_cast<__nv_bfloat162*>(orow)[1] = __floats2bfloat162_rn(acc.z, acc.w);
+}
+
+// The combine of the `rows` query rows from q0 of (b, h), spread over the CTA.
 template <int D>
 __device__ __forceinline__ void combine_splits(const AttentionParams& p, int b, int h, int q0, int rows) {
   constexpr int kVecs = D / 4;
-  const int64_t split_stride = int64_t(p.batch) * p.hq * p.t;
-  for (int i = threadIdx.x; i < rows * kVecs; i += blockDim.x) {
-    const int t = q0 + i / kVecs, c = i % kVecs;
-    const int64_t row = (int64_t(b) * p.hq + h) * p.t + t;
-    float lmax = -INFINITY;
-    for (int s = 0; s < p.num_splits; ++s) lmax = fmaxf(lmax, __ldcg(p.part_lse + s * split_stride + row));
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (lmax != -INFINITY) {
-      float wsum = 0.f;
-      for (int s = 0; s < p.num_splits; ++s) {
-        const float lse = __ldcg(p.part_lse + s * split_stride + row);
-        if (lse == -INFINITY) continue;
-        const float w = expf(lse - lmax);
-        wsum += w;
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(p.part_o + (s * split_stride + row) * D) + c);
-        acc.x += w * v.x;
-        acc.y += w * v.y;
-        acc.z += w * v.z;
-        acc.w += w * v.w;
-      }
-      const float iw = 1.f / wsum;
-      acc.x *= iw;
-      acc.y *= iw;
-      acc.z *= iw;
-      acc.w *= iw;
-    }
-    __nv_bfloat16* orow = p.out + b * p.o_sb + int64_t(t) * p.o_st + h * p.o_sh + c * 4;
-    reinterpret_cast<__nv_bfloat162*>(orow)[0] = __floats2bfloat162_rn(acc.x, acc.y);
-    reinterpret_cast<__nv_bfloat162*>(orow)[1] = __floats2bfloat162_rn(acc.z, acc.w);
+  for (int i = threadIdx.x; i < rows * kVecs; i += blockDim.x) combine_split_chunk<D>(p, b, h, q0 + i / kVecs, i % kVecs);
+}
+
+// Where key kv of sequence b (KV head pointers already offset) lives: the cache slot of its position (a ring slot for
+// sliding layers) for the prefix, the tail tensor after it. Keys past the range return the tail base (never read:
+// their copies are zero-filled).
+struct KeySource {
+  const __nv_bfloat16* k;
+  const __nv_bfloat16* v;
+};
+
+__device__ __forceinline__ KeySource key_source(const AttentionParams& p, const KeyRange& kr, const KeySource& cache,
+                                                const KeySource& tail, int kv) {
+  if (kv < kr.n_prefix) {
+    const int pos = kr.pstart + kv;
+    const int64_t slot = p.ring_size > 0 ? pos % p.ring_size : pos;
+    return {cache.k + slot * p.ck_ss, cache.v + slot * p.cv_ss};
   }
+  if (kv < kr.n_kv) {
+    const int64_t t = kv - kr.n_prefix;
+    return {tail.k + t * p.tk_st, tail.v + t * p.tv_st};
+  }
+  return {p.tail_k, p.tail_v};
+}
+
+// Whether key kv may be attended at all (in range and not masked off by `valid`); causal limits are per query row.
+__device__ __forceinline__ int key_allowed(const AttentionParams& p, const KeyRange& kr, int b, int kv) {
+  int ok = kv < kr.n_kv;
+  const int pos = kr.pstart + kv;
+  const int valid_limit = kr.pstart + kr.n_prefix + (p.valid_tail ? p.t : 0);
+  if (ok && p.valid != nullptr && pos < valid_limit) ok = p.valid[b * p.valid_sb + pos] != 0;
+  return ok;
 }
 
 template <int D>
@@ -189,12 +223,9 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
   }
   const int tile_lo = max(kv_lo / BN, split * p.split_tiles);
   const int tile_hi = min((kv_hi + BN - 1) / BN, (split + 1) * p.split_tiles);
-  const int valid_limit = kr.pstart + kr.n_prefix + (p.valid_tail ? p.t : 0);
 
-  const __nv_bfloat16* ck = p.cache_k + b * p.ck_sb + kvh * p.ck_sh;
-  const __nv_bfloat16* cv = p.cache_v + b * p.cv_sb + kvh * p.cv_sh;
-  const __nv_bfloat16* tk = p.tail_k + b * p.tk_sb + kvh * p.tk_sh;
-  const __nv_bfloat16* tv = p.tail_v + b * p.tv_sb + kvh * p.tv_sh;
+  const KeySource cache{p.cache_k + b * p.ck_sb + kvh * p.ck_sh, p.cache_v + b * p.cv_sb + kvh * p.cv_sh};
+  const KeySource tail{p.tail_k + b * p.tk_sb + kvh * p.tk_sh, p.tail_v + b * p.tv_sb + kvh * p.tv_sh};
 
   auto load_tile = [&](int tile, int stage) {
     const int kv0 = tile * BN;
@@ -205,30 +236,12 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
 #pragma unroll
     for (int r = tid / S::kChunksPerRow; r < BN; r += kRowStep) {
       const int kv = kv0 + r;
-      const bool in = kv < kr.n_kv;
-      const __nv_bfloat16* src_k = p.tail_k;
-      const __nv_bfloat16* src_v = p.tail_v;
-      if (kv < kr.n_prefix) {
-        const int pos = kr.pstart + kv;
-        const int64_t slot = p.ring_size > 0 ? pos % p.ring_size : pos;
-        src_k = ck + slot * p.ck_ss;
-        src_v = cv + slot * p.cv_ss;
-      } else if (in) {
-        const int64_t t = kv - kr.n_prefix;
-        src_k = tk + t * p.tk_st;
-        src_v = tv + t * p.tv_st;
-      }
+      const KeySource src = key_source(p, kr, cache, tail, kv);
       const int off = tile_offset<D>(r, chunk);
-      cp_async16(smem_addr(dk + off), src_k + chunk * 8, in);
-      cp_async16(smem_addr(dv + off), src_v + chunk * 8, in);
+      cp_async16(smem_addr(dk + off), src.k + chunk * 8, kv < kr.n_kv);
+      cp_async16(smem_addr(dv + off), src.v + chunk * 8, kv < kr.n_kv);
     }
-    if (tid < BN) {
-      const int kv = kv0 + tid;
-      int ok = kv < kr.n_kv;
-      const int pos = kr.pstart + kv;
-      if (ok && p.valid != nullptr && pos < valid_limit) ok = p.valid[b * p.valid_sb + pos] != 0;
-      sok[stage * BN + tid] = ok;
-    }
+    if (tid < BN) sok[stage * BN + tid] = key_allowed(p, kr, b, kv0 + tid);
   };
 
   if (tile_lo < tile_hi) {

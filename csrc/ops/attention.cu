@@ -2,6 +2,7 @@
 #include <string>
 
 #include "kernels/sm90_attention_bf16.cuh"
+#include "kernels/sm90_attention_wgmma.cuh"
 #include "ops/attention.h"
 #include "ops/attention_checks.h"
 
@@ -11,6 +12,7 @@ namespace kernels {
 // Instantiated one per file (attention_sm90_d256.cu, attention_sm90_d512.cu) so builds parallelise.
 extern template cudaError_t attention_bf16<256>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t attention_bf16<512>(const AttentionParams&, cudaStream_t);
+extern template cudaError_t attention_wgmma<256>(const AttentionParams&, cudaStream_t);
 }  // namespace kernels
 
 using namespace attention_checks;
@@ -26,6 +28,7 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
   const int64_t b = q.shape[0], hq = q.shape[1], t = q.shape[2], d = q.shape[3];
   if (!kernels::attention_head_dim_supported(static_cast<int>(d)))
     ::dgemma::throw_invalid("q head_dim " + std::to_string(d) + " is not supported (expected 256 or 512)");
+  const auto [block_m, block_n] = attention_tile_shape(d, opt.impl);
   check_bf16_rows(cache_k, 4, dev);
   check_bf16_rows(cache_v, 4, dev);
   const int64_t hkv = cache_k.shape[1], slots = cache_k.shape[2];
@@ -71,7 +74,9 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
       ::dgemma::throw_invalid(valid->name + " must be contiguous in its last dimension");
   }
 
-  const int block_n = kernels::attention_block_n(static_cast<int>(d));
+  // The wgmma kernel's CTAs take 128 rows of group x T packed query rows (int32 indices in the kernel).
+  const int64_t rows = opt.impl == kAttentionWgmma ? hq / hkv * t : t;
+  if (opt.impl == kAttentionWgmma) check_range("query heads per KV head x queries", rows, 1, (int64_t(1) << 31) - 256);
   check_range("num_splits", opt.num_splits, 1, 65535 / b);
   check_range("split_tiles", opt.split_tiles, 1, 1 << 30);
   const int64_t key_tiles = (visible + t + block_n - 1) / block_n;
@@ -90,9 +95,7 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
     }
     check_shape(*part_o, {opt.num_splits, b, hq, t, d});
     check_shape(*part_lse, {opt.num_splits, b, hq, t});
-    const int64_t query_tiles = (t + kernels::attention_block_m(static_cast<int>(d)) - 1) /
-                                kernels::attention_block_m(static_cast<int>(d));
-    check_shape(*split_counters, {b, hq, query_tiles});
+    check_shape(*split_counters, {b, opt.impl == kAttentionWgmma ? hkv : hq, (rows + block_m - 1) / block_m});
   }
 
   kernels::AttentionParams p{};
@@ -126,7 +129,9 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
 
   throw_if_failed(cudaSetDevice(dev), "cudaSetDevice");
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const cudaError_t err = d == 256 ? kernels::attention_bf16<256>(p, s) : kernels::attention_bf16<512>(p, s);
+  const cudaError_t err = opt.impl == kAttentionWgmma ? kernels::attention_wgmma<256>(p, s)
+                          : d == 256                  ? kernels::attention_bf16<256>(p, s)
+                                                      : kernels::attention_bf16<512>(p, s);
   throw_if_failed(err, "attention launch");
 }
 

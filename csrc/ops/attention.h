@@ -17,13 +17,18 @@ struct AttentionOptions {
   bool valid_tail = false; // `valid` also masks the tail (encoder's new tokens)
   int64_t num_splits = 1;  // split-KV: key tiles cut into chunks of split_tiles
   int64_t split_tiles = 1;
+  int64_t impl = 0;  // kAttentionMmaSync, or kAttentionWgmma (head_dim 256)
 };
+
+// The attention implementations (the bindings' `impl` values).
+constexpr int64_t kAttentionMmaSync = 0;  // mma.sync m16n8k16, one query head per CTA (sm90_attention_bf16.cuh)
+constexpr int64_t kAttentionWgmma = 1;    // wgmma, the query heads of a KV group packed (sm90_attention_wgmma.cuh)
 
 // out[b, t, h] = softmax(q[b, h, t] . keys) values over keys = [visible cached prefix ; tail].
 // q [B, Hq, T, D] bf16; cache_k/cache_v [B, Hkv, slots, D]; tail_k/tail_v [B, Hkv, T, D]; prefix_lens
 // int32 [B]; valid bool/uint8 [B, >= max_prefix (+T)] or null; out [B, T, Hq, D]; part_o fp32
-// [S, B, Hq, T, D], part_lse fp32 [S, B, Hq, T] and split_counters int32 [B, Hq, ceil(T / block_m)] when
-// num_splits S > 1 (else may be null). split_counters must hold zeros, and holds zeros again when the kernel is done
+// [S, B, Hq, T, D], part_lse fp32 [S, B, Hq, T] and split_counters int32 [B, Hq, ceil(T / block_m)] (wgmma:
+// [B, Hkv, ceil(Hq / Hkv * T / block_m)], block_m counting packed rows) when num_splits S > 1 (else may be null). split_counters must hold zeros, and holds zeros again when the kernel is done
 // (the splits of a query tile count themselves in; the last combines and resets): calls sharing one counter tensor
 // must be stream-ordered.
 // D is 256 or 512; all bf16 tensors have a contiguous last dim and other strides multiple of 8.
@@ -33,8 +38,9 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
                        const TensorArg* part_lse, const TensorArg* split_counters, const AttentionOptions& opt,
                        std::uintptr_t stream);
 
-// (block_m, block_n) of the attention kernel for a head dim; throws for unsupported head dims.
-std::pair<int, int> attention_tile_shape(int64_t head_dim);
+// (block_m, block_n) of the attention kernel `impl` for a head dim; throws for unsupported head dims or impls. The
+// wgmma kernel's block_m counts query rows of a KV group packed head-minor (see attention_tiles.cuh).
+std::pair<int, int> attention_tile_shape(int64_t head_dim, int64_t impl = kAttentionMmaSync);
 
 // q_out = rope(rms_norm(q_in, q_weight)), k_out = rope(rms_norm(k_in, k_weight)), v_out = rms_norm(v_in
 // or k_in without weight), per head; k/v also written into cache_k/cache_v at positions

@@ -13,11 +13,22 @@ namespace py = pybind11;
 
 namespace dgemma {
 
-std::pair<int, int> attention_tile_shape(int64_t head_dim) {
+std::pair<int, int> attention_tile_shape(int64_t head_dim, int64_t impl) {
+  if (impl != kAttentionMmaSync && impl != kAttentionWgmma)
+    throw std::invalid_argument("attention impl " + std::to_string(impl) + " is not an implementation (expected " +
+                                std::to_string(kAttentionMmaSync) + " mma.sync or " + std::to_string(kAttentionWgmma) +
+                                " wgmma)");
   if (head_dim > (1 << 20) || !kernels::attention_head_dim_supported(static_cast<int>(head_dim)))
     throw std::invalid_argument("attention head_dim " + std::to_string(head_dim) +
                                 " is not supported (expected 256 or 512)");
   const int d = static_cast<int>(head_dim);
+  if (impl == kAttentionWgmma) {
+    if (!kernels::attention_wgmma_supported(d))
+      throw std::invalid_argument("the wgmma attention does not support head_dim " + std::to_string(head_dim) +
+                                  " (expected 256; head_dim 512 runs the mma.sync kernel, impl " +
+                                  std::to_string(kAttentionMmaSync) + ")");
+    return {kernels::kAttentionWgmmaBlockM, kernels::kAttentionWgmmaBlockN};
+  }
   return {kernels::attention_block_m(d), kernels::attention_block_n(d)};
 }
 
@@ -28,7 +39,7 @@ void attention_forward_py(py::handle q, py::handle cache_k, py::handle cache_v, 
                           py::handle prefix_lens, py::handle valid, py::handle out, py::handle part_o,
                           py::handle part_lse, py::handle split_counters, int64_t max_prefix, int64_t ring_size,
                           int64_t window, bool causal, bool valid_tail, int64_t num_splits, int64_t split_tiles,
-                          std::uintptr_t stream) {
+                          std::uintptr_t stream, int64_t impl) {
   TensorArg valid_a, part_o_a, part_lse_a, counters_a;
   AttentionOptions opt;
   opt.max_prefix = max_prefix;
@@ -38,6 +49,7 @@ void attention_forward_py(py::handle q, py::handle cache_k, py::handle cache_v, 
   opt.valid_tail = valid_tail;
   opt.num_splits = num_splits;
   opt.split_tiles = split_tiles;
+  opt.impl = impl;
   attention_forward(to_arg(q, "q"), to_arg(cache_k, "cache_k"), to_arg(cache_v, "cache_v"), to_arg(tail_k, "tail_k"),
                     to_arg(tail_v, "tail_v"), to_arg(prefix_lens, "prefix_lens"),
                     optional_arg(valid, "valid", valid_a), to_arg(out, "out"),
@@ -59,7 +71,7 @@ void qkv_prep_py(py::handle q_in, py::handle k_in, py::handle v_in, py::handle q
 #else
 void attention_forward_py(py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
                           py::handle, py::handle, py::handle, py::handle, int64_t, int64_t, int64_t, bool, bool, int64_t,
-                          int64_t, std::uintptr_t) {
+                          int64_t, std::uintptr_t, int64_t) {
   cuda_unavailable("attention_forward");
 }
 
@@ -74,11 +86,13 @@ void qkv_prep_py(py::handle, py::handle, py::handle, py::handle, py::handle, py:
 void register_attention(py::module_& m) {
   m.def(
       "attention_tile_shape",
-      [](int64_t head_dim) {
-        auto [bm, bn] = attention_tile_shape(head_dim);
+      [](int64_t head_dim, int64_t impl) {
+        auto [bm, bn] = attention_tile_shape(head_dim, impl);
         return py::make_tuple(bm, bn);
       },
-      py::arg("head_dim"), "(block_m, block_n) of the attention kernel for a head dim (256 or 512).");
+      py::arg("head_dim"), py::arg("impl") = kAttentionMmaSync,
+      "(block_m, block_n) of the attention kernel impl (0 mma.sync, 1 wgmma) for a head dim (256 or 512; wgmma: 256, "
+      "block_m counting the packed query rows of a KV group).");
   m.def(
       "attention_head_dim_supported",
       [](int64_t head_dim) {
@@ -90,7 +104,9 @@ void register_attention(py::module_& m) {
         py::arg("part_o"), py::arg("part_lse"), py::arg("split_counters"), py::arg("max_prefix"),
         py::arg("ring_size"), py::arg("window"),
         py::arg("causal"), py::arg("valid_tail"), py::arg("num_splits"), py::arg("split_tiles"), py::arg("stream"),
-        "Attention of q over [visible cached prefix ; tail]; see dgemma.ops.cuda_attention.");
+        py::arg("impl") = kAttentionMmaSync,
+        "Attention of q over [visible cached prefix ; tail] by kernel impl (0 mma.sync, 1 wgmma: head_dim 256); see "
+        "dgemma.ops.cuda_attention.");
   m.def("qkv_prep", &qkv_prep_py, py::arg("q_in"), py::arg("k_in"), py::arg("v_in"), py::arg("q_weight"),
         py::arg("k_weight"), py::arg("cos"), py::arg("sin"), py::arg("q_out"), py::arg("k_out"), py::arg("v_out"),
         py::arg("cache_k"), py::arg("cache_v"), py::arg("cache_start"), py::arg("ring_size"), py::arg("eps"),

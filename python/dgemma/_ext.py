@@ -70,6 +70,16 @@ def current_stream(device) -> int:
     return torch.cuda.current_stream(index).cuda_stream
 
 
+def implementation(impl: str | None, env: str, choices, default: str, what: str) -> str:
+    """``impl``, or the environment variable ``env`` (looked up at each call), or ``default``; checked against
+    ``choices`` (an error names the bad value, where it came from, and the choices)."""
+    name = impl if impl is not None else os.environ.get(env, "") or default
+    if name not in choices:
+        where = "impl" if impl is not None else env
+        raise DgemmaError(f"{where} = {name!r:.80} is not {what}; expected one of {', '.join(choices)}")
+    return name
+
+
 # Fused paths that can be switched off for triage on a GPU, e.g. DGEMMA_DISABLE_KERNELS=qkv_fusion,residual_norm:
 # the ops then run the reference chain of ops (still on the GPU), the commit pass the plain encoder.
 DISABLE_CHOICES = ("qkv_fusion", "residual_norm", "view_commit", "norm_quant", "moe_contiguous", "fp8_dense",

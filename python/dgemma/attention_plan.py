@@ -76,19 +76,23 @@ def _wave_efficiency(blocks: int, num_sms: int) -> float:
 
 @functools.lru_cache(maxsize=256)
 def plan_splits(*, batch: int, q_heads: int, queries: int, max_prefix: int, window: int | None, block_m: int,
-                block_n: int, num_sms: int, causal: bool = False, num_splits: int | None = None) -> SplitPlan:
+                block_n: int, num_sms: int, causal: bool = False, num_splits: int | None = None,
+                key_queries: int | None = None) -> SplitPlan:
     """Choose how many blocks share the keys of one (sequence, head, query tile).
 
-    The keys are ``visible_prefix(max_prefix) + queries``. Causal calls (the encoder) have many query
+    The keys are ``visible_prefix(max_prefix) + key_queries`` (default ``queries``: the tail's own keys; a kernel
+    that packs the query heads of a KV group passes the KV heads as ``q_heads``, the packed rows as ``queries`` and
+    the tokens as ``key_queries``). Causal calls (the encoder) have many query
     tiles and short per-tile key ranges, so they never split. Otherwise the smallest split count whose
     last wave is at least 85% as full as the best choice wins, keeping >= MIN_TILES_PER_SPLIT key tiles
     per split. ``num_splits`` forces a count (tests); it is clamped to the key tiles.
     """
+    key_queries = queries if key_queries is None else key_queries
     for name, v in (("batch", batch), ("q_heads", q_heads), ("queries", queries), ("block_m", block_m),
-                    ("block_n", block_n), ("num_sms", num_sms)):
+                    ("block_n", block_n), ("num_sms", num_sms), ("key_queries", key_queries)):
         if v <= 0:
             raise ValueError(f"{name} {v} must be positive")
-    tiles = key_tiles(visible_prefix(max_prefix, window) + queries, block_n)
+    tiles = key_tiles(visible_prefix(max_prefix, window) + key_queries, block_n)
     q_tiles = -(-queries // block_m)
     if num_splits is not None:
         if num_splits <= 0:

@@ -21,6 +21,7 @@ import torch
 
 from .errors import DgemmaError
 from .generation import denoise_block
+from .ops.cuda_attention import attention_impl
 from .ops.cuda_vocab_head import head_impl
 from .sampler import GenerationSettings, make_sampler
 from .steps import graphs_supported, make_stepper
@@ -287,6 +288,9 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         "pdl": os.environ.get("DGEMMA_PDL", "") == "1",
         # The fused vocabulary head's GEMMs (DGEMMA_VOCAB_HEAD, ops/cuda_vocab_head.py).
         "vocab_head": head_impl(),
+        # The attention kernel of the head_dim 256 (sliding) layers (DGEMMA_ATTENTION, ops/cuda_attention.py);
+        # head_dim 512 layers always run mma_sync.
+        "attention": attention_impl(None, 256),
         "results": results,
     }
 

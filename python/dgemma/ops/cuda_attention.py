@@ -5,6 +5,11 @@ Layouts match :class:`dgemma.cache.KVCache`: ``cache_k``/``cache_v`` are ``[B, H
 sliding layer's cache is a ring of ``ring_size`` slots (position p at slot ``p % ring_size``), a full
 layer's stores position p at slot p (``ring_size=0``). Scale is 1 (q/k norms make it so), softmax is
 fp32, K/V heads are grouped (query head h uses KV head ``h // (Hq // Hkv)``). head_dim 256 or 512.
+
+Two kernels (:data:`IMPLS`): ``"mma_sync"`` (mma.sync tiles, one query head per block; every head dim) and
+``"wgmma"`` (Hopper warpgroup MMAs, the query heads of a KV group packed into one block so they share each K/V tile;
+head_dim 256, the sliding layers). DGEMMA_ATTENTION picks one for every call that passes no ``impl``; with
+``"wgmma"`` chosen that way, head_dim 512 calls run ``"mma_sync"``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,20 @@ from .. import _ext
 from ..attention_plan import SplitPlan, plan_splits
 
 _NUM_SMS: dict[int, int] = {}
+
+# The attention kernels (csrc/ops/attention.h kAttention*).
+IMPLS = {"mma_sync": 0, "wgmma": 1}
+DEFAULT_IMPL = "mma_sync"
+WGMMA_HEAD_DIMS = (256,)
+
+
+def attention_impl(impl: str | None = None, head_dim: int = 256) -> str:
+    """The kernel a call of ``head_dim`` runs: ``impl``, or DGEMMA_ATTENTION (looked up at each call; ``"wgmma"``
+    from it covers head_dim 256 and leaves head_dim 512 to ``"mma_sync"``), or the default."""
+    name = _ext.implementation(impl, "DGEMMA_ATTENTION", IMPLS, DEFAULT_IMPL, "an attention implementation")
+    if impl is None and name == "wgmma" and head_dim not in WGMMA_HEAD_DIMS:
+        return "mma_sync"
+    return name
 
 
 def _num_sms(device: torch.device) -> int:
@@ -78,16 +97,25 @@ def _prefix_tensor(prefix_lens: int | Sequence[int] | torch.Tensor, batch: int, 
 
 
 def _attention(q, cache_k, cache_v, tail_k, tail_v, prefix_lens, ring_size, window, *, causal, valid, out,
-               max_prefix, num_splits) -> torch.Tensor:
+               max_prefix, num_splits, impl) -> torch.Tensor:
     lib = _ext.require_cuda()
+    if q.dim() != 4 or cache_k.dim() != 4:
+        raise ValueError(f"q has shape {list(q.shape)} and cache_k {list(cache_k.shape)}, expected [B, Hq, T, D] and "
+                         f"[B, Hkv, slots, D]")
     b, hq, t, d = q.shape
+    hkv = cache_k.shape[1]
+    impl = attention_impl(impl, d)
     lens, bound = _prefix_tensor(prefix_lens, b, q.device, max_prefix)
-    block_m, block_n = lib.attention_tile_shape(d)
+    block_m, block_n = lib.attention_tile_shape(d, IMPLS[impl])
     if num_splits is None and "split_kv" in _ext.disabled_kernels():
         num_splits = 1  # triage: no split-KV, so no in-kernel combine
-    plan: SplitPlan = plan_splits(batch=b, q_heads=hq, queries=t, max_prefix=bound, window=window or None,
-                                  block_m=block_m, block_n=block_n, num_sms=_num_sms(q.device), causal=causal,
-                                  num_splits=num_splits)
+    # The wgmma kernel's blocks take block_m of the group x T query rows of one KV head (packed head-minor).
+    packed = impl == "wgmma" and hkv > 0 and hq % hkv == 0
+    tile_heads, tile_rows = (hkv, hq // hkv * t) if packed else (hq, t)
+    plan: SplitPlan = plan_splits(batch=b, q_heads=tile_heads, queries=tile_rows, max_prefix=bound,
+                                  window=window or None, block_m=block_m, block_n=block_n,
+                                  num_sms=_num_sms(q.device), causal=causal, num_splits=num_splits,
+                                  key_queries=t)
     if out is None:
         out = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device)
     part_o = part_lse = counters = None
@@ -96,19 +124,20 @@ def _attention(q, cache_k, cache_v, tail_k, tail_v, prefix_lens, ring_size, wind
     if shapes is not None:
         part_o = torch.empty(shapes[0], dtype=torch.float32, device=q.device)
         part_lse = torch.empty(shapes[1], dtype=torch.float32, device=q.device)
-        counters = _split_counters(q.device, (b, hq, plan.query_tiles))
+        counters = _split_counters(q.device, (b, tile_heads, plan.query_tiles))
     if valid is not None and valid.dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"valid has dtype {valid.dtype}, expected torch.bool")
     lib.attention_forward(q, cache_k, cache_v, tail_k, tail_v, lens, valid, out, part_o, part_lse, counters,
                           int(bound), int(ring_size), int(window or 0), bool(causal), bool(causal), plan.num_splits,
-                          plan.split_tiles, stream)
+                          plan.split_tiles, stream, IMPLS[impl])
     return out
 
 
 def decoder_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, canvas_k: torch.Tensor,
                       canvas_v: torch.Tensor, prefix_lens: int | Sequence[int] | torch.Tensor, ring_size: int,
                       window: int | None, *, valid: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                      max_prefix: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                      max_prefix: int | None = None, num_splits: int | None = None,
+                      impl: str | None = None) -> torch.Tensor:
     """Bidirectional attention of the canvas over ``[visible cached prefix ; canvas]``.
 
     Args:
@@ -125,17 +154,20 @@ def decoder_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Ten
         max_prefix: an upper bound of ``prefix_lens`` (avoids a host sync for a device tensor; larger
             device values are clamped to it).
         num_splits: force the split-KV count (default: :func:`dgemma.attention_plan.plan_splits`).
+        impl: the kernel, a name of :data:`IMPLS` (default: :func:`attention_impl`); outputs agree within the tests'
+            bounds, not bit for bit.
     Returns:
         ``out`` ``[B, C, Hq, D]``.
     """
     return _attention(q, cache_k, cache_v, canvas_k, canvas_v, prefix_lens, ring_size, window, causal=False,
-                      valid=valid, out=out, max_prefix=max_prefix, num_splits=num_splits)
+                      valid=valid, out=out, max_prefix=max_prefix, num_splits=num_splits, impl=impl)
 
 
 def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
                       cache_v: torch.Tensor, start: int | Sequence[int] | torch.Tensor, ring_size: int,
                       window: int | None, *, valid: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                      max_prefix: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                      max_prefix: int | None = None, num_splits: int | None = None,
+                      impl: str | None = None) -> torch.Tensor:
     """Causal attention of T new tokens (positions ``start..start+T-1``) over ``[cached ; new]``.
 
     A query at position p sees keys at positions ``<= p`` (and ``> p - window`` on sliding layers).
@@ -145,7 +177,7 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k
     new tokens. Rows that see no key (left padding) are 0. Returns ``out`` ``[B, T, Hq, D]``.
     """
     return _attention(q, cache_k, cache_v, k, v, start, ring_size, window, causal=True, valid=valid, out=out,
-                      max_prefix=max_prefix, num_splits=num_splits)
+                      max_prefix=max_prefix, num_splits=num_splits, impl=impl)
 
 
 def qkv_prep(q_proj: torch.Tensor, k_proj: torch.Tensor, v_proj: torch.Tensor | None, q_norm: torch.Tensor,

@@ -9,12 +9,10 @@ dgemma's own Philox stream (documented in :mod:`dgemma.vocab_head`, which holds 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from .. import _ext
-from ..errors import DgemmaError
 from ..vocab_head import VocabHeadStep, seed_key
 
 
@@ -26,12 +24,7 @@ DEFAULT_IMPL = "mma_sync"
 
 def head_impl(impl: str | None = None) -> str:
     """``impl``, or DGEMMA_VOCAB_HEAD (looked up at each call), or the default; checked against :data:`IMPLS`."""
-    name = impl if impl is not None else os.environ.get("DGEMMA_VOCAB_HEAD", "") or DEFAULT_IMPL
-    if name not in IMPLS:
-        where = "impl" if impl is not None else "DGEMMA_VOCAB_HEAD"
-        raise DgemmaError(f"{where} = {name!r:.80} is not a vocabulary-head implementation; expected one of "
-                          f"{', '.join(IMPLS)}")
-    return name
+    return _ext.implementation(impl, "DGEMMA_VOCAB_HEAD", IMPLS, DEFAULT_IMPL, "a vocabulary-head implementation")
 
 
 def workspace_bytes(batch: int, canvas: int, vocab: int, hidden: int, *, self_conditioning: bool = True,

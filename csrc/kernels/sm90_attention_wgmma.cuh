@@ -1,0 +1,311 @@
+// Attention on Hopper wgmma for head_dim 256 (the sliding layers): the same operation, parameters, masks, split-KV
+// and in-kernel combine as attention_bf16 (sm90_attention_bf16.cuh), computed by warpgroup MMAs.
+//
+// A CTA owns 128 query rows of one KV head and sequence, packed head-minor (packed row r is query t = r / group of
+// query head kv_head * group + r % group), so the query heads of a group read each K/V tile once. Two warpgroups of
+// 128 threads own 64 packed rows each:
+//   S = Q·Kᵀ  wgmma m64n64k16, both operands from shared memory (Q and K rows K-major, 128-byte swizzle);
+//   online softmax on the S accumulator in registers (fp32, base-2 exponentials, row state per thread);
+//   O += P·V  wgmma m64n256k16 with P from registers (the S accumulator rounded to bf16 is already in the A-operand
+//             register layout) and V from shared memory read as the MN-major Vᵀ.
+// K/V tiles of 64 keys are gathered by all 256 threads with cp.async (the prefix from the ring or linear cache, the
+// tail from its own tensor: rows of one tile may come from three places, which TMA boxes cannot express) into two
+// stages, so the next tile streams in while this one is multiplied. The O accumulator is 64x256 fp32 per warpgroup
+// (128 registers per thread).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cute/arch/mma_sm90.hpp"
+#include "cute/atom/mma_atom.hpp"
+#include "cute/tensor.hpp"
+#include "cutlass/arch/barrier.h"
+#include "kernels/attention_tiles.cuh"
+#include "kernels/pdl.cuh"
+#include "kernels/sm90_attention_bf16.cuh"
+
+namespace dgemma::kernels {
+
+namespace attention_wgmma_detail {
+
+using namespace cute;
+using attention_detail::KeyRange;
+using attention_detail::KeySource;
+using bf16 = cutlass::bfloat16_t;
+
+constexpr int kThreads = kAttentionWgmmaThreads;
+constexpr int kBlockM = kAttentionWgmmaBlockM;
+constexpr int kBlockN = kAttentionWgmmaBlockN;
+constexpr int kWarpgroupM = 64;  // packed rows per warpgroup
+static_assert(kBlockM == 2 * kWarpgroupM && kThreads == 2 * 128, "two consumer warpgroups of 64 rows");
+
+template <int D>
+struct Config {
+  using BlockN = Int<kBlockN>;
+  using HeadDim = Int<D>;
+  // Q and K: rows x head dim, head dim contiguous (K-major operands of S = Q·Kᵀ).
+  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<Int<kWarpgroupM>, HeadDim>{}));
+  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<BlockN, HeadDim, _2>{}));
+  // Vᵀ: head dim x keys with the head dim contiguous (the MN-major B operand of O = P·V), so a key's row of V is
+  // stored as it is in memory.
+  using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{}, Shape<HeadDim, BlockN, _2>{}));
+  using MmaQK = decltype(make_tiled_mma(SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{}));
+  using MmaPV = decltype(make_tiled_mma(SM90_64x256x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::MN>{}));
+  static_assert(D == 256, "the P·V atom covers a head dim of 256");
+
+  struct Smem {
+    alignas(1024) bf16 q[2][cosize_v<SmemLayoutQ>];
+    alignas(1024) bf16 k[cosize_v<SmemLayoutK>];
+    alignas(1024) bf16 v[cosize_v<SmemLayoutVt>];
+    int ok[2][kBlockN];
+  };
+  // The 128-byte swizzle needs 1024-byte aligned tiles; dynamic shared memory follows the kernel's static variables,
+  // so the kernel aligns its base up and asks for the slack.
+  static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;
+};
+
+// An m64nN accumulator's register layout ((2, 2, N/8), 1, 1) viewed as (rows, cols) = ((2, 1), (2, N/8, 1)): a thread
+// holds 2 rows (r, r + 8) and N/4 columns of each.
+template <class Layout>
+CUTE_HOST_DEVICE constexpr auto rowcol(Layout l) {
+  static_assert(decltype(rank(l))::value == 3, "an MMA accumulator layout");
+  return make_layout(make_layout(layout<0, 1>(l), layout<1>(l)), make_layout(layout<0, 0>(l), layout<0, 2>(l), layout<2>(l)));
+}
+
+// The same registers as the A operand of k16 register-sourced wgmmas: ((2, 2, 2), 1, N/16). Value v of an m64nN
+// accumulator sits at row 8·(v/2 % 2) + lane/4 (+16·warp), column 8·(v/4) + 2·(lane % 4) + v % 2, exactly where the
+// A fragment of an m64k16 wgmma wants the k-block's value v % 8 of column group v / 8.
+template <class Layout>
+CUTE_HOST_DEVICE constexpr auto acc_as_a_operand(Layout l) {
+  static_assert(decltype(rank(l))::value == 3 && decltype(size<1>(l))::value == 1 && decltype(size<2>(l))::value == 1,
+                "one m64 accumulator");
+  auto cols = logical_divide(layout<0, 2>(l), Int<2>{});  // (2 column groups of a k-block, k-blocks)
+  return make_layout(make_layout(layout<0, 0>(l), layout<0, 1>(l), layout<0>(cols)), layout<1>(l), layout<1>(cols));
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const AttentionParams p) {
+  pdl_begin();
+  using C = Config<D>;
+  constexpr int kChunks = D / 8;  // 16-byte chunks of a row
+
+  extern __shared__ uint8_t smem_raw[];
+  auto& sm = *reinterpret_cast<typename C::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+
+  const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
+  const int group = p.hq / p.hkv;
+  const int r0 = blockIdx.x * kBlockM;
+  const int kvh = blockIdx.y;
+  const int b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits;
+  const KeyRange kr = attention_detail::key_range(p, b);
+
+  // Keys this CTA's queries (t_first..t_last) can see, intersected with this split's chunk of key tiles.
+  const int t_first = r0 / group, t_last = min(p.t - 1, (r0 + kBlockM - 1) / group);
+  int kv_lo = 0, kv_hi = kr.n_kv;
+  if (p.causal) {
+    kv_hi = min(kr.n_kv, kr.n_prefix + t_last + 1);
+    if (p.window > 0) kv_lo = max(0, kr.n_prefix + t_first - p.window + 1);
+  }
+  const int tile_lo = max(kv_lo / kBlockN, split * p.split_tiles);
+  const int tile_hi = min((kv_hi + kBlockN - 1) / kBlockN, (split + 1) * p.split_tiles);
+
+  Tensor sQ = make_tensor(make_smem_ptr(sm.q[wg]), typename C::SmemLayoutQ{});  // (64, D)
+  Tensor sK = make_tensor(make_smem_ptr(sm.k), typename C::SmemLayoutK{});      // (64 keys, D, stage)
+  Tensor sVt = make_tensor(make_smem_ptr(sm.v), typename C::SmemLayoutVt{});    // (D, 64 keys, stage)
+
+  const KeySource cache{p.cache_k + b * p.ck_sb + kvh * p.ck_sh, p.cache_v + b * p.cv_sb + kvh * p.cv_sh};
+  const KeySource tail{p.tail_k + b * p.tk_sb + kvh * p.tk_sh, p.tail_v + b * p.tv_sb + kvh * p.tv_sh};
+  auto load_tile = [&](int tile, int stage) {
+    const int kv0 = tile * kBlockN, chunk = tid % kChunks;
+#pragma unroll
+    for (int r = tid / kChunks; r < kBlockN; r += kThreads / kChunks) {
+      const int kv = kv0 + r;
+      const KeySource src = attention_detail::key_source(p, kr, cache, tail, kv);
+      attention_detail::cp_async16(smem_addr(&sK(r, chunk * 8, stage)), src.k + chunk * 8, kv < kr.n_kv);
+      attention_detail::cp_async16(smem_addr(&sVt(chunk * 8, r, stage)), src.v + chunk * 8, kv < kr.n_kv);
+    }
+    if (tid < kBlockN) sm.ok[stage][tid] = attention_detail::key_allowed(p, kr, b, kv0 + tid);
+  };
+
+  // This warpgroup's 64 packed rows of Q (rows past the queries are zeros), then the first key tile.
+  {
+    const int chunk = wtid % kChunks;
+#pragma unroll 4
+    for (int r = wtid / kChunks; r < kWarpgroupM; r += 128 / kChunks) {
+      const int packed = r0 + wg * kWarpgroupM + r, t = packed / group;
+      const int h = kvh * group + packed % group;
+      const __nv_bfloat16* src = p.q + b * p.q_sb + h * p.q_sh + int64_t(t < p.t ? t : 0) * p.q_st + chunk * 8;
+      attention_detail::cp_async16(smem_addr(&sQ(r, chunk * 8)), src, t < p.t);
+    }
+  }
+  if (tile_lo < tile_hi) load_tile(tile_lo, 0);
+  kernels::cp_async_commit();
+
+  typename C::MmaQK mma_qk;
+  typename C::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(wtid);
+  auto thr_pv = mma_pv.get_thread_slice(wtid);
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, 1, D/16) descriptors
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, 1, D/16, stage)
+  Tensor tOrVt = thr_pv.partition_fragment_B(sVt);  // (MMA, 1, 64/16, stage)
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kWarpgroupM>, Int<kBlockN>>{});
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kWarpgroupM>, Int<D>>{});
+  Tensor tScS = thr_qk.partition_C(make_identity_tensor(Shape<Int<kWarpgroupM>, Int<kBlockN>>{}));
+  Tensor tOcO = thr_pv.partition_C(make_identity_tensor(Shape<Int<kWarpgroupM>, Int<D>>{}));
+  Tensor s_rc = make_tensor(tSrS.data(), rowcol(tSrS.layout()));
+  Tensor o_rc = make_tensor(tOrO.data(), rowcol(tOrO.layout()));
+  Tensor cs_rc = make_tensor(tScS.data(), rowcol(tScS.layout()));
+  Tensor co_rc = make_tensor(tOcO.data(), rowcol(tOcO.layout()));
+  constexpr int kRows = size<0>(decltype(s_rc.layout()){});
+  static_assert(kRows == 2 && size<0>(decltype(o_rc.layout()){}) == 2, "a thread holds two rows of S and O");
+  Tensor rP = make_tensor<bf16>(tSrS.layout());
+  Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
+  static_assert(size<2>(decltype(tOrP.layout()){}) == kBlockN / 16, "one A fragment per k-block of the key tile");
+  clear(tOrO);
+
+  // Per-thread row state: the query (t) and head of each of its two rows, the running max and partial sum.
+  int row_t[kRows], row_h[kRows];
+  float m[kRows], l[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int packed = r0 + wg * kWarpgroupM + get<0>(cs_rc(r, 0));
+    row_t[r] = packed / group;
+    row_h[r] = kvh * group + packed % group;
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+  }
+
+  for (int tile = tile_lo; tile < tile_hi; ++tile) {
+    const int stage = (tile - tile_lo) & 1;
+    kernels::cp_async_wait<0>();
+    cutlass::arch::fence_view_async_shared();  // this thread's cp.async writes, visible to the wgmma (async) proxy
+    __syncthreads();  // tile `tile` is in; both warpgroups are done with the other stage
+    if (tile + 1 < tile_hi) load_tile(tile + 1, stage ^ 1);
+    kernels::cp_async_commit();
+
+    // S = Q Kᵀ over the head dim.
+    warpgroup_fence_operand(tSrS);
+    warpgroup_arrive();
+    mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+      mma_qk.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+
+    const int kv0 = tile * kBlockN;
+    const bool need_mask = kv0 + kBlockN > kr.n_kv || p.valid != nullptr ||
+                           (p.causal && (kv0 + kBlockN - 1 > kr.n_prefix + t_first ||
+                                         (p.window > 0 && kv0 <= kr.n_prefix + t_last - p.window)));
+    if (need_mask) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int last = kr.n_prefix + row_t[r];  // last key index the row may see
+#pragma unroll
+        for (int c = 0; c < size<1>(s_rc); ++c) {
+          const int n = get<1>(cs_rc(0, c)), kv = kv0 + n;
+          bool keep = sm.ok[stage][n] != 0;
+          if (p.causal) keep = keep && kv <= last && (p.window == 0 || kv > last - p.window);
+          if (!keep) s_rc(r, c) = -INFINITY;
+        }
+      }
+    }
+
+    // Online softmax; a row's 64 columns are spread over the 4 lanes of a quad.
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float mx = m[r];
+#pragma unroll
+      for (int c = 0; c < size<1>(s_rc); ++c) mx = fmaxf(mx, s_rc(r, c));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float ms = mx == -INFINITY ? 0.f : mx * attention_detail::kLog2e;  // fully masked so far: keep exp2 finite
+      const float alpha = exp2f(fmaf(m[r], attention_detail::kLog2e, -ms));
+      m[r] = mx;
+      float rowsum = 0.f;
+#pragma unroll
+      for (int c = 0; c < size<1>(s_rc); ++c) {
+        s_rc(r, c) = exp2f(fmaf(s_rc(r, c), attention_detail::kLog2e, -ms));
+        rowsum += s_rc(r, c);
+      }
+      l[r] = l[r] * alpha + rowsum;
+#pragma unroll
+      for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= alpha;
+    }
+#pragma unroll
+    for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<bf16>(tSrS(i));
+
+    // O += P V.
+    warpgroup_fence_operand(tOrO);
+    warpgroup_arrive();
+#pragma unroll
+    for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_pv, tOrP(_, _, kb), tOrVt(_, _, kb, stage), tOrO);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    Tensor rP_regs = recast<uint32_t>(rP);
+    warpgroup_fence_operand(rP_regs);  // P's registers stay untouched until the wgmma that reads them is done
+  }
+  kernels::cp_async_wait<0>();
+
+  float inv[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;  // a row that saw no key (padding, an empty split): output 0, lse -inf
+  }
+  static_assert(size<1>(decltype(o_rc.layout()){}) % 2 == 0, "column pairs");
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    if (row_t[r] >= p.t) continue;
+    if (p.num_splits == 1) {
+      __nv_bfloat16* orow = p.out + b * p.o_sb + int64_t(row_t[r]) * p.o_st + row_h[r] * p.o_sh;
+#pragma unroll
+      for (int c = 0; c < size<1>(o_rc); c += 2)
+        *reinterpret_cast<__nv_bfloat162*>(orow + get<1>(co_rc(r, c))) =
+            __floats2bfloat162_rn(o_rc(r, c) * inv[r], o_rc(r, c + 1) * inv[r]);
+    } else {
+      const int64_t prow = ((int64_t(split) * p.batch + b) * p.hq + row_h[r]) * p.t + row_t[r];
+      float* orow = p.part_o + prow * D;
+#pragma unroll
+      for (int c = 0; c < size<1>(o_rc); c += 2)
+        *reinterpret_cast<float2*>(orow + get<1>(co_rc(r, c))) = make_float2(o_rc(r, c) * inv[r], o_rc(r, c + 1) * inv[r]);
+      if (get<1>(co_rc(r, 0)) == 0) p.part_lse[prow] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
+    }
+  }
+  if (p.num_splits > 1 &&
+      attention_detail::last_split_to_arrive(p.split_counters + (int64_t(b) * p.hkv + kvh) * gridDim.x + blockIdx.x,
+                                             p.num_splits)) {
+    constexpr int kVecs = D / 4;
+    for (int i = tid; i < kBlockM * kVecs; i += kThreads) {
+      const int packed = r0 + i / kVecs, t = packed / group;
+      if (t < p.t) attention_detail::combine_split_chunk<D>(p, b, kvh * group + packed % group, t, i % kVecs);
+    }
+  }
+}
+
+}  // namespace attention_wgmma_detail
+
+// Launches the wgmma attention (head_dim 256; with num_splits > 1 the splits combine themselves; split_counters holds
+// [B, Hkv, ceil(group·T / 128)] counters). The launcher has validated `p`, including group·T + 128 < 2^31.
+template <int D>
+cudaError_t attention_wgmma(const AttentionParams& p, cudaStream_t stream) {
+  using C = attention_wgmma_detail::Config<D>;
+  if (p.t <= 0 || p.batch <= 0) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(attention_wgmma_detail::attention_wgmma_kernel<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes));
+  if (err != cudaSuccess) return err;
+  const int packed = p.hq / p.hkv * p.t;
+  const dim3 grid((packed + kAttentionWgmmaBlockM - 1) / kAttentionWgmmaBlockM, p.hkv, p.batch * p.num_splits);
+  return launch_kernel(attention_wgmma_detail::attention_wgmma_kernel<D>, grid, kAttentionWgmmaThreads, C::kSmemBytes,
+                       stream, p);
+}
+
+}  // namespace dgemma::kernels

@@ -1,0 +1,135 @@
+// Host-side checks of the register and shared-memory layouts the wgmma attention kernel (sm90_attention_wgmma.cuh)
+// builds by hand on top of CuTe: pure layout arithmetic, so they run without a GPU. Prints "ok" or the first
+// violation, and exits non-zero on any. Built and run by tests/test_attention_wgmma_layouts.py.
+#include <cstdio>
+#include <cstdlib>
+#include <set>
+#include <vector>
+
+#include "kernels/sm90_attention_wgmma.cuh"
+
+using namespace cute;
+namespace wg = dgemma::kernels::attention_wgmma_detail;
+using Cfg = wg::Config<256>;
+
+static int failures = 0;
+#define EXPECT(cond, ...)                     \
+  do {                                        \
+    if (!(cond)) {                            \
+      if (failures++ < 10) {                  \
+        std::printf("FAIL %s: ", #cond);      \
+        std::printf(__VA_ARGS__);             \
+        std::printf("\n");                    \
+      }                                       \
+    }                                         \
+  } while (0)
+
+// The rows/columns view of S: every register of view row r holds the same S row, every register of view column c the
+// same S column; a quad (lanes 4i..4i+3 of a warp) holds all 64 columns of its rows, and the rows of O are S's rows.
+static void check_accumulator_views() {
+  Cfg::MmaQK mma_qk;
+  Cfg::MmaPV mma_pv;
+  std::vector<std::set<int>> quad_cols(128 / 4 * 2);
+  for (int t = 0; t < 128; ++t) {
+    auto thr_qk = mma_qk.get_thread_slice(t);
+    auto thr_pv = mma_pv.get_thread_slice(t);
+    Tensor cs = thr_qk.partition_C(make_identity_tensor(Shape<_64, _64>{}));
+    Tensor co = thr_pv.partition_C(make_identity_tensor(Shape<_64, _256>{}));
+    Tensor cs_rc = make_tensor(cs.data(), wg::rowcol(cs.layout()));
+    Tensor co_rc = make_tensor(co.data(), wg::rowcol(co.layout()));
+    EXPECT(size<0>(cs_rc) == 2 && size<1>(cs_rc) == 16 && size<0>(co_rc) == 2 && size<1>(co_rc) == 64,
+           "thread %d: views of %d x %d and %d x %d", t, int(size<0>(cs_rc)), int(size<1>(cs_rc)), int(size<0>(co_rc)),
+           int(size<1>(co_rc)));
+    for (int r = 0; r < 2; ++r) {
+      const int row = get<0>(cs_rc(r, 0));
+      EXPECT(row / 16 == t / 32 && row % 8 == (t % 32) / 4, "thread %d holds S row %d", t, row);
+      for (int c = 0; c < size<1>(cs_rc); ++c) {
+        EXPECT(get<0>(cs_rc(r, c)) == row, "thread %d S view (%d, %d) is row %d, not %d", t, r, c,
+               int(get<0>(cs_rc(r, c))), row);
+        EXPECT(get<1>(cs_rc(r, c)) == get<1>(cs_rc(0, c)), "thread %d S view column %d differs between rows", t, c);
+        quad_cols[(t / 4) * 2 + r].insert(get<1>(cs_rc(r, c)));
+      }
+      for (int c = 0; c < size<1>(co_rc); ++c) {
+        EXPECT(get<0>(co_rc(r, c)) == row, "thread %d O view (%d, %d) is row %d, not S's %d", t, r, c,
+               int(get<0>(co_rc(r, c))), row);
+        if (c % 2 == 0)
+          EXPECT(get<1>(co_rc(r, c + 1)) == get<1>(co_rc(r, c)) + 1 && get<1>(co_rc(r, c)) % 2 == 0,
+                 "thread %d O columns %d, %d are not an aligned pair", t, c, c + 1);
+      }
+    }
+  }
+  for (size_t i = 0; i < quad_cols.size(); ++i)
+    EXPECT(quad_cols[i].size() == 64, "quad row %zu covers %zu columns", i, quad_cols[i].size());
+}
+
+// P = the S accumulator rounded to bf16, read as the A operand of the m64n256k16 register-sourced wgmmas: value v of
+// k-block kb of thread t must be the S element the A fragment layout of the atom puts there.
+static void check_p_as_a_operand() {
+  Cfg::MmaQK mma_qk;
+  using ALayout = typename Cfg::MmaPV::Atom::Traits::ALayout;  // (thread, value) -> m + 64 k in the 64 x 16 tile
+  Tensor rP = make_tensor<wg::bf16>(partition_fragment_C(mma_qk, Shape<_64, _64>{}).layout());
+  auto a_layout = wg::acc_as_a_operand(rP.layout());
+  EXPECT(size<0>(a_layout) == 8 && size<2>(a_layout) == 4, "A operand view of %d values x %d k-blocks",
+         int(size<0>(a_layout)), int(size<2>(a_layout)));
+  // The accumulator's registers in index order (so register index i is the i-th element of the identity partition).
+  for (int i = 0; i < size(rP); ++i) EXPECT(rP.layout()(i) == i, "accumulator element %d at register %d", i, int(rP.layout()(i)));
+  for (int t = 0; t < 128; ++t) {
+    Tensor cs = mma_qk.get_thread_slice(t).partition_C(make_identity_tensor(Shape<_64, _64>{}));
+    for (int kb = 0; kb < 4; ++kb) {
+      for (int v = 0; v < 8; ++v) {
+        const int reg = a_layout(v, 0, kb);  // register index within the accumulator
+        const int want = ALayout{}(t, v);
+        const int m = want % 64, k = want / 64 + 16 * kb;
+        EXPECT(get<0>(cs(reg)) == m && get<1>(cs(reg)) == k, "thread %d k-block %d value %d: register %d holds S(%d, %d), "
+               "the A operand wants S(%d, %d)", t, kb, v, reg, int(get<0>(cs(reg))), int(get<1>(cs(reg))), m, k);
+      }
+      // Two consecutive values make one 32-bit A register.
+      for (int v = 0; v < 8; v += 2) EXPECT(a_layout(v + 1, 0, kb) == a_layout(v, 0, kb) + 1, "value pair %d split", v);
+    }
+  }
+}
+
+// The cp.async destinations: 16-byte chunks of 8 consecutive head-dim elements stay contiguous and aligned, and the
+// chunks of a tile fill the buffer without overlap.
+template <class Tile, class Index>
+static void check_chunks(const char* name, Tile tile, int rows, int dim, int stages, Index at) {
+  std::set<long> seen;
+  for (int s = 0; s < stages; ++s)
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < dim / 8; ++c) {
+        const wg::bf16* first = at(tile, r, 8 * c, s);
+        const long off = long(first - at(tile, 0, 0, 0));
+        EXPECT(off % 8 == 0, "%s (%d, %d, %d): chunk at element %ld", name, r, 8 * c, s, off);
+        for (int j = 1; j < 8; ++j)
+          EXPECT(at(tile, r, 8 * c + j, s) == first + j, "%s (%d, %d, %d): element %d not contiguous", name, r, 8 * c,
+                 s, j);
+        EXPECT(seen.insert(off).second, "%s (%d, %d, %d): chunk %ld written twice", name, r, 8 * c, s, off);
+        EXPECT(off >= 0 && off + 8 <= long(cosize(tile.layout())), "%s chunk %ld outside the tile", name, off);
+      }
+  EXPECT(long(seen.size()) * 8 == long(rows) * dim * stages, "%s: %zu chunks", name, seen.size());
+}
+
+static void check_shared_tiles() {
+  static Cfg::Smem smem;  // static storage: aligned as declared (1024 bytes)
+  EXPECT(reinterpret_cast<uintptr_t>(&smem) % 1024 == 0, "shared storage alignment");
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q[1]), Cfg::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k), Cfg::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem.v), Cfg::SmemLayoutVt{});
+  check_chunks("Q", sQ, 64, 256, 1, [](auto& t, int r, int d, int) { return &t(r, d); });
+  check_chunks("K", sK, 64, 256, 2, [](auto& t, int r, int d, int s) { return &t(r, d, s); });
+  check_chunks("Vt", sVt, 64, 256, 2, [](auto& t, int r, int d, int s) { return &t(d, r, s); });
+  EXPECT(sizeof(Cfg::Smem) + 1024 == Cfg::kSmemBytes && Cfg::kSmemBytes <= 227 * 1024, "shared memory %zu bytes",
+         Cfg::kSmemBytes);
+}
+
+int main() {
+  check_accumulator_views();
+  check_p_as_a_operand();
+  check_shared_tiles();
+  if (failures) {
+    std::printf("%d failures\n", failures);
+    return 1;
+  }
+  std::printf("ok\n");
+  return 0;
+}
