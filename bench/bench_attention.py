@@ -7,7 +7,7 @@ SDPA runs on the same inputs with the visible K/V already gathered into contiguo
 gather is not timed), scale 1, grouped heads expanded by enable_gqa.
 
 Rows: ``{case}`` is the kernel generation runs (DGEMMA_ATTENTION, else the default; see
-dgemma.ops.cuda_attention.attention_impl), ``{case}_{impl}`` each kernel that takes the case's head dim, and
+dgemma.ops.cuda_attention.attention_impl), ``{case}_{impl}`` each kernel, and
 ``{case}_torch_sdpa`` SDPA. ``speedup_vs_sdpa``: SDPA's median over the kernel's, same run; ``peak_share``: the
 kernel's FLOP/s over torch's bf16 matmul rate measured in this run (bench/common.py bf16_matmul_flops).
 """
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from common import bf16_matmul_flops, median, roofline_ms, time_cuda, write_results  # noqa: E402
 
-from dgemma.ops.cuda_attention import IMPLS, WGMMA_HEAD_DIMS, attention_impl, decoder_attention, encoder_attention  # noqa: E402,E501
+from dgemma.ops.cuda_attention import IMPLS, attention_impl, decoder_attention, encoder_attention  # noqa: E402
 from dgemma.ops.reference import ReferenceOps  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -86,10 +86,8 @@ def _case(name, *, batch, d, hq, hkv, window, ring, prefix, t, causal):
         results.append(dict(name=name + "_torch_sdpa", median_ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9,
                             peak_share=flops / rate * 1e3 / sdpa_ms, roofline_ms=roofline_ms(bytes_moved, flops, rate),
                             **shape))
-    default = attention_impl(None, d)
+    default = attention_impl()
     for impl in IMPLS:
-        if impl == "wgmma" and d not in WGMMA_HEAD_DIMS:
-            continue
         run = kernel(impl)
         run()
         rel = ((out[:1].float() - ref).abs().max() / ref.abs().max()).item()

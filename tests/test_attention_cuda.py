@@ -19,7 +19,6 @@ REF = ReferenceOps()
 BF16 = torch.bfloat16
 SLIDING_SHAPE = dict(d=256, hq=16, hkv=8, window=1024)
 FULL_SHAPE = dict(d=512, hq=16, hkv=2, window=None)
-# Both kernels run the head_dim 256 cases (the wgmma kernel covers only that head dim).
 IMPLS = ("mma_sync", "wgmma")
 
 
@@ -112,28 +111,30 @@ def test_decoder_sliding_rollback_ring(length, impl):
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4), (16, 2), (10, 5)])
 @pytest.mark.parametrize("canvas", [256, 77, 1])
 def test_decoder_head_groups(hq, hkv, canvas, impl):
-    """Groups of 3, 1, 8 and 2 query heads per KV head: the wgmma kernel's 128-row tiles of head-minor packed rows
-    then start mid-group and mid-token, and its last tile is partly past the queries."""
+    """Groups of 3, 1, 8 and 2 query heads per KV head: the wgmma kernel's tiles of head-minor packed rows then start
+    mid-group and mid-token, and its last tile is partly past the queries."""
     shape = dict(d=256, hq=hq, hkv=hkv, window=1024)
     _decoder_case(hq * 100 + canvas, shape, [1100, 0, 300], canvas, 1023, impl=impl)
     _decoder_case(hq * 100 + canvas + 1, shape, [1100, 0, 300], canvas, 1023, impl=impl, num_splits=3)
+    full = dict(d=512, hq=hq, hkv=hkv, window=None)
+    _decoder_case(hq * 100 + canvas + 2, full, [700, 0, 33], canvas, 0, impl=impl, num_splits=2)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("length", [0, 1, 1022, 1023, 1024, 1025, 5000, 70000])
-def test_decoder_full(length):
-    _decoder_case(100 + length, FULL_SHAPE, [length], 256, 0)
+def test_decoder_full(length, impl):
+    _decoder_case(100 + length, FULL_SHAPE, [length], 256, 0, impl=impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_decoder_ragged_batch(num_splits, impl):
     _decoder_case(11, SLIDING_SHAPE, [1025, 0, 5000, 17], 77, 1023, num_splits=num_splits, impl=impl)
-    if impl == "mma_sync":
-        _decoder_case(12, FULL_SHAPE, [1, 1023, 5000], 77, 0, num_splits=num_splits)
+    _decoder_case(12, FULL_SHAPE, [1, 1023, 5000], 77, 0, num_splits=num_splits, impl=impl)
 
 
-@pytest.mark.parametrize("shape,ring,impl", [(SLIDING_SHAPE, 1023, "mma_sync"), (FULL_SHAPE, 0, "mma_sync"),
-                                             (SLIDING_SHAPE, 1023, "wgmma")])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape,ring", [(SLIDING_SHAPE, 1023), (FULL_SHAPE, 0)])
 def test_split_kv_combines_in_the_kernel_and_leaves_its_counters_zero(shape, ring, impl):
     """The last split of each query tile combines the partials: the same output on every call (the arrival counters
     are reset by the kernel; a counter left behind would skip or repeat a combine), close to the unsplit kernel, and
@@ -168,8 +169,7 @@ def test_split_kv_combines_in_the_kernel_and_leaves_its_counters_zero(shape, rin
 def test_decoder_device_prefix_lens(impl):
     """Lengths as a device tensor, with and without max_prefix (no host sync with it)."""
     lens = torch.tensor([300, 41], dtype=torch.int32, device="cuda")
-    if impl == "mma_sync":
-        _decoder_case(13, FULL_SHAPE, lens.tolist(), 33, 0, max_prefix=300, lens_arg=lens)
+    _decoder_case(13, FULL_SHAPE, lens.tolist(), 33, 0, max_prefix=300, lens_arg=lens, impl=impl)
     _decoder_case(14, SLIDING_SHAPE, lens.tolist(), 33, 1023, lens_arg=lens, impl=impl)
     _decoder_case(15, SLIDING_SHAPE, lens.tolist(), 33, 1023, max_prefix=1000, lens_arg=lens, impl=impl)
 
@@ -183,8 +183,7 @@ def test_decoder_valid_mask_left_padding(impl):
     valid[1, :1490] = False
     valid[2] = torch.rand(1600, generator=gen, device="cuda") > 0.3
     _decoder_case(21, SLIDING_SHAPE, lens, 256, 1023, valid=valid, impl=impl)
-    if impl == "mma_sync":
-        _decoder_case(22, FULL_SHAPE, lens, 256, 0, valid=valid)
+    _decoder_case(22, FULL_SHAPE, lens, 256, 0, valid=valid, impl=impl)
 
 
 def _encoder_case(seed, shape, start, t, ring, batch=2, *, valid=None, impl=None):
@@ -226,11 +225,13 @@ def test_encoder_head_groups(hq, hkv, impl):
     shape = dict(d=256, hq=hq, hkv=hkv, window=1024)
     _encoder_case(hq, shape, 700, 451, 1023, impl=impl)
     _encoder_case(hq + 1, shape, 0, 1500, 1023, impl=impl)
+    _encoder_case(hq + 2, dict(d=512, hq=hq, hkv=hkv, window=None), 300, 333, 0, impl=impl)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("start,t", [(0, 333), (1000, 200), (0, 2048)])
-def test_encoder_full(start, t):
-    _encoder_case(7 * start + t, FULL_SHAPE, start, t, 0)
+def test_encoder_full(start, t, impl):
+    _encoder_case(7 * start + t, FULL_SHAPE, start, t, 0, impl=impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -240,8 +241,7 @@ def test_encoder_left_padding_rows_are_zero(impl):
     valid[0, :50] = False
     valid[1] = torch.rand(400, generator=gen, device="cuda") > 0.5
     _encoder_case(31, SLIDING_SHAPE, 0, 300, 1023, valid=valid, impl=impl)
-    if impl == "mma_sync":
-        _encoder_case(32, FULL_SHAPE, 0, 300, 0, valid=valid)
+    _encoder_case(32, FULL_SHAPE, 0, 300, 0, valid=valid, impl=impl)
 
 
 def _spec(kind):
@@ -300,10 +300,10 @@ def test_tile_shape_and_argument_errors():
     assert tuple(lib.attention_tile_shape(256)) == (64, 64)
     assert tuple(lib.attention_tile_shape(512)) == (32, 32)
     assert tuple(lib.attention_tile_shape(256, 1)) == (128, 64)
+    assert tuple(lib.attention_tile_shape(512, 1)) == (64, 32)
     with pytest.raises(ValueError, match="head_dim 128"):
         lib.attention_tile_shape(128)
-    with pytest.raises(ValueError, match="the wgmma attention does not support head_dim 512"):
-        lib.attention_tile_shape(512, 1)
+
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = _randn(gen, 1, 16, 8, 128)
     kv = _randn(gen, 1, 8, 8, 128)
@@ -320,6 +320,5 @@ def test_tile_shape_and_argument_errors():
         decoder_attention(q, cache, cache, tail[:, :, :5], tail, 50, 0, None)
     with pytest.raises(ValueError, match="dtype float32"):
         decoder_attention(q.float(), cache, cache, tail, tail, 50, 0, None)
-    q5, cache5, tail5 = _randn(gen, 1, 16, 8, 512), _randn(gen, 1, 2, 100, 512), _randn(gen, 1, 2, 8, 512)
-    with pytest.raises(ValueError, match="the wgmma attention does not support head_dim 512"):
-        decoder_attention(q5, cache5, cache5, tail5, tail5, 50, 0, None, impl="wgmma")
+    with pytest.raises(ValueError, match="attention impl 2 is not an implementation"):
+        lib.attention_tile_shape(256, 2)

@@ -140,7 +140,7 @@ class _FakeLib:
         self.calls = []
 
     def attention_tile_shape(self, d, impl=0):
-        return {(256, 0): (64, 64), (512, 0): (32, 32), (256, 1): (128, 64)}[(d, impl)]
+        return {(256, 0): (64, 64), (512, 0): (32, 32), (256, 1): (128, 64), (512, 1): (64, 32)}[(d, impl)]
 
     def attention_forward(self, *args):
         names = ("counters", "num_splits", "split_tiles", "stream", "impl")
@@ -185,8 +185,8 @@ def test_split_kv_can_be_switched_off_for_triage(monkeypatch):
 
 
 def test_the_attention_kernel_comes_from_the_argument_or_the_environment(monkeypatch):
-    """DGEMMA_ATTENTION=wgmma runs head_dim 256 on the wgmma kernel (KV-head counters over packed row tiles) and
-    leaves head_dim 512 to mma_sync; an explicit impl wins; an unknown name is refused by name."""
+    """DGEMMA_ATTENTION=wgmma runs the wgmma kernel (KV-head counters over packed row tiles, keys counted from the
+    tokens); an explicit impl wins; an unknown name is refused by name."""
     from dgemma.errors import DgemmaError
 
     ca, lib = _fake_cuda(monkeypatch)
@@ -201,10 +201,12 @@ def test_the_attention_kernel_comes_from_the_argument_or_the_environment(monkeyp
     q5, cache5, tail5, out5 = _decoder_tensors(d=512, hkv=2, slots=4096)
     ca.decoder_attention(q5, cache5, cache5, tail5, tail5, 4000, 0, None, out=out5)
     mma, wgmma, forced, full = lib.calls
-    assert (mma["impl"], wgmma["impl"], forced["impl"], full["impl"]) == (0, 1, 0, 0)
+    assert (mma["impl"], wgmma["impl"], forced["impl"], full["impl"]) == (0, 1, 0, 1)
     assert tuple(mma["counters"].shape) == (1, 16, 4)  # [B, Hq, 256 / 64]
     assert tuple(wgmma["counters"].shape) == (1, 8, 4)  # [B, Hkv, 2 * 256 / 128]
     assert wgmma["num_splits"] * wgmma["split_tiles"] >= 20  # (1023 + 256) / 64 key tiles, from the tokens
+    assert tuple(full["counters"].shape) == (1, 2, 32)  # [B, Hkv, 8 * 256 / 64]
+    assert full["num_splits"] * full["split_tiles"] >= 133  # (4000 + 256) / 32
     monkeypatch.setenv("DGEMMA_ATTENTION", "fa3")
     with pytest.raises(DgemmaError, match=r"DGEMMA_ATTENTION = 'fa3' is not an attention implementation; "
                                           r"expected one of mma_sync, wgmma"):

@@ -1081,7 +1081,7 @@ def attention_tile_shape_table(c: Ctx) -> Table:
     for d in (128, 0, -256, 384, 2**40):
         t.bad(f"head_dim {d}", f"attention head_dim {d} is not supported (expected 256 or 512)", head_dim=d)
     t.bad("impl unknown", "attention impl -1 is not an implementation (expected 0 mma.sync or 1 wgmma)", impl=-1)
-    t.bad("wgmma at head_dim 512", "the wgmma attention does not support head_dim 512", head_dim=512, impl=1)
+    t.bad("wgmma head_dim 128", "attention head_dim 128 is not supported (expected 256 or 512)", head_dim=128, impl=1)
     t.type_error("head_dim is a string", "head_dim='256'", head_dim="256")
 
     def check(shape):
@@ -1196,8 +1196,6 @@ def attention_forward_table(c: Ctx) -> Table:
           f"split_counters has shape [{B}, {HQ}, {q_tiles + 1}], expected [{B}, {HQ}, {q_tiles}]",
           **{**split, "split_counters": torch.zeros(B, HQ, q_tiles + 1, dtype=I32, device=c.dev)})
     t.bad("impl unknown", "attention impl 2 is not an implementation (expected 0 mma.sync or 1 wgmma)", impl=2)
-    t.bad("wgmma at head_dim 512", "the wgmma attention does not support head_dim 512 (expected 256; head_dim 512 "
-          "runs the mma.sync kernel, impl 0)", impl=1, q=c.empty(B, HQ, T, 512))
     packed_tiles = -(-(HQ // HKV) * T // C.attention_tile_shape(D, 1)[0])
     t.bad("wgmma with the mma.sync kernel's counters",
           f"split_counters has shape [{B}, {HQ}, {q_tiles}], expected [{B}, {HKV}, {packed_tiles}]",

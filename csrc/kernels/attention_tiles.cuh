@@ -15,13 +15,13 @@ constexpr bool attention_head_dim_supported(int head_dim) { return head_dim == 2
 constexpr int attention_block_m(int head_dim) { return head_dim == 256 ? 64 : 32; }
 constexpr int attention_block_n(int head_dim) { return head_dim == 256 ? 64 : 32; }
 
-// The wgmma kernel (sm90_attention_wgmma.cuh): two consumer warpgroups of 64 rows each over one KV head's query rows
-// packed head-minor (row r of a KV group is query t = r / group of query head kv_head * group + r % group), so the
-// query heads of a group share every K/V tile. Key tiles have the mma.sync kernel's 64 keys (one split plan serves
-// both). head_dim 256 only; head_dim 512 runs the mma.sync kernel.
+// The wgmma kernel (sm90_attention_wgmma.cuh): two warpgroups over one KV head's query rows packed head-minor (packed
+// row r of a KV group is query t = r / group of query head kv_head * group + r % group), so the query heads of a group
+// share every K/V tile. head_dim 256: each warpgroup owns 64 of the block's 128 rows and the whole head dim; head_dim
+// 512: both own the block's 64 rows, each half of the head dim (its half of Q·Kᵀ, summed through shared memory, and
+// its half of the output columns). Key tiles have the mma.sync kernel's sizes (one split plan serves both).
 constexpr int kAttentionWgmmaThreads = 256;
-constexpr int kAttentionWgmmaBlockM = 128;  // packed query rows per CTA
-constexpr int kAttentionWgmmaBlockN = 64;
-constexpr bool attention_wgmma_supported(int head_dim) { return head_dim == 256; }
+constexpr int attention_wgmma_block_m(int head_dim) { return head_dim == 256 ? 128 : 64; }  // packed query rows
+constexpr int attention_wgmma_block_n(int head_dim) { return attention_block_n(head_dim); }
 
 }  // namespace dgemma::kernels

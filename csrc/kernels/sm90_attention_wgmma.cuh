@@ -1,23 +1,29 @@
-// Attention on Hopper wgmma for head_dim 256 (the sliding layers): the same operation, parameters, masks, split-KV
-// and in-kernel combine as attention_bf16 (sm90_attention_bf16.cuh), computed by warpgroup MMAs.
+// Attention on Hopper wgmma: the same operation, parameters, masks, split-KV and in-kernel combine as attention_bf16
+// (sm90_attention_bf16.cuh), computed by warpgroup MMAs.
 //
-// A CTA owns 128 query rows of one KV head and sequence, packed head-minor (packed row r is query t = r / group of
-// query head kv_head * group + r % group), so the query heads of a group read each K/V tile once. Two warpgroups of
-// 128 threads own 64 packed rows each:
-//   S = Q·Kᵀ  wgmma m64n64k16, both operands from shared memory (Q and K rows K-major, 128-byte swizzle);
+// A CTA owns kBlockM query rows of one KV head and sequence, packed head-minor (packed row r is query t = r / group of
+// query head kv_head * group + r % group), so the query heads of a group read each K/V tile once. Two warpgroups of 128
+// threads:
+//   head_dim 256 (sliding layers): each owns 64 of the block's 128 rows and the whole head dim;
+//   head_dim 512 (full layers): both own the block's 64 rows; each multiplies its half of the head dim in Q·Kᵀ (the
+//     halves are summed through shared memory, in the same order by both, so both hold the same S) and owns half of
+//     the output columns in P·V.
+// Per key tile:
+//   S = Q·Kᵀ  wgmma m64nBNk16, both operands from shared memory (Q and K rows K-major, 128-byte swizzle);
 //   online softmax on the S accumulator in registers (fp32, base-2 exponentials, row state per thread);
 //   O += P·V  wgmma m64n256k16 with P from registers (the S accumulator rounded to bf16 is already in the A-operand
 //             register layout) and V from shared memory read as the MN-major Vᵀ.
-// K/V tiles of 64 keys are gathered by all 256 threads with cp.async (the prefix from the ring or linear cache, the
-// tail from its own tensor: rows of one tile may come from three places, which TMA boxes cannot express) into two
-// stages, so the next tile streams in while this one is multiplied. The O accumulator is 64x256 fp32 per warpgroup
-// (128 registers per thread).
+// Every shared-memory operand is a 64- or BN-row x 256-column tile, one per head-dim half. K/V tiles are gathered by
+// all 256 threads with cp.async (the prefix from the ring or linear cache, the tail from its own tensor: rows of one
+// tile may come from three places, which TMA boxes cannot express) into two stages, so the next tile streams in while
+// this one is multiplied. The O accumulator is 64x256 fp32 per warpgroup (128 registers per thread).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cute/arch/mma_sm90.hpp"
 #include "cute/atom/mma_atom.hpp"
@@ -37,34 +43,44 @@ using attention_detail::KeySource;
 using bf16 = cutlass::bfloat16_t;
 
 constexpr int kThreads = kAttentionWgmmaThreads;
-constexpr int kBlockM = kAttentionWgmmaBlockM;
-constexpr int kBlockN = kAttentionWgmmaBlockN;
-constexpr int kWarpgroupM = 64;  // packed rows per warpgroup
-static_assert(kBlockM == 2 * kWarpgroupM && kThreads == 2 * 128, "two consumer warpgroups of 64 rows");
+constexpr int kWarpgroupM = 64;  // rows of a warpgroup's S and O
+constexpr int kHalf = 256;       // head-dim columns of every shared-memory operand tile and of a warpgroup's O
 
 template <int D>
 struct Config {
+  static_assert(D == 256 || D == 512, "head_dim 256 or 512");
+  static constexpr int kHalves = D / kHalf;                     // head-dim halves: 1, or 2 split between warpgroups
+  static constexpr int kBlockM = attention_wgmma_block_m(D);    // 128 (two row groups) or 64 (one, shared)
+  static constexpr int kBlockN = attention_wgmma_block_n(D);    // 64 or 32 keys
+  static constexpr int kStages = 2;
+  static_assert(kBlockM == (kHalves == 1 ? 2 : 1) * kWarpgroupM, "head_dim 256 splits rows, 512 the head dim");
   using BlockN = Int<kBlockN>;
-  using HeadDim = Int<D>;
-  // Q and K: rows x head dim, head dim contiguous (K-major operands of S = Q·Kᵀ).
-  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<Int<kWarpgroupM>, HeadDim>{}));
-  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<BlockN, HeadDim, _2>{}));
-  // Vᵀ: head dim x keys with the head dim contiguous (the MN-major B operand of O = P·V), so a key's row of V is
-  // stored as it is in memory.
-  using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{}, Shape<HeadDim, BlockN, _2>{}));
-  using MmaQK = decltype(make_tiled_mma(SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{}));
+  // Q and K tiles: rows x 256 head-dim columns, K-major (the operands of S = Q·Kᵀ); Q has two (the warpgroups' rows,
+  // or the head-dim halves), K kHalves per stage.
+  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<Int<kWarpgroupM>, Int<kHalf>, _2>{}));
+  using SmemLayoutK =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<BlockN, Int<kHalf>, Int<kHalves * kStages>>{}));
+  // Vᵀ tiles: 256 head-dim rows x keys with the head dim contiguous (the MN-major B operand of O = P·V), so a key's
+  // row of V is stored as it is in memory.
+  using SmemLayoutVt =
+      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{}, Shape<Int<kHalf>, BlockN, Int<kHalves * kStages>>{}));
+  using MmaQK = decltype(make_tiled_mma(
+      std::conditional_t<kBlockN == 64, SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>,
+                         SM90_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>>{}));
   using MmaPV = decltype(make_tiled_mma(SM90_64x256x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::MN>{}));
-  static_assert(D == 256, "the P·V atom covers a head dim of 256");
+  static constexpr int kSRegs = kWarpgroupM * kBlockN / 128;  // S accumulator registers per thread
 
   struct Smem {
-    alignas(1024) bf16 q[2][cosize_v<SmemLayoutQ>];
+    alignas(1024) bf16 q[cosize_v<SmemLayoutQ>];
     alignas(1024) bf16 k[cosize_v<SmemLayoutK>];
     alignas(1024) bf16 v[cosize_v<SmemLayoutVt>];
-    int ok[2][kBlockN];
+    float s_part[kHalves == 2 ? 2 : 1][kSRegs][128];  // head_dim 512: each warpgroup's half of S, register-major
+    int ok[kStages][kBlockN];
   };
   // The 128-byte swizzle needs 1024-byte aligned tiles; dynamic shared memory follows the kernel's static variables,
   // so the kernel aligns its base up and asks for the slack.
   static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one SM");
 };
 
 // An m64nN accumulator's register layout ((2, 2, N/8), 1, 1) viewed as (rows, cols) = ((2, 1), (2, N/8, 1)): a thread
@@ -90,12 +106,17 @@ template <int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const AttentionParams p) {
   pdl_begin();
   using C = Config<D>;
-  constexpr int kChunks = D / 8;  // 16-byte chunks of a row
+  constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kHalves = C::kHalves;
+  constexpr int kChunks = D / 8, kHalfChunks = kHalf / 8;  // 16-byte chunks of a row, of a half
 
   extern __shared__ uint8_t smem_raw[];
   auto& sm = *reinterpret_cast<typename C::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
+  // head_dim 256: this warpgroup's rows start at 64·wg, it multiplies the only half; head_dim 512: the rows are
+  // shared, it multiplies head-dim half wg and owns output columns 256·wg...
+  const int wg_row0 = kHalves == 1 ? wg * kWarpgroupM : 0;
+  const int half = kHalves == 1 ? 0 : wg;
   const int group = p.hq / p.hkv;
   const int r0 = blockIdx.x * kBlockM;
   const int kvh = blockIdx.y;
@@ -112,33 +133,35 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   const int tile_lo = max(kv_lo / kBlockN, split * p.split_tiles);
   const int tile_hi = min((kv_hi + kBlockN - 1) / kBlockN, (split + 1) * p.split_tiles);
 
-  Tensor sQ = make_tensor(make_smem_ptr(sm.q[wg]), typename C::SmemLayoutQ{});  // (64, D)
-  Tensor sK = make_tensor(make_smem_ptr(sm.k), typename C::SmemLayoutK{});      // (64 keys, D, stage)
-  Tensor sVt = make_tensor(make_smem_ptr(sm.v), typename C::SmemLayoutVt{});    // (D, 64 keys, stage)
+  Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename C::SmemLayoutQ{});   // (64, 256, row group or half)
+  Tensor sK = make_tensor(make_smem_ptr(sm.k), typename C::SmemLayoutK{});   // (keys, 256, stage·halves + half)
+  Tensor sVt = make_tensor(make_smem_ptr(sm.v), typename C::SmemLayoutVt{});  // (256, keys, stage·halves + half)
 
   const KeySource cache{p.cache_k + b * p.ck_sb + kvh * p.ck_sh, p.cache_v + b * p.cv_sb + kvh * p.cv_sh};
   const KeySource tail{p.tail_k + b * p.tk_sb + kvh * p.tk_sh, p.tail_v + b * p.tv_sb + kvh * p.tv_sh};
   auto load_tile = [&](int tile, int stage) {
     const int kv0 = tile * kBlockN, chunk = tid % kChunks;
+    const int h = stage * kHalves + chunk / kHalfChunks, col = chunk % kHalfChunks * 8;
 #pragma unroll
     for (int r = tid / kChunks; r < kBlockN; r += kThreads / kChunks) {
       const int kv = kv0 + r;
       const KeySource src = attention_detail::key_source(p, kr, cache, tail, kv);
-      attention_detail::cp_async16(smem_addr(&sK(r, chunk * 8, stage)), src.k + chunk * 8, kv < kr.n_kv);
-      attention_detail::cp_async16(smem_addr(&sVt(chunk * 8, r, stage)), src.v + chunk * 8, kv < kr.n_kv);
+      attention_detail::cp_async16(smem_addr(&sK(r, col, h)), src.k + chunk * 8, kv < kr.n_kv);
+      attention_detail::cp_async16(smem_addr(&sVt(col, r, h)), src.v + chunk * 8, kv < kr.n_kv);
     }
     if (tid < kBlockN) sm.ok[stage][tid] = attention_detail::key_allowed(p, kr, b, kv0 + tid);
   };
 
-  // This warpgroup's 64 packed rows of Q (rows past the queries are zeros), then the first key tile.
+  // The block's packed rows of Q (rows past the queries are zeros), then the first key tile.
   {
-    const int chunk = wtid % kChunks;
+    const int chunk = tid % kChunks, col = chunk % kHalfChunks * 8;
 #pragma unroll 4
-    for (int r = wtid / kChunks; r < kWarpgroupM; r += 128 / kChunks) {
-      const int packed = r0 + wg * kWarpgroupM + r, t = packed / group;
+    for (int r = tid / kChunks; r < kBlockM; r += kThreads / kChunks) {
+      const int packed = r0 + r, t = packed / group;
       const int h = kvh * group + packed % group;
       const __nv_bfloat16* src = p.q + b * p.q_sb + h * p.q_sh + int64_t(t < p.t ? t : 0) * p.q_st + chunk * 8;
-      attention_detail::cp_async16(smem_addr(&sQ(r, chunk * 8)), src, t < p.t);
+      const int tile = kHalves == 1 ? r / kWarpgroupM : chunk / kHalfChunks;
+      attention_detail::cp_async16(smem_addr(&sQ(r % kWarpgroupM, col, tile)), src, t < p.t);
     }
   }
   if (tile_lo < tile_hi) load_tile(tile_lo, 0);
@@ -148,19 +171,20 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   typename C::MmaPV mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(wtid);
   auto thr_pv = mma_pv.get_thread_slice(wtid);
-  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, 1, D/16) descriptors
-  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, 1, D/16, stage)
-  Tensor tOrVt = thr_pv.partition_fragment_B(sVt);  // (MMA, 1, 64/16, stage)
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ(_, _, wg));  // (MMA, 1, 256/16) descriptors: its rows or its half
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);    // (MMA, 1, 256/16, stage·halves + half)
+  Tensor tOrVt = thr_pv.partition_fragment_B(sVt);  // (MMA, 1, keys/16, stage·halves + half)
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kWarpgroupM>, Int<kBlockN>>{});
-  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kWarpgroupM>, Int<D>>{});
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kWarpgroupM>, Int<kHalf>>{});
   Tensor tScS = thr_qk.partition_C(make_identity_tensor(Shape<Int<kWarpgroupM>, Int<kBlockN>>{}));
-  Tensor tOcO = thr_pv.partition_C(make_identity_tensor(Shape<Int<kWarpgroupM>, Int<D>>{}));
+  Tensor tOcO = thr_pv.partition_C(make_identity_tensor(Shape<Int<kWarpgroupM>, Int<kHalf>>{}));
   Tensor s_rc = make_tensor(tSrS.data(), rowcol(tSrS.layout()));
   Tensor o_rc = make_tensor(tOrO.data(), rowcol(tOrO.layout()));
   Tensor cs_rc = make_tensor(tScS.data(), rowcol(tScS.layout()));
   Tensor co_rc = make_tensor(tOcO.data(), rowcol(tOcO.layout()));
   constexpr int kRows = size<0>(decltype(s_rc.layout()){});
   static_assert(kRows == 2 && size<0>(decltype(o_rc.layout()){}) == 2, "a thread holds two rows of S and O");
+  static_assert(size(decltype(tSrS.layout()){}) == C::kSRegs, "S registers");
   Tensor rP = make_tensor<bf16>(tSrS.layout());
   Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
   static_assert(size<2>(decltype(tOrP.layout()){}) == kBlockN / 16, "one A fragment per k-block of the key tile");
@@ -171,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   float m[kRows], l[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    const int packed = r0 + wg * kWarpgroupM + get<0>(cs_rc(r, 0));
+    const int packed = r0 + wg_row0 + get<0>(cs_rc(r, 0));
     row_t[r] = packed / group;
     row_h[r] = kvh * group + packed % group;
     m[r] = -INFINITY;
@@ -182,22 +206,30 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     const int stage = (tile - tile_lo) & 1;
     kernels::cp_async_wait<0>();
     cutlass::arch::fence_view_async_shared();  // this thread's cp.async writes, visible to the wgmma (async) proxy
-    __syncthreads();  // tile `tile` is in; both warpgroups are done with the other stage
+    __syncthreads();  // tile `tile` is in; both warpgroups are done with the other stage (and with s_part)
     if (tile + 1 < tile_hi) load_tile(tile + 1, stage ^ 1);
     kernels::cp_async_commit();
 
-    // S = Q Kᵀ over the head dim.
+    // S = Q Kᵀ over this warpgroup's head-dim half.
     warpgroup_fence_operand(tSrS);
     warpgroup_arrive();
     mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
 #pragma unroll
     for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage * kHalves + half), tSrS);
       mma_qk.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
+    if constexpr (kHalves == 2) {
+      // Both halves summed as own + other: the same S in both warpgroups (fp32 addition commutes).
+#pragma unroll
+      for (int i = 0; i < C::kSRegs; ++i) sm.s_part[wg][i][wtid] = tSrS(i);
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < C::kSRegs; ++i) tSrS(i) += sm.s_part[wg ^ 1][i][wtid];
+    }
 
     const int kv0 = tile * kBlockN;
     const bool need_mask = kv0 + kBlockN > kr.n_kv || p.valid != nullptr ||
@@ -217,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
       }
     }
 
-    // Online softmax; a row's 64 columns are spread over the 4 lanes of a quad.
+    // Online softmax; a row's columns are spread over the 4 lanes of a quad.
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       float mx = m[r];
@@ -241,11 +273,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
 #pragma unroll
     for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<bf16>(tSrS(i));
 
-    // O += P V.
+    // O += P V over this warpgroup's output columns.
     warpgroup_fence_operand(tOrO);
     warpgroup_arrive();
 #pragma unroll
-    for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_pv, tOrP(_, _, kb), tOrVt(_, _, kb, stage), tOrO);
+    for (int kb = 0; kb < size<2>(tOrP); ++kb)
+      cute::gemm(mma_pv, tOrP(_, _, kb), tOrVt(_, _, kb, stage * kHalves + half), tOrO);
     warpgroup_commit_batch();
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
@@ -262,22 +295,23 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;  // a row that saw no key (padding, an empty split): output 0, lse -inf
   }
   static_assert(size<1>(decltype(o_rc.layout()){}) % 2 == 0, "column pairs");
+  const int col0 = half * kHalf;  // this warpgroup's first output column
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     if (row_t[r] >= p.t) continue;
     if (p.num_splits == 1) {
-      __nv_bfloat16* orow = p.out + b * p.o_sb + int64_t(row_t[r]) * p.o_st + row_h[r] * p.o_sh;
+      __nv_bfloat16* orow = p.out + b * p.o_sb + int64_t(row_t[r]) * p.o_st + row_h[r] * p.o_sh + col0;
 #pragma unroll
       for (int c = 0; c < size<1>(o_rc); c += 2)
         *reinterpret_cast<__nv_bfloat162*>(orow + get<1>(co_rc(r, c))) =
             __floats2bfloat162_rn(o_rc(r, c) * inv[r], o_rc(r, c + 1) * inv[r]);
     } else {
       const int64_t prow = ((int64_t(split) * p.batch + b) * p.hq + row_h[r]) * p.t + row_t[r];
-      float* orow = p.part_o + prow * D;
+      float* orow = p.part_o + prow * D + col0;
 #pragma unroll
       for (int c = 0; c < size<1>(o_rc); c += 2)
         *reinterpret_cast<float2*>(orow + get<1>(co_rc(r, c))) = make_float2(o_rc(r, c) * inv[r], o_rc(r, c + 1) * inv[r]);
-      if (get<1>(co_rc(r, 0)) == 0) p.part_lse[prow] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
+      if (col0 + get<1>(co_rc(r, 0)) == 0) p.part_lse[prow] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
     }
   }
   if (p.num_splits > 1 &&
@@ -293,8 +327,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
 
 }  // namespace attention_wgmma_detail
 
-// Launches the wgmma attention (head_dim 256; with num_splits > 1 the splits combine themselves; split_counters holds
-// [B, Hkv, ceil(group·T / 128)] counters). The launcher has validated `p`, including group·T + 128 < 2^31.
+// Launches the wgmma attention (with num_splits > 1 the splits combine themselves; split_counters holds
+// [B, Hkv, ceil(group·T / block_m)] counters). The launcher has validated `p`, including group·T + 256 < 2^31.
 template <int D>
 cudaError_t attention_wgmma(const AttentionParams& p, cudaStream_t stream) {
   using C = attention_wgmma_detail::Config<D>;
@@ -303,7 +337,7 @@ cudaError_t attention_wgmma(const AttentionParams& p, cudaStream_t stream) {
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes));
   if (err != cudaSuccess) return err;
   const int packed = p.hq / p.hkv * p.t;
-  const dim3 grid((packed + kAttentionWgmmaBlockM - 1) / kAttentionWgmmaBlockM, p.hkv, p.batch * p.num_splits);
+  const dim3 grid((packed + C::kBlockM - 1) / C::kBlockM, p.hkv, p.batch * p.num_splits);
   return launch_kernel(attention_wgmma_detail::attention_wgmma_kernel<D>, grid, kAttentionWgmmaThreads, C::kSmemBytes,
                        stream, p);
 }

@@ -13,6 +13,7 @@ namespace kernels {
 extern template cudaError_t attention_bf16<256>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t attention_bf16<512>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t attention_wgmma<256>(const AttentionParams&, cudaStream_t);
+extern template cudaError_t attention_wgmma<512>(const AttentionParams&, cudaStream_t);
 }  // namespace kernels
 
 using namespace attention_checks;
@@ -74,7 +75,7 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
       ::dgemma::throw_invalid(valid->name + " must be contiguous in its last dimension");
   }
 
-  // The wgmma kernel's CTAs take 128 rows of group x T packed query rows (int32 indices in the kernel).
+  // The wgmma kernel's CTAs take block_m of the group x T packed query rows (int32 indices in the kernel).
   const int64_t rows = opt.impl == kAttentionWgmma ? hq / hkv * t : t;
   if (opt.impl == kAttentionWgmma) check_range("query heads per KV head x queries", rows, 1, (int64_t(1) << 31) - 256);
   check_range("num_splits", opt.num_splits, 1, 65535 / b);
@@ -129,9 +130,9 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
 
   throw_if_failed(cudaSetDevice(dev), "cudaSetDevice");
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const cudaError_t err = opt.impl == kAttentionWgmma ? kernels::attention_wgmma<256>(p, s)
-                          : d == 256                  ? kernels::attention_bf16<256>(p, s)
-                                                      : kernels::attention_bf16<512>(p, s);
+  const cudaError_t err = opt.impl == kAttentionWgmma
+                              ? (d == 256 ? kernels::attention_wgmma<256>(p, s) : kernels::attention_wgmma<512>(p, s))
+                              : (d == 256 ? kernels::attention_bf16<256>(p, s) : kernels::attention_bf16<512>(p, s));
   throw_if_failed(err, "attention launch");
 }
 

@@ -17,7 +17,7 @@ struct AttentionOptions {
   bool valid_tail = false; // `valid` also masks the tail (encoder's new tokens)
   int64_t num_splits = 1;  // split-KV: key tiles cut into chunks of split_tiles
   int64_t split_tiles = 1;
-  int64_t impl = 0;  // kAttentionMmaSync, or kAttentionWgmma (head_dim 256)
+  int64_t impl = 0;  // kAttentionMmaSync or kAttentionWgmma
 };
 
 // The attention implementations (the bindings' `impl` values).

@@ -22,13 +22,7 @@ std::pair<int, int> attention_tile_shape(int64_t head_dim, int64_t impl) {
     throw std::invalid_argument("attention head_dim " + std::to_string(head_dim) +
                                 " is not supported (expected 256 or 512)");
   const int d = static_cast<int>(head_dim);
-  if (impl == kAttentionWgmma) {
-    if (!kernels::attention_wgmma_supported(d))
-      throw std::invalid_argument("the wgmma attention does not support head_dim " + std::to_string(head_dim) +
-                                  " (expected 256; head_dim 512 runs the mma.sync kernel, impl " +
-                                  std::to_string(kAttentionMmaSync) + ")");
-    return {kernels::kAttentionWgmmaBlockM, kernels::kAttentionWgmmaBlockN};
-  }
+  if (impl == kAttentionWgmma) return {kernels::attention_wgmma_block_m(d), kernels::attention_wgmma_block_n(d)};
   return {kernels::attention_block_m(d), kernels::attention_block_n(d)};
 }
 
@@ -91,8 +85,8 @@ void register_attention(py::module_& m) {
         return py::make_tuple(bm, bn);
       },
       py::arg("head_dim"), py::arg("impl") = kAttentionMmaSync,
-      "(block_m, block_n) of the attention kernel impl (0 mma.sync, 1 wgmma) for a head dim (256 or 512; wgmma: 256, "
-      "block_m counting the packed query rows of a KV group).");
+      "(block_m, block_n) of the attention kernel impl (0 mma.sync, 1 wgmma) for a head dim (256 or 512; wgmma: "
+      "block_m counts the packed query rows of a KV group).");
   m.def(
       "attention_head_dim_supported",
       [](int64_t head_dim) {
@@ -105,7 +99,7 @@ void register_attention(py::module_& m) {
         py::arg("ring_size"), py::arg("window"),
         py::arg("causal"), py::arg("valid_tail"), py::arg("num_splits"), py::arg("split_tiles"), py::arg("stream"),
         py::arg("impl") = kAttentionMmaSync,
-        "Attention of q over [visible cached prefix ; tail] by kernel impl (0 mma.sync, 1 wgmma: head_dim 256); see "
+        "Attention of q over [visible cached prefix ; tail] by kernel impl (0 mma.sync, 1 wgmma); see "
         "dgemma.ops.cuda_attention.");
   m.def("qkv_prep", &qkv_prep_py, py::arg("q_in"), py::arg("k_in"), py::arg("v_in"), py::arg("q_weight"),
         py::arg("k_weight"), py::arg("cos"), py::arg("sin"), py::arg("q_out"), py::arg("k_out"), py::arg("v_out"),

@@ -1,4 +1,4 @@
-// Explicit instantiation of the wgmma attention kernel for head_dim 256 (its own file: builds parallelise).
+// Explicit instantiation of the wgmma attention kernel for head_dim 256 (one per file: builds parallelise).
 #include "kernels/sm90_attention_wgmma.cuh"
 
 namespace dgemma::kernels {

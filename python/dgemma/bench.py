@@ -288,9 +288,8 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         "pdl": os.environ.get("DGEMMA_PDL", "") == "1",
         # The fused vocabulary head's GEMMs (DGEMMA_VOCAB_HEAD, ops/cuda_vocab_head.py).
         "vocab_head": head_impl(),
-        # The attention kernel of the head_dim 256 (sliding) layers (DGEMMA_ATTENTION, ops/cuda_attention.py);
-        # head_dim 512 layers always run mma_sync.
-        "attention": attention_impl(None, 256),
+        # The attention kernel (DGEMMA_ATTENTION, ops/cuda_attention.py).
+        "attention": attention_impl(),
         "results": results,
     }
 

@@ -10,7 +10,6 @@
 
 using namespace cute;
 namespace wg = dgemma::kernels::attention_wgmma_detail;
-using Cfg = wg::Config<256>;
 
 static int failures = 0;
 #define EXPECT(cond, ...)                     \
@@ -26,18 +25,20 @@ static int failures = 0;
 
 // The rows/columns view of S: every register of view row r holds the same S row, every register of view column c the
 // same S column; a quad (lanes 4i..4i+3 of a warp) holds all 64 columns of its rows, and the rows of O are S's rows.
+template <class Cfg>
 static void check_accumulator_views() {
-  Cfg::MmaQK mma_qk;
-  Cfg::MmaPV mma_pv;
+  constexpr int kN = Cfg::kBlockN;
+  typename Cfg::MmaQK mma_qk;
+  typename Cfg::MmaPV mma_pv;
   std::vector<std::set<int>> quad_cols(128 / 4 * 2);
   for (int t = 0; t < 128; ++t) {
     auto thr_qk = mma_qk.get_thread_slice(t);
     auto thr_pv = mma_pv.get_thread_slice(t);
-    Tensor cs = thr_qk.partition_C(make_identity_tensor(Shape<_64, _64>{}));
+    Tensor cs = thr_qk.partition_C(make_identity_tensor(Shape<_64, Int<kN>>{}));
     Tensor co = thr_pv.partition_C(make_identity_tensor(Shape<_64, _256>{}));
     Tensor cs_rc = make_tensor(cs.data(), wg::rowcol(cs.layout()));
     Tensor co_rc = make_tensor(co.data(), wg::rowcol(co.layout()));
-    EXPECT(size<0>(cs_rc) == 2 && size<1>(cs_rc) == 16 && size<0>(co_rc) == 2 && size<1>(co_rc) == 64,
+    EXPECT(size<0>(cs_rc) == 2 && size<1>(cs_rc) == kN / 4 && size<0>(co_rc) == 2 && size<1>(co_rc) == 64,
            "thread %d: views of %d x %d and %d x %d", t, int(size<0>(cs_rc)), int(size<1>(cs_rc)), int(size<0>(co_rc)),
            int(size<1>(co_rc)));
     for (int r = 0; r < 2; ++r) {
@@ -59,23 +60,25 @@ static void check_accumulator_views() {
     }
   }
   for (size_t i = 0; i < quad_cols.size(); ++i)
-    EXPECT(quad_cols[i].size() == 64, "quad row %zu covers %zu columns", i, quad_cols[i].size());
+    EXPECT(int(quad_cols[i].size()) == kN, "quad row %zu covers %zu columns", i, quad_cols[i].size());
 }
 
 // P = the S accumulator rounded to bf16, read as the A operand of the m64n256k16 register-sourced wgmmas: value v of
 // k-block kb of thread t must be the S element the A fragment layout of the atom puts there.
+template <class Cfg>
 static void check_p_as_a_operand() {
-  Cfg::MmaQK mma_qk;
+  constexpr int kN = Cfg::kBlockN;
+  typename Cfg::MmaQK mma_qk;
   using ALayout = typename Cfg::MmaPV::Atom::Traits::ALayout;  // (thread, value) -> m + 64 k in the 64 x 16 tile
-  Tensor rP = make_tensor<wg::bf16>(partition_fragment_C(mma_qk, Shape<_64, _64>{}).layout());
+  Tensor rP = make_tensor<wg::bf16>(partition_fragment_C(mma_qk, Shape<_64, Int<kN>>{}).layout());
   auto a_layout = wg::acc_as_a_operand(rP.layout());
-  EXPECT(size<0>(a_layout) == 8 && size<2>(a_layout) == 4, "A operand view of %d values x %d k-blocks",
+  EXPECT(size<0>(a_layout) == 8 && size<2>(a_layout) == kN / 16, "A operand view of %d values x %d k-blocks",
          int(size<0>(a_layout)), int(size<2>(a_layout)));
   // The accumulator's registers in index order (so register index i is the i-th element of the identity partition).
   for (int i = 0; i < size(rP); ++i) EXPECT(rP.layout()(i) == i, "accumulator element %d at register %d", i, int(rP.layout()(i)));
   for (int t = 0; t < 128; ++t) {
-    Tensor cs = mma_qk.get_thread_slice(t).partition_C(make_identity_tensor(Shape<_64, _64>{}));
-    for (int kb = 0; kb < 4; ++kb) {
+    Tensor cs = mma_qk.get_thread_slice(t).partition_C(make_identity_tensor(Shape<_64, Int<kN>>{}));
+    for (int kb = 0; kb < kN / 16; ++kb) {
       for (int v = 0; v < 8; ++v) {
         const int reg = a_layout(v, 0, kb);  // register index within the accumulator
         const int want = ALayout{}(t, v);
@@ -109,23 +112,40 @@ static void check_chunks(const char* name, Tile tile, int rows, int dim, int sta
   EXPECT(long(seen.size()) * 8 == long(rows) * dim * stages, "%s: %zu chunks", name, seen.size());
 }
 
+template <class Cfg>
 static void check_shared_tiles() {
-  static Cfg::Smem smem;  // static storage: aligned as declared (1024 bytes)
+  static typename Cfg::Smem smem;  // static storage: aligned as declared (1024 bytes)
+  constexpr int kN = Cfg::kBlockN, kTiles = Cfg::kHalves * Cfg::kStages;
   EXPECT(reinterpret_cast<uintptr_t>(&smem) % 1024 == 0, "shared storage alignment");
-  Tensor sQ = make_tensor(make_smem_ptr(smem.q[1]), Cfg::SmemLayoutQ{});
-  Tensor sK = make_tensor(make_smem_ptr(smem.k), Cfg::SmemLayoutK{});
-  Tensor sVt = make_tensor(make_smem_ptr(smem.v), Cfg::SmemLayoutVt{});
-  check_chunks("Q", sQ, 64, 256, 1, [](auto& t, int r, int d, int) { return &t(r, d); });
-  check_chunks("K", sK, 64, 256, 2, [](auto& t, int r, int d, int s) { return &t(r, d, s); });
-  check_chunks("Vt", sVt, 64, 256, 2, [](auto& t, int r, int d, int s) { return &t(d, r, s); });
-  EXPECT(sizeof(Cfg::Smem) + 1024 == Cfg::kSmemBytes && Cfg::kSmemBytes <= 227 * 1024, "shared memory %zu bytes",
-         Cfg::kSmemBytes);
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Cfg::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k), typename Cfg::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem.v), typename Cfg::SmemLayoutVt{});
+  check_chunks("Q", sQ, 64, 256, 2, [](auto& t, int r, int d, int s) { return &t(r, d, s); });
+  check_chunks("K", sK, kN, 256, kTiles, [](auto& t, int r, int d, int s) { return &t(r, d, s); });
+  check_chunks("Vt", sVt, kN, 256, kTiles, [](auto& t, int r, int d, int s) { return &t(d, r, s); });
+  // Every operand tile (the unit one wgmma descriptor addresses) starts 1024-byte aligned.
+  for (int s = 0; s < 2; ++s)
+    EXPECT(reinterpret_cast<uintptr_t>(&sQ(0, 0, s)) % 1024 == 0, "Q tile %d alignment", s);
+  for (int s = 0; s < kTiles; ++s)
+    EXPECT(reinterpret_cast<uintptr_t>(&sK(0, 0, s)) % 1024 == 0 && reinterpret_cast<uintptr_t>(&sVt(0, 0, s)) % 1024 == 0,
+           "K/V tile %d alignment", s);
+  EXPECT(sizeof(typename Cfg::Smem) + 1024 == Cfg::kSmemBytes && Cfg::kSmemBytes <= 227 * 1024,
+         "shared memory %zu bytes", Cfg::kSmemBytes);
+}
+
+template <int D>
+static void check_config() {
+  using Cfg = wg::Config<D>;
+  const int before = failures;
+  check_accumulator_views<Cfg>();
+  check_p_as_a_operand<Cfg>();
+  check_shared_tiles<Cfg>();
+  if (failures > before) std::printf("head_dim %d: %d failures\n", D, failures - before);
 }
 
 int main() {
-  check_accumulator_views();
-  check_p_as_a_operand();
-  check_shared_tiles();
+  check_config<256>();
+  check_config<512>();
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;

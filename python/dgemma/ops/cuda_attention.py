@@ -6,10 +6,9 @@ sliding layer's cache is a ring of ``ring_size`` slots (position p at slot ``p %
 layer's stores position p at slot p (``ring_size=0``). Scale is 1 (q/k norms make it so), softmax is
 fp32, K/V heads are grouped (query head h uses KV head ``h // (Hq // Hkv)``). head_dim 256 or 512.
 
-Two kernels (:data:`IMPLS`): ``"mma_sync"`` (mma.sync tiles, one query head per block; every head dim) and
-``"wgmma"`` (Hopper warpgroup MMAs, the query heads of a KV group packed into one block so they share each K/V tile;
-head_dim 256, the sliding layers). DGEMMA_ATTENTION picks one for every call that passes no ``impl``; with
-``"wgmma"`` chosen that way, head_dim 512 calls run ``"mma_sync"``.
+Two kernels (:data:`IMPLS`): ``"mma_sync"`` (mma.sync tiles, one query head per block) and ``"wgmma"`` (Hopper
+warpgroup MMAs, the query heads of a KV group packed into one block so they share each K/V tile). DGEMMA_ATTENTION
+picks one for every call that passes no ``impl``.
 """
 
 from __future__ import annotations
@@ -26,16 +25,11 @@ _NUM_SMS: dict[int, int] = {}
 # The attention kernels (csrc/ops/attention.h kAttention*).
 IMPLS = {"mma_sync": 0, "wgmma": 1}
 DEFAULT_IMPL = "mma_sync"
-WGMMA_HEAD_DIMS = (256,)
 
 
-def attention_impl(impl: str | None = None, head_dim: int = 256) -> str:
-    """The kernel a call of ``head_dim`` runs: ``impl``, or DGEMMA_ATTENTION (looked up at each call; ``"wgmma"``
-    from it covers head_dim 256 and leaves head_dim 512 to ``"mma_sync"``), or the default."""
-    name = _ext.implementation(impl, "DGEMMA_ATTENTION", IMPLS, DEFAULT_IMPL, "an attention implementation")
-    if impl is None and name == "wgmma" and head_dim not in WGMMA_HEAD_DIMS:
-        return "mma_sync"
-    return name
+def attention_impl(impl: str | None = None) -> str:
+    """The kernel a call runs: ``impl``, or DGEMMA_ATTENTION (looked up at each call), or the default."""
+    return _ext.implementation(impl, "DGEMMA_ATTENTION", IMPLS, DEFAULT_IMPL, "an attention implementation")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -104,7 +98,7 @@ def _attention(q, cache_k, cache_v, tail_k, tail_v, prefix_lens, ring_size, wind
                          f"[B, Hkv, slots, D]")
     b, hq, t, d = q.shape
     hkv = cache_k.shape[1]
-    impl = attention_impl(impl, d)
+    impl = attention_impl(impl)
     lens, bound = _prefix_tensor(prefix_lens, b, q.device, max_prefix)
     block_m, block_n = lib.attention_tile_shape(d, IMPLS[impl])
     if num_splits is None and "split_kv" in _ext.disabled_kernels():
