@@ -102,6 +102,15 @@ __device__ __forceinline__ KeyRange key_range(const AttentionParams& p, int b) {
   return r;
 }
 
+// This split's key tiles, [split·split_tiles, (split + 1)·split_tiles) intersected with the tiles from `lo` / up to
+// `hi`; products in 64 bits (split_tiles may be up to 2^30).
+__device__ __forceinline__ int split_tile_lo(int lo, int split, int split_tiles) {
+  return static_cast<int>(min(max(int64_t(lo), int64_t(split) * split_tiles), int64_t(INT32_MAX)));
+}
+__device__ __forceinline__ int split_tile_hi(int hi, int split, int split_tiles) {
+  return static_cast<int>(min(int64_t(hi), (int64_t(split) + 1) * split_tiles));
+}
+
 // Whether this CTA is the last of `splits` to arrive at *counter (every thread of the CTA calls it after its partial
 // writes; all get the answer). Release: each thread fences its writes before thread 0 counts the CTA in; the last
 // CTA resets the counter for the next launch and fences again before reading the others' partials.
@@ -221,8 +230,8 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
     kv_hi = min(kr.n_kv, kr.n_prefix + q0 + BM);
     if (p.window > 0) kv_lo = max(0, kr.n_prefix + q0 - p.window + 1);
   }
-  const int tile_lo = max(kv_lo / BN, split * p.split_tiles);
-  const int tile_hi = min((kv_hi + BN - 1) / BN, (split + 1) * p.split_tiles);
+  const int tile_lo = split_tile_lo(kv_lo / BN, split, p.split_tiles);
+  const int tile_hi = split_tile_hi((kv_hi + BN - 1) / BN, split, p.split_tiles);
 
   const KeySource cache{p.cache_k + b * p.ck_sb + kvh * p.ck_sh, p.cache_v + b * p.cv_sb + kvh * p.cv_sh};
   const KeySource tail{p.tail_k + b * p.tk_sb + kvh * p.tk_sh, p.tail_v + b * p.tv_sb + kvh * p.tv_sh};

@@ -74,7 +74,7 @@ struct Config {
     alignas(1024) bf16 q[cosize_v<SmemLayoutQ>];
     alignas(1024) bf16 k[cosize_v<SmemLayoutK>];
     alignas(1024) bf16 v[cosize_v<SmemLayoutVt>];
-    float s_part[kHalves == 2 ? 2 : 1][kSRegs][128];  // head_dim 512: each warpgroup's half of S, register-major
+    float s_part[kHalves][kHalves == 2 ? kSRegs : 1][128];  // head_dim 512: each warpgroup's half of S, register-major
     int ok[kStages][kBlockN];
   };
   // The 128-byte swizzle needs 1024-byte aligned tiles; dynamic shared memory follows the kernel's static variables,
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   constexpr int kChunks = D / 8, kHalfChunks = kHalf / 8;  // 16-byte chunks of a row, of a half
 
   extern __shared__ uint8_t smem_raw[];
-  auto& sm = *reinterpret_cast<typename C::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  auto& sm = *reinterpret_cast<typename C::Smem*>(smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u));
 
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
   // head_dim 256: this warpgroup's rows start at 64·wg, it multiplies the only half; head_dim 512: the rows are
@@ -130,8 +130,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     kv_hi = min(kr.n_kv, kr.n_prefix + t_last + 1);
     if (p.window > 0) kv_lo = max(0, kr.n_prefix + t_first - p.window + 1);
   }
-  const int tile_lo = max(kv_lo / kBlockN, split * p.split_tiles);
-  const int tile_hi = min((kv_hi + kBlockN - 1) / kBlockN, (split + 1) * p.split_tiles);
+  const int tile_lo = attention_detail::split_tile_lo(kv_lo / kBlockN, split, p.split_tiles);
+  const int tile_hi = attention_detail::split_tile_hi((kv_hi + kBlockN - 1) / kBlockN, split, p.split_tiles);
 
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename C::SmemLayoutQ{});   // (64, 256, row group or half)
   Tensor sK = make_tensor(make_smem_ptr(sm.k), typename C::SmemLayoutK{});   // (keys, 256, stage·halves + half)
@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
           const int n = get<1>(cs_rc(0, c)), kv = kv0 + n;
           bool keep = sm.ok[stage][n] != 0;
           if (p.causal) keep = keep && kv <= last && (p.window == 0 || kv > last - p.window);
-          if (!keep) s_rc(r, c) = -INFINITY;
+          s_rc(r, c) = keep ? s_rc(r, c) : -INFINITY;
         }
       }
     }
@@ -273,7 +273,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
 #pragma unroll
     for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<bf16>(tSrS(i));
 
-    // O += P V over this warpgroup's output columns.
+    // O += P V over this warpgroup's output columns. P's registers are fenced on both sides of the wgmma that reads
+    // them: written before it is issued, untouched until it is done.
+    Tensor rP_regs = recast<uint32_t>(rP);
+    warpgroup_fence_operand(rP_regs);
     warpgroup_fence_operand(tOrO);
     warpgroup_arrive();
 #pragma unroll
@@ -282,8 +285,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     warpgroup_commit_batch();
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
-    Tensor rP_regs = recast<uint32_t>(rP);
-    warpgroup_fence_operand(rP_regs);  // P's registers stay untouched until the wgmma that reads them is done
+    warpgroup_fence_operand(rP_regs);
   }
   kernels::cp_async_wait<0>();
 
