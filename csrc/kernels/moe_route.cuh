@@ -404,8 +404,7 @@ inline int multiprocessor_count() {
 template <int kNTiles>
 cudaError_t launch_route_tc(const RouteParams& p, cudaStream_t stream) {
   const size_t smem = route_tc_smem_bytes(p.hidden, p.experts);
-  cudaError_t err = cudaFuncSetAttribute(route_tc_kernel<kNTiles>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  cudaError_t err = allow_dynamic_smem<route_tc_kernel<kNTiles>>(smem);
   if (err != cudaSuccess) return err;
   const int64_t blocks = (p.tokens + kRouteTcTokens - 1) / kRouteTcTokens;
   const int splits = route_tc_splits(blocks, p.hidden, multiprocessor_count());
@@ -434,8 +433,7 @@ constexpr RouteTile kRouteTiles[] = {
 template <int T, int W>
 cudaError_t launch_route(const RouteParams& p, cudaStream_t stream) {
   const size_t smem = route_smem_bytes(p.hidden, p.experts, T);
-  cudaError_t err = cudaFuncSetAttribute(route_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  const cudaError_t err = allow_dynamic_smem<route_kernel<T, W>>(smem);
   if (err != cudaSuccess) return err;
   const int64_t blocks = (p.tokens + T - 1) / T;
   return launch_kernel(route_kernel<T, W>, static_cast<unsigned>(blocks), W * 32, smem, stream, p);

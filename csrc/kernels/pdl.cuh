@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 namespace dgemma::kernels {
 
@@ -90,6 +91,27 @@ cudaError_t launch_kernel_clustered(void (*kernel)(Params...), dim3 grid, dim3 b
     cfg.numAttrs = n;
     return cudaLaunchKernelEx(&cfg, kernel, args...);
   });
+}
+
+// Lets Kernel use `bytes` of dynamic shared memory on `device` (-1: the current device, which must be `device` when
+// one is given): cudaFuncSetAttribute only when that device has not yet been allowed as much (the attribute is per function and device, and is only ever raised, so a launch
+// that needs less never undoes a larger one). The common case is one atomic load, not a driver call per launch.
+template <auto Kernel>
+cudaError_t allow_dynamic_smem(size_t bytes, int device = -1) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> allowed[kDevices];  // static storage: zero
+  static std::mutex mutex;
+  if (bytes <= (48u << 10)) return cudaSuccess;  // within the default limit
+  cudaError_t err = device < 0 ? cudaGetDevice(&device) : cudaSuccess;
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= kDevices)
+    return cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (allowed[device].load(std::memory_order_acquire) >= static_cast<int64_t>(bytes)) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (allowed[device].load(std::memory_order_relaxed) >= static_cast<int64_t>(bytes)) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) allowed[device].store(static_cast<int>(bytes), std::memory_order_release);
+  return err;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when pdl_enabled(). Returns the launch's

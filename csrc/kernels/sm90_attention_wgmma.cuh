@@ -335,8 +335,7 @@ template <int D>
 cudaError_t attention_wgmma(const AttentionParams& p, cudaStream_t stream) {
   using C = attention_wgmma_detail::Config<D>;
   if (p.t <= 0 || p.batch <= 0) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(attention_wgmma_detail::attention_wgmma_kernel<D>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes));
+  const cudaError_t err = allow_dynamic_smem<attention_wgmma_detail::attention_wgmma_kernel<D>>(C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int packed = p.hq / p.hkv * p.t;
   const dim3 grid((packed + C::kBlockM - 1) / C::kBlockM, p.hkv, p.batch * p.num_splits);

@@ -79,8 +79,7 @@ inline cudaError_t vocab_head_step(const VocabHeadParams& p, const VocabHeadLayo
   if (wgmma) {
     err = sm90_stats(p, l, sms, device, stream);
   } else {
-    err = cudaFuncSetAttribute(vocab_head_stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(kStatsSmemBytes));
+    err = allow_dynamic_smem<vocab_head_stats_kernel>(kStatsSmemBytes);
     if (err != cudaSuccess) return err;
     const dim3 stats_grid(static_cast<unsigned>(l.rows_pad / kBM), static_cast<unsigned>(p.stats_splits));
     err = launch_kernel(vocab_head_stats_kernel, stats_grid, kThreads, kStatsSmemBytes, stream, p, l);
@@ -94,8 +93,7 @@ inline cudaError_t vocab_head_step(const VocabHeadParams& p, const VocabHeadLayo
   if (err != cudaSuccess) return err;
   if (p.soft == nullptr) return cudaSuccess;
   if (p.wgmma_soft) return sm90_soft(p, l, sms, device, stream);
-  err = cudaFuncSetAttribute(vocab_head_soft_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(kSoftSmemBytes));
+  err = allow_dynamic_smem<vocab_head_soft_kernel>(kSoftSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 soft_grid(static_cast<unsigned>(ceil_div(p.dim, kBN)), static_cast<unsigned>(l.rows_pad / kBM),
                        static_cast<unsigned>(p.soft_splits));
