@@ -60,12 +60,22 @@ def _check(out, ref32, ref16, rows=None):
         out, ref32, ref16 = out[rows], ref32[rows], ref16[rows]
     if out.numel() == 0:
         return 0.0
-    err = (out - ref32).abs().max().item()
+    diff = (out - ref32).abs()
+    err = diff.max().item()
     base = (ref16 - ref32).abs().max().item()
     rel = err / ref32.abs().max().item()
-    assert err <= 2 * base, f"max error {err:.3e} exceeds 2x the bf16 reference's {base:.3e}"
-    assert rel <= 2e-2, f"relative error {rel:.3e}"
+    assert err <= 2 * base and rel <= 2e-2, (
+        f"max error {err:.3e} (relative {rel:.3e}) vs the bf16 reference's {base:.3e}; {_where(diff, 2 * base)}")
     return rel
+
+
+def _where(diff, tol):
+    """Where the errors above ``tol`` are, in [token, head, dim] terms (to tell a layout bug from a numeric one)."""
+    bad = diff > tol
+    idx = [int(i) for i in torch.nonzero(diff == diff.max())[0]] if diff.dim() == 3 else []
+    per = [int(bad.any(dim=tuple(j for j in range(bad.dim()) if j != k)).sum()) for k in range(bad.dim())]
+    return (f"worst at [token, head, dim] {idx}; {int(bad.sum())} of {bad.numel()} elements off, spanning "
+            f"{per} distinct [tokens, heads, dims]")
 
 
 def _decoder_case(seed, shape, lens, canvas, ring, *, valid=None, num_splits=None, max_prefix=None, lens_arg=None,
