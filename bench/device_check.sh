@@ -10,7 +10,7 @@
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file
 #   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json;
 #             expert GEMM tile sweep -> moe_tile_<tile>.json; the head's statistics GEMM variants ->
-#             vocab_head_<variant>.json
+#             vocab_head_<variant>.json; the wgmma attention without ping-pong -> attention_nopingpong.json
 #   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json; the same with DGEMMA_PDL=1 (programmatic
 #             dependent launch, graphs on) -> $OUT/e2e_pdl.json unless E2E_PDL is set empty; the same with
 #             DGEMMA_VOCAB_HEAD=wgmma (the head's CUTLASS GEMMs) -> $OUT/e2e_wgmma.json unless E2E_WGMMA is set empty;
@@ -123,6 +123,12 @@ if want bench; then
     for v in ${STATS_VARIANTS:-pingpong cooperative}; do
       DGEMMA_VOCAB_HEAD_STATS=$v TAIL=12 run "${BENCH_S:-60}" $PY bench/bench_vocab_head.py --out "$OUT/vocab_head_$v.json"
     done
+  fi
+  # The wgmma attention without its warpgroup ping-pong (DGEMMA_ATTENTION_PINGPONG=0, read once per process): its
+  # rows against attention.json's.
+  if [[ " ${BENCHES:-moe attention vocab_head} " == *" attention "* ]]; then
+    DGEMMA_ATTENTION_PINGPONG=0 TAIL=12 run "${BENCH_S:-60}" $PY bench/bench_attention.py \
+      --out "$OUT/attention_nopingpong.json"
   fi
   # The router's compiled tiles, one process each (the tile is read once per process).
   for tile in ${ROUTE_TILES:-tc 4x8 8x8 2x8 1x8}; do

@@ -332,3 +332,45 @@ def test_tile_shape_and_argument_errors():
         decoder_attention(q.float(), cache, cache, tail, tail, 50, 0, None)
     with pytest.raises(ValueError, match="attention impl 2 is not an implementation"):
         lib.attention_tile_shape(256, 2)
+
+
+PINGPONG_PROBE = """
+import math, sys, torch
+from dgemma.ops.cuda_attention import decoder_attention, encoder_attention
+gen = torch.Generator(device="cuda").manual_seed(9)
+def randn(*s, scale=1.0):
+    return (torch.randn(*s, generator=gen, device="cuda") * scale).to(torch.bfloat16)
+out = {}
+for name, lens, t, splits in (("decoder", [1500, 40], 256, None), ("decoder_split", [3000, 7], 77, 4)):
+    ck, cv = randn(2, 8, 1023, 256), randn(2, 8, 1023, 256)
+    q = randn(2, t, 16, 256, scale=1.5 / 16).transpose(1, 2)
+    tk, tv = randn(2, t, 8, 256).transpose(1, 2), randn(2, t, 8, 256).transpose(1, 2)
+    out[name] = decoder_attention(q, ck, cv, tk, tv, lens, 1023, 1024, num_splits=splits, impl="wgmma").cpu()
+ck, cv = randn(1, 8, 1023, 256), randn(1, 8, 1023, 256)
+q = randn(1, 600, 16, 256, scale=1.5 / 16).transpose(1, 2)
+k, v = randn(1, 600, 8, 256).transpose(1, 2), randn(1, 600, 8, 256).transpose(1, 2)
+out["encoder"] = encoder_attention(q, k, v, ck, cv, 700, 1023, 1024, impl="wgmma").cpu()
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_wgmma_pingpong_changes_only_the_issue_order(tmp_path):
+    """DGEMMA_ATTENTION_PINGPONG=0 / 1 (read once per process, so each in its own): the warpgroups' ping-pong only
+    orders their Q·Kᵀ issue, so the outputs are bit-identical; another value is refused by name."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for flag in ("0", "1"):
+        path = tmp_path / f"pingpong{flag}.pt"
+        r = subprocess.run([sys.executable, "-c", PINGPONG_PROBE, str(path)], capture_output=True, text=True,
+                           env=dict(os.environ, DGEMMA_ATTENTION_PINGPONG=flag), timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(torch.load(path))
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key
+        assert torch.isfinite(outs[0][key].float()).all(), key
+    r = subprocess.run([sys.executable, "-c", PINGPONG_PROBE, str(tmp_path / "x.pt")], capture_output=True, text=True,
+                       env=dict(os.environ, DGEMMA_ATTENTION_PINGPONG="yes"), timeout=300)
+    assert r.returncode != 0 and "DGEMMA_ATTENTION_PINGPONG=yes is not 0 or 1" in r.stderr

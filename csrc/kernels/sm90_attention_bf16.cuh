@@ -54,6 +54,7 @@ struct AttentionParams {
   int valid_tail;     // 1: `valid` also covers the tail's positions L..L+T-1
   int num_splits;     // key tiles are cut into chunks of split_tiles, one per split
   int split_tiles;
+  int wgmma_pingpong;  // the wgmma kernel at head_dim 256: warpgroup 1 issues its Q·Kᵀ after warpgroup 0's
 };
 
 namespace attention_detail {

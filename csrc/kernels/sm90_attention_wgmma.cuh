@@ -45,6 +45,7 @@ using bf16 = cutlass::bfloat16_t;
 constexpr int kThreads = kAttentionWgmmaThreads;
 constexpr int kWarpgroupM = 64;  // rows of a warpgroup's S and O
 constexpr int kHalf = 256;       // head-dim columns of every shared-memory operand tile and of a warpgroup's O
+constexpr int kPingpongBarrier = 1;  // named barrier id (0 is __syncthreads)
 
 template <int D>
 struct Config {
@@ -132,6 +133,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   }
   const int tile_lo = attention_detail::split_tile_lo(kv_lo / kBlockN, split, p.split_tiles);
   const int tile_hi = attention_detail::split_tile_hi((kv_hi + kBlockN - 1) / kBlockN, split, p.split_tiles);
+  const bool pingpong = kHalves == 1 && p.wgmma_pingpong != 0;  // uniform: every thread takes the same branches
 
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename C::SmemLayoutQ{});   // (64, 256, row group or half)
   Tensor sK = make_tensor(make_smem_ptr(sm.k), typename C::SmemLayoutK{});   // (keys, 256, stage·halves + half)
@@ -210,7 +212,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     if (tile + 1 < tile_hi) load_tile(tile + 1, stage ^ 1);
     kernels::cp_async_commit();
 
-    // S = Q Kᵀ over this warpgroup's head-dim half.
+    // S = Q Kᵀ over this warpgroup's head-dim half. Ping-pong (head_dim 256, where the warpgroups are independent):
+    // warpgroup 1 issues after warpgroup 0, so 0's softmax runs while the tensor cores work on 1's Q·Kᵀ, and 1's
+    // softmax while they work on 0's P·V.
+    if (pingpong && wg == 1) asm volatile("bar.sync %0, %1;" ::"n"(kPingpongBarrier), "n"(kThreads) : "memory");
     warpgroup_fence_operand(tSrS);
     warpgroup_arrive();
     mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
@@ -220,6 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
       mma_qk.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
+    if (pingpong && wg == 0) asm volatile("bar.arrive %0, %1;" ::"n"(kPingpongBarrier), "n"(kThreads) : "memory");
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
     if constexpr (kHalves == 2) {

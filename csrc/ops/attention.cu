@@ -1,3 +1,4 @@
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -17,6 +18,20 @@ extern template cudaError_t attention_wgmma<512>(const AttentionParams&, cudaStr
 }  // namespace kernels
 
 using namespace attention_checks;
+
+namespace {
+// The wgmma kernel's ping-pong between its warpgroups at head_dim 256: DGEMMA_ATTENTION_PINGPONG=1 (the default) or
+// 0, read once, for the A/B on a GPU; anything else is refused by every call.
+bool attention_wgmma_pingpong() {
+  static const std::string raw = [] {
+    const char* v = std::getenv("DGEMMA_ATTENTION_PINGPONG");
+    return std::string(v == nullptr ? "" : v);
+  }();
+  if (raw.empty() || raw == "1") return true;
+  if (raw == "0") return false;
+  ::dgemma::throw_invalid("DGEMMA_ATTENTION_PINGPONG=" + raw.substr(0, 80) + " is not 0 or 1");
+}
+}  // namespace
 
 void attention_forward(const TensorArg& q, const TensorArg& cache_k, const TensorArg& cache_v,
                        const TensorArg& tail_k, const TensorArg& tail_v, const TensorArg& prefix_lens,
@@ -127,6 +142,7 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
   p.valid_tail = opt.valid_tail ? 1 : 0;
   p.num_splits = static_cast<int>(opt.num_splits);
   p.split_tiles = static_cast<int>(std::min<int64_t>(opt.split_tiles, 1 << 30));
+  p.wgmma_pingpong = opt.impl == kAttentionWgmma && attention_wgmma_pingpong() ? 1 : 0;
 
   throw_if_failed(cudaSetDevice(dev), "cudaSetDevice");
   auto s = reinterpret_cast<cudaStream_t>(stream);
