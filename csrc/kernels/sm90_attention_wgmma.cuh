@@ -264,7 +264,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float ms = mx == -INFINITY ? 0.f : mx * attention_detail::kLog2e;  // fully masked so far: keep exp2 finite
-      const float alpha = exp2f(fmaf(m[r], attention_detail::kLog2e, -ms));
+      // The rescale of what this row summed so far: exactly 1 where the max did not move (also while the row has
+      // seen no key: its sums are still 0).
+      const float alpha = mx == m[r] ? 1.f : exp2f(fmaf(m[r], attention_detail::kLog2e, -ms));
       m[r] = mx;
       float rowsum = 0.f;
 #pragma unroll
@@ -273,8 +275,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
         rowsum += s_rc(r, c);
       }
       l[r] = l[r] * alpha + rowsum;
+      if (alpha != 1.f) {  // most tiles leave a row's max where it was
 #pragma unroll
-      for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= alpha;
+        for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= alpha;
+      }
     }
 #pragma unroll
     for (int i = 0; i < size(tSrS); ++i) rP(i) = static_cast<bf16>(tSrS(i));
