@@ -374,3 +374,55 @@ def test_wgmma_pingpong_changes_only_the_issue_order(tmp_path):
     r = subprocess.run([sys.executable, "-c", PINGPONG_PROBE, str(tmp_path / "x.pt")], capture_output=True, text=True,
                        env=dict(os.environ, DGEMMA_ATTENTION_PINGPONG="yes"), timeout=300)
     assert r.returncode != 0 and "DGEMMA_ATTENTION_PINGPONG=yes is not 0 or 1" in r.stderr
+
+
+# Structured probes: each isolates one half of the kernel, so a failure says which (and the message where).
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [SLIDING_SHAPE, FULL_SHAPE], ids=["hd256", "hd512"])
+def test_equal_scores_average_the_values(shape, impl):
+    """K = 0 makes every score 0, so each query's output is the plain mean of the values it sees (the P·V half and
+    the key gathers alone: cached prefix from a ring or linear cache, then the tail)."""
+    from dgemma.ops.cuda_attention import decoder_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(77)
+    d, hq, hkv, window = shape["d"], shape["hq"], shape["hkv"], shape["window"]
+    ring = 1023 if window else 0
+    lens, canvas = [1500, 300], 100
+    cache = Cache(gen, lens, hkv, d, ring)
+    cache.k.zero_()
+    q = _randn(gen, 2, canvas, hq, d).transpose(1, 2)
+    zeros = torch.zeros(2, hkv, canvas, d, dtype=BF16, device="cuda")
+    cv = _randn(gen, 2, canvas, hkv, d).transpose(1, 2)
+    out = decoder_attention(q, cache.k, cache.v, zeros, cv, lens, ring, window, impl=impl)
+    for i, length in enumerate(lens):
+        first = length - (min(length, window - 1) if window else length)
+        values = torch.cat((cache.hist[i][1][:, first:], cv[i]), dim=1).float()  # [Hkv, keys, D]
+        want = values.mean(dim=1).repeat_interleave(hq // hkv, dim=0)  # [Hq, D]
+        got = out[i].float()  # [T, Hq, D]
+        err = (got - want[None]).abs()
+        assert err.max().item() <= 2e-2 * want.abs().max().item() + 1e-3, _where(err, 1e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [dict(d=256, hq=6, hkv=2, window=1024), dict(d=512, hq=16, hkv=2, window=None)],
+                         ids=["hd256", "hd512"])
+def test_one_hot_values_return_the_probabilities(shape, impl):
+    """V[key] = e_key (one-hot over the head dim) makes out[t, h, key] = softmax(q·kᵀ)[t, h, key]: the Q·Kᵀ half and
+    the softmax checked probability by probability (a misplaced score shows up as a misplaced probability)."""
+    from dgemma.ops.cuda_attention import decoder_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(78)
+    d, hq, hkv, window = shape["d"], shape["hq"], shape["hkv"], shape["window"]
+    t = d - 3  # keys = the canvas alone (no prefix), one dim each, the last 3 dims unused
+    q = _randn(gen, 1, t, hq, d, scale=2.0 / math.sqrt(d)).transpose(1, 2)
+    k = _randn(gen, 1, t, hkv, d).transpose(1, 2)
+    v = torch.eye(t, d, dtype=BF16, device="cuda")[None, None].expand(1, hkv, t, d).contiguous()
+    empty = torch.zeros(1, hkv, 8, d, dtype=BF16, device="cuda")
+    out = decoder_attention(q, empty, empty, k, v, 0, 8 if window else 0, window, impl=impl)[0].float()  # [T, Hq, D]
+    scores = torch.einsum("htd,hkd->htk", q[0].float(), k[0].float().repeat_interleave(hq // hkv, dim=0))
+    probs = torch.softmax(scores, dim=-1).transpose(0, 1)  # [T, Hq, keys]
+    err = (out[..., :t] - probs).abs()
+    assert err.max().item() <= 1e-2 * probs.max().item() + 1e-4, _where(err, 1e-2 * probs.max().item())
+    assert (out[..., t:] == 0).all(), "dims no key's value touches must stay 0"
