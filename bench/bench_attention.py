@@ -89,9 +89,13 @@ def _case(name, *, batch, d, hq, hkv, window, ring, prefix, t, causal):
     default = attention_impl()
     for impl in IMPLS:
         run = kernel(impl)
-        run()
-        rel = ((out[:1].float() - ref).abs().max() / ref.abs().max()).item()
-        ms = median(time_cuda(run, warmup=3, iters=20))
+        try:
+            run()
+            rel = ((out[:1].float() - ref).abs().max() / ref.abs().max()).item()
+            ms = median(time_cuda(run, warmup=3, iters=20))
+        except RuntimeError as e:  # a kernel that fails to launch leaves the other rows
+            print(f"{name}_{impl}: {e}")
+            continue
         row = dict(median_ms=ms, tflops=flops / ms / 1e9, peak_share=flops / rate * 1e3 / ms,
                    speedup_vs_sdpa=None if sdpa_ms is None else sdpa_ms / ms, max_rel_err=rel,
                    roofline_ms=roofline_ms(bytes_moved, flops, rate), impl=impl, **shape)
