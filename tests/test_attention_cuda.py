@@ -409,8 +409,8 @@ def test_equal_scores_average_the_values(shape, impl):
 @pytest.mark.parametrize("shape", [dict(d=256, hq=6, hkv=2, window=1024), dict(d=512, hq=16, hkv=2, window=None)],
                          ids=["hd256", "hd512"])
 def test_one_hot_values_return_the_probabilities(shape, impl):
-    """V[key] = e_key (one-hot over the head dim) makes out[t, h, key] = softmax(q·kᵀ)[t, h, key]: the Q·Kᵀ half and
-    the softmax checked probability by probability (a misplaced score shows up as a misplaced probability)."""
+    """V[key] = e_key (one-hot over the head dim) makes out[t, h, key] = softmax(q·kᵀ)[t, h, key]: the Q·Kᵀ half
+    and the softmax checked probability by probability (a misplaced score shows up as a misplaced probability)."""
     from dgemma.ops.cuda_attention import decoder_attention
 
     gen = torch.Generator(device="cuda").manual_seed(78)

@@ -58,7 +58,8 @@ struct Config {
   using BlockN = Int<kBlockN>;
   // Q and K tiles: rows x 256 head-dim columns, K-major (the operands of S = Q·Kᵀ); Q has two (the warpgroups' rows,
   // or the head-dim halves), K kHalves per stage.
-  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<Int<kWarpgroupM>, Int<kHalf>, _2>{}));
+  using SmemLayoutQ =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<Int<kWarpgroupM>, Int<kHalf>, _2>{}));
   using SmemLayoutK =
       decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<BlockN, Int<kHalf>, Int<kHalves * kStages>>{}));
   // Vᵀ tiles: 256 head-dim rows x keys with the head dim contiguous (the MN-major B operand of O = P·V), so a key's
@@ -89,7 +90,8 @@ struct Config {
 template <class Layout>
 CUTE_HOST_DEVICE constexpr auto rowcol(Layout l) {
   static_assert(decltype(rank(l))::value == 3, "an MMA accumulator layout");
-  return make_layout(make_layout(layout<0, 1>(l), layout<1>(l)), make_layout(layout<0, 0>(l), layout<0, 2>(l), layout<2>(l)));
+  return make_layout(make_layout(layout<0, 1>(l), layout<1>(l)),
+                     make_layout(layout<0, 0>(l), layout<0, 2>(l), layout<2>(l)));
 }
 
 // The same registers as the A operand of k16 register-sourced wgmmas: ((2, 2, 2), 1, N/16). Value v of an m64nN
@@ -322,7 +324,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
       float* orow = p.part_o + prow * D + col0;
 #pragma unroll
       for (int c = 0; c < size<1>(o_rc); c += 2)
-        *reinterpret_cast<float2*>(orow + get<1>(co_rc(r, c))) = make_float2(o_rc(r, c) * inv[r], o_rc(r, c + 1) * inv[r]);
+        *reinterpret_cast<float2*>(orow + get<1>(co_rc(r, c))) =
+            make_float2(o_rc(r, c) * inv[r], o_rc(r, c + 1) * inv[r]);
       if (col0 + get<1>(co_rc(r, 0)) == 0) p.part_lse[prow] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
     }
   }

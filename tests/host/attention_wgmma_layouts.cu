@@ -75,7 +75,8 @@ static void check_p_as_a_operand() {
   EXPECT(size<0>(a_layout) == 8 && size<2>(a_layout) == kN / 16, "A operand view of %d values x %d k-blocks",
          int(size<0>(a_layout)), int(size<2>(a_layout)));
   // The accumulator's registers in index order (so register index i is the i-th element of the identity partition).
-  for (int i = 0; i < size(rP); ++i) EXPECT(rP.layout()(i) == i, "accumulator element %d at register %d", i, int(rP.layout()(i)));
+  for (int i = 0; i < size(rP); ++i)
+    EXPECT(rP.layout()(i) == i, "accumulator element %d at register %d", i, int(rP.layout()(i)));
   for (int t = 0; t < 128; ++t) {
     Tensor cs = mma_qk.get_thread_slice(t).partition_C(make_identity_tensor(Shape<_64, Int<kN>>{}));
     for (int kb = 0; kb < kN / 16; ++kb) {
@@ -83,7 +84,8 @@ static void check_p_as_a_operand() {
         const int reg = a_layout(v, 0, kb);  // register index within the accumulator
         const int want = ALayout{}(t, v);
         const int m = want % 64, k = want / 64 + 16 * kb;
-        EXPECT(get<0>(cs(reg)) == m && get<1>(cs(reg)) == k, "thread %d k-block %d value %d: register %d holds S(%d, %d), "
+        EXPECT(get<0>(cs(reg)) == m && get<1>(cs(reg)) == k,
+               "thread %d k-block %d value %d: register %d holds S(%d, %d), "
                "the A operand wants S(%d, %d)", t, kb, v, reg, int(get<0>(cs(reg))), int(get<1>(cs(reg))), m, k);
       }
       // Two consecutive values make one 32-bit A register.
@@ -127,7 +129,8 @@ static void check_shared_tiles() {
   for (int s = 0; s < 2; ++s)
     EXPECT(reinterpret_cast<uintptr_t>(&sQ(0, 0, s)) % 1024 == 0, "Q tile %d alignment", s);
   for (int s = 0; s < kTiles; ++s)
-    EXPECT(reinterpret_cast<uintptr_t>(&sK(0, 0, s)) % 1024 == 0 && reinterpret_cast<uintptr_t>(&sVt(0, 0, s)) % 1024 == 0,
+    EXPECT(reinterpret_cast<uintptr_t>(&sK(0, 0, s)) % 1024 == 0 &&
+               reinterpret_cast<uintptr_t>(&sVt(0, 0, s)) % 1024 == 0,
            "K/V tile %d alignment", s);
   EXPECT(sizeof(typename Cfg::Smem) + 1024 == Cfg::kSmemBytes && Cfg::kSmemBytes <= 227 * 1024,
          "shared memory %zu bytes", Cfg::kSmemBytes);
