@@ -71,3 +71,22 @@ def test_profile_summary_counts_kernels_syncs_and_busy_time():
         "kernels": 4, "host_syncs": 2, "gpu_busy_ms": 0.31,
         "top_kernels": [{"name": "gemm", "launches": 2, "total_ms": 0.16}, {"name": "norm", "launches": 1,
                         "total_ms": 0.1}, {"name": "head", "launches": 1, "total_ms": 0.1}]}
+
+
+def test_bench_picks_the_kernels_for_its_run_only(tmp_path, monkeypatch):
+    """--attention / --vocab-head choose the kernels for the run (recorded in the JSON) and leave the environment as
+    it was."""
+    import os
+
+    monkeypatch.delenv("DGEMMA_ATTENTION", raising=False)
+    monkeypatch.setenv("DGEMMA_VOCAB_HEAD", "mma_sync")
+    out = tmp_path / "e2e.json"
+    rc = main(["bench", "--iters", "1", "--warmup", "1", "--steps", "2", "--prompt-length", "8", "--cuda-graphs",
+               "off", "--attention", "wgmma", "--vocab-head", "wgmma", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["attention"] == "wgmma" and report["vocab_head"] == "wgmma"
+    assert "DGEMMA_ATTENTION" not in os.environ and os.environ["DGEMMA_VOCAB_HEAD"] == "mma_sync"
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--attention", "fa3"])
+    assert e.value.code == 2

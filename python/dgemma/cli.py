@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -337,6 +338,23 @@ def print_bench_table(report: dict, out=None, *, roofline: bool = True) -> None:
                 print(f"  {k['total_ms']:8.3f} ms  {k['launches']:5d}x  {k['name'][:90]}", file=out)
 
 
+@contextlib.contextmanager
+def _environment(**values: str | None):
+    """The kernel choices the ops look up at each call (DGEMMA_ATTENTION, DGEMMA_VOCAB_HEAD), set for a block and
+    restored after it; None leaves a variable as it is."""
+    saved = {k: os.environ.get(k) for k, v in values.items() if v is not None}
+    try:
+        for k in saved:
+            os.environ[k] = values[k]
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.plot is not None:
         try:
@@ -361,7 +379,8 @@ def _bench(args: argparse.Namespace) -> int:
                         prompt_length=args.prompt_length, steps=args.steps, iters=args.iters,
                         warmup=args.warmup, baseline=args.baseline, prefix_lengths=args.prefix_lengths or [],
                         seed=args.seed, cuda_graphs=args.cuda_graphs, prefill_lengths=args.prefill_lengths or [])
-    report = run(opts, log=lambda m: print(m, file=sys.stderr))
+    with _environment(DGEMMA_ATTENTION=args.attention, DGEMMA_VOCAB_HEAD=args.vocab_head):
+        report = run(opts, log=lambda m: print(m, file=sys.stderr))
     print_bench_table(report, roofline=device.type == "cuda")
     if args.json:
         with open(args.json, "w") as f:
@@ -519,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-graphs", default="auto", choices=["auto", "off", "on", "both"],
                    help="time steps and blocks without (off) and/or with CUDA graphs (rows *_graphs_*); auto: both "
                         "where the step can be captured (CUDA, fused head, FP8 experts), else off")
+    b.add_argument("--attention", default=None, choices=["mma_sync", "wgmma"],
+                   help="the attention kernel on a GPU (default: DGEMMA_ATTENTION, else mma_sync)")
+    b.add_argument("--vocab-head", default=None, choices=["mma_sync", "wgmma"],
+                   help="the fused vocabulary head's GEMMs on a GPU (default: DGEMMA_VOCAB_HEAD, else mma_sync)")
     b.add_argument("--json", default=None, help="write the results to this JSON file")
     b.add_argument("--plot", default=None,
                    help="write a PNG: latency vs batch and vs prefix length, with roofline (needs matplotlib)")
