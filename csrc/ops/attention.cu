@@ -10,7 +10,7 @@
 namespace dgemma {
 
 namespace kernels {
-// Instantiated one per file (attention_sm90_d256.cu, attention_sm90_d512.cu) so builds parallelise.
+// Instantiated one per file (attention_sm90_d{256,512}.cu, attention_sm90_wgmma_d{256,512}.cu) so builds parallelise.
 extern template cudaError_t attention_bf16<256>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t attention_bf16<512>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t attention_wgmma<256>(const AttentionParams&, cudaStream_t);

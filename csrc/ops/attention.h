@@ -28,9 +28,9 @@ constexpr int64_t kAttentionWgmma = 1;    // wgmma, the query heads of a KV grou
 // q [B, Hq, T, D] bf16; cache_k/cache_v [B, Hkv, slots, D]; tail_k/tail_v [B, Hkv, T, D]; prefix_lens
 // int32 [B]; valid bool/uint8 [B, >= max_prefix (+T)] or null; out [B, T, Hq, D]; part_o fp32
 // [S, B, Hq, T, D], part_lse fp32 [S, B, Hq, T] and split_counters int32 [B, Hq, ceil(T / block_m)] (wgmma:
-// [B, Hkv, ceil(Hq / Hkv * T / block_m)], block_m counting packed rows) when num_splits S > 1 (else may be null). split_counters must hold zeros, and holds zeros again when the kernel is done
-// (the splits of a query tile count themselves in; the last combines and resets): calls sharing one counter tensor
-// must be stream-ordered.
+// [B, Hkv, ceil(Hq / Hkv * T / block_m)], block_m counting packed rows) when num_splits S > 1 (else may be null).
+// split_counters must hold zeros, and holds zeros again when the kernel is done (the splits of a query tile count
+// themselves in; the last combines and resets): calls sharing one counter tensor must be stream-ordered.
 // D is 256 or 512; all bf16 tensors have a contiguous last dim and other strides multiple of 8.
 void attention_forward(const TensorArg& q, const TensorArg& cache_k, const TensorArg& cache_v,
                        const TensorArg& tail_k, const TensorArg& tail_v, const TensorArg& prefix_lens,
