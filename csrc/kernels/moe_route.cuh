@@ -433,10 +433,8 @@ constexpr RouteTile kRouteTiles[] = {
 template <int T, int W>
 cudaError_t launch_route(const RouteParams& p, cudaStream_t stream) {
   const size_t smem = route_smem_bytes(p.hidden, p.experts, T);
-  const cudaError_t err = allow_dynamic_smem<route_kernel<T, W>>(smem);
-  if (err != cudaSuccess) return err;
   const int64_t blocks = (p.tokens + T - 1) / T;
-  return launch_kernel(route_kernel<T, W>, static_cast<unsigned>(blocks), W * 32, smem, stream, p);
+  return launch_kernel_smem<route_kernel<T, W>>(static_cast<unsigned>(blocks), W * 32, smem, stream, p);
 }
 
 // `tile` indexes kRouteTiles (0 or out of range: the default). With res.y set, x_stride == hidden.

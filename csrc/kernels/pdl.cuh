@@ -122,4 +122,11 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
   return launch_kernel_clustered(kernel, grid, block, smem, stream, dim3(1, 1, 1), args...);
 }
 
+// launch_kernel of Kernel with `smem` bytes of dynamic shared memory, allowed first (allow_dynamic_smem).
+template <auto Kernel, typename... Args>
+cudaError_t launch_kernel_smem(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const Args&... args) {
+  const cudaError_t err = allow_dynamic_smem<Kernel>(smem);
+  return err != cudaSuccess ? err : launch_kernel(Kernel, grid, block, smem, stream, args...);
+}
+
 }  // namespace dgemma::kernels

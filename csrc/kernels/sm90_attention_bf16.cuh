@@ -447,10 +447,9 @@ template <int D>
 cudaError_t attention_bf16(const AttentionParams& p, cudaStream_t stream) {
   using S = attention_detail::Shape<D>;
   if (p.t <= 0 || p.batch <= 0) return cudaSuccess;
-  const cudaError_t err = allow_dynamic_smem<attention_detail::attention_fwd_kernel<D>>(S::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 grid((p.t + S::kBlockM - 1) / S::kBlockM, p.hq, p.batch * p.num_splits);
-  return launch_kernel(attention_detail::attention_fwd_kernel<D>, grid, kAttentionThreads, S::kSmemBytes, stream, p);
+  return launch_kernel_smem<attention_detail::attention_fwd_kernel<D>>(grid, kAttentionThreads, S::kSmemBytes, stream,
+                                                                       p);
 }
 
 }  // namespace dgemma::kernels

@@ -348,12 +348,10 @@ template <int D>
 cudaError_t attention_wgmma(const AttentionParams& p, cudaStream_t stream) {
   using C = attention_wgmma_detail::Config<D>;
   if (p.t <= 0 || p.batch <= 0) return cudaSuccess;
-  const cudaError_t err = allow_dynamic_smem<attention_wgmma_detail::attention_wgmma_kernel<D>>(C::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const int packed = p.hq / p.hkv * p.t;
   const dim3 grid((packed + C::kBlockM - 1) / C::kBlockM, p.hkv, p.batch * p.num_splits);
-  return launch_kernel(attention_wgmma_detail::attention_wgmma_kernel<D>, grid, kAttentionWgmmaThreads, C::kSmemBytes,
-                       stream, p);
+  return launch_kernel_smem<attention_wgmma_detail::attention_wgmma_kernel<D>>(grid, kAttentionWgmmaThreads,
+                                                                               C::kSmemBytes, stream, p);
 }
 
 }  // namespace dgemma::kernels

@@ -79,10 +79,8 @@ inline cudaError_t vocab_head_step(const VocabHeadParams& p, const VocabHeadLayo
   if (wgmma) {
     err = sm90_stats(p, l, sms, device, stream);
   } else {
-    err = allow_dynamic_smem<vocab_head_stats_kernel>(kStatsSmemBytes);
-    if (err != cudaSuccess) return err;
     const dim3 stats_grid(static_cast<unsigned>(l.rows_pad / kBM), static_cast<unsigned>(p.stats_splits));
-    err = launch_kernel(vocab_head_stats_kernel, stats_grid, kThreads, kStatsSmemBytes, stream, p, l);
+    err = launch_kernel_smem<vocab_head_stats_kernel>(stats_grid, kThreads, kStatsSmemBytes, stream, p, l);
   }
   if (err != cudaSuccess) return err;
   err = launch_kernel(vocab_head_merge_kernel, static_cast<unsigned>(ceil_div(l.rows, kMergeWarps)), kMergeWarps * 32,
@@ -93,11 +91,9 @@ inline cudaError_t vocab_head_step(const VocabHeadParams& p, const VocabHeadLayo
   if (err != cudaSuccess) return err;
   if (p.soft == nullptr) return cudaSuccess;
   if (p.wgmma_soft) return sm90_soft(p, l, sms, device, stream);
-  err = allow_dynamic_smem<vocab_head_soft_kernel>(kSoftSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 soft_grid(static_cast<unsigned>(ceil_div(p.dim, kBN)), static_cast<unsigned>(l.rows_pad / kBM),
                        static_cast<unsigned>(p.soft_splits));
-  err = launch_kernel(vocab_head_soft_kernel, soft_grid, kThreads, kSoftSmemBytes, stream, p, l);
+  err = launch_kernel_smem<vocab_head_soft_kernel>(soft_grid, kThreads, kSoftSmemBytes, stream, p, l);
   if (err != cudaSuccess) return err;
   const int64_t quads = l.rows * p.dim / 4;
   return launch_kernel(vocab_head_soft_reduce_kernel, static_cast<unsigned>(ceil_div(quads, 256)), 256, 0, stream,
