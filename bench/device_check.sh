@@ -100,7 +100,9 @@ if want quick; then
 fi
 
 if want tests; then
-  TAIL=60 run "${TESTS_S:-420}" $PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE
+  # PYTEST_ARGS adds e.g. "-n 4" (pytest-xdist: a worker that faults is reported and replaced, the run goes on).
+  TAIL=60 run "${TESTS_S:-420}" $PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE ${PYTEST_ARGS:-}
+  cp "$OUT/last.txt" "$OUT/tests.txt"
 fi
 
 if want sanitize; then
