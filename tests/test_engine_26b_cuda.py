@@ -11,9 +11,9 @@ in fp32. The comparison therefore isolates the CUDA kernels (per-token FP8 activ
 attention and MoE), not the weight quantisation, and the model is held once.
 
 Checked:
-* one denoising step's logits, CUDA FP8 engine vs the bf16 reference backend, over the whole canvas:
-  per-position cosine similarity (over the vocabulary) has mean >= 0.99, and the argmax agrees at
-  >= 95 % of the canvas positions;
+* one denoising step, CUDA FP8 engine vs the bf16 reference backend, layer by layer (teacher forcing: each
+  decoder layer on the reference's input, so each layer's own error is measured, not 30 layers of compounding),
+  the encoder's first K/V, and the vocabulary head on the reference's final states;
 * two blocks of ``generate``: no NaN/inf in any step's hidden states or vocabulary-head statistics,
   and the same seed gives the same tokens twice;
 * no growth of ``torch.cuda.memory_allocated()`` over 20 blocks of generation after a warm-up block.
@@ -39,8 +39,11 @@ BATCHES = (1, 4)
 # reference's, plus ~3 GiB of temporaries in the reference's softcap), the reference's fp32
 # dequantised weights and activations, and the fused head's workspace.
 REQUIRED_GIB = 40
-COSINE_MIN = 0.99
-ARGMAX_AGREEMENT_MIN = 0.95
+# One layer's FP8 error (teacher forcing, see test_denoising_step_matches_reference_layer_by_layer): per-token
+# E4M3 activations in the projections and experts, about 3-5 % relative on a branch, less on the residual sum.
+LAYER_COSINE_MIN = 0.98
+LAYER_REL_MAX = 0.1
+ENCODER_FIRST_LAYER_REL_MAX = 0.05
 # memory_allocated() may grow once, after the warm-up block, by lazily created library state
 # (e.g. a handle's workspace first used by the committed-block encode); 1 MiB is far below anything
 # a step allocates per block (one [1, 256, 2816] bf16 activation is 1.4 MiB).
@@ -77,31 +80,58 @@ def _prompt(batch: int, seed: int, vocab: int) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, PROMPT), generator=g, device="cuda")
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
 @pytest.mark.parametrize("batch", BATCHES)
-def test_denoising_step_logits_match_reference(engines, batch):
-    """Per-position cosine similarity of the logits (mean >= 0.99) and argmax agreement (>= 95 % of the
-    canvas) between the CUDA FP8 engine and the bf16 reference backend, same weights, same inputs."""
+def test_denoising_step_matches_reference_layer_by_layer(engines, batch):
+    """One denoising step, CUDA FP8 engine vs the bf16 reference backend, compared where the comparison means
+    something. Run freely, two correct backends do not agree at the end of 30 random-weight layers: each layer's
+    rounding differences grow several-fold through the next (sharp random attention; the bf16 and fp32 reference
+    backends alone end up far apart, see bench/layer_parity.py). So:
+
+    * the encoder's first layer K/V (the cache the decoder reads; only embeddings and projections before it);
+    * teacher forcing: every decoder layer of the CUDA engine on the reference's input to that layer and the
+      reference's cache: per-layer cosine similarity >= LAYER_COSINE_MIN (each position) and relative error
+      <= LAYER_REL_MAX, i.e. the layer's own FP8 error, for all 30 layers;
+    * the vocabulary head on the reference's final states: logits cosine >= 0.999, the same argmax wherever the
+      reference's top two are not a near tie;
+    * the free-running step's logits are finite.
+    """
     eng, ref = engines
     v = eng.config.vocab_size
     ids = _prompt(batch, 10 + batch, v)
     g = torch.Generator(device="cuda").manual_seed(20 + batch)
     canvas = torch.randint(0, v, (batch, CANVAS), generator=g, device="cuda")
-    # Each engine encodes with its own kernels; the caches only need room for the prompt.
-    ours = eng.denoise(eng.encode(ids, capacity=PROMPT), canvas)
-    theirs = ref.denoise(ref.encode(ids, capacity=PROMPT), canvas)
-    assert ours.shape == theirs.shape == (batch, CANVAS, v)
-    assert torch.isfinite(ours).all(), "non-finite logits from the CUDA engine"
-    assert torch.isfinite(theirs).all(), "non-finite logits from the reference backend"
-    ours, theirs = ours.view(-1, v), theirs.view(-1, v)
-    cos = F.cosine_similarity(ours, theirs, dim=-1)
-    agree = ours.argmax(-1) == theirs.argmax(-1)
-    top2 = theirs.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 0.05  # positions whose reference argmax is not a near tie
-    detail = (f"batch {batch}: cosine mean {cos.mean().item():.5f} min {cos.min().item():.5f}; argmax agreement "
-              f"{agree.float().mean().item():.4f} ({agree[clear].float().mean().item():.4f} over the "
-              f"{int(clear.sum())} of {agree.numel()} positions with a reference top-2 margin > 0.05)")
-    assert cos.mean().item() >= COSINE_MIN, detail
-    assert agree.float().mean().item() >= ARGMAX_AGREEMENT_MIN, detail
+    with torch.inference_mode():
+        cache, ref_cache = eng.encode(ids, capacity=PROMPT), ref.encode(ids, capacity=PROMPT)
+        for which in ("keys", "values"):
+            err = _rel(getattr(cache, which)[0], getattr(ref_cache, which)[0])
+            assert err <= ENCODER_FIRST_LAYER_REL_MAX, f"encoder layer 0 {which}: relative error {err:.4f}"
+        states = [x.clone() for _, x in ref.model._decoder_states(canvas, ref_cache, None)]
+        layers = len(states) - 1
+        outs = eng.model.decoder_layer_outputs(canvas, ref_cache, states[:layers])
+        report = []
+        for i, (o, want) in enumerate(zip(outs, states[1:])):
+            cos = F.cosine_similarity(o.float().reshape(-1, o.shape[-1]), want.float().reshape(-1, o.shape[-1]), dim=-1)
+            report.append((i, cos.min().item(), _rel(o, want)))
+        detail = "; ".join(f"layer {i}: min cosine {c:.4f}, rel {r:.4f}" for i, c, r in report)
+        assert all(c >= LAYER_COSINE_MIN and r <= LAYER_REL_MAX for _, c, r in report), detail
+
+        h_ref = ref.model.denoise_hidden(canvas, ref_cache)
+        theirs = ref.model.logits(h_ref).view(-1, v)
+        ours = eng.model.logits(h_ref).view(-1, v)
+        cos = F.cosine_similarity(ours, theirs, dim=-1)
+        top2 = theirs.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.05
+        agree = ours.argmax(-1) == theirs.argmax(-1)
+        assert cos.min().item() >= 0.999, f"head on the reference's states: min cosine {cos.min().item():.5f}"
+        assert agree[clear].all(), f"head: argmax differs at {int((~agree[clear]).sum())} clear positions"
+        del ours, theirs
+        free = eng.denoise(cache, canvas)
+        assert free.shape == (batch, CANVAS, v) and torch.isfinite(free).all(), "non-finite logits"
 
 
 @contextlib.contextmanager
@@ -170,8 +200,8 @@ def _allocated_bytes(t: torch.Tensor) -> int:
 def test_no_memory_growth_over_20_blocks(engines, batch):
     """memory_allocated() at the end of each of 20 blocks, after a warm-up block (the 1024-token prompt
     encode and the first block sized every cached workspace), minus the returned sequence tensor, which
-    legitimately grows by batch x 256 int64 per block: at most 1 MiB of one-time growth, and none at
-    all over the last 10 blocks (a per-block leak of any size shows there)."""
+    legitimately grows by batch x 256 int64 per block: at most 1 MiB of one-time growth, and no growth from one
+    block to the next over the last 10 blocks (a per-block leak of any size shows there)."""
     eng, _ = engines
     blocks = 1 + 20
     ids = _prompt(batch, 40 + batch, eng.config.vocab_size)
@@ -189,5 +219,8 @@ def test_no_memory_growth_over_20_blocks(engines, batch):
     growth = [s - warm for s in measured]
     mib = [round(g / 2**20, 3) for g in growth]
     assert max(growth) <= ONE_TIME_GROWTH, f"memory grew after the warm-up block (MiB per block): {mib}"
+    # Over the last 10 blocks memory never grows from one block to the next (a per-block leak of any size shows);
+    # it may shrink, when state sized for a shorter prefix is released (measured on an H200: 2.5 GiB at the
+    # 14th block of batch 1).
     late = measured[9:]
-    assert max(late) == min(late), f"memory changed over the last blocks (MiB per block): {mib}"
+    assert all(b <= a for a, b in zip(late, late[1:])), f"memory grew over the last blocks (MiB per block): {mib}"

@@ -83,7 +83,7 @@ def test_fused_qkv_projection_matches_the_reference_ops(layer):
 @pytest.mark.parametrize("shape", [(3, 77, 2816), (5, 100)])
 def test_residual_norm_kernels_round_like_the_reference_ops(dtype, shape):
     """add_rms_norm and ffn_residual, one kernel each, against the reference's chain of ops: at most one
-    ulp of the output dtype apart (rsqrt vs pow in the norms), and rarely even that."""
+    ulp of the output dtype apart (rsqrt vs pow in the norms), and in bf16 rarely even that."""
     from dgemma.ops.cuda import CudaOps
     from dgemma.ops.reference import ReferenceOps
 
@@ -100,7 +100,10 @@ def test_residual_norm_kernels_round_like_the_reference_ops(dtype, shape):
         diff = (got.float() - want.float()).abs()
         # An ulp of the normed branch before the residual add may survive cancellation against x.
         assert (diff <= (want.float().abs() + 2 * x.float().abs()) * ulp + 1e-6).all()
-        assert (diff > 0).float().mean() < 0.05
+        if dtype == torch.bfloat16:
+            # Rounding to bf16 hides the fp32 differences (rsqrt vs pow, fused multiply-adds) almost always; in fp32
+            # they show as one-ulp differences in a good share of the outputs, within the bound above.
+            assert (diff > 0).float().mean() < 0.05
 
 
 @pytest.mark.gpu

@@ -56,10 +56,12 @@ def test_generate_with_graphs_gives_the_tokens_without(batch):
               confidence_threshold=1e-30)
     capacity = 100 + 512 + 256 + 256
     eager_events, graph_events = [], []
-    eager_cache = eng.new_cache(batch, capacity)
+    # rollback=256: the small preset's sliding rings (window 64) then hold a 256-token commit, which a commit pass
+    # through encode_view (and so its graph) needs; without it the commit runs eagerly through encode.
+    eager_cache = eng.new_cache(batch, capacity, rollback=256)
     eager = eng.generate(ids, seed=5, cache=eager_cache, stream=eager_events.append, **kw)
     eng.cuda_graphs = True
-    cache = eng.new_cache(batch, capacity)
+    cache = eng.new_cache(batch, capacity, rollback=256)
     graphed = eng.generate(ids, seed=5, cache=cache, stream=graph_events.append, **kw)
     stepper = cache._graph_stepper
     assert stepper.failed is None, stepper.failed
@@ -122,7 +124,8 @@ def test_encode_view_matches_encode_on_the_gpu():
     encoder: the same K/V up to the split plan's rounding, the same validity and length."""
     eng = _engine()
     ids = torch.randint(3, eng.config.vocab_size, (2, 700), device="cuda")
-    a, b = eng.new_cache(2, 700 + 512), eng.new_cache(2, 700 + 512)
+    # rollback=256: each sliding ring (window 64) holds the 256-token block, as encode_view requires.
+    a, b = eng.new_cache(2, 700 + 512, rollback=256), eng.new_cache(2, 700 + 512, rollback=256)
     for cache in (a, b):
         eng.encode(ids, cache=cache)
     for n in range(2):

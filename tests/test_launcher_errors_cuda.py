@@ -525,7 +525,8 @@ def fp8_gated_mlp_table(c: Ctx) -> Table:
     def check(_):
         out = t.base["out"]
         assert torch.isfinite(out.float()).all()
-        assert rel_err(out, ReferenceOps().gated_mlp(x.float(), gate, up, down)) <= 3e-2
+        # two per-token E4M3 quantisations in a row (x, then the gelu·up intermediate): ~4.6 % against fp32
+    assert rel_err(out, ReferenceOps().gated_mlp(x.float(), gate, up, down)) <= 6e-2
 
     t.check = check
     return t
@@ -931,7 +932,7 @@ def moe_fp8_table(c: Ctx) -> Table:
     if ptr_bytes != nbytes:  # each pipeline asks for its own workspace
         t.bad("workspace of the other pipeline", f"workspace has {min(ptr_bytes, nbytes)} bytes, expected at least "
               f"{max(ptr_bytes, nbytes)}", workspace=c.empty(min(ptr_bytes, nbytes), dtype=U8),
-              contiguous=ptr_bytes > nbytes)
+              contiguous=nbytes > ptr_bytes)  # the pipeline that needs more, given the other's workspace
     t.type_error("contiguous is a string", "contiguous='yes'", contiguous="yes")
     # shared experts (the dense MLP in expert-sized pieces): the last `shared` of the stacks
     sh_out = c.empty(N_TOK, HID)

@@ -22,9 +22,16 @@ pytestmark = pytest.mark.gpu
 
 H, I, E, K = 2816, 704, 128, 8
 TOKEN_COUNTS = (1, 7, 255, 256, 1000, 2048)
-# Against the reference that quantises as the kernels do: what is left is the tensor cores' fp32
-# accumulation order and the ulp flips it causes in bf16/E4M3 roundings downstream.
+# Against the reference that quantises as the kernels do (and sums the E4M3 products exactly): what is left is the
+# tensor cores' accumulation and the ulp flips it causes in the bf16/E4M3 roundings downstream. The CUTLASS GEMMs use
+# Hopper's fast FP8 accumulation (no periodic promotion to fp32; about 14 bits kept), so a GEMM output differs from
+# the correctly rounded sum by a bf16 ulp now and then (bench/fp8_gemm_precision.py measures how often). One GEMM
+# (linear_fp8) stays within 1e-2. Where an intermediate is re-quantised to E4M3 (gelu·up before the down GEMM: the
+# gated MLP, the experts), such a flip before it moves an intermediate by a whole E4M3 step (6-12 %) in a few % of
+# the values: about 1.5 % relative error on an H200 (measured 1.3-2.2 %), bounded at 3e-2. A wrong scale, expert or
+# row costs far more (a one-E4M3-step scale error alone is 6 %).
 QUANT_REL_TOL = 1e-2
+QUANT_REL_TOL_REQUANTISED = 3e-2
 QUANT_DIFF_TOL = 1e-3
 # Against the unquantised fp32 reference (loose, end to end): one per-token E4M3 quantisation of the
 # activations costs ~2.7 % relative error, two in a row (MLP, experts) ~4.6 %.
@@ -35,11 +42,13 @@ POISON_INT = -(2 ** 31)  # never written by the plan kernel (ids are >= -1)
 rel_err = mref.rel_err
 
 
-def assert_matches_quantized_reference(out: torch.Tensor, ref: torch.Tensor, what: str):
+def assert_matches_quantized_reference(out: torch.Tensor, ref: torch.Tensor, what: str, *, requantised: bool = True):
+    """``requantised``: the pipeline re-quantises an intermediate (gated MLP, experts); False for one GEMM."""
     assert torch.isfinite(out).all(), f"{what}: non-finite output"
     err, diff = mref.rel_err(out, ref), mref.calc_diff(out, ref)
-    assert err <= QUANT_REL_TOL and diff <= QUANT_DIFF_TOL, (
-        f"{what}: relative error {err:.3g} (bound {QUANT_REL_TOL}), calc_diff {diff:.3g} (bound {QUANT_DIFF_TOL}) "
+    tol = QUANT_REL_TOL_REQUANTISED if requantised else QUANT_REL_TOL
+    assert err <= tol and diff <= QUANT_DIFF_TOL, (
+        f"{what}: relative error {err:.3g} (bound {tol}), calc_diff {diff:.3g} (bound {QUANT_DIFF_TOL}) "
         "against the FP8-quantised reference")
 
 
@@ -261,8 +270,12 @@ def check_routing(w, ids, w_ref, ids_ref, logits_ref, *, max_set_mismatch=0.02):
     same = (chosen_mask(ids, experts) == chosen_mask(ids_ref, experts)).all(1)
     allowed = max(2, math.ceil(max_set_mismatch * len(same)))
     assert int((~same).sum()) <= allowed, f"{int((~same).sum())} of {len(same)} rows chose other experts"
-    torch.testing.assert_close(mref.dense_routing(ids, w, experts)[same],
-                               mref.dense_routing(ids_ref, w_ref, experts)[same], rtol=1e-3, atol=1e-6)
+    got, want = mref.dense_routing(ids, w, experts)[same], mref.dense_routing(ids_ref, w_ref, experts)[same]
+    # The kernel sums a logit's products in another order than the exact reference: now and then that flips the
+    # logit's bf16 rounding by one ulp (|logit| 2^-8, about 1e-3 here), which moves the row's weights by as much.
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-6)
+    loose = ~torch.isclose(got, want, rtol=1e-3, atol=1e-6)
+    assert loose.float().mean().item() <= 1e-3, f"{int(loose.sum())} routing weights differ by more than 1e-3"
     lref = torch.nan_to_num(logits_ref, nan=float("-inf"))
     kth = lref.gather(1, ids_ref.long()).amin(1, keepdim=True)
     picked = lref.gather(1, ids.long())
@@ -639,7 +652,7 @@ def test_linear_fp8_matches_references(rows, n_out, k):
     out = nan_like((rows, n_out))
     cuda_moe.linear_fp8(x, w, out=out)
     what = f"linear_fp8 rows={rows} n={n_out} k={k}"
-    assert_matches_quantized_reference(out, mref.linear_fp8(x, w), what)
+    assert_matches_quantized_reference(out, mref.linear_fp8(x, w), what, requantised=False)
     assert_fp8_error_vs_fp32(out, x.float() @ w.dequantize().t(), FP32_TOL_ONE_QUANT, what)
 
 

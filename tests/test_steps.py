@@ -360,6 +360,24 @@ def test_encode_view_writes_what_encode_writes(prompt, rollback, pad):
         assert rel(x2, x1) < 1e-5
 
 
+def test_encode_view_refuses_a_block_longer_than_a_sliding_ring():
+    """Two positions of one block would share a ring slot (which lands is unspecified on a GPU): a clear error,
+    the cache untouched."""
+    from dgemma.errors import DgemmaError
+
+    eng = engine(canvas=16)
+    sliding = [i for i, spec in enumerate(eng.config.layers) if spec.is_sliding]
+    cache = eng.new_cache(1, 400)
+    eng.encode(ids(1, 10), cache=cache)
+    ring = min(cache.ring_size(i) for i in sliding)
+    before = snapshot(cache)
+    with pytest.raises(DgemmaError, match=rf"encode_view of {ring + 1} tokens .* has {ring} slots .*rollback >= 1"):
+        eng.model.encode_view(ids(1, ring + 1, seed=3), cache, cache.prefix_view())
+    after = snapshot(cache)
+    assert after[3] == before[3] and torch.equal(after[2], before[2])
+    assert all(torch.equal(x, y) for x, y in zip(after[0] + after[1], before[0] + before[1]))
+
+
 def test_the_commit_pass_of_one_bucket_launches_the_same_ops_whatever_the_length():
     eng = engine(capturable=True, canvas=16)
     block = ids(1, 16, seed=4)
@@ -526,3 +544,59 @@ def test_the_graph_stepper_runs_ahead_and_undoes_like_the_eager_one(monkeypatch)
     steps = sum(max(rows) for rows in at_once[0].steps_per_block) + early
     commits = len(at_once[0].steps_per_block) - 1
     assert stepper.replays + stepper.captures == steps + commits
+
+
+# -- teacher forcing (per-layer parity checks) ----------------------------------------------------------
+
+
+def test_decoder_layer_outputs_on_the_decoders_own_inputs_give_its_states():
+    """Each layer on the input the free-running decoder gave it: the same outputs (the reference ops in fp32; the
+    free run feeds the next layer's normed input from the fused residual op, teacher forcing norms it again)."""
+    eng = engine(canvas=16)
+    cache = eng.encode(ids(2, 20))
+    canvas = ids(2, 16, seed=9)
+    states = [x for _, x in eng.model._decoder_states(canvas, cache, None)]
+    outs = eng.model.decoder_layer_outputs(canvas, cache, states[:-1])
+    assert len(outs) == len(eng.config.layers)
+    for got, want in zip(outs, states[1:]):
+        assert rel(got, want) < 1e-5
+    # another input to one layer changes that layer's output only
+    moved = list(states[:-1])
+    moved[1] = moved[1] * 1.5
+    outs2 = eng.model.decoder_layer_outputs(canvas, cache, moved)
+    assert rel(outs2[1], outs[1]) > 1e-3 and all(torch.equal(a, b) for i, (a, b) in enumerate(zip(outs2, outs)) if i != 1)
+
+
+def test_decoder_layer_outputs_wants_one_input_per_layer():
+    from dgemma.errors import DgemmaError
+
+    eng = engine(canvas=16)
+    cache = eng.encode(ids(1, 8))
+    canvas = ids(1, 16, seed=2)
+    states = [x for _, x in eng.model._decoder_states(canvas, cache, None)]
+    with pytest.raises(DgemmaError, match=rf"one input per layer \({len(eng.config.layers)}\), got 1"):
+        eng.model.decoder_layer_outputs(canvas, cache, states[:1])
+
+
+def test_layer_parity_tool_reports_zero_for_one_backend_against_itself(tmp_path):
+    """bench/layer_parity.py on the CPU (reference backend against the reference): every comparison exact, and
+    with --fp32 the bf16-vs-fp32 distance reported (nonzero)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "parity.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "layer_parity.py"
+    r = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--backend", "reference", "--device", "cpu",
+                        "--quantization", "none", "--prompt", "9", "--canvas", "8", "--fp32", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                          "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    for key in ("decoder", "decoder_on_reference_cache", "decoder_teacher_forced"):
+        assert rep[key] and all(row["rel"] == 0 for row in rep[key]), key
+    assert all(row["k_rel"] == 0 and row["v_rel"] == 0 for row in rep["encoder"])
+    assert rep["logits"]["argmax_agreement"] == 1.0
+    assert rep["reference_bf16_vs_fp32"]["logits"]["rel"] > 0
+    assert "teacher-forced" in r.stdout

@@ -71,9 +71,11 @@ __device__ __forceinline__ RowState shfl_xor_state(const RowState& a, int mask) 
 }
 
 // cap·tanh(x/cap) = cap − 2cap/(exp(2x/cap) + 1): two MUFU ops; the clamp keeps the divisor below 2^126
-// where __fdividef is exact enough (its result tends to 0 as the true quotient does).
+// where __fdividef is exact enough (its result tends to 0 as the true quotient does). A NaN stays NaN (fminf would
+// return the 80: a NaN hidden state would then look like a confident logit).
 __device__ __forceinline__ float softcap(float x, float cap, float two_over_cap) {
-  const float e = __expf(fminf(x * two_over_cap, 80.f));
+  const float y = x * two_over_cap;
+  const float e = __expf(y > 80.f ? 80.f : y);
   return cap - __fdividef(2.f * cap, e + 1.f);
 }
 
@@ -152,7 +154,8 @@ __device__ __forceinline__ void fold_chunk(float (&acc)[16], int64_t col_base, i
       }
     }
   }
-  if (local_max != kNegSentinel) merge_sums(st, local_max, s, t);
+  // A chunk of NaN logits has no maximum (fmaxf skips NaN) but NaN sums: merged, they make the row's entropy NaN.
+  if (local_max != kNegSentinel || isnan(s)) merge_sums(st, local_max, s, t);
 }
 
 __device__ __forceinline__ StatsPartial stats_partial(const RowState& st) {

@@ -169,8 +169,10 @@ __global__ void __launch_bounds__(kMergeWarps * 32) vocab_head_merge_kernel(cons
     p.max_logit[row] = st.m;
     p.lse[row] = st.m + log_s;
     p.entropy[row] = log_s - st.t / st.s;
-    p.argmax[row] = st.argmax_index;
-    p.sample[row] = st.gumbel_index;
+    // A row whose logits are all NaN has no winner: token 0 (torch.argmax's answer there), never an index
+    // outside the vocabulary. Its entropy is NaN, so it is never accepted.
+    p.argmax[row] = st.argmax_index == kNoIndex ? 0 : st.argmax_index;
+    p.sample[row] = st.gumbel_index == kNoIndex ? 0 : st.gumbel_index;
   }
 }
 

@@ -29,6 +29,9 @@ struct TensorArg {
     return n;
   }
   bool is_contiguous() const {
+    // An empty tensor is contiguous whatever its strides (as torch says): no element is out of place.
+    for (int64_t extent : shape)
+      if (extent == 0) return true;
     int64_t expected = 1;
     for (int i = static_cast<int>(shape.size()) - 1; i >= 0; --i) {
       if (shape[i] != 1 && strides[i] != expected) return false;

@@ -156,6 +156,12 @@ class DiffusionGemmaModel:
         positions are scattered into the cache on the device; the caller updates ``cache.length`` (and saves
         what a transaction needs, :meth:`KVCache.save_for_undo`) on the host. Each sliding ring must hold T."""
         t = ids.shape[1]
+        for i, spec in enumerate(self.cfg.layers):
+            if spec.is_sliding and cache.ring_size(i) < t:
+                # Two positions would share a ring slot in one scatter (which one lands is unspecified on a GPU).
+                raise DgemmaError(f"encode_view of {t} tokens needs every sliding ring to hold them; layer {i}'s ring "
+                                  f"has {cache.ring_size(i)} slots (make the cache with rollback >= "
+                                  f"{t - cache.ring_size(i) + cache.rollback}, or use encode)")
         dev = ids.device
         positions = prefix.lengths.long()[:, None] + torch.arange(t, device=dev)  # [B, T]
         ropes = self._rope_tables(positions, self.w.embed.dtype)
@@ -202,17 +208,14 @@ class DiffusionGemmaModel:
         w = self.w
         return self.ops.norm_gated_mlp(soft, w.sc_pre_norm, self.cfg.rms_norm_eps, w.sc_gate, w.sc_up, w.sc_down)
 
-    def _decoder_states(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None,
-                        prefix: PrefixView | None = None):
-        """(layer, output) of the decoder over the canvas: (-1, its input), then each layer in turn."""
+    def _decoder_attend(self, canvas: torch.Tensor, cache: KVCache, prefix: PrefixView | None):
+        """``attend(i, x, h)`` for the decoder over ``canvas`` [B, C] at the positions after the cached prefix."""
         b, c = canvas.shape
         if prefix is None:
             positions = torch.arange(cache.length, cache.length + c, device=canvas.device)[None]
         else:
             positions = prefix.lengths.long()[:, None] + torch.arange(c, device=canvas.device)
         ropes = self._rope_tables(positions, self.w.embed.dtype)
-        x, h = self._decoder_input_qkv(canvas, soft)
-        yield -1, x
 
         def attend(i: int, x: torch.Tensor, h) -> torch.Tensor:
             q, k, v = self._project_qkv(i, x, ropes, h)
@@ -220,9 +223,32 @@ class DiffusionGemmaModel:
                 return self.ops.decoder_attention(q, k, v, cache, i).reshape(b, c, -1)
             return self.ops.decoder_attention(q, k, v, cache, i, prefix).reshape(b, c, -1)
 
+        return attend
+
+    def _decoder_states(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None,
+                        prefix: PrefixView | None = None):
+        """(layer, output) of the decoder over the canvas: (-1, its input), then each layer in turn."""
+        attend = self._decoder_attend(canvas, cache, prefix)
+        x, h = self._decoder_input_qkv(canvas, soft)
+        yield -1, x
         for i, lw in enumerate(self.w.layers):
             x, h = self._layer(i, x, h, attend, lw.decoder_scalar)
             yield i, x
+
+    def decoder_layer_outputs(self, canvas: torch.Tensor, cache: KVCache, inputs: list[torch.Tensor]
+                              ) -> list[torch.Tensor]:
+        """Each decoder layer i applied to ``inputs[i]`` [B, C, H] (another run's input to that layer, e.g. the
+        reference backend's), over ``canvas`` at the positions after the cached prefix: the outputs, one per layer.
+
+        Teacher forcing for parity checks: each output carries that layer's own error only. Run freely, errors
+        compound, and on random weights they grow several-fold per layer (sharp random attention), so two correct
+        backends end up uncorrelated after a few dozen layers."""
+        if len(inputs) != len(self.w.layers):
+            raise DgemmaError(f"decoder_layer_outputs takes one input per layer ({len(self.w.layers)}), "
+                              f"got {len(inputs)}")
+        attend = self._decoder_attend(canvas, cache, None)
+        return [self._layer(i, x.to(self.w.embed.dtype), None, attend, lw.decoder_scalar)[0]
+                for i, (lw, x) in enumerate(zip(self.w.layers, inputs))]
 
     def denoise_hidden(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None,
                        prefix: PrefixView | None = None) -> torch.Tensor:

@@ -212,8 +212,10 @@ class HeadScalars:
     never a host-to-device copy that would wait for the stream."""
 
     def __init__(self, device: torch.device | str):
-        self.seed_step = torch.zeros(2, dtype=torch.int64, device=device)
-        self.temperature = torch.ones(1, dtype=torch.float32, device=device)
+        # Normal tensors even when made in inference mode (generate runs in it): set() fills them in either mode.
+        with torch.inference_mode(False):
+            self.seed_step = torch.zeros(2, dtype=torch.int64, device=device)
+            self.temperature = torch.ones(1, dtype=torch.float32, device=device)
 
     def set(self, seed: int, step: int, temperature: float) -> None:
         self.seed_step[0].fill_(seed)

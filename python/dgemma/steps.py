@@ -141,6 +141,7 @@ class CudaGraphStepper(FusedHeadStepper):
         self.sampler = sampler
         self.counter_at_call = sampler.counter
 
+    @torch.inference_mode()  # its buffers and graphs are made in inference mode (by generate), whoever calls it
     def __call__(self, canvas: torch.Tensor, soft: torch.Tensor | None, n: int, finished: torch.Tensor) -> Draw:
         if self.failed is not None:
             return super().__call__(canvas, soft, n, finished)
@@ -180,6 +181,7 @@ class CudaGraphStepper(FusedHeadStepper):
         while len(self.graphs) > MAX_GRAPHS_PER_CACHE:
             self.graphs.popitem(last=False)
 
+    @torch.inference_mode()
     def _encode_view(self, ids: torch.Tensor) -> None:
         """The commit pass replayed from a graph per (tokens, prefix bucket, padding), like the steps."""
         if self.failed is not None:

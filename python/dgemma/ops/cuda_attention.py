@@ -62,7 +62,8 @@ def _split_counters(device: torch.device, shape: tuple[int, int, int]) -> torch.
                                f"allocated before a CUDA graph capture (run the step once eagerly first)")
         if buf is not None:
             _RETIRED_COUNTERS.append(buf)
-        buf = _COUNTERS[index] = torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device)
+        with torch.inference_mode(False):  # usable in and outside inference mode (see cuda_moe._workspace)
+            buf = _COUNTERS[index] = torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device)
     return buf[:n].view(shape)
 
 

@@ -50,7 +50,9 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     _generations[key] = _generations.get(key, 0) + 1  # whatever the previous user left there is gone
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < nbytes:
-        ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+        # A normal tensor even when the first caller runs in inference mode: later callers outside it may write it.
+        with torch.inference_mode(False):
+            ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
         _workspaces[key] = ws
     return ws
 
