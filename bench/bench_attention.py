@@ -35,7 +35,7 @@ def _randn(gen, *shape, scale=1.0):
     return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(BF16)
 
 
-def _case(name, *, batch, d, hq, hkv, window, ring, prefix, t, causal):
+def _case(name, *, batch, d, hq, hkv, window, ring, prefix, t, causal, splits=()):
     gen = torch.Generator(device="cuda").manual_seed(0)
     slots = ring if ring else prefix + t
     ck, cv = _randn(gen, batch, hkv, slots, d), _randn(gen, batch, hkv, slots, d)
@@ -61,11 +61,12 @@ def _case(name, *, batch, d, hq, hkv, window, ring, prefix, t, causal):
 
     lens = torch.full((batch,), prefix, dtype=torch.int32, device="cuda")
 
-    def kernel(impl):
+    def kernel(impl, num_splits=None):
         if causal:
             return lambda: encoder_attention(q, tk, tv, ck, cv, lens, ring, window, out=out, max_prefix=prefix,
                                              impl=impl)
-        return lambda: decoder_attention(q, ck, cv, tk, tv, lens, ring, window, out=out, max_prefix=prefix, impl=impl)
+        return lambda: decoder_attention(q, ck, cv, tk, tv, lens, ring, window, out=out, max_prefix=prefix, impl=impl,
+                                         num_splits=num_splits)
 
     def sdpa():
         return F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)
@@ -102,6 +103,16 @@ def _case(name, *, batch, d, hq, hkv, window, ring, prefix, t, causal):
         results.append(dict(name=f"{name}_{impl}", **row))
         if impl == default:
             results.append(dict(name=name, **row))
+        for n in () if causal else splits:  # the split-KV count forced (the planner's choice is the row above)
+            run = kernel(impl, n)
+            try:
+                run()
+                ms = median(time_cuda(run, warmup=3, iters=20))
+            except RuntimeError as e:
+                print(f"{name}_{impl}_s{n}: {e}")
+                continue
+            results.append(dict(name=f"{name}_{impl}_s{n}", median_ms=ms, tflops=flops / ms / 1e9,
+                                peak_share=flops / rate * 1e3 / ms, impl=impl, num_splits=n, **shape))
     return results
 
 
@@ -126,10 +137,22 @@ CASES = [
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/attention.json")
+    ap.add_argument("--splits", default="", help="also time the decoder cases at these forced split-KV counts, "
+                    "e.g. 1,2,4,8 (rows {case}_{impl}_s{n})")
+    ap.add_argument("--cases", default="", help="only the cases whose names contain one of these (comma-separated)")
     args = ap.parse_args()
+    try:
+        splits = tuple(int(x) for x in args.splits.split(",") if x.strip())
+    except ValueError:
+        ap.error(f"--splits takes comma-separated positive integers, got {args.splits!r}")
+    if any(n <= 0 for n in splits):
+        ap.error(f"--splits takes positive integers, got {args.splits!r}")
+    wanted = [w for w in args.cases.split(",") if w.strip()]
     results = []
     for case in CASES:
-        results += _case(**case)
+        if wanted and not any(w in case["name"] for w in wanted):
+            continue
+        results += _case(**case, splits=splits)
     write_results(args.out, results)
 
 
