@@ -80,6 +80,9 @@ def median(xs: list[float]) -> float:
 
 
 def _commit() -> str:
+    """DGEMMA_COMMIT when set (a copied working tree's git metadata may lag its files), else git's HEAD."""
+    if os.environ.get("DGEMMA_COMMIT"):
+        return os.environ["DGEMMA_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):

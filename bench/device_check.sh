@@ -28,6 +28,8 @@ LOG="$OUT/device_check.log"
 STAGES="${STAGES:-build tests sanitize bench e2e}"
 KERNEL_TESTS="${KERNEL_TESTS:-tests/test_extension.py tests/test_moe_cuda.py tests/test_vocab_head_cuda.py tests/test_attention_cuda.py tests/test_launcher_errors_cuda.py}"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}"
+# The result files record COMMIT (bench/common.py): a copied tree's git metadata can lag its files.
+[[ -n "${COMMIT:-}" ]] && export DGEMMA_COMMIT="$COMMIT"
 PY="${PYTHON:-python3}"
 t0=$(date +%s)
 

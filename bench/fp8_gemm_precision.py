@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
               f"max {row['max_ulps']:.1f} ulp, relative error {row['rel_err']:.2e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "commit": os.environ.get("DGEMMA_COMMIT", "unknown"), "command": " ".join(["python", *sys.argv]),
+                       "rows": rows}, f, indent=1)
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict = {"preset": args.preset, "backend": args.backend, "quantization": args.quantization,
                     "prompt": args.prompt, "batch": args.batch, "canvas": args.canvas, "device": str(eng.device)}
+    report.update(torch=torch.__version__, command=" ".join(["python", *sys.argv]),
+                  commit=os.environ.get("DGEMMA_COMMIT", "unknown"))
     if eng.device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(eng.device)
     with torch.inference_mode():
