@@ -6,8 +6,8 @@ FLOPs count 4*q*k*d per query head (QK^T and PV); causal cases count only the un
 SDPA runs on the same inputs with the visible K/V already gathered into contiguous tensors (the
 gather is not timed), scale 1, grouped heads expanded by enable_gqa.
 
-Rows: ``{case}`` is the kernel generation runs (DGEMMA_ATTENTION, else the default; see
-dgemma.ops.cuda_attention.attention_impl), ``{case}_{impl}`` each kernel, and
+Rows: ``{case}`` is the kernel generation runs (DGEMMA_ATTENTION, else the default ``auto``, resolved per case by
+dgemma.ops.cuda_attention.kernel_for), ``{case}_{impl}`` each kernel, and
 ``{case}_torch_sdpa`` SDPA. ``speedup_vs_sdpa``: SDPA's median over the kernel's, same run; ``peak_share``: the
 kernel's FLOP/s over torch's bf16 matmul rate measured in this run (bench/common.py bf16_matmul_flops).
 """
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from common import bf16_matmul_flops, median, roofline_ms, time_cuda, write_results  # noqa: E402
 
-from dgemma.ops.cuda_attention import IMPLS, attention_impl, decoder_attention, encoder_attention  # noqa: E402
+from dgemma.ops.cuda_attention import (IMPLS, attention_impl, decoder_attention, encoder_attention,  # noqa: E402
+                                       kernel_for)
 from dgemma.ops.reference import ReferenceOps  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -87,7 +88,8 @@ def _case(name, *, batch, d, hq, hkv, window, ring, prefix, t, causal, splits=()
         results.append(dict(name=name + "_torch_sdpa", median_ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9,
                             peak_share=flops / rate * 1e3 / sdpa_ms, roofline_ms=roofline_ms(bytes_moved, flops, rate),
                             **shape))
-    default = attention_impl()
+    default = kernel_for(attention_impl(), head_dim=d, causal=causal, batch=batch, q_heads=hq, kv_heads=hkv, queries=t,
+                         max_prefix=prefix, window=window, num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
     for impl in IMPLS:
         run = kernel(impl)
         try:

@@ -102,7 +102,8 @@ if want quick; then
 fi
 
 if want tests; then
-  # PYTEST_ARGS adds e.g. "-n 4" (pytest-xdist: a worker that faults is reported and replaced, the run goes on).
+  # PYTEST_ARGS adds e.g. "-n 4 --dist loadfile" (pytest-xdist: a worker that faults is reported and replaced, the run
+  # goes on; loadfile keeps a module in one worker, so the 26B module builds its ~45 GiB engines once).
   TAIL=60 run "${TESTS_S:-420}" $PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE ${PYTEST_ARGS:-}
   cp "$OUT/last.txt" "$OUT/tests.txt"
 fi

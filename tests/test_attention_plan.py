@@ -192,9 +192,9 @@ def test_the_attention_kernel_comes_from_the_argument_or_the_environment(monkeyp
     ca, lib = _fake_cuda(monkeypatch)
     monkeypatch.delenv("DGEMMA_DISABLE_KERNELS", raising=False)
     monkeypatch.delenv("DGEMMA_ATTENTION", raising=False)
-    assert ca.attention_impl() == ca.DEFAULT_IMPL == "mma_sync" and set(ca.IMPLS) == {"mma_sync", "wgmma"}
+    assert ca.attention_impl() == ca.DEFAULT_IMPL == "auto" and set(ca.IMPLS) == {"mma_sync", "wgmma"}
     q, cache, tail, out = _decoder_tensors()
-    ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
+    ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)  # auto: batch 1 sliding -> mma_sync
     monkeypatch.setenv("DGEMMA_ATTENTION", "wgmma")
     ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
     ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out, impl="mma_sync")
@@ -209,7 +209,7 @@ def test_the_attention_kernel_comes_from_the_argument_or_the_environment(monkeyp
     assert full["num_splits"] * full["split_tiles"] >= 133  # (4000 + 256) / 32
     monkeypatch.setenv("DGEMMA_ATTENTION", "fa3")
     with pytest.raises(DgemmaError, match=r"DGEMMA_ATTENTION = 'fa3' is not an attention implementation; "
-                                          r"expected one of mma_sync, wgmma"):
+                                          r"expected one of auto, mma_sync, wgmma"):
         ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
     with pytest.raises(DgemmaError, match=r"impl = 'tma' is not an attention implementation"):
         ca.attention_impl("tma")
@@ -229,3 +229,47 @@ def test_packed_plan_counts_tokens_as_keys_and_packed_rows_as_query_tiles(prefix
     with pytest.raises(ValueError, match="key_queries 0 must be positive"):
         plan_splits(batch=1, q_heads=8, queries=512, max_prefix=prefix, window=1024, block_m=128, block_n=64,
                     num_sms=132, key_queries=0)
+
+
+@pytest.mark.parametrize("case,expected", [
+    # encoder (causal): wgmma at both head dims
+    (dict(head_dim=256, causal=True, batch=1, q_heads=16, kv_heads=8, queries=4096, max_prefix=0, window=1024),
+     "wgmma"),
+    (dict(head_dim=512, causal=True, batch=1, q_heads=16, kv_heads=2, queries=17, max_prefix=0, window=None), "wgmma"),
+    # full layer decoder: by visible keys (4096 + 256 >= 4096; 1024 + 256 < 4096)
+    (dict(head_dim=512, causal=False, batch=1, q_heads=16, kv_heads=2, queries=256, max_prefix=4096, window=None),
+     "wgmma"),
+    (dict(head_dim=512, causal=False, batch=1, q_heads=16, kv_heads=2, queries=256, max_prefix=1024, window=None),
+     "mma_sync"),
+    # sliding layer decoder: batch 1 packs 8 x 4 = 32 row tiles (< 132 / 2), batch 4 128 (>= 66)
+    (dict(head_dim=256, causal=False, batch=1, q_heads=16, kv_heads=8, queries=256, max_prefix=1023, window=1024),
+     "mma_sync"),
+    (dict(head_dim=256, causal=False, batch=4, q_heads=16, kv_heads=8, queries=256, max_prefix=1023, window=1024),
+     "wgmma"),
+    (dict(head_dim=256, causal=False, batch=3, q_heads=16, kv_heads=8, queries=256, max_prefix=50, window=1024),
+     "wgmma"),  # 96 tiles
+    (dict(head_dim=256, causal=False, batch=2, q_heads=16, kv_heads=8, queries=256, max_prefix=50, window=1024),
+     "wgmma"),  # 64 tiles: 128 >= 128 with 128 multiprocessors
+])
+def test_auto_picks_the_kernel_from_the_call_shape(case, expected):
+    import dgemma.ops.cuda_attention as ca
+
+    sms = 128 if case["batch"] == 2 else 132
+    assert ca.kernel_for("auto", num_sms=sms, **case) == expected
+    for kernel in ca.IMPLS:  # a kernel's name is that kernel, whatever the shape
+        assert ca.kernel_for(kernel, num_sms=sms, **case) == kernel
+
+
+def test_auto_runs_both_kernels_through_the_launcher(monkeypatch):
+    """The default policy sends a batch-1 sliding decoder call to mma_sync and a 4,000-token full-layer call to wgmma
+    (impl 0 and 1 at the launcher), each with its own tile shape's counters."""
+    ca, lib = _fake_cuda(monkeypatch)
+    monkeypatch.delenv("DGEMMA_DISABLE_KERNELS", raising=False)
+    monkeypatch.delenv("DGEMMA_ATTENTION", raising=False)
+    q, cache, tail, out = _decoder_tensors()
+    ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
+    q5, cache5, tail5, out5 = _decoder_tensors(d=512, hkv=2, slots=4096)
+    ca.decoder_attention(q5, cache5, cache5, tail5, tail5, 4000, 0, None, out=out5)
+    sliding, full = lib.calls
+    assert (sliding["impl"], full["impl"]) == (0, 1)
+    assert tuple(sliding["counters"].shape) == (1, 16, 4) and tuple(full["counters"].shape) == (1, 2, 32)

@@ -51,9 +51,8 @@ __device__ __forceinline__ float block_max(float v, float* smem32) {
   return warp_max(v);
 }
 
-// 8 bf16 values from a 16-byte aligned address.
-__device__ __forceinline__ void load_bf16x8(const __nv_bfloat16* p, float (&v)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+// 8 bf16 values held in 16 bytes, as floats.
+__device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float (&v)[8]) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -61,6 +60,11 @@ __device__ __forceinline__ void load_bf16x8(const __nv_bfloat16* p, float (&v)[8
     v[2 * i] = f.x;
     v[2 * i + 1] = f.y;
   }
+}
+
+// 8 bf16 values from a 16-byte aligned address.
+__device__ __forceinline__ void load_bf16x8(const __nv_bfloat16* p, float (&v)[8]) {
+  unpack_bf16x8(*reinterpret_cast<const uint4*>(p), v);
 }
 
 __device__ __forceinline__ uint2 fp8x8(const float (&v)[8], float scale) {

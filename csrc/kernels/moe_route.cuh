@@ -79,17 +79,18 @@ __device__ __forceinline__ void route_normalize_row(const __nv_bfloat16* __restr
     return yr != nullptr ? add_norm_value(xr, yr, res.w, ry, i) : __bfloat162float(xr[i]);
   };
   float ss = 0.f;
-  for (int i = lane; i < hidden; i += 32) {
-    const float v = value(i);
+  for_row_elements(hidden, lane, value, [&](int i, float v) {
     if (yr != nullptr && res.out != nullptr) res.out[token * hidden + i] = __float2bfloat16_rn(v);
     ss = fmaf(v, v, ss);
-  }
+  });
   const float inv_rms = rsqrtf(warp_sum(ss) / static_cast<float>(hidden) + eps);
-  for (int i = lane; i < hidden; i += 32) {
-    float v = round_bf16(value(i) * inv_rms);
-    v = round_bf16(v * __bfloat162float(scale[i]));
-    store(i, __float2bfloat16_rn(v * inv_sqrt_hidden));
-  }
+  for_row_elements(
+      hidden, lane,
+      [&](int i) {
+        const float v = round_bf16(value(i) * inv_rms);
+        return round_bf16(v * __bfloat162float(scale[i]));
+      },
+      [&](int i, float v) { store(i, __float2bfloat16_rn(v * inv_sqrt_hidden)); });
 }
 
 // One token's softmax over its (bf16-rounded) logits, top-k and renormalisation, by one warp (the tie and NaN

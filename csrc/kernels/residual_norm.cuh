@@ -52,23 +52,21 @@ template <typename T, typename OutAt>
 __device__ __forceinline__ void store_and_quantize(OutAt&& out_at, T* __restrict__ outr, int dim, float eps, int lane,
                                                    int64_t row, const ResidualQuant<T>& quant) {
   float ss = 0.f;
-  for (int i = lane; i < dim; i += 32) {
-    const float f = out_at(i);
+  for_row_elements(dim, lane, out_at, [&](int i, float f) {
     outr[i] = from_float<T>(f);
     ss = fmaf(f, f, ss);
-  }
+  });
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     if (quant.q != nullptr) {
 #pragma unroll
       for (int offset = 16; offset > 0; offset >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, offset);
       const float inv_rms = rsqrtf(ss / static_cast<float>(dim) + eps);
+      auto normed_at = [&](int i) { return __bfloat162float(normed_value(out_at(i), quant.weight, i, inv_rms)); };
       float amax = 0.f;
-      for (int i = lane; i < dim; i += 32)
-        amax = fmaxf(amax, fabsf(__bfloat162float(normed_value(out_at(i), quant.weight, i, inv_rms))));
+      for_row_elements(dim, lane, normed_at, [&](int, float v) { amax = fmaxf(amax, fabsf(v)); });
       const float s = fp8_scale_from_amax(warp_max(amax));
       uint8_t* qr = quant.q + row * static_cast<int64_t>(dim);
-      for (int i = lane; i < dim; i += 32)
-        qr[i] = fp8_quantize(__bfloat162float(normed_value(out_at(i), quant.weight, i, inv_rms)), s);
+      for_row_elements(dim, lane, normed_at, [&](int i, float v) { qr[i] = fp8_quantize(v, s); });
       if (lane == 0) quant.scale[row] = s;
     }
   }
@@ -100,6 +98,9 @@ inline size_t expert_branches_smem_bytes(int dim) {
   return static_cast<size_t>(kRmsNormWarpsPerBlock) * 2 * static_cast<size_t>(dim) * sizeof(__nv_bfloat16);
 }
 
+// Slots whose rows a lane loads together in gather_expert_branches (their loads in flight at once).
+constexpr int kBranchBatch = 4;
+
 // One warp: row `row`'s two branches into mlp[0, dim) and moe[0, dim) (shared memory).
 __device__ __forceinline__ void gather_expert_branches(const ExpertBranches& eb, int64_t row, int dim, int lane,
                                                        __nv_bfloat16* mlp, __nv_bfloat16* moe) {
@@ -107,18 +108,29 @@ __device__ __forceinline__ void gather_expert_branches(const ExpertBranches& eb,
   for (int c = 8 * lane; c < dim; c += 8 * 32) {
     float acc_mlp[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     float acc_moe[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int k = 0; k < eb.slots; ++k) {
-      const int r = ro[k];
-      if (r < 0) continue;
-      float v[8];
-      load_bf16x8(eb.down + static_cast<int64_t>(r) * dim + c, v);
-      const bool routed = k < eb.top_k;
+    for (int k0 = 0; k0 < eb.slots; k0 += kBranchBatch) {
+      // kBranchBatch slots' loads first, then their sums in slot order (the order of the plain loop).
+      int r[kBranchBatch];
+      uint4 raw[kBranchBatch];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if (routed)
-          acc_moe[i] += v[i];
-        else
-          acc_mlp[i] += v[i];
+      for (int j = 0; j < kBranchBatch; ++j) {
+        r[j] = k0 + j < eb.slots ? ro[k0 + j] : -1;
+        raw[j] = r[j] >= 0 ? *reinterpret_cast<const uint4*>(eb.down + static_cast<int64_t>(r[j]) * dim + c)
+                           : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int j = 0; j < kBranchBatch; ++j) {
+        if (r[j] < 0) continue;  // no row: nothing added, as in the plain loop
+        float v[8];
+        unpack_bf16x8(raw[j], v);
+        const bool routed = k0 + j < eb.top_k;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          if (routed)
+            acc_moe[i] += v[i];
+          else
+            acc_mlp[i] += v[i];
+        }
       }
     }
     store_bf16x8(mlp + c, acc_mlp);
@@ -167,10 +179,7 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
     return rounded<T>(__fadd_rn(na, nb));
   };
   float ss = 0.f;
-  for (int i = lane; i < dim; i += 32) {
-    const float s = sum_at(i);
-    ss = fmaf(s, s, ss);
-  }
+  for_row_elements(dim, lane, sum_at, [&](int, float s) { ss = fmaf(s, s, ss); });
   const float rs = rsqrtf(warp_total(ss) / static_cast<float>(dim) + eps);
   const float k = to_float(*scalar);
   auto out_at = [&](int i) {
@@ -204,10 +213,7 @@ static __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
     return v;
   };
   float ss = 0.f;
-  for (int i = lane; i < dim; i += 32) {
-    const float v = x_at(i);
-    ss = fmaf(v, v, ss);
-  }
+  for_row_elements(dim, lane, x_at, [&](int, float v) { ss = fmaf(v, v, ss); });
   const float inv_rms = rsqrtf(warp_total(ss) / static_cast<float>(dim) + eps);
   auto out_at = [&](int i) { return to_float(normed_value<T>(x_at(i), nullptr, i, inv_rms)); };
   store_and_quantize(out_at, out + row * dim, dim, eps, lane, row, quant);

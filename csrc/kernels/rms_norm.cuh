@@ -33,15 +33,37 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 // in at most ~90 elements per lane; the second pass re-reads the row from L1.
 constexpr int kRmsNormWarpsPerBlock = 4;
 
+// A warp's pass over one row: lane l visits elements l, l + 32, l + 64, ... < dim, in that order, calling
+// use(i, value(i)). kRowBatch visits at a time: every value of a batch (its loads) comes before any use (a sum, a
+// store), so a warp keeps kRowBatch loads in flight rather than one. One warp per row leaves little else to hide the
+// latency (256 rows: two warps per multiprocessor); the order of the visits, so every fp32 sum, is the plain
+// loop's.
+constexpr int kRowBatch = 4;
+
+template <typename Value, typename Use>
+__device__ __forceinline__ void for_row_elements(int dim, int lane, Value&& value, Use&& use) {
+  for (int base = lane; base < dim; base += 32 * kRowBatch) {
+    float v[kRowBatch];
+#pragma unroll
+    for (int j = 0; j < kRowBatch; ++j) {
+      const int i = base + 32 * j;
+      v[j] = i < dim ? value(i) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kRowBatch; ++j) {
+      const int i = base + 32 * j;
+      if (i < dim) use(i, v[j]);
+    }
+  }
+}
+
 // 1 / rms of one row for the calling warp (every lane gets it). Shared by both kernels below, so a norm
 // followed by a quantisation sees exactly the values the plain norm writes.
 template <typename T>
 __device__ __forceinline__ float row_inv_rms(const T* __restrict__ xr, int dim, float eps, int lane) {
   float sum_sq = 0.f;
-  for (int i = lane; i < dim; i += 32) {
-    const float v = to_float(xr[i]);
-    sum_sq = fmaf(v, v, sum_sq);
-  }
+  for_row_elements(dim, lane, [&](int i) { return to_float(xr[i]); },
+                   [&](int, float v) { sum_sq = fmaf(v, v, sum_sq); });
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
   // Same formula as the reference: (mean + eps)^-0.5, not rsqrt of a differently rounded value.
@@ -73,7 +95,8 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   const T* xr = x + row * x_row_stride;
   T* yr = y + row * y_row_stride;
   const float inv_rms = row_inv_rms(xr, dim, eps, lane);
-  for (int i = lane; i < dim; i += 32) yr[i] = normed(xr, weight, i, inv_rms);
+  for_row_elements(dim, lane, [&](int i) { return to_float(normed(xr, weight, i, inv_rms)); },
+                   [&](int i, float v) { yr[i] = from_float<T>(v); });  // v is a T value: stored exactly
 }
 
 // The input of an FP8 GEMM in one pass: y = rms_norm(x) [* w] rounded to bf16 as rms_norm_kernel rounds it,
@@ -91,10 +114,11 @@ static __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   const __nv_bfloat16* xr = x + row * x_row_stride;
   const float inv_rms = row_inv_rms(xr, dim, eps, lane);
   float amax = 0.f;
-  for (int i = lane; i < dim; i += 32) amax = fmaxf(amax, fabsf(__bfloat162float(normed(xr, weight, i, inv_rms))));
+  auto normed_at = [&](int i) { return __bfloat162float(normed(xr, weight, i, inv_rms)); };
+  for_row_elements(dim, lane, normed_at, [&](int, float v) { amax = fmaxf(amax, fabsf(v)); });
   const float s = fp8_scale_from_amax(warp_max(amax));
   uint8_t* qr = q + row * static_cast<int64_t>(dim);
-  for (int i = lane; i < dim; i += 32) qr[i] = fp8_quantize(__bfloat162float(normed(xr, weight, i, inv_rms)), s);
+  for_row_elements(dim, lane, normed_at, [&](int i, float v) { qr[i] = fp8_quantize(v, s); });
   if (lane == 0) scale[row] = s;
 }
 

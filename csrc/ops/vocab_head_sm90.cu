@@ -22,27 +22,35 @@ using PingpongClusterStats = VocabStatsGemm<64, 128, cutlass::gemm::KernelTmaWar
 using CooperativeStats = VocabStatsGemm<128, 128, cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
 
 // The statistics GEMM's variant, DGEMMA_VOCAB_HEAD_STATS (read once per process; a tuning switch for the benchmark
-// sweep): "pingpong_cluster2" (the default: ping-pong, the embedding tile multicast to a cluster of two row tiles),
-// "pingpong" (no cluster) or "cooperative". An unknown name is refused (ValueError naming it) by every call.
+// sweep): "auto" (the default: "pingpong" up to kPingpongMaxRows rows, else "cooperative"), "pingpong_cluster2"
+// (ping-pong, the embedding tile multicast to a cluster of two row tiles), "pingpong" (no cluster) or "cooperative".
+// An unknown name is refused (ValueError naming it) by every call. On an H200 (bench/results/vocab_head_*.json, vocab
+// 262144, hidden 2816): 256 rows 2.73 / 3.00 / 3.37 ms (pingpong / cooperative / pingpong_cluster2), 1024 rows
+// 11.8 / 8.29 / 12.4 ms.
 // NOTE: 128 vocab ids per tile: 256 (a 64 x 256 accumulator per warpgroup, 128 registers per thread) spills in this
 // epilogue under the kernel's 168-register budget.
-enum class StatsVariant { kPingpongCluster2, kPingpong, kCooperative };
+enum class StatsVariant { kAuto, kPingpongCluster2, kPingpong, kCooperative };
+constexpr int64_t kPingpongMaxRows = 512;
 
 StatsVariant stats_variant() {
   static const StatsVariant v = [] {
     const char* s = std::getenv("DGEMMA_VOCAB_HEAD_STATS");
-    if (s == nullptr || *s == '\0' || std::strcmp(s, "pingpong_cluster2") == 0) return StatsVariant::kPingpongCluster2;
+    if (s == nullptr || *s == '\0' || std::strcmp(s, "auto") == 0) return StatsVariant::kAuto;
+    if (std::strcmp(s, "pingpong_cluster2") == 0) return StatsVariant::kPingpongCluster2;
     if (std::strcmp(s, "pingpong") == 0) return StatsVariant::kPingpong;
     if (std::strcmp(s, "cooperative") == 0) return StatsVariant::kCooperative;
     ::dgemma::throw_invalid(std::string("DGEMMA_VOCAB_HEAD_STATS=") + s +
-                            " is not a statistics GEMM variant (pingpong_cluster2, pingpong, cooperative)");
+                            " is not a statistics GEMM variant (auto, pingpong_cluster2, pingpong, cooperative)");
   }();
   return v;
 }
 
+// fn(the statistics GEMM of a problem of `rows` rows). Every variant has 128-wide vocab tiles (the same layout).
 template <class Fn>
-auto with_stats_gemm(Fn&& fn) {
-  switch (stats_variant()) {
+auto with_stats_gemm(int64_t rows, Fn&& fn) {
+  StatsVariant v = stats_variant();
+  if (v == StatsVariant::kAuto) v = rows <= kPingpongMaxRows ? StatsVariant::kPingpong : StatsVariant::kCooperative;
+  switch (v) {
     case StatsVariant::kPingpong:
       return fn(PingpongStats{});
     case StatsVariant::kCooperative:
@@ -71,7 +79,7 @@ Sm90Plan make_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft) {
   p.canvas = 1;
   p.batch = static_cast<int>(rows);
   const VocabHeadLayout l = VocabHeadLayout::make(static_cast<int>(rows), 1, vocab, dim, 0, 0, 0, with_soft);
-  with_stats_gemm([&](auto g) {
+  with_stats_gemm(rows, [&](auto g) {
     using G = decltype(g);
     plan.parts = stats_tiles(vocab, G::kTileN);
     plan.cutlass_bytes = G::Gemm::get_workspace_size(G::arguments(p, l, sms, 0));
@@ -99,7 +107,7 @@ Sm90Plan sm90_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft) {
 }
 
 cudaError_t sm90_stats(const VocabHeadParams& p, const VocabHeadLayout& l, int sms, int device, cudaStream_t stream) {
-  return with_stats_gemm([&](auto g) {
+  return with_stats_gemm(l.rows, [&](auto g) {
     using G = decltype(g);
     if (l.parts != stats_tiles(p.vocab, G::kTileN)) return cudaErrorInvalidValue;  // a layout of another plan
     unsigned char* ws = static_cast<unsigned char*>(p.workspace);

@@ -538,10 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-graphs", default="auto", choices=["auto", "off", "on", "both"],
                    help="time steps and blocks without (off) and/or with CUDA graphs (rows *_graphs_*); auto: both "
                         "where the step can be captured (CUDA, fused head, FP8 experts), else off")
-    b.add_argument("--attention", default=None, choices=["mma_sync", "wgmma"],
-                   help="the attention kernel on a GPU (default: DGEMMA_ATTENTION, else mma_sync)")
+    b.add_argument("--attention", default=None, choices=["auto", "mma_sync", "wgmma"],
+                   help="the attention kernel on a GPU (default: DGEMMA_ATTENTION, else auto: per call by shape)")
     b.add_argument("--vocab-head", default=None, choices=["mma_sync", "wgmma"],
-                   help="the fused vocabulary head's GEMMs on a GPU (default: DGEMMA_VOCAB_HEAD, else mma_sync)")
+                   help="the fused vocabulary head's GEMMs on a GPU (default: DGEMMA_VOCAB_HEAD, else wgmma)")
     b.add_argument("--json", default=None, help="write the results to this JSON file")
     b.add_argument("--plot", default=None,
                    help="write a PNG: latency vs batch and vs prefix length, with roofline (needs matplotlib)")

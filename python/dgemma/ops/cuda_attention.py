@@ -7,8 +7,9 @@ layer's stores position p at slot p (``ring_size=0``). Scale is 1 (q/k norms mak
 fp32, K/V heads are grouped (query head h uses KV head ``h // (Hq // Hkv)``). head_dim 256 or 512.
 
 Two kernels (:data:`IMPLS`): ``"mma_sync"`` (mma.sync tiles, one query head per block) and ``"wgmma"`` (Hopper
-warpgroup MMAs, the query heads of a KV group packed into one block so they share each K/V tile). DGEMMA_ATTENTION
-picks one for every call that passes no ``impl``.
+warpgroup MMAs, the query heads of a KV group packed into one block so they share each K/V tile). ``"auto"`` (the
+default) picks one per call from the call's shape (:func:`kernel_for`); DGEMMA_ATTENTION or ``impl`` names a policy
+for every call that passes no ``impl``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,40 @@ _NUM_SMS: dict[int, int] = {}
 
 # The attention kernels (csrc/ops/attention.h kAttention*).
 IMPLS = {"mma_sync": 0, "wgmma": 1}
-DEFAULT_IMPL = "mma_sync"
+AUTO = "auto"
+CHOICES = (AUTO, *IMPLS)
+DEFAULT_IMPL = AUTO
+# auto: the wgmma kernel for a full-attention (head_dim 512) decoder call from this many visible keys on.
+WGMMA_MIN_FULL_KEYS = 4096
 
 
 def attention_impl(impl: str | None = None) -> str:
-    """The kernel a call runs: ``impl``, or DGEMMA_ATTENTION (looked up at each call), or the default."""
-    return _ext.implementation(impl, "DGEMMA_ATTENTION", IMPLS, DEFAULT_IMPL, "an attention implementation")
+    """The policy a call follows (``auto`` or a kernel of :data:`IMPLS`): ``impl``, or DGEMMA_ATTENTION (looked up at
+    each call), or the default."""
+    return _ext.implementation(impl, "DGEMMA_ATTENTION", CHOICES, DEFAULT_IMPL, "an attention implementation")
+
+
+def kernel_for(policy: str, *, head_dim: int, causal: bool, batch: int, q_heads: int, kv_heads: int, queries: int,
+               max_prefix: int, window: int | None, num_sms: int) -> str:
+    """The kernel of :data:`IMPLS` a call runs under ``policy`` (a kernel's name: that kernel).
+
+    ``auto`` follows the kernels' timings on an H200 (bench/results/attention.json, attention_splits.json): the wgmma
+    kernel for the encoder (causal; 1.5-1.6x at 4096 tokens, both head dims), for a head_dim-512 decoder call over at
+    least WGMMA_MIN_FULL_KEYS keys (1.25x at 4,352 keys, 1.6x at 33,024), and for a head_dim-256 decoder call whose
+    packed row tiles fill at least half the multiprocessors without splitting (1.7x at batch 4); otherwise the
+    mma.sync kernel (1.3x faster on a batch-1 sliding layer, whose 32 packed tiles leave most multiprocessors idle;
+    not slower on a batch-1 full layer over a 1,280-key prefix). Every input is known on the host before launch
+    (``max_prefix`` is the prefix bucket's bound in a graph), so a captured step keeps its choice."""
+    if policy != AUTO:
+        return policy
+    if causal:
+        return "wgmma"
+    if head_dim == 512:
+        keys = (min(max_prefix, window - 1) if window else max_prefix) + queries
+        return "wgmma" if keys >= WGMMA_MIN_FULL_KEYS else "mma_sync"
+    group = q_heads // kv_heads if kv_heads > 0 and q_heads % kv_heads == 0 else 1
+    tiles = batch * kv_heads * -(-group * queries // 128)  # the wgmma kernel's head_dim-256 row tile (attention_tiles.cuh)
+    return "wgmma" if 2 * tiles >= num_sms else "mma_sync"
 
 
 def _num_sms(device: torch.device) -> int:
@@ -99,8 +128,9 @@ def _attention(q, cache_k, cache_v, tail_k, tail_v, prefix_lens, ring_size, wind
                          f"[B, Hkv, slots, D]")
     b, hq, t, d = q.shape
     hkv = cache_k.shape[1]
-    impl = attention_impl(impl)
     lens, bound = _prefix_tensor(prefix_lens, b, q.device, max_prefix)
+    impl = kernel_for(attention_impl(impl), head_dim=d, causal=causal, batch=b, q_heads=hq, kv_heads=hkv, queries=t,
+                      max_prefix=bound, window=window or None, num_sms=_num_sms(q.device))
     block_m, block_n = lib.attention_tile_shape(d, IMPLS[impl])
     if num_splits is None and "split_kv" in _ext.disabled_kernels():
         num_splits = 1  # triage: no split-KV, so no in-kernel combine
@@ -149,8 +179,8 @@ def decoder_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Ten
         max_prefix: an upper bound of ``prefix_lens`` (avoids a host sync for a device tensor; larger
             device values are clamped to it).
         num_splits: force the split-KV count (default: :func:`dgemma.attention_plan.plan_splits`).
-        impl: the kernel, a name of :data:`IMPLS` (default: :func:`attention_impl`); outputs agree within the tests'
-            bounds, not bit for bit.
+        impl: ``"auto"`` (per call, :func:`kernel_for`) or a kernel of :data:`IMPLS` (default:
+            :func:`attention_impl`); the kernels' outputs agree within the tests' bounds, not bit for bit.
     Returns:
         ``out`` ``[B, C, Hq, D]``.
     """
