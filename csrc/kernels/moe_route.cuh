@@ -93,6 +93,52 @@ __device__ __forceinline__ void route_normalize_row(const __nv_bfloat16* __restr
       [&](int i, float v) { store(i, __float2bfloat16_rn(v * inv_sqrt_hidden)); });
 }
 
+// route_normalize_row for R rows at once (row r: xr[r], token[r]; store(r, i, h)), one warp: the rows' loads in
+// flight together (one row at a time leaves a warp waiting on one load after another). Each row's arithmetic and
+// order are route_normalize_row's, so every value is the same.
+template <int R, typename Store>
+__device__ __forceinline__ void route_normalize_rows(const __nv_bfloat16* const (&xr)[R],
+                                                     const __nv_bfloat16* __restrict__ scale, int hidden, float eps,
+                                                     float inv_sqrt_hidden, int lane, Store&& store,
+                                                     const RouteResidual& res, const int64_t (&token)[R]) {
+  const bool fused = res.y != nullptr;
+  const __nv_bfloat16* yr[R];
+  float ry[R], ss[R], inv_rms[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    yr[r] = fused && xr[r] != nullptr ? res.y + token[r] * hidden : nullptr;
+    ry[r] = 0.f;
+    ss[r] = 0.f;
+  }
+  if (fused) {  // row_inv_rms of each y row (its order: the add form's, bit for bit)
+    for_rows_elements<R>(
+        hidden, lane, [&](int r, int i) { return yr[r] != nullptr ? __bfloat162float(yr[r][i]) : 0.f; },
+        [&](int r, int, float v) { ry[r] = fmaf(v, v, ry[r]); });
+#pragma unroll
+    for (int r = 0; r < R; ++r) ry[r] = rsqrtf(warp_sum(ry[r]) / static_cast<float>(hidden) + eps);
+  }
+  auto value = [&](int r, int i) {
+    if (xr[r] == nullptr) return 0.f;
+    return yr[r] != nullptr ? add_norm_value(xr[r], yr[r], res.w, ry[r], i) : __bfloat162float(xr[r][i]);
+  };
+  for_rows_elements<R>(hidden, lane, value, [&](int r, int i, float v) {
+    if (yr[r] != nullptr && res.out != nullptr) res.out[token[r] * hidden + i] = __float2bfloat16_rn(v);
+    ss[r] = fmaf(v, v, ss[r]);
+  });
+#pragma unroll
+  for (int r = 0; r < R; ++r) inv_rms[r] = rsqrtf(warp_sum(ss[r]) / static_cast<float>(hidden) + eps);
+  for_rows_elements<R>(
+      hidden, lane,
+      [&](int r, int i) {
+        if (xr[r] == nullptr) return 0.f;
+        const float v = round_bf16(value(r, i) * inv_rms[r]);
+        return round_bf16(v * __bfloat162float(scale[i]));
+      },
+      [&](int r, int i, float v) {
+        store(r, i, xr[r] == nullptr ? __float2bfloat16_rn(0.f) : __float2bfloat16_rn(v * inv_sqrt_hidden));
+      });
+}
+
 // One token's softmax over its (bf16-rounded) logits, top-k and renormalisation, by one warp (the tie and NaN
 // rules above). Writes weights[0..top_k) and ids[0..top_k), by descending probability.
 __device__ __forceinline__ void route_select(const float* logits, int experts, int top_k,
@@ -284,12 +330,23 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   const int kt_end = clustered ? route_tc_chunk_begin(rank + 1, all_tiles) : all_tiles;
   const RouteResidual res{p.res.y, p.res.w, rank == 0 ? p.res.out : nullptr};  // rank 0 stores the residual rows
 
-  // 1. Normalise the block's tokens (rows past the end are zeros and are never written out).
-  for (int t = warp; t < kRouteTcTokens; t += kRouteTcWarps) {
-    route_normalize_row(t0 + t < p.tokens ? p.x + (t0 + t) * p.x_stride : nullptr, p.scale, p.hidden, p.eps,
-                        p.inv_sqrt_hidden, lane,
-                        [&](int i, __nv_bfloat16 v) { h[route_swizzle(t, i / 8, row_chunks) + i % 8] = v; }, res,
-                        t0 + t);
+  // 1. Normalise the block's tokens (rows past the end are zeros and are never written out): warp w takes rows w,
+  // w + 4, w + 8 and w + 12, together.
+  {
+    constexpr int kRows = kRouteTcTokens / kRouteTcWarps;
+    const __nv_bfloat16* xr[kRows];
+    int64_t token[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      token[r] = t0 + warp + r * kRouteTcWarps;
+      xr[r] = token[r] < p.tokens ? p.x + token[r] * p.x_stride : nullptr;
+    }
+    route_normalize_rows<kRows>(
+        xr, p.scale, p.hidden, p.eps, p.inv_sqrt_hidden, lane,
+        [&](int r, int i, __nv_bfloat16 v) {
+          h[route_swizzle(warp + r * kRouteTcWarps, i / 8, row_chunks) + i % 8] = v;
+        },
+        res, token);
   }
 
   // 2. Logits of the 16 tokens against this warp's experts n0 .. n0 + 8 * kNTiles - 1.

@@ -57,6 +57,29 @@ __device__ __forceinline__ void for_row_elements(int dim, int lane, Value&& valu
   }
 }
 
+// for_row_elements over R rows at once (value(r, i), use(r, i, v)): R * kRowBatch loads in flight; each row's
+// visits keep the plain loop's order.
+template <int R, typename Value, typename Use>
+__device__ __forceinline__ void for_rows_elements(int dim, int lane, Value&& value, Use&& use) {
+  for (int base = lane; base < dim; base += 32 * kRowBatch) {
+    float v[R][kRowBatch];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 0; j < kRowBatch; ++j) {
+        const int i = base + 32 * j;
+        v[r][j] = i < dim ? value(r, i) : 0.f;
+      }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 0; j < kRowBatch; ++j) {
+        const int i = base + 32 * j;
+        if (i < dim) use(r, i, v[r][j]);
+      }
+  }
+}
+
 // 1 / rms of one row for the calling warp (every lane gets it). Shared by both kernels below, so a norm
 // followed by a quantisation sees exactly the values the plain norm writes.
 template <typename T>
