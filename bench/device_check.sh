@@ -13,9 +13,12 @@
 #             vocab_head_<variant>.json; the wgmma attention without ping-pong -> attention_nopingpong.json
 #   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json; the same with DGEMMA_PDL=1 (programmatic
 #             dependent launch, graphs on) -> $OUT/e2e_pdl.json unless E2E_PDL is set empty; the same with
-#             DGEMMA_VOCAB_HEAD=wgmma (the head's CUTLASS GEMMs) -> $OUT/e2e_wgmma.json unless E2E_WGMMA is set empty;
-#             the same with DGEMMA_ATTENTION=wgmma (the sliding layers' wgmma attention) -> $OUT/e2e_attention_wgmma.json
-#             unless E2E_ATTENTION is set empty
+#             DGEMMA_VOCAB_HEAD=mma_sync (the head's older kernels; wgmma is the default) -> $OUT/e2e_head_mma_sync.json
+#             unless E2E_WGMMA is set empty; the same with DGEMMA_ATTENTION=mma_sync (auto is the default) ->
+#             $OUT/e2e_attention_mma_sync.json unless E2E_ATTENTION is set empty
+#   parity    (not in the default) bench/layer_parity.py at the 26B-A4B shapes -> layer_parity_26b.json,
+#             bench/fp8_gemm_precision.py -> fp8_gemm_precision.json, the attention split-KV sweep ->
+#             attention_splits.json
 # The log ($OUT/device_check.log) records the device, driver, torch, commit, every command, its exit
 # status and output tail, and each sanitizer's ERROR SUMMARY line. Each command has its own time limit
 # (*_S variables), so one slow stage cannot eat the lease. Usage on the device machine:
@@ -159,14 +162,20 @@ if want e2e; then
   fi
   # The vocabulary head on the CUTLASS wgmma GEMMs (DGEMMA_VOCAB_HEAD=wgmma, opt-in until measured).
   if [[ -n "${E2E_WGMMA:-1}" ]]; then
-    DGEMMA_VOCAB_HEAD=wgmma TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 \
-      --steps 16 --cuda-graphs on --json "$OUT/e2e_wgmma.json"
+    DGEMMA_VOCAB_HEAD=mma_sync TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 \
+      --steps 16 --cuda-graphs on --json "$OUT/e2e_head_mma_sync.json"
   fi
   # The sliding layers' attention on the wgmma kernel (DGEMMA_ATTENTION=wgmma, opt-in until measured).
   if [[ -n "${E2E_ATTENTION:-1}" ]]; then
-    DGEMMA_ATTENTION=wgmma TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 \
-      --steps 16 --cuda-graphs on --json "$OUT/e2e_attention_wgmma.json"
+    DGEMMA_ATTENTION=mma_sync TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 \
+      --steps 16 --cuda-graphs on --json "$OUT/e2e_attention_mma_sync.json"
   fi
+fi
+if want parity; then
+  TAIL=45 run "${PARITY_S:-200}" $PY bench/layer_parity.py --preset 26b-a4b --prompt 1024 --fp32 \
+    --json "$OUT/layer_parity_26b.json"
+  TAIL=8 run 60 $PY bench/fp8_gemm_precision.py --json "$OUT/fp8_gemm_precision.json"
+  TAIL=6 run 90 $PY bench/bench_attention.py --cases decoder --splits 1,2,4,8,16 --out "$OUT/attention_splits.json"
 fi
 rm -f "$OUT/last.txt"
 log "done in $(( $(date +%s) - t0 )) s"
