@@ -98,8 +98,9 @@ inline size_t expert_branches_smem_bytes(int dim) {
   return static_cast<size_t>(kRmsNormWarpsPerBlock) * 2 * static_cast<size_t>(dim) * sizeof(__nv_bfloat16);
 }
 
-// Slots whose rows a lane loads together in gather_expert_branches (their loads in flight at once).
-constexpr int kBranchBatch = 4;
+// Slots whose rows a lane loads together in gather_expert_branches (their loads in flight at once): the model's 8
+// routed and 3 shared-expert slots in one batch (96 registers, no spills).
+constexpr int kBranchBatch = 12;
 
 // One warp: row `row`'s two branches into mlp[0, dim) and moe[0, dim) (shared memory).
 __device__ __forceinline__ void gather_expert_branches(const ExpertBranches& eb, int64_t row, int dim, int lane,
