@@ -52,7 +52,7 @@ template <typename T, typename OutAt>
 __device__ __forceinline__ void store_and_quantize(OutAt&& out_at, T* __restrict__ outr, int dim, float eps, int lane,
                                                    int64_t row, const ResidualQuant<T>& quant) {
   float ss = 0.f;
-  for_row_elements(dim, lane, out_at, [&](int i, float f) {
+  for_row_elements<kRowBatchOf<T>>(dim, lane, out_at, [&](int i, float f) {
     outr[i] = from_float<T>(f);
     ss = fmaf(f, f, ss);
   });
@@ -63,10 +63,12 @@ __device__ __forceinline__ void store_and_quantize(OutAt&& out_at, T* __restrict
       const float inv_rms = rsqrtf(ss / static_cast<float>(dim) + eps);
       auto normed_at = [&](int i) { return __bfloat162float(normed_value(out_at(i), quant.weight, i, inv_rms)); };
       float amax = 0.f;
-      for_row_elements(dim, lane, normed_at, [&](int, float v) { amax = fmaxf(amax, fabsf(v)); });
+      for_row_elements<kRowBatchOf<T>>(dim, lane, normed_at,
+                                       [&](int, float v) { amax = fmaxf(amax, fabsf(v)); });
       const float s = fp8_scale_from_amax(warp_max(amax));
       uint8_t* qr = quant.q + row * static_cast<int64_t>(dim);
-      for_row_elements(dim, lane, normed_at, [&](int i, float v) { qr[i] = fp8_quantize(v, s); });
+      for_row_elements<kRowBatchOf<T>>(dim, lane, normed_at,
+                                       [&](int i, float v) { qr[i] = fp8_quantize(v, s); });
       if (lane == 0) quant.scale[row] = s;
     }
   }
@@ -180,7 +182,7 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
     return rounded<T>(__fadd_rn(na, nb));
   };
   float ss = 0.f;
-  for_row_elements(dim, lane, sum_at, [&](int, float s) { ss = fmaf(s, s, ss); });
+  for_row_elements<kRowBatchOf<T>>(dim, lane, sum_at, [&](int, float s) { ss = fmaf(s, s, ss); });
   const float rs = rsqrtf(warp_total(ss) / static_cast<float>(dim) + eps);
   const float k = to_float(*scalar);
   auto out_at = [&](int i) {
@@ -214,7 +216,7 @@ static __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
     return v;
   };
   float ss = 0.f;
-  for_row_elements(dim, lane, x_at, [&](int, float v) { ss = fmaf(v, v, ss); });
+  for_row_elements<kRowBatchOf<T>>(dim, lane, x_at, [&](int, float v) { ss = fmaf(v, v, ss); });
   const float inv_rms = rsqrtf(warp_total(ss) / static_cast<float>(dim) + eps);
   auto out_at = [&](int i) { return to_float(normed_value<T>(x_at(i), nullptr, i, inv_rms)); };
   store_and_quantize(out_at, out + row * dim, dim, eps, lane, row, quant);

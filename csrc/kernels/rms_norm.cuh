@@ -39,18 +39,21 @@ constexpr int kRmsNormWarpsPerBlock = 4;
 // latency (256 rows: two warps per multiprocessor); the order of the visits, so every fp32 sum, is the plain
 // loop's.
 constexpr int kRowBatch = 4;
+// bf16 rows: 8 (the fp32 residual kernel spills at 8).
+template <typename T>
+constexpr int kRowBatchOf = sizeof(T) == 2 ? 8 : 4;
 
-template <typename Value, typename Use>
+template <int B = kRowBatch, typename Value, typename Use>
 __device__ __forceinline__ void for_row_elements(int dim, int lane, Value&& value, Use&& use) {
-  for (int base = lane; base < dim; base += 32 * kRowBatch) {
-    float v[kRowBatch];
+  for (int base = lane; base < dim; base += 32 * B) {
+    float v[B];
 #pragma unroll
-    for (int j = 0; j < kRowBatch; ++j) {
+    for (int j = 0; j < B; ++j) {
       const int i = base + 32 * j;
       v[j] = i < dim ? value(i) : 0.f;
     }
 #pragma unroll
-    for (int j = 0; j < kRowBatch; ++j) {
+    for (int j = 0; j < B; ++j) {
       const int i = base + 32 * j;
       if (i < dim) use(i, v[j]);
     }
@@ -85,7 +88,7 @@ __device__ __forceinline__ void for_rows_elements(int dim, int lane, Value&& val
 template <typename T>
 __device__ __forceinline__ float row_inv_rms(const T* __restrict__ xr, int dim, float eps, int lane) {
   float sum_sq = 0.f;
-  for_row_elements(dim, lane, [&](int i) { return to_float(xr[i]); },
+  for_row_elements<kRowBatchOf<T>>(dim, lane, [&](int i) { return to_float(xr[i]); },
                    [&](int, float v) { sum_sq = fmaf(v, v, sum_sq); });
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
@@ -118,7 +121,7 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   const T* xr = x + row * x_row_stride;
   T* yr = y + row * y_row_stride;
   const float inv_rms = row_inv_rms(xr, dim, eps, lane);
-  for_row_elements(dim, lane, [&](int i) { return to_float(normed(xr, weight, i, inv_rms)); },
+  for_row_elements<kRowBatchOf<T>>(dim, lane, [&](int i) { return to_float(normed(xr, weight, i, inv_rms)); },
                    [&](int i, float v) { yr[i] = from_float<T>(v); });  // v is a T value: stored exactly
 }
 
@@ -138,10 +141,11 @@ static __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   const float inv_rms = row_inv_rms(xr, dim, eps, lane);
   float amax = 0.f;
   auto normed_at = [&](int i) { return __bfloat162float(normed(xr, weight, i, inv_rms)); };
-  for_row_elements(dim, lane, normed_at, [&](int, float v) { amax = fmaxf(amax, fabsf(v)); });
+  constexpr int kB = kRowBatchOf<__nv_bfloat16>;
+  for_row_elements<kB>(dim, lane, normed_at, [&](int, float v) { amax = fmaxf(amax, fabsf(v)); });
   const float s = fp8_scale_from_amax(warp_max(amax));
   uint8_t* qr = q + row * static_cast<int64_t>(dim);
-  for_row_elements(dim, lane, normed_at, [&](int i, float v) { qr[i] = fp8_quantize(v, s); });
+  for_row_elements<kB>(dim, lane, normed_at, [&](int i, float v) { qr[i] = fp8_quantize(v, s); });
   if (lane == 0) scale[row] = s;
 }
 
