@@ -61,41 +61,11 @@ struct RouteParams {
   RouteResidual res;
 };
 
-// One token's router input, by one warp: h[i] = bf16(bf16(bf16(x[i] * rms^-1) * scale[i]) * hidden^-1/2), passed to
-// store(i, h[i]); xr null: a padding row of zeros. With res.y, x is the residual update of row `token` (stored to
-// res.out unless that is null, recomputed from its inputs wherever it is read, never read back).
-template <typename Store>
-__device__ __forceinline__ void route_normalize_row(const __nv_bfloat16* __restrict__ xr,
-                                                    const __nv_bfloat16* __restrict__ scale, int hidden, float eps,
-                                                    float inv_sqrt_hidden, int lane, Store&& store,
-                                                    const RouteResidual res = {}, int64_t token = 0) {
-  if (xr == nullptr) {
-    for (int i = lane; i < hidden; i += 32) store(i, __float2bfloat16_rn(0.f));
-    return;
-  }
-  const __nv_bfloat16* yr = res.y != nullptr ? res.y + token * hidden : nullptr;
-  const float ry = yr != nullptr ? row_inv_rms(yr, hidden, eps, lane) : 0.f;
-  auto value = [&](int i) {
-    return yr != nullptr ? add_norm_value(xr, yr, res.w, ry, i) : __bfloat162float(xr[i]);
-  };
-  float ss = 0.f;
-  for_row_elements(hidden, lane, value, [&](int i, float v) {
-    if (yr != nullptr && res.out != nullptr) res.out[token * hidden + i] = __float2bfloat16_rn(v);
-    ss = fmaf(v, v, ss);
-  });
-  const float inv_rms = rsqrtf(warp_sum(ss) / static_cast<float>(hidden) + eps);
-  for_row_elements(
-      hidden, lane,
-      [&](int i) {
-        const float v = round_bf16(value(i) * inv_rms);
-        return round_bf16(v * __bfloat162float(scale[i]));
-      },
-      [&](int i, float v) { store(i, __float2bfloat16_rn(v * inv_sqrt_hidden)); });
-}
-
-// route_normalize_row for R rows at once (row r: xr[r], token[r]; store(r, i, h)), one warp: the rows' loads in
-// flight together (one row at a time leaves a warp waiting on one load after another). Each row's arithmetic and
-// order are route_normalize_row's, so every value is the same.
+// R tokens' router inputs, by one warp: h[i] = bf16(bf16(bf16(x[i] * rms^-1) * scale[i]) * hidden^-1/2) of row r
+// (xr[r]; null: a padding row of zeros), passed to store(r, i, h[i]). With res.y, x is the residual update of row
+// token[r] (stored to res.out unless that is null, recomputed from its inputs wherever it is read, never read back).
+// The rows go together, their loads in flight at once (one row at a time leaves a warp waiting on one load after
+// another); each row's arithmetic and order are its own, so every value is the same whatever R.
 template <int R, typename Store>
 __device__ __forceinline__ void route_normalize_rows(const __nv_bfloat16* const (&xr)[R],
                                                      const __nv_bfloat16* __restrict__ scale, int hidden, float eps,
@@ -137,6 +107,18 @@ __device__ __forceinline__ void route_normalize_rows(const __nv_bfloat16* const 
       [&](int r, int i, float v) {
         store(r, i, xr[r] == nullptr ? __float2bfloat16_rn(0.f) : __float2bfloat16_rn(v * inv_sqrt_hidden));
       });
+}
+
+// route_normalize_rows of one row (store(i, h[i])).
+template <typename Store>
+__device__ __forceinline__ void route_normalize_row(const __nv_bfloat16* __restrict__ xr,
+                                                    const __nv_bfloat16* __restrict__ scale, int hidden, float eps,
+                                                    float inv_sqrt_hidden, int lane, Store&& store,
+                                                    const RouteResidual res = {}, int64_t token = 0) {
+  const __nv_bfloat16* rows[1] = {xr};
+  const int64_t tokens[1] = {token};
+  route_normalize_rows<1>(rows, scale, hidden, eps, inv_sqrt_hidden, lane,
+                          [&](int, int i, __nv_bfloat16 v) { store(i, v); }, res, tokens);
 }
 
 // One token's softmax over its (bf16-rounded) logits, top-k and renormalisation, by one warp (the tie and NaN
