@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from common import bf16_matmul_flops, median, roofline_ms, time_cuda, write_results  # noqa: E402
 
+from dgemma import _ext  # noqa: E402
 from dgemma.ops.cuda_attention import (IMPLS, attention_impl, decoder_attention, encoder_attention,  # noqa: E402
                                        kernel_for)
 from dgemma.ops.reference import ReferenceOps  # noqa: E402
@@ -88,8 +89,10 @@ def _case(name, *, batch, d, hq, hkv, window, ring, prefix, t, causal, splits=()
         results.append(dict(name=name + "_torch_sdpa", median_ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9,
                             peak_share=flops / rate * 1e3 / sdpa_ms, roofline_ms=roofline_ms(bytes_moved, flops, rate),
                             **shape))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     default = kernel_for(attention_impl(), head_dim=d, causal=causal, batch=batch, q_heads=hq, kv_heads=hkv, queries=t,
-                         max_prefix=prefix, window=window, num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+                         max_prefix=prefix, window=window, num_sms=sms,
+                         wgmma_block_m=_ext.require_cuda().attention_tile_shape(d, IMPLS["wgmma"])[0])
     for impl in IMPLS:
         run = kernel(impl)
         try:

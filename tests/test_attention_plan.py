@@ -255,9 +255,10 @@ def test_auto_picks_the_kernel_from_the_call_shape(case, expected):
     import dgemma.ops.cuda_attention as ca
 
     sms = 128 if case["batch"] == 2 else 132
-    assert ca.kernel_for("auto", num_sms=sms, **case) == expected
+    block_m = 128 if case["head_dim"] == 256 else 64  # the wgmma kernel's row tiles (attention_tiles.cuh)
+    assert ca.kernel_for("auto", num_sms=sms, wgmma_block_m=block_m, **case) == expected
     for kernel in ca.IMPLS:  # a kernel's name is that kernel, whatever the shape
-        assert ca.kernel_for(kernel, num_sms=sms, **case) == kernel
+        assert ca.kernel_for(kernel, num_sms=sms, wgmma_block_m=block_m, **case) == kernel
 
 
 def test_auto_runs_both_kernels_through_the_launcher(monkeypatch):

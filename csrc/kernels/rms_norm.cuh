@@ -33,54 +33,42 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 // in at most ~90 elements per lane; the second pass re-reads the row from L1.
 constexpr int kRmsNormWarpsPerBlock = 4;
 
-// A warp's pass over one row: lane l visits elements l, l + 32, l + 64, ... < dim, in that order, calling
-// use(i, value(i)). kRowBatch visits at a time: every value of a batch (its loads) comes before any use (a sum, a
-// store), so a warp keeps kRowBatch loads in flight rather than one. One warp per row leaves little else to hide the
-// latency (256 rows: two warps per multiprocessor); the order of the visits, so every fp32 sum, is the plain
-// loop's.
+// A warp's pass over R rows: in each row, lane l visits elements l, l + 32, l + 64, ... < dim, in that order, calling
+// use(r, i, value(r, i)). B visits of each row at a time: every value of a batch (its loads) comes before any use (a
+// sum, a store), so a warp keeps R * B loads in flight rather than one. One warp per row leaves little else to hide
+// the latency (256 rows: two warps per multiprocessor); the order of each row's visits, so every fp32 sum, is the
+// plain loop's.
 constexpr int kRowBatch = 4;
 // bf16 rows: 8 (the fp32 residual kernel spills at 8).
 template <typename T>
 constexpr int kRowBatchOf = sizeof(T) == 2 ? 8 : 4;
 
-template <int B = kRowBatch, typename Value, typename Use>
-__device__ __forceinline__ void for_row_elements(int dim, int lane, Value&& value, Use&& use) {
-  for (int base = lane; base < dim; base += 32 * B) {
-    float v[B];
-#pragma unroll
-    for (int j = 0; j < B; ++j) {
-      const int i = base + 32 * j;
-      v[j] = i < dim ? value(i) : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < B; ++j) {
-      const int i = base + 32 * j;
-      if (i < dim) use(i, v[j]);
-    }
-  }
-}
-
-// for_row_elements over R rows at once (value(r, i), use(r, i, v)): R * kRowBatch loads in flight; each row's
-// visits keep the plain loop's order.
-template <int R, typename Value, typename Use>
+template <int R, int B = kRowBatch, typename Value, typename Use>
 __device__ __forceinline__ void for_rows_elements(int dim, int lane, Value&& value, Use&& use) {
-  for (int base = lane; base < dim; base += 32 * kRowBatch) {
-    float v[R][kRowBatch];
+  for (int base = lane; base < dim; base += 32 * B) {
+    float v[R][B];
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int j = 0; j < kRowBatch; ++j) {
+      for (int j = 0; j < B; ++j) {
         const int i = base + 32 * j;
         v[r][j] = i < dim ? value(r, i) : 0.f;
       }
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int j = 0; j < kRowBatch; ++j) {
+      for (int j = 0; j < B; ++j) {
         const int i = base + 32 * j;
         if (i < dim) use(r, i, v[r][j]);
       }
   }
+}
+
+// for_rows_elements of one row: value(i), use(i, v).
+template <int B = kRowBatch, typename Value, typename Use>
+__device__ __forceinline__ void for_row_elements(int dim, int lane, Value&& value, Use&& use) {
+  for_rows_elements<1, B>(
+      dim, lane, [&](int, int i) { return value(i); }, [&](int, int i, float v) { use(i, v); });
 }
 
 // 1 / rms of one row for the calling warp (every lane gets it). Shared by both kernels below, so a norm

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ext
-from ..attention_plan import SplitPlan, plan_splits
+from ..attention_plan import SplitPlan, plan_splits, visible_prefix
 
 _NUM_SMS: dict[int, int] = {}
 
@@ -39,7 +39,7 @@ def attention_impl(impl: str | None = None) -> str:
 
 
 def kernel_for(policy: str, *, head_dim: int, causal: bool, batch: int, q_heads: int, kv_heads: int, queries: int,
-               max_prefix: int, window: int | None, num_sms: int) -> str:
+               max_prefix: int, window: int | None, num_sms: int, wgmma_block_m: int) -> str:
     """The kernel of :data:`IMPLS` a call runs under ``policy`` (a kernel's name: that kernel).
 
     ``auto`` follows the kernels' timings on an H200 (bench/results/attention.json, attention_splits.json): the wgmma
@@ -47,17 +47,18 @@ def kernel_for(policy: str, *, head_dim: int, causal: bool, batch: int, q_heads:
     least WGMMA_MIN_FULL_KEYS keys (1.25x at 4,352 keys, 1.6x at 33,024), and for a head_dim-256 decoder call whose
     packed row tiles fill at least half the multiprocessors without splitting (1.7x at batch 4); otherwise the
     mma.sync kernel (1.3x faster on a batch-1 sliding layer, whose 32 packed tiles leave most multiprocessors idle;
-    not slower on a batch-1 full layer over a 1,280-key prefix). Every input is known on the host before launch
-    (``max_prefix`` is the prefix bucket's bound in a graph), so a captured step keeps its choice."""
+    not slower on a batch-1 full layer over a 1,280-key prefix). ``wgmma_block_m``: the wgmma kernel's packed row
+    tile at this head dim (``attention_tile_shape``). Every input is known on the host before launch (``max_prefix``
+    is the prefix bucket's bound in a graph), so a captured step keeps its choice."""
     if policy != AUTO:
         return policy
     if causal:
         return "wgmma"
     if head_dim == 512:
-        keys = (min(max_prefix, window - 1) if window else max_prefix) + queries
+        keys = visible_prefix(max_prefix, window) + queries
         return "wgmma" if keys >= WGMMA_MIN_FULL_KEYS else "mma_sync"
     group = q_heads // kv_heads if kv_heads > 0 and q_heads % kv_heads == 0 else 1
-    tiles = batch * kv_heads * -(-group * queries // 128)  # the wgmma kernel's head_dim-256 row tile (attention_tiles.cuh)
+    tiles = batch * kv_heads * -(-group * queries // wgmma_block_m)
     return "wgmma" if 2 * tiles >= num_sms else "mma_sync"
 
 
@@ -130,7 +131,8 @@ def _attention(q, cache_k, cache_v, tail_k, tail_v, prefix_lens, ring_size, wind
     hkv = cache_k.shape[1]
     lens, bound = _prefix_tensor(prefix_lens, b, q.device, max_prefix)
     impl = kernel_for(attention_impl(impl), head_dim=d, causal=causal, batch=b, q_heads=hq, kv_heads=hkv, queries=t,
-                      max_prefix=bound, window=window or None, num_sms=_num_sms(q.device))
+                      max_prefix=bound, window=window or None, num_sms=_num_sms(q.device),
+                      wgmma_block_m=lib.attention_tile_shape(d, IMPLS["wgmma"])[0])
     block_m, block_n = lib.attention_tile_shape(d, IMPLS[impl])
     if num_splits is None and "split_kv" in _ext.disabled_kernels():
         num_splits = 1  # triage: no split-KV, so no in-kernel combine
