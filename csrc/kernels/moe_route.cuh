@@ -62,14 +62,17 @@ struct RouteParams {
 };
 
 // R tokens' router inputs, by one warp: h[i] = bf16(bf16(bf16(x[i] * rms^-1) * scale[i]) * hidden^-1/2) of row r
-// (xr[r]; null: a padding row of zeros), passed to store(r, i, h[i]). With res.y, x is the residual update of row
-// token[r] (stored to res.out unless that is null, recomputed from its inputs wherever it is read, never read back).
+// (xr[r]; null: a padding row of zeros), written to slot(r, i) (a bf16 in shared memory, a reference). With res.y,
+// x is the residual update of row token[r] (stored to res.out unless that is null).
 // The rows go together, their loads in flight at once (one row at a time leaves a warp waiting on one load after
-// another); each row's arithmetic and order are its own, so every value is the same whatever R.
-template <int R, typename Store>
+// another); each row's arithmetic and order are its own, so every value is the same whatever R. Each pass leaves
+// its row in the slots (y, then x): the next pass reads it there rather than from global memory, so only the
+// first touch of a row waits on L2 (two global passes with res.y, one without). A slot is only ever read and
+// written by the lane that visits its element, so no synchronisation is needed between the passes.
+template <int R, int kBatch = kRowBatchOf<__nv_bfloat16>, typename Slot>
 __device__ __forceinline__ void route_normalize_rows(const __nv_bfloat16* const (&xr)[R],
                                                      const __nv_bfloat16* __restrict__ scale, int hidden, float eps,
-                                                     float inv_sqrt_hidden, int lane, Store&& store,
+                                                     float inv_sqrt_hidden, int lane, Slot&& slot,
                                                      const RouteResidual& res, const int64_t (&token)[R]) {
   const bool fused = res.y != nullptr;
   const __nv_bfloat16* yr[R];
@@ -80,45 +83,42 @@ __device__ __forceinline__ void route_normalize_rows(const __nv_bfloat16* const 
     ry[r] = 0.f;
     ss[r] = 0.f;
   }
-  if (fused) {  // row_inv_rms of each y row (its order: the add form's, bit for bit)
-    for_rows_elements<R>(
+  if (fused) {  // row_inv_rms of each y row (its order: the add form's, bit for bit); y to the slots
+    for_rows_elements<R, kBatch>(
         hidden, lane, [&](int r, int i) { return yr[r] != nullptr ? __bfloat162float(yr[r][i]) : 0.f; },
-        [&](int r, int, float v) { ry[r] = fmaf(v, v, ry[r]); });
+        [&](int r, int i, float v) {
+          slot(r, i) = __float2bfloat16_rn(v);  // a bf16 value: exact
+          ry[r] = fmaf(v, v, ry[r]);
+        });
 #pragma unroll
     for (int r = 0; r < R; ++r) ry[r] = rsqrtf(warp_sum(ry[r]) / static_cast<float>(hidden) + eps);
   }
-  auto value = [&](int r, int i) {
-    if (xr[r] == nullptr) return 0.f;
-    return yr[r] != nullptr ? add_norm_value(xr[r], yr[r], res.w, ry[r], i) : __bfloat162float(xr[r][i]);
-  };
-  for_rows_elements<R>(hidden, lane, value, [&](int r, int i, float v) {
-    if (yr[r] != nullptr && res.out != nullptr) res.out[token[r] * hidden + i] = __float2bfloat16_rn(v);
-    ss[r] = fmaf(v, v, ss[r]);
-  });
-#pragma unroll
-  for (int r = 0; r < R; ++r) inv_rms[r] = rsqrtf(warp_sum(ss[r]) / static_cast<float>(hidden) + eps);
-  for_rows_elements<R>(
+  // x (or the residual update x + norm(y)·w, y from the slots, rounded as the add form rounds it) to the slots.
+  for_rows_elements<R, kBatch>(
       hidden, lane,
       [&](int r, int i) {
         if (xr[r] == nullptr) return 0.f;
-        const float v = round_bf16(value(r, i) * inv_rms[r]);
+        const float x = __bfloat162float(xr[r][i]);
+        if (yr[r] == nullptr) return x;
+        return add_norm_of<__nv_bfloat16>(x, __bfloat162float(slot(r, i)), __bfloat162float(res.w[i]), ry[r]);
+      },
+      [&](int r, int i, float v) {
+        if (yr[r] != nullptr && res.out != nullptr) res.out[token[r] * hidden + i] = __float2bfloat16_rn(v);
+        slot(r, i) = __float2bfloat16_rn(v);  // a bf16 value: exact
+        ss[r] = fmaf(v, v, ss[r]);
+      });
+#pragma unroll
+  for (int r = 0; r < R; ++r) inv_rms[r] = rsqrtf(warp_sum(ss[r]) / static_cast<float>(hidden) + eps);
+  for_rows_elements<R, kBatch>(
+      hidden, lane,
+      [&](int r, int i) {
+        if (xr[r] == nullptr) return 0.f;
+        const float v = round_bf16(__bfloat162float(slot(r, i)) * inv_rms[r]);
         return round_bf16(v * __bfloat162float(scale[i]));
       },
       [&](int r, int i, float v) {
-        store(r, i, xr[r] == nullptr ? __float2bfloat16_rn(0.f) : __float2bfloat16_rn(v * inv_sqrt_hidden));
+        slot(r, i) = xr[r] == nullptr ? __float2bfloat16_rn(0.f) : __float2bfloat16_rn(v * inv_sqrt_hidden);
       });
-}
-
-// route_normalize_rows of one row (store(i, h[i])).
-template <typename Store>
-__device__ __forceinline__ void route_normalize_row(const __nv_bfloat16* __restrict__ xr,
-                                                    const __nv_bfloat16* __restrict__ scale, int hidden, float eps,
-                                                    float inv_sqrt_hidden, int lane, Store&& store,
-                                                    const RouteResidual res = {}, int64_t token = 0) {
-  const __nv_bfloat16* rows[1] = {xr};
-  const int64_t tokens[1] = {token};
-  route_normalize_rows<1>(rows, scale, hidden, eps, inv_sqrt_hidden, lane,
-                          [&](int, int i, __nv_bfloat16 v) { store(i, v); }, res, tokens);
 }
 
 // One token's softmax over its (bf16-rounded) logits, top-k and renormalisation, by one warp (the tie and NaN
@@ -202,8 +202,10 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
   // 1. Normalise: warp w handles token t0 + w (rows past the end become zeros and are never written out).
   for (int t = warp; t < kRouteTokens; t += kRouteWarps) {
     __nv_bfloat16* ht = h + t * p.hidden;
-    route_normalize_row(t0 + t < p.tokens ? p.x + (t0 + t) * p.x_stride : nullptr, p.scale, p.hidden, p.eps,
-                        p.inv_sqrt_hidden, lane, [&](int i, __nv_bfloat16 v) { ht[i] = v; }, p.res, t0 + t);
+    const __nv_bfloat16* xr[1] = {t0 + t < p.tokens ? p.x + (t0 + t) * p.x_stride : nullptr};
+    const int64_t token[1] = {t0 + t};
+    route_normalize_rows<1, kRowBatch>(xr, p.scale, p.hidden, p.eps, p.inv_sqrt_hidden, lane,
+                            [&](int, int i) -> __nv_bfloat16& { return ht[i]; }, p.res, token);
   }
   __syncthreads();
 
@@ -242,8 +244,9 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
 }
 
 // Tensor-core router: 16 tokens per block (one mma row block), 4 warps splitting the experts; the logits by
-// mma.sync m16n8k16 (bf16 in, fp32 accumulation) over 64-wide K tiles of proj streamed through a 3-stage cp.async
-// pipeline, the normalised rows resident in shared memory. Normalisation and selection are route_kernel's; the fp32
+// mma.sync m16n8k16 (bf16 in, fp32 accumulation) over 64-wide K tiles of proj streamed through a cp.async pipeline
+// whose first tiles are requested before the normalisation (they do not depend on it, so the two overlap: with a
+// cluster, kRouteTcDeepStages cover a block's whole K chunk), the normalised rows resident in shared memory. Normalisation and selection are route_kernel's; the fp32
 // sum of a logit runs in the tensor cores' order, so it may differ from route_kernel's by an ulp before the bf16
 // rounding (the routes agree but for such near-ties).
 // A logit's fp32 sum runs over kRouteTcChunks fixed K chunks (chunk c: K tiles [c·n/8, (c+1)·n/8)), each summed from
@@ -255,21 +258,28 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
 constexpr int kRouteTcTokens = 16;
 constexpr int kRouteTcWarps = 4;
 constexpr int kRouteTcK = 64;
-constexpr int kRouteTcStages = 3;
+constexpr int kRouteTcStages = 3;      // the pipeline where the deep one does not fit the shared memory
+constexpr int kRouteTcDeepStages = 6;  // >= 1 + a cluster block's K tiles at hidden 2816 (44 tiles / 8 chunks)
 constexpr int kRouteTcChunks = 8;  // the fixed K chunks of a logit's sum; also the cluster size when clustered
 
 // First K tile of chunk c of n tiles (c = kRouteTcChunks: n).
 __host__ __device__ __forceinline__ int route_tc_chunk_begin(int c, int n) { return c * n / kRouteTcChunks; }
 
-inline size_t route_tc_smem_bytes(int hidden, int experts) {
+constexpr size_t route_tc_smem_bytes(int hidden, int experts, int stages = kRouteTcStages) {
   return static_cast<size_t>(kRouteTcTokens) * hidden * 2 +
-         static_cast<size_t>(kRouteTcStages) * experts * kRouteTcK * 2 + static_cast<size_t>(kRouteTcTokens) * experts * 4;
+         static_cast<size_t>(stages) * experts * kRouteTcK * 2 + static_cast<size_t>(kRouteTcTokens) * experts * 4;
 }
 
 // Sizes the tensor-core router takes (others run route_kernel).
 inline bool route_tc_fits(int hidden, int experts) {
   return hidden % kRouteTcK == 0 && (experts == 64 || experts == 128 || experts == 256) &&
          route_tc_smem_bytes(hidden, experts) <= kRouteMaxSmemBytes;
+}
+
+// The pipeline depth a launch takes: the deep one where it fits the shared memory.
+inline int route_tc_stages(int hidden, int experts) {
+  return route_tc_smem_bytes(hidden, experts, kRouteTcDeepStages) <= kRouteMaxSmemBytes ? kRouteTcDeepStages
+                                                                                        : kRouteTcStages;
 }
 
 // Element offset of (row, 16-byte chunk) in rows of `row_chunks` chunks (a multiple of 8), the chunk's low 3 bits
@@ -290,8 +300,8 @@ __device__ __forceinline__ float load_cluster_shared(const float* local, int ran
   return v;
 }
 
-// kNTiles: n8 tiles per warp = experts / 32.
-template <int kNTiles>
+// kNTiles: n8 tiles per warp = experts / 32; kStages: the cp.async pipeline's depth.
+template <int kNTiles, int kStages>
 __global__ void __launch_bounds__(kRouteTcWarps * 32)
     route_tc_kernel(const RouteParams p) {
   pdl_begin();
@@ -300,7 +310,7 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   extern __shared__ __align__(128) unsigned char route_tc_smem[];
   __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(route_tc_smem);  // [16][hidden], swizzled
   __nv_bfloat16* tiles = h + kRouteTcTokens * p.hidden;                 // [stages][experts][64], swizzled
-  float* logits = reinterpret_cast<float*>(tiles + kRouteTcStages * kExperts * kRouteTcK);  // [16][experts]
+  float* logits = reinterpret_cast<float*>(tiles + kStages * kExperts * kRouteTcK);  // [16][experts]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRouteTcTokens;
   const int row_chunks = p.hidden / 8;
@@ -311,6 +321,21 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   const int kt_begin = clustered ? route_tc_chunk_begin(rank, all_tiles) : 0;
   const int kt_end = clustered ? route_tc_chunk_begin(rank + 1, all_tiles) : all_tiles;
   const RouteResidual res{p.res.y, p.res.w, rank == 0 ? p.res.out : nullptr};  // rank 0 stores the residual rows
+  const int k_tiles = kt_end - kt_begin;
+  auto load = [&](int i) {  // the block's i-th K tile
+    __nv_bfloat16* dst = tiles + (i % kStages) * kExperts * kRouteTcK;
+    const __nv_bfloat16* src = p.proj + static_cast<int64_t>(kt_begin + i) * kRouteTcK;
+    for (int c = threadIdx.x; c < kExperts * 8; c += kRouteTcWarps * 32) {
+      const int row = c / 8, chunk = c % 8;
+      cp_async_16(dst + route_swizzle(row, chunk, 8), src + static_cast<int64_t>(row) * p.hidden + chunk * 8, 16);
+    }
+  };
+  // The pipeline's first tiles, in flight while the rows are normalised.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load(s);
+    cp_async_commit();
+  }
 
   // 1. Normalise the block's tokens (rows past the end are zeros and are never written out): warp w takes rows w,
   // w + 4, w + 8 and w + 12, together.
@@ -325,8 +350,8 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
     }
     route_normalize_rows<kRows>(
         xr, p.scale, p.hidden, p.eps, p.inv_sqrt_hidden, lane,
-        [&](int r, int i, __nv_bfloat16 v) {
-          h[route_swizzle(warp + r * kRouteTcWarps, i / 8, row_chunks) + i % 8] = v;
+        [&](int r, int i) -> __nv_bfloat16& {
+          return h[route_swizzle(warp + r * kRouteTcWarps, i / 8, row_chunks) + i % 8];
         },
         res, token);
   }
@@ -352,26 +377,12 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
     }
   };
   if (!clustered) fold_chunks_ending_at(0);  // leading empty chunks (fewer tiles than chunks)
-  const int k_tiles = kt_end - kt_begin;
-  auto load = [&](int i) {  // the block's i-th K tile
-    __nv_bfloat16* dst = tiles + (i % kRouteTcStages) * kExperts * kRouteTcK;
-    const __nv_bfloat16* src = p.proj + static_cast<int64_t>(kt_begin + i) * kRouteTcK;
-    for (int c = threadIdx.x; c < kExperts * 8; c += kRouteTcWarps * 32) {
-      const int row = c / 8, chunk = c % 8;
-      cp_async_16(dst + route_swizzle(row, chunk, 8), src + static_cast<int64_t>(row) * p.hidden + chunk * 8, 16);
-    }
-  };
-#pragma unroll
-  for (int s = 0; s < kRouteTcStages - 1; ++s) {
-    if (s < k_tiles) load(s);
-    cp_async_commit();
-  }
   for (int i = 0; i < k_tiles; ++i) {
-    cp_async_wait<kRouteTcStages - 2>();
+    cp_async_wait<kStages - 2>();
     __syncthreads();  // tile i landed for every thread; the stage loaded next was consumed by all (and h is stored)
-    if (i + kRouteTcStages - 1 < k_tiles) load(i + kRouteTcStages - 1);
+    if (i + kStages - 1 < k_tiles) load(i + kStages - 1);
     cp_async_commit();
-    const __nv_bfloat16* tile = tiles + (i % kRouteTcStages) * kExperts * kRouteTcK;
+    const __nv_bfloat16* tile = tiles + (i % kStages) * kExperts * kRouteTcK;
     const int kt = kt_begin + i;
 #pragma unroll
     for (int ks = 0; ks < kRouteTcK / 16; ++ks) {
@@ -441,20 +452,33 @@ inline int multiprocessor_count() {
   return sms;
 }
 
-template <int kNTiles>
-cudaError_t launch_route_tc(const RouteParams& p, cudaStream_t stream) {
-  const size_t smem = route_tc_smem_bytes(p.hidden, p.experts);
-  cudaError_t err = allow_dynamic_smem<route_tc_kernel<kNTiles>>(smem);
+template <int kNTiles, int kStages>
+cudaError_t launch_route_tc_stages(const RouteParams& p, cudaStream_t stream) {
+  const size_t smem = route_tc_smem_bytes(p.hidden, p.experts, kStages);
+  cudaError_t err = allow_dynamic_smem<route_tc_kernel<kNTiles, kStages>>(smem);
   if (err != cudaSuccess) return err;
   const int64_t blocks = (p.tokens + kRouteTcTokens - 1) / kRouteTcTokens;
   const int splits = route_tc_splits(blocks, p.hidden, multiprocessor_count());
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
-  err = launch_kernel_clustered(route_tc_kernel<kNTiles>, grid, kRouteTcWarps * 32, smem, stream,
+  err = launch_kernel_clustered(route_tc_kernel<kNTiles, kStages>, grid, kRouteTcWarps * 32, smem, stream,
                                 dim3(1, static_cast<unsigned>(splits), 1), p);
   // A cluster that cannot be scheduled here: unclustered blocks (the same sums in the same order: the same routes).
   if (err != cudaSuccess && splits > 1)
-    err = launch_kernel(route_tc_kernel<kNTiles>, static_cast<unsigned>(blocks), kRouteTcWarps * 32, smem, stream, p);
+    err = launch_kernel(route_tc_kernel<kNTiles, kStages>, static_cast<unsigned>(blocks), kRouteTcWarps * 32, smem,
+                        stream, p);
   return err;
+}
+
+// The deep pipeline where it fits (never for 256 experts: its stages alone exceed the shared memory), else 3 stages.
+// The depth changes when tiles arrive, not what is summed: the routes are the same either way.
+template <int kNTiles>
+cudaError_t launch_route_tc(const RouteParams& p, cudaStream_t stream) {
+  constexpr int kExperts = kNTiles * 8 * kRouteTcWarps;
+  if constexpr (route_tc_smem_bytes(kRouteTcK, kExperts, kRouteTcDeepStages) <= kRouteMaxSmemBytes) {
+    if (route_tc_stages(p.hidden, p.experts) == kRouteTcDeepStages)
+      return launch_route_tc_stages<kNTiles, kRouteTcDeepStages>(p, stream);
+  }
+  return launch_route_tc_stages<kNTiles, kRouteTcStages>(p, stream);
 }
 
 // A compiled router variant: the tensor-core kernel (tensor_cores) or route_kernel<tokens, warps>.

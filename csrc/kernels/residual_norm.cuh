@@ -76,11 +76,17 @@ __device__ __forceinline__ void store_and_quantize(OutAt&& out_at, T* __restrict
 
 // Element i of add_rms_norm's output, x + rms_norm(a) * wa with a's inverse rms ra, each step rounded to T as the
 // reference rounds it (returned as float: the stored value).
+// add_norm_of: the same of one element's values x, a, wa (wherever they were read from).
+template <typename T>
+__device__ __forceinline__ float add_norm_of(float x, float a, float wa, float ra) {
+  const float n = rounded<T>(__fmul_rn(__fmul_rn(a, ra), wa));
+  return to_float(from_float<T>(__fadd_rn(x, n)));
+}
+
 template <typename T>
 __device__ __forceinline__ float add_norm_value(const T* __restrict__ xr, const T* __restrict__ ar,
                                                 const T* __restrict__ wa, float ra, int i) {
-  const float n = rounded<T>(__fmul_rn(__fmul_rn(to_float(ar[i]), ra), to_float(wa[i])));
-  return to_float(from_float<T>(__fadd_rn(to_float(xr[i]), n)));
+  return add_norm_of<T>(to_float(xr[i]), to_float(ar[i]), to_float(wa[i]), ra);
 }
 
 // The feed-forward branches straight from the expert pipeline, before its combine (moe_dispatch.cuh, the shared
