@@ -58,7 +58,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/vocab_head.json")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--batches", default="1,4", help="canvases per call, comma-separated (default 1,4)")
     args = ap.parse_args()
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches {args.batches!r}: expected comma-separated positive integers")
+    if not batches or min(batches) < 1:
+        ap.error(f"--batches {args.batches!r}: expected comma-separated positive integers")
     from dgemma.ops.cuda_vocab_head import IMPLS, head_impl, vocab_head_step, workspace_bytes
 
     torch.manual_seed(0)
@@ -67,7 +74,7 @@ def main() -> None:
     temp, bound, results = 0.6, 0.1, []
     rate = bf16_matmul_flops()
     default = head_impl()
-    for b in (1, 4):
+    for b in batches:
         h = torch.randn(b, CANVAS, HIDDEN, device="cuda").to(torch.bfloat16)
         canvas = torch.randint(0, VOCAB, (b, CANVAS), device="cuda")
         prev = torch.randint(0, VOCAB, (b, CANVAS), device="cuda")

@@ -19,6 +19,10 @@
 #   parity    (not in the default) bench/layer_parity.py at the 26B-A4B shapes -> layer_parity_26b.json,
 #             bench/fp8_gemm_precision.py -> fp8_gemm_precision.json, the attention split-KV sweep ->
 #             attention_splits.json
+#   profile   (not in the default) Nsight Compute on the kernels the step's profile ranks first, one launch each at
+#             the model's shapes: the head's statistics GEMM (batch 1 and 4), the wgmma attention (sliding decode,
+#             batch 1), the tensor-core router (256 tokens), the expert GEMM (256 tokens) -> ncu_<name>.txt (every
+#             section with its details) and ncu_<name>_sass.txt (the SASS lines with the most stall samples)
 # The log ($OUT/device_check.log) records the device, driver, torch, commit, every command, its exit
 # status and output tail, and each sanitizer's ERROR SUMMARY line. Each command has its own time limit
 # (*_S variables), so one slow stage cannot eat the lease. Usage on the device machine:
@@ -176,6 +180,29 @@ if want parity; then
     --json "$OUT/layer_parity_26b.json"
   TAIL=8 run 60 $PY bench/fp8_gemm_precision.py --json "$OUT/fp8_gemm_precision.json"
   TAIL=6 run 90 $PY bench/bench_attention.py --cases decoder --splits 1,2,4,8,16 --out "$OUT/attention_splits.json"
+fi
+if want profile; then
+  NCU="${NCU:-ncu}"
+  # prof NAME KERNEL_REGEX SKIP CMD...: the SKIP+1-th launch whose mangled name matches, every section, and the source
+  # view's hottest SASS lines (stall samples); the report file itself stays on the device.
+  prof() {
+    local name=$1 regex=$2 skip=$3; shift 3
+    TAIL=12 run "${PROFILE_S:-150}" "$NCU" --kernel-name-base mangled --kernel-name "regex:$regex" --launch-skip "$skip" \
+      --launch-count 1 --set full --import-source yes -f -o "$OUT/ncu_$name" "$@"
+    "$NCU" --import "$OUT/ncu_$name.ncu-rep" --page details --print-details all >"$OUT/ncu_$name.txt" 2>&1
+    "$NCU" --import "$OUT/ncu_$name.ncu-rep" --page source --print-source sass --csv >"$OUT/ncu_$name.csv" 2>&1
+    $PY bench/ncu_hot_lines.py "$OUT/ncu_$name.csv" --top 60 >"$OUT/ncu_${name}_sass.txt" 2>&1
+    rm -f "$OUT/ncu_$name.csv" "$OUT/ncu_$name.ncu-rep"
+    grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy" \
+      "$OUT/ncu_$name.txt" | head -6 | sed "s|^|$name: |" | tee -a "$LOG"
+  }
+  prof vocab_stats_b1 VocabStatsEpilogue 1 $PY bench/bench_vocab_head.py --iters 2 --batches 1 --out "$OUT/prof_vh.json"
+  prof vocab_stats_b4 VocabStatsEpilogue 1 $PY bench/bench_vocab_head.py --iters 2 --batches 4 --out "$OUT/prof_vh.json"
+  DGEMMA_ATTENTION=wgmma prof attention_sliding_b1 attention_wgmma_kernel 2 $PY bench/bench_attention.py \
+    --cases decoder_sliding_p1023_b1 --out "$OUT/prof_attn.json"
+  prof route_t256 route_tc_kernel 2 $PY bench/bench_moe.py --router-only --tokens 256 --iters 20 --out "$OUT/prof_moe.json"
+  prof expert_gemm_t256 ContiguousSchedulerTag 2 $PY bench/bench_moe.py --moe-only --tokens 256 --iters 20 --out "$OUT/prof_moe.json"
+  rm -f "$OUT"/prof_*.json
 fi
 rm -f "$OUT/last.txt"
 log "done in $(( $(date +%s) - t0 )) s"

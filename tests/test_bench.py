@@ -90,3 +90,34 @@ def test_bench_picks_the_kernels_for_its_run_only(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--attention", "fa3"])
     assert e.value.code == 2
+
+
+def test_ncu_hot_lines_ranks_sass_by_stall_samples(tmp_path, capsys):
+    """bench/ncu_hot_lines.py (device_check's profile stage) ranks an ncu source page's SASS lines by their stall
+    samples and sums them per opcode; a file without that table is echoed, an unreadable one is one error line."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "ncu_hot_lines.py"
+    spec = importlib.util.spec_from_file_location("ncu_hot_lines", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    page = tmp_path / "page.csv"
+    page.write_text('"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"\n'
+                    '"0x10","HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;","10","4"\n'
+                    '"0x20","@!P0 MUFU.EX2 R1, R2 ;","70","8"\n'
+                    '"0x30","MUFU.RCP R3, R4 ;","1,020","8"\n'
+                    '"0x40","IMAD.WIDE.U32 R4, R5, 3, RZ ;","0","8"\n')
+    assert tool.main([str(page), "--top", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("4 SASS lines, 1,100 samples")
+    mufu = next(line for line in out if line.strip().endswith("MUFU") and "%" in line)
+    assert mufu.strip().startswith("99.09%")  # 1,090 of 1,100: the predicate is not the opcode
+    hot = out[out.index("the 2 hottest lines (share, address, SASS):") + 1:]
+    assert [line.split()[1] for line in hot] == ["0x30", "0x20"]
+    raw = tmp_path / "raw.csv"
+    raw.write_text("==ERR== the report could not be imported\n")
+    assert tool.main([str(raw)]) == 0
+    assert "no stall-sampling table found" in capsys.readouterr().out
+    assert tool.main([str(tmp_path / "missing.csv")]) == 1
+    assert capsys.readouterr().err.startswith("ncu_hot_lines: cannot read")
