@@ -17,7 +17,7 @@ namespace dgemma::kernels::vocab_head {
 // A finite "minus infinity": (sentinel − M)·0 stays 0 in the merge, where −inf would give NaN.
 constexpr float kNegSentinel = -3.0e38f;
 // The Gumbel noise −log(−log u) of an open uniform u ≤ 1 − 2^-24 is at most 16.64: a logit more than this
-// below the best noisy score so far cannot win, so its random number is never computed.
+// below the best noisy score so far cannot win, so a chunk whose warp holds no other logit draws no noise.
 constexpr float kGumbelBound = 17.f;
 constexpr int kNoIndex = 0x7fffffff;
 
@@ -118,6 +118,10 @@ __device__ __forceinline__ void fold_chunk(float (&acc)[16], int64_t col_base, i
   local_max = fmaxf(local_max, __shfl_xor_sync(0xffffffffu, local_max, 2));
   if (chunk_max_out != nullptr && q == 0) *chunk_max_out = local_max;
   float s = 0.f, t = 0.f;
+  // The row's best noisy score when the chunk starts bounds the chunk's candidates (kGumbelBound): the best only
+  // grows, so a logit this bound rules out could not have won later in the chunk either.
+  const float gumbel_bound = st.gumbel_value;
+  bool candidates = false;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const int64_t col = col_base + j * 8 + 2 * q;
@@ -137,20 +141,41 @@ __device__ __forceinline__ void fold_chunk(float (&acc)[16], int64_t col_base, i
       st.argmax_value = z1;
       st.argmax_index = static_cast<int>(col + 1);
     }
-    if (ok0 && fmaxf(z0, ok1 ? z1 : z0) + kGumbelBound > st.gumbel_value) {
-      const Philox4x32 r = philox4x32_10(static_cast<uint32_t>(col >> 2), rs.pos, k.step, rs.seq, k.key0, k.key1);
-      const int w = static_cast<int>(col & 3);  // 0 or 2: this pair's two words
-      const float g0 = z0 + gumbel_noise(w == 0 ? r.v[0] : r.v[2]);
-      if (g0 > st.gumbel_value) {
+    candidates = candidates || (ok0 && fmaxf(z0, ok1 ? z1 : z0) + kGumbelBound > gumbel_bound);
+  }
+  // The Gumbel-max sample, for the whole warp at once where any lane has a candidate (every logit's noise then: a
+  // non-candidate's score cannot beat the best, so the winner is the same). Lanes q and q ^ 1 draw from the same
+  // Philox counter (column / 4: q even takes words 0 and 1, q odd words 2 and 3), so each of the pair computes the
+  // block of every other j and hands its partner the two words it needs: four Philox calls per lane, not eight,
+  // and eight independent chains rather than one waiting on the previous column's comparison.
+  if (__any_sync(0xffffffffu, candidates)) {
+    const bool odd = (q & 1) != 0;
+    uint32_t word[8][2];
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      // This lane's block: j = 2m + odd, counter (col_base + 8j + 2q) / 4 (col_base is a multiple of 64).
+      const uint32_t ctr = static_cast<uint32_t>((col_base >> 2) + 2 * (2 * m + (odd ? 1 : 0)) + (q >> 1));
+      const Philox4x32 r = philox4x32_10(ctr, rs.pos, k.step, rs.seq, k.key0, k.key1);
+      const uint32_t own0 = odd ? r.v[2] : r.v[0], own1 = odd ? r.v[3] : r.v[1];
+      const uint32_t got0 = __shfl_xor_sync(0xffffffffu, odd ? r.v[0] : r.v[2], 1);
+      const uint32_t got1 = __shfl_xor_sync(0xffffffffu, odd ? r.v[1] : r.v[3], 1);
+      word[2 * m][0] = odd ? got0 : own0;  // j = 2m: the even lane's block
+      word[2 * m][1] = odd ? got1 : own1;
+      word[2 * m + 1][0] = odd ? own0 : got0;  // j = 2m + 1: the odd lane's block
+      word[2 * m + 1][1] = odd ? own1 : got1;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {  // ascending columns: equal scores keep the first (torch.argmax's rule)
+      const int64_t col = col_base + j * 8 + 2 * q;
+      const float g0 = acc[2 * j] + gumbel_noise(word[j][0]);
+      const float g1 = acc[2 * j + 1] + gumbel_noise(word[j][1]);
+      if (col < k.vocab && g0 > st.gumbel_value) {
         st.gumbel_value = g0;
         st.gumbel_index = static_cast<int>(col);
       }
-      if (ok1) {
-        const float g1 = z1 + gumbel_noise(w == 0 ? r.v[1] : r.v[3]);
-        if (g1 > st.gumbel_value) {
-          st.gumbel_value = g1;
-          st.gumbel_index = static_cast<int>(col + 1);
-        }
+      if (col + 1 < k.vocab && g1 > st.gumbel_value) {
+        st.gumbel_value = g1;
+        st.gumbel_index = static_cast<int>(col + 1);
       }
     }
   }
