@@ -53,16 +53,20 @@ struct GeluUpScales {
 
 constexpr int kGeluUpMaxVecs = 4;
 constexpr int kGeluUpMaxInter = kEpilogueThreads * kGeluUpMaxVecs * 8;  // 4096
+// Rows up to kGeluUpWarpMaxInter (the experts' 704) go one warp per row, kGeluUpWarpRows rows per block: a block per
+// row of ~90 vectors leaves most of its threads idle and the launch spends its time scheduling thousands of blocks.
+constexpr int kGeluUpWarpVecs = 4;
+constexpr int kGeluUpWarpMaxInter = 32 * kGeluUpWarpVecs * 8;  // 1024
+constexpr int kGeluUpWarpRows = 8;
 
-// One block per row. d [rows, 2 * inter] bf16: gate in columns [0, inter), up in [inter, 2 * inter).
-// h_q [rows, inter] fp8 and h_scale [rows]. inter % 8 == 0, inter <= kGeluUpMaxInter.
-static __global__ void __launch_bounds__(kEpilogueThreads)
-    gelu_up_quantize_kernel(const __nv_bfloat16* __restrict__ d, const float* __restrict__ a_scale, int inter,
-                            GeluUpScales s, uint8_t* __restrict__ h_q, float* __restrict__ h_scale) {
-  pdl_begin();
-  __shared__ float red[32];
-  const int64_t r = blockIdx.x;
-  if (s.valid_rows != nullptr && r >= *s.valid_rows) return;  // uniform per block
+// Row r of gelu_up_quantize by kThreads threads (t: this thread's index among them; kVecs 8-element vectors each);
+// row_max(v): the maximum of v over the kThreads threads (every one of them gets it). Each element's arithmetic is
+// the same whatever the split, and a maximum is exact in any order: both kernels below store the same bytes.
+template <int kThreads, int kVecs, typename RowMax>
+__device__ __forceinline__ void gelu_up_quantize_row(const __nv_bfloat16* __restrict__ d,
+                                                     const float* __restrict__ a_scale, int inter,
+                                                     const GeluUpScales& s, uint8_t* __restrict__ h_q,
+                                                     float* __restrict__ h_scale, int64_t r, int t, RowMax&& row_max) {
   const bool prescaled = s.gate_scale == nullptr;
   const int64_t e = s.row_group ? s.row_group[r] : 0;
   const float* gs = prescaled ? nullptr : s.gate_scale + e * s.group_stride;
@@ -70,11 +74,11 @@ static __global__ void __launch_bounds__(kEpilogueThreads)
   const __nv_bfloat16* dr = d + r * 2 * static_cast<int64_t>(inter);
   const float as = prescaled ? 1.f : a_scale[r];
   const int vecs = inter / 8;
-  float h[kGeluUpMaxVecs][8];
+  float h[kVecs][8];
   float amax = 0.f;
 #pragma unroll
-  for (int j = 0; j < kGeluUpMaxVecs; ++j) {
-    const int c = 8 * (threadIdx.x + j * kEpilogueThreads);
+  for (int j = 0; j < kVecs; ++j) {
+    const int c = 8 * (t + j * kThreads);
     if (c < 8 * vecs) {
       float g[8], u[8];
       load_bf16x8(dr + c, g);
@@ -86,14 +90,14 @@ static __global__ void __launch_bounds__(kEpilogueThreads)
       }
     }
   }
-  const float sc = fp8_scale_from_amax(block_max(amax, red));
+  const float sc = fp8_scale_from_amax(row_max(amax));
   uint8_t* qr = h_q + r * inter;
 #pragma unroll
-  for (int j = 0; j < kGeluUpMaxVecs; ++j) {
-    const int c = 8 * (threadIdx.x + j * kEpilogueThreads);
+  for (int j = 0; j < kVecs; ++j) {
+    const int c = 8 * (t + j * kThreads);
     if (c < 8 * vecs) *reinterpret_cast<uint2*>(qr + c) = fp8x8(h[j], sc);
   }
-  if (threadIdx.x == 0) {
+  if (t == 0) {
     float stored = sc;
     if (s.row_weight != nullptr) {
       const int src = s.row_src[r];
@@ -110,9 +114,38 @@ static __global__ void __launch_bounds__(kEpilogueThreads)
   }
 }
 
+// One block per row. d [rows, 2 * inter] bf16: gate in columns [0, inter), up in [inter, 2 * inter).
+// h_q [rows, inter] fp8 and h_scale [rows]. inter % 8 == 0, inter <= kGeluUpMaxInter.
+static __global__ void __launch_bounds__(kEpilogueThreads)
+    gelu_up_quantize_kernel(const __nv_bfloat16* __restrict__ d, const float* __restrict__ a_scale, int inter,
+                            GeluUpScales s, uint8_t* __restrict__ h_q, float* __restrict__ h_scale) {
+  pdl_begin();
+  __shared__ float red[32];
+  const int64_t r = blockIdx.x;
+  if (s.valid_rows != nullptr && r >= *s.valid_rows) return;  // uniform per block
+  gelu_up_quantize_row<kEpilogueThreads, kGeluUpMaxVecs>(d, a_scale, inter, s, h_q, h_scale, r, threadIdx.x,
+                                                          [&](float v) { return block_max(v, red); });
+}
+
+// One warp per row (inter <= kGeluUpWarpMaxInter), kGeluUpWarpRows rows per block.
+static __global__ void __launch_bounds__(kGeluUpWarpRows * 32)
+    gelu_up_quantize_warp_kernel(const __nv_bfloat16* __restrict__ d, const float* __restrict__ a_scale, int64_t rows,
+                                 int inter, GeluUpScales s, uint8_t* __restrict__ h_q, float* __restrict__ h_scale) {
+  pdl_begin();
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kGeluUpWarpRows + (threadIdx.x >> 5);
+  if (r >= rows || (s.valid_rows != nullptr && r >= *s.valid_rows)) return;  // uniform per warp
+  gelu_up_quantize_row<32, kGeluUpWarpVecs>(d, a_scale, inter, s, h_q, h_scale, r, threadIdx.x & 31,
+                                            [](float v) { return warp_max(v); });
+}
+
 inline cudaError_t gelu_up_quantize(const __nv_bfloat16* d, const float* a_scale, int64_t rows, int inter,
                                     const GeluUpScales& s, uint8_t* h_q, float* h_scale, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  if (inter <= kGeluUpWarpMaxInter) {
+    const int64_t blocks = (rows + kGeluUpWarpRows - 1) / kGeluUpWarpRows;
+    return launch_kernel(gelu_up_quantize_warp_kernel, static_cast<unsigned>(blocks), kGeluUpWarpRows * 32, 0, stream,
+                         d, a_scale, rows, inter, s, h_q, h_scale);
+  }
   return launch_kernel(gelu_up_quantize_kernel, static_cast<unsigned>(rows), kEpilogueThreads, 0, stream, d, a_scale,
                        inter, s, h_q, h_scale);
 }
