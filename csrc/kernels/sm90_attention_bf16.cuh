@@ -170,6 +170,108 @@ __device__ __forceinline__ void combine_splits(const AttentionParams& p, int b, 
   for (int i = threadIdx.x; i < rows * kVecs; i += blockDim.x) combine_split_chunk<D>(p, b, h, q0 + i / kVecs, i % kVecs);
 }
 
+// Row r of a combining CTA: query t of head h (t >= p.t: a padding row, left alone).
+struct CombineRow {
+  int h, t;
+};
+
+constexpr int kCombineItems = 4;  // (row, 4-column) items a thread combines side by side
+constexpr int kCombineBatch = 4;  // splits whose partial rows an item loads at once
+
+// Shared memory combine_split_rows needs for `rows` rows of `splits` splits, in floats.
+__host__ __device__ constexpr int64_t combine_smem_floats(int rows, int splits) {
+  return int64_t(rows) * (int64_t(splits) + 1);
+}
+
+// combine_split_chunk of every 4-column item of `rows` rows (row_at(r): the CombineRow of row r), with its arithmetic in
+// its order, so the output is the same bit for bit. What changes is when the loads happen: the splits' log-sum-exps
+// are read once per row into shared memory (smem: combine_smem_floats(rows, splits) floats, free for the caller to
+// overwrite until the CTA's threads have all arrived here), and a thread combines kCombineItems items at once with
+// kCombineBatch splits' partial rows of each in flight, rather than one item after another with a round trip to L2
+// per split (the combining CTA otherwise spends longer waiting on those than the splits took to compute).
+template <int D, typename RowAt>
+__device__ __forceinline__ void combine_split_rows(const AttentionParams& p, int b, int rows, RowAt&& row_at,
+                                                   float* smem) {
+  const int splits = p.num_splits;
+  const int64_t split_stride = int64_t(p.batch) * p.hq * p.t;
+  float* lse_of = smem;                  // [rows][splits]
+  float* lmax_of = smem + rows * splits;  // [rows]
+  for (int i = threadIdx.x; i < rows * splits; i += blockDim.x) {
+    const int r = i / splits, s = i - r * splits;
+    const CombineRow x = row_at(r);
+    lse_of[i] = x.t < p.t ? __ldcg(p.part_lse + s * split_stride + (int64_t(b) * p.hq + x.h) * p.t + x.t) : -INFINITY;
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+    float lmax = -INFINITY;
+    for (int s = 0; s < splits; ++s) lmax = fmaxf(lmax, lse_of[r * splits + s]);
+    lmax_of[r] = lmax;
+  }
+  __syncthreads();
+  constexpr int kVecs = D / 4;
+  const int items = rows * kVecs;
+  for (int first = threadIdx.x; first < items; first += kCombineItems * blockDim.x) {
+    int r[kCombineItems], c[kCombineItems];
+    int64_t row[kCombineItems];
+    bool live[kCombineItems];
+    float lmax[kCombineItems], wsum[kCombineItems];
+    float4 acc[kCombineItems];
+    CombineRow x[kCombineItems];
+#pragma unroll
+    for (int k = 0; k < kCombineItems; ++k) {
+      const int i = first + k * blockDim.x;
+      r[k] = i < items ? i / kVecs : 0;
+      c[k] = i % kVecs;
+      x[k] = row_at(r[k]);
+      live[k] = i < items && x[k].t < p.t;
+      row[k] = (int64_t(b) * p.hq + x[k].h) * p.t + x[k].t;
+      lmax[k] = live[k] ? lmax_of[r[k]] : -INFINITY;
+      wsum[k] = 0.f;
+      acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    for (int s0 = 0; s0 < splits; s0 += kCombineBatch) {
+      float lse[kCombineItems][kCombineBatch];
+      float4 v[kCombineItems][kCombineBatch];
+#pragma unroll
+      for (int k = 0; k < kCombineItems; ++k)
+#pragma unroll
+        for (int j = 0; j < kCombineBatch; ++j) {
+          const int s = s0 + j;
+          lse[k][j] = lmax[k] != -INFINITY && s < splits ? lse_of[r[k] * splits + s] : -INFINITY;
+          v[k][j] = lse[k][j] != -INFINITY
+                        ? __ldcg(reinterpret_cast<const float4*>(p.part_o + (s * split_stride + row[k]) * D) + c[k])
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+      for (int k = 0; k < kCombineItems; ++k)
+#pragma unroll
+        for (int j = 0; j < kCombineBatch; ++j) {
+          if (lse[k][j] == -INFINITY) continue;
+          const float w = expf(lse[k][j] - lmax[k]);
+          wsum[k] += w;
+          acc[k].x += w * v[k][j].x;
+          acc[k].y += w * v[k][j].y;
+          acc[k].z += w * v[k][j].z;
+          acc[k].w += w * v[k][j].w;
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < kCombineItems; ++k) {
+      if (!live[k]) continue;
+      if (lmax[k] != -INFINITY) {
+        const float iw = 1.f / wsum[k];
+        acc[k].x *= iw;
+        acc[k].y *= iw;
+        acc[k].z *= iw;
+        acc[k].w *= iw;
+      }
+      __nv_bfloat16* orow = p.out + b * p.o_sb + int64_t(x[k].t) * p.o_st + x[k].h * p.o_sh + c[k] * 4;
+      reinterpret_cast<__nv_bfloat162*>(orow)[0] = __floats2bfloat162_rn(acc[k].x, acc[k].y);
+      reinterpret_cast<__nv_bfloat162*>(orow)[1] = __floats2bfloat162_rn(acc[k].z, acc[k].w);
+    }
+  }
+}
+
 // Where key kv of sequence b (KV head pointers already offset) lives: the cache slot of its position (a ring slot for
 // sliding layers) for the prefix, the tail tensor after it. Keys past the range return the tail base (never read:
 // their copies are zero-filled).
@@ -435,8 +537,14 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
       }
       if (slice == 0 && tq == 0) p.part_lse[prow] = l[i] > 0.f ? m[i] + logf(l[i]) : -INFINITY;
     }
-    if (last_split_to_arrive(p.split_counters + (int64_t(b) * p.hq + h) * gridDim.x + blockIdx.x, p.num_splits))
-      combine_splits<D>(p, b, h, q0, min(BM, p.t - q0));
+    if (last_split_to_arrive(p.split_counters + (int64_t(b) * p.hq + h) * gridDim.x + blockIdx.x, p.num_splits)) {
+      const int rows = min(BM, p.t - q0);
+      // The K/V tiles are free now (no copy or read of them is in flight): the combine's shared memory.
+      if (combine_smem_floats(rows, p.num_splits) * int64_t(sizeof(float)) <= 2 * 2 * S::kTileElems * 2)
+        combine_split_rows<D>(p, b, rows, [&](int r) { return CombineRow{h, q0 + r}; }, reinterpret_cast<float*>(smem));
+      else
+        combine_splits<D>(p, b, h, q0, rows);
+    }
   }
 }
 

@@ -332,10 +332,20 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   if (p.num_splits > 1 &&
       attention_detail::last_split_to_arrive(p.split_counters + (int64_t(b) * p.hkv + kvh) * gridDim.x + blockIdx.x,
                                              p.num_splits)) {
-    constexpr int kVecs = D / 4;
-    for (int i = tid; i < kBlockM * kVecs; i += kThreads) {
-      const int packed = r0 + i / kVecs, t = packed / group;
-      if (t < p.t) attention_detail::combine_split_chunk<D>(p, b, kvh * group + packed % group, t, i % kVecs);
+    auto row_at = [&](int r) {
+      const int packed = r0 + r;
+      return attention_detail::CombineRow{kvh * group + packed % group, packed / group};
+    };
+    // The K tiles are free now (every copy landed, every wgmma reading them is done): the combine's shared memory.
+    constexpr int64_t kScratchFloats = int64_t(cosize_v<typename C::SmemLayoutK>) * sizeof(bf16) / sizeof(float);
+    if (attention_detail::combine_smem_floats(kBlockM, p.num_splits) <= kScratchFloats) {
+      attention_detail::combine_split_rows<D>(p, b, kBlockM, row_at, reinterpret_cast<float*>(sm.k));
+    } else {
+      constexpr int kVecs = D / 4;
+      for (int i = tid; i < kBlockM * kVecs; i += kThreads) {
+        const attention_detail::CombineRow x = row_at(i / kVecs);
+        if (x.t < p.t) attention_detail::combine_split_chunk<D>(p, b, x.h, x.t, i % kVecs);
+      }
     }
   }
 }
