@@ -128,6 +128,12 @@ CASES = [
          causal=False),
     dict(name="decoder_sliding_p1023_b4", batch=4, d=256, hq=16, hkv=8, window=1024, ring=1023, prefix=1023, t=256,
          causal=False),
+    # The full layers at the prompt `dgemma bench` times (prefix 1024): where DGEMMA_ATTENTION=auto's hd512 threshold
+    # is decided.
+    dict(name="decoder_full_p1024_b1", batch=1, d=512, hq=16, hkv=2, window=None, ring=0, prefix=1024, t=256,
+         causal=False),
+    dict(name="decoder_full_p1024_b4", batch=4, d=512, hq=16, hkv=2, window=None, ring=0, prefix=1024, t=256,
+         causal=False),
     dict(name="decoder_full_p4096_b1", batch=1, d=512, hq=16, hkv=2, window=None, ring=0, prefix=4096, t=256,
          causal=False),
     dict(name="decoder_full_p32768_b1", batch=1, d=512, hq=16, hkv=2, window=None, ring=0, prefix=32768, t=256,
