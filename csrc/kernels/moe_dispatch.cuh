@@ -100,22 +100,23 @@ __device__ __forceinline__ void plan_scan(int* base, int* start, int experts, in
   }
 }
 
-// The rows of one chunk of kPlanThreads slot-major entries starting at c0: entry i = c0 + tid goes to row
-// base[e] + (its rank among the chunk's entries of expert e); base[e] advances by the chunk's count. Every thread
-// of the block calls it (barriers inside).
-__device__ __forceinline__ void plan_assign_chunk(const PlanIds& in, int tokens, int c0, int* base,
+// The expert of slot-major entry i (slot = i / tokens, token = i % tokens); -1 past the entries or for a dropped id.
+__device__ __forceinline__ int plan_entry_expert(const PlanIds& in, int tokens, int i) {
+  return i < tokens * in.slots() ? in.expert(i % tokens, i / tokens) : -1;
+}
+
+// The rows of one chunk of kPlanThreads slot-major entries starting at c0: entry i = c0 + tid (expert e, from
+// plan_entry_expert) goes to row base[e] + (its rank among the chunk's entries of expert e); base[e] advances by the
+// chunk's count. Every thread of the block calls it (barriers inside).
+__device__ __forceinline__ void plan_assign_chunk(const PlanIds& in, int tokens, int c0, int e, int* base,
                                                   int (*warp_count)[kPlanMaxExperts], const PlanOutputs& out) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int slots = in.slots(), experts = in.experts();
   const int total = tokens * slots;
   const unsigned lt_mask = (1u << lane) - 1u;
   for (int j = tid; j < kPlanWarps * experts; j += kPlanThreads) warp_count[j / experts][j % experts] = 0;
-  const int i = c0 + tid;  // slot-major index: slot = i / tokens, token = i % tokens
-  int e = -1, src = 0;
-  if (i < total) {
-    src = (i % tokens) * slots + i / tokens;
-    e = in.expert(i % tokens, i / tokens);
-  }
+  const int i = c0 + tid;
+  const int src = i < total ? (i % tokens) * slots + i / tokens : 0;
   const unsigned peers = __match_any_sync(0xffffffffu, e);
   const int rank = __popc(peers & lt_mask);
   __syncthreads();
@@ -158,6 +159,10 @@ __device__ __forceinline__ void plan_fill_padding(const int* ends, const int* st
   }
 }
 
+// Chunks whose entries' experts the single-block plan keeps in registers from the count to the assignment (read
+// once, every load in flight at once); chunks past them (a single-block plan of a large input) read theirs again.
+constexpr int kPlanHeldChunks = 16;
+
 static __global__ void __launch_bounds__(kPlanThreads)
     moe_plan_kernel(PlanIds in, int tokens, int pad, PlanOutputs out) {
   pdl_begin();
@@ -168,16 +173,26 @@ static __global__ void __launch_bounds__(kPlanThreads)
   const int slots = in.slots(), experts = in.experts();
   const int total = tokens * slots;
 
+  int held[kPlanHeldChunks];
+#pragma unroll
+  for (int c = 0; c < kPlanHeldChunks; ++c) held[c] = plan_entry_expert(in, tokens, c * kPlanThreads + tid);
   for (int e = tid; e < experts; e += kPlanThreads) base[e] = 0;
   __syncthreads();
-  for (int i = tid; i < total; i += kPlanThreads) {
-    const int e = in.expert(i / slots, i % slots);
+#pragma unroll
+  for (int c = 0; c < kPlanHeldChunks; ++c)
+    if (held[c] >= 0) atomicAdd(&base[held[c]], 1);
+  for (int i = kPlanHeldChunks * kPlanThreads + tid; i < total; i += kPlanThreads) {
+    const int e = plan_entry_expert(in, tokens, i);
     if (e >= 0) atomicAdd(&base[e], 1);
   }
   __syncthreads();
   if (tid < 32) plan_scan(base, start, experts, pad, out, tid);
   __syncthreads();
-  for (int c0 = 0; c0 < total; c0 += kPlanThreads) plan_assign_chunk(in, tokens, c0, base, warp_count, out);
+#pragma unroll
+  for (int c = 0; c < kPlanHeldChunks; ++c)
+    if (c * kPlanThreads < total) plan_assign_chunk(in, tokens, c * kPlanThreads, held[c], base, warp_count, out);
+  for (int c0 = kPlanHeldChunks * kPlanThreads; c0 < total; c0 += kPlanThreads)
+    plan_assign_chunk(in, tokens, c0, plan_entry_expert(in, tokens, c0 + tid), base, warp_count, out);
   // base[e] is now the end of expert e's real rows: the rest up to the next start is padding.
   if (pad > 1) plan_fill_padding(base, start, experts, pad, out);
 }
@@ -238,7 +253,8 @@ static __global__ void __launch_bounds__(kPlanThreads)
   for (int e = threadIdx.x; e < experts; e += kPlanThreads)
     base[e] = chunk_base[static_cast<int64_t>(blockIdx.x) * experts + e];
   __syncthreads();
-  plan_assign_chunk(in, tokens, blockIdx.x * kPlanThreads, base, warp_count, out);
+  const int c0 = blockIdx.x * kPlanThreads;
+  plan_assign_chunk(in, tokens, c0, plan_entry_expert(in, tokens, c0 + threadIdx.x), base, warp_count, out);
 }
 
 // Above this many entries the plan runs on every SM (when given scratch): a single block walks them in order.
