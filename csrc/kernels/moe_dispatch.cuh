@@ -361,6 +361,13 @@ static __global__ void __launch_bounds__(kGatherThreads)
   const __nv_bfloat16* xr = x + t * x_stride;
   const int vecs = hidden / 8;
   if (norm.apply) {
+    // The row into shared memory in one round trip (16-byte loads by every thread), then warp 0's reduction over it in
+    // rms_norm_kernel's order, where it would wait on L2 once per batch of a lane's elements.
+    __shared__ __align__(16) __nv_bfloat16 row[kGatherMaxHidden];
+    for (int c = threadIdx.x; c < vecs; c += kGatherThreads)
+      *reinterpret_cast<uint4*>(row + 8 * c) = *reinterpret_cast<const uint4*>(xr + 8 * c);
+    __syncthreads();
+    xr = row;
     if (threadIdx.x < 32) {
       const float r = row_inv_rms(xr, hidden, norm.eps, threadIdx.x);
       if (threadIdx.x == 0) inv_rms = r;
