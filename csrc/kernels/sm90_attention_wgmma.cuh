@@ -211,8 +211,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     kernels::cp_async_wait<0>();
     cutlass::arch::fence_view_async_shared();  // this thread's cp.async writes, visible to the wgmma (async) proxy
     __syncthreads();  // tile `tile` is in; both warpgroups are done with the other stage (and with s_part)
-    if (tile + 1 < tile_hi) load_tile(tile + 1, stage ^ 1);
-    kernels::cp_async_commit();
 
     // S = Q Kᵀ over this warpgroup's head-dim half. Ping-pong (head_dim 256, where the warpgroups are independent):
     // warpgroup 1 issues after warpgroup 0, so 0's softmax runs while the tensor cores work on 1's Q·Kᵀ, and 1's
@@ -228,6 +226,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     }
     warpgroup_commit_batch();
     if (pingpong && wg == 0) asm volatile("bar.arrive %0, %1;" ::"n"(kPingpongBarrier), "n"(kThreads) : "memory");
+    // The next tile's copies are issued while the tensor cores work on Q·Kᵀ (the address arithmetic of a gathered
+    // tile is most of a thread's instructions): they fill the other stage, which no wgmma reads any more (the
+    // barrier above follows both warpgroups' last P·V on it).
+    if (tile + 1 < tile_hi) load_tile(tile + 1, stage ^ 1);
+    kernels::cp_async_commit();
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
     if constexpr (kHalves == 2) {
