@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
     const __nv_bfloat16* xr[1] = {t0 + t < p.tokens ? p.x + (t0 + t) * p.x_stride : nullptr};
     const int64_t token[1] = {t0 + t};
     route_normalize_rows<1, kRowBatch>(xr, p.scale, p.hidden, p.eps, p.inv_sqrt_hidden, lane,
-                            [&](int, int i) -> __nv_bfloat16& { return ht[i]; }, p.res, token);
+                                       [&](int, int i) -> __nv_bfloat16& { return ht[i]; }, p.res, token);
   }
   __syncthreads();
 
@@ -246,9 +246,9 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
 // Tensor-core router: 16 tokens per block (one mma row block), 4 warps splitting the experts; the logits by
 // mma.sync m16n8k16 (bf16 in, fp32 accumulation) over 64-wide K tiles of proj streamed through a cp.async pipeline
 // whose first tiles are requested before the normalisation (they do not depend on it, so the two overlap: with a
-// cluster, kRouteTcDeepStages cover a block's whole K chunk), the normalised rows resident in shared memory. Normalisation and selection are route_kernel's; the fp32
-// sum of a logit runs in the tensor cores' order, so it may differ from route_kernel's by an ulp before the bf16
-// rounding (the routes agree but for such near-ties).
+// cluster, kRouteTcDeepStages cover a block's whole K chunk), the normalised rows resident in shared memory.
+// Normalisation and selection are route_kernel's; the fp32 sum of a logit runs in the tensor cores' order, so it may
+// differ from route_kernel's by an ulp before the bf16 rounding (the routes agree but for such near-ties).
 // A logit's fp32 sum runs over kRouteTcChunks fixed K chunks (chunk c: K tiles [c·n/8, (c+1)·n/8)), each summed from
 // zero, then the chunks in order: the same order whatever the launch shape, so a token routes the same alone or in
 // any batch. Few tokens leave most SMs idle (256 tokens: 16 blocks, each streaming all of proj), so then a block's

@@ -183,12 +183,12 @@ __host__ __device__ constexpr int64_t combine_smem_floats(int rows, int splits) 
   return int64_t(rows) * (int64_t(splits) + 1);
 }
 
-// combine_split_chunk of every 4-column item of `rows` rows (row_at(r): the CombineRow of row r), with its arithmetic in
-// its order, so the output is the same bit for bit. What changes is when the loads happen: the splits' log-sum-exps
-// are read once per row into shared memory (smem: combine_smem_floats(rows, splits) floats, free for the caller to
-// overwrite until the CTA's threads have all arrived here), and a thread combines kCombineItems items at once with
-// kCombineBatch splits' partial rows of each in flight, rather than one item after another with a round trip to L2
-// per split (the combining CTA otherwise spends longer waiting on those than the splits took to compute).
+// combine_split_chunk of every 4-column item of `rows` rows (row_at(r): the CombineRow of row r), with its arithmetic
+// in its order, so the output is the same bit for bit. What changes is when the loads happen: the splits'
+// log-sum-exps are read once per row into shared memory (smem: combine_smem_floats(rows, splits) floats that the
+// caller's threads no longer use), and a thread combines kCombineItems items at once with kCombineBatch splits'
+// partial rows of each in flight, rather than one item after another with a round trip to L2 per split (the combining
+// CTA otherwise spends longer waiting on those than the splits took to compute).
 template <int D, typename RowAt>
 __device__ __forceinline__ void combine_split_rows(const AttentionParams& p, int b, int rows, RowAt&& row_at,
                                                    float* smem) {

@@ -17,7 +17,7 @@ namespace dgemma::kernels::vocab_head {
 // A finite "minus infinity": (sentinel − M)·0 stays 0 in the merge, where −inf would give NaN.
 constexpr float kNegSentinel = -3.0e38f;
 // The Gumbel noise −log(−log u) of an open uniform u ≤ 1 − 2^-24 is at most 16.64: a logit more than this
-// below the best noisy score so far cannot win, so a chunk whose warp holds no other logit draws no noise.
+// below the best noisy score so far cannot win, so a chunk draws no noise where no logit of its warp is closer.
 constexpr float kGumbelBound = 17.f;
 constexpr int kNoIndex = 0x7fffffff;
 
