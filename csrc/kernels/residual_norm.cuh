@@ -89,6 +89,18 @@ __device__ __forceinline__ float add_norm_value(const T* __restrict__ xr, const 
   return add_norm_of<T>(to_float(xr[i]), to_float(ar[i]), to_float(wa[i]), ra);
 }
 
+// Requests the 128-byte lines of a row of `dim` elements into L1 without waiting for them (prefetch.global.L1), one
+// warp's lanes taking every 32nd line: the passes that read the row later find it there rather than each waiting
+// on L2 or memory for its first batch. Null: nothing.
+template <typename T>
+__device__ __forceinline__ void prefetch_row_l1(const T* row, int dim, int lane) {
+  if (row == nullptr) return;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{127};
+  const uintptr_t end = reinterpret_cast<uintptr_t>(row + dim);
+  for (uintptr_t line = first + uintptr_t(lane) * 128; line < end; line += 32 * 128)
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(line));
+}
+
 // The feed-forward branches straight from the expert pipeline, before its combine (moe_dispatch.cuh, the shared
 // experts' layout): `down` [*, dim] bf16 holds each (token, slot) row's scaled and weighted output and row_of
 // [rows, slots] its row (-1: none). Row t of the dense MLP's branch (the kernel's `a`) is the sum of slots
@@ -124,7 +136,8 @@ __device__ __forceinline__ void gather_expert_branches(const ExpertBranches& eb,
 #pragma unroll
       for (int j = 0; j < kBranchBatch; ++j) {
         r[j] = k0 + j < eb.slots ? ro[k0 + j] : -1;
-        raw[j] = r[j] >= 0 ? *reinterpret_cast<const uint4*>(eb.down + static_cast<int64_t>(r[j]) * dim + c)
+        // Read once: through L2 only, so they do not evict the rows prefetched into L1 for the passes after.
+        raw[j] = r[j] >= 0 ? __ldcg(reinterpret_cast<const uint4*>(eb.down + static_cast<int64_t>(r[j]) * dim + c))
                            : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
@@ -164,6 +177,13 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   const T* xr = x + off;
   const T* ar = a != nullptr ? a + off : nullptr;
   const T* br = b != nullptr ? b + off : nullptr;
+  // Every row the passes below read from global memory, requested now: they arrive while the branches are gathered
+  // and the first sums run (the weights are shared by the block's rows; a line already on its way costs nothing).
+  prefetch_row_l1(xr, dim, lane);
+  prefetch_row_l1(wa, dim, lane);
+  prefetch_row_l1(wb, dim, lane);
+  prefetch_row_l1(wc, dim, lane);
+  if (quant.q != nullptr) prefetch_row_l1(quant.weight, dim, lane);
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     if (eb.down != nullptr) {  // the branches from the expert pipeline (a and b unused)
       extern __shared__ __align__(16) unsigned char branch_smem[];
