@@ -121,6 +121,136 @@ __device__ __forceinline__ void route_normalize_rows(const __nv_bfloat16* const 
       });
 }
 
+// Chunks of 8 elements a lane moves between global memory and the slots at once (route_normalize_rows_vec): a row of
+// the model's 2816 is 352 chunks, 11 per lane, so one batch holds a lane's whole row.
+constexpr int kRouteVecBatch = 12;
+
+// 8 bf16 values (exactly representable) packed for one 16-byte store.
+__device__ __forceinline__ uint4 pack_bf16x8(const float (&v)[8]) {
+  return make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
+}
+
+// route_normalize_rows with 16-byte accesses, the same values: what a pass computes per element is elementwise, and
+// the two sums (of y's squares, of x's) run over the rows staged in the slots in for_rows_elements' order. What
+// changes is the traffic: lane l moves a row's 8-element chunks l, l + 32, ... between global memory and the slots,
+// all of a row's loads in flight at once, so each row costs one round trip to L2 per global pass rather than one per
+// batch of a lane's elements. Needs 16-byte aligned rows (x, res.y, res.out), scale and res.w, and slots whose
+// slot(r, i) for i % 8 == 0 starts 8 consecutive bf16 (16-byte aligned). The warp's lanes exchange rows through the
+// slots, so the passes are separated by __syncwarp().
+template <int R, typename Slot>
+__device__ __forceinline__ void route_normalize_rows_vec(const __nv_bfloat16* const (&xr)[R],
+                                                         const __nv_bfloat16* __restrict__ scale, int hidden, float eps,
+                                                         float inv_sqrt_hidden, int lane, Slot&& slot,
+                                                         const RouteResidual& res, const int64_t (&token)[R]) {
+  const int chunks = hidden / 8;
+  const bool fused = res.y != nullptr;
+  auto chunk_at = [&](int r, int c) -> uint4& { return *reinterpret_cast<uint4*>(&slot(r, 8 * c)); };
+  const __nv_bfloat16* yr[R];
+  float ry[R], ss[R], inv_rms[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    yr[r] = fused && xr[r] != nullptr ? res.y + token[r] * hidden : nullptr;
+    ry[r] = 0.f;
+    ss[r] = 0.f;
+  }
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  if (fused) {
+    // y to the slots, then the sum of its squares over them in the add form's order.
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      for (int c0 = lane; c0 < chunks; c0 += 32 * kRouteVecBatch) {
+        uint4 raw[kRouteVecBatch];
+#pragma unroll
+        for (int j = 0; j < kRouteVecBatch; ++j) {
+          const int c = c0 + 32 * j;
+          raw[j] = c < chunks && yr[r] != nullptr ? *reinterpret_cast<const uint4*>(yr[r] + 8 * c) : zero;
+        }
+#pragma unroll
+        for (int j = 0; j < kRouteVecBatch; ++j)
+          if (c0 + 32 * j < chunks) chunk_at(r, c0 + 32 * j) = raw[j];
+      }
+    __syncwarp();
+    for_rows_elements<R, kRowBatchOf<__nv_bfloat16>>(
+        hidden, lane, [&](int r, int i) { return __bfloat162float(slot(r, i)); },
+        [&](int r, int, float v) { ry[r] = fmaf(v, v, ry[r]); });
+#pragma unroll
+    for (int r = 0; r < R; ++r) ry[r] = rsqrtf(warp_sum(ry[r]) / static_cast<float>(hidden) + eps);
+    __syncwarp();  // every lane has read the y it sums before the chunks are overwritten
+  }
+  // x (or the residual update x + norm(y)·w, y from the slots) to the slots and, fused, to res.out.
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    for (int c0 = lane; c0 < chunks; c0 += 32 * kRouteVecBatch) {
+      uint4 xraw[kRouteVecBatch], wraw[kRouteVecBatch];
+#pragma unroll
+      for (int j = 0; j < kRouteVecBatch; ++j) {
+        const int c = c0 + 32 * j;
+        xraw[j] = c < chunks && xr[r] != nullptr ? *reinterpret_cast<const uint4*>(xr[r] + 8 * c) : zero;
+        wraw[j] = c < chunks && yr[r] != nullptr ? *reinterpret_cast<const uint4*>(res.w + 8 * c) : zero;
+      }
+#pragma unroll
+      for (int j = 0; j < kRouteVecBatch; ++j) {
+        const int c = c0 + 32 * j;
+        if (c >= chunks) continue;
+        if (yr[r] == nullptr) {  // x as it is (zeros for a padding row)
+          chunk_at(r, c) = xraw[j];
+          continue;
+        }
+        float xv[8], yv[8], wv[8], v[8];
+        unpack_bf16x8(xraw[j], xv);
+        unpack_bf16x8(chunk_at(r, c), yv);
+        unpack_bf16x8(wraw[j], wv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = add_norm_of<__nv_bfloat16>(xv[e], yv[e], wv[e], ry[r]);
+        const uint4 packed = pack_bf16x8(v);  // bf16 values: exact
+        if (res.out != nullptr) *reinterpret_cast<uint4*>(res.out + token[r] * hidden + 8 * c) = packed;
+        chunk_at(r, c) = packed;
+      }
+    }
+  __syncwarp();
+  for_rows_elements<R, kRowBatchOf<__nv_bfloat16>>(
+      hidden, lane, [&](int r, int i) { return __bfloat162float(slot(r, i)); },
+      [&](int r, int, float v) { ss[r] = fmaf(v, v, ss[r]); });
+#pragma unroll
+  for (int r = 0; r < R; ++r) inv_rms[r] = rsqrtf(warp_sum(ss[r]) / static_cast<float>(hidden) + eps);
+  __syncwarp();  // every lane has read the x it sums before the chunks become h
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    for (int c0 = lane; c0 < chunks; c0 += 32 * kRouteVecBatch) {
+      uint4 sraw[kRouteVecBatch];
+#pragma unroll
+      for (int j = 0; j < kRouteVecBatch; ++j) {
+        const int c = c0 + 32 * j;
+        sraw[j] = c < chunks && xr[r] != nullptr ? *reinterpret_cast<const uint4*>(scale + 8 * c) : zero;
+      }
+#pragma unroll
+      for (int j = 0; j < kRouteVecBatch; ++j) {
+        const int c = c0 + 32 * j;
+        if (c >= chunks) continue;
+        if (xr[r] == nullptr) {
+          chunk_at(r, c) = zero;
+          continue;
+        }
+        float xv[8], sv[8], h[8];
+        unpack_bf16x8(chunk_at(r, c), xv);
+        unpack_bf16x8(sraw[j], sv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float v = round_bf16(round_bf16(xv[e] * inv_rms[r]) * sv[e]);
+          h[e] = v * inv_sqrt_hidden;  // rounded to bf16 by the pack, as the scalar path's store rounds it
+        }
+        chunk_at(r, c) = pack_bf16x8(h);
+      }
+    }
+}
+
+// Whether route_normalize_rows_vec may read and write these rows: 16-byte aligned rows, scale and residual weight.
+__device__ __forceinline__ bool route_rows_vectorisable(const RouteParams& p) {
+  auto aligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
+  return p.hidden % 8 == 0 && p.x_stride % 8 == 0 && aligned(p.x) && aligned(p.scale) &&
+         (p.res.y == nullptr || (aligned(p.res.y) && aligned(p.res.w) && (p.res.out == nullptr || aligned(p.res.out))));
+}
+
 // One token's softmax over its (bf16-rounded) logits, top-k and renormalisation, by one warp (the tie and NaN
 // rules above). Writes weights[0..top_k) and ids[0..top_k), by descending probability.
 __device__ __forceinline__ void route_select(const float* logits, int experts, int top_k,
@@ -204,6 +334,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
     __nv_bfloat16* ht = h + t * p.hidden;
     const __nv_bfloat16* xr[1] = {t0 + t < p.tokens ? p.x + (t0 + t) * p.x_stride : nullptr};
     const int64_t token[1] = {t0 + t};
+    // NOTE: the scalar passes: the 16-byte ones (route_normalize_rows_vec) make ptxas spill in these variants.
     route_normalize_rows<1, kRowBatch>(xr, p.scale, p.hidden, p.eps, p.inv_sqrt_hidden, lane,
                                        [&](int, int i) -> __nv_bfloat16& { return ht[i]; }, p.res, token);
   }
@@ -348,12 +479,13 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
       token[r] = t0 + warp + r * kRouteTcWarps;
       xr[r] = token[r] < p.tokens ? p.x + token[r] * p.x_stride : nullptr;
     }
-    route_normalize_rows<kRows>(
-        xr, p.scale, p.hidden, p.eps, p.inv_sqrt_hidden, lane,
-        [&](int r, int i) -> __nv_bfloat16& {
-          return h[route_swizzle(warp + r * kRouteTcWarps, i / 8, row_chunks) + i % 8];
-        },
-        res, token);
+    auto slot = [&](int r, int i) -> __nv_bfloat16& {
+      return h[route_swizzle(warp + r * kRouteTcWarps, i / 8, row_chunks) + i % 8];
+    };
+    if (route_rows_vectorisable(p))
+      route_normalize_rows_vec<kRows>(xr, p.scale, p.hidden, p.eps, p.inv_sqrt_hidden, lane, slot, res, token);
+    else
+      route_normalize_rows<kRows>(xr, p.scale, p.hidden, p.eps, p.inv_sqrt_hidden, lane, slot, res, token);
   }
 
   // 2. Logits of the 16 tokens against this warp's experts n0 .. n0 + 8 * kNTiles - 1.
