@@ -263,10 +263,20 @@ def main(argv=None) -> int:
     p.add_argument("--router-only", action="store_true", help="time only the router (for DGEMMA_ROUTE_TILE sweeps)")
     p.add_argument("--moe-only", action="store_true",
                    help="time only the MoE layer, both pipelines (for DGEMMA_MOE_TILE sweeps of the expert GEMM tile)")
+    p.add_argument("--dense-only", action="store_true",
+                   help="time only the dense FP8 GEMMs (for DGEMMA_DENSE_CLUSTER sweeps)")
     args = p.parse_args(argv)
+    if args.moe_only + args.router_only + args.dense_only > 1:
+        p.error("--router-only, --moe-only and --dense-only exclude each other")
     if not torch.cuda.is_available():
         print("bench_moe: no CUDA device; nothing to measure")
         return 1
+    if args.dense_only:
+        results = dense_cases([int(r) for r in args.rows.split(",")], args.iters)
+        for r in results:
+            r["dense_cluster"] = os.environ.get("DGEMMA_DENSE_CLUSTER", "off")
+        write_results(args.out, results)
+        return 0
     layer = Layer()
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.moe_only:

@@ -720,3 +720,53 @@ def test_every_router_tile_routes_identically(tmp_path):
     r = subprocess.run([sys.executable, "-c", ROUTE_PROBE, str(tmp_path / "x.pt")], capture_output=True, text=True,
                        env=dict(os.environ, DGEMMA_ROUTE_TILE="3x3"), timeout=300)
     assert r.returncode != 0 and "DGEMMA_ROUTE_TILE=3x3 is not a compiled router tile (tc, 4x8, 8x8, 2x8, 1x8)" in r.stderr
+
+
+DENSE_CLUSTER_PROBE = r"""
+import sys
+import torch
+from dgemma.ops import cuda_moe
+from dgemma.quant import quantize_weight
+out = {}
+g = torch.Generator(device="cuda").manual_seed(11)
+for rows in (65, 256, 333, 1024):
+    for n_out, k in ((8192, 2816), (2816, 4096), (136, 64)):
+        x = (torch.randn(rows, k, device="cuda", generator=g) * 2).bfloat16()
+        w = quantize_weight((torch.randn(n_out, k, device="cuda", generator=g) * k ** -0.5).bfloat16())
+        out[f"linear.{rows}.{n_out}.{k}"] = cuda_moe.linear_fp8(x, w).cpu()
+    x = torch.randn(rows, 2816, device="cuda", generator=g).bfloat16()
+    gate, up, down = (quantize_weight((torch.randn(*s, device="cuda", generator=g) * s[1] ** -0.5).bfloat16())
+                      for s in ((2112, 2816), (2112, 2816), (2816, 2112)))
+    out[f"mlp.{rows}"] = cuda_moe.gated_mlp_fp8(x, gate, up, down).cpu()
+torch.save(out, sys.argv[1])
+"""
+
+
+def _dense_cluster_probe(path, setting):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DGEMMA_DENSE_CLUSTER=setting)
+    return subprocess.run([sys.executable, "-c", DENSE_CLUSTER_PROBE, str(path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_dense_gemm_clusters_give_the_same_bits(tmp_path):
+    """DGEMMA_DENSE_CLUSTER=2x2 (read once per process) runs the dense FP8 GEMMs in 2 x 2 clusters whose CTAs share
+    each operand tile by TMA multicast: every tile is multiplied exactly as without clusters, so every output is the
+    same bit for bit (ragged tiles both ways: 65 and 333 rows, 136 output channels; the gated MLP's three GEMMs)."""
+    outs = {}
+    for setting in ("off", "2x2"):
+        r = _dense_cluster_probe(tmp_path / f"{setting}.pt", setting)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[setting] = torch.load(tmp_path / f"{setting}.pt")
+    assert outs["off"].keys() == outs["2x2"].keys()
+    for key, plain in outs["off"].items():
+        assert torch.equal(plain, outs["2x2"][key]), key
+
+
+def test_an_unknown_dense_cluster_is_refused_by_name(tmp_path):
+    r = _dense_cluster_probe(tmp_path / "x.pt", "4x4")
+    assert r.returncode != 0
+    assert "DGEMMA_DENSE_CLUSTER=4x4 is not a dense GEMM cluster (off or 2x2)" in r.stderr

@@ -29,7 +29,11 @@ namespace dgemma::kernels {
 
 // StrideW / StrideX / StrideD: (M, K, L), (N, K, L), (M, N, L) of the weights, tokens and output; RowScaleStride:
 // the per-token scale's (M, N, L) stride; the per-channel weight scale has one row of M values per batch L.
-template <int TileN, class StrideW_, class StrideX_, class StrideD_, class RowScaleStride, class SchedulerTag>
+// ClusterM x ClusterN: a thread-block cluster of that many weight x token tiles; each weight tile is multicast by TMA
+// to the ClusterN CTAs that multiply it and each token tile to the ClusterM CTAs (read once from L2 per cluster
+// rather than once per CTA). Every tile's arithmetic is the same: only where its operands come from changes.
+template <int TileN, class StrideW_, class StrideX_, class StrideD_, class RowScaleStride, class SchedulerTag,
+          int ClusterM = 1, int ClusterN = 1>
 struct ScaledFp8Gemm {
   using StrideW = StrideW_;
   using StrideX = StrideX_;
@@ -40,7 +44,7 @@ struct ScaledFp8Gemm {
   static constexpr int kAlignFp8 = 16;
   static constexpr int kAlignD = 8;
   using TileShape = cute::Shape<cute::_128, cute::Int<TileN>, cute::_128>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
   using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 

@@ -39,13 +39,35 @@ struct Fp8ScaledGemmProblem {
 DGEMMA_DECLARE_FP8_SCALED_GEMM(32)
 DGEMMA_DECLARE_FP8_SCALED_GEMM(64)
 DGEMMA_DECLARE_FP8_SCALED_GEMM(128)
+// The 64- and 128-token tiles in clusters of 2 x 2 tiles (fp8_scaled_gemm_cluster.cu): each weight tile and each token
+// tile read once from L2 per cluster and multicast by TMA to the two CTAs that use it. At a few hundred rows the
+// unclustered kernel reads every weight tile once per token tile and every token tile once per weight tile, several
+// times the bytes of the operands themselves (bench/results/moe.json: 0.2-0.5 of the HBM roofline).
+DGEMMA_DECLARE_FP8_SCALED_GEMM(64_c2)
+DGEMMA_DECLARE_FP8_SCALED_GEMM(128_c2)
 #undef DGEMMA_DECLARE_FP8_SCALED_GEMM
 
 // The token tile follows the dense rule of choose_fp8_gemm_tile (rows shared by every weight tile).
 inline Fp8GemmTile choose_scaled_gemm_tile(int64_t rows) { return choose_fp8_gemm_tile(rows, 1, true); }
 
+// DGEMMA_DENSE_CLUSTER, read once per process: unset, "" or "off" (the default until a GPU run has measured the
+// clusters) -> 1; "2x2" -> 2. Anything else is refused by every call (ValueError naming it).
+int dense_cluster_setting();
+
+// Whether a problem runs on the clustered kernel: it is asked for, and the problem has at least two tiles each way
+// (a cluster of one token tile would leave half its CTAs without work).
+inline bool use_dense_cluster(const Fp8ScaledGemmProblem& p, Fp8GemmTile tile) {
+  if (tile == Fp8GemmTile::kN32 || dense_cluster_setting() != 2) return false;
+  const int64_t tile_n = tile == Fp8GemmTile::kN64 ? 64 : 128;
+  return p.n_out > 128 && p.rows > tile_n;
+}
+
 inline size_t sm90_fp8_scaled_gemm_workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
-  switch (choose_scaled_gemm_tile(p.rows)) {
+  const Fp8GemmTile tile = choose_scaled_gemm_tile(p.rows);
+  if (use_dense_cluster(p, tile))
+    return tile == Fp8GemmTile::kN64 ? sm90_fp8_scaled_gemm_n64_c2_workspace_bytes(p, sm_count, device)
+                                     : sm90_fp8_scaled_gemm_n128_c2_workspace_bytes(p, sm_count, device);
+  switch (tile) {
     case Fp8GemmTile::kN32: return sm90_fp8_scaled_gemm_n32_workspace_bytes(p, sm_count, device);
     case Fp8GemmTile::kN64: return sm90_fp8_scaled_gemm_n64_workspace_bytes(p, sm_count, device);
     default: return sm90_fp8_scaled_gemm_n128_workspace_bytes(p, sm_count, device);
@@ -54,7 +76,12 @@ inline size_t sm90_fp8_scaled_gemm_workspace_bytes(const Fp8ScaledGemmProblem& p
 
 inline cudaError_t sm90_fp8_scaled_gemm(const Fp8ScaledGemmProblem& p, void* workspace, size_t workspace_bytes,
                                         int sm_count, int device, cudaStream_t stream) {
-  switch (choose_scaled_gemm_tile(p.rows)) {
+  const Fp8GemmTile tile = choose_scaled_gemm_tile(p.rows);
+  if (use_dense_cluster(p, tile))
+    return tile == Fp8GemmTile::kN64
+               ? sm90_fp8_scaled_gemm_n64_c2(p, workspace, workspace_bytes, sm_count, device, stream)
+               : sm90_fp8_scaled_gemm_n128_c2(p, workspace, workspace_bytes, sm_count, device, stream);
+  switch (tile) {
     case Fp8GemmTile::kN32: return sm90_fp8_scaled_gemm_n32(p, workspace, workspace_bytes, sm_count, device, stream);
     case Fp8GemmTile::kN64: return sm90_fp8_scaled_gemm_n64(p, workspace, workspace_bytes, sm_count, device, stream);
     default: return sm90_fp8_scaled_gemm_n128(p, workspace, workspace_bytes, sm_count, device, stream);

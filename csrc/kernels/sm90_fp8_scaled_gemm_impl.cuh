@@ -18,13 +18,15 @@ using cute::_0;
 using cute::_1;
 using cute::Stride;
 
-// One batch: weights [n_out, k], tokens [rows, k], output [rows, ldo]; a persistent scheduler over the tiles.
-template <int TileN>
+// One batch: weights [n_out, k], tokens [rows, k], output [rows, ldo]; a persistent scheduler over the tiles, in
+// clusters of Cluster x Cluster tiles (1: none).
+template <int TileN, int Cluster = 1>
 struct ScaledGemm : ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<int64_t, _1, int64_t>,
                                   Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>,
-                                  cutlass::gemm::PersistentScheduler> {
+                                  cutlass::gemm::PersistentScheduler, Cluster, Cluster> {
   using Base = ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<int64_t, _1, int64_t>,
-                             Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>, cutlass::gemm::PersistentScheduler>;
+                             Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>, cutlass::gemm::PersistentScheduler,
+                             Cluster, Cluster>;
 
   static typename Base::Gemm::Arguments arguments(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
     auto args = Base::arguments(cutlass::gemm::GemmUniversalMode::kGemm, p.n_out, p.rows, p.k, 1, p.w, 0, p.w_scale,
@@ -35,16 +37,16 @@ struct ScaledGemm : ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<in
   }
 };
 
-template <int TileN>
+template <int TileN, int Cluster = 1>
 size_t workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
-  using G = ScaledGemm<TileN>;
+  using G = ScaledGemm<TileN, Cluster>;
   return G::Gemm::get_workspace_size(G::arguments(p, sm_count, device));
 }
 
-template <int TileN>
+template <int TileN, int Cluster = 1>
 cudaError_t run(const Fp8ScaledGemmProblem& p, void* workspace, size_t bytes, int sm_count, int device,
                 cudaStream_t stream) {
-  using G = ScaledGemm<TileN>;
+  using G = ScaledGemm<TileN, Cluster>;
   if (p.rows == 0) return cudaSuccess;
   if (!fp8_gemm_operands_fit(p.w, p.x, p.out, p.n_out, p.ldo)) return cudaErrorInvalidValue;
   return run_cutlass<G>(G::arguments(p, sm_count, device), workspace, bytes, device, stream);
