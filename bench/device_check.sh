@@ -130,10 +130,10 @@ if want bench; then
   for b in ${BENCHES:-moe attention vocab_head}; do
     TAIL=25 run "${BENCH_S:-60}" $PY "bench/bench_$b.py" --out "$OUT/$b.json"
   done
-  # The vocabulary head's other statistics GEMMs (pingpong_cluster2 is the default; read once per process): their
-  # wgmma rows against vocab_head.json's.
+  # The vocabulary head's statistics GEMMs one by one (auto, the default, is pingpong up to 512 rows, else cooperative;
+  # read once per process): their wgmma rows against vocab_head.json's.
   if [[ " ${BENCHES:-moe attention vocab_head} " == *" vocab_head "* ]]; then
-    for v in ${STATS_VARIANTS:-pingpong cooperative}; do
+    for v in ${STATS_VARIANTS:-pingpong cooperative cooperative_cluster2x2 pingpong_cluster2}; do
       DGEMMA_VOCAB_HEAD_STATS=$v TAIL=12 run "${BENCH_S:-60}" $PY bench/bench_vocab_head.py --out "$OUT/vocab_head_$v.json"
     done
   fi

@@ -229,7 +229,7 @@ torch.save({f"{n}.{k}": getattr(o, k).cpu() for n, o in (("a", a), ("b", b))
 """
 
 
-@pytest.mark.parametrize("variant", ["pingpong", "cooperative", "auto"])
+@pytest.mark.parametrize("variant", ["pingpong", "cooperative", "cooperative_cluster2x2", "auto"])
 def test_every_statistics_gemm_variant_gives_the_default_results(tmp_path, variant):
     """DGEMMA_VOCAB_HEAD_STATS (read once per process) picks the wgmma statistics GEMM's schedule and cluster; each
     variant's outputs agree with the default's (the same per-logit math; the MMA order within a tile may differ)."""
@@ -281,4 +281,4 @@ def test_an_unknown_statistics_gemm_variant_is_refused_by_name(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0
     assert ("DGEMMA_VOCAB_HEAD_STATS=pingpong_cluster4 is not a statistics GEMM variant (auto, pingpong_cluster2, "
-            "pingpong, cooperative)") in r.stderr
+            "pingpong, cooperative, cooperative_cluster2x2)") in r.stderr

@@ -144,8 +144,9 @@ class VocabStatsEpilogue {
 // runs while the other's MMAs do) or cooperative (TileM = 128: both warpgroups on one tile, the epilogue between
 // tiles).
 // ClusterM > 1: that many CTAs of consecutive row tiles form a cluster and the embedding tile is multicast to them
-// (read once from L2 per cluster rather than once per row tile).
-template <int TileM, int TileN, class KernelSchedule, int ClusterM = 1>
+// (read once from L2 per cluster rather than once per row tile); ClusterN > 1 likewise multicasts each row tile of h
+// to that many vocab tiles (h is read by every vocab tile: at 256 rows it is half of what a 128 x 128 tile reads).
+template <int TileM, int TileN, class KernelSchedule, int ClusterM = 1, int ClusterN = 1>
 struct VocabStatsGemm {
   static constexpr int kTileM = TileM;
   static constexpr int kTileN = TileN;
@@ -153,7 +154,7 @@ struct VocabStatsGemm {
   using StrideA = cute::Stride<int64_t, cute::_1, int64_t>;  // h [rows][hidden]
   using StrideB = cute::Stride<int64_t, cute::_1, int64_t>;  // E [vocab][hidden]
   using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::_64>;
-  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::_1, cute::_1>;
+  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
   using Epilogue = VocabStatsEpilogue<TileM, TileN>;
   using CollectiveEpilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<Epilogue>;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<

@@ -20,16 +20,19 @@ namespace {
 using PingpongStats = VocabStatsGemm<64, 128, cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
 using PingpongClusterStats = VocabStatsGemm<64, 128, cutlass::gemm::KernelTmaWarpSpecializedPingpong, 2>;
 using CooperativeStats = VocabStatsGemm<128, 128, cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+using CooperativeCluster2x2Stats = VocabStatsGemm<128, 128, cutlass::gemm::KernelTmaWarpSpecializedCooperative, 2, 2>;
 
 // The statistics GEMM's variant, DGEMMA_VOCAB_HEAD_STATS (read once per process; a tuning switch for the benchmark
 // sweep): "auto" (the default: "pingpong" up to kPingpongMaxRows rows, else "cooperative"), "pingpong_cluster2"
-// (ping-pong, the embedding tile multicast to a cluster of two row tiles), "pingpong" (no cluster) or "cooperative".
+// (ping-pong, the embedding tile multicast to a cluster of two row tiles), "pingpong" (no cluster), "cooperative" or
+// "cooperative_cluster2x2" (clusters of 2 x 2 tiles: the embedding tile multicast to two row tiles and h's tile to
+// two vocab tiles, half the L2 reads of "cooperative"; not yet measured).
 // An unknown name is refused (ValueError naming it) by every call. On an H200 (bench/results/vocab_head_*.json, vocab
 // 262144, hidden 2816): 256 rows 2.73 / 3.00 / 3.37 ms (pingpong / cooperative / pingpong_cluster2), 1024 rows
 // 11.8 / 8.29 / 12.4 ms.
 // NOTE: 128 vocab ids per tile: 256 (a 64 x 256 accumulator per warpgroup, 128 registers per thread) spills in this
 // epilogue under the kernel's 168-register budget.
-enum class StatsVariant { kAuto, kPingpongCluster2, kPingpong, kCooperative };
+enum class StatsVariant { kAuto, kPingpongCluster2, kPingpong, kCooperative, kCooperativeCluster2x2 };
 constexpr int64_t kPingpongMaxRows = 512;
 
 StatsVariant stats_variant() {
@@ -39,8 +42,10 @@ StatsVariant stats_variant() {
     if (std::strcmp(s, "pingpong_cluster2") == 0) return StatsVariant::kPingpongCluster2;
     if (std::strcmp(s, "pingpong") == 0) return StatsVariant::kPingpong;
     if (std::strcmp(s, "cooperative") == 0) return StatsVariant::kCooperative;
+    if (std::strcmp(s, "cooperative_cluster2x2") == 0) return StatsVariant::kCooperativeCluster2x2;
     ::dgemma::throw_invalid(std::string("DGEMMA_VOCAB_HEAD_STATS=") + s +
-                            " is not a statistics GEMM variant (auto, pingpong_cluster2, pingpong, cooperative)");
+                            " is not a statistics GEMM variant (auto, pingpong_cluster2, pingpong, cooperative, "
+                            "cooperative_cluster2x2)");
   }();
   return v;
 }
@@ -55,6 +60,8 @@ auto with_stats_gemm(int64_t rows, Fn&& fn) {
       return fn(PingpongStats{});
     case StatsVariant::kCooperative:
       return fn(CooperativeStats{});
+    case StatsVariant::kCooperativeCluster2x2:
+      return fn(CooperativeCluster2x2Stats{});
     default:
       return fn(PingpongClusterStats{});
   }
@@ -65,6 +72,7 @@ auto with_stats_gemm(int64_t rows, Fn&& fn) {
 static_assert(PingpongStats::Kernel::SharedStorageSize <= 232448, "the statistics GEMM's shared memory");
 static_assert(PingpongClusterStats::Kernel::SharedStorageSize <= 232448, "the statistics GEMM's shared memory");
 static_assert(CooperativeStats::Kernel::SharedStorageSize <= 232448, "the statistics GEMM's shared memory");
+static_assert(CooperativeCluster2x2Stats::Kernel::SharedStorageSize <= 232448, "the statistics GEMM's shared memory");
 
 }  // namespace
 
