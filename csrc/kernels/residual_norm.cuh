@@ -119,44 +119,61 @@ inline size_t expert_branches_smem_bytes(int dim) {
 }
 
 // Slots whose rows a lane loads together in gather_expert_branches (their loads in flight at once): the model's 8
-// routed and 3 shared-expert slots in one batch (96 registers, no spills).
+// routed and 3 shared-expert slots in one batch; and the column chunks a lane gathers at once: 2 (its 11 chunks of a
+// 2816-wide row in 6 round trips to L2, not 11; 2 x 12 loads, 96 registers, no spills).
 constexpr int kBranchBatch = 12;
+constexpr int kBranchChunks = 2;
 
 // One warp: row `row`'s two branches into mlp[0, dim) and moe[0, dim) (shared memory).
 __device__ __forceinline__ void gather_expert_branches(const ExpertBranches& eb, int64_t row, int dim, int lane,
                                                        __nv_bfloat16* mlp, __nv_bfloat16* moe) {
   const int32_t* ro = eb.row_of + row * eb.slots;
-  for (int c = 8 * lane; c < dim; c += 8 * 32) {
-    float acc_mlp[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    float acc_moe[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int c0 = 8 * lane; c0 < dim; c0 += kBranchChunks * 8 * 32) {
+    float acc_mlp[kBranchChunks][8], acc_moe[kBranchChunks][8];
+#pragma unroll
+    for (int h = 0; h < kBranchChunks; ++h)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc_mlp[h][i] = acc_moe[h][i] = 0.f;
     for (int k0 = 0; k0 < eb.slots; k0 += kBranchBatch) {
-      // kBranchBatch slots' loads first, then their sums in slot order (the order of the plain loop).
+      // kBranchBatch slots' loads of every chunk first, then their sums in slot order (the order of the plain loop).
       int r[kBranchBatch];
-      uint4 raw[kBranchBatch];
+      uint4 raw[kBranchChunks][kBranchBatch];
 #pragma unroll
-      for (int j = 0; j < kBranchBatch; ++j) {
-        r[j] = k0 + j < eb.slots ? ro[k0 + j] : -1;
-        // Read once: through L2 only, so they do not evict the rows prefetched into L1 for the passes after.
-        raw[j] = r[j] >= 0 ? __ldcg(reinterpret_cast<const uint4*>(eb.down + static_cast<int64_t>(r[j]) * dim + c))
-                           : make_uint4(0u, 0u, 0u, 0u);
+      for (int j = 0; j < kBranchBatch; ++j) r[j] = k0 + j < eb.slots ? ro[k0 + j] : -1;
+#pragma unroll
+      for (int h = 0; h < kBranchChunks; ++h) {
+        const int c = c0 + h * 8 * 32;
+#pragma unroll
+        for (int j = 0; j < kBranchBatch; ++j)
+          // Read once: through L2 only, so they do not evict the rows prefetched into L1 for the passes after.
+          raw[h][j] = r[j] >= 0 && c < dim
+                          ? __ldcg(reinterpret_cast<const uint4*>(eb.down + static_cast<int64_t>(r[j]) * dim + c))
+                          : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
-      for (int j = 0; j < kBranchBatch; ++j) {
-        if (r[j] < 0) continue;  // no row: nothing added, as in the plain loop
-        float v[8];
-        unpack_bf16x8(raw[j], v);
-        const bool routed = k0 + j < eb.top_k;
+      for (int h = 0; h < kBranchChunks; ++h)
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          if (routed)
-            acc_moe[i] += v[i];
-          else
-            acc_mlp[i] += v[i];
+        for (int j = 0; j < kBranchBatch; ++j) {
+          if (r[j] < 0) continue;  // no row: nothing added, as in the plain loop
+          float v[8];
+          unpack_bf16x8(raw[h][j], v);
+          const bool routed = k0 + j < eb.top_k;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            if (routed)
+              acc_moe[h][i] += v[i];
+            else
+              acc_mlp[h][i] += v[i];
+          }
         }
-      }
     }
-    store_bf16x8(mlp + c, acc_mlp);
-    store_bf16x8(moe + c, acc_moe);
+#pragma unroll
+    for (int h = 0; h < kBranchChunks; ++h) {
+      const int c = c0 + h * 8 * 32;
+      if (c >= dim) continue;
+      store_bf16x8(mlp + c, acc_mlp[h]);
+      store_bf16x8(moe + c, acc_moe[h]);
+    }
   }
   __syncwarp();
 }
