@@ -131,7 +131,9 @@ class VocabStatsEpilogue {
         fold_chunk(v, col_base, q, math, stream, st, chunk_max, probs, l.vocab_pad);
       }
       st = quad_merged(st);
-      if (q == 0 && row_ok) partials[row * l.parts + n_tile] = stats_partial(st);
+      // A cluster's grid is rounded up to whole clusters: a tile past the last vocab tile is computed (zero-filled
+      // operands) but has no partial to write.
+      if (q == 0 && row_ok && n_tile < l.parts) partials[row * l.parts + n_tile] = stats_partial(st);
     }
   }
 
