@@ -145,49 +145,53 @@ __device__ __forceinline__ void route_normalize_rows_vec(const __nv_bfloat16* co
   const int chunks = hidden / 8;
   const bool fused = res.y != nullptr;
   auto chunk_at = [&](int r, int c) -> uint4& { return *reinterpret_cast<uint4*>(&slot(r, 8 * c)); };
-  const __nv_bfloat16* yr[R];
-  float ry[R], ss[R], inv_rms[R];
+  // 1 / rms of each row as the slots hold it, its squares summed in for_rows_elements' order (the scalar path's). The
+  // lanes read each other's chunks: every chunk is in before, and every lane has read what it sums after.
+  auto slots_inv_rms = [&](float (&inv)[R]) {
+    __syncwarp();
+    float sum[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    yr[r] = fused && xr[r] != nullptr ? res.y + token[r] * hidden : nullptr;
-    ry[r] = 0.f;
-    ss[r] = 0.f;
-  }
+    for (int r = 0; r < R; ++r) sum[r] = 0.f;
+    for_rows_elements<R, kRowBatchOf<__nv_bfloat16>>(
+        hidden, lane, [&](int r, int i) { return __bfloat162float(slot(r, i)); },
+        [&](int r, int, float v) { sum[r] = fmaf(v, v, sum[r]); });
+#pragma unroll
+    for (int r = 0; r < R; ++r) inv[r] = rsqrtf(warp_sum(sum[r]) / static_cast<float>(hidden) + eps);
+    __syncwarp();
+  };
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  // A lane's batch of chunks c0, c0 + 32, ... of `row` (zeros past the row's end or for a null row), all in flight.
+  auto load_chunks = [&](const __nv_bfloat16* row, int c0, uint4 (&raw)[kRouteVecBatch]) {
+#pragma unroll
+    for (int j = 0; j < kRouteVecBatch; ++j) {
+      const int c = c0 + 32 * j;
+      raw[j] = c < chunks && row != nullptr ? *reinterpret_cast<const uint4*>(row + 8 * c) : zero;
+    }
+  };
+  const __nv_bfloat16* yr[R];
+  float ry[R], inv_rms[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) yr[r] = fused && xr[r] != nullptr ? res.y + token[r] * hidden : nullptr;
   if (fused) {
     // y to the slots, then the sum of its squares over them in the add form's order.
 #pragma unroll
     for (int r = 0; r < R; ++r)
       for (int c0 = lane; c0 < chunks; c0 += 32 * kRouteVecBatch) {
         uint4 raw[kRouteVecBatch];
-#pragma unroll
-        for (int j = 0; j < kRouteVecBatch; ++j) {
-          const int c = c0 + 32 * j;
-          raw[j] = c < chunks && yr[r] != nullptr ? *reinterpret_cast<const uint4*>(yr[r] + 8 * c) : zero;
-        }
+        load_chunks(yr[r], c0, raw);
 #pragma unroll
         for (int j = 0; j < kRouteVecBatch; ++j)
           if (c0 + 32 * j < chunks) chunk_at(r, c0 + 32 * j) = raw[j];
       }
-    __syncwarp();
-    for_rows_elements<R, kRowBatchOf<__nv_bfloat16>>(
-        hidden, lane, [&](int r, int i) { return __bfloat162float(slot(r, i)); },
-        [&](int r, int, float v) { ry[r] = fmaf(v, v, ry[r]); });
-#pragma unroll
-    for (int r = 0; r < R; ++r) ry[r] = rsqrtf(warp_sum(ry[r]) / static_cast<float>(hidden) + eps);
-    __syncwarp();  // every lane has read the y it sums before the chunks are overwritten
+    slots_inv_rms(ry);
   }
   // x (or the residual update x + norm(y)·w, y from the slots) to the slots and, fused, to res.out.
 #pragma unroll
   for (int r = 0; r < R; ++r)
     for (int c0 = lane; c0 < chunks; c0 += 32 * kRouteVecBatch) {
       uint4 xraw[kRouteVecBatch], wraw[kRouteVecBatch];
-#pragma unroll
-      for (int j = 0; j < kRouteVecBatch; ++j) {
-        const int c = c0 + 32 * j;
-        xraw[j] = c < chunks && xr[r] != nullptr ? *reinterpret_cast<const uint4*>(xr[r] + 8 * c) : zero;
-        wraw[j] = c < chunks && yr[r] != nullptr ? *reinterpret_cast<const uint4*>(res.w + 8 * c) : zero;
-      }
+      load_chunks(xr[r], c0, xraw);
+      load_chunks(yr[r] != nullptr ? res.w : nullptr, c0, wraw);
 #pragma unroll
       for (int j = 0; j < kRouteVecBatch; ++j) {
         const int c = c0 + 32 * j;
@@ -207,22 +211,12 @@ __device__ __forceinline__ void route_normalize_rows_vec(const __nv_bfloat16* co
         chunk_at(r, c) = packed;
       }
     }
-  __syncwarp();
-  for_rows_elements<R, kRowBatchOf<__nv_bfloat16>>(
-      hidden, lane, [&](int r, int i) { return __bfloat162float(slot(r, i)); },
-      [&](int r, int, float v) { ss[r] = fmaf(v, v, ss[r]); });
-#pragma unroll
-  for (int r = 0; r < R; ++r) inv_rms[r] = rsqrtf(warp_sum(ss[r]) / static_cast<float>(hidden) + eps);
-  __syncwarp();  // every lane has read the x it sums before the chunks become h
+  slots_inv_rms(inv_rms);
 #pragma unroll
   for (int r = 0; r < R; ++r)
     for (int c0 = lane; c0 < chunks; c0 += 32 * kRouteVecBatch) {
       uint4 sraw[kRouteVecBatch];
-#pragma unroll
-      for (int j = 0; j < kRouteVecBatch; ++j) {
-        const int c = c0 + 32 * j;
-        sraw[j] = c < chunks && xr[r] != nullptr ? *reinterpret_cast<const uint4*>(scale + 8 * c) : zero;
-      }
+      load_chunks(xr[r] != nullptr ? scale : nullptr, c0, sraw);
 #pragma unroll
       for (int j = 0; j < kRouteVecBatch; ++j) {
         const int c = c0 + 32 * j;
