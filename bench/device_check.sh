@@ -162,18 +162,19 @@ if want e2e; then
   # E2E_ARGS adds e.g. "--batch 1,4 --baseline transformers" (transformers' wheel in .whl/).
   TAIL=40 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 --steps 16 ${E2E_ARGS:-} \
     --json "$OUT/e2e.json"
+  # The A/B rows below each run unless their variable is set empty (E2E_PDL= E2E_WGMMA= E2E_ATTENTION=).
   # The same rows with programmatic dependent launch (DGEMMA_PDL=1, opt-in until measured): the A/B of kernels/pdl.cuh.
-  if [[ -n "${E2E_PDL:-1}" ]]; then
+  if [[ -n "${E2E_PDL-1}" ]]; then
     DGEMMA_PDL=1 TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 --steps 16 \
       --cuda-graphs on --json "$OUT/e2e_pdl.json"
   fi
-  # The vocabulary head on the CUTLASS wgmma GEMMs (DGEMMA_VOCAB_HEAD=wgmma, opt-in until measured).
-  if [[ -n "${E2E_WGMMA:-1}" ]]; then
+  # The vocabulary head on its older mma.sync kernels (wgmma is the default): the A/B of the head's GEMMs.
+  if [[ -n "${E2E_WGMMA-1}" ]]; then
     DGEMMA_VOCAB_HEAD=mma_sync TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 \
       --steps 16 --cuda-graphs on --json "$OUT/e2e_head_mma_sync.json"
   fi
-  # The sliding layers' attention on the wgmma kernel (DGEMMA_ATTENTION=wgmma, opt-in until measured).
-  if [[ -n "${E2E_ATTENTION:-1}" ]]; then
+  # The attention on the mma.sync kernel only (auto, the default, picks per call): the A/B of the wgmma kernel.
+  if [[ -n "${E2E_ATTENTION-1}" ]]; then
     DGEMMA_ATTENTION=mma_sync TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 \
       --steps 16 --cuda-graphs on --json "$OUT/e2e_attention_mma_sync.json"
   fi
