@@ -61,6 +61,12 @@ struct RouteParams {
   RouteResidual res;
 };
 
+// h[i] of an element x (a bf16 value) of a row with 1 / rms inv_rms, before its rounding to bf16:
+// bf16(bf16(x * inv_rms) * scale) * hidden^-1/2.
+__device__ __forceinline__ float route_input_of(float x, float inv_rms, float scale, float inv_sqrt_hidden) {
+  return round_bf16(round_bf16(x * inv_rms) * scale) * inv_sqrt_hidden;
+}
+
 // R tokens' router inputs, by one warp: h[i] = bf16(bf16(bf16(x[i] * rms^-1) * scale[i]) * hidden^-1/2) of row r
 // (xr[r]; null: a padding row of zeros), written to slot(r, i) (a bf16 in shared memory, a reference). With res.y,
 // x is the residual update of row token[r] (stored to res.out unless that is null).
@@ -76,26 +82,28 @@ __device__ __forceinline__ void route_normalize_rows(const __nv_bfloat16* const 
                                                      const RouteResidual& res, const int64_t (&token)[R]) {
   const bool fused = res.y != nullptr;
   const __nv_bfloat16* yr[R];
-  float ry[R], ss[R], inv_rms[R];
+  float ry[R], inv_rms[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    yr[r] = fused && xr[r] != nullptr ? res.y + token[r] * hidden : nullptr;
-    ry[r] = 0.f;
-    ss[r] = 0.f;
-  }
-  if (fused) {  // row_inv_rms of each y row (its order: the add form's, bit for bit); y to the slots
-    for_rows_elements<R, kBatch>(
-        hidden, lane, [&](int r, int i) { return yr[r] != nullptr ? __bfloat162float(yr[r][i]) : 0.f; },
-        [&](int r, int i, float v) {
-          slot(r, i) = __float2bfloat16_rn(v);  // a bf16 value: exact
-          ry[r] = fmaf(v, v, ry[r]);
-        });
+  for (int r = 0; r < R; ++r) yr[r] = fused && xr[r] != nullptr ? res.y + token[r] * hidden : nullptr;
+  // One pass: each element's value(r, i) (a bf16 value, so its slot holds it exactly) to its slot and to also(r, i, v);
+  // then inv[r] = 1 / rms of the row, its squares summed in for_rows_elements' order (row_inv_rms's, bit for bit).
+  auto stage_pass = [&](auto&& value, auto&& also, float (&inv)[R]) {
+    float sum[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) ry[r] = rsqrtf(warp_sum(ry[r]) / static_cast<float>(hidden) + eps);
-  }
+    for (int r = 0; r < R; ++r) sum[r] = 0.f;
+    for_rows_elements<R, kBatch>(hidden, lane, value, [&](int r, int i, float v) {
+      also(r, i, v);
+      slot(r, i) = __float2bfloat16_rn(v);
+      sum[r] = fmaf(v, v, sum[r]);
+    });
+#pragma unroll
+    for (int r = 0; r < R; ++r) inv[r] = rsqrtf(warp_sum(sum[r]) / static_cast<float>(hidden) + eps);
+  };
+  if (fused)  // y to the slots and its inverse rms (the add form's)
+    stage_pass([&](int r, int i) { return yr[r] != nullptr ? __bfloat162float(yr[r][i]) : 0.f; },
+               [](int, int, float) {}, ry);
   // x (or the residual update x + norm(y)·w, y from the slots, rounded as the add form rounds it) to the slots.
-  for_rows_elements<R, kBatch>(
-      hidden, lane,
+  stage_pass(
       [&](int r, int i) {
         if (xr[r] == nullptr) return 0.f;
         const float x = __bfloat162float(xr[r][i]);
@@ -104,31 +112,21 @@ __device__ __forceinline__ void route_normalize_rows(const __nv_bfloat16* const 
       },
       [&](int r, int i, float v) {
         if (yr[r] != nullptr && res.out != nullptr) res.out[token[r] * hidden + i] = __float2bfloat16_rn(v);
-        slot(r, i) = __float2bfloat16_rn(v);  // a bf16 value: exact
-        ss[r] = fmaf(v, v, ss[r]);
-      });
-#pragma unroll
-  for (int r = 0; r < R; ++r) inv_rms[r] = rsqrtf(warp_sum(ss[r]) / static_cast<float>(hidden) + eps);
+      },
+      inv_rms);
   for_rows_elements<R, kBatch>(
       hidden, lane,
       [&](int r, int i) {
-        if (xr[r] == nullptr) return 0.f;
-        const float v = round_bf16(__bfloat162float(slot(r, i)) * inv_rms[r]);
-        return round_bf16(v * __bfloat162float(scale[i]));
+        return xr[r] == nullptr ? 0.f
+                                : route_input_of(__bfloat162float(slot(r, i)), inv_rms[r], __bfloat162float(scale[i]),
+                                                 inv_sqrt_hidden);
       },
-      [&](int r, int i, float v) {
-        slot(r, i) = xr[r] == nullptr ? __float2bfloat16_rn(0.f) : __float2bfloat16_rn(v * inv_sqrt_hidden);
-      });
+      [&](int r, int i, float v) { slot(r, i) = __float2bfloat16_rn(v); });
 }
 
 // Chunks of 8 elements a lane moves between global memory and the slots at once (route_normalize_rows_vec): a row of
 // the model's 2816 is 352 chunks, 11 per lane, so one batch holds a lane's whole row.
 constexpr int kRouteVecBatch = 12;
-
-// 8 bf16 values (exactly representable) packed for one 16-byte store.
-__device__ __forceinline__ uint4 pack_bf16x8(const float (&v)[8]) {
-  return make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
-}
 
 // route_normalize_rows with 16-byte accesses, the same values: what a pass computes per element is elementwise, and
 // the two sums (of y's squares, of x's) run over the rows staged in the slots in for_rows_elements' order. What
@@ -229,11 +227,8 @@ __device__ __forceinline__ void route_normalize_rows_vec(const __nv_bfloat16* co
         unpack_bf16x8(chunk_at(r, c), xv);
         unpack_bf16x8(sraw[j], sv);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float v = round_bf16(round_bf16(xv[e] * inv_rms[r]) * sv[e]);
-          h[e] = v * inv_sqrt_hidden;  // rounded to bf16 by the pack, as the scalar path's store rounds it
-        }
-        chunk_at(r, c) = pack_bf16x8(h);
+        for (int e = 0; e < 8; ++e) h[e] = route_input_of(xv[e], inv_rms[r], sv[e], inv_sqrt_hidden);
+        chunk_at(r, c) = pack_bf16x8(h);  // rounded to bf16 as the scalar path's store rounds it
       }
     }
 }
