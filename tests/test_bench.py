@@ -7,7 +7,14 @@ import pytest
 from dgemma.cli import main
 
 
-def test_bench_json_and_plot(tmp_path, capsys):
+def test_bench_json_and_plot(tmp_path, capsys, monkeypatch):
+    from dgemma import steps
+
+    # The block rows' commit pass is generate's: the stepper's (graph-replayed on CUDA), not Engine.encode.
+    commits = []
+    real_commit = steps.TorchStreamStepper.commit
+    monkeypatch.setattr(steps.TorchStreamStepper, "commit",
+                        lambda self, ids: (commits.append(ids.shape), real_commit(self, ids))[1])
     out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
     rc = main(["bench", "--iters", "2", "--warmup", "1", "--steps", "2", "--batch", "1,2", "--prefix-lengths",
                "16,40", "--prompt-length", "24", "--prefill-lengths", "40", "--baseline", "transformers",
@@ -22,6 +29,7 @@ def test_bench_json_and_plot(tmp_path, capsys):
                  "transformers_step_bf16_b2", "server_decoder_pass_bfloat16_b2", "prefill_t40_bfloat16_b1",
                  "peak_memory"):
         assert name in names
+    assert {(1, 256), (2, 256)} <= set(commits)
     block = next(r for r in report["results"] if r["name"] == "block2_bfloat16_b1")
     assert block["tok_per_s"] == pytest.approx(256 / (block["median_ms"] / 1e3))
     assert all(r["median_ms"] > 0 for r in report["results"] if r["name"] != "peak_memory")

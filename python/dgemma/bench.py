@@ -246,8 +246,8 @@ def run(opts: BenchOptions, *, log=print) -> dict:
                 fixed = settings.updated(max_denoising_steps=n, confidence_threshold=1e-30)
 
                 def block(fixed=fixed):
-                    argmax, _ = denoise_block(eng, cache, canvas, fixed, make_sampler(eng, fixed, g))
-                    eng.encode(argmax, cache=cache)  # the commit pass
+                    # The steps and the commit pass through generate's stepper (graph-replayed in *_graphs_*).
+                    denoise_block(eng, cache, canvas, fixed, make_sampler(eng, fixed, g), commit=True)
                     cache.truncate(prompt_len)
 
                 ms = measure(block, max(2, opts.iters // 8), 1)

@@ -301,20 +301,26 @@ def _located(e: NonFiniteError, engine, cache, canvas, soft, block: int, step: i
 
 
 def denoise_block(engine, cache: KVCache, canvas: torch.Tensor, settings: GenerationSettings, sampler,
-                  finished_seq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  finished_seq: torch.Tensor | None = None, *, commit: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block exactly as ``generate`` runs it (the same stepper), without events: (argmax canvas [B, C],
-    passes per row [B])."""
+    passes per row [B]). With ``commit`` the block's tokens are then encoded into ``cache`` by that stepper's
+    commit pass, as ``generate`` does before the next block (graph-replayed where the steps are)."""
     b = canvas.shape[0]
     if finished_seq is None:
         finished_seq = torch.zeros(b, dtype=torch.bool, device=canvas.device)
     passes = torch.zeros(b, dtype=torch.int, device=canvas.device)
-    events = _denoise_block(engine, cache, canvas, settings, make_stepper(engine, cache, sampler), finished_seq,
-                            passes, 0)
+    stepper = make_stepper(engine, cache, sampler)
+    events = _denoise_block(engine, cache, canvas, settings, stepper, finished_seq, passes, 0)
     while True:
         try:
             next(events)
         except StopIteration as done:
-            return done.value
+            argmax, block_passes = done.value
+            break
+    if commit:
+        stepper.commit(argmax)
+    return argmax, block_passes
 
 
 def drive(events: Iterator, stream: Callable | None) -> GenerationResult:

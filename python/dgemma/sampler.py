@@ -217,8 +217,9 @@ class HeadScalars:
             self.seed_step = torch.zeros(2, dtype=torch.int64, device=device)
             self.temperature = torch.ones(1, dtype=torch.float32, device=device)
 
-    def set(self, seed: int, step: int, temperature: float) -> None:
-        self.seed_step[0].fill_(seed)
+    def set(self, seed: torch.Tensor, step: int, temperature: float) -> None:
+        """``seed``: an int64 [1] tensor on the buffers' device (copied there, device to device)."""
+        self.seed_step[:1].copy_(seed)
         self.seed_step[1].fill_(step)
         self.temperature.fill_(temperature)
 
@@ -233,7 +234,8 @@ class PhiloxHeadSampler:
     def __init__(self, model, settings: GenerationSettings, generator: torch.Generator | None,
                  device: torch.device, scalars: HeadScalars | None = None):
         self.model, self.settings = model, settings
-        self.seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+        # The seed stays on the device (int64 [1]): reading it on the host would wait for the stream.
+        self.seed = torch.randint(0, 2**62, (1,), generator=generator, device=device)
         self.counter = 0
         self.scalars = scalars or HeadScalars(device)
 
