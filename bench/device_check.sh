@@ -7,7 +7,8 @@
 #             attention (in-kernel split-KV combine), graphs, fused q/k/v, residual norms, batched rows, vision,
 #             device-scalar head (both implementations), PDL == plain launches
 #   tests     pytest -m gpu tests, one process, nothing deselected
-#   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file
+#   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on every kernel test file (the four tools
+#             side by side, each its own process on the GPU; SANITIZE_JOBS=1: one after another)
 #   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json;
 #             expert GEMM tile sweep -> moe_tile_<tile>.json; the head's statistics GEMM variants ->
 #             vocab_head_<variant>.json; the wgmma attention without ping-pong -> attention_nopingpong.json; the
@@ -117,13 +118,34 @@ if want tests; then
 fi
 
 if want sanitize; then
-  for tool in ${TOOLS:-memcheck racecheck initcheck synccheck}; do
+  # sanitize TOOL: the tool over every kernel test file, one after another, into $OUT/sanitize_TOOL.log (the command,
+  # its output tail, exit status and summary line per file). The tools run side by side (SANITIZE_JOBS=1: one at a
+  # time): each is a process of its own on the one GPU, and four in a row would take more than a lease.
+  sanitize() {
+    local tool=$1 f rc out="$OUT/sanitize_$1.txt"
     for f in $KERNEL_TESTS; do
-      DGEMMA_ERROR_REPEATS=2 TAIL=8 run "${SANITIZER_S:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-        $PY -m pytest -q -m gpu -p no:cacheprovider "$f"
-      grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/last.txt" | tail -1 | sed "s|^|$tool $f: |" | tee -a "$LOG"
-    done
+      echo "\$ compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -m gpu -p no:cacheprovider $f"
+      DGEMMA_ERROR_REPEATS=2 timeout "${SANITIZER_S:-150}" "${SANITIZER:-compute-sanitizer}" --tool "$tool" \
+        --error-exitcode 9 $PY -m pytest -q -m gpu -p no:cacheprovider "$f" >"$out" 2>&1
+      rc=$?
+      tail -n 8 "$out"
+      echo "-> exit $rc after $(( $(date +%s) - t0 )) s in all"
+      echo "$tool $f: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out" | tail -1)"
+    done >"$OUT/sanitize_$tool.log" 2>&1
+    rm -f "$out"
+  }
+  TOOLS="${TOOLS:-memcheck racecheck initcheck synccheck}"
+  log "sanitizers: $TOOLS over $KERNEL_TESTS"
+  for tool in $TOOLS; do
+    if [[ "${SANITIZE_JOBS:-4}" == 1 ]]; then sanitize "$tool"; else sanitize "$tool" & fi
   done
+  wait
+  # The logs in the tools' order, then every summary line together.
+  for tool in $TOOLS; do cat "$OUT/sanitize_$tool.log" >>"$LOG"; done
+  for tool in $TOOLS; do
+    for f in $KERNEL_TESTS; do grep -F -- "$tool $f: " "$OUT/sanitize_$tool.log" | tail -1; done
+    rm -f "$OUT/sanitize_$tool.log"
+  done | tee -a "$LOG"
 fi
 
 if want bench; then

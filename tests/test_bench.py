@@ -129,3 +129,34 @@ def test_ncu_hot_lines_ranks_sass_by_stall_samples(tmp_path, capsys):
     assert "no stall-sampling table found" in capsys.readouterr().out
     assert tool.main([str(tmp_path / "missing.csv")]) == 1
     assert capsys.readouterr().err.startswith("ncu_hot_lines: cannot read")
+
+
+def test_device_check_runs_the_sanitizers_side_by_side_over_every_kernel_test_file(tmp_path):
+    """device_check.sh's sanitize stage: every tool over every kernel test file (the tools concurrently), each run's
+    command, exit status and summary line in the log, grouped per tool in a fixed order whatever finishes first."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "compute-sanitizer"
+    # A stand-in sanitizer: racecheck is slow (it finishes last), and one file has an error under memcheck.
+    fake.write_text('#!/usr/bin/env bash\ntool=$2; f="${@: -1}"\n[[ $tool == racecheck ]] && sleep 1\n'
+                    'n=0; [[ $tool == memcheck && $f == tests/b.py ]] && n=3\n'
+                    'echo "ran $tool on $f"\necho "========= ERROR SUMMARY: $n errors"\n'
+                    '[[ $n == 0 ]] || exit 9\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, STAGES="sanitize", OUT=str(out), SANITIZER=str(fake), KERNEL_TESTS="tests/a.py tests/b.py",
+               TOOLS="racecheck memcheck", PYTHON="python3")
+    done = subprocess.run(["bash", str(root / "bench" / "device_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    log = (out / "device_check.log").read_text()
+    summary = [line for line in log.splitlines() if line.startswith(("racecheck tests/", "memcheck tests/"))]
+    assert summary[-4:] == ["racecheck tests/a.py: ========= ERROR SUMMARY: 0 errors",
+                            "racecheck tests/b.py: ========= ERROR SUMMARY: 0 errors",
+                            "memcheck tests/a.py: ========= ERROR SUMMARY: 0 errors",
+                            "memcheck tests/b.py: ========= ERROR SUMMARY: 3 errors"]
+    assert "-> exit 9 " in log and log.index("ran racecheck on tests/a.py") < log.index("ran memcheck on tests/a.py")
+    assert "--tool memcheck --error-exitcode 9" in log and not list(out.glob("sanitize_*"))
