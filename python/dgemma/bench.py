@@ -42,7 +42,8 @@ class BenchOptions:
     prefix_lengths: list[int] = field(default_factory=list)
     seed: int = 0
     cuda_graphs: str = "auto"  # "off", "on", "both" or "auto" (both where the step can be captured, else off)
-    prefill_lengths: list[int] = field(default_factory=list)  # more prompt lengths to time prefill at
+    # More prompt lengths to time prefill at; None: PREFILL_LENGTHS of the preset (the 4096-token row of the bars).
+    prefill_lengths: list[int] | None = None
 
 
 def _timer(device: torch.device):
@@ -81,6 +82,9 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 
 
 TOP_KERNELS = 15
+
+# The prefill lengths timed besides the prompt's when --prefill-lengths is not given, per preset.
+PREFILL_LENGTHS = {"26b-a4b": [4096]}
 
 
 def summarise_profile(events) -> dict:
@@ -202,7 +206,7 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         prefill = measure(lambda: eng.encode(prompt, capacity=prompt_len + c), max(3, opts.iters // 4), 1)
         enc_bytes = step_bytes(eng, 1, 0) - 2 * eng.model.w.embed.numel() * eng.model.w.embed.element_size()
         results.append(_row(f"prefill_t{prompt_len}_{opts.dtype}_b{b}", prefill, roof(enc_bytes)))
-        for t in opts.prefill_lengths:
+        for t in (opts.prefill_lengths if opts.prefill_lengths is not None else PREFILL_LENGTHS.get(preset, [])):
             if t == prompt_len or t > cfg.max_position_embeddings - c:
                 continue
             longer = torch.randint(3, v, (b, t), generator=g, device=device)

@@ -378,7 +378,7 @@ def _bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(preset=args.preset, device=args.device, dtype=args.precision, batch_sizes=args.batch,
                         prompt_length=args.prompt_length, steps=args.steps, iters=args.iters,
                         warmup=args.warmup, baseline=args.baseline, prefix_lengths=args.prefix_lengths or [],
-                        seed=args.seed, cuda_graphs=args.cuda_graphs, prefill_lengths=args.prefill_lengths or [])
+                        seed=args.seed, cuda_graphs=args.cuda_graphs, prefill_lengths=args.prefill_lengths)
     with _environment(DGEMMA_ATTENTION=args.attention, DGEMMA_VOCAB_HEAD=args.vocab_head):
         report = run(opts, log=lambda m: print(m, file=sys.stderr))
     print_bench_table(report, roofline=device.type == "cuda")
@@ -527,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens before the canvas (default: 1024 on 26b-a4b, 64 on tiny)")
     b.add_argument("--steps", type=_int_list, default=[16, 48], help="denoising steps per block (default: 16,48)")
     b.add_argument("--prefill-lengths", type=_int_list, default=None,
-                   help="also time prefill of prompts of these lengths (rows prefill_t<T>_<precision>_b<B>)")
+                   help="also time prefill of prompts of these lengths (rows prefill_t<T>_<precision>_b<B>; "
+                        "default: 4096 on 26b-a4b, none on tiny)")
     b.add_argument("--prefix-lengths", type=_int_list, default=None,
                    help="also time a step after these prefix lengths (for --plot)")
     b.add_argument("--iters", type=_positive, default=20, help="timed repetitions (default: 20)")
