@@ -379,7 +379,7 @@ constexpr int kRouteTcTokens = 16;
 constexpr int kRouteTcWarps = 4;
 constexpr int kRouteTcK = 64;
 constexpr int kRouteTcStages = 3;      // the pipeline where the deep one does not fit the shared memory
-constexpr int kRouteTcDeepStages = 6;  // >= 1 + a cluster block's K tiles at hidden 2816 (44 tiles / 8 chunks)
+constexpr int kRouteTcDeepStages = 6;  // >= a cluster block's K tiles at hidden 2816 (44 tiles / 8 chunks: 5 or 6)
 constexpr int kRouteTcChunks = 8;  // the fixed K chunks of a logit's sum; also the cluster size when clustered
 
 // First K tile of chunk c of n tiles (c = kRouteTcChunks: n).
@@ -450,9 +450,12 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
       cp_async_16(dst + route_swizzle(row, chunk, 8), src + static_cast<int64_t>(row) * p.hidden + chunk * 8, 16);
     }
   };
-  // The pipeline's first tiles, in flight while the rows are normalised.
+  // The pipeline's first tiles, in flight while the rows are normalised: kStages - 1 of them, or all kStages when that
+  // is every tile of the block (the ring never wraps, so the stage the loop would refill first is free).
+  const int ahead = k_tiles == kStages ? kStages : kStages - 1;
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < kStages; ++s) {
+    if (s >= ahead) break;
     if (s < k_tiles) load(s);
     cp_async_commit();
   }
@@ -499,9 +502,9 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   };
   if (!clustered) fold_chunks_ending_at(0);  // leading empty chunks (fewer tiles than chunks)
   for (int i = 0; i < k_tiles; ++i) {
-    cp_async_wait<kStages - 2>();
+    cp_async_wait<kStages - 2>();  // `ahead` + i groups committed: tile i's is complete
     __syncthreads();  // tile i landed for every thread; the stage loaded next was consumed by all (and h is stored)
-    if (i + kStages - 1 < k_tiles) load(i + kStages - 1);
+    if (i + kStages - 1 >= ahead && i + kStages - 1 < k_tiles) load(i + kStages - 1);
     cp_async_commit();
     const __nv_bfloat16* tile = tiles + (i % kStages) * kExperts * kRouteTcK;
     const int kt = kt_begin + i;
@@ -590,7 +593,8 @@ cudaError_t launch_route_tc_stages(const RouteParams& p, cudaStream_t stream) {
   return err;
 }
 
-// The deep pipeline where it fits (never for 256 experts: its stages alone exceed the shared memory), else 3 stages.
+// The deep pipeline where it fits (never for 256 experts: its stages with the token rows and logits exceed the shared
+// memory at any hidden size), else 3 stages.
 // The depth changes when tiles arrive, not what is summed: the routes are the same either way.
 template <int kNTiles>
 cudaError_t launch_route_tc(const RouteParams& p, cudaStream_t stream) {
