@@ -259,6 +259,8 @@ static __global__ void __launch_bounds__(kPlanThreads)
 
 // Above this many entries the plan runs on every SM (when given scratch): a single block walks them in order.
 constexpr int kPlanSingleBlockMax = 16 * kPlanThreads;
+static_assert(kPlanSingleBlockMax <= kPlanHeldChunks * kPlanThreads,
+              "a single-block plan holds all its entries' experts in registers (else it reads the rest again)");
 
 // Scratch (int32 entries) of the multi-block plan for `entries` routed entries of `experts` experts.
 inline int64_t moe_plan_scratch_ints(int64_t entries, int experts) {

@@ -98,7 +98,7 @@ __device__ __forceinline__ void prefetch_row_l1(const T* row, int dim, int lane)
   const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{127};
   const uintptr_t end = reinterpret_cast<uintptr_t>(row + dim);
   for (uintptr_t line = first + uintptr_t(lane) * 128; line < end; line += 32 * 128)
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(line));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(__cvta_generic_to_global(reinterpret_cast<const void*>(line))));
 }
 
 // The feed-forward branches straight from the expert pipeline, before its combine (moe_dispatch.cuh, the shared
