@@ -57,7 +57,8 @@ int dense_cluster_setting();
 // Whether a problem runs on the clustered kernel: it is asked for, and the problem has at least two tiles each way
 // (a cluster of one token tile would leave half its CTAs without work).
 inline bool use_dense_cluster(const Fp8ScaledGemmProblem& p, Fp8GemmTile tile) {
-  if (tile == Fp8GemmTile::kN32 || dense_cluster_setting() != 2) return false;
+  const int cluster = dense_cluster_setting();  // read first: an unknown setting is refused by every call
+  if (tile == Fp8GemmTile::kN32 || cluster != 2) return false;
   const int64_t tile_n = tile == Fp8GemmTile::kN64 ? 64 : 128;
   return p.n_out > 128 && p.rows > tile_n;
 }
