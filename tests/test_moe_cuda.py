@@ -326,6 +326,35 @@ def test_a_token_routes_the_same_alone_and_in_any_batch(experts):
     assert torch.equal(new, new_all[:200]) and torch.equal(ids, ids_all[:200]) and torch.equal(w, w_all[:200])
 
 
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the 1-D ``t`` starting 2 bytes past a 16-byte boundary (contiguous, so the launcher takes it)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:]
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.parametrize("experts", [64, 128, 256])
+def test_route_element_passes_equal_the_16_byte_passes(experts):
+    """The tensor-core router normalises rows in 16-byte chunks where every row it reads is 16-byte aligned, else
+    element by element (here: a norm scale and residual weight 2 bytes off a 16-byte boundary); both passes sum in
+    one order, so the weights, ids and fused residual rows are the same bits."""
+    x, scale, proj, expert_scale = router_inputs(300, seed=91, experts=experts)
+    g = torch.Generator(device="cuda").manual_seed(92)
+    y = torch.randn(300, H, device="cuda", generator=g).bfloat16()
+    rw = (torch.rand(H, device="cuda", generator=g) + 0.5).bfloat16()
+    for n in (1, 16, 300):
+        xs, ys = x[:n].contiguous(), y[:n].contiguous()
+        w, ids = cuda_moe.route(xs, scale, proj, expert_scale, K, 1e-6)
+        w_e, ids_e = cuda_moe.route(xs, _misaligned(scale), proj, expert_scale, K, 1e-6)
+        assert torch.equal(ids, ids_e) and torch.equal(w, w_e), n
+        w, ids, new = cuda_moe.route(xs, scale, proj, expert_scale, K, 1e-6, residual=(ys, rw))
+        w_e, ids_e, new_e = cuda_moe.route(xs, _misaligned(scale), proj, expert_scale, K, 1e-6,
+                                           residual=(ys, _misaligned(rw)))
+        assert torch.equal(new, new_e) and torch.equal(ids, ids_e) and torch.equal(w, w_e), n
+
+
 def test_route_ties_pick_lowest_expert_id():
     # Experts share proj rows in groups of ~3 at scattered ids, so their logits tie exactly (the kernel
     # computes every expert's logit with the same arithmetic); top-8 then splits groups.
@@ -729,7 +758,7 @@ from dgemma.ops import cuda_moe
 from dgemma.quant import quantize_weight
 out = {}
 g = torch.Generator(device="cuda").manual_seed(11)
-for rows in (65, 256, 333, 1024):
+for rows in (int(r) for r in sys.argv[2].split(",")):
     for n_out, k in ((8192, 2816), (2816, 4096), (136, 64)):
         x = (torch.randn(rows, k, device="cuda", generator=g) * 2).bfloat16()
         w = quantize_weight((torch.randn(n_out, k, device="cuda", generator=g) * k ** -0.5).bfloat16())
@@ -742,14 +771,14 @@ torch.save(out, sys.argv[1])
 """
 
 
-def _dense_cluster_probe(path, setting):
+def _dense_cluster_probe(path, setting, rows="65,256,333,1024"):
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, DGEMMA_DENSE_CLUSTER=setting)
-    return subprocess.run([sys.executable, "-c", DENSE_CLUSTER_PROBE, str(path)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", DENSE_CLUSTER_PROBE, str(path), rows], capture_output=True,
+                          text=True, env=env, timeout=300)
 
 
 def test_dense_gemm_clusters_give_the_same_bits(tmp_path):
@@ -766,7 +795,8 @@ def test_dense_gemm_clusters_give_the_same_bits(tmp_path):
         assert torch.equal(plain, outs["2x2"][key]), key
 
 
-def test_an_unknown_dense_cluster_is_refused_by_name(tmp_path):
-    r = _dense_cluster_probe(tmp_path / "x.pt", "4x4")
+@pytest.mark.parametrize("rows", ["65", "7"])  # 7: the 32-token tile, never clustered, refuses it all the same
+def test_an_unknown_dense_cluster_is_refused_by_name(tmp_path, rows):
+    r = _dense_cluster_probe(tmp_path / "x.pt", "4x4", rows)
     assert r.returncode != 0
     assert "DGEMMA_DENSE_CLUSTER=4x4 is not a dense GEMM cluster (off or 2x2)" in r.stderr
