@@ -155,7 +155,7 @@ if want bench; then
   # The vocabulary head's statistics GEMMs one by one (auto, the default, is pingpong up to 512 rows, else cooperative;
   # read once per process): their wgmma rows against vocab_head.json's.
   if [[ " ${BENCHES:-moe attention vocab_head} " == *" vocab_head "* ]]; then
-    for v in ${STATS_VARIANTS:-pingpong cooperative cooperative_cluster2x2 pingpong_cluster2}; do
+    for v in ${STATS_VARIANTS:-pingpong cooperative cooperative_cluster2x2 pingpong_cluster2 two_pass two_pass_cooperative}; do
       DGEMMA_VOCAB_HEAD_STATS=$v TAIL=12 run "${BENCH_S:-60}" $PY bench/bench_vocab_head.py --out "$OUT/vocab_head_$v.json"
     done
   fi

@@ -229,22 +229,29 @@ torch.save({f"{n}.{k}": getattr(o, k).cpu() for n, o in (("a", a), ("b", b))
 """
 
 
-@pytest.mark.parametrize("variant", ["pingpong", "cooperative", "cooperative_cluster2x2", "auto"])
-def test_every_statistics_gemm_variant_gives_the_default_results(tmp_path, variant):
-    """DGEMMA_VOCAB_HEAD_STATS (read once per process) picks the wgmma statistics GEMM's schedule and cluster; each
-    variant's outputs agree with the default's (the same per-logit math; the MMA order within a tile may differ)."""
+def _variant_outputs(tmp_path, *names):
+    """VARIANT_PROBE's outputs under each DGEMMA_VOCAB_HEAD_STATS value (one process each: it is read once)."""
     import os
     import subprocess
     import sys
 
     outs = {}
-    for name in ("pingpong_cluster2", variant):
+    for name in names:
         path = tmp_path / f"{name}.pt"
         env = dict(os.environ, DGEMMA_VOCAB_HEAD_STATS=name)
         r = subprocess.run([sys.executable, "-c", VARIANT_PROBE, str(path), os.path.dirname(__file__)],
                            capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         outs[name] = torch.load(path)
+    return outs
+
+
+@pytest.mark.parametrize("variant", ["pingpong", "cooperative", "cooperative_cluster2x2", "two_pass",
+                                     "two_pass_cooperative", "auto"])
+def test_every_statistics_gemm_variant_gives_the_default_results(tmp_path, variant):
+    """DGEMMA_VOCAB_HEAD_STATS (read once per process) picks the wgmma statistics GEMM's schedule and cluster; each
+    variant's outputs agree with the default's (the same per-logit math; the MMA order within a tile may differ)."""
+    outs = _variant_outputs(tmp_path, "pingpong_cluster2", variant)
     base, other = outs["pingpong_cluster2"], outs[variant]
     for key in base:
         x, y = base[key], other[key]
@@ -254,6 +261,16 @@ def test_every_statistics_gemm_variant_gives_the_default_results(tmp_path, varia
             assert _rel(y, x) <= 1e-2, key
         else:
             assert ((x - y).abs() / x.abs().clamp_min(1e-3)).max().item() <= 1e-3, key
+
+
+@pytest.mark.parametrize("two_pass,one_pass", [("two_pass", "pingpong"), ("two_pass_cooperative", "cooperative")])
+def test_two_pass_statistics_equal_the_one_pass_epilogue_bit_for_bit(tmp_path, two_pass, one_pass):
+    """The two-pass variants store the logits GEMM's fp32 accumulators and fold them in a second kernel, a quad per
+    row in the accumulator's column layout: the same mainloop, the same fold_chunk calls in the same order on the same
+    values as the one-pass epilogue of that schedule, so every output is the same bits (ragged rows and vocabulary)."""
+    outs = _variant_outputs(tmp_path, one_pass, two_pass)
+    for key, x in outs[one_pass].items():
+        assert torch.equal(x, outs[two_pass][key]), key
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -281,4 +298,4 @@ def test_an_unknown_statistics_gemm_variant_is_refused_by_name(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0
     assert ("DGEMMA_VOCAB_HEAD_STATS=pingpong_cluster4 is not a statistics GEMM variant (auto, pingpong_cluster2, "
-            "pingpong, cooperative, cooperative_cluster2x2)") in r.stderr
+            "pingpong, cooperative, cooperative_cluster2x2, two_pass, two_pass_cooperative)") in r.stderr

@@ -96,6 +96,19 @@ struct RowStream {
   uint32_t pos, seq;
 };
 
+// The step's LogitMath of a call (its scalars from device memory where the launcher passed them there).
+__device__ __forceinline__ LogitMath logit_math(const VocabHeadParams& p) {
+  const uint64_t seed = head_seed(p);
+  return LogitMath{p.softcap, 2.f / p.softcap, head_inv_temperature(p), static_cast<uint32_t>(seed),
+                   static_cast<uint32_t>(seed >> 32), head_step(p), p.vocab};
+}
+
+// The sample stream of canvas row `row` (batch · canvas + position) of a call.
+__device__ __forceinline__ RowStream row_stream(const VocabHeadParams& p, int64_t row) {
+  return RowStream{static_cast<uint32_t>(row % p.canvas),
+                   philox_stream_word3(static_cast<uint32_t>(row / p.canvas), kSampleStream)};
+}
+
 // Folds one row's 64-column chunk into `st`. The chunk is held by the four lanes of a quad (lane q holds
 // columns col_base + 8·j + 2q + {0, 1}, j < 8, as raw accumulators acc[2j + e]): processed logits
 // z = softcap(acc)·(1/t), the chunk maximum (all four lanes; written to *chunk_max_out by lane 0 when given),

@@ -12,6 +12,15 @@
 // math as the mma.sync pass): softcap and 1/t, chunk maximum, Σexp, Σexp·z, argmax, the Philox Gumbel-max sample
 // and the bf16 q = exp(z − chunk max); the quad's states are merged and lane 0 writes the row's StatsPartial for
 // this vocab tile. The merge kernel then reduces a row's partials in tile order.
+//
+// Two-pass variant (VocabStatsEpilogue<..., true>): the epilogue only stores the fp32 accumulators (logits
+// [rows, vocab_pad] at the start of the call's CUTLASS workspace, vocab_head_logits) and vocab_head_stats_rows_kernel
+// folds them afterwards, a warp per (8 rows, 128-column tile), each quad one row laid out as in the wgmma
+// accumulator (lane q: columns 8j + 2q + {0, 1} of each 64-column chunk): the same fold_chunk calls in the same
+// order on the same values, so the same partials. Why: in one pass the statistics of a tile (about 140 instructions
+// per logit: softcap, exponentials, Philox, two logarithms) run in one warp per scheduler between the tile's MMAs, a
+// long chain of dependent latencies; in the second pass many warps per scheduler hide them, for ~0.5 GB of fp32
+// logits written and read per 256-row canvas.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -25,12 +34,20 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "kernels/pdl.cuh"
 #include "kernels/vocab_head_params.cuh"
 #include "kernels/vocab_head_rows.cuh"
 
 namespace dgemma::kernels::vocab_head {
 
-template <int TileM, int TileN>
+// The fp32 logits of a two-pass call: the first rows · vocab_pad floats of its CUTLASS workspace (the GEMM's own
+// workspace follows them).
+__host__ __device__ inline size_t vocab_head_logits_bytes(const VocabHeadLayout& l) {
+  return align_up(static_cast<size_t>(l.rows) * l.vocab_pad * sizeof(float), 256);
+}
+
+// kStoreLogits: the first pass of the two-pass variant (store the accumulators; see above).
+template <int TileM, int TileN, bool kStoreLogits = false>
 class VocabStatsEpilogue {
  public:
   static_assert(TileN % kChunk == 0, "a vocab tile holds whole 64-column chunks");
@@ -100,12 +117,31 @@ class VocabStatsEpilogue {
     static_assert(is_same_v<decltype(shape<0>(FrgLayout{})), Shape<_2, _2, Int<TileN / 8>>>,
                   "accumulator values ordered (column pair, row half, column block)");
     const int q = (thread_idx & 31) & 3;
-
-    const uint64_t seed = head_seed(p);
-    const LogitMath math{p.softcap, 2.f / p.softcap, head_inv_temperature(p), static_cast<uint32_t>(seed),
-                         static_cast<uint32_t>(seed >> 32), head_step(p), p.vocab};
-    const bool write_probs = p.soft != nullptr;
     unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+
+    if constexpr (kStoreLogits) {
+      // Value 4·j + 2·h + e: row h of the thread's two, column 8·j + 2·(lane % 4) + e. Columns past the vocabulary
+      // (zero-filled operands) and rows past the end are not stored; the second pass reads zeros there instead.
+      float* logits = reinterpret_cast<float*>(ws + l.cutlass);
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = m_tile * TileM + get<0>(coords(2 * h));
+        if (row >= l.rows) continue;
+        float* out = logits + row * l.vocab_pad;
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < TileN / 8; ++j) {
+          const int64_t col = n_tile * TileN + 8 * j + 2 * q;
+          const float v0 = accumulators(4 * j + 2 * h), v1 = accumulators(4 * j + 2 * h + 1);
+          if (col + 1 < p.vocab)
+            *reinterpret_cast<float2*>(out + col) = make_float2(v0, v1);
+          else if (col < p.vocab)
+            out[col] = v0;
+        }
+      }
+      return;
+    }
+    const LogitMath math = logit_math(p);
+    const bool write_probs = p.soft != nullptr;
     StatsPartial* partials = reinterpret_cast<StatsPartial*>(ws + l.partials);
 
     CUTLASS_PRAGMA_UNROLL
@@ -113,8 +149,7 @@ class VocabStatsEpilogue {
       const int64_t row = m_tile * TileM + get<0>(coords(2 * h));
       const bool row_ok = row < l.rows;
       // Rows past the end (TMA zero-filled) still take part in the quad's shuffles; they write nothing.
-      const RowStream stream{static_cast<uint32_t>(row % p.canvas),
-                             philox_stream_word3(static_cast<uint32_t>(row / p.canvas), kSampleStream)};
+      const RowStream stream = row_stream(p, row);
       RowState st = empty_row_state();
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < TileN / kChunk; ++c) {
@@ -148,16 +183,19 @@ class VocabStatsEpilogue {
 // ClusterM > 1: that many CTAs of consecutive row tiles form a cluster and the embedding tile is multicast to them
 // (read once from L2 per cluster rather than once per row tile); ClusterN > 1 likewise multicasts each row tile of h
 // to that many vocab tiles (h is read by every vocab tile: at 256 rows it is half of what a 128 x 128 tile reads).
-template <int TileM, int TileN, class KernelSchedule, int ClusterM = 1, int ClusterN = 1>
+// kTwoPass: the first pass of the two-pass variant (the epilogue stores the logits; vocab_head_stats_rows_kernel
+// follows).
+template <int TileM, int TileN, class KernelSchedule, int ClusterM = 1, int ClusterN = 1, bool kTwoPass = false>
 struct VocabStatsGemm {
   static constexpr int kTileM = TileM;
   static constexpr int kTileN = TileN;
+  static constexpr bool kTwoPassGemm = kTwoPass;
   using Element = cutlass::bfloat16_t;
   using StrideA = cute::Stride<int64_t, cute::_1, int64_t>;  // h [rows][hidden]
   using StrideB = cute::Stride<int64_t, cute::_1, int64_t>;  // E [vocab][hidden]
   using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::_64>;
   using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
-  using Epilogue = VocabStatsEpilogue<TileM, TileN>;
+  using Epilogue = VocabStatsEpilogue<TileM, TileN, kTwoPass>;
   using CollectiveEpilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<Epilogue>;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, StrideA, 8, Element, StrideB, 8, float, TileShape,
@@ -183,5 +221,52 @@ struct VocabStatsGemm {
 
 // Vocab tiles of the statistics GEMM: the partials per row.
 constexpr int64_t stats_tiles(int vocab, int tile_n) { return ceil_div(vocab, tile_n); }
+
+// The two-pass variant's second pass: the columns of one partial (the one-pass epilogue's vocab tile) and the rows of
+// one warp (a quad per row).
+constexpr int kRowsPassTileN = 128;
+constexpr int kRowsPassWarps = 8;
+
+// Warp w of the grid folds rows 8·(w % row_groups) .. + 7 over vocab tile w / row_groups of the logits the first pass
+// stored (zeros past the vocabulary and the rows), exactly as VocabStatsEpilogue<.., 128> folds an accumulator tile.
+__global__ void __launch_bounds__(kRowsPassWarps * 32)
+    vocab_head_stats_rows_kernel(const VocabHeadParams p, const VocabHeadLayout l) {
+  pdl_begin();
+  const int lane = threadIdx.x & 31, q = lane & 3;
+  const int64_t row_groups = ceil_div(l.rows, 8);
+  const int64_t task = static_cast<int64_t>(blockIdx.x) * kRowsPassWarps + (threadIdx.x >> 5);
+  if (task >= row_groups * l.parts) return;  // the whole warp
+  const int64_t tile = task / row_groups;
+  const int64_t row = (task % row_groups) * 8 + (lane >> 2);
+  const bool row_ok = row < l.rows;
+  unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+  const float* logits = reinterpret_cast<const float*>(ws + l.cutlass) + (row_ok ? row : 0) * l.vocab_pad;
+  const LogitMath math = logit_math(p);
+  const RowStream stream = row_stream(p, row);
+  const bool write_probs = p.soft != nullptr && row_ok;
+  RowState st = empty_row_state();
+#pragma unroll
+  for (int c = 0; c < kRowsPassTileN / kChunk; ++c) {
+    const int64_t col_base = tile * kRowsPassTileN + c * kChunk;
+    float v[16];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t col = col_base + 8 * j + 2 * q;
+      float2 z = make_float2(0.f, 0.f);
+      if (row_ok && col + 1 < p.vocab)
+        z = __ldcs(reinterpret_cast<const float2*>(logits + col));
+      else if (row_ok && col < p.vocab)
+        z.x = __ldcs(logits + col);
+      v[2 * j] = z.x;
+      v[2 * j + 1] = z.y;
+    }
+    const int64_t chunk = col_base / kChunk;
+    float* chunk_max = write_probs ? reinterpret_cast<float*>(ws + l.chunk_max) + chunk * l.rows_pad + row : nullptr;
+    __nv_bfloat16* probs = write_probs ? reinterpret_cast<__nv_bfloat16*>(ws + l.probs) + row * l.vocab_pad : nullptr;
+    fold_chunk(v, col_base, q, math, stream, st, chunk_max, probs, l.vocab_pad);
+  }
+  st = quad_merged(st);
+  if (q == 0 && row_ok) reinterpret_cast<StatsPartial*>(ws + l.partials)[row * l.parts + tile] = stats_partial(st);
+}
 
 }  // namespace dgemma::kernels::vocab_head

@@ -98,12 +98,9 @@ __global__ void __launch_bounds__(kThreads, 1) vocab_head_stats_kernel(const Voc
   for (int slot = 0; slot < 4; ++slot) {
     state[slot] = empty_row_state();
     const int64_t grow = row0 + warp_m * kWarpM + (slot >> 1) * 16 + g + 8 * (slot & 1);
-    streams[slot] = RowStream{static_cast<uint32_t>(grow % p.canvas),
-                              philox_stream_word3(static_cast<uint32_t>(grow / p.canvas), kSampleStream)};
+    streams[slot] = row_stream(p, grow);
   }
-  const uint64_t seed = head_seed(p);
-  const LogitMath math{p.softcap, 2.f / p.softcap, head_inv_temperature(p), static_cast<uint32_t>(seed),
-                       static_cast<uint32_t>(seed >> 32), head_step(p), p.vocab};
+  const LogitMath math = logit_math(p);
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
 
   auto epilogue = [&](int64_t vt) {
