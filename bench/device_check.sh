@@ -22,9 +22,10 @@
 #             bench/fp8_gemm_precision.py -> fp8_gemm_precision.json, the attention split-KV sweep ->
 #             attention_splits.json
 #   profile   (not in the default) Nsight Compute on the kernels the step's profile ranks first, one launch each at
-#             the model's shapes: the head's statistics GEMM (batch 1 and 4), the wgmma attention (sliding decode,
-#             batch 1), the tensor-core router (256 tokens), the expert GEMM (256 tokens) -> ncu_<name>.txt (every
-#             section with its details) and ncu_<name>_sass.txt (the SASS lines with the most stall samples)
+#             the model's shapes: the head's statistics GEMM (batch 1 and 4; the two-pass variant's second pass at
+#             batch 1), the wgmma attention (sliding decode, batch 1), the tensor-core router (256 tokens), the
+#             expert GEMM (256 tokens) -> ncu_<name>.txt (every section with its details) and ncu_<name>_sass.txt
+#             (the SASS lines with the most stall samples)
 # The log ($OUT/device_check.log) records the device, driver, torch, commit, every command, its exit
 # status and output tail, and each sanitizer's ERROR SUMMARY line. Each command has its own time limit
 # (*_S variables), so one slow stage cannot eat the lease. Usage on the device machine:
@@ -224,6 +225,9 @@ if want profile; then
   }
   prof vocab_stats_b1 VocabStatsEpilogue 1 $PY bench/bench_vocab_head.py --iters 2 --batches 1 --out "$OUT/prof_vh.json"
   prof vocab_stats_b4 VocabStatsEpilogue 1 $PY bench/bench_vocab_head.py --iters 2 --batches 4 --out "$OUT/prof_vh.json"
+  # The two-pass statistics' second pass (the first is the logits GEMM with a store-only epilogue).
+  DGEMMA_VOCAB_HEAD_STATS=two_pass prof vocab_rows_b1 vocab_head_stats_rows_kernel 1 $PY bench/bench_vocab_head.py \
+    --iters 2 --batches 1 --out "$OUT/prof_vh.json"
   DGEMMA_ATTENTION=wgmma prof attention_sliding_b1 attention_wgmma_kernel 2 $PY bench/bench_attention.py \
     --cases decoder_sliding_p1023_b1 --out "$OUT/prof_attn.json"
   prof route_t256 route_tc_kernel 2 $PY bench/bench_moe.py --router-only --tokens 256 --iters 20 --out "$OUT/prof_moe.json"
