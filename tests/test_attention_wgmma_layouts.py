@@ -33,15 +33,27 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def test_wgmma_attention_register_and_shared_layouts(tmp_path):
+def _build_and_run(tmp_path, name: str) -> None:
+    """Compile tests/host/<name>.cu for the host (and sm_90a, as the extension is) and run it: it prints "ok"."""
     nvcc, include = _nvcc(), _cutlass_include()
     if nvcc is None or include is None:
         pytest.skip("needs the CUDA toolkit (nvcc) and nvidia-cutlass")
-    exe = tmp_path / "attention_wgmma_layouts"
+    exe = tmp_path / name
     build = subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", str(ROOT / "csrc"), "-isystem",
                             str(include), "-gencode", "arch=compute_90a,code=sm_90a", "-o", str(exe),
-                            str(ROOT / "tests" / "host" / "attention_wgmma_layouts.cu")],
+                            str(ROOT / "tests" / "host" / f"{name}.cu")],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def test_wgmma_attention_register_and_shared_layouts(tmp_path):
+    _build_and_run(tmp_path, "attention_wgmma_layouts")
+
+
+def test_key_row_walk_names_key_sources_addresses(tmp_path):
+    """Both attention kernels gather a key tile's rows through KeyRowWalk (one modulo per tile, the slot advanced by
+    addition); tests/host/attention_key_rows.cu checks it against key_source row by row: ring and linear caches of
+    many sizes, windows, prefixes and tails, every thread's rows of every tile."""
+    _build_and_run(tmp_path, "attention_key_rows")

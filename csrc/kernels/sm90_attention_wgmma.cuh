@@ -146,12 +146,26 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   auto load_tile = [&](int tile, int stage) {
     const int kv0 = tile * kBlockN, chunk = tid % kChunks;
     const int h = stage * kHalves + chunk / kHalfChunks, col = chunk % kHalfChunks * 8;
+    constexpr int kRowStep = kThreads / kChunks;  // a thread's rows are kRowStep apart
+    // Rows 8 apart have the same 128-byte swizzle, so the same chunk of them is a fixed distance apart (checked on the
+    // host for every row, column and stage): the addresses of a thread's first 8 / kRowStep rows, then additions.
+    static_assert(8 % kRowStep == 0 && kBlockN % 8 == 0, "a thread's rows repeat their swizzle every 8 rows");
+    constexpr int kSwizzleRows = 8 / kRowStep;
+    const int r0 = tid / kChunks;
+    uint32_t k_at[kSwizzleRows], v_at[kSwizzleRows];
 #pragma unroll
-    for (int r = tid / kChunks; r < kBlockN; r += kThreads / kChunks) {
-      const int kv = kv0 + r;
-      const KeySource src = attention_detail::key_source(p, kr, cache, tail, kv);
-      attention_detail::cp_async16(smem_addr(&sK(r, col, h)), src.k + chunk * 8, kv < kr.n_kv);
-      attention_detail::cp_async16(smem_addr(&sVt(col, r, h)), src.v + chunk * 8, kv < kr.n_kv);
+    for (int j = 0; j < kSwizzleRows; ++j) {
+      k_at[j] = smem_addr(&sK(r0 + j * kRowStep, col, h));
+      v_at[j] = smem_addr(&sVt(col, r0 + j * kRowStep, h));
+    }
+    const uint32_t k8 = smem_addr(&sK(r0 + 8, col, h)) - k_at[0], v8 = smem_addr(&sVt(col, r0 + 8, h)) - v_at[0];
+    attention_detail::KeyRowWalk walk(p, kr, kv0 + r0);
+#pragma unroll
+    for (int i = 0; i < kBlockN / kRowStep; ++i) {  // row r0 + i·kRowStep = r0 + j·kRowStep + 8·period
+      const int j = i % kSwizzleRows, period = i / kSwizzleRows, kv = kv0 + r0 + i * kRowStep;
+      const KeySource src = walk.next(p, kr, cache, tail, kRowStep);
+      attention_detail::cp_async16(k_at[j] + period * k8, src.k + chunk * 8, kv < kr.n_kv);
+      attention_detail::cp_async16(v_at[j] + period * v8, src.v + chunk * 8, kv < kr.n_kv);
     }
     if (tid < kBlockN) sm.ok[stage][tid] = attention_detail::key_allowed(p, kr, b, kv0 + tid);
   };

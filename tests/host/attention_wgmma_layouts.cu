@@ -125,6 +125,16 @@ static void check_shared_tiles() {
   check_chunks("Q", sQ, 64, 256, 2, [](auto& t, int r, int d, int s) { return &t(r, d, s); });
   check_chunks("K", sK, kN, 256, kTiles, [](auto& t, int r, int d, int s) { return &t(r, d, s); });
   check_chunks("Vt", sVt, kN, 256, kTiles, [](auto& t, int r, int d, int s) { return &t(d, r, s); });
+  // The kernel's copies address a thread's rows 8 apart by adding one distance per operand: rows 8 apart must have
+  // their chunks at one fixed distance, whatever the row, column and stage.
+  const long k8 = long(&sK(8, 0, 0) - &sK(0, 0, 0)), v8 = long(&sVt(0, 8, 0) - &sVt(0, 0, 0));
+  for (int s = 0; s < kTiles; ++s)
+    for (int r = 0; r + 8 < kN; ++r)
+      for (int c = 0; c < 256; c += 8) {
+        EXPECT(long(&sK(r + 8, c, s) - &sK(r, c, s)) == k8, "K (%d, %d, %d): rows 8 apart not %ld apart", r, c, s, k8);
+        EXPECT(long(&sVt(c, r + 8, s) - &sVt(c, r, s)) == v8, "Vt (%d, %d, %d): rows 8 apart not %ld apart", c, r, s,
+               v8);
+      }
   // Every operand tile (the unit one wgmma descriptor addresses) starts 1024-byte aligned.
   for (int s = 0; s < 2; ++s)
     EXPECT(reinterpret_cast<uintptr_t>(&sQ(0, 0, s)) % 1024 == 0, "Q tile %d alignment", s);
