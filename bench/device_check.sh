@@ -12,7 +12,8 @@
 #   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json;
 #             expert GEMM tile sweep -> moe_tile_<tile>.json; the head's statistics GEMM variants ->
 #             vocab_head_<variant>.json; the wgmma attention without ping-pong -> attention_nopingpong.json; the
-#             dense FP8 GEMMs in 2 x 2 clusters -> dense_cluster_2x2.json
+#             dense FP8 GEMMs in 2 x 2 clusters -> dense_cluster_2x2.json, on the stream-K scheduler ->
+#             dense_streamk.json
 #   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json; the same with DGEMMA_PDL=1 (programmatic
 #             dependent launch, graphs on) -> $OUT/e2e_pdl.json unless E2E_PDL is set empty; the same with
 #             DGEMMA_VOCAB_HEAD=mma_sync (the head's older kernels; wgmma is the default) -> $OUT/e2e_head_mma_sync.json
@@ -173,6 +174,8 @@ if want bench; then
   done
   # The dense FP8 GEMMs in 2 x 2 clusters (DGEMMA_DENSE_CLUSTER, read once per process): their rows against moe.json's.
   DGEMMA_DENSE_CLUSTER=2x2 TAIL=20 run 90 $PY bench/bench_moe.py --dense-only --out "$OUT/dense_cluster_2x2.json"
+  # The dense FP8 GEMMs on the stream-K scheduler (DGEMMA_DENSE_SCHEDULE, read once per process): against moe.json's.
+  DGEMMA_DENSE_SCHEDULE=streamk TAIL=20 run 90 $PY bench/bench_moe.py --dense-only --out "$OUT/dense_streamk.json"
   # The contiguous expert GEMM's token tiles (DGEMMA_MOE_TILE, read once per process).
   for tile in ${MOE_TILES:-32 64 128}; do
     DGEMMA_MOE_TILE=$tile TAIL=8 run 90 $PY bench/bench_moe.py --moe-only --tokens 256,1024,8192 \

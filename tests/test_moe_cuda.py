@@ -771,12 +771,12 @@ torch.save(out, sys.argv[1])
 """
 
 
-def _dense_cluster_probe(path, setting, rows="65,256,333,1024"):
+def _dense_cluster_probe(path, setting, rows="65,256,333,1024", variable="DGEMMA_DENSE_CLUSTER"):
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, DGEMMA_DENSE_CLUSTER=setting)
+    env = dict(os.environ, **{variable: setting})
     return subprocess.run([sys.executable, "-c", DENSE_CLUSTER_PROBE, str(path), rows], capture_output=True,
                           text=True, env=env, timeout=300)
 
@@ -793,6 +793,31 @@ def test_dense_gemm_clusters_give_the_same_bits(tmp_path):
     assert outs["off"].keys() == outs["2x2"].keys()
     for key, plain in outs["off"].items():
         assert torch.equal(plain, outs["2x2"][key]), key
+
+
+def test_stream_k_dense_gemms_agree_with_the_persistent_ones_and_repeat_exactly(tmp_path):
+    """DGEMMA_DENSE_SCHEDULE=streamk (read once per process) runs the dense FP8 GEMMs on CUTLASS's stream-K scheduler:
+    where tiles are fewer than SMs their K loops are shared out and the partial sums reduced in a fixed order, so the
+    outputs differ from the persistent kernel's only by the fp32 summation order (within a bf16 rounding or two, as
+    the FP8-faithful bound allows) and are the same bits run after run (every tile width: 7 to 1024 rows)."""
+    rows = "7,65,256,333,1024"
+    outs = {}
+    for name, setting in (("persistent", "persistent"), ("streamk", "streamk"), ("again", "streamk")):
+        r = _dense_cluster_probe(tmp_path / f"{name}.pt", setting, rows, variable="DGEMMA_DENSE_SCHEDULE")
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[name] = torch.load(tmp_path / f"{name}.pt")
+    assert outs["persistent"].keys() == outs["streamk"].keys()
+    for key, plain in outs["persistent"].items():
+        sk = outs["streamk"][key]
+        assert torch.equal(sk, outs["again"][key]), key
+        rel = ((sk.float() - plain.float()).norm() / plain.float().norm().clamp_min(1e-30)).item()
+        assert rel <= 1e-2, (key, rel)
+
+
+def test_an_unknown_dense_schedule_is_refused_by_name(tmp_path):
+    r = _dense_cluster_probe(tmp_path / "x.pt", "splitk", "7", variable="DGEMMA_DENSE_SCHEDULE")
+    assert r.returncode != 0
+    assert "DGEMMA_DENSE_SCHEDULE=splitk is not a dense GEMM schedule (persistent or streamk)" in r.stderr
 
 
 @pytest.mark.parametrize("rows", ["65", "7"])  # 7: the 32-token tile, never clustered, refuses it all the same

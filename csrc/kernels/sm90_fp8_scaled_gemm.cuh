@@ -45,6 +45,12 @@ DGEMMA_DECLARE_FP8_SCALED_GEMM(128)
 // times the bytes of the operands themselves (bench/results/moe.json: 0.2-0.5 of the HBM roofline).
 DGEMMA_DECLARE_FP8_SCALED_GEMM(64_c2)
 DGEMMA_DECLARE_FP8_SCALED_GEMM(128_c2)
+// Every token tile on CUTLASS's stream-K scheduler (fp8_scaled_gemm_streamk.cu): a few hundred rows by a few thousand
+// output channels make fewer tiles than SMs (o_proj at 256 rows: 88 tiles of 128 x 64 on 132 SMs; k_proj: 32), each
+// CTA walking a long K loop alone; stream-K shares the K loops out so every SM streams weights.
+DGEMMA_DECLARE_FP8_SCALED_GEMM(32_sk)
+DGEMMA_DECLARE_FP8_SCALED_GEMM(64_sk)
+DGEMMA_DECLARE_FP8_SCALED_GEMM(128_sk)
 #undef DGEMMA_DECLARE_FP8_SCALED_GEMM
 
 // The token tile follows the dense rule of choose_fp8_gemm_tile (rows shared by every weight tile).
@@ -63,8 +69,20 @@ inline bool use_dense_cluster(const Fp8ScaledGemmProblem& p, Fp8GemmTile tile) {
   return p.n_out > 128 && p.rows > tile_n;
 }
 
+// DGEMMA_DENSE_SCHEDULE, read once per process: unset, "" or "persistent" (the default until a GPU run has measured
+// stream-K) -> false; "streamk" -> true (every dense GEMM on the stream-K kernels; DGEMMA_DENSE_CLUSTER then does not
+// apply). Anything else is refused by every call (ValueError naming it).
+bool dense_streamk_setting();
+
 inline size_t sm90_fp8_scaled_gemm_workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
   const Fp8GemmTile tile = choose_scaled_gemm_tile(p.rows);
+  if (dense_streamk_setting()) {
+    switch (tile) {
+      case Fp8GemmTile::kN32: return sm90_fp8_scaled_gemm_n32_sk_workspace_bytes(p, sm_count, device);
+      case Fp8GemmTile::kN64: return sm90_fp8_scaled_gemm_n64_sk_workspace_bytes(p, sm_count, device);
+      default: return sm90_fp8_scaled_gemm_n128_sk_workspace_bytes(p, sm_count, device);
+    }
+  }
   if (use_dense_cluster(p, tile))
     return tile == Fp8GemmTile::kN64 ? sm90_fp8_scaled_gemm_n64_c2_workspace_bytes(p, sm_count, device)
                                      : sm90_fp8_scaled_gemm_n128_c2_workspace_bytes(p, sm_count, device);
@@ -78,6 +96,15 @@ inline size_t sm90_fp8_scaled_gemm_workspace_bytes(const Fp8ScaledGemmProblem& p
 inline cudaError_t sm90_fp8_scaled_gemm(const Fp8ScaledGemmProblem& p, void* workspace, size_t workspace_bytes,
                                         int sm_count, int device, cudaStream_t stream) {
   const Fp8GemmTile tile = choose_scaled_gemm_tile(p.rows);
+  if (dense_streamk_setting()) {
+    switch (tile) {
+      case Fp8GemmTile::kN32:
+        return sm90_fp8_scaled_gemm_n32_sk(p, workspace, workspace_bytes, sm_count, device, stream);
+      case Fp8GemmTile::kN64:
+        return sm90_fp8_scaled_gemm_n64_sk(p, workspace, workspace_bytes, sm_count, device, stream);
+      default: return sm90_fp8_scaled_gemm_n128_sk(p, workspace, workspace_bytes, sm_count, device, stream);
+    }
+  }
   if (use_dense_cluster(p, tile))
     return tile == Fp8GemmTile::kN64
                ? sm90_fp8_scaled_gemm_n64_c2(p, workspace, workspace_bytes, sm_count, device, stream)

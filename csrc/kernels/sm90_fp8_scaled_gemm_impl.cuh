@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/sm90_fp8_cutlass.cuh"
 #include "kernels/sm90_fp8_scaled_gemm.cuh"
@@ -19,37 +20,44 @@ using cute::_1;
 using cute::Stride;
 
 // One batch: weights [n_out, k], tokens [rows, k], output [rows, ldo]; a persistent scheduler over the tiles, in
-// clusters of Cluster x Cluster tiles (1: none).
-template <int TileN, int Cluster = 1>
+// clusters of Cluster x Cluster tiles (1: none), or (Scheduler = StreamKScheduler) CUTLASS's stream-K scheduler: where
+// the tiles would leave SMs idle (a few hundred rows, a few thousand output channels) their K loops are shared out
+// over the SMs and the partial sums reduced in a fixed order (deterministic), before the same epilogue.
+template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler>
 struct ScaledGemm : ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<int64_t, _1, int64_t>,
-                                  Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>,
-                                  cutlass::gemm::PersistentScheduler, Cluster, Cluster> {
+                                  Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>, Scheduler, Cluster, Cluster> {
   using Base = ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<int64_t, _1, int64_t>,
-                             Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>, cutlass::gemm::PersistentScheduler,
-                             Cluster, Cluster>;
+                             Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>, Scheduler, Cluster, Cluster>;
 
   static typename Base::Gemm::Arguments arguments(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
     auto args = Base::arguments(cutlass::gemm::GemmUniversalMode::kGemm, p.n_out, p.rows, p.k, 1, p.w, 0, p.w_scale,
                                 p.x, p.x_scale, p.out, p.ldo, sm_count, device);
     // Consecutive tiles walk the token dimension first: CTAs running side by side share a weight tile.
     args.scheduler.raster_order = Base::Kernel::TileScheduler::RasterOrderOptions::AlongN;
+    if constexpr (std::is_same_v<Scheduler, cutlass::gemm::StreamKScheduler>) {
+      using Params = typename Base::Kernel::TileScheduler::Params;
+      args.scheduler.decomposition_mode = Params::DecompositionMode::Heuristic;
+      args.scheduler.reduction_mode = Params::ReductionMode::Deterministic;
+    }
     return args;
   }
 };
 
-template <int TileN, int Cluster = 1>
+template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler>
 size_t workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
-  using G = ScaledGemm<TileN, Cluster>;
+  using G = ScaledGemm<TileN, Cluster, Scheduler>;
   return G::Gemm::get_workspace_size(G::arguments(p, sm_count, device));
 }
 
-template <int TileN, int Cluster = 1>
+template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler>
 cudaError_t run(const Fp8ScaledGemmProblem& p, void* workspace, size_t bytes, int sm_count, int device,
                 cudaStream_t stream) {
-  using G = ScaledGemm<TileN, Cluster>;
+  using G = ScaledGemm<TileN, Cluster, Scheduler>;
   if (p.rows == 0) return cudaSuccess;
   if (!fp8_gemm_operands_fit(p.w, p.x, p.out, p.n_out, p.ldo)) return cudaErrorInvalidValue;
-  return run_cutlass<G>(G::arguments(p, sm_count, device), workspace, bytes, device, stream);
+  // Stream-K kernels are compiled without grid dependency control (fp8_scaled_gemm_streamk.cu): launched plainly.
+  constexpr bool programmatic = !std::is_same_v<Scheduler, cutlass::gemm::StreamKScheduler>;
+  return run_cutlass<G>(G::arguments(p, sm_count, device), workspace, bytes, device, stream, programmatic);
 }
 
 }  // namespace sm90_fp8_scaled
