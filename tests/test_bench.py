@@ -21,7 +21,8 @@ def test_bench_json_and_plot(tmp_path, capsys, monkeypatch):
                "--json", str(out), "--plot", str(png)])
     assert rc == 0
     report = json.loads(out.read_text())
-    assert {"device", "torch", "cuda", "commit", "command", "results"} <= set(report)
+    assert {"device", "torch", "cuda", "commit", "command", "results", "kernel_settings"} <= set(report)
+    assert report["kernel_settings"]["DGEMMA_DENSE_SCHEDULE"] == ""
     names = {r["name"] for r in report["results"]}
     for name in ("copy_bandwidth", "prefill_t24_bfloat16_b1", "denoise_step_bfloat16_b1",
                  "decoder_forward_bfloat16_b1", "first_draft_bfloat16_b1", "block2_bfloat16_b1",

@@ -83,6 +83,10 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 
 TOP_KERNELS = 15
 
+# Environment variables that pick kernel variants inside the extension (read once per process), recorded in the JSON.
+KERNEL_SETTINGS = ("DGEMMA_VOCAB_HEAD_STATS", "DGEMMA_DENSE_SCHEDULE", "DGEMMA_DENSE_CLUSTER", "DGEMMA_MOE_TILE",
+                   "DGEMMA_ROUTE_TILE", "DGEMMA_ATTENTION_PINGPONG", "DGEMMA_DISABLE_KERNELS")
+
 # The prefill lengths timed besides the prompt's when --prefill-lengths is not given, per preset.
 PREFILL_LENGTHS = {"26b-a4b": [4096]}
 
@@ -294,6 +298,8 @@ def run(opts: BenchOptions, *, log=print) -> dict:
         "vocab_head": head_impl(),
         # The attention kernel (DGEMMA_ATTENTION, ops/cuda_attention.py).
         "attention": attention_impl(),
+        # The kernel variants the extension reads once per process (see the README): "" where unset (the default).
+        "kernel_settings": {name: os.environ.get(name, "") for name in KERNEL_SETTINGS},
         "results": results,
     }
 
