@@ -45,3 +45,20 @@ def test_load_reports_the_plan(tmp_path, caplog):
     assert p.weights == eng.info.weight_bytes and p.kv_cache == kv_cache_bytes(eng.config, 2, 1000, eng.dtype)
     with pytest.raises(dgemma.DgemmaError, match="exceeds max_position_embeddings"):
         dgemma.load(path, max_context=10**7)
+
+
+def test_the_two_pass_head_statistics_add_their_fp32_logits_to_the_plan(monkeypatch):
+    """DGEMMA_VOCAB_HEAD_STATS=two_pass / two_pass_cooperative keep fp32 logits [batch x canvas, vocab rounded up to 128]
+    between the head's two passes: the plan counts them (1 GiB at batch 4 on 26B-A4B)."""
+    from dgemma.config import ModelConfig
+    from dgemma.memory import step_workspace_bytes
+
+    cfg = ModelConfig.from_dict(preset_config("26b-a4b"))
+    monkeypatch.delenv("DGEMMA_VOCAB_HEAD_STATS", raising=False)
+    base = step_workspace_bytes(cfg, 4, 2048, torch.bfloat16, fused_vocab_head=True)
+    for variant in ("two_pass", "two_pass_cooperative"):
+        monkeypatch.setenv("DGEMMA_VOCAB_HEAD_STATS", variant)
+        extra = step_workspace_bytes(cfg, 4, 2048, torch.bfloat16, fused_vocab_head=True) - base
+        assert extra == 4 * cfg.canvas_length * 262144 * 4 == 2**30
+    monkeypatch.setenv("DGEMMA_VOCAB_HEAD_STATS", "cooperative")
+    assert step_workspace_bytes(cfg, 4, 2048, torch.bfloat16, fused_vocab_head=True) == base

@@ -120,23 +120,19 @@ class VocabStatsEpilogue {
     unsigned char* ws = static_cast<unsigned char*>(p.workspace);
 
     if constexpr (kStoreLogits) {
-      // Value 4·j + 2·h + e: row h of the thread's two, column 8·j + 2·(lane % 4) + e. Columns past the vocabulary
-      // (zero-filled operands) and rows past the end are not stored; the second pass reads zeros there instead.
+      // Value 4·j + 2·h + e: row h of the thread's two, column 8·j + 2·(lane % 4) + e. Every column of the tile is
+      // stored, those past the vocabulary too (the products with zero-filled embedding rows: 0, or NaN where h holds
+      // an infinity), so the second pass folds exactly what the one-pass epilogue does; rows past the end are not.
       float* logits = reinterpret_cast<float*>(ws + l.cutlass);
       CUTLASS_PRAGMA_UNROLL
       for (int h = 0; h < 2; ++h) {
         const int64_t row = m_tile * TileM + get<0>(coords(2 * h));
-        if (row >= l.rows) continue;
-        float* out = logits + row * l.vocab_pad;
+        if (row >= l.rows || n_tile >= l.parts) continue;
+        float* out = logits + row * l.vocab_pad + n_tile * TileN + 2 * q;
         CUTLASS_PRAGMA_UNROLL
-        for (int j = 0; j < TileN / 8; ++j) {
-          const int64_t col = n_tile * TileN + 8 * j + 2 * q;
-          const float v0 = accumulators(4 * j + 2 * h), v1 = accumulators(4 * j + 2 * h + 1);
-          if (col + 1 < p.vocab)
-            *reinterpret_cast<float2*>(out + col) = make_float2(v0, v1);
-          else if (col < p.vocab)
-            out[col] = v0;
-        }
+        for (int j = 0; j < TileN / 8; ++j)
+          *reinterpret_cast<float2*>(out + 8 * j) =
+              make_float2(accumulators(4 * j + 2 * h), accumulators(4 * j + 2 * h + 1));
       }
       return;
     }
@@ -228,7 +224,8 @@ constexpr int kRowsPassTileN = 128;
 constexpr int kRowsPassWarps = 8;
 
 // Warp w of the grid folds rows 8·(w % row_groups) .. + 7 over vocab tile w / row_groups of the logits the first pass
-// stored (zeros past the vocabulary and the rows), exactly as VocabStatsEpilogue<.., 128> folds an accumulator tile.
+// stored (every column of the tile; zeros for rows past the end, as TMA fills them), exactly as
+// VocabStatsEpilogue<.., 128> folds an accumulator tile.
 __global__ void __launch_bounds__(kRowsPassWarps * 32)
     vocab_head_stats_rows_kernel(const VocabHeadParams p, const VocabHeadLayout l) {
   pdl_begin();
@@ -251,12 +248,8 @@ __global__ void __launch_bounds__(kRowsPassWarps * 32)
     float v[16];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int64_t col = col_base + 8 * j + 2 * q;
-      float2 z = make_float2(0.f, 0.f);
-      if (row_ok && col + 1 < p.vocab)
-        z = __ldcs(reinterpret_cast<const float2*>(logits + col));
-      else if (row_ok && col < p.vocab)
-        z.x = __ldcs(logits + col);
+      const float2 z = row_ok ? __ldcs(reinterpret_cast<const float2*>(logits + col_base + 8 * j + 2 * q))
+                              : make_float2(0.f, 0.f);
       v[2 * j] = z.x;
       v[2 * j + 1] = z.y;
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,8 @@ def step_workspace_bytes(cfg: ModelConfig, batch: int, context: int, dtype: torc
     # splits of fp32 [rows, hidden]).
     vocab_pad, rows_pad = -(-cfg.vocab_size // 128) * 128, -(-tokens // 128) * 128
     head = tokens * vocab_pad * 2 + rows_pad * (vocab_pad // 64) * 4 + 16 * tokens * cfg.hidden_size * 4
+    if os.environ.get("DGEMMA_VOCAB_HEAD_STATS", "").startswith("two_pass"):
+        head += tokens * vocab_pad * 4  # the two-pass statistics keep the fp32 logits between their passes
     logits = head if fused_vocab_head else 4 * tokens * cfg.vocab_size * 4
     return activations + scores + moe + logits
 
