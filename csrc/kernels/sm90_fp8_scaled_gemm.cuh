@@ -46,8 +46,8 @@ DGEMMA_DECLARE_FP8_SCALED_GEMM(128)
 DGEMMA_DECLARE_FP8_SCALED_GEMM(64_c2)
 DGEMMA_DECLARE_FP8_SCALED_GEMM(128_c2)
 // Every token tile on CUTLASS's stream-K scheduler (fp8_scaled_gemm_streamk.cu): a few hundred rows by a few thousand
-// output channels make fewer tiles than SMs (o_proj at 256 rows: 88 tiles of 128 x 64 on 132 SMs; k_proj: 32), each
-// CTA walking a long K loop alone; stream-K shares the K loops out so every SM streams weights.
+// output channels make a partial wave of tiles (o_proj at 256 rows: 88 tiles of 128 x 64 on 132 SMs; k_proj: 32), each
+// CTA walking a long K loop alone; stream-K shares the K loops of the last two waves out so every SM streams weights.
 DGEMMA_DECLARE_FP8_SCALED_GEMM(32_sk)
 DGEMMA_DECLARE_FP8_SCALED_GEMM(64_sk)
 DGEMMA_DECLARE_FP8_SCALED_GEMM(128_sk)
@@ -76,6 +76,7 @@ bool dense_streamk_setting();
 
 inline size_t sm90_fp8_scaled_gemm_workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
   const Fp8GemmTile tile = choose_scaled_gemm_tile(p.rows);
+  dense_cluster_setting();  // refuses an unknown setting whichever kernel runs
   if (dense_streamk_setting()) {
     switch (tile) {
       case Fp8GemmTile::kN32: return sm90_fp8_scaled_gemm_n32_sk_workspace_bytes(p, sm_count, device);
@@ -96,6 +97,7 @@ inline size_t sm90_fp8_scaled_gemm_workspace_bytes(const Fp8ScaledGemmProblem& p
 inline cudaError_t sm90_fp8_scaled_gemm(const Fp8ScaledGemmProblem& p, void* workspace, size_t workspace_bytes,
                                         int sm_count, int device, cudaStream_t stream) {
   const Fp8GemmTile tile = choose_scaled_gemm_tile(p.rows);
+  dense_cluster_setting();  // refuses an unknown setting whichever kernel runs
   if (dense_streamk_setting()) {
     switch (tile) {
       case Fp8GemmTile::kN32:

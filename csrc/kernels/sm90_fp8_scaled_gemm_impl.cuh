@@ -36,7 +36,9 @@ struct ScaledGemm : ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<in
     args.scheduler.raster_order = Base::Kernel::TileScheduler::RasterOrderOptions::AlongN;
     if constexpr (std::is_same_v<Scheduler, cutlass::gemm::StreamKScheduler>) {
       using Params = typename Base::Kernel::TileScheduler::Params;
-      args.scheduler.decomposition_mode = Params::DecompositionMode::Heuristic;
+      // StreamK, not Heuristic: CUTLASS's heuristic keeps a single partial wave (o_proj at 256 rows: 88 tiles on 132
+      // SMs) data-parallel, the case this kernel is for. Full waves stay data-parallel either way.
+      args.scheduler.decomposition_mode = Params::DecompositionMode::StreamK;
       args.scheduler.reduction_mode = Params::ReductionMode::Deterministic;
     }
     return args;

@@ -102,7 +102,10 @@ MlpBuffers mlp_buffers(void* base, int64_t rows, int hidden, int inter, int sms,
   b.hq = c.take<uint8_t>(r * inter);
   b.h_scale = c.take<float>(r);
   // The three GEMMs run one after another on one stream: they share one workspace.
+  // Every GEMM the call may run: gate and up fused (adjacent rows) or one after the other, then down (a stream-K
+  // kernel's workspace is not monotone in the problem).
   b.gemm_bytes = std::max({gemm_workspace_bytes(rows, 2 * inter, hidden, sms, device),
+                           gemm_workspace_bytes(rows, inter, hidden, sms, device),
                            gemm_workspace_bytes(rows, hidden, inter, sms, device)});
   b.gemm = c.take<uint8_t>(b.gemm_bytes);
   b.total = c.used();
