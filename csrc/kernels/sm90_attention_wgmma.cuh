@@ -151,18 +151,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     // host for every row, column and stage): the addresses of a thread's first 8 / kRowStep rows, then additions.
     static_assert(8 % kRowStep == 0 && kBlockN % 8 == 0, "a thread's rows repeat their swizzle every 8 rows");
     constexpr int kSwizzleRows = 8 / kRowStep;
-    const int r0 = tid / kChunks;
+    const int row0 = tid / kChunks;  // this thread's first row
     uint32_t k_at[kSwizzleRows], v_at[kSwizzleRows];
 #pragma unroll
     for (int j = 0; j < kSwizzleRows; ++j) {
-      k_at[j] = smem_addr(&sK(r0 + j * kRowStep, col, h));
-      v_at[j] = smem_addr(&sVt(col, r0 + j * kRowStep, h));
+      k_at[j] = smem_addr(&sK(row0 + j * kRowStep, col, h));
+      v_at[j] = smem_addr(&sVt(col, row0 + j * kRowStep, h));
     }
-    const uint32_t k8 = smem_addr(&sK(r0 + 8, col, h)) - k_at[0], v8 = smem_addr(&sVt(col, r0 + 8, h)) - v_at[0];
-    attention_detail::KeyRowWalk walk(p, kr, kv0 + r0);
+    const uint32_t k8 = smem_addr(&sK(row0 + 8, col, h)) - k_at[0], v8 = smem_addr(&sVt(col, row0 + 8, h)) - v_at[0];
+    attention_detail::KeyRowWalk walk(p, kr, kv0 + row0);
 #pragma unroll
-    for (int i = 0; i < kBlockN / kRowStep; ++i) {  // row r0 + i·kRowStep = r0 + j·kRowStep + 8·period
-      const int j = i % kSwizzleRows, period = i / kSwizzleRows, kv = kv0 + r0 + i * kRowStep;
+    for (int i = 0; i < kBlockN / kRowStep; ++i) {  // row row0 + i·kRowStep = row0 + j·kRowStep + 8·period
+      const int j = i % kSwizzleRows, period = i / kSwizzleRows, kv = kv0 + row0 + i * kRowStep;
       const KeySource src = walk.next(p, kr, cache, tail, kRowStep);
       attention_detail::cp_async16(k_at[j] + period * k8, src.k + chunk * 8, kv < kr.n_kv);
       attention_detail::cp_async16(v_at[j] + period * v8, src.v + chunk * 8, kv < kr.n_kv);
