@@ -52,6 +52,14 @@ def test_attention_and_router_limits_come_from_the_extension():
     assert "top_k 0" in lib.moe_route_unsupported(32, 0, 64)
     assert "hidden size 100: expected a positive multiple of 8" in lib.moe_route_unsupported(128, 8, 100)
     assert "too large for the router's shared memory" in lib.moe_route_unsupported(128, 8, 16384)
+    # The dispatch plan's: shared experts (26B-A4B's dense MLP is 3 expert-sized pieces) and the multi-block scratch.
+    assert lib.moe_shared_experts_unsupported(131, 3) == ""
+    assert lib.moe_shared_experts_unsupported(256, 16) == ""
+    assert "257 experts: expected 1..256" in lib.moe_shared_experts_unsupported(257, 1)
+    assert "shared 17: expected at most 16" in lib.moe_shared_experts_unsupported(200, 17)
+    assert "shared 4: expected 0..3 (at least one expert must be routed)" in lib.moe_shared_experts_unsupported(4, 4)
+    assert lib.moe_plan_scratch_ints(2048, 128) == 2 * 128 and lib.moe_plan_scratch_ints(2049, 128) == 3 * 128
+    assert lib.moe_plan_scratch_ints(0, 128) == 0
 
 
 def test_cuda_status_names_the_reason():

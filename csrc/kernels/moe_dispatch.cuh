@@ -17,14 +17,13 @@
 
 #include "kernels/fp8_epilogue.cuh"
 #include "kernels/fp8_quant.cuh"
+#include "kernels/moe_plan_limits.h"
 #include "kernels/pdl.cuh"
 #include "kernels/rms_norm.cuh"
 
 namespace dgemma::kernels {
 
-constexpr int kPlanThreads = 1024;
-constexpr int kPlanWarps = kPlanThreads / 32;
-constexpr int kPlanMaxExperts = 256;
+constexpr int kPlanWarps = kPlanThreads / 32;  // kPlanThreads, kPlanMaxExperts: moe_plan_limits.h
 
 // One block. ids [tokens, top_k] int32. Outputs: offsets [experts + 1] (offsets[experts] = rows routed
 // to a valid expert), row_of [tokens * top_k] (sorted row of (token, slot) at token * top_k + slot; -1
@@ -261,11 +260,6 @@ static __global__ void __launch_bounds__(kPlanThreads)
 constexpr int kPlanSingleBlockMax = 16 * kPlanThreads;
 static_assert(kPlanSingleBlockMax <= kPlanHeldChunks * kPlanThreads,
               "a single-block plan holds all its entries' experts in registers (else it reads the rest again)");
-
-// Scratch (int32 entries) of the multi-block plan for `entries` routed entries of `experts` experts.
-inline int64_t moe_plan_scratch_ints(int64_t entries, int experts) {
-  return (entries + kPlanThreads - 1) / kPlanThreads * experts;
-}
 
 // experts: the experts ids name; `shared` more follow them (see PlanIds): offsets then has experts + shared + 1
 // entries and row_of tokens * (top_k + shared).

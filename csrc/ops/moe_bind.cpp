@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/moe_plan_limits.h"
 #include "kernels/moe_route_limits.h"
 #include "ops/registry.h"
 
@@ -21,6 +22,10 @@ namespace {
 void register_moe_limits(py::module_& m) {
   m.def("moe_route_unsupported", &kernels::route_unsupported, py::arg("experts"), py::arg("top_k"),
         py::arg("hidden"), "Why the router kernel cannot run these sizes, or '' when it can.");
+  m.def("moe_shared_experts_unsupported", &kernels::shared_experts_unsupported, py::arg("experts"),
+        py::arg("shared"), "Why an expert stack of `experts` with the last `shared` shared cannot run, or ''.");
+  m.def("moe_plan_scratch_ints", &kernels::moe_plan_scratch_ints, py::arg("entries"), py::arg("experts"),
+        "int32 scratch entries of the multi-block dispatch plan (moe_plan's scratch) for these sizes.");
 }
 
 }  // namespace

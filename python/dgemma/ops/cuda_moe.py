@@ -146,8 +146,8 @@ def plan(ids: torch.Tensor, num_experts: int, *,
     lib = _ext.require_cuda()
     scratch = None
     if multi_block:
-        chunks = (ids.numel() + 1023) // 1024
-        scratch = torch.empty(max(chunks * num_experts, 1), dtype=torch.int32, device=ids.device)
+        need = lib.moe_plan_scratch_ints(ids.numel(), num_experts)
+        scratch = torch.empty(max(need, 1), dtype=torch.int32, device=ids.device)
     if pad > 1:
         rows = ids.numel() + num_experts * (pad - 1)
         t = [torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device),
@@ -378,7 +378,8 @@ def share_dense_mlp(layer) -> bool:
     so the MLP runs inside the expert GEMMs: the stacks gain ``intermediate / expert_intermediate`` pieces, the
     layer's experts become views of the stacks' heads and its ``mlp_*`` fields None (the originals are freed once
     nothing else holds them; the values are copied, never requantised). Needs FP8 weights throughout, a dense
-    intermediate size that is a whole number (at most 16) of expert intermediates, and one scale per dense down row
+    intermediate size that is a whole number of expert intermediates (as many as the extension's plan takes:
+    _C.moe_shared_experts_unsupported), and one scale per dense down row
     (as per-channel quantisation gives). Returns whether it did (idempotent)."""
     from ..weights import SharedExperts
 
@@ -393,7 +394,7 @@ def share_dense_mlp(layer) -> bool:
             or down.q.shape[1] != gate.q.shape[0] or gate.q.shape[0] % inter != 0:
         return False
     pieces = gate.q.shape[0] // inter
-    if not 1 <= pieces <= 16 or experts + pieces > 256:
+    if pieces < 1 or _ext.extension().moe_shared_experts_unsupported(experts + pieces, pieces):
         return False
     with torch.no_grad():
         q_gu = torch.cat([gu.q, torch.cat([gate.q.reshape(pieces, inter, hidden), up.q.reshape(pieces, inter, hidden)], 1)])
