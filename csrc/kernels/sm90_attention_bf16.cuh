@@ -274,7 +274,8 @@ __device__ __forceinline__ void combine_split_rows(const AttentionParams& p, int
 
 // Where key kv of sequence b (KV head pointers already offset) lives: the cache slot of its position (a ring slot for
 // sliding layers) for the prefix, the tail tensor after it. Keys past the range return the tail base (never read:
-// their copies are zero-filled).
+// their copies are zero-filled). The kernels walk a tile's rows with KeyRowWalk; this per-key definition is what the
+// host test (tests/host/attention_key_rows.cu) checks the walk against.
 struct KeySource {
   const __nv_bfloat16* k;
   const __nv_bfloat16* v;

@@ -60,62 +60,46 @@ inline Fp8GemmTile choose_scaled_gemm_tile(int64_t rows) { return choose_fp8_gem
 // clusters) -> 1; "2x2" -> 2. Anything else is refused by every call (ValueError naming it).
 int dense_cluster_setting();
 
-// Whether a problem runs on the clustered kernel: it is asked for, and the problem has at least two tiles each way
-// (a cluster of one token tile would leave half its CTAs without work).
-inline bool use_dense_cluster(const Fp8ScaledGemmProblem& p, Fp8GemmTile tile) {
-  const int cluster = dense_cluster_setting();  // read first: an unknown setting is refused by every call
-  if (tile == Fp8GemmTile::kN32 || cluster != 2) return false;
-  const int64_t tile_n = tile == Fp8GemmTile::kN64 ? 64 : 128;
-  return p.n_out > 128 && p.rows > tile_n;
-}
-
 // DGEMMA_DENSE_SCHEDULE, read once per process: unset, "" or "persistent" (the default until a GPU run has measured
 // stream-K) -> false; "streamk" -> true (every dense GEMM on the stream-K kernels; DGEMMA_DENSE_CLUSTER then does not
 // apply). Anything else is refused by every call (ValueError naming it).
 bool dense_streamk_setting();
 
-inline size_t sm90_fp8_scaled_gemm_workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
+// One compiled dense GEMM: its workspace query and its launch.
+struct ScaledGemmKernel {
+  size_t (*workspace_bytes)(const Fp8ScaledGemmProblem&, int sm_count, int device);
+  cudaError_t (*run)(const Fp8ScaledGemmProblem&, void* workspace, size_t workspace_bytes, int sm_count, int device,
+                     cudaStream_t stream);
+};
+
+// The kernel a problem runs on: the token tile by its rows, then the schedule and cluster settings (both read on every
+// call, so an unknown one is refused whichever kernel would run). A cluster needs at least two tiles each way (a
+// cluster of one token tile would leave half its CTAs without work).
+inline ScaledGemmKernel choose_scaled_gemm_kernel(const Fp8ScaledGemmProblem& p) {
+#define DGEMMA_SCALED_GEMM(N) ScaledGemmKernel{sm90_fp8_scaled_gemm_n##N##_workspace_bytes, sm90_fp8_scaled_gemm_n##N}
   const Fp8GemmTile tile = choose_scaled_gemm_tile(p.rows);
-  dense_cluster_setting();  // refuses an unknown setting whichever kernel runs
-  if (dense_streamk_setting()) {
-    switch (tile) {
-      case Fp8GemmTile::kN32: return sm90_fp8_scaled_gemm_n32_sk_workspace_bytes(p, sm_count, device);
-      case Fp8GemmTile::kN64: return sm90_fp8_scaled_gemm_n64_sk_workspace_bytes(p, sm_count, device);
-      default: return sm90_fp8_scaled_gemm_n128_sk_workspace_bytes(p, sm_count, device);
-    }
-  }
-  if (use_dense_cluster(p, tile))
-    return tile == Fp8GemmTile::kN64 ? sm90_fp8_scaled_gemm_n64_c2_workspace_bytes(p, sm_count, device)
-                                     : sm90_fp8_scaled_gemm_n128_c2_workspace_bytes(p, sm_count, device);
+  const bool cluster = dense_cluster_setting() == 2 && p.n_out > 128;
+  const bool streamk = dense_streamk_setting();
   switch (tile) {
-    case Fp8GemmTile::kN32: return sm90_fp8_scaled_gemm_n32_workspace_bytes(p, sm_count, device);
-    case Fp8GemmTile::kN64: return sm90_fp8_scaled_gemm_n64_workspace_bytes(p, sm_count, device);
-    default: return sm90_fp8_scaled_gemm_n128_workspace_bytes(p, sm_count, device);
+    case Fp8GemmTile::kN32:
+      return streamk ? DGEMMA_SCALED_GEMM(32_sk) : DGEMMA_SCALED_GEMM(32);
+    case Fp8GemmTile::kN64:
+      return streamk ? DGEMMA_SCALED_GEMM(64_sk) : cluster && p.rows > 64 ? DGEMMA_SCALED_GEMM(64_c2)
+                                                                          : DGEMMA_SCALED_GEMM(64);
+    default:
+      return streamk ? DGEMMA_SCALED_GEMM(128_sk) : cluster && p.rows > 128 ? DGEMMA_SCALED_GEMM(128_c2)
+                                                                            : DGEMMA_SCALED_GEMM(128);
   }
+#undef DGEMMA_SCALED_GEMM
+}
+
+inline size_t sm90_fp8_scaled_gemm_workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
+  return choose_scaled_gemm_kernel(p).workspace_bytes(p, sm_count, device);
 }
 
 inline cudaError_t sm90_fp8_scaled_gemm(const Fp8ScaledGemmProblem& p, void* workspace, size_t workspace_bytes,
                                         int sm_count, int device, cudaStream_t stream) {
-  const Fp8GemmTile tile = choose_scaled_gemm_tile(p.rows);
-  dense_cluster_setting();  // refuses an unknown setting whichever kernel runs
-  if (dense_streamk_setting()) {
-    switch (tile) {
-      case Fp8GemmTile::kN32:
-        return sm90_fp8_scaled_gemm_n32_sk(p, workspace, workspace_bytes, sm_count, device, stream);
-      case Fp8GemmTile::kN64:
-        return sm90_fp8_scaled_gemm_n64_sk(p, workspace, workspace_bytes, sm_count, device, stream);
-      default: return sm90_fp8_scaled_gemm_n128_sk(p, workspace, workspace_bytes, sm_count, device, stream);
-    }
-  }
-  if (use_dense_cluster(p, tile))
-    return tile == Fp8GemmTile::kN64
-               ? sm90_fp8_scaled_gemm_n64_c2(p, workspace, workspace_bytes, sm_count, device, stream)
-               : sm90_fp8_scaled_gemm_n128_c2(p, workspace, workspace_bytes, sm_count, device, stream);
-  switch (tile) {
-    case Fp8GemmTile::kN32: return sm90_fp8_scaled_gemm_n32(p, workspace, workspace_bytes, sm_count, device, stream);
-    case Fp8GemmTile::kN64: return sm90_fp8_scaled_gemm_n64(p, workspace, workspace_bytes, sm_count, device, stream);
-    default: return sm90_fp8_scaled_gemm_n128(p, workspace, workspace_bytes, sm_count, device, stream);
-  }
+  return choose_scaled_gemm_kernel(p).run(p, workspace, workspace_bytes, sm_count, device, stream);
 }
 
 }  // namespace dgemma::kernels

@@ -336,9 +336,9 @@ void moe_fp8(const TensorArg& x, const TensorArg& ids, const TensorArg& weights,
   if (shared > 0 && !contiguous)
     ::dgemma::throw_invalid("shared experts (shared = " + std::to_string(shared) +
                             ") run on the contiguous pipeline only (contiguous = true)");
-  if (shared > kMaxSharedExperts)
+  if (shared > kernels::kMaxSharedExperts)
     ::dgemma::throw_invalid("shared is " + std::to_string(shared) + ", expected at most " +
-                            std::to_string(kMaxSharedExperts));
+                            std::to_string(kernels::kMaxSharedExperts));
   if (!combine) {
     if (!contiguous) ::dgemma::throw_invalid("combine = false needs the contiguous pipeline (contiguous = true)");
     if (out != nullptr || shared_out != nullptr)

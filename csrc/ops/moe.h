@@ -49,7 +49,7 @@ size_t moe_fp8_workspace_bytes(int64_t tokens, int top_k, int hidden, int inter,
 // expert-sized pieces): every token visits each with weight 1 after its routed slots (ids name only the other
 // experts), their sum goes to shared_out [tokens, hidden] bf16, and with norm they see rms_norm(x) * shared_norm.
 // The workspace is then moe_fp8_workspace_bytes(tokens, top_k + shared, ..., experts (all), ...).
-constexpr int kMaxSharedExperts = kernels::kMaxSharedExperts;
+// At most kernels::kMaxSharedExperts shared experts (kernels/moe_plan_limits.h).
 // combine = false (contiguous only; out and shared_out then null): the pipeline stops before its combine and leaves
 // each (token, slot) row's scaled, weighted output in the workspace, where moe_fp8_workspace_layout says (read by
 // ffn_residual_experts, ops/norm.h).
