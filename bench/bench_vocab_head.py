@@ -5,10 +5,12 @@ The fused path reads E twice (statistics pass, P·E pass) and writes/reads the b
 transformers-style path is lm_head + softcap + fp32 softmax + multinomial + entropy + sort, on the same
 inputs. max_rel_err compares the fused outputs (max, lse, entropy, soft) with the fp32 reference.
 
-Rows: ``vocab_head_b{b}`` is the implementation generation runs (DGEMMA_VOCAB_HEAD, else the default), and
-``vocab_head_{impl}_b{b}`` each implementation of the two GEMMs. ``flop_share``: the two GEMMs' FLOPs at the bf16
-matmul rate measured in this run (bench/common.py bf16_matmul_flops) over the median; ``speedup_vs_torch``: the
-transformers-style path's median over this one's, same run.
+Rows: ``vocab_head_b{b}`` is the implementation generation runs (DGEMMA_VOCAB_HEAD, else the default, with the
+self-conditioning precision of DGEMMA_VOCAB_HEAD_SOFT), ``vocab_head_{impl}_b{b}`` each implementation of the two
+GEMMs, and ``vocab_head_wgmma_fp8soft_b{b}`` the wgmma GEMMs with the P·E product in FP8 (its ``max_rel_err``
+against the FP8 pass's own reference, ``soft_err_vs_bf16`` against the bf16 product). ``flop_share``: the two
+GEMMs' FLOPs at the bf16 matmul rate measured in this run (bench/common.py bf16_matmul_flops) over the median;
+``speedup_vs_torch``: the transformers-style path's median over this one's, same run.
 """
 
 from __future__ import annotations
@@ -42,16 +44,20 @@ def transformers_style(h, embed, temp, bound, canvas, gen):
     return torch.where(accepted, cand, noise), argmax
 
 
-def max_rel_err(out, h, embed, temp) -> float:
-    from dgemma.vocab_head import head_statistics, processed_logits, soft_embedding
+def max_rel_err(out, h, embed, temp, embed_fp8=None) -> tuple[float, float]:
+    """(largest relative error of the statistics and soft against their references, soft's relative error against
+    the bf16 product): the soft reference is the FP8 pass's own where ``embed_fp8`` is given."""
+    from dgemma.vocab_head import fp8_soft_embedding, head_statistics, processed_logits, soft_embedding
 
     z = processed_logits(h, embed, temp)
     ref = head_statistics(z)
     errs = [((getattr(out, a) - ref[k]).abs() / ref[k].abs().clamp_min(1e-3)).max().item()
             for a, k in (("max_logit", "max"), ("lse", "lse"), ("entropy", "entropy"))]
-    soft = soft_embedding(z, embed, HIDDEN**0.5).float()
-    errs.append(((out.soft.float() - soft).norm() / soft.norm()).item())
-    return max(errs)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    bf16 = soft_embedding(z, embed, HIDDEN**0.5)
+    own = bf16 if embed_fp8 is None else fp8_soft_embedding(z, embed_fp8, HIDDEN**0.5)
+    errs.append(rel(out.soft, own))
+    return max(errs), rel(out.soft, bf16)
 
 
 def main() -> None:
@@ -66,14 +72,18 @@ def main() -> None:
         ap.error(f"--batches {args.batches!r}: expected comma-separated positive integers")
     if not batches or min(batches) < 1:
         ap.error(f"--batches {args.batches!r}: expected comma-separated positive integers")
-    from dgemma.ops.cuda_vocab_head import IMPLS, head_impl, vocab_head_step, workspace_bytes
+    from dgemma.ops.cuda_vocab_head import IMPLS, head_impl, soft_precision, vocab_head_step, workspace_bytes
+    from dgemma.vocab_head import embedding_fp8
 
     torch.manual_seed(0)
     # Logit scale of a trained head: raw logits with a std of ~3 (E rows ~ N(0, 3²/H), h ~ N(0, 1)).
     embed = (torch.randn(VOCAB, HIDDEN, device="cuda") * (3.0 / HIDDEN**0.5)).to(torch.bfloat16)
     temp, bound, results = 0.6, 0.1, []
     rate = bf16_matmul_flops()
-    default = head_impl()
+    default = head_impl(), soft_precision() == "fp8"
+    embed_fp8 = embedding_fp8(embed)
+    variants = [(impl, None, f"vocab_head_{impl}") for impl in IMPLS] + [("wgmma", embed_fp8,
+                                                                           "vocab_head_wgmma_fp8soft")]
     for b in batches:
         h = torch.randn(b, CANVAS, HIDDEN, device="cuda").to(torch.bfloat16)
         canvas = torch.randint(0, VOCAB, (b, CANVAS), device="cuda")
@@ -88,23 +98,26 @@ def main() -> None:
         results.append({"name": f"transformers_style_b{b}", "median_ms": ms_tf,
                         "roofline_ms": roofline_ms(e_bytes, 2 * rows * VOCAB * HIDDEN), "batch": b})
         torch.cuda.empty_cache()
-        for impl in IMPLS:
-            ws = torch.empty(workspace_bytes(b, CANVAS, VOCAB, HIDDEN, impl=impl), dtype=torch.uint8, device="cuda")
+        for impl, e8, name in variants:
+            ws = torch.empty(workspace_bytes(b, CANVAS, VOCAB, HIDDEN, impl=impl, fp8_soft=e8 is not None),
+                             dtype=torch.uint8, device="cuda")
             step = [0]
 
-            def fused(ws=ws, impl=impl):
+            def fused(ws=ws, impl=impl, e8=e8):
                 step[0] += 1
-                return vocab_head_step(h, embed, temp, 1234, step[0], canvas, prev, bound, workspace=ws, impl=impl)
+                return vocab_head_step(h, embed, temp, 1234, step[0], canvas, prev, bound, workspace=ws, impl=impl,
+                                       embed_fp8=e8)
 
             out = fused()
-            err = max_rel_err(out, h, embed, temp)
+            err, soft_err = max_rel_err(out, h, embed, temp, e8)
             del out
             ms = median(time_cuda(fused, iters=args.iters))
             row = {"median_ms": ms, "roofline_ms": roofline_ms(bytes_moved, flops, rate), "max_rel_err": err,
-                   "flop_share": flops / rate * 1e3 / ms, "speedup_vs_torch": ms_tf / ms, "impl": impl, "batch": b,
-                   "canvas": CANVAS, "vocab": VOCAB, "hidden": HIDDEN}
-            results.append({"name": f"vocab_head_{impl}_b{b}", **row})
-            if impl == default:
+                   "soft_err_vs_bf16": soft_err, "flop_share": flops / rate * 1e3 / ms, "speedup_vs_torch": ms_tf / ms,
+                   "impl": impl, "soft_precision": "bf16" if e8 is None else "fp8", "batch": b, "canvas": CANVAS,
+                   "vocab": VOCAB, "hidden": HIDDEN}
+            results.append({"name": f"{name}_b{b}", **row})
+            if (impl, e8 is not None) == default:
                 results.append({"name": f"vocab_head_b{b}", **row})
             del ws
             torch.cuda.empty_cache()

@@ -54,6 +54,30 @@ def test_cuda_engine_generates_and_does_not_leak():
 
 
 @pytest.mark.gpu
+def test_fp8_self_conditioning_generates_like_the_bf16_pass(monkeypatch):
+    """DGEMMA_VOCAB_HEAD_SOFT=fp8 at load: the engine builds the FP8 table once and generate runs the FP8 pass (the
+    same tokens for the same seed twice); a one-step block (no self-conditioning input yet) gives the bf16 pass's
+    tokens."""
+    from dgemma.vocab_head import vocab_pad
+
+    monkeypatch.setenv("DGEMMA_VOCAB_HEAD_SOFT", "fp8")
+    eng = random_engine("small", dtype=torch.bfloat16, device="cuda", backend="cuda", quantization="fp8")
+    q, scale = eng.model.w.embed_fp8
+    assert q.dtype == torch.float8_e4m3fn
+    assert tuple(q.shape) == (eng.config.hidden_size, vocab_pad(eng.config.vocab_size))
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    ids = torch.randint(3, eng.config.vocab_size, (2, 40), device="cuda")
+    a = eng.generate(ids, seed=5, max_new_tokens=512, max_denoising_steps=6, eos_token_id=[])
+    b = eng.generate(ids, seed=5, max_new_tokens=512, max_denoising_steps=6, eos_token_id=[])
+    assert torch.equal(a.sequences, b.sequences)
+    first_fp8 = eng.generate(ids, seed=5, max_new_tokens=256, max_denoising_steps=1, eos_token_id=[])
+    monkeypatch.delenv("DGEMMA_VOCAB_HEAD_SOFT")
+    eng.model.w.embed_fp8 = None
+    first_bf16 = eng.generate(ids, seed=5, max_new_tokens=256, max_denoising_steps=1, eos_token_id=[])
+    assert torch.equal(first_fp8.sequences, first_bf16.sequences)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("layer", [0, 5])  # a sliding layer (separate V) and the full layer (V = K's projection)
 def test_fused_qkv_projection_matches_the_reference_ops(layer):
     """One FP8 GEMM for q/k/v plus the fused norms + RoPE kernel against the reference ops on the same

@@ -1227,7 +1227,7 @@ VB, VC, VV, VH = 2, 5, 130, 64
 
 def vocab_head_workspace_bytes_table(c: Ctx) -> Table:
     t = Table("vocab_head_workspace_bytes", dict(batch=VB, canvas=VC, vocab=VV, hidden=VH, with_soft=True,
-                                                 device=c.idx, impl=1))
+                                                 device=c.idx, impl=1, fp8_soft=False))
     t.bad("no batch", "batch 0 must be in [1, 268435456]", batch=0)
     t.bad("batch too large", f"batch {2**28 + 1} must be in [1, 268435456]", batch=2**28 + 1)
     t.bad("no canvas", "canvas length 0 must be in [1, 1024]", canvas=0)
@@ -1241,6 +1241,12 @@ def vocab_head_workspace_bytes_table(c: Ctx) -> Table:
     t.type_error("with_soft is a string", "with_soft='yes'", with_soft="yes")
     t.bad("impl 2", "impl 2 must be 0 (mma.sync) or 1 (wgmma)", impl=2)
     t.bad("impl -1", "impl -1 must be 0 (mma.sync) or 1 (wgmma)", impl=-1)
+    t.bad("FP8 soft on mma.sync", "the FP8 self-conditioning pass runs only on impl 1 (wgmma), got impl 0",
+          fp8_soft=True, impl=0, vocab=256)
+    t.bad("FP8 soft without soft", "the FP8 self-conditioning pass needs the self-conditioning pass (soft)",
+          fp8_soft=True, with_soft=False, vocab=256)
+    t.bad("FP8 soft with vocab 130", "the FP8 self-conditioning pass needs a vocabulary that is a multiple of 8, "
+          "got 130", fp8_soft=True)
 
     t.check = _positive_size
     return t
@@ -1261,7 +1267,7 @@ def vocab_head_step_table(c: Ctx) -> Table:
         accepted=flag(VB, VC), next_canvas=i64(VB, VC), mean_entropy=f32(VB), stable=flag(VB), finished_out=flag(VB),
         soft=c.empty(VB, VC, VH), workspace=c.empty(nbytes, dtype=U8), temperature=0.8, softcap=30.0,
         entropy_bound=0.1, confidence=0.005, soft_scale=8.0, seed=1, step=0, stream=0, device_seed_step=None,
-        device_temperature=None, impl=0))
+        device_temperature=None, impl=0, embed_fp8=None, embed_fp8_scale=None))
     doc = "(see the documented shape)"
     t.bad("hidden on the host", cuda_msg("hidden"), hidden=c.host(h))
     t.bad("hidden float32", "hidden has dtype float32, expected bfloat16", hidden=c.empty(VB, VC, VH, dtype=F32))
@@ -1329,6 +1335,17 @@ def vocab_head_step_table(c: Ctx) -> Table:
     t.type_error("negative seed", "seed=-1", seed=-1)
     t.type_error("step beyond uint32", "step=4294967296", step=2**32)
     t.bad("impl 3", "impl 3 must be 0 (mma.sync) or 1 (wgmma)", impl=3)
+    fp8_table = c.empty(VH, 256, dtype=FP8)
+    t.bad("embed_fp8 without its scale", "embed_fp8 and embed_fp8_scale must be given together", embed_fp8=fp8_table,
+          impl=1)
+    t.bad("embed_fp8_scale alone", "embed_fp8 and embed_fp8_scale must be given together",
+          embed_fp8_scale=f32(VH), impl=1)
+    t.bad("embed_fp8 on mma.sync", "embed_fp8 (the FP8 self-conditioning pass) runs only on impl 1 (wgmma), got "
+          "impl 0", embed_fp8=fp8_table, embed_fp8_scale=f32(VH))
+    t.bad("embed_fp8 without soft", "embed_fp8 (the FP8 self-conditioning pass) needs the self-conditioning pass "
+          "(soft)", embed_fp8=fp8_table, embed_fp8_scale=f32(VH), soft=None, impl=1)
+    t.bad("embed_fp8 with vocab 130", "embed_fp8 (the FP8 self-conditioning pass) needs a vocabulary that is a "
+          "multiple of 8, got 130", embed_fp8=fp8_table, embed_fp8_scale=f32(VH), impl=1)
     # A workspace sized for the mma.sync kernels is checked against the wgmma plan's size.
     wgmma_bytes = int(c.lib.vocab_head_workspace_bytes(VB, VC, VV, VH, True, c.idx, 1))
     if wgmma_bytes > nbytes:

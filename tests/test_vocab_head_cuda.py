@@ -299,3 +299,51 @@ def test_an_unknown_statistics_gemm_variant_is_refused_by_name(tmp_path):
     assert r.returncode != 0
     assert ("DGEMMA_VOCAB_HEAD_STATS=pingpong_cluster4 is not a statistics GEMM variant (auto, pingpong_cluster2, "
             "pingpong, cooperative, cooperative_cluster2x2, two_pass, two_pass_cooperative)") in r.stderr
+
+
+# -- The FP8 self-conditioning pass (DGEMMA_VOCAB_HEAD_SOFT=fp8; numerics and stated error in
+# test_vocab_head_fp8_soft.py) ------------------------------------------------------------------------------------
+
+FP8_SOFT_SHAPES = [(1, 256, 262144, 2816), (4, 256, 262144, 2816), (2, 37, 1000, 192), (3, 100, 4096, 128),
+                   (1, 5, 136, 64)]
+
+
+@pytest.mark.parametrize("b,c,v,hidden", FP8_SOFT_SHAPES)
+def test_fp8_self_conditioning_matches_its_reference(b, c, v, hidden):
+    """The FP8 pass against its own reference (e4m3 probabilities and table, fp64 products; the kernels' z differs
+    from the reference's by the bf16 GEMM's summation order, so a few e4m3 codes round the other way) and against the
+    bf16 pass within the stated error; every other output is the bf16-pass call's, bit for bit (the same statistics
+    pass)."""
+    from test_vocab_head_fp8_soft import FP8_SOFT_BOUND
+
+    from dgemma.vocab_head import embedding_fp8, fp8_soft_embedding
+
+    h, embed = _problem(b, c, v, hidden, seed=b * 13 + c)
+    e8 = embedding_fp8(embed)
+    plain = _run(h, embed, 0.6, 21, 4, impl="wgmma")
+    fp8 = _run(h, embed, 0.6, 21, 4, impl="wgmma", embed_fp8=e8)
+    for name in ("argmax", "sample", "next_canvas", "accepted", "entropy", "max_logit", "lse", "mean_entropy",
+                 "stable", "finished"):
+        assert torch.equal(getattr(plain, name), getattr(fp8, name)), name
+    assert torch.isfinite(fp8.soft.float()).all()
+    z = processed_logits(h, embed, 0.6)
+    ref = fp8_soft_embedding(z, e8, hidden**0.5)
+    assert _rel(fp8.soft, ref) <= 1e-2
+    assert _rel(fp8.soft, plain.soft) <= FP8_SOFT_BOUND
+    again = _run(h, embed, 0.6, 21, 4, impl="wgmma", embed_fp8=e8)
+    assert torch.equal(again.soft, fp8.soft)  # the stream-K reduction is in a fixed order
+
+
+def test_fp8_self_conditioning_argument_errors():
+    from dgemma.vocab_head import embedding_fp8
+
+    h, embed = _problem(1, 8, 256, 64, seed=9)
+    e8 = embedding_fp8(embed)
+    with pytest.raises(ValueError, match="embed_fp8 .*needs self_conditioning and impl 'wgmma'.*'mma_sync'"):
+        _run(h, embed, 0.5, 1, 0, impl="mma_sync", embed_fp8=e8)
+    with pytest.raises(ValueError, match="self_conditioning=False"):
+        _run(h, embed, 0.5, 1, 0, impl="wgmma", with_soft=False, embed_fp8=e8)
+    with pytest.raises(ValueError, match=r"embed_fp8 has shape \[64, 128\], expected \[64, 256\]"):
+        _run(h, embed, 0.5, 1, 0, impl="wgmma", embed_fp8=(e8[0][:, :128].contiguous(), e8[1]))
+    with pytest.raises(ValueError, match="embed_fp8_scale has dtype bfloat16, expected float32"):
+        _run(h, embed, 0.5, 1, 0, impl="wgmma", embed_fp8=(e8[0], e8[1].bfloat16()))

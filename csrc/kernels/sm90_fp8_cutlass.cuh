@@ -32,8 +32,12 @@ namespace dgemma::kernels {
 // ClusterM x ClusterN: a thread-block cluster of that many weight x token tiles; each weight tile is multicast by TMA
 // to the ClusterN CTAs that multiply it and each token tile to the ClusterM CTAs (read once from L2 per cluster
 // rather than once per CTA). Every tile's arithmetic is the same: only where its operands come from changes.
+// MainloopSchedule: FP8FastAccum (the default) lets the tensor cores accumulate a whole K loop, which is exact enough
+// for the K of a linear layer (a few thousand); KernelTmaWarpSpecializedCooperative adds each 128-deep K tile's
+// products to fp32 accumulators in registers (CUTLASS's promotion), for reductions as long as a vocabulary.
 template <int TileN, class StrideW_, class StrideX_, class StrideD_, class RowScaleStride, class SchedulerTag,
-          int ClusterM = 1, int ClusterN = 1>
+          int ClusterM = 1, int ClusterN = 1,
+          class MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>
 struct ScaledFp8Gemm {
   using StrideW = StrideW_;
   using StrideX = StrideX_;
@@ -45,7 +49,7 @@ struct ScaledFp8Gemm {
   static constexpr int kAlignD = 8;
   using TileShape = cute::Shape<cute::_128, cute::Int<TileN>, cute::_128>;
   using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
+  using KernelSchedule = MainloopSchedule;
   using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 
   using WScaleStride = cute::Stride<cute::_1, cute::_0, int64_t>;

@@ -23,11 +23,15 @@ using cute::Stride;
 // clusters of Cluster x Cluster tiles (1: none), or (Scheduler = StreamKScheduler) CUTLASS's stream-K scheduler: where
 // the tiles would leave SMs idle (a few hundred rows, a few thousand output channels) their K loops are shared out
 // over the SMs and the partial sums reduced in a fixed order (deterministic), before the same epilogue.
-template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler>
+// Mainloop: the accumulation of ScaledFp8Gemm (FP8FastAccum unless a reduction is too long for it).
+template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler,
+          class Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>
 struct ScaledGemm : ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<int64_t, _1, int64_t>,
-                                  Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>, Scheduler, Cluster, Cluster> {
+                                  Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>, Scheduler, Cluster, Cluster,
+                                  Mainloop> {
   using Base = ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<int64_t, _1, int64_t>,
-                             Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>, Scheduler, Cluster, Cluster>;
+                             Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>, Scheduler, Cluster, Cluster,
+                             Mainloop>;
 
   static typename Base::Gemm::Arguments arguments(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
     auto args = Base::arguments(cutlass::gemm::GemmUniversalMode::kGemm, p.n_out, p.rows, p.k, 1, p.w, 0, p.w_scale,
@@ -45,16 +49,18 @@ struct ScaledGemm : ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<in
   }
 };
 
-template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler>
+template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler,
+          class Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>
 size_t workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
-  using G = ScaledGemm<TileN, Cluster, Scheduler>;
+  using G = ScaledGemm<TileN, Cluster, Scheduler, Mainloop>;
   return G::Gemm::get_workspace_size(G::arguments(p, sm_count, device));
 }
 
-template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler>
+template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler,
+          class Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>
 cudaError_t run(const Fp8ScaledGemmProblem& p, void* workspace, size_t bytes, int sm_count, int device,
                 cudaStream_t stream) {
-  using G = ScaledGemm<TileN, Cluster, Scheduler>;
+  using G = ScaledGemm<TileN, Cluster, Scheduler, Mainloop>;
   if (p.rows == 0) return cudaSuccess;
   if (!fp8_gemm_operands_fit(p.w, p.x, p.out, p.n_out, p.ldo)) return cudaErrorInvalidValue;
   // Stream-K kernels are compiled without grid dependency control (fp8_scaled_gemm_streamk.cu): launched plainly.

@@ -50,17 +50,25 @@ struct VocabHeadPlan {
   bool wgmma_soft = false;  // VocabHeadParams::wgmma_soft
 };
 
-inline VocabHeadPlan plan_head(int impl, int batch, int canvas, int vocab, int dim, int sms, bool with_soft) {
+// fp8_soft: the FP8 P·E pass (VocabHeadParams::embed_fp8; kImplWgmma with self-conditioning and a vocabulary the
+// GEMM takes: fp8_soft_supported).
+inline bool fp8_soft_supported(int impl, int vocab, bool with_soft) {
+  return impl == kImplWgmma && with_soft && sm90_soft_fits(vocab);
+}
+
+inline VocabHeadPlan plan_head(int impl, int batch, int canvas, int vocab, int dim, int sms, bool with_soft,
+                               bool fp8_soft = false) {
   VocabHeadPlan plan;
   const int64_t rows = static_cast<int64_t>(batch) * canvas;
+  fp8_soft = fp8_soft && fp8_soft_supported(impl, vocab, with_soft);
   if (impl == kImplWgmma) {
-    const Sm90Plan sp = sm90_plan(rows, vocab, dim, sms, with_soft);
+    const Sm90Plan sp = sm90_plan(rows, vocab, dim, sms, with_soft, fp8_soft);
     plan.wgmma_soft = with_soft && sm90_soft_fits(vocab);
     plan.splits.stats = 1;
     // The mma.sync P·E pass where the GEMM does not take the vocabulary (its split-K partial sums then).
     plan.splits.soft = plan.wgmma_soft ? sp.soft_splits : choose_splits(rows, vocab, dim, sms).soft;
     plan.layout = VocabHeadLayout::make(batch, canvas, vocab, dim, sp.parts, plan.wgmma_soft ? 0 : plan.splits.soft,
-                                        sp.cutlass_bytes, with_soft);
+                                        sp.cutlass_bytes, with_soft, fp8_soft);
   } else {
     plan.splits = choose_splits(rows, vocab, dim, sms);
     plan.layout = VocabHeadLayout::make(batch, canvas, vocab, dim, 2 * plan.splits.stats, plan.splits.soft, 0,

@@ -79,6 +79,11 @@ struct VocabHeadParams {
   bool* stable;           // [batch]
   bool* finished_out;     // [batch]
   __nv_bfloat16* soft;    // [rows, dim] or nullptr (no self-conditioning pass)
+  // Optional FP8 self-conditioning operand (the wgmma P·E pass then runs in FP8, vocab_head_sm90_soft.cuh): E
+  // transposed and quantised per hidden channel, e4m3 [dim, vocab_pad] (zero past the vocabulary), and its scales
+  // [dim] (E[v, c] ≈ embed_fp8[c, v] · embed_fp8_scale[c]).
+  const uint8_t* embed_fp8 = nullptr;
+  const float* embed_fp8_scale = nullptr;
   // launch shape and workspace (see VocabHeadLayout)
   int impl = kImplMmaSync;  // which GEMMs (kImpl*)
   bool wgmma_soft = false;  // the P·E pass on the wgmma GEMM (kImplWgmma where the vocabulary allows it)
@@ -110,12 +115,14 @@ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct VocabHeadLayout {
   int64_t rows = 0, rows_pad = 0, vocab_pad = 0, chunks = 0;
   int64_t parts = 0;  // statistics partials per row
-  size_t partials = 0, probs = 0, chunk_max = 0, soft_partial = 0, cutlass = 0, total = 0;
+  size_t partials = 0, probs = 0, chunk_max = 0, soft_partial = 0, probs_fp8 = 0, soft_row_scale = 0, cutlass = 0,
+         total = 0;
 
   // parts: partials per row; soft_splits: fp32 split-K partial sums of the mma.sync P·E pass (0: none);
-  // cutlass_bytes: the CUTLASS GEMMs' own workspace (the wgmma passes; 0: none).
+  // cutlass_bytes: the CUTLASS GEMMs' own workspace (the wgmma passes; 0: none); fp8_soft: room for the FP8 P·E
+  // pass's operand (e4m3 probabilities [rows, vocab_pad]) and its per-row scales.
   static VocabHeadLayout make(int batch, int canvas, int vocab, int dim, int64_t parts, int soft_splits,
-                              size_t cutlass_bytes, bool with_soft) {
+                              size_t cutlass_bytes, bool with_soft, bool fp8_soft = false) {
     VocabHeadLayout l;
     l.rows = static_cast<int64_t>(batch) * canvas;
     l.rows_pad = ceil_div(l.rows, kBM) * kBM;
@@ -134,6 +141,12 @@ struct VocabHeadLayout {
       off = align_up(off + static_cast<size_t>(l.chunks) * l.rows_pad * sizeof(float), 256);
       l.soft_partial = off;
       off = align_up(off + static_cast<size_t>(soft_splits) * l.rows * dim * sizeof(float), 256);
+      if (fp8_soft) {
+        l.probs_fp8 = off;
+        off = align_up(off + static_cast<size_t>(l.rows) * l.vocab_pad, 256);
+        l.soft_row_scale = off;
+        off = align_up(off + static_cast<size_t>(l.rows) * sizeof(float), 256);
+      }
     }
     l.cutlass = off;
     off = align_up(off + cutlass_bytes, 256);

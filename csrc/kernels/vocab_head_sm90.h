@@ -30,7 +30,8 @@ constexpr bool sm90_soft_fits(int vocab) { return vocab % 8 == 0; }
 
 // The plan of a kImplWgmma call; `sms`: the device's multiprocessor count. Sizes the P·E GEMM when with_soft and it
 // fits.
-Sm90Plan sm90_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft);
+// fp8_soft: the P·E pass in FP8 (VocabHeadParams::embed_fp8), its GEMM's workspace included.
+Sm90Plan sm90_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft, bool fp8_soft = false);
 
 // The statistics GEMM of one call (writes l.partials, and l.probs / l.chunk_max when p.soft is set).
 cudaError_t sm90_stats(const VocabHeadParams& p, const VocabHeadLayout& l, int sms, int device, cudaStream_t stream);
@@ -38,8 +39,11 @@ cudaError_t sm90_stats(const VocabHeadParams& p, const VocabHeadLayout& l, int s
 // The P·E GEMM's split count and workspace bytes (vocab_head_sm90_soft.cu).
 int sm90_soft_splits(int64_t rows, int dim, int vocab, int sms);
 size_t sm90_soft_workspace(const VocabHeadParams& p, const VocabHeadLayout& l, int splits, int sms);
+// The FP8 P·E GEMM's workspace bytes (its stream-K partial sums; p.embed_fp8 calls).
+size_t sm90_soft_fp8_workspace(const VocabHeadParams& p, const VocabHeadLayout& l, int sms);
 
-// The self-conditioning pass (after the merge kernel wrote p.lse): rescale, then the split-K P·E GEMM into p.soft.
+// The self-conditioning pass (after the merge kernel wrote p.lse): rescale, then the split-K P·E GEMM into p.soft;
+// with p.embed_fp8, the e4m3 probabilities and the FP8 stream-K GEMM (vocab_head_sm90_soft.cuh).
 cudaError_t sm90_soft(const VocabHeadParams& p, const VocabHeadLayout& l, int sms, int device, cudaStream_t stream);
 
 }  // namespace dgemma::kernels::vocab_head

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -46,6 +47,37 @@ __global__ void __launch_bounds__(256) vocab_head_rescale_kernel(const VocabHead
   v.z = scale_bf16x2(v.z, scale);
   v.w = scale_bf16x2(v.w, scale);
   *q = v;
+}
+
+// The FP8 variant of step 1 (p.embed_fp8 set): the e4m3 operand P8 = e4m3(448 · q · exp(chunk max − row max)) (the
+// probabilities relative to the row's most likely token, so the largest is 448, e4m3's largest) into l.probs_fp8,
+// and each row's dequantisation scale soft_scale · exp(row max − lse) / 448 into l.soft_row_scale: then
+// P8[r, v] · scale[r] = soft_scale · p[r, v] up to e4m3 rounding. One thread per 8 probabilities, as above.
+__global__ void __launch_bounds__(256) vocab_head_rescale_fp8_kernel(const VocabHeadParams p,
+                                                                     const VocabHeadLayout l) {
+  pdl_begin();
+  const int64_t per_row = l.vocab_pad / 8;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= l.rows * per_row) return;
+  const int64_t row = i / per_row, col = (i % per_row) * 8;
+  unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+  const float row_max = p.max_logit[row];
+  if (col == 0)
+    reinterpret_cast<float*>(ws + l.soft_row_scale)[row] = p.soft_scale * (__expf(row_max - p.lse[row]) / 448.f);
+  const float m = reinterpret_cast<const float*>(ws + l.chunk_max)[(col / kChunk) * l.rows_pad + row];
+  const float scale = 448.f * __expf(m - row_max);
+  const uint4 q = *reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(ws + l.probs) +
+                                                  row * l.vocab_pad + col);
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+  uint32_t out[2] = {0u, 0u};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[j]));
+    const __nv_fp8x2_storage_t pair =
+        __nv_cvt_float2_to_fp8x2(make_float2(f.x * scale, f.y * scale), __NV_SATFINITE, __NV_E4M3);
+    out[j / 2] |= static_cast<uint32_t>(pair) << (16 * (j % 2));
+  }
+  *reinterpret_cast<uint2*>(ws + l.probs_fp8 + row * l.vocab_pad + col) = make_uint2(out[0], out[1]);
 }
 
 struct VocabSoftGemm {

@@ -67,9 +67,18 @@ void check_problem(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden)
 }
 
 vh::VocabHeadPlan plan_for(int impl, int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,
-                           int sms) {
+                           int sms, bool fp8_soft) {
   return vh::plan_head(impl, static_cast<int>(batch), static_cast<int>(canvas), static_cast<int>(vocab),
-                       static_cast<int>(hidden), sms, with_soft);
+                       static_cast<int>(hidden), sms, with_soft, fp8_soft);
+}
+
+// Why a call cannot take the FP8 self-conditioning operand, or "" when it can.
+std::string fp8_soft_refused(int64_t impl, int64_t vocab, bool with_soft) {
+  if (!with_soft) return "needs the self-conditioning pass (soft)";
+  if (impl != vh::kImplWgmma) return "runs only on impl 1 (wgmma), got impl " + std::to_string(impl);
+  if (!vh::sm90_soft_fits(static_cast<int>(vocab)))
+    return "needs a vocabulary that is a multiple of 8, got " + std::to_string(vocab);
+  return "";
 }
 
 void check_impl(int64_t impl) {
@@ -80,11 +89,15 @@ void check_impl(int64_t impl) {
 }  // namespace
 
 int64_t vocab_head_workspace_bytes(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,
-                                   int device, int64_t impl) {
+                                   int device, int64_t impl, bool fp8_soft) {
   check_problem(batch, canvas, vocab, hidden);
   check_impl(impl);
+  if (fp8_soft) {
+    const std::string why = fp8_soft_refused(impl, vocab, with_soft);
+    if (!why.empty()) ::dgemma::throw_invalid("the FP8 self-conditioning pass " + why);
+  }
   const int sms = multiprocessors(device);
-  return static_cast<int64_t>(plan_for(static_cast<int>(impl), batch, canvas, vocab, hidden, with_soft, sms)
+  return static_cast<int64_t>(plan_for(static_cast<int>(impl), batch, canvas, vocab, hidden, with_soft, sms, fp8_soft)
                                   .layout.total);
 }
 
@@ -123,11 +136,21 @@ void vocab_head_step(const VocabHeadArgs& a, const VocabHeadScalars& s, std::uin
   check_finite(s.soft_scale, "soft_scale", false);
 
   check_impl(s.impl);
+  if ((a.embed_fp8 == nullptr) != (a.embed_fp8_scale == nullptr))
+    ::dgemma::throw_invalid("embed_fp8 and embed_fp8_scale must be given together");
+  const bool fp8_soft = a.embed_fp8 != nullptr;
+  if (fp8_soft) {
+    const std::string why = fp8_soft_refused(s.impl, vocab, a.soft != nullptr);
+    if (!why.empty()) ::dgemma::throw_invalid(a.embed_fp8->name + " (the FP8 self-conditioning pass) " + why);
+    check_tensor(*a.embed_fp8, h, DType::kFloat8E4M3, {hidden, vh::ceil_div(vocab, vh::kBN) * vh::kBN});
+    check_aligned(*a.embed_fp8, 16);
+    check_tensor(*a.embed_fp8_scale, h, DType::kFloat32, {hidden});
+  }
 
   throw_if_failed(cudaSetDevice(h.device), "cudaSetDevice");
   const int sms = multiprocessors(h.device);
   const vh::VocabHeadPlan plan = plan_for(static_cast<int>(s.impl), batch, canvas, vocab, hidden, a.soft != nullptr,
-                                          sms);
+                                          sms, fp8_soft);
   const vh::VocabHeadLayout& l = plan.layout;
   const vh::VocabHeadSplits& splits = plan.splits;
   const TensorArg& ws = a.workspace;
@@ -171,6 +194,8 @@ void vocab_head_step(const VocabHeadArgs& a, const VocabHeadScalars& s, std::uin
   p.stable = static_cast<bool*>(a.stable.data);
   p.finished_out = static_cast<bool*>(a.finished_out.data);
   p.soft = a.soft != nullptr ? static_cast<__nv_bfloat16*>(a.soft->data) : nullptr;
+  p.embed_fp8 = fp8_soft ? static_cast<const uint8_t*>(a.embed_fp8->data) : nullptr;
+  p.embed_fp8_scale = fp8_soft ? static_cast<const float*>(a.embed_fp8_scale->data) : nullptr;
   p.impl = static_cast<int>(s.impl);
   p.wgmma_soft = plan.wgmma_soft;
   p.stats_splits = splits.stats;

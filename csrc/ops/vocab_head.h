@@ -24,6 +24,10 @@ struct VocabHeadArgs {
   // Optional device-resident step scalars (read by the kernels; replace the host seed/step/temperature):
   const TensorArg* device_seed_step = nullptr;    // int64 [2]: seed (uint64 bits), step
   const TensorArg* device_temperature = nullptr;  // fp32 [1]: t > 0 (not checked: it is never read on the host)
+  // Optional FP8 self-conditioning operand (both or neither; impl 1 with soft): Eᵀ in e4m3 [H, vocab_pad] (vocab_pad
+  // = V rounded up to 128, zero columns past V) and its per-hidden-channel scales fp32 [H].
+  const TensorArg* embed_fp8 = nullptr;
+  const TensorArg* embed_fp8_scale = nullptr;
 };
 
 struct VocabHeadScalars {
@@ -35,9 +39,10 @@ struct VocabHeadScalars {
 
 // Why the fused head cannot run a problem of these sizes, or "" when it can (the launcher's own limits).
 std::string vocab_head_unsupported(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden);
-// Bytes of workspace one call of implementation `impl` needs on `device` (split counts depend on its SM count).
+// Bytes of workspace one call of implementation `impl` needs on `device` (split counts depend on its SM count);
+// fp8_soft: a call given the FP8 self-conditioning operand.
 int64_t vocab_head_workspace_bytes(int64_t batch, int64_t canvas, int64_t vocab, int64_t hidden, bool with_soft,
-                                   int device, int64_t impl);
+                                   int device, int64_t impl, bool fp8_soft = false);
 
 // Validates every argument (ValueError naming it) and enqueues the fused head on `stream`.
 void vocab_head_step(const VocabHeadArgs& args, const VocabHeadScalars& scalars, std::uintptr_t stream);

@@ -104,7 +104,7 @@ static_assert(TwoPassPingpongLogits::kTileN == kRowsPassTileN && TwoPassCooperat
 namespace {
 
 // The plan of one problem: the GEMMs' arguments built only for their workspace sizes.
-Sm90Plan make_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft) {
+Sm90Plan make_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft, bool fp8_soft) {
   Sm90Plan plan;
   VocabHeadParams p{};
   p.vocab = vocab;
@@ -122,7 +122,9 @@ Sm90Plan make_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft) {
   });
   if (with_soft && sm90_soft_fits(vocab)) {
     plan.soft_splits = sm90_soft_splits(rows, dim, vocab, sms);
-    plan.cutlass_bytes = std::max(plan.cutlass_bytes, sm90_soft_workspace(p, l, plan.soft_splits, sms));
+    plan.cutlass_bytes = std::max(plan.cutlass_bytes,
+                                  fp8_soft ? sm90_soft_fp8_workspace(p, l, sms)
+                                           : sm90_soft_workspace(p, l, plan.soft_splits, sms));
   }
   return plan;
 }
@@ -130,14 +132,14 @@ Sm90Plan make_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft) {
 }  // namespace
 
 // NOTE: remembered per problem: every denoising step of a generation asks the same one.
-Sm90Plan sm90_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft) {
-  using Key = std::tuple<int64_t, int, int, int, bool>;
+Sm90Plan sm90_plan(int64_t rows, int vocab, int dim, int sms, bool with_soft, bool fp8_soft) {
+  using Key = std::tuple<int64_t, int, int, int, bool, bool>;
   static std::mutex mutex;
   static std::map<Key, Sm90Plan> plans;
-  const Key key{rows, vocab, dim, sms, with_soft};
+  const Key key{rows, vocab, dim, sms, with_soft, fp8_soft};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = plans.find(key);
-  if (it == plans.end()) it = plans.emplace(key, make_plan(rows, vocab, dim, sms, with_soft)).first;
+  if (it == plans.end()) it = plans.emplace(key, make_plan(rows, vocab, dim, sms, with_soft, fp8_soft)).first;
   return it->second;
 }
 

@@ -249,7 +249,7 @@ class PhiloxHeadSampler:
         out = m.ops.vocab_head_step(
             h, m.w.embed, self.scalars.temperature, self.scalars.seed_step, None, canvas, None, s.entropy_bound,
             confidence_threshold=s.confidence_threshold, finished=finished, softcap=m.cfg.final_logit_softcapping,
-            soft_scale=m.cfg.embed_scale)
+            soft_scale=m.cfg.embed_scale, embed_fp8=m.w.embed_fp8)
         return Draw(out.argmax, out.next_canvas, out.mean_entropy, out.soft.to(m.w.embed.dtype))
 
     def step(self, h: torch.Tensor, canvas: torch.Tensor, n: int, finished: torch.Tensor) -> Draw:

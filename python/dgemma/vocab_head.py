@@ -159,6 +159,57 @@ def chunked_soft_embedding(z: torch.Tensor, embed: torch.Tensor, scale: float, c
     return (torch.matmul(p, embed.float()) * scale).to(torch.bfloat16)
 
 
+# The FP8 self-conditioning pass (DGEMMA_VOCAB_HEAD_SOFT=fp8, csrc/kernels/vocab_head_sm90_soft.cuh): the
+# product P·E in e4m3 on FP8 tensor cores, with E transposed and quantised per hidden channel once at load.
+SOFT_PRECISIONS = ("bf16", "fp8")
+_FP8_MAX = 448.0
+_EMBED_FP8_CHANNELS = 256  # hidden channels quantised per slice (bounds the fp32 temporary at load)
+
+
+def vocab_pad(vocab: int) -> int:
+    """The vocabulary rounded up to the head's 128-wide tiles (the FP8 operand's columns)."""
+    return -(-vocab // 128) * 128
+
+
+def embedding_fp8(embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 self-conditioning operand of the table E ``[V, H]``: Eᵀ quantised per hidden channel (each row of Eᵀ
+    by :func:`dgemma.quant.quantize_rows`: scale = amax / 448, e4m3 round to nearest even), e4m3 ``[H, vocab_pad]``
+    with zero columns past V, and its fp32 scales ``[H]``; ``E[v, c] ≈ q[c, v] · scale[c]``. On E's device."""
+    from .quant import FP8_DTYPE, quantize_rows
+
+    v, hidden = embed.shape
+    q = torch.zeros(hidden, vocab_pad(v), dtype=FP8_DTYPE, device=embed.device)
+    scale = torch.empty(hidden, dtype=torch.float32, device=embed.device)
+    for c0 in range(0, hidden, _EMBED_FP8_CHANNELS):
+        c1 = min(hidden, c0 + _EMBED_FP8_CHANNELS)
+        q[c0:c1, :v], scale[c0:c1] = quantize_rows(embed[:, c0:c1].t())
+    return q, scale
+
+
+def fp8_soft_embedding(z: torch.Tensor, embed_fp8: tuple[torch.Tensor, torch.Tensor], scale: float,
+                       chunk: int = 64) -> torch.Tensor:
+    """The FP8 pass's numerics (:func:`chunked_soft_embedding`'s stored q = bf16(exp(z − m_chunk)), then):
+    P8 = e4m3(448 · q · exp(m_chunk − M)) with M the row's maximum (the most likely token's probability maps to
+    448), the row's scale bf16(scale) · exp(M − lse) / 448, and soft = bf16(Σ_v P8·q_E · row scale · channel scale)
+    with ``embed_fp8`` = (q_E [H, vocab_pad], channel scales [H]) from :func:`embedding_fp8`."""
+    from .quant import FP8_DTYPE
+
+    eq, escale = embed_fp8
+    *lead, v = z.shape
+    width = eq.shape[1]
+    zf = z.float()
+    zp = torch.nn.functional.pad(zf, (0, width - v), value=-torch.inf).view(*lead, -1, chunk)
+    m = zp.amax(dim=-1, keepdim=True)
+    q = torch.where(zp == -torch.inf, 0.0, torch.exp(zp - m)).to(torch.bfloat16).float()
+    row_max = zf.amax(dim=-1)[..., None, None]
+    lse = torch.logsumexp(zf, dim=-1)
+    p8 = (q * (_FP8_MAX * torch.exp(m - row_max))).clamp(max=_FP8_MAX).to(FP8_DTYPE)
+    scale = torch.tensor(scale, dtype=torch.float32).to(torch.bfloat16).float()
+    row_scale = scale * (torch.exp(zf.amax(dim=-1) - lse) / _FP8_MAX)
+    acc = (p8.reshape(*lead, width).double() @ eq.to(zf.device).double().t()).float()
+    return ((acc * row_scale[..., None]) * escale.to(zf.device)).to(torch.bfloat16)
+
+
 @dataclass(slots=True)
 class VocabHeadStep:
     """Outputs of one fused vocabulary-head call; [B, C] per position, [B] per sequence."""
@@ -180,11 +231,13 @@ def reference_vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature:
                               canvas: torch.Tensor, prev_argmax: torch.Tensor | None, entropy_bound: float, *,
                               confidence_threshold: float = 0.005, finished: torch.Tensor | None = None,
                               softcap: float = 30.0, soft_scale: float | None = None,
-                              self_conditioning: bool = True) -> VocabHeadStep:
+                              self_conditioning: bool = True,
+                              embed_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> VocabHeadStep:
     """fp32 CPU reference of :func:`dgemma.ops.cuda_vocab_head.vocab_head_step` (same arguments and
     random stream). Rows of ``finished`` sequences keep ``canvas`` and ``prev_argmax``. The step scalars may
     be given as tensors, as the CUDA op takes them for graph replay: ``temperature`` a one-element fp32
-    tensor, ``seed`` an int64 tensor ``[2]`` holding (seed, step) with ``step`` None."""
+    tensor, ``seed`` an int64 tensor ``[2]`` holding (seed, step) with ``step`` None. ``embed_fp8``
+    (:func:`embedding_fp8`): the self-conditioning input of the FP8 pass (:func:`fp8_soft_embedding`)."""
     temperature, seed, step = step_scalars(temperature, seed, step)
     b, c, hidden = h.shape
     v = embed.shape[0]
@@ -205,7 +258,8 @@ def reference_vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature:
         argmax = torch.where(done[:, None], prev, argmax)
     soft = None
     if self_conditioning:
-        soft = soft_embedding(z, embed, hidden ** 0.5 if soft_scale is None else soft_scale)
+        scale = hidden ** 0.5 if soft_scale is None else soft_scale
+        soft = soft_embedding(z, embed, scale) if embed_fp8 is None else fp8_soft_embedding(z, embed_fp8, scale)
     return VocabHeadStep(argmax=argmax, sample=sample, next_canvas=next_canvas, accepted=accepted,
                          entropy=stats["entropy"], max_logit=stats["max"], lse=stats["lse"], mean_entropy=mean,
                          stable=stable, finished=done | (stable & (mean < confidence_threshold)), soft=soft)

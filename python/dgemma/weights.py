@@ -290,6 +290,9 @@ class ModelWeights:
     sc_down: torch.Tensor
     layers: list[LayerWeights]
     vision: VisionWeights | None = None  # the vision tower, when the checkpoint has one and it was loaded
+    # The FP8 self-conditioning operand (dgemma.vocab_head.embedding_fp8 of embed), built by the CUDA ops at load
+    # when DGEMMA_VOCAB_HEAD_SOFT=fp8; None: the bf16 product.
+    embed_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, t: dict[str, torch.Tensor]) -> "ModelWeights":

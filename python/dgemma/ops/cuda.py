@@ -8,6 +8,7 @@ import torch
 
 from .. import _ext
 from ..quant import Fp8Rows, Fp8Weight, fuse_rows
+from ..vocab_head import embedding_fp8
 from . import cuda_attention, cuda_vocab_head
 from .cuda_moe import ExpertRows, Fp8MoeOpsMixin, gated_mlp_fp8, linear_fp8, rms_norm_fp8, share_dense_mlp
 from .reference import ReferenceOps
@@ -336,6 +337,10 @@ class CudaOps(VocabHeadOpsMixin, QkvOpsMixin, AttentionOpsMixin, ResidualOpsMixi
             if not (share and share_dense_mlp(lw)):
                 fuse_gate_up(lw, "mlp_gate", "mlp_up")
         fuse_gate_up(weights, "sc_gate", "sc_up")
+        # The FP8 self-conditioning table (DGEMMA_VOCAB_HEAD_SOFT=fp8), once: the fused head's P·E reads it.
+        table = weights.embed
+        if cuda_vocab_head.soft_precision() == "fp8" and table.is_cuda and table.dtype == torch.bfloat16:
+            weights.embed_fp8 = embedding_fp8(table)
 
     def rms_norm(self, x, weight, eps):
         if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16) and x.numel() > 0:

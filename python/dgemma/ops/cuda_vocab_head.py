@@ -13,7 +13,7 @@ import functools
 import torch
 
 from .. import _ext
-from ..vocab_head import VocabHeadStep, seed_key
+from ..vocab_head import SOFT_PRECISIONS, VocabHeadStep, seed_key, vocab_pad
 
 
 # The implementations of the head's two GEMMs (csrc/kernels/vocab_head_params.cuh kImpl*): "mma_sync" (mma.sync +
@@ -27,20 +27,31 @@ def head_impl(impl: str | None = None) -> str:
     return _ext.implementation(impl, "DGEMMA_VOCAB_HEAD", IMPLS, DEFAULT_IMPL, "a vocabulary-head implementation")
 
 
+def soft_precision() -> str:
+    """The self-conditioning product's precision, DGEMMA_VOCAB_HEAD_SOFT (looked up at each call): "bf16" (the
+    default) or "fp8" (P·E on FP8 tensor cores: the probabilities and Eᵀ in e4m3, half the bf16 pass's time on
+    paper; its error against bf16 is stated in tests/test_vocab_head_fp8_soft.py). The engine reads it when it
+    loads weights (:meth:`CudaOps.prepare_weights` builds the FP8 table)."""
+    return _ext.implementation(None, "DGEMMA_VOCAB_HEAD_SOFT", SOFT_PRECISIONS, "bf16",
+                               "a self-conditioning precision")
+
+
 def workspace_bytes(batch: int, canvas: int, vocab: int, hidden: int, *, self_conditioning: bool = True,
-                    device: torch.device | None = None, impl: str | None = None) -> int:
+                    device: torch.device | None = None, impl: str | None = None, fp8_soft: bool = False) -> int:
     """Bytes of the uint8 workspace one :func:`vocab_head_step` call of ``impl`` (:func:`head_impl`) needs (split
     counts follow the device's multiprocessor count). With self-conditioning it holds the bf16 probabilities,
-    ``batch·canvas·vocab·2`` bytes (134 MB per 256-token sequence at vocab 262144)."""
+    ``batch·canvas·vocab·2`` bytes (134 MB per 256-token sequence at vocab 262144); ``fp8_soft`` (a call given
+    ``embed_fp8``) adds their e4m3 copy."""
     index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return _workspace_bytes(batch, canvas, vocab, hidden, self_conditioning, index, IMPLS[head_impl(impl)])
+    return _workspace_bytes(batch, canvas, vocab, hidden, self_conditioning, index, IMPLS[head_impl(impl)],
+                            bool(fp8_soft))
 
 
 @functools.lru_cache(maxsize=1024)
 def _workspace_bytes(batch: int, canvas: int, vocab: int, hidden: int, self_conditioning: bool, index: int,
-                     impl: int) -> int:
+                     impl: int, fp8_soft: bool) -> int:
     return int(_ext.require_cuda().vocab_head_workspace_bytes(batch, canvas, vocab, hidden, self_conditioning,
-                                                              index, impl))
+                                                              index, impl, fp8_soft))
 
 
 @functools.lru_cache(maxsize=64)
@@ -55,7 +66,8 @@ def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | t
                     confidence_threshold: float = 0.005, finished: torch.Tensor | None = None,
                     softcap: float = 30.0, soft_scale: float | None = None, self_conditioning: bool = True,
                     workspace: torch.Tensor | None = None, out: VocabHeadStep | None = None,
-                    impl: str | None = None) -> VocabHeadStep:
+                    impl: str | None = None, embed_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> VocabHeadStep:
     """One denoising step's vocabulary head on the GPU.
 
     Args:
@@ -82,6 +94,9 @@ def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | t
             ``next_canvas``/``argmax`` are replaced by new tensors when ``finished`` is given.
         impl: the GEMMs, a name of :data:`IMPLS` (default: DGEMMA_VOCAB_HEAD, else ``"mma_sync"``); outputs agree
             within the tests' bounds, not bit for bit (the products are summed in another order).
+        embed_fp8: the FP8 self-conditioning operand (:func:`dgemma.vocab_head.embedding_fp8` of ``embed``: e4m3
+            ``[H, vocab_pad]`` and fp32 scales ``[H]``): ``soft`` is then the FP8 product
+            (:func:`dgemma.vocab_head.fp8_soft_embedding`); ``impl`` "wgmma" with self-conditioning only.
     Returns:
         :class:`dgemma.vocab_head.VocabHeadStep` of CUDA tensors (``soft`` None without self-conditioning).
     """
@@ -120,16 +135,26 @@ def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | t
                         if self_conditioning else None)
     if (out.soft is not None) != self_conditioning:
         raise ValueError("out.soft must be given exactly when self_conditioning is True")
+    fp8_q = fp8_scale = None
+    if embed_fp8 is not None:
+        if not self_conditioning or impl != "wgmma":
+            raise ValueError(f"embed_fp8 (the FP8 self-conditioning pass) needs self_conditioning and impl 'wgmma', "
+                             f"got self_conditioning={self_conditioning}, impl {impl!r}")
+        fp8_q, fp8_scale = embed_fp8
+        if tuple(fp8_q.shape) != (hidden, vocab_pad(embed.shape[0])):
+            raise ValueError(f"embed_fp8 has shape {list(fp8_q.shape)}, expected [{hidden}, "
+                             f"{vocab_pad(embed.shape[0])}] (dgemma.vocab_head.embedding_fp8 of embed)")
     if workspace is None:
         size = workspace_bytes(b, c, embed.shape[0], hidden, self_conditioning=self_conditioning, device=device,
-                               impl=impl)
+                               impl=impl, fp8_soft=embed_fp8 is not None)
         workspace = torch.empty(size, dtype=torch.uint8, device=device)
     scale = _bf16_scale(hidden ** 0.5 if soft_scale is None else soft_scale)
     lib.vocab_head_step(h, embed, prev_argmax, finished, out.max_logit, out.lse, out.entropy, out.argmax, out.sample,
                         out.accepted, out.next_canvas, out.mean_entropy, out.stable, out.finished, out.soft,
                         workspace, float(temperature), float(softcap), float(entropy_bound),
                         float(confidence_threshold), scale, int(seed), int(step),
-                        _ext.current_stream(device), device_seed_step, device_temperature, IMPLS[impl])
+                        _ext.current_stream(device), device_seed_step, device_temperature, IMPLS[impl], fp8_q,
+                        fp8_scale)
     if finished is not None:
         out.next_canvas = torch.where(finished[:, None], canvas, out.next_canvas)
         out.argmax = torch.where(finished[:, None], prev_argmax, out.argmax)
