@@ -30,17 +30,32 @@
 
 namespace dgemma::kernels::vocab_head {
 
-// One thread per 8 consecutive probabilities (16 bytes, inside one 64-column chunk) of one row.
-__global__ void __launch_bounds__(256) vocab_head_rescale_kernel(const VocabHeadParams p, const VocabHeadLayout l) {
-  pdl_begin();
+// The stored probabilities a thread of the rescale kernels owns: 8 consecutive ones (16 bytes, inside one 64-column
+// chunk) of one row, and their chunk's maximum. False past the last row.
+struct ProbsSlot {
+  int64_t row, col;
+  float chunk_max;
+};
+
+__device__ __forceinline__ bool probs_slot(const VocabHeadParams& p, const VocabHeadLayout& l, ProbsSlot& s) {
   const int64_t per_row = l.vocab_pad / 8;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= l.rows * per_row) return;
-  const int64_t row = i / per_row, col = (i % per_row) * 8;
+  if (i >= l.rows * per_row) return false;
+  s.row = i / per_row;
+  s.col = (i % per_row) * 8;
+  const unsigned char* ws = static_cast<const unsigned char*>(p.workspace);
+  s.chunk_max = reinterpret_cast<const float*>(ws + l.chunk_max)[(s.col / kChunk) * l.rows_pad + s.row];
+  return true;
+}
+
+// One thread per ProbsSlot.
+__global__ void __launch_bounds__(256) vocab_head_rescale_kernel(const VocabHeadParams p, const VocabHeadLayout l) {
+  pdl_begin();
+  ProbsSlot s;
+  if (!probs_slot(p, l, s)) return;
+  const float scale = __expf(s.chunk_max - p.lse[s.row]);
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
-  const float m = reinterpret_cast<const float*>(ws + l.chunk_max)[(col / kChunk) * l.rows_pad + row];
-  const float scale = __expf(m - p.lse[row]);
-  uint4* q = reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(ws + l.probs) + row * l.vocab_pad + col);
+  uint4* q = reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(ws + l.probs) + s.row * l.vocab_pad + s.col);
   uint4 v = *q;
   v.x = scale_bf16x2(v.x, scale);
   v.y = scale_bf16x2(v.y, scale);
@@ -52,22 +67,19 @@ __global__ void __launch_bounds__(256) vocab_head_rescale_kernel(const VocabHead
 // The FP8 variant of step 1 (p.embed_fp8 set): the e4m3 operand P8 = e4m3(448 · q · exp(chunk max − row max)) (the
 // probabilities relative to the row's most likely token, so the largest is 448, e4m3's largest) into l.probs_fp8,
 // and each row's dequantisation scale soft_scale · exp(row max − lse) / 448 into l.soft_row_scale: then
-// P8[r, v] · scale[r] = soft_scale · p[r, v] up to e4m3 rounding. One thread per 8 probabilities, as above.
+// P8[r, v] · scale[r] = soft_scale · p[r, v] up to e4m3 rounding. One thread per ProbsSlot.
 __global__ void __launch_bounds__(256) vocab_head_rescale_fp8_kernel(const VocabHeadParams p,
                                                                      const VocabHeadLayout l) {
   pdl_begin();
-  const int64_t per_row = l.vocab_pad / 8;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= l.rows * per_row) return;
-  const int64_t row = i / per_row, col = (i % per_row) * 8;
+  ProbsSlot s;
+  if (!probs_slot(p, l, s)) return;
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
-  const float row_max = p.max_logit[row];
-  if (col == 0)
-    reinterpret_cast<float*>(ws + l.soft_row_scale)[row] = p.soft_scale * (__expf(row_max - p.lse[row]) / 448.f);
-  const float m = reinterpret_cast<const float*>(ws + l.chunk_max)[(col / kChunk) * l.rows_pad + row];
-  const float scale = 448.f * __expf(m - row_max);
+  const float row_max = p.max_logit[s.row];
+  if (s.col == 0)
+    reinterpret_cast<float*>(ws + l.soft_row_scale)[s.row] = p.soft_scale * (__expf(row_max - p.lse[s.row]) / 448.f);
+  const float scale = 448.f * __expf(s.chunk_max - row_max);
   const uint4 q = *reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(ws + l.probs) +
-                                                  row * l.vocab_pad + col);
+                                                  s.row * l.vocab_pad + s.col);
   const uint32_t words[4] = {q.x, q.y, q.z, q.w};
   uint32_t out[2] = {0u, 0u};
 #pragma unroll
@@ -77,7 +89,7 @@ __global__ void __launch_bounds__(256) vocab_head_rescale_fp8_kernel(const Vocab
         __nv_cvt_float2_to_fp8x2(make_float2(f.x * scale, f.y * scale), __NV_SATFINITE, __NV_E4M3);
     out[j / 2] |= static_cast<uint32_t>(pair) << (16 * (j % 2));
   }
-  *reinterpret_cast<uint2*>(ws + l.probs_fp8 + row * l.vocab_pad + col) = make_uint2(out[0], out[1]);
+  *reinterpret_cast<uint2*>(ws + l.probs_fp8 + s.row * l.vocab_pad + s.col) = make_uint2(out[0], out[1]);
 }
 
 struct VocabSoftGemm {
