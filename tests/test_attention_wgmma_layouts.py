@@ -53,7 +53,8 @@ def test_wgmma_attention_register_and_shared_layouts(tmp_path):
 
 
 def test_key_row_walk_names_key_sources_addresses(tmp_path):
-    """Both attention kernels gather a key tile's rows through KeyRowWalk (one modulo per tile, the slot advanced by
-    addition); tests/host/attention_key_rows.cu checks it against key_source row by row: ring and linear caches of
-    many sizes, windows, prefixes and tails, every thread's rows of every tile."""
+    """Both attention kernels gather their key rows through KeyRowWalk (running pointers over all a CTA's tiles,
+    reseated at segment changes); tests/host/attention_key_rows.cu checks it against key_source row by row: ring and
+    linear caches of many sizes, windows, prefixes and tails, every thread's rows of every tile from several first
+    (split) tiles."""
     _build_and_run(tmp_path, "attention_key_rows")

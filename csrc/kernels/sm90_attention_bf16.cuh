@@ -274,7 +274,7 @@ __device__ __forceinline__ void combine_split_rows(const AttentionParams& p, int
 
 // Where key kv of sequence b (KV head pointers already offset) lives: the cache slot of its position (a ring slot for
 // sliding layers) for the prefix, the tail tensor after it. Keys past the range return the tail base (never read:
-// their copies are zero-filled). The kernels walk a tile's rows with KeyRowWalk; this per-key definition is what the
+// their copies are zero-filled). The kernels walk their rows with KeyRowWalk; this per-key definition is what the
 // host test (tests/host/attention_key_rows.cu) checks the walk against.
 struct KeySource {
   const __nv_bfloat16* k;
@@ -295,31 +295,54 @@ __host__ __device__ __forceinline__ KeySource key_source(const AttentionParams& 
   return {p.tail_k, p.tail_v};
 }
 
-// key_source of one thread's rows of a key tile, keys kv0, kv0 + step, kv0 + 2·step, ... in turn: the ring slot is
-// taken modulo the ring once per tile and then advanced by `step` (an integer division per row was a third of the
-// instructions a thread spent gathering a tile). The same addresses.
+// key_source of one thread's keys kv0, kv0 + step, kv0 + 2·step, ... across all the key tiles a CTA copies (a thread
+// copies the same rows of every tile, and the tiles are consecutive, so its keys are one arithmetic progression), plus
+// a column offset: two running pointers advanced by `step` rows, recomputed from key_source only where the keys change
+// segment (the ring wraps, the prefix ends, the tail ends: a few times per CTA). Per key a comparison and two pointer
+// additions, where evaluating key_source (a ring slot, two 64-bit products, the segment branches) was most of the
+// instructions a thread spent gathering a tile. The same addresses (tests/host/attention_key_rows.cu).
 struct KeyRowWalk {
-  int kv, slot;  // the next key; its cache slot while kv is in the prefix
+  int kv;        // the next key
+  int boundary;  // the first key the running pointers do not cover (a segment change): reseated there
+  const __nv_bfloat16* k;
+  const __nv_bfloat16* v;  // the next key's sources, column offset included
+  int dk, dv;              // their advance per step (elements)
 
-  __host__ __device__ __forceinline__ KeyRowWalk(const AttentionParams& p, const KeyRange& kr, int kv0) : kv(kv0) {
-    const int pos = kr.pstart + kv0;
-    slot = p.ring_size > 0 ? pos % p.ring_size : pos;
+  __host__ __device__ __forceinline__ KeyRowWalk(const AttentionParams& p, const KeyRange& kr, const KeySource& cache,
+                                                 const KeySource& tail, int kv0, int step, int col)
+      : kv(kv0) {
+    reseat(p, kr, cache, tail, step, col);
   }
 
-  // The source of key kv; then kv += step.
-  __host__ __device__ __forceinline__ KeySource next(const AttentionParams& p, const KeyRange& kr,
-                                                    const KeySource& cache, const KeySource& tail, int step) {
-    KeySource src{p.tail_k, p.tail_v};
+  __host__ __device__ __forceinline__ void reseat(const AttentionParams& p, const KeyRange& kr,
+                                                  const KeySource& cache, const KeySource& tail, int step, int col) {
+    const KeySource src = key_source(p, kr, cache, tail, kv);
+    k = src.k + col;
+    v = src.v + col;
     if (kv < kr.n_prefix) {
-      src = {cache.k + int64_t(slot) * p.ck_ss, cache.v + int64_t(slot) * p.cv_ss};
+      // Slots run on one at a time from this key's until the ring wraps (or the prefix ends).
+      dk = step * static_cast<int>(p.ck_ss);
+      dv = step * static_cast<int>(p.cv_ss);
+      boundary = kr.n_prefix;
+      if (p.ring_size > 0) boundary = min(boundary, kv + (p.ring_size - (kr.pstart + kv) % p.ring_size));
     } else if (kv < kr.n_kv) {
-      const int64_t t = kv - kr.n_prefix;
-      src = {tail.k + t * p.tk_st, tail.v + t * p.tv_st};
+      dk = step * static_cast<int>(p.tk_st);
+      dv = step * static_cast<int>(p.tv_st);
+      boundary = kr.n_kv;
+    } else {  // past the keys: the tail base, never read (the copies are zero-filled)
+      dk = dv = 0;
+      boundary = 0x7fffffff;
     }
+  }
+
+  // The sources of key kv (column offset included); then kv += step.
+  __host__ __device__ __forceinline__ KeySource next(const AttentionParams& p, const KeyRange& kr,
+                                                    const KeySource& cache, const KeySource& tail, int step, int col) {
+    if (kv >= boundary) reseat(p, kr, cache, tail, step, col);
+    const KeySource src{k, v};
     kv += step;
-    slot += step;
-    if (p.ring_size > 0)
-      while (slot >= p.ring_size) slot -= p.ring_size;
+    k += dk;
+    v += dv;
     return src;
   }
 };
@@ -369,21 +392,22 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
   const KeySource cache{p.cache_k + b * p.ck_sb + kvh * p.ck_sh, p.cache_v + b * p.cv_sb + kvh * p.cv_sh};
   const KeySource tail{p.tail_k + b * p.tk_sb + kvh * p.tk_sh, p.tail_v + b * p.tv_sb + kvh * p.tv_sh};
 
+  // This thread's rows of every tile the CTA copies (consecutive tiles from tile_lo): one walk over their keys.
+  constexpr int kRowStep = kAttentionThreads / S::kChunksPerRow;  // a thread's rows are kRowStep apart
+  static_assert(BN % kRowStep == 0, "every thread copies the same number of rows");
+  KeyRowWalk walk(p, kr, cache, tail, tile_lo * BN + tid / S::kChunksPerRow, kRowStep, tid % S::kChunksPerRow * 8);
   auto load_tile = [&](int tile, int stage) {
     const int kv0 = tile * BN;
     __nv_bfloat16* dk = sk + stage * S::kTileElems;
     __nv_bfloat16* dv = sv + stage * S::kTileElems;
     const int chunk = tid % S::kChunksPerRow;
-    constexpr int kRowStep = kAttentionThreads / S::kChunksPerRow;  // a thread's rows are kRowStep apart
-    static_assert(BN % kRowStep == 0, "every thread copies the same number of rows");
-    KeyRowWalk walk(p, kr, kv0 + tid / S::kChunksPerRow);
 #pragma unroll
     for (int i = 0; i < BN / kRowStep; ++i) {
       const int r = tid / S::kChunksPerRow + i * kRowStep, kv = kv0 + r;
-      const KeySource src = walk.next(p, kr, cache, tail, kRowStep);
+      const KeySource src = walk.next(p, kr, cache, tail, kRowStep, chunk * 8);
       const int off = tile_offset<D>(r, chunk);
-      cp_async16(smem_addr(dk + off), src.k + chunk * 8, kv < kr.n_kv);
-      cp_async16(smem_addr(dv + off), src.v + chunk * 8, kv < kr.n_kv);
+      cp_async16(smem_addr(dk + off), src.k, kv < kr.n_kv);
+      cp_async16(smem_addr(dv + off), src.v, kv < kr.n_kv);
     }
     if (tid < BN) sok[stage * BN + tid] = key_allowed(p, kr, b, kv0 + tid);
   };

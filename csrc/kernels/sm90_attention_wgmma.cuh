@@ -143,10 +143,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
 
   const KeySource cache{p.cache_k + b * p.ck_sb + kvh * p.ck_sh, p.cache_v + b * p.cv_sb + kvh * p.cv_sh};
   const KeySource tail{p.tail_k + b * p.tk_sb + kvh * p.tk_sh, p.tail_v + b * p.tv_sb + kvh * p.tv_sh};
+  constexpr int kRowStep = kThreads / kChunks;  // a thread's rows are kRowStep apart
+  // This thread's rows of every tile the CTA copies (consecutive tiles from tile_lo): one walk over their keys.
+  attention_detail::KeyRowWalk walk(p, kr, cache, tail, tile_lo * kBlockN + tid / kChunks, kRowStep, tid % kChunks * 8);
   auto load_tile = [&](int tile, int stage) {
     const int kv0 = tile * kBlockN, chunk = tid % kChunks;
     const int h = stage * kHalves + chunk / kHalfChunks, col = chunk % kHalfChunks * 8;
-    constexpr int kRowStep = kThreads / kChunks;  // a thread's rows are kRowStep apart
     // Rows 8 apart have the same 128-byte swizzle, so the same chunk of them is a fixed distance apart (checked on the
     // host for every row, column and stage): the addresses of a thread's first 8 / kRowStep rows, then additions.
     static_assert(8 % kRowStep == 0 && kBlockN % 8 == 0, "a thread's rows repeat their swizzle every 8 rows");
@@ -159,13 +161,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
       v_at[j] = smem_addr(&sVt(col, row0 + j * kRowStep, h));
     }
     const uint32_t k8 = smem_addr(&sK(row0 + 8, col, h)) - k_at[0], v8 = smem_addr(&sVt(col, row0 + 8, h)) - v_at[0];
-    attention_detail::KeyRowWalk walk(p, kr, kv0 + row0);
 #pragma unroll
     for (int i = 0; i < kBlockN / kRowStep; ++i) {  // row row0 + i·kRowStep = row0 + j·kRowStep + 8·period
       const int j = i % kSwizzleRows, period = i / kSwizzleRows, kv = kv0 + row0 + i * kRowStep;
-      const KeySource src = walk.next(p, kr, cache, tail, kRowStep);
-      attention_detail::cp_async16(k_at[j] + period * k8, src.k + chunk * 8, kv < kr.n_kv);
-      attention_detail::cp_async16(v_at[j] + period * v8, src.v + chunk * 8, kv < kr.n_kv);
+      const KeySource src = walk.next(p, kr, cache, tail, kRowStep, chunk * 8);
+      attention_detail::cp_async16(k_at[j] + period * k8, src.k, kv < kr.n_kv);
+      attention_detail::cp_async16(v_at[j] + period * v8, src.v, kv < kr.n_kv);
     }
     if (tid < kBlockN) sm.ok[stage][tid] = attention_detail::key_allowed(p, kr, b, kv0 + tid);
   };

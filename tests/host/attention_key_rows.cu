@@ -1,7 +1,8 @@
-// Host-side check of KeyRowWalk (sm90_attention_bf16.cuh), the per-thread walk over the rows of a key tile that both
-// attention kernels copy from: for every thread's rows of every tile, in ring and linear caches of many sizes, with
-// and without a window, it must name exactly key_source's addresses. Prints "ok" or the first violations and exits
-// non-zero on any. Built and run by tests/test_attention_wgmma_layouts.py.
+// Host-side check of KeyRowWalk (sm90_attention_bf16.cuh), the per-thread walk over the key rows both attention kernels
+// copy: for every thread's rows of every tile from every first tile a CTA may start at (splits), in ring and linear
+// caches of many sizes, with and without a window, it must name exactly key_source's addresses (plus the column).
+// Prints "ok" or the first violations and exits non-zero on any. Built and run by
+// tests/test_attention_wgmma_layouts.py.
 #include <cstdio>
 #include <vector>
 
@@ -39,20 +40,28 @@ int main() {
             const ad::KeyRange kr = ad::key_range(p, 0);
             const ad::KeySource cache{base, base + (1 << 20)};
             const ad::KeySource tail{base + (2 << 20), base + (2 << 20) + 256};
-            for (int kv0 = 0; kv0 < kr.n_kv + block_n; kv0 += block_n)
+            // A CTA copies consecutive tiles from its first (split) tile on; each thread walks its rows of all of
+            // them, at column offset col.
+            const int tiles = (kr.n_kv + block_n - 1) / block_n + 1;
+            for (int first : {0, 1, 2, tiles / 2, tiles - 2, tiles - 1}) {
+              if (first < 0) continue;
               for (int r0 = 0; r0 < step; ++r0) {
-                ad::KeyRowWalk walk(p, kr, kv0 + r0);
-                for (int i = 0; i < 8; ++i) {
-                  const int kv = kv0 + r0 + i * step;
-                  const ad::KeySource want = ad::key_source(p, kr, cache, tail, kv);
-                  const ad::KeySource got = walk.next(p, kr, cache, tail, step);
+                const int col = 8 * (r0 % 3);
+                ad::KeyRowWalk walk(p, kr, cache, tail, first * block_n + r0, step, col);
+                for (int kv = first * block_n + r0; kv < tiles * block_n; kv += step) {
+                  ad::KeySource want = ad::key_source(p, kr, cache, tail, kv);
+                  want.k += col;
+                  want.v += col;
+                  const ad::KeySource got = walk.next(p, kr, cache, tail, step, col);
                   ++checked;
                   if ((got.k != want.k || got.v != want.v) && failures++ < 10)
-                    std::printf("FAIL ring %d window %d len %d t %d step %d key %d: k %+ld v %+ld, want k %+ld v %+ld\n",
-                                ring, window, len, t, step, kv, long(got.k - base), long(got.v - base),
+                    std::printf("FAIL ring %d window %d len %d t %d step %d first tile %d key %d: k %+ld v %+ld, want "
+                                "k %+ld v %+ld\n",
+                                ring, window, len, t, step, first, kv, long(got.k - base), long(got.v - base),
                                 long(want.k - base), long(want.v - base));
                 }
               }
+            }
           }
   if (failures) {
     std::printf("%d of %ld rows named other addresses\n", failures, checked);
