@@ -78,6 +78,17 @@ def test_fp8_self_conditioning_generates_like_the_bf16_pass(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_fp8_self_conditioning_on_the_mma_sync_head_is_refused_at_load(monkeypatch):
+    from dgemma.errors import DgemmaError
+
+    monkeypatch.setenv("DGEMMA_VOCAB_HEAD_SOFT", "fp8")
+    monkeypatch.setenv("DGEMMA_VOCAB_HEAD", "mma_sync")
+    with pytest.raises(DgemmaError, match="DGEMMA_VOCAB_HEAD_SOFT=fp8 runs on the wgmma vocabulary head, but "
+                                          "DGEMMA_VOCAB_HEAD selects 'mma_sync'"):
+        random_engine("small", dtype=torch.bfloat16, device="cuda", backend="cuda", quantization="fp8")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("layer", [0, 5])  # a sliding layer (separate V) and the full layer (V = K's projection)
 def test_fused_qkv_projection_matches_the_reference_ops(layer):
     """One FP8 GEMM for q/k/v plus the fused norms + RoPE kernel against the reference ops on the same

@@ -36,6 +36,18 @@ def soft_precision() -> str:
                                "a self-conditioning precision")
 
 
+def fp8_soft_refused(vocab: int) -> str | None:
+    """Why the FP8 self-conditioning pass cannot run with these settings for a vocabulary of ``vocab`` (the engine
+    refuses DGEMMA_VOCAB_HEAD_SOFT=fp8 at load with it), or None."""
+    impl = head_impl()
+    if impl != "wgmma":
+        return (f"DGEMMA_VOCAB_HEAD_SOFT=fp8 runs on the wgmma vocabulary head, but DGEMMA_VOCAB_HEAD selects "
+                f"{impl!r} (unset it, or set it to wgmma)")
+    if vocab % 8 != 0:
+        return f"DGEMMA_VOCAB_HEAD_SOFT=fp8 needs a vocabulary that is a multiple of 8, got {vocab}"
+    return None
+
+
 def workspace_bytes(batch: int, canvas: int, vocab: int, hidden: int, *, self_conditioning: bool = True,
                     device: torch.device | None = None, impl: str | None = None, fp8_soft: bool = False) -> int:
     """Bytes of the uint8 workspace one :func:`vocab_head_step` call of ``impl`` (:func:`head_impl`) needs (split
