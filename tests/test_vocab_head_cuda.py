@@ -310,7 +310,7 @@ FP8_SOFT_SHAPES = [(1, 256, 262144, 2816), (4, 256, 262144, 2816), (2, 37, 1000,
 
 @pytest.mark.parametrize("b,c,v,hidden", FP8_SOFT_SHAPES)
 def test_fp8_self_conditioning_matches_its_reference(b, c, v, hidden):
-    """The FP8 pass against its own reference (e4m3 probabilities and table, fp64 products; the kernels' z differs
+    """The FP8 pass against its own reference (e4m3 probabilities and table, exact products; the kernels' z differs
     from the reference's by the bf16 GEMM's summation order, so a few e4m3 codes round the other way) and against the
     bf16 pass within the stated error; every other output is the bf16-pass call's, bit for bit (the same statistics
     pass)."""

@@ -206,7 +206,8 @@ def fp8_soft_embedding(z: torch.Tensor, embed_fp8: tuple[torch.Tensor, torch.Ten
     p8 = (q * (_FP8_MAX * torch.exp(m - row_max))).clamp(max=_FP8_MAX).to(FP8_DTYPE)
     scale = torch.tensor(scale, dtype=torch.float32).to(torch.bfloat16).float()
     row_scale = scale * (torch.exp(zf.amax(dim=-1) - lse) / _FP8_MAX)
-    acc = (p8.reshape(*lead, width).double() @ eq.to(zf.device).double().t()).float()
+    # Products of two e4m3 values are exact in fp32 (and TF32); the sums are fp32, as the kernel's accumulators.
+    acc = p8.reshape(*lead, width).float() @ eq.to(zf.device).float().t()
     return ((acc * row_scale[..., None]) * escale.to(zf.device)).to(torch.bfloat16)
 
 
