@@ -19,7 +19,7 @@ REF = ReferenceOps()
 BF16 = torch.bfloat16
 SLIDING_SHAPE = dict(d=256, hq=16, hkv=8, window=1024)
 FULL_SHAPE = dict(d=512, hq=16, hkv=2, window=None)
-IMPLS = ("mma_sync", "wgmma")
+IMPLS = ("mma_sync", "wgmma", "wgmma_deep")
 
 
 def _randn(gen, *shape, scale=1.0):
@@ -311,6 +311,8 @@ def test_tile_shape_and_argument_errors():
     assert tuple(lib.attention_tile_shape(512)) == (32, 32)
     assert tuple(lib.attention_tile_shape(256, 1)) == (128, 64)
     assert tuple(lib.attention_tile_shape(512, 1)) == (64, 32)
+    assert tuple(lib.attention_tile_shape(256, 2)) == (128, 48)
+    assert tuple(lib.attention_tile_shape(512, 2)) == (64, 32)
     with pytest.raises(ValueError, match="head_dim 128"):
         lib.attention_tile_shape(128)
 

@@ -140,7 +140,8 @@ class _FakeLib:
         self.calls = []
 
     def attention_tile_shape(self, d, impl=0):
-        return {(256, 0): (64, 64), (512, 0): (32, 32), (256, 1): (128, 64), (512, 1): (64, 32)}[(d, impl)]
+        return {(256, 0): (64, 64), (512, 0): (32, 32), (256, 1): (128, 64), (512, 1): (64, 32), (256, 2): (128, 48),
+                (512, 2): (64, 32)}[(d, impl)]
 
     def attention_forward(self, *args):
         names = ("counters", "num_splits", "split_tiles", "stream", "impl")
@@ -192,7 +193,7 @@ def test_the_attention_kernel_comes_from_the_argument_or_the_environment(monkeyp
     ca, lib = _fake_cuda(monkeypatch)
     monkeypatch.delenv("DGEMMA_DISABLE_KERNELS", raising=False)
     monkeypatch.delenv("DGEMMA_ATTENTION", raising=False)
-    assert ca.attention_impl() == ca.DEFAULT_IMPL == "auto" and set(ca.IMPLS) == {"mma_sync", "wgmma"}
+    assert ca.attention_impl() == ca.DEFAULT_IMPL == "auto" and set(ca.IMPLS) == {"mma_sync", "wgmma", "wgmma_deep"}
     q, cache, tail, out = _decoder_tensors()
     ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)  # auto: batch 1 sliding -> mma_sync
     monkeypatch.setenv("DGEMMA_ATTENTION", "wgmma")
@@ -200,8 +201,12 @@ def test_the_attention_kernel_comes_from_the_argument_or_the_environment(monkeyp
     ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out, impl="mma_sync")
     q5, cache5, tail5, out5 = _decoder_tensors(d=512, hkv=2, slots=4096)
     ca.decoder_attention(q5, cache5, cache5, tail5, tail5, 4000, 0, None, out=out5)
-    mma, wgmma, forced, full = lib.calls
-    assert (mma["impl"], wgmma["impl"], forced["impl"], full["impl"]) == (0, 1, 0, 1)
+    ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out, impl="wgmma_deep")
+    mma, wgmma, forced, full, deep = lib.calls
+    assert (mma["impl"], wgmma["impl"], forced["impl"], full["impl"], deep["impl"]) == (0, 1, 0, 1, 2)
+    # wgmma_deep packs the query heads like wgmma and plans over its own 48-key tiles.
+    assert tuple(deep["counters"].shape) == (1, 8, 4)
+    assert deep["num_splits"] * deep["split_tiles"] >= 27  # ceil((1023 + 256) / 48)
     assert tuple(mma["counters"].shape) == (1, 16, 4)  # [B, Hq, 256 / 64]
     assert tuple(wgmma["counters"].shape) == (1, 8, 4)  # [B, Hkv, 2 * 256 / 128]
     assert wgmma["num_splits"] * wgmma["split_tiles"] >= 20  # (1023 + 256) / 64 key tiles, from the tokens
@@ -209,7 +214,7 @@ def test_the_attention_kernel_comes_from_the_argument_or_the_environment(monkeyp
     assert full["num_splits"] * full["split_tiles"] >= 133  # (4000 + 256) / 32
     monkeypatch.setenv("DGEMMA_ATTENTION", "fa3")
     with pytest.raises(DgemmaError, match=r"DGEMMA_ATTENTION = 'fa3' is not an attention implementation; "
-                                          r"expected one of auto, mma_sync, wgmma"):
+                                          r"expected one of auto, mma_sync, wgmma, wgmma_deep"):
         ca.decoder_attention(q, cache, cache, tail, tail, 1023, 1023, 1024, out=out)
     with pytest.raises(DgemmaError, match=r"impl = 'tma' is not an attention implementation"):
         ca.attention_impl("tma")

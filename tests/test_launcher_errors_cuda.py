@@ -1083,7 +1083,8 @@ def attention_tile_shape_table(c: Ctx) -> Table:
     t = Table("attention_tile_shape", dict(head_dim=256, impl=0))
     for d in (128, 0, -256, 384, 2**40):
         t.bad(f"head_dim {d}", f"attention head_dim {d} is not supported (expected 256 or 512)", head_dim=d)
-    t.bad("impl unknown", "attention impl -1 is not an implementation (expected 0 mma.sync or 1 wgmma)", impl=-1)
+    t.bad("impl unknown", "attention impl -1 is not an implementation (expected 0 mma.sync, 1 wgmma or 2 "
+          "wgmma_deep)", impl=-1)
     t.bad("wgmma head_dim 128", "attention head_dim 128 is not supported (expected 256 or 512)", head_dim=128, impl=1)
     t.type_error("head_dim is a string", "head_dim='256'", head_dim="256")
 
@@ -1198,7 +1199,8 @@ def attention_forward_table(c: Ctx) -> Table:
     t.bad("split_counters query tiles",
           f"split_counters has shape [{B}, {HQ}, {q_tiles + 1}], expected [{B}, {HQ}, {q_tiles}]",
           **{**split, "split_counters": torch.zeros(B, HQ, q_tiles + 1, dtype=I32, device=c.dev)})
-    t.bad("impl unknown", "attention impl 2 is not an implementation (expected 0 mma.sync or 1 wgmma)", impl=2)
+    t.bad("impl unknown", "attention impl 3 is not an implementation (expected 0 mma.sync, 1 wgmma or 2 "
+          "wgmma_deep)", impl=3)
     packed_tiles = -(-(HQ // HKV) * T // C.attention_tile_shape(D, 1)[0])
     t.bad("wgmma with the mma.sync kernel's counters",
           f"split_counters has shape [{B}, {HQ}, {q_tiles}], expected [{B}, {HKV}, {packed_tiles}]",

@@ -23,5 +23,9 @@ constexpr int attention_block_n(int head_dim) { return head_dim == 256 ? 64 : 32
 constexpr int kAttentionWgmmaThreads = 256;
 constexpr int attention_wgmma_block_m(int head_dim) { return head_dim == 256 ? 128 : 64; }  // packed query rows
 constexpr int attention_wgmma_block_n(int head_dim) { return attention_block_n(head_dim); }
+// The deep-pipeline variant (DGEMMA_ATTENTION=wgmma_deep): at head_dim 256, 48-key tiles in three stages, so each key
+// tile is requested two tiles before it is multiplied (the two-stage kernel: one); head_dim 512 is the wgmma kernel.
+constexpr int attention_wgmma_deep_block_n(int head_dim) { return head_dim == 256 ? 48 : attention_block_n(head_dim); }
+constexpr int attention_wgmma_stages(int head_dim, bool deep) { return deep && head_dim == 256 ? 3 : 2; }
 
 }  // namespace dgemma::kernels

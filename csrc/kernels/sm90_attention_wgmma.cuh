@@ -16,7 +16,8 @@
 // Every shared-memory operand is a 64- or BN-row x 256-column tile, one per head-dim half. K/V tiles are gathered by
 // all 256 threads with cp.async (the prefix from the ring or linear cache, the tail from its own tensor: rows of one
 // tile may come from three places, which TMA boxes cannot express) into two stages, so the next tile streams in while
-// this one is multiplied. The O accumulator is 64x256 fp32 per warpgroup (128 registers per thread).
+// this one is multiplied (the deep variant at head_dim 256: 48-key tiles in three stages, each requested two tiles
+// ahead). The O accumulator is 64x256 fp32 per warpgroup (128 registers per thread).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -47,13 +48,35 @@ constexpr int kWarpgroupM = 64;  // rows of a warpgroup's S and O
 constexpr int kHalf = 256;       // head-dim columns of every shared-memory operand tile and of a warpgroup's O
 constexpr int kPingpongBarrier = 1;  // named barrier id (0 is __syncthreads)
 
-template <int D>
+// The S = Q·Kᵀ wgmma of a key tile of N keys: m64nNk16, both operands K-major from shared memory. N = 48 is one of
+// CuTe's extended shapes, declared where CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED is defined before CuTe is included
+// (attention_sm90_wgmma_deep_d256.cu, the only translation unit that uses it).
+template <int N>
+struct QkAtom;
+template <>
+struct QkAtom<64> {
+  using type = SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;
+};
+template <>
+struct QkAtom<32> {
+  using type = SM90_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;
+};
+#if defined(CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED)
+template <>
+struct QkAtom<48> {
+  using type = SM90_64x48x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;
+};
+#endif
+
+// kDeep: the deep-pipeline variant (attention_tiles.cuh attention_wgmma_deep_block_n).
+template <int D, bool kDeep = false>
 struct Config {
   static_assert(D == 256 || D == 512, "head_dim 256 or 512");
   static constexpr int kHalves = D / kHalf;                     // head-dim halves: 1, or 2 split between warpgroups
   static constexpr int kBlockM = attention_wgmma_block_m(D);    // 128 (two row groups) or 64 (one, shared)
-  static constexpr int kBlockN = attention_wgmma_block_n(D);    // 64 or 32 keys
-  static constexpr int kStages = 2;
+  // 64 or 32 keys (deep, head_dim 256: 48)
+  static constexpr int kBlockN = kDeep ? attention_wgmma_deep_block_n(D) : attention_wgmma_block_n(D);
+  static constexpr int kStages = attention_wgmma_stages(D, kDeep);  // key tiles in flight + 1
   static_assert(kBlockM == (kHalves == 1 ? 2 : 1) * kWarpgroupM, "head_dim 256 splits rows, 512 the head dim");
   using BlockN = Int<kBlockN>;
   // Q and K tiles: rows x 256 head-dim columns, K-major (the operands of S = Q·Kᵀ); Q has two (the warpgroups' rows,
@@ -66,9 +89,7 @@ struct Config {
   // row of V is stored as it is in memory.
   using SmemLayoutVt =
       decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{}, Shape<Int<kHalf>, BlockN, Int<kHalves * kStages>>{}));
-  using MmaQK = decltype(make_tiled_mma(
-      std::conditional_t<kBlockN == 64, SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>,
-                         SM90_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>>{}));
+  using MmaQK = decltype(make_tiled_mma(typename QkAtom<kBlockN>::type{}));
   using MmaPV = decltype(make_tiled_mma(SM90_64x256x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::MN>{}));
   static constexpr int kSRegs = kWarpgroupM * kBlockN / 128;  // S accumulator registers per thread
 
@@ -105,10 +126,10 @@ CUTE_HOST_DEVICE constexpr auto acc_as_a_operand(Layout l) {
   return make_layout(make_layout(layout<0, 0>(l), layout<0, 1>(l), layout<0>(cols)), layout<1>(l), layout<1>(cols));
 }
 
-template <int D>
+template <int D, bool kDeep>
 __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const AttentionParams p) {
   pdl_begin();
-  using C = Config<D>;
+  using C = Config<D, kDeep>;
   constexpr int kBlockM = C::kBlockM, kBlockN = C::kBlockN, kHalves = C::kHalves;
   constexpr int kChunks = D / 8, kHalfChunks = kHalf / 8;  // 16-byte chunks of a row, of a half
 
@@ -183,8 +204,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
       attention_detail::cp_async16(smem_addr(&sQ(r % kWarpgroupM, col, tile)), src, t < p.t);
     }
   }
-  if (tile_lo < tile_hi) load_tile(tile_lo, 0);
-  kernels::cp_async_commit();
+  // The first kStages - 1 key tiles, a commit group each (empty past the last tile: one group per tile throughout, so
+  // waiting for all but the newest kStages - 2 groups means waiting for the tile about to be multiplied).
+#pragma unroll
+  for (int i = 0; i < C::kStages - 1; ++i) {
+    if (tile_lo + i < tile_hi) load_tile(tile_lo + i, i);
+    kernels::cp_async_commit();
+  }
 
   typename C::MmaQK mma_qk;
   typename C::MmaPV mma_pv;
@@ -221,11 +247,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     l[r] = 0.f;
   }
 
+  int stage = 0;  // (tile - tile_lo) % kStages
   for (int tile = tile_lo; tile < tile_hi; ++tile) {
-    const int stage = (tile - tile_lo) & 1;
-    kernels::cp_async_wait<0>();
+    kernels::cp_async_wait<C::kStages - 2>();
     cutlass::arch::fence_view_async_shared();  // this thread's cp.async writes, visible to the wgmma (async) proxy
-    __syncthreads();  // tile `tile` is in; both warpgroups are done with the other stage (and with s_part)
+    __syncthreads();  // tile `tile` is in; both warpgroups are done with the previous tile's stage (and with s_part)
 
     // S = Q Kᵀ over this warpgroup's head-dim half. Ping-pong (head_dim 256, where the warpgroups are independent):
     // warpgroup 1 issues after warpgroup 0, so 0's softmax runs while the tensor cores work on 1's Q·Kᵀ, and 1's
@@ -241,10 +267,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     }
     warpgroup_commit_batch();
     if (pingpong && wg == 0) asm volatile("bar.arrive %0, %1;" ::"n"(kPingpongBarrier), "n"(kThreads) : "memory");
-    // The next tile's copies are issued while the tensor cores work on Q·Kᵀ (the address arithmetic of a gathered
-    // tile is most of a thread's instructions): they fill the other stage, which no wgmma reads any more (the
-    // barrier above follows both warpgroups' last P·V on it).
-    if (tile + 1 < tile_hi) load_tile(tile + 1, stage ^ 1);
+    // Tile tile + kStages - 1's copies are issued while the tensor cores work on Q·Kᵀ: they fill the previous tile's
+    // stage, which no wgmma reads any more (the barrier above follows both warpgroups' last P·V on it).
+    if (tile + C::kStages - 1 < tile_hi) load_tile(tile + C::kStages - 1, stage == 0 ? C::kStages - 1 : stage - 1);
     kernels::cp_async_commit();
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
@@ -316,6 +341,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     warpgroup_fence_operand(rP_regs);
+    stage = stage + 1 == C::kStages ? 0 : stage + 1;
   }
   kernels::cp_async_wait<0>();
 
@@ -371,15 +397,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
 }  // namespace attention_wgmma_detail
 
 // Launches the wgmma attention (with num_splits > 1 the splits combine themselves; split_counters holds
-// [B, Hkv, ceil(group·T / block_m)] counters). The launcher has validated `p`, including group·T + 256 < 2^31.
-template <int D>
+// [B, Hkv, ceil(group·T / block_m)] counters). The launcher has validated `p`, including group·T + 256 < 2^31, and
+// planned the splits over the variant's key tiles (kDeep: attention_wgmma_deep_block_n).
+template <int D, bool kDeep = false>
 cudaError_t attention_wgmma(const AttentionParams& p, cudaStream_t stream) {
-  using C = attention_wgmma_detail::Config<D>;
+  using C = attention_wgmma_detail::Config<D, kDeep>;
   if (p.t <= 0 || p.batch <= 0) return cudaSuccess;
   const int packed = p.hq / p.hkv * p.t;
   const dim3 grid((packed + C::kBlockM - 1) / C::kBlockM, p.hkv, p.batch * p.num_splits);
-  return launch_kernel_smem<attention_wgmma_detail::attention_wgmma_kernel<D>>(grid, kAttentionWgmmaThreads,
-                                                                               C::kSmemBytes, stream, p);
+  return launch_kernel_smem<attention_wgmma_detail::attention_wgmma_kernel<D, kDeep>>(grid, kAttentionWgmmaThreads,
+                                                                                      C::kSmemBytes, stream, p);
 }
 
 }  // namespace dgemma::kernels

@@ -10,11 +10,13 @@
 namespace dgemma {
 
 namespace kernels {
-// Instantiated one per file (attention_sm90_d{256,512}.cu, attention_sm90_wgmma_d{256,512}.cu) so builds parallelise.
+// Instantiated one per file (attention_sm90_d{256,512}.cu, attention_sm90_wgmma_d{256,512}.cu,
+// attention_sm90_wgmma_deep_d256.cu) so builds parallelise.
 extern template cudaError_t attention_bf16<256>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t attention_bf16<512>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t attention_wgmma<256>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t attention_wgmma<512>(const AttentionParams&, cudaStream_t);
+extern template cudaError_t attention_wgmma<256, true>(const AttentionParams&, cudaStream_t);
 }  // namespace kernels
 
 using namespace attention_checks;
@@ -91,8 +93,9 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
   }
 
   // The wgmma kernel's CTAs take block_m of the group x T packed query rows (int32 indices in the kernel).
-  const int64_t rows = opt.impl == kAttentionWgmma ? hq / hkv * t : t;
-  if (opt.impl == kAttentionWgmma) check_range("query heads per KV head x queries", rows, 1, (int64_t(1) << 31) - 256);
+  const bool wgmma = attention_is_wgmma(opt.impl);
+  const int64_t rows = wgmma ? hq / hkv * t : t;
+  if (wgmma) check_range("query heads per KV head x queries", rows, 1, (int64_t(1) << 31) - 256);
   check_range("num_splits", opt.num_splits, 1, 65535 / b);
   check_range("split_tiles", opt.split_tiles, 1, 1 << 30);
   const int64_t key_tiles = (visible + t + block_n - 1) / block_n;
@@ -111,7 +114,7 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
     }
     check_shape(*part_o, {opt.num_splits, b, hq, t, d});
     check_shape(*part_lse, {opt.num_splits, b, hq, t});
-    check_shape(*split_counters, {b, opt.impl == kAttentionWgmma ? hkv : hq, (rows + block_m - 1) / block_m});
+    check_shape(*split_counters, {b, wgmma ? hkv : hq, (rows + block_m - 1) / block_m});
   }
 
   kernels::AttentionParams p{};
@@ -142,13 +145,17 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
   p.valid_tail = opt.valid_tail ? 1 : 0;
   p.num_splits = static_cast<int>(opt.num_splits);
   p.split_tiles = static_cast<int>(std::min<int64_t>(opt.split_tiles, 1 << 30));
-  p.wgmma_pingpong = opt.impl == kAttentionWgmma && attention_wgmma_pingpong() ? 1 : 0;
+  p.wgmma_pingpong = wgmma && attention_wgmma_pingpong() ? 1 : 0;
 
   throw_if_failed(cudaSetDevice(dev), "cudaSetDevice");
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const cudaError_t err = opt.impl == kAttentionWgmma
-                              ? (d == 256 ? kernels::attention_wgmma<256>(p, s) : kernels::attention_wgmma<512>(p, s))
-                              : (d == 256 ? kernels::attention_bf16<256>(p, s) : kernels::attention_bf16<512>(p, s));
+  cudaError_t err;
+  if (d == 512)
+    err = wgmma ? kernels::attention_wgmma<512>(p, s) : kernels::attention_bf16<512>(p, s);
+  else if (opt.impl == kAttentionWgmmaDeep)
+    err = kernels::attention_wgmma<256, true>(p, s);
+  else
+    err = wgmma ? kernels::attention_wgmma<256>(p, s) : kernels::attention_bf16<256>(p, s);
   throw_if_failed(err, "attention launch");
 }
 

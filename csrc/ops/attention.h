@@ -17,12 +17,16 @@ struct AttentionOptions {
   bool valid_tail = false; // `valid` also masks the tail (encoder's new tokens)
   int64_t num_splits = 1;  // split-KV: key tiles cut into chunks of split_tiles
   int64_t split_tiles = 1;
-  int64_t impl = 0;  // kAttentionMmaSync or kAttentionWgmma
+  int64_t impl = 0;  // kAttentionMmaSync, kAttentionWgmma or kAttentionWgmmaDeep
 };
 
 // The attention implementations (the bindings' `impl` values).
 constexpr int64_t kAttentionMmaSync = 0;  // mma.sync m16n8k16, one query head per CTA (sm90_attention_bf16.cuh)
 constexpr int64_t kAttentionWgmma = 1;    // wgmma, the query heads of a KV group packed (sm90_attention_wgmma.cuh)
+// The wgmma kernel with a deeper key pipeline at head_dim 256 (48-key tiles, three stages: attention_tiles.cuh); at
+// head_dim 512 the wgmma kernel itself.
+constexpr int64_t kAttentionWgmmaDeep = 2;
+constexpr bool attention_is_wgmma(int64_t impl) { return impl == kAttentionWgmma || impl == kAttentionWgmmaDeep; }
 
 // out[b, t, h] = softmax(q[b, h, t] . keys) values over keys = [visible cached prefix ; tail].
 // q [B, Hq, T, D] bf16; cache_k/cache_v [B, Hkv, slots, D]; tail_k/tail_v [B, Hkv, T, D]; prefix_lens

@@ -14,15 +14,17 @@ namespace py = pybind11;
 namespace dgemma {
 
 std::pair<int, int> attention_tile_shape(int64_t head_dim, int64_t impl) {
-  if (impl != kAttentionMmaSync && impl != kAttentionWgmma)
+  if (impl != kAttentionMmaSync && !attention_is_wgmma(impl))
     throw std::invalid_argument("attention impl " + std::to_string(impl) + " is not an implementation (expected " +
-                                std::to_string(kAttentionMmaSync) + " mma.sync or " + std::to_string(kAttentionWgmma) +
-                                " wgmma)");
+                                std::to_string(kAttentionMmaSync) + " mma.sync, " + std::to_string(kAttentionWgmma) +
+                                " wgmma or " + std::to_string(kAttentionWgmmaDeep) + " wgmma_deep)");
   if (head_dim > (1 << 20) || !kernels::attention_head_dim_supported(static_cast<int>(head_dim)))
     throw std::invalid_argument("attention head_dim " + std::to_string(head_dim) +
                                 " is not supported (expected 256 or 512)");
   const int d = static_cast<int>(head_dim);
   if (impl == kAttentionWgmma) return {kernels::attention_wgmma_block_m(d), kernels::attention_wgmma_block_n(d)};
+  if (impl == kAttentionWgmmaDeep)
+    return {kernels::attention_wgmma_block_m(d), kernels::attention_wgmma_deep_block_n(d)};
   return {kernels::attention_block_m(d), kernels::attention_block_n(d)};
 }
 

@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-graphs", default="auto", choices=["auto", "off", "on", "both"],
                    help="time steps and blocks without (off) and/or with CUDA graphs (rows *_graphs_*); auto: both "
                         "where the step can be captured (CUDA, fused head, FP8 experts), else off")
-    b.add_argument("--attention", default=None, choices=["auto", "mma_sync", "wgmma"],
+    b.add_argument("--attention", default=None, choices=["auto", "mma_sync", "wgmma", "wgmma_deep"],
                    help="the attention kernel on a GPU (default: DGEMMA_ATTENTION, else auto: per call by shape)")
     b.add_argument("--vocab-head", default=None, choices=["mma_sync", "wgmma"],
                    help="the fused vocabulary head's GEMMs on a GPU (default: DGEMMA_VOCAB_HEAD, else wgmma)")

@@ -1,6 +1,8 @@
 // Host-side checks of the register and shared-memory layouts the wgmma attention kernel (sm90_attention_wgmma.cuh)
 // builds by hand on top of CuTe: pure layout arithmetic, so they run without a GPU. Prints "ok" or the first
 // violation, and exits non-zero on any. Built and run by tests/test_attention_wgmma_layouts.py.
+// The deep-pipeline variant's 48-key tiles use one of CuTe's extended wgmma shapes (as its translation unit does).
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #include <cstdio>
 #include <cstdlib>
 #include <set>
@@ -146,19 +148,21 @@ static void check_shared_tiles() {
          "shared memory %zu bytes", Cfg::kSmemBytes);
 }
 
-template <int D>
+template <int D, bool kDeep = false>
 static void check_config() {
-  using Cfg = wg::Config<D>;
+  using Cfg = wg::Config<D, kDeep>;
   const int before = failures;
   check_accumulator_views<Cfg>();
   check_p_as_a_operand<Cfg>();
   check_shared_tiles<Cfg>();
-  if (failures > before) std::printf("head_dim %d: %d failures\n", D, failures - before);
+  if (failures > before) std::printf("head_dim %d%s: %d failures\n", D, kDeep ? " (deep)" : "", failures - before);
 }
 
 int main() {
   check_config<256>();
   check_config<512>();
+  check_config<256, true>();  // 48-key tiles, three stages
+  static_assert(wg::Config<256, true>::kBlockN == 48 && wg::Config<256, true>::kStages == 3, "the deep variant");
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;

@@ -6,10 +6,11 @@ sliding layer's cache is a ring of ``ring_size`` slots (position p at slot ``p %
 layer's stores position p at slot p (``ring_size=0``). Scale is 1 (q/k norms make it so), softmax is
 fp32, K/V heads are grouped (query head h uses KV head ``h // (Hq // Hkv)``). head_dim 256 or 512.
 
-Two kernels (:data:`IMPLS`): ``"mma_sync"`` (mma.sync tiles, one query head per block) and ``"wgmma"`` (Hopper
-warpgroup MMAs, the query heads of a KV group packed into one block so they share each K/V tile). ``"auto"`` (the
-default) picks one per call from the call's shape (:func:`kernel_for`); DGEMMA_ATTENTION or ``impl`` names a policy
-for every call that passes no ``impl``.
+Kernels (:data:`IMPLS`): ``"mma_sync"`` (mma.sync tiles, one query head per block), ``"wgmma"`` (Hopper warpgroup
+MMAs, the query heads of a KV group packed into one block so they share each K/V tile) and ``"wgmma_deep"`` (the
+same with a deeper key pipeline at head_dim 256, :data:`PACKED`). ``"auto"`` (the default) picks one per call from
+the call's shape (:func:`kernel_for`); DGEMMA_ATTENTION or ``impl`` names a policy for every call that passes no
+``impl``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from ..attention_plan import SplitPlan, plan_splits, visible_prefix
 _NUM_SMS: dict[int, int] = {}
 
 # The attention kernels (csrc/ops/attention.h kAttention*).
-IMPLS = {"mma_sync": 0, "wgmma": 1}
+IMPLS = {"mma_sync": 0, "wgmma": 1, "wgmma_deep": 2}
+# The kernels that pack a KV group's query heads into one block (csrc/ops/attention.h attention_is_wgmma). wgmma_deep:
+# the wgmma kernel with 48-key tiles in three stages at head_dim 256 (each tile requested two tiles ahead; not yet
+# measured, named explicitly only: auto never picks it); at head_dim 512 the wgmma kernel.
+PACKED = ("wgmma", "wgmma_deep")
 AUTO = "auto"
 CHOICES = (AUTO, *IMPLS)
 DEFAULT_IMPL = AUTO
@@ -137,7 +142,7 @@ def _attention(q, cache_k, cache_v, tail_k, tail_v, prefix_lens, ring_size, wind
     if num_splits is None and "split_kv" in _ext.disabled_kernels():
         num_splits = 1  # triage: no split-KV, so no in-kernel combine
     # The wgmma kernel's blocks take block_m of the group x T query rows of one KV head (packed head-minor).
-    packed = impl == "wgmma" and hkv > 0 and hq % hkv == 0
+    packed = impl in PACKED and hkv > 0 and hq % hkv == 0
     tile_heads, tile_rows = (hkv, hq // hkv * t) if packed else (hq, t)
     plan: SplitPlan = plan_splits(batch=b, q_heads=tile_heads, queries=tile_rows, max_prefix=bound,
                                   window=window or None, block_m=block_m, block_n=block_n,
