@@ -1170,6 +1170,11 @@ def attention_forward_table(c: Ctx) -> Table:
           valid=c.empty(B, SLOTS, 2, dtype=BOOL)[..., 0])
     t.bad("no splits", f"num_splits = 0 must be in [1, {65535 // B}]", num_splits=0)
     t.bad("no split tiles", "split_tiles = 0 must be in [1, 1073741824]", split_tiles=0)
+    # A one-slot cache whose slot stride is 2^28 elements (a view: the stride of a size-1 dimension needs no storage).
+    one_slot = c.empty(B, HKV, 1, D)
+    far = one_slot.as_strided(one_slot.shape, (HKV * D, D, 2**28, 1))
+    t.bad("cache_k slot stride past 2^28", "cache_k slot stride = 268435456 must be in [0, 268435455]",
+          cache_k=far, cache_v=one_slot, max_prefix=0)
     t.bad("splits do not cover the keys", "num_splits 1 x split_tiles 1 does not cover the 2 key tiles of 64 keys",
           max_prefix=60)
     part_o = c.empty(2, B, HQ, T, D, dtype=F32)

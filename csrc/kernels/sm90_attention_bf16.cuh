@@ -306,7 +306,7 @@ struct KeyRowWalk {
   int boundary;  // the first key the running pointers do not cover (a segment change): reseated there
   const __nv_bfloat16* k;
   const __nv_bfloat16* v;  // the next key's sources, column offset included
-  int dk, dv;              // their advance per step (elements)
+  int dk, dv;              // their advance per step (elements; the launcher keeps step x stride below 2^31)
 
   __host__ __device__ __forceinline__ KeyRowWalk(const AttentionParams& p, const KeyRange& kr, const KeySource& cache,
                                                  const KeySource& tail, int kv0, int step, int col)
@@ -395,7 +395,9 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
   // This thread's rows of every tile the CTA copies (consecutive tiles from tile_lo): one walk over their keys.
   constexpr int kRowStep = kAttentionThreads / S::kChunksPerRow;  // a thread's rows are kRowStep apart
   static_assert(BN % kRowStep == 0, "every thread copies the same number of rows");
-  KeyRowWalk walk(p, kr, cache, tail, tile_lo * BN + tid / S::kChunksPerRow, kRowStep, tid % S::kChunksPerRow * 8);
+  // (An empty split may have tile_lo far past the keys, where tile_lo · BN would overflow: its walk never runs.)
+  KeyRowWalk walk(p, kr, cache, tail, tile_lo < tile_hi ? tile_lo * BN + tid / S::kChunksPerRow : 0, kRowStep,
+                  tid % S::kChunksPerRow * 8);
   auto load_tile = [&](int tile, int stage) {
     const int kv0 = tile * BN;
     __nv_bfloat16* dk = sk + stage * S::kTileElems;

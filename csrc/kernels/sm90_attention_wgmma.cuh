@@ -166,7 +166,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   const KeySource tail{p.tail_k + b * p.tk_sb + kvh * p.tk_sh, p.tail_v + b * p.tv_sb + kvh * p.tv_sh};
   constexpr int kRowStep = kThreads / kChunks;  // a thread's rows are kRowStep apart
   // This thread's rows of every tile the CTA copies (consecutive tiles from tile_lo): one walk over their keys.
-  attention_detail::KeyRowWalk walk(p, kr, cache, tail, tile_lo * kBlockN + tid / kChunks, kRowStep, tid % kChunks * 8);
+  // (An empty split may have tile_lo far past the keys, where tile_lo · kBlockN would overflow: its walk never runs.)
+  attention_detail::KeyRowWalk walk(p, kr, cache, tail, tile_lo < tile_hi ? tile_lo * kBlockN + tid / kChunks : 0,
+                                    kRowStep, tid % kChunks * 8);
   auto load_tile = [&](int tile, int stage) {
     const int kv0 = tile * kBlockN, chunk = tid % kChunks;
     const int h = stage * kHalves + chunk / kHalfChunks, col = chunk % kHalfChunks * 8;
@@ -208,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   // waiting for all but the newest kStages - 2 groups means waiting for the tile about to be multiplied).
 #pragma unroll
   for (int i = 0; i < C::kStages - 1; ++i) {
-    if (tile_lo + i < tile_hi) load_tile(tile_lo + i, i);
+    if (i < tile_hi - tile_lo) load_tile(tile_lo + i, i);  // (tile_lo + i may overflow for an empty split)
     kernels::cp_async_commit();
   }
 
@@ -269,7 +271,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     if (pingpong && wg == 0) asm volatile("bar.arrive %0, %1;" ::"n"(kPingpongBarrier), "n"(kThreads) : "memory");
     // Tile tile + kStages - 1's copies are issued while the tensor cores work on Q·Kᵀ: they fill the previous tile's
     // stage, which no wgmma reads any more (the barrier above follows both warpgroups' last P·V on it).
-    if (tile + C::kStages - 1 < tile_hi) load_tile(tile + C::kStages - 1, stage == 0 ? C::kStages - 1 : stage - 1);
+    if (C::kStages - 1 < tile_hi - tile) load_tile(tile + C::kStages - 1, stage == 0 ? C::kStages - 1 : stage - 1);
     kernels::cp_async_commit();
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);

@@ -62,6 +62,11 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
   check_bf16_rows(out, 4, dev);
   check_shape(out, {b, t, hq, d});
   check_vector(prefix_lens, DType::kInt32, b, "batch", q);
+  // The kernels advance a thread's key pointers by 8 rows at a time in 32-bit element offsets (KeyRowWalk).
+  check_range("cache_k slot stride", cache_k.strides[2], 0, (int64_t(1) << 28) - 1);
+  check_range("cache_v slot stride", cache_v.strides[2], 0, (int64_t(1) << 28) - 1);
+  check_range("tail_k token stride", tail_k.strides[2], 0, (int64_t(1) << 28) - 1);
+  check_range("tail_v token stride", tail_v.strides[2], 0, (int64_t(1) << 28) - 1);
 
   check_range("batch", b, 1, 65535);
   check_range("q heads", hq, 1, 65535);
