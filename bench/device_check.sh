@@ -11,7 +11,8 @@
 #             side by side, each its own process on the GPU; SANITIZE_JOBS=1: one after another)
 #   bench     bench/bench_{moe,attention,vocab_head}.py -> $OUT/<name>.json; router tile sweep -> router_<tile>.json;
 #             expert GEMM tile sweep -> moe_tile_<tile>.json; the head's statistics GEMM variants ->
-#             vocab_head_<variant>.json; the wgmma attention without ping-pong -> attention_nopingpong.json; the
+#             vocab_head_<variant>.json; the attention under each of ATTENTION_VARIANTS (default: the mma.sync
+#             kernel's three-stage pipeline) -> attention_<setting>_<value>.json; the
 #             dense FP8 GEMMs in 2 x 2 clusters -> dense_cluster_2x2.json, on the stream-K scheduler ->
 #             dense_streamk.json
 #   e2e       dgemma bench at the 26B-A4B shapes (FP8) -> $OUT/e2e.json; the same with DGEMMA_PDL=1 (programmatic
@@ -163,11 +164,15 @@ if want bench; then
       DGEMMA_VOCAB_HEAD_STATS=$v TAIL=12 run "${BENCH_S:-60}" $PY bench/bench_vocab_head.py --out "$OUT/vocab_head_$v.json"
     done
   fi
-  # The wgmma attention without its warpgroup ping-pong (DGEMMA_ATTENTION_PINGPONG=0, read once per process): its
-  # rows against attention.json's.
+  # The attention's process-wide settings (read once per process), one run each (VARIABLE=value ->
+  # attention_<variable>_<value>.json, the name lower-cased without DGEMMA_ATTENTION_): its rows against
+  # attention.json's. Default: the mma.sync kernel's three-stage key pipeline (the ping-pong A/B,
+  # DGEMMA_ATTENTION_PINGPONG=0, was measured at d76e1de: attention_nopingpong.json).
   if [[ " ${BENCHES:-moe attention vocab_head} " == *" attention "* ]]; then
-    DGEMMA_ATTENTION_PINGPONG=0 TAIL=12 run "${BENCH_S:-60}" $PY bench/bench_attention.py \
-      --out "$OUT/attention_nopingpong.json"
+    for setting in ${ATTENTION_VARIANTS-DGEMMA_ATTENTION_STAGES=3}; do
+      name="${setting%%=*}"; name="${name#DGEMMA_ATTENTION_}"; name="$(echo "$name" | tr 'A-Z' 'a-z')_${setting#*=}"
+      (export "$setting"; TAIL=12 run "${BENCH_S:-60}" $PY bench/bench_attention.py --out "$OUT/attention_$name.json")
+    done
   fi
   # The router's compiled tiles, one process each (the tile is read once per process).
   for tile in ${ROUTE_TILES:-tc 4x8 8x8 2x8 1x8}; do

@@ -332,13 +332,14 @@ def test_tile_shape_and_argument_errors():
         decoder_attention(q, cache, cache, tail[:, :, :5], tail, 50, 0, None)
     with pytest.raises(ValueError, match="dtype float32"):
         decoder_attention(q.float(), cache, cache, tail, tail, 50, 0, None)
-    with pytest.raises(ValueError, match="attention impl 2 is not an implementation"):
-        lib.attention_tile_shape(256, 2)
+    with pytest.raises(ValueError, match="attention impl 3 is not an implementation"):
+        lib.attention_tile_shape(256, 3)
 
 
 PINGPONG_PROBE = """
 import math, sys, torch
 from dgemma.ops.cuda_attention import decoder_attention, encoder_attention
+impl = sys.argv[2] if len(sys.argv) > 2 else "wgmma"
 gen = torch.Generator(device="cuda").manual_seed(9)
 def randn(*s, scale=1.0):
     return (torch.randn(*s, generator=gen, device="cuda") * scale).to(torch.bfloat16)
@@ -347,11 +348,16 @@ for name, lens, t, splits in (("decoder", [1500, 40], 256, None), ("decoder_spli
     ck, cv = randn(2, 8, 1023, 256), randn(2, 8, 1023, 256)
     q = randn(2, t, 16, 256, scale=1.5 / 16).transpose(1, 2)
     tk, tv = randn(2, t, 8, 256).transpose(1, 2), randn(2, t, 8, 256).transpose(1, 2)
-    out[name] = decoder_attention(q, ck, cv, tk, tv, lens, 1023, 1024, num_splits=splits, impl="wgmma").cpu()
+    out[name] = decoder_attention(q, ck, cv, tk, tv, lens, 1023, 1024, num_splits=splits, impl=impl).cpu()
 ck, cv = randn(1, 8, 1023, 256), randn(1, 8, 1023, 256)
 q = randn(1, 600, 16, 256, scale=1.5 / 16).transpose(1, 2)
 k, v = randn(1, 600, 8, 256).transpose(1, 2), randn(1, 600, 8, 256).transpose(1, 2)
-out["encoder"] = encoder_attention(q, k, v, ck, cv, 700, 1023, 1024, impl="wgmma").cpu()
+out["encoder"] = encoder_attention(q, k, v, ck, cv, 700, 1023, 1024, impl=impl).cpu()
+# A full layer (head_dim 512, linear cache) over a long prefix, split.
+ck, cv = randn(1, 2, 5000, 512), randn(1, 2, 5000, 512)
+q = randn(1, 100, 16, 512, scale=1.5 / 23).transpose(1, 2)
+tk, tv = randn(1, 100, 2, 512).transpose(1, 2), randn(1, 100, 2, 512).transpose(1, 2)
+out["full"] = decoder_attention(q, ck, cv, tk, tv, [4321], 0, None, num_splits=3, impl=impl).cpu()
 torch.save(out, sys.argv[1])
 """
 
@@ -376,6 +382,29 @@ def test_wgmma_pingpong_changes_only_the_issue_order(tmp_path):
     r = subprocess.run([sys.executable, "-c", PINGPONG_PROBE, str(tmp_path / "x.pt")], capture_output=True, text=True,
                        env=dict(os.environ, DGEMMA_ATTENTION_PINGPONG="yes"), timeout=300)
     assert r.returncode != 0 and "DGEMMA_ATTENTION_PINGPONG=yes is not 0 or 1" in r.stderr
+
+
+def test_the_mma_sync_kernels_pipeline_depth_changes_no_result(tmp_path):
+    """DGEMMA_ATTENTION_STAGES=2 / 3 (read once per process, so each in its own): the mma.sync kernel requests each
+    key tile one or two tiles ahead; the same products in the same order, so bit-identical outputs (decoder, split,
+    encoder, a split full layer); another value is refused by name."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for stages in ("2", "3"):
+        path = tmp_path / f"stages{stages}.pt"
+        r = subprocess.run([sys.executable, "-c", PINGPONG_PROBE, str(path), "mma_sync"], capture_output=True,
+                           text=True, env=dict(os.environ, DGEMMA_ATTENTION_STAGES=stages), timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(torch.load(path))
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key
+        assert torch.isfinite(outs[0][key].float()).all(), key
+    r = subprocess.run([sys.executable, "-c", PINGPONG_PROBE, str(tmp_path / "x.pt"), "mma_sync"], capture_output=True,
+                       text=True, env=dict(os.environ, DGEMMA_ATTENTION_STAGES="4"), timeout=300)
+    assert r.returncode != 0 and "DGEMMA_ATTENTION_STAGES=4 is not 2 or 3" in r.stderr
 
 
 # Structured probes: each isolates one half of the kernel, so a failure says which (and the message where).

@@ -55,6 +55,7 @@ struct AttentionParams {
   int num_splits;     // key tiles are cut into chunks of split_tiles, one per split
   int split_tiles;
   int wgmma_pingpong;  // the wgmma kernel at head_dim 256: warpgroup 1 issues its Q·Kᵀ after warpgroup 0's
+  int stages;          // the mma.sync kernel's key pipeline: 2 (each tile requested one tile ahead) or 3 (two ahead)
 };
 
 namespace attention_detail {
@@ -68,8 +69,12 @@ struct Shape {
   static constexpr int kChunksPerRow = D / 8;  // 16-byte chunks
   static constexpr int kTileElems = kBlockN * D;
   static constexpr int kSTiles = kBlockN / 8;  // n-tiles of a warp's S
-  static constexpr size_t kSmemBytes = 2 * 2 * kTileElems * sizeof(__nv_bfloat16) + 2 * kBlockN * sizeof(int) +
-                                       size_t(kAttentionThreads / 32) * kSTiles * 32 * sizeof(float4);
+  // Shared memory with `stages` K/V tiles in flight + 1: the tiles, their key masks, the slices' partial scores.
+  static constexpr size_t smem_bytes(int stages) {
+    return size_t(stages) * 2 * kTileElems * sizeof(__nv_bfloat16) + size_t(stages) * kBlockN * sizeof(int) +
+           size_t(kAttentionThreads / 32) * kSTiles * 32 * sizeof(float4);
+  }
+  static_assert(smem_bytes(3) <= 227 * 1024, "three stages fit one SM");
   static_assert(kRowGroups * 16 == kBlockM, "block rows must match the warp layout");
   static_assert(kAttentionThreads % kChunksPerRow == 0, "tile loader layout");
 };
@@ -356,9 +361,11 @@ __device__ __forceinline__ int key_allowed(const AttentionParams& p, const KeyRa
   return ok;
 }
 
-template <int D>
+// kStages: K/V tiles in flight + 1 (AttentionParams::stages).
+template <int D, int kStages>
 __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(const AttentionParams p) {
   pdl_begin();
+  static_assert(kStages == 2 || kStages == 3, "two or three stages");
   using S = Shape<D>;
   constexpr int BM = S::kBlockM, BN = S::kBlockN, NS = S::kSlices, NTS = S::kSTiles;
   constexpr int kQSteps = kAttentionSliceDim / 16;  // k-steps of Q K^T within a slice
@@ -367,9 +374,9 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
 
   extern __shared__ __align__(128) uint8_t smem[];
   __nv_bfloat16* sk = reinterpret_cast<__nv_bfloat16*>(smem);
-  __nv_bfloat16* sv = sk + 2 * S::kTileElems;
-  int* sok = reinterpret_cast<int*>(sv + 2 * S::kTileElems);
-  float4* ss = reinterpret_cast<float4*>(sok + 2 * BN);
+  __nv_bfloat16* sv = sk + kStages * S::kTileElems;
+  int* sok = reinterpret_cast<int*>(sv + kStages * S::kTileElems);
+  float4* ss = reinterpret_cast<float4*>(sok + kStages * BN);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slice = warp % NS, rg = warp / NS;
@@ -414,8 +421,11 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
     if (tid < BN) sok[stage * BN + tid] = key_allowed(p, kr, b, kv0 + tid);
   };
 
-  if (tile_lo < tile_hi) {
-    load_tile(tile_lo, 0);
+  // The first kStages - 1 key tiles, a commit group each (empty past the last tile: one group per tile throughout, so
+  // waiting for all but the newest kStages - 2 groups means waiting for the tile about to be multiplied).
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < tile_hi - tile_lo) load_tile(tile_lo + i, i);
     cp_async_commit();
   }
 
@@ -442,11 +452,11 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const int mi = lane >> 3, ri = lane & 7;  // ldmatrix: which 8x8 matrix / row this lane addresses
 
+  int stage = 0;  // (tile - tile_lo) % kStages
   for (int tile = tile_lo; tile < tile_hi; ++tile) {
-    const int stage = (tile - tile_lo) & 1;
-    cp_async_wait<0>();
-    __syncthreads();  // tile `tile` is visible; everyone is done with the other stage and with ss
-    if (tile + 1 < tile_hi) load_tile(tile + 1, stage ^ 1);
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile `tile` is visible; everyone is done with the previous tile's stage and with ss
+    if (kStages - 1 < tile_hi - tile) load_tile(tile + kStages - 1, stage == 0 ? kStages - 1 : stage - 1);
     cp_async_commit();
 
     // S = Q K^T over this warp's slice of the head dim.
@@ -559,6 +569,7 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
         mma_bf16_16816(o[nd + 1], a, r[2], r[3]);
       }
     }
+    stage = stage + 1 == kStages ? 0 : stage + 1;
   }
   cp_async_wait<0>();
 
@@ -598,7 +609,7 @@ __global__ void __launch_bounds__(kAttentionThreads, 1) attention_fwd_kernel(con
     if (last_split_to_arrive(p.split_counters + (int64_t(b) * p.hq + h) * gridDim.x + blockIdx.x, p.num_splits)) {
       const int rows = min(BM, p.t - q0);
       // The K/V tiles are free now (no copy or read of them is in flight): the combine's shared memory.
-      if (combine_smem_floats(rows, p.num_splits) * int64_t(sizeof(float)) <= 2 * 2 * S::kTileElems * 2)
+      if (combine_smem_floats(rows, p.num_splits) * int64_t(sizeof(float)) <= kStages * 2 * S::kTileElems * 2)
         combine_split_rows<D>(p, b, rows, [&](int r) { return CombineRow{h, q0 + r}; }, reinterpret_cast<float*>(smem));
       else
         combine_splits<D>(p, b, h, q0, rows);
@@ -614,8 +625,11 @@ cudaError_t attention_bf16(const AttentionParams& p, cudaStream_t stream) {
   using S = attention_detail::Shape<D>;
   if (p.t <= 0 || p.batch <= 0) return cudaSuccess;
   const dim3 grid((p.t + S::kBlockM - 1) / S::kBlockM, p.hq, p.batch * p.num_splits);
-  return launch_kernel_smem<attention_detail::attention_fwd_kernel<D>>(grid, kAttentionThreads, S::kSmemBytes, stream,
-                                                                       p);
+  if (p.stages == 3)
+    return launch_kernel_smem<attention_detail::attention_fwd_kernel<D, 3>>(grid, kAttentionThreads, S::smem_bytes(3),
+                                                                            stream, p);
+  return launch_kernel_smem<attention_detail::attention_fwd_kernel<D, 2>>(grid, kAttentionThreads, S::smem_bytes(2),
+                                                                          stream, p);
 }
 
 }  // namespace dgemma::kernels

@@ -33,6 +33,19 @@ bool attention_wgmma_pingpong() {
   if (raw == "0") return false;
   ::dgemma::throw_invalid("DGEMMA_ATTENTION_PINGPONG=" + raw.substr(0, 80) + " is not 0 or 1");
 }
+
+// The mma.sync kernel's key pipeline: DGEMMA_ATTENTION_STAGES=2 (the default: each key tile requested one tile before
+// it is multiplied) or 3 (two tiles before), read once, for the A/B on a GPU (the same results bit for bit); anything
+// else is refused by every call.
+int attention_mma_sync_stages() {
+  static const std::string raw = [] {
+    const char* v = std::getenv("DGEMMA_ATTENTION_STAGES");
+    return std::string(v == nullptr ? "" : v);
+  }();
+  if (raw.empty() || raw == "2") return 2;
+  if (raw == "3") return 3;
+  ::dgemma::throw_invalid("DGEMMA_ATTENTION_STAGES=" + raw.substr(0, 80) + " is not 2 or 3");
+}
 }  // namespace
 
 void attention_forward(const TensorArg& q, const TensorArg& cache_k, const TensorArg& cache_v,
@@ -151,6 +164,7 @@ void attention_forward(const TensorArg& q, const TensorArg& cache_k, const Tenso
   p.num_splits = static_cast<int>(opt.num_splits);
   p.split_tiles = static_cast<int>(std::min<int64_t>(opt.split_tiles, 1 << 30));
   p.wgmma_pingpong = wgmma && attention_wgmma_pingpong() ? 1 : 0;
+  p.stages = attention_mma_sync_stages();  // read (and checked) on every call, whichever kernel runs
 
   throw_if_failed(cudaSetDevice(dev), "cudaSetDevice");
   auto s = reinterpret_cast<cudaStream_t>(stream);
