@@ -107,17 +107,6 @@ def test_the_soft_precision_setting(monkeypatch):
         soft_precision()
 
 
-def test_settings_the_fp8_pass_cannot_run_with_are_named(monkeypatch):
-    from dgemma.ops.cuda_vocab_head import fp8_soft_refused
-
-    monkeypatch.delenv("DGEMMA_VOCAB_HEAD", raising=False)
-    assert fp8_soft_refused(262144) is None
-    assert fp8_soft_refused(1001) == "DGEMMA_VOCAB_HEAD_SOFT=fp8 needs a vocabulary that is a multiple of 8, got 1001"
-    monkeypatch.setenv("DGEMMA_VOCAB_HEAD", "mma_sync")
-    assert fp8_soft_refused(262144) == ("DGEMMA_VOCAB_HEAD_SOFT=fp8 runs on the wgmma vocabulary head, but "
-                                        "DGEMMA_VOCAB_HEAD selects 'mma_sync' (unset it, or set it to wgmma)")
-
-
 def test_the_memory_plan_counts_the_fp8_pass(monkeypatch):
     from dgemma.config import ModelConfig
     from dgemma.memory import step_workspace_bytes

@@ -7,7 +7,6 @@ import functools
 import torch
 
 from .. import _ext
-from ..errors import DgemmaError
 from ..quant import Fp8Rows, Fp8Weight, fuse_rows
 from ..vocab_head import embedding_fp8
 from . import cuda_attention, cuda_vocab_head
@@ -341,9 +340,7 @@ class CudaOps(VocabHeadOpsMixin, QkvOpsMixin, AttentionOpsMixin, ResidualOpsMixi
         # The FP8 self-conditioning table (DGEMMA_VOCAB_HEAD_SOFT=fp8), once: the fused head's P·E reads it.
         table = weights.embed
         if cuda_vocab_head.soft_precision() == "fp8" and table.is_cuda and table.dtype == torch.bfloat16:
-            why = cuda_vocab_head.fp8_soft_refused(table.shape[0])
-            if why is not None:
-                raise DgemmaError(why)
+            cuda_vocab_head.check_fp8_soft(table.shape[0], table.shape[1], table.device)
             weights.embed_fp8 = embedding_fp8(table)
 
     def rms_norm(self, x, weight, eps):

@@ -13,7 +13,8 @@ import functools
 import torch
 
 from .. import _ext
-from ..vocab_head import SOFT_PRECISIONS, VocabHeadStep, seed_key, vocab_pad
+from ..errors import DgemmaError
+from ..vocab_head import SOFT_PRECISIONS, VocabHeadStep, seed_key
 
 
 # The implementations of the head's two GEMMs (csrc/kernels/vocab_head_params.cuh kImpl*): "mma_sync" (mma.sync +
@@ -36,16 +37,14 @@ def soft_precision() -> str:
                                "a self-conditioning precision")
 
 
-def fp8_soft_refused(vocab: int) -> str | None:
-    """Why the FP8 self-conditioning pass cannot run with these settings for a vocabulary of ``vocab`` (the engine
-    refuses DGEMMA_VOCAB_HEAD_SOFT=fp8 at load with it), or None."""
-    impl = head_impl()
-    if impl != "wgmma":
-        return (f"DGEMMA_VOCAB_HEAD_SOFT=fp8 runs on the wgmma vocabulary head, but DGEMMA_VOCAB_HEAD selects "
-                f"{impl!r} (unset it, or set it to wgmma)")
-    if vocab % 8 != 0:
-        return f"DGEMMA_VOCAB_HEAD_SOFT=fp8 needs a vocabulary that is a multiple of 8, got {vocab}"
-    return None
+def check_fp8_soft(vocab: int, hidden: int, device: torch.device) -> None:
+    """Refuse (DgemmaError naming the settings) DGEMMA_VOCAB_HEAD_SOFT=fp8 where the extension's head cannot run the
+    FP8 pass with DGEMMA_VOCAB_HEAD's implementation at this vocabulary and hidden size: the engine asks at load."""
+    try:
+        workspace_bytes(1, 1, vocab, hidden, device=device, fp8_soft=True)
+    except ValueError as e:
+        raise DgemmaError(f"DGEMMA_VOCAB_HEAD_SOFT=fp8 cannot run with DGEMMA_VOCAB_HEAD={head_impl()} here: {e}") \
+            from None
 
 
 def workspace_bytes(batch: int, canvas: int, vocab: int, hidden: int, *, self_conditioning: bool = True,
@@ -147,15 +146,8 @@ def vocab_head_step(h: torch.Tensor, embed: torch.Tensor, temperature: float | t
                         if self_conditioning else None)
     if (out.soft is not None) != self_conditioning:
         raise ValueError("out.soft must be given exactly when self_conditioning is True")
-    fp8_q = fp8_scale = None
-    if embed_fp8 is not None:
-        if not self_conditioning or impl != "wgmma":
-            raise ValueError(f"embed_fp8 (the FP8 self-conditioning pass) needs self_conditioning and impl 'wgmma', "
-                             f"got self_conditioning={self_conditioning}, impl {impl!r}")
-        fp8_q, fp8_scale = embed_fp8
-        if tuple(fp8_q.shape) != (hidden, vocab_pad(embed.shape[0])):
-            raise ValueError(f"embed_fp8 has shape {list(fp8_q.shape)}, expected [{hidden}, "
-                             f"{vocab_pad(embed.shape[0])}] (dgemma.vocab_head.embedding_fp8 of embed)")
+    # The extension checks the FP8 operand (impl, self-conditioning, vocabulary, shapes) and names what is wrong.
+    fp8_q, fp8_scale = (None, None) if embed_fp8 is None else embed_fp8
     if workspace is None:
         size = workspace_bytes(b, c, embed.shape[0], hidden, self_conditioning=self_conditioning, device=device,
                                impl=impl, fp8_soft=embed_fp8 is not None)
