@@ -90,7 +90,7 @@ def _commit() -> str:
 
 
 def write_results(path: str, results: list[dict]) -> None:
-    """Write ``{"device", "torch", "cuda", "commit", "command", "results"}`` to ``path``."""
+    """Write ``{"device", "torch", "cuda", "commit", "command", ..., "kernel_settings", "results"}`` to ``path``."""
     doc = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -102,6 +102,8 @@ def write_results(path: str, results: list[dict]) -> None:
         if "copy_bytes_per_s" in _measured else None,
         # The bf16 matmul rate every flop_share of this run used (None: none was computed).
         "bf16_tflops": round(_measured["bf16_flops"] / 1e12, 1) if "bf16_flops" in _measured else None,
+        # Every DGEMMA_* setting of the run (kernel variants are chosen by them, some read once per process).
+        "kernel_settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DGEMMA_")},
         "results": results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -132,6 +132,31 @@ def test_ncu_hot_lines_ranks_sass_by_stall_samples(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("ncu_hot_lines: cannot read")
 
 
+def test_kernel_bench_results_record_the_runs_kernel_settings(tmp_path, monkeypatch):
+    """bench/*.py result files name every DGEMMA_* setting of their run (a variant's file is told apart by it, not
+    by its name alone)."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("bench_common_under_test", bench_dir / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    monkeypatch.setenv("DGEMMA_ATTENTION_STAGES", "3")
+    monkeypatch.setenv("DGEMMA_COMMIT", "abc123")
+    monkeypatch.delenv("DGEMMA_DENSE_CLUSTER", raising=False)
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--out", "x.json"])
+    out = tmp_path / "r.json"
+    common.write_results(str(out), [{"name": "row", "median_ms": 1.0}])
+    doc = json.loads(out.read_text())
+    settings = doc["kernel_settings"]
+    assert settings["DGEMMA_ATTENTION_STAGES"] == "3" and "DGEMMA_DENSE_CLUSTER" not in settings
+    assert doc["commit"] == "abc123" and doc["results"][0]["name"] == "row"
+
+
 def test_device_check_runs_the_sanitizers_side_by_side_over_every_kernel_test_file(tmp_path):
     """device_check.sh's sanitize stage: every tool over every kernel test file (the tools concurrently), each run's
     command, exit status and summary line in the log, grouped per tool in a fixed order whatever finishes first."""

@@ -54,7 +54,7 @@ def test_generate_with_graphs_gives_the_tokens_without(batch):
     ids = torch.randint(3, eng.config.vocab_size, (batch, 100), device="cuda")
     kw = dict(max_new_tokens=512, max_denoising_steps=6, eos_token_id=[], pad_token_id=0,
               confidence_threshold=1e-30)
-    capacity = 100 + 512 + 256 + 256
+    capacity = 100 + 512 + 2 * (8 + 256)  # two chat turns of 8 + 256 tokens after the first generation
     eager_events, graph_events = [], []
     # rollback=256: the small preset's sliding rings (window 64) then hold a 256-token commit, which a commit pass
     # through encode_view (and so its graph) needs; without it the commit runs eagerly through encode.
@@ -74,11 +74,18 @@ def test_generate_with_graphs_gives_the_tokens_without(batch):
         assert torch.equal(a.tokens, b.tokens), (a.kind, a.block, a.step)
     # The same cache again (a chat turn, still in the bucket): replays only, still identical to eager.
     turn = dict(max_new_tokens=256, max_denoising_steps=6, eos_token_id=[], confidence_threshold=1e-30)
-    again = eng.generate(graphed.new_tokens[:, :256], seed=6, cache=cache, **turn)
+    again = eng.generate(graphed.new_tokens[:, :8], seed=6, cache=cache, **turn)
     assert stepper.captures == 3 and stepper.replays == 2 * 6 - 2 + 6
+    # A turn with another entropy bound (a launch argument of the head, baked into a captured graph), still in the
+    # bucket: new graphs of its first and later steps, not the old ones replayed with the old bound.
+    other = dict(turn, entropy_bound=0.7)
+    third = eng.generate(again.new_tokens[:, :8], seed=7, cache=cache, **other)
+    assert stepper.captures == 5
     eng.cuda_graphs = False
-    ref = eng.generate(eager.new_tokens[:, :256], seed=6, cache=eager_cache, **turn)
+    ref = eng.generate(eager.new_tokens[:, :8], seed=6, cache=eager_cache, **turn)
     assert torch.equal(again.sequences, ref.sequences)
+    ref_third = eng.generate(ref.new_tokens[:, :8], seed=7, cache=eager_cache, **other)
+    assert torch.equal(third.sequences, ref_third.sequences)
 
 
 def test_a_replayed_step_does_not_synchronise_with_the_host():

@@ -274,6 +274,46 @@ def test_graph_stepper_reuses_its_graphs_for_the_next_generation_on_the_same_cac
     assert cache._graph_stepper.captures == 2 and len(factory.graphs) == 2
 
 
+class LaunchArgumentOps(FusedReferenceOps):
+    """The fused head's host settings made visible to the stand-in graph as the CUDA head has them: arguments
+    of a launch (here of an aten fill, which the trace records with its value), which a captured graph keeps."""
+
+    def vocab_head_step(self, h, embed, temperature, seed, step, canvas, prev_argmax, entropy_bound, *,
+                        confidence_threshold=0.005, **kw):
+        torch.full((1,), entropy_bound)
+        torch.full((1,), confidence_threshold)
+        return super().vocab_head_step(h, embed, temperature, seed, step, canvas, prev_argmax, entropy_bound,
+                                       confidence_threshold=confidence_threshold, **kw)
+
+
+@pytest.mark.parametrize("change", [dict(entropy_bound=2.0), dict(confidence_threshold=1.0)])
+def test_a_generation_with_other_sampler_settings_does_not_replay_graphs_captured_with_the_old(monkeypatch, change):
+    import dgemma.generation as generation
+
+    eng = engine(fused=True)
+    eng.model.ops = LaunchArgumentOps()
+    x = ids(1, 30)
+    kw = dict(max_new_tokens=32, max_denoising_steps=4, eos_token_id=[], pad_token_id=0, stability_threshold=0)
+    first_kw = dict(kw, confidence_threshold=1e-30)
+    second_kw = dict(first_kw, **change)
+    cache_eager = eng.new_cache(1, 30 + 96)
+    first_eager = eng.generate(x, seed=1, cache=cache_eager, **first_kw)
+    second_eager = eng.generate(first_eager.new_tokens, seed=2, cache=cache_eager, **second_kw)
+    factory = ReplayCheckingFactory()
+    monkeypatch.setattr(generation, "make_stepper", graphed(eng, factory))
+    cache = eng.new_cache(1, 30 + 96)
+    first = eng.generate(x, seed=1, cache=cache, **first_kw)
+    # Replaying a graph of the first generation would launch the old settings: the stand-in refuses that.
+    second = eng.generate(first.new_tokens, seed=2, cache=cache, **second_kw)
+    assert torch.equal(first.sequences, first_eager.sequences)
+    assert torch.equal(second.sequences, second_eager.sequences)
+    stepper = cache._graph_stepper
+    assert stepper.captures == 4 and len(factory.graphs) == 4  # first and later steps, for each settings
+    # The second generation's settings again: its graphs are replayed, none captured.
+    eng.generate(second.new_tokens, seed=3, cache=cache, **second_kw)
+    assert stepper.captures == 4 and stepper.failed is None
+
+
 def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(caplog):
     eng = engine(fused=True)
 

@@ -244,6 +244,11 @@ class PhiloxHeadSampler:
         self.scalars.set(self.seed, self.counter, float(temperature(n, self.settings, "cpu")))
         self.counter += 1
 
+    def launch_settings(self) -> tuple[float, float]:
+        """The settings :meth:`draw` hands its kernels as launch arguments, not through :attr:`scalars`: a CUDA
+        graph captured with one value replays that value, so a graph serves only draws with the same ones."""
+        return self.settings.entropy_bound, self.settings.confidence_threshold
+
     def draw(self, h: torch.Tensor, canvas: torch.Tensor, finished: torch.Tensor) -> Draw:
         m, s = self.model, self.settings
         out = m.ops.vocab_head_step(

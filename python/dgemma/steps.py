@@ -8,10 +8,10 @@ CUDA graph.
   device, planned for the length's bucket) and the fused head's :meth:`~dgemma.sampler.PhiloxHeadSampler.draw`,
   whose step scalars live in device buffers: nothing in the step depends on a host value that changes
   between the steps of a bucket;
-- :class:`CudaGraphStepper`: the same step captured once per (first step or not, prefix bucket, padding)
-  as a CUDA graph over static input buffers and replayed. The first call of a key runs the step eagerly
-  (which also warms up lazily initialised kernels and workspaces) and returns that result, then captures;
-  the later calls replay. Eager and replayed steps launch the same kernels with the same arguments, so the
+- :class:`CudaGraphStepper`: the same step captured once per (first step or not, prefix bucket, padding, the
+  sampler's launch settings) as a CUDA graph over static input buffers and replayed. The first call of a key
+  runs the step eagerly (which also warms up lazily initialised kernels and workspaces) and returns that
+  result, then captures; the later calls replay. Eager and replayed steps launch the same kernels with the same arguments, so the
   tokens are the same with and without graphs.
 
 A graph holds the addresses of the cache it was captured against, so graphs belong to one
@@ -153,7 +153,9 @@ class CudaGraphStepper(FusedHeadStepper):
             self.soft.copy_(soft)
         self.finished.copy_(finished)
         prefix = cache.prefix_view(self.lengths)
-        key = (first, prefix.bound, cache.has_padding)
+        # NOTE: the sampler's launch settings are in the key: a graph replays the values it was captured with, and
+        # a later generation on this cache may sample with another entropy bound or confidence threshold.
+        key = (first, prefix.bound, cache.has_padding, self.sampler.launch_settings())
         entry = self.graphs.get(key)
         if entry is not None:
             self.graphs.move_to_end(key)
