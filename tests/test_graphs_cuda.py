@@ -145,3 +145,45 @@ def test_encode_view_matches_encode_on_the_gpu():
     for layer in range(len(a.keys)):
         for x, y in ((a.keys[layer], b.keys[layer]), (a.values[layer], b.values[layer])):
             assert float((x.float() - y.float()).norm() / x.float().norm()) < 1e-2, layer
+
+
+@pytest.mark.parametrize("confidence", [1e-30, 5.0])
+def test_stopping_on_the_device_gives_the_tokens_of_the_host_loop(monkeypatch, confidence):
+    """DGEMMA_STOP_ON_DEVICE=1: each block's steps queued at once as conditional graph replays, one read per block,
+    no host synchronisation while they are queued; the tokens, steps per row and draft events of the eager loop."""
+    from dgemma.steps import CudaGraphStepper
+
+    eng = _engine()
+    ids = torch.randint(3, eng.config.vocab_size, (2, 100), device="cuda")
+    kw = dict(max_new_tokens=512, max_denoising_steps=6, eos_token_id=[], pad_token_id=0,
+              confidence_threshold=confidence, stability_threshold=1)
+    eager_events, events = [], []
+    eager = eng.generate(ids, seed=5, cache=eng.new_cache(2, 612 + 256, rollback=256), stream=eager_events.append,
+                         **kw)
+    monkeypatch.setenv("DGEMMA_STOP_ON_DEVICE", "1")
+    eng.cuda_graphs = True
+    cache = eng.new_cache(2, 612 + 256, rollback=256)
+    checked = []
+    original = CudaGraphStepper.gated_step
+
+    def gated_step(self, run, n, first):
+        # Once both steps' graphs exist (the first's eager run and capture read the flags once), queueing a step
+        # waits for nothing.
+        captured = sum(key[0] == "gated" for key in self.graphs) == 2
+        if captured:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            original(self, run, n, first)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked.append(captured)
+    monkeypatch.setattr(CudaGraphStepper, "gated_step", gated_step)
+    res = eng.generate(ids, seed=5, cache=cache, stream=events.append, **kw)
+    stepper = cache._graph_stepper
+    assert stepper.stops_on_device and stepper.failed is None, stepper.failed
+    if confidence == 1e-30:  # no row stops: block 1 captures both steps, block 2 queues its 6 steps unchecked
+        assert checked.count(True) == 6
+    assert torch.equal(res.sequences, eager.sequences) and res.steps_per_block == eager.steps_per_block
+    assert [(e.kind, e.block, e.step) for e in events] == [(e.kind, e.block, e.step) for e in eager_events]
+    for a, b in zip(events, eager_events):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.finished, b.finished)

@@ -8,11 +8,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dgemma.cache import MIN_PREFIX_BUCKET, PrefixView, prefix_bucket
-from dgemma.errors import NonFiniteError
+from dgemma.errors import DgemmaError, NonFiniteError
 from dgemma.ops.reference import ReferenceOps
 from dgemma.random_checkpoint import random_engine
 from dgemma.sampler import GenerationSettings, PhiloxHeadSampler
-from dgemma.steps import CudaGraphStepper, FusedHeadStepper, make_stepper
+from dgemma.steps import CudaGraphFactory, CudaGraphStepper, FusedHeadStepper, make_stepper, stops_on_device
 
 
 class CapturableOps(ReferenceOps):
@@ -209,6 +209,32 @@ class ReplayCheckingFactory:
     def recover(self, device):
         pass
 
+    def conditional_unsupported(self):
+        return None
+
+    def capture_conditional(self, fn, pred, device, writes):
+        """A conditional body: traced by one run whose writes are put back (a capture runs nothing); a replay runs
+        it only where ``pred`` holds then."""
+        saved = [w.clone() for w in writes]
+        ops, out = trace(fn)
+        for w, v in zip(writes, saved):
+            w.copy_(v)
+        g = ConditionalReplayGraph(fn, ops, pred)
+        self.graphs.append(g)
+        return g, out
+
+
+class ConditionalReplayGraph(ReplayCheckingGraph):
+    def __init__(self, fn, ops, pred):
+        super().__init__(fn, ops, None)
+        self.pred, self.skipped = pred, 0
+
+    def replay(self):
+        if bool(self.pred):
+            super().replay()
+        else:
+            self.skipped += 1
+
 
 def graphed(eng, factory):
     """generate() on ``eng`` with CUDA-graph steppers made with ``factory`` (the eligibility check, which
@@ -224,6 +250,7 @@ def graphed(eng, factory):
             s = cache._graph_stepper = CudaGraphStepper(engine.model, cache, sampler, graph_factory=factory)
             factory.cache = cache
         s.bind(sampler)
+        s.stops_on_device = stops_on_device(factory)
         return s
     return stepper
 
@@ -508,14 +535,29 @@ def _same_run(a, b):
         assert torch.equal(x[3], y[3]) and torch.equal(x[4], y[4])
 
 
-@pytest.mark.parametrize("confidence", [5.5, 4.5])
+def _stop_kw(eng, x, confidence):
+    """generate's arguments stopping on the mean entropy alone at a threshold this model's rows cross at different
+    steps, so that rows stop apart and blocks stop before their last step: "early" (5.5: after 1 or 2 of 8 steps)
+    or "late" (the lowest of a few thresholds at which at least two of the four blocks stop before their last step:
+    after 6 to 8 steps; which one depends on the CPU's floating-point summation order), or a number."""
+    kw = dict(seed=3, max_new_tokens=64, max_denoising_steps=8, eos_token_id=[], pad_token_id=0,
+              stability_threshold=0)
+    if confidence == "early":
+        return dict(kw, confidence_threshold=5.5)
+    if confidence != "late":
+        return dict(kw, confidence_threshold=confidence)
+    for late in (4.5, 4.6, 4.7, 4.8, 4.9, 5.0):
+        blocks = eng.generate(x, confidence_threshold=late, **kw).steps_per_block
+        if sum(max(rows) < 8 for rows in blocks) >= 2:
+            return dict(kw, confidence_threshold=late)
+    pytest.fail("no threshold of 4.5..5.0 stops two blocks early")
+
+
+@pytest.mark.parametrize("confidence", ["early", "late"])
 def test_running_a_step_ahead_of_the_stop_flags_gives_the_results_of_stopping_at_once(monkeypatch, confidence):
     eng = engine(fused=True, canvas=16)
     x = ids(2, 20)
-    # Stopping on the mean entropy alone, at thresholds this model's rows cross at different steps (5.5: after
-    # 1 or 2 of 8 steps, 4.5: after 7 or 8): rows stop apart and blocks stop before their last step.
-    kw = dict(seed=3, max_new_tokens=64, max_denoising_steps=8, eos_token_id=[], pad_token_id=0,
-              stability_threshold=0, confidence_threshold=confidence)
+    kw = _stop_kw(eng, x, confidence)
     calls = _counting(monkeypatch)
     ahead = _generate_with_events(eng, x, **kw)
     ahead_calls = list(calls)
@@ -533,8 +575,7 @@ def test_a_step_run_ahead_past_the_stop_leaves_the_random_stream_as_it_was(monke
     """The undo is what keeps the stream: without it the next block draws other numbers."""
     eng = engine(fused=True, canvas=16)
     x = ids(2, 20)
-    kw = dict(seed=3, max_new_tokens=64, max_denoising_steps=8, eos_token_id=[], pad_token_id=0,
-              stability_threshold=0, confidence_threshold=4.5)
+    kw = _stop_kw(eng, x, "late")
     at_once = _generate_with_events(eng, x, **kw)
     monkeypatch.setattr(FusedHeadStepper, "rewind", lambda self: None)
     forgetful = _generate_with_events(eng, x, **kw)
@@ -567,8 +608,7 @@ def test_the_graph_stepper_runs_ahead_and_undoes_like_the_eager_one(monkeypatch)
 
     eng = engine(fused=True, canvas=16)
     x = ids(2, 20)
-    kw = dict(seed=3, max_new_tokens=64, max_denoising_steps=8, eos_token_id=[], pad_token_id=0,
-              stability_threshold=0, confidence_threshold=4.5)
+    kw = _stop_kw(eng, x, "late")
     monkeypatch.setattr(FusedHeadStepper, "rewind", None)
     at_once = _generate_with_events(eng, x, **kw)
     monkeypatch.undo()
@@ -584,6 +624,100 @@ def test_the_graph_stepper_runs_ahead_and_undoes_like_the_eager_one(monkeypatch)
     steps = sum(max(rows) for rows in at_once[0].steps_per_block) + early
     commits = len(at_once[0].steps_per_block) - 1
     assert stepper.replays + stepper.captures == steps + commits
+
+
+# -- the stop decided on the device (DGEMMA_STOP_ON_DEVICE=1) -------------------------------------------
+
+
+def _reads_per_block(monkeypatch):
+    """Count the graph stepper's end-of-block reads, and any other host read of a step's flags."""
+    import dgemma.generation as generation
+
+    reads = {"blocks": 0, "steps": 0}
+    end = CudaGraphStepper.end_block
+
+    def end_block(self, run):
+        reads["blocks"] += 1
+        return end(self, run)
+
+    read = generation._StepFlags.read
+
+    def step_read(self):
+        reads["steps"] += 1
+        return read(self)
+    monkeypatch.setattr(CudaGraphStepper, "end_block", end_block)
+    monkeypatch.setattr(generation._StepFlags, "read", step_read)
+    return reads
+
+
+@pytest.mark.parametrize("stability, confidence", [(0, "early"), (0, "late"), (1, 5.0), (2, 1e-30)])
+def test_stopping_on_the_device_gives_the_results_of_stopping_at_once(monkeypatch, stability, confidence):
+    """Every step of a block queued at once, gated on the device, one read per block: the tokens, steps per row,
+    passes, draft events and random stream of the host loop stopping at once; the steps past the stop ran nothing
+    (rows stopping apart, blocks stopping early or at their last step, the stability history across steps)."""
+    import dgemma.generation as generation
+
+    eng = engine(fused=True, canvas=16)
+    x = ids(2, 20)
+    kw = dict(_stop_kw(eng, x, confidence), stability_threshold=stability)
+    monkeypatch.setattr(FusedHeadStepper, "rewind", None)  # the host loop reads each step's flags before the next
+    at_once = _generate_with_events(eng, x, **kw)
+    monkeypatch.undo()
+    monkeypatch.setenv("DGEMMA_STOP_ON_DEVICE", "1")
+    factory = ReplayCheckingFactory()
+    monkeypatch.setattr(generation, "make_stepper", graphed(eng, factory))
+    reads = _reads_per_block(monkeypatch)
+    cache = eng.new_cache(2, 20 + 64)
+    on_device = _generate_with_events(eng, x, cache=cache, **kw)
+    _same_run(on_device, at_once)
+    stepper = cache._graph_stepper
+    blocks = at_once[0].steps_per_block
+    assert stepper.stops_on_device and stepper.failed is None
+    assert reads == {"blocks": len(blocks), "steps": 0}
+    # Two gated graphs (the first step, the later ones) and the commit pass; every queued step after a key's first
+    # is a replay, and a replay past its block's stop runs nothing.
+    gated = [g for g in factory.graphs if isinstance(g, ConditionalReplayGraph)]
+    assert len(gated) == 2 and stepper.captures == 3
+    ran = sum(g.replays for g in gated) + 2
+    assert ran == sum(max(rows) for rows in blocks)
+    # Queued past a stop: a replay that runs nothing, or (a key not yet captured) nothing queued at all.
+    skipped = sum(g.skipped for g in gated)
+    assert skipped <= 8 * len(blocks) - ran
+    if confidence == "early":  # every block stops after 1 or 2 of its 8 steps
+        assert max(max(rows) for rows in blocks) <= 2 and skipped > 0
+
+
+def test_stopping_on_the_device_reports_a_non_finite_step_as_the_host_loop_does(monkeypatch):
+    import dgemma.generation as generation
+
+    def failure(on_device):
+        eng = engine(fused=True)
+        eng.model.w.layers[1].post_ff_norm.fill_(float("nan"))
+        if on_device:
+            monkeypatch.setenv("DGEMMA_STOP_ON_DEVICE", "1")
+            monkeypatch.setattr(generation, "make_stepper", graphed(eng, ReplayCheckingFactory()))
+        events = []
+        with pytest.raises(NonFiniteError) as e:
+            eng.generate(ids(1, 10), seed=0, max_new_tokens=32, max_denoising_steps=4, stream=events.append)
+        return str(e.value), events
+
+    at_once = failure(on_device=False)
+    assert failure(on_device=True) == at_once
+    assert "block 0, denoising step 4, first non-finite output at decoder layer 1" in at_once[0]
+
+
+def test_stop_on_device_setting_is_checked_and_falls_back_where_conditionals_cannot_be_captured(monkeypatch, caplog):
+    monkeypatch.setenv("DGEMMA_STOP_ON_DEVICE", "yes")
+    with pytest.raises(DgemmaError, match="DGEMMA_STOP_ON_DEVICE='yes' is not 0 or 1"):
+        stops_on_device(ReplayCheckingFactory())
+    monkeypatch.setenv("DGEMMA_STOP_ON_DEVICE", "0")
+    assert not stops_on_device(ReplayCheckingFactory())
+    monkeypatch.setenv("DGEMMA_STOP_ON_DEVICE", "1")
+    assert stops_on_device(ReplayCheckingFactory())
+    monkeypatch.delattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node", raising=False)
+    with caplog.at_level("WARNING", logger="dgemma"):
+        assert not stops_on_device(CudaGraphFactory())
+    assert "DGEMMA_STOP_ON_DEVICE=1 is off" in caplog.text and "conditional graph nodes" in caplog.text
 
 
 # -- teacher forcing (per-layer parity checks) ----------------------------------------------------------

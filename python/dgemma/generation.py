@@ -13,7 +13,7 @@ import torch
 from .cache import KVCache
 from .errors import DgemmaError, NonFiniteError
 from .sampler import GenerationSettings, StableAndConfident, make_sampler
-from .steps import ExternalStepper, make_stepper
+from .steps import ExternalStepper, keep_stopped_rows, make_stepper
 
 
 @dataclass(slots=True)
@@ -193,6 +193,9 @@ def _denoise_block(engine, cache, current, settings, stepper, finished_seq, pass
     step n turns out to be the last, step n-1 is undone. It changed nothing: every row had stopped, so every
     row kept its state, and the rewound stream draws the same numbers next. Results, events and their order
     are those of stopping at once."""
+    if getattr(stepper, "stops_on_device", False):
+        return (yield from _denoise_block_on_device(engine, cache, current, settings, stepper, finished_seq, passes,
+                                                    block, undo))
     device = engine.device
     b = current.shape[0]
     argmax, soft = current, None
@@ -221,10 +224,7 @@ def _denoise_block(engine, cache, current, settings, stepper, finished_seq, pass
                 raise _located(e, engine, cache, current, soft, block, step) from None
             raise
         if soft is not None:  # no row has stopped before the block's first draw
-            keep = finished[:, None]
-            draw.argmax = torch.where(keep, argmax, draw.argmax)
-            draw.next_canvas = torch.where(keep, current, draw.next_canvas)
-            draw.soft = torch.where(keep[..., None], soft, draw.soft)
+            draw = keep_stopped_rows(draw, finished, argmax, current, soft)
         finished = finished | stopper(draw.argmax, draw.mean_entropy)
         flags = _StepFlags(step, finished, draw, inputs=(current, soft))
         current, argmax, soft = draw.next_canvas, draw.argmax, draw.soft
@@ -246,6 +246,29 @@ def _denoise_block(engine, cache, current, settings, stepper, finished_seq, pass
     if pending is not None:
         yield from _settle(pending, engine, cache, block, undo)
     return argmax, block_passes
+
+
+def _denoise_block_on_device(engine, cache, current, settings, stepper, finished_seq, passes, block, undo):
+    """:func:`_denoise_block` with the stop decided on the device (``DGEMMA_STOP_ON_DEVICE=1``, CUDA graphs with
+    conditional nodes): the host queues all N steps without reading anything; a step runs only while some row has
+    not stopped and every step so far was finite, and records its argmax canvas and finished rows
+    (:meth:`~dgemma.steps.CudaGraphStepper.begin_block`). Then the block's one read (steps run, finiteness): the
+    same draft events, results and random stream as stopping at once, the events once the block is done."""
+    n = settings.max_denoising_steps
+    run = stepper.begin_block(current, finished_seq, settings)
+    for step in range(n, 0, -1):
+        stepper.gated_step(run, step, first=step == n)
+    ran, bad = stepper.end_block(run)
+    for k in range(ran):
+        if bad and k == ran - 1:  # the last step run was not finite: its inputs are still in place
+            row = int(run.bad.nonzero()[0, 0])
+            raise _located(NonFiniteError(f"the logits of row {row} are not finite"), engine, cache, stepper.canvas,
+                           None if k == 0 else stepper.soft, block, n - k)
+        with undo.suspended() if undo is not None else contextlib.nullcontext():
+            yield StreamEvent("draft", block, n - k, run.drafts[k].clone(), run.finished_after[k].clone())
+    block_passes = run.block_passes.clone()
+    passes += block_passes
+    return run.argmax.clone(), block_passes
 
 
 class _StepFlags:

@@ -25,6 +25,9 @@ from .errors import ConfigError, DgemmaError, NonFiniteError
 
 # Decoder passes per block at most: real settings use tens; each pass costs a full decoder forward.
 MAX_DENOISING_STEPS = 1024
+# The lowest temperature a step may sample at (the last step's, t_min + (t_max - t_min) / steps): below it the logits
+# divided by it overflow fp32 (the probabilities become NaN), and sampling is greedy long before.
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,12 @@ class GenerationSettings:
             raise DgemmaError(f"t_min must be >= 0, got {self.t_min}")
         if self.t_max <= self.t_min:
             raise DgemmaError(f"t_max ({self.t_max}) must be greater than t_min ({self.t_min})")
+        lowest = self.t_min + (self.t_max - self.t_min) / self.max_denoising_steps
+        if lowest < MIN_TEMPERATURE:
+            raise DgemmaError(f"the last denoising step's temperature t_min + (t_max - t_min) / max_denoising_steps = "
+                              f"{lowest:.3g} (t_min {self.t_min:g}, t_max {self.t_max:g}, {self.max_denoising_steps} "
+                              f"steps) is below {MIN_TEMPERATURE:g}, where the logits divided by it overflow; raise "
+                              f"t_max or t_min")
         st = self.stability_threshold
         if isinstance(st, bool) or not isinstance(st, int) or st < 0:
             raise DgemmaError(f"stability_threshold must be an integer >= 0, got {st!r:.80}")
@@ -159,7 +168,8 @@ class StableAndConfident:
         self.history: torch.Tensor | None = None
 
     def __call__(self, argmax: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:
-        """``argmax`` [B, C] of this step, ``mean_entropy`` [B] over the canvas; bool [B]."""
+        """``argmax`` [B, C] of this step, ``mean_entropy`` [B] over the canvas; bool [B]. The history of
+        canvases is updated in place (one buffer from the first call on: a CUDA graph can replay a call)."""
         if self.stability == 0:
             stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
         else:
@@ -167,9 +177,14 @@ class StableAndConfident:
                 self.history = torch.full((self.stability, *argmax.shape), -1, dtype=argmax.dtype,
                                           device=argmax.device)
             stable = (self.history == argmax[None]).all(dim=-1).all(dim=0)
-            self.history = torch.roll(self.history, shifts=-1, dims=0)
-            self.history[-1] = argmax
+            self.history.copy_(torch.roll(self.history, shifts=-1, dims=0))
+            self.history[-1].copy_(argmax)
         return stable & (mean_entropy < self.confidence)
+
+    def reset(self) -> None:
+        """Forget the canvases seen (a new block), keeping the history's buffer."""
+        if self.history is not None:
+            self.history.fill_(-1)
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ A graph holds the addresses of the cache it was captured against, so graphs belo
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 
 import torch
@@ -29,12 +30,32 @@ from . import _ext
 from .cache import KVCache, PrefixView, prefix_bucket
 from .errors import DgemmaError
 from .quant import Fp8Weight
-from .sampler import Draw, PhiloxHeadSampler, TorchStreamSampler
+from .sampler import Draw, PhiloxHeadSampler, StableAndConfident, TorchStreamSampler
 
 log = logging.getLogger("dgemma")
 
 # Graphs kept per cache: the first step, the later steps and the commit pass of two prefix buckets.
 MAX_GRAPHS_PER_CACHE = 6
+
+
+def keep_stopped_rows(draw: Draw, finished: torch.Tensor, argmax: torch.Tensor, canvas: torch.Tensor,
+                      soft: torch.Tensor) -> Draw:
+    """``draw`` with the rows that had stopped (``finished`` [B]) keeping their argmax, canvas and self-conditioning
+    input (transformers runs them through the decoder all the same). Device work only."""
+    keep = finished[:, None]
+    draw.argmax = torch.where(keep, argmax, draw.argmax)
+    draw.next_canvas = torch.where(keep, canvas, draw.next_canvas)
+    draw.soft = torch.where(keep[..., None], soft, draw.soft)
+    return draw
+
+
+def stop_on_device_setting() -> bool:
+    """DGEMMA_STOP_ON_DEVICE: ``1`` runs a block's steps gated on the device (:meth:`CudaGraphStepper.begin_block`),
+    ``0`` or unset reads each step's stop flags on the host. Read when a generation starts."""
+    value = os.environ.get("DGEMMA_STOP_ON_DEVICE", "")
+    if value not in ("", "0", "1"):
+        raise DgemmaError(f"DGEMMA_STOP_ON_DEVICE={value!r:.40} is not 0 or 1")
+    return value == "1"
 
 
 class ExternalStepper:
@@ -111,10 +132,41 @@ class FusedHeadStepper:
 
 
 class _Graph:
-    __slots__ = ("graph", "out")
+    __slots__ = ("graph", "out", "holds")
 
-    def __init__(self, graph, out: Draw):
+    def __init__(self, graph, out: Draw | None, holds=None):
         self.graph, self.out = graph, out
+        self.holds = holds  # what the graph reads and writes besides the stepper's buffers (kept alive with it)
+
+
+class DeviceBlock:
+    """One block's state on the device while its steps run gated there (:meth:`CudaGraphStepper.begin_block`): whether
+    the block still runs, the steps run, the stopping rule's history, each step's argmax canvas and finished rows,
+    the decoder passes per row. One per (steps, stability, confidence), reused by every block with those settings."""
+
+    def __init__(self, key: tuple, batch: int, canvas: int, device: torch.device):
+        steps, stability, confidence = key
+        i64 = dict(dtype=torch.int64, device=device)
+        flag = dict(dtype=torch.bool, device=device)
+        self.key = key
+        with torch.inference_mode(False):  # written in and outside inference mode (see cuda_moe._workspace)
+            self.argmax = torch.zeros(batch, canvas, **i64)
+            self.finished_seq = torch.zeros(batch, **flag)
+            self.block_passes = torch.zeros(batch, dtype=torch.int32, device=device)
+            self.go = torch.ones((), **flag)  # the conditional of every step: no row stopped and all finite so far
+            self.ran = torch.zeros((), **i64)  # steps run
+            self.bad = torch.zeros(batch, **flag)  # rows whose mean entropy was not finite in the last step run
+            self.drafts = torch.zeros(steps, batch, canvas, **i64)
+            self.finished_after = torch.zeros(steps, batch, **flag)
+            self.stopper = StableAndConfident(stability, confidence)
+            if stability:
+                self.stopper.history = torch.full((stability, batch, canvas), -1, **i64)
+        self.counter = 0  # the sampler's step counter when the block began
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a gated step writes (a stand-in capture that runs the step puts them back)."""
+        history = [] if self.stopper.history is None else [self.stopper.history]
+        return [self.argmax, self.block_passes, self.go, self.ran, self.bad, self.drafts, self.finished_after, *history]
 
 
 class CudaGraphStepper(FusedHeadStepper):
@@ -134,6 +186,8 @@ class CudaGraphStepper(FusedHeadStepper):
         self.graph_factory = graph_factory or CudaGraphFactory()
         self.captures = self.replays = 0
         self.failed: str | None = None  # why capturing failed (then every step runs eagerly)
+        self.stops_on_device = False  # generate runs the block's steps gated on the device (begin_block)
+        self.blocks: dict[tuple, DeviceBlock] = {}
 
     def bind(self, sampler: PhiloxHeadSampler) -> None:
         """Use this stepper's graphs for a new generation's sampler: it writes its scalars where they read."""
@@ -169,17 +223,96 @@ class CudaGraphStepper(FusedHeadStepper):
         self._capture(key, lambda: self.body(*args))
         return result
 
-    def _capture(self, key: tuple, fn) -> None:
-        """Capture ``fn`` for ``key`` (its eager run already happened); on failure, log why and stay eager."""
+    # -- a block's steps gated on the device ------------------------------------------------------------------
+    # generate queues every step of a block without reading anything: each replay runs its step only while the
+    # block's `go` flag (a conditional graph node) says no row has stopped and every step so far was finite, and
+    # the step records its argmax canvas and finished rows. The block's one read (steps run, finiteness) then gives
+    # the events and results of stopping at once; the steps queued past the stop run nothing.
+
+    @torch.inference_mode()
+    def begin_block(self, canvas: torch.Tensor, finished_seq: torch.Tensor, settings) -> DeviceBlock:
+        """Start a block over ``canvas`` [B, C] (host: device copies and fills only, no read)."""
+        key = (settings.max_denoising_steps, settings.stability_threshold, settings.confidence_threshold)
+        run = self.blocks.get(key)
+        if run is None:
+            run = self.blocks[key] = DeviceBlock(key, canvas.shape[0], canvas.shape[1], self.cache.device)
+        self.canvas.copy_(canvas)
+        self.finished.zero_()
+        run.finished_seq.copy_(finished_seq)
+        run.block_passes.zero_()
+        run.go.fill_(True)
+        run.ran.zero_()
+        run.bad.zero_()
+        run.stopper.reset()
+        run.counter = self.sampler.counter
+        return run
+
+    @torch.inference_mode()
+    def gated_step(self, run: DeviceBlock, n: int, first: bool) -> None:
+        """Queue step ``n`` of the block (a replay; it runs only while ``run.go``). A key's first step runs eagerly,
+        if the block still runs (one host read per new key), and is then captured."""
+        self.sampler.prepare(n)  # the step's scalars (fills outside the conditional: harmless past the stop)
+        cache = self.cache
+        prefix = cache.prefix_view(self.lengths)
+        key = ("gated", first, prefix.bound, cache.has_padding, self.sampler.launch_settings(), run.key)
+        entry = self.graphs.get(key) if self.failed is None else None
+        if entry is not None:
+            self.graphs.move_to_end(key)
+            entry.graph.replay()
+            self.replays += 1
+            return
+        if not bool(run.go):
+            return
+        self._gated(run, first, prefix)
+        if self.failed is None:
+            self._capture(key, lambda: self._gated(run, first, prefix), gated_on=run, holds=run)
+
+    def end_block(self, run: DeviceBlock) -> tuple[int, bool]:
+        """The block's one read: (steps run, whether the last one was not finite). The sampler's counter then
+        stands where stopping at once leaves it."""
+        ran, bad = torch.stack((run.ran, run.bad.any().long())).tolist()
+        self.sampler.counter = run.counter + ran
+        return ran, bool(bad)
+
+    def _gated(self, run: DeviceBlock, first: bool, prefix: PrefixView) -> None:
+        """One step on the block's device state (run only while ``run.go``): generate's step, its stopping rule and
+        bookkeeping as device work. A step that is not finite changes nothing else: the block stops with that
+        step's inputs in place (the error's diagnosis runs the decoder on them)."""
+        finished = self.finished
+        run.block_passes.add_((~(finished | run.finished_seq)).int())
+        draw = self.body(self.canvas, None if first else self.soft, finished, prefix)
+        if not first:
+            draw = keep_stopped_rows(draw, finished, run.argmax, self.canvas, self.soft)
+        done = finished | run.stopper(draw.argmax, draw.mean_entropy)
+        bad = ~torch.isfinite(draw.mean_entropy)
+        ok = ~bad.any()
+        at = run.ran.view(1)
+        run.drafts.index_copy_(0, at, draw.argmax[None])
+        run.finished_after.index_copy_(0, at, done[None])
+        self.canvas.copy_(torch.where(ok, draw.next_canvas, self.canvas))
+        self.soft.copy_(torch.where(ok, draw.soft, self.soft))
+        run.argmax.copy_(torch.where(ok, draw.argmax, run.argmax))
+        finished.copy_(torch.where(ok, done, finished))
+        run.bad.copy_(bad)
+        run.ran.add_(1)
+        run.go.copy_(ok & ~done.all())
+
+    def _capture(self, key: tuple, fn, gated_on: DeviceBlock | None = None, holds=None) -> None:
+        """Capture ``fn`` for ``key`` (its eager run already happened), under the conditional ``gated_on.go`` where
+        given; on failure, log why and stay eager."""
         try:
-            graph, out = self.graph_factory.capture(fn, self.cache.device)
+            if gated_on is None:
+                graph, out = self.graph_factory.capture(fn, self.cache.device)
+            else:
+                writes = gated_on.tensors() + [self.canvas, self.soft, self.finished]
+                graph, out = self.graph_factory.capture_conditional(fn, gated_on.go, self.cache.device, writes)
         except Exception as e:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly
             self.failed = f"{type(e).__name__}: {e}"
             self.graph_factory.recover(self.cache.device)
             log.warning("dgemma: CUDA graph capture failed, denoising steps run without graphs (%s)", self.failed)
             return
         self.captures += 1
-        self.graphs[key] = _Graph(graph, out)
+        self.graphs[key] = _Graph(graph, out, holds)
         while len(self.graphs) > MAX_GRAPHS_PER_CACHE:
             self.graphs.popitem(last=False)
 
@@ -223,6 +356,25 @@ class CudaGraphFactory:
             out = fn()
         return graph, out
 
+    def conditional_unsupported(self) -> str | None:
+        """Why :meth:`capture_conditional` cannot run here, or None."""
+        if not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+            return f"torch {torch.__version__} cannot capture conditional graph nodes"
+        return None
+
+    def capture_conditional(self, fn, pred: torch.Tensor, device: torch.device, writes=()):
+        """Capture ``fn`` as the body of a conditional node: a replay runs it only where the bool CUDA scalar
+        ``pred`` is true when the replay reaches it. ``writes``: what ``fn`` writes (unused: a capture runs
+        nothing)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            graph.begin_capture_to_if_node(pred)
+            try:
+                out = fn()
+            finally:
+                graph.end_capture_to_conditional_node()
+        return graph, out
+
     def recover(self, device: torch.device) -> None:
         """After a failed capture: wait for the device, so that an error of the aborted capture surfaces here
         (and is cleared) rather than in the next launch."""
@@ -261,8 +413,20 @@ def make_stepper(engine, cache: KVCache, sampler):
             return FusedHeadStepper(model, cache, sampler)
         stepper = cache._graph_stepper = CudaGraphStepper(model, cache, sampler)
     stepper.bind(sampler)
+    stepper.stops_on_device = stops_on_device(stepper.graph_factory)
     return stepper
 
 
-__all__ = ["CudaGraphStepper", "FusedHeadStepper", "TorchStreamStepper", "graphs_supported", "make_stepper",
-           "prefix_bucket"]
+def stops_on_device(graph_factory) -> bool:
+    """Whether a generation's blocks run gated on the device: DGEMMA_STOP_ON_DEVICE=1 and a graph factory that can
+    capture conditional nodes (else a warning says why not, and each step's flags are read on the host)."""
+    if not stop_on_device_setting():
+        return False
+    why = graph_factory.conditional_unsupported()
+    if why is not None:
+        log.warning("dgemma: DGEMMA_STOP_ON_DEVICE=1 is off: %s", why)
+    return why is None
+
+
+__all__ = ["CudaGraphStepper", "DeviceBlock", "FusedHeadStepper", "TorchStreamStepper", "graphs_supported",
+           "keep_stopped_rows", "make_stepper", "prefix_bucket", "stops_on_device"]
