@@ -128,7 +128,12 @@ def test_session_reencodes_from_where_history_diverges(eng):
 
 def test_session_falls_back_to_full_encoding(eng):
     chat = eng.chat(max_new_tokens=16)  # rollback room for one 16-token canvas
-    chat.send("hello", seed=1, max_new_tokens=48)  # three canvases: two committed to the cache
+    # Three canvases, two committed to the cache (no EOS stop: on another CPU's numerics the answer may end sooner).
+    first = chat.send("hello", seed=1, max_new_tokens=48, eos_token_id=[])
+    assert first.new_tokens.shape[1] == 48
+    # The history rewritten from the start of that answer, more than the cache can roll back: the whole
+    # conversation is encoded again (whatever the answer was: a rendered answer may also re-tokenise apart).
+    chat.messages[-1] = {"role": "assistant", "content": "a rewritten answer"}
     chat.send("again", seed=2)
     full = eng.tokenizer.encode(eng.chat_template.render(chat.messages[:-1]))
     assert chat.reencoded_tokens == len(full)
@@ -149,6 +154,8 @@ def test_tool_result_turn(eng):
     (lambda e: e.generate(""), "prompt 0 is empty"),
     (lambda e: e.generate([]), "inputs must be token ids"),
     (lambda e: e.generate("hi", t_max=0.3, t_min=0.4), r"t_max \(0.3\) must be greater than t_min \(0.4\)"),
+    (lambda e: e.generate("hi", t_min=0.0, t_max=1e-40), r"temperature .* = 1.67e-41 \(t_min 0, t_max 1e-40, 6 "
+                                                          r"steps\) is below 1e-06"),
     (lambda e: e.generate("hi", entropy_bound=0.0), "entropy_bound must be positive, got 0.0"),
     (lambda e: e.generate("hi", entropy_bound=-1), "entropy_bound must be positive"),
     (lambda e: e.generate("hi", max_denoising_steps=0), "max_denoising_steps must be a positive integer, got 0"),
