@@ -21,7 +21,8 @@
 #             unless E2E_WGMMA is set empty; the same with DGEMMA_ATTENTION=mma_sync (auto is the default) ->
 #             $OUT/e2e_attention_mma_sync.json unless E2E_ATTENTION is set empty; and one run per opt-in kernel
 #             setting in E2E_VARIANTS (VARIABLE=value, default: the two-pass head statistics, the FP8
-#             self-conditioning product, stream-K and 2 x 2 clustered dense GEMMs) -> $OUT/e2e_<variable>_<value>.json
+#             self-conditioning product, stream-K and 2 x 2 clustered dense GEMMs, the stop decided on the device)
+#             -> $OUT/e2e_<variable>_<value>.json
 #   parity    (not in the default) bench/layer_parity.py at the 26B-A4B shapes -> layer_parity_26b.json,
 #             bench/fp8_gemm_precision.py -> fp8_gemm_precision.json, the attention split-KV sweep ->
 #             attention_splits.json
@@ -213,7 +214,7 @@ if want e2e; then
   fi
   # The opt-in kernels, each in a step of its own (VARIABLE=value -> e2e_<variable>_<value>.json, the variable's name
   # lower-cased without DGEMMA_): what a default change would give end to end.
-  for setting in ${E2E_VARIANTS-DGEMMA_VOCAB_HEAD_STATS=two_pass DGEMMA_VOCAB_HEAD_SOFT=fp8 DGEMMA_DENSE_SCHEDULE=streamk DGEMMA_DENSE_CLUSTER=2x2}; do
+  for setting in ${E2E_VARIANTS-DGEMMA_VOCAB_HEAD_STATS=two_pass DGEMMA_VOCAB_HEAD_SOFT=fp8 DGEMMA_DENSE_SCHEDULE=streamk DGEMMA_DENSE_CLUSTER=2x2 DGEMMA_STOP_ON_DEVICE=1}; do
     name="${setting%%=*}"; name="${name#DGEMMA_}"; name="$(echo "$name" | tr 'A-Z' 'a-z')_${setting#*=}"
     log "with $setting"
     (export "$setting"; TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 --steps 16 \
