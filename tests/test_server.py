@@ -217,3 +217,131 @@ def test_load_with_disconnects_answers_everything_and_leaks_no_slot(server, clie
     assert snap["requests_cancelled"] >= 1
     # The steps of concurrent requests ran as batched decoder passes (more canvases than passes).
     assert snap["decoder_rows_total"] > 1.5 * snap["decoder_passes_total"], snap
+
+
+@pytest.mark.parametrize("raw,needle", [
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "not valid JSON (nested too deeply)"),
+    (b'{"messages": [], "max_tokens": 1' + b"0" * 5000 + b"}", "not valid JSON (a number too long"),
+])
+def test_json_bodies_too_deep_or_with_too_long_numbers_get_400(server, raw, needle):
+    r = httpx.post(server[1] + "/v1/chat/completions", content=raw, timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+TOOL_HISTORY = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}]
+
+
+def _with_arguments(arguments: str) -> list[dict]:
+    call = dict(TOOL_HISTORY[1]["tool_calls"][0], function={"name": "get_weather", "arguments": arguments})
+    return [TOOL_HISTORY[0], dict(TOOL_HISTORY[1], tool_calls=[call])]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"messages": TOOL_HISTORY + [{"role": "tool", "tool_call_id": [1], "content": "x"}]},
+     "messages[2].tool_call_id must be a string, got [1]"),
+    ({"messages": _with_arguments("[" * 100_000)},
+     "messages[1].tool_calls[0]: arguments are not valid JSON (nested too deeply)"),
+    ({"messages": _with_arguments('{"a": 1' + "0" * 5000 + "}")},
+     "messages[1].tool_calls[0]: arguments are not valid JSON (a number too long"),
+    ({"messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": "no"}},
+     "'chat_template_kwargs.enable_thinking' = 'no': expected true or false"),
+    ({"messages": MESSAGES, "chat_template_kwargs": "x"}, "'chat_template_kwargs' must be an object"),
+    ({"messages": MESSAGES, "stream_options": {"include_usage": "maybe"}},
+     "'stream_options.include_usage' = 'maybe': expected true or false"),
+    ({"messages": MESSAGES, "stream_options": False}, "'stream_options' must be an object"),
+])
+def test_fields_of_the_wrong_type_get_400(server, body, needle):
+    r = httpx.post(server[1] + "/v1/chat/completions", json=dict(body, max_tokens=16), timeout=60)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path,raw,needle", [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800"}], "max_tokens": 16}',
+     "messages[0].content has an unpaired surrogate (U+D800) at index 1"),
+    ("/v1/completions", b'{"prompt": "ab\\udc00", "max_tokens": 16}',
+     "prompt has an unpaired surrogate (U+DC00) at index 2"),
+    ("/v1/chat/completions", b'{"model": "\\ud800", "messages": [{"role": "user", "content": "a"}]}',
+     "model has an unpaired surrogate"),
+])
+def test_unpaired_surrogates_get_400_naming_the_field(server, client, path, raw, needle):
+    r = httpx.post(server[1] + path, content=raw, timeout=60, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and "expected valid Unicode text" in err["message"]
+    ok = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=1, **SMALL)
+    assert ok.choices[0].message.role == "assistant"
+
+
+def test_partial_parse_of_model_output():
+    from dgemma.chat import parse_response, parse_response_lenient
+
+    call = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+    assert parse_response_lenient("Sure. " + call) == parse_response("Sure. " + call)
+    # While streaming: a call still being written, or a piece of a marker, is held back.
+    for cut in (6, 8, 20, 40, len(call) - 3):
+        assert parse_response_lenient("Sure. " + call[:cut], partial=True).text == "Sure."
+    # At the end a call that does not parse stays in the text, the calls that do are calls.
+    bad = "<|tool_call>call:get_weather{city:Paris}<tool_call|>"
+    out = parse_response_lenient("A " + bad + " B " + call + " C")
+    assert out.text == "A " + bad + " B  C" and [c["name"] for c in out.tool_calls] == ["get_weather"]
+    assert parse_response_lenient("A " + call[:40]).text == "A " + call[:40]
+
+
+def _stream_events(base: str, body: dict) -> tuple[list[dict], list[str]]:
+    with httpx.stream("POST", base + "/v1/chat/completions", json=dict(body, stream=True), timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    events = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
+    assert lines[-1] == "data: [DONE]" and not [e for e in events if "error" in e], events
+    return events, lines
+
+
+CALL = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+
+
+def test_a_tool_call_split_across_blocks_streams_as_one_call(server, engine, monkeypatch):
+    """The first block ends inside a tool call (decoding is faked: the tiny model writes no calls): the
+    stream holds it back instead of failing, and the final chunk has the call."""
+    tok = engine.tokenizer
+    decode, calls = tok.decode, []
+
+    def fake(ids, *, skip_special_tokens=False):
+        if skip_special_tokens:
+            return decode(ids, skip_special_tokens=True)
+        calls.append(ids)
+        return "Sure. " + (CALL[:40] if len(calls) == 1 else CALL)
+
+    monkeypatch.setattr(tok, "decode", fake)
+    events, _ = _stream_events(server[1], {"model": MODEL, "messages": MESSAGES, "seed": 3, "max_tokens": 32,
+                                           "max_denoising_steps": 2})
+    assert len(calls) >= 2
+    deltas = [c["delta"] for e in events for c in e["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == "Sure."
+    final = events[-1]["choices"][0]
+    assert final["finish_reason"] == "tool_calls"
+    [call] = final["delta"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize("markup", [CALL[:40], "<|tool_call>call:get_weather{city:Paris}<tool_call|>"])
+def test_tool_calls_that_do_not_parse_are_answered_as_text(server, engine, monkeypatch, markup):
+    tok = engine.tokenizer
+    decode = tok.decode
+
+    def fake(ids, *, skip_special_tokens=False):
+        return decode(ids, skip_special_tokens=True) if skip_special_tokens else "Sure. " + markup
+
+    monkeypatch.setattr(tok, "decode", fake)
+    body = {"model": MODEL, "messages": MESSAGES, "seed": 3, "max_tokens": 32, "max_denoising_steps": 2}
+    r = httpx.post(server[1] + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == "Sure. " + markup and not choice["message"].get("tool_calls")
+    assert choice["finish_reason"] != "tool_calls"
+    events, _ = _stream_events(server[1], body)
+    streamed = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    assert streamed == "Sure. " + markup

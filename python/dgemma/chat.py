@@ -328,6 +328,50 @@ def parse_response(text: str) -> Response:
     return Response(text=text.strip(), thinking=thinking, tool_calls=calls)
 
 
+def parse_response_lenient(text: str, *, partial: bool = False) -> Response:
+    """:func:`parse_response` that never raises: for servers, which must answer whatever the model wrote.
+
+    Output that :func:`parse_response` accepts gives the same :class:`Response`. A tool call that does not
+    parse stays in the text as the model wrote it. With ``partial`` (``text`` is the output so far, more is
+    coming) the text stops before a tool call that is not closed yet and before a trailing piece of a
+    marker (``<|tool_call>call:``, ``<|channel>thought``, an end marker): those are held back until the
+    output shows what they are, so the text so far is a prefix of the final text."""
+    if not partial:
+        try:
+            return parse_response(text)
+        except DgemmaError:
+            pass
+    thinking = None
+    if THOUGHT_OPEN in text:
+        before, _, rest = text.partition(THOUGHT_OPEN)
+        thought, closed, after = rest.partition(THOUGHT_CLOSE)
+        thinking = thought.strip()
+        text = before + (after if closed else "")
+    for marker in END_MARKERS:
+        text = text.split(marker, 1)[0]
+    calls, kept = [], []
+    while True:
+        before, found, rest = text.partition(CALL_OPEN)
+        kept.append(before)
+        if not found:
+            break
+        body, closed, text = rest.partition(CALL_CLOSE)
+        if not closed and partial:
+            break  # still being written
+        try:
+            calls.append(parse_tool_call(body))
+        except DgemmaError:
+            kept.append(CALL_OPEN + body + closed)
+    text = "".join(kept)
+    if partial:
+        for marker in (CALL_OPEN, THOUGHT_OPEN, *END_MARKERS):
+            for k in range(len(marker) - 1, 0, -1):
+                if text.endswith(marker[:k]):
+                    text = text[:-k]
+                    break
+    return Response(text=text.strip(), thinking=thinking, tool_calls=calls)
+
+
 def parse_tool_call(body: str) -> dict:
     """``NAME{key:value,…}`` -> {"name": NAME, "arguments": {...}} with typed values."""
     m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*", body)

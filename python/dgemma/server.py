@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from .chat import Response, check_tools, parse_response
+from .chat import Response, check_tools, parse_response_lenient
 from .errors import DgemmaError
 from .scheduler import Job, Scheduler
 
@@ -60,6 +60,71 @@ def _field(body: dict, name: str, kind, default=None, *, low=None, high=None):
     return float(v) if kind is float else v
 
 
+def _object(body: dict, name: str) -> dict:
+    v = body.get(name)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise RequestError(f"'{name}' must be an object, got {v!r:.60}", param=name)
+    return v
+
+
+def _flag(options: dict, name: str, where: str, default: bool = False) -> bool:
+    v = options.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise RequestError(f"'{where}.{name}' = {v!r:.60}: expected true or false", param=where)
+    return v
+
+
+def _loads(raw) -> tuple[object, str | None]:
+    """``json.loads(raw)`` and ``None``, or ``None`` and why ``raw`` is not valid JSON (bad syntax or
+    encoding, nesting deeper than Python's recursion limit, an integer longer than Python's digit limit)."""
+    try:
+        return json.loads(raw), None
+    except RecursionError:
+        return None, "nested too deeply"
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, str(e)
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        return None, f"a number too long: {e}"
+
+
+def _unicode_error(s: str) -> str | None:
+    try:
+        s.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return f"an unpaired surrogate (U+{ord(s[e.start]):04X}) at index {e.start}"
+
+
+def check_text(body) -> None:
+    """Every string in a request (keys too) must be Unicode text: JSON's escapes can spell an unpaired
+    surrogate (``"\\ud800"``), which no tokenizer accepts (nor the UTF-8 encoding of an answer that quotes
+    it). Checked here for the whole body, so that the error names the field."""
+    stack = [(body, "")]
+    while stack:
+        v, path = stack.pop()
+        bad = None
+        if isinstance(v, dict):
+            for k, x in v.items():
+                bad = _unicode_error(k) if isinstance(k, str) else None
+                if bad:
+                    bad = f"a key in {path or 'the request body'} has {bad}"
+                    break
+                stack.append((x, f"{path}.{k}" if path else k))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]") for i, x in enumerate(v))
+        elif isinstance(v, str):
+            bad = _unicode_error(v)
+            if bad:
+                bad = f"{path or 'the request body'} has {bad}"
+        if bad:
+            raise RequestError(f"{bad}: expected valid Unicode text",
+                               param=path.split(".")[0].split("[")[0] or None)
+
+
 def _stops(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -77,10 +142,9 @@ def _tool_arguments(call: dict, where: str) -> dict:
                            param="messages")
     args = fn.get("arguments", {})
     if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            raise RequestError(f"{where}: arguments are not valid JSON", param="messages") from None
+        args, bad = _loads(args) if args.strip() else ({}, None)
+        if bad:
+            raise RequestError(f"{where}: arguments are not valid JSON ({bad})", param="messages")
     if not isinstance(args, dict):
         raise RequestError(f"{where}: arguments must be a JSON object", param="messages")
     return {"name": fn["name"], "arguments": args}
@@ -127,7 +191,11 @@ def chat_messages(raw) -> list[dict]:
                 calls.append({"type": "function", "function": args})
             msg["tool_calls"] = calls
         if role == "tool":
-            name = m.get("name") or names.get(m.get("tool_call_id"))
+            call_id = m.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise RequestError(f"messages[{i}].tool_call_id must be a string, got {call_id!r:.60}",
+                                   param="messages")
+            name = m.get("name") or names.get(call_id)
             if not isinstance(name, str):
                 raise RequestError(f"messages[{i}] is a tool result without a 'name' or a known 'tool_call_id'",
                                    param="messages")
@@ -202,9 +270,7 @@ class OpenAIServer:
         except DgemmaError as e:
             raise RequestError(str(e)) from None
         stream = _field(body, "stream", bool, False)
-        opts = body.get("stream_options") or {}
-        if not isinstance(opts, dict):
-            raise RequestError("'stream_options' must be an object", param="stream_options")
+        include_usage = _flag(_object(body, "stream_options"), "include_usage", "stream_options")
         drafts = _field(body, "stream_drafts", bool, False)
         images: dict = {}
         tools_given = False
@@ -223,9 +289,8 @@ class OpenAIServer:
             if choice == "none":
                 tools = None
             tools_given = bool(tools)
-            kw = body.get("chat_template_kwargs") or {}
-            thinking = _field(body, "thinking", bool, bool(kw.get("enable_thinking", False)) if isinstance(kw, dict)
-                              else False)
+            kw = _object(body, "chat_template_kwargs")
+            thinking = _field(body, "thinking", bool, _flag(kw, "enable_thinking", "chat_template_kwargs"))
             budget = _field(body, "max_image_tokens", int, 280)
             from .prompts import render_chat
 
@@ -257,13 +322,23 @@ class OpenAIServer:
             if seed is not None:
                 k["seed"] = seed + i
             per_choice.append(k)
-        return Plan(ids, images, per_choice, chat, stream, bool(opts.get("include_usage")), drafts and stream,
+        return Plan(ids, images, per_choice, chat, stream, include_usage, drafts and stream,
                     _stops(body), tools_given)
 
     # -- results --------------------------------------------------------------------------------
 
     def text_of(self, result, chat: bool) -> Response:
-        self.engine.attach_text(result, chat=chat)
+        """The answer of a finished request: for chat, split into thinking, text and tool calls. A tool call
+        that does not parse stays in the text as the model wrote it (the server answers whatever the model
+        wrote; the Python API raises instead)."""
+        try:
+            self.engine.attach_text(result, chat=chat)
+        except DgemmaError:
+            if not chat:
+                raise
+            ends = set(result.eos_token_ids) | set(self.engine.config.eos_token_ids)
+            text = _decode(self, result.new_tokens[0].tolist(), ends, result.pad_token_id)
+            return parse_response_lenient(text)
         if chat:
             return result.responses[0]
         return Response(text=result.texts[0] if result.texts else "")
@@ -351,10 +426,11 @@ def create_app(server: OpenAIServer):
         return JSONResponse(e.body(), status_code=e.status)
 
     async def body_of(request: Request):
-        try:
-            return json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RequestError("the request body is not valid JSON") from None
+        body, bad = _loads(await request.body())
+        if bad:
+            raise RequestError(f"the request body is not valid JSON ({bad})")
+        check_text(body)
+        return body
 
     @app.get("/health")
     async def health():
@@ -401,7 +477,10 @@ def create_app(server: OpenAIServer):
             raise
         choices, completion = [], 0
         for i, result in enumerate(results):
-            response = server.text_of(result, chat)
+            try:
+                response = server.text_of(result, chat)
+            except DgemmaError as e:
+                return error(RequestError(f"the answer could not be decoded: {e}", kind="server_error"))
             text, stopped = server.apply_stop(response.text, plan.stops)
             completion += server.completion_tokens(result)
             reason = server.finish_reason(result, response, stopped)
@@ -463,6 +542,9 @@ async def _stream(server: OpenAIServer, request, plan: Plan, rid: str):
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
+    def error_chunk(message: str) -> str:
+        return f"data: {json.dumps(RequestError(message, kind='server_error').body())}\n\n"
+
     try:
         jobs = [_submit(server, plan, k, plan.drafts) for k in plan.kwargs]
     except RequestError as e:
@@ -486,18 +568,25 @@ async def _stream(server: OpenAIServer, request, plan: Plan, rid: str):
                     continue
                 if kind == "block":
                     tokens += payload.tokens[0].tolist()
-                    text = _visible_text(server, tokens, chat)
+                    try:
+                        text = _visible_text(server, tokens, chat)
+                    except DgemmaError as e:
+                        yield error_chunk(f"the answer could not be decoded: {e}")
+                        break
                     text, _ = server.apply_stop(text, plan.stops)
                     if text.startswith(sent) and len(text) > len(sent):
                         yield chunk(i, {"content": text[len(sent):]}) if chat else chunk(i, text=text[len(sent):])
                         sent = text
                     continue
                 if kind == "error":
-                    body = RequestError(payload, kind="server_error").body()
-                    yield f"data: {json.dumps(body)}\n\n"
+                    yield error_chunk(payload)
                     break
                 result = payload
-                response = server.text_of(result, chat)
+                try:
+                    response = server.text_of(result, chat)
+                except DgemmaError as e:
+                    yield error_chunk(f"the answer could not be decoded: {e}")
+                    break
                 text, stopped = server.apply_stop(response.text, plan.stops)
                 delta: dict = {}
                 if text.startswith(sent) and len(text) > len(sent):
@@ -518,16 +607,21 @@ async def _stream(server: OpenAIServer, request, plan: Plan, rid: str):
             job.cancel()
 
 
+def _decode(server: OpenAIServer, tokens: list[int], ends: set, pad, *, skip_special_tokens: bool = False) -> str:
+    """``tokens`` as text, cut at the first end-of-sequence id, without padding."""
+    cut = next((i for i, t in enumerate(tokens) if t in ends), len(tokens))
+    ids = [t for t in tokens[:cut] if t != pad]
+    return server.engine.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
 def _visible_text(server: OpenAIServer, tokens: list[int], chat: bool) -> str:
-    """The answer text so far (chat: without the thinking, cut at the end of the turn)."""
+    """The answer text so far (chat: without the thinking, cut at the end of the turn, and without a tool
+    call still being written: it shows at the end, as a call or, if it does not parse, as text)."""
     eng = server.engine
     ends = set(eng.eos_token_ids) | set(eng.config.eos_token_ids)
-    cut = next((i for i, t in enumerate(tokens) if t in ends), len(tokens))
-    pad = eng.pad_token_id
-    ids = [t for t in tokens[:cut] if t != pad]
     if chat:
-        return parse_response(eng.tokenizer.decode(ids)).text
-    return eng.tokenizer.decode(ids, skip_special_tokens=True)
+        return parse_response_lenient(_decode(server, tokens, ends, eng.pad_token_id), partial=True).text
+    return _decode(server, tokens, ends, eng.pad_token_id, skip_special_tokens=True)
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
