@@ -177,11 +177,15 @@ def test_external_decoder_protocol_through_generate_stream(engine):
             break
     assert passes == sum(sum(b) for b in item.steps_per_block)
     assert torch.equal(item.sequences, Engine.generate(engine, [ids], **kw).sequences)
-    events = Engine.generate_stream(engine, [ids], external_decoder=True, **kw)
-    first = next(events)
-    assert first.kind == "decoder_pass"
-    with pytest.raises(DgemmaError, match="a DecoderPass must be answered with the hidden states"):
-        events.send(torch.zeros(3))
+    # Wrong answers to a DecoderPass: refused by name before the head runs (shape, hidden size, dtype, type).
+    for wrong in (lambda h: torch.zeros(3), lambda h: h[..., :7], lambda h: h.double(), lambda h: h[0],
+                  lambda h: None, lambda h: "h"):
+        events = Engine.generate_stream(engine, [ids], external_decoder=True, **kw)
+        first = next(events)
+        assert first.kind == "decoder_pass"
+        h = engine.model.denoise_hidden(first.canvas, first.cache, first.soft)
+        with pytest.raises(DgemmaError, match="a DecoderPass must be answered with the hidden states of its canvas"):
+            events.send(wrong(h))
 
 
 @pytest.mark.parametrize("dtype,quantization", [(torch.float32, None), (torch.bfloat16, None),

@@ -170,9 +170,13 @@ class Engine:
         """``ids`` validated as a [batch, length] batch of token ids, as a long tensor on the engine's device."""
         if not isinstance(ids, torch.Tensor):
             try:
-                ids = torch.as_tensor(ids, dtype=torch.long)
-            except (TypeError, ValueError, RuntimeError):
+                # NOTE: no dtype here: floats and bools are refused below instead of being truncated to ids.
+                ids = torch.as_tensor(ids)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
                 raise DgemmaError(f"{what} must be a [batch, length] tensor of token ids") from None
+            if ids.numel() == 0 and ids.is_floating_point():  # [[]]: no values, so no dtype to refuse
+                ids = ids.long()
+        _check_has_data(ids, what)
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise DgemmaError(f"{what} has dtype {ids.dtype}, expected an integer tensor of token ids")
         if ids.dim() != 2:
@@ -233,7 +237,13 @@ class Engine:
         """``mm_token_type_ids`` validated against ``ids``: [B, T] integers in 0..3 (None stays None)."""
         if mm_token_type_ids is None:
             return None
-        types = torch.as_tensor(mm_token_type_ids, device=self.device)
+        if isinstance(mm_token_type_ids, torch.Tensor):
+            _check_has_data(mm_token_type_ids, "mm_token_type_ids")
+        try:
+            types = torch.as_tensor(mm_token_type_ids, device=self.device)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise DgemmaError(f"mm_token_type_ids must be a [batch, length] tensor of integers 0..3 matching the input's "
+                              f"shape {list(ids.shape)}, got {type(mm_token_type_ids).__name__}") from None
         if list(types.shape) != list(ids.shape) or types.is_floating_point() or types.dtype == torch.bool:
             raise DgemmaError(f"mm_token_type_ids has shape {list(types.shape)} and dtype {types.dtype}, expected "
                               f"integers of the input's shape {list(ids.shape)}")
@@ -278,6 +288,9 @@ class Engine:
                 or positions.is_floating_point():
             got = list(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
             raise DgemmaError(f"{positions_name} has shape {got}, expected an integer tensor [{n}, {p}, 2]")
+        _check_has_data(pixels, pixels_name)
+        _check_has_data(positions, positions_name)
+        _check_finite(pixels, pixels_name, unit[:-1])
         k2 = v.pooling_kernel_size**2
         if n == 0 or p == 0 or p % k2:
             raise DgemmaError(f"{pixels_name} has {n} {unit} of {p} patches: expected at least one and a "
@@ -312,7 +325,9 @@ class Engine:
             if not isinstance(sc, torch.Tensor) or list(sc.shape) != expected or not sc.is_floating_point():
                 got = list(sc.shape) if isinstance(sc, torch.Tensor) else type(sc).__name__
                 raise DgemmaError(f"self_conditioning_logits has shape {got}, expected a float tensor {expected}")
+            _check_has_data(sc, "self_conditioning_logits")
             sc = sc.to(self.device)
+            _check_finite(sc, "self_conditioning_logits", "row")
         return self.model.denoise(canvas, cache, sc)
 
     # -- generation ----------------------------------------------------------------------------
@@ -376,6 +391,8 @@ class Engine:
         ``external_decoder=True``: before each denoising step a :class:`~dgemma.generation.DecoderPass` is
         yielded, and the consumer sends back the decoder's hidden states (``iterator.send(h)``), e.g. after
         running many generations' passes as one batch (what the server's scheduler does)."""
+        if not isinstance(external_decoder, bool):
+            raise DgemmaError(f"external_decoder must be True or False, got {external_decoder!r:.40}")
         ids = self.token_ids(input_ids)
         cache = kwargs.get("cache")
         mask = None if attention_mask is None else check_attention_mask(
@@ -384,7 +401,7 @@ class Engine:
         args["image_features"] = self.image_features(ids, pixel_values, image_position_ids)
         args["video_features"] = self.video_features(ids, pixel_values_videos, video_position_ids)
         args["mm_token_type_ids"] = self.token_types(mm_token_type_ids, ids)
-        args["external_decoder"] = bool(external_decoder)
+        args["external_decoder"] = external_decoder
         return self._run(ids, mask, args)
 
     @torch.inference_mode()
@@ -403,6 +420,8 @@ class Engine:
             confidence_threshold=confidence_threshold)
         b, t = ids.shape
         cfg = self.config
+        if cache is not None:
+            self._check_cache(cache, b)  # before anything reads the cache
         past = 0 if cache is None else cache.length
         blocks = -(-settings.max_new_tokens // cfg.canvas_length)
         end = past + t + blocks * cfg.canvas_length
@@ -455,6 +474,20 @@ class Engine:
             raise DgemmaError("cache was created by a different engine")
         if cache.batch != batch:
             raise DgemmaError(f"batch size {batch} does not match the cache's batch size {cache.batch}")
+
+
+def _check_has_data(t: torch.Tensor, name: str) -> None:
+    if t.device.type == "meta":
+        raise DgemmaError(f"{name} is on the meta device (a tensor without data): expected a tensor on the CPU or "
+                          f"the engine's device")
+
+
+def _check_finite(t: torch.Tensor, name: str, unit: str) -> None:
+    """Refuse NaN or infinite values (one host sync per call, on the entry points only)."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        first = int(bad.flatten(1).any(dim=1).nonzero()[0])
+        raise DgemmaError(f"{name} holds NaN or infinite values ({unit} {first}): expected finite values")
 
 
 def _all_tensors(w: ModelWeights) -> list:

@@ -10,7 +10,7 @@ import torch
 from .checkpoint import checkpoint_dtype, checkpoint_files, load_tensors
 from .config import ModelConfig
 from .engine import SUPPORTED_DTYPES, resolve_backend, resolve_device
-from .errors import CheckpointError, DgemmaError
+from .errors import CheckpointError, ConfigError, DgemmaError
 from .formats import detect_format
 from .sampler import read_generation_config
 from .text import TextEngine
@@ -69,6 +69,7 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
     elif dtype not in SUPPORTED_DTYPES:
         raise DgemmaError(f"dtype {dtype} is not supported (expected torch.float32 or torch.bfloat16)")
     settings, special = read_generation_config(path)
+    check_special_tokens(special, cfg.vocab_size, os.path.join(path, "generation_config.json"))
     transform = None
     if quantization == "fp8":
         transform = lambda key, t: fp8_transform(key, t, dev)  # noqa: E731
@@ -99,3 +100,13 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
     if max_batch is not None or max_context is not None:
         eng.check_memory(max_batch or 1, max_context or cfg.max_position_embeddings)
     return eng
+
+
+def check_special_tokens(special: dict, vocab_size: int, file: str) -> None:
+    """generation_config.json's eos/pad/bos ids must be in the vocabulary (config.json's vocab_size): an id
+    beyond it would fail every later generate, so it is refused at load."""
+    for key, value in special.items():
+        for i in value if isinstance(value, list) else [value]:
+            if not 0 <= i < vocab_size:
+                raise ConfigError(f"{file}: {key} = {value!r:.80} is outside the vocabulary: expected a token id in "
+                                  f"[0, {vocab_size}) (config.json's vocab_size {vocab_size})")

@@ -64,8 +64,18 @@ def render_chat(engine, conversations: list[list[dict]], *, tools=None, thinking
     (``pixel_values``/``image_position_ids``, ``pixel_values_videos``/``video_position_ids``; empty without
     any). Videos are decoded at 1 frame per second (at most 60 frames) with 70 soft tokens per frame, as
     Gemma4Processor does by default; each frame is written ``mm:ss <|image>`` + its tokens + ``<image|>``."""
+    from .tokenizer import check_text
+
+    check_thinking(thinking)
     tok, template = engine.tokenizer, engine.chat_template
+    _check_message_text(conversations)
     texts = [template.render(conv, tools=tools, thinking=thinking) for conv in conversations]
+    for i, text in enumerate(texts):
+        where = "" if len(texts) == 1 else f" for conversation {i}"
+        if not text.strip():
+            raise DgemmaError(f"the chat template ({getattr(engine, 'chat_template_file', None) or 'the checkpoint'}) "
+                              f"rendered nothing{where}: it must write the conversation's turns")
+        check_text(text, f"the rendered chat prompt{where}")
     media = [media_parts(conv) for conv in conversations]
     if not any(images or videos for images, videos in media):
         return [tok.encode(t) for t in texts], {}
@@ -140,6 +150,55 @@ def _is_messages(x) -> bool:
     return isinstance(x, list) and len(x) > 0 and all(isinstance(m, dict) for m in x)
 
 
+def check_thinking(thinking) -> None:
+    if not isinstance(thinking, bool):
+        raise DgemmaError(f"thinking must be True or False, got {thinking!r:.40}")
+
+
+def _check_message_text(conversations) -> None:
+    """Refuse message text the tokenizer cannot encode (an unpaired surrogate), naming the message; the
+    rendered prompt is checked again as a whole (tools, names, and what the template adds)."""
+    from .tokenizer import check_text
+
+    for c, conv in enumerate(conversations):
+        prefix = "" if len(conversations) == 1 else f"conversation {c}: "
+        for i, m in enumerate(conv):
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                check_text(content, f"{prefix}messages[{i}]['content']")
+            elif isinstance(content, list):
+                for j, part in enumerate(content):
+                    text = part.get("text") if isinstance(part, dict) else None
+                    if isinstance(text, str):
+                        check_text(text, f"{prefix}messages[{i}]['content'][{j}]['text']")
+
+
+def _kind(x) -> str | None:
+    """'text', 'chat' or 'ids' for one element of a batch of inputs, None for anything else."""
+    if isinstance(x, str):
+        return "text"
+    if _is_messages(x):
+        return "chat"
+    if isinstance(x, list) and x and all(isinstance(i, int) and not isinstance(i, bool) for i in x):
+        return "ids"
+    return None
+
+
+def _describe(x) -> str:
+    """What an input is, for error messages: 'str', 'list of float', 'empty list', 'Tensor' ..."""
+    if isinstance(x, list):
+        if not x:
+            return "an empty list"
+        kinds = sorted({type(i).__name__ for i in x})
+        return f"a list of {' and '.join(kinds)}"
+    name = type(x).__name__
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"
+
+
+_ACCEPTED = ("token ids (a [batch, length] tensor or lists of ints), a string, a list of strings, chat messages "
+             "(a list of dicts) or a list of conversations")
+
+
 def left_pad(rows: list[list[int]], pad_id: int) -> Prompt:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -154,8 +213,9 @@ def left_pad(rows: list[list[int]], pad_id: int) -> Prompt:
 def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tools=None,
             max_image_tokens: int = 280) -> Prompt:
     """Ids [B, T] (+ mask) for any accepted input form; text needs the checkpoint's tokenizer."""
-    if isinstance(inputs, torch.Tensor) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], list)
-                                            and inputs[0] and isinstance(inputs[0][0], int)):
+    check_thinking(thinking)
+    if isinstance(inputs, torch.Tensor) or (isinstance(inputs, list) and inputs
+                                            and all(_kind(x) == "ids" for x in inputs)):
         ids = engine.token_ids(inputs, "input_ids")
         mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
         if tools is not None or thinking:
@@ -168,8 +228,19 @@ def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tool
     if _is_messages(inputs):
         inputs = [inputs]
     if not isinstance(inputs, list) or not inputs:
-        raise DgemmaError(f"inputs must be token ids, a string, a list of strings or chat messages; "
-                          f"got {type(inputs).__name__}")
+        raise DgemmaError(f"inputs must be {_ACCEPTED}; got {_describe(inputs)}")
+    if _kind(inputs) == "ids":
+        raise DgemmaError("inputs is a flat list of ints: token ids are [batch, length]; pass one prompt's ids "
+                          "as [ids]")
+    kinds = [_kind(x) for x in inputs]
+    if None in kinds:
+        i = kinds.index(None)
+        raise DgemmaError(f"inputs[{i}] is {_describe(inputs[i])}; inputs must be {_ACCEPTED}")
+    if len(set(kinds)) > 1:
+        names = {"text": "strings", "chat": "chat messages", "ids": "token ids"}
+        raise DgemmaError(f"inputs mixes {' and '.join(names[k] for k in sorted(set(kinds)))}; pass one kind per call")
+    from .tokenizer import check_text
+
     tok = engine.tokenizer
     if all(isinstance(x, str) for x in inputs):
         if tools is not None or thinking:
@@ -178,6 +249,7 @@ def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tool
         for i, text in enumerate(inputs):
             if not text:
                 raise DgemmaError(f"prompt {i} is empty")
+            check_text(text, "text" if len(inputs) == 1 else f"inputs[{i}]")
             ids = tok.encode(text)
             if engine.add_bos and engine.bos_token_id is not None and (not ids or ids[0] != engine.bos_token_id):
                 ids = [engine.bos_token_id] + ids
@@ -190,8 +262,8 @@ def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tool
         if images:
             images["mm_token_type_ids"] = mm_token_types(prompt.ids, engine.config)
             prompt.images = images
-    else:
-        raise DgemmaError("inputs mixes strings and chat messages; pass one kind per call")
+    else:  # unreachable: every kind is checked above
+        raise DgemmaError(f"inputs must be {_ACCEPTED}; got {_describe(inputs)}")
     prompt.ids = engine.token_ids(prompt.ids, "input_ids")
     if prompt.attention_mask is not None:
         prompt.attention_mask = prompt.attention_mask.to(engine.device)

@@ -12,6 +12,20 @@ from .engine import Engine
 
 DEFAULT_CONTEXT = 32_768
 
+# generate() arguments a session sets itself, so send() refuses them (with why).
+_SESSION_ARGUMENTS = {
+    "cache": "the session keeps the conversation in its own cache",
+    "capacity": "the session sizes its own cache (eng.chat(context=...))",
+    "attention_mask": "a session's turns are never padded",
+    "thinking": "set it for the whole conversation with eng.chat(thinking=...)",
+    "tools": "set them for the whole conversation with eng.chat(tools=...)",
+    "pixel_values": "pass images as content parts of the message",
+    "image_position_ids": "pass images as content parts of the message",
+    "mm_token_type_ids": "pass images as content parts of the message",
+    "pixel_values_videos": "pass videos as content parts of the message",
+    "video_position_ids": "pass videos as content parts of the message",
+}
+
 
 class ChatSession:
     """A conversation with an engine.
@@ -23,15 +37,24 @@ class ChatSession:
 
     def __init__(self, engine, *, system: str | None = None, tools: list[dict] | None = None,
                  thinking: bool = False, context: int | None = None, max_new_tokens: int | None = None):
+        from .prompts import check_thinking
+
         if tools is not None:
             check_tools(tools)
+        check_thinking(thinking)
+        cfg = engine.config
+        for name, value in (("context", context), ("max_new_tokens", max_new_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise DgemmaError(f"{name} must be a positive integer or None, got {value!r:.80}")
+        if max_new_tokens is not None and max_new_tokens > cfg.max_position_embeddings:
+            raise DgemmaError(f"max_new_tokens {max_new_tokens} exceeds max_position_embeddings "
+                              f"{cfg.max_position_embeddings}")
         self.engine = engine
         self.tools = tools
         self.thinking = thinking
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
-        cfg = engine.config
-        self.context = min(context or DEFAULT_CONTEXT, cfg.max_position_embeddings)
-        self.max_new_tokens = max_new_tokens or engine.generation_settings.max_new_tokens
+        self.context = min(DEFAULT_CONTEXT if context is None else context, cfg.max_position_embeddings)
+        self.max_new_tokens = engine.generation_settings.max_new_tokens if max_new_tokens is None else max_new_tokens
         # Room to roll back one answer's committed blocks (see KVCache.truncate).
         self.budget = -(-self.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
         self.cache = None
@@ -51,6 +74,9 @@ class ChatSession:
         split: its tokens are kept whole or encoded again with its pixels). Where that is not possible
         (history rewritten further back than one answer), the conversation is re-encoded.
         """
+        taken = sorted(_SESSION_ARGUMENTS & generate_kwargs.keys())
+        if taken:
+            raise DgemmaError(f"ChatSession.send does not take {taken[0]}=: {_SESSION_ARGUMENTS[taken[0]]}")
         if not self._busy.acquire(blocking=False):
             raise DgemmaError("this ChatSession is already generating a reply (in another thread, or from a stream "
                               "callback): a session is one conversation, one turn at a time; use one session per "
@@ -126,7 +152,16 @@ class ChatSession:
 
     def send_tool_result(self, name: str, result, **generate_kwargs):
         """Send a tool's result back as a ``tool`` turn and generate the model's follow-up."""
-        content = result if isinstance(result, str) else json.dumps(result)
+        if not isinstance(name, str):
+            raise DgemmaError(f"send_tool_result: name must be the tool's name (a string), got {name!r:.80}")
+        if isinstance(result, str):
+            content = result
+        else:
+            try:
+                content = json.dumps(result)
+            except (TypeError, ValueError, RecursionError) as e:
+                raise DgemmaError(f"send_tool_result: result must be a string or JSON-serialisable (dicts, lists, "
+                                  f"strings, numbers, booleans, None), got {type(result).__name__} ({e})") from None
         return self.send({"role": "tool", "name": name, "content": content}, **generate_kwargs)
 
 

@@ -71,9 +71,13 @@ class ExternalStepper:
         self.model.encode(ids, self.cache)
 
     def draw(self, h, canvas: torch.Tensor, n: int, finished: torch.Tensor) -> Draw:
-        if not isinstance(h, torch.Tensor) or h.shape[:2] != canvas.shape:
-            raise DgemmaError(f"a DecoderPass must be answered with the hidden states [B, C, H] of its canvas "
-                              f"{list(canvas.shape)}; got {h if not isinstance(h, torch.Tensor) else list(h.shape)}")
+        expected = [*canvas.shape, self.model.cfg.hidden_size]
+        dtype = self.model.w.embed.dtype  # the residual stream's
+        if not isinstance(h, torch.Tensor) or list(h.shape) != expected or h.dtype != dtype \
+                or h.device != canvas.device:
+            got = f"{list(h.shape)} {h.dtype} on {h.device}" if isinstance(h, torch.Tensor) else f"{h!r:.60}"
+            raise DgemmaError(f"a DecoderPass must be answered with the hidden states of its canvas: a {dtype} "
+                              f"tensor {expected} on {canvas.device}; got {got}")
         return self.sampler.step(h, canvas, n, finished)
 
 

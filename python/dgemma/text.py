@@ -7,9 +7,11 @@ whose results carry decoded ``texts`` (and, for chat, parsed ``responses``: thin
 
 from __future__ import annotations
 
+import os
+
 from .chat import ChatTemplate, load_chat_template, parse_response
 from .engine import Engine
-from .errors import DgemmaError
+from .errors import CheckpointError, DgemmaError
 from .generation import GenerationResult
 from .prompts import Prompt, prepare
 from .tokenizer import Tokenizer
@@ -37,14 +39,30 @@ class TextEngine(Engine):
         return bool(self.tokenizer.config.get("add_bos_token", True))
 
     @property
+    def chat_template_file(self) -> str | None:
+        """The file the chat template comes from (``chat_template.jinja``, else ``tokenizer_config.json``)."""
+        if self.path is None:
+            return None
+        file = os.path.join(self.path, "chat_template.jinja")
+        return file if os.path.isfile(file) else os.path.join(self.path, "tokenizer_config.json")
+
+    @property
     def chat_template(self) -> ChatTemplate:
         """The checkpoint's own chat template (``chat_template.jinja`` or ``tokenizer_config.json``)."""
         if self._chat_template is None:
             tok = self.tokenizer
-            source = load_chat_template(self.path, tok.config)
+            file = self.chat_template_file
+            try:
+                source = load_chat_template(self.path, tok.config)
+            except OSError as e:
+                raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if source is None:
                 raise DgemmaError(f"{self.path}: the checkpoint has no chat template "
                                   f"(chat_template.jinja or tokenizer_config.json's chat_template)")
+            if not source.strip():
+                raise CheckpointError(f"{file}: the chat template is empty")
             self._chat_template = ChatTemplate(source, bos_token=tok.bos_token, eos_token=tok.eos_token)
         return self._chat_template
 

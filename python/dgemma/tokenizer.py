@@ -5,13 +5,26 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import CheckpointError
+from .config import MAX_CONFIG_BYTES
+from .errors import CheckpointError, DgemmaError
 
 
 def _token_text(v) -> str | None:
     if isinstance(v, dict):
-        return v.get("content")
+        v = v.get("content")
     return v if isinstance(v, str) else None
+
+
+def check_text(text, what: str = "text") -> None:
+    """Refuse what the tokenizer cannot encode: a non-string, or a string with an unpaired surrogate
+    (not valid Unicode text; e.g. half of an emoji's UTF-16 pair)."""
+    if not isinstance(text, str):
+        raise DgemmaError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DgemmaError(f"{what} has an unpaired surrogate (U+{ord(text[e.start]):04X}) at index {e.start}: "
+                          f"expected valid Unicode text") from None
 
 
 class Tokenizer:
@@ -29,11 +42,8 @@ class Tokenizer:
         self.config: dict = {}
         cfg_file = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(cfg_file):
-            try:
-                with open(cfg_file, encoding="utf-8") as f:
-                    self.config = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+            self.config = _read_config(cfg_file)
+        check_template_file(os.path.join(path, "chat_template.jinja"))
         self.bos_token = _token_text(self.config.get("bos_token")) or "<bos>"
         self.eos_token = _token_text(self.config.get("eos_token")) or "<eos>"
         self.pad_token = _token_text(self.config.get("pad_token")) or "<pad>"
@@ -47,7 +57,45 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` exactly as written: special tokens in the text are recognised, none are added."""
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _read_config(file: str) -> dict:
+    """``tokenizer_config.json``: a JSON object, with ``add_bos_token`` (when set) a JSON boolean."""
+    try:
+        if os.path.getsize(file) > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{file}: more than the limit of {MAX_CONFIG_BYTES} bytes for a config file")
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    add_bos = config.get("add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise CheckpointError(f"{file}: add_bos_token = {add_bos!r:.40}, expected true or false")
+    return config
+
+
+def check_template_file(file: str) -> None:
+    """A ``chat_template.jinja`` that is there must be readable UTF-8 text (checked with the tokenizer files, so
+    that a corrupt one is a checkpoint error before any turn is rendered)."""
+    if not os.path.isfile(file):
+        return
+    try:
+        if os.path.getsize(file) > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{file}: more than the limit of {MAX_CONFIG_BYTES} bytes for a chat template")
+        with open(file, "rb") as f:
+            f.read().decode("utf-8")
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
