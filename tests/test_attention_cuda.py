@@ -344,7 +344,9 @@ gen = torch.Generator(device="cuda").manual_seed(9)
 def randn(*s, scale=1.0):
     return (torch.randn(*s, generator=gen, device="cuda") * scale).to(torch.bfloat16)
 out = {}
-for name, lens, t, splits in (("decoder", [1500, 40], 256, None), ("decoder_split", [3000, 7], 77, 4)):
+# decoder_short: 27 and 20 keys, one key tile (a pipeline whose later stages hold nothing).
+for name, lens, t, splits in (("decoder", [1500, 40], 256, None), ("decoder_split", [3000, 7], 77, 4),
+                              ("decoder_short", [7, 0], 20, None)):
     ck, cv = randn(2, 8, 1023, 256), randn(2, 8, 1023, 256)
     q = randn(2, t, 16, 256, scale=1.5 / 16).transpose(1, 2)
     tk, tv = randn(2, t, 8, 256).transpose(1, 2), randn(2, t, 8, 256).transpose(1, 2)

@@ -73,8 +73,22 @@ def test_fp8_self_conditioning_generates_like_the_bf16_pass(monkeypatch):
     b = eng.generate(ids, seed=5, max_new_tokens=512, max_denoising_steps=6, eos_token_id=[])
     assert torch.equal(a.sequences, b.sequences)
     first_fp8 = eng.generate(ids, seed=5, max_new_tokens=256, max_denoising_steps=1, eos_token_id=[])
+    # The generation really took the FP8 pass: its self-conditioning input is the FP8 product's (a first step's soft
+    # from the engine's own sampler), not the bf16 one's.
+    from dgemma.sampler import GenerationSettings, PhiloxHeadSampler
+
+    cache = eng.encode(ids)
+    canvas = torch.randint(0, eng.config.vocab_size, (2, eng.config.canvas_length), device="cuda")
+    h = eng.model.denoise_hidden(canvas, cache)
+    sampler = PhiloxHeadSampler(eng.model, GenerationSettings(), torch.Generator().manual_seed(0), eng.device)
+    done = torch.zeros(2, dtype=torch.bool, device="cuda")
+    soft_fp8 = sampler.step(h, canvas, 6, done).soft
     monkeypatch.delenv("DGEMMA_VOCAB_HEAD_SOFT")
     eng.model.w.embed_fp8 = None
+    sampler.counter = 0
+    soft_bf16 = sampler.step(h, canvas, 6, done).soft
+    rel = float((soft_fp8.float() - soft_bf16.float()).norm() / soft_bf16.float().norm())
+    assert 1e-4 < rel <= 3.5e-2, rel
     first_bf16 = eng.generate(ids, seed=5, max_new_tokens=256, max_denoising_steps=1, eos_token_id=[])
     assert torch.equal(first_fp8.sequences, first_bf16.sequences)
 

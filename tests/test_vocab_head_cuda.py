@@ -312,8 +312,8 @@ FP8_SOFT_SHAPES = [(1, 256, 262144, 2816), (4, 256, 262144, 2816), (2, 37, 1000,
 
 @pytest.mark.parametrize("b,c,v,hidden", FP8_SOFT_SHAPES)
 def test_fp8_self_conditioning_matches_its_reference(b, c, v, hidden):
-    """The FP8 pass against its own reference (e4m3 probabilities and table, exact products; the kernels' z differs
-    from the reference's by the bf16 GEMM's summation order, so a few e4m3 codes round the other way) and against the
+    """The FP8 pass against its own reference (e5m2 probabilities, e4m3 table, exact products; the kernels' z differs
+    from the reference's by the bf16 GEMM's summation order, so a few FP8 codes round the other way) and against the
     bf16 pass within the stated error; every other output is the bf16-pass call's, bit for bit (the same statistics
     pass)."""
     from test_vocab_head_fp8_soft import FP8_SOFT_BOUND

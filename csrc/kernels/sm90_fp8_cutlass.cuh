@@ -35,15 +35,18 @@ namespace dgemma::kernels {
 // MainloopSchedule: FP8FastAccum (the default) lets the tensor cores accumulate a whole K loop, which is exact enough
 // for the K of a linear layer (a few thousand); KernelTmaWarpSpecializedCooperative adds each 128-deep K tile's
 // products to fp32 accumulators in registers (CUTLASS's promotion), for reductions as long as a vocabulary.
+// ElementX: the tokens' FP8 format, e4m3 (the weights are e4m3); e5m2 for operands that need its range (the vocabulary
+// head's probabilities).
 template <int TileN, class StrideW_, class StrideX_, class StrideD_, class RowScaleStride, class SchedulerTag,
           int ClusterM = 1, int ClusterN = 1,
-          class MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>
+          class MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum,
+          class ElementX_ = cutlass::float_e4m3_t>
 struct ScaledFp8Gemm {
   using StrideW = StrideW_;
   using StrideX = StrideX_;
   using StrideD = StrideD_;
   using ElementW = cutlass::float_e4m3_t;
-  using ElementX = cutlass::float_e4m3_t;
+  using ElementX = ElementX_;
   using ElementD = cutlass::bfloat16_t;
   static constexpr int kAlignFp8 = 16;
   static constexpr int kAlignD = 8;

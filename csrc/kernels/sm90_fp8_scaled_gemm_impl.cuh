@@ -23,15 +23,17 @@ using cute::Stride;
 // clusters of Cluster x Cluster tiles (1: none), or (Scheduler = StreamKScheduler) CUTLASS's stream-K scheduler: where
 // the tiles would leave SMs idle (a few hundred rows, a few thousand output channels) their K loops are shared out
 // over the SMs and the partial sums reduced in a fixed order (deterministic), before the same epilogue.
-// Mainloop: the accumulation of ScaledFp8Gemm (FP8FastAccum unless a reduction is too long for it).
+// Mainloop: the accumulation of ScaledFp8Gemm (FP8FastAccum unless a reduction is too long for it); ElementX: the
+// tokens' FP8 format (e4m3 unless they need e5m2's range).
 template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler,
-          class Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>
+          class Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum,
+          class ElementX = cutlass::float_e4m3_t>
 struct ScaledGemm : ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<int64_t, _1, int64_t>,
                                   Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>, Scheduler, Cluster, Cluster,
-                                  Mainloop> {
+                                  Mainloop, ElementX> {
   using Base = ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<int64_t, _1, int64_t>,
                              Stride<_1, int64_t, int64_t>, Stride<_0, _1, int64_t>, Scheduler, Cluster, Cluster,
-                             Mainloop>;
+                             Mainloop, ElementX>;
 
   static typename Base::Gemm::Arguments arguments(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
     auto args = Base::arguments(cutlass::gemm::GemmUniversalMode::kGemm, p.n_out, p.rows, p.k, 1, p.w, 0, p.w_scale,
@@ -50,17 +52,19 @@ struct ScaledGemm : ScaledFp8Gemm<TileN, Stride<int64_t, _1, int64_t>, Stride<in
 };
 
 template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler,
-          class Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>
+          class Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum,
+          class ElementX = cutlass::float_e4m3_t>
 size_t workspace_bytes(const Fp8ScaledGemmProblem& p, int sm_count, int device) {
-  using G = ScaledGemm<TileN, Cluster, Scheduler, Mainloop>;
+  using G = ScaledGemm<TileN, Cluster, Scheduler, Mainloop, ElementX>;
   return G::Gemm::get_workspace_size(G::arguments(p, sm_count, device));
 }
 
 template <int TileN, int Cluster = 1, class Scheduler = cutlass::gemm::PersistentScheduler,
-          class Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>
+          class Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum,
+          class ElementX = cutlass::float_e4m3_t>
 cudaError_t run(const Fp8ScaledGemmProblem& p, void* workspace, size_t bytes, int sm_count, int device,
                 cudaStream_t stream) {
-  using G = ScaledGemm<TileN, Cluster, Scheduler, Mainloop>;
+  using G = ScaledGemm<TileN, Cluster, Scheduler, Mainloop, ElementX>;
   if (p.rows == 0) return cudaSuccess;
   if (!fp8_gemm_operands_fit(p.w, p.x, p.out, p.n_out, p.ldo)) return cudaErrorInvalidValue;
   // Stream-K kernels are compiled without grid dependency control (fp8_scaled_gemm_streamk.cu): launched plainly.

@@ -120,7 +120,7 @@ struct VocabHeadLayout {
 
   // parts: partials per row; soft_splits: fp32 split-K partial sums of the mma.sync P·E pass (0: none);
   // cutlass_bytes: the CUTLASS GEMMs' own workspace (the wgmma passes; 0: none); fp8_soft: room for the FP8 P·E
-  // pass's operand (e4m3 probabilities [rows, vocab_pad]) and its per-row scales.
+  // pass's operand (e5m2 probabilities [rows, vocab_pad]) and its per-row scales.
   static VocabHeadLayout make(int batch, int canvas, int vocab, int dim, int64_t parts, int soft_splits,
                               size_t cutlass_bytes, bool with_soft, bool fp8_soft = false) {
     VocabHeadLayout l;

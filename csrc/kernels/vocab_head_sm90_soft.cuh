@@ -64,10 +64,14 @@ __global__ void __launch_bounds__(256) vocab_head_rescale_kernel(const VocabHead
   *q = v;
 }
 
-// The FP8 variant of step 1 (p.embed_fp8 set): the e4m3 operand P8 = e4m3(448 · q · exp(chunk max − row max)) (the
-// probabilities relative to the row's most likely token, so the largest is 448, e4m3's largest) into l.probs_fp8,
-// and each row's dequantisation scale soft_scale · exp(row max − lse) / 448 into l.soft_row_scale: then
-// P8[r, v] · scale[r] = soft_scale · p[r, v] up to e4m3 rounding. One thread per ProbsSlot.
+// The largest e5m2 value: the FP8 probabilities' top (python/dgemma/vocab_head.py P_FP8_MAX).
+constexpr float kProbsFp8Max = 57344.f;
+
+// The FP8 variant of step 1 (p.embed_fp8 set): the e5m2 operand P8 = e5m2(57344 · q · exp(chunk max − row max)) (the
+// probabilities relative to the row's most likely token, so the largest is e5m2's largest; e5m2, not e4m3, for its
+// range: a long tail of tokens 12-22 nats below the top keeps its mass, which e4m3 would flush to zero) into
+// l.probs_fp8, and each row's dequantisation scale soft_scale · exp(row max − lse) / 57344 into l.soft_row_scale:
+// then P8[r, v] · scale[r] = soft_scale · p[r, v] up to e5m2 rounding. One thread per ProbsSlot.
 __global__ void __launch_bounds__(256) vocab_head_rescale_fp8_kernel(const VocabHeadParams p,
                                                                      const VocabHeadLayout l) {
   pdl_begin();
@@ -76,8 +80,9 @@ __global__ void __launch_bounds__(256) vocab_head_rescale_fp8_kernel(const Vocab
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
   const float row_max = p.max_logit[s.row];
   if (s.col == 0)
-    reinterpret_cast<float*>(ws + l.soft_row_scale)[s.row] = p.soft_scale * (__expf(row_max - p.lse[s.row]) / 448.f);
-  const float scale = 448.f * __expf(s.chunk_max - row_max);
+    reinterpret_cast<float*>(ws + l.soft_row_scale)[s.row] =
+        p.soft_scale * (__expf(row_max - p.lse[s.row]) / kProbsFp8Max);
+  const float scale = kProbsFp8Max * __expf(s.chunk_max - row_max);
   const uint4 q = *reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(ws + l.probs) +
                                                   s.row * l.vocab_pad + s.col);
   const uint32_t words[4] = {q.x, q.y, q.z, q.w};
@@ -86,7 +91,7 @@ __global__ void __launch_bounds__(256) vocab_head_rescale_fp8_kernel(const Vocab
   for (int j = 0; j < 4; ++j) {
     const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[j]));
     const __nv_fp8x2_storage_t pair =
-        __nv_cvt_float2_to_fp8x2(make_float2(f.x * scale, f.y * scale), __NV_SATFINITE, __NV_E4M3);
+        __nv_cvt_float2_to_fp8x2(make_float2(f.x * scale, f.y * scale), __NV_SATFINITE, __NV_E5M2);
     out[j / 2] |= static_cast<uint32_t>(pair) << (16 * (j % 2));
   }
   *reinterpret_cast<uint2*>(ws + l.probs_fp8 + s.row * l.vocab_pad + s.col) = make_uint2(out[0], out[1]);

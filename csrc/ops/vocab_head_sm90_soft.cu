@@ -18,13 +18,14 @@ static_assert(VocabSoftGemm::Kernel::SharedStorageSize <= 232448, "the P·E GEMM
 
 namespace {
 
-// The FP8 P·E GEMM: the dense FP8 GEMM's kernel (weights = Eᵀ in e4m3 [dim, vocab_pad], tokens = the e4m3
+// The FP8 P·E GEMM: the dense FP8 GEMM's kernel (weights = Eᵀ in e4m3 [dim, vocab_pad], tokens = the e5m2
 // probabilities [rows, vocab_pad], out = soft [rows, dim], the scales in its epilogue) with 128-row token tiles, the
 // K loop (the vocabulary) shared out over the SMs by the stream-K scheduler (a few dozen output tiles, each 2,048 K
 // tiles deep) and reduced in a fixed order, and fp32 promotion of every K tile (FP8FastAccum's tensor-core
 // accumulation is not exact enough over 262,144 products).
-using SoftFp8Gemm = sm90_fp8_scaled::ScaledGemm<128, 1, cutlass::gemm::StreamKScheduler,
-                                                cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+using SoftMainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using SoftFp8Gemm =
+    sm90_fp8_scaled::ScaledGemm<128, 1, cutlass::gemm::StreamKScheduler, SoftMainloop, cutlass::float_e5m2_t>;
 static_assert(SoftFp8Gemm::Kernel::SharedStorageSize <= 232448, "the FP8 P·E GEMM's shared memory");
 
 Fp8ScaledGemmProblem soft_fp8_problem(const VocabHeadParams& p, const VocabHeadLayout& l) {
@@ -45,9 +46,8 @@ Fp8ScaledGemmProblem soft_fp8_problem(const VocabHeadParams& p, const VocabHeadL
 }  // namespace
 
 size_t sm90_soft_fp8_workspace(const VocabHeadParams& p, const VocabHeadLayout& l, int sms) {
-  return sm90_fp8_scaled::workspace_bytes<128, 1, cutlass::gemm::StreamKScheduler,
-                                          cutlass::gemm::KernelTmaWarpSpecializedCooperative>(soft_fp8_problem(p, l),
-                                                                                               sms, 0);
+  return sm90_fp8_scaled::workspace_bytes<128, 1, cutlass::gemm::StreamKScheduler, SoftMainloop,
+                                          cutlass::float_e5m2_t>(soft_fp8_problem(p, l), sms, 0);
 }
 
 int sm90_soft_splits(int64_t rows, int dim, int vocab, int sms) { return VocabSoftGemm::splits(rows, dim, vocab, sms); }
@@ -63,8 +63,7 @@ cudaError_t sm90_soft(const VocabHeadParams& p, const VocabHeadLayout& l, int sm
                                           256, 0, stream, p, l);
     if (err != cudaSuccess) return err;
     unsigned char* ws = static_cast<unsigned char*>(p.workspace);
-    return sm90_fp8_scaled::run<128, 1, cutlass::gemm::StreamKScheduler,
-                                cutlass::gemm::KernelTmaWarpSpecializedCooperative>(
+    return sm90_fp8_scaled::run<128, 1, cutlass::gemm::StreamKScheduler, SoftMainloop, cutlass::float_e5m2_t>(
         soft_fp8_problem(p, l), ws + l.cutlass, l.total - l.cutlass, sms, device, stream);
   }
   cudaError_t err = launch_kernel(vocab_head_rescale_kernel, static_cast<unsigned>(ceil_div(threads, 256)), 256, 0,

@@ -71,7 +71,7 @@ def step_workspace_bytes(cfg: ModelConfig, batch: int, context: int, dtype: torc
     if os.environ.get("DGEMMA_VOCAB_HEAD_STATS", "").startswith("two_pass"):
         head += tokens * vocab_pad * 4  # the two-pass statistics keep the fp32 logits between their passes
     if os.environ.get("DGEMMA_VOCAB_HEAD_SOFT") == "fp8":
-        # The e4m3 probabilities and row scales of the FP8 P·E pass, and its e4m3 table Eᵀ with its channel scales
+        # The e5m2 probabilities and row scales of the FP8 P·E pass, and its e4m3 table Eᵀ with its channel scales
         # (held from load on, counted here with the head that reads it).
         head += tokens * (vocab_pad + 4) + cfg.hidden_size * (vocab_pad + 4)
     logits = head if fused_vocab_head else 4 * tokens * cfg.vocab_size * 4

@@ -30,7 +30,7 @@ def head_impl(impl: str | None = None) -> str:
 
 def soft_precision() -> str:
     """The self-conditioning product's precision, DGEMMA_VOCAB_HEAD_SOFT (looked up at each call): "bf16" (the
-    default) or "fp8" (P·E on FP8 tensor cores: the probabilities and Eᵀ in e4m3, half the bf16 pass's time on
+    default) or "fp8" (P·E on FP8 tensor cores: the probabilities in e5m2, Eᵀ in e4m3, half the bf16 pass's time on
     paper; its error against bf16 is stated in tests/test_vocab_head_fp8_soft.py). The engine reads it when it
     loads weights (:meth:`CudaOps.prepare_weights` builds the FP8 table)."""
     return _ext.implementation(None, "DGEMMA_VOCAB_HEAD_SOFT", SOFT_PRECISIONS, "bf16",
