@@ -706,6 +706,22 @@ def test_stopping_on_the_device_reports_a_non_finite_step_as_the_host_loop_does(
     assert "block 0, denoising step 4, first non-finite output at decoder layer 1" in at_once[0]
 
 
+def test_a_caches_block_states_are_bounded():
+    """One DeviceBlock per (steps, stability, confidence): generations with ever new settings keep the latest few."""
+    from dgemma.steps import MAX_DEVICE_BLOCKS
+
+    eng = engine(fused=True, canvas=16)
+    cache = eng.new_cache(1, 64)
+    eng.encode(ids(1, 20), cache=cache)
+    sampler = PhiloxHeadSampler(eng.model, GenerationSettings(), torch.Generator().manual_seed(0), eng.device)
+    stepper = CudaGraphStepper(eng.model, cache, sampler, graph_factory=ReplayCheckingFactory())
+    done = torch.zeros(1, dtype=torch.bool)
+    for steps in range(3, 9):
+        run = stepper.begin_block(ids(1, 16), done, GenerationSettings(max_denoising_steps=steps))
+        assert run.drafts.shape[0] == steps and bool(run.go) and int(run.ran) == 0
+    assert [key[0] for key in stepper.blocks] == list(range(9 - MAX_DEVICE_BLOCKS, 9))
+
+
 def test_stop_on_device_setting_is_checked_and_falls_back_where_conditionals_cannot_be_captured(monkeypatch, caplog):
     monkeypatch.setenv("DGEMMA_STOP_ON_DEVICE", "yes")
     with pytest.raises(DgemmaError, match="DGEMMA_STOP_ON_DEVICE='yes' is not 0 or 1"):

@@ -36,6 +36,8 @@ log = logging.getLogger("dgemma")
 
 # Graphs kept per cache: the first step, the later steps and the commit pass of two prefix buckets.
 MAX_GRAPHS_PER_CACHE = 6
+# Block states (DeviceBlock) kept per cache for DGEMMA_STOP_ON_DEVICE, one per (steps, stability, confidence).
+MAX_DEVICE_BLOCKS = 4
 
 
 def keep_stopped_rows(draw: Draw, finished: torch.Tensor, argmax: torch.Tensor, canvas: torch.Tensor,
@@ -240,6 +242,8 @@ class CudaGraphStepper(FusedHeadStepper):
         run = self.blocks.get(key)
         if run is None:
             run = self.blocks[key] = DeviceBlock(key, canvas.shape[0], canvas.shape[1], self.cache.device)
+            while len(self.blocks) > MAX_DEVICE_BLOCKS:  # the oldest settings' state (its graphs keep theirs alive)
+                self.blocks.pop(next(iter(self.blocks)))
         self.canvas.copy_(canvas)
         self.finished.zero_()
         run.finished_seq.copy_(finished_seq)
