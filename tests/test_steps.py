@@ -250,7 +250,7 @@ def graphed(eng, factory):
             s = cache._graph_stepper = CudaGraphStepper(engine.model, cache, sampler, graph_factory=factory)
             factory.cache = cache
         s.bind(sampler)
-        s.stops_on_device = stops_on_device(factory)
+        s.stops_on_device = s.conditional_failed is None and stops_on_device(factory)
         return s
     return stepper
 
@@ -704,6 +704,40 @@ def test_stopping_on_the_device_reports_a_non_finite_step_as_the_host_loop_does(
     at_once = failure(on_device=False)
     assert failure(on_device=True) == at_once
     assert "block 0, denoising step 4, first non-finite output at decoder layer 1" in at_once[0]
+
+
+def test_a_conditional_capture_that_fails_leaves_the_other_graphs_and_stops_on_the_host(monkeypatch, caplog):
+    """Capturing a gated step fails (a torch or driver without conditional nodes in practice): that block finishes
+    eagerly, the cache's later generations stop on the host with the step and commit graphs still replayed, and
+    the results are those of stopping at once."""
+    import dgemma.generation as generation
+
+    eng = engine(fused=True, canvas=16)
+    x = ids(2, 20)
+    kw = _stop_kw(eng, x, "late")
+    capacity = 2 * (20 + 64)
+    monkeypatch.setattr(FusedHeadStepper, "rewind", None)
+    cache = eng.new_cache(2, capacity)
+    at_once = [_generate_with_events(eng, x, cache=cache, **kw),
+               _generate_with_events(eng, x, cache=cache, **dict(kw, seed=4))]
+    monkeypatch.undo()
+    monkeypatch.setenv("DGEMMA_STOP_ON_DEVICE", "1")
+
+    class NoConditionals(ReplayCheckingFactory):
+        def capture_conditional(self, fn, pred, device, writes):
+            raise RuntimeError("conditional nodes are not supported here")
+
+    monkeypatch.setattr(generation, "make_stepper", graphed(eng, NoConditionals()))
+    cache = eng.new_cache(2, capacity)
+    with caplog.at_level("WARNING", logger="dgemma"):
+        first = _generate_with_events(eng, x, cache=cache, **kw)
+    stepper = cache._graph_stepper
+    assert "blocks stop on the host again" in caplog.text and "conditional nodes are not supported" in caplog.text
+    assert stepper.failed is None and stepper.conditional_failed and stepper.captures == 1  # the commit pass
+    second = _generate_with_events(eng, x, cache=cache, **dict(kw, seed=4))
+    assert not stepper.stops_on_device and stepper.failed is None and stepper.captures == 3  # + first, later steps
+    _same_run(first, at_once[0])
+    _same_run(second, at_once[1])
 
 
 def test_a_caches_block_states_are_bounded():

@@ -168,6 +168,7 @@ class DeviceBlock:
             if stability:
                 self.stopper.history = torch.full((stability, batch, canvas), -1, **i64)
         self.counter = 0  # the sampler's step counter when the block began
+        self.stopped = False  # the host has read that the block stopped (a step without a graph yet read `go`)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a gated step writes (a stand-in capture that runs the step puts them back)."""
@@ -192,6 +193,8 @@ class CudaGraphStepper(FusedHeadStepper):
         self.graph_factory = graph_factory or CudaGraphFactory()
         self.captures = self.replays = 0
         self.failed: str | None = None  # why capturing failed (then every step runs eagerly)
+        # Why capturing a gated step (a conditional node) failed: then blocks stop on the host again, graphs stay.
+        self.conditional_failed: str | None = None
         self.stops_on_device = False  # generate runs the block's steps gated on the device (begin_block)
         self.blocks: dict[tuple, DeviceBlock] = {}
 
@@ -253,6 +256,7 @@ class CudaGraphStepper(FusedHeadStepper):
         run.bad.zero_()
         run.stopper.reset()
         run.counter = self.sampler.counter
+        run.stopped = False
         return run
 
     @torch.inference_mode()
@@ -263,16 +267,20 @@ class CudaGraphStepper(FusedHeadStepper):
         cache = self.cache
         prefix = cache.prefix_view(self.lengths)
         key = ("gated", first, prefix.bound, cache.has_padding, self.sampler.launch_settings(), run.key)
-        entry = self.graphs.get(key) if self.failed is None else None
+        capturing = self.failed is None and self.conditional_failed is None
+        entry = self.graphs.get(key) if capturing else None
         if entry is not None:
             self.graphs.move_to_end(key)
             entry.graph.replay()
             self.replays += 1
             return
-        if not bool(run.go):
+        # No graph for this step: it runs eagerly if the block still runs, read on the host (once: a stopped block
+        # stays stopped).
+        if run.stopped or not bool(run.go):
+            run.stopped = True
             return
         self._gated(run, first, prefix)
-        if self.failed is None:
+        if capturing:
             self._capture(key, lambda: self._gated(run, first, prefix), gated_on=run, holds=run)
 
     def end_block(self, run: DeviceBlock) -> tuple[int, bool]:
@@ -315,8 +323,14 @@ class CudaGraphStepper(FusedHeadStepper):
                 writes = gated_on.tensors() + [self.canvas, self.soft, self.finished]
                 graph, out = self.graph_factory.capture_conditional(fn, gated_on.go, self.cache.device, writes)
         except Exception as e:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly
-            self.failed = f"{type(e).__name__}: {e}"
+            why = f"{type(e).__name__}: {e}"
             self.graph_factory.recover(self.cache.device)
+            if gated_on is not None:
+                self.conditional_failed = why
+                log.warning("dgemma: capturing a step under a conditional graph node failed; blocks stop on the host "
+                            "again (DGEMMA_STOP_ON_DEVICE is off for this cache): %s", why)
+                return
+            self.failed = why
             log.warning("dgemma: CUDA graph capture failed, denoising steps run without graphs (%s)", self.failed)
             return
         self.captures += 1
@@ -421,7 +435,7 @@ def make_stepper(engine, cache: KVCache, sampler):
             return FusedHeadStepper(model, cache, sampler)
         stepper = cache._graph_stepper = CudaGraphStepper(model, cache, sampler)
     stepper.bind(sampler)
-    stepper.stops_on_device = stops_on_device(stepper.graph_factory)
+    stepper.stops_on_device = stepper.conditional_failed is None and stops_on_device(stepper.graph_factory)
     return stepper
 
 
