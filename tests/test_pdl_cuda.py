@@ -1,7 +1,7 @@
 """Programmatic dependent launch (DGEMMA_PDL=1, csrc/kernels/pdl.cuh): every dgemma kernel may start while the one
 before it finishes, and waits for it before touching memory. The results must be those of ordinary launches bit for
 bit: a denoising step's logits, the FP8 expert pipeline (shared experts included), and generate eagerly and from CUDA
-graphs, with either vocabulary-head implementation. DGEMMA_PDL is read once per process, so each setting runs in its own process."""
+graphs (the stop decided on the device too), with either vocabulary-head implementation. DGEMMA_PDL is read once per process, so each setting runs in its own process."""
 
 import os
 import subprocess
@@ -41,6 +41,14 @@ cache = eng.new_cache(1, 77 + 512 + 512)
 out["wgmma_graphs"] = eng.generate(ids[:1], seed=3, cache=cache, **kw).sequences.cpu()
 assert cache._graph_stepper.failed is None, cache._graph_stepper.failed
 del os.environ["DGEMMA_VOCAB_HEAD"]
+# The stop decided on the device: the steps captured under conditional graph nodes (programmatic launches inside
+# their bodies with DGEMMA_PDL=1).
+os.environ["DGEMMA_STOP_ON_DEVICE"] = "1"
+cache = eng.new_cache(1, 77 + 512 + 512)
+out["stop_on_device"] = eng.generate(ids[:1], seed=3, cache=cache, **kw).sequences.cpu()
+stepper = cache._graph_stepper
+assert stepper.failed is None and stepper.conditional_failed is None, (stepper.failed, stepper.conditional_failed)
+del os.environ["DGEMMA_STOP_ON_DEVICE"]
 
 # The expert pipeline at the model's shapes, shared experts included, at a size that plans on every SM.
 H, I, E = 2816, 704, 131
@@ -73,3 +81,4 @@ def test_programmatic_launches_give_the_results_of_ordinary_ones(tmp_path):
         assert torch.equal(plain[key], pdl[key]), key
     assert torch.equal(plain["graphs"], plain["eager"])
     assert torch.equal(plain["wgmma_graphs"], plain["wgmma_eager"])
+    assert torch.equal(plain["stop_on_device"], plain["eager"])
