@@ -44,7 +44,7 @@ OPS = (
 )
 NO_ERROR_PATH = {"version", "built_with_cuda", "cuda_runtime_version", "vocab_head_unsupported",
                  "attention_head_dim_supported", "moe_route_unsupported", "ffn_residual_experts_unsupported",
-                 "moe_shared_experts_unsupported", "moe_plan_scratch_ints"}
+                 "moe_shared_experts_unsupported", "moe_plan_scratch_ints", "moe_gemm_tile"}
 
 
 @dataclass

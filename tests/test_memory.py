@@ -62,3 +62,21 @@ def test_the_two_pass_head_statistics_add_their_fp32_logits_to_the_plan(monkeypa
         assert extra == 4 * cfg.canvas_length * 262144 * 4 == 2**30
     monkeypatch.setenv("DGEMMA_VOCAB_HEAD_STATS", "cooperative")
     assert step_workspace_bytes(cfg, 4, 2048, torch.bfloat16, fused_vocab_head=True) == base
+
+
+def test_the_moe_rows_are_padded_to_the_extensions_expert_gemm_tile(monkeypatch):
+    """The plan counts the MoE's rows as the CUDA pipeline pads them: each expert's to the token tile the extension
+    chooses (asked of dgemma._C, not restated); without the extension, the routed rows."""
+    from dgemma import _ext
+    from dgemma.memory import _moe_rows
+
+    lib = _ext.extension()
+    # One 256-token canvas (top-8 of 128 experts: ~16 rows each), four canvases, a prefill.
+    for routed, tile in ((2048, 32), (8192, 64), (262144, 128)):
+        assert lib.moe_gemm_tile(routed, 128) == tile
+        assert _moe_rows(routed, 128) == routed + 128 * (tile - 1)
+
+    def missing():
+        raise dgemma.BackendUnavailableError("no extension")
+    monkeypatch.setattr(_ext, "extension", missing)
+    assert _moe_rows(2048, 128) == 2048

@@ -18,6 +18,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/moe_plan_limits.h"
+
 namespace dgemma::kernels {
 
 struct MoeGemmProblem {
@@ -35,8 +37,8 @@ struct MoeGemmProblem {
   int64_t ldo = 0;
 };
 
-// Token-tile widths compiled (one .cu file each).
-constexpr int kMoeGemmTiles[] = {32, 64, 128};
+// Token-tile widths compiled (one .cu file each): kMoeGemmTiles, and the choice by rows per expert,
+// choose_moe_gemm_tile, in moe_plan_limits.h (host-only: the memory plan asks it too).
 
 #define DGEMMA_DECLARE_MOE_GEMM(N)                                                                          \
   size_t sm90_moe_gemm_n##N##_workspace_bytes(const MoeGemmProblem& p, int sm_count, int device);            \
@@ -47,14 +49,6 @@ DGEMMA_DECLARE_MOE_GEMM(64)
 DGEMMA_DECLARE_MOE_GEMM(128)
 #undef DGEMMA_DECLARE_MOE_GEMM
 
-// NOTE: the expert weights dominate the bytes and each (expert, weight tile) is read once per token tile of
-// that expert, so the tile should cover a typical expert's rows once; narrower tiles pad less. ~16 rows per
-// expert at one 256-token canvas (top-8 of 128 experts) -> 32; ~64 at four canvases -> 64; prefill -> 128.
-inline int choose_moe_gemm_tile(int64_t routed_rows, int experts) {
-  const int64_t per_expert = routed_rows / (experts > 0 ? experts : 1);
-  if (per_expert <= 24) return 32;
-  return per_expert <= 96 ? 64 : 128;
-}
 
 inline size_t sm90_moe_gemm_workspace_bytes(int tile, const MoeGemmProblem& p, int sm_count, int device) {
   switch (tile) {

@@ -26,6 +26,9 @@ void register_moe_limits(py::module_& m) {
         py::arg("shared"), "Why an expert stack of `experts` with the last `shared` shared cannot run, or ''.");
   m.def("moe_plan_scratch_ints", &kernels::moe_plan_scratch_ints, py::arg("entries"), py::arg("experts"),
         "int32 scratch entries of the multi-block dispatch plan (moe_plan's scratch) for these sizes.");
+  m.def("moe_gemm_tile", &kernels::choose_moe_gemm_tile, py::arg("routed_rows"), py::arg("experts"),
+        "The contiguous expert GEMM's token tile for these sizes (each expert's rows are padded to it), unless "
+        "DGEMMA_MOE_TILE overrides it.");
 }
 
 }  // namespace

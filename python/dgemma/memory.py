@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _ext
 from .config import ModelConfig
 from .errors import DgemmaError
 
@@ -55,12 +56,9 @@ def step_workspace_bytes(cfg: ModelConfig, batch: int, context: int, dtype: torc
     widest = max(cfg.intermediate_size * 2, cfg.num_heads * max(s.head_dim for s in cfg.layers), cfg.hidden_size)
     activations = 6 * tokens * widest * item
     scores = batch * cfg.num_heads * cfg.canvas_length * (context + cfg.canvas_length) * 4
-    # The MoE's routed rows, each expert's padded to whole GEMM tiles (csrc/ops/moe.cu, contiguous pipeline): FP8
-    # input, bf16 gate/up, FP8 intermediate, bf16 down projection, and a few scales and indices per row.
-    routed = tokens * cfg.top_k
-    per_expert = routed // max(cfg.num_experts, 1)
-    tile = 32 if per_expert <= 24 else 64 if per_expert <= 96 else 128
-    rows = routed + cfg.num_experts * (tile - 1)
+    # The MoE's routed rows (FP8 input, bf16 gate/up, FP8 intermediate, bf16 down projection, and a few scales and
+    # indices per row), each expert's padded to whole GEMM tiles by the CUDA pipeline (csrc/ops/moe.cu).
+    rows = _moe_rows(tokens * cfg.top_k, cfg.num_experts)
     i, h = cfg.moe_intermediate_size, cfg.hidden_size
     moe = rows * (h + 4 * i + i + 2 * h + 24)
     # The fused head's workspace (csrc/kernels/vocab_head_params.cuh): the bf16 probabilities its P·E pass reads (rows x
@@ -76,6 +74,16 @@ def step_workspace_bytes(cfg: ModelConfig, batch: int, context: int, dtype: torc
         head += tokens * (vocab_pad + 4) + cfg.hidden_size * (vocab_pad + 4)
     logits = head if fused_vocab_head else 4 * tokens * cfg.vocab_size * 4
     return activations + scores + moe + logits
+
+
+def _moe_rows(routed: int, experts: int) -> int:
+    """Rows of the MoE's intermediates for ``routed`` (token, expert) pairs: the CUDA pipeline pads each expert's rows
+    to its GEMM's token tile (asked of the extension); without the extension no kernel pads (the routed rows)."""
+    try:
+        tile = _ext.extension().moe_gemm_tile(routed, max(experts, 1))
+    except DgemmaError:
+        return routed
+    return routed + experts * (tile - 1)
 
 
 def plan(cfg: ModelConfig, weights_bytes: int, batch: int, context: int, dtype: torch.dtype, *,
