@@ -281,24 +281,32 @@ def test_graph_stepper_gives_the_eager_tokens_and_replays_one_graph_per_bucket(m
 
 
 def test_graph_stepper_reuses_its_graphs_for_the_next_generation_on_the_same_cache(monkeypatch):
-    import dgemma.generation as generation
-
     eng = engine(fused=True)
-    x = ids(1, 30)
     kw = dict(max_new_tokens=32, max_denoising_steps=4, eos_token_id=[], pad_token_id=0, confidence_threshold=1e-30)
-    cache_eager = eng.new_cache(1, 30 + 64)
-    first_eager = eng.generate(x, seed=1, cache=cache_eager, **kw)
-    second_eager = eng.generate(first_eager.new_tokens, seed=2, cache=cache_eager, **kw)
-    factory = ReplayCheckingFactory()
-    monkeypatch.setattr(generation, "make_stepper", graphed(eng, factory))
-    cache = eng.new_cache(1, 30 + 64)
-    first = eng.generate(x, seed=1, cache=cache, **kw)
-    second = eng.generate(first.new_tokens, seed=2, cache=cache, **kw)
-    assert torch.equal(first.sequences, first_eager.sequences)
-    assert torch.equal(second.sequences, second_eager.sequences)
+    cache, factory = _two_generations_eager_and_graphed(monkeypatch, eng, kw, kw, 30 + 64)
     # The first generation (one block) captures the two steps; the second's new prompt goes through the plain
     # encoder and its one block replays them: no new capture in the same bucket.
     assert cache._graph_stepper.captures == 2 and len(factory.graphs) == 2
+
+
+def _two_generations_eager_and_graphed(monkeypatch, eng, first_kw, second_kw, capacity):
+    """Two generations on one cache (the second's prompt is the first's answer), eagerly, then with stand-in
+    graphs on another cache: the same tokens. The graphed cache and the factory."""
+    import dgemma.generation as generation
+
+    x = ids(1, 30)
+    cache_eager = eng.new_cache(1, capacity)
+    first_eager = eng.generate(x, seed=1, cache=cache_eager, **first_kw)
+    second_eager = eng.generate(first_eager.new_tokens, seed=2, cache=cache_eager, **second_kw)
+    factory = ReplayCheckingFactory()
+    monkeypatch.setattr(generation, "make_stepper", graphed(eng, factory))
+    cache = eng.new_cache(1, capacity)
+    first = eng.generate(x, seed=1, cache=cache, **first_kw)
+    # A replay of a graph captured with other launch arguments would launch those: the stand-in refuses that.
+    second = eng.generate(first.new_tokens, seed=2, cache=cache, **second_kw)
+    assert torch.equal(first.sequences, first_eager.sequences)
+    assert torch.equal(second.sequences, second_eager.sequences)
+    return cache, factory
 
 
 class LaunchArgumentOps(FusedReferenceOps):
@@ -315,29 +323,15 @@ class LaunchArgumentOps(FusedReferenceOps):
 
 @pytest.mark.parametrize("change", [dict(entropy_bound=2.0), dict(confidence_threshold=1.0)])
 def test_a_generation_with_other_sampler_settings_does_not_replay_graphs_captured_with_the_old(monkeypatch, change):
-    import dgemma.generation as generation
-
     eng = engine(fused=True)
     eng.model.ops = LaunchArgumentOps()
-    x = ids(1, 30)
     kw = dict(max_new_tokens=32, max_denoising_steps=4, eos_token_id=[], pad_token_id=0, stability_threshold=0)
     first_kw = dict(kw, confidence_threshold=1e-30)
-    second_kw = dict(first_kw, **change)
-    cache_eager = eng.new_cache(1, 30 + 96)
-    first_eager = eng.generate(x, seed=1, cache=cache_eager, **first_kw)
-    second_eager = eng.generate(first_eager.new_tokens, seed=2, cache=cache_eager, **second_kw)
-    factory = ReplayCheckingFactory()
-    monkeypatch.setattr(generation, "make_stepper", graphed(eng, factory))
-    cache = eng.new_cache(1, 30 + 96)
-    first = eng.generate(x, seed=1, cache=cache, **first_kw)
-    # Replaying a graph of the first generation would launch the old settings: the stand-in refuses that.
-    second = eng.generate(first.new_tokens, seed=2, cache=cache, **second_kw)
-    assert torch.equal(first.sequences, first_eager.sequences)
-    assert torch.equal(second.sequences, second_eager.sequences)
+    cache, factory = _two_generations_eager_and_graphed(monkeypatch, eng, first_kw, dict(first_kw, **change), 200)
     stepper = cache._graph_stepper
     assert stepper.captures == 4 and len(factory.graphs) == 4  # first and later steps, for each settings
     # The second generation's settings again: its graphs are replayed, none captured.
-    eng.generate(second.new_tokens, seed=3, cache=cache, **second_kw)
+    eng.generate(ids(1, 8), seed=3, cache=cache, **dict(first_kw, **change))
     assert stepper.captures == 4 and stepper.failed is None
 
 

@@ -309,8 +309,8 @@ class Response:
         return msg
 
 
-def parse_response(text: str) -> Response:
-    """Split decoded model output into thinking, text and tool calls."""
+def _split_thinking(text: str) -> tuple[str, str | None]:
+    """(the text without its thinking and cut at the first end marker, the thinking or None)."""
     thinking = None
     if THOUGHT_OPEN in text:
         before, _, rest = text.partition(THOUGHT_OPEN)
@@ -319,6 +319,12 @@ def parse_response(text: str) -> Response:
         text = before + (after if closed else "")
     for marker in END_MARKERS:
         text = text.split(marker, 1)[0]
+    return text, thinking
+
+
+def parse_response(text: str) -> Response:
+    """Split decoded model output into thinking, text and tool calls."""
+    text, thinking = _split_thinking(text)
     calls = []
     while CALL_OPEN in text:
         before, _, rest = text.partition(CALL_OPEN)
@@ -341,14 +347,7 @@ def parse_response_lenient(text: str, *, partial: bool = False) -> Response:
             return parse_response(text)
         except DgemmaError:
             pass
-    thinking = None
-    if THOUGHT_OPEN in text:
-        before, _, rest = text.partition(THOUGHT_OPEN)
-        thought, closed, after = rest.partition(THOUGHT_CLOSE)
-        thinking = thought.strip()
-        text = before + (after if closed else "")
-    for marker in END_MARKERS:
-        text = text.split(marker, 1)[0]
+    text, thinking = _split_thinking(text)
     calls, kept = [], []
     while True:
         before, found, rest = text.partition(CALL_OPEN)
