@@ -70,13 +70,17 @@ class KVCache:
                               f"{cfg.max_position_embeddings}")
         if rollback < 0:
             raise DgemmaError(f"cache rollback {rollback} must be >= 0")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise DgemmaError(f"cache dtype {dtype!r:.40} is not valid: expected a floating torch.dtype (the "
+                              f"engine's, e.g. torch.float32 or torch.bfloat16)")
         self.config = cfg
         self.rollback = rollback
         self.batch = batch
         self.capacity = capacity
         self.dtype = dtype
-        self.device = torch.device(device)
-        self.length = 0
+        self.device = _cache_device(device)
+        self._length = 0
+        self._high_water = 0  # the furthest position ever written (exclusive): see truncate
         self.has_padding = False  # whether any cached position is padding (lets kernels skip ``valid``)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -97,6 +101,32 @@ class KVCache:
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, length={self.length}, capacity={self.capacity}, "
                 f"dtype={self.dtype}, device={self.device}, {self.nbytes() / 2**20:.1f} MiB)")
+
+    @property
+    def length(self) -> int:
+        """How many positions the cache holds."""
+        return self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        # NOTE: every growth (encode, a commit pass, ...) sets the length; the high-water mark remembers how far
+        # the sliding rings were written, which a later truncation cannot undo.
+        self._length = value
+        if value > self._high_water:
+            self._high_water = value
+
+    @property
+    def high_water(self) -> int:
+        """The furthest length this cache ever held (undone transactions aside): the sliding rings hold the
+        positions before it, so :meth:`truncate` can go back to ``high_water - rollback`` at the shortest."""
+        return self._high_water
+
+    @property
+    def min_length(self) -> int:
+        """The shortest length :meth:`truncate` accepts now (0 without sliding layers)."""
+        if not any(s.is_sliding for s in self.config.layers):
+            return 0
+        return max(0, self._high_water - self.rollback)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -171,9 +201,14 @@ class KVCache:
         self.check_free()
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.length:
             raise DgemmaError(f"cannot truncate a cache of {self.length} tokens to {length!r:.40}")
-        if self.length - length > self.rollback and any(s.is_sliding for s in self.config.layers):
-            raise DgemmaError(f"cannot roll back {self.length - length} tokens: this cache keeps "
-                              f"{self.rollback} spare sliding-window slots (rollback=)")
+        if length < self.min_length:
+            # The rings were written up to the high-water mark: truncating twice (or truncating, encoding less,
+            # truncating again) must not go back further in total than the spare slots cover.
+            raise DgemmaError(f"cannot roll back a cache of {self.length} tokens to {length}: it has held up to "
+                              f"{self._high_water} tokens (its high-water mark) and keeps {self.rollback} spare "
+                              f"sliding-window slots (rollback={self.rollback}), so it can be truncated to "
+                              f"{self.min_length} at the shortest; create the cache with a larger rollback= or "
+                              f"encode the tokens again into a new one")
         self.valid[:, length:] = False
         self.length = length
 
@@ -228,6 +263,7 @@ class _Undo:
     def __init__(self, cache: KVCache, thread: int):
         self.cache, self.thread, self.paused = cache, thread, False
         self.length, self.has_padding = cache.length, cache.has_padding
+        self.high_water = cache.high_water
         self.valid = cache.valid.clone()
         self.saved: dict[int, set[int]] = {}
         self.old: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -267,7 +303,28 @@ class _Undo:
             c.values[layer].index_copy_(2, idx, v)
         c.valid.copy_(self.valid)
         c.length, c.has_padding = self.length, self.has_padding
+        # Every slot written in the transaction is put back, so the rings hold what they held at its start.
+        c._high_water = self.high_water
         self.old.clear()
+
+
+def _cache_device(device) -> torch.device:
+    """``device`` as a torch.device a cache can live on (the CPU or a visible CUDA device)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DgemmaError(f"cache device {device!r:.40} is not a valid torch device: expected 'cpu' or "
+                          f"'cuda[:N]' (the engine's device)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DgemmaError(f"cache device {device!r:.40}: torch reports no usable CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DgemmaError(f"cache device {device!r:.40} out of range: {torch.cuda.device_count()} CUDA "
+                              f"device(s) visible")
+    elif dev.type != "cpu":
+        raise DgemmaError(f"cache device {device!r:.40} is not supported: expected 'cpu' or 'cuda[:N]' (the "
+                          f"engine's device)")
+    return dev
 
 
 def _available_bytes(device: torch.device) -> int | None:

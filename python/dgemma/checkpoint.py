@@ -203,6 +203,12 @@ def _hf_cache_blob(real: str, root: str) -> bool:
 
 def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of a checkpoint directory (the index's shards, or the single file)."""
+    return _checkpoint_layout(path)[0]
+
+
+def _checkpoint_layout(path: str) -> tuple[list[str], dict[str, str]]:
+    """(the safetensors files, the index's weight_map as tensor name -> shard path: empty without an index).
+    Shard names are normalised ("./x" and "x" are one shard)."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
         try:
@@ -218,19 +224,43 @@ def checkpoint_files(path: str) -> list[str]:
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: not a valid safetensors index (needs a non-empty 'weight_map' object "
                                   f"of tensor name -> shard file, got {type(weight_map).__name__})")
-        shards: dict[str, str] = {}
+        shards: dict[str, str] = {}  # normalised shard name -> path
+        names: dict[str, str] = {}  # shard name as written -> normalised
+        placement: dict[str, str] = {}
         for key, rel in weight_map.items():
-            if not isinstance(rel, str) or rel not in shards:
-                shards[rel] = _confined(path, rel, f"{index}: weight_map[{key!r:.200}]")
+            if not isinstance(rel, str) or rel not in names:
+                what = f"{index}: weight_map[{key!r:.200}]"
+                _confined(path, rel, what)  # the name as written: refused (by name) unless it stays inside
+                name = os.path.normpath(rel)
+                if name == ".":
+                    raise CheckpointError(f"{what} = {rel!r:.80}, expected a shard file name")
+                if name not in shards:
+                    shards[name] = _confined(path, name, what)
+                names[rel] = name
+            placement[key] = shards[names[rel]]
         files = [shards[s] for s in sorted(shards)]
         for f in files:
             if not os.path.isfile(f):
                 raise CheckpointError(f"missing shard {os.path.relpath(f, path)} (listed in {index})")
-        return files
+        return files, placement
     single = os.path.join(path, SINGLE_FILE)
     if os.path.isfile(single):
-        return [_confined(path, SINGLE_FILE, f"{path}: {SINGLE_FILE}")]
+        return [_confined(path, SINGLE_FILE, f"{path}: {SINGLE_FILE}")], {}
     raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def check_placement(entries: dict[str, TensorEntry], placement: dict[str, str], path: str) -> None:
+    """Every tensor the index's weight_map names must be in the shard it names."""
+    index = os.path.join(path, INDEX_FILE)
+    for key, shard in placement.items():
+        e = entries.get(key)
+        if e is None:
+            raise CheckpointError(f"{index}: weight_map puts tensor {key!r:.200} in "
+                                  f"{os.path.relpath(shard, path)}, but no shard holds it")
+        if e.file != shard:
+            raise CheckpointError(f"{index}: weight_map puts tensor {key!r:.200} in "
+                                  f"{os.path.relpath(shard, path)}, but that shard does not hold it (it is in "
+                                  f"{os.path.relpath(e.file, path)})")
 
 
 def index_tensors(files: list[str]) -> dict[str, TensorEntry]:
@@ -306,7 +336,9 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
     ``check_finite``: scan every tensor for NaN/Inf and refuse the checkpoint naming the first bad
     tensor; default: on when the tensors total at most :data:`FINITE_CHECK_MAX_BYTES`.
     """
-    entries = index_tensors(checkpoint_files(path))
+    files, placement = _checkpoint_layout(path)
+    entries = index_tensors(files)
+    check_placement(entries, placement, path)
     fmt = detect_format(path)
     expected = expected_shapes(cfg)
     missing = [k for k in expected if not fmt.present(k, entries)]

@@ -295,6 +295,10 @@ def _parse_text_config(t: dict, outer: dict, source: str) -> ModelConfig:
         for i in ids:
             if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < LIMITS["token_id"]):
                 raise ConfigError(f"{source}: text_config.{key} = {i!r:.80}, expected a non-negative token id")
+            if i is not None and i >= ints["vocab_size"]:
+                # Generation (and the text front end's padding / BOS) would use it: every later call would fail.
+                raise ConfigError(f"{source}: text_config.{key} = {i} is outside the vocabulary: expected a token "
+                                  f"id in [0, {ints['vocab_size']}) (text_config.vocab_size {ints['vocab_size']})")
     canvas = outer.get("canvas_length", 256)
     if isinstance(canvas, bool) or not isinstance(canvas, int) or canvas <= 0:
         raise ConfigError(f"{source}: canvas_length = {canvas!r:.80}, expected a positive integer")

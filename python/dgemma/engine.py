@@ -474,6 +474,22 @@ class Engine:
             raise DgemmaError("cache was created by a different engine")
         if cache.batch != batch:
             raise DgemmaError(f"batch size {batch} does not match the cache's batch size {cache.batch}")
+        if cache.dtype != self.dtype:
+            raise DgemmaError(f"cache dtype {cache.dtype} does not match the engine's dtype {self.dtype}: create the "
+                              f"cache with engine.new_cache(batch, capacity)")
+        if not _same_device(cache.valid.device, self.device):
+            raise DgemmaError(f"cache device {cache.device} does not match the engine's device {self.device}: create "
+                              f"the cache with engine.new_cache(batch, capacity)")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one (a CUDA device without an index is the current one)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def _check_has_data(t: torch.Tensor, name: str) -> None:

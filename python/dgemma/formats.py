@@ -419,8 +419,10 @@ def _compressed_tensors(qc: dict, where: str, source: str) -> CheckpointFormat:
         if not isinstance(group, dict):
             raise ConfigError(f"{g} must be an object")
         fmt = group.get("format") or qc.get("format")
-        if fmt not in _CT_FORMATS:
-            raise ConfigError(f"{g} format {fmt!r:.40} is not supported ({SUPPORTED})")
+        if not isinstance(fmt, str) or fmt not in _CT_FORMATS:
+            inherited = "" if group.get("format") else f"; the group takes {where}'s own format"
+            raise ConfigError(f"{g} format {fmt!r:.40} is not supported: expected one of "
+                              f"{', '.join(repr(f) for f in _CT_FORMATS)} ({SUPPORTED}){inherited}")
         w = group.get("weights")
         if not isinstance(w, dict):
             raise ConfigError(f"{g}.weights must be an object (weight quantisation is required)")
@@ -453,4 +455,11 @@ def _compressed_tensors(qc: dict, where: str, source: str) -> CheckpointFormat:
     if len(kinds) > 1:
         raise ConfigError(f"{where} mixes FP8 and NVFP4 config_groups: not supported (expected one format)")
     ignore = _ignore_list(qc.get("ignore"), f"{where} ignore")
+    for pattern in ignore:  # compressed-tensors' "re:" entries are regular expressions: refuse a bad one now
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except (re.error, RecursionError, OverflowError, ValueError) as e:
+                raise ConfigError(f"{where} ignore entry {pattern!r:.80} is not a valid regular expression ({e}): "
+                                  "expected a module name or 're:' followed by a Python regular expression") from None
     return CompressedTensorsFp8(ignore, source) if kinds == {"fp8"} else CompressedTensorsNvfp4(ignore, source)

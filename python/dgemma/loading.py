@@ -57,6 +57,8 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise DgemmaError(f"quantization {quantization!r} is not supported (expected None or "
                           f"{', '.join(repr(q) for q in QUANTIZATIONS)})")
+    _check_load_arguments(path, progress=progress, check_finite=check_finite, cuda_graphs=cuda_graphs,
+                          max_batch=max_batch, max_context=max_context)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
@@ -81,8 +83,6 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
     del tensors
     eng = TextEngine(cfg, weights, device=dev, dtype=dtype, backend=backend, path=path,
                      generation_settings=settings, special_tokens=special)
-    if not isinstance(cuda_graphs, bool):
-        raise DgemmaError(f"cuda_graphs must be True or False, got {cuda_graphs!r:.40}")
     if cuda_graphs:
         from .steps import graphs_supported
 
@@ -100,6 +100,21 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
     if max_batch is not None or max_context is not None:
         eng.check_memory(max_batch or 1, max_context or cfg.max_position_embeddings)
     return eng
+
+
+def _check_load_arguments(path, *, progress, check_finite, cuda_graphs, max_batch, max_context) -> None:
+    """Refuse, naming the value, load() arguments of the wrong type before anything is read."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise DgemmaError(f"path {path!r:.80} is not a checkpoint directory path: expected a str or os.PathLike "
+                          f"naming a directory")
+    for name, value in (("progress", progress), ("check_finite", check_finite)):
+        if value is not None and not isinstance(value, bool):
+            raise DgemmaError(f"{name} must be True, False or None, got {value!r:.40}")
+    if not isinstance(cuda_graphs, bool):
+        raise DgemmaError(f"cuda_graphs must be True or False, got {cuda_graphs!r:.40}")
+    for name, value in (("max_batch", max_batch), ("max_context", max_context)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise DgemmaError(f"{name} must be a positive integer or None, got {value!r:.40}")
 
 
 def check_special_tokens(special: dict, vocab_size: int, file: str) -> None:

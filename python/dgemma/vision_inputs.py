@@ -236,6 +236,9 @@ def _checked_rgb(rgb: np.ndarray, source: Any) -> np.ndarray:
 
 
 def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.device.type == "meta":
+        raise DgemmaError(f"image {_describe(tensor)} is on the meta device (a tensor without data): expected a "
+                          f"tensor on the CPU or a GPU")
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds every bfloat16 value exactly
         tensor = tensor.float()
@@ -693,6 +696,9 @@ def _token_id_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise DgemmaError(f"token ids {_describe(ids)} are not valid; expected a 1-D integer tensor")
+        if ids.device.type == "meta":
+            raise DgemmaError(f"token ids {_describe(ids)} are on the meta device (a tensor without data): expected "
+                              f"a tensor on the CPU or a GPU")
         return ids.tolist()
     values = list(ids)
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):

@@ -1,0 +1,267 @@
+"""Bad input to the core (caches, load() arguments, config.json, quantization_config, sharded indexes, images)
+found by fuzzing: each gets a DgemmaError / ConfigError / CheckpointError naming the value and what was
+expected, and leaves the engine and its caches as they were."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dgemma
+from dgemma.cache import KVCache
+from dgemma.demo import write_demo_checkpoint
+from dgemma.errors import CheckpointError, ConfigError, DgemmaError
+from dgemma.formats import format_from_config
+from dgemma.generation import denoise_block
+from dgemma.random_checkpoint import write_random_checkpoint
+from dgemma.sampler import GenerationSettings, make_sampler
+
+FP8_GROUP = {"format": "float-quantized", "weights": {"type": "float", "num_bits": 8, "strategy": "channel"}}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_checkpoint(tmp_path_factory.mktemp("input_errors_core") / "demo")
+
+
+@pytest.fixture(scope="module")
+def eng(demo):
+    return dgemma.load(demo, dtype=torch.float32)
+
+
+def _ids(t, seed=0):
+    return torch.randint(3, 512, (1, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _copy(demo, tmp_path, edit_config=None):
+    path = tmp_path / "ck"
+    shutil.copytree(demo, path)
+    if edit_config is not None:
+        with open(path / "config.json") as f:
+            raw = json.load(f)
+        edit_config(raw)
+        with open(path / "config.json", "w") as f:
+            json.dump(raw, f)
+    return path
+
+
+# -- 1. truncation never goes back further than the rings keep ---------------------------------------------
+
+
+def test_two_truncations_together_cannot_drop_more_than_rollback(eng):
+    assert eng.config.sliding_window == 32
+    ids, canvas = _ids(100), _ids(32, seed=1)
+    cache = eng.new_cache(1, 200, rollback=4)
+    eng.encode(ids, cache=cache)
+    cache.truncate(96)
+    with pytest.raises(DgemmaError, match=r"to 92: it has held up to 100 tokens .*\(rollback=4\), so it can be "
+                                          r"truncated to 96 at the shortest"):
+        cache.truncate(92)
+    assert cache.length == 96 and cache.high_water == 100 and cache.min_length == 96
+    # Truncate, encode fewer tokens than were dropped, truncate again: the rings were written up to 100.
+    eng.encode(ids[:, 96:97], cache=cache)
+    with pytest.raises(DgemmaError, match=r"held up to 100 tokens"):
+        cache.truncate(93)
+    assert cache.length == 97
+    cache.truncate(96)  # within the spare slots: the cache still scores like a fresh encoding
+    fresh = eng.encode(ids[:, :96], capacity=200)
+    assert torch.equal(eng.denoise(cache, canvas), eng.denoise(fresh, canvas))
+
+
+def test_an_undone_generation_restores_the_high_water_mark(eng):
+    cache = eng.new_cache(1, 200, rollback=8)
+    eng.encode(_ids(50), cache=cache)
+
+    class Stop(Exception):
+        pass
+
+    def stream(ev):
+        if ev.kind == "block":
+            raise Stop
+
+    with pytest.raises(Stop):  # 40 prompt tokens were encoded into the cache, then undone
+        eng.generate(_ids(40, seed=2), cache=cache, stream=stream, max_new_tokens=64, max_denoising_steps=2)
+    assert cache.length == 50 and cache.high_water == 50
+    cache.truncate(42)
+    with pytest.raises(DgemmaError, match=r"held up to 50 tokens"):
+        cache.truncate(41)
+
+
+def test_the_commit_pass_through_encode_view_raises_the_high_water_mark():
+    from test_steps import engine as fused_engine  # reference ops with the fused head: FusedHeadStepper.commit
+
+    eng = fused_engine(fused=True, canvas=16)
+    settings = GenerationSettings(max_denoising_steps=2)
+    cache = eng.new_cache(1, 30 + 16, rollback=16)
+    eng.encode(_ids(30), cache=cache)
+    canvas = _ids(16, seed=3)
+    for _ in range(2):  # a block and its commit, rolled back (what the benchmark does)
+        denoise_block(eng, cache, canvas, settings, make_sampler(eng, settings, torch.Generator().manual_seed(0)),
+                      commit=True)
+        assert cache.length == 46 and cache.high_water == 46
+        cache.truncate(30)
+    cache.truncate(30)
+    eng.encode(_ids(9, seed=4), cache=cache)
+    with pytest.raises(DgemmaError, match=r"held up to 46 tokens .* truncated to 30 at the shortest"):
+        cache.truncate(29)
+
+
+# -- 2. a cache built directly is checked, and checked against the engine ----------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dtype="float32", device="cpu"), r"cache dtype 'float32' is not valid: expected a floating torch.dtype"),
+    (dict(dtype=torch.int64, device="cpu"), r"cache dtype torch.int64 is not valid"),
+    (dict(dtype=torch.float32, device="garbage"), r"cache device 'garbage' is not a valid torch device"),
+    (dict(dtype=torch.float32, device="meta"), r"cache device 'meta' is not supported: expected 'cpu'"),
+    (dict(dtype=torch.float32, device=3.5), r"cache device 3.5 is not a valid torch device"),
+])
+def test_a_cache_built_directly_refuses_a_bad_dtype_or_device(eng, kwargs, message):
+    with pytest.raises(DgemmaError, match=message):
+        KVCache(eng.config, 1, 64, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_cache_of_another_dtype_is_refused_by_the_engine(eng, dtype):
+    cache = KVCache(eng.config, 1, 64, dtype=dtype, device="cpu")
+    message = rf"cache dtype {dtype} does not match the engine's dtype torch.float32"
+    with pytest.raises(DgemmaError, match=message):
+        eng.encode(_ids(4), cache=cache)
+    assert cache.length == 0 and not bool(cache.valid.any())
+    with pytest.raises(DgemmaError, match=message):
+        eng.denoise(cache, _ids(32))
+    with pytest.raises(DgemmaError, match=message):
+        eng.generate(_ids(4), cache=cache, max_new_tokens=8, max_denoising_steps=2)
+
+
+# -- 3. load() arguments ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_batch="4"), r"max_batch must be a positive integer or None, got '4'"),
+    (dict(max_batch=0), r"max_batch must be a positive integer or None, got 0"),
+    (dict(max_batch=2.5), r"max_batch must be a positive integer or None, got 2.5"),
+    (dict(max_batch=True), r"max_batch must be a positive integer or None, got True"),
+    (dict(max_context="8"), r"max_context must be a positive integer or None, got '8'"),
+    (dict(max_context=0), r"max_context must be a positive integer or None, got 0"),
+    (dict(check_finite="no"), r"check_finite must be True, False or None, got 'no'"),
+    (dict(progress="yes"), r"progress must be True, False or None, got 'yes'"),
+])
+def test_load_refuses_bad_arguments(demo, kwargs, message):
+    with pytest.raises(DgemmaError, match=message):
+        dgemma.load(demo, **kwargs)
+
+
+@pytest.mark.parametrize("path", [None, 5, b"/tmp"])
+def test_load_refuses_a_path_that_is_not_a_path(path):
+    with pytest.raises(DgemmaError, match=rf"path {path!r} is not a checkpoint directory path: expected a str or "
+                                          r"os.PathLike"):
+        dgemma.load(path)
+
+
+# -- 4. config.json's special tokens lie in the vocabulary -------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value", [("pad_token_id", 100_000), ("bos_token_id", 512),
+                                        ("eos_token_id", 100_000), ("eos_token_id", [1, 600])])
+def test_config_special_tokens_outside_the_vocabulary_are_refused_at_load(demo, tmp_path, key, value):
+    path = _copy(demo, tmp_path, lambda c: c["text_config"].update({key: value}))
+    bad = value[-1] if isinstance(value, list) else value
+    with pytest.raises(ConfigError, match=rf"config.json: text_config.{key} = {bad} is outside the vocabulary: "
+                                          r"expected a token id in \[0, 512\) \(text_config.vocab_size 512\)"):
+        dgemma.load(path)
+
+
+# -- 5. compressed-tensors quantization_config ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qc, message", [
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {**FP8_GROUP, "format": ["float-quantized"]}}},
+     r"quantization_config config_groups.g format \['float-quantized'\] is not supported: expected one of "
+     r"'float-quantized'"),
+    ({"quant_method": "compressed-tensors", "format": {"a": 1}, "config_groups": {"g": {"weights": {}}}},
+     r"quantization_config config_groups.g format \{'a': 1\} is not supported: .*; the group takes "
+     r".*quantization_config's own format"),
+    ({"quant_method": "compressed-tensors", "ignore": ["lm_head", "re:["], "config_groups": {"g": FP8_GROUP}},
+     r"quantization_config ignore entry 're:\[' is not a valid regular expression"),
+])
+def test_bad_compressed_tensors_fields_are_config_errors(qc, message):
+    with pytest.raises(ConfigError, match=message):
+        format_from_config(qc, "config.json")
+
+
+def test_a_bad_ignore_pattern_is_refused_at_load_even_where_unused(demo, tmp_path):
+    # A dense checkpoint (no weight stored FP8), so is_ignored never runs: the pattern is checked at load.
+    qc = {"quant_method": "compressed-tensors", "ignore": ["re:model\\.(["], "config_groups": {"g": FP8_GROUP}}
+    path = _copy(demo, tmp_path, lambda c: c.update(quantization_config=qc))
+    with pytest.raises(ConfigError, match=r"config.json: quantization_config ignore entry 're:model\\\\.\(\['"):
+        dgemma.load(path)
+
+
+# -- 6. sharded checkpoints ---------------------------------------------------------------------------------
+
+
+def _sharded(tmp_path):
+    return write_random_checkpoint(tmp_path / "sh", "tiny", seed=1, shards=2, canvas_length=32)
+
+
+def _edit_weight_map(path, fn):
+    p = f"{path}/model.safetensors.index.json"
+    with open(p) as f:
+        raw = json.load(f)
+    fn(raw["weight_map"])
+    with open(p, "w") as f:
+        json.dump(raw, f)
+
+
+def test_a_weight_map_entry_no_shard_holds_is_refused(tmp_path):
+    path = _sharded(tmp_path)
+    shard = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))[0]
+    _edit_weight_map(path, lambda wm: wm.update({"extra.tensor": shard}))
+    with pytest.raises(CheckpointError, match=rf"weight_map puts tensor 'extra.tensor' in {shard}, but no shard "
+                                              r"holds it"):
+        dgemma.load(path)
+
+
+def test_a_weight_map_entry_naming_the_wrong_shard_is_refused(tmp_path):
+    path = _sharded(tmp_path)
+    first, second = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
+    key = next(iter(load_file(f"{path}/{first}")))
+    _edit_weight_map(path, lambda wm: wm.update({key: second}))
+    with pytest.raises(CheckpointError, match=rf"puts tensor '{key}' in {second}, but that shard does not hold it "
+                                              rf"\(it is in {first}\)"):
+        dgemma.load(path)
+
+
+def test_one_shard_under_two_spellings_is_one_shard(tmp_path):
+    path = _sharded(tmp_path)
+    _edit_weight_map(path, lambda wm: wm.update({k: ("./" + v if i % 2 else v) for i, (k, v) in enumerate(wm.items())}))
+    eng = dgemma.load(path)
+    assert eng.generate(_ids(3), max_new_tokens=8, max_denoising_steps=2).sequences.shape == (1, 3 + 32)
+    # A tensor really held by two shards is still refused.
+    first, second = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
+    a, b = load_file(f"{path}/{first}"), load_file(f"{path}/{second}")
+    key = next(iter(a))
+    save_file({**b, key: a[key]}, f"{path}/{second}")
+    with pytest.raises(CheckpointError, match=rf"tensor '{key}' appears in both .*/{first} and .*/{second}"):
+        dgemma.load(path)
+
+
+# -- 7. images on the meta device ----------------------------------------------------------------------------
+
+
+def test_an_image_on_the_meta_device_is_refused(eng):
+    from dgemma.vision_inputs import expand_image_tokens, preprocess_images
+
+    image = torch.zeros((3, 20, 20), device="meta")
+    message = r"image torch.Tensor of shape \(3, 20, 20\) .* is on the meta device \(a tensor without data\)"
+    with pytest.raises(DgemmaError, match=message):
+        preprocess_images([image])
+    with pytest.raises(DgemmaError, match=message):
+        eng.generate([{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "x"}]}],
+                     max_new_tokens=8, max_denoising_steps=2)
+    with pytest.raises(DgemmaError, match=r"token ids .* are on the meta device"):
+        expand_image_tokens(torch.zeros(4, dtype=torch.long, device="meta"), [2])
