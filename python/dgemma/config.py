@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, DgemmaError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -149,19 +149,28 @@ class ModelConfig:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        try:
-            if os.path.getsize(path) > MAX_CONFIG_BYTES:
-                raise ConfigError(f"{path}: {os.path.getsize(path)} bytes, more than the limit of {MAX_CONFIG_BYTES} "
-                                  "for a config file")
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=path)
+        return cls.from_dict(read_json_file(path, object_only=False), source=path)
+
+
+def read_json_file(path: str, error: type[DgemmaError] = ConfigError, *, object_only: bool = True):
+    """The JSON in the file ``path`` (a checkpoint's config, generation or tokenizer config: at most
+    MAX_CONFIG_BYTES), or ``error`` naming the file and why not: unreadable, too large, not UTF-8 JSON, nested too
+    deeply, or (``object_only``) not a JSON object."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise error(f"{path}: {size} bytes, more than the limit of {MAX_CONFIG_BYTES} for a config file")
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a number beyond Python's digit limit
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if object_only and not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def _get(d: dict, key: str, source: str, kind: type | tuple, default=None, required: bool = True):

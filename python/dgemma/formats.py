@@ -37,7 +37,6 @@ backend runs them).
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import read_json_file
 from .errors import CheckpointError, ConfigError
 from .quant import Fp8Weight
 
@@ -333,19 +333,6 @@ class ModelOptNvfp4(_Nvfp4):
 # -- detection ------------------------------------------------------------------------------------
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except (ValueError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return raw
-
-
 def _ignore_list(value, where: str) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -359,12 +346,12 @@ def detect_format(path: str) -> CheckpointFormat:
     (or ``hf_quant_config.json`` for a ModelOpt export); unsupported schemes are refused by name
     (:class:`~dgemma.errors.ConfigError`)."""
     config_path = os.path.join(path, "config.json")
-    config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    config = read_json_file(config_path) if os.path.isfile(config_path) else {}
     qc = config.get("quantization_config")
     if qc is None:
         hf_quant = os.path.join(path, HF_QUANT_CONFIG)
         if os.path.isfile(hf_quant):
-            return format_from_config(_read_json(hf_quant), hf_quant)
+            return format_from_config(read_json_file(hf_quant), hf_quant)
         return CheckpointFormat(source=config_path)
     return format_from_config(qc, config_path)
 

@@ -13,14 +13,13 @@ generator reproduces its sequences token for token.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, fields, replace
 
 import torch
 
-from .config import MAX_CONFIG_BYTES
+from .config import read_json_file
 from .errors import ConfigError, DgemmaError, NonFiniteError
 
 # Decoder passes per block at most: real settings use tens; each pass costs a full decoder forward.
@@ -94,19 +93,7 @@ def read_generation_config(path: str) -> tuple[GenerationSettings, dict]:
     settings = GenerationSettings()
     if not os.path.isfile(file):
         return settings, {}
-    try:
-        if os.path.getsize(file) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{file}: more than the limit of {MAX_CONFIG_BYTES} bytes for a config file")
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"{file}: cannot read ({e.strerror})") from None
-    except RecursionError:
-        raise ConfigError(f"{file}: not valid JSON (nested too deeply)") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_file(file)
     sampler = raw.get("sampler_config") or {}
     overrides = {f.name: raw.get(f.name) for f in fields(settings)}
     overrides["entropy_bound"] = sampler.get("entropy_bound") if isinstance(sampler, dict) else None

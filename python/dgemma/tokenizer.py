@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-from .config import MAX_CONFIG_BYTES
+from .config import MAX_CONFIG_BYTES, read_json_file
 from .errors import CheckpointError, DgemmaError
 
 
@@ -66,19 +65,7 @@ class Tokenizer:
 
 def _read_config(file: str) -> dict:
     """``tokenizer_config.json``: a JSON object, with ``add_bos_token`` (when set) a JSON boolean."""
-    try:
-        if os.path.getsize(file) > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{file}: more than the limit of {MAX_CONFIG_BYTES} bytes for a config file")
-        with open(file, encoding="utf-8") as f:
-            config = json.load(f)
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
-    except RecursionError:
-        raise CheckpointError(f"{file}: not valid JSON (nested too deeply)") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_file(file, CheckpointError)
     add_bos = config.get("add_bos_token")
     if add_bos is not None and not isinstance(add_bos, bool):
         raise CheckpointError(f"{file}: add_bos_token = {add_bos!r:.40}, expected true or false")
