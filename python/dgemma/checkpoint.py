@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .config import ModelConfig
+from .config import ModelConfig, read_json_file
 from .errors import CheckpointError
 from .formats import STORED_DTYPES, detect_format
 from .weights import expected_shapes, ignored_kind, vision_shapes, weight_map
@@ -211,15 +211,7 @@ def _checkpoint_layout(path: str) -> tuple[list[str], dict[str, str]]:
     Shard names are normalised ("./x" and "x" are one shard)."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                raw = json.load(f)
-        except OSError as e:
-            raise CheckpointError(f"{index}: cannot read ({e.strerror})") from None
-        except RecursionError:
-            raise CheckpointError(f"{index}: not a valid safetensors index (JSON nested too deeply)") from None
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            raise CheckpointError(f"{index}: not a valid safetensors index (not valid UTF-8 JSON)") from None
+        raw = read_json_file(index, CheckpointError, object_only=False, invalid="not a valid safetensors index")
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: not a valid safetensors index (needs a non-empty 'weight_map' object "

@@ -152,10 +152,11 @@ class ModelConfig:
         return cls.from_dict(read_json_file(path, object_only=False), source=path)
 
 
-def read_json_file(path: str, error: type[DgemmaError] = ConfigError, *, object_only: bool = True):
-    """The JSON in the file ``path`` (a checkpoint's config, generation or tokenizer config: at most
-    MAX_CONFIG_BYTES), or ``error`` naming the file and why not: unreadable, too large, not UTF-8 JSON, nested too
-    deeply, or (``object_only``) not a JSON object."""
+def read_json_file(path: str, error: type[DgemmaError] = ConfigError, *, object_only: bool = True,
+                   invalid: str = "not valid JSON"):
+    """The JSON in the file ``path`` (a checkpoint's config, generation or tokenizer config, its index: at most
+    MAX_CONFIG_BYTES), or ``error`` naming the file and why not: unreadable, too large, ``invalid`` (not UTF-8 JSON,
+    nested too deeply), or (``object_only``) not a JSON object."""
     try:
         size = os.path.getsize(path)
         if size > MAX_CONFIG_BYTES:
@@ -165,9 +166,9 @@ def read_json_file(path: str, error: type[DgemmaError] = ConfigError, *, object_
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror})") from None
     except RecursionError:
-        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+        raise error(f"{path}: {invalid} (nested too deeply)") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a number beyond Python's digit limit
-        raise error(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: {invalid} ({e})") from None
     if object_only and not isinstance(raw, dict):
         raise error(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return raw
