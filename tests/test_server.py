@@ -345,3 +345,114 @@ def test_tool_calls_that_do_not_parse_are_answered_as_text(server, engine, monke
     events, _ = _stream_events(server[1], body)
     streamed = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
     assert streamed == "Sure. " + markup
+
+
+def _wait_idle(srv, seconds):
+    deadline = time.time() + seconds
+    while True:
+        snap = srv.scheduler.snapshot()
+        if snap["active"] == 0 and snap["queue_length"] == 0:
+            return snap
+        assert time.time() < deadline, snap
+        time.sleep(0.05)
+
+
+def test_a_non_streamed_client_that_hangs_up_cancels_its_jobs(server, engine, monkeypatch):
+    """Like a streamed one: n=4 long answers, the socket closed while they run; the jobs are cancelled at once,
+    not run to their end."""
+    srv, base = server
+    _wait_idle(srv, 30)
+    model = engine.model
+    rows = model.denoise_hidden_rows
+
+    def slow(*args):
+        time.sleep(0.25)
+        return rows(*args)
+
+    monkeypatch.setattr(model, "denoise_hidden_rows", slow)
+    monkeypatch.setattr(engine, "eos_token_ids", [])  # every answer runs to max_tokens (24 blocks)
+    before = srv.scheduler.snapshot()
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "n": 4, "max_tokens": 384,
+                       "max_denoising_steps": 16}).encode()
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.time() + 30
+        while srv.scheduler.snapshot()["requests_total"] < before["requests_total"] + 4:
+            assert time.time() < deadline, "the jobs were not submitted"
+            time.sleep(0.02)
+        time.sleep(0.3)
+    snap = _wait_idle(srv, 5)
+    assert snap["requests_cancelled"] - before["requests_cancelled"] == 4, snap
+    assert snap["requests_finished"] == before["requests_finished"], snap
+
+
+def test_a_failure_inside_the_model_is_a_500_and_the_server_goes_on(server, client, engine, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected decoder failure")
+
+    monkeypatch.setattr(engine.model, "denoise_hidden_rows", boom)
+    monkeypatch.setattr(engine.model, "denoise_hidden", boom)
+    r = httpx.post(server[1] + "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 16,
+                                                             "max_denoising_steps": 2}, timeout=60)
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and "injected decoder failure" in err["message"]
+    monkeypatch.undo()
+    ok = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=1, **SMALL)
+    assert ok.choices[0].message.role == "assistant"
+
+
+def test_max_image_tokens_is_checked_without_images_and_named(server):
+    r = httpx.post(server[1] + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": MESSAGES, "max_tokens": 16, "max_image_tokens": 7})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "max_image_tokens" and "max_image_tokens=7" in err["message"]
+    assert "70, 140, 280, 560, 1120" in err["message"]
+
+
+@pytest.fixture(scope="module")
+def vision_server(tmp_path_factory):
+    """An OpenAIServer (not started) on the demo checkpoint, whose tokenizer has the vision tokens."""
+    from dgemma.demo import write_demo_checkpoint
+
+    eng = dgemma.load(write_demo_checkpoint(tmp_path_factory.mktemp("demo")), dtype=torch.float32)
+    return OpenAIServer(eng, model_name="demo")
+
+
+def _png() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+@pytest.mark.parametrize("content,where", [
+    ("what is <|image|> here?", "messages[0]['content']"),
+    ("<|video|>", "messages[0]['content']"),
+    ([{"type": "image_url", "image_url": {"url": "IMAGE"}}, {"type": "text", "text": "and <|image|>"}],
+     "messages[0]['content'][1]['text']"),
+])
+def test_message_text_spelling_a_vision_token_is_refused(vision_server, content, where):
+    from dgemma.server import RequestError
+
+    if isinstance(content, list):
+        content[0]["image_url"]["url"] = _png()
+    with pytest.raises(RequestError) as e:
+        vision_server.plan({"messages": [{"role": "user", "content": content}], "max_tokens": 16}, chat=True)
+    assert e.value.status == 400 and e.value.param == "messages"
+    assert where in e.value.message and "'<|" in e.value.message and "template" not in e.value.message
+    # The same message with an image and the budget out of range names max_image_tokens.
+    image = {"type": "image_url", "image_url": {"url": _png()}}
+    with pytest.raises(RequestError) as e:
+        vision_server.plan({"messages": [{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}],
+                            "max_tokens": 16, "max_image_tokens": 7}, chat=True)
+    assert e.value.param == "max_image_tokens"
+    plan = vision_server.plan({"messages": [{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}],
+                               "max_tokens": 16, "max_image_tokens": 70}, chat=True)
+    assert plan.images

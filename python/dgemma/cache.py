@@ -327,7 +327,7 @@ def _cache_device(device) -> torch.device:
     return dev
 
 
-def _available_bytes(device: torch.device) -> int | None:
+def available_bytes(device: torch.device) -> int | None:
     """Memory a new allocation can take on ``device`` (None when unknown)."""
     if device.type == "cuda":
         try:
@@ -350,7 +350,7 @@ def _available_bytes(device: torch.device) -> int | None:
 def _check_allocation(nbytes: int, device: torch.device, what: str) -> None:
     """Refuse (with the numbers) an allocation larger than the memory ``device`` has available, rather
     than let it page the machine to a halt or be killed."""
-    free = _available_bytes(device)
+    free = available_bytes(device)
     if free is not None and nbytes > free:
         raise DgemmaError(f"{what} needs {nbytes / 2**30:.2f} GiB, more than the {free / 2**30:.2f} GiB available "
                           f"on {device}; use a smaller batch or capacity")

@@ -187,8 +187,23 @@ def _user_turn(text: str, images: list[str], videos: list[str] = ()) -> dict:
 
 def _check_images(paths: list[str], flag: str) -> None:
     for p in paths:
-        if not os.path.isfile(p):
-            raise DgemmaError(f"{flag} {p}: no such file")
+        _check_media(p, flag)
+
+
+def _check_media(path: str, flag: str) -> None:
+    """Refuse, naming it, an image (``--image``, ``/image``) or a video that cannot be read, when it is given
+    rather than at the turn that sends it."""
+    if not os.path.isfile(path):
+        raise DgemmaError(f"{flag} {path}: no such file")
+    from .vision_inputs import load_image, load_video
+
+    try:
+        if flag.endswith("image"):
+            load_image(path)
+        else:
+            load_video(path, max_frames=1)
+    except DgemmaError as e:
+        raise DgemmaError(f"{flag} {path}: {_one_line(e)}") from None
 
 
 def _clean_text(s: str | None) -> str | None:
@@ -262,8 +277,10 @@ def _chat(args: argparse.Namespace) -> int:
             continue
         if line.startswith(("/image", "/video")):
             command, path = line[:6], line[6:].strip()
-            if not os.path.isfile(path):
-                print(f"dgemma: error: {command} {path}: no such file", file=sys.stderr)
+            try:
+                _check_media(path, command)
+            except DgemmaError as e:  # refused now, so that it is not attached to the next message
+                print(f"dgemma: error: {_one_line(e)}", file=sys.stderr)
                 failed = True
             else:
                 (images if command == "/image" else videos).append(path)
@@ -274,7 +291,12 @@ def _chat(args: argparse.Namespace) -> int:
         except DgemmaError as e:  # a bad turn leaves the session usable
             if printer is not None:
                 printer.done()
-            print(f"dgemma: error: {e}", file=sys.stderr)
+            # The failed turn is dropped whole, its attachments too: otherwise every later message would fail
+            # the same way.
+            dropped = len(images) + len(videos)
+            note = f" (dropped the {dropped} attachment(s) of this message)" if dropped else ""
+            print(f"dgemma: error: {_one_line(e)}{note}", file=sys.stderr)
+            images, videos = [], []
             failed = True
             continue
         images, videos = [], []
@@ -355,6 +377,50 @@ def _environment(**values: str | None):
                 os.environ[k] = v
 
 
+def _check_bench_shapes(args: argparse.Namespace, device) -> None:
+    """Refuse, before the random weights are made, lengths past the preset's positions and batches whose
+    step cannot fit the device's free memory (the engine's memory plan, dgemma.memory: weights + KV cache +
+    step workspace), naming the option and value (instead of a skipped row, an error halfway or the OOM killer).
+
+    NOTE: the preset and default prompt length are resolved as bench.run resolves them."""
+    import math
+
+    import torch
+
+    from .cache import available_bytes
+    from .config import ModelConfig
+    from .memory import check_fits, plan
+    from .random_checkpoint import preset_config
+    from .weights import expected_shapes, is_quantized_name
+
+    preset = args.preset if args.preset != "auto" else ("26b-a4b" if device.type == "cuda" else "tiny")
+    if preset == "26b-a4b" and device.type == "cpu":
+        return  # bench.run refuses it with the reason
+    cfg = ModelConfig.from_dict(preset_config(preset))
+    c, positions = cfg.canvas_length, cfg.max_position_embeddings
+    prompt_len = args.prompt_length or (1024 if preset == "26b-a4b" else 64)
+    lengths = [("--prompt-length", prompt_len)] + [("--prefill-lengths", t) for t in args.prefill_lengths or []] + \
+        [("--prefix-lengths", t) for t in args.prefix_lengths or []]
+    for flag, t in lengths:
+        if t + c > positions:
+            raise DgemmaError(f"{flag} {t}: {t} tokens and a {c}-token canvas exceed the {preset} preset's "
+                              f"max_position_embeddings {positions}; expected at most {positions - c}")
+    free = available_bytes(device)
+    if free is None:
+        return
+    dtype = torch.float32 if args.precision == "float32" else torch.bfloat16
+    item = dtype.itemsize
+    weights = sum(math.prod(shape) * (1 if args.precision == "fp8" and is_quantized_name(key) else item)
+                  for key, shape in expected_shapes(cfg).items())
+    context = max(t for _, t in lengths) + c
+    fused = device.type == "cuda"  # the smaller estimate where the engine may fuse the vocabulary head
+    for b in args.batch:
+        try:
+            check_fits(plan(cfg, weights, b, context, dtype, fused_vocab_head=fused), free)
+        except DgemmaError as e:
+            raise DgemmaError(f"--batch {b}: {_one_line(e)}") from None
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.plot is not None:
         try:
@@ -375,6 +441,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     device = resolve_device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                             else args.device)
+    _check_bench_shapes(args, device)
     opts = BenchOptions(preset=args.preset, device=args.device, dtype=args.precision, batch_sizes=args.batch,
                         prompt_length=args.prompt_length, steps=args.steps, iters=args.iters,
                         warmup=args.warmup, baseline=args.baseline, prefix_lengths=args.prefix_lengths or [],
@@ -581,7 +648,26 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+# The standard streams each command reads or writes: one that is closed (``<&-``, ``>&-``: Python makes it None)
+# is refused in one line before anything loads.
+_STREAMS_NEEDED = {"demo": ("stdout",), "generate": ("stdout",), "chat": ("stdin", "stdout"), "bench": ("stdout",),
+                   "serve": ()}
+_STREAM_USE = {"stdin": "the messages are read from it; redirect it from a file or /dev/null instead",
+               "stdout": "the output is written to it; redirect it to a file or /dev/null instead"}
+
+
+def _check_streams(command: str) -> None:
+    for name in _STREAMS_NEEDED.get(command, ("stdout",)):
+        if getattr(sys, name) is None:
+            raise DgemmaError(f"{name} is closed: `dgemma {command}` needs it ({_STREAM_USE[name]})")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if sys.stderr is None:  # closed (2>&-): errors go nowhere rather than to stdout (print's fallback for None)
+        try:
+            sys.stderr = open(os.devnull, "w")
+        except OSError:
+            pass
     # Output that cannot be encoded in the terminal's charset is escaped, never a crash.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
@@ -595,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit:
             _flush_stdout()  # --help / --version into a closed pipe fails here, not at exit
             raise
+        _check_streams(args.command)
         for name in ("prompt", "system"):
             if hasattr(args, name):
                 setattr(args, name, _clean_text(getattr(args, name)))

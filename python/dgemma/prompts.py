@@ -67,8 +67,9 @@ def render_chat(engine, conversations: list[list[dict]], *, tools=None, thinking
     from .tokenizer import check_text
 
     check_thinking(thinking)
+    check_max_image_tokens(max_image_tokens)
     tok, template = engine.tokenizer, engine.chat_template
-    _check_message_text(conversations)
+    _check_message_text(conversations, tok)
     texts = [template.render(conv, tools=tools, thinking=thinking) for conv in conversations]
     for i, text in enumerate(texts):
         where = "" if len(texts) == 1 else f" for conversation {i}"
@@ -155,22 +156,56 @@ def check_thinking(thinking) -> None:
         raise DgemmaError(f"thinking must be True or False, got {thinking!r:.40}")
 
 
-def _check_message_text(conversations) -> None:
-    """Refuse message text the tokenizer cannot encode (an unpaired surrogate), naming the message; the
-    rendered prompt is checked again as a whole (tools, names, and what the template adds)."""
+def check_max_image_tokens(value) -> None:
+    """``max_image_tokens`` must be one of the image processor's soft-token budgets, with or without images."""
+    from .vision_inputs import SUPPORTED_SOFT_TOKENS
+
+    if isinstance(value, bool) or value not in SUPPORTED_SOFT_TOKENS:
+        raise DgemmaError(f"max_image_tokens={value!r:.40} is not supported (the soft tokens per image, the image "
+                          f"processor's max_soft_tokens); expected one of {', '.join(map(str, SUPPORTED_SOFT_TOKENS))}")
+
+
+# The vision tokens message text may not spell: the template writes one image (video) placeholder per image (video)
+# part, which becomes <|image> + one <|image|> per soft token + <image|>; typed as text, they would be taken for
+# (or miscount) the attached images and videos.
+_VISION_TOKENS = (("<|image|>", "the placeholder of an image"), ("<|video|>", "the placeholder of a video"),
+                  ("<|image>", "the start-of-image marker"), ("<image|>", "the end-of-image marker"))
+
+
+def _vision_tokens(tokenizer) -> list[tuple[str, str]]:
+    """The vision tokens (text, what it is) that ``tokenizer`` encodes as special tokens."""
+    lookup = getattr(tokenizer, "token_id", None)
+    if lookup is None:
+        return []
+    return [(text, what) for text, what in _VISION_TOKENS if lookup(text) is not None]
+
+
+def _check_message_text(conversations, tokenizer=None) -> None:
+    """Refuse message text the tokenizer cannot encode (an unpaired surrogate), or that spells one of its vision
+    tokens (images and videos are content parts, never text), naming the message; the rendered prompt is
+    checked again as a whole (tools, names, and what the template adds)."""
     from .tokenizer import check_text
+
+    vision = _vision_tokens(tokenizer) if tokenizer is not None else []
+
+    def check(text: str, where: str) -> None:
+        check_text(text, where)
+        for token, what in vision:
+            if token in text:
+                raise DgemmaError(f"{where} contains {token!r}, {what}: message text may not spell the vision "
+                                  f"tokens; attach images and videos as content parts, not as text")
 
     for c, conv in enumerate(conversations):
         prefix = "" if len(conversations) == 1 else f"conversation {c}: "
         for i, m in enumerate(conv):
             content = m.get("content") if isinstance(m, dict) else None
             if isinstance(content, str):
-                check_text(content, f"{prefix}messages[{i}]['content']")
+                check(content, f"{prefix}messages[{i}]['content']")
             elif isinstance(content, list):
                 for j, part in enumerate(content):
                     text = part.get("text") if isinstance(part, dict) else None
                     if isinstance(text, str):
-                        check_text(text, f"{prefix}messages[{i}]['content'][{j}]['text']")
+                        check(text, f"{prefix}messages[{i}]['content'][{j}]['text']")
 
 
 def _kind(x) -> str | None:
@@ -214,6 +249,7 @@ def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tool
             max_image_tokens: int = 280) -> Prompt:
     """Ids [B, T] (+ mask) for any accepted input form; text needs the checkpoint's tokenizer."""
     check_thinking(thinking)
+    check_max_image_tokens(max_image_tokens)
     if isinstance(inputs, torch.Tensor) or (isinstance(inputs, list) and inputs
                                             and all(_kind(x) == "ids" for x in inputs)):
         ids = engine.token_ids(inputs, "input_ids")

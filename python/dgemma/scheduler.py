@@ -29,11 +29,29 @@ from .generation import DecoderPass, GenerationResult
 PREFILL_CHUNK = 512
 
 
+class JobError(str):
+    """The payload of an ``"error"`` event: its message (a ``str``), and ``status``, the failure as an HTTP
+    server answers it: 400 a request the engine refused (a DgemmaError), 500 a failure inside the engine (any
+    other exception), 503 the server shutting down, 499 a cancelled job (the client went away)."""
+
+    status: int
+
+    def __new__(cls, message: str, status: int = 400):
+        self = super().__new__(cls, message)
+        self.status = status
+        return self
+
+    @property
+    def internal(self) -> bool:
+        return self.status >= 500
+
+
 @dataclass
 class Job:
     """One generation request. ``emit(kind, payload)`` receives, from the worker thread, ``"draft"``
     (a StreamEvent, only with ``drafts``), ``"block"`` (a StreamEvent), ``"done"`` (the GenerationResult)
-    or ``"error"`` (a message); exactly one of the last two ends every job, a cancelled one included."""
+    or ``"error"`` (a :class:`JobError`); exactly one of the last two ends every job, a cancelled one
+    included."""
 
     ids: list[int]
     emit: Callable[[str, object], None]
@@ -131,7 +149,7 @@ class Scheduler:
         for job in jobs:
             if job.events is not None:
                 job.events.close()
-            job.emit("error", "the server is shutting down")
+            job.emit("error", JobError("the server is shutting down", 503))
 
     def _decode(self, jobs: list[Job]) -> None:
         """One decoder pass for the waiting steps of ``jobs``, batched; a job whose pass fails gets its error
@@ -198,20 +216,21 @@ class Scheduler:
                         self._cancel(job)
                         return True
         except StopIteration:
-            self._end(job, "requests_failed", "error", "internal error: the generation ended without a result")
+            self._end(job, "requests_failed", "error",
+                      JobError("internal error: the generation ended without a result", 500))
             return True
         except DgemmaError as e:
-            self._end(job, "requests_failed", "error", str(e))
+            self._end(job, "requests_failed", "error", JobError(str(e), 400))
             return True
         except Exception as e:  # noqa: BLE001  NOTE: a failing request must never take the worker down
-            self._end(job, "requests_failed", "error", f"internal error: {type(e).__name__}: {e}")
+            self._end(job, "requests_failed", "error", JobError(f"internal error: {type(e).__name__}: {e}", 500))
             return True
 
     def _cancel(self, job: Job) -> None:
         """End a cancelled job; closing its generator rolls its cache back and frees it at once."""
         if job.events is not None:
             job.events.close()
-        self._end(job, "requests_cancelled", "error", "cancelled")
+        self._end(job, "requests_cancelled", "error", JobError("cancelled", 499))
 
     def _prefill_or_start(self, job: Job) -> None:
         """Encode the prompt in chunks (all but its last chunk), then start the generation on the rest.

@@ -8,7 +8,8 @@ DiffusionGemma's own options are extra body fields: ``max_denoising_steps``, ``e
 ``t_max``, ``t_min``, ``stability_threshold``, ``confidence_threshold``, ``max_image_tokens``,
 ``thinking`` (or ``chat_template_kwargs: {"enable_thinking": true}``) and ``stream_drafts`` (with
 ``stream``: also send each denoising step's argmax canvas as ``choices[i].delta.draft``). Bad requests
-get OpenAI-style JSON errors (``{"error": {"message", "type", "param", "code"}}``) with a 4xx status.
+get OpenAI-style JSON errors (``{"error": {"message", "type", "param", "code"}}``) with a 4xx status; a
+failure inside the engine gets one of type ``server_error`` with status 500.
 """
 
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from .chat import Response, check_tools, parse_response_lenient
 from .errors import DgemmaError
+from .prompts import check_max_image_tokens
 from .scheduler import Job, Scheduler
 
 SAMPLER_FIELDS = {"max_denoising_steps": int, "entropy_bound": float, "t_max": float, "t_min": float,
@@ -272,6 +274,11 @@ class OpenAIServer:
         stream = _field(body, "stream", bool, False)
         include_usage = _flag(_object(body, "stream_options"), "include_usage", "stream_options")
         drafts = _field(body, "stream_drafts", bool, False)
+        budget = _field(body, "max_image_tokens", int, 280)
+        try:
+            check_max_image_tokens(budget)
+        except DgemmaError as e:
+            raise RequestError(str(e), param="max_image_tokens") from None
         images: dict = {}
         tools_given = False
         if chat:
@@ -291,7 +298,6 @@ class OpenAIServer:
             tools_given = bool(tools)
             kw = _object(body, "chat_template_kwargs")
             thinking = _field(body, "thinking", bool, _flag(kw, "enable_thinking", "chat_template_kwargs"))
-            budget = _field(body, "max_image_tokens", int, 280)
             from .prompts import render_chat
 
             try:
@@ -452,25 +458,35 @@ def create_app(server: OpenAIServer):
             return error(e)
         except DgemmaError as e:
             return error(RequestError(str(e)))
+        except Exception as e:  # noqa: BLE001 - a bug while planning is the server's failure, not the client's
+            return error(_internal(f"the request could not be prepared: {type(e).__name__}: {e}"))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if plan.stream:
             return StreamingResponse(_stream(server, request, plan, rid), media_type="text/event-stream")
-        jobs = [_submit(server, plan, k) for k in plan.kwargs]
+        jobs = []
         try:
+            for k in plan.kwargs:
+                jobs.append(_submit(server, plan, k))
             results = []
             for job, queue in jobs:
                 while True:
-                    kind, payload = await queue.get()
+                    # A client that hangs up before its answer cancels its jobs (for a streamed one, _stream does).
+                    kind, payload = await _next_event(queue, request)
                     if kind == "done":
                         results.append(payload)
                         break
                     if kind == "error":
-                        raise RequestError(payload, kind="server_error" if payload.startswith("internal") else
-                                           "invalid_request_error")
+                        raise _job_error(payload)
         except RequestError as e:
             for job, _ in jobs:
                 job.cancel()
             return error(e)
+        except _Disconnected:
+            for job, _ in jobs:
+                job.cancel()
+            # Nobody reads this answer; nginx's "client closed request" status, for the access log.
+            return error(RequestError("the client closed the connection before the answer", status=499,
+                                      kind="client_closed_request"))
         except asyncio.CancelledError:
             for job, _ in jobs:
                 job.cancel()
@@ -480,7 +496,7 @@ def create_app(server: OpenAIServer):
             try:
                 response = server.text_of(result, chat)
             except DgemmaError as e:
-                return error(RequestError(f"the answer could not be decoded: {e}", kind="server_error"))
+                return error(_internal(f"the answer could not be decoded: {e}"))
             text, stopped = server.apply_stop(response.text, plan.stops)
             completion += server.completion_tokens(result)
             reason = server.finish_reason(result, response, stopped)
@@ -503,6 +519,39 @@ def create_app(server: OpenAIServer):
         return await run(request, chat=False)
 
     return app
+
+
+# How often a non-streamed request waiting for its jobs checks that its client is still connected (seconds).
+DISCONNECT_POLL_S = 0.25
+
+
+class _Disconnected(Exception):
+    """The client of a non-streamed request hung up before its answer."""
+
+
+async def _next_event(queue: asyncio.Queue, request) -> tuple[str, object]:
+    """The next event of a job, checking every DISCONNECT_POLL_S that the client is still there (a job waiting
+    for a slot, or one long block, sends nothing for a while)."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise _Disconnected from None
+
+
+def _internal(message: str) -> RequestError:
+    """A failure of the server (not of the request): HTTP 500."""
+    return RequestError(message, status=500, kind="server_error")
+
+
+def _job_error(payload) -> RequestError:
+    """The answer to a job's ``"error"`` event: 4xx for a request the engine refused, 5xx for a failure inside
+    it (:class:`~dgemma.scheduler.JobError`'s status)."""
+    status = getattr(payload, "status", 400)
+    if status >= 500:
+        return RequestError(str(payload), status=status, kind="server_error")
+    return RequestError(str(payload), status=status)
 
 
 def _submit(server: OpenAIServer, plan: Plan, kwargs: dict, drafts: bool = False):
@@ -543,11 +592,15 @@ async def _stream(server: OpenAIServer, request, plan: Plan, rid: str):
         return f"data: {json.dumps(body)}\n\n"
 
     def error_chunk(message: str) -> str:
-        return f"data: {json.dumps(RequestError(message, kind='server_error').body())}\n\n"
+        return f"data: {json.dumps(_internal(message).body())}\n\n"
 
+    jobs = []
     try:
-        jobs = [_submit(server, plan, k, plan.drafts) for k in plan.kwargs]
+        for k in plan.kwargs:
+            jobs.append(_submit(server, plan, k, plan.drafts))
     except RequestError as e:
+        for job, _ in jobs:
+            job.cancel()
         yield f"data: {json.dumps(e.body())}\n\n"
         yield "data: [DONE]\n\n"
         return
@@ -579,7 +632,7 @@ async def _stream(server: OpenAIServer, request, plan: Plan, rid: str):
                         sent = text
                     continue
                 if kind == "error":
-                    yield error_chunk(payload)
+                    yield f"data: {json.dumps(_job_error(payload).body())}\n\n"
                     break
                 result = payload
                 try:
@@ -624,10 +677,54 @@ def _visible_text(server: OpenAIServer, tokens: list[int], chat: bool) -> str:
     return _decode(server, tokens, ends, eng.pad_token_id, skip_special_tokens=True)
 
 
+def listen_sockets(host: str, port: int) -> list:
+    """Sockets bound to ``host``:``port`` as uvicorn would bind them (every address ``host`` resolves to, with
+    SO_REUSEADDR), not yet listening; a host that does not resolve or a port that cannot be bound (in use, a
+    privileged port) raises a DgemmaError naming it. Bound before the weights load, so that a server that
+    could never listen fails in a second, not after loading a model."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise DgemmaError(f"host {host!r} is not an address to listen on ({why}); expected an IP address or a "
+                          f"host name of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    socks, unavailable = [], host
+    try:
+        for family, kind, proto, _, address in dict.fromkeys((i[0], i[1], i[2], None, i[4]) for i in infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == getattr(socket, "AF_INET6", None) and hasattr(socket, "IPV6_V6ONLY"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRNOTAVAIL:  # e.g. ::1 of "localhost" without IPv6, as asyncio skips it
+                    socks.pop().close()
+                    unavailable = address[0]
+                    continue
+                why = {errno.EADDRINUSE: f"port {port} is already in use",
+                       errno.EACCES: "permission denied (ports below 1024 need privileges)"}.get(
+                           e.errno, e.strerror or str(e))
+                raise DgemmaError(f"cannot listen on {host}:{port}: {why}") from None
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    if not socks:
+        raise DgemmaError(f"cannot listen on {host}:{port}: {unavailable} is not an address of this machine")
+    return socks
+
+
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           max_context: int | None = None, served_model_name: str | None = None, device=None, dtype=None,
           quantization=None, log_level: str = "info") -> None:
-    """Load ``model`` and serve it until interrupted."""
+    """Load ``model`` and serve it until interrupted. The host and port are bound first: one that cannot be
+    listened on raises a DgemmaError before any weights load."""
+    import logging
     import os
 
     try:
@@ -636,8 +733,22 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
         raise DgemmaError("dgemma serve needs FastAPI and uvicorn: pip install 'dgemma[serve]'") from None
     from .loading import load
 
-    eng = load(model, device=device, dtype=dtype, quantization=quantization, max_batch=max_batch,
-               max_context=max_context)
-    name = served_model_name or os.path.basename(os.path.normpath(model))
-    app = create_app(OpenAIServer(eng, model_name=name, max_batch=max_batch, max_context=max_context))
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    socks = listen_sockets(host, port)
+    try:
+        eng = load(model, device=device, dtype=dtype, quantization=quantization, max_batch=max_batch,
+                   max_context=max_context)
+        name = served_model_name or os.path.basename(os.path.normpath(model))
+        app = create_app(OpenAIServer(eng, model_name=name, max_batch=max_batch, max_context=max_context))
+
+        class Server(uvicorn.Server):
+            async def startup(self, sockets=None):
+                await super().startup(sockets=sockets)
+                if self.started:  # uvicorn logs where it listens only for the sockets it binds itself
+                    where = f"[{host}]" if ":" in host else host
+                    logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                                            where, port)
+
+        Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=socks)
+    finally:
+        for sock in socks:
+            sock.close()

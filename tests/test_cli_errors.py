@@ -1,0 +1,143 @@
+"""`dgemma` commands given bad input: one `dgemma: error:` line naming the bad value and a non-zero exit, found
+before anything slow runs (weights loaded, random weights made); a chat goes on after a bad turn."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from chat_fixture import write_chat_checkpoint
+
+from dgemma.cli import main
+from dgemma.demo import write_demo_checkpoint
+
+GEN = ["--max-new-tokens", "8", "--steps", "2", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return str(write_demo_checkpoint(tmp_path_factory.mktemp("demo")))
+
+
+@pytest.fixture(scope="module")
+def text_only(tmp_path_factory):
+    """A chat checkpoint whose tokenizer has no vision tokens (images cannot be sent to it)."""
+    return str(write_chat_checkpoint(tmp_path_factory.mktemp("chat"), seed=1))
+
+
+def _errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("dgemma: error:")]
+
+
+def _chat(monkeypatch, capsys, model, lines):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    rc = main(["chat", "--model", model, *GEN])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_chat_refuses_an_image_that_does_not_load_when_attached(demo, monkeypatch, capsys):
+    """A file that is no image is refused at /image, so the messages after it are answered."""
+    config = os.path.join(demo, "config.json")
+    rc, out, err = _chat(monkeypatch, capsys, demo, ["hi", f"/image {config}", "hello", "again"])
+    assert rc == 1  # a turn failed, with stdin not a terminal
+    assert len(err.strip().splitlines()) == 1, err
+    [line] = _errors(err)
+    assert f"/image {config}" in line and "cannot decode image" in line
+    assert out.count("> ") >= 3  # every message was read and answered
+
+
+def test_chat_drops_the_attachments_of_a_failed_turn(text_only, tmp_path, monkeypatch, capsys):
+    """An image that loads but cannot be sent (no vision tokens): that turn fails, the next ones work."""
+    from PIL import Image
+
+    png = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(png)
+    rc, out, err = _chat(monkeypatch, capsys, text_only, [f"/image {png}", "what is this?", "hello", "again"])
+    assert rc == 1
+    errors = _errors(err)
+    assert len(errors) == 1 and "dropped the 1 attachment(s)" in errors[0], err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("fd,args,needle", [
+    (0, ["chat"], "stdin is closed"),
+    (1, ["generate", "--prompt", "hi"], "stdout is closed"),
+    (1, ["chat"], "stdout is closed"),
+])
+def test_a_closed_standard_stream_is_one_line(demo, fd, args, needle):
+    if fd == 1:
+        r = subprocess.run([sys.executable, "-m", "dgemma", *args, "--model", demo, *GEN], stderr=subprocess.PIPE,
+                           text=True, timeout=300, preexec_fn=lambda: os.close(1))
+    else:
+        r = subprocess.run([sys.executable, "-m", "dgemma", *args, "--model", demo, *GEN], capture_output=True,
+                           text=True, timeout=300, preexec_fn=lambda: os.close(0))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("dgemma: error: ") and needle in line
+
+
+def test_a_closed_stderr_does_not_send_the_summary_to_stdout(demo):
+    r = subprocess.run([sys.executable, "-m", "dgemma", "generate", "--model", demo, "--prompt", "hi", *GEN],
+                       stdout=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(2))
+    assert r.returncode == 0
+    assert "denoising steps" not in r.stdout and r.stdout.strip()
+
+
+@pytest.fixture
+def no_bench_run(monkeypatch):
+    """bench.run fails the test if called: the checks must come before any weights are made."""
+    import dgemma.bench
+
+    def run(*args, **kwargs):
+        raise AssertionError("bench.run was called")
+
+    monkeypatch.setattr(dgemma.bench, "run", run)
+
+
+def test_bench_refuses_a_batch_that_cannot_fit(no_bench_run, monkeypatch, capsys):
+    import dgemma.cache
+
+    monkeypatch.setattr(dgemma.cache, "available_bytes", lambda device: 8 * 2**30)
+    assert main(["bench", "--batch", "1,100000", "--device", "cpu", "--iters", "1", "--warmup", "1"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("dgemma: error: --batch 100000: ") and "does not fit" in line and "8.00 GiB free" in line
+
+
+@pytest.mark.parametrize("option", ["--prefill-lengths", "--prefix-lengths", "--prompt-length"])
+def test_bench_lengths_past_the_positions_are_refused_alike(no_bench_run, capsys, option):
+    assert main(["bench", option, "100000000", "--device", "cpu", "--iters", "1", "--warmup", "1"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"dgemma: error: {option} 100000000: ") and "expected at most 7936" in line
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    import dgemma.loading
+
+    def load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(dgemma.loading, "load", load)
+
+
+def test_serve_on_a_port_in_use_fails_before_loading(demo, no_load, capsys):
+    pytest.importorskip("uvicorn")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", demo, "--port", str(port)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == f"dgemma: error: cannot listen on 127.0.0.1:{port}: port {port} is already in use"
+
+
+@pytest.mark.parametrize("host", ["999.999.1.1", "not a host!"])
+def test_serve_on_a_bad_host_fails_before_loading(demo, no_load, capsys, host):
+    pytest.importorskip("uvicorn")
+    assert main(["serve", "--model", demo, "--host", host, "--port", "18123"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"dgemma: error: host {host!r} is not an address to listen on")
