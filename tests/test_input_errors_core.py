@@ -95,18 +95,48 @@ def test_the_commit_pass_through_encode_view_raises_the_high_water_mark():
 
     eng = fused_engine(fused=True, canvas=16)
     settings = GenerationSettings(max_denoising_steps=2)
-    cache = eng.new_cache(1, 30 + 16, rollback=16)
-    eng.encode(_ids(30), cache=cache)
+    cache = eng.new_cache(1, 60 + 16, rollback=16)
+    window = eng.config.sliding_window
+    ring = min(76, window - 1 + 16)
+    assert 60 + 16 > ring  # the rings wrap
+    eng.encode(_ids(60), cache=cache)
     canvas = _ids(16, seed=3)
     for _ in range(2):  # a block and its commit, rolled back (what the benchmark does)
         denoise_block(eng, cache, canvas, settings, make_sampler(eng, settings, torch.Generator().manual_seed(0)),
                       commit=True)
-        assert cache.length == 46 and cache.high_water == 46
-        cache.truncate(30)
-    cache.truncate(30)
+        assert cache.length == 76 and cache.high_water == 76
+        cache.truncate(60)
+    cache.truncate(60)
     eng.encode(_ids(9, seed=4), cache=cache)
-    with pytest.raises(DgemmaError, match=r"held up to 46 tokens .* truncated to 30 at the shortest"):
-        cache.truncate(29)
+    shortest = 76 - ring + window - 1
+    with pytest.raises(DgemmaError, match=rf"held up to 76 tokens .* truncated to {shortest} at the shortest"):
+        cache.truncate(shortest - 1)
+    cache.truncate(shortest)
+
+
+def test_truncation_is_refused_only_where_a_ring_has_overwritten_what_it_needs(eng):
+    """A ring that never wrapped, or one as long as the cache, holds every position: any truncation is safe; so is
+    truncating to 0. Each such cache then scores like a fresh encoding."""
+    window = eng.config.sliding_window
+    ids, canvas = _ids(60), _ids(32, seed=1)
+    never_wrapped = eng.new_cache(1, 200, rollback=4)  # ring window - 1 + 4 = 35 slots
+    eng.encode(ids[:, :20], cache=never_wrapped)
+    never_wrapped.truncate(16)
+    never_wrapped.truncate(12)  # 8 back in total, more than rollback, but nothing was overwritten
+    assert never_wrapped.min_length == 0
+    whole = eng.new_cache(1, 30)  # capacity 30 <= window - 1: the rings are as long as the cache
+    assert window - 1 >= 30
+    eng.encode(ids[:, :30], cache=whole)
+    whole.truncate(5)
+    wrapped = eng.new_cache(1, 200, rollback=4)
+    eng.encode(ids, cache=wrapped)
+    assert wrapped.min_length == 60 - (window - 1 + 4) + window - 1 == 56
+    wrapped.truncate(0)  # nothing left to read
+    eng.encode(ids[:, :12], cache=wrapped)
+    for name, cache, n in (("never wrapped", never_wrapped, 12), ("whole", whole, 5), ("wrapped", wrapped, 12)):
+        fresh = eng.encode(ids[:, :n], capacity=200)
+        got, want = eng.denoise(cache, canvas), eng.denoise(fresh, canvas)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (name, float((got - want).abs().max()))
 
 
 # -- 2. a cache built directly is checked, and checked against the engine ----------------------------------

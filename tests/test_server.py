@@ -18,6 +18,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package brings
 
 from dgemma.server import OpenAIServer, create_app  # noqa: E402
+from dgemma.errors import NonFiniteError  # noqa: E402
 
 MODEL = "tiny-chat"
 
@@ -387,9 +388,10 @@ def test_a_non_streamed_client_that_hangs_up_cancels_its_jobs(server, engine, mo
     assert snap["requests_finished"] == before["requests_finished"], snap
 
 
-def test_a_failure_inside_the_model_is_a_500_and_the_server_goes_on(server, client, engine, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError, NonFiniteError])  # NonFiniteError: the weights', not the request's
+def test_a_failure_inside_the_model_is_a_500_and_the_server_goes_on(server, client, engine, monkeypatch, error):
     def boom(*args, **kwargs):
-        raise RuntimeError("injected decoder failure")
+        raise error("injected decoder failure")
 
     monkeypatch.setattr(engine.model, "denoise_hidden_rows", boom)
     monkeypatch.setattr(engine.model, "denoise_hidden", boom)

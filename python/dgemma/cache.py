@@ -117,16 +117,22 @@ class KVCache:
 
     @property
     def high_water(self) -> int:
-        """The furthest length this cache ever held (undone transactions aside): the sliding rings hold the
-        positions before it, so :meth:`truncate` can go back to ``high_water - rollback`` at the shortest."""
+        """The furthest length this cache ever held (undone transactions aside): each sliding ring holds the last
+        ``ring_size`` positions before it (see :attr:`min_length`)."""
         return self._high_water
 
     @property
     def min_length(self) -> int:
-        """The shortest length :meth:`truncate` accepts now (0 without sliding layers)."""
-        if not any(s.is_sliding for s in self.config.layers):
-            return 0
-        return max(0, self._high_water - self.rollback)
+        """The shortest length other than 0 that :meth:`truncate` accepts now: a sliding layer at length L reads
+        positions L - (window - 1) .. L - 1, and its ring of ``ring_size`` slots holds the positions from
+        ``high_water - ring_size`` on once it has wrapped (``high_water - rollback`` for a ring of window - 1 +
+        rollback slots); a ring that never wrapped holds everything. 0 without sliding layers."""
+        need = 0
+        for i, spec in enumerate(self.config.layers):
+            ring = self.ring_size(i)
+            if spec.is_sliding and self._high_water > ring:
+                need = max(need, self._high_water - ring + spec.window - 1)
+        return need
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -201,7 +207,7 @@ class KVCache:
         self.check_free()
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.length:
             raise DgemmaError(f"cannot truncate a cache of {self.length} tokens to {length!r:.40}")
-        if length < self.min_length:
+        if 0 < length < self.min_length:
             # The rings were written up to the high-water mark: truncating twice (or truncating, encoding less,
             # truncating again) must not go back further in total than the spare slots cover.
             raise DgemmaError(f"cannot roll back a cache of {self.length} tokens to {length}: it has held up to "

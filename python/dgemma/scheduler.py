@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine import Engine
-from .errors import DgemmaError
+from .errors import DgemmaError, NonFiniteError
 from .generation import DecoderPass, GenerationResult
 
 PREFILL_CHUNK = 512
@@ -219,6 +219,9 @@ class Scheduler:
             self._end(job, "requests_failed", "error",
                       JobError("internal error: the generation ended without a result", 500))
             return True
+        except NonFiniteError as e:  # the weights' doing, not the request's
+            self._end(job, "requests_failed", "error", JobError(str(e), 500))
+            return True
         except DgemmaError as e:
             self._end(job, "requests_failed", "error", JobError(str(e), 400))
             return True
@@ -227,9 +230,15 @@ class Scheduler:
             return True
 
     def _cancel(self, job: Job) -> None:
-        """End a cancelled job; closing its generator rolls its cache back and frees it at once."""
-        if job.events is not None:
-            job.events.close()
+        """End a cancelled job; closing its generator rolls its cache back and frees it at once. The job ends even
+        where the rollback fails (a broken device): the worker must not die with it."""
+        try:
+            if job.events is not None:
+                job.events.close()
+        except Exception as e:  # noqa: BLE001
+            self._end(job, "requests_failed", "error",
+                      JobError(f"internal error while cancelling: {type(e).__name__}: {e}", 500))
+            return
         self._end(job, "requests_cancelled", "error", JobError("cancelled", 499))
 
     def _prefill_or_start(self, job: Job) -> None:

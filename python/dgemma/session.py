@@ -109,7 +109,7 @@ class ChatSession:
         for start, end in spans["image"] + spans["video"]:  # never split an image or a video frame
             if start < common < end:
                 common = start
-        if self.cache is None or common == 0 or common < self.cache.min_length:
+        if self.cache is None or common == 0 or common < self.cache.min_length:  # (0: nothing to keep)
             cache, common = None, 0
         else:
             cache = self.cache
