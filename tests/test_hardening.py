@@ -514,7 +514,8 @@ def test_bounded_cache_room_and_allocation(eng):
     cache = eng.encode(_prompt(4), capacity=20)
     with pytest.raises(DgemmaError, match=r"cache capacity 20 exceeded"):
         eng.generate(_prompt(4), cache=cache, max_new_tokens=3 * CANVAS)
-    with pytest.raises(DgemmaError, match=r"a KV cache for batch 1000000 and capacity 8192 needs .* GiB, more than"):
+    with pytest.raises(dgemma.OutOfMemoryError, match=r"a KV cache for batch 1000000 and capacity 8192 needs .* GiB, "
+                                                      r"more than"):
         eng.new_cache(10**6, 8192)
     with pytest.raises(DgemmaError, match=r"cache batch size 1.5 must be an integer"):
         eng.new_cache(1.5, 10)

@@ -27,7 +27,7 @@ def test_26b_plan_numbers():
 def test_refuses_with_numbers():
     cfg = dgemma.ModelConfig.from_dict(preset_config("26b-a4b"))
     p = plan(cfg, 26 * 2**30, 64, 131072, torch.bfloat16)
-    with pytest.raises(dgemma.DgemmaError, match=r"batch 64 x context 131072 does not fit: needs [\d.]+ GiB more"):
+    with pytest.raises(dgemma.OutOfMemoryError, match=r"batch 64 x context 131072 does not fit: needs [\d.]+ GiB more"):
         check_fits(p, 80 * 2**30)
     check_fits(plan(cfg, 26 * 2**30, 1, 4096, torch.bfloat16, fused_vocab_head=True), 80 * 2**30)
     with pytest.raises(dgemma.DgemmaError, match="context 300000 exceeds max_position_embeddings"):

@@ -18,7 +18,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package brings
 
 from dgemma.server import OpenAIServer, create_app  # noqa: E402
-from dgemma.errors import NonFiniteError  # noqa: E402
+from dgemma.errors import NonFiniteError, OutOfMemoryError  # noqa: E402
 
 MODEL = "tiny-chat"
 
@@ -388,8 +388,10 @@ def test_a_non_streamed_client_that_hangs_up_cancels_its_jobs(server, engine, mo
     assert snap["requests_finished"] == before["requests_finished"], snap
 
 
-@pytest.mark.parametrize("error", [RuntimeError, NonFiniteError])  # NonFiniteError: the weights', not the request's
-def test_a_failure_inside_the_model_is_a_500_and_the_server_goes_on(server, client, engine, monkeypatch, error):
+# NonFiniteError: the weights' doing, not the request's; OutOfMemoryError: a valid request the device cannot hold now.
+@pytest.mark.parametrize("error, status", [(RuntimeError, 500), (NonFiniteError, 500), (OutOfMemoryError, 503)])
+def test_a_failure_inside_the_model_is_a_5xx_and_the_server_goes_on(server, client, engine, monkeypatch, error,
+                                                                     status):
     def boom(*args, **kwargs):
         raise error("injected decoder failure")
 
@@ -397,7 +399,7 @@ def test_a_failure_inside_the_model_is_a_500_and_the_server_goes_on(server, clie
     monkeypatch.setattr(engine.model, "denoise_hidden", boom)
     r = httpx.post(server[1] + "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 16,
                                                              "max_denoising_steps": 2}, timeout=60)
-    assert r.status_code == 500, r.text
+    assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["type"] == "server_error" and "injected decoder failure" in err["message"]
     monkeypatch.undo()

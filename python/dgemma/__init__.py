@@ -14,17 +14,18 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BackendUnavailableError": "errors", "CheckpointError": "errors", "ConfigError": "errors",
     "DgemmaError": "errors", "Engine": "engine", "KVCache": "cache", "ModelConfig": "config",
-    "NonFiniteError": "errors", "TextEngine": "text", "load": "loading",
+    "NonFiniteError": "errors", "OutOfMemoryError": "errors", "TextEngine": "text", "load": "loading",
 }
 
 __all__ = ["BackendUnavailableError", "CheckpointError", "ConfigError", "DgemmaError", "Engine", "KVCache",
-           "ModelConfig", "NonFiniteError", "TextEngine", "__version__", "load"]
+           "ModelConfig", "NonFiniteError", "OutOfMemoryError", "TextEngine", "__version__", "load"]
 
 if TYPE_CHECKING:
     from .cache import KVCache
     from .config import ModelConfig
     from .engine import Engine
-    from .errors import BackendUnavailableError, CheckpointError, ConfigError, DgemmaError, NonFiniteError
+    from .errors import (BackendUnavailableError, CheckpointError, ConfigError, DgemmaError, NonFiniteError,
+                         OutOfMemoryError)
     from .loading import load
     from .text import TextEngine
 

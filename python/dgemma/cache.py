@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .errors import DgemmaError
+from .errors import DgemmaError, OutOfMemoryError
 
 
 # Prefix lengths up to this many tokens share one bucket; above it a bucket spans a quarter of the power of
@@ -358,5 +358,5 @@ def _check_allocation(nbytes: int, device: torch.device, what: str) -> None:
     than let it page the machine to a halt or be killed."""
     free = available_bytes(device)
     if free is not None and nbytes > free:
-        raise DgemmaError(f"{what} needs {nbytes / 2**30:.2f} GiB, more than the {free / 2**30:.2f} GiB available "
-                          f"on {device}; use a smaller batch or capacity")
+        raise OutOfMemoryError(f"{what} needs {nbytes / 2**30:.2f} GiB, more than the {free / 2**30:.2f} GiB "
+                               f"available on {device}; use a smaller batch or capacity")

@@ -27,6 +27,11 @@ class BackendUnavailableError(DgemmaError):
     """A backend (e.g. ``"cuda"``) was requested that this build or machine cannot provide."""
 
 
+class OutOfMemoryError(DgemmaError):
+    """A batch, context or cache that does not fit the device's available memory (refused before allocating, with
+    the numbers): the request is valid, the machine cannot hold it now (a server answers 503)."""
+
+
 class NonFiniteError(DgemmaError):
     """The model produced NaN or infinite logits (corrupt weights or extreme inputs); the message names
     the row, position, block, step and, where it can be found, the first decoder layer at fault."""

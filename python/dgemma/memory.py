@@ -9,7 +9,7 @@ import torch
 
 from . import _ext
 from .config import ModelConfig
-from .errors import DgemmaError
+from .errors import DgemmaError, OutOfMemoryError
 
 GiB = 2**30
 
@@ -103,5 +103,5 @@ def check_fits(p: MemoryPlan, free_bytes: int, *, already_resident: int = 0) -> 
     ``already_resident``: bytes of the plan already allocated (e.g. the loaded weights)."""
     need = p.total - already_resident
     if need > free_bytes:
-        raise DgemmaError(f"batch {p.batch} x context {p.context} does not fit: needs {need / GiB:.2f} GiB more "
+        raise OutOfMemoryError(f"batch {p.batch} x context {p.context} does not fit: needs {need / GiB:.2f} GiB more "
                           f"({p}), {free_bytes / GiB:.2f} GiB free; lower the batch or the context")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine import Engine
-from .errors import DgemmaError, NonFiniteError
+from .errors import DgemmaError, NonFiniteError, OutOfMemoryError
 from .generation import DecoderPass, GenerationResult
 
 PREFILL_CHUNK = 512
@@ -221,6 +221,9 @@ class Scheduler:
             return True
         except NonFiniteError as e:  # the weights' doing, not the request's
             self._end(job, "requests_failed", "error", JobError(str(e), 500))
+            return True
+        except OutOfMemoryError as e:  # a valid request the device cannot hold now
+            self._end(job, "requests_failed", "error", JobError(str(e), 503))
             return True
         except DgemmaError as e:
             self._end(job, "requests_failed", "error", JobError(str(e), 400))
