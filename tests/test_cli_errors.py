@@ -107,6 +107,21 @@ def test_bench_refuses_a_batch_that_cannot_fit(no_bench_run, monkeypatch, capsys
     assert line.startswith("dgemma: error: --batch 100000: ") and "does not fit" in line and "8.00 GiB free" in line
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--plot", "{d}/x.txt"], "--plot {d}/x.txt: 'txt' is not an image type matplotlib writes; expected a file "
+                              "ending in one of"),
+    (["--plot", "{d}/noext"], "--plot {d}/noext: no file type is not an image type"),
+    (["--json", ""], "--json '': an empty path"),
+    (["--plot", ""], "--plot '': an empty path"),
+    (["--json", "{d}/r.png", "--plot", "{d}/r.png"], "--json and --plot name the same file {d}/r.png"),
+])
+def test_bench_output_files_are_checked_before_the_run(no_bench_run, capsys, tmp_path, args, needle):
+    args = [a.format(d=tmp_path) for a in args]
+    assert main(["bench", "--device", "cpu", "--iters", "1", "--warmup", "1", *args]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("dgemma: error: " + needle.format(d=tmp_path)), line
+
+
 @pytest.mark.parametrize("option", ["--prefill-lengths", "--prefix-lengths", "--prompt-length"])
 def test_bench_lengths_past_the_positions_are_refused_alike(no_bench_run, capsys, option):
     assert main(["bench", option, "100000000", "--device", "cpu", "--iters", "1", "--warmup", "1"]) == 2

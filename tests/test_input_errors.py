@@ -297,3 +297,29 @@ def test_meta_tensors_are_refused_naming_the_argument(eng, image):
     ids, pixels, positions = image
     with pytest.raises(DgemmaError, match="pixel_values is on the meta device"):
         eng.encode(ids, pixel_values=pixels.to("meta"), image_position_ids=positions)
+
+
+# -- streams consumed oddly -----------------------------------------------------------------------------------
+
+
+def test_a_stream_whose_cache_was_used_after_it_was_made_is_refused_at_its_first_step(eng):
+    """generate_stream checks room and positions when it is made; if the cache is used before its first step the
+    checks no longer hold: refused then, naming both lengths, with the cache as the other use left it."""
+    canvas = eng.config.canvas_length
+    cache = eng.encode([[2, 10, 11, 12, 13, 14, 15]], capacity=7 + 2 + 8 * canvas)
+    stream = eng.generate_stream([[30, 31]], cache=cache, seed=1, max_new_tokens=8 * canvas, eos_token_id=[])
+    eng.generate([[40] * 5], cache=cache, seed=2, max_new_tokens=canvas, eos_token_id=[])
+    before = _cache_state(cache)
+    # (its one block is generated, not committed: 7 + 5 tokens)
+    with pytest.raises(DgemmaError, match=r"the cache held 7 tokens when this generation was made and holds 12 at "
+                                          r"its first step"):
+        next(stream)
+    _assert_cache_same(before, _cache_state(cache))
+
+
+def test_sending_a_value_into_a_stream_that_takes_none_is_refused(eng):
+    stream = eng.generate_stream([[30, 31]], seed=1, **SMALL)
+    assert next(stream).kind == "draft"
+    with pytest.raises(DgemmaError, match=r"a draft event was answered with send\(Tensor\): only a DecoderPass "
+                                          r"takes an answer"):
+        stream.send(torch.zeros(3))

@@ -322,6 +322,8 @@ def _check_output_file(option: str, path: str | None) -> None:
     """Fail before a long run, not after it, when a result file cannot be written."""
     if path is None:
         return
+    if not path:
+        raise DgemmaError(f"{option} '': an empty path")
     if os.path.isdir(path):
         raise DgemmaError(f"{option} {path}: is a directory")
     parent = os.path.dirname(os.path.abspath(path))
@@ -429,6 +431,16 @@ def _bench(args: argparse.Namespace) -> int:
             raise DgemmaError("--plot needs matplotlib (pip install matplotlib)") from None
     _check_output_file("--json", args.json)
     _check_output_file("--plot", args.plot)
+    if args.plot is not None:
+        from matplotlib.figure import Figure
+
+        kinds = Figure().canvas.get_supported_filetypes()
+        kind = os.path.splitext(args.plot)[1][1:].lower()
+        if kind not in kinds:
+            raise DgemmaError(f"--plot {args.plot}: {'no file type' if not kind else repr(kind)} is not an image "
+                              f"type matplotlib writes; expected a file ending in one of {', '.join(sorted(kinds))}")
+    if args.json is not None and args.plot is not None and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        raise DgemmaError(f"--json and --plot name the same file {args.json}")
     if args.baseline == "transformers":
         try:
             import transformers  # noqa: F401

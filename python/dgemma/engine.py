@@ -465,7 +465,7 @@ class Engine:
             if list(canvas.shape) != [b, cfg.canvas_length]:
                 raise DgemmaError(f"canvas has shape {list(canvas.shape)}, expected [{b}, {cfg.canvas_length}]")
         return dict(settings=settings, eos_token_ids=eos, pad_token_id=pad, generator=generator, canvas=canvas,
-                    cache=cache)
+                    cache=cache, cache_length=cache.length)
 
     def _check_cache(self, cache: KVCache, batch: int) -> None:
         if not isinstance(cache, KVCache):

@@ -81,6 +81,15 @@ class GenerationResult:
         return self.responses[0].tool_calls if self.responses else []
 
 
+def _emit(event: StreamEvent):
+    """Yield a stream event; a value sent back for it is a mistake (only a DecoderPass takes an answer)."""
+    sent = yield event
+    if sent is not None:
+        raise DgemmaError(f"a {event.kind} event was answered with send({type(sent).__name__}): only a DecoderPass "
+                          f"takes an answer (generate_stream(..., external_decoder=True)); iterate with next() or a "
+                          f"for loop")
+
+
 def _finalize_block(seq: torch.Tensor, finished: torch.Tensor, canvas: int, max_length: int,
                     eos: torch.Tensor | None, pad: int | None) -> torch.Tensor:
     """Mark rows that hit EOS (or the length budget) and pad what follows an EOS; rows finished
@@ -106,7 +115,7 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
                    eos_token_ids: list[int] | None, pad_token_id: int | None, generator: torch.Generator | None,
                    canvas: torch.Tensor | None, cache: KVCache, image_features: torch.Tensor | None = None,
                    mm_token_type_ids: torch.Tensor | None = None, external_decoder: bool = False,
-                   video_features: torch.Tensor | None = None
+                   video_features: torch.Tensor | None = None, cache_length: int | None = None
                    ) -> Iterator[StreamEvent | DecoderPass | GenerationResult]:
     """Yield stream events, then the :class:`GenerationResult`. Inputs are already validated (ids, mask,
     cache room; ``image_features`` fill the prompt's image placeholders). With ``external_decoder`` a
@@ -122,16 +131,22 @@ def run_generation(engine, ids: torch.Tensor, attention_mask: torch.Tensor | Non
     n_blocks = math.ceil(settings.max_new_tokens / c)
     max_length = t + past + settings.max_new_tokens
     eos = torch.tensor(eos_token_ids, device=device) if eos_token_ids else None
-    sampler = make_sampler(engine, settings, generator)  # a seeded sampler draws its key here
-    if external_decoder:
-        stepper = ExternalStepper(engine.model, cache, sampler)
-    else:
-        stepper = make_stepper(engine, cache, sampler)
-    finished_seq = torch.zeros(b, dtype=torch.bool, device=device)
-    passes = torch.zeros(b, dtype=torch.int, device=device)
-    timings = {"encode_s": 0.0, "denoise_s": 0.0}
-    start = time.perf_counter()
     with cache.transaction() as undo:
+        if cache_length is not None and cache.length != cache_length:
+            # The call's checks (room, positions) were made against the cache as it was when the call was made;
+            # a stream starts at its first step, and the cache was used in between.
+            raise DgemmaError(f"the cache held {cache_length} tokens when this generation was made and holds "
+                              f"{cache.length} at its first step: it was used in between (make the stream after "
+                              f"that use, or give it its own cache)")
+        sampler = make_sampler(engine, settings, generator)  # a seeded sampler draws its key here
+        if external_decoder:
+            stepper = ExternalStepper(engine.model, cache, sampler)
+        else:
+            stepper = make_stepper(engine, cache, sampler)
+        finished_seq = torch.zeros(b, dtype=torch.bool, device=device)
+        passes = torch.zeros(b, dtype=torch.int, device=device)
+        timings = {"encode_s": 0.0, "denoise_s": 0.0}
+        start = time.perf_counter()
         seq, steps_per_block = yield from _blocks(engine, ids, attention_mask, settings, generator, canvas, cache,
                                                   image_features, mm_token_type_ids, video_features, stepper,
                                                   finished_seq, passes,
@@ -174,7 +189,7 @@ def _blocks(engine, ids, attention_mask, settings, generator, canvas, cache, ima
         seq = torch.cat([seq, argmax], dim=-1)
         finished_seq = _finalize_block(seq, finished_seq, c, max_length, eos, pad_token_id)
         with undo.suspended():
-            yield StreamEvent("block", block, None, seq[:, -c:], finished_seq.clone())
+            yield from _emit(StreamEvent("block", block, None, seq[:, -c:], finished_seq.clone()))
         if bool(finished_seq.all()):
             break
     return seq, steps_per_block
@@ -265,7 +280,7 @@ def _denoise_block_on_device(engine, cache, current, settings, stepper, finished
             raise _located(NonFiniteError(f"the logits of row {row} are not finite"), engine, cache, stepper.canvas,
                            None if k == 0 else stepper.soft, block, n - k)
         with undo.suspended() if undo is not None else contextlib.nullcontext():
-            yield StreamEvent("draft", block, n - k, run.drafts[k].clone(), run.finished_after[k].clone())
+            yield from _emit(StreamEvent("draft", block, n - k, run.drafts[k].clone(), run.finished_after[k].clone()))
     block_passes = run.block_passes.clone()
     passes += block_passes
     return run.argmax.clone(), block_passes
@@ -306,7 +321,7 @@ def _settle(flags: _StepFlags, engine, cache, block: int, undo):
         raise _located(NonFiniteError(f"the logits of row {row} are not finite"), engine, cache, *flags.inputs, block,
                        flags.step)
     with undo.suspended() if undo is not None else contextlib.nullcontext():
-        yield StreamEvent("draft", block, flags.step, flags.argmax, flags.finished)
+        yield from _emit(StreamEvent("draft", block, flags.step, flags.argmax, flags.finished))
     return done
 
 
