@@ -156,3 +156,10 @@ def test_serve_on_a_bad_host_fails_before_loading(demo, no_load, capsys, host):
     assert main(["serve", "--model", demo, "--host", host, "--port", "18123"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"dgemma: error: host {host!r} is not an address to listen on")
+
+
+def test_demo_save_under_a_file_is_refused_naming_the_option(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["demo", "--save", str(tmp_path / "afile" / "sub")]) == 2
+    [line] = _errors(capsys.readouterr().err)
+    assert line == f"dgemma: error: --save {tmp_path}/afile/sub: {tmp_path}/afile is not a directory"

@@ -22,6 +22,11 @@ def _check_save_dir(path: str) -> None:
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise DgemmaError(f"--save {path}: exists and is not a directory")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):  # the directories made for it must go under a directory
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise DgemmaError(f"--save {path}: {ancestor} is not a directory")
     if os.path.isdir(path):
         others = sorted(set(os.listdir(path)) - set(FILES))
         if others:
