@@ -1,7 +1,8 @@
 """Programmatic dependent launch (DGEMMA_PDL=1, csrc/kernels/pdl.cuh): every dgemma kernel may start while the one
 before it finishes, and waits for it before touching memory. The results must be those of ordinary launches bit for
 bit: a denoising step's logits, the FP8 expert pipeline (shared experts included), and generate eagerly and from CUDA
-graphs (the stop decided on the device too), with either vocabulary-head implementation. DGEMMA_PDL is read once per process, so each setting runs in its own process."""
+graphs (the stop decided on the device too), with either vocabulary-head implementation. DGEMMA_PDL is read once per
+process, so each setting runs in its own process."""
 
 import os
 import subprocess

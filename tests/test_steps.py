@@ -752,7 +752,7 @@ def test_a_caches_block_states_are_bounded():
 
 def test_stop_on_device_setting_is_checked_and_falls_back_where_conditionals_cannot_be_captured(monkeypatch, caplog):
     monkeypatch.setenv("DGEMMA_STOP_ON_DEVICE", "yes")
-    with pytest.raises(DgemmaError, match="DGEMMA_STOP_ON_DEVICE='yes' is not 0 or 1"):
+    with pytest.raises(DgemmaError, match="DGEMMA_STOP_ON_DEVICE = 'yes' is not a stop setting; expected one of 0, 1"):
         stops_on_device(ReplayCheckingFactory())
     monkeypatch.setenv("DGEMMA_STOP_ON_DEVICE", "0")
     assert not stops_on_device(ReplayCheckingFactory())

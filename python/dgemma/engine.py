@@ -242,8 +242,8 @@ class Engine:
         try:
             types = torch.as_tensor(mm_token_type_ids, device=self.device)
         except (TypeError, ValueError, RuntimeError, OverflowError):
-            raise DgemmaError(f"mm_token_type_ids must be a [batch, length] tensor of integers 0..3 matching the input's "
-                              f"shape {list(ids.shape)}, got {type(mm_token_type_ids).__name__}") from None
+            raise DgemmaError(f"mm_token_type_ids must be a [batch, length] tensor of integers 0..3 matching the "
+                              f"input's shape {list(ids.shape)}, got {type(mm_token_type_ids).__name__}") from None
         if list(types.shape) != list(ids.shape) or types.is_floating_point() or types.dtype == torch.bool:
             raise DgemmaError(f"mm_token_type_ids has shape {list(types.shape)} and dtype {types.dtype}, expected "
                               f"integers of the input's shape {list(ids.shape)}")

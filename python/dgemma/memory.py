@@ -103,5 +103,5 @@ def check_fits(p: MemoryPlan, free_bytes: int, *, already_resident: int = 0) -> 
     ``already_resident``: bytes of the plan already allocated (e.g. the loaded weights)."""
     need = p.total - already_resident
     if need > free_bytes:
-        raise OutOfMemoryError(f"batch {p.batch} x context {p.context} does not fit: needs {need / GiB:.2f} GiB more "
-                          f"({p}), {free_bytes / GiB:.2f} GiB free; lower the batch or the context")
+        raise OutOfMemoryError(f"batch {p.batch} x context {p.context} does not fit: needs {need / GiB:.2f} GiB "
+                               f"more ({p}), {free_bytes / GiB:.2f} GiB free; lower the batch or the context")

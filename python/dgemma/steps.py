@@ -11,8 +11,8 @@ CUDA graph.
 - :class:`CudaGraphStepper`: the same step captured once per (first step or not, prefix bucket, padding, the
   sampler's launch settings) as a CUDA graph over static input buffers and replayed. The first call of a key
   runs the step eagerly (which also warms up lazily initialised kernels and workspaces) and returns that
-  result, then captures; the later calls replay. Eager and replayed steps launch the same kernels with the same arguments, so the
-  tokens are the same with and without graphs.
+  result, then captures; the later calls replay. Eager and replayed steps launch the same kernels with the
+  same arguments, so the tokens are the same with and without graphs.
 
 A graph holds the addresses of the cache it was captured against, so graphs belong to one
 :class:`~dgemma.cache.KVCache` (kept on it: a chat session reusing its cache reuses its graphs).
@@ -21,7 +21,6 @@ A graph holds the addresses of the cache it was captured against, so graphs belo
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 
 import torch
@@ -54,10 +53,7 @@ def keep_stopped_rows(draw: Draw, finished: torch.Tensor, argmax: torch.Tensor, 
 def stop_on_device_setting() -> bool:
     """DGEMMA_STOP_ON_DEVICE: ``1`` runs a block's steps gated on the device (:meth:`CudaGraphStepper.begin_block`),
     ``0`` or unset reads each step's stop flags on the host. Read when a generation starts."""
-    value = os.environ.get("DGEMMA_STOP_ON_DEVICE", "")
-    if value not in ("", "0", "1"):
-        raise DgemmaError(f"DGEMMA_STOP_ON_DEVICE={value!r:.40} is not 0 or 1")
-    return value == "1"
+    return _ext.implementation(None, "DGEMMA_STOP_ON_DEVICE", ("0", "1"), "0", "a stop setting") == "1"
 
 
 class ExternalStepper:
