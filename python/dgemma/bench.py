@@ -172,16 +172,23 @@ def _row(name: str, times: list[float] | float, roofline_ms: float | None = None
     return row
 
 
+def preset_and_prompt(preset: str, prompt_length: int | None, device: torch.device) -> tuple[str, int]:
+    """The preset a run uses ("auto": 26b-a4b on a GPU, tiny on a CPU) and its prompt length (default 1024 for
+    26b-a4b, 64 otherwise)."""
+    if preset == "auto":
+        preset = "26b-a4b" if device.type == "cuda" else "tiny"
+    return preset, prompt_length or (1024 if preset == "26b-a4b" else 64)
+
+
 def run(opts: BenchOptions, *, log=print) -> dict:
     from .random_checkpoint import random_engine
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
-    preset = opts.preset if opts.preset != "auto" else ("26b-a4b" if device.type == "cuda" else "tiny")
+    preset, prompt_len = preset_and_prompt(opts.preset, opts.prompt_length, device)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "fp8": torch.bfloat16}.get(opts.dtype)
     if dtype is None:
         raise DgemmaError(f"precision {opts.dtype!r} is not supported (expected fp8, bfloat16 or float32)")
     quantization = "fp8" if opts.dtype == "fp8" else None
-    prompt_len = opts.prompt_length or (1024 if preset == "26b-a4b" else 64)
     log(f"dgemma bench: preset {preset}, {opts.dtype}, device {device}, prompt {prompt_len}, "
         f"batches {opts.batch_sizes}, steps {opts.steps}")
     if preset == "26b-a4b" and device.type == "cpu":

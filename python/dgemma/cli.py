@@ -387,25 +387,23 @@ def _environment(**values: str | None):
 def _check_bench_shapes(args: argparse.Namespace, device) -> None:
     """Refuse, before the random weights are made, lengths past the preset's positions and batches whose
     step cannot fit the device's free memory (the engine's memory plan, dgemma.memory: weights + KV cache +
-    step workspace), naming the option and value (instead of a skipped row, an error halfway or the OOM killer).
-
-    NOTE: the preset and default prompt length are resolved as bench.run resolves them."""
+    step workspace), naming the option and value (instead of a skipped row, an error halfway or the OOM killer)."""
     import math
 
     import torch
 
+    from .bench import preset_and_prompt
     from .cache import available_bytes
     from .config import ModelConfig
     from .memory import check_fits, plan
     from .random_checkpoint import preset_config
     from .weights import expected_shapes, is_quantized_name
 
-    preset = args.preset if args.preset != "auto" else ("26b-a4b" if device.type == "cuda" else "tiny")
+    preset, prompt_len = preset_and_prompt(args.preset, args.prompt_length, device)
     if preset == "26b-a4b" and device.type == "cpu":
         return  # bench.run refuses it with the reason
     cfg = ModelConfig.from_dict(preset_config(preset))
     c, positions = cfg.canvas_length, cfg.max_position_embeddings
-    prompt_len = args.prompt_length or (1024 if preset == "26b-a4b" else 64)
     lengths = [("--prompt-length", prompt_len)] + [("--prefill-lengths", t) for t in args.prefill_lengths or []] + \
         [("--prefix-lengths", t) for t in args.prefix_lengths or []]
     for flag, t in lengths:
