@@ -111,3 +111,28 @@ def test_full_acceptance_really_happens(model):
     finally:
         ops.sample_step = original
     assert len(seen) == 48 and torch.stack(seen).any() and not torch.stack(seen).all()
+
+
+def test_generation_config_max_length_matches_transformers(tmp_path):
+    """generation_config.json's max_length (no max_new_tokens) bounds the whole sequence, as in transformers; the
+    call's max_new_tokens or max_length takes precedence; a max_length the prompt already fills is refused."""
+    import json
+
+    from hf_checkpoints import save_hf_checkpoint
+
+    arch, seed, overrides = MODELS["odd7"]
+    save_hf_checkpoint(arch, tmp_path, seed=seed, canvas_length=10, text_overrides=overrides)
+    with open(tmp_path / "generation_config.json", "w") as f:
+        json.dump({"max_length": 41, "max_denoising_steps": 3}, f)  # no EOS: the whole budget runs
+    hf, eng = load_hf(tmp_path, torch.float32), dgemma.load(tmp_path, dtype=torch.float32)
+    ids = prompt(eng)  # 23 tokens: 18 new ones, 2 canvases of 10
+    ref, ours = run_both(hf, eng, ids)
+    assert ref.sequences.shape == (1, 43) and torch.equal(ours.sequences, ref.sequences)
+    ref, ours = run_both(hf, eng, ids, max_new_tokens=5)
+    assert ours.sequences.shape == (1, 33) and torch.equal(ours.sequences, ref.sequences)
+    assert eng.generate(ids, max_length=24, max_denoising_steps=2, seed=0).sequences.shape == (1, 33)
+    with pytest.raises(dgemma.DgemmaError, match=r"max_length 41 \(generation_config.json\) leaves no room for new "
+                                                 r"tokens after the 41 tokens before them \(cache 0, prompt 41\)"):
+        eng.generate(prompt(eng, length=41))
+    with pytest.raises(dgemma.DgemmaError, match=r"max_length 20 leaves no room .* \(cache 0, prompt 23\)"):
+        eng.generate(ids, max_length=20)

@@ -4,6 +4,7 @@ template, chat sessions) wraps it in :mod:`dgemma.text`; this module never impor
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +227,8 @@ class Engine:
             cache = self.new_cache(b, capacity)
             self.model.encode(ids, cache, mask, features, types, videos)
             return cache
+        if capacity is not None:
+            raise DgemmaError("capacity= sizes a new cache; it cannot be combined with cache=")
         self._check_cache(cache, b)
         cache.check_room(t)
         mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
@@ -332,7 +335,8 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def generate(self, input_ids, *, max_new_tokens: int | None = None, max_denoising_steps: int | None = None,
+    def generate(self, input_ids, *, max_new_tokens: int | None = None, max_length: int | None = None,
+                 max_denoising_steps: int | None = None,
                  entropy_bound: float | None = None, t_max: float | None = None, t_min: float | None = None,
                  stability_threshold: int | None = None, confidence_threshold: float | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
@@ -347,6 +351,9 @@ class Engine:
         Args:
             input_ids: token ids ``[B, T]`` (a tensor or nested lists); with ``cache``, the new tokens only.
             max_new_tokens: token budget, rounded up to whole canvases; generation also stops at EOS.
+            max_length: the budget as a whole length instead (the cache's tokens, the prompt and the new tokens),
+                used where ``max_new_tokens`` is not given; ``generation_config.json``'s ``max_length`` applies
+                where it leaves ``max_new_tokens`` at 256, as in transformers.
             max_denoising_steps, entropy_bound, t_max, t_min, stability_threshold, confidence_threshold:
                 sampler settings; defaults come from the checkpoint's ``generation_config.json`` where set,
                 else 256 / 48 / 0.1 / 0.8 / 0.4 / 1 / 0.005.
@@ -370,7 +377,7 @@ class Engine:
         """
         if stream is not None and not callable(stream):
             raise DgemmaError(f"stream must be a callable taking a StreamEvent, got {type(stream).__name__}")
-        return drive(self.generate_stream(input_ids, max_new_tokens=max_new_tokens,
+        return drive(self.generate_stream(input_ids, max_new_tokens=max_new_tokens, max_length=max_length,
                                           max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
                                           t_max=t_max, t_min=t_min, stability_threshold=stability_threshold,
                                           confidence_threshold=confidence_threshold, eos_token_id=eos_token_id,
@@ -393,10 +400,12 @@ class Engine:
         running many generations' passes as one batch (what the server's scheduler does)."""
         if not isinstance(external_decoder, bool):
             raise DgemmaError(f"external_decoder must be True or False, got {external_decoder!r:.40}")
+        check_generate_arguments(kwargs, "generate_stream", stream=False)
         ids = self.token_ids(input_ids)
         cache = kwargs.get("cache")
-        mask = None if attention_mask is None else check_attention_mask(
-            attention_mask, ids, cache if isinstance(cache, KVCache) else None, left_only=True)
+        if cache is not None:
+            self._check_cache(cache, ids.shape[0])  # before the mask's check reads it
+        mask = None if attention_mask is None else check_attention_mask(attention_mask, ids, cache, left_only=True)
         args = self._resolve(ids, **kwargs)  # bad arguments raise here, before the first item
         args["image_features"] = self.image_features(ids, pixel_values, image_position_ids)
         args["video_features"] = self.video_features(ids, pixel_values_videos, video_position_ids)
@@ -410,19 +419,27 @@ class Engine:
 
     def _resolve(self, ids: torch.Tensor, *, max_new_tokens=None, max_denoising_steps=None, entropy_bound=None,
                  t_max=None, t_min=None, stability_threshold=None, confidence_threshold=None, eos_token_id=None,
-                 pad_token_id=None, generator=None, seed=None, canvas=None, cache=None, capacity=None):
-        for name, value in (("max_new_tokens", max_new_tokens), ("capacity", capacity)):
+                 pad_token_id=None, generator=None, seed=None, canvas=None, cache=None, capacity=None,
+                 max_length=None):
+        for name, value in (("max_new_tokens", max_new_tokens), ("capacity", capacity), ("max_length", max_length)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise DgemmaError(f"{name} must be a positive integer, got {value!r:.80}")
         settings = self.generation_settings.updated(
             max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound,
             t_max=t_max, t_min=t_min, stability_threshold=stability_threshold,
-            confidence_threshold=confidence_threshold)
+            confidence_threshold=confidence_threshold, max_length=max_length)
         b, t = ids.shape
         cfg = self.config
         if cache is not None:
             self._check_cache(cache, b)  # before anything reads the cache
         past = 0 if cache is None else cache.length
+        if max_new_tokens is None and settings.max_length is not None:  # the budget is what max_length leaves
+            if settings.max_length <= past + t:
+                source = "" if max_length is not None else " (generation_config.json)"
+                raise DgemmaError(f"max_length {settings.max_length}{source} leaves no room for new tokens after the "
+                                  f"{past + t} tokens before them (cache {past}, prompt {t}); raise it or pass "
+                                  f"max_new_tokens")
+            settings = dataclasses.replace(settings, max_new_tokens=settings.max_length - past - t)
         blocks = -(-settings.max_new_tokens // cfg.canvas_length)
         end = past + t + blocks * cfg.canvas_length
         if end > cfg.max_position_embeddings:
@@ -443,7 +460,7 @@ class Engine:
             cache = self.new_cache(b, capacity or needed)
         eos = self.eos_token_ids if eos_token_id is None else eos_token_id
         if isinstance(eos, torch.Tensor):
-            eos = eos.tolist() if eos.dim() and not eos.is_floating_point() else [eos.item()]
+            eos = eos.tolist() if eos.dim() else [eos.item()]  # float ids are refused below, by value
         eos = [eos] if isinstance(eos, int) or not isinstance(eos, (list, tuple)) else list(eos)
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
         for name, ids in (("eos_token_id", eos), ("pad_token_id", [] if pad is None else [pad])):
@@ -480,6 +497,19 @@ class Engine:
         if not _same_device(cache.valid.device, self.device):
             raise DgemmaError(f"cache device {cache.device} does not match the engine's device {self.device}: create "
                               f"the cache with engine.new_cache(batch, capacity)")
+
+
+def check_generate_arguments(kwargs: dict, where: str, *, stream: bool = True) -> None:
+    """Refuse a keyword ``generate`` does not take (``stream=`` too where ``stream`` is False: an iterator is
+    the stream), naming it and ``where`` it was passed, before the call does anything."""
+    known = _GENERATE_ARGUMENTS if stream else (_GENERATE_ARGUMENTS - {"stream"}) | {"external_decoder"}
+    for name in kwargs:
+        if name == "stream" and not stream:
+            raise DgemmaError(f"{where}() does not take stream=: it is an iterator of the stream events itself; "
+                              f"pass stream= to generate()")
+        if name not in known:
+            raise DgemmaError(f"{where}() got an unknown argument {name!r:.60}; generation takes "
+                              f"{', '.join(sorted(known))}")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -530,3 +560,8 @@ def _nbytes(t) -> int:
     if isinstance(t, Fp8Weight):
         return t.q.numel() * t.q.element_size() + t.scale.numel() * t.scale.element_size()
     return t.numel() * t.element_size()
+
+
+# The keywords Engine.generate takes besides the input ids (generate_stream: the same but stream=, and
+# external_decoder=).
+_GENERATE_ARGUMENTS = frozenset(inspect.signature(Engine.generate).parameters) - {"self", "input_ids"}

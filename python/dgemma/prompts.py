@@ -78,6 +78,7 @@ def render_chat(engine, conversations: list[list[dict]], *, tools=None, thinking
                               f"rendered nothing{where}: it must write the conversation's turns")
         check_text(text, f"the rendered chat prompt{where}")
     media = [media_parts(conv) for conv in conversations]
+    _check_placeholders(texts, media, tok)
     if not any(images or videos for images, videos in media):
         return [tok.encode(t) for t in texts], {}
     from .vision_inputs import VisionTokens, expand_image_tokens, expand_video_tokens, load_video, \
@@ -96,12 +97,6 @@ def render_chat(engine, conversations: list[list[dict]], *, tools=None, thinking
     video_inputs = []
     rows = []
     for i, (text, (images, videos)) in enumerate(zip(texts, media)):
-        for what, placeholder, given in (("image", tokens.image, images), ("video", tokens.video, videos)):
-            found = text.count(placeholder)
-            if found != len(given):
-                raise DgemmaError(f"conversation {i} has {len(given)} {what}(s) but its rendered chat template holds "
-                                  f"{found} {placeholder!r} placeholder(s): the checkpoint's template must write one "
-                                  f"per {what}")
         if images:
             text = expand_image_tokens(text, counts[:len(images)], tokens=tokens)
             counts = counts[len(images):]
@@ -180,20 +175,41 @@ def _vision_tokens(tokenizer) -> list[tuple[str, str]]:
     return [(text, what) for text, what in _VISION_TOKENS if lookup(text) is not None]
 
 
+def _check_placeholders(texts: list[str], media: list[tuple[list, list]], tokenizer) -> None:
+    """Each rendered conversation holds exactly one image (video) placeholder per attached image (video): the
+    template writes them for content parts; one spelled anywhere else (a tool's or tool call's name, a tool
+    definition) would be taken for an image the conversation does not attach."""
+    spelled = {text for text, _ in _vision_tokens(tokenizer)}
+    for i, (text, (images, videos)) in enumerate(zip(texts, media)):
+        for what, placeholder, given in (("image", "<|image|>", images), ("video", "<|video|>", videos)):
+            found = text.count(placeholder) if placeholder in spelled else len(given)
+            if found != len(given):
+                raise DgemmaError(f"conversation {i} has {len(given)} {what}(s) but its rendered chat prompt holds "
+                                  f"{found} {placeholder!r} placeholder(s): the template must write one per {what}, "
+                                  f"and no other text (tool names, tool calls, tool definitions) may spell it")
+
+
+def check_prompt_text(text: str, where: str, vision: list[tuple[str, str]]) -> None:
+    """Refuse text the tokenizer cannot encode, or that spells one of ``vision`` (:func:`_vision_tokens`): images
+    and videos come as content parts with their pixels; a placeholder typed as text would be embedded without
+    them (or miscount the attached ones)."""
+    from .tokenizer import check_text
+
+    check_text(text, where)
+    for token, what in vision:
+        if token in text:
+            raise DgemmaError(f"{where} contains {token!r}, {what}: prompt text may not spell the vision tokens; "
+                              f"attach images and videos as chat content parts, not as text")
+
+
 def _check_message_text(conversations, tokenizer=None) -> None:
     """Refuse message text the tokenizer cannot encode (an unpaired surrogate), or that spells one of its vision
     tokens (images and videos are content parts, never text), naming the message; the rendered prompt is
     checked again as a whole (tools, names, and what the template adds)."""
-    from .tokenizer import check_text
-
     vision = _vision_tokens(tokenizer) if tokenizer is not None else []
 
     def check(text: str, where: str) -> None:
-        check_text(text, where)
-        for token, what in vision:
-            if token in text:
-                raise DgemmaError(f"{where} contains {token!r}, {what}: message text may not spell the vision "
-                                  f"tokens; attach images and videos as content parts, not as text")
+        check_prompt_text(text, where, vision)
 
     for c, conv in enumerate(conversations):
         prefix = "" if len(conversations) == 1 else f"conversation {c}: "
@@ -246,8 +262,12 @@ def left_pad(rows: list[list[int]], pad_id: int) -> Prompt:
 
 
 def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tools=None,
-            max_image_tokens: int = 280) -> Prompt:
-    """Ids [B, T] (+ mask) for any accepted input form; text needs the checkpoint's tokenizer."""
+            max_image_tokens: int = 280, continuing: bool = False) -> Prompt:
+    """Ids [B, T] (+ mask) for any accepted input form; text needs the checkpoint's tokenizer.
+
+    ``continuing``: the ids follow tokens a cache already holds, so text gets no beginning-of-sequence token
+    (it would sit mid-sequence), and chat messages, which the template renders from the conversation's start,
+    are refused."""
     check_thinking(thinking)
     check_max_image_tokens(max_image_tokens)
     if isinstance(inputs, torch.Tensor) or (isinstance(inputs, list) and inputs
@@ -275,23 +295,27 @@ def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tool
     if len(set(kinds)) > 1:
         names = {"text": "strings", "chat": "chat messages", "ids": "token ids"}
         raise DgemmaError(f"inputs mixes {' and '.join(names[k] for k in sorted(set(kinds)))}; pass one kind per call")
-    from .tokenizer import check_text
-
     tok = engine.tokenizer
     if all(isinstance(x, str) for x in inputs):
         if tools is not None or thinking:
             raise DgemmaError("thinking= and tools= apply to chat messages; pass messages instead of plain text")
         rows = []
+        vision = _vision_tokens(tok)
         for i, text in enumerate(inputs):
             if not text:
                 raise DgemmaError(f"prompt {i} is empty")
-            check_text(text, "text" if len(inputs) == 1 else f"inputs[{i}]")
+            check_prompt_text(text, "text" if len(inputs) == 1 else f"inputs[{i}]", vision)
             ids = tok.encode(text)
-            if engine.add_bos and engine.bos_token_id is not None and (not ids or ids[0] != engine.bos_token_id):
+            if (engine.add_bos and not continuing and engine.bos_token_id is not None
+                    and (not ids or ids[0] != engine.bos_token_id)):
                 ids = [engine.bos_token_id] + ids
             rows.append(ids)
         prompt = left_pad(rows, engine.config.pad_token_id or 0)
     elif all(_is_messages(x) for x in inputs):
+        if continuing:
+            raise DgemmaError("chat messages with a cache that already holds tokens: the chat template renders a "
+                              "conversation from its start, so it would be encoded twice; continue a conversation "
+                              "with eng.chat() (a ChatSession keeps its cache), or pass the new text or token ids")
         rows, images = render_chat(engine, inputs, tools=tools, thinking=thinking, max_image_tokens=max_image_tokens)
         prompt = left_pad(rows, engine.config.pad_token_id or 0)
         prompt.is_chat = True

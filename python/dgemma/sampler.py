@@ -27,17 +27,23 @@ MAX_DENOISING_STEPS = 1024
 # The lowest temperature a step may sample at (the last step's, t_min + (t_max - t_min) / steps): below it the logits
 # divided by it overflow fp32 (the probabilities become NaN), and sampling is greedy long before.
 MIN_TEMPERATURE = 1e-6
+# The token budget when neither the call nor generation_config.json sets one (transformers' default too).
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationSettings:
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_denoising_steps: int = 48
     entropy_bound: float = 0.1
     t_max: float = 0.8
     t_min: float = 0.4
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
+    # The whole sequence's length (cached tokens, prompt and new tokens), from generation_config.json where it sets
+    # max_length and leaves max_new_tokens at 256 (transformers' rule): the budget is then max_length minus what
+    # precedes the new tokens. None: max_new_tokens.
+    max_length: int | None = None
 
     def validate(self) -> "GenerationSettings":
         def positive_int(name):
@@ -47,6 +53,8 @@ class GenerationSettings:
 
         positive_int("max_new_tokens")
         positive_int("max_denoising_steps")
+        if self.max_length is not None:
+            positive_int("max_length")
         if self.max_denoising_steps > MAX_DENOISING_STEPS:
             raise DgemmaError(f"max_denoising_steps must be at most {MAX_DENOISING_STEPS}, got "
                               f"{self.max_denoising_steps}")
@@ -101,6 +109,8 @@ def read_generation_config(path: str) -> tuple[GenerationSettings, dict]:
         settings = settings.updated(**overrides)
     except DgemmaError as e:
         raise ConfigError(f"{file}: {e}") from None
+    if settings.max_new_tokens != DEFAULT_MAX_NEW_TOKENS:  # max_new_tokens takes precedence
+        settings = replace(settings, max_length=None)
     tokens = {k: raw[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if raw.get(k) is not None}
     for key, value in tokens.items():
         ids = value if isinstance(value, list) and key == "eos_token_id" else [value]

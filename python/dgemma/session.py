@@ -8,7 +8,7 @@ import threading
 
 from .chat import check_tools
 from .errors import DgemmaError
-from .engine import Engine
+from .engine import Engine, check_generate_arguments
 
 DEFAULT_CONTEXT = 32_768
 
@@ -77,6 +77,7 @@ class ChatSession:
         taken = sorted(_SESSION_ARGUMENTS & generate_kwargs.keys())
         if taken:
             raise DgemmaError(f"ChatSession.send does not take {taken[0]}=: {_SESSION_ARGUMENTS[taken[0]]}")
+        check_generate_arguments(generate_kwargs, "ChatSession.send")
         if not self._busy.acquire(blocking=False):
             raise DgemmaError("this ChatSession is already generating a reply (in another thread, or from a stream "
                               "callback): a session is one conversation, one turn at a time; use one session per "

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 
+from .cache import KVCache
 from .chat import ChatTemplate, load_chat_template, parse_response
-from .engine import Engine
+from .engine import Engine, check_generate_arguments
 from .errors import CheckpointError, DgemmaError
 from .generation import GenerationResult
 from .prompts import Prompt, prepare
@@ -85,8 +86,10 @@ class TextEngine(Engine):
         ``texts`` hold each row's decoded new text (up to the first end-of-sequence id) when the
         checkpoint has a tokenizer; for chat inputs ``responses`` hold the parsed replies.
         """
+        check_generate_arguments(kwargs, "generate")
         prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools,
-                         max_image_tokens=max_image_tokens)
+                         max_image_tokens=max_image_tokens, continuing=_continuing(kwargs))
+        _check_no_pixels(prompt, kwargs)
         result = super().generate(prompt.ids, attention_mask=prompt.attention_mask, stream=stream,
                                   **prompt.images, **kwargs)
         self.attach_text(result, chat=prompt.is_chat)
@@ -95,8 +98,10 @@ class TextEngine(Engine):
     def generate_stream(self, inputs, *, attention_mask=None, thinking: bool = False, tools=None,
                         max_image_tokens: int = 280, **kwargs):
         """:meth:`generate` as an iterator of stream events, then the :class:`GenerationResult`."""
+        check_generate_arguments(kwargs, "generate_stream", stream=False)
         prompt = prepare(self, inputs, attention_mask=attention_mask, thinking=thinking, tools=tools,
-                         max_image_tokens=max_image_tokens)
+                         max_image_tokens=max_image_tokens, continuing=_continuing(kwargs))
+        _check_no_pixels(prompt, kwargs)
         events = super().generate_stream(prompt.ids, attention_mask=prompt.attention_mask, **prompt.images,
                                          **kwargs)
         return self._with_text(events, prompt)
@@ -140,3 +145,17 @@ class TextEngine(Engine):
             else:
                 texts.append(tok.decode(ids, skip_special_tokens=True))
         result.texts, result.responses = texts, responses
+
+
+def _continuing(kwargs: dict) -> bool:
+    """Whether a call's ``cache=`` already holds tokens (its prompt follows them)."""
+    cache = kwargs.get("cache")
+    return isinstance(cache, KVCache) and cache.length > 0
+
+
+def _check_no_pixels(prompt: Prompt, kwargs: dict) -> None:
+    """Chat messages with images or videos bring their own pixel inputs; the same keywords passed too are refused."""
+    given = sorted(prompt.images.keys() & kwargs.keys())
+    if given:
+        raise DgemmaError(f"{given[0]}= with chat messages that attach images or videos: their pixels come from the "
+                          f"messages' content parts")
