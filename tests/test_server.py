@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 from chat_fixture import write_chat_checkpoint
+from serve_fixture import serving
 
 import dgemma
 
@@ -17,16 +18,10 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package brings
 
-from dgemma.server import OpenAIServer, create_app  # noqa: E402
+from dgemma.server import OpenAIServer  # noqa: E402
 from dgemma.errors import NonFiniteError, OutOfMemoryError  # noqa: E402
 
 MODEL = "tiny-chat"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +33,8 @@ def engine(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(engine):
     srv = OpenAIServer(engine, model_name=MODEL, max_batch=8, max_context=512)
-    port = free_port()
-    config = uvicorn.Config(create_app(srv), host="127.0.0.1", port=port, log_level="warning")
-    web = uvicorn.Server(config)
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not web.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield srv, f"http://127.0.0.1:{port}"
-    web.should_exit = True
-    thread.join(timeout=30)
+    with serving(srv) as base:
+        yield srv, base
 
 
 @pytest.fixture

@@ -288,7 +288,7 @@ def check_tools(tools) -> None:
             if not isinstance(schema, dict):
                 raise DgemmaError(f"tools[{i}] ({name}): property {pname!r} must be a schema object")
         required = params.get("required", [])
-        if not isinstance(required, list) or any(r not in props for r in required):
+        if not isinstance(required, list) or any(not isinstance(r, str) or r not in props for r in required):
             raise DgemmaError(f"tools[{i}] ({name}): 'required' must list declared properties, got {required!r}")
 
 

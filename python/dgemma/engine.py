@@ -131,6 +131,12 @@ class Engine:
         self.pad_token_id: int | None = special.get("pad_token_id")
         self.bos_token_id: int | None = special.get("bos_token_id", cfg.bos_token_id)
 
+    def end_ids(self, eos_token_ids=None) -> set[int]:
+        """The ids an answer's text ends at: generation's end-of-sequence ids (``eos_token_ids``, default the
+        engine's) and config.json's own (a model may write those too; they end the text, not the generation)."""
+        eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
+        return set([eos] if isinstance(eos, int) else eos) | set(self.config.eos_token_ids)
+
     @property
     def info(self) -> EngineInfo:
         tensors = _all_tensors(self.model.w)

@@ -167,7 +167,7 @@ _VISION_TOKENS = (("<|image|>", "the placeholder of an image"), ("<|video|>", "t
                   ("<|image>", "the start-of-image marker"), ("<image|>", "the end-of-image marker"))
 
 
-def _vision_tokens(tokenizer) -> list[tuple[str, str]]:
+def vision_tokens(tokenizer) -> list[tuple[str, str]]:
     """The vision tokens (text, what it is) that ``tokenizer`` encodes as special tokens."""
     lookup = getattr(tokenizer, "token_id", None)
     if lookup is None:
@@ -179,7 +179,7 @@ def _check_placeholders(texts: list[str], media: list[tuple[list, list]], tokeni
     """Each rendered conversation holds exactly one image (video) placeholder per attached image (video): the
     template writes them for content parts; one spelled anywhere else (a tool's or tool call's name, a tool
     definition) would be taken for an image the conversation does not attach."""
-    spelled = {text for text, _ in _vision_tokens(tokenizer)}
+    spelled = {text for text, _ in vision_tokens(tokenizer)}
     for i, (text, (images, videos)) in enumerate(zip(texts, media)):
         for what, placeholder, given in (("image", "<|image|>", images), ("video", "<|video|>", videos)):
             found = text.count(placeholder) if placeholder in spelled else len(given)
@@ -190,7 +190,7 @@ def _check_placeholders(texts: list[str], media: list[tuple[list, list]], tokeni
 
 
 def check_prompt_text(text: str, where: str, vision: list[tuple[str, str]]) -> None:
-    """Refuse text the tokenizer cannot encode, or that spells one of ``vision`` (:func:`_vision_tokens`): images
+    """Refuse text the tokenizer cannot encode, or that spells one of ``vision`` (:func:`vision_tokens`): images
     and videos come as content parts with their pixels; a placeholder typed as text would be embedded without
     them (or miscount the attached ones)."""
     from .tokenizer import check_text
@@ -206,7 +206,7 @@ def _check_message_text(conversations, tokenizer=None) -> None:
     """Refuse message text the tokenizer cannot encode (an unpaired surrogate), or that spells one of its vision
     tokens (images and videos are content parts, never text), naming the message; the rendered prompt is
     checked again as a whole (tools, names, and what the template adds)."""
-    vision = _vision_tokens(tokenizer) if tokenizer is not None else []
+    vision = vision_tokens(tokenizer) if tokenizer is not None else []
 
     def check(text: str, where: str) -> None:
         check_prompt_text(text, where, vision)
@@ -300,7 +300,7 @@ def prepare(engine, inputs, *, attention_mask=None, thinking: bool = False, tool
         if tools is not None or thinking:
             raise DgemmaError("thinking= and tools= apply to chat messages; pass messages instead of plain text")
         rows = []
-        vision = _vision_tokens(tok)
+        vision = vision_tokens(tok)
         for i, text in enumerate(inputs):
             if not text:
                 raise DgemmaError(f"prompt {i} is empty")

@@ -49,8 +49,9 @@ class JobError(str):
 @dataclass
 class Job:
     """One generation request. ``emit(kind, payload)`` receives, from the worker thread, ``"draft"``
-    (a StreamEvent, only with ``drafts``), ``"block"`` (a StreamEvent), ``"done"`` (the GenerationResult)
-    or ``"error"`` (a :class:`JobError`); exactly one of the last two ends every job, a cancelled one
+    (a StreamEvent, only with ``drafts``), ``"block"`` (a StreamEvent), ``"done"`` (the GenerationResult),
+    ``"stopped"`` (None: the job ended early at its client's request, :meth:`stop`, after the blocks sent so
+    far) or ``"error"`` (a :class:`JobError`); exactly one of the last three ends every job, a cancelled one
     included."""
 
     ids: list[int]
@@ -60,6 +61,7 @@ class Job:
     drafts: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stopping: threading.Event = field(default_factory=threading.Event)
     # worker state
     cache: object = None
     position: int = 0  # prompt tokens encoded so far
@@ -67,9 +69,16 @@ class Job:
     waiting: DecoderPass | None = None  # the decoder pass this job needs before its next step
     hidden: object = None  # the answer to ``waiting``, sent to ``events`` on the next advance
     block_t0: float = 0.0
+    counted: int = 0  # tokens counted as generated (up to the first end-of-sequence id and the budget)
+    ended: bool = False  # an end-of-sequence id was counted
 
     def cancel(self) -> None:
+        """The client has gone: end the job at the next chance, answered with a 499 error."""
         self.cancelled.set()
+
+    def stop(self) -> None:
+        """The client has what it needs (a stop string showed): end the job at the next chance, as finished."""
+        self.stopping.set()
 
 
 class Scheduler:
@@ -111,6 +120,7 @@ class Scheduler:
         with self.lock:
             if not self.running:
                 raise DgemmaError("the scheduler is not running")
+            self._drop_cancelled()
             if len(self.pending) >= self.max_queue:
                 raise DgemmaError(f"the request queue is full ({self.max_queue} waiting)")
             self.pending.append(job)
@@ -119,7 +129,16 @@ class Scheduler:
 
     def snapshot(self) -> dict:
         with self.lock:
+            self._drop_cancelled()
             return dict(self.stats, queue_length=len(self.pending), active=len(self.active), max_batch=self.max_batch)
+
+    def _drop_cancelled(self) -> None:
+        """End the waiting jobs whose clients have gone (under the lock): they hold no place in the queue."""
+        if any(job.cancelled.is_set() for job in self.pending):
+            gone = [job for job in self.pending if job.cancelled.is_set()]
+            self.pending = collections.deque(job for job in self.pending if not job.cancelled.is_set())
+            for job in gone:
+                self._end(job, "requests_cancelled", "error", JobError("cancelled", 499))
 
     # -- worker ---------------------------------------------------------------------------------
 
@@ -133,6 +152,7 @@ class Scheduler:
                     self.pending.clear()
                     self.active.clear()
                     break
+                self._drop_cancelled()
                 while self.pending and len(self.active) < self.max_batch:
                     self.active.append(self.pending.popleft())
                 round_jobs = list(self.active)
@@ -180,7 +200,7 @@ class Scheduler:
     def _quantum(self, job: Job) -> bool:
         """One prefill chunk of ``job``, or its generation advanced to its next decoder pass (emitting the
         drafts and blocks on the way); True when the job has ended."""
-        if job.cancelled.is_set():
+        if job.cancelled.is_set() or job.stopping.is_set():
             self._cancel(job)
             return True
         try:
@@ -200,7 +220,6 @@ class Scheduler:
                         job.waiting = item
                         return False
                     if isinstance(item, GenerationResult):
-                        self.stats["tokens_total"] += int(item.new_tokens.numel())
                         self._end(job, "requests_finished", "done", item)
                         return True
                     if item.kind == "draft":
@@ -210,9 +229,10 @@ class Scheduler:
                         with self.lock:
                             self.stats["blocks_total"] += 1
                             self.stats["block_seconds_total"] += time.perf_counter() - job.block_t0
+                            self.stats["tokens_total"] += self._count(job, item.tokens[0].tolist())
                         job.block_t0 = time.perf_counter()
                         job.emit("block", item)
-                    if job.cancelled.is_set():
+                    if job.cancelled.is_set() or job.stopping.is_set():
                         self._cancel(job)
                         return True
         except StopIteration:
@@ -232,9 +252,23 @@ class Scheduler:
             self._end(job, "requests_failed", "error", JobError(f"internal error: {type(e).__name__}: {e}", 500))
             return True
 
+    def _count(self, job: Job, tokens: list[int]) -> int:
+        """How many of a block's ``tokens`` count as generated: those up to the job's first end-of-sequence id
+        (included) and within its budget (the blocks round it up to whole canvases)."""
+        eng = self.engine
+        ends = eng.end_ids(job.kwargs.get("eos_token_id"))
+        budget = job.kwargs.get("max_new_tokens", eng.generation_settings.max_new_tokens)
+        before = job.counted
+        for t in tokens:
+            if job.ended or job.counted >= budget:
+                break
+            job.counted += 1
+            job.ended = t in ends
+        return job.counted - before
+
     def _cancel(self, job: Job) -> None:
-        """End a cancelled job; closing its generator rolls its cache back and frees it at once. The job ends even
-        where the rollback fails (a broken device): the worker must not die with it."""
+        """End a cancelled or stopped job; closing its generator rolls its cache back and frees it at once. The job
+        ends even where the rollback fails (a broken device): the worker must not die with it."""
         try:
             if job.events is not None:
                 job.events.close()
@@ -242,7 +276,10 @@ class Scheduler:
             self._end(job, "requests_failed", "error",
                       JobError(f"internal error while cancelling: {type(e).__name__}: {e}", 500))
             return
-        self._end(job, "requests_cancelled", "error", JobError("cancelled", 499))
+        if job.cancelled.is_set():
+            self._end(job, "requests_cancelled", "error", JobError("cancelled", 499))
+        else:
+            self._end(job, "requests_finished", "stopped", None)
 
     def _prefill_or_start(self, job: Job) -> None:
         """Encode the prompt in chunks (all but its last chunk), then start the generation on the rest.

@@ -127,6 +127,64 @@ def check_text(body) -> None:
                                param=path.split(".")[0].split("[")[0] or None)
 
 
+# OpenAI fields the diffusion sampler cannot honour: refused unless at the value that asks for nothing (clients
+# often send those), so that a request never silently gets less than it asked for.
+UNSUPPORTED = {
+    "logprobs": ((None, False, 0), "log-probabilities are not returned"),
+    "top_logprobs": ((None, 0), "log-probabilities are not returned"),
+    "logit_bias": ((None, {}), "logit biases are not supported"),
+    "presence_penalty": ((None, 0), "penalties are not supported (the sampler draws whole canvases at once)"),
+    "frequency_penalty": ((None, 0), "penalties are not supported (the sampler draws whole canvases at once)"),
+    "response_format": ((None, {"type": "text"}), "structured output (JSON modes, schemas) is not supported"),
+    "best_of": ((None, 1), "best_of is not supported; use n"),
+    "echo": ((None, False), "echo is not supported"),
+    "suffix": ((None, ""), "suffix (insertion) is not supported"),
+}
+
+
+def _asks_nothing(v, accepted: tuple) -> bool:
+    """Whether ``v`` is one of the ``accepted`` no-op values: None, a bool (as itself), a number (as any int or
+    float equal to it, never a bool: True == 1 in Python), or a JSON object or string (equal)."""
+    for a in accepted:
+        if a is None or isinstance(a, bool):
+            if v is a:
+                return True
+        elif isinstance(a, int):
+            if not isinstance(v, bool) and isinstance(v, (int, float)) and v == a:
+                return True
+        elif v == a:
+            return True
+    return False
+
+
+def _check_unsupported(body: dict) -> None:
+    for name, (accepted, why) in UNSUPPORTED.items():
+        v = body.get(name)
+        if not _asks_nothing(v, accepted):
+            raise RequestError(f"'{name}' = {v!r:.60}: {why}", param=name)
+    # Accepted for compatibility and checked, not used: the denoising schedule (t_max, t_min) sets the temperature.
+    _field(body, "temperature", float, None, low=0, high=2)
+    _field(body, "top_p", float, None, low=0, high=1)
+
+
+def _sampler_field(message: str) -> str | None:
+    """The sampler field a GenerationSettings error names first (its message starts with it), if any."""
+    return next((name for name in ("max_new_tokens", *SAMPLER_FIELDS) if message.startswith(name)), None)
+
+
+def _strings(value):
+    """Every string in a JSON value (the text of messages, names, arguments), however deeply nested."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
 def _stops(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -202,8 +260,11 @@ def chat_messages(raw) -> list[dict]:
                 raise RequestError(f"messages[{i}] is a tool result without a 'name' or a known 'tool_call_id'",
                                    param="messages")
             msg["name"] = name
-            if not isinstance(msg["content"], str):
-                msg["content"] = json.dumps(msg["content"])
+            if isinstance(msg["content"], list):  # a tool's result as content parts: their text
+                if any(part["type"] != "text" for part in msg["content"]):
+                    raise RequestError(f"messages[{i}] is a tool result with an image part: tool results are text",
+                                       param="messages")
+                msg["content"] = "".join(part["text"] for part in msg["content"])
         out.append(msg)
     return out
 
@@ -270,7 +331,8 @@ class OpenAIServer:
         try:
             settings.updated(**kwargs)
         except DgemmaError as e:
-            raise RequestError(str(e)) from None
+            raise RequestError(str(e), param=_sampler_field(str(e))) from None
+        _check_unsupported(body)
         stream = _field(body, "stream", bool, False)
         include_usage = _flag(_object(body, "stream_options"), "include_usage", "stream_options")
         drafts = _field(body, "stream_drafts", bool, False)
@@ -283,6 +345,7 @@ class OpenAIServer:
         tools_given = False
         if chat:
             messages = chat_messages(body.get("messages"))
+            self.check_length(sum(len(v) for m in messages for v in _strings(m)), "messages")
             tools = body.get("tools")
             if tools is not None:
                 try:
@@ -290,9 +353,9 @@ class OpenAIServer:
                 except DgemmaError as e:
                     raise RequestError(str(e), param="tools") from None
             choice = body.get("tool_choice", "auto")
-            if choice not in ("auto", "none", "required") and not isinstance(choice, dict):
-                raise RequestError(f"'tool_choice' must be 'auto', 'none', 'required' or a function, got {choice!r}",
-                                   param="tool_choice")
+            if choice not in ("auto", "none"):
+                raise RequestError(f"'tool_choice' = {choice!r:.80}: only 'auto' (the model decides whether to call a "
+                                   f"tool) and 'none' are supported; a call cannot be forced", param="tool_choice")
             if choice == "none":
                 tools = None
             tools_given = bool(tools)
@@ -313,6 +376,13 @@ class OpenAIServer:
                 prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
                 raise RequestError("'prompt' must be a non-empty string (one prompt per request)", param="prompt")
+            from .prompts import check_prompt_text, vision_tokens
+
+            self.check_length(len(prompt), "prompt")
+            try:
+                check_prompt_text(prompt, "prompt", vision_tokens(eng.tokenizer))
+            except DgemmaError as e:
+                raise RequestError(str(e), param="prompt") from None
             ids = eng.tokenizer.encode(prompt)
             if eng.add_bos and eng.bos_token_id is not None and (not ids or ids[0] != eng.bos_token_id):
                 ids = [eng.bos_token_id] + ids
@@ -331,36 +401,32 @@ class OpenAIServer:
         return Plan(ids, images, per_choice, chat, stream, include_usage, drafts and stream,
                     _stops(body), tools_given)
 
+    def check_length(self, chars: int, param: str) -> None:
+        """Refuse a prompt of ``chars`` characters that is certainly longer than the context, before the work of
+        tokenizing it (the exact check follows the tokenizer)."""
+        fewest = self.engine.tokenizer.fewest_tokens(chars)
+        if fewest > self.max_context:
+            raise RequestError(f"the prompt ({chars} characters, at least {fewest} tokens) is longer than this "
+                               f"server's context {self.max_context}", param=param, code="context_length_exceeded")
+
     # -- results --------------------------------------------------------------------------------
 
-    def text_of(self, result, chat: bool) -> Response:
-        """The answer of a finished request: for chat, split into thinking, text and tool calls. A tool call
-        that does not parse stays in the text as the model wrote it (the server answers whatever the model
-        wrote; the Python API raises instead)."""
-        try:
-            self.engine.attach_text(result, chat=chat)
-        except DgemmaError:
-            if not chat:
-                raise
-            ends = set(result.eos_token_ids) | set(self.engine.config.eos_token_ids)
-            text = _decode(self, result.new_tokens[0].tolist(), ends, result.pad_token_id)
-            return parse_response_lenient(text)
+    def ends(self) -> set:
+        """The ids an answer ends at: generation's end-of-sequence ids and the model's own."""
+        return self.engine.end_ids()
+
+    def response_of(self, tokens: list[int], chat: bool) -> Response:
+        """The answer in ``tokens`` (cut at the first end-of-sequence id): for chat, split into thinking, text and
+        tool calls, where a tool call that does not parse stays in the text as the model wrote it (the server
+        answers whatever the model wrote; the Python API raises instead)."""
         if chat:
-            return result.responses[0]
-        return Response(text=result.texts[0] if result.texts else "")
+            return parse_response_lenient(_decode(self, tokens, self.ends(), self.engine.pad_token_id))
+        return Response(text=_decode(self, tokens, self.ends(), self.engine.pad_token_id, skip_special_tokens=True))
 
     @staticmethod
     def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
         cut = min((text.find(s) for s in stops if s in text), default=-1)
         return (text[:cut], True) if cut >= 0 else (text, False)
-
-    def finish_reason(self, result, response: Response, stopped: bool) -> str:
-        if response.tool_calls:
-            return "tool_calls"
-        if stopped:
-            return "stop"
-        eos = set(result.eos_token_ids) | set(self.engine.config.eos_token_ids)
-        return "stop" if any(t in eos for t in result.new_tokens[0].tolist()) else "length"
 
     @staticmethod
     def tool_calls(response: Response) -> list[dict]:
@@ -371,11 +437,6 @@ class OpenAIServer:
     def usage(self, prompt: int, completion: int) -> dict:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    @staticmethod
-    def completion_tokens(result) -> int:
-        pad = result.pad_token_id
-        return int((result.new_tokens[0] != pad).sum()) if pad is not None else int(result.new_tokens.shape[1])
-
     def metrics(self) -> str:
         s = self.scheduler.snapshot()
         lines = []
@@ -383,14 +444,19 @@ class OpenAIServer:
         def metric(name, kind, help_, value):
             lines.extend([f"# HELP dgemma_{name} {help_}", f"# TYPE dgemma_{name} {kind}", f"dgemma_{name} {value}"])
 
-        metric("queue_length", "gauge", "Requests waiting for a slot.", s["queue_length"])
-        metric("active_requests", "gauge", "Requests holding a slot (batch occupancy).", s["active"])
+        # A request with n choices is n generations: the request counters count generations.
+        metric("queue_length", "gauge", "Generations waiting for a slot (one per choice of a request).",
+               s["queue_length"])
+        metric("active_requests", "gauge", "Generations holding a slot (batch occupancy).", s["active"])
         metric("max_batch", "gauge", "Slots.", s["max_batch"])
-        metric("requests_total", "counter", "Requests accepted.", s["requests_total"])
-        metric("requests_finished_total", "counter", "Requests answered.", s["requests_finished"])
-        metric("requests_cancelled_total", "counter", "Requests cancelled (client gone).", s["requests_cancelled"])
-        metric("requests_failed_total", "counter", "Requests that failed.", s["requests_failed"])
-        metric("generated_tokens_total", "counter", "Tokens generated.", s["tokens_total"])
+        metric("requests_total", "counter", "Generations accepted (a request with n choices counts n).",
+               s["requests_total"])
+        metric("requests_finished_total", "counter", "Generations answered (stopped at a stop string included).",
+               s["requests_finished"])
+        metric("requests_cancelled_total", "counter", "Generations cancelled (client gone).", s["requests_cancelled"])
+        metric("requests_failed_total", "counter", "Generations that failed.", s["requests_failed"])
+        metric("generated_tokens_total", "counter", "Tokens generated: each answer's up to its end of sequence "
+               "and its max_tokens (padding and the rest of the last canvas not counted).", s["tokens_total"])
         metric("block_seconds_total", "counter", "Seconds spent denoising blocks.", f"{s['block_seconds_total']:.6f}")
         metric("blocks_total", "counter", "Blocks denoised.", s["blocks_total"])
         rate = s["tokens_total"] / max(time.time() - self.created, 1e-9)
@@ -417,6 +483,7 @@ def create_app(server: OpenAIServer):
 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @asynccontextmanager
     async def lifespan(app):
@@ -431,12 +498,22 @@ def create_app(server: OpenAIServer):
     def error(e: RequestError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
-    async def body_of(request: Request):
-        body, bad = _loads(await request.body())
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        # Unknown paths and methods answer in OpenAI's error form too.
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {e.detail}", "type": kind,
+                                       "param": None, "code": None}}, status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    def parse(raw: bytes, chat: bool) -> Plan:
+        """The request's plan from its body (in a worker thread: JSON, templates, tokenizing and images take a
+        while on a large request, and the event loop serves every other client meanwhile)."""
+        body, bad = _loads(raw)
         if bad:
             raise RequestError(f"the request body is not valid JSON ({bad})")
         check_text(body)
-        return body
+        return server.plan(body, chat=chat)
 
     @app.get("/health")
     async def health():
@@ -446,14 +523,23 @@ def create_app(server: OpenAIServer):
     async def metrics():
         return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "dgemma"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "dgemma"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if model != server.model_name:
+            return error(RequestError(f"the model {model!r} does not exist; this server serves "
+                                      f"{server.model_name!r}", param="model", status=404, code="model_not_found"))
+        return model_card()
 
     async def run(request: Request, chat: bool):
         try:
-            plan = server.plan(await body_of(request), chat=chat)
+            plan = await asyncio.to_thread(parse, await request.body(), chat)
         except RequestError as e:
             return error(e)
         except DgemmaError as e:
@@ -461,54 +547,55 @@ def create_app(server: OpenAIServer):
         except Exception as e:  # noqa: BLE001 - a bug while planning is the server's failure, not the client's
             return error(_internal(f"the request could not be prepared: {type(e).__name__}: {e}"))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        if plan.stream:
-            return StreamingResponse(_stream(server, request, plan, rid), media_type="text/event-stream")
-        jobs = []
-        try:
+        choices = []
+        try:  # before any answer: a full queue is a 503 for streamed requests too
             for k in plan.kwargs:
-                jobs.append(_submit(server, plan, k))
-            results = []
-            for job, queue in jobs:
+                choices.append(_Choice(server, plan, k))
+        except RequestError as e:
+            for c in choices:
+                c.job.cancel()
+            return error(e)
+        if plan.stream:
+            return StreamingResponse(_stream(server, request, plan, rid, choices), media_type="text/event-stream")
+        answers = []
+        try:
+            for c in choices:
                 while True:
                     # A client that hangs up before its answer cancels its jobs (for a streamed one, _stream does).
-                    kind, payload = await _next_event(queue, request)
-                    if kind == "done":
-                        results.append(payload)
+                    kind, payload = await _next_event(c.queue, request)
+                    if kind == "block":
+                        c.add(payload.tokens[0].tolist())
+                    elif kind in ("done", "stopped") or kind == "error" and c.stopped:
+                        answers.append(c.finish(payload if kind == "done" else None))
                         break
-                    if kind == "error":
+                    elif kind == "error":
                         raise _job_error(payload)
         except RequestError as e:
-            for job, _ in jobs:
-                job.cancel()
+            for c in choices:
+                c.job.cancel()
             return error(e)
         except _Disconnected:
-            for job, _ in jobs:
-                job.cancel()
+            for c in choices:
+                c.job.cancel()
             # Nobody reads this answer; nginx's "client closed request" status, for the access log.
             return error(RequestError("the client closed the connection before the answer", status=499,
                                       kind="client_closed_request"))
         except asyncio.CancelledError:
-            for job, _ in jobs:
-                job.cancel()
+            for c in choices:
+                c.job.cancel()
             raise
-        choices, completion = [], 0
-        for i, result in enumerate(results):
-            try:
-                response = server.text_of(result, chat)
-            except DgemmaError as e:
-                return error(_internal(f"the answer could not be decoded: {e}"))
-            text, stopped = server.apply_stop(response.text, plan.stops)
-            completion += server.completion_tokens(result)
-            reason = server.finish_reason(result, response, stopped)
+        out, completion = [], 0
+        for i, (response, text, reason, tokens) in enumerate(answers):
+            completion += tokens
             if chat:
                 msg = {"role": "assistant", "content": text, "reasoning_content": response.thinking}
                 if response.tool_calls:
                     msg["tool_calls"] = server.tool_calls(response)
-                choices.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": None})
+                out.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": None})
             else:
-                choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
+                out.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": server.model_name, "choices": choices, "usage": server.usage(len(plan.ids), completion)}
+                "model": server.model_name, "choices": out, "usage": server.usage(len(plan.ids), completion)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -521,7 +608,8 @@ def create_app(server: OpenAIServer):
     return app
 
 
-# How often a non-streamed request waiting for its jobs checks that its client is still connected (seconds).
+# How often a request waiting for its jobs checks that its client is still connected (seconds), at the least: it
+# also checks after every event.
 DISCONNECT_POLL_S = 0.25
 
 
@@ -530,14 +618,17 @@ class _Disconnected(Exception):
 
 
 async def _next_event(queue: asyncio.Queue, request) -> tuple[str, object]:
-    """The next event of a job, checking every DISCONNECT_POLL_S that the client is still there (a job waiting
-    for a slot, or one long block, sends nothing for a while)."""
+    """The next event of a job, checking that the client is still there after each event and every
+    DISCONNECT_POLL_S while none comes (a job waiting for a slot, or one long block, sends nothing for a while)."""
     while True:
         try:
-            return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+            event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                raise _Disconnected from None
+            event = None
+        if await request.is_disconnected():
+            raise _Disconnected
+        if event is not None:
+            return event
 
 
 def _internal(message: str) -> RequestError:
@@ -554,22 +645,84 @@ def _job_error(payload) -> RequestError:
     return RequestError(str(payload), status=status)
 
 
-def _submit(server: OpenAIServer, plan: Plan, kwargs: dict, drafts: bool = False):
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+class _Choice:
+    """One choice of a request: its job on the scheduler and its answer as the blocks arrive. The answer holds at
+    most ``max_tokens`` tokens (the engine generates whole canvases); once a stop string shows in its text, the
+    job is asked to stop and the answer is the text before it. Streamed and whole answers are built alike, so
+    they are the same text."""
 
-    def emit(kind, payload):
-        loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+    def __init__(self, server: OpenAIServer, plan: Plan, kwargs: dict):
+        self.server, self.plan = server, plan
+        self.max_tokens = kwargs["max_new_tokens"]
+        self.tokens: list[int] = []  # the answer's tokens so far
+        self.sent = ""  # the text streamed so far
+        self.stopped = False  # a stop string showed: the job was asked to stop
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
 
-    job = Job(ids=plan.ids, emit=emit, kwargs=kwargs, images=plan.images, drafts=drafts)
-    try:
-        server.scheduler.submit(job)
-    except DgemmaError as e:
-        raise RequestError(str(e), status=503, kind="server_error") from None
-    return job, queue
+        def emit(kind, payload):
+            loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+
+        self.job = Job(ids=plan.ids, emit=emit, kwargs=kwargs, images=plan.images, drafts=plan.drafts)
+        try:
+            server.scheduler.submit(self.job)
+        except DgemmaError as e:
+            raise RequestError(str(e), status=503, kind="server_error") from None
+
+    def visible(self, tokens: list[int]) -> tuple[str, bool]:
+        """The text of ``tokens`` that may be shown while more may come, cut at a stop string (and whether one
+        showed)."""
+        return self.server.apply_stop(_visible_text(self.server, tokens, self.plan.chat), self.plan.stops)
+
+    def add(self, tokens: list[int]) -> str:
+        """Take a block's tokens; the text to stream now. Held back: the end of the text that may begin a stop
+        string (the rest of it may be in the next block)."""
+        if self.stopped:
+            return ""
+        self.tokens += tokens[:self.max_tokens - len(self.tokens)]
+        text, self.stopped = self.visible(self.tokens)
+        if self.stopped:
+            self.job.stop()
+        else:
+            text = text[:len(text) - _stop_prefix(text, self.plan.stops)]
+        return self._advance(text)
+
+    def _advance(self, text: str) -> str:
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            new, self.sent = text[len(self.sent):], text
+            return new
+        return ""
+
+    def finish(self, result) -> tuple[Response, str, str, int]:
+        """(the response, its text, the finish reason, the completion tokens) once the job has ended: ``result``
+        is its GenerationResult, or None where it stopped early at a stop string."""
+        if result is not None and not self.stopped:
+            self.tokens = result.new_tokens[0].tolist()[:self.max_tokens]
+        response = self.server.response_of(self.tokens, self.plan.chat)
+        text, stopped = self.server.apply_stop(response.text, self.plan.stops)
+        ends = self.server.ends()
+        eos = next((i for i, t in enumerate(self.tokens) if t in ends), None)
+        used = len(self.tokens) if eos is None else eos + 1
+        if stopped:  # the tokens until the stop string was whole (a text grows with its tokens: bisect)
+            low, high = 0, used
+            while low < high:
+                mid = (low + high) // 2
+                if self.visible(self.tokens[:mid])[1]:
+                    high = mid
+                else:
+                    low = mid + 1
+            used = max(low, 1)
+        reason = "tool_calls" if response.tool_calls else "stop" if stopped or eos is not None else "length"
+        return response, text, reason, used
 
 
-async def _stream(server: OpenAIServer, request, plan: Plan, rid: str):
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """The length of the longest end of ``text`` that begins some stop string (0 if none)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+async def _stream(server: OpenAIServer, request, plan: Plan, rid: str, choices: list[_Choice]):
     """Server-Sent Events: a chunk per committed block (and per draft with stream_drafts), the final
     chunk with finish_reason, usage when asked, then [DONE]. A client that goes away cancels its jobs."""
     chat = plan.chat
@@ -594,25 +747,13 @@ async def _stream(server: OpenAIServer, request, plan: Plan, rid: str):
     def error_chunk(message: str) -> str:
         return f"data: {json.dumps(_internal(message).body())}\n\n"
 
-    jobs = []
-    try:
-        for k in plan.kwargs:
-            jobs.append(_submit(server, plan, k, plan.drafts))
-    except RequestError as e:
-        for job, _ in jobs:
-            job.cancel()
-        yield f"data: {json.dumps(e.body())}\n\n"
-        yield "data: [DONE]\n\n"
-        return
     completion = 0
     try:
-        for i, (job, queue) in enumerate(jobs):
+        for i, c in enumerate(choices):
             if chat:
                 yield chunk(i, {"role": "assistant", "content": ""})
-            tokens: list[int] = []
-            sent = ""
             while True:
-                kind, payload = await queue.get()
+                kind, payload = await c.queue.get()
                 if await request.is_disconnected():
                     raise asyncio.CancelledError
                 if kind == "draft":
@@ -620,44 +761,38 @@ async def _stream(server: OpenAIServer, request, plan: Plan, rid: str):
                     yield chunk(i, draft={"block": payload.block, "step": payload.step, "text": draft})
                     continue
                 if kind == "block":
-                    tokens += payload.tokens[0].tolist()
                     try:
-                        text = _visible_text(server, tokens, chat)
+                        new = c.add(payload.tokens[0].tolist())
                     except DgemmaError as e:
                         yield error_chunk(f"the answer could not be decoded: {e}")
                         break
-                    text, _ = server.apply_stop(text, plan.stops)
-                    if text.startswith(sent) and len(text) > len(sent):
-                        yield chunk(i, {"content": text[len(sent):]}) if chat else chunk(i, text=text[len(sent):])
-                        sent = text
+                    if new:
+                        yield chunk(i, {"content": new}) if chat else chunk(i, text=new)
                     continue
-                if kind == "error":
+                if kind == "error" and not c.stopped:
                     yield f"data: {json.dumps(_job_error(payload).body())}\n\n"
                     break
-                result = payload
                 try:
-                    response = server.text_of(result, chat)
+                    response, text, reason, tokens = c.finish(payload if kind == "done" else None)
                 except DgemmaError as e:
                     yield error_chunk(f"the answer could not be decoded: {e}")
                     break
-                text, stopped = server.apply_stop(response.text, plan.stops)
                 delta: dict = {}
-                if text.startswith(sent) and len(text) > len(sent):
-                    delta["content"] = text[len(sent):]
+                if text.startswith(c.sent) and len(text) > len(c.sent):
+                    delta["content"] = text[len(c.sent):]
                 if chat and response.thinking:
                     delta["reasoning_content"] = response.thinking
                 if chat and response.tool_calls:
-                    delta["tool_calls"] = [dict(c, index=j) for j, c in enumerate(server.tool_calls(response))]
-                completion += server.completion_tokens(result)
-                reason = server.finish_reason(result, response, stopped)
+                    delta["tool_calls"] = [dict(t, index=j) for j, t in enumerate(server.tool_calls(response))]
+                completion += tokens
                 yield chunk(i, delta, reason) if chat else chunk(i, finish=reason, text=delta.get("content", ""))
                 break
         if plan.usage_in_stream:
             yield chunk(0, usage=server.usage(len(plan.ids), completion))
         yield "data: [DONE]\n\n"
     finally:
-        for job, _ in jobs:
-            job.cancel()
+        for c in choices:
+            c.job.cancel()
 
 
 def _decode(server: OpenAIServer, tokens: list[int], ends: set, pad, *, skip_special_tokens: bool = False) -> str:
@@ -669,12 +804,15 @@ def _decode(server: OpenAIServer, tokens: list[int], ends: set, pad, *, skip_spe
 
 def _visible_text(server: OpenAIServer, tokens: list[int], chat: bool) -> str:
     """The answer text so far (chat: without the thinking, cut at the end of the turn, and without a tool
-    call still being written: it shows at the end, as a call or, if it does not parse, as text)."""
-    eng = server.engine
-    ends = set(eng.eos_token_ids) | set(eng.config.eos_token_ids)
+    call still being written: it shows at the end, as a call or, if it does not parse, as text). A character
+    whose bytes the next block completes (the decoder writes U+FFFD for them) is held back."""
+    ends = server.ends()
+    pad = server.engine.pad_token_id
     if chat:
-        return parse_response_lenient(_decode(server, tokens, ends, eng.pad_token_id), partial=True).text
-    return _decode(server, tokens, ends, eng.pad_token_id, skip_special_tokens=True)
+        text = parse_response_lenient(_decode(server, tokens, ends, pad), partial=True).text
+    else:
+        text = _decode(server, tokens, ends, pad, skip_special_tokens=True)
+    return text.rstrip("\ufffd")
 
 
 def listen_sockets(host: str, port: int) -> list:

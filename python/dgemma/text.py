@@ -133,7 +133,7 @@ class TextEngine(Engine):
             return  # no tokenizer files: ids only
         texts, responses = [], []
         # The text ends at the first end-of-sequence id, generation's or the model's own.
-        ends = set(result.eos_token_ids) | set(self.config.eos_token_ids)
+        ends = self.end_ids(result.eos_token_ids)
         pad = result.pad_token_id
         for row in result.new_tokens.tolist():
             cut = next((i for i, x in enumerate(row) if x in ends), len(row))

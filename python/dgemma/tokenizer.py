@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from .config import MAX_CONFIG_BYTES, read_json_file
@@ -57,7 +58,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` exactly as written: special tokens in the text are recognised, none are added."""
         check_text(text)
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch gives the same ids as encode and lets other threads run meanwhile (encode holds the GIL:
+        # a server's other clients would wait for a long prompt).
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most characters one vocabulary entry spells (an entry is never shorter than the text it covers)."""
+        return max((len(k) for k in self._tok.get_vocab(with_added_tokens=True)), default=1)
+
+    def fewest_tokens(self, chars: int) -> int:
+        """A lower bound on the tokens of a text of ``chars`` characters, at no cost: a token covers at most
+        ``longest_token`` characters (with a margin of 4x for normalisers that shorten a text, e.g. by composing
+        characters)."""
+        return chars // (4 * self.longest_token)
 
     def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,296 @@
+"""`dgemma serve` answers as the OpenAI API defines them, found by fuzzing: max_tokens caps the answer, a stop
+string ends the generation (and its usage), a character or stop string split across blocks streams as the whole
+answer does, hung-up clients free their places, fields the sampler cannot honour are refused, unknown paths
+answer in OpenAI's error form."""
+
+import json
+import socket
+import time
+
+import pytest
+import torch
+from chat_fixture import write_chat_checkpoint
+from serve_fixture import serving
+
+import dgemma
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx2")
+
+from dgemma.scheduler import Job, Scheduler  # noqa: E402
+from dgemma.server import OpenAIServer, RequestError, _stop_prefix  # noqa: E402
+
+MODEL = "tiny-chat"
+CANVAS = 16
+USER = [{"role": "user", "content": "Why is the sky blue?"}]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = write_chat_checkpoint(tmp_path_factory.mktemp("serve_answers"), seed=3, canvas_length=CANVAS)
+    return dgemma.load(path, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    srv = OpenAIServer(engine, model_name=MODEL, max_batch=4, max_context=512)
+    with serving(srv) as base:
+        yield srv, base
+
+
+def _post(base, path, body, **kw):
+    return httpx.post(base + path, json=dict({"model": MODEL, "max_denoising_steps": 2, "seed": 1}, **body),
+                      timeout=120, **kw)
+
+
+def _streamed(base, path, body) -> tuple[str, str, dict | None]:
+    """(the streamed text, the finish reason, the usage) of a streamed request."""
+    body = dict({"model": MODEL, "max_denoising_steps": 2, "seed": 1, "stream": True,
+                 "stream_options": {"include_usage": True}}, **body)
+    text, finish, usage = "", None, None
+    with httpx.stream("POST", base + path, json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            usage = event.get("usage") or usage
+            for c in event["choices"]:
+                text += (c["delta"].get("content") or "") if "delta" in c else c["text"]
+                finish = c["finish_reason"] or finish
+    return text, finish, usage
+
+
+def _whole(r) -> tuple[str, str, dict]:
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    return (c["message"]["content"] if "message" in c else c["text"]), c["finish_reason"], r.json()["usage"]
+
+
+def _no_eos(engine, monkeypatch):
+    """No end-of-sequence ids: answers run to their budget and no token ends their text."""
+    monkeypatch.setattr(engine, "eos_token_ids", [])
+    monkeypatch.setattr(engine, "end_ids", lambda eos_token_ids=None: set())
+
+
+def _fake_text(engine, monkeypatch, text_of):
+    """Decoding faked: ``text_of(n)`` is the text of an answer's first n tokens (the tiny model writes no such
+    text); no EOS ids."""
+    tok = engine.tokenizer
+    monkeypatch.setattr(tok, "decode", lambda ids, skip_special_tokens=False: text_of(len(ids)))
+    _no_eos(engine, monkeypatch)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_max_tokens_caps_the_answer_and_its_usage(server, engine, monkeypatch, path):
+    _no_eos(engine, monkeypatch)
+    body = {"prompt": "The sky"} if "chat" not in path else {"messages": USER}
+    for max_tokens in (1, 5, CANVAS + 3):
+        text, finish, usage = _whole(_post(server[1], path, dict(body, max_tokens=max_tokens)))
+        assert usage["completion_tokens"] == max_tokens and finish == "length"
+        assert _streamed(server[1], path, dict(body, max_tokens=max_tokens)) == (text, finish, usage)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_character_split_across_blocks_streams_whole(server, engine, monkeypatch, path):
+    """The first block ends inside a two-byte character (the decoder writes U+FFFD for its first byte): the
+    stream holds it back, and the text after it still streams."""
+    _fake_text(engine, monkeypatch, lambda n: "Hi caf\ufffd" if n <= CANVAS else "Hi café au lait")
+    body = {"prompt": "The sky"} if "chat" not in path else {"messages": USER}
+    body["max_tokens"] = 2 * CANVAS
+    whole = _whole(_post(server[1], path, body))
+    assert whole[0] == "Hi café au lait"
+    assert _streamed(server[1], path, body) == whole
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_stop_string_split_across_blocks_ends_the_answer_and_the_generation(server, engine, monkeypatch, path):
+    srv, base = server
+    _fake_text(engine, monkeypatch, lambda n: "Sunlight sca" if n <= CANVAS else "Sunlight scatters. The end")
+    body = {"prompt": "The sky"} if "chat" not in path else {"messages": USER}
+    body.update(max_tokens=20 * CANVAS, stop=["ters.", "zzz"])
+    before = srv.scheduler.snapshot()
+    text, finish, usage = _whole(_post(base, path, body))
+    assert (text, finish) == ("Sunlight scat", "stop")
+    # The answer took two blocks of its twenty: the job ended there, as finished, and usage counts its tokens up
+    # to the one that completed the stop string.
+    assert usage["completion_tokens"] == CANVAS + 1
+    deadline = time.time() + 30
+    while srv.scheduler.snapshot()["requests_finished"] == before["requests_finished"]:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    after = srv.scheduler.snapshot()
+    assert after["blocks_total"] - before["blocks_total"] <= 3
+    assert after["requests_cancelled"] == before["requests_cancelled"]
+    assert _streamed(base, path, body) == (text, finish, usage)
+
+
+def test_stop_prefix():
+    assert _stop_prefix("abc XY", ["XYZ"]) == 2
+    assert _stop_prefix("abc X", ["XYZ", "X"]) == 1
+    assert _stop_prefix("abc", ["XYZ"]) == 0
+    assert _stop_prefix("", ["XYZ"]) == 0
+    assert _stop_prefix("ab", ["abc", "bcd"]) == 2
+
+
+def test_generated_tokens_metric_counts_what_usage_counts(server, engine, monkeypatch):
+    srv, base = server
+    _no_eos(engine, monkeypatch)
+    before = srv.scheduler.snapshot()["tokens_total"]
+    used = sum(_whole(_post(base, "/v1/completions", {"prompt": "The sky", "max_tokens": m}))[2]["completion_tokens"]
+               for m in (3, CANVAS + 1))
+    assert srv.scheduler.snapshot()["tokens_total"] - before == used == 3 + CANVAS + 1
+
+
+def test_a_non_streamed_client_that_hangs_up_is_noticed_between_quick_blocks(server, engine, monkeypatch):
+    """Blocks every few tens of milliseconds (faster than the idle poll): the hang-up is still noticed at once."""
+    srv, base = server
+    model = engine.model
+    rows = model.denoise_hidden_rows
+
+    def paced(*args):
+        time.sleep(0.01)
+        return rows(*args)
+
+    monkeypatch.setattr(model, "denoise_hidden_rows", paced)
+    _no_eos(engine, monkeypatch)
+    before = srv.scheduler.snapshot()
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 480, "max_denoising_steps": 2}).encode()
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.time() + 30
+        while srv.scheduler.snapshot()["blocks_total"] < before["blocks_total"] + 2:
+            assert time.time() < deadline, "no block ran"
+            time.sleep(0.01)
+    deadline = time.time() + 30
+    while srv.scheduler.snapshot()["active"]:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    after = srv.scheduler.snapshot()
+    assert after["requests_cancelled"] == before["requests_cancelled"] + 1, after
+    assert after["blocks_total"] - before["blocks_total"] < 25, after  # 30 blocks if it had run to its end
+
+
+def test_waiting_jobs_whose_clients_left_hold_no_place_in_the_queue(engine, monkeypatch):
+    monkeypatch.setattr(engine.model, "denoise_hidden_rows",
+                        lambda *a, rows=engine.model.denoise_hidden_rows: (time.sleep(0.05), rows(*a))[1])
+    sched = Scheduler(engine, max_batch=1, max_queue=2)
+    sched.start()
+    events = []
+    try:
+        def job(tokens):
+            return Job(ids=[2, 10, 11], emit=lambda kind, payload: events.append(kind),
+                       kwargs={"max_new_tokens": tokens, "max_denoising_steps": 2, "seed": 0})
+
+        busy = job(20 * CANVAS)
+        sched.submit(busy)
+        deadline = time.time() + 30
+        while sched.snapshot()["active"] == 0:  # the busy job holds the only slot
+            assert time.time() < deadline
+            time.sleep(0.01)
+        waiting = [job(CANVAS), job(CANVAS)]
+        for j in waiting:
+            sched.submit(j)
+        with pytest.raises(dgemma.DgemmaError, match=r"the request queue is full \(2 waiting\)"):
+            sched.submit(job(CANVAS))
+        for j in waiting:
+            j.cancel()
+        assert sched.snapshot()["queue_length"] == 0
+        sched.submit(job(CANVAS))  # the places of the jobs that left are free
+        assert events.count("error") == 2 and sched.snapshot()["requests_cancelled"] == 2
+        busy.cancel()
+    finally:
+        sched.stop()
+
+
+def test_a_full_queue_is_a_503_for_streamed_requests_too(engine):
+    srv = OpenAIServer(engine, model_name=MODEL, max_batch=1, max_context=512)
+    with serving(srv) as base:
+        srv.scheduler.stop()  # nothing is taken any more
+        for stream in (False, True):
+            r = _post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "stream": stream})
+            assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
+
+
+@pytest.mark.parametrize("field,value", [
+    ("logprobs", True), ("top_logprobs", 2), ("logit_bias", {"5": 10}), ("presence_penalty", 0.5),
+    ("frequency_penalty", 1), ("response_format", {"type": "json_object"}), ("best_of", 2), ("echo", True),
+    ("suffix", "end"), ("temperature", "hot"), ("temperature", 5), ("top_p", 5), ("tool_choice", "required"),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}), ("logprobs", 1)])
+def test_fields_the_sampler_cannot_honour_are_refused(server, field, value):
+    srv, _ = server
+    chat = field not in ("echo", "suffix", "best_of")
+    body = {"messages": USER} if chat else {"prompt": "hi"}
+    with pytest.raises(RequestError) as e:
+        srv.plan(dict(body, max_tokens=4, **{field: value}), chat=chat)
+    assert e.value.status == 400 and e.value.param == field, e.value.message
+
+
+def test_the_values_that_ask_for_nothing_are_accepted(server):
+    srv, _ = server
+    quiet = {"logprobs": False, "top_logprobs": 0, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0,
+             "response_format": {"type": "text"}, "temperature": 0.7, "top_p": 1, "tool_choice": "auto", "user": "x"}
+    srv.plan(dict(quiet, messages=USER, max_tokens=4), chat=True)
+    srv.plan({"prompt": "hi", "max_tokens": 4, "echo": False, "suffix": "", "best_of": 1, "logprobs": 0}, chat=False)
+
+
+@pytest.mark.parametrize("fields,param", [({"t_max": 0.1, "t_min": 0.5}, "t_max"),
+                                          ({"max_denoising_steps": 5000}, "max_denoising_steps"),
+                                          ({"entropy_bound": -1.0}, "entropy_bound"),
+                                          ({"confidence_threshold": 0.0}, "confidence_threshold")])
+def test_sampler_errors_name_their_field(server, fields, param):
+    with pytest.raises(RequestError) as e:
+        server[0].plan(dict(messages=USER, max_tokens=4, **fields), chat=True)
+    assert e.value.param == param, e.value.message
+
+
+def test_tool_results_as_parts_are_their_text_and_images_there_are_refused(server):
+    srv, _ = server
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    history = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+
+    def plan(content):
+        return srv.plan({"messages": history + [{"role": "tool", "tool_call_id": "c1", "content": content}],
+                         "max_tokens": 4}, chat=True)
+
+    assert plan([{"type": "text", "text": "21 "}, {"type": "text", "text": "degrees"}]).ids == plan("21 degrees").ids
+    with pytest.raises(RequestError, match="tool result with an image part") as e:
+        plan([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])
+    assert e.value.status == 400
+
+
+@pytest.mark.parametrize("required", [[["city"]], [{"a": 1}], [1]])
+def test_tool_required_entries_that_are_not_names_are_refused(server, required):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": required}}}]
+    with pytest.raises(RequestError, match="'required' must list declared properties") as e:
+        server[0].plan({"messages": USER, "tools": tools, "max_tokens": 4}, chat=True)
+    assert e.value.param == "tools"
+
+
+def test_a_prompt_far_past_the_context_is_refused_before_tokenizing(server, engine, monkeypatch):
+    def never(text):
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(engine.tokenizer, "encode", never)
+    for chat, body in ((False, {"prompt": "word " * 2_000_000}),
+                       (True, {"messages": [{"role": "user", "content": "word " * 2_000_000}]})):
+        with pytest.raises(RequestError, match=r"characters, at least \d+ tokens\) is longer than this server's "
+                                               r"context 512") as e:
+            server[0].plan(dict(body, max_tokens=4), chat=chat)
+        assert e.value.code == "context_length_exceeded"
+
+
+def test_model_retrieval_and_unknown_paths_answer_in_openai_form(server):
+    base = server[1]
+    r = httpx.get(base + "/v1/models/" + MODEL)
+    assert r.status_code == 200 and r.json()["id"] == MODEL and r.json()["object"] == "model"
+    r = httpx.get(base + "/v1/models/other/model")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.get(base + "/v1/nothing")
+    assert r.status_code == 404 and "GET /v1/nothing" in r.json()["error"]["message"]
+    r = httpx.get(base + "/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
