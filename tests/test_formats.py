@@ -413,6 +413,25 @@ def test_corrupt_scales_refused(fp8_channel, nvfp4, tmp_path):
         fmt.build(plan[Q + ".weight"], {k: raw[k] for k in plan[Q + ".weight"].keys}, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("which,key,edit,match", [
+    ("fp8_channel", ".weight_scale", lambda t: t.__setitem__((2, 0), -t[2, 0]),
+     r"\(FP8 weight scale\) holds -[0-9.e-]+ at index \[2\]: scales are non-negative"),
+    ("fp8_channel", ".weight_scale", lambda t: t.zero_(), r"\(FP8 weight scale\) is all zero"),
+    ("nvfp4", ".weight_global_scale", lambda t: t.zero_(),
+     r"\(NVFP4 per-tensor scale\) holds 0 at index \[\]: scales are positive"),
+    ("nvfp4", ".weight_global_scale", lambda t: t.fill_(1e-45),
+     r"\(NVFP4 weight dequantised to torch.float32\) holds a non-finite value"),
+])
+def test_scales_that_are_negative_zero_or_overflow_are_refused(which, key, edit, match, request, tmp_path):
+    def corrupt(tensors):
+        edit(tensors[Q + key])
+
+    cfg, fmt, plan = _plan(_copy(request.getfixturevalue(which), tmp_path / "a", edit_tensors=corrupt))
+    raw = load_file(f"{tmp_path}/a/model.safetensors")
+    with pytest.raises(dgemma.CheckpointError, match=match):
+        fmt.build(plan[Q + ".weight"], {k: raw[k] for k in plan[Q + ".weight"].keys}, dtype=torch.float32)
+
+
 # -- dgemma.load on quantised checkpoints ------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["fp8_channel", "fp8_tensor"])

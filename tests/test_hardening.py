@@ -250,6 +250,13 @@ def _text(**kv):
      r"vision_config.use_clipped_linears = 'yes', expected true or false"),
     ({**preset_config("tiny"), "vision_config": {"num_hidden_layers": 10**7}},
      r"vision_config.num_hidden_layers = 10000000, expected at most 1024"),
+    # int() takes these as 5; they are not how a layer index is written.
+    (_text(per_layer_config={"0_5": {}}), r"per_layer_config key '0_5' is not a layer index"),
+    (_text(per_layer_config={" 5": {}}), r"per_layer_config key ' 5' is not a layer index"),
+    (_text(per_layer_config={"05": {}}), r"per_layer_config key '05' is not a layer index"),
+    (_text(per_layer_config={"\u0665": {}}), r"per_layer_config key '\u0665' is not a layer index"),
+    ({**preset_config("tiny"), "tie_word_embeddings": "false"}, r"tie_word_embeddings = 'false', expected true"),
+    (_text(tie_word_embeddings=0), r"text_config.tie_word_embeddings = 0, expected true or false"),
 ])
 def test_config_values_are_range_checked(raw, message):
     with pytest.raises(ConfigError, match=message):
@@ -281,6 +288,11 @@ def test_config_and_generation_config_files(tmp_path):
 MSGS = [{"role": "user", "content": "hi"}]
 
 
+def _doubling(step: str, end: str = "{{ ns.s | length }}") -> str:
+    """A template that sets ns.s = <step> 40 times from 'aa' (each step doubling it), then renders ``end``."""
+    return "{% set ns = namespace(s='aa') %}{% for i in range(40) %}{% set ns.s = " + step + " %}{% endfor %}" + end
+
+
 @pytest.mark.parametrize("source,message", [
     ("{{ 'x' * 10**9 }}", r"repeated string or list of 1000000000 items exceeds the output-size limit of 4096"),
     ("{{ 'x'|center(10**9) }}", r"exceeds the output-size limit of 4096"),
@@ -293,12 +305,37 @@ MSGS = [{"role": "user", "content": "hi"}]
     ("{% set l = range(100000)|list %}{% for a in l %}{% for b in l %}{% endfor %}{% endfor %}",
      r"time limit of 0.5 s"),
     ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", r"recursion too deep"),
+    # Doubling a string or a list each iteration: 2**40 characters unless every step is checked.
+    (_doubling("ns.s ~ ns.s"), r"a concatenation \(~\) .* exceeds the output-size limit of 4096"),
+    (_doubling("[ns.s, ns.s] | join"), r"the 'join' filter's input .* exceeds the output-size limit"),
+    (_doubling("''.join([ns.s, ns.s])"), r"a join .* exceeds the output-size limit"),
+    (_doubling("ns.s | replace('a', 'aa')"), r"exceeds the output-size limit"),
+    (_doubling("ns.s.replace('a', 'aa')"), r"a replacement .* exceeds the output-size limit"),
+    (_doubling("[ns.s, ns.s]", "{{ ns.s }}"), r"a printed value .* exceeds the output-size limit"),
+    (_doubling("[ns.s, ns.s]", "{{ ns.s | tojson }}"), r"the 'tojson' filter's input .* exceeds the output-size"),
+    (_doubling("[ns.s, ns.s]", "{{ 'x' ~ ns.s }}"), r"a concatenation \(~\) .* exceeds the output-size limit"),
+    (_doubling("[ns.s, ns.s]", "{{ (ns.s | string) | length }}"), r"the 'string' filter's input .* exceeds"),
 ])
 def test_chat_template_is_bounded(source, message):
     tpl = ChatTemplate(source, time_limit_s=0.5, max_output_chars=4096)
     with pytest.raises(DgemmaError, match=message):
         tpl.render(MSGS)
     assert ChatTemplate("{{ messages[0].content }}", time_limit_s=0.5).render(MSGS) == "hi"
+
+
+def test_bounded_templates_still_concatenate_join_and_replace():
+    source = ("{% for m in messages %}{{ m.role ~ ': ' ~ m.content }}{% endfor %}|{{ messages | tojson }}|"
+              "{{ ['a', 'b'] | join(', ') }}|{{ 'abc' | replace('b', 'xx') }}|{{ '-'.join(['x', 'y']) }}|{{ [1, 2] }}")
+    assert ChatTemplate(source, max_output_chars=4096).render(MSGS) == \
+        'user: hi|[{"role": "user", "content": "hi"}]|a, b|axxc|x-y|[1, 2]'
+
+
+def test_named_templates_need_string_names():
+    from dgemma.chat import load_chat_template
+
+    named = [{"name": ["default"], "template": "A"}, {"name": "default", "template": "B"}, {"name": {"x": 1}}]
+    assert load_chat_template("/nonexistent", {"chat_template": named}) == "B"
+    assert load_chat_template("/nonexistent", {"chat_template": named[:1]}) is None
 
 
 def test_chat_template_module_defaults(monkeypatch):

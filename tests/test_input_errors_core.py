@@ -295,3 +295,105 @@ def test_an_image_on_the_meta_device_is_refused(eng):
                      max_new_tokens=8, max_denoising_steps=2)
     with pytest.raises(DgemmaError, match=r"token ids .* are on the meta device"):
         expand_image_tokens(torch.zeros(4, dtype=torch.long, device="meta"), [2])
+
+
+# -- 7. third fuzzing pass: loading -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern,why", [("re:(.*)*X", "a repeat inside a repeat"), ("re:(a+)+b", "a repeat inside"),
+                                         ("re:(a|ab)*c", "a repeat of alternatives"), ("re:(a)\\1", "a backreference"),
+                                         ("re:.*.*.*.*.*X", "5 open-ended repeats")])
+def test_ignore_patterns_that_can_backtrack_without_bound_are_refused(pattern, why):
+    qc = {"quant_method": "compressed-tensors", "ignore": ["lm_head", pattern], "config_groups": {"g": FP8_GROUP}}
+    with pytest.raises(ConfigError, match=f"ignore entry .*: {why}.*exponential time"):
+        format_from_config(qc, "config.json")
+
+
+def test_usual_ignore_patterns_are_accepted():
+    qc = {"quant_method": "compressed-tensors", "config_groups": {"g": FP8_GROUP},
+          "ignore": ["lm_head", "re:.*vision_tower.*", "re:.*layers\\.(0|1|2)\\..*", "re:.*(q|k|v)_proj$",
+                     "re:(?:model\\.)?lm_head", "re:.*mlp\\.experts\\.\\d+\\..*"]}
+    fmt = format_from_config(qc, "config.json")
+    assert fmt.is_ignored("model.vision_tower.x") and fmt.is_ignored("model.layers.1.mlp")
+    assert not fmt.is_ignored("model.layers.3.mlp.down_proj")
+
+
+@pytest.mark.parametrize("qc,message", [
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {**FP8_GROUP, "weights": {
+        **FP8_GROUP["weights"], "symmetric": "false"}}}}, r"weights symmetric = 'false', expected true or false"),
+])
+def test_compressed_tensors_booleans_are_booleans(qc, message):
+    with pytest.raises(ConfigError, match=message):
+        format_from_config(qc, "config.json")
+
+
+def test_a_sampler_config_that_is_not_an_object_is_refused(demo, tmp_path):
+    path = _copy(demo, tmp_path)
+    with open(path / "generation_config.json") as f:
+        raw = json.load(f)
+    raw["sampler_config"] = [0.2]
+    with open(path / "generation_config.json", "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(ConfigError, match=r"generation_config.json: sampler_config = \[0.2\], expected an object"):
+        dgemma.load(path)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: torch.rand(3, 40, 50).to_sparse(), "is a sparse_coo tensor; expected a dense one"),
+    (lambda: torch.rand(3, 40, 50).to(torch.float8_e4m3fn), "dtype torch.float8_e4m3fn has an unsupported dtype"),
+    (lambda: torch.zeros(3, 40, 50, dtype=torch.complex64), "dtype torch.complex64 has an unsupported dtype"),
+    (lambda: torch.quantize_per_tensor(torch.rand(3, 40, 50), 0.01, 0, torch.quint8),
+     "dtype torch.quint8 has an unsupported dtype"),
+])
+def test_image_tensors_numpy_cannot_hold_are_refused(make, message):
+    from dgemma.vision_inputs import load_image
+
+    with pytest.raises(DgemmaError, match=message):
+        load_image(make())
+
+
+def test_a_checkpoint_directory_whose_name_is_not_utf8_reads_its_tokenizer(demo, tmp_path):
+    name = os.fsdecode(b"ck\xffpt")
+    path = os.path.join(os.fsdecode(bytes(tmp_path)), name)
+    shutil.copytree(demo, path)
+    eng = dgemma.load(path, dtype=torch.float32)
+    assert eng.tokenizer.encode("hello") == dgemma.load(demo, dtype=torch.float32).tokenizer.encode("hello")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_naming_both(demo, tmp_path):
+    path = _copy(demo, tmp_path)
+    with open(path / "tokenizer.json") as f:
+        tok = json.load(f)
+    eng = dgemma.load(path, dtype=torch.float32)
+    tok["added_tokens"].append({"id": eng.config.vocab_size, "content": "<big>", "single_word": False,
+                                "lstrip": False, "rstrip": False, "normalized": False, "special": False})
+    with open(path / "tokenizer.json", "w") as f:
+        json.dump(tok, f)
+    eng = dgemma.load(path, dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=rf"tokenizer.json has {eng.config.vocab_size + 1} token ids but "
+                                              rf"config.json's vocab_size is {eng.config.vocab_size}"):
+        eng.generate("hello", max_new_tokens=4, max_denoising_steps=2)
+
+
+@pytest.mark.parametrize("value,message", [(5, r"max_context 5 leaves no room for an answer: .* \(33\)"),
+                                           (10**6, r"max_context 1000000 exceeds max_position_embeddings")])
+def test_a_max_context_the_model_cannot_run_is_refused_before_loading(demo, value, message):
+    with pytest.raises(DgemmaError, match=message):
+        dgemma.load(demo, max_context=value)
+
+
+def test_images_are_preprocessed_with_the_models_pooling(demo, tmp_path):
+    """A checkpoint whose vision tower pools 2 x 2 patches (pooling has no weights): images are cut into patches
+    and counted in soft tokens with its sizes, not Gemma 4's default 3 x 3."""
+    import numpy as np
+
+    path = _copy(demo, tmp_path, lambda c: c["vision_config"].update(pooling_kernel_size=2))
+    eng = dgemma.load(path, dtype=torch.float32)
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "x"}]}]
+    out = eng.generate(messages, max_new_tokens=4, max_denoising_steps=2, max_image_tokens=70, seed=0)
+    from dgemma.vision_inputs import preprocess_images
+
+    soft = preprocess_images([image], max_soft_tokens=70, pooling_kernel_size=2).num_soft_tokens_per_image[0]
+    placeholders = int((out.sequences[0] == eng.config.image_token_id).sum())
+    assert placeholders == soft

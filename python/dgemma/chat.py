@@ -41,7 +41,7 @@ def load_chat_template(path: str, tokenizer_config: dict | None = None) -> str |
             return f.read()
     tpl = (tokenizer_config or {}).get("chat_template")
     if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict) and isinstance(t.get("name"), str)}
         tpl = named.get("default")
     return tpl if isinstance(tpl, str) else None
 
@@ -55,14 +55,56 @@ class _RenderTimeout(BaseException):
     no ``except Exception`` on the way swallows it)."""
 
 
+def _text_size(value, limit: int) -> int:
+    """The characters ``value`` writes as text (``str()``, ``join``, ``tojson``), counted until past ``limit``: a
+    template can build a list holding itself twice at every level (``ns.l = [ns.l, ns.l]``: small in memory,
+    exponential as text), so the walk stops as soon as the count passes the limit."""
+    size, stack = 0, [value]
+    while stack and size <= limit:
+        v = stack.pop()
+        if isinstance(v, (str, bytes)):
+            size += len(v)
+        elif isinstance(v, dict):
+            size += 2 + 4 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            size += 2 + 2 * len(v)
+            stack.extend(v)
+        else:
+            size += 24  # a number, None, a bool, an object's repr: a few characters
+    return size
+
+
+def _code_generator_class():
+    from jinja2.compiler import CodeGenerator
+
+    class LimitedCodeGenerator(CodeGenerator):
+        """``a ~ b`` through the environment's checked concatenation (jinja2 compiles it to a plain join, which the
+        sandbox never sees)."""
+
+        def visit_Concat(self, node, frame):
+            if frame.eval_ctx.volatile or frame.eval_ctx.autoescape:
+                return super().visit_Concat(node, frame)
+            self.write("environment.checked_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    return LimitedCodeGenerator
+
+
 def _environment_class():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class LimitedEnvironment(ImmutableSandboxedEnvironment):
         """The sandbox, with checks on the operations that can build huge values in one step (``*``,
-        ``**``, ``+``, ``%``, ``format``) and a deadline check on every call and operator."""
+        ``**``, ``+``, ``%``, ``~``, ``format``, ``join``, ``replace``, and any value written as text) and a
+        deadline check on every call and operator."""
 
         intercepted_binops = frozenset(["*", "**", "+", "%"])
+        code_generator_class = _code_generator_class()
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -77,6 +119,20 @@ def _environment_class():
             limit = getattr(self.limits, "max_chars", RENDER_MAX_CHARS)
             if n > limit:
                 raise _TemplateLimit(f"{what} of {n} items exceeds the output-size limit of {limit} characters")
+
+        def check_text(self, value, what: str):
+            """``value`` written as text stays within the size limit."""
+            self.check_size(_text_size(value, getattr(self.limits, "max_chars", RENDER_MAX_CHARS)), what)
+
+        def checked_concat(self, parts):
+            self.check_deadline()
+            self.check_text(list(parts), "a concatenation (~)")
+            return "".join(map(str, parts))
+
+        def check_replace(self, text, old, new):
+            if isinstance(text, str) and isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+                count = text.count(old) if old else len(text) + 1
+                self.check_size(len(text) + count * (len(new) - len(old)), "a replacement")
 
         def check_format(self, fmt):
             if isinstance(fmt, str):
@@ -108,26 +164,40 @@ def _environment_class():
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's signature
             __self.check_deadline()
+            name = getattr(__obj, "__name__", None)
             for a in args:
                 if isinstance(a, int) and not isinstance(a, bool) and a > 10**6 and \
-                        getattr(__obj, "__name__", None) in ("center", "ljust", "rjust", "zfill", "expandtabs"):
+                        name in ("center", "ljust", "rjust", "zfill", "expandtabs"):
                     __self.check_size(a, "a padded string")
+            if isinstance(getattr(__obj, "__self__", None), str):
+                if name == "join" and args:
+                    __self.check_text([__obj.__self__, *args], "a join")
+                elif name == "replace" and len(args) >= 2:
+                    __self.check_replace(__obj.__self__, args[0], args[1])
             return super().call(__context, __obj, *args, **kwargs)
 
     return LimitedEnvironment
 
 
-def _limited_filter(env, f):
+def _limited_filter(env, f, name: str):
     """Filter ``f`` with the deadline checked and integer arguments (widths, counts) bounded by the
     output-size limit: ``center(10**9)`` or ``batch(10**9)`` would build a huge value in one call."""
     import functools
 
+    from jinja2.nodes import EvalContext
+    from jinja2.runtime import Context
+
     @functools.wraps(f)  # keeps jinja2's pass_context / pass_environment marks
     def limited(*args, **kwargs):
         env.check_deadline()
-        for a in (*args, *kwargs.values()):
+        values = [a for a in (*args, *kwargs.values()) if not isinstance(a, (Context, EvalContext)) and a is not env]
+        for a in values:
             if isinstance(a, int) and not isinstance(a, bool) and abs(a) > 4096:
-                env.check_size(abs(a), f"a '{f.__name__}' argument")
+                env.check_size(abs(a), f"a '{name}' argument")
+        # What a filter writes as text (join, tojson, string, ...) is bounded by its arguments' text.
+        env.check_text(values, f"the '{name}' filter's input")
+        if name == "replace" and len(values) >= 3:
+            env.check_replace(*values[:3])
         return f(*args, **kwargs)
 
     return limited
@@ -163,6 +233,13 @@ def _run_with_deadline(fn, seconds: float):
         timer.cancel()
 
 
+def _printable(env, value):
+    """What ``{{ value }}`` writes, checked first: a container's text may be far larger than the container."""
+    if not isinstance(value, str):
+        env.check_text(value, "a printed value")
+    return value
+
+
 class ChatTemplate:
     """A checkpoint's jinja2 chat template, rendered in a sandbox within a time limit and an output-size
     limit (``time_limit_s`` / ``max_output_chars``; default :data:`RENDER_TIME_LIMIT_S` and
@@ -187,9 +264,10 @@ class ChatTemplate:
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-        env = _environment_class()(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = _environment_class()(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"],
+                                   finalize=lambda value: _printable(env, value))
         env.filters["tojson"] = tojson
-        env.filters = {name: _limited_filter(env, f) for name, f in env.filters.items()}
+        env.filters = {name: _limited_filter(env, f, name) for name, f in env.filters.items()}
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         if not isinstance(source, str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 from .errors import ConfigError, DgemmaError
@@ -253,6 +254,9 @@ def _parse_text_config(t: dict, outer: dict, source: str) -> ModelConfig:
         raise ConfigError(
             f"{source}: use_bidirectional_attention = {bidir!r} is not supported (expected null or 'vision')"
         )
+    for where, d in (("tie_word_embeddings", outer), ("text_config.tie_word_embeddings", t)):
+        if not isinstance(d.get("tie_word_embeddings", True), bool):
+            raise ConfigError(f"{source}: {where} = {d['tie_word_embeddings']!r:.40}, expected true or false")
     if not outer.get("tie_word_embeddings", True) or not t.get("tie_word_embeddings", True):
         raise ConfigError(f"{source}: tie_word_embeddings = false is not supported (lm_head is the embedding)")
 
@@ -400,10 +404,10 @@ def _per_layer_overrides(t: dict, layer_types: list[str], default_kv: int, sourc
             raise ConfigError(f"{source}: text_config.per_layer_config must be an object keyed by layer index")
         out = {}
         for k, v in plc.items():
-            try:
-                idx = int(k)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{source}: per_layer_config key {k!r} is not a layer index") from None
+            if not isinstance(k, str) or not re.fullmatch(r"0|[1-9][0-9]{0,8}", k):  # int() takes "05", " 5", "٥"
+                raise ConfigError(f"{source}: per_layer_config key {k!r} is not a layer index (expected \"0\", "
+                                  f"\"1\", ...)")
+            idx = int(k)
             if not 0 <= idx < len(layer_types) or not isinstance(v, dict):
                 raise ConfigError(f"{source}: per_layer_config[{k!r}] does not name a layer with an object")
             out[idx] = v

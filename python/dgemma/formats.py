@@ -214,6 +214,20 @@ def _require_finite(t: torch.Tensor, key: str, what: str) -> None:
                               "is corrupt")
 
 
+def _require_scale(t: torch.Tensor, key: str, what: str, *, positive: bool = False) -> None:
+    """A quantisation scale: finite, never negative (a sign is the values' to carry), not all zero (the whole
+    tensor would be zero); ``positive``: no zero at all (a scale that is divided by)."""
+    _require_finite(t, key, what)
+    t = t.float()
+    bad = (t <= 0) if positive else (t < 0)
+    if bool(bad.any()):
+        i = [int(x) for x in bad.nonzero()[0]] if t.dim() else []
+        raise CheckpointError(f"tensor {key!r} ({what}) holds {float(t[tuple(i)]):g} at index {i}: scales are "
+                              f"{'positive' if positive else 'non-negative'}; the checkpoint is corrupt")
+    if not bool((t != 0).any()):
+        raise CheckpointError(f"tensor {key!r} ({what}) is all zero: the checkpoint is corrupt")
+
+
 class CompressedTensorsFp8(CheckpointFormat):
     """compressed-tensors ``float-quantized`` E4M3 weights, per-channel or per-tensor scales."""
 
@@ -239,7 +253,7 @@ class CompressedTensorsFp8(CheckpointFormat):
         # a per-tensor scale is repeated per channel, so float(q) * scale is exactly the checkpoint's weight.
         scale = scale.float().reshape(-1)
         scale = scale.expand(out).clone() if scale.numel() == 1 else scale.contiguous()
-        _require_finite(scale, roles["scale"], "FP8 weight scale")
+        _require_scale(scale, roles["scale"], "FP8 weight scale")
         if bool(((q.view(torch.uint8) & 0x7F) == 0x7F).any()):
             raise CheckpointError(f"tensor {roles['q']!r} holds an FP8 NaN: the checkpoint is corrupt")
         w = Fp8Weight(q.to(device), scale.to(device))
@@ -258,8 +272,8 @@ class _Nvfp4(CheckpointFormat):
         roles = {p.role: p.key for p in stored.parts}
         packed, block_scale = tensors[roles["q"]], tensors[roles["scale"]]
         tensor_scale = tensors[roles["global_scale"]].float().reshape(())
-        _require_finite(tensor_scale, roles["global_scale"], "NVFP4 per-tensor scale")
-        _require_finite(block_scale, roles["scale"], "NVFP4 block scale")
+        _require_scale(tensor_scale, roles["global_scale"], "NVFP4 per-tensor scale", positive=True)
+        _require_scale(block_scale, roles["scale"], "NVFP4 block scale")
         out, n = stored.shape
         packed = packed.to(device)
         codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(out, -1)  # low nibble first
@@ -267,7 +281,9 @@ class _Nvfp4(CheckpointFormat):
         values = torch.where((codes & 0x08).bool(), -values, values)
         scale = self._block_scale(block_scale.to(device).float(), tensor_scale.to(device))
         w = (values.view(out, -1, NVFP4_BLOCK) * scale.unsqueeze(-1)).reshape(out, -1)[:, :n]
-        return w.to(dtype).contiguous()
+        w = w.to(dtype).contiguous()
+        _require_finite(w, roles["q"], f"NVFP4 weight dequantised to {dtype}")  # e.g. a tiny per-tensor scale
+        return w
 
     def _block_scale(self, block_scale, tensor_scale):
         raise NotImplementedError
@@ -378,6 +394,48 @@ def format_from_config(qc, source: str) -> CheckpointFormat:
     raise ConfigError(f"{where} quant_method {method!r:.40} is not supported ({SUPPORTED})")
 
 
+# Ignore patterns are matched against every module name at load: patterns whose backtracking can blow up are
+# refused. Repeats with more than this many possible iterations count as unbounded.
+_REPEAT_BOUND = 64
+_MAX_OPEN_REPEATS = 4
+
+
+def _slow_regex(pattern: str) -> str | None:
+    """Why ``pattern`` (a valid regular expression) may backtrack without bound on a name, or None: a repeat
+    inside a repeat (``(.*)*``, ``(a+)+``), a repeat of alternatives (``(a|ab)*``), a backreference, or more than a
+    few open-ended repeats (``.*`` n times matches in O(length^n))."""
+    try:
+        from re import _constants as c, _parser as parser  # noqa: PLC2701 - the stdlib's own parser
+    except ImportError:  # a Python without them: only the length is bounded
+        return "a pattern over 200 characters" if len(pattern) > 200 else None
+    repeats = (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", c.MAX_REPEAT))
+    count = 0
+    stack = [(parser.parse(pattern), False)]
+    while stack:
+        items, inside = stack.pop()
+        for op, av in items:
+            if op in repeats:
+                low, high, sub = av
+                open_ended = high == c.MAXREPEAT or high > _REPEAT_BOUND
+                if open_ended and inside:
+                    return "a repeat inside a repeat"
+                if open_ended and any(o == c.BRANCH for o, _ in sub):
+                    return "a repeat of alternatives"
+                count += open_ended
+                stack.append((sub, inside or open_ended))
+            elif op == c.SUBPATTERN:
+                stack.append((av[-1], inside))
+            elif op == c.BRANCH:
+                if inside:
+                    return "a repeat of alternatives"
+                stack.extend((branch, inside) for branch in av[1])
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                stack.append((av[1], inside))
+            elif op in (c.GROUPREF, c.GROUPREF_EXISTS):
+                return "a backreference"
+    return f"{count} open-ended repeats" if count > _MAX_OPEN_REPEATS else None
+
+
 def _modelopt(algo, group_size, ignore, where: str, source: str) -> CheckpointFormat:
     if algo != "NVFP4":
         raise ConfigError(f"{where} quant_algo {algo!r:.40} is not supported ({SUPPORTED})")
@@ -417,6 +475,8 @@ def _compressed_tensors(qc: dict, where: str, source: str) -> CheckpointFormat:
         if fmt == "naive-quantized" and not (w.get("type") == "float" and w.get("num_bits") == 8):
             raise ConfigError(f"{g} format 'naive-quantized' with {w.get('num_bits')}-bit {w.get('type')} "
                               f"weights is not supported ({SUPPORTED})")
+        if not isinstance(w.get("symmetric", True), bool):
+            raise ConfigError(f"{g}.weights symmetric = {w['symmetric']!r:.40}, expected true or false")
         if not w.get("symmetric", True):
             raise ConfigError(f"{g}.weights symmetric false is not supported (expected symmetric weights)")
         if w.get("dynamic"):
@@ -449,4 +509,8 @@ def _compressed_tensors(qc: dict, where: str, source: str) -> CheckpointFormat:
             except (re.error, RecursionError, OverflowError, ValueError) as e:
                 raise ConfigError(f"{where} ignore entry {pattern!r:.80} is not a valid regular expression ({e}): "
                                   "expected a module name or 're:' followed by a Python regular expression") from None
+            slow = _slow_regex(pattern[3:])
+            if slow:
+                raise ConfigError(f"{where} ignore entry {pattern!r:.80}: {slow}, which can take exponential time "
+                                  "to match a module name; expected a pattern like 're:.*vision_tower.*'")
     return CompressedTensorsFp8(ignore, source) if kinds == {"fp8"} else CompressedTensorsNvfp4(ignore, source)

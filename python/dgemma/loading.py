@@ -63,6 +63,7 @@ def load(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = No
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
     cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
+    check_max_context(cfg, max_context)
     dev = resolve_device(device)
     backend = resolve_backend(backend, dev)
     if dtype is None:
@@ -115,6 +116,19 @@ def _check_load_arguments(path, *, progress, check_finite, cuda_graphs, max_batc
     for name, value in (("max_batch", max_batch), ("max_context", max_context)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise DgemmaError(f"{name} must be a positive integer or None, got {value!r:.40}")
+
+
+def check_max_context(cfg: ModelConfig, max_context: int | None) -> None:
+    """A context (tokens per sequence: prompt and answer) the model can run: at least one prompt token and one
+    canvas, at most its max_position_embeddings."""
+    if max_context is None:
+        return
+    if max_context > cfg.max_position_embeddings:
+        raise DgemmaError(f"max_context {max_context} exceeds max_position_embeddings "
+                          f"{cfg.max_position_embeddings} (config.json)")
+    if max_context < cfg.canvas_length + 1:
+        raise DgemmaError(f"max_context {max_context} leaves no room for an answer: a request needs at least one "
+                          f"prompt token and one {cfg.canvas_length}-token canvas ({cfg.canvas_length + 1})")
 
 
 def check_special_tokens(special: dict, vocab_size: int, file: str) -> None:

@@ -92,7 +92,10 @@ def render_chat(engine, conversations: list[list[dict]], *, tools=None, thinking
             raise DgemmaError(f"the tokenizer's {what} token is id {token_id} but the model's {what}_token_id is "
                               f"{config_id}")
     flat = [img for images, _ in media for img in images]
-    inputs = preprocess_images(flat, max_soft_tokens=max_image_tokens) if flat else None
+    # The model's patch and pooling sizes (Gemma 4's processors use 16 and 3, the vision tower's defaults).
+    sizes = dict(patch_size=cfg.vision.patch_size, pooling_kernel_size=cfg.vision.pooling_kernel_size) \
+        if cfg.vision is not None else {}
+    inputs = preprocess_images(flat, max_soft_tokens=max_image_tokens, **sizes) if flat else None
     counts = list(inputs.num_soft_tokens_per_image) if flat else []
     video_inputs = []
     rows = []
@@ -107,7 +110,7 @@ def render_chat(engine, conversations: list[list[dict]], *, tools=None, thinking
                     raise DgemmaError(f"conversation {i}, video {k} runs past {video.timestamps[-1]:.0f} s; the model "
                                       f"takes videos of at most {MAX_VIDEO_SECONDS:.0f} seconds (1 frame per second): "
                                       f"trim it first")
-            prepared = preprocess_video(loaded)
+            prepared = preprocess_video(loaded, **sizes)
             text = expand_video_tokens(text, prepared, tokens=tokens)
             video_inputs.append(prepared)
         rows.append(tok.encode(text))

@@ -102,9 +102,12 @@ def read_generation_config(path: str) -> tuple[GenerationSettings, dict]:
     if not os.path.isfile(file):
         return settings, {}
     raw = read_json_file(file)
-    sampler = raw.get("sampler_config") or {}
+    sampler = raw.get("sampler_config")
+    if sampler is not None and not isinstance(sampler, dict):
+        raise ConfigError(f"{file}: sampler_config = {sampler!r:.60}, expected an object such as "
+                          f"{{\"entropy_bound\": 0.1}}")
     overrides = {f.name: raw.get(f.name) for f in fields(settings)}
-    overrides["entropy_bound"] = sampler.get("entropy_bound") if isinstance(sampler, dict) else None
+    overrides["entropy_bound"] = (sampler or {}).get("entropy_bound")
     try:
         settings = settings.updated(**overrides)
     except DgemmaError as e:

@@ -304,7 +304,10 @@ class OpenAIServer:
         self.engine = engine
         self.model_name = model_name
         cfg = engine.config
-        self.max_context = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        from .loading import check_max_context
+
+        check_max_context(cfg, max_context)
+        self.max_context = max_context or cfg.max_position_embeddings
         self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
         self.created = int(time.time())
 

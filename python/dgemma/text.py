@@ -32,7 +32,12 @@ class TextEngine(Engine):
         if self._tokenizer is None:
             if self.path is None:
                 raise DgemmaError("this engine has no checkpoint directory, so no tokenizer: pass token ids")
-            self._tokenizer = Tokenizer(self.path)
+            tok = Tokenizer(self.path)
+            if tok.vocab_size > self.config.vocab_size:
+                raise CheckpointError(f"{os.path.join(self.path, 'tokenizer.json')} has {tok.vocab_size} token ids but "
+                                      f"config.json's vocab_size is {self.config.vocab_size}: text could encode to ids "
+                                      f"the model has no embedding for")
+            self._tokenizer = tok
         return self._tokenizer
 
     @property

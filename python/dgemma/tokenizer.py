@@ -36,7 +36,12 @@ class Tokenizer:
             raise CheckpointError(f"{path}: no tokenizer.json; text input needs the checkpoint's tokenizer files "
                                   f"(or pass token ids)")
         try:
-            self._tok = _HFTokenizer.from_file(file)
+            with open(file, "rb") as f:  # read here: the library cannot open a path that is not UTF-8
+                data = f.read()
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
+        try:
+            self._tok = _HFTokenizer.from_buffer(data)
         except Exception as e:  # the tokenizers library raises its own exception type
             raise CheckpointError(f"{file}: not a valid tokenizer ({e})") from None
         self.config: dict = {}

@@ -239,12 +239,22 @@ def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.device.type == "meta":
         raise DgemmaError(f"image {_describe(tensor)} is on the meta device (a tensor without data): expected a "
                           f"tensor on the CPU or a GPU")
+    if tensor.layout != torch.strided:
+        raise DgemmaError(f"image {_describe(tensor)} is a {str(tensor.layout).removeprefix('torch.')} tensor; "
+                          f"expected a dense one (tensor.to_dense())")
+    if tensor.dtype not in _IMAGE_DTYPES:
+        raise DgemmaError(f"image {_describe(tensor)} has an unsupported dtype; expected uint8, another integer "
+                          f"type with values in [0, 255], or float with values in [0, 1]")
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds every bfloat16 value exactly
         tensor = tensor.float()
-    if tensor.dtype.is_complex or tensor.dtype == torch.bool:
-        raise DgemmaError(f"image {_describe(tensor)} has an unsupported dtype; expected uint8 or float")
     return tensor.numpy()
+
+
+# The tensor dtypes an image may have (what numpy holds as integers or floats; bfloat16 through float32).
+_IMAGE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+                 torch.float32, torch.float64) + tuple(getattr(torch, f"uint{n}") for n in (16, 32, 64)
+                                                   if hasattr(torch, f"uint{n}"))
 
 
 def _image_from_array(array: np.ndarray, layout: str | None, source: Any) -> np.ndarray:
