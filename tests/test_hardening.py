@@ -405,9 +405,9 @@ def test_failed_encode_and_abandoned_stream_leave_the_cache_unchanged(eng):
         eng.encode([[1, 2, 999]], cache=cache)
     it = eng.generate_stream(_prompt(3), cache=cache, max_new_tokens=CANVAS, max_denoising_steps=3, seed=1)
     assert next(it).kind == "draft"
-    with pytest.raises(DgemmaError, match=r"unfinished generate_stream"):
+    with pytest.raises(DgemmaError, match=r"belongs to a generation that has not finished \(a generate_stream"):
         eng.generate(_prompt(3), cache=cache, max_new_tokens=CANVAS)
-    with pytest.raises(DgemmaError, match=r"unfinished generate_stream"):
+    with pytest.raises(DgemmaError, match=r"belongs to a generation that has not finished"):
         cache.truncate(10)
     it.close()
     _assert_same(before, _state(cache))
@@ -439,8 +439,16 @@ def test_cache_used_from_two_threads(eng):
         errors.append(str(e))
     release.set()
     t.join()
-    assert errors and "generate_stream" in errors[0] or "another thread" in errors[0]
+    assert errors and "in use by another thread" in errors[0], errors
     assert cache.length == 10 + 2
+
+
+def test_a_cache_that_encode_made_can_be_truncated(eng):
+    cache = eng.encode(_prompt(10), capacity=100)  # made under inference mode
+    cache.truncate(4)
+    assert cache.length == 4 and not bool(cache.valid[:, 4:].any())
+    eng.encode(_prompt(3), cache=cache)
+    assert cache.length == 7
 
 
 # -- chat sessions ------------------------------------------------------------------------------

@@ -126,3 +126,16 @@ def test_pixel_inputs_beside_messages_with_images_are_refused(eng):
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what?"}]}]
     with pytest.raises(DgemmaError, match="pixel_values= with chat messages that attach images"):
         eng.generate(messages, pixel_values=torch.zeros(1, 9, 768), max_image_tokens=70, **SMALL)
+
+
+def test_continuing_a_result_cache_as_documented_equals_encoding_the_whole_sequence(eng):
+    """result.cache holds all blocks but the last; encoding the rest as the docs say gives the same state as
+    encoding the whole sequence afresh."""
+    r = eng.generate(_ids(1, 5), max_new_tokens=2 * eng.config.canvas_length, capacity=300, eos_token_id=[],
+                     max_denoising_steps=2, seed=0)
+    assert r.cache.length == 5 + eng.config.canvas_length
+    cache = eng.encode(r.sequences[:, r.cache.length:], cache=r.cache)
+    fresh = eng.encode(r.sequences)
+    assert cache.length == fresh.length == r.sequences.shape[1]
+    canvas = _ids(1, eng.config.canvas_length, seed=3)
+    torch.testing.assert_close(eng.denoise(cache, canvas), eng.denoise(fresh, canvas), atol=1e-4, rtol=1e-4)

@@ -215,7 +215,8 @@ class KVCache:
                               f"sliding-window slots (rollback={self.rollback}), so it can be truncated to "
                               f"{self.min_length} at the shortest; create the cache with a larger rollback= or "
                               f"encode the tokens again into a new one")
-        self.valid[:, length:] = False
+        with torch.inference_mode():  # a cache that encode() made holds inference tensors
+            self.valid[:, length:] = False
         self.length = length
 
     @contextlib.contextmanager
@@ -232,7 +233,7 @@ class KVCache:
             if undo.thread == me and not undo.paused:
                 yield undo
                 return
-            raise DgemmaError(self._busy_message(undo))
+            raise DgemmaError(self._busy_message(undo, me))
         if not self._lock.acquire(blocking=False):
             raise DgemmaError("this KV cache is being changed by another thread: a cache holds one conversation and "
                               "serves one generation at a time")
@@ -248,18 +249,20 @@ class KVCache:
             self._lock.release()
 
     @staticmethod
-    def _busy_message(undo: "_Undo") -> str:
-        if undo.paused:
-            return ("this KV cache belongs to an unfinished generate_stream: consume it to the end or close() it "
-                    "before using the cache again")
-        return ("this KV cache is in use by another thread: a cache holds one conversation and serves one "
-                "generation at a time")
+    def _busy_message(undo: "_Undo", thread: int) -> str:
+        if undo.thread != thread:
+            return ("this KV cache is in use by another thread: a cache holds one conversation and serves one "
+                    "generation at a time")
+        return ("this KV cache belongs to a generation that has not finished (a generate_stream not consumed to its "
+                "end or closed, or a generate whose stream callback is running): finish it before using the cache "
+                "again")
 
     def check_free(self) -> None:
         """Refuse to use a cache that an open transaction of another caller holds."""
         undo = self._undo
-        if undo is not None and (undo.paused or undo.thread != threading.get_ident()):
-            raise DgemmaError(self._busy_message(undo))
+        me = threading.get_ident()
+        if undo is not None and (undo.paused or undo.thread != me):
+            raise DgemmaError(self._busy_message(undo, me))
 
 
 class _Undo:

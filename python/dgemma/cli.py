@@ -575,8 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat (reuses the KV cache across turns)",
-                       description="Reads one message per line from stdin. Interactively, /image PATH attaches an "
-                                   "image to the next message, /reset starts over, /exit or Ctrl-D quits. With "
+                       description="Reads one message per line from stdin. Interactively, /image PATH or /video "
+                                   "PATH attaches an image or a video to the next message, /reset starts over, /exit "
+                                   "or Ctrl-D quits. With "
                                    "stdin not a terminal, the exit status is 1 if any turn failed.")
     _add_model_options(c)
     c.add_argument("--system", default=None, help="system prompt")

@@ -373,7 +373,10 @@ class Engine:
             canvas: the first block's starting canvas ``[B, canvas_length]`` (default: uniform random).
             cache: continue a conversation held in this cache.
             capacity: size of the cache created when none is given (default: what this call needs, so
-                pass more to continue the conversation from ``result.cache`` later).
+                pass more to continue the conversation from ``result.cache`` later). ``result.cache`` holds the
+                prompt and every block but the last (a block is committed through the encoder when the next one
+                starts; a chat's next turn renders the answer anew): to continue the sequence itself, encode the
+                rest first, ``eng.encode(result.sequences[:, result.cache.length:], cache=result.cache)``.
             pixel_values, image_position_ids, mm_token_type_ids: images whose soft tokens fill the prompt's
                 image placeholders (see :meth:`encode`); pixel_values_videos, video_position_ids: video frames,
                 likewise for the video placeholders.
