@@ -294,3 +294,103 @@ def test_model_retrieval_and_unknown_paths_answer_in_openai_form(server):
     assert r.status_code == 404 and "GET /v1/nothing" in r.json()["error"]["message"]
     r = httpx.get(base + "/v1/chat/completions")
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_stop_prefix_equals_the_plain_search_on_random_strings():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice("ab ") for _ in range(rng.randrange(0, 12)))
+        stops = ["".join(rng.choice("ab ") for _ in range(rng.randrange(1, 7))) for _ in range(rng.randrange(1, 4))]
+        plain = max((k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])),
+                    default=0)
+        assert _stop_prefix(text, stops) == plain, (text, stops)
+    long = " " * 40_000
+    t0 = time.perf_counter()
+    assert _stop_prefix(" " * 32_000, [long + "x"] * 4) == 32_000
+    assert time.perf_counter() - t0 < 0.5  # linear, not quadratic, in the stop strings' length
+
+
+def test_a_stop_string_in_a_later_choice_ends_that_choice_at_once(server, engine, monkeypatch):
+    """n=2: choice 1 writes the stop string in its first block, choice 0 never does; choice 1's job stops after its
+    first blocks instead of running to max_tokens while choice 0 is read."""
+    srv, base = server
+    seen = {}
+
+    def text_of(ids):
+        return "Sunlight STOP here" if seen.get("choice") == 1 else "Sunlight scatters"
+
+    tok = engine.tokenizer
+    decode = tok.decode
+    _no_eos(engine, monkeypatch)
+    # The two choices differ by seed (seed + i): tell them apart by their first token.
+    firsts = {}
+
+    def fake(ids, skip_special_tokens=False):
+        ids = list(ids)
+        key = ids[0] if ids else None
+        seen["choice"] = firsts.setdefault(key, len(firsts)) if key is not None else 0
+        return text_of(ids)
+
+    monkeypatch.setattr(tok, "decode", fake)
+    before = srv.scheduler.snapshot()
+    body = {"prompt": "The sky", "n": 2, "max_tokens": 20 * CANVAS, "stop": "STOP", "max_denoising_steps": 1}
+    r = _post(base, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    reasons = sorted(c["finish_reason"] for c in r.json()["choices"])
+    assert reasons == ["length", "stop"], r.json()
+    deadline = time.time() + 30
+    while srv.scheduler.snapshot()["active"]:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    blocks = srv.scheduler.snapshot()["blocks_total"] - before["blocks_total"]
+    assert blocks <= 20 + 3, blocks  # 40 if the stopped choice had run to max_tokens
+    monkeypatch.setattr(tok, "decode", decode)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_written_after_the_stop_string_is_not_part_of_the_answer(server, engine, monkeypatch, stream):
+    call = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+    answer = "Sure STOP " + call + " more"
+    # Eight characters per token: the stop string and the whole call are in the first block.
+    _fake_text(engine, monkeypatch, lambda n: answer[:8 * n])
+    body = {"messages": USER, "max_tokens": 2 * CANVAS, "stop": ["STOP"]}
+    if stream:
+        text, finish, usage = _streamed(server[1], "/v1/chat/completions", body)
+    else:
+        r = _post(server[1], "/v1/chat/completions", body)
+        text, finish, usage = _whole(r)
+        assert not r.json()["choices"][0]["message"].get("tool_calls")
+    assert (text, finish) == ("Sure", "stop")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_stop_string_ending_in_white_space_is_seen_when_written(server, engine, monkeypatch, path):
+    text = "Para one.\n\n\n\n   \n\nPara two and more text"
+    _fake_text(engine, monkeypatch, lambda n: text[:n])  # one character per token
+    body = {"prompt": "The sky"} if "chat" not in path else {"messages": USER}
+    for max_tokens in (11, 40):
+        got = _whole(_post(server[1], path, dict(body, max_tokens=max_tokens, stop="\n\n")))
+        assert got == ("Para one.", "stop", {"prompt_tokens": got[2]["prompt_tokens"], "completion_tokens": 11,
+                                             "total_tokens": got[2]["prompt_tokens"] + 11})
+        assert _streamed(server[1], path, dict(body, max_tokens=max_tokens, stop="\n\n")) == got
+
+
+def test_a_failure_to_decode_the_answer_is_an_openai_500_and_cancels_the_job(server, engine, monkeypatch):
+    srv, base = server
+
+    def broken(ids, skip_special_tokens=False):
+        raise dgemma.DgemmaError("injected decoding failure")
+
+    _no_eos(engine, monkeypatch)
+    monkeypatch.setattr(engine.tokenizer, "decode", broken)
+    before = srv.scheduler.snapshot()
+    r = _post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 10 * CANVAS})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    assert "injected decoding failure" in r.json()["error"]["message"]
+    deadline = time.time() + 30
+    while srv.scheduler.snapshot()["active"]:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert srv.scheduler.snapshot()["blocks_total"] - before["blocks_total"] < 10

@@ -400,8 +400,9 @@ def _split_thinking(text: str) -> tuple[str, str | None]:
     return text, thinking
 
 
-def parse_response(text: str) -> Response:
-    """Split decoded model output into thinking, text and tool calls."""
+def parse_response(text: str, *, strip: bool = True) -> Response:
+    """Split decoded model output into thinking, text and tool calls (the text stripped of surrounding white
+    space unless ``strip`` is False)."""
     text, thinking = _split_thinking(text)
     calls = []
     while CALL_OPEN in text:
@@ -409,10 +410,10 @@ def parse_response(text: str) -> Response:
         body, closed, after = rest.partition(CALL_CLOSE)
         calls.append(parse_tool_call(body))
         text = before + after
-    return Response(text=text.strip(), thinking=thinking, tool_calls=calls)
+    return Response(text=text.strip() if strip else text, thinking=thinking, tool_calls=calls)
 
 
-def parse_response_lenient(text: str, *, partial: bool = False) -> Response:
+def parse_response_lenient(text: str, *, partial: bool = False, strip: bool = True) -> Response:
     """:func:`parse_response` that never raises: for servers, which must answer whatever the model wrote.
 
     Output that :func:`parse_response` accepts gives the same :class:`Response`. A tool call that does not
@@ -422,7 +423,7 @@ def parse_response_lenient(text: str, *, partial: bool = False) -> Response:
     output shows what they are, so the text so far is a prefix of the final text."""
     if not partial:
         try:
-            return parse_response(text)
+            return parse_response(text, strip=strip)
         except DgemmaError:
             pass
     text, thinking = _split_thinking(text)
@@ -446,7 +447,7 @@ def parse_response_lenient(text: str, *, partial: bool = False) -> Response:
                 if text.endswith(marker[:k]):
                     text = text[:-k]
                     break
-    return Response(text=text.strip(), thinking=thinking, tool_calls=calls)
+    return Response(text=text.strip() if strip else text, thinking=thinking, tool_calls=calls)
 
 
 def parse_tool_call(body: str) -> dict:

@@ -459,7 +459,8 @@ class OpenAIServer:
         metric("requests_cancelled_total", "counter", "Generations cancelled (client gone).", s["requests_cancelled"])
         metric("requests_failed_total", "counter", "Generations that failed.", s["requests_failed"])
         metric("generated_tokens_total", "counter", "Tokens generated: each answer's up to its end of sequence "
-               "and its max_tokens (padding and the rest of the last canvas not counted).", s["tokens_total"])
+               "and its max_tokens (padding and the rest of the last canvas not counted; an answer a stop string "
+               "ended counts the blocks it ran).", s["tokens_total"])
         metric("block_seconds_total", "counter", "Seconds spent denoising blocks.", f"{s['block_seconds_total']:.6f}")
         metric("blocks_total", "counter", "Blocks denoised.", s["blocks_total"])
         rate = s["tokens_total"] / max(time.time() - self.created, 1e-9)
@@ -550,29 +551,32 @@ def create_app(server: OpenAIServer):
         except Exception as e:  # noqa: BLE001 - a bug while planning is the server's failure, not the client's
             return error(_internal(f"the request could not be prepared: {type(e).__name__}: {e}"))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        events: asyncio.Queue = asyncio.Queue()  # every choice's events, tagged with its index
         choices = []
         try:  # before any answer: a full queue is a 503 for streamed requests too
-            for k in plan.kwargs:
-                choices.append(_Choice(server, plan, k))
+            for i, k in enumerate(plan.kwargs):
+                choices.append(_Choice(server, plan, k, i, events))
         except RequestError as e:
             for c in choices:
                 c.job.cancel()
             return error(e)
         if plan.stream:
-            return StreamingResponse(_stream(server, request, plan, rid, choices), media_type="text/event-stream")
-        answers = []
+            return StreamingResponse(_stream(server, request, plan, rid, choices, events),
+                                     media_type="text/event-stream")
+        answers: list = [None] * len(choices)
         try:
-            for c in choices:
-                while True:
-                    # A client that hangs up before its answer cancels its jobs (for a streamed one, _stream does).
-                    kind, payload = await _next_event(c.queue, request)
-                    if kind == "block":
-                        c.add(payload.tokens[0].tolist())
-                    elif kind in ("done", "stopped") or kind == "error" and c.stopped:
-                        answers.append(c.finish(payload if kind == "done" else None))
-                        break
-                    elif kind == "error":
-                        raise _job_error(payload)
+            while any(a is None for a in answers):
+                # A client that hangs up before its answer cancels its jobs (for a streamed one, _stream does).
+                i, kind, payload = await _next_event(events, request)
+                c = choices[i]
+                if c.done:
+                    continue
+                if kind == "block":
+                    c.add(payload.tokens[0].tolist())
+                elif kind in ("done", "stopped") or kind == "error" and c.stopped:
+                    answers[i] = c.finish(payload if kind == "done" else None)
+                elif kind == "error":
+                    raise _job_error(payload)
         except RequestError as e:
             for c in choices:
                 c.job.cancel()
@@ -587,6 +591,10 @@ def create_app(server: OpenAIServer):
             for c in choices:
                 c.job.cancel()
             raise
+        except Exception as e:  # noqa: BLE001 - decoding the answer failed: the server's failure
+            for c in choices:
+                c.job.cancel()
+            return error(_internal(f"the answer could not be decoded: {type(e).__name__}: {e}"))
         out, completion = [], 0
         for i, (response, text, reason, tokens) in enumerate(answers):
             completion += tokens
@@ -651,20 +659,21 @@ def _job_error(payload) -> RequestError:
 class _Choice:
     """One choice of a request: its job on the scheduler and its answer as the blocks arrive. The answer holds at
     most ``max_tokens`` tokens (the engine generates whole canvases); once a stop string shows in its text, the
-    job is asked to stop and the answer is the text before it. Streamed and whole answers are built alike, so
-    they are the same text."""
+    job is asked to stop and the answer is what came before it. Streamed and whole answers are built alike, so
+    they are the same text. Its events go, tagged with its ``index``, to the request's queue ``events`` (shared
+    by all choices, so that each one's stop is seen as soon as it is written)."""
 
-    def __init__(self, server: OpenAIServer, plan: Plan, kwargs: dict):
-        self.server, self.plan = server, plan
+    def __init__(self, server: OpenAIServer, plan: Plan, kwargs: dict, index: int, events: asyncio.Queue):
+        self.server, self.plan, self.index = server, plan, index
         self.max_tokens = kwargs["max_new_tokens"]
         self.tokens: list[int] = []  # the answer's tokens so far
         self.sent = ""  # the text streamed so far
         self.stopped = False  # a stop string showed: the job was asked to stop
+        self.done = False  # the answer is complete (or failed)
         loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
 
         def emit(kind, payload):
-            loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+            loop.call_soon_threadsafe(events.put_nowait, (index, kind, payload))
 
         self.job = Job(ids=plan.ids, emit=emit, kwargs=kwargs, images=plan.images, drafts=plan.drafts)
         try:
@@ -672,22 +681,24 @@ class _Choice:
         except DgemmaError as e:
             raise RequestError(str(e), status=503, kind="server_error") from None
 
-    def visible(self, tokens: list[int]) -> tuple[str, bool]:
-        """The text of ``tokens`` that may be shown while more may come, cut at a stop string (and whether one
-        showed)."""
-        return self.server.apply_stop(_visible_text(self.server, tokens, self.plan.chat), self.plan.stops)
+    def text(self, tokens: list[int], *, partial: bool) -> tuple[str, bool]:
+        """The answer text of ``tokens`` cut at the first stop string, and whether one showed. ``partial``: more may
+        come, so a trailing piece that may begin a stop string is held back too. A chat answer is shown without
+        surrounding white space (as the whole answer is), but stop strings are looked for before that is taken
+        off: one that ends in white space ("\\n\\n") is seen as soon as it is written."""
+        text, hit = self.server.apply_stop(_answer_text(self.server, tokens, self.plan.chat, partial), self.plan.stops)
+        if partial and not hit:
+            text = text[:len(text) - _stop_prefix(text, self.plan.stops)]
+        return (text.strip() if self.plan.chat else text), hit
 
     def add(self, tokens: list[int]) -> str:
-        """Take a block's tokens; the text to stream now. Held back: the end of the text that may begin a stop
-        string (the rest of it may be in the next block)."""
-        if self.stopped:
+        """Take a block's tokens; the text to stream now."""
+        if self.stopped or self.done:
             return ""
         self.tokens += tokens[:self.max_tokens - len(self.tokens)]
-        text, self.stopped = self.visible(self.tokens)
+        text, self.stopped = self.text(self.tokens, partial=True)
         if self.stopped:
             self.job.stop()
-        else:
-            text = text[:len(text) - _stop_prefix(text, self.plan.stops)]
         return self._advance(text)
 
     def _advance(self, text: str) -> str:
@@ -699,35 +710,56 @@ class _Choice:
     def finish(self, result) -> tuple[Response, str, str, int]:
         """(the response, its text, the finish reason, the completion tokens) once the job has ended: ``result``
         is its GenerationResult, or None where it stopped early at a stop string."""
+        self.done = True
         if result is not None and not self.stopped:
             self.tokens = result.new_tokens[0].tolist()[:self.max_tokens]
-        response = self.server.response_of(self.tokens, self.plan.chat)
-        text, stopped = self.server.apply_stop(response.text, self.plan.stops)
         ends = self.server.ends()
         eos = next((i for i, t in enumerate(self.tokens) if t in ends), None)
         used = len(self.tokens) if eos is None else eos + 1
+        text, stopped = self.text(self.tokens[:used], partial=False)
         if stopped:  # the tokens until the stop string was whole (a text grows with its tokens: bisect)
             low, high = 0, used
             while low < high:
                 mid = (low + high) // 2
-                if self.visible(self.tokens[:mid])[1]:
+                if self.text(self.tokens[:mid], partial=True)[1]:
                     high = mid
                 else:
                     low = mid + 1
             used = max(low, 1)
+        # Thinking and tool calls as written before the stop string (nothing after it is part of the answer).
+        response = self.server.response_of(self.tokens[:used], self.plan.chat)
         reason = "tool_calls" if response.tool_calls else "stop" if stopped or eos is not None else "length"
         return response, text, reason, used
 
 
 def _stop_prefix(text: str, stops: list[str]) -> int:
-    """The length of the longest end of ``text`` that begins some stop string (0 if none)."""
-    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
-               default=0)
+    """The length of the longest end of ``text`` that begins some stop string (0 if none), in time linear in the
+    stop strings' lengths (Knuth-Morris-Pratt over the text's last characters)."""
+    best = 0
+    for stop in stops:
+        tail = text[-(len(stop) - 1):] if len(stop) > 1 else ""
+        if not tail:
+            continue
+        fail, k = [0] * len(stop), 0  # fail[q]: the longest proper prefix of stop[:q + 1] that ends it
+        for q in range(1, len(stop)):
+            while k and stop[q] != stop[k]:
+                k = fail[k - 1]
+            k += stop[q] == stop[k]
+            fail[q] = k
+        k = 0  # the longest prefix of stop that the tail read so far ends with (never all of it: the tail is shorter)
+        for ch in tail:
+            while k and ch != stop[k]:
+                k = fail[k - 1]
+            k += ch == stop[k]
+        best = max(best, k)
+    return best
 
 
-async def _stream(server: OpenAIServer, request, plan: Plan, rid: str, choices: list[_Choice]):
-    """Server-Sent Events: a chunk per committed block (and per draft with stream_drafts), the final
-    chunk with finish_reason, usage when asked, then [DONE]. A client that goes away cancels its jobs."""
+async def _stream(server: OpenAIServer, request, plan: Plan, rid: str, choices: list[_Choice],
+                  events: asyncio.Queue):
+    """Server-Sent Events: a chunk per committed block (and per draft with stream_drafts) of each choice as it
+    comes, each choice's final chunk with its finish_reason, usage when asked, then [DONE]. A client that goes
+    away cancels its jobs."""
     chat = plan.chat
     obj = "chat.completion.chunk" if chat else "text_completion"
     created = int(time.time())
@@ -752,44 +784,46 @@ async def _stream(server: OpenAIServer, request, plan: Plan, rid: str, choices: 
 
     completion = 0
     try:
-        for i, c in enumerate(choices):
-            if chat:
-                yield chunk(i, {"role": "assistant", "content": ""})
-            while True:
-                kind, payload = await c.queue.get()
-                if await request.is_disconnected():
-                    raise asyncio.CancelledError
-                if kind == "draft":
+        if chat:
+            for c in choices:
+                yield chunk(c.index, {"role": "assistant", "content": ""})
+        while not all(c.done for c in choices):
+            i, kind, payload = await events.get()
+            if await request.is_disconnected():
+                raise asyncio.CancelledError
+            c = choices[i]
+            if c.done:
+                continue
+            if kind == "draft":
+                if not c.stopped:  # a stopped answer's later canvases are past its end
                     draft = tok.decode(payload.tokens[0].tolist(), skip_special_tokens=True)
                     yield chunk(i, draft={"block": payload.block, "step": payload.step, "text": draft})
-                    continue
+                continue
+            if kind == "error" and not c.stopped:
+                c.done = True
+                yield f"data: {json.dumps(_job_error(payload).body())}\n\n"
+                continue
+            try:
                 if kind == "block":
-                    try:
-                        new = c.add(payload.tokens[0].tolist())
-                    except DgemmaError as e:
-                        yield error_chunk(f"the answer could not be decoded: {e}")
-                        break
+                    new = c.add(payload.tokens[0].tolist())
                     if new:
                         yield chunk(i, {"content": new}) if chat else chunk(i, text=new)
                     continue
-                if kind == "error" and not c.stopped:
-                    yield f"data: {json.dumps(_job_error(payload).body())}\n\n"
-                    break
-                try:
-                    response, text, reason, tokens = c.finish(payload if kind == "done" else None)
-                except DgemmaError as e:
-                    yield error_chunk(f"the answer could not be decoded: {e}")
-                    break
-                delta: dict = {}
-                if text.startswith(c.sent) and len(text) > len(c.sent):
-                    delta["content"] = text[len(c.sent):]
-                if chat and response.thinking:
-                    delta["reasoning_content"] = response.thinking
-                if chat and response.tool_calls:
-                    delta["tool_calls"] = [dict(t, index=j) for j, t in enumerate(server.tool_calls(response))]
-                completion += tokens
-                yield chunk(i, delta, reason) if chat else chunk(i, finish=reason, text=delta.get("content", ""))
-                break
+                response, text, reason, tokens = c.finish(payload if kind == "done" else None)
+            except Exception as e:  # noqa: BLE001 - decoding the answer failed: the server's failure
+                c.done = True
+                c.job.cancel()
+                yield error_chunk(f"the answer could not be decoded: {type(e).__name__}: {e}")
+                continue
+            delta: dict = {}
+            if text.startswith(c.sent) and len(text) > len(c.sent):
+                delta["content"] = text[len(c.sent):]
+            if chat and response.thinking:
+                delta["reasoning_content"] = response.thinking
+            if chat and response.tool_calls:
+                delta["tool_calls"] = [dict(t, index=j) for j, t in enumerate(server.tool_calls(response))]
+            completion += tokens
+            yield chunk(i, delta, reason) if chat else chunk(i, finish=reason, text=delta.get("content", ""))
         if plan.usage_in_stream:
             yield chunk(0, usage=server.usage(len(plan.ids), completion))
         yield "data: [DONE]\n\n"
@@ -805,17 +839,18 @@ def _decode(server: OpenAIServer, tokens: list[int], ends: set, pad, *, skip_spe
     return server.engine.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def _visible_text(server: OpenAIServer, tokens: list[int], chat: bool) -> str:
-    """The answer text so far (chat: without the thinking, cut at the end of the turn, and without a tool
-    call still being written: it shows at the end, as a call or, if it does not parse, as text). A character
-    whose bytes the next block completes (the decoder writes U+FFFD for them) is held back."""
+def _answer_text(server: OpenAIServer, tokens: list[int], chat: bool, partial: bool) -> str:
+    """The answer text of ``tokens`` (chat: without the thinking and tool calls, cut at the end of the turn, white
+    space kept at its end). ``partial``: more may come, so what the next block may change is held back: a tool
+    call still being written (it shows at the end, as a call or, if it does not parse, as text), the start of a
+    marker, a character whose bytes the next block completes (the decoder writes U+FFFD for them)."""
     ends = server.ends()
     pad = server.engine.pad_token_id
     if chat:
-        text = parse_response_lenient(_decode(server, tokens, ends, pad), partial=True).text
+        text = parse_response_lenient(_decode(server, tokens, ends, pad), partial=partial, strip=False).text.lstrip()
     else:
         text = _decode(server, tokens, ends, pad, skip_special_tokens=True)
-    return text.rstrip("\ufffd")
+    return text.rstrip("\ufffd") if partial else text
 
 
 def listen_sockets(host: str, port: int) -> list:
