@@ -163,3 +163,24 @@ def test_demo_save_under_a_file_is_refused_naming_the_option(tmp_path, capsys):
     assert main(["demo", "--save", str(tmp_path / "afile" / "sub")]) == 2
     [line] = _errors(capsys.readouterr().err)
     assert line == f"dgemma: error: --save {tmp_path}/afile/sub: {tmp_path}/afile is not a directory"
+
+
+def test_chat_sizes_its_session_for_the_answers_it_asks_for(demo, monkeypatch, capsys):
+    """dgemma chat's session keeps room to roll back one answer of --max-new-tokens, so a turn encodes only what
+    is new (a session sized for the checkpoint's smaller default re-encoded the whole conversation)."""
+    from dgemma.session import ChatSession
+
+    sessions = []
+    init = ChatSession.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        sessions.append(self)
+
+    monkeypatch.setattr(ChatSession, "__init__", spy)
+    # Answers of 96 tokens, more than the checkpoint's default of 64 (generation_config.json).
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/reset\nhello\nand more?\n"))
+    rc = main(["chat", "--model", demo, "--max-new-tokens", "96", "--steps", "1", "--seed", "0"])
+    assert rc == 0, capsys.readouterr().err
+    assert [s.max_new_tokens for s in sessions] == [96, 96]
+    assert sessions[-1].cache.rollback >= 96  # room to roll back one whole answer

@@ -6,6 +6,7 @@ import torch
 
 import dgemma
 from dgemma.demo import write_demo_checkpoint
+from dgemma.cache import KVCache
 from dgemma.errors import DgemmaError
 
 SMALL = dict(max_new_tokens=4, max_denoising_steps=2, seed=0)
@@ -139,3 +140,47 @@ def test_continuing_a_result_cache_as_documented_equals_encoding_the_whole_seque
     assert cache.length == fresh.length == r.sequences.shape[1]
     canvas = _ids(1, eng.config.canvas_length, seed=3)
     torch.testing.assert_close(eng.denoise(cache, canvas), eng.denoise(fresh, canvas), atol=1e-4, rtol=1e-4)
+
+
+def test_denoise_hidden_rows_refuses_what_it_cannot_run(eng):
+    m = eng.model
+    c = eng.config.canvas_length
+    cache = eng.encode(_ids(1, 4))
+    canvas = _ids(1, c)
+    h = m.denoise_hidden_rows(canvas, [cache], [None])
+    assert h.shape == (1, c, eng.config.hidden_size)
+    bad = [
+        (lambda: m.denoise_hidden_rows(canvas[0], [cache], [None]), "canvas must be a non-empty integer tensor"),
+        (lambda: m.denoise_hidden_rows(canvas.float(), [cache], [None]), "canvas must be a non-empty integer"),
+        (lambda: m.denoise_hidden_rows(canvas[:0], [], []), "canvas must be a non-empty integer"),
+        (lambda: m.denoise_hidden_rows(canvas + 10**6, [cache], [None]), r"canvas holds token id \d+, outside"),
+        (lambda: m.denoise_hidden_rows(canvas - 10**6, [cache], [None]), r"canvas holds token id -\d+, outside"),
+        (lambda: m.denoise_hidden_rows(canvas, [None], [None]), r"caches\[0\] must be a batch-1 KVCache"),
+        (lambda: m.denoise_hidden_rows(canvas, iter([cache]), [None]), "got 1 rows, a list_iterator of caches"),
+        (lambda: m.denoise_hidden_rows(canvas, [KVCache(eng.config, 1, 64, dtype=torch.bfloat16, device="cpu")],
+                                       [None]),
+         r"caches\[0\] must be a batch-1 KVCache of this model"),
+        (lambda: m.denoise_hidden_rows(canvas, [cache], [torch.zeros(2, c, eng.config.hidden_size)]),
+         r"softs\[0\] must be None or a torch.float32 tensor"),
+        (lambda: m.denoise_hidden_rows(canvas, [cache], [torch.zeros(1, c, 3)]), r"softs\[0\] must be None"),
+    ]
+    for call, message in bad:
+        with pytest.raises(DgemmaError, match=message):
+            call()
+
+
+def test_a_reply_never_holds_a_vision_token(eng, monkeypatch):
+    """A model may write an image placeholder; the reply (which goes back into the conversation, where vision
+    tokens are refused as text) leaves it out, and the next turn works."""
+    from types import SimpleNamespace
+
+    image_id = eng.config.image_token_id
+    chat = eng.chat()
+    chat.send("hi", max_new_tokens=4, max_denoising_steps=2, seed=0)
+    # What attach_text makes of new tokens holding the placeholder (the tiny model rarely writes one).
+    result = SimpleNamespace(new_tokens=torch.tensor([[image_id, 300, image_id, 301]]), eos_token_ids=[],
+                             pad_token_id=None)
+    eng.attach_text(result, chat=True)
+    assert "<|image|>" not in result.texts[0] and result.texts[0] == eng.tokenizer.decode([300, 301]).strip()
+    chat.messages[-1] = {"role": "assistant", "content": result.texts[0]}
+    chat.send("again", max_new_tokens=4, max_denoising_steps=2, seed=1)

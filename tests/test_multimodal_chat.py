@@ -201,3 +201,52 @@ def test_a_video_over_60_seconds_is_refused_and_the_engine_stays_usable(engines,
         eng.generate([{"role": "user", "content": [{"type": "video", "video": long_clip}]}], max_new_tokens=8)
     ok = eng.generate([{"role": "user", "content": "still fine"}], max_new_tokens=8, max_denoising_steps=2, seed=0)
     assert ok.new_tokens.shape == (1, 8)
+
+
+def test_a_history_image_replaced_by_another_of_the_same_size_is_encoded_again(engines):
+    """Two pictures of one size have the same placeholder ids: the session tells them apart by their pixels and
+    re-encodes from the changed one (its cache then equals a fresh encoding of the conversation)."""
+    _, eng = engines
+    kw = dict(max_new_tokens=8, max_denoising_steps=2, max_image_tokens=70)
+
+    def turn(seed):
+        return {"role": "user", "content": [{"type": "image", "image": png_bytes(picture(48, 48, seed))},
+                                            {"type": "text", "text": "Describe it."}]}
+
+    session = eng.chat()
+    session.send(turn(1), seed=1, **kw)
+    session.send("More?", seed=2, **kw)
+    kept = session.reencoded_tokens
+    session.messages[0] = turn(2)  # another picture, same size
+    session.send("And now?", seed=3, **kw)
+    assert session.reencoded_tokens > kept + 40  # from the image on, not just the new turn
+    from dgemma.prompts import render_chat
+
+    rows, images = render_chat(eng, [session.messages[:-1]], max_image_tokens=70)
+    fresh = eng.encode([rows[0]], **images)
+    canvas = torch.randint(3, 300, (1, eng.config.canvas_length), generator=torch.Generator().manual_seed(0))
+    ids_cached = session.cached_ids[:session.cache.length]
+    assert ids_cached == rows[0][:len(ids_cached)]
+    cache = session.cache
+    rest = rows[0][cache.length:]
+    if rest:
+        cache = eng.encode([rest], cache=cache)
+    torch.testing.assert_close(eng.denoise(cache, canvas), eng.denoise(fresh, canvas), atol=1e-4, rtol=1e-4)
+
+
+def test_dgemma_chat_keeps_an_attached_image_after_its_file_is_gone(ckpt, tmp_path):
+    """The chat command keeps an attachment's bytes: later turns do not read the file again."""
+    path = tmp_path / "shot.png"
+    picture(40, 40, 5).save(path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "dgemma", "chat", "--model", ckpt, "--max-new-tokens", "8", "--steps", "2",
+           "--seed", "0", "--image-tokens", "70"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    proc.stdin.write(f"/image {path}\nWhat is it?\n")
+    proc.stdin.flush()
+    proc.stdout.readline()  # the first answer
+    os.remove(path)
+    out, err = proc.communicate("And then?\n", timeout=300)
+    assert proc.returncode == 0, err
+    assert "does not exist" not in err

@@ -213,7 +213,91 @@ def test_denoise_hidden_rows_checks_its_arguments(engine):
     from dgemma.errors import DgemmaError
 
     cache = engine.new_cache(2, 40)
-    with pytest.raises(DgemmaError, match="one batch-1 cache and one soft input per row; got 2 rows, 1 caches"):
+    with pytest.raises(DgemmaError, match=r"one batch-1 cache and one soft input per row .*; got 2 rows, 1 caches"):
         engine.model.denoise_hidden_rows(torch.zeros(2, 16, dtype=torch.long), [cache], [None, None])
-    with pytest.raises(DgemmaError, match="one batch-1 cache"):
+    with pytest.raises(DgemmaError, match=r"caches\[0\] must be a batch-1 KVCache"):
         engine.model.denoise_hidden_rows(torch.zeros(1, 16, dtype=torch.long), [cache], [None])
+
+
+class Raising(Collect):
+    """A client whose emit raises on some kinds of event (e.g. a server whose event loop has closed)."""
+
+    def __init__(self, kinds):
+        super().__init__()
+        self.kinds = kinds
+
+    def __call__(self, kind, payload):
+        super().__call__(kind, payload)
+        if kind in self.kinds:
+            raise RuntimeError(f"client emit failed on {kind}")
+
+
+@pytest.mark.parametrize("kinds", [("done",), ("block", "error"), ("block", "done", "error")])
+def test_an_emit_that_raises_neither_kills_the_worker_nor_doubles_a_terminal_event(engine, kinds):
+    sched = Scheduler(engine, max_batch=2)
+    sched.start()
+    try:
+        bad = Job(ids=[2, 10, 11], emit=Raising(kinds), kwargs={"max_new_tokens": 32, "max_denoising_steps": 2,
+                                                                "seed": 1})
+        good = Job(ids=[2, 12], emit=Collect(), kwargs={"max_new_tokens": 32, "max_denoising_steps": 2, "seed": 2})
+        sched.submit(bad)
+        sched.submit(good)
+        assert bad.emit.done.wait(120) and good.emit.done.wait(120)
+        later = Job(ids=[2, 13], emit=Collect(), kwargs={"max_new_tokens": 16, "max_denoising_steps": 2, "seed": 3})
+        sched.submit(later)
+        assert later.emit.done.wait(120) and later.emit.items[-1][0] == "done"  # the worker is alive
+    finally:
+        sched.stop()
+    for job in (bad, good):
+        terminal = [k for k, _ in job.emit.items if k in ("done", "error", "stopped")]
+        assert len(terminal) == 1, job.emit.items
+    s = sched.snapshot()
+    assert s["requests_finished"] + s["requests_failed"] + s["requests_cancelled"] == s["requests_total"] == 3
+
+
+def test_stopping_the_scheduler_answers_every_job_once_even_if_an_emit_raises(engine, monkeypatch):
+    monkeypatch.setattr(engine.model, "denoise_hidden_rows",
+                        lambda *a, rows=engine.model.denoise_hidden_rows: (__import__("time").sleep(0.05), rows(*a))[1])
+    sched = Scheduler(engine, max_batch=1)
+    sched.start()
+    jobs = [Job(ids=[2, 10 + i], emit=Raising(("error",)) if i == 0 else Collect(),
+                kwargs={"max_new_tokens": 64, "max_denoising_steps": 4, "seed": i}) for i in range(3)]
+    for job in jobs:
+        sched.submit(job)
+    sched.stop()
+    for job in jobs:
+        assert [k for k, _ in job.emit.items if k in ("done", "error")] in (["done"], ["error"]), job.emit.items
+    s = sched.snapshot()
+    assert s["requests_finished"] + s["requests_failed"] + s["requests_cancelled"] == s["requests_total"] == 3
+
+
+@pytest.mark.parametrize("job,message", [
+    (dict(ids=None), r"job ids must be a non-empty list of token ids, got None"),
+    (dict(ids=[]), r"job ids must be a non-empty list"),
+    (dict(ids=[2, "x"]), r"job ids must be a non-empty list"),
+    (dict(kwargs={"max_new_tokens": "32"}), r"max_new_tokens must be a positive integer, got '32'"),
+    (dict(kwargs={"max_new_tokens": 2.5}), r"max_new_tokens must be a positive integer, got 2.5"),
+    (dict(kwargs={"cache": None}), r"job kwargs may not set cache=: the scheduler sets it"),
+    (dict(kwargs={"external_decoder": True}), r"may not set external_decoder="),
+])
+def test_a_bad_job_is_refused_at_submit_naming_the_value(engine, job, message):
+    from dgemma.errors import DgemmaError
+
+    sched = Scheduler(engine)
+    sched.start()
+    try:
+        spec = dict(ids=[2, 10], emit=Collect(), kwargs={"max_new_tokens": 16})
+        spec.update(job)
+        with pytest.raises(DgemmaError, match=message):
+            sched.submit(Job(**spec))
+    finally:
+        sched.stop()
+
+
+@pytest.mark.parametrize("kw", [dict(max_batch="8"), dict(max_batch=None), dict(prefill_chunk=1.5),
+                                dict(max_queue=0)])
+def test_scheduler_settings_are_positive_integers(engine, kw):
+    from dgemma.errors import DgemmaError
+
+    with pytest.raises(DgemmaError, match="must be a positive integer"):
+        Scheduler(engine, **kw)

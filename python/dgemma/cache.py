@@ -55,6 +55,17 @@ class PrefixView:
     bound: int
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one (a CUDA device without an index is the current one)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, *, dtype: torch.dtype,
                  device: torch.device | str, rollback: int = 0):

@@ -181,7 +181,7 @@ def _print_reply(result, show_thinking: bool = True) -> None:
     _out(result.text if result.text is not None else "")
 
 
-def _user_turn(text: str, images: list[str], videos: list[str] = ()) -> dict:
+def _user_turn(text: str, images: list, videos: list = ()) -> dict:
     """A user message: the images and videos (content parts, in order) before the text, as the model card
     advises."""
     if not images and not videos:
@@ -209,6 +209,18 @@ def _check_media(path: str, flag: str) -> None:
             load_video(path, max_frames=1)
     except DgemmaError as e:
         raise DgemmaError(f"{flag} {path}: {_one_line(e)}") from None
+
+
+def _read_media(path: str, flag: str, *, check: bool = True) -> bytes:
+    """The bytes of an image or video attached in ``dgemma chat`` (checked unless ``check`` is False: _check_model
+    has): the conversation keeps them, so later turns neither read the file again nor see it changed or gone."""
+    if check:
+        _check_media(path, flag)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DgemmaError(f"{flag} {path}: cannot be read ({e.strerror or e})") from None
 
 
 def _clean_text(s: str | None) -> str | None:
@@ -255,15 +267,16 @@ def _chat(args: argparse.Namespace) -> int:
     # A line that is not valid UTF-8 is read with U+FFFD for its bad bytes rather than ending the chat.
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")
+    images: list[bytes] = [_read_media(p, "--image", check=False) for p in args.image]
+    videos: list[bytes] = [_read_media(p, "--video", check=False) for p in args.video]
     eng = _load(args)
-    session = eng.chat(system=args.system, thinking=args.thinking)
+    # The session's room to roll back one answer is the answer budget of its turns.
+    session = eng.chat(system=args.system, thinking=args.thinking, max_new_tokens=args.max_new_tokens)
     printer = _DraftPrinter(eng.tokenizer) if args.show_drafts else None
     interactive = sys.stdin.isatty()
     if interactive:
         print("dgemma chat: type a message; /image PATH or /video PATH attaches an image or a video to the next one; "
               "/reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
-    images: list[str] = list(args.image)
-    videos: list[str] = list(args.video)
     failed = False
     while True:
         line = _read_line("> ")
@@ -277,18 +290,18 @@ def _chat(args: argparse.Namespace) -> int:
         if line == "/exit":
             break
         if line == "/reset":
-            session = eng.chat(system=args.system, thinking=args.thinking)
+            session = eng.chat(system=args.system, thinking=args.thinking, max_new_tokens=args.max_new_tokens)
             images, videos = [], []
             continue
         if line.startswith(("/image", "/video")):
             command, path = line[:6], line[6:].strip()
             try:
-                _check_media(path, command)
+                data = _read_media(path, command)
             except DgemmaError as e:  # refused now, so that it is not attached to the next message
                 print(f"dgemma: error: {_one_line(e)}", file=sys.stderr)
                 failed = True
             else:
-                (images if command == "/image" else videos).append(path)
+                (images if command == "/image" else videos).append(data)
             continue
         try:
             result = session.send(_user_turn(line, images, videos), stream=printer, max_image_tokens=args.image_tokens,

@@ -133,6 +133,12 @@ class ModelConfig:
     def sliding_window(self) -> int | None:
         return next((spec.window for spec in self.layers if spec.is_sliding), None)
 
+    @property
+    def vision_token_ids(self) -> frozenset[int]:
+        """The image and video placeholders and the begin/end-of-image markers: input-only tokens, never text."""
+        ids = (self.image_token_id, self.video_token_id, self.boi_token_id, self.eoi_token_id)
+        return frozenset(i for i in ids if i is not None)
+
     @classmethod
     def from_dict(cls, raw: dict, *, source: str = "config") -> "ModelConfig":
         if not isinstance(raw, dict):

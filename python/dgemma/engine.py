@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ext
-from .cache import KVCache
+from .cache import KVCache, same_device
 from .config import ModelConfig
 from .errors import BackendUnavailableError, DgemmaError
 from .generation import GenerationResult, drive, run_generation
@@ -503,7 +503,7 @@ class Engine:
         if cache.dtype != self.dtype:
             raise DgemmaError(f"cache dtype {cache.dtype} does not match the engine's dtype {self.dtype}: create the "
                               f"cache with engine.new_cache(batch, capacity)")
-        if not _same_device(cache.valid.device, self.device):
+        if not same_device(cache.valid.device, self.device):
             raise DgemmaError(f"cache device {cache.device} does not match the engine's device {self.device}: create "
                               f"the cache with engine.new_cache(batch, capacity)")
 
@@ -519,16 +519,6 @@ def check_generate_arguments(kwargs: dict, where: str, *, stream: bool = True) -
         if name not in known:
             raise DgemmaError(f"{where}() got an unknown argument {name!r:.60}; generation takes "
                               f"{', '.join(sorted(known))}")
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether two devices are one (a CUDA device without an index is the current one)."""
-    if a.type != b.type:
-        return False
-    if a.type != "cuda":
-        return True
-    current = torch.cuda.current_device()
-    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def _check_has_data(t: torch.Tensor, name: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import KVCache, PrefixView
+from .cache import KVCache, PrefixView, same_device
 from .config import ModelConfig
 from .errors import DgemmaError
 from .ops import ReferenceOps
@@ -267,10 +267,8 @@ class DiffusionGemmaModel:
         ``softs[r]`` ([1, C, H] or None). Every op but attention runs once over the B canvases (the weights
         are read once); attention runs per row against its cache. Row r equals ``denoise_hidden(canvas[r:r+1],
         caches[r], softs[r])`` (the server batches its requests' steps this way)."""
+        self._check_rows(canvas, caches, softs)
         b, c = canvas.shape
-        if len(caches) != b or len(softs) != b or any(k.batch != 1 for k in caches):
-            raise DgemmaError(f"denoise_hidden_rows takes one batch-1 cache and one soft input per row; got {b} rows, "
-                              f"{len(caches)} caches, {len(softs)} soft inputs")
         ops, w, eps = self.ops, self.w, self.cfg.rms_norm_eps
         dev = canvas.device
         positions = torch.stack([torch.arange(k.length, k.length + c, device=dev) for k in caches])
@@ -295,6 +293,43 @@ class DiffusionGemmaModel:
         for i, lw in enumerate(self.w.layers):
             x, h = self._layer(i, x, h, attend, lw.decoder_scalar, independent_rows=True)
         return ops.rms_norm(x, w.final_norm, eps)
+
+    def _check_rows(self, canvas, caches, softs) -> None:
+        """Refuse, naming the argument, what denoise_hidden_rows cannot run (before any op sees it)."""
+        cfg, dev, dtype = self.cfg, self.w.embed.device, self.w.embed.dtype
+        if (not isinstance(canvas, torch.Tensor) or canvas.dim() != 2 or canvas.dtype == torch.bool
+                or canvas.is_floating_point() or canvas.is_complex() or canvas.numel() == 0):
+            got = f"{list(canvas.shape)} {canvas.dtype}" if isinstance(canvas, torch.Tensor) else type(canvas).__name__
+            raise DgemmaError(f"denoise_hidden_rows: canvas must be a non-empty integer tensor [rows, length] of "
+                              f"token ids, got {got}")
+        if not same_device(canvas.device, dev):
+            raise DgemmaError(f"denoise_hidden_rows: canvas is on {canvas.device}, expected the model's {dev}")
+        b, c = canvas.shape
+        if not isinstance(caches, (list, tuple)) or not isinstance(softs, (list, tuple)) or len(caches) != b \
+                or len(softs) != b:
+            def count(x):
+                return len(x) if isinstance(x, (list, tuple)) else f"a {type(x).__name__} of"
+
+            raise DgemmaError(f"denoise_hidden_rows takes one batch-1 cache and one soft input per row (lists; a soft "
+                              f"input may be None); got {b} rows, {count(caches)} caches, {count(softs)} soft inputs")
+        for r, k in enumerate(caches):
+            if not isinstance(k, KVCache) or k.config is not cfg or k.batch != 1 or k.dtype != dtype \
+                    or not same_device(k.device, dev):
+                raise DgemmaError(f"denoise_hidden_rows: caches[{r}] must be a batch-1 KVCache of this model "
+                                  f"({dtype}, {dev}), got {k!r:.80}")
+            if k.length + c > cfg.max_position_embeddings:
+                raise DgemmaError(f"denoise_hidden_rows: row {r}'s canvas positions {k.length}..{k.length + c - 1} "
+                                  f"exceed max_position_embeddings {cfg.max_position_embeddings}")
+        for r, s in enumerate(softs):
+            if s is not None and (not isinstance(s, torch.Tensor) or list(s.shape) != [1, c, cfg.hidden_size]
+                                  or s.dtype != dtype or not same_device(s.device, dev)):
+                got = f"{list(s.shape)} {s.dtype} on {s.device}" if isinstance(s, torch.Tensor) else type(s).__name__
+                raise DgemmaError(f"denoise_hidden_rows: softs[{r}] must be None or a {dtype} tensor "
+                                  f"[1, {c}, {cfg.hidden_size}] on {dev}, got {got}")
+        low, high = (int(x) for x in canvas.aminmax())
+        if low < 0 or high >= cfg.vocab_size:
+            raise DgemmaError(f"denoise_hidden_rows: canvas holds token id {low if low < 0 else high}, outside "
+                              f"[0, {cfg.vocab_size})")
 
     def first_nonfinite_layer(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> int | None:
         """The first decoder layer whose output holds NaN/Inf for ``canvas`` (-1: the decoder input; None: none).

@@ -14,6 +14,7 @@ request gives the same tokens alone or under load.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,16 @@ from .errors import DgemmaError, NonFiniteError, OutOfMemoryError
 from .generation import DecoderPass, GenerationResult
 
 PREFILL_CHUNK = 512
+
+log = logging.getLogger("dgemma")
+
+
+class QueueFullError(DgemmaError):
+    """A job the scheduler cannot take now: its queue is full, or it is not running (a server answers 503)."""
+
+
+# Keywords the scheduler passes to generate_stream itself.
+_RESERVED_KWARGS = ("cache", "capacity", "external_decoder", "attention_mask", "stream")
 
 
 class JobError(str):
@@ -71,6 +82,7 @@ class Job:
     block_t0: float = 0.0
     counted: int = 0  # tokens counted as generated (up to the first end-of-sequence id and the budget)
     ended: bool = False  # an end-of-sequence id was counted
+    over: bool = False  # its terminal event was emitted (exactly one per job)
 
     def cancel(self) -> None:
         """The client has gone: end the job at the next chance, answered with a 499 error."""
@@ -86,9 +98,9 @@ class Scheduler:
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 1024,
                  prefill_chunk: int = PREFILL_CHUNK):
-        if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
-            raise DgemmaError(f"max_batch ({max_batch}), max_queue ({max_queue}) and prefill_chunk "
-                              f"({prefill_chunk}) must be positive")
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DgemmaError(f"{name} must be a positive integer, got {value!r:.40}")
         self.engine, self.max_batch, self.max_queue, self.prefill_chunk = engine, max_batch, max_queue, prefill_chunk
         self.pending: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
@@ -117,12 +129,14 @@ class Scheduler:
             self.thread.join()
 
     def submit(self, job: Job) -> None:
+        """Queue ``job``: a bad job raises DgemmaError, one the scheduler cannot take now QueueFullError."""
+        self._check(job)
         with self.lock:
             if not self.running:
-                raise DgemmaError("the scheduler is not running")
+                raise QueueFullError("the scheduler is not running")
             self._drop_cancelled()
             if len(self.pending) >= self.max_queue:
-                raise DgemmaError(f"the request queue is full ({self.max_queue} waiting)")
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting)")
             self.pending.append(job)
             self.stats["requests_total"] += 1
             self.lock.notify_all()
@@ -131,6 +145,18 @@ class Scheduler:
         with self.lock:
             self._drop_cancelled()
             return dict(self.stats, queue_length=len(self.pending), active=len(self.active), max_batch=self.max_batch)
+
+    def _check(self, job: Job) -> None:
+        """Refuse, naming the value, a job the worker could not run: its ids, its keywords."""
+        ids = job.ids
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise DgemmaError(f"job ids must be a non-empty list of token ids, got {ids!r:.60}")
+        if not isinstance(job.kwargs, dict) or not callable(job.emit):
+            raise DgemmaError("a job needs kwargs (a dict of generate arguments) and emit (a callable)")
+        taken = [k for k in _RESERVED_KWARGS if k in job.kwargs]
+        if taken:
+            raise DgemmaError(f"job kwargs may not set {taken[0]}=: the scheduler sets it")
+        self.engine.generation_settings.updated(max_new_tokens=job.kwargs.get("max_new_tokens"))  # names a bad one
 
     def _drop_cancelled(self) -> None:
         """End the waiting jobs whose clients have gone (under the lock): they hold no place in the queue."""
@@ -167,9 +193,12 @@ class Scheduler:
             if ready:
                 self._decode(ready)
         for job in jobs:
-            if job.events is not None:
-                job.events.close()
-            job.emit("error", JobError("the server is shutting down", 503))
+            try:
+                if job.events is not None:
+                    job.events.close()
+            except Exception:  # noqa: BLE001 - shutting down: every job still gets its answer
+                log.exception("dgemma scheduler: closing a job's generation failed at shutdown")
+            self._end(job, "requests_failed", "error", JobError("the server is shutting down", 503))
 
     def _decode(self, jobs: list[Job]) -> None:
         """One decoder pass for the waiting steps of ``jobs``, batched; a job whose pass fails gets its error
@@ -224,14 +253,14 @@ class Scheduler:
                         return True
                     if item.kind == "draft":
                         if job.drafts:
-                            job.emit("draft", item)
+                            self._emit(job, "draft", item)
                     else:
                         with self.lock:
                             self.stats["blocks_total"] += 1
                             self.stats["block_seconds_total"] += time.perf_counter() - job.block_t0
                             self.stats["tokens_total"] += self._count(job, item.tokens[0].tolist())
                         job.block_t0 = time.perf_counter()
-                        job.emit("block", item)
+                        self._emit(job, "block", item)
                     if job.cancelled.is_set() or job.stopping.is_set():
                         self._cancel(job)
                         return True
@@ -303,7 +332,19 @@ class Scheduler:
                                             external_decoder=True, **kwargs)
 
     def _end(self, job: Job, counter: str, kind: str, payload) -> None:
+        """Emit ``job``'s terminal event, once: a job that has ended ends no more. A client's ``emit`` that raises
+        (e.g. a server whose event loop has closed) is logged; the worker goes on."""
         with self.lock:
+            if job.over:
+                return
+            job.over = True
             self.stats[counter] += 1
         job.events, job.cache, job.waiting, job.hidden = None, None, None, None
-        job.emit(kind, payload)
+        self._emit(job, kind, payload)
+
+    @staticmethod
+    def _emit(job: Job, kind: str, payload) -> None:
+        try:
+            job.emit(kind, payload)
+        except Exception:  # noqa: BLE001 - a client's callback must never take the worker down
+            log.exception("dgemma scheduler: a job's emit(%r) raised; the job goes on without that event", kind)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from .chat import Response, check_tools, parse_response_lenient
 from .errors import DgemmaError
 from .prompts import check_max_image_tokens
-from .scheduler import Job, Scheduler
+from .scheduler import Job, QueueFullError, Scheduler
 
 SAMPLER_FIELDS = {"max_denoising_steps": int, "entropy_bound": float, "t_max": float, "t_min": float,
                   "stability_threshold": int, "confidence_threshold": float}
@@ -678,8 +678,10 @@ class _Choice:
         self.job = Job(ids=plan.ids, emit=emit, kwargs=kwargs, images=plan.images, drafts=plan.drafts)
         try:
             server.scheduler.submit(self.job)
-        except DgemmaError as e:
+        except QueueFullError as e:
             raise RequestError(str(e), status=503, kind="server_error") from None
+        except DgemmaError as e:
+            raise RequestError(str(e)) from None
 
     def text(self, tokens: list[int], *, partial: bool) -> tuple[str, bool]:
         """The answer text of ``tokens`` cut at the first stop string, and whether one showed. ``partial``: more may
@@ -835,7 +837,9 @@ async def _stream(server: OpenAIServer, request, plan: Plan, rid: str, choices: 
 def _decode(server: OpenAIServer, tokens: list[int], ends: set, pad, *, skip_special_tokens: bool = False) -> str:
     """``tokens`` as text, cut at the first end-of-sequence id, without padding."""
     cut = next((i for i, t in enumerate(tokens) if t in ends), len(tokens))
-    ids = [t for t in tokens[:cut] if t != pad]
+    # Vision tokens are input only: an answer holding one could not be sent back in a conversation.
+    skip = server.engine.config.vision_token_ids
+    ids = [t for t in tokens[:cut] if t != pad and t not in skip]
     return server.engine.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 

@@ -59,6 +59,9 @@ class ChatSession:
         self.budget = -(-self.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
         self.cache = None
         self.cached_ids: list[int] = []
+        # A digest of each image and video frame the cache holds, in order: two pictures of one size have the same
+        # placeholder ids, so the ids alone cannot tell that an image in the history changed.
+        self.cached_media: dict[str, list[bytes]] = {"image": [], "video": []}
         self.reencoded_tokens = 0  # tokens encoded in the last turn (the new part of the conversation)
         self._busy = threading.Lock()
 
@@ -110,6 +113,15 @@ class ChatSession:
         for start, end in spans["image"] + spans["video"]:  # never split an image or a video frame
             if start < common < end:
                 common = start
+        media = _media_digests(images)
+        for kind in ("image", "video"):  # re-encode from the first cached picture whose pixels changed
+            for k, (start, _) in enumerate(spans[kind]):
+                if start >= common:
+                    break
+                cached = self.cached_media[kind]
+                if k >= len(cached) or cached[k] != media[kind][k]:
+                    common = start
+                    break
         if self.cache is None or common == 0 or common < self.cache.min_length:  # (0: nothing to keep)
             cache, common = None, 0
         else:
@@ -126,6 +138,7 @@ class ChatSession:
                 cache.truncate(common)
             result = self._generate(cache, candidate, ids, common, new_ids, spans, images, generate_kwargs)
             self.cache = cache
+            self.cached_media = media
         return result
 
     def _generate(self, cache, candidate, ids, common, new_ids, spans, images, generate_kwargs):
@@ -164,6 +177,24 @@ class ChatSession:
                 raise DgemmaError(f"send_tool_result: result must be a string or JSON-serialisable (dicts, lists, "
                                   f"strings, numbers, booleans, None), got {type(result).__name__} ({e})") from None
         return self.send({"role": "tool", "name": name, "content": content}, **generate_kwargs)
+
+
+def _media_digests(images: dict) -> dict[str, list[bytes]]:
+    """A digest of each image's and each video frame's pixels and patch positions (render_chat's inputs), its
+    padding (patches at position -1, as many as the largest picture of the conversation needs) left out."""
+    import hashlib
+
+    out = {}
+    for kind, pixels, positions in (("image", "pixel_values", "image_position_ids"),
+                                    ("video", "pixel_values_videos", "video_position_ids")):
+        out[kind] = []
+        if pixels in images:
+            for p, q in zip(images[pixels], images[positions]):
+                real = (q >= 0).all(dim=-1)
+                h = hashlib.sha256(p[real].detach().contiguous().cpu().numpy().tobytes())
+                h.update(q[real].detach().contiguous().cpu().numpy().tobytes())
+                out[kind].append(h.digest())
+    return out
 
 
 def _image_spans(ids: list[int], image_id: int | None) -> list[tuple[int, int]]:

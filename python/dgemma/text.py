@@ -143,7 +143,8 @@ class TextEngine(Engine):
         for row in result.new_tokens.tolist():
             cut = next((i for i, x in enumerate(row) if x in ends), len(row))
             ids = [x for x in row[:cut] if x != pad]
-            if chat:
+            if chat:  # a reply goes back into the conversation: vision tokens (input only) are not its text
+                ids = [x for x in ids if x not in self.config.vision_token_ids]
                 resp = parse_response(tok.decode(ids))
                 responses.append(resp)
                 texts.append(resp.text)
