@@ -394,3 +394,66 @@ def test_a_failure_to_decode_the_answer_is_an_openai_500_and_cancels_the_job(ser
         assert time.time() < deadline
         time.sleep(0.01)
     assert srv.scheduler.snapshot()["blocks_total"] - before["blocks_total"] < 10
+
+
+def test_usage_counts_to_a_stop_string_the_streaming_view_holds_back(server, engine, monkeypatch):
+    """After a tool-call opening that never closes (shown as text at the end) and in a stop string ending with a
+    marker's first character, usage still counts the tokens up to the stop string."""
+    for answer, stop, used in (("Sure <|tool_call>call:f{a:1} STOP and more", "STOP", 33),
+                               ("Sure, the end< and more", "end<", 14)):
+        _fake_text(engine, monkeypatch, lambda n, a=answer: a[:n])  # one character per token
+        body = {"messages": USER, "max_tokens": 3 * CANVAS, "stop": [stop]}
+        whole = _whole(_post(server[1], "/v1/chat/completions", body))
+        assert whole[1] == "stop" and whole[2]["completion_tokens"] == used, whole
+        assert _streamed(server[1], "/v1/chat/completions", body) == whole
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failure_in_one_of_several_choices_fails_the_request(server, engine, monkeypatch, stream):
+    """n=3 with the engine failing for one choice: the non-streamed request is a 500, the stream ends with the
+    error and [DONE]; either way every job is cancelled."""
+    srv, base = server
+    model = engine.model
+    rows, one = model.denoise_hidden_rows, model.denoise_hidden
+    calls = {"n": 0}
+
+    def flaky(canvas, caches, softs):
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            raise RuntimeError("injected decoder failure")
+        return rows(canvas, caches, softs)
+
+    def single(canvas, cache, soft=None, *args):
+        if cache.length > 0 and calls["n"] >= 3 and int(canvas[0, 0]) % 3 == 0:
+            raise RuntimeError("injected decoder failure")
+        return one(canvas, cache, soft, *args)
+
+    monkeypatch.setattr(model, "denoise_hidden_rows", flaky)
+    monkeypatch.setattr(model, "denoise_hidden", single)
+    _no_eos(engine, monkeypatch)
+    body = {"model": MODEL, "prompt": "The sky", "n": 3, "max_tokens": 20 * CANVAS, "max_denoising_steps": 2,
+            "seed": 1, "stream": stream}
+    if stream:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and '"error"' in lines[-2] and "injected decoder failure" in lines[-2]
+    else:
+        r = httpx.post(base + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 500 and "injected decoder failure" in r.json()["error"]["message"], r.text
+    deadline = time.time() + 30
+    while srv.scheduler.snapshot()["active"]:
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+def test_tokenizer_decode_and_encode_give_the_librarys_results(engine):
+    import random
+
+    tok = engine.tokenizer
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 40))]
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == tok._tok.decode(ids, skip_special_tokens=skip)
+        text = tok.decode(ids)
+        assert tok.encode(text) == tok._tok.encode(text, add_special_tokens=False).ids

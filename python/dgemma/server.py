@@ -571,10 +571,11 @@ def create_app(server: OpenAIServer):
                 c = choices[i]
                 if c.done:
                     continue
+                # Decoding a long answer takes a while: in a worker thread, while the loop serves other clients.
                 if kind == "block":
-                    c.add(payload.tokens[0].tolist())
+                    await asyncio.to_thread(c.add, payload.tokens[0].tolist())
                 elif kind in ("done", "stopped") or kind == "error" and c.stopped:
-                    answers[i] = c.finish(payload if kind == "done" else None)
+                    answers[i] = await asyncio.to_thread(c.finish, payload if kind == "done" else None)
                 elif kind == "error":
                     raise _job_error(payload)
         except RequestError as e:
@@ -719,11 +720,15 @@ class _Choice:
         eos = next((i for i, t in enumerate(self.tokens) if t in ends), None)
         used = len(self.tokens) if eos is None else eos + 1
         text, stopped = self.text(self.tokens[:used], partial=False)
-        if stopped:  # the tokens until the stop string was whole (a text grows with its tokens: bisect)
+        if stopped:
+            # The tokens until the stop string was whole: the shortest prefix whose answer is this one, cut at this
+            # stop string (a text grows with its tokens: bisect). Not what the streaming view shows, which holds
+            # back an unclosed tool call and a trailing piece of a marker; and not just any stop string in the
+            # prefix's text, which may be inside a tool call that closes later.
             low, high = 0, used
             while low < high:
                 mid = (low + high) // 2
-                if self.text(self.tokens[:mid], partial=True)[1]:
+                if self.text(self.tokens[:mid], partial=False) == (text, True):
                     high = mid
                 else:
                     low = mid + 1
@@ -801,22 +806,24 @@ async def _stream(server: OpenAIServer, request, plan: Plan, rid: str, choices: 
                     draft = tok.decode(payload.tokens[0].tolist(), skip_special_tokens=True)
                     yield chunk(i, draft={"block": payload.block, "step": payload.step, "text": draft})
                 continue
+            # A failure ends the whole stream, as it fails the whole non-streamed request: the error, then [DONE]
+            # (the finally cancels every job).
             if kind == "error" and not c.stopped:
-                c.done = True
                 yield f"data: {json.dumps(_job_error(payload).body())}\n\n"
-                continue
-            try:
+                yield "data: [DONE]\n\n"
+                return
+            try:  # decoding a long answer takes a while: in a worker thread, while the loop serves other clients
                 if kind == "block":
-                    new = c.add(payload.tokens[0].tolist())
+                    new = await asyncio.to_thread(c.add, payload.tokens[0].tolist())
                     if new:
                         yield chunk(i, {"content": new}) if chat else chunk(i, text=new)
                     continue
-                response, text, reason, tokens = c.finish(payload if kind == "done" else None)
+                response, text, reason, tokens = await asyncio.to_thread(c.finish,
+                                                                         payload if kind == "done" else None)
             except Exception as e:  # noqa: BLE001 - decoding the answer failed: the server's failure
-                c.done = True
-                c.job.cancel()
                 yield error_chunk(f"the answer could not be decoded: {type(e).__name__}: {e}")
-                continue
+                yield "data: [DONE]\n\n"
+                return
             delta: dict = {}
             if text.startswith(c.sent) and len(text) > len(c.sent):
                 delta["content"] = text[len(c.sent):]

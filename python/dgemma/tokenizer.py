@@ -79,7 +79,8 @@ class Tokenizer:
         return chars // (4 * self.longest_token)
 
     def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        # decode_batch gives decode's text and lets other threads run meanwhile (see encode).
+        return self._tok.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
 
 
 def _read_config(file: str) -> dict:
