@@ -1,9 +1,15 @@
-"""A live `dgemma serve` app for tests: uvicorn in a thread on 127.0.0.1, on a free port."""
+"""A live `dgemma serve` app for tests: uvicorn in a thread on 127.0.0.1, on a free port; the module fixtures
+``engine`` (the tiny chat checkpoint, canvas 16) and ``server`` ((OpenAIServer, base URL)) that import them."""
 
 import contextlib
 import socket
 import threading
 import time
+
+import pytest
+import torch
+
+MODEL = "tiny-chat"
 
 
 def free_port() -> int:
@@ -32,3 +38,21 @@ def serving(srv):
     finally:
         web.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    import dgemma
+    from chat_fixture import write_chat_checkpoint
+
+    path = write_chat_checkpoint(tmp_path_factory.mktemp("serve"), seed=3)
+    return dgemma.load(path, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    from dgemma.server import OpenAIServer
+
+    srv = OpenAIServer(engine, model_name=MODEL, max_batch=8, max_context=512)
+    with serving(srv) as base:
+        yield srv, base

@@ -8,8 +8,7 @@ import time
 
 import pytest
 import torch
-from chat_fixture import write_chat_checkpoint
-from serve_fixture import serving
+from serve_fixture import MODEL, engine, server  # noqa: F401 - engine, server: fixtures
 
 import dgemma
 
@@ -21,20 +20,6 @@ httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package brin
 from dgemma.server import OpenAIServer  # noqa: E402
 from dgemma.errors import NonFiniteError, OutOfMemoryError  # noqa: E402
 
-MODEL = "tiny-chat"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = write_chat_checkpoint(tmp_path_factory.mktemp("serve"), seed=3)
-    return dgemma.load(path, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    srv = OpenAIServer(engine, model_name=MODEL, max_batch=8, max_context=512)
-    with serving(srv) as base:
-        yield srv, base
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ import socket
 import time
 
 import pytest
-import torch
-from chat_fixture import write_chat_checkpoint
-from serve_fixture import serving
+from serve_fixture import MODEL, engine, server, serving  # noqa: F401 - engine, server: fixtures
 
 import dgemma
 
@@ -21,22 +19,8 @@ httpx = pytest.importorskip("httpx2")
 from dgemma.scheduler import Job, Scheduler  # noqa: E402
 from dgemma.server import OpenAIServer, RequestError, _stop_prefix  # noqa: E402
 
-MODEL = "tiny-chat"
 CANVAS = 16
 USER = [{"role": "user", "content": "Why is the sky blue?"}]
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = write_chat_checkpoint(tmp_path_factory.mktemp("serve_answers"), seed=3, canvas_length=CANVAS)
-    return dgemma.load(path, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    srv = OpenAIServer(engine, model_name=MODEL, max_batch=4, max_context=512)
-    with serving(srv) as base:
-        yield srv, base
 
 
 def _post(base, path, body, **kw):
