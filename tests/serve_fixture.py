@@ -56,3 +56,31 @@ def server(engine):
     srv = OpenAIServer(engine, model_name=MODEL, max_batch=8, max_context=512)
     with serving(srv) as base:
         yield srv, base
+
+
+def pace_decoder(monkeypatch, engine, seconds: float) -> None:
+    """Every batched decoder pass of ``engine`` takes at least ``seconds`` (to hang up while a job runs)."""
+    model = engine.model
+    rows = model.denoise_hidden_rows
+
+    def paced(*args):
+        time.sleep(seconds)
+        return rows(*args)
+
+    monkeypatch.setattr(model, "denoise_hidden_rows", paced)
+
+
+def hang_up_when(srv, base: str, path: str, body: dict, ready, what: str, linger: float = 0.0) -> None:
+    """POST ``body`` on a raw socket and close it (the client hangs up) ``linger`` seconds after
+    ``ready(snapshot)`` holds."""
+    import json
+
+    raw = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                  % (path.encode(), len(raw)) + raw)
+        deadline = time.time() + 30
+        while not ready(srv.scheduler.snapshot()):
+            assert time.time() < deadline, what
+            time.sleep(0.01)
+        time.sleep(linger)

@@ -2,13 +2,12 @@
 `openai` client and plain HTTP on 127.0.0.1."""
 
 import json
-import socket
 import threading
 import time
 
 import pytest
 import torch
-from serve_fixture import MODEL, engine, server  # noqa: F401 - engine, server: fixtures
+from serve_fixture import MODEL, engine, hang_up_when, pace_decoder, server  # noqa: F401 - fixtures
 
 import dgemma
 
@@ -333,26 +332,12 @@ def test_a_non_streamed_client_that_hangs_up_cancels_its_jobs(server, engine, mo
     not run to their end."""
     srv, base = server
     _wait_idle(srv, 30)
-    model = engine.model
-    rows = model.denoise_hidden_rows
-
-    def slow(*args):
-        time.sleep(0.25)
-        return rows(*args)
-
-    monkeypatch.setattr(model, "denoise_hidden_rows", slow)
+    pace_decoder(monkeypatch, engine, 0.25)
     monkeypatch.setattr(engine, "eos_token_ids", [])  # every answer runs to max_tokens (24 blocks)
     before = srv.scheduler.snapshot()
-    body = json.dumps({"model": MODEL, "messages": MESSAGES, "n": 4, "max_tokens": 384,
-                       "max_denoising_steps": 16}).encode()
-    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        deadline = time.time() + 30
-        while srv.scheduler.snapshot()["requests_total"] < before["requests_total"] + 4:
-            assert time.time() < deadline, "the jobs were not submitted"
-            time.sleep(0.02)
-        time.sleep(0.3)
+    body = {"model": MODEL, "messages": MESSAGES, "n": 4, "max_tokens": 384, "max_denoising_steps": 16}
+    hang_up_when(srv, base, "/v1/chat/completions", body, lambda s: s["requests_total"] >= before["requests_total"] + 4,
+                 "the jobs were not submitted", linger=0.3)
     snap = _wait_idle(srv, 5)
     assert snap["requests_cancelled"] - before["requests_cancelled"] == 4, snap
     assert snap["requests_finished"] == before["requests_finished"], snap

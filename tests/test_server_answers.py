@@ -4,11 +4,10 @@ answer does, hung-up clients free their places, fields the sampler cannot honour
 answer in OpenAI's error form."""
 
 import json
-import socket
 import time
 
 import pytest
-from serve_fixture import MODEL, engine, server, serving  # noqa: F401 - engine, server: fixtures
+from serve_fixture import MODEL, engine, hang_up_when, pace_decoder, server, serving  # noqa: F401 - fixtures
 
 import dgemma
 
@@ -131,24 +130,12 @@ def test_generated_tokens_metric_counts_what_usage_counts(server, engine, monkey
 def test_a_non_streamed_client_that_hangs_up_is_noticed_between_quick_blocks(server, engine, monkeypatch):
     """Blocks every few tens of milliseconds (faster than the idle poll): the hang-up is still noticed at once."""
     srv, base = server
-    model = engine.model
-    rows = model.denoise_hidden_rows
-
-    def paced(*args):
-        time.sleep(0.01)
-        return rows(*args)
-
-    monkeypatch.setattr(model, "denoise_hidden_rows", paced)
+    pace_decoder(monkeypatch, engine, 0.01)
     _no_eos(engine, monkeypatch)
     before = srv.scheduler.snapshot()
-    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 480, "max_denoising_steps": 2}).encode()
-    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        deadline = time.time() + 30
-        while srv.scheduler.snapshot()["blocks_total"] < before["blocks_total"] + 2:
-            assert time.time() < deadline, "no block ran"
-            time.sleep(0.01)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 480, "max_denoising_steps": 2}
+    hang_up_when(srv, base, "/v1/completions", body, lambda s: s["blocks_total"] >= before["blocks_total"] + 2,
+                 "no block ran")
     deadline = time.time() + 30
     while srv.scheduler.snapshot()["active"]:
         assert time.time() < deadline
