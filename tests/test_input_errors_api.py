@@ -184,3 +184,19 @@ def test_a_reply_never_holds_a_vision_token(eng, monkeypatch):
     assert "<|image|>" not in result.texts[0] and result.texts[0] == eng.tokenizer.decode([300, 301]).strip()
     chat.messages[-1] = {"role": "assistant", "content": result.texts[0]}
     chat.send("again", max_new_tokens=4, max_denoising_steps=2, seed=1)
+
+
+def test_chunked_prefill_of_a_left_padded_batch_equals_one_shot(eng):
+    """A chunk that is all padding for one row (its prompt starts later) is taken; the cache equals encoding the
+    whole padded prompt at once. A whole prompt of padding is still refused."""
+    ids = _ids(2, 20, seed=4)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :12] = 0
+    canvas = _ids(2, eng.config.canvas_length, seed=5)
+    whole = eng.denoise(eng.encode(ids, attention_mask=mask), canvas)
+    cache = eng.new_cache(2, 64)
+    for start, end in ((0, 10), (10, 20)):
+        eng.encode(ids[:, start:end], cache=cache, attention_mask=mask[:, start:end])
+    torch.testing.assert_close(eng.denoise(cache, canvas), whole, atol=1e-4, rtol=1e-4)
+    with pytest.raises(DgemmaError, match="attention_mask masks every token of some prompt"):
+        eng.encode(ids[:, :10], attention_mask=mask[:, :10])

@@ -188,12 +188,18 @@ def test_external_decoder_protocol_through_generate_stream(engine):
             events.send(wrong(h))
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("dtype,quantization", [(torch.float32, None), (torch.bfloat16, None),
                                                 (torch.float32, "fp8")])
-def test_denoise_hidden_rows_equals_each_row_alone(dtype, quantization):
+def test_denoise_hidden_rows_equals_each_row_alone(dtype, quantization, batched, monkeypatch):
     """Rows with different cache lengths (rings wrapped or not, one left-padded), with and without a
-    self-conditioning input: bit-identical to each row's own decoder pass."""
+    self-conditioning input: bit-identical to each row's own decoder pass. ``batched``: the one-pass path (what
+    batch-invariant ops take; the tiny model's matmuls, all under 256 wide, round alike at any row count here)."""
     eng = random_engine("tiny", seed=3, canvas_length=16, dtype=dtype, quantization=quantization)
+    if batched:
+        monkeypatch.setattr(eng.model.ops, "rows_batch_invariant", lambda weights: True)
+    else:
+        assert not eng.model.ops.rows_batch_invariant(eng.model.w)
     g = torch.Generator().manual_seed(0)
     caches = []
     for t, pad in ((5, 0), (70, 0), (33, 4)):
@@ -301,3 +307,23 @@ def test_scheduler_settings_are_positive_integers(engine, kw):
 
     with pytest.raises(DgemmaError, match="must be a positive integer"):
         Scheduler(engine, **kw)
+
+
+def test_the_reference_ops_run_each_rows_pass_on_its_own(engine, monkeypatch):
+    """A CPU or cuBLAS matmul's rounding may depend on its row count (and on its operands' alignment), and the
+    sampler turns a last-bit difference into other tokens: with the reference ops a batched decoder pass runs each
+    row's own pass (batched requests differed from their tokens alone on a model with 512-wide matmuls)."""
+    model = engine.model
+    assert not model.ops.rows_batch_invariant(model.w)
+    calls = []
+    one = model.denoise_hidden
+
+    def spy(canvas, cache, soft=None, *args):
+        calls.append(canvas.shape[0])
+        return one(canvas, cache, soft, *args)
+
+    monkeypatch.setattr(model, "denoise_hidden", spy)
+    caches = [engine.encode(torch.tensor([prompt(n, n)])) for n in (3, 9, 20)]
+    canvas = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(0))
+    rows = model.denoise_hidden_rows(canvas, caches, [None] * 3)
+    assert calls == [1, 1, 1] and rows.shape == (3, 16, engine.config.hidden_size)

@@ -57,8 +57,9 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 def check_attention_mask(attention_mask, ids: torch.Tensor, cache: KVCache | None = None, *,
-                         left_only: bool = False) -> torch.Tensor:
-    """A bool [B, T] mask of 0/1 matching ``ids``, with at least one real token per row.
+                         left_only: bool = False, empty_rows: bool = False) -> torch.Tensor:
+    """A bool [B, T] mask of 0/1 matching ``ids``, with at least one real token per row (``empty_rows``: a row
+    may be all padding, as in one chunk of a long left-padded prompt encoded in pieces).
 
     ``left_only`` (generation): padding after a real token (right padding, a hole, or any padding in a
     row whose earlier tokens are in ``cache``) is refused. Padding is never attended to, but it keeps its
@@ -75,7 +76,7 @@ def check_attention_mask(attention_mask, ids: torch.Tensor, cache: KVCache | Non
     if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
         raise DgemmaError("attention_mask must hold only 0 (padding) and 1 (token)")
     mask = mask.bool()
-    if not bool(mask.any(dim=1).all()):
+    if not empty_rows and not bool(mask.any(dim=1).all()):
         raise DgemmaError("attention_mask masks every token of some prompt: prompts must not be empty")
     if not left_only:
         return mask
@@ -237,7 +238,8 @@ class Engine:
             raise DgemmaError("capacity= sizes a new cache; it cannot be combined with cache=")
         self._check_cache(cache, b)
         cache.check_room(t)
-        mask = None if attention_mask is None else check_attention_mask(attention_mask, ids)
+        # A chunk of a long left-padded prompt may be all padding for a row (generate refuses a prompt that is).
+        mask = None if attention_mask is None else check_attention_mask(attention_mask, ids, empty_rows=True)
         with cache.transaction():
             self.model.encode(ids, cache, mask, features, types, videos)
         return cache

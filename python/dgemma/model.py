@@ -264,11 +264,15 @@ class DiffusionGemmaModel:
                             ) -> torch.Tensor:
         """:meth:`denoise_hidden` of B independent sequences in one decoder pass: row r of ``canvas`` [B, C]
         attends to its own cache ``caches[r]`` (batch 1 each, any lengths) with self-conditioning input
-        ``softs[r]`` ([1, C, H] or None). Every op but attention runs once over the B canvases (the weights
-        are read once); attention runs per row against its cache. Row r equals ``denoise_hidden(canvas[r:r+1],
-        caches[r], softs[r])`` (the server batches its requests' steps this way)."""
+        ``softs[r]`` ([1, C, H] or None). Where the ops compute each row whatever the others
+        (``ops.rows_batch_invariant``: the FP8 CUDA path), every op but attention runs once over the B canvases
+        (the weights are read once) and attention per row against its cache; elsewhere each row runs its own pass.
+        Either way row r equals ``denoise_hidden(canvas[r:r+1], caches[r], softs[r])`` bit for bit (the server
+        batches its requests' steps this way, so a request's tokens do not depend on what else runs)."""
         self._check_rows(canvas, caches, softs)
         b, c = canvas.shape
+        if not self.ops.rows_batch_invariant(self.w):  # one pass per row: the same bits as each row alone
+            return torch.cat([self.denoise_hidden(canvas[r:r + 1], caches[r], softs[r]) for r in range(b)])
         ops, w, eps = self.ops, self.w, self.cfg.rms_norm_eps
         dev = canvas.device
         positions = torch.stack([torch.arange(k.length, k.length + c, device=dev) for k in caches])

@@ -328,6 +328,13 @@ class CudaOps(VocabHeadOpsMixin, QkvOpsMixin, AttentionOpsMixin, ResidualOpsMixi
     def __init__(self):
         _ext.require_cuda()
 
+    def rows_batch_invariant(self, weights) -> bool:
+        """The FP8 path's kernels compute each row whatever the others (no reduction across rows, tiles chosen so
+        that a row's sums run in one order): a batched decoder pass gives each row its own pass's bits
+        (test_engine_cuda.py::test_batched_decoder_rows_equal_each_row_alone_on_the_gpu). Other weights run torch's
+        matmuls, whose rounding may depend on the row count."""
+        return bool(weights.layers) and isinstance(weights.layers[0].attn.q_proj, Fp8Weight)
+
     def prepare_weights(self, weights) -> None:
         # Projections of one input stacked into one FP8 weight (one GEMM each): q/k/v; the dense MLP as shared
         # experts of the expert stacks where it can be (else its gate/up as one weight).

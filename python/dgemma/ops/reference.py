@@ -17,6 +17,12 @@ from ..vocab_head import reference_vocab_head_step
 class ReferenceOps:
     name = "reference"
 
+    def rows_batch_invariant(self, weights) -> bool:
+        """Whether one decoder pass over many sequences' rows gives each row the bits of its own pass. Not with
+        these ops: a matmul's rounding may depend on its row count (CPU BLAS and cuBLAS pick kernels and blockings
+        by shape), and the sampler's acceptance turns a last-bit difference into other tokens."""
+        return False
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         """x * (mean(x^2) + eps)^-1/2 [* weight] over the last dim; weight None = weightless variant."""
         xf = x.float()
