@@ -6,6 +6,7 @@ import math
 import os
 import struct
 import threading
+import time
 
 import pytest
 import torch
@@ -564,3 +565,28 @@ def test_bounded_cache_room_and_allocation(eng):
         eng.new_cache(10**6, 8192)
     with pytest.raises(DgemmaError, match=r"cache batch size 1.5 must be an integer"):
         eng.new_cache(1.5, 10)
+
+
+def test_template_checks_cost_little_on_long_conversations_and_ignore_attachment_bytes():
+    """messages|length once per message over 2,000 messages renders in well under the time limit (the text-size
+    walk is for the filters that write their input as text), and a conversation holding megabytes of attachment
+    bytes renders with templates that only count or select messages."""
+    source = ("{% for m in messages %}{% set left = (messages|length - 1) - loop.index0 %}{{ m.role }}:{{ left }} "
+              "{% endfor %}")
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x" * 60} for i in range(2000)]
+    t0 = time.perf_counter()
+    out = ChatTemplate(source, time_limit_s=10).render(msgs)
+    assert out.startswith("user:1999 ") and time.perf_counter() - t0 < 2.0
+    video = {"role": "user", "content": [{"type": "video", "video": b"\0" * (9 << 20)}, {"type": "text", "text": "?"}]}
+    assert ChatTemplate("{{ messages|length }}|{{ messages|map(attribute='role')|join(',') }}").render([video]) == \
+        "1|user"
+
+
+@pytest.mark.parametrize("body", ["{{ ('%s' % (ns.s,))|length }}", "{{ '{}'.format(ns.s)|length }}",
+                                  "{{ '{x}'.format_map({'x': ns.s})|length }}", "SUM"])
+def test_formatting_a_self_nesting_list_is_bounded(body):
+    step = "[ns.s, ns.s]|sum(start=[])" if body == "SUM" else "[ns.s, ns.s]"  # SUM: a list doubling its length
+    source = ("{% set ns = namespace(s=['ab']) %}{% for i in range(40) %}{% set ns.s = " + step + " %}{% endfor %}"
+              + ("{{ ns.s|length }}" if body == "SUM" else body))
+    with pytest.raises(DgemmaError, match="exceeds the output-size limit"):
+        ChatTemplate(source, time_limit_s=5, max_output_chars=4096).render(MSGS)

@@ -302,7 +302,9 @@ def test_an_image_on_the_meta_device_is_refused(eng):
 
 @pytest.mark.parametrize("pattern,why", [("re:(.*)*X", "a repeat inside a repeat"), ("re:(a+)+b", "a repeat inside"),
                                          ("re:(a|ab)*c", "a repeat of alternatives"), ("re:(a)\\1", "a backreference"),
-                                         ("re:.*.*.*.*.*X", "5 open-ended repeats")])
+                                         ("re:(.{1,60}){1,60}Z", "a repeat inside a repeat"),
+                                         ("re:(aa|a){1,60}b", "a repeat of alternatives"),
+                                         ("re:.*.*.*.*.*.*X", "6 open-ended repeats")])
 def test_ignore_patterns_that_can_backtrack_without_bound_are_refused(pattern, why):
     qc = {"quant_method": "compressed-tensors", "ignore": ["lm_head", pattern], "config_groups": {"g": FP8_GROUP}}
     with pytest.raises(ConfigError, match=f"ignore entry .*: {why}.*exponential time"):
@@ -312,6 +314,7 @@ def test_ignore_patterns_that_can_backtrack_without_bound_are_refused(pattern, w
 def test_usual_ignore_patterns_are_accepted():
     qc = {"quant_method": "compressed-tensors", "config_groups": {"g": FP8_GROUP},
           "ignore": ["lm_head", "re:.*vision_tower.*", "re:.*layers\\.(0|1|2)\\..*", "re:.*(q|k|v)_proj$",
+                     "re:.*model.*layers.*mlp.*experts.*", "re:model.layers.[0-9]+.mlp.experts.*", "re:(\\d{2}){3}",
                      "re:(?:model\\.)?lm_head", "re:.*mlp\\.experts\\.\\d+\\..*"]}
     fmt = format_from_config(qc, "config.json")
     assert fmt.is_ignored("model.vision_tower.x") and fmt.is_ignored("model.layers.1.mlp")

@@ -327,3 +327,30 @@ def test_the_reference_ops_run_each_rows_pass_on_its_own(engine, monkeypatch):
     canvas = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(0))
     rows = model.denoise_hidden_rows(canvas, caches, [None] * 3)
     assert calls == [1, 1, 1] and rows.shape == (3, 16, engine.config.hidden_size)
+
+
+def test_a_job_without_max_new_tokens_gets_the_budget_generate_would(engine, monkeypatch):
+    """No max_new_tokens: the engine's default, or what generation_config.json's max_length leaves after the
+    prompt (its cache is sized by it and the job gets the tokens generate gives); a budget past the positions is
+    refused naming max_new_tokens."""
+    import dataclasses
+
+    from dgemma.errors import DgemmaError
+
+    ids = prompt(9, 5)
+    kw = dict(seed=3, max_denoising_steps=2, eos_token_id=[])
+    monkeypatch.setattr(engine, "generation_settings", dataclasses.replace(engine.generation_settings, max_length=70))
+    sched, jobs = run_jobs(engine, [(ids, dict(kw)), (ids, dict(kw, max_length=30))])
+    assert jobs[0].emit.result.new_tokens.shape[1] == 64 and jobs[1].emit.result.new_tokens.shape[1] == 32
+    assert torch.equal(jobs[0].emit.result.new_tokens, Engine.generate(engine, [ids], **kw).new_tokens)
+    assert sched.snapshot()["tokens_total"] == 61 + 21  # up to each budget (70 - 9, 30 - 9)
+    sched = Scheduler(engine)
+    sched.start()
+    try:
+        with pytest.raises(DgemmaError, match=r"max_new_tokens 100000000 \(rounded up to whole 16-token canvases\) "
+                                              r"after 9 prompt tokens exceeds max_position_embeddings"):
+            sched.submit(Job(ids=ids, emit=Collect(), kwargs=dict(kw, max_new_tokens=10**8)))
+        with pytest.raises(DgemmaError, match=r"max_length 5 leaves no room for new tokens after the job's 9"):
+            sched.submit(Job(ids=ids, emit=Collect(), kwargs=dict(kw, max_length=5)))
+    finally:
+        sched.stop()

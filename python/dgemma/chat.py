@@ -155,6 +155,7 @@ def _environment_class():
                     self.check_size(len(left) + len(right), "a concatenation")
             elif operator == "%":
                 self.check_format(left)
+                self.check_text([left, right], "a % formatting")
             return super().call_binop(context, operator, left, right)
 
         def wrap_str_format(self, value):
@@ -169,14 +170,24 @@ def _environment_class():
                 if isinstance(a, int) and not isinstance(a, bool) and a > 10**6 and \
                         name in ("center", "ljust", "rjust", "zfill", "expandtabs"):
                     __self.check_size(a, "a padded string")
-            if isinstance(getattr(__obj, "__self__", None), str):
+            # A str method (the sandbox wraps str.format: the method is the wrapper's __wrapped__).
+            owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+            if isinstance(owner, str):
                 if name == "join" and args:
-                    __self.check_text([__obj.__self__, *args], "a join")
+                    __self.check_text([owner, *args], "a join")
+                elif name in ("format", "format_map"):
+                    __self.check_text([owner, *args, *kwargs.values()], "a format")
                 elif name == "replace" and len(args) >= 2:
-                    __self.check_replace(__obj.__self__, args[0], args[1])
+                    __self.check_replace(owner, args[0], args[1])
             return super().call(__context, __obj, *args, **kwargs)
 
     return LimitedEnvironment
+
+
+# The filters that write their input as text (containers included).
+_TEXT_FILTERS = frozenset(["join", "tojson", "string", "pprint", "format", "urlencode", "xmlattr", "indent",
+                           "wordwrap", "center", "truncate", "title", "capitalize", "upper", "lower", "trim",
+                           "striptags", "escape", "e", "forceescape", "safe", "urlize"])
 
 
 def _limited_filter(env, f, name: str):
@@ -194,8 +205,13 @@ def _limited_filter(env, f, name: str):
         for a in values:
             if isinstance(a, int) and not isinstance(a, bool) and abs(a) > 4096:
                 env.check_size(abs(a), f"a '{name}' argument")
-        # What a filter writes as text (join, tojson, string, ...) is bounded by its arguments' text.
-        env.check_text(values, f"the '{name}' filter's input")
+        # What a filter that writes its input as text makes is bounded by that input's text (a self-nesting list is
+        # small in memory, huge as text). Only those filters: the walk costs the input's size, and a template may
+        # ask messages|length once per message.
+        if name in _TEXT_FILTERS:
+            env.check_text(values, f"the '{name}' filter's input")
+        if name == "sum" and len(values) >= 2 and isinstance(values[-1], (list, tuple)):
+            env.check_size(sum(len(v) for v in values[0] if isinstance(v, (list, tuple))), "a sum of lists")
         if name == "replace" and len(values) >= 3:
             env.check_replace(*values[:3])
         return f(*args, **kwargs)

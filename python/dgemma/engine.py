@@ -361,7 +361,9 @@ class Engine:
             max_new_tokens: token budget, rounded up to whole canvases; generation also stops at EOS.
             max_length: the budget as a whole length instead (the cache's tokens, the prompt and the new tokens),
                 used where ``max_new_tokens`` is not given; ``generation_config.json``'s ``max_length`` applies
-                where it leaves ``max_new_tokens`` at 256, as in transformers.
+                where neither the call nor that file gives ``max_new_tokens`` (or the file gives 256). Where both
+                are given, transformers 5.23 prefers max_length whenever max_new_tokens is 256 and ignores it
+                otherwise; here the call's own argument wins, then the file's max_new_tokens.
             max_denoising_steps, entropy_bound, t_max, t_min, stability_threshold, confidence_threshold:
                 sampler settings; defaults come from the checkpoint's ``generation_config.json`` where set,
                 else 256 / 48 / 0.1 / 0.8 / 0.4 / 1 / 0.005.

@@ -395,15 +395,17 @@ def format_from_config(qc, source: str) -> CheckpointFormat:
 
 
 # Ignore patterns are matched against every module name at load: patterns whose backtracking can blow up are
-# refused. Repeats with more than this many possible iterations count as unbounded.
+# refused. Repeats with more than this many possible iterations count as open-ended; a pattern may hold a few of
+# those (k of them cost about C(len(name), k) steps on a name: tens of thousands for names of ~40 characters).
 _REPEAT_BOUND = 64
-_MAX_OPEN_REPEATS = 4
+_MAX_OPEN_REPEATS = 5
 
 
 def _slow_regex(pattern: str) -> str | None:
-    """Why ``pattern`` (a valid regular expression) may backtrack without bound on a name, or None: a repeat
-    inside a repeat (``(.*)*``, ``(a+)+``), a repeat of alternatives (``(a|ab)*``), a backreference, or more than a
-    few open-ended repeats (``.*`` n times matches in O(length^n))."""
+    """Why ``pattern`` (a valid regular expression) may backtrack without bound on a name, or None: a repeat of
+    a variable count inside another (``(.*)*``, ``(a+)+``, ``(.{1,60}){1,60}``), alternatives inside a repeat of a
+    variable count (``(a|ab)*``, ``(aa|a){1,60}``), a backreference, or more than a few open-ended repeats (``.*``
+    n times matches in about length^n / n! steps)."""
     try:
         from re import _constants as c, _parser as parser  # noqa: PLC2701 - the stdlib's own parser
     except ImportError:  # a Python without them: only the length is bounded
@@ -416,13 +418,13 @@ def _slow_regex(pattern: str) -> str | None:
         for op, av in items:
             if op in repeats:
                 low, high, sub = av
-                open_ended = high == c.MAXREPEAT or high > _REPEAT_BOUND
-                if open_ended and inside:
+                variable = low != high  # a fixed count ({3}) leaves nothing to try again
+                if variable and inside:
                     return "a repeat inside a repeat"
-                if open_ended and any(o == c.BRANCH for o, _ in sub):
+                if variable and any(o == c.BRANCH for o, _ in sub):
                     return "a repeat of alternatives"
-                count += open_ended
-                stack.append((sub, inside or open_ended))
+                count += high == c.MAXREPEAT or high > _REPEAT_BOUND
+                stack.append((sub, inside or variable))
             elif op == c.SUBPATTERN:
                 stack.append((av[-1], inside))
             elif op == c.BRANCH:

@@ -83,6 +83,7 @@ class Job:
     counted: int = 0  # tokens counted as generated (up to the first end-of-sequence id and the budget)
     ended: bool = False  # an end-of-sequence id was counted
     over: bool = False  # its terminal event was emitted (exactly one per job)
+    budget: int = 0  # new tokens at most (max_new_tokens, or what max_length leaves; set by submit)
 
     def cancel(self) -> None:
         """The client has gone: end the job at the next chance, answered with a 499 error."""
@@ -156,7 +157,21 @@ class Scheduler:
         taken = [k for k in _RESERVED_KWARGS if k in job.kwargs]
         if taken:
             raise DgemmaError(f"job kwargs may not set {taken[0]}=: the scheduler sets it")
-        self.engine.generation_settings.updated(max_new_tokens=job.kwargs.get("max_new_tokens"))  # names a bad one
+        # The budget as generate resolves it (checked here: the job's cache is sized by it).
+        kw, cfg = job.kwargs, self.engine.config
+        settings = self.engine.generation_settings.updated(max_new_tokens=kw.get("max_new_tokens"),
+                                                           max_length=kw.get("max_length"))
+        budget = kw.get("max_new_tokens")
+        if budget is None:
+            budget = settings.max_new_tokens if settings.max_length is None else settings.max_length - len(ids)
+            if budget <= 0:
+                raise DgemmaError(f"max_length {settings.max_length} leaves no room for new tokens after the job's "
+                                  f"{len(ids)} prompt tokens")
+        c = cfg.canvas_length
+        if len(ids) + -(-budget // c) * c > cfg.max_position_embeddings:
+            raise DgemmaError(f"max_new_tokens {budget} (rounded up to whole {c}-token canvases) after {len(ids)} prompt "
+                              f"tokens exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        job.budget = budget
 
     def _drop_cancelled(self) -> None:
         """End the waiting jobs whose clients have gone (under the lock): they hold no place in the queue."""
@@ -286,7 +301,7 @@ class Scheduler:
         (included) and within its budget (the blocks round it up to whole canvases)."""
         eng = self.engine
         ends = eng.end_ids(job.kwargs.get("eos_token_id"))
-        budget = job.kwargs.get("max_new_tokens", eng.generation_settings.max_new_tokens)
+        budget = job.budget
         before = job.counted
         for t in tokens:
             if job.ended or job.counted >= budget:
@@ -316,8 +331,7 @@ class Scheduler:
         eng = self.engine
         ids = job.ids
         if job.cache is None:
-            blocks = -(-job.kwargs.get("max_new_tokens", eng.generation_settings.max_new_tokens)
-                       // eng.config.canvas_length)
+            blocks = -(-job.budget // eng.config.canvas_length)
             job.cache = eng.new_cache(1, len(ids) + blocks * eng.config.canvas_length)
         rest = len(ids) - job.position
         if not job.images and rest > self.prefill_chunk:
@@ -325,7 +339,8 @@ class Scheduler:
             Engine.encode(eng, [chunk], cache=job.cache)
             job.position += len(chunk)
             return
-        kwargs = dict(job.kwargs)
+        kwargs = dict(job.kwargs, max_new_tokens=job.budget)  # the budget submit resolved
+        kwargs.pop("max_length", None)
         if "seed" not in kwargs or kwargs["seed"] is None:
             kwargs["seed"] = int.from_bytes(os.urandom(6), "little")
         job.events = Engine.generate_stream(eng, [ids[job.position:]], cache=job.cache, **job.images,
