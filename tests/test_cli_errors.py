@@ -184,3 +184,56 @@ def test_chat_sizes_its_session_for_the_answers_it_asks_for(demo, monkeypatch, c
     assert rc == 0, capsys.readouterr().err
     assert [s.max_new_tokens for s in sessions] == [96, 96]
     assert sessions[-1].cache.rollback >= 96  # room to roll back one whole answer
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["bench", "--steps", "2,1025"], "argument --steps: expected at most 1024 denoising steps, got 1025"),
+    (["bench", "--steps", "2,2"], "argument --steps: '2,2' lists 2 twice; expected each value once"),
+    (["bench", "--batch", "\u0661"], "argument --batch: expected comma-separated positive integers"),
+    (["bench", "--cuda-graphs", "on"], "--cuda-graphs on: CUDA graphs need a CUDA device, not cpu"),
+    (["bench", "--plot", "{d}/x.pgf"], "'pgf' is not an image type matplotlib writes"),
+    (["demo", "--save", "{d}/ck", "--steps", "5000"], "argument --steps: expected at most 1024 denoising steps"),
+    (["demo", "--save", ""], "--save '': expected a directory path"),
+])
+def test_options_are_refused_before_any_work(no_bench_run, tmp_path, capsys, args, needle):
+    args = [a.replace("{d}", str(tmp_path)) for a in args]
+    if args[0] == "bench":
+        args += ["--device", "cpu", "--iters", "1", "--warmup", "0"]
+    try:
+        rc = main(args)
+    except SystemExit as e:  # argparse's own errors (the option's type)
+        rc = e.code
+    assert rc == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert needle in line, line
+    assert not os.path.exists(tmp_path / "ck")  # demo wrote nothing
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--host", ""], "host '' is empty; expected an IP address"),
+    (["--served-model-name", ""], "--served-model-name '': expected the model id"),
+])
+def test_serve_refuses_an_empty_host_or_model_name_before_loading(demo, monkeypatch, capsys, args, needle):
+    import dgemma.loading
+
+    monkeypatch.setattr(dgemma.loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert main(["serve", "--model", demo, "--port", "8765", *args]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert needle in line, line
+
+
+def test_bench_json_command_replays_and_plot_has_no_warning(tmp_path, capsys, monkeypatch):
+    import json
+    import shlex
+    import warnings
+
+    out = tmp_path / "a b.json"
+    args = ["bench", "--device", "cpu", "--iters", "1", "--warmup", "0", "--steps", "1", "--prompt-length", "8",
+            "--batch", "2", "--json", str(out), "--plot", str(tmp_path / "p.png")]
+    monkeypatch.setattr(sys, "argv", ["dgemma", *args])  # what the JSON records as the command
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "no artists with labels" warning included
+        assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert shlex.split(report["command"])[shlex.split(report["command"]).index("--json") + 1] == str(out)
+    assert (tmp_path / "p.png").stat().st_size > 1000

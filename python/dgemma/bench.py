@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -299,7 +300,7 @@ def run(opts: BenchOptions, *, log=print) -> dict:
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "commit": os.environ.get("DGEMMA_COMMIT", "unknown"),
-        "command": " ".join(["dgemma"] + sys.argv[1:]), "preset": preset, "backend": eng.backend,
+        "command": shlex.join(["dgemma"] + sys.argv[1:]), "preset": preset, "backend": eng.backend,
         # Programmatic dependent launch of dgemma's kernels (csrc/kernels/pdl.cuh), read once by the extension.
         "pdl": os.environ.get("DGEMMA_PDL", "") == "1",
         # The fused vocabulary head's GEMMs (DGEMMA_VOCAB_HEAD, ops/cuda_vocab_head.py).
@@ -416,19 +417,31 @@ def save_plot(report: dict, path: str) -> None:
     except ImportError:
         raise DgemmaError("--plot needs matplotlib (pip install matplotlib)") from None
     steps = [r for r in report["results"] if r["name"].startswith("denoise_step_") and "batch" in r]
-    by_batch = sorted((r for r in steps if "_p" not in r["name"]), key=lambda r: r["batch"])
-    by_prefix = sorted((r for r in steps if "_p" in r["name"] and r["batch"] == 1), key=lambda r: r["prefix"])
+    # One line per way of running the step (eager, CUDA graphs); the prefix sweep at the smallest batch measured.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, rows, key, label in ((axes[0], by_batch, "batch", "batch size"),
-                                 (axes[1], by_prefix, "prefix", "prefix length (tokens)")):
-        if rows:
+    for ax, key, label in ((axes[0], "batch", "batch size"), (axes[1], "prefix", "prefix length (tokens)")):
+        drawn = False
+        for graphs in (False, True):
+            rows = [r for r in steps
+                    if ("_graphs_" in r["name"]) == graphs and ("_p" in r["name"]) == (key == "prefix")]
+            if key == "prefix" and rows:
+                rows = [r for r in rows if r["batch"] == min(r["batch"] for r in rows)]
+            rows = sorted(rows, key=lambda r: r[key])
+            if not rows:
+                continue
             xs = [r[key] for r in rows]
-            ax.plot(xs, [r["median_ms"] for r in rows], "o-", label="dgemma")
-            ax.plot(xs, [r["roofline_ms"] for r in rows], "k--", label="HBM roofline")
+            ax.plot(xs, [r["median_ms"] for r in rows], "o-", label="dgemma, CUDA graphs" if graphs else "dgemma")
+            if not drawn:
+                ax.plot(xs, [r["roofline_ms"] for r in rows], "k--", label="HBM roofline")
+            drawn = True
         ax.set_xlabel(label)
         ax.set_ylabel("denoising step (ms)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if drawn:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not measured" + (" (--prefix-lengths)" if key == "prefix" else ""),
+                    ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"dgemma denoising step, {report['preset']} on {report['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

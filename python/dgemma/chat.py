@@ -41,7 +41,8 @@ def load_chat_template(path: str, tokenizer_config: dict | None = None) -> str |
             return f.read()
     tpl = (tokenizer_config or {}).get("chat_template")
     if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict) and isinstance(t.get("name"), str)}
+        named = {t.get("name"): t.get("template") for t in tpl
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
         tpl = named.get("default")
     return tpl if isinstance(tpl, str) else None
 

@@ -20,6 +20,9 @@ def _check_save_dir(path: str) -> None:
     """``demo --save DIR``: a new or empty directory, or one holding only an earlier demo checkpoint."""
     from .demo import FILES
 
+    if not path.strip():
+        raise DgemmaError("--save '': expected a directory path")
+
     if os.path.exists(path) and not os.path.isdir(path):
         raise DgemmaError(f"--save {path}: exists and is not a directory")
     ancestor = os.path.dirname(os.path.abspath(path))
@@ -328,11 +331,21 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _int_list(s: str) -> list[int]:
     try:
-        vals = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
+        vals = [_positive(x) for x in s.split(",") if x.strip()]
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {s!r}") from None
-    if not vals or any(v <= 0 for v in vals):
+    if not vals:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {s!r}")
+    twice = next((v for i, v in enumerate(vals) if v in vals[:i]), None)
+    if twice is not None:  # each value names its result rows: twice would give two rows of one name
+        raise argparse.ArgumentTypeError(f"{s!r} lists {twice} twice; expected each value once")
+    return vals
+
+
+def _steps_list(s: str) -> list[int]:
+    vals = _int_list(s)
+    for v in vals:
+        _steps(str(v))
     return vals
 
 
@@ -412,6 +425,9 @@ def _check_bench_shapes(args: argparse.Namespace, device) -> None:
     from .random_checkpoint import preset_config
     from .weights import expected_shapes, is_quantized_name
 
+    if args.cuda_graphs in ("on", "both") and device.type != "cuda":
+        raise DgemmaError(f"--cuda-graphs {args.cuda_graphs}: CUDA graphs need a CUDA device, not {device}; use "
+                          f"--cuda-graphs off or auto")
     preset, prompt_len = preset_and_prompt(args.preset, args.prompt_length, device)
     if preset == "26b-a4b" and device.type == "cpu":
         return  # bench.run refuses it with the reason
@@ -450,7 +466,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from matplotlib.figure import Figure
 
-        kinds = Figure().canvas.get_supported_filetypes()
+        # pgf writes through a TeX installation: refused here rather than failing after the whole run.
+        kinds = {k: v for k, v in Figure().canvas.get_supported_filetypes().items() if k != "pgf"}
         kind = os.path.splitext(args.plot)[1][1:].lower()
         if kind not in kinds:
             raise DgemmaError(f"--plot {args.plot}: {'no file type' if not kind else repr(kind)} is not an image "
@@ -533,8 +550,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thinking", action="store_true", help="let the model reason first (chat template's <|think|>)")
     p.add_argument("--max-new-tokens", type=_positive, default=None,
                    help="token budget, rounded up to whole canvases (default: generation_config.json or 256)")
-    p.add_argument("--steps", type=_positive, default=None,
-                   help="maximum denoising steps per canvas (default: generation_config.json or 48)")
+    p.add_argument("--steps", type=_steps, default=None,
+                   help="maximum denoising steps per canvas, at most 1024 (default: generation_config.json or 48)")
     p.add_argument("--seed", type=_seed, default=None, help="seed for reproducible output (0 to 2**64 - 1)")
     p.add_argument("--show-drafts", action="store_true",
                    help="show the canvas after every denoising step (steps numbered 1, 2, … within each block)")
@@ -577,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=_seed, default=0, help="seed for weights, prompt and canvas (default: 0)")
     d.add_argument("--prompt-length", type=_positive, default=24, help="prompt tokens (default: 24)")
     d.add_argument("--canvas", type=_positive, default=32, help="canvas tokens (default: 32)")
-    d.add_argument("--steps", type=_positive, default=8, help="at most this many denoising steps (default: 8)")
+    d.add_argument("--steps", type=_steps, default=8, help="at most this many denoising steps, up to 1024 (default: 8)")
     d.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     d.set_defaults(func=_demo)
 
@@ -600,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, "
                                    "/health, /metrics. Needs FastAPI and uvicorn (pip install 'dgemma[serve]').")
     _add_load_options(v)
-    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
     v.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     v.add_argument("--max-batch", type=_positive, default=8, help="requests holding a slot at once (default: 8)")
     v.add_argument("--max-context", type=_positive, default=None,
@@ -621,14 +639,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default: 1)")
     b.add_argument("--prompt-length", type=_positive, default=None,
                    help="prompt tokens before the canvas (default: 1024 on 26b-a4b, 64 on tiny)")
-    b.add_argument("--steps", type=_int_list, default=[16, 48], help="denoising steps per block (default: 16,48)")
+    b.add_argument("--steps", type=_steps_list, default=[16, 48],
+                   help="denoising steps per block, each at most 1024 (default: 16,48)")
     b.add_argument("--prefill-lengths", type=_int_list, default=None,
                    help="also time prefill of prompts of these lengths (rows prefill_t<T>_<precision>_b<B>; "
                         "default: 4096 on 26b-a4b, none on tiny)")
     b.add_argument("--prefix-lengths", type=_int_list, default=None,
                    help="also time a step after these prefix lengths (for --plot)")
-    b.add_argument("--iters", type=_positive, default=20, help="timed repetitions (default: 20)")
-    b.add_argument("--warmup", type=_positive, default=3, help="warm-up repetitions (default: 3)")
+    b.add_argument("--iters", type=_positive, default=20,
+                   help="timed repetitions of a step (default: 20; blocks and prefill take a quarter or an eighth, "
+                        "at least 3 and 2)")
+    b.add_argument("--warmup", type=_non_negative, default=3, help="warm-up repetitions of a step (default: 3)")
     b.add_argument("--seed", type=_seed, default=0, help="seed of the random weights and inputs (default: 0)")
     b.add_argument("--baseline", choices=["transformers"], default=None,
                    help="also time transformers' model on the same weights and report the speed-up")
@@ -641,19 +662,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fused vocabulary head's GEMMs on a GPU (default: DGEMMA_VOCAB_HEAD, else wgmma)")
     b.add_argument("--json", default=None, help="write the results to this JSON file")
     b.add_argument("--plot", default=None,
-                   help="write a PNG: latency vs batch and vs prefix length, with roofline (needs matplotlib)")
+                   help="write a plot (PNG, SVG, PDF, ... by its extension): latency vs batch and vs prefix length, "
+                        "with roofline (needs matplotlib)")
     b.set_defaults(func=_bench)
     return p
 
 
 def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    v = _ascii_int(s, "a positive integer")
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def _non_negative(s: str) -> int:
+    v = _ascii_int(s, "an integer >= 0")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _steps(s: str) -> int:
+    """Denoising steps: 1 to the sampler's limit (checked here, before anything is loaded or written)."""
+    from .sampler import MAX_DENOISING_STEPS
+
+    v = _positive(s)
+    if v > MAX_DENOISING_STEPS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_DENOISING_STEPS} denoising steps, got {v}")
+    return v
+
+
+def _ascii_int(s: str, what: str) -> int:
+    """An integer written in ASCII digits (int() also takes other scripts' digits and underscores)."""
+    t = s.strip()
+    if not t or not t.isascii() or "_" in t:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+    try:
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
 
 
 def _flush_stdout() -> None:

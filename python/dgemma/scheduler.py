@@ -169,8 +169,8 @@ class Scheduler:
                                   f"{len(ids)} prompt tokens")
         c = cfg.canvas_length
         if len(ids) + -(-budget // c) * c > cfg.max_position_embeddings:
-            raise DgemmaError(f"max_new_tokens {budget} (rounded up to whole {c}-token canvases) after {len(ids)} prompt "
-                              f"tokens exceeds max_position_embeddings {cfg.max_position_embeddings}")
+            raise DgemmaError(f"max_new_tokens {budget} (rounded up to whole {c}-token canvases) after {len(ids)} "
+                              f"prompt tokens exceeds max_position_embeddings {cfg.max_position_embeddings}")
         job.budget = budget
 
     def _drop_cancelled(self) -> None:

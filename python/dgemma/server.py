@@ -872,8 +872,12 @@ def listen_sockets(host: str, port: int) -> list:
     import errno
     import socket
 
+    if not isinstance(host, str) or not host.strip():
+        # getaddrinfo takes "" as every interface: an unset variable must not expose the server to the network.
+        raise DgemmaError(f"host {host!r} is empty; expected an IP address or a host name of this machine, e.g. "
+                          f"127.0.0.1, or 0.0.0.0 for every interface")
     try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError) as e:
         why = getattr(e, "strerror", None) or str(e)
         raise DgemmaError(f"host {host!r} is not an address to listen on ({why}); expected an IP address or a "
@@ -920,11 +924,13 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
         raise DgemmaError("dgemma serve needs FastAPI and uvicorn: pip install 'dgemma[serve]'") from None
     from .loading import load
 
+    if served_model_name is not None and not served_model_name.strip():
+        raise DgemmaError("--served-model-name '': expected the model id clients name, e.g. the checkpoint's name")
     socks = listen_sockets(host, port)
     try:
         eng = load(model, device=device, dtype=dtype, quantization=quantization, max_batch=max_batch,
                    max_context=max_context)
-        name = served_model_name or os.path.basename(os.path.normpath(model))
+        name = os.path.basename(os.path.abspath(model)) if served_model_name is None else served_model_name
         app = create_app(OpenAIServer(eng, model_name=name, max_batch=max_batch, max_context=max_context))
 
         class Server(uvicorn.Server):
