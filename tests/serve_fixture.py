@@ -63,9 +63,9 @@ def pace_decoder(monkeypatch, engine, seconds: float) -> None:
     model = engine.model
     rows = model.denoise_hidden_rows
 
-    def paced(*args):
+    def paced(*args, **kwargs):
         time.sleep(seconds)
-        return rows(*args)
+        return rows(*args, **kwargs)
 
     monkeypatch.setattr(model, "denoise_hidden_rows", paced)
 

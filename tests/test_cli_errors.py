@@ -87,15 +87,20 @@ def test_a_closed_stderr_does_not_send_the_summary_to_stdout(demo):
     assert "denoising steps" not in r.stdout and r.stdout.strip()
 
 
+def _forbid(monkeypatch, module, name: str, what: str) -> None:
+    """``module.name`` fails the test if called (``what`` happened): a check must come before it."""
+    def called(*args, **kwargs):
+        raise AssertionError(what)
+
+    monkeypatch.setattr(module, name, called)
+
+
 @pytest.fixture
 def no_bench_run(monkeypatch):
     """bench.run fails the test if called: the checks must come before any weights are made."""
     import dgemma.bench
 
-    def run(*args, **kwargs):
-        raise AssertionError("bench.run was called")
-
-    monkeypatch.setattr(dgemma.bench, "run", run)
+    _forbid(monkeypatch, dgemma.bench, "run", "bench.run was called")
 
 
 def test_bench_refuses_a_batch_that_cannot_fit(no_bench_run, monkeypatch, capsys):
@@ -133,10 +138,7 @@ def test_bench_lengths_past_the_positions_are_refused_alike(no_bench_run, capsys
 def no_load(monkeypatch):
     import dgemma.loading
 
-    def load(*args, **kwargs):
-        raise AssertionError("the weights were loaded")
-
-    monkeypatch.setattr(dgemma.loading, "load", load)
+    _forbid(monkeypatch, dgemma.loading, "load", "the weights were loaded")
 
 
 def test_serve_on_a_port_in_use_fails_before_loading(demo, no_load, capsys):
@@ -213,10 +215,7 @@ def test_options_are_refused_before_any_work(no_bench_run, tmp_path, capsys, arg
     (["--host", ""], "host '' is empty; expected an IP address"),
     (["--served-model-name", ""], "--served-model-name '': expected the model id"),
 ])
-def test_serve_refuses_an_empty_host_or_model_name_before_loading(demo, monkeypatch, capsys, args, needle):
-    import dgemma.loading
-
-    monkeypatch.setattr(dgemma.loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+def test_serve_refuses_an_empty_host_or_model_name_before_loading(demo, no_load, capsys, args, needle):
     assert main(["serve", "--model", demo, "--port", "8765", *args]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert needle in line, line

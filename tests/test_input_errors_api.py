@@ -200,3 +200,14 @@ def test_chunked_prefill_of_a_left_padded_batch_equals_one_shot(eng):
     torch.testing.assert_close(eng.denoise(cache, canvas), whole, atol=1e-4, rtol=1e-4)
     with pytest.raises(DgemmaError, match="attention_mask masks every token of some prompt"):
         eng.encode(ids[:, :10], attention_mask=mask[:, :10])
+
+
+def test_denoise_hidden_rows_can_skip_the_ids_check_for_the_engines_own_canvases(eng):
+    """check_ids=False (the scheduler's canvases, made by the engine's sampler) gives the same rows; the shapes are
+    checked either way."""
+    cache = eng.encode(_ids(1, 4))
+    canvas = _ids(1, eng.config.canvas_length)
+    assert torch.equal(eng.model.denoise_hidden_rows(canvas, [cache], [None], check_ids=False),
+                       eng.model.denoise_hidden_rows(canvas, [cache], [None]))
+    with pytest.raises(DgemmaError, match="canvas must be a non-empty integer tensor"):
+        eng.model.denoise_hidden_rows(canvas.float(), [cache], [None], check_ids=False)

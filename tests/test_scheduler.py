@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from serve_fixture import pace_decoder
 
 from dgemma.engine import Engine
 from dgemma.random_checkpoint import random_engine
@@ -127,7 +128,7 @@ def test_a_failing_decoder_pass_fails_only_its_request(engine, monkeypatch):
     bad_cache = {}
     real_alone = model.denoise_hidden
 
-    def rows(canvas, caches, softs):
+    def rows(canvas, caches, softs, **kwargs):
         raise RuntimeError("batched pass failed")
 
     def one_row(canvas, cache, soft=None, prefix=None):
@@ -262,8 +263,7 @@ def test_an_emit_that_raises_neither_kills_the_worker_nor_doubles_a_terminal_eve
 
 
 def test_stopping_the_scheduler_answers_every_job_once_even_if_an_emit_raises(engine, monkeypatch):
-    monkeypatch.setattr(engine.model, "denoise_hidden_rows",
-                        lambda *a, rows=engine.model.denoise_hidden_rows: (__import__("time").sleep(0.05), rows(*a))[1])
+    pace_decoder(monkeypatch, engine, 0.05)
     sched = Scheduler(engine, max_batch=1)
     sched.start()
     jobs = [Job(ids=[2, 10 + i], emit=Raising(("error",)) if i == 0 else Collect(),

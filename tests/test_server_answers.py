@@ -146,8 +146,7 @@ def test_a_non_streamed_client_that_hangs_up_is_noticed_between_quick_blocks(ser
 
 
 def test_waiting_jobs_whose_clients_left_hold_no_place_in_the_queue(engine, monkeypatch):
-    monkeypatch.setattr(engine.model, "denoise_hidden_rows",
-                        lambda *a, rows=engine.model.denoise_hidden_rows: (time.sleep(0.05), rows(*a))[1])
+    pace_decoder(monkeypatch, engine, 0.05)
     sched = Scheduler(engine, max_batch=1, max_queue=2)
     sched.start()
     events = []
@@ -388,11 +387,11 @@ def test_a_failure_in_one_of_several_choices_fails_the_request(server, engine, m
     rows, one = model.denoise_hidden_rows, model.denoise_hidden
     calls = {"n": 0}
 
-    def flaky(canvas, caches, softs):
+    def flaky(canvas, caches, softs, **kwargs):
         calls["n"] += 1
         if calls["n"] >= 3:
             raise RuntimeError("injected decoder failure")
-        return rows(canvas, caches, softs)
+        return rows(canvas, caches, softs, **kwargs)
 
     def single(canvas, cache, soft=None, *args):
         if cache.length > 0 and calls["n"] >= 3 and int(canvas[0, 0]) % 3 == 0:

@@ -283,7 +283,7 @@ def run(opts: BenchOptions, *, log=print) -> dict:
                 eng.encode(prompt[r:r + 1, :max(1, prompt_len - 7 * r)], cache=cr)
                 caches.append(cr)
             softs = [soft[r:r + 1] for r in range(b)]
-            rows = measure(lambda: eng.model.denoise_hidden_rows(canvas, caches, softs), opts.iters, opts.warmup)
+            rows = measure(lambda: eng.model.denoise_hidden_rows(canvas, caches, softs, check_ids=False), opts.iters, opts.warmup)
             each = measure(lambda: [eng.model.denoise_hidden(canvas[r:r + 1], caches[r], softs[r])
                                     for r in range(b)], max(3, opts.iters // 4), 1)
             results.append(_row(f"server_decoder_pass_{opts.dtype}_b{b}", rows, step_roof, batch=b,

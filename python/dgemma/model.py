@@ -260,16 +260,19 @@ class DiffusionGemmaModel:
             pass
         return self.ops.rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps)
 
-    def denoise_hidden_rows(self, canvas: torch.Tensor, caches: list[KVCache], softs: list[torch.Tensor | None]
-                            ) -> torch.Tensor:
+    def denoise_hidden_rows(self, canvas: torch.Tensor, caches: list[KVCache], softs: list[torch.Tensor | None],
+                            *, check_ids: bool = True) -> torch.Tensor:
         """:meth:`denoise_hidden` of B independent sequences in one decoder pass: row r of ``canvas`` [B, C]
         attends to its own cache ``caches[r]`` (batch 1 each, any lengths) with self-conditioning input
         ``softs[r]`` ([1, C, H] or None). Where the ops compute each row whatever the others
         (``ops.rows_batch_invariant``: the FP8 CUDA path), every op but attention runs once over the B canvases
         (the weights are read once) and attention per row against its cache; elsewhere each row runs its own pass.
         Either way row r equals ``denoise_hidden(canvas[r:r+1], caches[r], softs[r])`` bit for bit (the server
-        batches its requests' steps this way, so a request's tokens do not depend on what else runs)."""
-        self._check_rows(canvas, caches, softs)
+        batches its requests' steps this way, so a request's tokens do not depend on what else runs).
+        ``check_ids=False`` skips the canvas ids' range check (a device sync on a GPU) for canvases the engine's own
+        sampler made (the scheduler's DecoderPass canvases); the arguments' shapes, types and devices are checked
+        either way."""
+        self._check_rows(canvas, caches, softs, check_ids)
         b, c = canvas.shape
         if not self.ops.rows_batch_invariant(self.w):  # one pass per row: the same bits as each row alone
             return torch.cat([self.denoise_hidden(canvas[r:r + 1], caches[r], softs[r]) for r in range(b)])
@@ -298,7 +301,7 @@ class DiffusionGemmaModel:
             x, h = self._layer(i, x, h, attend, lw.decoder_scalar, independent_rows=True)
         return ops.rms_norm(x, w.final_norm, eps)
 
-    def _check_rows(self, canvas, caches, softs) -> None:
+    def _check_rows(self, canvas, caches, softs, check_ids: bool) -> None:
         """Refuse, naming the argument, what denoise_hidden_rows cannot run (before any op sees it)."""
         cfg, dev, dtype = self.cfg, self.w.embed.device, self.w.embed.dtype
         if (not isinstance(canvas, torch.Tensor) or canvas.dim() != 2 or canvas.dtype == torch.bool
@@ -330,6 +333,8 @@ class DiffusionGemmaModel:
                 got = f"{list(s.shape)} {s.dtype} on {s.device}" if isinstance(s, torch.Tensor) else type(s).__name__
                 raise DgemmaError(f"denoise_hidden_rows: softs[{r}] must be None or a {dtype} tensor "
                                   f"[1, {c}, {cfg.hidden_size}] on {dev}, got {got}")
+        if not check_ids:
+            return
         low, high = (int(x) for x in canvas.aminmax())
         if low < 0 or high >= cfg.vocab_size:
             raise DgemmaError(f"denoise_hidden_rows: canvas holds token id {low if low < 0 else high}, outside "
