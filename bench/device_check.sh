@@ -134,6 +134,9 @@ if want sanitize; then
       DGEMMA_ERROR_REPEATS=2 timeout "${SANITIZER_S:-150}" "${SANITIZER:-compute-sanitizer}" --tool "$tool" \
         --error-exitcode 9 $PY -m pytest -q -m gpu -p no:cacheprovider "$f" >"$out" 2>&1
       rc=$?
+      # The first three reports whole (kind, kernel, thread, address, host frames): a tail shows only the last one's
+      # backtrace, and the output file does not come back.
+      grep -E -A16 -m 3 "^========= (Uninitialized|Invalid|Misaligned|Race|Barrier|Program hit|Error|Warning|Out-of-range|Unused|Cuda)" "$out" | head -60
       tail -n 8 "$out"
       echo "-> exit $rc after $(( $(date +%s) - t0 )) s in all"
       echo "$tool $f: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out" | tail -1)"

@@ -80,7 +80,7 @@ def test_fp8_self_conditioning_generates_like_the_bf16_pass(monkeypatch):
     cache = eng.encode(ids)
     canvas = torch.randint(0, eng.config.vocab_size, (2, eng.config.canvas_length), device="cuda")
     h = eng.model.denoise_hidden(canvas, cache)
-    sampler = PhiloxHeadSampler(eng.model, GenerationSettings(), torch.Generator().manual_seed(0), eng.device)
+    sampler = PhiloxHeadSampler(eng.model, GenerationSettings(), torch.Generator("cuda").manual_seed(0), eng.device)
     done = torch.zeros(2, dtype=torch.bool, device="cuda")
     soft_fp8 = sampler.step(h, canvas, 6, done).soft
     monkeypatch.delenv("DGEMMA_VOCAB_HEAD_SOFT")

@@ -798,8 +798,11 @@ def test_dense_gemm_clusters_give_the_same_bits(tmp_path):
 def test_stream_k_dense_gemms_agree_with_the_persistent_ones_and_repeat_exactly(tmp_path):
     """DGEMMA_DENSE_SCHEDULE=streamk (read once per process) runs the dense FP8 GEMMs on CUTLASS's stream-K scheduler:
     where tiles are fewer than SMs their K loops are shared out and the partial sums reduced in a fixed order, so the
-    outputs differ from the persistent kernel's only by the fp32 summation order (within a bf16 rounding or two, as
-    the FP8-faithful bound allows) and are the same bits run after run (every tile width: 7 to 1024 rows)."""
+    outputs differ from the persistent kernel's only by the summation order and are the same bits run after run (every
+    tile width: 7 to 1024 rows). One GEMM: within the FP8-faithful bound of one GEMM (QUANT_REL_TOL). The gated MLP
+    re-quantises its intermediate per row, so an ulp flip in a row's largest gelu·up value moves that row's E4M3 scale
+    and re-rounds the whole row: the re-quantised bound (QUANT_REL_TOL_REQUANTISED; an H200 measured 1.3e-2 at 7
+    rows, where one row is a seventh of the norm)."""
     rows = "7,65,256,333,1024"
     outs = {}
     for name, setting in (("persistent", "persistent"), ("streamk", "streamk"), ("again", "streamk")):
@@ -807,11 +810,14 @@ def test_stream_k_dense_gemms_agree_with_the_persistent_ones_and_repeat_exactly(
         assert r.returncode == 0, r.stderr[-3000:]
         outs[name] = torch.load(tmp_path / f"{name}.pt")
     assert outs["persistent"].keys() == outs["streamk"].keys()
+    over = []
     for key, plain in outs["persistent"].items():
         sk = outs["streamk"][key]
         assert torch.equal(sk, outs["again"][key]), key
         rel = ((sk.float() - plain.float()).norm() / plain.float().norm().clamp_min(1e-30)).item()
-        assert rel <= 1e-2, (key, rel)
+        if rel > (QUANT_REL_TOL_REQUANTISED if key.startswith("mlp.") else QUANT_REL_TOL):
+            over.append((key, rel))
+    assert not over, over
 
 
 def test_an_unknown_dense_schedule_is_refused_by_name(tmp_path):

@@ -366,6 +366,68 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(caplog):
     assert torch.equal(b.next_canvas, eb.next_canvas)
 
 
+def test_the_collector_is_paused_while_any_thread_captures_and_restored_after():
+    """A collection inside a capture can free an old CUDA graph on the capturing thread, which invalidates the
+    capture (seen on an H200: a random capture failed once an earlier test's cache became garbage). The pause nests
+    across threads: the collector comes back when the last capture ends, and only if it was on before."""
+    import gc
+    import threading
+
+    from dgemma.steps import _collector_paused
+
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        inside, release = threading.Event(), threading.Event()
+
+        def other_capture():
+            with _collector_paused():
+                inside.set()
+                release.wait(10)
+
+        t = threading.Thread(target=other_capture)
+        with _collector_paused():
+            assert not gc.isenabled()
+            t.start()
+            assert inside.wait(10)
+        assert not gc.isenabled()  # the other thread still captures
+        release.set()
+        t.join(10)
+        assert gc.isenabled()
+        with pytest.raises(RuntimeError, match="boom"):
+            with _collector_paused():
+                raise RuntimeError("boom")
+        assert gc.isenabled()
+        gc.disable()
+        with _collector_paused():
+            pass
+        assert not gc.isenabled()  # a collector the application turned off stays off
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def test_a_dropped_cache_frees_its_graph_stepper_without_the_collector():
+    """The stepper lives on its cache and refers to it weakly: dropping the cache frees the stepper and its graphs at
+    once (no cycle left for the collector, which may run at any time, also inside a later capture)."""
+    import gc
+    import weakref
+
+    eng = engine(fused=True)
+    cache = eng.new_cache(1, 64)
+    sampler = PhiloxHeadSampler(eng.model, GenerationSettings(), torch.Generator().manual_seed(0), eng.device)
+    stepper = cache._graph_stepper = CudaGraphStepper(eng.model, cache, sampler, graph_factory=ReplayCheckingFactory())
+    assert stepper.cache is cache
+    gone = weakref.ref(stepper)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        del stepper, cache
+        assert gone() is None
+    finally:
+        if was:
+            gc.enable()
+
+
 def test_cuda_graphs_are_refused_with_the_reason_where_a_step_cannot_be_captured(caplog):
     eng = engine(fused=True)
     eng.cuda_graphs = True

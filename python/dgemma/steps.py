@@ -20,7 +20,11 @@ A graph holds the addresses of the cache it was captured against, so graphs belo
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
+import threading
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -194,6 +198,19 @@ class CudaGraphStepper(FusedHeadStepper):
         self.stops_on_device = False  # generate runs the block's steps gated on the device (begin_block)
         self.blocks: dict[tuple, DeviceBlock] = {}
 
+    # The stepper lives on its cache (cache._graph_stepper) and refers to it weakly: no reference cycle, so a dropped
+    # cache frees its graphs' memory at once rather than at the collector's next pass.
+    @property
+    def cache(self) -> KVCache:
+        cache = self._cache()
+        if cache is None:
+            raise DgemmaError("this CUDA graph stepper's cache was freed")
+        return cache
+
+    @cache.setter
+    def cache(self, cache: KVCache) -> None:
+        self._cache = weakref.ref(cache)
+
     def bind(self, sampler: PhiloxHeadSampler) -> None:
         """Use this stepper's graphs for a new generation's sampler: it writes its scalars where they read."""
         sampler.scalars = self.scalars
@@ -366,11 +383,12 @@ def _view_commit_fits(cache: KVCache, t: int) -> bool:
 
 class CudaGraphFactory:
     """Captures a callable as a ``torch.cuda.CUDAGraph`` (the graph's memory in its own pool). Capture errors
-    are thread-local: another thread's CUDA calls (a server's) cannot invalidate it, nor it them."""
+    are thread-local: another thread's CUDA calls (a server's) cannot invalidate it, nor it them. A capture that
+    fails leaves the process as it found it (see :func:`capturing`)."""
 
     def capture(self, fn, device: torch.device):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with capturing(graph, device):
             out = fn()
         return graph, out
 
@@ -385,7 +403,7 @@ class CudaGraphFactory:
         ``pred`` is true when the replay reaches it. ``writes``: what ``fn`` writes (unused: a capture runs
         nothing)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with capturing(graph, device):
             graph.begin_capture_to_if_node(pred)
             try:
                 out = fn()
@@ -400,6 +418,53 @@ class CudaGraphFactory:
             torch.cuda.synchronize(device)
         except Exception:  # noqa: BLE001 - the eager step that follows reports a broken device itself
             pass
+
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0  # captures in progress (any thread) while the collector is paused
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while any thread captures: a collection inside a capture that frees
+    an old ``CUDAGraph`` (a dropped cache and its stepper form a cycle) destroys a graph on the capturing thread,
+    which CUDA forbids there: the capture was invalidated and failed at random."""
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+@contextlib.contextmanager
+def capturing(graph, device: torch.device):
+    """``torch.cuda.graph(graph)`` (thread-local capture errors) on ``device``, with the collector paused, that
+    leaves the process as it was when the capture fails. torch's context does not: when ending an invalidated
+    capture raises, it leaves its capture stream current on the thread (later work ran there, unordered with the
+    default stream) and the device's default generator in its capture state (every later CUDA random draw then
+    raised "Offset increment outside graph capture encountered unexpectedly")."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
+    saved = generator.clone_state()
+    stream = torch.cuda.current_stream(index)
+    with _collector_paused():
+        try:
+            with torch.cuda.device(index), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                yield
+        except BaseException:
+            torch.cuda.set_stream(stream)
+            generator.graphsafe_set_state(saved)
+            raise
 
 
 def graphs_supported(engine) -> str | None:
