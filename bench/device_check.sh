@@ -29,8 +29,9 @@
 #   profile   (not in the default) Nsight Compute on the kernels the step's profile ranks first, one launch each at
 #             the model's shapes: the head's statistics GEMM (batch 1 and 4; the two-pass variant's second pass at
 #             batch 1), the wgmma attention (sliding decode, batch 1), the tensor-core router (256 tokens), the
-#             expert GEMM (256 tokens) -> ncu_<name>.txt (every section with its details) and ncu_<name>_sass.txt
-#             (the SASS lines with the most stall samples)
+#             expert GEMM (256 tokens), and the router, dispatch plan and expert-branch residual of a real 256-row pass
+#             (dgemma bench) -> ncu_<name>.txt (every section with its details) and ncu_<name>_sass.txt (the SASS
+#             lines with the most stall samples)
 # The log ($OUT/device_check.log) records the device, driver, torch, commit, every command, its exit
 # status and output tail, and each sanitizer's ERROR SUMMARY line. Each command has its own time limit
 # (*_S variables), so one slow stage cannot eat the lease. Usage on the device machine:
@@ -179,7 +180,7 @@ if want bench; then
     done
   fi
   # The router's compiled tiles, one process each (the tile is read once per process).
-  for tile in ${ROUTE_TILES:-tc 4x8 8x8 2x8 1x8}; do
+  for tile in ${ROUTE_TILES:-tc tc_cluster tc_single 4x8 8x8 2x8 1x8}; do
     DGEMMA_ROUTE_TILE=$tile TAIL=6 run 60 $PY bench/bench_moe.py --router-only --tokens 256,1024,8192 \
       --out "$OUT/router_$tile.json"
   done
@@ -237,7 +238,7 @@ if want profile; then
   prof() {
     local name=$1 regex=$2 skip=$3; shift 3
     TAIL=12 run "${PROFILE_S:-150}" "$NCU" --kernel-name-base mangled --kernel-name "regex:$regex" --launch-skip "$skip" \
-      --launch-count 1 --set full --import-source yes -f -o "$OUT/ncu_$name" "$@"
+      --launch-count "${COUNT:-1}" --set full --import-source yes -f -o "$OUT/ncu_$name" "$@"
     "$NCU" --import "$OUT/ncu_$name.ncu-rep" --page details --print-details all >"$OUT/ncu_$name.txt" 2>&1
     "$NCU" --import "$OUT/ncu_$name.ncu-rep" --page source --print-source sass --csv >"$OUT/ncu_$name.csv" 2>&1
     $PY bench/ncu_hot_lines.py "$OUT/ncu_$name.csv" --top 60 >"$OUT/ncu_${name}_sass.txt" 2>&1
@@ -254,6 +255,13 @@ if want profile; then
     --cases decoder_sliding_p1023_b1 --out "$OUT/prof_attn.json"
   prof route_t256 route_tc_kernel 2 $PY bench/bench_moe.py --router-only --tokens 256 --iters 20 --out "$OUT/prof_moe.json"
   prof expert_gemm_t256 ContiguousSchedulerTag 2 $PY bench/bench_moe.py --moe-only --tokens 256 --iters 20 --out "$OUT/prof_moe.json"
+  # The glue kernels that took 10 of a batch-1 step's 22.5 GPU ms at c4fb56a (router 211 us, expert-branch residual
+  # 99 us, dispatch plan 22 us per layer: tens of times their traffic's worth), at a step's 256 rows: a 256-token prompt
+  # (every pass of this run has 256 rows), past its 30 layers (90 launches of the three), one launch of each.
+  COUNT=3 prof step_glue_b1 "route_tc_kernel|moe_plan_kernel|residual_norm_kernel" 90 $PY -m dgemma bench \
+    --precision fp8 --batch 1 --steps 1 --iters 1 --warmup 0 --cuda-graphs off --prompt-length 256 \
+    --prefill-lengths 256 \
+    --json "$OUT/prof_e2e.json"
   rm -f "$OUT"/prof_*.json
 fi
 rm -f "$OUT/last.txt"

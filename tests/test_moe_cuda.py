@@ -653,6 +653,54 @@ def test_contiguous_pipeline_rows_feed_the_residual_kernel_exactly(shared_layer,
         cuda.ffn_residual_experts(resid, rows, w[2], w[3], w[4], scalar, 1e-6)
 
 
+RESIDUAL_PROBE = r"""
+import sys, torch
+from dgemma import _ext
+lib = _ext.require_cuda()
+g = torch.Generator(device="cuda").manual_seed(17)
+out = {}
+for rows, dim, slots, top_k in ((1, 2816, 11, 8), (7, 2816, 11, 8), (256, 2816, 11, 8), (333, 1000, 5, 3),
+                                (3, 3072, 12, 9)):
+    down = (torch.randn(rows * slots + 5, dim, device="cuda", generator=g) * 2).bfloat16()
+    row_of = torch.randperm(rows * slots + 5, device="cuda", generator=g)[: rows * slots].view(rows, slots)
+    row_of = row_of.int().masked_fill(torch.rand(rows, slots, device="cuda", generator=g) < 0.1, -1)  # dropped slots
+    x = (torch.randn(rows, dim, device="cuda", generator=g) * 3).bfloat16()
+    w = [(torch.rand(dim, device="cuda", generator=g) + 0.5).bfloat16() for _ in range(4)]
+    scalar = torch.tensor([0.7], device="cuda").bfloat16()
+    res = torch.empty_like(x)
+    lib.ffn_residual_experts(x, down, row_of, top_k, w[0], w[1], w[2], scalar, res, 1e-6, _ext.current_stream(x.device))
+    res_q = torch.empty_like(x)
+    q = torch.empty(rows, dim, dtype=torch.float8_e4m3fn, device="cuda")
+    scale = torch.empty(rows, dtype=torch.float32, device="cuda")
+    lib.ffn_residual_experts(x, down, row_of, top_k, w[0], w[1], w[2], scalar, res_q, 1e-6,
+                             _ext.current_stream(x.device), w[3], q, scale)
+    out[f"{rows}x{dim}"] = (res.cpu(), res_q.cpu(), q.view(torch.uint8).cpu(), scale.cpu())
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_the_block_and_warp_residual_kernels_give_the_same_bits(tmp_path):
+    """DGEMMA_RESIDUAL_KERNEL (read once per process): "block" (the default) spreads a row's elementwise passes over a
+    block and sums on one warp in the per-warp kernel's order, "warp" is the per-warp kernel: the same output, FP8 codes
+    and scales bit for bit (1 to 333 rows, hidden 1000 to 3072, dropped slots). An unknown name is refused."""
+    import os
+    import subprocess
+    import sys
+
+    outs = {}
+    for name in ("block", "warp"):
+        r = subprocess.run([sys.executable, "-c", RESIDUAL_PROBE, str(tmp_path / f"{name}.pt")], capture_output=True,
+                           text=True, env=dict(os.environ, DGEMMA_RESIDUAL_KERNEL=name), timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[name] = torch.load(tmp_path / f"{name}.pt")
+    for key, block in outs["block"].items():
+        assert all(torch.equal(a, b) for a, b in zip(block, outs["warp"][key])), key
+        assert torch.isfinite(block[0].float()).all(), key
+    r = subprocess.run([sys.executable, "-c", RESIDUAL_PROBE, str(tmp_path / "x.pt")], capture_output=True, text=True,
+                       env=dict(os.environ, DGEMMA_RESIDUAL_KERNEL="grid"), timeout=300)
+    assert r.returncode != 0 and "DGEMMA_RESIDUAL_KERNEL=grid is not a residual kernel (block or warp)" in r.stderr
+
+
 def test_moe_fp8_validates_arguments(experts):
     gate_up, down = experts
     x = tokens(4, seed=1)
@@ -720,35 +768,44 @@ scale = (1 + 0.1 * torch.randn(h, device="cuda", generator=g)).to(torch.bfloat16
 proj = (torch.randn(e, h, device="cuda", generator=g) * h ** -0.5).to(torch.bfloat16)
 expert_scale = (1 + 0.1 * torch.randn(e, device="cuda", generator=g)).to(torch.bfloat16)
 w, ids = cuda_moe.route(x, scale, proj, expert_scale, 8, 1e-6)
-torch.save((w.cpu(), ids.cpu()), sys.argv[1])
+y = torch.randn(n, h, device="cuda", generator=g).to(torch.bfloat16)
+rw = (torch.rand(h, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+fused = cuda_moe.route(x, scale, proj, expert_scale, 8, 1e-6, residual=(y, rw))
+torch.save((w.cpu(), ids.cpu(), *(t.cpu() for t in fused)), sys.argv[1])
 """
 
 
 def test_every_router_tile_routes_identically(tmp_path):
     """The CUDA-core tiles (DGEMMA_ROUTE_TILE, read once per process) change only the launch shape: the same weights
-    and ids bit for bit, at a token count no tile divides. The tensor-core router (the default, "tc") sums each logit
-    in another order: the same experts but for near-ties, weights within float rounding. An unknown tile is refused
-    by name."""
+    and ids bit for bit, at a token count no tile divides, with and without the fused residual. The tensor-core router
+    (the default, "tc") sums each logit in another order: the same experts but for near-ties, weights within float
+    rounding; its launch shapes ("tc_cluster": every block's K chunks over a cluster of 8, here 49 clusters in several
+    waves, each rank summing and selecting two tokens; "tc_single": one block per 16 tokens) give the same bits as
+    "tc". An unknown tile is refused by name."""
     import os
     import subprocess
     import sys
 
     outs = {}
-    for tile in ("tc", "4x8", "8x8", "2x8", "1x8"):
+    for tile in ("tc", "tc_cluster", "tc_single", "4x8", "8x8", "2x8", "1x8"):
         path = tmp_path / f"{tile}.pt"
         r = subprocess.run([sys.executable, "-c", ROUTE_PROBE, str(path)], capture_output=True, text=True,
                            env=dict(os.environ, DGEMMA_ROUTE_TILE=tile), timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         outs[tile] = torch.load(path)
     tc = outs.pop("tc")
-    for tile, (w, ids) in outs.items():
-        assert torch.equal(ids, outs["4x8"][1]) and torch.equal(w, outs["4x8"][0]), tile
+    for tile in ("tc_cluster", "tc_single"):
+        assert all(torch.equal(a, b) for a, b in zip(outs.pop(tile), tc)), tile
+    for tile, got in outs.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, outs["4x8"])), tile
+    assert torch.equal(tc[4], outs["4x8"][4])  # the fused residual rows: the same arithmetic in every kernel
     same = (tc[1] == outs["4x8"][1]).all(dim=1)
     assert same.float().mean() >= 0.98, f"tensor-core router: {int((~same).sum())} of 777 tokens routed differently"
     torch.testing.assert_close(tc[0][same], outs["4x8"][0][same], rtol=1e-5, atol=1e-6)
     r = subprocess.run([sys.executable, "-c", ROUTE_PROBE, str(tmp_path / "x.pt")], capture_output=True, text=True,
                        env=dict(os.environ, DGEMMA_ROUTE_TILE="3x3"), timeout=300)
-    assert r.returncode != 0 and "DGEMMA_ROUTE_TILE=3x3 is not a compiled router tile (tc, 4x8, 8x8, 2x8, 1x8)" in r.stderr
+    names = "tc, 4x8, 8x8, 2x8, 1x8, tc_cluster, tc_single"
+    assert r.returncode != 0 and f"DGEMMA_ROUTE_TILE=3x3 is not a compiled router tile ({names})" in r.stderr
 
 
 DENSE_CLUSTER_PROBE = r"""

@@ -373,8 +373,10 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
 // zero, then the chunks in order: the same order whatever the launch shape, so a token routes the same alone or in
 // any batch. Few tokens leave most SMs idle (256 tokens: 16 blocks, each streaming all of proj), so then a block's
 // chunks are spread over a thread-block cluster of 8 blocks (launch_route_tc), one chunk each: every block's fp32
-// chunk partials stay in its shared memory, and cluster rank 0 adds them in chunk order over distributed shared
-// memory, rounds, selects, and alone stores the fused residual row.
+// chunk partials stay in its shared memory; rank r adds those of tokens 2r and 2r + 1 in chunk order over distributed
+// shared memory, rounds and selects them (the 8 ranks at once: rank 0 alone summing and selecting all 16 tokens made
+// the clustered launch slower than one block streaming every chunk, 211 vs 145 us on an H200 at c4fb56a), and rank 0
+// alone stores the fused residual rows.
 constexpr int kRouteTcTokens = 16;
 constexpr int kRouteTcWarps = 4;
 constexpr int kRouteTcK = 64;
@@ -408,16 +410,32 @@ __device__ __forceinline__ int route_swizzle(int row, int chunk, int row_chunks)
   return (row * row_chunks + (chunk ^ (row & 7))) * 8;
 }
 
-// The float at the same shared-memory offset as `local` in cluster rank `rank`'s block (distributed shared memory).
+// kVec consecutive floats at `local`'s shared-memory offset in each block of the cluster (v[r]: rank r's), over
+// distributed shared memory, every load issued before any is used: one round trip, not one per rank.
 // NOTE: mapa + ld.shared::cluster on 32-bit shared addresses; the generic pointers of cg's map_shared_rank made the
 // compiler spill here.
-__device__ __forceinline__ float load_cluster_shared(const float* local, int rank) {
+template <int kVec>
+__device__ __forceinline__ void load_cluster_ranks(const float* local, float (&v)[kRouteTcChunks][kVec]) {
+  static_assert(kVec == 1 || kVec == 2 || kVec == 4, "1, 2 or 4 floats per rank");
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(local));
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-  return v;
+  uint32_t remote[kRouteTcChunks];
+#pragma unroll
+  for (int r = 0; r < kRouteTcChunks; ++r)
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote[r]) : "r"(addr), "r"(r));
+#pragma unroll
+  for (int r = 0; r < kRouteTcChunks; ++r) {
+    if constexpr (kVec == 1) {
+      asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v[r][0]) : "r"(remote[r]) : "memory");
+    } else if constexpr (kVec == 2) {
+      asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];" : "=f"(v[r][0]), "=f"(v[r][1]) : "r"(remote[r])
+                   : "memory");
+    } else {
+      asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                   : "=f"(v[r][0]), "=f"(v[r][1]), "=f"(v[r][2]), "=f"(v[r][3])
+                   : "r"(remote[r])
+                   : "memory");
+    }
+  }
 }
 
 // kNTiles: n8 tiles per warp = experts / 32; kStages: the cp.async pipeline's depth.
@@ -525,7 +543,7 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
   cp_async_wait<0>();
 
   // 3. Logits to shared memory (accumulator layout: rows lane/4 and lane/4 + 8, two columns each): the chunk sums
-  // bf16-rounded, or with a cluster each rank's chunk partial, added in chunk order by rank 0 and rounded there.
+  // bf16-rounded, or with a cluster each rank's chunk partial (added in chunk order and rounded below).
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j) {
     const int col = n0 + j * 8 + 2 * (lane % 4);
@@ -535,35 +553,53 @@ __global__ void __launch_bounds__(kRouteTcWarps * 32)
 #pragma unroll
     for (int e = 0; e < 4; ++e) logits[at[e]] = clustered ? acc[j][e] : round_bf16(total[j][e]);
   }
+  // 4. Softmax, top-k, renormalise, one warp per token: the block's 16 tokens, or with a cluster this rank's share.
+  const float* rounded = logits;  // [tokens][kExperts], bf16-rounded sums
+  int first = 0, tokens_here = kRouteTcTokens;
   if (!clustered) {
     __syncthreads();
   } else {
+    // Rank r finishes tokens [r * kRows, (r + 1) * kRows): their chunk partials added in chunk (rank) order over
+    // distributed shared memory, 0 + chunk 0 first (the unclustered order exactly), rounded into the K tiles' stages
+    // (free now), then selected. The 8 ranks sum and select at once, each a round trip of loads.
+    constexpr int kRows = kRouteTcTokens / kRouteTcChunks;
+    constexpr int kPer = kRows * kExperts / (kRouteTcWarps * 32);  // consecutive logits per thread: 1, 2 or 4
+    static_assert(kRows * kRouteTcChunks == kRouteTcTokens && kPer * kRouteTcWarps * 32 == kRows * kExperts,
+                  "a rank's tokens' logits split evenly over its threads");
     cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every rank's chunk partials are in its shared memory
-    if (rank == 0) {
-      for (int i = threadIdx.x; i < kRouteTcTokens * kExperts; i += blockDim.x) {
-        // 0 + chunk 0 is chunk 0: the unclustered order exactly.
-        float v = 0.f + logits[i];
-        for (int r = 1; r < kRouteTcChunks; ++r) v += load_cluster_shared(logits + i, r);
-        logits[i] = round_bf16(v);
-      }
+    cluster.sync();  // every rank's chunk partials are in its shared memory, and no thread reads the K tiles any more
+    float* mine = reinterpret_cast<float*>(tiles);
+    float part[kRouteTcChunks][kPer];
+    load_cluster_ranks<kPer>(logits + rank * kRows * kExperts + threadIdx.x * kPer, part);
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      float v = 0.f + part[0][e];
+#pragma unroll
+      for (int r = 1; r < kRouteTcChunks; ++r) v += part[r][e];
+      mine[threadIdx.x * kPer + e] = round_bf16(v);
     }
-    cluster.sync();  // the other ranks' shared memory was read until here (and rank 0's logits are complete)
-    if (rank != 0) return;
+    cluster.sync();  // no rank reads another's shared memory past here; this rank's sums are complete
+    rounded = mine;
+    first = rank * kRows;
+    tokens_here = kRows;
   }
-
-  // 4. Softmax, top-k, renormalise.
-  for (int t = warp; t < kRouteTcTokens; t += kRouteTcWarps) {
-    if (t0 + t >= p.tokens) continue;
-    route_select(logits + t * kExperts, p.experts, p.top_k, p.expert_scale, p.weights + (t0 + t) * p.top_k,
-                 p.ids + (t0 + t) * p.top_k, lane);
+  for (int t = warp; t < tokens_here; t += kRouteTcWarps) {
+    const int64_t token = t0 + first + t;
+    if (token >= p.tokens) continue;
+    route_select(rounded + t * kExperts, p.experts, p.top_k, p.expert_scale, p.weights + token * p.top_k,
+                 p.ids + token * p.top_k, lane);
   }
 }
 
-// The cluster size of a tensor-core router launch: kRouteTcChunks (one K chunk per block) when the clusters of all
-// blocks fit one wave of `sms` multiprocessors, else 1. Either way each logit is summed in the same order.
-inline int route_tc_splits(int64_t blocks, int hidden, int sms) {
-  return blocks * kRouteTcChunks <= sms && hidden / kRouteTcK >= kRouteTcChunks ? kRouteTcChunks : 1;
+// When the tensor-core router spreads a block's K chunks over a cluster: auto (when the clusters of all blocks fit one
+// wave of the multiprocessors), always (where the hidden size has a K tile per chunk) or never. The tiles "tc",
+// "tc_cluster" and "tc_single" (kRouteTiles); the sums, so the routes, are the same in every mode.
+enum class RouteCluster { kAuto, kAlways, kNever };
+
+// The cluster size of a tensor-core router launch: kRouteTcChunks (one K chunk per block) or 1.
+inline int route_tc_splits(int64_t blocks, int hidden, int sms, RouteCluster mode = RouteCluster::kAuto) {
+  if (mode == RouteCluster::kNever || hidden / kRouteTcK < kRouteTcChunks) return 1;
+  return mode == RouteCluster::kAlways || blocks * kRouteTcChunks <= sms ? kRouteTcChunks : 1;
 }
 
 inline int multiprocessor_count() {
@@ -577,12 +613,12 @@ inline int multiprocessor_count() {
 }
 
 template <int kNTiles, int kStages>
-cudaError_t launch_route_tc_stages(const RouteParams& p, cudaStream_t stream) {
+cudaError_t launch_route_tc_stages(const RouteParams& p, cudaStream_t stream, RouteCluster mode) {
   const size_t smem = route_tc_smem_bytes(p.hidden, p.experts, kStages);
   cudaError_t err = allow_dynamic_smem<route_tc_kernel<kNTiles, kStages>>(smem);
   if (err != cudaSuccess) return err;
   const int64_t blocks = (p.tokens + kRouteTcTokens - 1) / kRouteTcTokens;
-  const int splits = route_tc_splits(blocks, p.hidden, multiprocessor_count());
+  const int splits = route_tc_splits(blocks, p.hidden, multiprocessor_count(), mode);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
   err = launch_kernel_clustered(route_tc_kernel<kNTiles, kStages>, grid, kRouteTcWarps * 32, smem, stream,
                                 dim3(1, static_cast<unsigned>(splits), 1), p);
@@ -597,13 +633,13 @@ cudaError_t launch_route_tc_stages(const RouteParams& p, cudaStream_t stream) {
 // memory at any hidden size), else 3 stages.
 // The depth changes when tiles arrive, not what is summed: the routes are the same either way.
 template <int kNTiles>
-cudaError_t launch_route_tc(const RouteParams& p, cudaStream_t stream) {
+cudaError_t launch_route_tc(const RouteParams& p, cudaStream_t stream, RouteCluster mode) {
   constexpr int kExperts = kNTiles * 8 * kRouteTcWarps;
   if constexpr (route_tc_smem_bytes(kRouteTcK, kExperts, kRouteTcDeepStages) <= kRouteMaxSmemBytes) {
     if (route_tc_stages(p.hidden, p.experts) == kRouteTcDeepStages)
-      return launch_route_tc_stages<kNTiles, kRouteTcDeepStages>(p, stream);
+      return launch_route_tc_stages<kNTiles, kRouteTcDeepStages>(p, stream, mode);
   }
-  return launch_route_tc_stages<kNTiles, kRouteTcStages>(p, stream);
+  return launch_route_tc_stages<kNTiles, kRouteTcStages>(p, stream, mode);
 }
 
 // A compiled router variant: the tensor-core kernel (tensor_cores) or route_kernel<tokens, warps>.
@@ -614,10 +650,11 @@ struct RouteTile {
 };
 
 // The variants compiled in, by name; the first is the default (the tensor-core kernel where its sizes fit,
-// else route_kernel<4, 8>).
+// else route_kernel<4, 8>). "tc_cluster" / "tc_single": the tensor-core kernel always / never clustered (RouteCluster).
 constexpr RouteTile kRouteTiles[] = {
     {kRouteTcTokens, kRouteTcWarps, true, "tc"}, {4, 8, false, "4x8"}, {8, 8, false, "8x8"},
-    {2, 8, false, "2x8"}, {1, 8, false, "1x8"}};
+    {2, 8, false, "2x8"}, {1, 8, false, "1x8"}, {kRouteTcTokens, kRouteTcWarps, true, "tc_cluster"},
+    {kRouteTcTokens, kRouteTcWarps, true, "tc_single"}};
 
 template <int T, int W>
 cudaError_t launch_route(const RouteParams& p, cudaStream_t stream) {
@@ -634,13 +671,16 @@ inline cudaError_t route(const RouteParams& p, cudaStream_t stream, int tile = 0
     case 2: return launch_route<8, 8>(p, stream);
     case 3: return launch_route<2, 8>(p, stream);
     case 4: return launch_route<1, 8>(p, stream);
-    default:
+    default: {
       if (!route_tc_fits(p.hidden, p.experts)) return launch_route<4, 8>(p, stream);
+      const RouteCluster mode = tile == 5 ? RouteCluster::kAlways : tile == 6 ? RouteCluster::kNever
+                                                                             : RouteCluster::kAuto;
       switch (p.experts) {
-        case 64: return launch_route_tc<2>(p, stream);
-        case 128: return launch_route_tc<4>(p, stream);
-        default: return launch_route_tc<8>(p, stream);
+        case 64: return launch_route_tc<2>(p, stream, mode);
+        case 128: return launch_route_tc<4>(p, stream, mode);
+        default: return launch_route_tc<8>(p, stream, mode);
       }
+    }
   }
 }
 

@@ -14,6 +14,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "kernels/residual_norm_limits.h"
@@ -235,6 +237,146 @@ __global__ void __launch_bounds__(kRmsNormWarpsPerBlock * 32)
   store_and_quantize(out_at, outr, dim, eps, lane, row, quant);
 }
 
+// The feed-forward residual with the expert pipeline's branches (bf16, the ffn form of residual_norm_kernel with eb),
+// one row per block of kBranchRowThreads threads. The per-warp kernel walks a row's ~6 passes (gather, three norms,
+// the output, the quantisation) with one warp, a long chain of dependent loads with 2 warps per multiprocessor at a
+// step's 256 rows (99 us per layer on an H200 at c4fb56a, for ~16 MB of expert rows). Here every elementwise pass is
+// spread over the block, each value staged in shared memory (bf16: every staged value is a bf16 value, so exact), and
+// only the sums of squares run on one warp each, over the staged values in for_row_elements' order and row_inv_rms'
+// butterfly: every fp32 sum, so every stored bit, is the per-warp kernel's (the maximum for the FP8 scale is
+// order-free). Shared memory: the row's two branches, their normed sum and the output, 4 x dim bf16.
+constexpr int kBranchRowThreads = 256;
+
+inline size_t branch_row_smem_bytes(int dim) { return 4 * static_cast<size_t>(dim) * sizeof(__nv_bfloat16); }
+
+static __global__ void __launch_bounds__(kBranchRowThreads)
+    residual_branches_row_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ wa,
+                                 const __nv_bfloat16* __restrict__ wb, const __nv_bfloat16* __restrict__ wc,
+                                 const __nv_bfloat16* __restrict__ scalar, __nv_bfloat16* __restrict__ out, int dim,
+                                 float eps, ResidualQuant<__nv_bfloat16> quant, ExpertBranches eb) {
+  pdl_begin();
+  using T = __nv_bfloat16;
+  extern __shared__ __align__(16) unsigned char branch_row_smem[];
+  T* mlp = reinterpret_cast<T*>(branch_row_smem);  // the dense MLP's branch (a)
+  T* moe = mlp + dim;                               // the experts' branch (b)
+  T* sum = moe + dim;                               // T(T(norm(a) * wa) + T(norm(b) * wb))
+  T* res = sum + dim;                               // the stored output
+  __shared__ float inv[4];                          // 1 / rms of a, b, the sum, the output
+  __shared__ float amax_of[kBranchRowThreads / 32];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t row = blockIdx.x;
+  const int64_t off = row * dim;
+  // 1. The branches: each 8-element chunk summed over the slots in slot order (gather_expert_branches' sums), every
+  // slot's load in flight at once.
+  const int32_t* ro = eb.row_of + row * eb.slots;
+  for (int c = 8 * tid; c < dim; c += 8 * kBranchRowThreads) {
+    float acc_mlp[8], acc_moe[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc_mlp[i] = acc_moe[i] = 0.f;
+    for (int k0 = 0; k0 < eb.slots; k0 += kBranchBatch) {
+      int r[kBranchBatch];
+      uint4 raw[kBranchBatch];
+#pragma unroll
+      for (int j = 0; j < kBranchBatch; ++j) r[j] = k0 + j < eb.slots ? ro[k0 + j] : -1;
+#pragma unroll
+      for (int j = 0; j < kBranchBatch; ++j)
+        raw[j] = r[j] >= 0 ? __ldcg(reinterpret_cast<const uint4*>(eb.down + static_cast<int64_t>(r[j]) * dim + c))
+                           : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int j = 0; j < kBranchBatch; ++j) {
+        if (r[j] < 0) continue;
+        float v[8];
+        unpack_bf16x8(raw[j], v);
+        const bool routed = k0 + j < eb.top_k;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          if (routed)
+            acc_moe[i] += v[i];
+          else
+            acc_mlp[i] += v[i];
+        }
+      }
+    }
+    store_bf16x8(mlp + c, acc_mlp);
+    store_bf16x8(moe + c, acc_moe);
+  }
+  __syncthreads();
+  // 2. Each branch's 1 / rms (warps 0 and 1).
+  if (warp < 2) {
+    const float r = row_inv_rms<T>(warp == 0 ? mlp : moe, dim, eps, lane);
+    if (lane == 0) inv[warp] = r;
+  }
+  __syncthreads();
+  // 3. The normed sum, elementwise (residual_norm_kernel's sum_at).
+  {
+    const float ra = inv[0], rb = inv[1];
+    for (int i = tid; i < dim; i += kBranchRowThreads) {
+      const float na = rounded<T>(__fmul_rn(__fmul_rn(to_float(mlp[i]), ra), to_float(wa[i])));
+      const float nb = rounded<T>(__fmul_rn(__fmul_rn(to_float(moe[i]), rb), to_float(wb[i])));
+      sum[i] = from_float<T>(__fadd_rn(na, nb));
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const float r = row_inv_rms<T>(sum, dim, eps, lane);
+    if (lane == 0) inv[2] = r;
+  }
+  __syncthreads();
+  // 4. The output, elementwise (out_at), stored and staged.
+  {
+    const float rs = inv[2], k = to_float(*scalar);
+    const T* xr = x + off;
+    T* outr = out + off;
+    for (int i = tid; i < dim; i += kBranchRowThreads) {
+      const float n = rounded<T>(__fmul_rn(__fmul_rn(to_float(sum[i]), rs), to_float(wc[i])));
+      const T v = from_float<T>(__fmul_rn(rounded<T>(__fadd_rn(to_float(xr[i]), n)), k));
+      outr[i] = v;
+      res[i] = v;
+    }
+  }
+  if (quant.q == nullptr) return;
+  __syncthreads();
+  // 5. The next GEMM's FP8 input (store_and_quantize): the output's 1 / rms, the block's maximum, the codes.
+  if (warp == 0) {
+    const float r = row_inv_rms<T>(res, dim, eps, lane);
+    if (lane == 0) inv[3] = r;
+  }
+  __syncthreads();
+  const float rq = inv[3];
+  float amax = 0.f;
+  for (int i = tid; i < dim; i += kBranchRowThreads)
+    amax = fmaxf(amax, fabsf(__bfloat162float(normed_value(to_float(res[i]), quant.weight, i, rq))));
+  amax = warp_max(amax);
+  if (lane == 0) amax_of[warp] = amax;
+  __syncthreads();
+  float m = 0.f;
+#pragma unroll
+  for (int w = 0; w < kBranchRowThreads / 32; ++w) m = fmaxf(m, amax_of[w]);
+  const float s = fp8_scale_from_amax(m);
+  uint8_t* qr = quant.q + off;
+  for (int i = tid; i < dim; i += kBranchRowThreads)
+    qr[i] = fp8_quantize(__bfloat162float(normed_value(to_float(res[i]), quant.weight, i, rq)), s);
+  if (tid == 0) quant.scale[row] = s;
+}
+
+// Which kernel sums the expert branches: DGEMMA_RESIDUAL_KERNEL = "block" (the default: residual_branches_row_kernel)
+// or "warp" (residual_norm_kernel's per-warp rows, for the A/B and triage); read once per process.
+inline bool residual_branches_by_block() {
+  static const int v = [] {
+    const char* s = std::getenv("DGEMMA_RESIDUAL_KERNEL");
+    if (s == nullptr || *s == '\0' || std::strcmp(s, "block") == 0) return 1;
+    if (std::strcmp(s, "warp") == 0) return 0;
+    return -1;
+  }();
+  return v == 1;
+}
+
+// Whether DGEMMA_RESIDUAL_KERNEL names a kernel (the launcher refuses it by name otherwise).
+inline bool residual_kernel_setting_known() {
+  const char* s = std::getenv("DGEMMA_RESIDUAL_KERNEL");
+  return s == nullptr || *s == '\0' || std::strcmp(s, "block") == 0 || std::strcmp(s, "warp") == 0;
+}
+
 // The decoder's input in one pass (bf16): x = T(T(table[ids[row]] * scale) [+ add[row]]) normed weightless,
 // out = T(x * rms(x)^-1), each step rounded as the reference's embed, add and rms_norm round it (python/dgemma/ops/
 // reference.py embed_norm); with quant.q also the first layer's FP8 attention input (store_and_quantize). An id
@@ -280,6 +422,12 @@ cudaError_t residual_norm(const T* x, const T* a, const T* b, const T* wa, const
                           const T* scalar, T* out, int64_t rows, int dim, float eps, cudaStream_t stream,
                           ResidualQuant<T> quant = {}, ExpertBranches eb = {}) {
   if (rows == 0) return cudaSuccess;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (eb.down != nullptr && residual_branches_by_block())
+      return launch_kernel_smem<residual_branches_row_kernel>(static_cast<unsigned>(rows), kBranchRowThreads,
+                                                              branch_row_smem_bytes(dim), stream, x, wa, wb, wc,
+                                                              scalar, out, dim, eps, quant, eb);
+  }
   const int64_t blocks = (rows + kRmsNormWarpsPerBlock - 1) / kRmsNormWarpsPerBlock;
   const size_t smem = eb.down != nullptr ? expert_branches_smem_bytes(dim) : 0;
   return launch_kernel(residual_norm_kernel<T>, static_cast<unsigned>(blocks), kRmsNormWarpsPerBlock * 32, smem,
