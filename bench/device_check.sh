@@ -20,9 +20,10 @@
 #             DGEMMA_VOCAB_HEAD=mma_sync (the head's older kernels; wgmma is the default) -> $OUT/e2e_head_mma_sync.json
 #             unless E2E_WGMMA is set empty; the same with DGEMMA_ATTENTION=mma_sync (auto is the default) ->
 #             $OUT/e2e_attention_mma_sync.json unless E2E_ATTENTION is set empty; and one run per opt-in kernel
-#             setting in E2E_VARIANTS (VARIABLE=value, default: the two-pass head statistics, the FP8
-#             self-conditioning product, stream-K and 2 x 2 clustered dense GEMMs, the stop decided on the device)
-#             -> $OUT/e2e_<variable>_<value>.json
+#             setting in E2E_VARIANTS (VARIABLE=value, default: the per-warp residual kernel, the router never and
+#             always clustered, the FP8 self-conditioning product, the two-pass head statistics; stream-K and 2 x 2
+#             clustered dense GEMMs lost at kernel level at c4fb56a, the device stop needs a torch with conditional
+#             graph nodes) -> $OUT/e2e_<variable>_<value>.json
 #   parity    (not in the default) bench/layer_parity.py at the 26B-A4B shapes -> layer_parity_26b.json,
 #             bench/fp8_gemm_precision.py -> fp8_gemm_precision.json, the attention split-KV sweep ->
 #             attention_splits.json
@@ -218,7 +219,7 @@ if want e2e; then
   fi
   # The opt-in kernels, each in a step of its own (VARIABLE=value -> e2e_<variable>_<value>.json, the variable's name
   # lower-cased without DGEMMA_): what a default change would give end to end.
-  for setting in ${E2E_VARIANTS-DGEMMA_VOCAB_HEAD_STATS=two_pass DGEMMA_VOCAB_HEAD_SOFT=fp8 DGEMMA_DENSE_SCHEDULE=streamk DGEMMA_DENSE_CLUSTER=2x2 DGEMMA_STOP_ON_DEVICE=1}; do
+  for setting in ${E2E_VARIANTS-DGEMMA_RESIDUAL_KERNEL=warp DGEMMA_ROUTE_TILE=tc_single DGEMMA_ROUTE_TILE=tc_cluster DGEMMA_VOCAB_HEAD_SOFT=fp8 DGEMMA_VOCAB_HEAD_STATS=two_pass}; do
     name="${setting%%=*}"; name="${name#DGEMMA_}"; name="$(echo "$name" | tr 'A-Z' 'a-z')_${setting#*=}"
     log "with $setting"
     (export "$setting"; TAIL=25 run "${E2E_S:-240}" $PY -m dgemma bench --precision fp8 --iters 8 --warmup 2 --steps 16 \
@@ -258,7 +259,7 @@ if want profile; then
   # The glue kernels that took 10 of a batch-1 step's 22.5 GPU ms at c4fb56a (router 211 us, expert-branch residual
   # 99 us, dispatch plan 22 us per layer: tens of times their traffic's worth), at a step's 256 rows: a 256-token prompt
   # (every pass of this run has 256 rows), past its 30 layers (90 launches of the three), one launch of each.
-  COUNT=3 prof step_glue_b1 "route_tc_kernel|moe_plan_kernel|residual_norm_kernel" 90 $PY -m dgemma bench \
+  COUNT=3 prof step_glue_b1 "route_tc_kernel|moe_plan_kernel|residual_branches_row_kernel|residual_norm_kernel" 90 $PY -m dgemma bench \
     --precision fp8 --batch 1 --steps 1 --iters 1 --warmup 0 --cuda-graphs off --prompt-length 256 \
     --prefill-lengths 256 \
     --json "$OUT/prof_e2e.json"

@@ -167,9 +167,13 @@ def test_device_check_runs_the_sanitizers_side_by_side_over_every_kernel_test_fi
     root = Path(__file__).resolve().parents[1]
     fake = tmp_path / "compute-sanitizer"
     # A stand-in sanitizer: racecheck is slow (it finishes last), and one file has an error under memcheck.
+    # Its first report is kept whole though 40 lines of backtrace follow it (the summary alone would hide its kind).
     fake.write_text('#!/usr/bin/env bash\ntool=$2; f="${@: -1}"\n[[ $tool == racecheck ]] && sleep 1\n'
                     'n=0; [[ $tool == memcheck && $f == tests/b.py ]] && n=3\n'
-                    'echo "ran $tool on $f"\necho "========= ERROR SUMMARY: $n errors"\n'
+                    'echo "ran $tool on $f"\n'
+                    'if [[ $n != 0 ]]; then echo "========= Invalid __global__ read of size 4 bytes"\n'
+                    'echo "=========     at bad_kernel+0x70"; for i in $(seq 40); do echo "=========   Host Frame: f$i"; '
+                    'done; fi\necho "========= ERROR SUMMARY: $n errors"\n'
                     '[[ $n == 0 ]] || exit 9\n')
     fake.chmod(0o755)
     out = tmp_path / "out"
@@ -186,3 +190,4 @@ def test_device_check_runs_the_sanitizers_side_by_side_over_every_kernel_test_fi
                             "memcheck tests/b.py: ========= ERROR SUMMARY: 3 errors"]
     assert "-> exit 9 " in log and log.index("ran racecheck on tests/a.py") < log.index("ran memcheck on tests/a.py")
     assert "--tool memcheck --error-exitcode 9" in log and not list(out.glob("sanitize_*"))
+    assert "Invalid __global__ read of size 4 bytes" in log and "at bad_kernel+0x70" in log

@@ -360,21 +360,15 @@ static __global__ void __launch_bounds__(kBranchRowThreads)
 }
 
 // Which kernel sums the expert branches: DGEMMA_RESIDUAL_KERNEL = "block" (the default: residual_branches_row_kernel)
-// or "warp" (residual_norm_kernel's per-warp rows, for the A/B and triage); read once per process.
-inline bool residual_branches_by_block() {
+// or "warp" (residual_norm_kernel's per-warp rows, for the A/B and triage), read once per process: 1, 0, or -1 for
+// another name (the launcher refuses it by name).
+inline int residual_kernel_setting() {
   static const int v = [] {
     const char* s = std::getenv("DGEMMA_RESIDUAL_KERNEL");
     if (s == nullptr || *s == '\0' || std::strcmp(s, "block") == 0) return 1;
-    if (std::strcmp(s, "warp") == 0) return 0;
-    return -1;
+    return std::strcmp(s, "warp") == 0 ? 0 : -1;
   }();
-  return v == 1;
-}
-
-// Whether DGEMMA_RESIDUAL_KERNEL names a kernel (the launcher refuses it by name otherwise).
-inline bool residual_kernel_setting_known() {
-  const char* s = std::getenv("DGEMMA_RESIDUAL_KERNEL");
-  return s == nullptr || *s == '\0' || std::strcmp(s, "block") == 0 || std::strcmp(s, "warp") == 0;
+  return v;
 }
 
 // The decoder's input in one pass (bf16): x = T(T(table[ids[row]] * scale) [+ add[row]]) normed weightless,
@@ -423,7 +417,7 @@ cudaError_t residual_norm(const T* x, const T* a, const T* b, const T* wa, const
                           ResidualQuant<T> quant = {}, ExpertBranches eb = {}) {
   if (rows == 0) return cudaSuccess;
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    if (eb.down != nullptr && residual_branches_by_block())
+    if (eb.down != nullptr && residual_kernel_setting() == 1)
       return launch_kernel_smem<residual_branches_row_kernel>(static_cast<unsigned>(rows), kBranchRowThreads,
                                                               branch_row_smem_bytes(dim), stream, x, wa, wb, wc,
                                                               scalar, out, dim, eps, quant, eb);

@@ -232,9 +232,11 @@ void ffn_residual_experts(const TensorArg& x, const TensorArg& down, const Tenso
     ::dgemma::throw_invalid("top_k is " + std::to_string(top_k) + ", expected 1.." + std::to_string(slots - 1) +
                             " (the routed slots of " + row_of.name + "'s " + std::to_string(slots) +
                             "; the rest are the dense MLP's)");
-  if (!kernels::residual_kernel_setting_known())
-    ::dgemma::throw_invalid(std::string("DGEMMA_RESIDUAL_KERNEL=") + std::getenv("DGEMMA_RESIDUAL_KERNEL") +
+  if (kernels::residual_kernel_setting() < 0) {
+    const char* name = std::getenv("DGEMMA_RESIDUAL_KERNEL");
+    ::dgemma::throw_invalid(std::string("DGEMMA_RESIDUAL_KERNEL=") + (name != nullptr ? name : "") +
                             " is not a residual kernel (block or warp)");
+  }
   kernels::ExpertBranches eb;
   eb.down = static_cast<const __nv_bfloat16*>(down.data);
   eb.row_of = static_cast<const int32_t*>(row_of.data);

@@ -87,7 +87,7 @@ TOP_KERNELS = 15
 # Environment variables that pick kernel variants inside the extension (read once per process), recorded in the JSON.
 KERNEL_SETTINGS = ("DGEMMA_VOCAB_HEAD_STATS", "DGEMMA_VOCAB_HEAD_SOFT", "DGEMMA_DENSE_SCHEDULE", "DGEMMA_DENSE_CLUSTER",
                    "DGEMMA_MOE_TILE", "DGEMMA_ROUTE_TILE", "DGEMMA_ATTENTION_PINGPONG", "DGEMMA_ATTENTION_STAGES",
-                   "DGEMMA_DISABLE_KERNELS", "DGEMMA_STOP_ON_DEVICE")
+                   "DGEMMA_DISABLE_KERNELS", "DGEMMA_STOP_ON_DEVICE", "DGEMMA_RESIDUAL_KERNEL")
 
 # The prefill lengths timed besides the prompt's when --prefill-lengths is not given, per preset.
 PREFILL_LENGTHS = {"26b-a4b": [4096]}
