@@ -454,11 +454,12 @@ def test_padded_plan_matches_reference(n, pad):
 
 
 @pytest.mark.parametrize("pad", [1, 32, 128])
-def test_multi_block_plan_equals_the_single_block_plan(pad):
-    """Large inputs (over 16,384 entries) are planned on every SM when the kernel has scratch: the same rows."""
-    n = 4099  # 32,792 entries: 33 chunks, the last one partial
+@pytest.mark.parametrize("n", [513, 1024, 4099])
+def test_multi_block_plan_equals_the_single_block_plan(pad, n):
+    """Large inputs (over 4,096 entries: 513 tokens and up at top-8) are planned on every SM when the kernel has
+    scratch: the same rows (4099 tokens: 32,792 entries, 33 chunks, the last one partial)."""
     ids, _ = random_routing(n, seed=pad, experts_used=E - 5)
-    ids[7, 3], ids[4000, 0] = -1, E
+    ids[7, 3], ids[n - 99, 0] = -1, E
     one = cuda_moe.plan(ids, E, pad=pad)
     many = cuda_moe.plan(ids, E, pad=pad, multi_block=True)
     ref = cuda_moe.plan_dispatch(ids, E, pad=pad)

@@ -256,8 +256,10 @@ static __global__ void __launch_bounds__(kPlanThreads)
   plan_assign_chunk(in, tokens, c0, plan_entry_expert(in, tokens, c0 + threadIdx.x), base, warp_count, out);
 }
 
-// Above this many entries the plan runs on every SM (when given scratch): a single block walks them in order.
-constexpr int kPlanSingleBlockMax = 16 * kPlanThreads;
+// Above this many entries the plan runs on every SM (when given scratch): a single block walks them in order, a chunk
+// of kPlanThreads entries after another (a step's 256 tokens x 11 slots: 3 chunks, 22 us per layer on an H200 at
+// c4fb56a; four canvases: 11 chunks, 52 us); the three kernels each take one pass.
+constexpr int kPlanSingleBlockMax = 4 * kPlanThreads;
 static_assert(kPlanSingleBlockMax <= kPlanHeldChunks * kPlanThreads,
               "a single-block plan holds all its entries' experts in registers (else it reads the rest again)");
 

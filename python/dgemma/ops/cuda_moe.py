@@ -141,7 +141,7 @@ def plan(ids: torch.Tensor, num_experts: int, *,
     :func:`plan_dispatch` for the order. ``out``: optional preallocated (offsets, row_of, row_expert).
     With ``pad > 1``: (offsets, row_of, row_expert, row_src, tile_expert, num_tiles) of the padded plan, row_expert
     and row_src sized for the worst padding (``N*k + E*(pad-1)`` rows; entries past ``offsets[E]`` unwritten).
-    ``multi_block``: give the kernel scratch so that a large input (over 16,384 entries) is planned on every SM, as
+    ``multi_block``: give the kernel scratch so that a large input (over 4,096 entries) is planned on every SM, as
     the MoE layer plans it; the rows are the same."""
     lib = _ext.require_cuda()
     scratch = None
