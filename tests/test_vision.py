@@ -155,6 +155,9 @@ def test_image_argument_errors(models):
         (dict(pixel_values=pixels, image_position_ids=positions.float()), "expected an integer tensor"),
         (dict(pixel_values=pixels[:, :10], image_position_ids=positions[:, :10]), "positive multiple of 9 patches"),
         (dict(pixel_values=pixels, image_position_ids=positions + 20000), "image_position_ids must lie in [-1, 10240)"),
+        # In range but no grid of these patches (transformers fails inside one_hot).
+        (dict(pixel_values=pixels, image_position_ids=positions + 50), "the patch positions do not form a grid of 3 "
+                                                                        "pooled 3x3 cells"),
     ]
     for kwargs, message in cases:
         with pytest.raises(DgemmaError) as e:

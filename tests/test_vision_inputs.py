@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import io
 import importlib.util
 import pathlib
 import sys
@@ -370,6 +371,55 @@ def test_load_video_samples_one_frame_per_second(video_files):
     assert vi.sample_frame_indices(3600, 30.0) == [i * 3600 // 60 for i in range(60)]  # 2 minutes: capped at 60
 
 
+def test_a_raw_stream_without_a_frame_count_is_decoded(av, tmp_path):
+    """An H.264 elementary stream has no frame count and cannot seek: its packets are counted, then the file is
+    opened again to decode (a rewind failed with 'Operation not permitted')."""
+    path = tmp_path / "raw.h264"
+    with av.open(str(path), "w", format="h264") as out:
+        stream = out.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(25):
+            frame = np.full((48, 64, 3), i * 9, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    video = vi.load_video(path, fps=1000)  # a raw stream states no rate: FFmpeg guesses one; every frame kept
+    assert video.frames.shape == (25, 48, 64, 3)
+    assert abs(int(video.frames[24].mean()) - 24 * 9) <= 3  # the last frame reached
+    assert np.array_equal(vi.load_video(path.read_bytes(), fps=1000).frames, video.frames)
+
+
+def test_a_long_video_is_refused_from_its_header(av, tmp_path, monkeypatch):
+    """max_seconds (the chat prompt's 60 s): a video whose last kept frame would fall at or past it is refused before
+    any frame is decoded (a 10-minute video was decoded for 590 s of frames first), naming its length."""
+    path = tmp_path / "long.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for _ in range(90):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    decoded = []
+    original = vi._decode_frames
+    monkeypatch.setattr(vi, "_decode_frames", lambda *a: decoded.append(1) or original(*a))
+    with pytest.raises(DgemmaError, match=r"video '.*long.mp4' is 90 s long; the model takes videos of at most 60 "
+                                          r"seconds \(1 frame per second\): trim it first"):
+        vi.load_video(path, max_seconds=60)
+    assert not decoded
+    assert len(vi.load_video(path, max_seconds=100).frames) == 60  # capped at 60 frames, spread over 90 s
+    with pytest.raises(DgemmaError, match=r"max_seconds=0 is not valid"):
+        vi.load_video(path, max_seconds=0)
+
+
+def test_extreme_sampling_rates_do_not_overflow():
+    assert vi.sample_frame_indices(100, 30.0, fps=1e308) == [i * 100 // 60 for i in range(60)]
+    assert vi.sample_frame_indices(100, 1e-308) == [i * 100 // 60 for i in range(60)]
+    assert vi.sample_frame_indices(100, 1e308) == [0]
+
+
 class _InterpolationMode(enum.Enum):
     BICUBIC = "bicubic"
 
@@ -476,12 +526,60 @@ def test_preprocess_video_matches_torchvision_processor(video_files):
 # ------------------------------------------------------------------------------------------------ errors
 
 
+def test_base64_strings_and_data_urls_decode_like_the_bytes(Image):
+    """As transformers' load_image: a string that is no file and decodes as base64 (64 characters or more), or a
+    data:image URL, is the encoded image; a short string stays a (missing) path."""
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(7 * 9 * 3, dtype=np.uint8).reshape(7, 9, 3)).save(buf, format="PNG")
+    raw = buf.getvalue()
+    want = vi.load_image(raw)
+    text = base64.b64encode(raw).decode()
+    assert np.array_equal(vi.load_image(text), want)
+    assert np.array_equal(vi.load_image("data:image/png;base64," + text), want)
+    assert np.array_equal(vi.load_image(text[:40] + "\n" + text[40:]), want)  # line-wrapped base64
+    with pytest.raises(DgemmaError, match=r"image file 'QUFB' does not exist"):
+        vi.load_image("QUFB")
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(Image, tmp_path, monkeypatch):
+    """An encoded image whose header declares more than MAX_DECODED_PIXELS is refused from its header: a 1-bit PNG
+    of a few KB declaring 151 Mpx took 2.4 GB to decode (Pillow only warns below twice its limit)."""
+    import tracemalloc
+
+    buf = io.BytesIO()
+    Image.new("1", (12288, 12288)).save(buf, format="PNG")
+    data = buf.getvalue()
+    assert len(data) < 100_000
+    path = tmp_path / "bomb.png"
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        for source, what in ((data, "image bytes"), (path, "image file")):
+            with pytest.raises(DgemmaError, match=rf"{what} .* declares 12288x12288 pixels \(151 Mpx\), more than "
+                                                  r"89 Mpx"):
+                vi.load_image(source)
+        assert tracemalloc.get_traced_memory()[1] < 50_000_000
+    finally:
+        tracemalloc.stop()
+    monkeypatch.setattr(vi, "MAX_DECODED_PIXELS", 100 * 100)
+    for size, ok in (((100, 100), True), ((101, 100), False)):
+        buf = io.BytesIO()
+        Image.new("RGB", size).save(buf, format="PNG")
+        if ok:
+            assert vi.load_image(buf.getvalue()).shape == (100, 100, 3)  # at the limit: decoded
+        else:
+            with pytest.raises(DgemmaError, match=r"declares 101x100 pixels"):
+                vi.load_image(buf.getvalue())
+
+
 def test_image_errors(Image, tmp_path):
     bad_file = tmp_path / "bad.png"
     bad_file.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     cases = [
         ("https://example.com/a.png", r"'https://example.com/a.png' is a URL; .*download it first"),
-        ("data:image/png;base64,AAAA", r"is a URL; dgemma does not fetch images"),
+        ("data:image/png;base64,AAAA", r"cannot decode image bytes <3 bytes"),
+        ("data:text/plain;base64,AAAA", r"image data URL 'data:text/plain;base64,AAAA'... is not a base64 image"),
+        ("x" * 4996 + ".png", r"image file 'x{110,}'... \(5000 characters\) does not exist"),
         (str(tmp_path / "missing.png"), r"image file '.*missing.png' does not exist"),
         (tmp_path, r"image path '.*' is not a file"),
         (b"not an image", r"cannot decode image bytes <12 bytes starting b'not an image'>"),
@@ -565,6 +663,25 @@ def test_video_errors(av, video_files, tmp_path):
         vi.preprocess_video("x")
     with pytest.raises(DgemmaError, match=r"max_soft_tokens=True is not supported"):
         vi.preprocess_video(vi.Video(frames, (0.0, 1.0)), max_soft_tokens=True)
+
+
+def test_an_image_past_the_towers_positions_is_named_in_a_chat():
+    """render_chat names the image (and its budget) whose patch grid reaches past the vision tower's position table,
+    rather than the image_position_ids tensor the caller never passed."""
+    from types import SimpleNamespace
+
+    from dgemma.prompts import _check_grid
+
+    wide = vi.preprocess_images([np.zeros((48, 48, 3), np.uint8), np.zeros((10, 4000, 3), np.uint8)],
+                                max_soft_tokens=560)
+    reach = int(wide.image_position_ids[1].max())
+    cfg = SimpleNamespace(vision=SimpleNamespace(position_embedding_size=reach))
+    with pytest.raises(DgemmaError, match=rf"image 1 is too elongated for this model: at max_image_tokens=560 its "
+                                          rf"patch grid reaches position {reach}, past the vision tower's {reach} "
+                                          r"positions"):
+        _check_grid(wide.image_position_ids, cfg, "image", "max_image_tokens=560")
+    _check_grid(wide.image_position_ids, SimpleNamespace(vision=SimpleNamespace(position_embedding_size=reach + 1)),
+                "image", "max_image_tokens=560")
 
 
 def test_prompt_errors():

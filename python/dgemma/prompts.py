@@ -96,6 +96,8 @@ def render_chat(engine, conversations: list[list[dict]], *, tools=None, thinking
     sizes = dict(patch_size=cfg.vision.patch_size, pooling_kernel_size=cfg.vision.pooling_kernel_size) \
         if cfg.vision is not None else {}
     inputs = preprocess_images(flat, max_soft_tokens=max_image_tokens, **sizes) if flat else None
+    if inputs is not None:
+        _check_grid(inputs.image_position_ids, cfg, "image", f"max_image_tokens={max_image_tokens}")
     counts = list(inputs.num_soft_tokens_per_image) if flat else []
     video_inputs = []
     rows = []
@@ -104,13 +106,15 @@ def render_chat(engine, conversations: list[list[dict]], *, tools=None, thinking
             text = expand_image_tokens(text, counts[:len(images)], tokens=tokens)
             counts = counts[len(images):]
         if videos:
-            loaded = [load_video(v) for v in videos]
+            # Refused from the header before any frame is decoded (a 10-minute video decoded 590 s first).
+            loaded = [load_video(v, max_seconds=MAX_VIDEO_SECONDS) for v in videos]
             for k, video in enumerate(loaded):
                 if video.timestamps and video.timestamps[-1] >= MAX_VIDEO_SECONDS:
                     raise DgemmaError(f"conversation {i}, video {k} runs past {video.timestamps[-1]:.0f} s; the model "
                                       f"takes videos of at most {MAX_VIDEO_SECONDS:.0f} seconds (1 frame per second): "
                                       f"trim it first")
             prepared = preprocess_video(loaded, **sizes)
+            _check_grid(prepared.video_position_ids, cfg, f"conversation {i}'s video frame", "its size")
             text = expand_video_tokens(text, prepared, tokens=tokens)
             video_inputs.append(prepared)
         rows.append(tok.encode(text))
@@ -120,6 +124,19 @@ def render_chat(engine, conversations: list[list[dict]], *, tools=None, thinking
     if video_inputs:
         out.update(_frames(video_inputs))
     return rows, out
+
+
+def _check_grid(positions: torch.Tensor, cfg, what: str, budget: str) -> None:
+    """Refuse images whose patch grid reaches past the vision tower's position table (a very elongated image on a
+    checkpoint with few positions), naming the image rather than the tensor the model would refuse."""
+    if cfg.vision is None:
+        return
+    size = cfg.vision.position_embedding_size
+    for j, reach in enumerate(positions.amax(dim=(1, 2)).tolist()):
+        if reach >= size:
+            raise DgemmaError(f"{what} {j} is too elongated for this model: at {budget} its patch grid reaches "
+                              f"position {reach}, past the vision tower's {size} positions (position_embedding_size);"
+                              f" crop it or give it fewer soft tokens")
 
 
 def _frames(videos: list) -> dict:

@@ -87,6 +87,11 @@ class VisionTower:
             width = pos[..., 0].max(dim=-1, keepdim=True)[0] + 1
             cell = torch.div(pos, k, rounding_mode="floor")
             index = cell[..., 0] + (width // k) * cell[..., 1]
+            if int(index.max()) >= length:  # positions that are no k x k grid of these patches (one_hot would fail)
+                raise DgemmaError(f"the patch positions do not form a grid of {length} pooled {k}x{k} cells: a patch "
+                                  f"at (x, y) = {tuple(pos.flatten(0, -2)[int(index.argmax())].tolist())} pools "
+                                  f"into cell {int(index.max())}; expected each image's positions to cover its "
+                                  f"patches row by row from (0, 0)")
             weights = F.one_hot(index.long(), length).float() / (k * k)  # [B, N, length]
             # NOTE: the pooled sum is rounded to the working dtype before the fp32 scaling, as the
             # reference does.

@@ -24,9 +24,12 @@ Pillow (images) and PyAV (video) are imported only when needed.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -150,8 +153,10 @@ def load_image(image: ImageLike, *, layout: str | None = None) -> np.ndarray:
       its EXIF orientation and converted with ``convert("RGB")``, exactly as ``transformers.image_utils.load_image``
       does for a path, then as a PIL image below. The first conversion drops an alpha band without compositing
       it (transparent pixels keep their stored colour); only a transparent colour key (GIF/PNG palette or
-      ``tRNS`` transparency) is still composited onto white. URLs (``http://``, ``https://``, ``data:``) are
-      refused: download the file first. transformers' base64-string form is not accepted.
+      ``tRNS`` transparency) is still composited onto white. As in transformers, a string that is not a file may be
+      the encoded image in base64 (64 characters or more) or a ``data:image/<type>;base64,`` URL; ``http://`` and
+      ``https://`` URLs are refused: download the file first. An encoded image declaring more than
+      ``MAX_DECODED_PIXELS`` (Pillow's limit, about 89 Mpx) is refused before decoding.
     * a ``PIL.Image.Image``: images with an alpha band or a ``transparency`` entry are composited onto white,
       others converted with ``convert("RGB")``; no EXIF rotation (transformers applies none to PIL inputs).
     * a numpy array or torch tensor of shape ``(H, W, C)`` or ``(C, H, W)`` with C in 1, 3, 4 (grey, RGB, RGBA).
@@ -180,30 +185,84 @@ def load_image(image: ImageLike, *, layout: str | None = None) -> np.ndarray:
                       f"a PIL image, a numpy array or a torch tensor")
 
 
+# The most pixels an encoded image may declare (Pillow's own MAX_IMAGE_PIXELS, about 89 Mpx): decoding is refused
+# above it before any pixel is decoded. Pillow only warns between one and two times its limit, so an 18 KB PNG
+# declaring 151 Mpx took 2.4 GB to decode (a server takes images from any client); the model sees at most ~2.6 Mpx.
+MAX_DECODED_PIXELS = 89_478_485
+
+# A string this long that is not a file and decodes as base64 is taken as an encoded image (transformers'
+# load_image takes base64 strings too); shorter ones are reported as missing files (a mistyped path).
+_BASE64_MIN_CHARS = 64
+_DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
+
+
 def _image_from_path(path: str | os.PathLike) -> np.ndarray:
     name = os.fsdecode(os.fspath(path))
+    if isinstance(path, str) and name.startswith("data:"):
+        data = _base64_image(name)
+        if data is None:
+            raise DgemmaError(f"image data URL {name[:60]!r}... is not a base64 image; expected "
+                              f"'data:image/<type>;base64,<data>'")
+        return _image_from_bytes(data)
     if _is_url(name):
         raise DgemmaError(f"image {name[:120]!r} is a URL; dgemma does not fetch images: download it first and "
                           f"pass the file path or its bytes")
+    shown = repr(name) if len(name) <= 200 else f"{name[:120]!r}... ({len(name)} characters)"
     if not os.path.exists(name):
-        raise DgemmaError(f"image file {name!r} does not exist")
+        data = _base64_image(name) if isinstance(path, str) else None
+        if data is not None:
+            return _image_from_bytes(data)
+        raise DgemmaError(f"image file {shown} does not exist")
     if not os.path.isfile(name):
-        raise DgemmaError(f"image path {name!r} is not a file")
+        raise DgemmaError(f"image path {shown} is not a file")
     Image, _ = _pil()
     try:
         with Image.open(name) as opened:
+            _check_declared_size(opened, f"image file {shown}")
             return _decoded_to_rgb(opened)
+    except DgemmaError:
+        raise
     except Exception as e:  # decoders raise many types (OSError, SyntaxError, struct.error, ...)
-        raise DgemmaError(f"cannot decode image file {name!r}: {e}") from None
+        raise DgemmaError(f"cannot decode image file {shown}: {e}") from None
+
+
+def _base64_image(text: str) -> bytes | None:
+    """The bytes of a base64 image string (optionally a ``data:image/...;base64,`` URL), or None where ``text`` is
+    too short or not base64."""
+    if text.startswith("data:"):
+        match = _DATA_URL.match(text)
+        if match is None:
+            return None
+        body = text[match.end():]
+    elif len(text) < _BASE64_MIN_CHARS:
+        return None
+    else:
+        body = text
+    try:
+        return base64.b64decode("".join(body.split()), validate=True) or None
+    except (ValueError, binascii.Error):
+        return None
 
 
 def _image_from_bytes(data: bytes) -> np.ndarray:
     Image, _ = _pil()
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            _check_declared_size(opened, f"image bytes {_describe(data)}")
             return _decoded_to_rgb(opened)
+    except DgemmaError:
+        raise
     except Exception as e:  # decoders raise many types (OSError, SyntaxError, struct.error, ...)
         raise DgemmaError(f"cannot decode image bytes {_describe(data)}: {e}") from None
+
+
+def _check_declared_size(opened: Any, what: str) -> None:
+    """Refuse an opened (not yet decoded) image whose header declares more than MAX_DECODED_PIXELS pixels."""
+    width, height = opened.size
+    if width * height > MAX_DECODED_PIXELS:
+        raise DgemmaError(f"{what} declares {width}x{height} pixels ({width * height / 1e6:.0f} Mpx), more than "
+                          f"{MAX_DECODED_PIXELS / 1e6:.0f} Mpx; the model sees at most ~2.6 Mpx of an image: scale "
+                          f"it down first")
 
 
 def _decoded_to_rgb(opened: Any) -> np.ndarray:
@@ -490,7 +549,8 @@ def sample_frame_indices(total_frames: int, video_fps: float, *, fps: float = 1.
     max_frames = _check_int("max_frames", max_frames)
     video_fps = _check_rate("video fps", video_fps)
     fps = _check_rate("fps", fps)
-    count = min(max(1, int(total_frames / video_fps * fps)), max_frames, total_frames)
+    # NOTE: the ratio capped before int(): an extreme rate makes it overflow to inf.
+    count = min(max(1, int(min(total_frames / video_fps * fps, total_frames))), max_frames, total_frames)
     return [i * total_frames // count for i in range(count)]
 
 
@@ -501,7 +561,8 @@ def _check_rate(name: str, value: Any) -> float:
     return float(value)
 
 
-def load_video(video: str | os.PathLike | bytes, *, fps: float = 1.0, max_frames: int = 60) -> Video:
+def load_video(video: str | os.PathLike | bytes, *, fps: float = 1.0, max_frames: int = 60,
+               max_seconds: float | None = None) -> Video:
     """Decode a video file (path or encoded bytes) with PyAV, keeping about ``fps`` frames per second.
 
     At most ``max_frames`` frames are kept (spread evenly over the whole video when the cap applies), see
@@ -510,10 +571,13 @@ def load_video(video: str | os.PathLike | bytes, *, fps: float = 1.0, max_frames
     header (``frames``, ``average_rate``), frame ``i`` is the i-th decoded frame converted to ``rgb24``, and its
     timestamp is ``i / average_rate``. Containers without a frame count in their header (Matroska, WebM) have
     their packets counted instead (transformers fails on them); a stream that ends before a sampled frame keeps
-    the frames it reached. URLs are refused: download the file first.
+    the frames it reached. URLs are refused: download the file first. ``max_seconds``: refuse, before decoding any
+    frame, a video whose last kept frame would be at or past this time (the chat prompt's 60 s).
     """
     fps = _check_rate("fps", fps)
     max_frames = _check_int("max_frames", max_frames)
+    if max_seconds is not None:
+        max_seconds = _check_rate("max_seconds", max_seconds)
     if isinstance(video, (str, os.PathLike)):
         name = os.fsdecode(os.fspath(video))
         if _is_url(name):
@@ -528,32 +592,49 @@ def load_video(video: str | os.PathLike | bytes, *, fps: float = 1.0, max_frames
     else:
         raise DgemmaError(f"cannot use {_describe(video)} as a video; expected a file path or encoded video bytes")
     av = _av()
+
+    def open_container():
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        return av.open(source)
+
     try:
-        with av.open(source) as container:
-            return _decode_sampled(container, fps, max_frames, video)
+        return _decode_sampled(open_container, fps, max_frames, video, max_seconds)
     except DgemmaError:
         raise
     except Exception as e:  # FFmpeg errors (av.FFmpegError, an OSError) and malformed streams
         raise DgemmaError(f"cannot decode video {_describe(video)}: {e}") from None
 
 
-def _decode_sampled(container: Any, fps: float, max_frames: int, video: Any) -> Video:
-    if not container.streams.video:
-        raise DgemmaError(f"video {_describe(video)} has no video stream")
-    stream = container.streams.video[0]
-    rate = stream.average_rate or stream.guessed_rate
-    if not rate:
-        raise DgemmaError(f"video {_describe(video)} does not state its frame rate")
-    video_fps = float(rate)
-    total = int(stream.frames)
-    if total <= 0:
-        total = sum(1 for packet in container.demux(stream) if packet.size > 0)
-        if total <= 0:
-            raise DgemmaError(f"video {_describe(video)} has no frames")
-    indices = sample_frame_indices(total, video_fps, fps=fps, max_frames=max_frames)
+def _decode_sampled(open_container, fps: float, max_frames: int, video: Any, max_seconds: float | None) -> Video:
+    with open_container() as container:
+        if not container.streams.video:
+            raise DgemmaError(f"video {_describe(video)} has no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate:
+            raise DgemmaError(f"video {_describe(video)} does not state its frame rate")
+        video_fps = float(rate)
+        total = int(stream.frames)
+        counted = total <= 0
+        if counted:  # no frame count in the header: the packets counted (the container is opened again to decode)
+            total = sum(1 for packet in container.demux(stream) if packet.size > 0)
+            if total <= 0:
+                raise DgemmaError(f"video {_describe(video)} has no frames")
+        indices = sample_frame_indices(total, video_fps, fps=fps, max_frames=max_frames)
+        if max_seconds is not None and indices[-1] / video_fps >= max_seconds:
+            raise DgemmaError(f"video {_describe(video)} is {total / video_fps:.0f} s long; the model takes videos "
+                              f"of at most {max_seconds:.0f} seconds ({fps:g} frame per second): trim it first")
+        if not counted:
+            return _decode_frames(container, stream, indices, video_fps, video)
+    # NOTE: reopened rather than rewound: raw streams (an .h264 elementary stream) cannot seek.
+    with open_container() as container:
+        return _decode_frames(container, container.streams.video[0], indices, video_fps, video)
+
+
+def _decode_frames(container: Any, stream: Any, indices: list[int], video_fps: float, video: Any) -> Video:
     wanted = set(indices)
     frames, kept = [], []
-    container.seek(0)
     for i, frame in enumerate(container.decode(stream)):
         if i > indices[-1]:
             break
