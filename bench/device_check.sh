@@ -32,7 +32,7 @@
 #             batch 1), the wgmma attention (sliding decode, batch 1), the tensor-core router (256 tokens), the
 #             expert GEMM (256 tokens), and the router, dispatch plan and expert-branch residual of a real 256-row pass
 #             (dgemma bench) -> ncu_<name>.txt (every section with its details) and ncu_<name>_sass.txt (the SASS
-#             lines with the most stall samples)
+#             lines with the most stall samples); PROFILES="step_glue_b1 route_t256 ..." runs only those
 # The log ($OUT/device_check.log) records the device, driver, torch, commit, every command, its exit
 # status and output tail, and each sanitizer's ERROR SUMMARY line. Each command has its own time limit
 # (*_S variables), so one slow stage cannot eat the lease. Usage on the device machine:
@@ -238,6 +238,8 @@ if want profile; then
   # view's hottest SASS lines (stall samples); the report file itself stays on the device.
   prof() {
     local name=$1 regex=$2 skip=$3; shift 3
+    # PROFILES (names, space-separated) runs only those; unset: every one.
+    [[ -z "${PROFILES:-}" || " $PROFILES " == *" $name "* ]] || return 0
     TAIL=12 run "${PROFILE_S:-150}" "$NCU" --kernel-name-base mangled --kernel-name "regex:$regex" --launch-skip "$skip" \
       --launch-count "${COUNT:-1}" --set full --import-source yes -f -o "$OUT/ncu_$name" "$@"
     "$NCU" --import "$OUT/ncu_$name.ncu-rep" --page details --print-details all >"$OUT/ncu_$name.txt" 2>&1
