@@ -19,14 +19,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(srv):
-    """``srv`` (an OpenAIServer) served over HTTP while the block runs; yields its base URL."""
-    import uvicorn
-
-    from dgemma.server import create_app
+def serving(srv, **options):
+    """``srv`` (an OpenAIServer) served over HTTP while the block runs, by the server ``dgemma serve`` runs
+    (dgemma.server.web_server; ``options`` go to it); yields its base URL."""
+    from dgemma.server import web_server
 
     port = free_port()
-    web = uvicorn.Server(uvicorn.Config(create_app(srv), host="127.0.0.1", port=port, log_level="warning"))
+    web = web_server(srv, host="127.0.0.1", port=port, log_level="warning", **options)
     thread = threading.Thread(target=web.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

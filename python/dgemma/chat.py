@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import re
 import threading
@@ -482,11 +483,18 @@ def parse_tool_call(body: str) -> dict:
     return {"name": m.group(1), "arguments": args}
 
 
+# The deepest nesting of lists and objects a tool call's arguments may have (deeper ones are malformed: the parser
+# recursed into a RecursionError on a model's `[[[...` ). Far beyond any function's parameters.
+MAX_ARGUMENT_DEPTH = 64
+
+
 class _ArgParser:
-    """Gemma 4's argument syntax: JSON with unquoted keys and strings delimited by <|"|>."""
+    """Gemma 4's argument syntax: JSON with unquoted keys and strings delimited by <|"|>. Numbers are finite JSON
+    numbers (Infinity would not be valid JSON in the OpenAI form; an integer past Python's digit limit is refused)."""
 
     def __init__(self, s: str, pos: int = 0):
         self.s, self.pos = s, pos
+        self.depth = 0
 
     def error(self, what: str):
         return DgemmaError(f"malformed tool call arguments at offset {self.pos}: {what} in {self.s[:80]!r}")
@@ -505,6 +513,15 @@ class _ArgParser:
         self.pos += 1
 
     def value(self):
+        if self.depth >= MAX_ARGUMENT_DEPTH:
+            raise self.error(f"lists and objects nested deeper than {MAX_ARGUMENT_DEPTH}")
+        self.depth += 1
+        try:
+            return self._value()
+        finally:
+            self.depth -= 1
+
+    def _value(self):
         c = self.peek()
         if self.s.startswith(STRING_DELIM, self.pos):
             end = self.s.find(STRING_DELIM, self.pos + len(STRING_DELIM))
@@ -532,13 +549,23 @@ class _ArgParser:
             m = re.compile(r'"(?:[^"\\]|\\.)*"').match(self.s, self.pos)
             if not m:
                 raise self.error("unterminated string")
+            try:
+                out = json.loads(m.group(0))
+            except ValueError as e:  # an invalid escape (\q)
+                raise self.error(f"invalid string ({e})") from None
             self.pos = m.end()
-            return json.loads(m.group(0))
+            return out
         m = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?|true|false|null").match(self.s, self.pos)
         if not m:
             raise self.error("expected a value")
+        try:
+            v = json.loads(m.group(0))
+        except ValueError as e:  # an integer past Python's int-string digit limit
+            raise self.error(f"number not readable ({e})") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise self.error(f"number {m.group(0)[:40]!r} is not finite")
         self.pos = m.end()
-        return json.loads(m.group(0))
+        return v
 
     def obj(self) -> dict:
         self.expect("{")

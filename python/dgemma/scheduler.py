@@ -107,6 +107,7 @@ class Scheduler:
         self.active: list[Job] = []
         self.lock = threading.Condition()
         self.running = False
+        self.refusing: str | None = None  # why new jobs are refused (refuse_waiting), if they are
         self.thread: threading.Thread | None = None
         self.stats = {"requests_total": 0, "requests_finished": 0, "requests_cancelled": 0, "requests_failed": 0,
                       "tokens_total": 0, "blocks_total": 0, "block_seconds_total": 0.0, "rounds_total": 0,
@@ -129,12 +130,24 @@ class Scheduler:
         if self.thread is not None:
             self.thread.join()
 
+    def refuse_waiting(self, why: str) -> None:
+        """End every job still waiting with a 503 ``why`` and refuse new ones (QueueFullError) from now on; the
+        running jobs go on (a server stopping: its clients need not wait for every queued generation to run)."""
+        with self.lock:
+            self.refusing = why
+            jobs, self.pending = list(self.pending), collections.deque()
+            for job in jobs:
+                self._end(job, "requests_failed", "error", JobError(why, 503))
+            self.lock.notify_all()
+
     def submit(self, job: Job) -> None:
         """Queue ``job``: a bad job raises DgemmaError, one the scheduler cannot take now QueueFullError."""
         self._check(job)
         with self.lock:
             if not self.running:
                 raise QueueFullError("the scheduler is not running")
+            if self.refusing is not None:
+                raise QueueFullError(self.refusing)
             self._drop_cancelled()
             if len(self.pending) >= self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting)")

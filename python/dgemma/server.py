@@ -185,6 +185,10 @@ def _strings(value):
             stack.extend(v)
 
 
+# The longest stop string taken: each is matched against the end of every block's text of every choice.
+MAX_STOP_CHARS = 1000
+
+
 def _stops(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -192,6 +196,9 @@ def _stops(body: dict) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise RequestError("'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
+    long = next((s for s in stops if len(s) > MAX_STOP_CHARS), None)
+    if long is not None:
+        raise RequestError(f"a stop string of {len(long)} characters: expected at most {MAX_STOP_CHARS}", param="stop")
     return stops
 
 
@@ -348,8 +355,10 @@ class OpenAIServer:
         tools_given = False
         if chat:
             messages = chat_messages(body.get("messages"))
-            self.check_length(sum(len(v) for m in messages for v in _strings(m)), "messages")
             tools = body.get("tools")
+            # The tools are written into the prompt too (4 MB of them took 5 s to render and tokenize).
+            chars = sum(len(v) for m in messages for v in _strings(m)) + sum(len(v) for v in _strings(tools))
+            self.check_length(chars, "messages")
             if tools is not None:
                 try:
                     check_tools(tools)
@@ -481,13 +490,50 @@ class OpenAIServer:
 # -- the web app ------------------------------------------------------------------------------------
 
 
-def create_app(server: OpenAIServer):
+# The largest request body read (413 past it: OpenAI's limit for a request with images), and how long its upload may
+# take (408 past it: a client that stalls mid-body held its connection, and a server's shutdown, indefinitely).
+MAX_BODY_BYTES = 50 << 20
+BODY_SECONDS = 120.0
+# Threads that turn request bodies into plans (JSON, chat templates, tokenizing, images): apart from the threads that
+# decode answers, so a burst of costly requests cannot hold back the blocks of answers being streamed.
+PARSE_THREADS = 2
+
+
+async def _read_body(request, limit: int, seconds: float) -> bytes:
+    """The request's body, at most ``limit`` bytes, arrived within ``seconds`` (RequestError 413 / 408)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"the request body is {int(declared)} bytes; this server takes at most {limit}",
+                           status=413, code="request_too_large")
+    chunks, size = [], 0
+
+    async def read():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"the request body is over {limit} bytes; this server takes at most {limit}",
+                                   status=413, code="request_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), seconds)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {seconds:g} s ({size} bytes came)", status=408,
+                           code="request_timeout") from None
+    return b"".join(chunks)
+
+
+def create_app(server: OpenAIServer, *, max_body_bytes: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS):
     """The FastAPI application around ``server`` (its scheduler starts and stops with the app)."""
+    from concurrent.futures import ThreadPoolExecutor
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="dgemma-parse")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -496,6 +542,7 @@ def create_app(server: OpenAIServer):
             yield
         finally:
             server.scheduler.stop()
+            parsers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="dgemma", lifespan=lifespan)
 
@@ -543,7 +590,8 @@ def create_app(server: OpenAIServer):
 
     async def run(request: Request, chat: bool):
         try:
-            plan = await asyncio.to_thread(parse, await request.body(), chat)
+            raw = await _read_body(request, max_body_bytes, body_seconds)
+            plan = await asyncio.get_running_loop().run_in_executor(parsers, parse, raw, chat)
         except RequestError as e:
             return error(e)
         except DgemmaError as e:
@@ -747,11 +795,14 @@ def _stop_prefix(text: str, stops: list[str]) -> int:
         tail = text[-(len(stop) - 1):] if len(stop) > 1 else ""
         if not tail:
             continue
-        fail, k = [0] * len(stop), 0  # fail[q]: the longest proper prefix of stop[:q + 1] that ends it
-        for q in range(1, len(stop)):
-            while k and stop[q] != stop[k]:
+        # fail[q]: the longest proper prefix of stop[:q + 1] that ends it; only the first len(tail) + 1 characters
+        # can take part in a match of the tail.
+        pattern = stop[:len(tail) + 1]
+        fail, k = [0] * len(pattern), 0
+        for q in range(1, len(pattern)):
+            while k and pattern[q] != pattern[k]:
                 k = fail[k - 1]
-            k += stop[q] == stop[k]
+            k += pattern[q] == pattern[k]
             fail[q] = k
         k = 0  # the longest prefix of stop that the tail read so far ends with (never all of it: the tail is shorter)
         for ch in tail:
@@ -910,18 +961,47 @@ def listen_sockets(host: str, port: int) -> list:
     return socks
 
 
+# How long a stopping server (SIGINT, SIGTERM) lets the generations it is running finish and their clients read
+# them; then the connections still open are closed. Generations still waiting are answered 503 at once.
+SHUTDOWN_SECONDS = 30.0
+
+
+def web_server(server: OpenAIServer, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               shutdown_seconds: float = SHUTDOWN_SECONDS, **app_options):
+    """The uvicorn server of ``server``'s app (:func:`create_app`; ``app_options`` go there): ``.run(sockets=...)``
+    serves until a stop signal. Stopping answers the waiting generations 503 at once (they were all generated
+    first, one batch after another), lets the running ones finish for at most ``shutdown_seconds`` (a client
+    stalled mid-request kept the server from ever exiting), then closes what is still open."""
+    import logging
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started:  # uvicorn logs where it listens only for the sockets it binds itself
+                where = f"[{host}]" if ":" in host else host
+                logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                                        where, port)
+
+        async def shutdown(self, sockets=None):
+            server.scheduler.refuse_waiting("the server is shutting down")
+            await super().shutdown(sockets=sockets)
+
+    return Server(uvicorn.Config(create_app(server, **app_options), host=host, port=port, log_level=log_level,
+                                 timeout_graceful_shutdown=shutdown_seconds))
+
+
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           max_context: int | None = None, served_model_name: str | None = None, device=None, dtype=None,
           quantization=None, log_level: str = "info") -> None:
     """Load ``model`` and serve it until interrupted. The host and port are bound first: one that cannot be
     listened on raises a DgemmaError before any weights load."""
-    import logging
+    import importlib.util
     import os
 
-    try:
-        import uvicorn
-    except ImportError:
-        raise DgemmaError("dgemma serve needs FastAPI and uvicorn: pip install 'dgemma[serve]'") from None
+    if any(importlib.util.find_spec(name) is None for name in ("uvicorn", "fastapi")):
+        raise DgemmaError("dgemma serve needs FastAPI and uvicorn: pip install 'dgemma[serve]'")
     from .loading import load
 
     if served_model_name is not None and not served_model_name.strip():
@@ -931,17 +1011,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
         eng = load(model, device=device, dtype=dtype, quantization=quantization, max_batch=max_batch,
                    max_context=max_context)
         name = os.path.basename(os.path.abspath(model)) if served_model_name is None else served_model_name
-        app = create_app(OpenAIServer(eng, model_name=name, max_batch=max_batch, max_context=max_context))
-
-        class Server(uvicorn.Server):
-            async def startup(self, sockets=None):
-                await super().startup(sockets=sockets)
-                if self.started:  # uvicorn logs where it listens only for the sockets it binds itself
-                    where = f"[{host}]" if ":" in host else host
-                    logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
-                                                            where, port)
-
-        Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=socks)
+        web_server(OpenAIServer(eng, model_name=name, max_batch=max_batch, max_context=max_context), host=host,
+                   port=port, log_level=log_level).run(sockets=socks)
     finally:
         for sock in socks:
             sock.close()
