@@ -171,18 +171,29 @@ def test_a_capture_survives_old_graphs_becoming_garbage():
     class Holder:
         pass
 
+    holders = []
     for _ in range(3):
         h = Holder()
         h.me = h
         h.graph, _ = factory.capture(lambda: x + 1, dev)
-        del h
+        holders.append(h)
+    gone = []
+
+    def body():
+        # Inside the capture: the collector is off, and the old graphs become cyclic garbage only now (any collection
+        # before the capture found them alive), then allocations that would trigger a collection at threshold 1.
+        gone.append(gc.isenabled())
+        holders.clear()
+        return [x + i for i in range(50)][-1]
+
     old = gc.get_threshold()
     gc.set_threshold(1, 1, 1)
     try:
-        graph, out = factory.capture(lambda: [x + i for i in range(50)][-1], dev)
+        graph, out = factory.capture(body, dev)
     finally:
         gc.set_threshold(*old)
-    gc.collect()
+    assert gone == [False] and gc.isenabled()
+    gc.collect()  # the old graphs are freed here, outside any capture
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, x + 49)

@@ -120,6 +120,7 @@ class Scheduler:
             if self.running:
                 return
             self.running = True
+            self.refusing = None
         self.thread = threading.Thread(target=self._loop, name="dgemma-scheduler", daemon=True)
         self.thread.start()
 
@@ -135,10 +136,11 @@ class Scheduler:
         running jobs go on (a server stopping: its clients need not wait for every queued generation to run)."""
         with self.lock:
             self.refusing = why
+            self._drop_cancelled()  # clients already gone: cancelled (499), not failed
             jobs, self.pending = list(self.pending), collections.deque()
-            for job in jobs:
-                self._end(job, "requests_failed", "error", JobError(why, 503))
             self.lock.notify_all()
+        for job in jobs:  # outside the lock: a client's emit may take its time
+            self._end(job, "requests_failed", "error", JobError(why, 503))
 
     def submit(self, job: Job) -> None:
         """Queue ``job``: a bad job raises DgemmaError, one the scheduler cannot take now QueueFullError."""

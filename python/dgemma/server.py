@@ -533,16 +533,16 @@ def create_app(server: OpenAIServer, *, max_body_bytes: int = MAX_BODY_BYTES, bo
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="dgemma-parse")
-
     @asynccontextmanager
     async def lifespan(app):
+        # Made per start: an app started again (a test client entered twice) gets a fresh pool.
+        app.state.parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="dgemma-parse")
         server.scheduler.start()
         try:
             yield
         finally:
             server.scheduler.stop()
-            parsers.shutdown(wait=False, cancel_futures=True)
+            app.state.parsers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="dgemma", lifespan=lifespan)
 
@@ -591,7 +591,7 @@ def create_app(server: OpenAIServer, *, max_body_bytes: int = MAX_BODY_BYTES, bo
     async def run(request: Request, chat: bool):
         try:
             raw = await _read_body(request, max_body_bytes, body_seconds)
-            plan = await asyncio.get_running_loop().run_in_executor(parsers, parse, raw, chat)
+            plan = await asyncio.get_running_loop().run_in_executor(request.app.state.parsers, parse, raw, chat)
         except RequestError as e:
             return error(e)
         except DgemmaError as e:

@@ -456,10 +456,11 @@ def capturing(graph, device: torch.device):
     index = device.index if device.index is not None else torch.cuda.current_device()
     generator = torch.cuda.default_generators[index]
     saved = generator.clone_state()
-    stream = torch.cuda.current_stream(index)
-    with _collector_paused():
+    # NOTE: the restore inside the device's context: setting a stream also makes its device current.
+    with _collector_paused(), torch.cuda.device(index):
+        stream = torch.cuda.current_stream(index)
         try:
-            with torch.cuda.device(index), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 yield
         except BaseException:
             torch.cuda.set_stream(stream)

@@ -193,13 +193,13 @@ MAX_DECODED_PIXELS = 89_478_485
 # A string this long that is not a file and decodes as base64 is taken as an encoded image (transformers'
 # load_image takes base64 strings too); shorter ones are reported as missing files (a mistyped path).
 _BASE64_MIN_CHARS = 64
-_DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
+_DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII | re.IGNORECASE)
 
 
 def _image_from_path(path: str | os.PathLike) -> np.ndarray:
     name = os.fsdecode(os.fspath(path))
-    if isinstance(path, str) and name.startswith("data:"):
-        data = _base64_image(name)
+    if isinstance(path, str) and name.lstrip()[:5].lower() == "data:":
+        data = _base64_image(name.strip())
         if data is None:
             raise DgemmaError(f"image data URL {name[:60]!r}... is not a base64 image; expected "
                               f"'data:image/<type>;base64,<data>'")
@@ -209,9 +209,13 @@ def _image_from_path(path: str | os.PathLike) -> np.ndarray:
                           f"pass the file path or its bytes")
     shown = repr(name) if len(name) <= 200 else f"{name[:120]!r}... ({len(name)} characters)"
     if not os.path.exists(name):
-        data = _base64_image(name) if isinstance(path, str) else None
+        # Not for what reads as a path (absolute, home, relative): a missing file stays a missing file.
+        data = _base64_image(name) if isinstance(path, str) and not name.startswith(("/", "~", ".")) else None
         if data is not None:
-            return _image_from_bytes(data)
+            try:
+                return _image_from_bytes(data)
+            except DgemmaError as e:
+                raise DgemmaError(f"image file {shown} does not exist, nor is it a base64 image ({e})") from None
         raise DgemmaError(f"image file {shown} does not exist")
     if not os.path.isfile(name):
         raise DgemmaError(f"image path {shown} is not a file")
@@ -229,7 +233,7 @@ def _image_from_path(path: str | os.PathLike) -> np.ndarray:
 def _base64_image(text: str) -> bytes | None:
     """The bytes of a base64 image string (optionally a ``data:image/...;base64,`` URL), or None where ``text`` is
     too short or not base64."""
-    if text.startswith("data:"):
+    if text[:5].lower() == "data:":
         match = _DATA_URL.match(text)
         if match is None:
             return None
@@ -576,8 +580,9 @@ def load_video(video: str | os.PathLike | bytes, *, fps: float = 1.0, max_frames
     """
     fps = _check_rate("fps", fps)
     max_frames = _check_int("max_frames", max_frames)
-    if max_seconds is not None:
-        max_seconds = _check_rate("max_seconds", max_seconds)
+    if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
+                                    or not math.isfinite(max_seconds) or max_seconds <= 0):
+        raise DgemmaError(f"max_seconds={max_seconds!r} is not valid; expected a positive number of seconds")
     if isinstance(video, (str, os.PathLike)):
         name = os.fsdecode(os.fspath(video))
         if _is_url(name):
