@@ -227,7 +227,7 @@ def test_stopping_on_the_device_gives_the_tokens_of_the_host_loop(monkeypatch, c
     from dgemma.steps import CudaGraphFactory, CudaGraphStepper
 
     why = CudaGraphFactory().conditional_unsupported()
-    if why is not None:  # e.g. torch 2.11: DGEMMA_STOP_ON_DEVICE=1 then warns and stops on the host (tests/test_steps.py)
+    if why is not None:  # e.g. torch 2.11: DGEMMA_STOP_ON_DEVICE=1 warns and stops on the host (tests/test_steps.py)
         pytest.skip(why)
     eng = _engine()
     ids = torch.randint(3, eng.config.vocab_size, (2, 100), device="cuda")
