@@ -249,3 +249,78 @@ def test_cli_help_documents_every_option():
                 "--show-drafts", "--quantization"):
         assert opt in r.stdout
     assert "--system" in cli("chat", "--help").stdout
+
+
+def test_a_session_takes_max_length_as_generate_does(eng, tmp_path):
+    """A session's budget resolves as generate's: the call's max_new_tokens, else the call's max_length, else the
+    session's max_new_tokens when it was given one, else the engine's settings (a max_length of
+    generation_config.json included). The session used to pass its own max_new_tokens always, so max_length was
+    ignored (64 or 256 tokens instead of 16)."""
+    msgs = [{"role": "user", "content": "hi"}]
+    prompt = len(eng.tokenizer.encode(eng.chat_template.render(msgs)))
+    kw = dict(eos_token_id=[], seed=0, max_denoising_steps=2)
+    canvas = eng.config.canvas_length
+    r = eng.chat(max_new_tokens=4 * canvas).send("hi", max_length=prompt + canvas, **kw)
+    assert r.new_tokens.shape[1] == canvas
+    assert eng.chat(max_new_tokens=4 * canvas).send("hi", **kw).new_tokens.shape[1] == 4 * canvas
+    path = tmp_path / "ckpt"
+    write_chat_checkpoint(path)
+    config = json.loads((path / "generation_config.json").read_text())
+    config.pop("max_new_tokens", None)
+    config["max_length"] = prompt + canvas
+    (path / "generation_config.json").write_text(json.dumps(config))
+    short = dgemma.load(path, dtype=torch.float32)
+    assert short.generate(msgs, **kw).new_tokens.shape[1] == canvas
+    session = short.chat()
+    assert session.send("hi", **kw).new_tokens.shape[1] == canvas
+    assert session.budget == -(-(prompt + canvas) // canvas) * canvas  # rollback room for the longest answer
+
+
+def test_a_session_keeps_its_own_copy_of_each_message_and_the_tools(eng):
+    """The caller's dicts may change after a turn: the history keeps what was sent (a message dict reused with new
+    content rewrote turn 1, and the next turn re-encoded and answered a conversation never had)."""
+    tools = [{"type": "function", "function": {"name": "weather", "description": "The weather.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    session = eng.chat(tools=tools)
+    tools[0]["function"]["name"] = "changed"
+    msg = {"role": "user", "content": "hello"}
+    kw = dict(seed=0, max_denoising_steps=2, max_new_tokens=8)
+    session.send(msg, **kw)
+    msg["content"] = "What is the weather in Paris?"
+    session.send(msg, **kw)
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["hello",
+                                                                              "What is the weather in Paris?"]
+    assert session.tools[0]["function"]["name"] == "weather"
+    # Only the new turn was encoded: the first turn and its reply stayed in the cache.
+    turn = len(eng.tokenizer.encode(eng.chat_template.render(session.messages[:3], tools=session.tools)))
+    assert session.reencoded_tokens < len(session.cached_ids) - turn + 64
+
+
+def test_a_session_past_its_context_names_the_sessions_remedy(eng):
+    session = eng.chat(context=64)
+    with pytest.raises(dgemma.CacheFullError, match=r"positions .* but this session's context is 64: start the "
+                                                   r"session with eng.chat\(context=...\)"):
+        session.send("hi " * 60, seed=0, max_new_tokens=32, max_denoising_steps=2)
+    assert session.messages == [] and session.cache is None
+    assert session.send("hi", seed=0, max_new_tokens=8, max_denoising_steps=2).responses  # still usable
+
+
+def test_truncating_to_nothing_resets_the_high_water_mark():
+    """After truncate(0) every position is written again before it is read: a cache filled again takes the
+    rollbacks a fresh one takes (it used to refuse them by the old high-water mark)."""
+    from dgemma.random_checkpoint import random_engine
+
+    eng = random_engine("tiny", canvas_length=16)
+    cache = eng.new_cache(1, 400, rollback=16)
+    eng.encode(torch.randint(3, 500, (1, 300)), cache=cache)  # the rings wrap
+    cache.truncate(0)
+    ids = torch.randint(3, 500, (1, 40))
+    eng.encode(ids, cache=cache)
+    fresh = eng.new_cache(1, 400, rollback=16)
+    eng.encode(ids, cache=fresh)
+    assert cache.high_water == fresh.high_water == 40 and cache.min_length == fresh.min_length
+    cache.truncate(35)
+    fresh.truncate(35)
+    nxt = torch.randint(3, 500, (1, 5))
+    kw = dict(seed=0, max_new_tokens=16, max_denoising_steps=2, eos_token_id=[])
+    assert torch.equal(eng.generate(nxt, cache=cache, **kw).sequences, eng.generate(nxt, cache=fresh, **kw).sequences)

@@ -12,20 +12,20 @@ __version__ = "0.1.0"
 # The public names are imported on first use, so that ``import dgemma`` (and ``dgemma --help``) does not
 # pay for torch and the compiled extension until something needs them.
 _EXPORTS = {
-    "BackendUnavailableError": "errors", "CheckpointError": "errors", "ConfigError": "errors",
-    "DgemmaError": "errors", "Engine": "engine", "KVCache": "cache", "ModelConfig": "config",
+    "BackendUnavailableError": "errors", "CacheFullError": "errors", "CheckpointError": "errors",
+    "ConfigError": "errors", "DgemmaError": "errors", "Engine": "engine", "KVCache": "cache", "ModelConfig": "config",
     "NonFiniteError": "errors", "OutOfMemoryError": "errors", "TextEngine": "text", "load": "loading",
 }
 
-__all__ = ["BackendUnavailableError", "CheckpointError", "ConfigError", "DgemmaError", "Engine", "KVCache",
-           "ModelConfig", "NonFiniteError", "OutOfMemoryError", "TextEngine", "__version__", "load"]
+__all__ = ["BackendUnavailableError", "CacheFullError", "CheckpointError", "ConfigError", "DgemmaError", "Engine",
+           "KVCache", "ModelConfig", "NonFiniteError", "OutOfMemoryError", "TextEngine", "__version__", "load"]
 
 if TYPE_CHECKING:
     from .cache import KVCache
     from .config import ModelConfig
     from .engine import Engine
-    from .errors import (BackendUnavailableError, CheckpointError, ConfigError, DgemmaError, NonFiniteError,
-                         OutOfMemoryError)
+    from .errors import (BackendUnavailableError, CacheFullError, CheckpointError, ConfigError, DgemmaError,
+                         NonFiniteError, OutOfMemoryError)
     from .loading import load
     from .text import TextEngine
 

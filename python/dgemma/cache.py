@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .errors import DgemmaError, OutOfMemoryError
+from .errors import CacheFullError, DgemmaError, OutOfMemoryError
 
 
 # Prefix lengths up to this many tokens share one bucket; above it a bucket spans a quarter of the power of
@@ -208,10 +208,10 @@ class KVCache:
 
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.capacity:
-            raise DgemmaError(
+            raise CacheFullError(
                 f"cache capacity {self.capacity} exceeded: it holds {self.length} tokens and {new_tokens} more "
-                f"were given; create a larger one with engine.new_cache(batch, capacity=...)"
-            )
+                f"were given; create a larger one with engine.new_cache(batch, capacity=...)",
+                length=self.length, new_tokens=new_tokens, capacity=self.capacity)
 
     def truncate(self, length: int) -> None:
         """Drop every position from ``length`` on (e.g. to re-encode a differently rendered turn)."""
@@ -229,6 +229,8 @@ class KVCache:
         with torch.inference_mode():  # a cache that encode() made holds inference tensors
             self.valid[:, length:] = False
         self.length = length
+        if length == 0:  # nothing held: every position is written again before it is read
+            self._high_water = 0
 
     @contextlib.contextmanager
     def transaction(self):

@@ -35,3 +35,11 @@ class OutOfMemoryError(DgemmaError):
 class NonFiniteError(DgemmaError):
     """The model produced NaN or infinite logits (corrupt weights or extreme inputs); the message names
     the row, position, block, step and, where it can be found, the first decoder layer at fault."""
+
+
+class CacheFullError(DgemmaError):
+    """A KV cache without room for the tokens a call would add: ``length`` held, ``new_tokens`` more, ``capacity``."""
+
+    def __init__(self, message: str, *, length: int, new_tokens: int, capacity: int):
+        super().__init__(message)
+        self.length, self.new_tokens, self.capacity = length, new_tokens, capacity

@@ -7,7 +7,7 @@ import json
 import threading
 
 from .chat import check_tools
-from .errors import DgemmaError
+from .errors import CacheFullError, DgemmaError
 from .engine import Engine, check_generate_arguments
 
 DEFAULT_CONTEXT = 32_768
@@ -25,6 +25,16 @@ _SESSION_ARGUMENTS = {
     "pixel_values_videos": "pass videos as content parts of the message",
     "video_position_ids": "pass videos as content parts of the message",
 }
+
+
+def _copied(value):
+    """``value`` with its dicts and lists copied, all the way down; other objects (strings, bytes, images, arrays)
+    shared."""
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    return value
 
 
 class ChatSession:
@@ -50,13 +60,22 @@ class ChatSession:
             raise DgemmaError(f"max_new_tokens {max_new_tokens} exceeds max_position_embeddings "
                               f"{cfg.max_position_embeddings}")
         self.engine = engine
-        self.tools = tools
+        try:
+            self.tools = _copied(tools)  # the caller's list may change after this; the session's must not
+        except RecursionError:
+            raise DgemmaError("tools are nested too deeply (dicts and lists inside each other)") from None
         self.thinking = thinking
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         self.context = min(DEFAULT_CONTEXT if context is None else context, cfg.max_position_embeddings)
-        self.max_new_tokens = engine.generation_settings.max_new_tokens if max_new_tokens is None else max_new_tokens
-        # Room to roll back one answer's committed blocks (see KVCache.truncate).
-        self.budget = -(-self.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
+        settings = engine.generation_settings
+        self.max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        # None: each turn's budget as generate resolves it (the engine's max_new_tokens, or what a max_length of
+        # generation_config.json leaves); set: the session's max_new_tokens unless the call gives a budget.
+        self._budget_set = max_new_tokens is not None
+        # Room to roll back one answer's committed blocks (see KVCache.truncate): the longest answer a turn may give.
+        longest = self.max_new_tokens if self._budget_set or settings.max_length is None else settings.max_length
+        longest = min(longest, cfg.max_position_embeddings)
+        self.budget = -(-longest // cfg.canvas_length) * cfg.canvas_length
         self.cache = None
         self.cached_ids: list[int] = []
         # A digest of each image and video frame the cache holds, in order: two pictures of one size have the same
@@ -95,10 +114,15 @@ class ChatSession:
         the reply is complete: an exception anywhere (a stream callback's included) leaves it as it was."""
         from .prompts import render_chat
 
-        generate_kwargs.setdefault("max_new_tokens", self.max_new_tokens)
+        if self._budget_set and "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
+            generate_kwargs["max_new_tokens"] = self.max_new_tokens
         if isinstance(message, str):
             message = {"role": "user", "content": message}
-        candidate = self.messages + [message]
+        # A copy of the dicts and lists: the caller may change its message after this turn (images stay shared).
+        try:
+            candidate = self.messages + [_copied(message)]
+        except RecursionError:
+            raise DgemmaError("the message is nested too deeply (dicts and lists inside each other)") from None
         rows, images = render_chat(self.engine, [candidate], tools=self.tools, thinking=self.thinking,
                                    max_image_tokens=max_image_tokens)
         ids = rows[0]
@@ -153,7 +177,15 @@ class ChatSession:
         if extra:
             extra["mm_token_type_ids"] = mm_token_types([new_ids], self.engine.config)
         # Ids through the engine's own generate (no re-rendering), then parsed as a chat reply.
-        result = Engine.generate(self.engine, [new_ids], cache=cache, **extra, **generate_kwargs)
+        try:
+            result = Engine.generate(self.engine, [new_ids], cache=cache, **extra, **generate_kwargs)
+        except CacheFullError as e:
+            raise CacheFullError(
+                f"the conversation and its reply need {e.length + e.new_tokens} positions ({common} kept, "
+                f"{len(new_ids)} new, the rest the reply's canvases) but this session's context is {self.context}: "
+                f"start the session with eng.chat(context=...) (up to max_position_embeddings "
+                f"{self.engine.config.max_position_embeddings}) or drop turns from chat.messages",
+                length=e.length, new_tokens=e.new_tokens, capacity=e.capacity) from None
         self.engine.attach_text(result, chat=True)
         kept = cache.length - common
         cached_ids = ids[:common] + new_ids + result.new_tokens[0, : kept - len(new_ids)].tolist()
