@@ -254,7 +254,7 @@ def _text(**kv):
     # int() takes these as 5; they are not how a layer index is written.
     (_text(per_layer_config={"0_5": {}}), r"per_layer_config key '0_5' is not a layer index"),
     (_text(per_layer_config={" 5": {}}), r"per_layer_config key ' 5' is not a layer index"),
-    (_text(per_layer_config={"05": {}}), r"per_layer_config key '05' is not a layer index"),
+    (_text(per_layer_config={"٥": {}}), r"per_layer_config key '٥' is not a layer index"),
     (_text(per_layer_config={"\u0665": {}}), r"per_layer_config key '\u0665' is not a layer index"),
     ({**preset_config("tiny"), "tie_word_embeddings": "false"}, r"tie_word_embeddings = 'false', expected true"),
     (_text(tie_word_embeddings=0), r"text_config.tie_word_embeddings = 0, expected true or false"),

@@ -1,5 +1,6 @@
 """Every way a checkpoint can be wrong gets an error naming the file, key or shape."""
 
+import pathlib
 import shutil
 import struct
 
@@ -189,3 +190,60 @@ def test_weights_are_private_copies_not_views_of_the_file(ckpt):
     assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
     eng16 = dgemma.load(ckpt, dtype=torch.bfloat16)
     assert eng16.model.w.embed.dtype == torch.bfloat16
+
+
+def test_zero_padded_per_layer_config_keys_are_layer_indices(ckpt):
+    """transformers 5.23 writes per_layer_config keys zero-padded ("05", "11": they sort as numbers) and reads them
+    back; so does dgemma. Two keys naming one layer are refused."""
+    import json
+
+    base = dgemma.load(ckpt).config
+    full = [s for s in base.layers if not s.is_sliding]
+    plc = {f"{s.index:02d}": {"head_dim": s.head_dim, "num_key_value_heads": s.num_kv_heads} for s in full}
+    _edit_config(ckpt, lambda c: c["text_config"].update(per_layer_config=plc))
+    assert json.loads(pathlib.Path(ckpt, "config.json").read_text())["text_config"]["per_layer_config"] == plc
+    assert dgemma.load(ckpt).config.layers == base.layers
+    one = next(iter(plc.values()))
+    _edit_config(ckpt, lambda c: c["text_config"].update(per_layer_config={"1": one, "01": one}))
+    with pytest.raises(dgemma.ConfigError, match=r"per_layer_config keys '1' and '01' name the same layer 1"):
+        dgemma.load(ckpt)
+    _edit_config(ckpt, lambda c: c["text_config"].update(per_layer_config={" 1": one}))
+    with pytest.raises(dgemma.ConfigError, match=r"per_layer_config key ' 1' is not a layer index"):
+        dgemma.load(ckpt)
+
+
+def test_tied_copies_are_skipped_only_when_they_are_copies(ckpt):
+    """lm_head.weight and the encoder's text weights repeat the decoder's (DiffusionGemma ties them): an exact copy
+    is skipped; a copy with other values (an untied fine-tune: logits off by 100 %) or of no decoder tensor is
+    refused, naming it."""
+    tensors = load_file(f"{ckpt}/model.safetensors")
+    embed = "model.decoder.embed_tokens.weight"
+    layer = next(k for k in tensors if k.startswith("model.decoder.layers.0.") and k.endswith(".weight"))
+    copy = "model.encoder.language_model." + layer[len("model.decoder."):]
+    _rewrite_tensors(ckpt, lambda t: t.update({"lm_head.weight": t[embed].clone(), copy: t[layer].clone()}))
+    dgemma.load(ckpt)
+    for key, value, message in (
+            ("lm_head.weight", tensors[embed] + 1, r"tensor 'lm_head.weight' differs from "
+                                                   r"'model.decoder.embed_tokens.weight'.* untied weights are not"),
+            (copy, tensors[layer] * 2, rf"tensor '{copy}' differs from '{layer}'"),
+            ("lm_head.weight", torch.zeros(7), r"unexpected tensor 'lm_head.weight' \(shape \[7\]\): it repeats no "
+                                               r"tensor"),
+            ("model.encoder.language_model.layers.77.bogus", torch.zeros(3), r"unexpected tensor "
+                                                                             r"'model.encoder.language_model.layers.77")):
+        _rewrite_tensors(ckpt, lambda t: t.update({"lm_head.weight": t[embed].clone(), copy: t[layer].clone(),
+                                                   key: value}))
+        with pytest.raises(dgemma.CheckpointError, match=message):
+            dgemma.load(ckpt)
+        _rewrite_tensors(ckpt, lambda t: t.pop(key))
+
+
+def test_a_single_file_wins_over_a_stale_index(ckpt, caplog):
+    """Saving unsharded over a sharded save leaves the old index behind: as transformers, the single file is
+    loaded (the index's shards were refused as missing, or their old weights silently loaded)."""
+    import json
+
+    pathlib.Path(ckpt, "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.decoder.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+    with caplog.at_level("WARNING", logger="dgemma"):
+        dgemma.load(ckpt)
+    assert "loading model.safetensors, as transformers does" in caplog.text

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .config import ModelConfig, read_json_file
 from .errors import CheckpointError
 from .formats import STORED_DTYPES, detect_format
-from .weights import expected_shapes, ignored_kind, vision_shapes, weight_map
+from .weights import expected_shapes, ignored_kind, tied_twin, vision_shapes, weight_map
 
 logger = logging.getLogger("dgemma")
 
@@ -210,6 +210,12 @@ def _checkpoint_layout(path: str) -> tuple[list[str], dict[str, str]]:
     """(the safetensors files, the index's weight_map as tensor name -> shard path: empty without an index).
     Shard names are normalised ("./x" and "x" are one shard)."""
     index = os.path.join(path, INDEX_FILE)
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(index) and os.path.isfile(single):
+        # As transformers: the single file wins (saving unsharded over a sharded save leaves the old index behind).
+        logger.warning("dgemma: %s has both %s and %s: loading %s, as transformers does", path, SINGLE_FILE,
+                       INDEX_FILE, SINGLE_FILE)
+        return [_confined(path, SINGLE_FILE, f"{path}: {SINGLE_FILE}")], {}
     if os.path.isfile(index):
         raw = read_json_file(index, CheckpointError, object_only=False, invalid="not a valid safetensors index")
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
@@ -235,7 +241,6 @@ def _checkpoint_layout(path: str) -> tuple[list[str], dict[str, str]]:
             if not os.path.isfile(f):
                 raise CheckpointError(f"missing shard {os.path.relpath(f, path)} (listed in {index})")
         return files, placement
-    single = os.path.join(path, SINGLE_FILE)
     if os.path.isfile(single):
         return [_confined(path, SINGLE_FILE, f"{path}: {SINGLE_FILE}")], {}
     raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
@@ -352,6 +357,7 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
     stored = fmt.plan(expected, entries)  # the quantised weights, their parts validated
     parts = {k for sw in stored.values() for k in sw.keys}
     skipped = {"vision": 0, "tied": 0}
+    twins: dict[str, str] = {}  # a skipped copy -> the tensor it repeats (compared once loaded)
     for key, e in entries.items():
         if key in parts:
             continue
@@ -365,12 +371,22 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
             continue
         base = fmt.base_of(key)  # a scale of a skipped weight is skipped with it
         kind = ignored_kind(key) or (ignored_kind(base) if base is not None else None)
+        if kind == "vision" and present:  # the config describes the tower: a tensor it does not is unexpected
+            kind = None
         if kind is None:
             raise CheckpointError(f"{e.file}: unexpected tensor {key!r} (shape {list(e.shape)})")
+        if kind == "tied":  # skipped only as an exact copy of the tensor dgemma loads (untied weights would be lost)
+            twin = tied_twin(key)
+            t = entries.get(twin) if twin is not None else None
+            if t is None or t.shape != e.shape:
+                raise CheckpointError(f"{e.file}: unexpected tensor {key!r} (shape {list(e.shape)}): it repeats no "
+                                      f"tensor of the checkpoint" + (f" ({twin!r} has shape {list(t.shape)})"
+                                                                     if t is not None else ""))
+            twins[key] = twin
         skipped[kind] += 1
     if skipped["vision"]:
-        logger.warning("dgemma: ignoring %d vision-tower tensors (config.json has no vision_config)",
-                       skipped["vision"])
+        why = "config.json has no vision_config" if cfg.vision is None else "none of its vision_config's tensors"
+        logger.warning("dgemma: ignoring %d vision-tower tensors (%s)", skipped["vision"], why)
 
     total = sum(entries[k].nbytes for k in expected if k not in stored) + sum(entries[k].nbytes for k in parts)
     fp8_names = {name for name, spec in weight_map(cfg).items() if spec.quantized}
@@ -407,6 +423,15 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
                 else:
                     out[key] = t if t.dtype == dtype and t.device == device else t.to(device=device, dtype=dtype)
                 bar.update(e.nbytes)
+            for key, twin in twins.items():  # tied copies: the same values, or the checkpoint is refused
+                a, b = read(entries[key]), read(entries[twin])
+                same = torch.equal(a.float(), b.float()) if a.is_floating_point() and a.element_size() > 1 \
+                    else a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                             b.reshape(-1).view(torch.uint8))
+                if not same:
+                    raise CheckpointError(f"{entries[key].file}: tensor {key!r} differs from {twin!r}, which dgemma "
+                                          f"uses for both (DiffusionGemma ties them); untied weights are not "
+                                          f"supported")
     finally:
         for f in files.values():
             f.close()

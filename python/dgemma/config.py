@@ -408,14 +408,19 @@ def _per_layer_overrides(t: dict, layer_types: list[str], default_kv: int, sourc
     if plc is not None:
         if not isinstance(plc, dict):
             raise ConfigError(f"{source}: text_config.per_layer_config must be an object keyed by layer index")
-        out = {}
+        out, keys = {}, {}
         for k, v in plc.items():
-            if not isinstance(k, str) or not re.fullmatch(r"0|[1-9][0-9]{0,8}", k):  # int() takes "05", " 5", "٥"
+            # ASCII digits, zero-padded or not: transformers 5.23 writes "05", "11" (sorting as numbers); int() alone
+            # would also take " 5" and "٥".
+            if not isinstance(k, str) or not re.fullmatch(r"[0-9]{1,9}", k):
                 raise ConfigError(f"{source}: per_layer_config key {k!r} is not a layer index (expected \"0\", "
-                                  f"\"1\", ...)")
+                                  f"\"1\", ... or \"00\", \"01\", ...)")
             idx = int(k)
             if not 0 <= idx < len(layer_types) or not isinstance(v, dict):
                 raise ConfigError(f"{source}: per_layer_config[{k!r}] does not name a layer with an object")
+            if idx in keys:
+                raise ConfigError(f"{source}: per_layer_config keys {keys[idx]!r} and {k!r} name the same layer {idx}")
+            keys[idx] = k
             out[idx] = v
         return out
     head_dim = t.get("global_head_dim", 512)

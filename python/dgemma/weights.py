@@ -188,6 +188,16 @@ class VisionWeights:
                    projection=t[EMBED_VISION])
 
 
+def tied_twin(key: str) -> str | None:
+    """The decoder tensor a tied copy repeats (``lm_head.weight``: the embedding table; the encoder's text weights:
+    the decoder's), or None."""
+    if key == "lm_head.weight":
+        return DECODER + "embed_tokens.weight"
+    if key.startswith("model.encoder.language_model."):
+        return DECODER + key[len("model.encoder.language_model."):]
+    return None
+
+
 def ignored_kind(key: str) -> str | None:
     """Why a checkpoint tensor outside :func:`expected_shapes` may be skipped, or None if it is unexpected."""
     if key.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")):
