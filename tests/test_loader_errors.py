@@ -228,8 +228,8 @@ def test_tied_copies_are_skipped_only_when_they_are_copies(ckpt):
             (copy, tensors[layer] * 2, rf"tensor '{copy}' differs from '{layer}'"),
             ("lm_head.weight", torch.zeros(7), r"unexpected tensor 'lm_head.weight' \(shape \[7\]\): it repeats no "
                                                r"tensor"),
-            ("model.encoder.language_model.layers.77.bogus", torch.zeros(3), r"unexpected tensor "
-                                                                             r"'model.encoder.language_model.layers.77")):
+            ("model.encoder.language_model.layers.77.bogus", torch.zeros(3),
+             r"unexpected tensor 'model.encoder.language_model.layers.77")):
         _rewrite_tensors(ckpt, lambda t: t.update({"lm_head.weight": t[embed].clone(), copy: t[layer].clone(),
                                                    key: value}))
         with pytest.raises(dgemma.CheckpointError, match=message):
