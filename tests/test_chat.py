@@ -274,6 +274,14 @@ def test_a_session_takes_max_length_as_generate_does(eng, tmp_path):
     session = short.chat()
     assert session.send("hi", **kw).new_tokens.shape[1] == canvas
     assert session.budget == -(-(prompt + canvas) // canvas) * canvas  # rollback room for the longest answer
+    # A max_length at the end of the positions (a common generation_config.json value): each turn gets the whole
+    # canvases that fit (generate alone rounds the last canvas past the end and refuses).
+    config["max_length"] = short.config.max_position_embeddings
+    (path / "generation_config.json").write_text(json.dumps(config))
+    long = dgemma.load(path, dtype=torch.float32).chat(context=8 * canvas)
+    reply = long.send("hi", **kw)
+    assert reply.new_tokens.shape[1] == (8 * canvas - prompt) // canvas * canvas
+    assert long.budget == 8 * canvas  # no more rollback room than the context
 
 
 def test_a_session_keeps_its_own_copy_of_each_message_and_the_tools(eng):

@@ -247,3 +247,60 @@ def test_a_single_file_wins_over_a_stale_index(ckpt, caplog):
     with caplog.at_level("WARNING", logger="dgemma"):
         dgemma.load(ckpt)
     assert "loading model.safetensors, as transformers does" in caplog.text
+
+
+def _fp8_checkpoint(path, *, encoder_input_scale=None, quantized_head=False):
+    """A compressed-tensors FP8 (channel) checkpoint of the tiny preset; with ``encoder_input_scale`` the encoder's
+    copies of the quantised linears too (same weight and weight scale, that activation scale), with
+    ``quantized_head`` an FP8 lm_head."""
+    import json
+
+    from dgemma.weights import is_quantized_name
+
+    write_random_checkpoint(path, "tiny", canvas_length=16, dtype=torch.bfloat16)
+    tensors, out = load_file(f"{path}/model.safetensors"), {}
+
+    def fp8(w):
+        scale = w.float().abs().amax(1, keepdim=True) / 448.0
+        return (w.float() / scale).to(torch.float8_e4m3fn), scale
+
+    for k, w in tensors.items():
+        if is_quantized_name(k) and w.dim() == 2:
+            m = k[: -len(".weight")]
+            out[k], out[m + ".weight_scale"] = fp8(w)
+            out[m + ".input_scale"] = torch.tensor([0.02])
+            if encoder_input_scale is not None:
+                enc = "model.encoder.language_model." + m[len("model.decoder."):]
+                out[enc + ".weight"], out[enc + ".weight_scale"] = out[k].clone(), out[m + ".weight_scale"].clone()
+                out[enc + ".input_scale"] = torch.tensor([encoder_input_scale])
+        else:
+            out[k] = w
+    if quantized_head:
+        out["lm_head.weight"], out["lm_head.weight_scale"] = fp8(tensors["model.decoder.embed_tokens.weight"])
+    save_file(out, f"{path}/model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads(pathlib.Path(path, "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": [], "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True,
+                                  "dynamic": False}}}}
+    pathlib.Path(path, "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_quantised_tied_copies_load(tmp_path, caplog):
+    """An FP8 checkpoint's encoder copies may carry their own calibrated activation scales (never used: not
+    compared), and an FP8 lm_head stands for the embedding table dgemma uses (a warning says so)."""
+    dgemma.load(_fp8_checkpoint(tmp_path / "a", encoder_input_scale=0.05))
+    with caplog.at_level("WARNING", logger="dgemma"):
+        dgemma.load(_fp8_checkpoint(tmp_path / "b", quantized_head=True))
+    assert "stores lm_head quantised" in caplog.text
+
+
+def test_a_cache_full_error_survives_pickling():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(dgemma.CacheFullError("full", length=3, new_tokens=4, capacity=5)))
+    assert isinstance(e, dgemma.CacheFullError) and str(e) == "full"

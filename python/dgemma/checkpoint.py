@@ -22,6 +22,7 @@ absolute paths, no ``..``, no symlink leading out of it, except the Hugging Face
 from __future__ import annotations
 
 import json
+import functools
 import logging
 import os
 import struct
@@ -206,6 +207,16 @@ def checkpoint_files(path: str) -> list[str]:
     return _checkpoint_layout(path)[0]
 
 
+@functools.lru_cache(maxsize=64)
+def _warn_stale_index(path: str) -> None:
+    logger.warning("dgemma: %s has both %s and %s: loading %s, as transformers does", path, SINGLE_FILE, INDEX_FILE,
+                   SINGLE_FILE)
+
+
+# Activation scales of a quantised linear (compressed-tensors' static input scales): checked, never used.
+_ACTIVATION_SCALES = ("input_scale", "input_global_scale")
+
+
 def _checkpoint_layout(path: str) -> tuple[list[str], dict[str, str]]:
     """(the safetensors files, the index's weight_map as tensor name -> shard path: empty without an index).
     Shard names are normalised ("./x" and "x" are one shard)."""
@@ -213,8 +224,7 @@ def _checkpoint_layout(path: str) -> tuple[list[str], dict[str, str]]:
     single = os.path.join(path, SINGLE_FILE)
     if os.path.isfile(index) and os.path.isfile(single):
         # As transformers: the single file wins (saving unsharded over a sharded save leaves the old index behind).
-        logger.warning("dgemma: %s has both %s and %s: loading %s, as transformers does", path, SINGLE_FILE,
-                       INDEX_FILE, SINGLE_FILE)
+        _warn_stale_index(path)
         return [_confined(path, SINGLE_FILE, f"{path}: {SINGLE_FILE}")], {}
     if os.path.isfile(index):
         raw = read_json_file(index, CheckpointError, object_only=False, invalid="not a valid safetensors index")
@@ -358,6 +368,7 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
     parts = {k for sw in stored.values() for k in sw.keys}
     skipped = {"vision": 0, "tied": 0}
     twins: dict[str, str] = {}  # a skipped copy -> the tensor it repeats (compared once loaded)
+    quantized_head = False
     for key, e in entries.items():
         if key in parts:
             continue
@@ -375,7 +386,12 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
             kind = None
         if kind is None:
             raise CheckpointError(f"{e.file}: unexpected tensor {key!r} (shape {list(e.shape)})")
-        if kind == "tied":  # skipped only as an exact copy of the tensor dgemma loads (untied weights would be lost)
+        if kind == "tied" and key.endswith(_ACTIVATION_SCALES):
+            pass  # calibrated per module (the copies differ legitimately) and never used: not compared
+        elif kind == "tied" and (key.startswith("lm_head.") and key != "lm_head.weight" or key == "lm_head.weight"
+                                 and e.dtype not in _DTYPES):
+            quantized_head = True  # a quantised lm_head: dgemma uses the embedding table (tied) either way
+        elif kind == "tied":  # skipped only as an exact copy of the tensor dgemma loads (untied weights would be lost)
             twin = tied_twin(key)
             t = entries.get(twin) if twin is not None else None
             if t is None or t.shape != e.shape:
@@ -384,6 +400,9 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
                                                                      if t is not None else ""))
             twins[key] = twin
         skipped[kind] += 1
+    if quantized_head:
+        logger.warning("dgemma: %s stores lm_head quantised; DiffusionGemma ties it to the embedding table, which "
+                       "dgemma uses (lm_head is not compared with it)", path)
     if skipped["vision"]:
         why = "config.json has no vision_config" if cfg.vision is None else "none of its vision_config's tensors"
         logger.warning("dgemma: ignoring %d vision-tower tensors (%s)", skipped["vision"], why)
@@ -424,10 +443,14 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
                     out[key] = t if t.dtype == dtype and t.device == device else t.to(device=device, dtype=dtype)
                 bar.update(e.nbytes)
             for key, twin in twins.items():  # tied copies: the same values, or the checkpoint is refused
-                a, b = read(entries[key]), read(entries[twin])
-                same = torch.equal(a.float(), b.float()) if a.is_floating_point() and a.element_size() > 1 \
-                    else a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8),
-                                                             b.reshape(-1).view(torch.uint8))
+                a, b = read(entries[key]).reshape(-1), read(entries[twin]).reshape(-1)
+                if a.dtype == b.dtype or not (a.is_floating_point() and b.is_floating_point()):
+                    same = a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                else:  # the same values in two float dtypes: compared a slice at a time (no fp32 copy of both)
+                    step = 1 << 24
+                    same = all(torch.equal(a[i:i + step].float(), b[i:i + step].float())
+                               for i in range(0, a.numel(), step))
+                del a, b
                 if not same:
                     raise CheckpointError(f"{entries[key].file}: tensor {key!r} differs from {twin!r}, which dgemma "
                                           f"uses for both (DiffusionGemma ties them); untied weights are not "

@@ -40,6 +40,7 @@ class NonFiniteError(DgemmaError):
 class CacheFullError(DgemmaError):
     """A KV cache without room for the tokens a call would add: ``length`` held, ``new_tokens`` more, ``capacity``."""
 
-    def __init__(self, message: str, *, length: int, new_tokens: int, capacity: int):
+    def __init__(self, message: str, *, length: int | None = None, new_tokens: int | None = None,
+                 capacity: int | None = None):
         super().__init__(message)
         self.length, self.new_tokens, self.capacity = length, new_tokens, capacity

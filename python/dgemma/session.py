@@ -74,7 +74,7 @@ class ChatSession:
         self._budget_set = max_new_tokens is not None
         # Room to roll back one answer's committed blocks (see KVCache.truncate): the longest answer a turn may give.
         longest = self.max_new_tokens if self._budget_set or settings.max_length is None else settings.max_length
-        longest = min(longest, cfg.max_position_embeddings)
+        longest = min(longest, self.context)  # longer rollbacks only cost ring memory: a turn re-encodes instead
         self.budget = -(-longest // cfg.canvas_length) * cfg.canvas_length
         self.cache = None
         self.cached_ids: list[int] = []
@@ -83,6 +83,20 @@ class ChatSession:
         self.cached_media: dict[str, list[bytes]] = {"image": [], "video": []}
         self.reencoded_tokens = 0  # tokens encoded in the last turn (the new part of the conversation)
         self._busy = threading.Lock()
+
+    def _turn_budget(self, conversation: int) -> int | None:
+        """The reply's max_new_tokens when the call gives no budget: the session's own when it was given one; else,
+        with a max_length in generation_config.json, what it leaves after the ``conversation``'s tokens within the
+        session's context, in whole canvases (generate rounds the last canvas up; a max_length at the context's end,
+        e.g. max_position_embeddings, left every turn past it); else the engine's (None: generate's own)."""
+        settings, cfg = self.engine.generation_settings, self.engine.config
+        if self._budget_set:
+            return self.max_new_tokens
+        if settings.max_length is None:
+            return None
+        left = min(settings.max_length, self.context) - conversation
+        c = cfg.canvas_length
+        return left // c * c if left >= c else None  # less than a canvas left: generate explains why not
 
     def _new_cache(self):
         return self.engine.new_cache(1, self.context, rollback=self.budget)
@@ -114,8 +128,6 @@ class ChatSession:
         the reply is complete: an exception anywhere (a stream callback's included) leaves it as it was."""
         from .prompts import render_chat
 
-        if self._budget_set and "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
-            generate_kwargs["max_new_tokens"] = self.max_new_tokens
         if isinstance(message, str):
             message = {"role": "user", "content": message}
         # A copy of the dicts and lists: the caller may change its message after this turn (images stay shared).
@@ -126,6 +138,10 @@ class ChatSession:
         rows, images = render_chat(self.engine, [candidate], tools=self.tools, thinking=self.thinking,
                                    max_image_tokens=max_image_tokens)
         ids = rows[0]
+        if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
+            generate_kwargs["max_new_tokens"] = self._turn_budget(len(ids))
+            if generate_kwargs["max_new_tokens"] is None:
+                del generate_kwargs["max_new_tokens"]
         common = 0
         for a, b in zip(self.cached_ids, ids):
             if a != b:
