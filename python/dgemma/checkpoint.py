@@ -21,8 +21,8 @@ absolute paths, no ``..``, no symlink leading out of it, except the Hugging Face
 
 from __future__ import annotations
 
-import json
 import functools
+import json
 import logging
 import os
 import struct
@@ -386,12 +386,11 @@ def load_tensors(path: str, cfg: ModelConfig, *, dtype: torch.dtype, device: tor
             kind = None
         if kind is None:
             raise CheckpointError(f"{e.file}: unexpected tensor {key!r} (shape {list(e.shape)})")
-        if kind == "tied" and key.endswith(_ACTIVATION_SCALES):
-            pass  # calibrated per module (the copies differ legitimately) and never used: not compared
-        elif kind == "tied" and (key.startswith("lm_head.") and key != "lm_head.weight" or key == "lm_head.weight"
-                                 and e.dtype not in _DTYPES):
+        if kind != "tied" or key.endswith(_ACTIVATION_SCALES):
+            pass  # activation scales: calibrated per module (copies differ legitimately), never used
+        elif key.startswith("lm_head.") and (key != "lm_head.weight" or e.dtype not in _DTYPES):
             quantized_head = True  # a quantised lm_head: dgemma uses the embedding table (tied) either way
-        elif kind == "tied":  # skipped only as an exact copy of the tensor dgemma loads (untied weights would be lost)
+        else:  # skipped only as an exact copy of the tensor dgemma loads (untied weights would be lost)
             twin = tied_twin(key)
             t = entries.get(twin) if twin is not None else None
             if t is None or t.shape != e.shape:

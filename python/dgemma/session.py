@@ -138,10 +138,9 @@ class ChatSession:
         rows, images = render_chat(self.engine, [candidate], tools=self.tools, thinking=self.thinking,
                                    max_image_tokens=max_image_tokens)
         ids = rows[0]
-        if "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
-            generate_kwargs["max_new_tokens"] = self._turn_budget(len(ids))
-            if generate_kwargs["max_new_tokens"] is None:
-                del generate_kwargs["max_new_tokens"]
+        budget = self._turn_budget(len(ids))
+        if budget is not None and "max_new_tokens" not in generate_kwargs and "max_length" not in generate_kwargs:
+            generate_kwargs["max_new_tokens"] = budget
         common = 0
         for a, b in zip(self.cached_ids, ids):
             if a != b:

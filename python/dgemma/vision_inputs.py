@@ -558,10 +558,10 @@ def sample_frame_indices(total_frames: int, video_fps: float, *, fps: float = 1.
     return [i * total_frames // count for i in range(count)]
 
 
-def _check_rate(name: str, value: Any) -> float:
+def _check_rate(name: str, value: Any, unit: str = "frames per second") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not math.isfinite(value) or value <= 0:
-        raise DgemmaError(f"{name}={value!r} is not valid; expected a positive number of frames per second")
+        raise DgemmaError(f"{name}={value!r} is not valid; expected a positive number of {unit}")
     return float(value)
 
 
@@ -580,9 +580,8 @@ def load_video(video: str | os.PathLike | bytes, *, fps: float = 1.0, max_frames
     """
     fps = _check_rate("fps", fps)
     max_frames = _check_int("max_frames", max_frames)
-    if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
-                                    or not math.isfinite(max_seconds) or max_seconds <= 0):
-        raise DgemmaError(f"max_seconds={max_seconds!r} is not valid; expected a positive number of seconds")
+    if max_seconds is not None:
+        max_seconds = _check_rate("max_seconds", max_seconds, "seconds")
     if isinstance(video, (str, os.PathLike)):
         name = os.fsdecode(os.fspath(video))
         if _is_url(name):
